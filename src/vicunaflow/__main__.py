@@ -1,0 +1,3 @@
+from vicunaflow.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The `vicunaflow` command: one table of verbs -> typed functions, nothing else.
+
+Arguments, defaults and help come from each function's signature and `Arguments:` docstring
+(jsonargparse), so the CLI cannot drift from the code. Only the module of the verb being run is
+imported, which keeps `vicunaflow <verb>` quick to start inside Snakemake jobs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+# verb -> "module:function", or a nested table for verbs with sub-verbs.
+COMMANDS: dict[str, str | dict[str, str]] = {
+    "download": {"llama": "vicunaflow.download:download_llama", "hf": "vicunaflow.download:download_hf"},
+    "synth": {"llama": "vicunaflow.synth:synth_llama", "delta": "vicunaflow.synth:synth_delta"},
+    "convert": "vicunaflow.convert:convert",
+    "apply-delta": "vicunaflow.delta:apply_delta",
+    "make-delta": "vicunaflow.delta:make_delta",
+    "data": {"tokenize": "vicunaflow.data:tokenize", "preview": "vicunaflow.data:preview"},
+    "finetune": "vicunaflow.finetune:setup",
+    "chat": "vicunaflow.chat:chat",
+    "serve": "vicunaflow.serve:serve",
+}
+
+# FastChat's flag names, accepted so its users' commands keep working.
+ALIASES: dict[str, dict[str, str]] = {
+    "apply-delta": {"--base-model-path": "--base", "--delta-path": "--delta", "--target-model-path": "--target"},
+    "make-delta": {"--base-model-path": "--base", "--target-model-path": "--target", "--delta-path": "--delta"},
+}
+
+
+def resolve(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _table(commands: dict) -> dict:
+    return {verb: _table(spec) if isinstance(spec, dict) else resolve(spec) for verb, spec in commands.items()}
+
+
+def _normalize_flags(argv: list[str]) -> list[str]:
+    """Accept FastChat's flag names and `--dashed-names` for the signature's `--underscored_names`."""
+    aliases = ALIASES.get(argv[0], {}) if argv else {}
+    normalized = []
+    for arg in argv:
+        if arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            flag = aliases.get(flag, flag)
+            arg = "--" + flag[2:].replace("-", "_") + eq + value
+        normalized.append(arg)
+    return normalized
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    from vicunaflow import VicunaflowError
+    from vicunaflow.log import setup_logging
+
+    argv = _normalize_flags(list(sys.argv[1:] if argv is None else argv))
+    # Build the parser for the chosen verb alone; `--help` (or no verb) shows the whole table.
+    commands = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
+    setup_logging()
+    try:
+        CLI(_table(commands), args=argv, as_positional=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except VicunaflowError as err:
+        logging.getLogger("vicunaflow").error("%s", err)
+        sys.exit(1)

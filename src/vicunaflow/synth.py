@@ -1,0 +1,234 @@
+"""Deterministic tiny LLaMA checkpoints and Vicuna deltas, for the offline demo, tests and benchmarks.
+
+`synth llama` writes Meta's raw layout (as pyllama downloads it): `<folder>/tokenizer.model`,
+`<folder>/tokenizer_checklist.chk`, `<folder>/<SIZE>/{params.json, checklist.chk, consolidated.NN.pth}`.
+The tokenizer is a LLaMA-style SentencePiece BPE model trained on the fly on the built-in
+conversations; weights are seeded random values. Same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vicunaflow import template
+from vicunaflow.formats import ffn_hidden_dim, meta_names, unpermute_rotary
+from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, write_manifest
+from vicunaflow.sizes import get_size
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+CONVERSATIONS = ASSETS / "vicuna_conversations.json"
+
+
+def synth_llama(
+    *,
+    folder: Path = Path("pyllama_data"),
+    model_size: str = "tiny",
+    shards: int | None = None,
+    n_kv_heads: int | None = None,
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16",
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> Path:
+    """Write a random LLaMA checkpoint of a known size in Meta's layout, with a trained tokenizer.
+
+    Arguments:
+        folder: pyllama's download folder; the checkpoint goes to `<folder>/<SIZE>/`.
+        model_size: a size name (tiny, 7B/7b, 13B, 30B/33b, 65B); real sizes give real shapes (for benchmarks).
+        shards: model-parallel shard count; default: the size's own (tiny 2, 7B 1, 13B 2, 30B 4, 65B 8).
+        n_kv_heads: grouped-query attention heads (as in Llama 2 70B); default: none (multi-head).
+        dtype: tensor dtype of the shards (the LLaMA-1 release is float16).
+        seed: random seed; the same seed gives the same bytes.
+        vocab_size: tokenizer vocabulary; default: the size's (32000 for real sizes, 1024 for tiny).
+    """
+    size = get_size(model_size)
+    shards = shards or size.shards
+    vocab_size = vocab_size or size.vocab_size
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = folder / "tokenizer.model"
+    if not tokenizer_path.exists():
+        atomic_write_bytes(tokenizer_path, train_tokenizer(vocab_size))
+        (folder / "tokenizer_checklist.chk").write_text(_md5_line(tokenizer_path))
+    n_words = _piece_count(tokenizer_path)
+
+    params = size.params_json
+    if n_kv_heads:
+        params["n_kv_heads"] = n_kv_heads
+    with atomic_output_dir(folder / size.raw_dir) as out:
+        log.info("writing a random %s checkpoint (%d shards, %s) to %s", size.raw_dir, shards, dtype, folder / size.raw_dir)
+        write_raw_checkpoint(out, params, n_words, shards, getattr(torch, dtype), seed)
+        (out / "params.json").write_text(json.dumps(params) + "\n")
+        lines = [_md5_line(p, name=p.name) for p in sorted(out.iterdir())]
+        (out / "checklist.chk").write_text("".join(lines))
+    return folder / size.raw_dir
+
+
+def synth_delta(
+    *,
+    base: Path,
+    output_dir: Path,
+    seed: int = 1,
+    scale: float = 0.01,
+    shard_tensors: int = 0,
+) -> Path:
+    """Write a random Vicuna-style delta for a Hugging Face base, in the published `.bin` layout.
+
+    The delta holds `pytorch_model-0000N-of-0000M.bin` shards, their index, config.json and the
+    tokenizer files, as lmsys/vicuna-*-delta-v1.1 do. Adding it to `base` gives the tiny "Vicuna".
+
+    Arguments:
+        base: a Hugging Face LLaMA directory (safetensors) the delta is made for.
+        output_dir: where to write the delta.
+        seed: random seed; the same seed gives the same bytes.
+        scale: standard deviation of the random delta values.
+        shard_tensors: tensors per `.bin` shard; 0 splits into two shards.
+    """
+    from safetensors import safe_open
+
+    base, output_dir = Path(base), Path(output_dir)
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    names = list(index["weight_map"])
+    per_shard = shard_tensors or -(-len(names) // 2)
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    generator = torch.Generator().manual_seed(seed)
+    with atomic_output_dir(output_dir) as out:
+        weight_map = {}
+        for n, group in enumerate(groups, start=1):
+            shard_name = f"pytorch_model-{n:05d}-of-{len(groups):05d}.bin"
+            state = {}
+            for name in group:
+                with safe_open(base / index["weight_map"][name], framework="pt") as f:
+                    like = f.get_slice(name)
+                    shape, dtype = like.get_shape(), getattr(torch, _st_dtype(like.get_dtype()))
+                state[name] = (torch.randn(shape, generator=generator) * scale).to(dtype)
+                weight_map[name] = shard_name
+            torch.save(state, out / shard_name)
+        total = sum((out / s).stat().st_size for s in set(weight_map.values()))
+        (out / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
+        for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+            if (base / name).exists():
+                (out / name).write_bytes((base / name).read_bytes())
+        write_manifest(out, inputs=[base / "model.safetensors.index.json"], kind="synthetic-delta", seed=seed)
+    return output_dir
+
+
+def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, dtype: torch.dtype, seed: int) -> None:
+    """Random weights with Meta's names, split into model-parallel shards the way Meta splits them.
+
+    Tensors are generated one at a time (full size, then sliced), so real 7B/13B shapes fit in
+    memory: at most one full tensor plus the shards being written.
+    """
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    hidden = ffn_hidden_dim(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
+    if n_heads % shards or n_kv_heads % shards:
+        raise ValueError(f"{shards} shards do not divide {n_heads} heads / {n_kv_heads} kv heads")
+    shapes = {
+        "tok_embeddings.weight": (vocab_size, dim),
+        "norm.weight": (dim,),
+        "output.weight": (vocab_size, dim),
+    }
+    for i in range(n_layers):
+        shapes |= {
+            f"layers.{i}.attention.wq.weight": (dim, dim),
+            f"layers.{i}.attention.wk.weight": (n_kv_heads * head_dim, dim),
+            f"layers.{i}.attention.wv.weight": (n_kv_heads * head_dim, dim),
+            f"layers.{i}.attention.wo.weight": (dim, dim),
+            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{i}.attention_norm.weight": (dim,),
+            f"layers.{i}.ffn_norm.weight": (dim,),
+        }
+    generator = torch.Generator().manual_seed(seed)
+    states: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    for name, (_, merge_dim) in meta_names(n_layers).items():
+        shape = shapes[name]
+        if len(shape) == 1:
+            full = 1.0 + 0.1 * torch.randn(shape, generator=generator)  # RMSNorm gains near 1
+        else:
+            full = torch.randn(shape, generator=generator) * (1.0 / shape[1] ** 0.5)
+        full = full.to(dtype)
+        if name.endswith(("wq.weight", "wk.weight")):
+            # Stored in Meta's interleaved-rotary order, like a real release.
+            heads = n_heads if name.endswith("wq.weight") else n_kv_heads
+            full = unpermute_rotary(full, heads)
+        for rank in range(shards):
+            states[rank][name] = (
+                full.clone() if merge_dim is None else full.chunk(shards, dim=merge_dim)[rank].clone()
+            )
+        del full
+    for rank, state in enumerate(states):
+        torch.save(state, out / f"consolidated.{rank:02d}.pth")
+
+
+def train_tokenizer(vocab_size: int) -> bytes:
+    """Train a LLaMA-style SentencePiece BPE model (byte fallback, digits split, <unk>/<s>/</s> = 0/1/2)."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        # An iterator, not a file: the model records its input path, which would vary.
+        sentence_iterator=iter(_corpus_lines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,  # one thread: the same corpus always gives the same model bytes
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _corpus_lines() -> list[str]:
+    lines = [template.SYSTEM_PROMPT, "USER: ASSISTANT:"]
+    if CONVERSATIONS.exists():
+        for record in json.loads(CONVERSATIONS.read_text()):
+            lines += [turn["value"] for turn in record["conversations"]]
+    return lines
+
+
+def _piece_count(tokenizer_path: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
+
+
+def _md5_line(path: Path, name: str | None = None) -> str:
+    digest = hashlib.md5(path.read_bytes() if path.stat().st_size < (1 << 30) else b"")
+    if path.stat().st_size >= (1 << 30):
+        digest = hashlib.md5()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return f"{digest.hexdigest()}  {name or path.name}\n"
+
+
+def _st_dtype(name: str) -> str:
+    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}[name]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
