@@ -1,8 +1,7 @@
 """Deterministic tiny LLaMA checkpoints and Vicuna deltas, for the offline demo, tests and benchmarks.
 
-`synth llama` writes Meta's raw layout (as pyllama downloads it): `<folder>/tokenizer.model`,
-`<folder>/tokenizer_checklist.chk`, `<folder>/<SIZE>/{params.json, checklist.chk, consolidated.NN.pth}`.
-The tokenizer is a LLaMA-style SentencePiece BPE model trained on the fly on the built-in
+`synth llama` writes Meta's raw layout (as pyllama downloads it), `<folder>/<SIZE>/{params.json,
+checklist.chk, consolidated.NN.pth}`, with the size's own tokenizer.model beside them. The tokenizer is a LLaMA-style SentencePiece BPE model trained on the fly on the built-in
 conversations; weights are seeded random values. Same arguments, same bytes.
 """
 
@@ -20,7 +19,7 @@ import torch
 
 from vicunaflow import template
 from vicunaflow.formats import ffn_hidden_dim, meta_names, unpermute_rotary
-from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, write_manifest
+from vicunaflow.outputs import atomic_output_dir, write_manifest
 from vicunaflow.sizes import get_size
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,8 @@ def synth_llama(
 ) -> Path:
     """Write a random LLaMA checkpoint of a known size in Meta's layout, with a trained tokenizer.
 
+    Writes `<folder>/<SIZE>/{tokenizer.model, params.json, checklist.chk, consolidated.NN.pth}`.
+
     Arguments:
         folder: pyllama's download folder; the checkpoint goes to `<folder>/<SIZE>/`.
         model_size: a size name (tiny, 7B/7b, 13B, 30B/33b, 65B); real sizes give real shapes (for benchmarks).
@@ -53,20 +54,16 @@ def synth_llama(
     size = get_size(model_size)
     shards = shards or size.shards
     vocab_size = vocab_size or size.vocab_size
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = folder / "tokenizer.model"
-    if not tokenizer_path.exists():
-        atomic_write_bytes(tokenizer_path, train_tokenizer(vocab_size))
-        (folder / "tokenizer_checklist.chk").write_text(_md5_line(tokenizer_path))
-    n_words = _piece_count(tokenizer_path)
-
     params = size.params_json
     if n_kv_heads:
         params["n_kv_heads"] = n_kv_heads
-    with atomic_output_dir(folder / size.raw_dir) as out:
-        log.info("writing a random %s checkpoint (%d shards, %s) to %s", size.raw_dir, shards, dtype, folder / size.raw_dir)
-        write_raw_checkpoint(out, params, n_words, shards, getattr(torch, dtype), seed)
+    with atomic_output_dir(Path(folder) / size.raw_dir) as out:
+        # The tokenizer sits inside the size folder (convert looks there first), not at pyllama's
+        # shared `<folder>/tokenizer.model`: a synthetic size never clobbers a real tokenizer.
+        tokenizer_path = out / "tokenizer.model"
+        tokenizer_path.write_bytes(train_tokenizer(vocab_size))
+        log.info("writing a random %s checkpoint (%d shards, %s) to %s", size.raw_dir, shards, dtype, folder)
+        write_raw_checkpoint(out, params, _piece_count(tokenizer_path), shards, getattr(torch, dtype), seed)
         (out / "params.json").write_text(json.dumps(params) + "\n")
         lines = [_md5_line(p, name=p.name) for p in sorted(out.iterdir())]
         (out / "checklist.chk").write_text("".join(lines))

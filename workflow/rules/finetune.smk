@@ -1,0 +1,38 @@
+# Conversation data -> tokenised dataset -> fine-tuned model (torchrun + FSDP2).
+
+
+rule tokenize_data:
+    input:
+        data=get_dataset_file,
+        model="{model}",
+    output:
+        directory("data/tokenized/{dataset}/{model}-len{length}"),
+    log:
+        "logs/tokenize_data/{dataset}/{model}-len{length}.log",
+    wildcard_constraints:
+        model="(vicuna-[a-z0-9]+-all-v1\\.1|llama-[a-z0-9]+-hf)",
+        length="[0-9]+",
+    conda:
+        "../../envs/finetune.yaml"
+    shell:
+        "vicunaflow data tokenize --data {input.data} --model-path {input.model} --output-dir {output}"
+        " --model-max-length {wildcards.length} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        model=lambda wildcards: get_run(wildcards)["model"],
+        data=get_tokenized_data,
+    output:
+        directory("fine_tuning_output/{run}"),
+    log:
+        "logs/finetune/{run}.log",
+    benchmark:
+        "benchmarks/finetune/{run}.tsv"
+    conda:
+        "../../envs/finetune.yaml"
+    params:
+        options=get_finetune_args,
+    shell:
+        "vicunaflow finetune --model-path {input.model} --data {input.data} --output-dir {output}"
+        " {params.options} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# A fixed set of prompts answered greedily by every built model: a smoke test and a report item.
+
+
+rule chat_smoke:
+    input:
+        model=get_chat_model,
+        prompts=config["chat"]["prompts"],
+    output:
+        report(
+            "results/chat/{model}.json",
+            caption="../report/chat.rst",
+            category="Chat transcripts",
+        ),
+    log:
+        "logs/chat_smoke/{model}.log",
+    conda:
+        "../../envs/serve.yaml"
+    params:
+        max_new_tokens=config["chat"]["max_new_tokens"],
+    shell:
+        "vicunaflow chat --model-path {input.model} --prompts {input.prompts} --output {output}"
+        " --temperature 0 --max-new-tokens {params.max_new_tokens} > {log} 2>&1"
