@@ -1,0 +1,52 @@
+# The README's two quickstart commands, plus the checks CI runs.
+#   make demo   the whole chain on the tiny model, offline, on a CPU
+#   make test   lint, unit tests, end-to-end runs (Snakemake, SLURM, browser)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+# System packages the end-to-end tests drive: a browser, and a real SLURM cluster with accounting.
+APT_PACKAGES := chromium slurmctld slurmd slurm-client munge slurmdbd mariadb-server
+
+.PHONY: demo test lint dryrun unit e2e bench system-deps clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build by accident.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[$*]'
+	touch $@
+
+demo: $(VENV)/.installed-workflow,train,serve
+	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --show-failed-logs
+	@$(BIN)/python -m vicunaflow.demo_summary
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check Snakefile workflow
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
+
+dryrun: $(VENV)/.installed-dev
+	$(BIN)/snakemake -n vicuna-13b-all-v1.1 --quiet rules
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: lint dryrun system-deps
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -ra --durations=15
+
+bench: $(VENV)/.installed-dev
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_convert_merge.py
+
+clean:
+	rm -rf pyllama_data llama-*-hf vicuna-*-delta-v1.1 vicuna-*-all-v1.1 fine_tuning_output data/tokenized \
+		results logs benchmarks report.html .snakemake .staging

@@ -1,0 +1,634 @@
+"""Text generation shared by `chat` and `serve`: model loading, sampling, streaming and a batching engine.
+
+Why an engine of our own instead of `model.generate`: a server must let requests join and leave a
+running batch (continuous batching), stream text while it is produced, and free a slot the moment a
+client goes away. `generate()` runs one fixed batch to the end. Here one background thread owns the
+model and steps every active request together:
+
+    admit waiting requests -> prefill them (one forward, padded) -> decode step for all rows -> repeat
+
+The KV cache is static, one row ("slot") per request: keys and values of shape
+[max_batch_size, kv_heads, context, head_dim] per layer, allocated once. Each row has its own cache
+position, so requests of any length share one decode step; attention masks are explicit 4-D boolean
+masks (SDPA). Active requests always occupy rows 0..n-1 (a finished row is refilled by moving the last
+one into it), so every step works on plain slices of the cache, never on gathered copies.
+
+The Hugging Face model is used as is (LlamaForCausalLM, also 8-bit/4-bit bitsandbytes or a
+device_map split over several GPUs); our cache object only has to answer `update()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vicunaflow import VicunaflowError, template
+
+log = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+def load_model(
+    model_path: str | Path,
+    *,
+    device: Device = "cpu",
+    num_gpus: int = 1,
+    max_gpu_memory: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    dtype: Dtype = "auto",
+):
+    """Load a LLaMA/Vicuna Hugging Face directory for inference; return (model, tokenizer).
+
+    float16 on CUDA, float32 on CPU (CPU float16 matmuls are slow or missing). `load_8bit` on CUDA
+    uses bitsandbytes LLM.int8(); on CPU, PyTorch's dynamic int8 quantization of every Linear layer
+    (weights stored int8, activations quantized on the fly): about a quarter of float32 weight memory
+    for the Linear layers, which hold nearly all parameters.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").exists():
+        raise VicunaflowError(f"{model_path}: no config.json; give a Hugging Face model directory (--model-path)")
+    if load_8bit and load_4bit:
+        raise VicunaflowError("--load-8bit and --load-4bit exclude each other; choose one")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VicunaflowError("--device cuda: no CUDA device is visible; use --device cpu")
+    if device == "cpu" and load_4bit:
+        raise VicunaflowError("--load-4bit needs CUDA (bitsandbytes 4-bit kernels); on CPU use --load-8bit")
+    if device == "cuda" and num_gpus > torch.cuda.device_count():
+        raise VicunaflowError(f"--num-gpus {num_gpus}: only {torch.cuda.device_count()} CUDA devices are visible")
+
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        dtype, torch.float16 if device == "cuda" else torch.float32
+    )
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
+    if device == "cuda":
+        if load_8bit or load_4bit:
+            kwargs["quantization_config"] = _bitsandbytes_config(load_8bit, torch_dtype)
+        if num_gpus > 1 or load_8bit or load_4bit:
+            kwargs["device_map"] = "auto"
+            if max_gpu_memory:
+                kwargs["max_memory"] = {i: max_gpu_memory for i in range(num_gpus)}
+            elif num_gpus > 1:
+                kwargs["max_memory"] = {i: torch.cuda.get_device_properties(i).total_memory for i in range(num_gpus)}
+        else:
+            kwargs["device_map"] = {"": 0}
+
+    config = AutoConfig.from_pretrained(model_path)
+    if config.model_type != "llama":
+        log.warning("%s: model_type %r is not llama; trying anyway", model_path, config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model.eval()
+    if device == "cpu" and load_8bit:
+        full_bytes = weight_bytes(model)
+        model = quantize_int8_cpu(model)
+        log.info("8-bit (CPU dynamic int8): weights %.1f MiB, were %.1f MiB", weight_bytes(model) / 2**20, full_bytes / 2**20)
+    else:
+        log.info("loaded %s: weights %.1f MiB on %s", model_path, weight_bytes(model) / 2**20, device)
+    return model, tokenizer
+
+
+def quantize_int8_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every nn.Linear by PyTorch's dynamically quantized int8 Linear (CPU only)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao; it still works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the weights, counting int8-packed Linear weights (which are not parameters)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.data_ptr() not in seen and not tensor.is_meta:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            qweight, bias = packed._weight_bias()
+            total += qweight.numel() * qweight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+    return total
+
+
+def _bitsandbytes_config(load_8bit: bool, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise VicunaflowError(
+            "--load-8bit/--load-4bit on CUDA need bitsandbytes: pip install bitsandbytes==0.50.2"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
+
+
+def context_length(model, max_context: int | None = None) -> int:
+    """Tokens the model attends over: its max_position_embeddings (2048 for LLaMA-1), or less if asked."""
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    return min(limit, max_context) if max_context else limit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt, starting with BOS, as FastChat feeds Vicuna.
+
+    Earlier replies end in the literal `</s>`, which the tokenizer maps to the EOS special token.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
+
+
+def fit_conversation(
+    tokenizer, turns: list[tuple[str, str | None]], budget: int, system: str = template.SYSTEM_PROMPT
+) -> tuple[list[tuple[str, str | None]], list[int]]:
+    """Drop the oldest (user, assistant) exchanges until the prompt fits `budget` tokens.
+
+    `turns` ends with (ASSISTANT, None). Returns the kept turns and their token ids; raises if even
+    the last user message alone does not fit.
+    """
+    while True:
+        ids = encode_prompt(tokenizer, template.render(turns, system))
+        if len(ids) <= budget:
+            return turns, ids
+        if len(turns) <= 2:
+            raise VicunaflowError(f"the message is {len(ids)} tokens with the system prompt; at most {budget} fit")
+        turns = turns[2:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming text
+
+
+class IncrementalDecoder:
+    """Turn token ids into text deltas whose concatenation equals decoding all ids at once.
+
+    SentencePiece needs context: a byte-fallback character spans several tokens (decoding half of it
+    gives U+FFFD) and a leading "▁" becomes a space only after another piece. So each step decodes a
+    short window twice, with and without the new tokens, and emits the difference once it is complete.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: decoded text from here on gives stable context
+        self.read_offset = 0  # ids before this are already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset])
+        after = decode(self.ids[self.prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character at the end)."""
+        before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return after[len(before) :] if after.startswith(before) else ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()  # stop strings (OpenAI `stop`); EOS always stops
+
+
+@dataclasses.dataclass
+class Event:
+    """One streamed piece of a reply; the last one has finish_reason set."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None], tokenizer):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""  # emitted so far
+        self.held = ""  # decoded but held back: might be the start of a stop string
+        self.cancelled = False
+        self.done = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (e.g. the client disconnected)."""
+        self.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.decoder.ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The KV cache
+
+
+class SlotCache:
+    """Static per-layer K/V buffers [slots, kv_heads, context, head_dim]; rows are requests.
+
+    Before each forward the engine says which rows and positions it is writing (`for_prefill`,
+    `for_decode`); the attention layers then call `update()` and get back the keys and values to
+    attend over, as views into the buffers.
+    """
+
+    def __init__(self, model, slots: int, context: int):
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        dtype = model.get_input_embeddings().weight.dtype
+        self.keys, self.values = [], []
+        for layer in model.model.layers:
+            device = layer.input_layernorm.weight.device  # device_map may spread layers over GPUs
+            self.keys.append(torch.zeros(slots, kv_heads, context, head_dim, dtype=dtype, device=device))
+            self.values.append(torch.zeros(slots, kv_heads, context, head_dim, dtype=dtype, device=device))
+        self.slots, self.context = slots, context
+        self._mode: tuple = ()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def for_prefill(self, first_row: int, rows: int, length: int) -> None:
+        self._mode = ("prefill", first_row, rows, length)
+
+    def for_decode(self, rows: int, positions: list[torch.Tensor], kv_length: int) -> None:
+        """positions: per layer device, a [rows] tensor with the cache index of each row's new token."""
+        self._mode = ("decode", rows, positions, kv_length)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode[0] == "prefill":
+            _, first, rows, length = self._mode
+            # key_states: [rows, kv_heads, length, head_dim], written at positions 0..length-1
+            keys[first : first + rows, :, :length] = key_states
+            values[first : first + rows, :, :length] = value_states
+            return keys[first : first + rows, :, :length], values[first : first + rows, :, :length]
+        _, rows, positions, kv_length = self._mode
+        position = positions[layer_idx]
+        row_index = torch.arange(rows, device=keys.device)
+        # key_states: [rows, kv_heads, 1, head_dim]; each row writes its own position
+        keys[row_index, :, position] = key_states[:, :, 0]
+        values[row_index, :, position] = value_states[:, :, 0]
+        return keys[:rows, :, :kv_length], values[:rows, :, :kv_length]
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """Continuous batching over one model: requests join and leave a running batch.
+
+    `submit()` is thread-safe and returns at once; events reach the request's `sink` from the
+    engine thread. `generate()` is the blocking, iterator form used by the chat CLI and the bench.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        prefill_tokens: int = 4096,
+        seed: int | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context_length(model, max_context)
+        self.max_batch_size = max_batch_size
+        self.prefill_tokens = max(prefill_tokens, self.context)  # one longest prompt always fits a prefill
+        self.eos_id = tokenizer.eos_token_id
+        self.device = model.get_input_embeddings().weight.device
+        self.layer_devices = [layer.input_layernorm.weight.device for layer in model.model.layers]
+        self.cache = SlotCache(model, max_batch_size, self.context)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        self.rows: list[Request] = []  # active requests; row i of the cache belongs to rows[i]
+        self.lengths: list[int] = []  # tokens in the cache per row
+        self.last_tokens: list[int] = []  # sampled, not yet in the cache
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0}
+        self.batch_sizes: Counter[int] = Counter()
+        log.info(
+            "engine: %d slots x %d tokens, KV cache %.1f MiB", max_batch_size, self.context, self.cache.nbytes() / 2**20
+        )
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if not self.running:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name="vicunaflow-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Request:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.context:
+            raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
+        request = Request(prompt_ids, params, sink, self.tokenizer)
+        with self.lock:
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+            self.lock.notify_all()
+        return request
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
+        """Submit one request and yield its events; closing the iterator early cancels the request."""
+        import queue
+
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        request = self.submit(prompt_ids, params, events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.cancel()
+
+    def max_new_tokens(self, prompt_length: int, requested: int | None) -> int:
+        """Cap a reply so prompt + reply fit the context."""
+        room = self.context - prompt_length
+        return max(0, min(requested, room) if requested else room)
+
+    def snapshot_stats(self) -> dict:
+        with self.lock:
+            return {
+                **self.stats,
+                "active": len(self.rows),
+                "waiting": len(self.waiting),
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "max_batch_size": self.max_batch_size,
+                "context": self.context,
+            }
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.rows and not self.waiting:
+                    self.lock.wait()
+                if not self.running:
+                    break
+                admitted = self._take_waiting()
+            try:
+                self._drop_finished()
+                if admitted:
+                    self._prefill(admitted)
+                self._drop_finished()
+                if self.rows:
+                    self._decode_step()
+            except Exception as err:  # a failed step fails its requests, not the server
+                log.exception("generation step failed")
+                for request in self.rows + admitted:
+                    if not request.done:
+                        self._finish(request, "error", error=f"{type(err).__name__}: {err}")
+                self.rows, self.lengths, self.last_tokens = [], [], []
+        for request in self.rows + list(self.waiting):
+            self._finish(request, "cancelled")
+
+    def _take_waiting(self) -> list[Request]:
+        """Pop as many waiting requests as there are free rows and prefill budget."""
+        admitted: list[Request] = []
+        budget = self.prefill_tokens
+        while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                self._finish(request, "cancelled")
+                continue
+            longest = max([len(r.prompt_ids) for r in admitted] + [len(request.prompt_ids)])
+            if admitted and longest * (len(admitted) + 1) > budget:
+                break
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    @torch.inference_mode()
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run all new prompts in one padded forward, writing rows len(self.rows)... of the cache."""
+        first_row, n = len(self.rows), len(requests)
+        length = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.zeros(n, length, dtype=torch.long)
+        for i, request in enumerate(requests):
+            input_ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+        prompt_lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=self.device)
+        positions = torch.arange(length, device=self.device)
+        # mask[b, 0, q, k]: causal, and keys of a shorter prompt stop at its end (padding is never attended)
+        mask = (positions[None, :] <= positions[:, None])[None] & (positions[None, None, :] < prompt_lengths[:, None, None])
+        self.cache.for_prefill(first_row, n, length)
+        hidden = self.model.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask[:, None],
+            position_ids=positions[None].expand(n, length),
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state  # [n, length, dim]
+        last = hidden[torch.arange(n, device=hidden.device), prompt_lengths.to(hidden.device) - 1]  # [n, dim]
+        logits = self.model.lm_head(last).float()  # [n, vocab]
+        tokens = self._sample(logits, requests)
+        self.stats["prefills"] += 1
+        for request, token in zip(requests, tokens):
+            self.rows.append(request)
+            self.lengths.append(len(request.prompt_ids))
+            self.last_tokens.append(token)
+            self._emit(request, token)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        """Feed each row its last sampled token at its own position; sample the next one."""
+        n = len(self.rows)
+        lengths = torch.tensor(self.lengths)  # [n]: the new token's cache position
+        kv_length = int(lengths.max()) + 1
+        positions = [lengths.to(device) for device in self.layer_devices]
+        # mask[b, 0, 0, k]: row b sees its own tokens 0..lengths[b]
+        mask = (torch.arange(kv_length)[None, :] <= lengths[:, None])[:, None, None].to(self.device)
+        self.cache.for_decode(n, positions, kv_length)
+        input_ids = torch.tensor(self.last_tokens, device=self.device)[:, None]  # [n, 1]
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=lengths.to(self.device)[:, None],
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1].float()  # [n, vocab]
+        tokens = self._sample(logits, self.rows)
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += n
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        self.batch_sizes[n] += 1
+        for i, (request, token) in enumerate(zip(self.rows, tokens)):
+            self.lengths[i] += 1
+            self.last_tokens[i] = token
+            if not request.done:
+                self._emit(request, token)
+
+    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
+        """Per-row temperature and nucleus (top-p) sampling; temperature 0 is greedy. logits: [n, vocab]."""
+        temperature = torch.tensor([r.params.temperature for r in requests], device=logits.device)
+        greedy_tokens = logits.argmax(dim=-1)
+        if bool((temperature <= 1e-5).all()):
+            return greedy_tokens.tolist()
+        probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+        top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
+        if bool((top_p < 1.0).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            picked = torch.multinomial(sorted_probs, 1, generator=self.generator)  # [n, 1]
+            sampled = order.gather(-1, picked)[:, 0]
+        else:
+            sampled = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return torch.where(temperature <= 1e-5, greedy_tokens, sampled).tolist()
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Send the new text of one sampled token; finish on EOS, a stop string or the length limit."""
+        if token == self.eos_id:
+            request.decoder.ids.append(token)
+            tail = request.held
+            request.held = ""
+            self._finish(request, "stop", text=tail)
+            return
+        request.held += request.decoder.push(token)
+        stop_at = _find_stop(request.held, request.params.stop)
+        if stop_at is not None:
+            self._finish(request, "stop", text=request.held[:stop_at])
+            return
+        n_generated = request.completion_tokens
+        prompt_full = len(request.prompt_ids) + n_generated >= self.context
+        if n_generated >= request.params.max_new_tokens or prompt_full:
+            self._finish(request, "length", text=request.held + request.decoder.flush())
+            return
+        keep = _stop_prefix_length(request.held, request.params.stop)
+        ready, request.held = request.held[: len(request.held) - keep], request.held[len(request.held) - keep :]
+        if ready:
+            request.text += ready
+            request.sink(Event(ready, prompt_tokens=len(request.prompt_ids), completion_tokens=n_generated))
+
+    def _finish(self, request: Request, reason: str, text: str = "", error: str | None = None) -> None:
+        if request.done:
+            return
+        request.done = True
+        request.text += text
+        with contextlib.suppress(Exception):
+            request.sink(
+                Event(
+                    text,
+                    finish_reason=reason,
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=request.completion_tokens,
+                    error=error,
+                )
+            )
+
+    def _drop_finished(self) -> None:
+        """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
+        i = 0
+        while i < len(self.rows):
+            request = self.rows[i]
+            if request.cancelled and not request.done:
+                self._finish(request, "cancelled")
+            if not request.done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.move_row(last, i, self.lengths[last])
+                self.rows[i], self.lengths[i], self.last_tokens[i] = self.rows[last], self.lengths[last], self.last_tokens[last]
+            self.rows.pop()
+            self.lengths.pop()
+            self.last_tokens.pop()
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could start a stop string (held back until decided)."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                longest = max(longest, k)
+                break
+    return longest
+
+
+def timed(events: Iterator[Event]) -> tuple[str, Event, float]:
+    """Drain an event iterator; return (text, last event, seconds). For prompts mode and benchmarks."""
+    start = time.perf_counter()
+    text, last = "", Event("")
+    for last in events:
+        text += last.text
+    return text, last, time.perf_counter() - start

@@ -1,0 +1,115 @@
+"""The Snakemake DAG end to end on the tiny model, in a temporary working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [*SNAKEMAKE, "-d", str(workdir), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule name -> job count of a dry run (empty when there is nothing to do)."""
+    out = snakemake(workdir, *args, "-n", "--quiet", "rules").stdout
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "config").symlink_to(REPO / "config")
+    return tmp_path
+
+
+def write_config(workdir: Path, name: str, config: dict) -> str:
+    path = workdir / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_dry_run_of_13b_plans_the_seed_chain_offline(workdir: Path) -> None:
+    started = time.perf_counter()
+    jobs = planned_jobs(workdir, "vicuna-13b-all-v1.1")
+    assert jobs == {
+        "llama_tokenizer": 1,
+        "llama_raw_download": 1,
+        "convert_llama_to_hf": 1,
+        "vicuna_delta_download": 1,
+        "apply_delta": 1,
+    }
+    assert time.perf_counter() - started < 30
+    assert not (workdir / "pyllama_data").exists()
+
+
+def test_pre_converted_base_skips_conversion(workdir: Path) -> None:
+    config = write_config(workdir, "hf.yaml", {"llama": {"sources": {"13b": "hf"}}})
+    jobs = planned_jobs(workdir, "vicuna-13b-all-v1.1", "--configfile", config)
+    assert jobs == {"llama_hf_download": 1, "vicuna_delta_download": 1, "apply_delta": 1}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"convert": {"dtpye": "keep"}}, "dtpye"),
+        ({"convert": {"dtype": "float8"}}, "float8"),
+        ({"llama": {"sources": {"7b": "ftp"}}}, "ftp"),
+    ],
+)
+def test_bad_config_fails_before_any_job_naming_the_key(workdir: Path, config: dict, message: str) -> None:
+    result = snakemake(workdir, "-n", "--configfile", write_config(workdir, "bad.yaml", config), check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_tiny_chain_builds_then_reruns_only_what_changed(workdir: Path) -> None:
+    snakemake(workdir, "vicuna-tiny-all-v1.1")
+    merged = workdir / "vicuna-tiny-all-v1.1"
+    assert (merged / "model.safetensors.index.json").exists()
+    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"]
+    for log in ("logs/convert/tiny.log", "logs/apply_delta/tiny.log", "benchmarks/convert/tiny.tsv"):
+        assert (workdir / log).exists(), log
+
+    assert planned_jobs(workdir, "vicuna-tiny-all-v1.1") == {}, "a second run must do nothing"
+
+    changed = write_config(workdir, "f32.yaml", {"convert": {"dtype": "float32"}})
+    assert planned_jobs(workdir, "vicuna-tiny-all-v1.1", "--configfile", changed) == {
+        "convert_llama_to_hf": 1,
+        "vicuna_delta_synthetic": 1,
+        "apply_delta": 1,
+    }
+
+
+@pytest.mark.e2e
+def test_failed_job_leaves_no_finished_output(workdir: Path) -> None:
+    config = write_config(workdir, "local.yaml", {"llama": {"sources": {"tiny": "local"}, "local": {"tiny": "missing"}}})
+    result = snakemake(workdir, "llama-tiny-hf", "--configfile", config, check=False)
+    assert result.returncode != 0
+    assert not (workdir / "pyllama_data" / "tiny").exists()
+    assert not (workdir / "llama-tiny-hf").exists()
