@@ -553,8 +553,8 @@ class Engine:
     def _emit(self, request: Request, token: int) -> None:
         """Send the new text of one sampled token; finish on EOS, a stop string or the length limit."""
         if token == self.eos_id:
+            tail = request.held + request.decoder.flush()
             request.decoder.ids.append(token)
-            tail = request.held
             request.held = ""
             self._finish(request, "stop", text=tail)
             return

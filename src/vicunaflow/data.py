@@ -1,0 +1,335 @@
+"""Conversation data for fine-tuning: validated records, Vicuna v1.1 prompts and exact loss masks.
+
+FastChat's train.py finds where the assistant replies start by re-tokenising pieces and counting
+tokens with hard-coded offsets; when its count is off it silently masks the whole sample (loss 0).
+Here the prompt is tokenised once, whole, exactly as FastChat tokenises it (so input_ids are
+token for token FastChat's), and the tokenizer's character offsets say which tokens came from
+which piece of `template.segments()`: a token is trained on exactly when its characters lie in an
+assistant reply (including the reply's `</s>`). No counting, so nothing can drift.
+
+Input: the ShareGPT/FastChat JSON list `[{"id": ..., "conversations": [{"from": "human"|"gpt",
+"value": ...}, ...]}]`, or the same records one per line (JSONL). Every record is checked before
+anything is tokenised; all problems are reported at once, each naming the record's id and index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vicunaflow import VicunaflowError, template
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of tokens that are not trained on (PyTorch cross_entropy's ignore_index)
+TOKENS_FILE = "tokens.safetensors"
+META_FILE = "meta.json"
+MAX_REPORTED_ERRORS = 20
+
+
+def tokenize(
+    *,
+    data: Path,
+    model_path: Path,
+    output_dir: Path,
+    model_max_length: int = 2048,
+) -> Path:
+    """Validate and tokenise a conversation file into a dataset directory for `vicunaflow finetune`.
+
+    The directory holds `tokens.safetensors` (flat input_ids and labels plus per-sample offsets),
+    `meta.json` (sample ids, lengths, sha256 of the data and tokenizer) and `vicunaflow.json`.
+
+    Arguments:
+        data: conversations, a JSON list or JSONL of ShareGPT records (`id`, `conversations`).
+        model_path: Hugging Face model directory whose tokenizer is used.
+        output_dir: the tokenised dataset directory to write.
+        model_max_length: samples longer than this many tokens are truncated (their masks stay exact).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
+
+    log.info("tokenize: data=%s model_path=%s output_dir=%s model_max_length=%d", data, model_path, output_dir, model_max_length)
+    conversations = load_conversations(data)
+    tokenizer = load_tokenizer(model_path)
+    samples = encode_all(conversations, tokenizer, model_max_length)
+    lengths = [len(s.input_ids) for s in samples]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    tensors = {
+        "input_ids": torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.int32),  # (total_tokens,)
+        "labels": torch.tensor([t for s in samples for t in s.labels], dtype=torch.int32),  # (total_tokens,)
+        "offsets": torch.tensor(offsets, dtype=torch.int64),  # (n_samples + 1,)
+    }
+    tokenizer_files = tokenizer_file_paths(model_path)
+    meta = {
+        "format": "vicunaflow-tokenized-v1",
+        "template": "vicuna_v1.1",
+        "model_max_length": model_max_length,
+        "n_samples": len(samples),
+        "n_tokens": offsets[-1],
+        "n_trained_tokens": sum(sum(label != IGNORE_INDEX for label in s.labels) for s in samples),
+        "ids": [s.id for s in samples],
+        "data_sha256": sha256_file(data),
+        "tokenizer_sha256": {p.name: sha256_file(p) for p in tokenizer_files},
+    }
+    with atomic_output_dir(output_dir) as out:
+        save_file(tensors, str(out / TOKENS_FILE))
+        (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_manifest(out, inputs=[data, *tokenizer_files], kind="tokenized-conversations")
+    log.info("wrote %d samples, %d tokens (%d trained) to %s", meta["n_samples"], meta["n_tokens"], meta["n_trained_tokens"], output_dir)
+    return Path(output_dir)
+
+
+def preview(
+    *,
+    data: Path,
+    model_path: Path,
+    format: Literal["text", "json"] = "text",
+    model_max_length: int = 2048,
+    limit: int | None = 3,
+) -> None:
+    """Show how conversations are tokenised and which tokens are trained on.
+
+    `--format json` prints a JSON list of {"id", "input_ids", "labels"} (labels aligned with
+    input_ids, -100 where masked); `text` prints each prompt with the trained spans highlighted.
+
+    Arguments:
+        data: conversations, a JSON list or JSONL of ShareGPT records.
+        model_path: Hugging Face model directory whose tokenizer is used.
+        format: text (readable, trained spans marked) or json (token ids and labels).
+        model_max_length: truncate samples to this many tokens, as training does.
+        limit: show only the first N records (all when null).
+    """
+    import sys
+
+    conversations = load_conversations(data)[: limit if limit is not None else None]
+    tokenizer = load_tokenizer(model_path)
+    samples = encode_all(conversations, tokenizer, model_max_length, drop_untrained=False)
+    if format == "json":
+        sys.stdout.write(json.dumps([{"id": s.id, "input_ids": s.input_ids, "labels": s.labels} for s in samples]) + "\n")
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)
+    for sample in samples:
+        trained = sum(label != IGNORE_INDEX for label in sample.labels)
+        console.rule(f"{sample.id}: {len(sample.input_ids)} tokens, {trained} trained")
+        text = Text()
+        for token_id, label in zip(sample.input_ids, sample.labels, strict=True):
+            piece = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            piece = piece if token_id not in tokenizer.all_special_ids else tokenizer.convert_ids_to_tokens(token_id)
+            # Trained tokens: green and underlined, so the spans are visible without colour too.
+            text.append(piece, style="bold green underline" if label != IGNORE_INDEX else "dim")
+        console.print(text)
+    console.print("[bold green underline]underlined green[/]: trained on (labels); dim: masked (-100)")
+
+
+# --- loading and validation -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    turns: list[tuple[str, str]]  # (template.USER | template.ASSISTANT, text), alternating, USER first
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where not trained on
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    """Read a JSON list or JSONL file of ShareGPT records and validate every record."""
+    path = Path(path)
+    if not path.is_file():
+        raise VicunaflowError(f"{path}: no such data file; give a JSON list or JSONL of ShareGPT conversations")
+    records = _read_records(path)
+    conversations, errors = [], []
+    for index, record in enumerate(records):
+        try:
+            conversation = validate_record(record, index)
+        except ValueError as err:
+            errors.append(str(err))
+            continue
+        if conversation is not None:
+            conversations.append(conversation)
+    if errors:
+        shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
+        more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise VicunaflowError(f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them")
+    if not conversations:
+        raise VicunaflowError(f"{path}: no conversations to train on")
+    log.info("%s: %d conversations", path, len(conversations))
+    return conversations
+
+
+def validate_record(record: object, index: int) -> Conversation | None:
+    """Check one ShareGPT record; raise ValueError naming its id and index with the reason.
+
+    A first turn from the assistant is dropped (FastChat does the same) and so is a trailing
+    user turn, which has no reply to learn from. Returns None for a record left with no exchange.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"record at index {index}: not a JSON object")
+    name = f"record {record.get('id', '<no id>')!r} (index {index})"
+    if "id" not in record:
+        raise ValueError(f"{name}: missing 'id'")
+    conversation = record.get("conversations")
+    if not isinstance(conversation, list):
+        raise ValueError(f"{name}: missing 'conversations' list")
+    if not conversation:
+        raise ValueError(f"{name}: empty conversation")
+    turns = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{name}: turn {i} is not an object")
+        role = turn.get("from")
+        if role not in template.ROLE_OF:
+            raise ValueError(f"{name}: turn {i} has unknown role {role!r} (expected one of {sorted(template.ROLE_OF)})")
+        if "value" not in turn or turn["value"] is None:
+            raise ValueError(f"{name}: turn {i} is missing its value")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"{name}: turn {i} value is not a string")
+        if not turn["value"].strip():
+            raise ValueError(f"{name}: turn {i} ({role}) is empty")
+        turns.append((template.ROLE_OF[role], turn["value"]))
+    if turns[0][0] == template.ASSISTANT:
+        log.info("%s: dropping its first turn, from the assistant (as FastChat does)", name)
+        turns = turns[1:]
+    for i, (role, _) in enumerate(turns):
+        expected = template.USER if i % 2 == 0 else template.ASSISTANT
+        if role != expected:
+            offset = len(conversation) - len(turns)
+            raise ValueError(f"{name}: roles not alternating at turn {i + offset} (two {role} turns in a row)")
+    if turns and turns[-1][0] == template.USER:
+        log.debug("%s: dropping its last turn, from the user (no reply to train on)", name)
+        turns = turns[:-1]
+    if not turns:
+        log.warning("%s: no user/assistant exchange left; skipped", name)
+        return None
+    return Conversation(id=str(record["id"]), turns=turns)
+
+
+def _read_records(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise VicunaflowError(f"{path}: not valid JSON ({err})") from err
+        return records
+    records = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise VicunaflowError(f"{path}:{line_number}: not valid JSON Lines ({err}); give one record per line") from err
+    return records
+
+
+# --- tokenisation -------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise VicunaflowError(f"{model_path}: no such model directory")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if not getattr(tokenizer, "is_fast", False):
+        raise VicunaflowError(f"{model_path}: a fast tokenizer (tokenizer.json) is needed for exact loss masks")
+    return tokenizer
+
+
+def tokenizer_file_paths(model_path: Path) -> list[Path]:
+    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return [Path(model_path, n) for n in names if Path(model_path, n).is_file()]
+
+
+def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Sample:
+    """Tokenise the Vicuna v1.1 prompt of one conversation with labels only on assistant replies.
+
+    The prompt is tokenised whole (as FastChat does, bos included); a token is trained on when any
+    of its characters fall inside an assistant piece of `template.segments()` (" reply</s>").
+    Tokens without characters (bos) are never trained on. Truncation cuts ids and labels together.
+    """
+    spans, prompt = [], ""
+    for piece, is_reply in template.segments(conversation.turns):
+        if is_reply:
+            spans.append((len(prompt), len(prompt) + len(piece)))  # [start, end) in characters
+        prompt += piece
+    encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for i, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end <= start:
+            continue  # added special token (bos): no text of its own
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] < end:
+            labels[i] = input_ids[i]
+    return Sample(conversation.id, input_ids[:model_max_length], labels[:model_max_length])
+
+
+def encode_all(
+    conversations: Sequence[Conversation], tokenizer, model_max_length: int, drop_untrained: bool = True
+) -> list[Sample]:
+    """Encode every conversation; samples left with no trained token after truncation are dropped."""
+    samples, dropped, truncated = [], [], 0
+    for conversation in _progress(conversations, "tokenising"):
+        sample = encode(conversation, tokenizer, model_max_length)
+        truncated += len(sample.input_ids) == model_max_length
+        if drop_untrained and all(label == IGNORE_INDEX for label in sample.labels):
+            dropped.append(sample.id)
+            continue
+        samples.append(sample)
+    if truncated:
+        log.info("%d of %d samples truncated to %d tokens", truncated, len(conversations), model_max_length)
+    if dropped:
+        log.warning("dropped %d samples with no reply token within %d tokens: %s", len(dropped), model_max_length, ", ".join(dropped[:10]))
+    return samples
+
+
+def _progress(items: Sequence, description: str) -> Iterable:
+    if len(items) < 1000 or os.environ.get("RANK", "0") != "0":
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="conv")
+
+
+# --- the tokenised dataset directory ------------------------------------------------------------
+
+
+def load_tokenized(path: Path) -> tuple[list[Sample], dict]:
+    """Read a directory written by `tokenize` back into samples."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file() or not (path / TOKENS_FILE).is_file():
+        raise VicunaflowError(f"{path}: not a tokenised dataset ({META_FILE} and {TOKENS_FILE} expected); run `vicunaflow data tokenize`")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(path / TOKENS_FILE))
+    input_ids, labels, offsets = tensors["input_ids"].tolist(), tensors["labels"].tolist(), tensors["offsets"].tolist()
+    samples = [
+        Sample(sample_id, input_ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]])
+        for i, sample_id in enumerate(meta["ids"])
+    ]
+    return samples, meta

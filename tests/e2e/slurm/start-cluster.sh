@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# A real single-node SLURM cluster on 127.0.0.1 for the end-to-end test (tests/e2e/test_slurm.py):
+# munged, MariaDB + slurmdbd (so `sacct` answers, which the Snakemake SLURM executor polls),
+# slurmctld and slurmd with fake GPUs. Runs as root, without systemd; every daemon writes its PID
+# under $VF_SLURM_DIR so stop-cluster.sh can stop exactly what was started here.
+#
+#   tests/e2e/slurm/start-cluster.sh          start (a daemon whose PID file is alive is kept)
+#   source $VF_SLURM_DIR/env.sh               SLURM_CONF, and the srun shim first on PATH
+#   tests/e2e/slurm/stop-cluster.sh           stop every daemon by its PID
+#
+# Settings (environment): VF_SLURM_DIR (default /tmp/vicunaflow-slurm), VF_SLURM_GPUS (2),
+# VF_SLURM_ACCOUNT (ci), VF_SLURM_PORT_BASE (6817: slurmctld, +1 slurmd, +2 slurmdbd),
+# VF_SLURM_DB_PORT (13306), VF_SLURM_FRESH=1 wipes job and accounting state first.
+set -euo pipefail
+
+DIR=${VF_SLURM_DIR:-/tmp/vicunaflow-slurm}
+GPUS=${VF_SLURM_GPUS:-2}
+ACCOUNT=${VF_SLURM_ACCOUNT:-ci}
+PORT=${VF_SLURM_PORT_BASE:-6817}
+DB_PORT=${VF_SLURM_DB_PORT:-13306}
+NODE=$(hostname -s)
+STARTED=$(date +%s%N)
+
+say() {
+  local ms=$(( ($(date +%s%N) - STARTED) / 1000000 ))
+  printf '[slurm +%d.%ds] %s\n' $((ms / 1000)) $((ms % 1000 / 100)) "$*"
+}
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# until_ok SECONDS COMMAND...: poll a readiness check, never wait unbounded.
+until_ok() {
+  local deadline=$(( $(date +%s) + $1 )); shift
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then echo "gave up waiting for: $*" >&2; return 1; fi
+    sleep 0.2
+  done
+}
+
+[ "$(id -u)" = 0 ] || { echo "start-cluster.sh: needs root (daemons, mknod)" >&2; exit 2; }
+
+# ---- packages: Debian 12 ships Slurm 22.05 --------------------------------------------------------
+packages=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+missing=()
+for package in "${packages[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  # The packages' own init scripts cannot start anything here (no systemd); we start the daemons below.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+say "packages present"
+
+if [ "${VF_SLURM_FRESH:-0}" = 1 ]; then
+  "$(dirname "$0")/stop-cluster.sh" || true
+  rm -rf "$DIR"/{state,spool,db,log}
+fi
+mkdir -p "$DIR"/{etc,munge,state,spool,log,run,dev,bin,db}
+chmod 0755 "$DIR" "$DIR/munge"   # munged rejects a socket directory writable by group or others
+MUNGE_SOCKET=$DIR/munge/munge.socket.2
+
+# ---- configuration --------------------------------------------------------------------------------
+CPUS=$(nproc)
+MEMORY_MB=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+cat > "$DIR/etc/slurm.conf" <<EOF
+# Written by tests/e2e/slurm/start-cluster.sh: one node, fake GPUs, accounting through slurmdbd.
+ClusterName=vicunaflow
+SlurmctldHost=${NODE}(127.0.0.1)
+SlurmctldPort=${PORT}
+SlurmdPort=$((PORT + 1))
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=${MUNGE_SOCKET}
+StateSaveLocation=${DIR}/state
+SlurmdSpoolDir=${DIR}/spool/%n
+SlurmctldPidFile=${DIR}/run/slurmctld.pid
+SlurmdPidFile=${DIR}/run/slurmd.pid
+SlurmctldLogFile=${DIR}/log/slurmctld.log
+SlurmdLogFile=${DIR}/log/slurmd.log
+# No mail daemon here; without MailProg slurmctld logs an error for every job.
+MailProg=/bin/true
+# Cgroup device control does not work in this sandbox: track processes by /proc, no task binding.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# A job without --mem would otherwise take the node's whole memory and serialise everything.
+DefMemPerCPU=1000
+ReturnToService=2
+# Finished jobs stay visible to squeue for 5 minutes (sacct keeps them for good).
+MinJobAge=300
+KillWait=5
+GresTypes=gpu
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$((PORT + 2))
+# slurmctld reaches slurmdbd through munge; for that connection it reads the socket from here.
+AccountingStoragePass=${MUNGE_SOCKET}
+AccountingStorageTRES=gres/gpu
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=5
+NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEMORY_MB} Gres=gpu:fake:${GPUS} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+
+# Fake GPUs: character devices with /dev/null's numbers. Slurm schedules them and sets
+# CUDA_VISIBLE_DEVICES; nothing can use them as a GPU, so jobs fall back to the CPU.
+for ((index = 0; index < GPUS; index++)); do
+  [ -e "$DIR/dev/nvidia$index" ] || mknod "$DIR/dev/nvidia$index" c 1 3
+done
+cat > "$DIR/etc/gres.conf" <<EOF
+AutoDetect=off
+NodeName=${NODE} Name=gpu Type=fake File=${DIR}/dev/nvidia[0-$((GPUS - 1))]
+EOF
+
+cat > "$DIR/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=${MUNGE_SOCKET}
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$((PORT + 2))
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=${DB_PORT}
+StorageUser=root
+StorageLoc=vicunaflow_slurm_acct
+PidFile=${DIR}/run/slurmdbd.pid
+LogFile=${DIR}/log/slurmdbd.log
+EOF
+chmod 600 "$DIR/etc/slurmdbd.conf"   # slurmdbd refuses a readable config
+
+# The Snakemake job step (snakemake-executor-plugin-slurm-jobstep) removes every SLURM_* variable,
+# SLURM_CONF included, before its own srun; this shim, first on PATH, puts SLURM_CONF back.
+cat > "$DIR/bin/srun" <<EOF
+#!/bin/sh
+SLURM_CONF=\${SLURM_CONF:-${DIR}/etc/slurm.conf} exec /usr/bin/srun "\$@"
+EOF
+chmod 0755 "$DIR/bin/srun"
+cat > "$DIR/env.sh" <<EOF
+export SLURM_CONF=${DIR}/etc/slurm.conf
+case ":\$PATH:" in *":${DIR}/bin:"*) ;; *) export PATH=${DIR}/bin:\$PATH ;; esac
+EOF
+export SLURM_CONF=$DIR/etc/slurm.conf
+say "configuration written to $DIR/etc"
+
+# ---- munge ----------------------------------------------------------------------------------------
+if [ ! -s "$DIR/munge/munge.key" ]; then
+  head -c 1024 /dev/urandom > "$DIR/munge/munge.key"
+  chmod 0400 "$DIR/munge/munge.key"
+fi
+running "$DIR/run/munged.pid" || munged --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
+  --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed" --force
+until_ok 10 munge --socket="$MUNGE_SOCKET" --no-input
+say "munged $(cat "$DIR/run/munged.pid")"
+
+# ---- MariaDB + slurmdbd: the accounting sacct reads ------------------------------------------------
+if [ ! -d "$DIR/db/data/mysql" ]; then
+  mariadb-install-db --no-defaults --user=root --datadir="$DIR/db/data" --skip-test-db \
+    --auth-root-authentication-method=normal > "$DIR/log/mariadb-install.log" 2>&1
+fi
+if ! running "$DIR/run/mariadbd.pid"; then
+  setsid mariadbd --no-defaults --user=root --datadir="$DIR/db/data" --socket="$DIR/db/mariadb.sock" \
+    --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve --pid-file="$DIR/run/mariadbd.pid" \
+    --log-error="$DIR/log/mariadb.log" --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
+    < /dev/null > /dev/null 2>&1 &
+fi
+until_ok 60 mariadb-admin --no-defaults --user=root --socket="$DIR/db/mariadb.sock" ping
+say "mariadbd $(cat "$DIR/run/mariadbd.pid")"
+running "$DIR/run/slurmdbd.pid" || slurmdbd -f "$DIR/etc/slurmdbd.conf"
+until_ok 30 sacctmgr --noheader list cluster
+say "slurmdbd $(cat "$DIR/run/slurmdbd.pid")"
+
+# ---- slurmctld + slurmd ---------------------------------------------------------------------------
+running "$DIR/run/slurmctld.pid" || slurmctld
+until_ok 30 scontrol ping
+say "slurmctld $(cat "$DIR/run/slurmctld.pid")"
+running "$DIR/run/slurmd.pid" || slurmd
+node_ready() { sinfo --noheader --nodes="$NODE" --format=%T | grep -Eq '^(idle|mixed|allocated)$'; }
+if ! until_ok 20 node_ready; then
+  scontrol update NodeName="$NODE" State=RESUME || true   # a node left DOWN by an earlier run
+  until_ok 20 node_ready
+fi
+say "slurmd $(cat "$DIR/run/slurmd.pid"), node $NODE $(sinfo --noheader --nodes="$NODE" --format=%T)"
+
+# ---- accounts: the executor plugin validates slurm_account against sacctmgr ------------------------
+until_ok 30 bash -c "sacctmgr --noheader list cluster format=cluster | grep -qw vicunaflow"
+sacctmgr --immediate --quiet add account "$ACCOUNT" Description=vicunaflow-tests Organization=vicunaflow \
+  > /dev/null 2>&1 || true
+sacctmgr --immediate --quiet add user root Account="$ACCOUNT" > /dev/null 2>&1 || true
+until_ok 10 bash -c "sacctmgr --noheader --parsable2 list user root withassoc format=account | grep -qx $ACCOUNT"
+say "ready: partition debug, account $ACCOUNT, $GPUS fake GPUs; source $DIR/env.sh"

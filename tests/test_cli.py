@@ -1,0 +1,66 @@
+"""The verb table, `--help` and the workflow's defaults agree."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vicunaflow import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def leaf_specs(table=cli.COMMANDS, prefix=()):
+    for verb, spec in table.items():
+        if isinstance(spec, dict):
+            yield from leaf_specs(spec, (*prefix, verb))
+        else:
+            yield (*prefix, verb), spec
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vicunaflow", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_verb() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for verb in cli.COMMANDS:
+        assert verb in result.stdout
+
+
+@pytest.mark.parametrize(("verbs", "spec"), list(leaf_specs()), ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+def test_every_verb_has_documented_keyword_only_arguments(verbs: tuple[str, ...], spec: str) -> None:
+    function = cli.resolve(spec)
+    parameters = inspect.signature(function).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters), spec
+    doc = inspect.getdoc(function) or ""
+    assert "Arguments:" in doc, f"{spec} needs an Arguments: docstring (it becomes --help)"
+    documented = doc.split("Arguments:", 1)[1]
+    for p in parameters:
+        assert f"{p.name}:" in documented, f"{spec}: argument {p.name} is not documented"
+
+
+def test_dashed_and_fastchat_flags_are_accepted() -> None:
+    assert cli._normalize_flags(["apply-delta", "--base-model-path", "a", "--delta-path=b", "--max-shard-size", "1GB"]) == [
+        "apply-delta",
+        "--base",
+        "a",
+        "--delta=b",
+        "--max_shard_size",
+        "1GB",
+    ]
+
+
+def test_workflow_defaults_match_cli_defaults() -> None:
+    """convert.* defaults in the schema are the defaults of `vicunaflow convert`."""
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    convert_defaults = {k: v["default"] for k, v in schema["properties"]["convert"]["properties"].items()}
+    signature = inspect.signature(cli.resolve(cli.COMMANDS["convert"])).parameters
+    for name, default in convert_defaults.items():
+        assert signature[name].default == default, name
