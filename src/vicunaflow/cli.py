@@ -23,6 +23,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "finetune": "vicunaflow.finetune:setup",
     "chat": "vicunaflow.chat:chat",
     "serve": "vicunaflow.serve:serve",
+    "report": {"finetune": "vicunaflow.report:finetune_report"},
 }
 
 # FastChat's flag names, accepted so its users' commands keep working.

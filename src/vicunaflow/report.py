@@ -1,0 +1,73 @@
+"""Report items for a fine-tuning run: the loss curve as SVG and the run's options as a table.
+
+Written as small standalone files because `snakemake --report` embeds what it is given: a model
+directory would drag gigabytes of weights into report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from html import escape
+from pathlib import Path
+
+from vicunaflow import VicunaflowError
+
+log = logging.getLogger(__name__)
+
+TRAINER_LOG = "trainer_log.jsonl"  # one JSON object per logged step: step, loss, learning_rate, ...
+ARGS_FILE = "training_args.json"  # the resolved options of the run
+
+
+def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> None:
+    """Draw the loss curve and tabulate the options of a finished fine-tuning run.
+
+    Arguments:
+        run_dir: a `vicunaflow finetune` output directory (holds trainer_log.jsonl and training_args.json).
+        loss_plot: where to write the loss curve (SVG).
+        options_table: where to write the run's options (TSV: option, value).
+    """
+    run_dir = Path(run_dir)
+    log_path = run_dir / TRAINER_LOG
+    if not log_path.exists():
+        raise VicunaflowError(f"{log_path}: missing; is {run_dir} the output of `vicunaflow finetune`?")
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not points:
+        raise VicunaflowError(f"{log_path}: no loss was logged; set logging_steps to a value below the step count")
+    Path(loss_plot).parent.mkdir(parents=True, exist_ok=True)
+    Path(loss_plot).write_text(loss_svg(points, title=f"training loss: {run_dir.name}"))
+
+    args_path = run_dir / ARGS_FILE
+    options = json.loads(args_path.read_text()) if args_path.exists() else {}
+    rows = ["option\tvalue", *(f"{key}\t{json.dumps(value)}" for key, value in sorted(options.items()))]
+    Path(options_table).write_text("\n".join(rows) + "\n")
+    log.info("loss curve of %d points -> %s; %d options -> %s", len(points), loss_plot, len(options), options_table)
+
+
+def loss_svg(points: list[tuple[float, float]], title: str, width: int = 640, height: int = 360) -> str:
+    """A plain SVG line chart: no plotting library, so the report step stays light."""
+    margin = 50
+    steps, losses = zip(*points, strict=True)
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    y0, y1 = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1
+
+    def x(step: float) -> float:
+        return margin + (step - x0) / (x1 - x0) * (width - 2 * margin)
+
+    def y(loss: float) -> float:
+        return height - margin - (loss - y0) / (y1 - y0) * (height - 2 * margin)
+
+    polyline = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">\n'
+        f'<rect width="100%" height="100%" fill="white"/>\n'
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>\n'
+        f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>\n'
+        f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>\n'
+        f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">step ({x0:g} to {x1:g})</text>\n'
+        f'<text x="{margin - 5}" y="{y(y1):.1f}" text-anchor="end">{y1:.3g}</text>\n'
+        f'<text x="{margin - 5}" y="{y(y0):.1f}" text-anchor="end">{y0:.3g}</text>\n'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{polyline}"/>\n'
+        "</svg>\n"
+    )
