@@ -55,7 +55,13 @@ def tokenize(
 
     from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
 
-    log.info("tokenize: data=%s model_path=%s output_dir=%s model_max_length=%d", data, model_path, output_dir, model_max_length)
+    log.info(
+        "tokenize: data=%s model_path=%s output_dir=%s model_max_length=%d",
+        data,
+        model_path,
+        output_dir,
+        model_max_length,
+    )
     conversations = load_conversations(data)
     tokenizer = load_tokenizer(model_path)
     samples = encode_all(conversations, tokenizer, model_max_length)
@@ -84,7 +90,13 @@ def tokenize(
         save_file(tensors, str(out / TOKENS_FILE))
         (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         write_manifest(out, inputs=[data, *tokenizer_files], kind="tokenized-conversations")
-    log.info("wrote %d samples, %d tokens (%d trained) to %s", meta["n_samples"], meta["n_tokens"], meta["n_trained_tokens"], output_dir)
+    log.info(
+        "wrote %d samples, %d tokens (%d trained) to %s",
+        meta["n_samples"],
+        meta["n_tokens"],
+        meta["n_trained_tokens"],
+        output_dir,
+    )
     return Path(output_dir)
 
 
@@ -114,19 +126,22 @@ def preview(
     tokenizer = load_tokenizer(model_path)
     samples = encode_all(conversations, tokenizer, model_max_length, drop_untrained=False)
     if format == "json":
-        sys.stdout.write(json.dumps([{"id": s.id, "input_ids": s.input_ids, "labels": s.labels} for s in samples]) + "\n")
+        sys.stdout.write(
+            json.dumps([{"id": s.id, "input_ids": s.input_ids, "labels": s.labels} for s in samples]) + "\n"
+        )
         return
     from rich.console import Console
     from rich.text import Text
 
     console = Console(highlight=False, soft_wrap=True)
-    for sample in samples:
+    for conversation, sample in zip(conversations, samples, strict=True):
+        prompt, offsets = render_with_offsets(conversation, tokenizer)
         trained = sum(label != IGNORE_INDEX for label in sample.labels)
         console.rule(f"{sample.id}: {len(sample.input_ids)} tokens, {trained} trained")
         text = Text()
-        for token_id, label in zip(sample.input_ids, sample.labels, strict=True):
-            piece = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            piece = piece if token_id not in tokenizer.all_special_ids else tokenizer.convert_ids_to_tokens(token_id)
+        for token_id, label, (start, end) in zip(sample.input_ids, sample.labels, offsets, strict=False):
+            # The prompt's own characters, token by token; special tokens without text by name.
+            piece = prompt[start:end] if end > start else tokenizer.convert_ids_to_tokens(token_id)
             # Trained tokens: green and underlined, so the spans are visible without colour too.
             text.append(piece, style="bold green underline" if label != IGNORE_INDEX else "dim")
         console.print(text)
@@ -237,7 +252,9 @@ def _read_records(path: Path) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise VicunaflowError(f"{path}:{line_number}: not valid JSON Lines ({err}); give one record per line") from err
+            raise VicunaflowError(
+                f"{path}:{line_number}: not valid JSON Lines ({err}); give one record per line"
+            ) from err
     return records
 
 
@@ -287,6 +304,12 @@ def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Samp
     return Sample(conversation.id, input_ids[:model_max_length], labels[:model_max_length])
 
 
+def render_with_offsets(conversation: Conversation, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt string and each token's (start, end) characters in it (for the readable preview)."""
+    prompt = template.render(conversation.turns)
+    return prompt, list(tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"])
+
+
 def encode_all(
     conversations: Sequence[Conversation], tokenizer, model_max_length: int, drop_untrained: bool = True
 ) -> list[Sample]:
@@ -302,7 +325,12 @@ def encode_all(
     if truncated:
         log.info("%d of %d samples truncated to %d tokens", truncated, len(conversations), model_max_length)
     if dropped:
-        log.warning("dropped %d samples with no reply token within %d tokens: %s", len(dropped), model_max_length, ", ".join(dropped[:10]))
+        log.warning(
+            "dropped %d samples with no reply token within %d tokens: %s",
+            len(dropped),
+            model_max_length,
+            ", ".join(dropped[:10]),
+        )
     return samples
 
 
@@ -324,7 +352,9 @@ def load_tokenized(path: Path) -> tuple[list[Sample], dict]:
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.is_file() or not (path / TOKENS_FILE).is_file():
-        raise VicunaflowError(f"{path}: not a tokenised dataset ({META_FILE} and {TOKENS_FILE} expected); run `vicunaflow data tokenize`")
+        raise VicunaflowError(
+            f"{path}: not a tokenised dataset ({META_FILE} and {TOKENS_FILE} expected); run `vicunaflow data tokenize`"
+        )
     meta = json.loads(meta_path.read_text())
     tensors = load_file(str(path / TOKENS_FILE))
     input_ids, labels, offsets = tensors["input_ids"].tolist(), tensors["labels"].tolist(), tensors["offsets"].tolist()

@@ -56,6 +56,28 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def meta_shapes(params: dict, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every merged Meta tensor, from params.json alone (nothing is allocated)."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    kv_dim = (params.get("n_kv_heads") or n_heads) * (dim // n_heads)
+    hidden = ffn_hidden_dim(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
+    per_layer = {
+        "attention.wq.weight": (dim, dim),
+        "attention.wk.weight": (kv_dim, dim),
+        "attention.wv.weight": (kv_dim, dim),
+        "attention.wo.weight": (dim, dim),
+        "feed_forward.w1.weight": (hidden, dim),
+        "feed_forward.w2.weight": (dim, hidden),
+        "feed_forward.w3.weight": (hidden, dim),
+        "attention_norm.weight": (dim,),
+        "ffn_norm.weight": (dim,),
+    }
+    shapes = {"tok_embeddings.weight": (vocab_size, dim), "norm.weight": (dim,), "output.weight": (vocab_size, dim)}
+    for i in range(params["n_layers"]):
+        shapes |= {f"layers.{i}.{name}": shape for name, shape in per_layer.items()}
+    return shapes
+
+
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k rows from Meta's interleaved rotary pairs to Hugging Face's rotate-half layout.
 

@@ -97,7 +97,9 @@ def load_model(
     if device == "cpu" and load_8bit:
         full_bytes = weight_bytes(model)
         model = quantize_int8_cpu(model)
-        log.info("8-bit (CPU dynamic int8): weights %.1f MiB, were %.1f MiB", weight_bytes(model) / 2**20, full_bytes / 2**20)
+        log.info(
+            "8-bit (CPU dynamic int8): weights %.1f MiB, were %.1f MiB", weight_bytes(model) / 2**20, full_bytes / 2**20
+        )
     else:
         log.info("loaded %s: weights %.1f MiB on %s", model_path, weight_bytes(model) / 2**20, device)
     return model, tokenizer
@@ -124,7 +126,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(packed, "_weight_bias"):
             qweight, bias = packed._weight_bias()
-            total += qweight.numel() * qweight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+            total += qweight.numel() * qweight.element_size() + (
+                bias.numel() * bias.element_size() if bias is not None else 0
+            )
     return total
 
 
@@ -186,33 +190,44 @@ def fit_conversation(
 class IncrementalDecoder:
     """Turn token ids into text deltas whose concatenation equals decoding all ids at once.
 
-    SentencePiece needs context: a byte-fallback character spans several tokens (decoding half of it
-    gives U+FFFD) and a leading "▁" becomes a space only after another piece. So each step decodes a
-    short window twice, with and without the new tokens, and emits the difference once it is complete.
+    SentencePiece needs context: a byte-fallback character spans several tokens (half of it
+    decodes to U+FFFD) and a leading "▁" becomes a space only after another piece. So each step
+    decodes a short window twice, with and without the tokens not yet settled, and emits the new
+    text except a trailing run of U+FFFD, which may still become a character.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.prefix_offset = 0  # window start: decoded text from here on gives stable context
-        self.read_offset = 0  # ids before this are already emitted
+        self.prefix_offset = 0  # window start: a token decoded before, so it gives stable context
+        self.read_offset = 0  # text up to this token is settled and emitted
+        self.emitted = 0  # characters emitted beyond read_offset (before an unfinished character)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix_offset : self.read_offset])
-        after = decode(self.ids[self.prefix_offset :])
-        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return after[len(before) :]
-        return ""
+        new = self._unsettled()
+        settled = not new.endswith("\ufffd")
+        ready = new if settled else new.rstrip("\ufffd")
+        delta = ready[self.emitted :]
+        self.emitted = max(self.emitted, len(ready))
+        if settled:
+            self.prefix_offset, self.read_offset, self.emitted = self.read_offset, len(self.ids), 0
+        return delta
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character at the end)."""
+        new = self._unsettled()
+        delta = new[self.emitted :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.emitted = 0
+        return delta
+
+    def _unsettled(self) -> str:
+        # Sliced by length, not by prefix: tokenizers' ByteFallback may rewrite an emitted ASCII byte
+        # token as U+FFFD when an invalid byte follows it (only models emitting raw ASCII bytes do).
         before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         after = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return after[len(before) :] if after.startswith(before) else ""
+        return after[len(before) :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,7 +328,7 @@ class SlotCache:
         return keys[:rows, :, :kv_length], values[:rows, :, :kv_length]
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        for keys, values in zip(self.keys, self.values):
+        for keys, values in zip(self.keys, self.values, strict=True):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
 
@@ -356,7 +371,7 @@ class Engine:
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0}
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.batch_sizes: Counter[int] = Counter()
         log.info(
             "engine: %d slots x %d tokens, KV cache %.1f MiB", max_batch_size, self.context, self.cache.nbytes() / 2**20
@@ -421,7 +436,7 @@ class Engine:
         with self.lock:
             return {
                 **self.stats,
-                "active": len(self.rows),
+                "active": sum(not r.done for r in self.rows),
                 "waiting": len(self.waiting),
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "max_batch_size": self.max_batch_size,
@@ -481,7 +496,9 @@ class Engine:
         prompt_lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=self.device)
         positions = torch.arange(length, device=self.device)
         # mask[b, 0, q, k]: causal, and keys of a shorter prompt stop at its end (padding is never attended)
-        mask = (positions[None, :] <= positions[:, None])[None] & (positions[None, None, :] < prompt_lengths[:, None, None])
+        mask = (positions[None, :] <= positions[:, None])[None] & (
+            positions[None, None, :] < prompt_lengths[:, None, None]
+        )
         self.cache.for_prefill(first_row, n, length)
         hidden = self.model.model(
             input_ids=input_ids.to(self.device),
@@ -494,7 +511,7 @@ class Engine:
         logits = self.model.lm_head(last).float()  # [n, vocab]
         tokens = self._sample(logits, requests)
         self.stats["prefills"] += 1
-        for request, token in zip(requests, tokens):
+        for request, token in zip(requests, tokens, strict=True):
             self.rows.append(request)
             self.lengths.append(len(request.prompt_ids))
             self.last_tokens.append(token)
@@ -511,19 +528,23 @@ class Engine:
         mask = (torch.arange(kv_length)[None, :] <= lengths[:, None])[:, None, None].to(self.device)
         self.cache.for_decode(n, positions, kv_length)
         input_ids = torch.tensor(self.last_tokens, device=self.device)[:, None]  # [n, 1]
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=lengths.to(self.device)[:, None],
-            cache=self.cache,
-            use_cache=True,
-        ).logits[:, -1].float()  # [n, vocab]
+        logits = (
+            self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=lengths.to(self.device)[:, None],
+                cache=self.cache,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )  # [n, vocab]
         tokens = self._sample(logits, self.rows)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.batch_sizes[n] += 1
-        for i, (request, token) in enumerate(zip(self.rows, tokens)):
+        for i, (request, token) in enumerate(zip(self.rows, tokens, strict=True)):
             self.lengths[i] += 1
             self.last_tokens[i] = token
             if not request.done:
@@ -578,6 +599,8 @@ class Engine:
         if request.done:
             return
         request.done = True
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
         request.text += text
         with contextlib.suppress(Exception):
             request.sink(
@@ -603,7 +626,11 @@ class Engine:
             last = len(self.rows) - 1
             if i != last:
                 self.cache.move_row(last, i, self.lengths[last])
-                self.rows[i], self.lengths[i], self.last_tokens[i] = self.rows[last], self.lengths[last], self.last_tokens[last]
+                self.rows[i], self.lengths[i], self.last_tokens[i] = (
+                    self.rows[last],
+                    self.lengths[last],
+                    self.last_tokens[last],
+                )
             self.rows.pop()
             self.lengths.pop()
             self.last_tokens.pop()

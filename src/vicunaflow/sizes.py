@@ -56,3 +56,73 @@ def get_size(name: str) -> Size:
     if key not in SIZES:
         raise ValueError(f"unknown model size {name!r}; known: {', '.join(SIZES)}")
     return SIZES[key]
+
+
+# ---- scheduler resources -------------------------------------------------------------------------
+# What one job of each workflow step asks a scheduler for, per model size. The workflow reads this
+# table (workflow/rules/common.smk, get_resources), config `resources:` overrides any field, and the
+# SLURM profile turns it into sbatch flags. Names follow snakemake-executor-plugin-slurm.
+
+
+@dataclass(frozen=True)
+class Resources:
+    runtime: int  # minutes of wall time
+    mem_mb: int  # host memory per node
+    cpus_per_task: int  # one task per node: the CPUs of that node's launcher and its workers
+    gpu: int = 0  # GPUs per node
+    nodes: int = 1
+
+
+# Merge and convert stream tensor by tensor: the peak is about one layer of every input shard plus
+# the output shard being written (a few GB at 13B); the numbers leave room for page cache and the
+# largest tensors (embeddings, 32000 x dim in float32 for apply-delta).
+# Fine-tuning is full-parameter FSDP: ~16 bytes per parameter (bf16 weights and grads, float32
+# master weights and two Adam moments) spread over the GPUs, plus activations with checkpointing.
+# The seed trains 7B on 4 x A100-40G or 2 x A100-80G (4 fits both: the default) and 13B on
+# 8 x A100-80G; 33B (~520 GB of state) and 65B (~1 TB) need 2 and 4 nodes of 8 x 80 GB.
+# chat_smoke loads the model in half precision (2 bytes per parameter) on as few GPUs as hold it.
+RESOURCES: dict[str, dict[str, Resources]] = {
+    "download": {  # local rules (compute nodes often have no internet): sized for the login node
+        "7b": Resources(runtime=240, mem_mb=4000, cpus_per_task=2),
+        "13b": Resources(runtime=480, mem_mb=4000, cpus_per_task=2),
+        "33b": Resources(runtime=960, mem_mb=4000, cpus_per_task=2),
+        "65b": Resources(runtime=1440, mem_mb=4000, cpus_per_task=2),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
+    "convert": {
+        "7b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "13b": Resources(runtime=90, mem_mb=12000, cpus_per_task=4),
+        "33b": Resources(runtime=180, mem_mb=20000, cpus_per_task=4),
+        "65b": Resources(runtime=300, mem_mb=28000, cpus_per_task=4),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
+    "apply_delta": {
+        "7b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "13b": Resources(runtime=90, mem_mb=12000, cpus_per_task=4),
+        "33b": Resources(runtime=180, mem_mb=20000, cpus_per_task=4),
+        "65b": Resources(runtime=300, mem_mb=28000, cpus_per_task=4),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
+    "tokenize_data": {  # the tokenizer is the same for every size; longer data, not bigger models, cost more
+        "7b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "13b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "33b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "65b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
+    "finetune": {
+        "7b": Resources(runtime=1440, mem_mb=160000, cpus_per_task=32, gpu=4),
+        "13b": Resources(runtime=2880, mem_mb=320000, cpus_per_task=64, gpu=8),
+        "33b": Resources(runtime=2880, mem_mb=480000, cpus_per_task=64, gpu=8, nodes=2),
+        "65b": Resources(runtime=2880, mem_mb=480000, cpus_per_task=64, gpu=8, nodes=4),
+        # CPU by default (the demo runs anywhere); the SLURM test asks for 2 fake GPUs in its config.
+        "tiny": Resources(runtime=20, mem_mb=4000, cpus_per_task=2),
+    },
+    "chat_smoke": {
+        "7b": Resources(runtime=30, mem_mb=32000, cpus_per_task=4, gpu=1),
+        "13b": Resources(runtime=30, mem_mb=48000, cpus_per_task=4, gpu=1),
+        "33b": Resources(runtime=60, mem_mb=96000, cpus_per_task=8, gpu=2),
+        "65b": Resources(runtime=60, mem_mb=160000, cpus_per_task=8, gpu=4),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
+}

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from vicunaflow import template
-from vicunaflow.formats import ffn_hidden_dim, meta_names, unpermute_rotary
+from vicunaflow.formats import meta_names, meta_shapes, unpermute_rotary
 from vicunaflow.outputs import atomic_output_dir, write_manifest
 from vicunaflow.sizes import get_size
 
@@ -114,7 +114,13 @@ def synth_delta(
         (out / "pytorch_model.bin.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
-        for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        for name in (
+            "config.json",
+            "generation_config.json",
+            "tokenizer.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ):
             if (base / name).exists():
                 (out / name).write_bytes((base / name).read_bytes())
         write_manifest(out, inputs=[base / "model.safetensors.index.json"], kind="synthetic-delta", seed=seed)
@@ -127,29 +133,11 @@ def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, 
     Tensors are generated one at a time (full size, then sliced), so real 7B/13B shapes fit in
     memory: at most one full tensor plus the shards being written.
     """
-    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_heads, n_layers = params["n_heads"], params["n_layers"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
-    head_dim = dim // n_heads
-    hidden = ffn_hidden_dim(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
     if n_heads % shards or n_kv_heads % shards:
         raise ValueError(f"{shards} shards do not divide {n_heads} heads / {n_kv_heads} kv heads")
-    shapes = {
-        "tok_embeddings.weight": (vocab_size, dim),
-        "norm.weight": (dim,),
-        "output.weight": (vocab_size, dim),
-    }
-    for i in range(n_layers):
-        shapes |= {
-            f"layers.{i}.attention.wq.weight": (dim, dim),
-            f"layers.{i}.attention.wk.weight": (n_kv_heads * head_dim, dim),
-            f"layers.{i}.attention.wv.weight": (n_kv_heads * head_dim, dim),
-            f"layers.{i}.attention.wo.weight": (dim, dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
-            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        }
+    shapes = meta_shapes(params, vocab_size)
     generator = torch.Generator().manual_seed(seed)
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for name, (_, merge_dim) in meta_names(n_layers).items():
@@ -164,9 +152,7 @@ def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, 
             heads = n_heads if name.endswith("wq.weight") else n_kv_heads
             full = unpermute_rotary(full, heads)
         for rank in range(shards):
-            states[rank][name] = (
-                full.clone() if merge_dim is None else full.chunk(shards, dim=merge_dim)[rank].clone()
-            )
+            states[rank][name] = full.clone() if merge_dim is None else full.chunk(shards, dim=merge_dim)[rank].clone()
         del full
     for rank, state in enumerate(states):
         torch.save(state, out / f"consolidated.{rank:02d}.pth")

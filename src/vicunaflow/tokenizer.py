@@ -41,7 +41,14 @@ def write_tokenizer(tokenizer_model: Path, output_dir: Path, model_max_length: i
 def write_tokenizer_config(output_dir: Path, model_max_length: int = 2048) -> None:
     """tokenizer_config.json (bos added, eos not, Vicuna chat_template) and special_tokens_map.json."""
     added = {
-        str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, token in enumerate(("<unk>", "<s>", "</s>"))
     }
     config = {
@@ -76,7 +83,9 @@ def build_tokenizer(tokenizer_model: Path):
         proto = _load_proto(tokenizer_model)
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     except Exception as err:
-        raise VicunaflowError(f"{tokenizer_model}: not a SentencePiece model ({err}); use LLaMA's tokenizer.model") from err
+        raise VicunaflowError(
+            f"{tokenizer_model}: not a SentencePiece model ({err}); use LLaMA's tokenizer.model"
+        ) from err
     if proto.trainer_spec.model_type != 2:  # 2 = BPE in sentencepiece_model.proto
         raise VicunaflowError(f"{tokenizer_model}: a SentencePiece BPE model is expected (LLaMA's kind)")
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]

@@ -158,3 +158,115 @@ def get_chat_model(wildcards):
     if wildcards.model in config["finetune"]["runs"]:
         return f"fine_tuning_output/{wildcards.model}"
     return wildcards.model
+
+
+# ---- resources -------------------------------------------------------------------------------
+# Each rule takes `resources: **get_resources("<step>", ...)`: the table in vicunaflow.sizes
+# (RESOURCES) for the job's model size, overridden field by field by config `resources:`, plus the
+# `cluster:` block (partition, account, qos, GPU model), so those are set once in config and never
+# in rules or profiles. Names are those of snakemake-executor-plugin-slurm; the local executor
+# counts `gpu` against the profile's `resources: gpu=N`. A function that returns None drops its
+# resource, so an unset partition or qos never reaches sbatch.
+
+import dataclasses
+import re
+
+from vicunaflow.sizes import RESOURCES
+
+SIZE_IN_NAME = re.compile(r"(?:^|-)(" + "|".join(SIZES) + r")(?:-|$)")
+
+
+def size_of_model(name):
+    """The size of a model named in a target: vicuna-13b-all-v1.1, llama-7b-hf or a fine-tuning run."""
+    run = config["finetune"]["runs"].get(name)
+    match = SIZE_IN_NAME.search(run["model"] if run else name)
+    if match is None:
+        raise ValueError(
+            f"{name}: cannot tell the model size from this name; name models like llama-7b-hf"
+        )
+    return match.group(1)
+
+
+def job_resources(step, size):
+    """RESOURCES[step][size] with config `resources: {step: {size: {field: value}}}` applied."""
+    override = config["resources"].get(step, {}).get(size, {})
+    return dataclasses.replace(RESOURCES[step][size], **override)
+
+
+def size_of_wildcard(wildcards, name):
+    """The model size a job works on, from its wildcard `name`: size, raw (7B), model or run."""
+    value = wildcards[name]
+    if name == "size":
+        return value
+    if name == "raw":
+        return size_of_raw(value)
+    return size_of_model(value)
+
+
+def scheduler_resources(res):
+    """One job's resources (a vicunaflow.sizes.Resources) as SLURM executor resources, with the
+    `cluster:` block of config. None marks a resource the job does not ask for."""
+    cluster = config["cluster"]
+    gpu, multi_node = res.gpu > 0, res.nodes > 1
+    gpu_type = f"{cluster['gpu_model']}:" if cluster["gpu_model"] else ""
+    extra = ["--ntasks-per-node=1"] if multi_node else []
+    return {
+        "runtime": res.runtime,
+        "mem_mb": res.mem_mb,  # per node
+        "cpus_per_task": res.cpus_per_task,
+        "nodes": res.nodes,
+        # One node: `gpu` (sbatch --gpus, and what the local profile counts). Several nodes:
+        # --gres, counted per node, where --gpus would be a total SLURM may spread unevenly.
+        "gpu": res.gpu if gpu and not multi_node else None,
+        "gpu_model": cluster["gpu_model"] if gpu and not multi_node else None,
+        "gres": f"gpu:{gpu_type}{res.gpu}" if gpu and multi_node else None,
+        # Several nodes: an MPI-style job, whose shell runs once, on the first node, without an
+        # srun around it; the rule starts one launcher per node (get_launcher). tasks_per_gpu=0
+        # keeps the plugin from turning `tasks` into --ntasks-per-gpu.
+        "mpi": "srun" if multi_node else None,
+        "tasks": res.nodes if multi_node else None,
+        "tasks_per_gpu": 0 if multi_node else None,
+        "slurm_extra": " ".join(extra + [cluster["slurm_extra"] or ""]).strip() or None,
+        "slurm_partition": (cluster["gpu_partition"] if gpu else None)
+        or cluster["partition"],
+        "slurm_account": cluster["account"],
+        "qos": cluster["qos"],
+    }
+
+
+SCHEDULER_RESOURCES = tuple(scheduler_resources(RESOURCES["convert"]["tiny"]))
+
+
+def get_resources(step, wildcard="size", size=None):
+    """A rule's resources, for the size in `wildcard` (see size_of_wildcard) or a fixed `size`."""
+
+    def resource(name):
+        return lambda wildcards: scheduler_resources(
+            job_resources(step, size or size_of_wildcard(wildcards, wildcard))
+        )[name]
+
+    return {name: resource(name) for name in SCHEDULER_RESOURCES}
+
+
+def get_launcher(wildcards, resources):
+    """Command prefix that starts one launcher per node of a multi-node job; empty on one node.
+
+    The SLURM job step hides the allocation's SLURM_* variables from the rule's shell, so the
+    rule, not `vicunaflow finetune`, starts the per-node tasks. Each task sees its step's
+    SLURM_NNODES, SLURM_NODEID and node list and runs torchrun with a rendezvous on the first
+    node (vicunaflow.launch; VICUNAFLOW_NODE_TASK tells it not to start tasks again)."""
+    if resources.get("nodes", 1) <= 1:
+        return ""
+    return (
+        f"VICUNAFLOW_NODE_TASK=1 srun --nodes={resources.nodes} --ntasks-per-node=1"
+        f" --cpus-per-task={resources.cpus_per_task} --kill-on-bad-exit=1"
+    )
+
+
+def get_processes_per_node(wildcards, resources):
+    """One training process per GPU of a node, as granted (the local profile may cap `gpu`);
+    one process on a machine without GPUs."""
+    gpus = resources.get("gpu") or 0
+    if not gpus and resources.get("gres"):
+        gpus = int(resources.gres.rsplit(":", 1)[1])
+    return max(1, gpus)

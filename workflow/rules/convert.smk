@@ -15,6 +15,8 @@ rule convert_llama_to_hf:
         size=sizes_from(llama_source, *RAW_SOURCES),
     conda:
         "../../envs/convert.yaml"
+    resources:
+        **get_resources("convert"),
     params:
         tokenizer=lambda wildcards, input: (
             f"--tokenizer {input.tokenizer}" if input.tokenizer else ""

@@ -13,6 +13,8 @@ rule apply_delta:
         "benchmarks/apply_delta/{size}.tsv"
     conda:
         "../../envs/convert.yaml"
+    resources:
+        **get_resources("apply_delta"),
     params:
         max_shard_size=lookup(dpath="convert/max_shard_size", within=config),
     shell:

@@ -12,6 +12,8 @@ rule llama_tokenizer:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download", size="tiny"),
     params:
         source=get_download_args(config["llama"]["source"]),
     shell:
@@ -30,6 +32,8 @@ rule llama_raw_download:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download", wildcard="raw"),
     params:
         source=lambda wildcards: get_download_args(
             llama_source(size_of_raw(wildcards.raw))
@@ -49,6 +53,8 @@ rule llama_raw_local:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download", wildcard="raw"),
     params:
         path=lambda wildcards: get_local_path("llama", size_of_raw(wildcards.raw)),
     shell:
@@ -66,6 +72,8 @@ rule llama_raw_synthetic:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download", wildcard="raw"),
     shell:
         "vicunaflow synth llama --model-size {wildcards.raw} --folder pyllama_data > {log} 2>&1"
 
@@ -82,6 +90,8 @@ rule llama_hf_download:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download"),
     params:
         repo=lambda wildcards: get_repo("llama", "hf", wildcards.size),
         revision=lambda wildcards: get_revision_arg("llama", wildcards.size),
@@ -99,6 +109,8 @@ rule llama_hf_local:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download"),
     params:
         path=lambda wildcards: get_local_path("llama", wildcards.size),
     shell:
@@ -117,6 +129,8 @@ rule vicuna_delta_download:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download"),
     params:
         repo=lambda wildcards: get_repo("vicuna", "delta", wildcards.size),
         revision=lambda wildcards: get_revision_arg("vicuna", wildcards.size),
@@ -134,6 +148,8 @@ rule vicuna_delta_local:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download"),
     params:
         path=lambda wildcards: get_local_path("vicuna", wildcards.size),
     shell:
@@ -152,5 +168,7 @@ rule vicuna_delta_synthetic:
     localrule: True
     conda:
         "../../envs/download.yaml"
+    resources:
+        **get_resources("download"),
     shell:
         "vicunaflow synth delta --base {input.base} --output-dir {output} > {log} 2>&1"

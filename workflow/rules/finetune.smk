@@ -14,6 +14,8 @@ rule tokenize_data:
         length="[0-9]+",
     conda:
         "../../envs/finetune.yaml"
+    resources:
+        **get_resources("tokenize_data", wildcard="model"),
     shell:
         "vicunaflow data tokenize --data {input.data} --model-path {input.model} --output-dir {output}"
         " --model-max-length {wildcards.length} > {log} 2>&1"
@@ -31,8 +33,12 @@ rule finetune:
         "benchmarks/finetune/{run}.tsv"
     conda:
         "../../envs/finetune.yaml"
+    resources:
+        **get_resources("finetune", wildcard="run"),
     params:
         options=get_finetune_args,
+        launcher=get_launcher,
+        nproc_per_node=get_processes_per_node,
     shell:
-        "vicunaflow finetune --model-path {input.model} --data {input.data} --output-dir {output}"
-        " {params.options} > {log} 2>&1"
+        "{params.launcher} vicunaflow finetune --model-path {input.model} --data {input.data} --output-dir {output}"
+        " --nproc-per-node {params.nproc_per_node} {params.options} > {log} 2>&1"

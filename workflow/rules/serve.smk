@@ -15,6 +15,8 @@ rule chat_smoke:
         "logs/chat_smoke/{model}.log",
     conda:
         "../../envs/serve.yaml"
+    resources:
+        **get_resources("chat_smoke", wildcard="model"),
     params:
         max_new_tokens=config["chat"]["max_new_tokens"],
     shell:

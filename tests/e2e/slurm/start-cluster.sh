@@ -99,6 +99,8 @@ AccountingStoragePort=$((PORT + 2))
 # slurmctld reaches slurmdbd through munge; for that connection it reads the socket from here.
 AccountingStoragePass=${MUNGE_SOCKET}
 AccountingStorageTRES=gres/gpu
+# Keep sbatch --comment (the Snakemake executor writes the rule and wildcards there) for sacct.
+AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
 NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEMORY_MB} Gres=gpu:fake:${GPUS} State=UNKNOWN
@@ -169,7 +171,8 @@ if ! running "$DIR/run/mariadbd.pid"; then
 fi
 until_ok 60 mariadb-admin --no-defaults --user=root --socket="$DIR/db/mariadb.sock" ping
 say "mariadbd $(cat "$DIR/run/mariadbd.pid")"
-running "$DIR/run/slurmdbd.pid" || slurmdbd -f "$DIR/etc/slurmdbd.conf"
+# slurmdbd reads slurmdbd.conf from the directory of $SLURM_CONF.
+running "$DIR/run/slurmdbd.pid" || slurmdbd
 until_ok 30 sacctmgr --noheader list cluster
 say "slurmdbd $(cat "$DIR/run/slurmdbd.pid")"
 

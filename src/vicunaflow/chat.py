@@ -1,0 +1,351 @@
+"""`vicunaflow chat`: talk to a Vicuna in the terminal, or answer a fixed prompt list into JSON.
+
+Replaces FastChat's `python -m fastchat.serve.cli` (which no longer runs on transformers 5), with
+its flags. Replies stream token by token through the same engine the server uses
+(vicunaflow.generate), in the Vicuna v1.1 format of vicunaflow.template. Questions come from a
+terminal or, one per line, from piped stdin; a conversation longer than the context drops its
+oldest exchanges instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Literal
+
+from vicunaflow import VicunaflowError, template
+from vicunaflow.generate import Engine, SamplingParams, encode_prompt, fit_conversation, load_model, timed
+from vicunaflow.outputs import atomic_write_bytes, tool_versions
+
+log = logging.getLogger(__name__)
+
+COMMANDS_HELP = (
+    "commands: !!exit, !!reset (new conversation), !!remove (drop the last exchange), "
+    "!!regen (answer the last question again), !!save FILE, !!load FILE"
+)
+
+
+def chat(
+    *,
+    model_path: Path,
+    device: Literal["cpu", "cuda"] = "cpu",
+    num_gpus: int = 1,
+    max_gpu_memory: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    style: Literal["simple", "rich"] = "simple",
+    multiline: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    max_new_tokens: int = 512,
+    max_context: int | None = None,
+    seed: int | None = None,
+    prompts: Path | None = None,
+    output: Path | None = None,
+) -> None:
+    """Chat with a model in the terminal (streamed, multi-turn), or answer --prompts into --output JSON.
+
+    Commands typed as a message: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE.
+    With piped stdin every line is a question.
+
+    Arguments:
+        model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
+        device: cpu or cuda.
+        num_gpus: spread the layers over this many GPUs (device_map auto).
+        max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
+        load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.
+        load_4bit: 4-bit NF4 weights through bitsandbytes (CUDA only).
+        style: simple (plain streamed text) or rich (Markdown rendered as it streams).
+        multiline: a message ends with an empty line instead of at the end of the line.
+        temperature: sampling temperature; 0 is greedy.
+        top_p: nucleus sampling mass.
+        max_new_tokens: longest reply, in tokens.
+        max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
+        seed: sampling seed, for reproducible sampled replies.
+        prompts: a file of prompts, one per line: each is answered greedily in a fresh conversation.
+        output: with --prompts: the JSON file to write the transcripts to (results/chat/<model>.json).
+    """
+    log.info(
+        "chat: model_path=%s device=%s num_gpus=%d load_8bit=%s load_4bit=%s temperature=%s top_p=%s "
+        "max_new_tokens=%d prompts=%s output=%s",
+        model_path, device, num_gpus, load_8bit, load_4bit, temperature, top_p, max_new_tokens, prompts, output,
+    )  # fmt: skip
+    if (prompts is None) != (output is None):
+        raise VicunaflowError("--prompts and --output go together: answer a prompt file into a JSON file")
+    if prompts is not None and not Path(prompts).is_file():
+        raise VicunaflowError(f"{prompts}: no such prompt file")
+    if not 0.0 < top_p <= 1.0:
+        raise VicunaflowError(f"--top-p {top_p}: must be in (0, 1]")
+    if temperature < 0:
+        raise VicunaflowError(f"--temperature {temperature}: must be >= 0")
+    model, tokenizer = load_model(
+        model_path,
+        device=device,
+        num_gpus=num_gpus,
+        max_gpu_memory=max_gpu_memory,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+    )
+    with Engine(model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed) as engine:
+        if prompts is not None:
+            if temperature != 0:
+                log.info("--prompts answers greedily: temperature %s -> 0", temperature)
+            params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+            answer_prompts(engine, Path(model_path), Path(prompts), Path(output), params)
+        else:
+            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+            terminal = RichIO() if style == "rich" else SimpleIO()
+            Conversation(engine, terminal, params, multiline=multiline).run()
+
+
+def answer_prompts(engine: Engine, model_path: Path, prompts: Path, output: Path, params: SamplingParams) -> dict:
+    """Answer each prompt in a fresh conversation; write the transcripts as JSON, atomically."""
+    questions = [line.strip() for line in prompts.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not questions:
+        raise VicunaflowError(f"{prompts}: no prompts (one per line; # starts a comment)")
+    transcripts = []
+    for question in questions:
+        turns = [(template.USER, question), (template.ASSISTANT, None)]
+        ids = encode_prompt(engine.tokenizer, template.render(turns))
+        reply, last, seconds = timed(engine.generate(ids, _capped(engine, params, len(ids))))
+        if last.finish_reason == "error":
+            raise VicunaflowError(f"{prompts}: generation failed for {question!r}: {last.error}")
+        print(f"{template.USER}: {question}\n{template.ASSISTANT}: {reply}\n", flush=True)
+        transcripts.append(
+            {
+                "prompt": question,
+                "reply": reply,
+                "finish_reason": last.finish_reason,
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+                "seconds": round(seconds, 3),
+            }
+        )
+    result = {
+        "model": model_path.name,
+        "model_path": str(model_path),
+        "template": "vicuna_v1.1",
+        "system": template.SYSTEM_PROMPT,
+        "generation": {"temperature": params.temperature, "max_new_tokens": params.max_new_tokens},
+        "versions": tool_versions(),
+        "transcripts": transcripts,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode())
+    log.info("wrote %d transcripts to %s", len(transcripts), output)
+    return result
+
+
+def _capped(engine: Engine, params: SamplingParams, prompt_length: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, max_new_tokens=engine.max_new_tokens(prompt_length, params.max_new_tokens))
+
+
+class Conversation:
+    """The interactive loop: read a message or command, stream the reply, keep the history."""
+
+    def __init__(self, engine: Engine, terminal: SimpleIO, params: SamplingParams, multiline: bool = False):
+        self.engine, self.terminal, self.params, self.multiline = engine, terminal, params, multiline
+        self.exchanges: list[tuple[str, str]] = []  # (question, reply), oldest first
+
+    def run(self) -> None:
+        self.terminal.note(COMMANDS_HELP)
+        while True:
+            message = self.terminal.read(f"{template.USER}: ", self.multiline)
+            if message is None or message.strip() == "!!exit":
+                break
+            message = message.strip()
+            if not message:
+                continue
+            if message.startswith("!!"):
+                self.command(message)
+            else:
+                self.answer(message)
+
+    def command(self, message: str) -> None:
+        name, _, argument = message.partition(" ")
+        argument = argument.strip()
+        if name == "!!reset":
+            self.exchanges = []
+            self.terminal.note("[new conversation]")
+        elif name == "!!remove":
+            if self.exchanges:
+                question, _ = self.exchanges.pop()
+                self.terminal.note(f"[removed: {question}]")
+            else:
+                self.terminal.note("[nothing to remove]")
+        elif name == "!!regen":
+            if self.exchanges:
+                question, _ = self.exchanges.pop()
+                self.terminal.note(f"[regenerating the answer to: {question}]")
+                self.answer(question)
+            else:
+                self.terminal.note("[nothing to regenerate]")
+        elif name in ("!!save", "!!load") and not argument:
+            self.terminal.note(f"[usage: {name} FILE]")
+        elif name == "!!save":
+            messages = [
+                {"role": role, "content": text}
+                for q, a in self.exchanges
+                for role, text in (("user", q), ("assistant", a))
+            ]
+            record = {"template": "vicuna_v1.1", "system": template.SYSTEM_PROMPT, "messages": messages}
+            try:
+                Path(argument).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+                self.terminal.note(f"[saved {len(self.exchanges)} exchanges to {argument}]")
+            except OSError as err:
+                self.terminal.note(f"[cannot save to {argument}: {err.strerror}]")
+        elif name == "!!load":
+            try:
+                self.exchanges = load_conversation(Path(argument))
+            except (OSError, ValueError, VicunaflowError) as err:
+                self.terminal.note(f"[cannot load {argument}: {err}]")
+                return
+            for question, reply in self.exchanges:
+                self.terminal.note(f"{template.USER}: {question}\n{template.ASSISTANT}: {reply}")
+            self.terminal.note(f"[loaded {len(self.exchanges)} exchanges from {argument}]")
+        else:
+            self.terminal.note(f"[unknown command {name}; {COMMANDS_HELP}]")
+
+    def answer(self, question: str) -> None:
+        turns = [t for q, a in self.exchanges for t in ((template.USER, q), (template.ASSISTANT, a))]
+        turns += [(template.USER, question), (template.ASSISTANT, None)]
+        context = self.engine.context
+        budget = context - min(self.params.max_new_tokens, context // 2)
+        try:
+            kept, ids = fit_conversation(self.engine.tokenizer, turns, budget)
+        except VicunaflowError as err:
+            self.terminal.note(f"[{err}; not sent]")
+            return
+        dropped = (len(turns) - len(kept)) // 2
+        if dropped:
+            self.terminal.note(
+                f"[the oldest {dropped} exchange(s) no longer fit the {context}-token context: left out]"
+            )
+        params = _capped(self.engine, self.params, len(ids))
+        reply = ""
+        events = self.engine.generate(ids, params)
+        self.terminal.start_reply(f"{template.ASSISTANT}: ")
+        try:
+            for event in events:
+                reply += event.text
+                self.terminal.stream(event.text)
+                if event.finish_reason == "error":
+                    self.terminal.note(f"[generation failed: {event.error}]")
+        except KeyboardInterrupt:
+            events.close()  # cancels the request
+            self.terminal.end_reply()
+            self.terminal.note("[interrupted]")
+        else:
+            self.terminal.end_reply()
+        self.exchanges.append((question, reply.strip()))
+
+
+def load_conversation(path: Path) -> list[tuple[str, str]]:
+    """Read a conversation saved by !!save (or a FastChat conversation dict with [role, text] pairs)."""
+    record = json.loads(path.read_text())
+    messages = record.get("messages", []) if isinstance(record, dict) else []
+    pairs = []
+    for message in messages:
+        if isinstance(message, dict):
+            role, text = message.get("role"), message.get("content")
+        else:
+            role, text = message
+        pairs.append((template.ROLE_OF.get(str(role).lower(), str(role).upper()), text or ""))
+    exchanges = []
+    for i in range(0, len(pairs) - 1, 2):
+        (role_q, question), (role_a, reply) = pairs[i], pairs[i + 1]
+        if role_q != template.USER or role_a != template.ASSISTANT:
+            raise VicunaflowError(f"{path}: messages must alternate user, assistant")
+        exchanges.append((question, reply))
+    return exchanges
+
+
+class SimpleIO:
+    """Plain text: replies are written to stdout as they stream. Piped stdin is read line by line."""
+
+    def __init__(self):
+        self.interactive = sys.stdin.isatty()
+        if self.interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+
+    def read(self, prompt: str, multiline: bool) -> str | None:
+        lines: list[str] = []
+        while True:
+            try:
+                if self.interactive:
+                    line = input(prompt if not lines else "... ")
+                else:
+                    line = sys.stdin.readline()
+                    if not line:
+                        raise EOFError
+                    line = line.rstrip("\n")
+            except EOFError:
+                return "\n".join(lines) if lines else None
+            if not multiline:
+                if not self.interactive:
+                    print(f"{prompt}{line}", flush=True)
+                return line
+            if not line.strip():
+                if lines:
+                    break
+                continue
+            lines.append(line)
+        message = "\n".join(lines)
+        if not self.interactive:
+            print(f"{prompt}{message}", flush=True)
+        return message
+
+    def start_reply(self, prefix: str) -> None:
+        sys.stdout.write(prefix)
+        sys.stdout.flush()
+
+    def stream(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def end_reply(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        print(text, flush=True)
+
+
+class RichIO(SimpleIO):
+    """Replies rendered as Markdown while they stream (rich.live)."""
+
+    def __init__(self):
+        super().__init__()
+        from rich.console import Console
+
+        self.console = Console()
+        self.live = None
+        self.text = ""
+
+    def start_reply(self, prefix: str) -> None:
+        from rich.live import Live
+
+        self.console.print(f"[bold]{prefix.strip()}[/bold]")
+        self.text = ""
+        self.live = Live(console=self.console, refresh_per_second=8, vertical_overflow="visible")
+        self.live.start()
+
+    def stream(self, text: str) -> None:
+        from rich.markdown import Markdown
+
+        self.text += text
+        self.live.update(Markdown(self.text))
+
+    def end_reply(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)

@@ -1,0 +1,246 @@
+"""`vicunaflow convert`: Meta's raw LLaMA checkpoint -> a Hugging Face LlamaForCausalLM directory.
+
+Bit-exact and streaming: each output tensor is the concatenation of its model-parallel slices
+(formats.LAYER_NAMES gives the dim), q/k rows permuted from interleaved to rotate-half rotary,
+in the checkpoint's own dtype unless `--dtype` asks otherwise. Shards are memory-mapped and
+read one tensor at a time; output goes straight to safetensors shards (checkpoint.py), so memory
+stays near one layer whatever the model size. transformers' old converter loaded every shard,
+then re-loaded the model to save it, and silently wrote bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from vicunaflow import VicunaflowError
+from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.formats import GLOBAL_NAMES, IGNORED_META_KEYS, LAYER_NAMES, hf_config, meta_shapes, permute_rotary
+from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.tokenizer import write_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def convert(
+    *,
+    input_dir: Path,
+    output_dir: Path,
+    tokenizer: Path | None = None,
+    dtype: Literal["keep", "float16", "bfloat16", "float32"] = "keep",
+    max_shard_size: str = "5GB",
+    max_position_embeddings: int = 2048,
+) -> Path:
+    """Convert a raw LLaMA checkpoint (params.json + consolidated.NN.pth) to Hugging Face format.
+
+    Arguments:
+        input_dir: the raw checkpoint folder, e.g. pyllama_data/13B (1, 2, 4 or 8 shards; read from the files).
+        output_dir: the Hugging Face directory to write, e.g. llama-13b-hf.
+        tokenizer: LLaMA's tokenizer.model; default: found in input_dir or its parent (pyllama's layout).
+        dtype: keep the checkpoint's dtype bit for bit (default), or convert on purpose.
+        max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+        max_position_embeddings: context length for config.json (2048 for LLaMA-1, 4096 for Llama 2).
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    log.info(
+        "convert: input_dir=%s output_dir=%s tokenizer=%s dtype=%s max_shard_size=%s max_position_embeddings=%d",
+        input_dir, output_dir, tokenizer, dtype, max_shard_size, max_position_embeddings,
+    )  # fmt: skip
+    params = read_params(input_dir)
+    tokenizer_path = find_tokenizer(input_dir, tokenizer)
+    shards = open_shards(input_dir, params)
+    merged = merged_infos(shards, params)
+    vocab_size = _check_vocab(merged, tokenizer_path, params)
+    source_dtype = merged["tok_embeddings.weight"].dtype
+    out_dtype = None if dtype == "keep" else DTYPES[dtype]
+    plan = [(hf, TensorInfo(merged[meta].shape, out_dtype or merged[meta].dtype)) for meta, hf in output_order(params)]
+    log.info(
+        "%d shards, %d layers, dim %d, %d heads (%d kv), vocab %d, %s -> %s",
+        len(shards), params["n_layers"], params["dim"], params["n_heads"], params.get("n_kv_heads") or params["n_heads"],
+        vocab_size, source_dtype, out_dtype or source_dtype,
+    )  # fmt: skip
+
+    with atomic_output_dir(output_dir) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+        layers = {i: [] for i in range(-1, params["n_layers"] + 1)}  # -1: embeddings, n_layers: final norm + head
+        for meta, hf in output_order(params):
+            layers[_layer_of(meta, params["n_layers"])].append((meta, hf))
+        for _, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
+            for meta, hf in names:
+                tensor = merge_tensor(shards, meta, params)  # the full tensor of this name
+                writer.write(hf, tensor if out_dtype is None else tensor.to(out_dtype))
+                del tensor
+        for shard in shards:
+            shard.release()
+        writer.close()
+        config = hf_config(params, vocab_size, out_dtype or source_dtype, max_position_embeddings)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        write_tokenizer(tokenizer_path, out, model_max_length=max_position_embeddings)
+        inputs = [input_dir / "params.json", tokenizer_path]
+        inputs += [
+            p for p in (input_dir / "checklist.chk", tokenizer_path.parent / "tokenizer_checklist.chk") if p.exists()
+        ]
+        write_manifest(
+            out, inputs=inputs, kind="convert", dtype=dtype, shards=len(shards), source_dtype=str(source_dtype)
+        )
+    log.info("wrote %s", output_dir)
+    return output_dir
+
+
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def read_params(input_dir: Path) -> dict:
+    path = input_dir / "params.json"
+    if not input_dir.is_dir():
+        raise VicunaflowError(f"{input_dir}: no such directory; expected a raw LLaMA folder such as pyllama_data/7B")
+    if not path.exists():
+        raise VicunaflowError(f"{path}: missing; a raw LLaMA folder holds params.json next to consolidated.NN.pth")
+    try:
+        params = json.loads(path.read_text())
+    except ValueError as err:
+        raise VicunaflowError(f"{path}: not valid JSON ({err})") from err
+    missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps") if k not in params]
+    if missing:
+        raise VicunaflowError(f"{path}: missing {', '.join(missing)}; is this Meta's params.json?")
+    params.setdefault("multiple_of", 256)
+    return params
+
+
+def find_tokenizer(input_dir: Path, tokenizer: Path | None) -> Path:
+    """tokenizer.model: the one given, else in input_dir, else in its parent (pyllama_data/tokenizer.model)."""
+    candidates = (
+        [Path(tokenizer)] if tokenizer else [input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"]
+    )
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise VicunaflowError(
+        f"{candidates[0]}: tokenizer not found (looked in {', '.join(str(p) for p in candidates)}); "
+        "download it with the weights or pass --tokenizer"
+    )
+
+
+def open_shards(input_dir: Path, params: dict) -> list[PickleFile]:
+    paths = sorted(input_dir.glob("consolidated.*.pth"))
+    if not paths:
+        raise VicunaflowError(f"{input_dir}: no consolidated.NN.pth shards found")
+    expected = [input_dir / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
+    if paths != expected:
+        raise VicunaflowError(
+            f"{input_dir}: shards must be consolidated.00.pth .. {expected[-1].name}, found {[p.name for p in paths]}"
+        )
+    n_heads = params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    if n_heads % len(paths) or n_kv_heads % len(paths):
+        raise VicunaflowError(
+            f"{input_dir / 'params.json'}: {n_heads} heads ({n_kv_heads} key/value heads) cannot be split into "
+            f"{len(paths)} shards; is a consolidated.NN.pth missing or extra?"
+        )
+    return [PickleFile(p) for p in paths]
+
+
+def output_order(params: dict) -> list[tuple[str, str]]:
+    """(Meta name, Hugging Face name) in the order written: embeddings, layer by layer, norm, head."""
+    names = [("tok_embeddings.weight", GLOBAL_NAMES["tok_embeddings.weight"][0])]
+    for i in range(params["n_layers"]):
+        names += [(meta.format(i=i), hf.format(i=i)) for meta, (hf, _) in LAYER_NAMES.items()]
+    names += [(meta, GLOBAL_NAMES[meta][0]) for meta in ("norm.weight", "output.weight")]
+    return names
+
+
+def merge_dims(n_layers: int) -> dict[str, int | None]:
+    dims = {meta: dim for meta, (_, dim) in GLOBAL_NAMES.items()}
+    for i in range(n_layers):
+        dims |= {meta.format(i=i): dim for meta, (_, dim) in LAYER_NAMES.items()}
+    return dims
+
+
+def merged_infos(shards: list[PickleFile], params: dict) -> dict[str, TensorInfo]:
+    """Shape and dtype of every merged tensor, checking that the shards agree with each other and with params."""
+    dims = merge_dims(params["n_layers"])
+    first = shards[0]
+    for shard in shards:
+        names = {n for n in shard.names() if not IGNORED_META_KEYS.match(n)}
+        missing, extra = sorted(set(dims) - names), sorted(names - set(dims))
+        if missing or extra:
+            raise VicunaflowError(
+                f"{shard.path}: tensor names do not match params.json ({params['n_layers']} layers): "
+                f"missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+    merged = {}
+    for name, dim in dims.items():
+        shape0, dtype0 = first.info(name).shape, first.info(name).dtype
+        for shard in shards[1:]:
+            info = shard.info(name)  # Meta splits evenly: every slice has the same shape
+            if info.shape != shape0 or info.dtype != dtype0:
+                raise VicunaflowError(
+                    f"{shard.path}: {name} is {list(info.shape)} {info.dtype} but {first.path.name} has "
+                    f"{list(shape0)} {dtype0}; the shards come from different checkpoints"
+                )
+        shape = list(shape0)
+        if dim is not None:
+            shape[dim] = sum(s.info(name).shape[dim] for s in shards)
+        merged[name] = TensorInfo(tuple(shape), dtype0)
+    _check_shapes(merged, params, shards[0].path.parent / "params.json")
+    return merged
+
+
+def _check_shapes(merged: dict[str, TensorInfo], params: dict, params_path: Path) -> None:
+    expected = meta_shapes(params, vocab_size=merged["tok_embeddings.weight"].shape[0])
+    for name, shape in expected.items():
+        if merged[name].shape != shape:
+            raise VicunaflowError(
+                f"{params_path}: merged {name} is {list(merged[name].shape)}, params.json implies {list(shape)} "
+                "(check dim, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier)"
+            )
+
+
+def _check_vocab(merged: dict[str, TensorInfo], tokenizer_path: Path, params: dict) -> int:
+    import sentencepiece as spm
+
+    vocab = merged["tok_embeddings.weight"].shape[0]
+    declared = params.get("vocab_size", -1)
+    if declared not in (-1, None) and declared != vocab:
+        raise VicunaflowError(f"params.json says vocab_size {declared} but the embeddings have {vocab} rows")
+    try:
+        pieces = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
+    except Exception as err:
+        raise VicunaflowError(f"{tokenizer_path}: not a SentencePiece model ({err})") from err
+    if pieces != vocab:
+        raise VicunaflowError(
+            f"{tokenizer_path}: {pieces} pieces, but the checkpoint has {vocab}; wrong tokenizer.model?"
+        )
+    return vocab
+
+
+def merge_tensor(shards: list[PickleFile], name: str, params: dict) -> torch.Tensor:
+    """The full tensor: slices concatenated along the merge dim, q/k rows in rotate-half order."""
+    dim = merge_dims_for(name)
+    # Norm gains are replicated: every shard holds the same values, take the first.
+    tensor = shards[0].get(name) if dim is None else torch.cat([shard.get(name) for shard in shards], dim=dim)
+    if name.endswith("attention.wq.weight"):
+        tensor = permute_rotary(tensor, params["n_heads"])  # (dim, dim)
+    elif name.endswith("attention.wk.weight"):
+        tensor = permute_rotary(tensor, params.get("n_kv_heads") or params["n_heads"])  # (kv_dim, dim)
+    return tensor
+
+
+def merge_dims_for(name: str) -> int | None:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name][1]
+    _, _, rest = name.split(".", 2)  # layers.{i}.<rest>
+    return LAYER_NAMES["layers.{i}." + rest][1]
+
+
+def _layer_of(meta: str, n_layers: int) -> int:
+    if meta.startswith("layers."):
+        return int(meta.split(".")[1])
+    return -1 if meta == "tok_embeddings.weight" else n_layers

@@ -1,0 +1,252 @@
+"""`vicunaflow apply-delta` / `make-delta`: Vicuna = LLaMA + delta, tensor by tensor and exact.
+
+lmsys published Vicuna v1.1 as a delta to add to LLaMA. FastChat's apply_delta loads both models
+whole (30 GB of RAM for 7B); here one tensor pair at a time is read (memory-mapped, safetensors
+or pickled `.bin` on either side) and written straight to safetensors, so memory stays near the
+largest tensor. The sum is defined exactly: target = dtype(float32(base) + float32(delta)), with
+dtype the one the delta's config.json declares for the target.
+
+make-delta is the inverse and is checked, not hoped for: a delta stored in the target's 16-bit
+dtype cannot give the target back (T - B rounded to 11 bits, added to B, misses T whenever |T|
+is much smaller than |B|), so deltas are stored in float32 (float64 for float32 targets), and
+every tensor is verified by applying it. Elements whose float32 sum still misses the target are
+nudged to a neighbouring delta value that hits it; if none does (only for |T| tiny next to |B|,
+e.g. B = 2.0 and T = 6e-8 in float16), make-delta stops with an error instead of writing a
+delta that would not round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from vicunaflow import VicunaflowError
+from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EMBEDDINGS = "model.embed_tokens.weight"
+SMALL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+NUDGE_STEPS = 4  # neighbouring float32 delta values tried per side for an element that misses
+
+
+def apply_delta(
+    *,
+    base: Path,
+    delta: Path,
+    target: Path,
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Add a Vicuna delta to a LLaMA base: target = dtype(float32(base) + float32(delta)), tensor by tensor.
+
+    Arguments:
+        base: the Hugging Face LLaMA directory (safetensors or pytorch_model*.bin), e.g. llama-13b-hf.
+        delta: the delta directory, e.g. vicuna-13b-delta-v1.1 (lmsys's .bin shards or safetensors).
+        target: the directory to write, e.g. vicuna-13b-all-v1.1 (safetensors, config and tokenizer from the delta).
+        dtype: the target's dtype; auto: what the delta's config.json declares (float16 for lmsys's deltas).
+        max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+    """
+    base, delta, target = Path(base), Path(delta), Path(target)
+    log.info(
+        "apply-delta: base=%s delta=%s target=%s dtype=%s max_shard_size=%s", base, delta, target, dtype, max_shard_size
+    )
+    base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
+    check_same_tensors(base_ck, delta_ck, base, delta)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else _declared_dtype(delta, delta_ck)
+    names = delta_ck.names()
+    plan = [(name, TensorInfo(delta_ck.info(name).shape, out_dtype)) for name in names]
+    log.info("%d tensors, target dtype %s", len(names), out_dtype)
+
+    with atomic_output_dir(target) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+        for name in tqdm(names, desc="apply-delta", unit="tensor", disable=None):
+            b, d = base_ck.get(name), delta_ck.get(name)
+            acc = _accumulator(out_dtype)
+            writer.write(name, (b.to(acc) + d.to(acc)).to(out_dtype))
+            del b, d
+        writer.close()
+        base_ck.release()
+        delta_ck.release()
+        _write_config(delta, out, out_dtype)
+        _copy_tokenizer(delta, out)
+        write_manifest(out, inputs=_small_files(base) + _small_files(delta), kind="apply-delta", dtype=str(out_dtype))
+    log.info("wrote %s", target)
+    return target
+
+
+def make_delta(
+    *,
+    base: Path,
+    target: Path,
+    delta: Path,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write the delta that apply-delta turns back into `target`, byte for byte (verified while writing).
+
+    Arguments:
+        base: the Hugging Face LLaMA directory the delta is relative to.
+        target: the fine-tuned model (e.g. a Vicuna) to encode.
+        delta: the directory to write (float32 safetensors, config and tokenizer of the target).
+        max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+    """
+    base, target, delta = Path(base), Path(target), Path(delta)
+    log.info("make-delta: base=%s target=%s delta=%s max_shard_size=%s", base, target, delta, max_shard_size)
+    base_ck, target_ck = Checkpoint(base), Checkpoint(target)
+    check_same_tensors(base_ck, target_ck, base, target)
+    names = target_ck.names()
+    dtypes = {target_ck.info(n).dtype for n in names}
+    if len(dtypes) != 1:
+        raise VicunaflowError(
+            f"{target}: tensors mix dtypes {sorted(map(str, dtypes))}; a delta records one target dtype"
+        )
+    target_dtype = dtypes.pop()
+    delta_dtype = _accumulator(target_dtype)
+    plan = [(n, TensorInfo(target_ck.info(n).shape, delta_dtype)) for n in names]
+    log.info("%d tensors, target dtype %s, delta stored as %s", len(names), target_dtype, delta_dtype)
+
+    nudged = 0
+    with atomic_output_dir(delta) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+        for name in tqdm(names, desc="make-delta", unit="tensor", disable=None):
+            d, n = exact_delta(base_ck.get(name), target_ck.get(name), name)
+            nudged += n
+            writer.write(name, d)
+            del d
+        writer.close()
+        _write_config(target, out, target_dtype)
+        _copy_tokenizer(target, out)
+        write_manifest(out, inputs=_small_files(base) + _small_files(target), kind="make-delta", nudged=nudged)
+    log.info("wrote %s (%d elements needed a nudged delta value)", delta, nudged)
+    return delta
+
+
+def exact_delta(base: torch.Tensor, target: torch.Tensor, name: str = "") -> tuple[torch.Tensor, int]:
+    """A delta d (float32, or float64 for float32 targets) with target == dtype(base + d), and how many were nudged."""
+    acc = _accumulator(target.dtype)
+    b = base.to(acc)
+    d = target.to(acc) - b
+    misses = _misses(b, d, target)
+    n_missed = int(misses.sum())
+    if n_missed:
+        flat_d, flat_b, flat_t = d.view(-1), b.reshape(-1), target.reshape(-1)
+        idx = misses.view(-1).nonzero().squeeze(1)
+        bi, ti, di = flat_b[idx], flat_t[idx], flat_d[idx].clone()
+        fixed = torch.zeros_like(idx, dtype=torch.bool)
+        for direction in (float("inf"), float("-inf")):
+            candidate = di.clone()
+            for _ in range(NUDGE_STEPS):
+                candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
+                hit = ~_misses(bi, candidate, ti) & ~fixed
+                flat_d[idx[hit]] = candidate[hit]
+                fixed |= hit
+        if not bool(fixed.all()):
+            first = int(idx[~fixed][0])
+            raise VicunaflowError(
+                f"{name}: {int((~fixed).sum())} values cannot be reached as {target.dtype}({acc}(base) + {acc}(delta)) "
+                f"(e.g. element {first}: base {flat_b[first].item()!r}, target {flat_t[first].item()!r}); "
+                "no exact delta exists for them"
+            )
+    return d, n_missed
+
+
+def _misses(b: torch.Tensor, d: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elements where dtype(b + d) differs from target bit for bit (NaNs and -0.0 included)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[target.element_size()]
+    return (b + d).to(target.dtype).view(bits) != target.view(bits)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit tensors (the published recipe); float64 for float32 ones, else they would not round-trip."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_same_tensors(a: Checkpoint, b: Checkpoint, a_dir: Path, b_dir: Path) -> None:
+    """Same names and shapes on both sides, or an error naming the first differences (and v0 deltas)."""
+    if EMBEDDINGS in a and EMBEDDINGS in b:
+        rows_a, rows_b = a.info(EMBEDDINGS).shape[0], b.info(EMBEDDINGS).shape[0]
+        if rows_b == rows_a + 1:
+            raise VicunaflowError(
+                f"{b_dir}: vocabulary of {rows_b} tokens against {rows_a} in {a_dir}: this is a Vicuna v0 delta "
+                "(it adds a pad token), which does not fit this LLaMA base; use the v1.1 delta instead "
+                "(lmsys/vicuna-7b-delta-v1.1 or lmsys/vicuna-13b-delta-v1.1)"
+            )
+    names_a, names_b = a.names(), b.names()
+    only_a = [n for n in names_a if n not in b]
+    only_b = [n for n in names_b if n not in a]
+    shapes = [
+        f"{n} {list(a.info(n).shape)} vs {list(b.info(n).shape)}"
+        for n in names_a
+        if n in b and a.info(n).shape != b.info(n).shape
+    ]
+    problems = []
+    if only_a:
+        problems.append(
+            f"only in {a_dir}: {', '.join(only_a[:5])}" + (f" (+{len(only_a) - 5} more)" if len(only_a) > 5 else "")
+        )
+    if only_b:
+        problems.append(
+            f"only in {b_dir}: {', '.join(only_b[:5])}" + (f" (+{len(only_b) - 5} more)" if len(only_b) > 5 else "")
+        )
+    if shapes:
+        problems.append(
+            f"shapes differ: {'; '.join(shapes[:5])}" + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else "")
+        )
+    if problems:
+        raise VicunaflowError(f"{b_dir} does not match {a_dir}: " + " | ".join(problems))
+
+
+def _declared_dtype(directory: Path, checkpoint: Checkpoint) -> torch.dtype:
+    """The target dtype a delta declares in config.json, else its tensors' dtype."""
+    config_path = directory / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        declared = config.get("torch_dtype") or config.get("dtype")
+        if declared in DTYPES:
+            return DTYPES[declared]
+    return checkpoint.info(checkpoint.names()[0]).dtype
+
+
+def _write_config(source: Path, out: Path, dtype: torch.dtype) -> None:
+    config_path = source / "config.json"
+    if not config_path.exists():
+        raise VicunaflowError(f"{config_path}: missing; the model's config.json is needed")
+    config = json.loads(config_path.read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (source / "generation_config.json").exists():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    """The tokenizer of `source`, as our legacy-exact files with the Vicuna chat_template.
+
+    From tokenizer.model when there is one (lmsys's deltas ship no tokenizer.json, and their
+    tokenizer_config names LlamaTokenizer, which transformers 5 would rebuild differently);
+    otherwise the given files, with the chat_template added.
+    """
+    model_max_length = 2048
+    config_path = source / "tokenizer_config.json"
+    if config_path.exists():
+        model_max_length = int(json.loads(config_path.read_text()).get("model_max_length", 2048) or 2048)
+        model_max_length = model_max_length if model_max_length < 1_000_000 else 2048  # "infinite" sentinel
+    if (source / "tokenizer.model").exists():
+        write_tokenizer(source / "tokenizer.model", out, model_max_length=model_max_length)
+        return
+    if not (source / "tokenizer.json").exists():
+        raise VicunaflowError(f"{source}: no tokenizer.model or tokenizer.json; the tokenizer must come with it")
+    log.warning("%s: no tokenizer.model; copying its tokenizer.json as it is", source)
+    shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+    write_tokenizer_config(out, model_max_length)
+
+
+def _small_files(directory: Path) -> list[Path]:
+    return [directory / name for name in SMALL_FILES if (directory / name).exists()]

@@ -1,0 +1,104 @@
+"""Start `vicunaflow finetune` on every GPU and node of a job, so one command scales from 1 GPU to many nodes.
+
+Under `torchrun` (RANK in the environment) nothing happens here: the processes already exist.
+Otherwise `vicunaflow finetune --nproc-per-node N` re-executes itself through `torch.distributed.run`:
+
+- one node (no SLURM, or a one-node allocation): `torchrun --standalone --nproc_per_node N`;
+- a SLURM allocation of several nodes (the batch step: SLURM_NNODES > 1): `srun` starts one task per
+  node, each of which runs torchrun with `--nnodes SLURM_NNODES --node_rank SLURM_NODEID` and a c10d
+  rendezvous on the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`), id SLURM_JOB_ID.
+
+So a Snakemake rule needs only `vicunaflow finetune ...`; the profile decides nodes and GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+log = logging.getLogger(__name__)
+
+# Set on the per-node tasks that the batch step starts with srun, so they run torchrun, not srun again.
+NODE_TASK_ENV = "VICUNAFLOW_NODE_TASK"
+DEFAULT_PORT = 29400
+
+
+def is_launched() -> bool:
+    """True inside a torchrun worker (or any launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def default_nproc_per_node() -> int:
+    """GPUs visible to this process (CUDA_VISIBLE_DEVICES, as SLURM sets it), else 1 process on CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str] | None = None) -> list[str] | None:
+    """The command that starts `vicunaflow <verb_argv>` on all processes, or None to run in this process.
+
+    `verb_argv` is the verb and its arguments (`["finetune", "--model_path", ...]`).
+    """
+    env = dict(os.environ if env is None else env)
+    nnodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")) or 1)
+    module = [sys.executable, "-m", "vicunaflow", *verb_argv]
+    if nnodes > 1 and NODE_TASK_ENV not in env:
+        # The batch step of a multi-node job: one task per node, each starts its local processes.
+        return [
+            "srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            "--export=ALL," + NODE_TASK_ENV + "=1", *module,
+        ]  # fmt: skip
+    if nnodes > 1:
+        host = first_host(env["SLURM_JOB_NODELIST"] if "SLURM_JOB_NODELIST" in env else env["SLURM_NODELIST"])
+        port = int(env.get("MASTER_PORT", DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={nnodes}", f"--node_rank={env.get('SLURM_NODEID', '0')}", f"--nproc_per_node={nproc_per_node}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:{port}", f"--rdzv_id={env.get('SLURM_JOB_ID', 'vicunaflow')}",
+            "--max_restarts=0", *module[1:],
+        ]  # fmt: skip
+    if nproc_per_node > 1:
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc_per_node}",
+            *module[1:],
+        ]
+    return None
+
+
+def relaunch(verb_argv: list[str], nproc_per_node: int) -> bool:
+    """Run the verb on all processes of the job; False when this process should just go on alone."""
+    command = launch_command(verb_argv, nproc_per_node)
+    if command is None:
+        return False
+    log.info("launching: %s", " ".join(command))
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        # The workers have logged the reason; exit with their status, without a second message.
+        sys.exit(result.returncode)
+    return True
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`gpu[01-04],cpu7` -> `gpu01`)."""
+    if shutil.which("scontrol"):
+        result = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False
+        )
+        if result.returncode == 0 and result.stdout.split():
+            return result.stdout.split()[0]
+    # No scontrol on this host: expand the first entry ourselves.
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    match = re.fullmatch(r"(.*)\[([^\]]+)\](.*)", first)
+    if not match:
+        return first
+    prefix, ranges, suffix = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix

@@ -1,0 +1,97 @@
+"""`vicunaflow serve`: an OpenAI-compatible HTTP API and a web chat page over the batching engine.
+
+FastChat's controller + model_worker + openai_api_server trio (three processes, pydantic 1) is
+replaced by one process: FastAPI routes in `app.py` feed `vicunaflow.generate.Engine`, which batches
+concurrent requests on the model. Keys come from --api-key or VICUNAFLOW_API_KEYS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from vicunaflow import VicunaflowError
+
+log = logging.getLogger(__name__)
+
+API_KEYS_ENV = "VICUNAFLOW_API_KEYS"  # comma-separated keys, used when --api-key is not given
+
+
+def serve(
+    *,
+    model_path: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: list[str] | str | None = None,
+    model_name: str | None = None,
+    device: Literal["cpu", "cuda"] = "cpu",
+    num_gpus: int = 1,
+    max_gpu_memory: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    max_batch_size: int = 16,
+    max_context: int | None = None,
+    default_max_tokens: int = 512,
+    seed: int | None = None,
+) -> None:
+    """Serve a model over OpenAI's v1 API (/v1/models, /v1/chat/completions, /v1/completions) and a chat page at /.
+
+    Without keys (no --api-key and no VICUNAFLOW_API_KEYS) anyone who can reach the port may use it.
+
+    Arguments:
+        model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
+        host: address to listen on; 0.0.0.0 exposes the server to the network (set keys then).
+        port: TCP port.
+        api_key: accepted Bearer key(s): --api-key KEY, several as --api-key K1,K2 or --api-key+ K2;
+            default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
+        model_name: the model id clients send; default: the directory name.
+        device: cpu or cuda.
+        num_gpus: spread the layers over this many GPUs (device_map auto).
+        max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
+        load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.
+        load_4bit: 4-bit NF4 weights through bitsandbytes (CUDA only).
+        max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
+        max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
+        default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
+        seed: sampling seed.
+    """
+    import uvicorn
+
+    from vicunaflow.generate import Engine, load_model
+    from vicunaflow.serve.app import create_app
+
+    keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
+    log.info(
+        "serve: model_path=%s host=%s port=%d keys=%d device=%s num_gpus=%d load_8bit=%s load_4bit=%s "
+        "max_batch_size=%d max_context=%s",
+        model_path, host, port, len(keys), device, num_gpus, load_8bit, load_4bit, max_batch_size, max_context,
+    )  # fmt: skip
+    if max_batch_size < 1:
+        raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without API keys: anyone who can reach port %d can use the model", host, port)
+    model, tokenizer = load_model(
+        model_path,
+        device=device,
+        num_gpus=num_gpus,
+        max_gpu_memory=max_gpu_memory,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+    )
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed)
+    app = create_app(
+        engine,
+        model_name=model_name or Path(model_path).resolve().name,
+        api_keys=keys,
+        default_max_tokens=default_max_tokens,
+    )
+    with engine:
+        log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", model_path, host, port)
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def _split_keys(value: list[str] | str | None) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    return [key.strip() for item in items for key in item.split(",") if key.strip()]

@@ -1,0 +1,393 @@
+"""The FastAPI application: OpenAI v1 routes, Bearer keys, OpenAI-style errors, the chat page.
+
+Every generation goes through the shared `Engine` (one background thread, continuous batching); a
+route only renders the prompt with vicunaflow.template, submits it, and relays the engine's events
+(from its thread into the event loop with call_soon_threadsafe). When a client goes away the
+request is cancelled and its batch slot is freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vicunaflow import template
+from vicunaflow.generate import Engine, Event, SamplingParams, encode_prompt
+from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+FINISH_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+
+
+class APIError(Exception):
+    """An error returned to the client as OpenAI's {"error": {...}} body."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, param=None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def sse(self) -> str:
+        """The error as a server-sent event, for failures after a stream has started."""
+        return _sse(self.body())
+
+
+def create_app(
+    engine: Engine, *, model_name: str, api_keys: list[str] | None = None, default_max_tokens: int = 512
+) -> FastAPI:
+    app = FastAPI(title="vicunaflow", docs_url=None, redoc_url=None, openapi_url=None)
+    keys = [k.encode() for k in api_keys or []]
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+            raise APIError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; this server serves '{model_name}'.",
+                code="model_not_found",
+                param="model",
+            )
+
+    def sampling(body, prompt_length: int, max_tokens: int | None) -> SamplingParams:
+        if prompt_length >= engine.context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {engine.context} tokens; the prompt is {prompt_length} tokens. "
+                "Shorten the messages or the prompt.",
+                code="context_length_exceeded",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return SamplingParams(
+            temperature=0.7 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            max_new_tokens=engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens),
+            stop=stop,
+        )
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, err: RequestValidationError):
+        return APIError(400, "Invalid request: " + _describe(err.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return APIError(err.status_code, str(err.detail), code=None).response()
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, err: Exception):
+        log.exception("request failed")
+        return APIError(500, f"Internal error: {type(err).__name__}", type="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "auth": bool(keys), "engine": engine.snapshot_stats()}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [_model_card(model_name, created, engine.context)]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        check_model(name)
+        return _model_card(model_name, created, engine.context)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await _parse(request, ChatCompletionRequest)
+        check_model(body.model)
+        system, turns = _turns(body)
+        prompt_ids = encode_prompt(engine.tokenizer, template.render(turns, system))
+        params = sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if body.n != 1:
+                raise APIError(400, "stream=true supports n=1 only", param="n")
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            chunks = _stream_chat(engine, prompt_ids, params, reply_id, model_name, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await asyncio.gather(*(_complete(engine, request, prompt_ids, params) for _ in range(body.n)))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": FINISH_REASON[last.finish_reason],
+            }
+            for i, (text, last) in enumerate(results)
+        ]
+        return _with_usage(
+            {
+                "id": reply_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": choices,
+            },
+            results,
+            len(prompt_ids),
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await _parse(request, CompletionRequest)
+        check_model(body.model)
+        if body.logprobs is not None or body.echo:
+            raise APIError(400, "logprobs and echo are not supported by this server", param="logprobs")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
+        all_params = [sampling(body, len(ids), body.max_tokens or 16) for ids in encoded]  # OpenAI's default: 16
+        reply_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if body.n != 1 or len(prompts) != 1:
+                raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
+            chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        jobs = [
+            _complete(engine, request, ids, params)
+            for ids, params in zip(encoded, all_params, strict=True)
+            for _ in range(body.n)
+        ]
+        results = await asyncio.gather(*jobs)
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": FINISH_REASON[last.finish_reason]}
+            for i, (text, last) in enumerate(results)
+        ]
+        return _with_usage(
+            {
+                "id": reply_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": choices,
+            },
+            results,
+            sum(len(ids) for ids in encoded),
+        )
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    """Validate a JSON body whatever its Content-Type (curl -d sends form-encoded headers)."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as err:
+        raise APIError(400, "Invalid request body: " + _describe(err.errors())) from None
+
+
+def _describe(errors: list) -> str:
+    problems = []
+    for e in errors[:3]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(problems)
+
+
+def _model_card(name: str, created: int, context: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "vicunaflow", "max_model_len": context}
+
+
+def _turns(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, str | None]]]:
+    """OpenAI messages -> (system prompt, Vicuna turns ending with the assistant's empty turn)."""
+    system_parts, turns = [], []
+    for i, message in enumerate(body.messages):
+        text = message.text()
+        if message.role in ("system", "developer"):
+            if turns:
+                raise APIError(
+                    400, f"messages[{i}]: a system message must come before the conversation", param="messages"
+                )
+            system_parts.append(text)
+            continue
+        role = template.ROLE_OF[message.role]
+        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one turn
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
+        else:
+            turns.append((role, text))
+    if not turns or turns[0][0] != template.USER:
+        raise APIError(400, "messages must contain a user message first (after any system message)", param="messages")
+    if turns[-1][0] != template.USER:
+        raise APIError(400, "the last message must come from the user", param="messages")
+    system = "\n".join(system_parts) if system_parts else template.SYSTEM_PROMPT
+    return system, [*turns, (template.ASSISTANT, None)]
+
+
+def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    """Submit to the engine; its events arrive in an asyncio.Queue of this event loop."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            request.cancel()
+
+    request = engine.submit(prompt_ids, params, sink)
+    return request, queue
+
+
+async def _complete(
+    engine: Engine, http_request: Request, prompt_ids: list[int], params: SamplingParams
+) -> tuple[str, Event]:
+    """Wait for a whole reply; cancel it if the client disconnects meanwhile."""
+    request, queue = _submit(engine, prompt_ids, params)
+    text = ""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await http_request.is_disconnected():
+                    raise APIError(499, "client disconnected") from None
+                continue
+            text += event.text
+            if event.finish_reason == "error":
+                raise APIError(500, f"generation failed: {event.error}", type="server_error")
+            if event.finish_reason is not None:
+                return text, event
+    finally:
+        request.cancel()  # no-op when finished; frees the slot otherwise
+
+
+async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+    request, queue = _submit(engine, prompt_ids, params)
+    try:
+        while True:
+            event = await queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+    finally:
+        # Runs when the reply ends and also when the client disconnects (Starlette cancels the stream).
+        if not request.done:
+            log.info("request %d cancelled after %d tokens: its slot is freed", request.id, request.completion_tokens)
+        request.cancel()
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream_chat(engine, prompt_ids, params, reply_id, model_name, include_usage) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse(
+            {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [choice],
+            }
+        )
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in _events(engine, prompt_ids, params):
+        if event.text:
+            yield chunk({"content": event.text})
+        if event.finish_reason == "error":
+            yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
+        elif event.finish_reason is not None:
+            yield chunk({}, FINISH_REASON[event.finish_reason])
+            if include_usage:
+                usage = _usage(event.prompt_tokens, event.completion_tokens)
+                yield _sse(
+                    {
+                        "id": reply_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+    yield _sse("[DONE]")
+
+
+async def _stream_completion(engine, prompt_ids, params, reply_id, model_name) -> AsyncIterator[str]:
+    created = int(time.time())
+    async for event in _events(engine, prompt_ids, params):
+        if event.finish_reason == "error":
+            yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
+            break
+        finish = FINISH_REASON[event.finish_reason] if event.finish_reason else None
+        if event.text or finish:
+            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+            yield _sse(
+                {
+                    "id": reply_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [choice],
+                }
+            )
+    yield _sse("[DONE]")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _with_usage(response: dict, results: list[tuple[str, Event]], prompt_tokens: int) -> dict:
+    completion_tokens = sum(last.completion_tokens for _, last in results)
+    response["usage"] = _usage(prompt_tokens, completion_tokens)
+    return response

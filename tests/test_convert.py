@@ -1,0 +1,303 @@
+"""convert: bit-exact merge + permutation, Meta's forward pass == transformers' on the output, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vicunaflow import VicunaflowError
+from vicunaflow.convert import convert
+from vicunaflow.formats import meta_names
+from vicunaflow.synth import write_raw_checkpoint
+
+# Straight from Meta's model-parallel layout (llama-vicuna-facts.md), kept independent of formats.py.
+SPLIT_ON_DIM_1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+REPLICATED = ("attention_norm.weight", "ffn_norm.weight", "norm.weight")
+
+
+def make_raw(
+    root: Path, tokenizer: Path, *, shards=2, n_kv_heads=None, dtype=torch.float32, ffn_dim_multiplier=None, rope_theta=None
+) -> Path:
+    """A tiny raw checkpoint with the given options, reusing a trained tokenizer (fast)."""
+    import sentencepiece as spm
+
+    out = root / "raw"
+    out.mkdir(parents=True)
+    params = {"dim": 64, "multiple_of": 16, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
+    if n_kv_heads:
+        params["n_kv_heads"] = n_kv_heads
+    if ffn_dim_multiplier:
+        params["ffn_dim_multiplier"] = ffn_dim_multiplier
+    if rope_theta:
+        params["rope_theta"] = rope_theta
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+    write_raw_checkpoint(out, params, vocab, shards, dtype, seed=3)
+    (out / "params.json").write_text(json.dumps(params))
+    shutil.copy(tokenizer, out / "tokenizer.model")
+    return out
+
+
+def read_merged_raw(raw: Path) -> dict[str, torch.Tensor]:
+    """Merge Meta's shards the plain way: load everything, concatenate."""
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(raw.glob("consolidated.*.pth"))]
+    merged = {}
+    for name in shards[0]:
+        if name.endswith(REPLICATED):
+            merged[name] = shards[0][name]
+        else:
+            merged[name] = torch.cat([s[name] for s in shards], dim=1 if name.endswith(SPLIT_ON_DIM_1) else 0)
+    return merged
+
+
+def read_hf(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}
+    return tensors
+
+
+def to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows (2j, 2j+1) of each head -> rows (j, j + head_dim/2), written out index by index."""
+    head_dim = w.shape[0] // n_heads
+    order = [h * head_dim + 2 * j + parity for h in range(n_heads) for parity in (0, 1) for j in range(head_dim // 2)]
+    return w[order]
+
+
+def meta_forward(state: dict[str, torch.Tensor], params: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Meta's LLaMA forward pass (model.py), in plain float32 torch: interleaved complex rotary."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    head_dim, eps = dim // n_heads, params["norm_eps"]
+    theta = params.get("rope_theta", 10000.0)
+    T = tokens.shape[0]
+    w = {k: v.float() for k, v in state.items()}
+
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (head_dim/2,)
+    angles = torch.outer(torch.arange(T).float(), freqs)  # (T, head_dim/2)
+    cis = torch.polar(torch.ones_like(angles), angles)  # (T, head_dim/2) complex
+
+    def rotary(x):  # (T, heads, head_dim): consecutive pairs are complex numbers
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * cis[:, None, :]).flatten(2)
+
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    h = w["tok_embeddings.weight"][tokens]  # (T, dim)
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        x = rms_norm(h, w[p + "attention_norm.weight"])
+        q = rotary((x @ w[p + "attention.wq.weight"].T).view(T, n_heads, head_dim))
+        k = rotary((x @ w[p + "attention.wk.weight"].T).view(T, n_kv_heads, head_dim))
+        v = (x @ w[p + "attention.wv.weight"].T).view(T, n_kv_heads, head_dim)
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)  # (T, n_heads, head_dim)
+        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / head_dim**0.5 + mask  # (n_heads, T, T)
+        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(T, dim)
+        h = h + attn @ w[p + "attention.wo.weight"].T
+        x = rms_norm(h, w[p + "ffn_norm.weight"])
+        gate = torch.nn.functional.silu(x @ w[p + "feed_forward.w1.weight"].T)
+        h = h + (gate * (x @ w[p + "feed_forward.w3.weight"].T)) @ w[p + "feed_forward.w2.weight"].T
+    return rms_norm(h, w["norm.weight"]) @ w["output.weight"].T  # (T, vocab)
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens[None]).logits[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tiny_raw) -> Path:
+    return tiny_raw / "tokenizer.model"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_is_bit_exact_merge_and_permutation(tiny_raw, tiny_hf):
+    params = json.loads((tiny_raw / "params.json").read_text())
+    raw, hf = read_merged_raw(tiny_raw), read_hf(tiny_hf)
+    names = meta_names(params["n_layers"])
+    assert set(hf) == {hf_name for hf_name, _ in names.values()}
+    for meta, (hf_name, _) in names.items():
+        expected = raw[meta]
+        if meta.endswith("attention.wq.weight"):
+            expected = to_rotate_half(expected, params["n_heads"])
+        elif meta.endswith("attention.wk.weight"):
+            expected = to_rotate_half(expected, params.get("n_kv_heads") or params["n_heads"])
+        assert hf[hf_name].dtype == torch.float16 == expected.dtype, meta
+        assert torch.equal(hf[hf_name].view(torch.int16), expected.view(torch.int16)), meta
+    config = json.loads((tiny_hf / "config.json").read_text())
+    assert config["torch_dtype"] == "float16"
+    assert config["vocab_size"] == raw["tok_embeddings.weight"].shape[0]
+
+
+def test_output_layout_and_manifest(tiny_raw, tiny_hf):
+    for name in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_hf / name).is_file(), name
+    index = json.loads((tiny_hf / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    manifest = json.loads((tiny_hf / "vicunaflow.json").read_text())
+    assert str(tiny_raw / "params.json") in manifest["inputs"]
+    assert not list(tiny_hf.parent.glob(".llama-tiny-hf.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"shards": 1},
+        {"shards": 2},
+        {"shards": 2, "n_kv_heads": 2},  # grouped-query attention, one kv head per shard
+        {"shards": 4, "n_kv_heads": 4, "ffn_dim_multiplier": 1.3, "rope_theta": 500000.0},
+    ],
+    ids=["1-shard", "2-shard", "gqa", "4-shard-ffn-mult-theta"],
+)
+def test_meta_forward_matches_transformers(tmp_path, tokenizer_model, options):
+    raw = make_raw(tmp_path, tokenizer_model, **options)
+    out = convert(input_dir=raw, output_dir=tmp_path / "hf")
+    params = json.loads((raw / "params.json").read_text())
+    tokens = torch.tensor([1, 5, 17, 42, 3, 99, 7, 250, 31, 8])
+    expected = meta_forward(read_merged_raw(raw), params, tokens)
+    actual = hf_logits(out, tokens)
+    torch.testing.assert_close(actual, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_forward_comparison_catches_a_missing_permutation(tmp_path, tokenizer_model):
+    """The forward test can fail: q/k left in Meta's order give different logits."""
+    raw = make_raw(tmp_path, tokenizer_model, shards=1)
+    out = convert(input_dir=raw, output_dir=tmp_path / "hf")
+    merged = read_merged_raw(raw)
+    params = json.loads((raw / "params.json").read_text())
+    tokens = torch.tensor([1, 5, 17, 42, 3, 99])
+    unpermuted = dict(merged)
+    for name in merged:
+        if name.endswith(("wq.weight", "wk.weight")):
+            unpermuted[name] = to_rotate_half(merged[name], params["n_heads"])  # a wrong, extra permutation
+    assert not torch.allclose(hf_logits(out, tokens), meta_forward(unpermuted, params, tokens), atol=1e-3)
+
+
+def test_dtype_keep_and_convert(tmp_path, tokenizer_model):
+    raw = make_raw(tmp_path, tokenizer_model, dtype=torch.bfloat16)
+    kept = read_hf(convert(input_dir=raw, output_dir=tmp_path / "kept"))
+    assert {t.dtype for t in kept.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    as_f32 = read_hf(convert(input_dir=raw, output_dir=tmp_path / "f32", dtype="float32"))
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["torch_dtype"] == "float32"
+    for name, tensor in kept.items():
+        assert as_f32[name].dtype == torch.float32
+        assert torch.equal(as_f32[name], tensor.float()), name
+
+
+def test_max_shard_size_splits_output(tmp_path, tiny_raw, tiny_hf):
+    out = convert(input_dir=tiny_raw, output_dir=tmp_path / "hf", max_shard_size="1MB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 6 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    for f in files:  # within the limit, unless one tensor alone is larger
+        with safe_open(out / f, "pt") as shard:
+            assert (out / f).stat().st_size <= 1_000_000 + 8192 or len(shard.keys()) == 1
+    split, whole = read_hf(out), read_hf(tiny_hf)
+    assert split.keys() == whole.keys()
+    assert all(torch.equal(split[name], whole[name]) for name in whole)
+
+
+# --- bad input: a clear error naming the file, and no finished-looking output ------------------
+
+
+def broken_copy(tmp_path: Path, tiny_raw: Path) -> Path:
+    raw = tmp_path / "tiny"
+    shutil.copytree(tiny_raw, raw)
+    return raw
+
+
+def assert_fails(raw: Path, out: Path, *fragments: str, **kwargs) -> None:
+    with pytest.raises(VicunaflowError) as err:
+        convert(input_dir=raw, output_dir=out, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_missing_params_json(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    (raw / "params.json").unlink()
+    assert_fails(raw, tmp_path / "out", str(raw / "params.json"), "missing")
+
+
+def test_missing_tokenizer(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    (raw / "tokenizer.model").unlink()
+    assert_fails(raw, tmp_path / "out", "tokenizer not found", "--tokenizer")
+
+
+def test_tokenizer_in_parent_or_given(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    shutil.move(raw / "tokenizer.model", tmp_path / "tokenizer.model")  # pyllama's layout
+    convert(input_dir=raw, output_dir=tmp_path / "a")
+    elsewhere = tmp_path / "elsewhere.model"
+    shutil.move(tmp_path / "tokenizer.model", elsewhere)
+    convert(input_dir=raw, output_dir=tmp_path / "b", tokenizer=elsewhere)
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "b" / "tokenizer.model").read_bytes()
+
+
+def test_shard_count_not_dividing_heads(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    shutil.copy(raw / "consolidated.01.pth", raw / "consolidated.02.pth")  # 8 heads, 3 shards
+    assert_fails(raw, tmp_path / "out", "params.json", "8 heads", "3 shards")
+
+
+def test_shards_disagree_in_shape(tmp_path, tiny_raw, tokenizer_model):
+    raw = broken_copy(tmp_path, tiny_raw)
+    other = make_raw(tmp_path / "other", tokenizer_model)  # dim 64 instead of 256
+    state = torch.load(raw / "consolidated.01.pth", weights_only=True)
+    state["layers.0.attention.wo.weight"] = state["layers.0.attention.wo.weight"][:, :100].clone()
+    torch.save(state, raw / "consolidated.01.pth")
+    assert_fails(raw, tmp_path / "out", "consolidated.01.pth", "layers.0.attention.wo.weight", "different checkpoints")
+    shutil.copy(other / "consolidated.01.pth", raw / "consolidated.01.pth")
+    assert_fails(raw, tmp_path / "out", "consolidated.01.pth", "do not match params.json")
+
+
+def test_truncated_shard(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    shard = raw / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_fails(raw, tmp_path / "out", str(shard), "truncated")
+
+
+def test_pickle_holding_more_than_tensors(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    state = torch.load(raw / "consolidated.00.pth", weights_only=True)
+    state["evil"] = Path("/etc/passwd")  # an object weights_only refuses to build
+    torch.save(state, raw / "consolidated.00.pth")
+    assert_fails(raw, tmp_path / "out", str(raw / "consolidated.00.pth"), "holds more than tensors")
+    state["evil"] = "a string"  # allowed by weights_only, still not a weights file
+    torch.save(state, raw / "consolidated.00.pth")
+    assert_fails(raw, tmp_path / "out", "consolidated.00.pth", "holds more than tensors")
+
+
+def test_cli_reports_one_line_and_exits_1(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw)
+    (raw / "params.json").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "vicunaflow", "convert", "--input-dir", str(raw), "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "params.json: missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,165 @@
+"""Conversation data: validation messages, masks exact against FastChat's prompt, truncation, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vicunaflow import VicunaflowError, data, template
+
+CONVERSATIONS = [
+    {
+        "id": "multi",
+        "conversations": [
+            {"from": "human", "value": "Who are you?"},
+            {"from": "gpt", "value": "I am Vicuna."},
+            {"from": "human", "value": "  What is 2+2?\nAnswer briefly."},
+            {"from": "gpt", "value": "4, of course. Ünïcödé – ok?"},
+            {"from": "human", "value": "Thanks!"},
+            {"from": "gpt", "value": "You are welcome.\n\nBye."},
+        ],
+    },
+    {
+        "id": "starts-with-gpt",
+        "conversations": [
+            {"from": "gpt", "value": "Hello, I speak first."},
+            {"from": "human", "value": "Tell me a joke."},
+            {"from": "gpt", "value": "Why did the scarecrow win an award?"},
+        ],
+    },
+    {"id": 7, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": " spaced reply "}]},
+]
+
+
+def write(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_vicuna):
+    return data.load_tokenizer(tiny_vicuna)
+
+
+def fastchat_prompt(turns: list[tuple[str, str]]) -> str:
+    from fastchat.conversation import get_conv_template
+
+    conv = get_conv_template("vicuna_v1.1")
+    for role, text in turns:
+        conv.append_message(conv.roles[0] if role == template.USER else conv.roles[1], text)
+    return conv.get_prompt()
+
+
+def test_validation_names_every_bad_record_with_its_reason(tmp_path: Path) -> None:
+    bad = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"id": "no-value", "conversations": [{"from": "human"}, {"from": "gpt", "value": "b"}]},
+        {"id": "bad-role", "conversations": [{"from": "system", "value": "a"}]},
+        {"id": "twice", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+        {"id": "blank", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}]},
+        {"id": "empty", "conversations": []},
+        {"conversations": [{"from": "human", "value": "a"}]},
+        "not an object",
+    ]
+    with pytest.raises(VicunaflowError) as err:
+        data.load_conversations(write(tmp_path / "bad.json", bad))
+    message = str(err.value)
+    assert "7 invalid record(s)" in message
+    for expected in (
+        "record 'no-value' (index 1): turn 0 is missing its value",
+        "record 'bad-role' (index 2): turn 0 has unknown role 'system'",
+        "record 'twice' (index 3): roles not alternating at turn 1",
+        "record 'blank' (index 4): turn 1 (gpt) is empty",
+        "record 'empty' (index 5): empty conversation",
+        "record '<no id>' (index 6): missing 'id'",
+        "record at index 7: not a JSON object",
+    ):
+        assert expected in message
+    assert "'ok'" not in message
+
+
+def test_first_turn_from_gpt_is_dropped(tmp_path: Path) -> None:
+    conversations = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))
+    assert conversations[1].turns == [
+        (template.USER, "Tell me a joke."),
+        (template.ASSISTANT, "Why did the scarecrow win an award?"),
+    ]
+    assert conversations[2].id == "7"
+
+
+def test_input_ids_are_fastchats_and_labels_cover_exactly_the_replies(tmp_path: Path, tokenizer) -> None:
+    conversations = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))
+    for conversation in conversations:
+        sample = data.encode(conversation, tokenizer, model_max_length=4096)
+        # Token for token what FastChat's train.py feeds the model (tokenizer(prompt), bos included).
+        assert sample.input_ids == tokenizer(fastchat_prompt(conversation.turns)).input_ids
+        # Independent reference: count tokens of the prompt prefix up to each reply's start and end.
+        expected = [data.IGNORE_INDEX] * len(sample.input_ids)
+        prefix = ""
+        for piece, is_reply in template.segments(conversation.turns):
+            start = len(tokenizer(prefix).input_ids)
+            prefix += piece
+            end = len(tokenizer(prefix).input_ids)
+            if is_reply:
+                expected[start:end] = sample.input_ids[start:end]
+        assert sample.labels == expected
+        trained = [t for t, label in zip(sample.input_ids, sample.labels, strict=True) if label != data.IGNORE_INDEX]
+        replies = [text for role, text in conversation.turns if role == template.ASSISTANT]
+        assert trained.count(tokenizer.eos_token_id) == len(replies)  # every reply's </s> is trained
+        decoded = tokenizer.decode(trained, skip_special_tokens=False)
+        assert decoded.replace(" ", "") == "".join(r + "</s>" for r in replies).replace(" ", "")
+
+
+def test_truncation_cuts_ids_and_labels_together(tmp_path: Path, tokenizer) -> None:
+    conversation = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))[0]
+    full = data.encode(conversation, tokenizer, model_max_length=4096)
+    cut = data.encode(conversation, tokenizer, model_max_length=60)
+    assert len(cut.input_ids) == 60
+    assert (cut.input_ids, cut.labels) == (full.input_ids[:60], full.labels[:60])
+    # A length that ends before the first reply leaves nothing to learn: the sample is dropped.
+    assert data.encode_all([conversation], tokenizer, model_max_length=10) == []
+
+
+def test_jsonl_reads_like_json(tmp_path: Path) -> None:
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS) + "\n")
+    assert data.load_conversations(jsonl) == data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))
+    jsonl.write_text(json.dumps(CONVERSATIONS[0]) + "\n{broken\n")
+    with pytest.raises(VicunaflowError, match=r"c\.jsonl:2: not valid JSON Lines"):
+        data.load_conversations(jsonl)
+
+
+def test_tokenize_writes_a_dataset_that_reads_back(tmp_path: Path, tiny_vicuna, tokenizer) -> None:
+    source = write(tmp_path / "c.json", CONVERSATIONS)
+    out = data.tokenize(data=source, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=128)
+    samples, meta = data.load_tokenized(out)
+    expected = data.encode_all(data.load_conversations(source), tokenizer, 128)
+    assert samples == expected
+    assert meta["model_max_length"] == 128 and meta["ids"] == ["multi", "starts-with-gpt", "7"]
+    assert set(meta["tokenizer_sha256"]) >= {"tokenizer.json", "tokenizer_config.json"}
+    assert (out / "vicunaflow.json").is_file()
+
+
+def test_preview_through_the_cli(tmp_path: Path, tiny_vicuna, tokenizer) -> None:
+    source = write(tmp_path / "c.json", CONVERSATIONS)
+    command = [sys.executable, "-m", "vicunaflow", "data", "preview", "--data", str(source)]
+    command += ["--model-path", str(tiny_vicuna), "--limit", "2"]
+    result = subprocess.run([*command, "--format", "json"], capture_output=True, text=True, timeout=120, check=True)
+    shown = json.loads(result.stdout)
+    assert [s["id"] for s in shown] == ["multi", "starts-with-gpt"]
+    first = data.encode(data.load_conversations(source)[0], tokenizer, 2048)
+    assert shown[0]["input_ids"] == first.input_ids and shown[0]["labels"] == first.labels
+    text = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "USER: Who are you? ASSISTANT: I am Vicuna.</s>" in text
+    assert "trained" in text
+    bad = subprocess.run(
+        [*command[:6], str(write(tmp_path / "bad.json", [{"id": "x", "conversations": []}])), *command[7:]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "record 'x' (index 0): empty conversation" in bad.stderr

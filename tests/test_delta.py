@@ -1,0 +1,184 @@
+"""apply-delta / make-delta: exact sums, byte-exact round trips, either file format, clear mismatch errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vicunaflow import VicunaflowError
+from vicunaflow.delta import apply_delta, exact_delta, make_delta
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, read the plain way (whole files)."""
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}
+    for path in sorted(directory.glob("*.bin")):
+        tensors |= torch.load(path, weights_only=True)
+    return tensors
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def save_as_bin(tensors: dict[str, torch.Tensor], directory: Path, like: Path) -> Path:
+    """A copy of a model in the pickled pytorch_model-0000N-of-0000M.bin layout, two shards."""
+    directory.mkdir()
+    names = list(tensors)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, half in enumerate(halves, start=1):
+        file = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({n: tensors[n].clone() for n in half}, directory / file)
+        weight_map |= dict.fromkeys(half, file)
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copy(like / name, directory / name)
+    return directory
+
+
+def test_target_is_float32_sum_cast_back(tiny_hf, tiny_delta, tiny_vicuna):
+    base, delta, target = read_tensors(tiny_hf), read_tensors(tiny_delta), read_tensors(tiny_vicuna)
+    assert base.keys() == delta.keys() == target.keys()
+    for name in base:
+        expected = (base[name].float() + delta[name].float()).to(torch.float16)
+        assert target[name].dtype == torch.float16
+        assert torch.equal(bits(target[name]), bits(expected)), name
+
+
+def test_target_has_config_tokenizer_and_chat_template(tiny_delta, tiny_vicuna):
+    from transformers import AutoTokenizer
+
+    config = json.loads((tiny_vicuna / "config.json").read_text())
+    assert config["torch_dtype"] == "float16"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vicuna)
+    assert tokenizer.chat_template
+    assert (tiny_vicuna / "tokenizer.model").read_bytes() == (tiny_delta / "tokenizer.model").read_bytes()
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False).endswith("USER: Hi ASSISTANT:")
+
+
+def test_make_delta_then_apply_gives_the_same_bytes(tmp_path, tiny_hf, tiny_vicuna):
+    delta = make_delta(base=tiny_hf, target=tiny_vicuna, delta=tmp_path / "delta")
+    assert {t.dtype for t in read_tensors(delta).values()} == {torch.float32}
+    again = apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "again")
+    files = sorted(p.name for p in tiny_vicuna.glob("*.safetensors"))
+    assert files == sorted(p.name for p in again.glob("*.safetensors"))
+    for name in [*files, "model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer_config.json"]:
+        assert (again / name).read_bytes() == (tiny_vicuna / name).read_bytes(), name
+
+
+def test_bin_base_and_safetensors_delta(tmp_path, tiny_hf, tiny_delta, tiny_vicuna):
+    """Formats mix freely: a .bin base with a safetensors delta gives the same target."""
+    bin_base = save_as_bin(read_tensors(tiny_hf), tmp_path / "base-bin", like=tiny_hf)
+    st_delta = make_delta(base=tiny_hf, target=tiny_vicuna, delta=tmp_path / "delta-st")
+    target = apply_delta(base=bin_base, delta=st_delta, target=tmp_path / "target")
+    expected = read_tensors(tiny_vicuna)
+    for name, tensor in read_tensors(target).items():
+        assert torch.equal(bits(tensor), bits(expected[name])), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_exact_delta_round_trips_fine_tune_like_changes(dtype):
+    generator = torch.Generator().manual_seed(0)
+    base = (torch.randn(200, 300, generator=generator) * 0.02).to(dtype)
+    # A fine-tune: small updates, some weights pushed to or across zero, a few big moves.
+    target = base.float() + torch.randn(200, 300, generator=generator) * 1e-3
+    target[:5] = 0.0
+    target[5:10] = -base[5:10].float() * 1e-4
+    target[10:12] *= 50
+    target = target.to(dtype)
+    delta, _ = exact_delta(base, target)
+    acc = torch.float64 if dtype == torch.float32 else torch.float32
+    assert delta.dtype == acc
+    assert torch.equal(bits((base.to(acc) + delta).to(dtype)), bits(target))
+
+
+def test_exact_delta_nudges_where_plain_subtraction_misses():
+    # float16: base 1.0, target just above 0 -> T - B rounds in float32 and the sum misses T.
+    base = torch.tensor([1.0, 0.75, 3.0, 0.02], dtype=torch.float16)
+    target = torch.tensor([2.0**-14 * 1.0009765625, 1e-3, -2.0**-13, 0.0201], dtype=torch.float16)
+    plain = target.float() - base.float()
+    delta, nudged = exact_delta(base, target)
+    assert torch.equal(bits((base.float() + delta).half()), bits(target))
+    assert nudged == int(((base.float() + plain).half() != target).sum())
+
+
+def test_exact_delta_refuses_an_unreachable_target():
+    base = torch.tensor([2.0], dtype=torch.float16)
+    target = torch.tensor([2.0**-24], dtype=torch.float16)  # no float32 d gives float16(2 + d) == 2^-24
+    with pytest.raises(VicunaflowError, match="cannot be reached"):
+        exact_delta(base, target, "w")
+
+
+def test_v0_delta_gets_its_own_message(tmp_path, tiny_hf, tiny_delta):
+    delta = tmp_path / "v0"
+    shutil.copytree(tiny_delta, delta)
+    for shard in delta.glob("*.bin"):
+        state = torch.load(shard, weights_only=True)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in state:  # one extra row: the pad token v0 added
+                state[name] = torch.cat([state[name], state[name][:1]])
+        torch.save(state, shard)
+    with pytest.raises(VicunaflowError) as err:
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    assert "v0 delta" in str(err.value) and "v1.1" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_names_are_listed(tmp_path, tiny_hf, tiny_delta):
+    delta = tmp_path / "renamed"
+    shutil.copytree(tiny_delta, delta)
+    index = json.loads((delta / "pytorch_model.bin.index.json").read_text())
+    shard = delta / index["weight_map"]["model.norm.weight"]
+    state = torch.load(shard, weights_only=True)
+    state["model.final_norm.weight"] = state.pop("model.norm.weight")
+    shrunk = next(n for n in state if n.endswith("up_proj.weight"))
+    state[shrunk] = state[shrunk][:-1].clone()
+    torch.save(state, shard)
+    index["weight_map"]["model.final_norm.weight"] = index["weight_map"].pop("model.norm.weight")
+    (delta / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(VicunaflowError) as err:
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    message = str(err.value)
+    assert "model.norm.weight" in message and "model.final_norm.weight" in message and shrunk in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_delta_shard_names_the_file(tmp_path, tiny_hf, tiny_delta):
+    delta = tmp_path / "truncated"
+    shutil.copytree(tiny_delta, delta)
+    shard = sorted(delta.glob("*.bin"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(VicunaflowError, match=str(shard)):
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fastchat_flag_names(tmp_path, tiny_hf, tiny_delta, tiny_vicuna):
+    target = tmp_path / "via-cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "vicunaflow", "apply-delta", "--base-model-path", str(tiny_hf),
+         "--delta-path", str(tiny_delta), "--target-model-path", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shard = "model-00001-of-00001.safetensors"
+    assert (target / shard).read_bytes() == (tiny_vicuna / shard).read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "vicunaflow", "make-delta", "--base-model-path", str(tiny_hf),
+         "--target-model-path", str(target), "--delta-path", str(tmp_path / "delta")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "delta" / "model.safetensors.index.json").exists()

@@ -1,0 +1,191 @@
+"""Fine-tuning under a real `torchrun --nproc_per_node 2` on CPU (gloo), on the tiny Vicuna.
+
+One uninterrupted run is the reference; a second run of the same command is SIGKILLed after a
+checkpoint and started again: its losses, step for step, and its final weights must equal the
+reference's (same step, same data order, same optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vicunaflow import finetune
+from vicunaflow.synth import CONVERSATIONS
+
+# Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
+RUN_OPTIONS = [
+    "--max-steps", "8", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
+    "--learning-rate", "1e-3", "--model-max-length", "160", "--save-steps", "2", "--save-total-limit", "2",
+    "--logging-steps", "1", "--keep-checkpoints", "true",
+]  # fmt: skip
+
+
+def torchrun(model: Path, output_dir: Path, *options: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "vicunaflow", "finetune", "--model-path", str(model), "--data", str(CONVERSATIONS),
+        "--output-dir", str(output_dir), *RUN_OPTIONS, *options,
+    ]  # fmt: skip
+
+
+def run(command: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(output_dir: Path) -> list[float]:
+    entries = [json.loads(line) for line in (output_dir / finetune.TRAINER_LOG).read_text().splitlines()]
+    assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
+    return [e["loss"] for e in entries]
+
+
+def weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_vicuna, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(torchrun(tiny_vicuna, out))
+    return out
+
+
+def test_full_run_learns_rotates_checkpoints_and_writes_a_loadable_model(reference_run: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loss = losses(reference_run)
+    assert len(loss) == 8
+    assert sum(loss[-2:]) / 2 < 0.8 * sum(loss[:2]) / 2
+    checkpoints = reference_run.parent / ".checkpoints" / reference_run.name
+    # Saved at steps 2, 4, 6 (the last step goes to the output); save_total_limit 2 keeps 4 and 6.
+    assert [p.name for p in finetune.list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]
+    hyperparameters = json.loads((checkpoints / "checkpoint-6" / finetune.HYPERPARAMETERS).read_text())
+    assert hyperparameters["max_steps"] == 8 and hyperparameters["save_total_limit"] == 2
+    assert list((reference_run / "runs").glob("events.out.tfevents.*"))
+    model = AutoModelForCausalLM.from_pretrained(reference_run)
+    tokenizer = AutoTokenizer.from_pretrained(reference_run)
+    assert tokenizer.chat_template and model.dtype == torch.float16  # the base's dtype
+    assert json.loads((reference_run / "vicunaflow.json").read_text())["world_size"] == 2
+
+
+def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(reference_run: Path, tiny_vicuna, tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    first_checkpoint = tmp_path / ".checkpoints" / "run" / "checkpoint-2"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        torchrun(tiny_vicuna, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole torchrun group, mid-run, no clean-up
+    process.wait(timeout=30)
+    assert first_checkpoint.exists() and not out.exists()
+
+    resumed = run(torchrun(tiny_vicuna, out))
+    assert "resuming from" in resumed.stderr
+    step = int(resumed.stderr.split("resuming from")[1].split("at step")[1].split()[0])
+    assert 2 <= step < 8
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-5, abs=1e-6)
+    for name, tensor in weights(reference_run).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-3, atol=1e-3)
+
+    # A different setting must not silently resume someone else's checkpoint.
+    changed = subprocess.run(
+        torchrun(tiny_vicuna, tmp_path / "other", "--seed", "1", "--checkpoint-dir", str(first_checkpoint.parent)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert changed.returncode != 0 and "saved by a run with other settings (seed)" in changed.stderr
+
+
+def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    # Started without torchrun: `--nproc-per-node 2` makes the command launch its own processes.
+    command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(tiny_vicuna)]
+    command += ["--data", str(CONVERSATIONS), "--output-dir", str(out), "--nproc-per-node", "2", "--method", "lora"]
+    command += ["--max-steps", "3", "--learning-rate", "1e-2", "--model-max-length", "128", "--save-steps", "2"]
+    run(command)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out.parent / ".checkpoints").exists()  # removed once the output is written
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32)
+    merged_state, base_state = merged.state_dict(), base.state_dict()
+    assert merged_state.keys() == base_state.keys()
+    changed = [name for name in base_state if not torch.equal(merged_state[name], base_state[name])]
+    assert changed and all(any(t in name for t in finetune.LORA_TARGETS) for name in changed)
+
+
+def test_qlora_without_cuda_fails_clearly(tiny_vicuna, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(tiny_vicuna), "--method", "qlora"]
+    command += ["--data", str(CONVERSATIONS), "--output-dir", str(tmp_path / "q"), "--nproc-per-node", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "--method qlora needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_is_a_seeded_partition_of_each_epoch() -> None:
+    config = SimpleNamespace(
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2.0, seed=3
+    )
+    plan = finetune.Plan.make(n_sequences=11, config=config, world_size=2)
+    assert (plan.steps_per_epoch, plan.total_steps) == (2, 4)
+    epoch0 = [i for step in range(2) for rank in range(2) for batch in plan.micro_batches(step, rank) for i in batch]
+    assert sorted(set(epoch0)) == list(range(11)) and len(epoch0) == 12  # one index repeats to even out ranks
+    assert plan.micro_batches(2, 0) != plan.micro_batches(0, 0)  # a new order each epoch
+    assert plan.micro_batches(2, 0) == finetune.Plan.make(11, config, 2).micro_batches(2, 0)
+
+
+def test_packing_keeps_sequences_within_length() -> None:
+    from vicunaflow.data import Sample
+
+    samples = [Sample(str(i), [1] * n, [1] * n) for i, n in enumerate([100, 60, 50, 30, 120])]
+    packed = finetune.pack(samples, max_length=160)
+    assert sorted(i for sequence in packed for i in sequence) == list(range(5))
+    assert all(sum(len(samples[i].input_ids) for i in sequence) <= 160 for sequence in packed)
+    assert packed == [[0, 1], [2, 3], [4]]
+
+
+def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
+    from vicunaflow import launch
+
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)  # no scontrol: parse the node list
+    assert launch.launch_command(["finetune"], 1, env={}) is None
+    single = launch.launch_command(["finetune", "--x=1"], 4, env={})
+    assert single[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert single[-4:] == ["-m", "vicunaflow", "finetune", "--x=1"]
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_JOB_ID": "1234", "SLURM_NODEID": "1"}
+    batch_step = launch.launch_command(["finetune"], 8, env=slurm)
+    assert batch_step[:3] == ["srun", "--nodes=2", "--ntasks=2"]
+    node_task = launch.launch_command(["finetune"], 8, env=slurm | {launch.NODE_TASK_ENV: "1"})
+    assert "--nnodes=2" in node_task and "--node_rank=1" in node_task and "--nproc_per_node=8" in node_task
+    assert "--rdzv_endpoint=gpu07:29634" in node_task and "--rdzv_id=1234" in node_task

@@ -1,0 +1,189 @@
+"""The generation engine against transformers' own generate, plus streaming text, sampling and slots."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from _tmp_tiny_model import tiny_vicuna  # noqa: F401  TEMP until conftest's chain builds
+from vicunaflow import VicunaflowError, template
+from vicunaflow.generate import (
+    Engine,
+    IncrementalDecoder,
+    SamplingParams,
+    _stop_prefix_length,
+    encode_prompt,
+    fit_conversation,
+    load_model,
+    weight_bytes,
+)
+
+QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "Write a poem " * 12]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_vicuna):
+    return load_model(tiny_vicuna)
+
+
+def _prompt(tokenizer, question: str) -> list[int]:
+    return encode_prompt(tokenizer, template.render([(template.USER, question), (template.ASSISTANT, None)]))
+
+
+def _reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """transformers' greedy generate, stopping at </s> like the engine."""
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id
+    )[0, len(ids) :].tolist()
+    return tokenizer.decode([t for t in out if t != tokenizer.eos_token_id])
+
+
+def test_prompt_ids_start_with_bos_and_map_eos(loaded):
+    _, tokenizer = loaded
+    ids = encode_prompt(tokenizer, template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)]))
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids.count(tokenizer.eos_token_id) == 1  # the literal </s> after the first reply is the EOS token
+    assert ids == tokenizer(template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)])).input_ids
+
+
+def test_batched_engine_matches_transformers_generate(loaded):
+    """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
+    expected = [_reference(model, tokenizer, ids, 16) for ids in prompts]
+    results: dict[int, list] = {}
+    with Engine(model, tokenizer, max_batch_size=2) as engine:  # 3 requests, 2 rows: one joins a running batch
+
+        def run(i: int) -> None:
+            results[i] = list(engine.generate(prompts[i], SamplingParams(temperature=0, max_new_tokens=16)))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = engine.snapshot_stats()
+    for i, events in results.items():
+        assert "".join(e.text for e in events) == expected[i], QUESTIONS[i]
+        assert events[-1].finish_reason in ("stop", "length")
+        assert len(events) > 2  # streamed piece by piece
+    assert stats["max_batch"] == 2 and stats["active"] == 0
+
+
+def test_incremental_decoder_equals_full_decode(loaded):
+    """Deltas of any token sequence (byte-fallback pieces, lone "▁", emoji) add up to the full decode."""
+    _, tokenizer = loaded
+    samples = ["é€😀 ✨ ok", "  two  spaces\nnew line", "Vicuna: 你好!", "\u00e9\u00e9 \U0001f999x"]
+    sequences = [tokenizer(s, add_special_tokens=False).input_ids for s in samples]
+    # Random pieces mixed with whole multi-byte characters (byte-fallback runs that form valid UTF-8,
+    # as a trained model emits them).
+    byte_tokens = {tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    pieces = [[i] for i in range(3, len(tokenizer)) if i not in byte_tokens]
+    chars = [tokenizer(c, add_special_tokens=False).input_ids[1:] for c in "é€😀✨你好ßΩ🦙"]
+    rng = random.Random(0)
+    sequences += [sum((rng.choice(pieces + chars) for _ in range(40)), []) for _ in range(30)]
+    for ids in sequences:
+        decoder = IncrementalDecoder(tokenizer)
+        text = "".join(decoder.push(t) for t in ids) + decoder.flush()
+        assert text == tokenizer.decode(ids), ids
+
+
+def test_incremental_decoder_never_stalls(loaded):
+    """Raw ASCII byte tokens next to invalid bytes make tokenizers rewrite earlier text; keep streaming anyway."""
+    _, tokenizer = loaded
+    rng = random.Random(1)
+    for _ in range(20):
+        ids = [rng.randrange(3, len(tokenizer)) for _ in range(40)] + tokenizer("end", add_special_tokens=False).input_ids
+        decoder = IncrementalDecoder(tokenizer)
+        text = "".join(decoder.push(t) for t in ids)
+        assert text.endswith("end")
+
+
+def test_sampling_temperature_and_top_p(loaded):
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer, "Tell me a story")
+
+    def reply(params: SamplingParams, seed: int) -> str:
+        with Engine(model, tokenizer, max_batch_size=1, seed=seed) as engine:
+            return "".join(e.text for e in engine.generate(ids, params))
+
+    greedy = reply(SamplingParams(temperature=0, max_new_tokens=16), seed=0)
+    # a nucleus this small keeps only the most likely token: greedy whatever the temperature
+    assert reply(SamplingParams(temperature=1.5, top_p=1e-6, max_new_tokens=16), seed=1) == greedy
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=16)
+    assert reply(sampled, seed=3) == reply(sampled, seed=3)  # seeded: reproducible
+    assert len({reply(sampled, seed=s) for s in range(4)}) > 1  # and actually random
+
+
+def test_stop_string_cuts_the_reply(loaded):
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        full = "".join(e.text for e in engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=20)))
+        stop = full[8:11]
+        events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=20, stop=(stop,))))
+    assert "".join(e.text for e in events) == full[: full.index(stop)]
+    assert events[-1].finish_reason == "stop"
+    assert _stop_prefix_length("abc US", ["USER:"]) == 2 and _stop_prefix_length("abc", ["USER:"]) == 0
+
+
+def test_cancel_frees_the_slot(loaded):
+    """One slot: a cancelled endless request must make room for the next one."""
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        endless = engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=10**6))
+        next(endless)
+        endless.close()  # cancels, like a client that disconnects
+        events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=5)))
+        stats = engine.snapshot_stats()
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 5
+    assert stats["cancelled"] == 1 and stats["active"] == 0
+
+
+def test_reply_is_capped_by_the_context(loaded):
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model, tokenizer, max_batch_size=2, max_context=len(ids) + 7) as engine:
+        assert engine.max_new_tokens(len(ids), 1000) == 7
+        events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=1000)))
+        with pytest.raises(VicunaflowError, match="context"):
+            engine.submit(ids + ids, SamplingParams(), print)
+    assert events[-1].finish_reason in ("length", "stop") and events[-1].completion_tokens <= 7
+
+
+def test_fit_conversation_drops_oldest_exchanges(loaded):
+    _, tokenizer = loaded
+    turns = []
+    for i in range(6):
+        turns += [(template.USER, f"question {i} " * 5), (template.ASSISTANT, f"answer {i} " * 5)]
+    turns += [(template.USER, "last question"), (template.ASSISTANT, None)]
+    full = len(encode_prompt(tokenizer, template.render(turns)))
+    kept, ids = fit_conversation(tokenizer, turns, budget=full - 10)
+    assert len(ids) <= full - 10 and kept == turns[len(turns) - len(kept) :]
+    assert kept[-2] == (template.USER, "last question") and kept[0][0] == template.USER
+    with pytest.raises(VicunaflowError, match="at most 5"):
+        fit_conversation(tokenizer, turns, budget=5)
+
+
+def test_load_8bit_on_cpu_shrinks_weights(tiny_vicuna):
+    model, tokenizer = load_model(tiny_vicuna)
+    model_8bit, _ = load_model(tiny_vicuna, load_8bit=True)
+    fp32, int8 = weight_bytes(model), weight_bytes(model_8bit)
+    # Linear weights fp32 -> int8; the embedding stays fp32 (14% of this tiny model, 2% of 7B):
+    # 4.5 MB against 7.5 MB for float16 here, about half of float16 at 7B.
+    assert int8 < 0.65 * (fp32 / 2), (fp32, int8)
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model_8bit, tokenizer, max_batch_size=1) as engine:
+        events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=8)))
+    assert events[-1].completion_tokens == 8
+
+
+def test_load_errors_are_clear(tiny_vicuna, tmp_path):
+    with pytest.raises(VicunaflowError, match="4bit needs CUDA"):
+        load_model(tiny_vicuna, load_4bit=True)
+    with pytest.raises(VicunaflowError, match="no config.json"):
+        load_model(tmp_path)
