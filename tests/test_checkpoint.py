@@ -30,7 +30,9 @@ def some_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("text", "expected"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), ("123", 123)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), ("123", 123)]
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -70,7 +72,10 @@ def test_pickle_and_safetensors_files_read_the_same(tmp_path):
     tensors = some_tensors()
     torch.save(tensors, tmp_path / "x.bin")
     save_file(tensors, tmp_path / "x.safetensors")
-    for f in (PickleFile(tmp_path / "x.bin", release_bytes=1), SafetensorsFile(tmp_path / "x.safetensors", release_bytes=1)):
+    for f in (
+        PickleFile(tmp_path / "x.bin", release_bytes=1),
+        SafetensorsFile(tmp_path / "x.safetensors", release_bytes=1),
+    ):
         assert sorted(f.names()) == sorted(tensors)
         for name, t in tensors.items():
             assert f.info(name) == TensorInfo(tuple(t.shape), t.dtype)
@@ -94,7 +99,7 @@ def test_checkpoint_with_and_without_index(tmp_path):
 
 
 def test_empty_directory(tmp_path):
-    with pytest.raises(VicunaflowError, match="no model.safetensors"):
+    with pytest.raises(VicunaflowError, match=r"no model\.safetensors"):
         Checkpoint(tmp_path)
 
 

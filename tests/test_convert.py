@@ -23,7 +23,14 @@ REPLICATED = ("attention_norm.weight", "ffn_norm.weight", "norm.weight")
 
 
 def make_raw(
-    root: Path, tokenizer: Path, *, shards=2, n_kv_heads=None, dtype=torch.float32, ffn_dim_multiplier=None, rope_theta=None
+    root: Path,
+    tokenizer: Path,
+    *,
+    shards=2,
+    n_kv_heads=None,
+    dtype=torch.float32,
+    ffn_dim_multiplier=None,
+    rope_theta=None,
 ) -> Path:
     """A tiny raw checkpoint with the given options, reusing a trained tokenizer (fast)."""
     import sentencepiece as spm
@@ -60,7 +67,7 @@ def read_hf(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
-            tensors |= {name: f.get_tensor(name) for name in f.keys()}
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     return tensors
 
 
@@ -261,11 +268,15 @@ def test_shard_count_not_dividing_heads(tmp_path, tiny_raw):
 
 def test_shards_disagree_in_shape(tmp_path, tiny_raw, tokenizer_model):
     raw = broken_copy(tmp_path, tiny_raw)
-    other = make_raw(tmp_path / "other", tokenizer_model)  # dim 64 instead of 256
     state = torch.load(raw / "consolidated.01.pth", weights_only=True)
-    state["layers.0.attention.wo.weight"] = state["layers.0.attention.wo.weight"][:, :100].clone()
+    original = state["layers.0.attention.wq.weight"]
+    state["layers.0.attention.wq.weight"] = original[:, :100].clone()  # not the merge dim
     torch.save(state, raw / "consolidated.01.pth")
-    assert_fails(raw, tmp_path / "out", "consolidated.01.pth", "layers.0.attention.wo.weight", "different checkpoints")
+    assert_fails(raw, tmp_path / "out", "consolidated.01.pth", "layers.0.attention.wq.weight", "different checkpoints")
+    state["layers.0.attention.wq.weight"] = original[:100].clone()  # the merge dim: the sum is wrong
+    torch.save(state, raw / "consolidated.01.pth")
+    assert_fails(raw, tmp_path / "out", "consolidated.01.pth [100, 256]", "params.json implies [256, 256]")
+    other = make_raw(tmp_path / "other", tokenizer_model)  # dim 64 instead of 256
     shutil.copy(other / "consolidated.01.pth", raw / "consolidated.01.pth")
     assert_fails(raw, tmp_path / "out", "consolidated.01.pth", "do not match params.json")
 

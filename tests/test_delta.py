@@ -21,7 +21,7 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
-            tensors |= {name: f.get_tensor(name) for name in f.keys()}
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     for path in sorted(directory.glob("*.bin")):
         tensors |= torch.load(path, weights_only=True)
     return tensors
@@ -107,7 +107,7 @@ def test_exact_delta_round_trips_fine_tune_like_changes(dtype):
 def test_exact_delta_nudges_where_plain_subtraction_misses():
     # float16: base 1.0, target just above 0 -> T - B rounds in float32 and the sum misses T.
     base = torch.tensor([1.0, 0.75, 3.0, 0.02], dtype=torch.float16)
-    target = torch.tensor([2.0**-14 * 1.0009765625, 1e-3, -2.0**-13, 0.0201], dtype=torch.float16)
+    target = torch.tensor([2.0**-14 * 1.0009765625, 1e-3, -(2.0**-13), 0.0201], dtype=torch.float16)
     plain = target.float() - base.float()
     delta, nudged = exact_delta(base, target)
     assert torch.equal(bits((base.float() + delta).half()), bits(target))

@@ -600,6 +600,8 @@ def test_hf_offline_uses_the_cache_with_the_pinned_revision(hub, tmp_path, monke
     assert len(hub.requests) == seen, "offline: no request reached the hub"
     assert (out / "config.json").read_bytes() == b'{"v": 1}'
     assert json.loads((out / "vicunaflow.json").read_text())["revision"] == OLD
+    only_json = _hf(hub, tmp_path, "only-json", revision="v1.1", include=["*.json"])
+    assert sorted(p.name for p in only_json.iterdir()) == ["config.json", "vicunaflow.json"]
     with pytest.raises(VicunaflowError, match="not available offline"):
         _hf(hub, tmp_path, "other", revision="main")
 

@@ -43,8 +43,15 @@ def test_key_map_matches_transformers_llama(size):
 
 
 def test_grouped_query_shapes():
-    params = {"dim": 8192, "n_layers": 1, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096,
-              "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5}  # fmt: skip  (Llama 2 70B)
+    params = {
+        "dim": 8192,
+        "n_layers": 1,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+    }  # fmt: skip  (Llama 2 70B)
     shapes = meta_shapes(params, vocab_size=32000)
     assert shapes["layers.0.attention.wk.weight"] == (1024, 8192)
     assert shapes["layers.0.feed_forward.w1.weight"] == (28672, 8192)

@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 
-from _tmp_tiny_model import tiny_vicuna  # noqa: F401  TEMP until conftest's chain builds
 from vicunaflow import VicunaflowError, template
 from vicunaflow.generate import (
     Engine,
@@ -21,7 +20,7 @@ from vicunaflow.generate import (
     weight_bytes,
 )
 
-QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "Write a poem " * 12]
+QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +42,36 @@ def _reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
 
 def test_prompt_ids_start_with_bos_and_map_eos(loaded):
     _, tokenizer = loaded
-    ids = encode_prompt(tokenizer, template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)]))
+    ids = encode_prompt(
+        tokenizer, template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)])
+    )
     assert ids[0] == tokenizer.bos_token_id
     assert ids.count(tokenizer.eos_token_id) == 1  # the literal </s> after the first reply is the EOS token
-    assert ids == tokenizer(template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)])).input_ids
+    assert (
+        ids
+        == tokenizer(template.render([("USER", "a"), ("ASSISTANT", "b"), ("USER", "c"), ("ASSISTANT", None)])).input_ids
+    )
 
 
-def test_batched_engine_matches_transformers_generate(loaded):
-    """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late."""
+@pytest.fixture(scope="module")
+def reference_replies(loaded) -> list[str]:
+    model, tokenizer = loaded
+    return [_reference(model, tokenizer, _prompt(tokenizer, q), 16) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded):
+    """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late.
+
+    padded: the CUDA-graph layout (rows and attended length rounded up to buckets), run eagerly on CPU;
+    the long prompt crosses the 256-token bucket boundary while it decodes.
+    """
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
-    expected = [_reference(model, tokenizer, ids, 16) for ids in prompts]
+    assert len(prompts[-1]) < 256 < len(prompts[-1]) + 16
+    expected = reference_replies
     results: dict[int, list] = {}
-    with Engine(model, tokenizer, max_batch_size=2) as engine:  # 3 requests, 2 rows: one joins a running batch
+    with Engine(model, tokenizer, max_batch_size=3, padded_decode=padded) as engine:
 
         def run(i: int) -> None:
             results[i] = list(engine.generate(prompts[i], SamplingParams(temperature=0, max_new_tokens=16)))
@@ -70,7 +86,7 @@ def test_batched_engine_matches_transformers_generate(loaded):
         assert "".join(e.text for e in events) == expected[i], QUESTIONS[i]
         assert events[-1].finish_reason in ("stop", "length")
         assert len(events) > 2  # streamed piece by piece
-    assert stats["max_batch"] == 2 and stats["active"] == 0
+    assert stats["max_batch"] == 3 and stats["active"] == 0  # 4 requests, 3 rows: one joined a running batch
 
 
 def test_incremental_decoder_equals_full_decode(loaded):
@@ -84,7 +100,7 @@ def test_incremental_decoder_equals_full_decode(loaded):
     pieces = [[i] for i in range(3, len(tokenizer)) if i not in byte_tokens]
     chars = [tokenizer(c, add_special_tokens=False).input_ids[1:] for c in "é€😀✨你好ßΩ🦙"]
     rng = random.Random(0)
-    sequences += [sum((rng.choice(pieces + chars) for _ in range(40)), []) for _ in range(30)]
+    sequences += [[t for _ in range(40) for t in rng.choice(pieces + chars)] for _ in range(30)]
     for ids in sequences:
         decoder = IncrementalDecoder(tokenizer)
         text = "".join(decoder.push(t) for t in ids) + decoder.flush()
@@ -96,7 +112,9 @@ def test_incremental_decoder_never_stalls(loaded):
     _, tokenizer = loaded
     rng = random.Random(1)
     for _ in range(20):
-        ids = [rng.randrange(3, len(tokenizer)) for _ in range(40)] + tokenizer("end", add_special_tokens=False).input_ids
+        ids = [rng.randrange(3, len(tokenizer)) for _ in range(40)] + tokenizer(
+            "end", add_special_tokens=False
+        ).input_ids
         decoder = IncrementalDecoder(tokenizer)
         text = "".join(decoder.push(t) for t in ids)
         assert text.endswith("end")
@@ -185,5 +203,34 @@ def test_load_8bit_on_cpu_shrinks_weights(tiny_vicuna):
 def test_load_errors_are_clear(tiny_vicuna, tmp_path):
     with pytest.raises(VicunaflowError, match="4bit needs CUDA"):
         load_model(tiny_vicuna, load_4bit=True)
-    with pytest.raises(VicunaflowError, match="no config.json"):
+    with pytest.raises(VicunaflowError, match=r"no config\.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_cuda_engine_matches_transformers_generate(tiny_vicuna, cuda_graphs):
+    """On a GPU (float32: no rounding noise between kernels), graphs or not, replies equal HF generate."""
+    model, tokenizer = load_model(tiny_vicuna, device="cuda", dtype="float32")
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
+    expected = []
+    for ids in prompts:
+        out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+        expected.append(tokenizer.decode([t for t in out.tolist() if t != tokenizer.eos_token_id]))
+    with Engine(model, tokenizer, max_batch_size=3, cuda_graphs=cuda_graphs) as engine:
+        assert engine.runner.cuda_graphs == cuda_graphs
+        results = [None] * len(prompts)
+
+        def run(i: int) -> None:
+            results[i] = "".join(
+                e.text for e in engine.generate(prompts[i], SamplingParams(temperature=0, max_new_tokens=16))
+            )
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert engine.runner.cuda_graphs == cuda_graphs  # no capture failed
+    assert results == expected

@@ -43,6 +43,7 @@ def chat(
     max_new_tokens: int = 512,
     max_context: int | None = None,
     seed: int | None = None,
+    cuda_graphs: bool = True,
     prompts: Path | None = None,
     output: Path | None = None,
 ) -> None:
@@ -65,6 +66,7 @@ def chat(
         max_new_tokens: longest reply, in tokens.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         seed: sampling seed, for reproducible sampled replies.
+        cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         prompts: a file of prompts, one per line: each is answered greedily in a fresh conversation.
         output: with --prompts: the JSON file to write the transcripts to (results/chat/<model>.json).
     """
@@ -89,7 +91,9 @@ def chat(
         load_8bit=load_8bit,
         load_4bit=load_4bit,
     )
-    with Engine(model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed) as engine:
+    with Engine(
+        model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
+    ) as engine:
         if prompts is not None:
             if temperature != 0:
                 log.info("--prompts answers greedily: temperature %s -> 0", temperature)

@@ -27,7 +27,7 @@ from vicunaflow import VicunaflowError
 
 log = logging.getLogger(__name__)
 
-RELEASE_BYTES = 256 << 20  # re-map a file after this many bytes were read through it
+RELEASE_BYTES = 128 << 20  # re-map a file after this many bytes were read through it
 
 # safetensors dtype names <-> torch dtypes.
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -170,18 +170,14 @@ def load_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     _check_exists(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as err:
-        if "failed finding central directory" in str(err) or "failed reading" in str(err):
-            raise VicunaflowError(
-                f"{path}: truncated or corrupt checkpoint ({_first_line(err)}); download it again"
-            ) from err
+    except Exception as err:
         if "_use_new_zipfile_serialization" not in str(err):
-            raise VicunaflowError(f"{path}: cannot read this checkpoint: {_first_line(err)}") from err
-        state = _load_legacy_pickle(path)  # pre-1.6 torch.save format: cannot be mapped
-    except Exception as err:  # UnpicklingError from weights_only: the pickle holds code or objects
-        raise VicunaflowError(
-            f"{path}: holds more than tensors, refusing to unpickle it (weights_only): {_first_line(err)}"
-        ) from err
+            raise _unreadable(path, err) from err
+        log.warning("%s: old torch.save format, cannot memory-map it; loading it whole", path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err2:
+            raise _unreadable(path, err2) from err2
     if not isinstance(state, dict):
         raise VicunaflowError(f"{path}: expected a dict of tensors, found a {type(state).__name__}")
     others = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
@@ -190,14 +186,10 @@ def load_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_legacy_pickle(path: Path) -> dict:
-    log.warning("%s: old torch.save format, cannot memory-map; loading it whole", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise VicunaflowError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {_first_line(err)}"
-        ) from err
+def _unreadable(path: Path, err: Exception) -> VicunaflowError:
+    if "Weights only load failed" in str(err):  # the pickle would build objects or run code
+        return VicunaflowError(f"{path}: holds more than tensors, refusing to unpickle it: {_first_line(err)}")
+    return VicunaflowError(f"{path}: truncated or corrupt checkpoint ({_first_line(err)}); download it again")
 
 
 def _check_exists(path: Path) -> None:
@@ -219,7 +211,7 @@ def _first_line(err: BaseException) -> str:
 # A Hugging Face checkpoint directory
 
 
-WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "consolidated.*.pth")
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")  # safetensors preferred when both exist
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -278,7 +270,7 @@ def _weight_files(directory: Path) -> list[Path]:
             if missing:
                 raise VicunaflowError(f"{index_path}: names missing files {', '.join(missing[:3])}")
             return [directory / f for f in files]
-    for pattern in WEIGHT_PATTERNS[:2]:
+    for pattern in WEIGHT_PATTERNS:
         files = sorted(directory.glob(pattern))
         if files:
             return files

@@ -179,8 +179,11 @@ def merged_infos(shards: list[PickleFile], params: dict) -> dict[str, TensorInfo
     for name, dim in dims.items():
         shape0, dtype0 = first.info(name).shape, first.info(name).dtype
         for shard in shards[1:]:
-            info = shard.info(name)  # Meta splits evenly: every slice has the same shape
-            if info.shape != shape0 or info.dtype != dtype0:
+            info = shard.info(name)
+            same_other_dims = len(info.shape) == len(shape0) and all(
+                a == b for d, (a, b) in enumerate(zip(info.shape, shape0, strict=True)) if d != dim
+            )
+            if not same_other_dims or info.dtype != dtype0:
                 raise VicunaflowError(
                     f"{shard.path}: {name} is {list(info.shape)} {info.dtype} but {first.path.name} has "
                     f"{list(shape0)} {dtype0}; the shards come from different checkpoints"
@@ -189,17 +192,19 @@ def merged_infos(shards: list[PickleFile], params: dict) -> dict[str, TensorInfo
         if dim is not None:
             shape[dim] = sum(s.info(name).shape[dim] for s in shards)
         merged[name] = TensorInfo(tuple(shape), dtype0)
-    _check_shapes(merged, params, shards[0].path.parent / "params.json")
+    _check_shapes(merged, shards, params)
     return merged
 
 
-def _check_shapes(merged: dict[str, TensorInfo], params: dict, params_path: Path) -> None:
+def _check_shapes(merged: dict[str, TensorInfo], shards: list[PickleFile], params: dict) -> None:
     expected = meta_shapes(params, vocab_size=merged["tok_embeddings.weight"].shape[0])
     for name, shape in expected.items():
         if merged[name].shape != shape:
+            slices = ", ".join(f"{s.path.name} {list(s.info(name).shape)}" for s in shards)
             raise VicunaflowError(
-                f"{params_path}: merged {name} is {list(merged[name].shape)}, params.json implies {list(shape)} "
-                "(check dim, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier)"
+                f"{shards[0].path.parent / 'params.json'}: merged {name} is {list(merged[name].shape)} ({slices}), "
+                f"params.json implies {list(shape)}; a shard from another checkpoint, or wrong dim, n_heads, "
+                "n_kv_heads, multiple_of or ffn_dim_multiplier"
             )
 
 

@@ -69,10 +69,7 @@ def apply_delta(
 
     with atomic_output_dir(target) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
         for name in tqdm(names, desc="apply-delta", unit="tensor", disable=None):
-            b, d = base_ck.get(name), delta_ck.get(name)
-            acc = _accumulator(out_dtype)
-            writer.write(name, (b.to(acc) + d.to(acc)).to(out_dtype))
-            del b, d
+            writer.write(name, add_delta(base_ck.get(name), delta_ck.get(name), out_dtype))
         writer.close()
         base_ck.release()
         delta_ck.release()
@@ -126,6 +123,21 @@ def make_delta(
         write_manifest(out, inputs=_small_files(base) + _small_files(target), kind="make-delta", nudged=nudged)
     log.info("wrote %s (%d elements needed a nudged delta value)", delta, nudged)
     return delta
+
+
+def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
+    """dtype(float32(base) + float32(delta)), a few million elements at a time (float64 for float32 targets).
+
+    Chunking keeps the float32 temporaries small: a 13B embedding matrix would otherwise need three
+    655 MB float32 copies at once.
+    """
+    acc = _accumulator(dtype)
+    out = torch.empty(base.shape, dtype=dtype)
+    flat_out, flat_b, flat_d = out.view(-1), base.reshape(-1), delta.reshape(-1)
+    for start in range(0, flat_out.numel(), chunk):
+        end = start + chunk
+        flat_out[start:end] = flat_b[start:end].to(acc) + flat_d[start:end].to(acc)
+    return out
 
 
 def exact_delta(base: torch.Tensor, target: torch.Tensor, name: str = "") -> tuple[torch.Tensor, int]:

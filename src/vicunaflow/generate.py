@@ -240,6 +240,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()  # stop strings (OpenAI `stop`); EOS always stops
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
 
 @dataclasses.dataclass
@@ -333,6 +334,104 @@ class SlotCache:
             values[target, :, :length] = values[source, :, :length]
 
 
+class DecodeRunner:
+    """The forward pass of one decode step: n rows, one new token each, at their own positions.
+
+    On one GPU, the Python overhead of a Hugging Face forward (hundreds of small kernel launches for
+    7B) costs more than reading the weights, so each step is padded to a bucket (rows 1, 2, 4, ...,
+    max_batch_size; attended length in steps of 256) and replayed from a CUDA graph captured once per
+    bucket. Padding rows are free cache rows (active rows are always 0..n-1): they write position 0
+    of a row nobody reads before its next prefill overwrites it. Elsewhere: exact shapes, eagerly.
+    """
+
+    KV_STEP = 256
+
+    def __init__(self, model, cache: SlotCache, layer_devices: list, *, padded: bool, cuda_graphs: bool):
+        self.model, self.cache, self.layer_devices = model, cache, layer_devices
+        self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
+        self.row_buckets = sorted({min(2**i, cache.slots) for i in range(cache.slots.bit_length() + 1)})
+        self.buckets: dict[tuple[int, int], dict] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    def logits(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        """tokens[i] goes to cache position lengths[i] of row i; returns float logits [n, vocab]."""
+        n = len(tokens)
+        if not self.padded:
+            positions = torch.tensor(lengths)  # [n]
+            kv_length = int(positions.max()) + 1
+            bucket = self._buffers(n, kv_length, device=self.layer_devices[0])
+            self._fill(bucket, tokens, lengths)
+            return self._forward(bucket)[:n].float()
+        rows = next(b for b in self.row_buckets if b >= n)
+        kv_length = min(-(-(max(lengths) + 1) // self.KV_STEP) * self.KV_STEP, self.cache.context)
+        key = (rows, kv_length)
+        if key not in self.buckets:
+            self.buckets[key] = self._buffers(rows, kv_length, device=self.layer_devices[0])
+        bucket = self.buckets[key]
+        self._fill(bucket, tokens, lengths)
+        if self.cuda_graphs and bucket.get("graph") is None:
+            self._capture(bucket)
+        if bucket.get("graph") is not None:
+            bucket["graph"].replay()
+            return bucket["logits"][:n].float()
+        return self._forward(bucket)[:n].float()
+
+    def _buffers(self, rows: int, kv_length: int, device) -> dict:
+        return {
+            "rows": rows,
+            "kv_length": kv_length,
+            "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),  # [rows, 1]
+            "positions": torch.zeros(rows, dtype=torch.long, device=device),  # [rows]
+            "mask": torch.zeros(rows, 1, 1, kv_length, dtype=torch.bool, device=device),  # [rows, 1, 1, kv]
+        }
+
+    def _fill(self, bucket: dict, tokens: list[int], lengths: list[int]) -> None:
+        n, rows = len(tokens), bucket["rows"]
+        input_ids = torch.zeros(rows, 1, dtype=torch.long)
+        input_ids[:n, 0] = torch.tensor(tokens)
+        positions = torch.zeros(rows, dtype=torch.long)  # padding rows: position 0
+        positions[:n] = torch.tensor(lengths)
+        # mask[b, 0, 0, k]: row b sees its own tokens 0..positions[b]
+        mask = torch.arange(bucket["kv_length"])[None, :] <= positions[:, None]
+        bucket["input_ids"].copy_(input_ids)
+        bucket["positions"].copy_(positions)
+        bucket["mask"].copy_(mask[:, None, None])
+
+    def _forward(self, bucket: dict) -> torch.Tensor:
+        positions = bucket["positions"]
+        per_device = {positions.device: positions}
+        for device in self.layer_devices:
+            if device not in per_device:
+                per_device[device] = positions.to(device)
+        self.cache.for_decode(bucket["rows"], [per_device[d] for d in self.layer_devices], bucket["kv_length"])
+        return self.model(
+            input_ids=bucket["input_ids"],
+            attention_mask=bucket["mask"],
+            position_ids=positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1]  # [rows, vocab]
+
+    def _capture(self, bucket: dict) -> None:
+        """Warm up on a side stream (writes the same K/V the real step will), then capture the step."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bucket["logits"] = self._forward(bucket)
+            bucket["graph"] = graph
+            log.debug("captured a CUDA graph for %d rows x %d tokens", bucket["rows"], bucket["kv_length"])
+        except Exception as err:
+            log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
+            self.cuda_graphs = False
+            bucket["graph"] = None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -353,6 +452,8 @@ class Engine:
         max_context: int | None = None,
         prefill_tokens: int = 4096,
         seed: int | None = None,
+        cuda_graphs: bool = True,
+        padded_decode: bool | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model, max_context)
@@ -362,6 +463,12 @@ class Engine:
         self.device = model.get_input_embeddings().weight.device
         self.layer_devices = [layer.input_layernorm.weight.device for layer in model.model.layers]
         self.cache = SlotCache(model, max_batch_size, self.context)
+        single_gpu = self.device.type == "cuda" and len(set(self.layer_devices)) == 1
+        quantized = getattr(model.config, "quantization_config", None) is not None
+        # bitsandbytes kernels and multi-GPU hooks are not replayed from a graph
+        cuda_graphs = cuda_graphs and single_gpu and not quantized
+        padded_decode = cuda_graphs if padded_decode is None else padded_decode
+        self.runner = DecodeRunner(model, self.cache, self.layer_devices, padded=padded_decode, cuda_graphs=cuda_graphs)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
         self.rows: list[Request] = []  # active requests; row i of the cache belongs to rows[i]
@@ -374,7 +481,11 @@ class Engine:
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.batch_sizes: Counter[int] = Counter()
         log.info(
-            "engine: %d slots x %d tokens, KV cache %.1f MiB", max_batch_size, self.context, self.cache.nbytes() / 2**20
+            "engine: %d slots x %d tokens, KV cache %.1f MiB, CUDA graphs %s",
+            max_batch_size,
+            self.context,
+            self.cache.nbytes() / 2**20,
+            "on" if cuda_graphs else "off",
         )
 
     # -- public API ---------------------------------------------------------------------------------------
@@ -521,24 +632,7 @@ class Engine:
     def _decode_step(self) -> None:
         """Feed each row its last sampled token at its own position; sample the next one."""
         n = len(self.rows)
-        lengths = torch.tensor(self.lengths)  # [n]: the new token's cache position
-        kv_length = int(lengths.max()) + 1
-        positions = [lengths.to(device) for device in self.layer_devices]
-        # mask[b, 0, 0, k]: row b sees its own tokens 0..lengths[b]
-        mask = (torch.arange(kv_length)[None, :] <= lengths[:, None])[:, None, None].to(self.device)
-        self.cache.for_decode(n, positions, kv_length)
-        input_ids = torch.tensor(self.last_tokens, device=self.device)[:, None]  # [n, 1]
-        logits = (
-            self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=lengths.to(self.device)[:, None],
-                cache=self.cache,
-                use_cache=True,
-            )
-            .logits[:, -1]
-            .float()
-        )  # [n, vocab]
+        logits = self.runner.logits(self.last_tokens, self.lengths)  # [n, vocab]
         tokens = self._sample(logits, self.rows)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += n
@@ -573,7 +667,7 @@ class Engine:
 
     def _emit(self, request: Request, token: int) -> None:
         """Send the new text of one sampled token; finish on EOS, a stop string or the length limit."""
-        if token == self.eos_id:
+        if token == self.eos_id and not request.params.ignore_eos:
             tail = request.held + request.decoder.flush()
             request.decoder.ids.append(token)
             request.held = ""

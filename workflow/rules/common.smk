@@ -107,7 +107,11 @@ def get_run_options(wildcards):
     """The run's options: `finetune.defaults` overridden by the run's own keys."""
     options = dict(config["finetune"]["defaults"])
     options.update(
-        {k: v for k, v in get_run(wildcards).items() if k not in ("model", "data")}
+        {
+            k: v
+            for k, v in get_run(wildcards).items()
+            if k not in ("model", "data", "resources")
+        }
     )
     return options
 
@@ -161,10 +165,10 @@ def get_chat_model(wildcards):
 
 
 # ---- resources -------------------------------------------------------------------------------
-# Each rule takes `resources: **get_resources("<step>", ...)`: the table in vicunaflow.sizes
-# (RESOURCES) for the job's model size, overridden field by field by config `resources:`, plus the
-# `cluster:` block (partition, account, qos, GPU model), so those are set once in config and never
-# in rules or profiles. Names are those of snakemake-executor-plugin-slurm; the local executor
+# Rules take their resources from get_resources("<step>", ...), unpacked with `**`: the table in
+# vicunaflow.sizes (RESOURCES) for the job's model size, overridden field by field by config
+# `resources`, plus the `cluster` block of config (partition, account, qos, GPU model), so those are
+# set once in config and never in rules or profiles. Names are those of snakemake-executor-plugin-slurm; the local executor
 # counts `gpu` against the profile's `resources: gpu=N`. A function that returns None drops its
 # resource, so an unset partition or qos never reaches sbatch.
 
@@ -187,9 +191,12 @@ def size_of_model(name):
     return match.group(1)
 
 
-def job_resources(step, size):
-    """RESOURCES[step][size] with config `resources: {step: {size: {field: value}}}` applied."""
-    override = config["resources"].get(step, {}).get(size, {})
+def job_resources(step, size, run=None):
+    """RESOURCES[step][size], then config `resources: {step: {size: {field: value}}}`, then the
+    fine-tuning run's own `resources:` applied."""
+    override = dict(config["resources"].get(step, {}).get(size, {}))
+    if run is not None:
+        override.update(config["finetune"]["runs"][run].get("resources", {}))
     return dataclasses.replace(RESOURCES[step][size], **override)
 
 
@@ -242,7 +249,11 @@ def get_resources(step, wildcard="size", size=None):
 
     def resource(name):
         return lambda wildcards: scheduler_resources(
-            job_resources(step, size or size_of_wildcard(wildcards, wildcard))
+            job_resources(
+                step,
+                size or size_of_wildcard(wildcards, wildcard),
+                run=wildcards.run if wildcard == "run" else None,
+            )
         )[name]
 
     return {name: resource(name) for name in SCHEDULER_RESOURCES}

@@ -35,6 +35,7 @@ def serve(
     max_context: int | None = None,
     default_max_tokens: int = 512,
     seed: int | None = None,
+    cuda_graphs: bool = True,
 ) -> None:
     """Serve a model over OpenAI's v1 API (/v1/models, /v1/chat/completions, /v1/completions) and a chat page at /.
 
@@ -56,6 +57,7 @@ def serve(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
+        cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
     """
     import uvicorn
 
@@ -80,7 +82,9 @@ def serve(
         load_8bit=load_8bit,
         load_4bit=load_4bit,
     )
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed)
+    engine = Engine(
+        model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
+    )
     app = create_app(
         engine,
         model_name=model_name or Path(model_path).resolve().name,

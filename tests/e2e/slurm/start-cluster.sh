@@ -8,17 +8,28 @@
 #   source $VF_SLURM_DIR/env.sh               SLURM_CONF, and the srun shim first on PATH
 #   tests/e2e/slurm/stop-cluster.sh           stop every daemon by its PID
 #
-# Settings (environment): VF_SLURM_DIR (default /tmp/vicunaflow-slurm), VF_SLURM_GPUS (2),
-# VF_SLURM_ACCOUNT (ci), VF_SLURM_PORT_BASE (6817: slurmctld, +1 slurmd, +2 slurmdbd),
-# VF_SLURM_DB_PORT (13306), VF_SLURM_FRESH=1 wipes job and accounting state first.
+# Settings (environment): VF_SLURM_DIR (default /tmp/vicunaflow-slurm), VF_SLURM_NODES (1 or 2),
+# VF_SLURM_GPUS (fake GPUs per node, 2), VF_SLURM_ACCOUNT (ci), VF_SLURM_PORT_BASE (6817:
+# slurmctld, +2 slurmdbd, +10+i slurmd of node i), VF_SLURM_DB_PORT (13306),
+# VF_SLURM_FRESH=1 wipes job and accounting state first.
+#
+# Two nodes are two slurmd on this host (Debian builds Slurm with multiple-slurmd support), named
+# after this host and `localhost` so that both names resolve, as real node names do: a multi-node
+# job then starts one task per node and its processes meet at a rendezvous on the first node.
 set -euo pipefail
 
 DIR=${VF_SLURM_DIR:-/tmp/vicunaflow-slurm}
+NODES=${VF_SLURM_NODES:-1}
 GPUS=${VF_SLURM_GPUS:-2}
 ACCOUNT=${VF_SLURM_ACCOUNT:-ci}
 PORT=${VF_SLURM_PORT_BASE:-6817}
 DB_PORT=${VF_SLURM_DB_PORT:-13306}
-NODE=$(hostname -s)
+HOST=$(hostname -s)
+case $NODES in
+  1) NODE_NAMES=("$HOST") ;;
+  2) NODE_NAMES=("$HOST" localhost) ;;
+  *) echo "start-cluster.sh: VF_SLURM_NODES must be 1 or 2" >&2; exit 2 ;;
+esac
 STARTED=$(date +%s%N)
 
 say() {
@@ -35,7 +46,7 @@ until_ok() {
   done
 }
 
-[ "$(id -u)" = 0 ] || { echo "start-cluster.sh: needs root (daemons, mknod)" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "start-cluster.sh: needs root (daemons, mknod)" >&2; exit 3; }
 
 # ---- packages: Debian 12 ships Slurm 22.05 --------------------------------------------------------
 packages=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
@@ -43,9 +54,10 @@ missing=()
 for package in "${packages[@]}"; do dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  apt-get update -qq
   # The packages' own init scripts cannot start anything here (no systemd); we start the daemons below.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Exit status 3: the packages cannot be had here (tests skip on it; any other failure is a bug).
+  apt-get update -qq || exit 3
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || exit 3
 fi
 say "packages present"
 
@@ -59,13 +71,12 @@ MUNGE_SOCKET=$DIR/munge/munge.socket.2
 
 # ---- configuration --------------------------------------------------------------------------------
 CPUS=$(nproc)
-MEMORY_MB=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
+MEMORY_MB=$(awk -v nodes="$NODES" '/^MemTotal:/ {print int($2 / 1024 * 0.9 / nodes)}' /proc/meminfo)
 cat > "$DIR/etc/slurm.conf" <<EOF
 # Written by tests/e2e/slurm/start-cluster.sh: one node, fake GPUs, accounting through slurmdbd.
 ClusterName=vicunaflow
-SlurmctldHost=${NODE}(127.0.0.1)
+SlurmctldHost=${HOST}(127.0.0.1)
 SlurmctldPort=${PORT}
-SlurmdPort=$((PORT + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -74,9 +85,9 @@ AuthInfo=socket=${MUNGE_SOCKET}
 StateSaveLocation=${DIR}/state
 SlurmdSpoolDir=${DIR}/spool/%n
 SlurmctldPidFile=${DIR}/run/slurmctld.pid
-SlurmdPidFile=${DIR}/run/slurmd.pid
+SlurmdPidFile=${DIR}/run/slurmd-%n.pid
 SlurmctldLogFile=${DIR}/log/slurmctld.log
-SlurmdLogFile=${DIR}/log/slurmd.log
+SlurmdLogFile=${DIR}/log/slurmd-%n.log
 # No mail daemon here; without MailProg slurmctld logs an error for every job.
 MailProg=/bin/true
 # Cgroup device control does not work in this sandbox: track processes by /proc, no task binding.
@@ -103,19 +114,22 @@ AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
-NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEMORY_MB} Gres=gpu:fake:${GPUS} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
 # Fake GPUs: character devices with /dev/null's numbers. Slurm schedules them and sets
 # CUDA_VISIBLE_DEVICES; nothing can use them as a GPU, so jobs fall back to the CPU.
-for ((index = 0; index < GPUS; index++)); do
-  [ -e "$DIR/dev/nvidia$index" ] || mknod "$DIR/dev/nvidia$index" c 1 3
+echo "AutoDetect=off" > "$DIR/etc/gres.conf"
+for ((node = 0; node < NODES; node++)); do
+  name=${NODE_NAMES[$node]}
+  echo "NodeName=${name} NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((PORT + 10 + node))" \
+    "CPUs=${CPUS} RealMemory=${MEMORY_MB} Gres=gpu:fake:${GPUS} State=UNKNOWN" >> "$DIR/etc/slurm.conf"
+  mkdir -p "$DIR/dev/$name"
+  for ((index = 0; index < GPUS; index++)); do
+    [ -e "$DIR/dev/$name/nvidia$index" ] || mknod "$DIR/dev/$name/nvidia$index" c 1 3
+  done
+  echo "NodeName=${name} Name=gpu Type=fake File=${DIR}/dev/${name}/nvidia[0-$((GPUS - 1))]" >> "$DIR/etc/gres.conf"
 done
-cat > "$DIR/etc/gres.conf" <<EOF
-AutoDetect=off
-NodeName=${NODE} Name=gpu Type=fake File=${DIR}/dev/nvidia[0-$((GPUS - 1))]
-EOF
 
 cat > "$DIR/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
@@ -180,13 +194,15 @@ say "slurmdbd $(cat "$DIR/run/slurmdbd.pid")"
 running "$DIR/run/slurmctld.pid" || slurmctld
 until_ok 30 scontrol ping
 say "slurmctld $(cat "$DIR/run/slurmctld.pid")"
-running "$DIR/run/slurmd.pid" || slurmd
-node_ready() { sinfo --noheader --nodes="$NODE" --format=%T | grep -Eq '^(idle|mixed|allocated)$'; }
-if ! until_ok 20 node_ready; then
-  scontrol update NodeName="$NODE" State=RESUME || true   # a node left DOWN by an earlier run
-  until_ok 20 node_ready
-fi
-say "slurmd $(cat "$DIR/run/slurmd.pid"), node $NODE $(sinfo --noheader --nodes="$NODE" --format=%T)"
+node_ready() { sinfo --noheader --nodes="$1" --format=%T | grep -Eq '^(idle|mixed|allocated)$'; }
+for name in "${NODE_NAMES[@]}"; do
+  running "$DIR/run/slurmd-$name.pid" || slurmd -N "$name"
+  if ! until_ok 20 node_ready "$name"; then
+    scontrol update NodeName="$name" State=RESUME || true   # a node left DOWN by an earlier run
+    until_ok 20 node_ready "$name"
+  fi
+  say "slurmd $(cat "$DIR/run/slurmd-$name.pid"), node $name $(sinfo --noheader --nodes="$name" --format=%T)"
+done
 
 # ---- accounts: the executor plugin validates slurm_account against sacctmgr ------------------------
 until_ok 30 bash -c "sacctmgr --noheader list cluster format=cluster | grep -qw vicunaflow"
@@ -194,4 +210,4 @@ sacctmgr --immediate --quiet add account "$ACCOUNT" Description=vicunaflow-tests
   > /dev/null 2>&1 || true
 sacctmgr --immediate --quiet add user root Account="$ACCOUNT" > /dev/null 2>&1 || true
 until_ok 10 bash -c "sacctmgr --noheader --parsable2 list user root withassoc format=account | grep -qx $ACCOUNT"
-say "ready: partition debug, account $ACCOUNT, $GPUS fake GPUs; source $DIR/env.sh"
+say "ready: partition debug, account $ACCOUNT, $NODES node(s) x $GPUS fake GPUs; source $DIR/env.sh"

@@ -7,8 +7,8 @@ set -uo pipefail
 DIR=${VF_SLURM_DIR:-/tmp/vicunaflow-slurm}
 export SLURM_CONF=$DIR/etc/slurm.conf
 
-stop_daemon() { # stop_daemon NAME: TERM, wait up to 10 s, then KILL
-  local name=$1 pidfile=$DIR/run/$1.pid pid
+stop_daemon() { # stop_daemon NAME PIDFILE: TERM, wait up to 10 s, then KILL
+  local name=$1 pidfile=$2 pid
   [ -s "$pidfile" ] || return 0
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
@@ -32,5 +32,6 @@ if [ -s "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 
   fi
 fi
 
-for daemon in slurmd slurmctld slurmdbd mariadbd munged; do stop_daemon "$daemon"; done
+for pidfile in "$DIR"/run/slurmd-*.pid; do stop_daemon slurmd "$pidfile"; done   # one per node
+for daemon in slurmctld slurmdbd mariadbd munged; do stop_daemon "$daemon" "$DIR/run/$daemon.pid"; done
 exit 0

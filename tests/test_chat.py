@@ -1,0 +1,159 @@
+"""The chat CLI: piped stdin, a pseudo-terminal, commands, long conversations and --prompts JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vicunaflow import VicunaflowError, template
+from vicunaflow.chat import chat
+from vicunaflow.generate import Engine, SamplingParams, encode_prompt, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _chat_piped(monkeypatch, capsys, lines: list[str], **kwargs) -> str:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    chat(**{"temperature": 0.0, "max_new_tokens": 8, **kwargs})
+    return capsys.readouterr().out
+
+
+def _replies(out: str) -> list[str]:
+    return [line.removeprefix("ASSISTANT: ") for line in out.splitlines() if line.startswith("ASSISTANT: ")]
+
+
+def test_piped_stdin_with_commands(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "conversation.json"
+    lines = [
+        "Hello",
+        "!!regen",
+        f"!!save {saved}",
+        "!!reset",
+        f"!!load {saved}",
+        "Second question",
+        "!!remove",
+        "!!exit",
+    ]
+    out = _chat_piped(monkeypatch, capsys, [*lines, "never asked"], model_path=tiny_vicuna)
+    assert "USER: Hello" in out and "USER: never asked" not in out
+    replies = _replies(out)
+    # Hello, its regeneration (greedy: the same), the loaded transcript, Second question
+    assert len(replies) == 4 and replies[0] == replies[1] == replies[2] and replies[0]
+    record = json.loads(saved.read_text())
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert record["messages"][0]["content"] == "Hello"
+    assert "[new conversation]" in out and "[removed: Second question]" in out and "[loaded 1 exchanges" in out
+
+
+def test_multi_turn_prompt_carries_history(tiny_vicuna, monkeypatch, capsys):
+    """The second answer continues the conversation: it equals generating from the two-turn prompt."""
+    out = _chat_piped(monkeypatch, capsys, ["Hi", "And then?"], model_path=tiny_vicuna)
+    first, second = _replies(out)
+    model, tokenizer = load_model(tiny_vicuna)
+    turns = [
+        (template.USER, "Hi"),
+        (template.ASSISTANT, first),
+        (template.USER, "And then?"),
+        (template.ASSISTANT, None),
+    ]
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        events = engine.generate(encode_prompt(tokenizer, template.render(turns)), SamplingParams(0.0, 1.0, 8))
+        assert "".join(e.text for e in events).strip() == second
+
+
+def test_long_conversation_drops_oldest_turns(tiny_vicuna, monkeypatch, capsys):
+    questions = [f"Question number {i}, asked with some extra words to fill the context" for i in range(6)]
+    out = _chat_piped(monkeypatch, capsys, questions, model_path=tiny_vicuna, max_context=200)
+    assert len(_replies(out)) == 6
+    assert "no longer fit the 200-token context: left out" in out
+
+
+def test_rich_style(tiny_vicuna, monkeypatch, capsys):
+    out = _chat_piped(monkeypatch, capsys, ["Hello"], model_path=tiny_vicuna, style="rich")
+    assert "ASSISTANT" in out
+
+
+def test_pseudo_terminal(tiny_vicuna):
+    """Interactive use: prompts appear, the reply streams, !!exit ends the session."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a terminal
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "vicunaflow",
+                "chat",
+                "--model-path",
+                str(tiny_vicuna),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+            ],
+        )
+    try:
+        seen = _read_until(fd, b"USER: ", 120)
+        os.write(fd, b"Hello\n")
+        seen += _read_until(fd, b"USER: ", 60)
+        assert b"ASSISTANT: " in seen
+        os.write(fd, b"!!exit\n")
+        _read_until(fd, None, 30)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
+
+
+def _read_until(fd: int, marker: bytes | None, timeout: float) -> bytes:
+    """Read the terminal until `marker` (None: until the child closes it)."""
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child exited
+                return data
+            if not chunk:
+                return data
+            data += chunk
+            if marker is not None and data.endswith(marker):
+                return data
+    if marker is None:
+        return data
+    raise AssertionError(f"no {marker!r} on the terminal within {timeout}s; got {data[-500:]!r}")
+
+
+def test_prompts_file_to_json(tiny_vicuna, tmp_path):
+    """The workflow's chat_smoke call: fixed prompts, greedy, an atomically written JSON."""
+    output = tmp_path / "results" / "chat" / "vicuna-tiny-all-v1.1.json"
+    prompts = REPO / "config" / "chat_prompts.txt"
+    cmd = [sys.executable, "-m", "vicunaflow", "chat", "--model-path", str(tiny_vicuna), "--prompts", str(prompts)]
+    subprocess.run(
+        [*cmd, "--output", str(output), "--temperature", "0", "--max-new-tokens", "8"], check=True, timeout=300
+    )
+    result = json.loads(output.read_text())
+    questions = [t["prompt"] for t in result["transcripts"]]
+    assert "Who are you?" in questions and len(questions) == len(prompts.read_text().split("\n")) - 1
+    assert result["generation"]["temperature"] == 0.0 and result["template"] == "vicuna_v1.1"
+    model, tokenizer = load_model(tiny_vicuna)
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        ids = encode_prompt(tokenizer, template.render([(template.USER, "Who are you?"), (template.ASSISTANT, None)]))
+        expected = "".join(e.text for e in engine.generate(ids, SamplingParams(0.0, 1.0, 8)))
+    assert result["transcripts"][questions.index("Who are you?")]["reply"] == expected
+    assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporary file left behind
+
+
+def test_prompts_needs_output(tiny_vicuna, tmp_path):
+    with pytest.raises(VicunaflowError, match="go together"):
+        chat(model_path=tiny_vicuna, prompts=tmp_path / "p.txt")
