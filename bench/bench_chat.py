@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", choices=["ours", "transformers", "fastchat"], default=["ours", "transformers", "fastchat"]
     )
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: plain eager decode steps")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     args = parser.parse_args()
     if args.tiny:
@@ -68,6 +69,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
+        "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
     }
     print(json.dumps(info))
     results = []
@@ -106,8 +108,13 @@ def make_model(size_name: str, device: str, dtype: torch.dtype, context: int):
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a float32 7B would need twice the memory
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return model.eval()
 
 
@@ -136,7 +143,14 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
 
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     results = []
-    with Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_context=args.context) as engine:
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=max(args.concurrency),
+        max_context=args.context,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    with engine:
         list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up
         best = None
         for _ in range(args.repeats):

@@ -177,18 +177,43 @@ def make_data(path: Path, n: int) -> Path:
     """Conversations long enough that every sample is truncated to --seq-len tokens (all full length)."""
     if path.is_file():
         return path
-    words = "the model learns to answer questions about science history music cooking travel and code".split()
+    words = [
+        "the",
+        "model",
+        "learns",
+        "to",
+        "answer",
+        "questions",
+        "about",
+        "science",
+        "history",
+        "music",
+        "cooking",
+        "travel",
+        "and",
+        "code",
+    ]
     records = []
     for i in range(n):
         reply = " ".join(words[(i + j) % len(words)] for j in range(3000))
-        records.append({"id": f"bench-{i}", "conversations": [{"from": "human", "value": "Tell me."}, {"from": "gpt", "value": reply}]})
+        records.append(
+            {
+                "id": f"bench-{i}",
+                "conversations": [{"from": "human", "value": "Tell me."}, {"from": "gpt", "value": reply}],
+            }
+        )
     path.write_text(json.dumps(records))
     return path
 
 
 def model_flops_per_token(model_dir: Path, seq_len: int) -> float:
     config = json.loads((model_dir / "config.json").read_text())
-    d, layers, vocab, ffn = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"], config["intermediate_size"]
+    d, layers, vocab, ffn = (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["vocab_size"],
+        config["intermediate_size"],
+    )
     per_layer = 4 * d * d + 3 * d * ffn + 2 * d  # attention q k v o, MLP gate up down, two norms
     n = layers * per_layer + d + vocab * d  # + final norm + lm_head (the input embedding is a lookup)
     return 6 * n + 12 * layers * d * seq_len
@@ -255,7 +280,7 @@ def hf_trainer_worker(args) -> None:
         gradient_accumulation_steps=1,
         learning_rate=2e-5,
         weight_decay=0.0,
-        warmup_ratio=0.03,
+        warmup_steps=0.03,  # transformers 5: a float below 1 is a ratio of the steps
         lr_scheduler_type="cosine",
         logging_steps=1,
         save_strategy="no",

@@ -157,3 +157,25 @@ def test_prompts_file_to_json(tiny_vicuna, tmp_path):
 def test_prompts_needs_output(tiny_vicuna, tmp_path):
     with pytest.raises(VicunaflowError, match="go together"):
         chat(model_path=tiny_vicuna, prompts=tmp_path / "p.txt")
+
+
+def test_multiline_messages_end_with_an_empty_line(tiny_vicuna, monkeypatch, capsys):
+    out = _chat_piped(
+        monkeypatch,
+        capsys,
+        ["first line", "second line", "", "next question", ""],
+        model_path=tiny_vicuna,
+        multiline=True,
+    )
+    assert "USER: first line\nsecond line\n" in out and "USER: next question" in out
+    assert len(_replies(out)) == 2
+
+
+def test_fastchat_style_bare_flags():
+    """`--load-8bit` and `--multiline` work without a value, as in FastChat's CLI."""
+    from vicunaflow.cli import _bare_bool_flags, _normalize_flags
+
+    argv = _bare_bool_flags(
+        _normalize_flags(["chat", "--load-8bit", "--multiline", "--style", "rich", "--load-4bit", "false"])
+    )
+    assert argv == ["chat", "--load_8bit=true", "--multiline=true", "--style", "rich", "--load_4bit", "false"]

@@ -128,3 +128,22 @@ def test_legacy_torch_format_still_reads(tmp_path):
     torch.save(tensors, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
     f = PickleFile(tmp_path / "old.bin")
     assert torch.equal(f.get("a"), tensors["a"])
+
+
+def test_pickle_reader_keeps_few_pages_resident_and_data_valid(tmp_path):
+    import psutil
+
+    tensors = {f"t{i}": torch.full((1024, 1024), float(i)) for i in range(24)}  # 96 MB
+    torch.save(tensors, tmp_path / "big.bin")
+    del tensors
+    process = psutil.Process()
+    f = PickleFile(tmp_path / "big.bin")
+    before = process.memory_info().rss
+    handed_out = []
+    for name in f.names():
+        t = f.get(name)
+        assert float(t.sum()) == float(name[1:]) * 1024 * 1024  # touches every page
+        handed_out.append(t)
+    grown_mb = (process.memory_info().rss - before) / 2**20
+    assert grown_mb < 24, f"{grown_mb:.0f} MB resident after reading 96 MB"
+    assert all(float(t[0, 0]) == float(i) for i, t in enumerate(handed_out))  # dropped pages read back fine

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from vicunaflow import VicunaflowError
-from vicunaflow.delta import apply_delta, exact_delta, make_delta
+from vicunaflow.delta import add_delta, apply_delta, exact_delta, make_delta
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -182,3 +182,19 @@ def test_fastchat_flag_names(tmp_path, tiny_hf, tiny_delta, tiny_vicuna):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "delta" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("delta_dtype", ["same", torch.float32])
+def test_add_delta_is_the_float32_formula(dtype, delta_dtype):
+    """The one-pass 16-bit add and the chunked path both equal dtype(float32(b) + float32(d)) bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    n = 1_000_003
+    base = (torch.randn(n, generator=generator) * 0.02).to(dtype)
+    delta = torch.randn(n, generator=generator) * torch.logspace(-8, 2, n)  # tiny to huge
+    delta = delta.to(dtype if delta_dtype == "same" else delta_dtype)
+    edges = torch.tensor([65504.0, -65504.0, 6e-8, -6e-8, 0.0, -0.0, 1.0, -1.0])
+    base[:8], delta[:8] = edges.to(dtype), edges.flip(0).to(delta.dtype)
+    expected = (base.float() + delta.float()).to(dtype)
+    assert torch.equal(bits(add_delta(base, delta, dtype)), bits(expected))
+    assert torch.equal(bits(add_delta(base, delta, dtype, chunk=4099)), bits(expected))

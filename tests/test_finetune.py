@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vicunaflow import finetune
+from vicunaflow import data, finetune
 from vicunaflow.synth import CONVERSATIONS
 
 # Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
@@ -110,14 +110,24 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
     for name, tensor in weights(reference_run).items():
         torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-3, atol=1e-3)
 
-    # A different setting must not silently resume someone else's checkpoint.
+    # A different setting must not silently resume someone else's checkpoint (one process, no torchrun).
+    command = [
+        sys.executable,
+        "-m",
+        "vicunaflow",
+        "finetune",
+        "--model-path",
+        str(tiny_vicuna),
+        "--data",
+        str(CONVERSATIONS),
+    ]
+    command += ["--output-dir", str(tmp_path / "other"), *RUN_OPTIONS, "--seed", "1", "--nproc-per-node", "1"]
     changed = subprocess.run(
-        torchrun(tiny_vicuna, tmp_path / "other", "--seed", "1", "--checkpoint-dir", str(first_checkpoint.parent)),
-        capture_output=True,
-        text=True,
-        timeout=240,
+        [*command, "--checkpoint-dir", str(first_checkpoint.parent)], capture_output=True, text=True, timeout=240
     )
-    assert changed.returncode != 0 and "saved by a run with other settings (seed)" in changed.stderr
+    assert (
+        changed.returncode == 1 and "saved by a run with other settings (seed, world_size (2 -> 1))" in changed.stderr
+    )
 
 
 def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -> None:
@@ -125,11 +135,15 @@ def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
+    tokenized = data.tokenize(
+        data=CONVERSATIONS, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=256
+    )
     # Started without torchrun: `--nproc-per-node 2` makes the command launch its own processes.
     command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(tiny_vicuna)]
-    command += ["--data", str(CONVERSATIONS), "--output-dir", str(out), "--nproc-per-node", "2", "--method", "lora"]
-    command += ["--max-steps", "3", "--learning-rate", "1e-2", "--model-max-length", "128", "--save-steps", "2"]
-    run(command)
+    command += ["--data", str(tokenized), "--output-dir", str(out), "--nproc-per-node", "2", "--method", "lora"]
+    command += ["--max-steps", "2", "--learning-rate", "1e-2", "--model-max-length", "256", "--packing", "true"]
+    result = run(command)
+    assert "packed 156 conversations into" in result.stderr
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out.parent / ".checkpoints").exists()  # removed once the output is written

@@ -163,7 +163,7 @@ def test_16_concurrent_requests_are_batched(server, client):
         name = (await async_client.models.list()).data[0].id
         jobs = [
             async_client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=24
+                model=name, messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=48
             )
             for i in range(16)
         ]

@@ -2,22 +2,29 @@
 
 Readers cover Meta's `consolidated.NN.pth`, Hugging Face's pickled `pytorch_model*.bin` shards
 (both through `torch.load(mmap=True, weights_only=True)`: nothing but tensors is unpickled) and
-safetensors (`safe_open`). A file is memory-mapped, so a tensor costs RAM only while it is used;
-but pages read through a mapping stay resident until the mapping is dropped, so every reader
-drops and re-opens its mapping after handing out `release_bytes` (tensors already handed out stay
-valid). `Checkpoint` gives one name -> tensor view over a directory of shards, with or without an
+safetensors (`safe_open`). Files are memory-mapped, so a tensor costs RAM only while it is used;
+but pages read through a mapping stay resident (and count in RSS) until they are dropped. So a
+pickle reader tells the kernel it no longer needs the pages of the tensors it handed out before
+(madvise DONTNEED: the mapping is private and never written, so a later read simply faults the
+file's bytes back in), and a safetensors reader re-opens its file after `release_bytes`.
+`Checkpoint` gives one name -> tensor view over a directory of shards, with or without an
 index json. `ShardedSafetensorsWriter` writes tensors straight to disk: the plan of names, shapes
 and dtypes is known up front, so each shard's header is written first and no shard is buffered.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
+import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +34,8 @@ from vicunaflow import VicunaflowError
 
 log = logging.getLogger(__name__)
 
-RELEASE_BYTES = 128 << 20  # re-map a file after this many bytes were read through it
+RELEASE_BYTES = 128 << 20  # re-open a safetensors file after this many bytes were read through it
+MADV_DONTNEED = 4  # Linux, <sys/mman.h>
 
 # safetensors dtype names <-> torch dtypes.
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -59,12 +67,11 @@ class TensorInfo:
 
 
 class TensorFile:
-    """One file of named tensors: `names()`, `info(name)`, `get(name)`; re-maps itself as it goes."""
+    """One file of named tensors: `names()`, `info(name)`, `get(name)`, keeping few pages resident."""
 
     def __init__(self, path: str | os.PathLike, release_bytes: int = RELEASE_BYTES):
         self.path = Path(path)
         self.release_bytes = release_bytes
-        self._read_since_open = 0
         self._infos: dict[str, TensorInfo] = {}
         self._open()  # fail early, naming the file, if it is truncated or not a checkpoint
 
@@ -75,19 +82,15 @@ class TensorFile:
         return self._infos[name]
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor; it stays valid however long it is kept (it may be a view of the mapped file)."""
         if name not in self._infos:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         if not self._is_open():
             self._open()
-        tensor = self._get(name)
-        self._read_since_open += tensor.numel() * tensor.element_size()
-        if self._read_since_open >= self.release_bytes:
-            self.release()
-        return tensor
+        return self._get(name)
 
     def release(self) -> None:
-        """Drop the mapping (resident pages go with it once the handed-out tensors are freed)."""
-        self._read_since_open = 0
+        """Drop the mapping (its pages go once the tensors handed out are freed)."""
         self._close()
 
     def __enter__(self) -> TensorFile:
@@ -114,9 +117,12 @@ class PickleFile(TensorFile):
     """A torch.save'd dict of tensors (Meta .pth, Hugging Face .bin), memory-mapped, weights only."""
 
     _state: dict[str, torch.Tensor] | None = None
+    _mapped = False
+    _handed_out: list[torch.Tensor]
 
     def _open(self) -> None:
-        self._state = load_pickled_tensors(self.path)
+        self._state, self._mapped = load_pickled_tensors(self.path)
+        self._handed_out = []
         if not self._infos:
             self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._state.items()}
 
@@ -124,10 +130,15 @@ class PickleFile(TensorFile):
         return self._state is not None
 
     def _get(self, name: str) -> torch.Tensor:
-        return self._state[name]
+        for tensor in self._handed_out:
+            _drop_resident_pages(tensor)
+        tensor = self._state[name]
+        self._handed_out = [tensor] if self._mapped else []  # only file-backed pages may be dropped
+        return tensor
 
     def _close(self) -> None:
         self._state = None
+        self._handed_out = []
 
 
 class SafetensorsFile(TensorFile):
@@ -139,6 +150,7 @@ class SafetensorsFile(TensorFile):
         from safetensors import SafetensorError, safe_open
 
         _check_exists(self.path)
+        self._read_since_open = 0
         try:
             self._handle = safe_open(self.path, framework="pt")
             if not self._infos:
@@ -152,7 +164,11 @@ class SafetensorsFile(TensorFile):
         return self._handle is not None
 
     def _get(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name)
+        tensor = self._handle.get_tensor(name)  # a copy: the mapping's pages stay until re-opened
+        self._read_since_open += tensor.numel() * tensor.element_size()
+        if self._read_since_open >= self.release_bytes:
+            self._close()
+        return tensor
 
     def _close(self) -> None:
         self._handle = None  # safe_open unmaps when its handle is freed
@@ -164,16 +180,18 @@ def open_tensor_file(path: str | os.PathLike, release_bytes: int = RELEASE_BYTES
     return cls(path, release_bytes)
 
 
-def load_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torch.load a flat {name: tensor} pickle, memory-mapped and weights-only, with errors naming the file."""
+def load_pickled_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
+    """torch.load a flat {name: tensor} pickle, weights-only, with errors naming the file; and whether it is mapped."""
     path = Path(path)
     _check_exists(path)
+    mapped = True
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
         if "_use_new_zipfile_serialization" not in str(err):
             raise _unreadable(path, err) from err
         log.warning("%s: old torch.save format, cannot memory-map it; loading it whole", path)
+        mapped = False
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err2:
@@ -183,7 +201,28 @@ def load_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     others = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if others:
         raise VicunaflowError(f"{path}: holds more than tensors: {', '.join(map(str, others[:5]))}; not a weights file")
-    return state
+    return state, mapped
+
+
+def _drop_resident_pages(tensor: torch.Tensor) -> None:
+    """madvise(DONTNEED) the whole pages inside a file-mapped tensor: RSS falls, the data stays readable."""
+    libc = _libc()
+    if libc is None:
+        return
+    storage = tensor.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    start, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc.madvise(start, end - start, MADV_DONTNEED)
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere pages stay until the mapping is dropped
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def _unreadable(path: Path, err: Exception) -> VicunaflowError:
@@ -300,7 +339,8 @@ class ShardedSafetensorsWriter:
     `plan` lists (name, TensorInfo) in the order `write` will be called. Shards are cut before a
     tensor that would overflow `max_shard_size` (a bigger tensor gets a shard of its own), headers
     are written when a shard is opened and each tensor goes straight to disk: memory use is the
-    caller's one tensor, never a shard.
+    caller's one tensor, never a shard. The disk write runs in a background thread (file writes
+    release the GIL) while the caller computes the next tensor; at most one write is in flight.
     """
 
     def __init__(
@@ -324,6 +364,8 @@ class ShardedSafetensorsWriter:
         self._next = 0  # index into plan
         self._shard = -1
         self._file = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
+        self._pending: Future | None = None  # the write in flight (it holds its tensor alive)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.plan):
@@ -336,7 +378,8 @@ class ShardedSafetensorsWriter:
         if self._file is None or name not in self._shard_names:
             self._open_next_shard()
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # raw little-endian bytes
-        self._file.write(memoryview(data))
+        self._wait()
+        self._pending = self._io.submit(self._file.write, memoryview(data))
         self._next += 1
 
     def close(self) -> list[Path]:
@@ -370,7 +413,13 @@ class ShardedSafetensorsWriter:
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
 
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write (disk full ...)
+
     def _close_file(self) -> None:
+        self._wait()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -379,7 +428,10 @@ class ShardedSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self._close_file()
+        try:
+            self._close_file()
+        finally:
+            self._io.shutdown(wait=True)
 
 
 def iter_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:

@@ -55,13 +55,33 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return normalized
 
 
+def _bare_bool_flags(argv: list[str]) -> list[str]:
+    """`--load_8bit` alone means `--load_8bit=true` for a bool parameter (FastChat's flag style)."""
+    spec = COMMANDS.get(argv[0]) if argv else None
+    if isinstance(spec, dict):
+        spec = spec.get(argv[1]) if len(argv) > 1 else None
+    if not isinstance(spec, str):
+        return argv
+    try:
+        import typing
+
+        hints = typing.get_type_hints(resolve(spec))
+    except Exception:  # leave the arguments to jsonargparse, which reports problems itself
+        return argv
+    bools = {f"--{name}" for name, hint in hints.items() if hint is bool}
+    return [
+        f"{arg}=true" if arg in bools and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else arg
+        for i, arg in enumerate(argv)
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     from vicunaflow import VicunaflowError
     from vicunaflow.log import setup_logging
 
-    argv = _normalize_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = _bare_bool_flags(_normalize_flags(list(sys.argv[1:] if argv is None else argv)))
     # Build the parser for the chosen verb alone; `--help` (or no verb) shows the whole table.
     commands = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     setup_logging()

@@ -126,11 +126,16 @@ def make_delta(
 
 
 def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
-    """dtype(float32(base) + float32(delta)), a few million elements at a time (float64 for float32 targets).
+    """dtype(float32(base) + float32(delta)); float64 instead of float32 for float32 targets.
 
-    Chunking keeps the float32 temporaries small: a 13B embedding matrix would otherwise need three
-    655 MB float32 copies at once.
+    When base, delta and target share a 16-bit dtype (lmsys's float16 deltas), torch's own add is
+    exactly that: CPU kernels compute half and bfloat16 arithmetic in float32 and round once
+    (tests/test_delta.py holds it to the formula), in one pass. Otherwise the sum is computed a
+    few million elements at a time, so float32 temporaries stay small (a 13B embedding matrix
+    would need three 655 MB copies at once).
     """
+    if base.dtype == delta.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
+        return torch.add(base, delta)
     acc = _accumulator(dtype)
     out = torch.empty(base.shape, dtype=dtype)
     flat_out, flat_b, flat_d = out.view(-1), base.reshape(-1), delta.reshape(-1)

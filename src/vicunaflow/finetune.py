@@ -391,7 +391,8 @@ def train_step(model, micro_batches: Sequence[dict], runtime: Runtime) -> tuple[
     for batch in micro_batches:
         batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits  # (B, T, V)
+        with _autocast(model, runtime):
+            logits = model(**batch, use_cache=False).logits  # (B, T, V)
         # Position t predicts token t + 1.
         loss = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
@@ -400,6 +401,15 @@ def train_step(model, micro_batches: Sequence[dict], runtime: Runtime) -> tuple[
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum)
     return float(loss_sum), n_tokens, n_inputs
+
+
+def _autocast(model, runtime: Runtime):
+    """bf16 compute for an unsharded model (FSDP2's MixedPrecisionPolicy does it for sharded ones)."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    enabled = runtime.dtype == torch.bfloat16 and not isinstance(model, FSDPModule)
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _clip_gradients(model, max_norm: float) -> float:
@@ -612,9 +622,10 @@ def build_model(config: TrainConfig, runtime: Runtime):
         model = _add_lora(model, config)
     else:
         model.requires_grad_(True)
-    if config.method == "qlora":
-        if runtime.world_size > 1:
-            raise VicunaflowError("--method qlora runs on one GPU; start it without torchrun or use --method lora")
+    if config.method == "qlora" and runtime.world_size > 1:
+        raise VicunaflowError("--method qlora runs on one GPU; start it without torchrun or use --method lora")
+    if runtime.world_size == 1 and "offload" not in config.fsdp.split():
+        # Nothing to shard: a plain module is faster (no gathers); bf16 then comes from autocast.
         return model.to(runtime.device)
 
     mixed = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
@@ -691,7 +702,10 @@ def build_optimizer(model, config: TrainConfig):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    fused = params[0].device.type == "cuda"  # one kernel for all parameters on GPUs
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=fused
+    )
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import warnings
@@ -294,6 +295,10 @@ class SlotCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = config.num_key_value_heads or config.num_attention_heads
         dtype = model.get_input_embeddings().weight.dtype
+        per_layer = 2 * slots * kv_heads * context * head_dim * dtype.itemsize
+        _check_gpu_memory(
+            [layer.input_layernorm.weight.device for layer in model.model.layers], per_layer, slots, context
+        )
         self.keys, self.values = [], []
         for layer in model.model.layers:
             device = layer.input_layernorm.weight.device  # device_map may spread layers over GPUs
@@ -432,6 +437,20 @@ class DecodeRunner:
             bucket["graph"] = None
 
 
+def _check_gpu_memory(layer_devices: list, per_layer: int, slots: int, context: int) -> None:
+    """Fail with advice, not an out-of-memory trace, when the KV cache cannot fit next to the weights."""
+    needed = Counter(layer_devices)
+    for device, layers in needed.items():
+        if device.type != "cuda":
+            continue
+        free, _ = torch.cuda.mem_get_info(device)
+        if layers * per_layer > 0.9 * free:
+            raise VicunaflowError(
+                f"the KV cache for {slots} requests x {context} tokens needs {layers * per_layer / 2**30:.1f} GiB "
+                f"on {device}, {free / 2**30:.1f} GiB are free; lower --max-batch-size or --max-context"
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -470,7 +489,7 @@ class Engine:
         padded_decode = cuda_graphs if padded_decode is None else padded_decode
         self.runner = DecodeRunner(model, self.cache, self.layer_devices, padded=padded_decode, cuda_graphs=cuda_graphs)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
         self.rows: list[Request] = []  # active requests; row i of the cache belongs to rows[i]
         self.lengths: list[int] = []  # tokens in the cache per row
         self.last_tokens: list[int] = []  # sampled, not yet in the cache
@@ -552,6 +571,7 @@ class Engine:
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "max_batch_size": self.max_batch_size,
                 "context": self.context,
+                "cuda_graphs": self.runner.cuda_graphs,
             }
 
     # -- the loop -----------------------------------------------------------------------------------------

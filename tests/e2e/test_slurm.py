@@ -1,15 +1,17 @@
 """The workflow through SLURM: resources planned per size, then a real cluster running the tiny chain.
 
-The `slurm` tests start a two-node cluster on this machine (tests/e2e/slurm/start-cluster.sh: munge,
-MariaDB + slurmdbd, slurmctld, two slurmd with two fake GPUs each), run Snakemake with
-profiles/slurm, read sacct, and stop every daemon by its PID. They need root; without it, or
-without the Slurm packages and a way to install them, they skip.
+The `slurm` test starts a two-node cluster on this machine (tests/e2e/slurm/start-cluster.sh: munge,
+MariaDB + slurmdbd, slurmctld, two slurmd with three fake GPUs each), runs Snakemake with
+profiles/slurm, reads sacct, and stops every daemon by its PID. It needs root; without it, or
+without the Slurm packages and a way to install them, it skips.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from vicunaflow.sizes import RESOURCES, SIZES, Resources
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "e2e" / "slurm"
@@ -73,6 +77,20 @@ def dry_run(workdir: Path, *args: str) -> dict[str, list[dict[str, str]]]:
         elif line == "" and index > 0 and lines[index - 1].startswith("Shell command"):
             job = {}
     return jobs
+
+
+def test_resource_table_covers_every_step_size_and_config_field() -> None:
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(schema["properties"]["resources"]["properties"]) == set(RESOURCES)
+    fields = set(schema["definitions"]["job_resources"]["properties"])
+    assert fields == {field.name for field in dataclasses.fields(Resources)}
+    for step, by_size in RESOURCES.items():
+        assert set(by_size) == set(SIZES), step
+    for step in ("download", "convert", "apply_delta", "tokenize_data"):
+        assert all(res.gpu == 0 and res.nodes == 1 for res in RESOURCES[step].values()), step
+    # The seed's guidance: 13B on one node of 8 GPUs; 33B and 65B on several nodes.
+    assert (RESOURCES["finetune"]["13b"].gpu, RESOURCES["finetune"]["13b"].nodes) == (8, 1)
+    assert RESOURCES["finetune"]["33b"].nodes > 1 and RESOURCES["finetune"]["65b"].nodes > 1
 
 
 def test_slurm_profile_plans_13b_offline(tmp_path: Path) -> None:
@@ -145,9 +163,10 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
         **os.environ,
         "VF_SLURM_DIR": str(cluster_dir),
         "VF_SLURM_NODES": "2",
-        # Ports apart from the harness defaults, so a developer's own test cluster can keep running.
-        "VF_SLURM_PORT_BASE": "16817",
-        "VF_SLURM_DB_PORT": "13316",
+        "VF_SLURM_GPUS": "3",  # room for both test fine-tunes at once (2 GPUs + 1 per node)
+        # Free ports, so a developer's own cluster or another test run can keep running.
+        "VF_SLURM_PORT_BASE": str(port_base := free_port_base()),
+        "VF_SLURM_DB_PORT": str(port_base + 20),
     }
     try:
         start = subprocess.run(
@@ -171,6 +190,19 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     assert not alive, f"still running after stop-cluster.sh: {alive}"
 
 
+def free_port_base() -> int:
+    """A port P with P (slurmctld), P+2 (slurmdbd), P+10, P+11 (slurmd) and P+20 (MariaDB) all free."""
+    for base in range(16800, 30000, 50):
+        try:
+            for offset in (0, 2, 10, 11, 20):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports for a test cluster")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -183,7 +215,7 @@ def run_on_slurm(env: dict, workdir: Path, *args: str) -> tuple[subprocess.Compl
     started = time.perf_counter()
     result = subprocess.run(
         ["timeout", "-s", "INT", "-k", "30", str(RUN_LIMIT_S), *SNAKEMAKE, *args,
-         # Poll at once, and do not resubmit the failure we cause on purpose.
+         # Poll soon, and do not resubmit the failure caused on purpose.
          "--slurm-init-seconds-before-status-checks", "2", "--retries", "0", "--latency-wait", "5"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S + 60,
     )  # fmt: skip
@@ -215,63 +247,58 @@ def gpus(tres: str) -> int:
 
 
 @pytest.mark.slurm
-def test_tiny_chain_runs_on_slurm_with_the_gpus_it_asked_for(slurm: dict, tmp_path: Path) -> None:
+@pytest.mark.timeout(RUN_LIMIT_S + 300)  # + starting the cluster (and installing Slurm, once)
+def test_tiny_chain_on_slurm_gets_its_gpus_and_reports_a_failed_job(slurm: dict, tmp_path: Path) -> None:
+    """One Snakemake run (--keep-going) of the tiny chain: convert, merge, tokenize, and two
+    2-process fine-tunes (CPU gloo: the GPUs are fake), one on a node with 2 GPUs and one across
+    2 nodes with 1 GPU each (torchrun per node, rendezvous on the first). One more run's data is
+    broken on purpose: its tokenize job fails inside SLURM, and Snakemake must say so and exit."""
+    (tmp_path / "broken.json").write_text(
+        '[{"id": "bad-1", "conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}]'
+    )
     config = {
         "cluster": {"account": "ci", "partition": "debug"},
-        # Each fine-tune runs 2 processes (CPU gloo: the GPUs are fake): on one node with 2 GPUs,
-        # and on 2 nodes with 1 GPU each (torchrun per node, rendezvous on the first).
         "resources": {"finetune": {"tiny": {"gpu": 2, "cpus_per_task": 1, "mem_mb": 4000}}},
         "finetune": {
             "runs": {
                 "slurm-1node": QUICK_RUN,
                 "slurm-2nodes": {**QUICK_RUN, "resources": {"nodes": 2, "gpu": 1, "mem_mb": 3000}},
+                "slurm-broken": {**QUICK_RUN, "data": "broken.json"},
             }
         },
     }
     config_file = write_config(tmp_path, config)
-    targets = ["fine_tuning_output/slurm-1node", "fine_tuning_output/slurm-2nodes"]
-    result, elapsed = run_on_slurm(slurm, tmp_path, *targets, "--configfile", str(config_file))
+    targets = [f"fine_tuning_output/{run}" for run in config["finetune"]["runs"]]
+    result, elapsed = run_on_slurm(slurm, tmp_path, *targets, "--configfile", str(config_file), "--keep-going")
     print(f"tiny chain on SLURM: {elapsed:.0f} s")
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    output = result.stdout + result.stderr
 
+    # The failure: reported with SLURM's verdict, nothing left behind, and a non-zero exit.
+    assert result.returncode != 0, output[-5000:]
+    assert "Error in rule tokenize_data" in output, output[-5000:]
+    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", output), output[-5000:]
+    assert "unknown role 'robot'" in output  # --show-failed-logs (the profile) prints the tool's one-line reason
+    assert not (tmp_path / "fine_tuning_output" / "slurm-broken").exists()
+
+    # Everything else was built, each fine-tune by 2 processes.
     for run in ("slurm-1node", "slurm-2nodes"):
-        assert (tmp_path / "fine_tuning_output" / run / "config.json").exists(), run
+        assert (tmp_path / "fine_tuning_output" / run / "config.json").exists(), output[-5000:]
         log = (tmp_path / "logs" / "finetune" / f"{run}.log").read_text()
         assert "2 processes" in log, log[-2000:]
     two_nodes_log = (tmp_path / "logs" / "finetune" / "slurm-2nodes.log").read_text()
     assert "--node_rank=0" in two_nodes_log and "--node_rank=1" in two_nodes_log
 
-    jobs = sacct_jobs(slurm, result.stdout + result.stderr)
-    expected = {  # comment -> (GPUs in AllocTRES, nodes)
-        "rule_convert_llama_to_hf_wildcards_tiny": (0, "1"),
-        "rule_apply_delta_wildcards_tiny": (0, "1"),
-        "rule_tokenize_data_wildcards_vicuna_conversations_vicuna-tiny-all-v1.1_128": (0, "1"),
-        "rule_finetune_wildcards_slurm-1node": (2, "1"),
-        "rule_finetune_wildcards_slurm-2nodes": (2, "2"),
+    # sacct: every job in the state it should be, with the GPUs and nodes it asked for.
+    jobs = sacct_jobs(slurm, output)
+    expected = {  # comment -> (state, GPUs in AllocTRES, nodes)
+        "rule_convert_llama_to_hf_wildcards_tiny": ("COMPLETED", 0, "1"),
+        "rule_apply_delta_wildcards_tiny": ("COMPLETED", 0, "1"),
+        "rule_tokenize_data_wildcards_vicuna_conversations_vicuna-tiny-all-v1.1_128": ("COMPLETED", 0, "1"),
+        "rule_tokenize_data_wildcards_broken_vicuna-tiny-all-v1.1_128": ("FAILED", 0, "1"),
+        "rule_finetune_wildcards_slurm-1node": ("COMPLETED", 2, "1"),
+        "rule_finetune_wildcards_slurm-2nodes": ("COMPLETED", 2, "2"),
     }
-    for comment, (gpu_count, nodes) in expected.items():
-        assert comment in jobs, f"{comment} not in sacct: {sorted(jobs)}"
+    assert set(jobs) == set(expected), sorted(jobs)
+    for comment, (state, gpu_count, nodes) in expected.items():
         job = jobs[comment]
-        assert job["state"] == "COMPLETED", (comment, job)
-        assert (gpus(job["tres"]), job["nodes"]) == (gpu_count, nodes), (comment, job)
-
-
-@pytest.mark.slurm
-def test_failed_job_is_reported_and_snakemake_exits(slurm: dict, tmp_path: Path) -> None:
-    # A raw checkpoint whose shard is not a checkpoint at all: convert fails inside its SLURM job.
-    raw = tmp_path / "pyllama_data" / "tiny"
-    raw.mkdir(parents=True)
-    (raw / "params.json").write_text('{"dim": 256, "n_layers": 4, "n_heads": 8, "norm_eps": 1e-05, "vocab_size": -1}')
-    (raw / "consolidated.00.pth").write_bytes(b"not a checkpoint")
-    (raw / "tokenizer.model").write_bytes(b"not a tokenizer")
-    config_file = write_config(tmp_path, {"cluster": {"account": "ci"}})
-
-    result, elapsed = run_on_slurm(slurm, tmp_path, "llama-tiny-hf", "--configfile", str(config_file))
-    print(f"failing job on SLURM: {elapsed:.0f} s")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-3000:]
-    assert "Error in rule convert_llama_to_hf" in output, output[-3000:]
-    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", output), output[-3000:]
-    assert not (tmp_path / "llama-tiny-hf").exists()
-    job = sacct_jobs(slurm, output)["rule_convert_llama_to_hf_wildcards_tiny"]
-    assert job["state"] == "FAILED" and job["exit"] != "0:0", job
+        assert (job["state"], gpus(job["tres"]), job["nodes"]) == (state, gpu_count, nodes), (comment, job)

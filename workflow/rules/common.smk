@@ -167,14 +167,16 @@ def get_chat_model(wildcards):
 # ---- resources -------------------------------------------------------------------------------
 # Rules take their resources from get_resources("<step>", ...), unpacked with `**`: the table in
 # vicunaflow.sizes (RESOURCES) for the job's model size, overridden field by field by config
-# `resources`, plus the `cluster` block of config (partition, account, qos, GPU model), so those are
-# set once in config and never in rules or profiles. Names are those of snakemake-executor-plugin-slurm; the local executor
-# counts `gpu` against the profile's `resources: gpu=N`. A function that returns None drops its
-# resource, so an unset partition or qos never reaches sbatch.
+# `resources`, plus the `cluster` block of config (partition, account, qos, GPU model), so those
+# are set once in config and never in rules or profiles. Names are those of
+# snakemake-executor-plugin-slurm; the local executor counts `gpu` against the profile's
+# `resources: gpu=N`. A resource whose value is None is dropped, so an unset partition or qos
+# never reaches sbatch.
 
 import dataclasses
 import re
 
+from vicunaflow.launch import NODE_TASK_ENV
 from vicunaflow.sizes import RESOURCES
 
 SIZE_IN_NAME = re.compile(r"(?:^|-)(" + "|".join(SIZES) + r")(?:-|$)")
@@ -241,6 +243,7 @@ def scheduler_resources(res):
     }
 
 
+# The names every rule declares (each job drops those it leaves None).
 SCHEDULER_RESOURCES = tuple(scheduler_resources(RESOURCES["convert"]["tiny"]))
 
 
@@ -265,11 +268,11 @@ def get_launcher(wildcards, resources):
     The SLURM job step hides the allocation's SLURM_* variables from the rule's shell, so the
     rule, not `vicunaflow finetune`, starts the per-node tasks. Each task sees its step's
     SLURM_NNODES, SLURM_NODEID and node list and runs torchrun with a rendezvous on the first
-    node (vicunaflow.launch; VICUNAFLOW_NODE_TASK tells it not to start tasks again)."""
+    node (vicunaflow.launch; NODE_TASK_ENV tells it not to start tasks again)."""
     if resources.get("nodes", 1) <= 1:
         return ""
     return (
-        f"VICUNAFLOW_NODE_TASK=1 srun --nodes={resources.nodes} --ntasks-per-node=1"
+        f"{NODE_TASK_ENV}=1 srun --nodes={resources.nodes} --ntasks-per-node=1"
         f" --cpus-per-task={resources.cpus_per_task} --kill-on-bad-exit=1"
     )
 

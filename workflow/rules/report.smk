@@ -20,6 +20,7 @@ rule finetune_report:
         ),
     log:
         "logs/finetune_report/{run}.log",
+    localrule: True
     conda:
         "../../envs/finetune.yaml"
     shell:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on 127.0.0.1 for the end-to-end test (tests/e2e/test_slurm.py):
+# A real SLURM cluster of one or two nodes on 127.0.0.1 for the end-to-end test (tests/e2e/test_slurm.py):
 # munged, MariaDB + slurmdbd (so `sacct` answers, which the Snakemake SLURM executor polls),
-# slurmctld and slurmd with fake GPUs. Runs as root, without systemd; every daemon writes its PID
+# slurmctld and a slurmd per node with fake GPUs. Runs as root, without systemd; every daemon writes its PID
 # under $VF_SLURM_DIR so stop-cluster.sh can stop exactly what was started here.
 #
 #   tests/e2e/slurm/start-cluster.sh          start (a daemon whose PID file is alive is kept)
@@ -11,7 +11,8 @@
 # Settings (environment): VF_SLURM_DIR (default /tmp/vicunaflow-slurm), VF_SLURM_NODES (1 or 2),
 # VF_SLURM_GPUS (fake GPUs per node, 2), VF_SLURM_ACCOUNT (ci), VF_SLURM_PORT_BASE (6817:
 # slurmctld, +2 slurmdbd, +10+i slurmd of node i), VF_SLURM_DB_PORT (13306),
-# VF_SLURM_FRESH=1 wipes job and accounting state first.
+# VF_SLURM_FRESH=1 wipes job and accounting state first. Exit status 3: not root, or the Slurm
+# packages are missing and cannot be installed (the tests skip); anything else non-zero is a failure.
 #
 # Two nodes are two slurmd on this host (Debian builds Slurm with multiple-slurmd support), named
 # after this host and `localhost` so that both names resolve, as real node names do: a multi-node
@@ -175,12 +176,13 @@ say "munged $(cat "$DIR/run/munged.pid")"
 # ---- MariaDB + slurmdbd: the accounting sacct reads ------------------------------------------------
 if [ ! -d "$DIR/db/data/mysql" ]; then
   mariadb-install-db --no-defaults --user=root --datadir="$DIR/db/data" --skip-test-db \
-    --auth-root-authentication-method=normal > "$DIR/log/mariadb-install.log" 2>&1
+    --auth-root-authentication-method=normal --innodb-log-file-size=16M > "$DIR/log/mariadb-install.log" 2>&1
 fi
 if ! running "$DIR/run/mariadbd.pid"; then
   setsid mariadbd --no-defaults --user=root --datadir="$DIR/db/data" --socket="$DIR/db/mariadb.sock" \
     --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve --pid-file="$DIR/run/mariadbd.pid" \
-    --log-error="$DIR/log/mariadb.log" --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
+    --log-error="$DIR/log/mariadb.log" --innodb-buffer-pool-size=64M --innodb-log-file-size=16M \
+    --innodb-lock-wait-timeout=900 \
     < /dev/null > /dev/null 2>&1 &
 fi
 until_ok 60 mariadb-admin --no-defaults --user=root --socket="$DIR/db/mariadb.sock" ping
