@@ -25,7 +25,7 @@ def main() -> None:
         console.print(f"{mark} [bold]{path}[/]  {what}")
     transcript = Path("results/chat/demo-vicuna-tiny.json")
     if transcript.exists():
-        exchange = json.loads(transcript.read_text())["replies"][0]
+        exchange = json.loads(transcript.read_text())["transcripts"][0]
         console.print(f"\n[bold]USER:[/] {exchange['prompt']}\n[bold]ASSISTANT:[/] {exchange['reply']}")
     console.print(
         "\nNext:\n"
