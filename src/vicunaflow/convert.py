@@ -71,7 +71,10 @@ def convert(
         layers = {i: [] for i in range(-1, params["n_layers"] + 1)}  # -1: embeddings, n_layers: final norm + head
         for meta, hf in output_order(params):
             layers[_layer_of(meta, params["n_layers"])].append((meta, hf))
-        for _, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
+        n_layers = params["n_layers"]
+        for layer, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
+            if 0 <= layer < n_layers and layer % max(1, n_layers // 10) == 0:  # for log files, where tqdm is off
+                log.info("layer %d of %d", layer + 1, n_layers)
             for meta, hf in names:
                 tensor = merge_tensor(shards, meta, params)  # the full tensor of this name
                 writer.write(hf, tensor if out_dtype is None else tensor.to(out_dtype))

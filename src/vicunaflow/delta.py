@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.convert import GENERATION_CONFIG
 from vicunaflow.outputs import atomic_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
 
@@ -145,33 +146,46 @@ def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk
     return out
 
 
-def exact_delta(base: torch.Tensor, target: torch.Tensor, name: str = "") -> tuple[torch.Tensor, int]:
-    """A delta d (float32, or float64 for float32 targets) with target == dtype(base + d), and how many were nudged."""
+def exact_delta(
+    base: torch.Tensor, target: torch.Tensor, name: str = "", chunk: int = 1 << 22
+) -> tuple[torch.Tensor, int]:
+    """A delta d (float32, or float64 for float32 targets) with target == dtype(base + d), and how many were nudged.
+
+    Works a few million elements at a time, so temporaries stay small next to the tensor.
+    """
     acc = _accumulator(target.dtype)
-    b = base.to(acc)
-    d = target.to(acc) - b
-    misses = _misses(b, d, target)
-    n_missed = int(misses.sum())
-    if n_missed:
-        flat_d, flat_b, flat_t = d.view(-1), b.reshape(-1), target.reshape(-1)
-        idx = misses.view(-1).nonzero().squeeze(1)
-        bi, ti, di = flat_b[idx], flat_t[idx], flat_d[idx].clone()
-        fixed = torch.zeros_like(idx, dtype=torch.bool)
-        for direction in (float("inf"), float("-inf")):
-            candidate = di.clone()
-            for _ in range(NUDGE_STEPS):
-                candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
-                hit = ~_misses(bi, candidate, ti) & ~fixed
-                flat_d[idx[hit]] = candidate[hit]
-                fixed |= hit
-        if not bool(fixed.all()):
-            first = int(idx[~fixed][0])
-            raise VicunaflowError(
-                f"{name}: {int((~fixed).sum())} values cannot be reached as {target.dtype}({acc}(base) + {acc}(delta)) "
-                f"(e.g. element {first}: base {flat_b[first].item()!r}, target {flat_t[first].item()!r}); "
-                "no exact delta exists for them"
-            )
-    return d, n_missed
+    delta = torch.empty(target.shape, dtype=acc)
+    flat_delta, flat_base, flat_target = delta.view(-1), base.reshape(-1), target.reshape(-1)
+    nudged = 0
+    for start in range(0, flat_delta.numel(), chunk):
+        part = slice(start, start + chunk)
+        b, t = flat_base[part].to(acc), flat_target[part]
+        d = t.to(acc) - b
+        misses = _misses(b, d, t).nonzero().squeeze(1)
+        if len(misses):
+            d[misses] = _nudge(b[misses], d[misses], t[misses], f"{name}[{start}:]")
+            nudged += len(misses)
+        flat_delta[part] = d
+    return delta, nudged
+
+
+def _nudge(b: torch.Tensor, d: torch.Tensor, t: torch.Tensor, where: str) -> torch.Tensor:
+    """For elements whose plain difference misses: the nearest neighbouring delta values that hit."""
+    fixed = torch.zeros_like(t, dtype=torch.bool)
+    for direction in (float("inf"), float("-inf")):
+        candidate = d.clone()
+        for _ in range(NUDGE_STEPS):
+            candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
+            hit = ~_misses(b, candidate, t) & ~fixed
+            d = torch.where(hit, candidate, d)
+            fixed |= hit
+    if not bool(fixed.all()):
+        first = int((~fixed).nonzero()[0])
+        raise VicunaflowError(
+            f"{where}: {int((~fixed).sum())} values cannot be reached as {t.dtype}({d.dtype}(base) + {d.dtype}(delta)) "
+            f"(e.g. base {b[first].item()!r}, target {t[first].item()!r}); no exact delta exists for them"
+        )
+    return d
 
 
 def _misses(b: torch.Tensor, d: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -241,6 +255,8 @@ def _write_config(source: Path, out: Path, dtype: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (source / "generation_config.json").exists():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+    else:  # lmsys's deltas may lack it; chat needs eos = </s>
+        (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:

@@ -66,6 +66,8 @@ def get_size(name: str) -> Size:
 
 @dataclass(frozen=True)
 class Resources:
+    """What one job asks for; config `resources:` (and a fine-tuning run's own) override any field."""
+
     runtime: int  # minutes of wall time
     mem_mb: int  # host memory per node
     cpus_per_task: int  # one task per node: the CPUs of that node's launcher and its workers
@@ -76,8 +78,8 @@ class Resources:
 # Merge and convert stream tensor by tensor: the peak is about one layer of every input shard plus
 # the output shard being written (a few GB at 13B); the numbers leave room for page cache and the
 # largest tensors (embeddings, 32000 x dim in float32 for apply-delta).
-# Fine-tuning is full-parameter FSDP: ~16 bytes per parameter (bf16 weights and grads, float32
-# master weights and two Adam moments) spread over the GPUs, plus activations with checkpointing.
+# Fine-tuning is full-parameter FSDP: ~16 bytes per parameter (float32 weights and grads, two
+# float32 Adam moments; bf16 copies are transient) spread over the GPUs, plus activations.
 # The seed trains 7B on 4 x A100-40G or 2 x A100-80G (4 fits both: the default) and 13B on
 # 8 x A100-80G; 33B (~520 GB of state) and 65B (~1 TB) need 2 and 4 nodes of 8 x 80 GB.
 # Host memory: every process loads the whole model in float32 before FSDP shards it, so a node

@@ -138,7 +138,7 @@ def test_resources_follow_size_cluster_block_and_overrides(tmp_path: Path) -> No
     assert (ft13["slurm_account"], ft13["qos"]) == ("lab", "normal")
     assert "mpi" not in ft13 and not ft13["shell"].startswith("VICUNAFLOW_NODE_TASK")
     # A run's own resources win over its size's.
-    assert finetune["ft-13b-lora"]["gpu"] == "1"
+    assert finetune["ft-13b-lora"]["gpu"] == "1" and "--resources" not in finetune["ft-13b-lora"]["shell"]
     # 33B: two nodes of 8 GPUs, one launcher per node started by srun inside the job.
     ft33 = finetune["ft-33b"]
     assert (ft33["nodes"], ft33["gres"], ft33["tasks"], ft33["mpi"]) == ("2", "gpu:a100:8", "2", "srun")
