@@ -31,7 +31,7 @@ COMMANDS_HELP = (
 def chat(
     *,
     model_path: Path,
-    device: Literal["cpu", "cuda"] = "cpu",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
     num_gpus: int = 1,
     max_gpu_memory: str | None = None,
     load_8bit: bool = False,
@@ -54,7 +54,7 @@ def chat(
 
     Arguments:
         model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
-        device: cpu or cuda.
+        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         num_gpus: spread the layers over this many GPUs (device_map auto).
         max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
         load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.

@@ -38,7 +38,7 @@ from vicunaflow import VicunaflowError, template
 
 log = logging.getLogger(__name__)
 
-Device = Literal["cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
 
@@ -54,11 +54,15 @@ def load_model(
 ):
     """Load a LLaMA/Vicuna Hugging Face directory for inference; return (model, tokenizer).
 
+    device "auto" is CUDA when a GPU is visible, else the CPU (FastChat's CLI assumes CUDA).
+
     float16 on CUDA, float32 on CPU (CPU float16 matmuls are slow or missing). `load_8bit` on CUDA
     uses bitsandbytes LLM.int8(); on CPU, PyTorch's dynamic int8 quantization of every Linear layer
     (weights stored int8, activations quantized on the fly): about a quarter of float32 weight memory
     for the Linear layers, which hold nearly all parameters.
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_path = Path(model_path)
@@ -145,6 +149,17 @@ def _bitsandbytes_config(load_8bit: bool, compute_dtype: torch.dtype):
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
+
+
+def cache_argument(model) -> str:
+    """The keyword under which this transformers version takes a KV cache: `cache` (5.2x) or `past_key_values`.
+
+    An unknown keyword is silently swallowed by the model's **kwargs, so our cache would be ignored.
+    """
+    import inspect
+
+    parameters = inspect.signature(model.model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def context_length(model, max_context: int | None = None) -> int:
@@ -353,6 +368,7 @@ class DecodeRunner:
 
     def __init__(self, model, cache: SlotCache, layer_devices: list, *, padded: bool, cuda_graphs: bool):
         self.model, self.cache, self.layer_devices = model, cache, layer_devices
+        self.cache_keyword = cache_argument(model)
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = sorted({min(2**i, cache.slots) for i in range(cache.slots.bit_length() + 1)})
         self.buckets: dict[tuple[int, int], dict] = {}
@@ -382,28 +398,30 @@ class DecodeRunner:
         return self._forward(bucket)[:n].float()
 
     def _buffers(self, rows: int, kv_length: int, device) -> dict:
+        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA
+        host = torch.zeros(2, rows, dtype=torch.long, pin_memory=torch.device(device).type == "cuda")
+        step_inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
         return {
             "rows": rows,
             "kv_length": kv_length,
-            "input_ids": torch.zeros(rows, 1, dtype=torch.long, device=device),  # [rows, 1]
-            "positions": torch.zeros(rows, dtype=torch.long, device=device),  # [rows]
-            "mask": torch.zeros(rows, 1, 1, kv_length, dtype=torch.bool, device=device),  # [rows, 1, 1, kv]
+            "host": host,
+            "step_inputs": step_inputs,
+            "input_ids": step_inputs[0][:, None],  # [rows, 1], a view
+            "positions": step_inputs[1],  # [rows], a view
+            "kv_index": torch.arange(kv_length, device=device),  # [kv]
         }
 
     def _fill(self, bucket: dict, tokens: list[int], lengths: list[int]) -> None:
-        n, rows = len(tokens), bucket["rows"]
-        input_ids = torch.zeros(rows, 1, dtype=torch.long)
-        input_ids[:n, 0] = torch.tensor(tokens)
-        positions = torch.zeros(rows, dtype=torch.long)  # padding rows: position 0
-        positions[:n] = torch.tensor(lengths)
-        # mask[b, 0, 0, k]: row b sees its own tokens 0..positions[b]
-        mask = torch.arange(bucket["kv_length"])[None, :] <= positions[:, None]
-        bucket["input_ids"].copy_(input_ids)
-        bucket["positions"].copy_(positions)
-        bucket["mask"].copy_(mask[:, None, None])
+        n, host = len(tokens), bucket["host"]
+        host.zero_()  # padding rows: token 0 at position 0
+        host[0, :n] = torch.tensor(tokens)
+        host[1, :n] = torch.tensor(lengths)
+        bucket["step_inputs"].copy_(host, non_blocking=True)  # host is not touched again before the step ends
 
     def _forward(self, bucket: dict) -> torch.Tensor:
         positions = bucket["positions"]
+        # mask[b, 0, 0, k]: row b sees its own tokens 0..positions[b] (built on the device: part of the graph)
+        mask = (bucket["kv_index"][None, :] <= positions[:, None])[:, None, None]
         per_device = {positions.device: positions}
         for device in self.layer_devices:
             if device not in per_device:
@@ -411,10 +429,10 @@ class DecodeRunner:
         self.cache.for_decode(bucket["rows"], [per_device[d] for d in self.layer_devices], bucket["kv_length"])
         return self.model(
             input_ids=bucket["input_ids"],
-            attention_mask=bucket["mask"],
+            attention_mask=mask,
             position_ids=positions[:, None],
-            cache=self.cache,
             use_cache=True,
+            **{self.cache_keyword: self.cache},
         ).logits[:, -1]  # [rows, vocab]
 
     def _capture(self, bucket: dict) -> None:
@@ -635,8 +653,8 @@ class Engine:
             input_ids=input_ids.to(self.device),
             attention_mask=mask[:, None],
             position_ids=positions[None].expand(n, length),
-            cache=self.cache,
             use_cache=True,
+            **{self.runner.cache_keyword: self.cache},
         ).last_hidden_state  # [n, length, dim]
         last = hidden[torch.arange(n, device=hidden.device), prompt_lengths.to(hidden.device) - 1]  # [n, dim]
         logits = self.model.lm_head(last).float()  # [n, vocab]
@@ -666,10 +684,10 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """Per-row temperature and nucleus (top-p) sampling; temperature 0 is greedy. logits: [n, vocab]."""
-        temperature = torch.tensor([r.params.temperature for r in requests], device=logits.device)
         greedy_tokens = logits.argmax(dim=-1)
-        if bool((temperature <= 1e-5).all()):
+        if all(r.params.temperature <= 1e-5 for r in requests):  # decided on the host: no extra GPU sync
             return greedy_tokens.tolist()
+        temperature = torch.tensor([r.params.temperature for r in requests], device=logits.device)
         probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
         top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
         if bool((top_p < 1.0).any()):

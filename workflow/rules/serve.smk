@@ -19,6 +19,7 @@ rule chat_smoke:
         **get_resources("chat_smoke", wildcard="model"),
     params:
         max_new_tokens=config["chat"]["max_new_tokens"],
+        num_gpus=get_processes_per_node,
     shell:
         "vicunaflow chat --model-path {input.model} --prompts {input.prompts} --output {output}"
-        " --temperature 0 --max-new-tokens {params.max_new_tokens} > {log} 2>&1"
+        " --num-gpus {params.num_gpus} --temperature 0 --max-new-tokens {params.max_new_tokens} > {log} 2>&1"

@@ -26,7 +26,7 @@ def serve(
     port: int = 8000,
     api_key: list[str] | str | None = None,
     model_name: str | None = None,
-    device: Literal["cpu", "cuda"] = "cpu",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
     num_gpus: int = 1,
     max_gpu_memory: str | None = None,
     load_8bit: bool = False,
@@ -48,7 +48,7 @@ def serve(
         api_key: accepted Bearer key(s): --api-key KEY, several as --api-key K1,K2 or --api-key+ K2;
             default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
         model_name: the model id clients send; default: the directory name.
-        device: cpu or cuda.
+        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         num_gpus: spread the layers over this many GPUs (device_map auto).
         max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
         load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.
