@@ -1,29 +1,45 @@
 """Inference throughput: vicunaflow's batching engine vs transformers' generate vs FastChat's generate_stream.
 
-All sides run the same randomly initialised 7B-shaped LLaMA (float16, SDPA) on one GPU, greedy, with a
-fixed prompt length and a fixed reply length (EOS ignored, so every request makes the same number of
+All sides run the same randomly initialised LLaMA shape (float16, SDPA, seed 0) on one GPU, greedy, with
+a fixed prompt length and a fixed reply length (EOS ignored, so every request makes the same number of
 tokens):
 
-    single stream   one request; decode tokens/s (after the first token) and end-to-end tokens/s
+    single stream   one request: time to the first token, decode tokens/s after it, end-to-end tokens/s
+                    and the wall time of the whole reply (reply_s)
     aggregate       C requests at once (C = 1, 8, 32): C x new tokens / wall time
                     ours: C concurrent requests submitted to the engine (continuous batching)
                     transformers: one model.generate() over a batch of C equal-length prompts
-                    fastchat 0.2.36: generate_stream, one request at a time (its worker serves a
-                    batch of one), so its aggregate equals its single-stream rate
+                    fastchat 0.2.36: generate_stream serves one request at a time (its model worker
+                    runs a batch of one), so its aggregate equals its single-stream rate
+    step profile    ours: the decode step alone (graph replay, then sync) against the engine's time per
+                    token; the difference is the engine's host-side work per step (sampling sync,
+                    detokenising, streaming); weight bytes / step time = the bandwidth reached
+    --load-8bit     weight memory on the device of `load_model(..., load_8bit=True)` (bitsandbytes
+                    LLM.int8() on CUDA, dynamic int8 on CPU) against float16, and its tokens/s
 
-    python bench/bench_chat.py                    # on a GPU machine: 7B shape, 128-token prompt, 256 new tokens
-    python bench/bench_chat.py --size 13b --concurrency 1 --new-tokens 256    # the 13B "256 tokens < 3 s" goal
-    python bench/bench_chat.py --tiny             # CPU smoke test of the script itself
+FastChat 0.2.36 needs transformers 4.x: `--fastchat-pythonpath DIR` runs the FastChat side in a child
+process with DIR (holding fschat 0.2.36, transformers 4.57.1 and its tokenizers/huggingface_hub) first
+on PYTHONPATH; without it, FastChat is imported from the current environment.
 
-The tokenizer is synthetic (32000 pieces, LLaMA's decoder pipeline) so detokenisation costs what it
-would with LLaMA's. Results go to bench/results/chat.json (or --output) and a table on stdout.
+    python bench/bench_chat.py --fastchat-pythonpath /tmp/ref --load-8bit       # 7B, C = 1 8 32
+    python bench/bench_chat.py --size 13b --concurrency 1 --append                # the 13B "256 tokens < 3 s" goal
+    python bench/bench_chat.py --tiny                                             # CPU smoke test of the script
+
+The tokenizer is synthetic (32000 pieces, LLaMA's decoder pipeline: "▁" -> space, byte fallback) so
+detokenising costs what it does with LLaMA's, and decoded prompts encode back to the same ids (FastChat
+takes text). Results go to bench/results/chat.json (or --output; --append adds a run to the file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,51 +58,62 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--context", type=int, default=2048, help="KV cache length per request")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="ours: timed runs per measurement (best is kept)")
+    parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of transformers and FastChat")
     parser.add_argument(
         "--only", nargs="+", choices=["ours", "transformers", "fastchat"], default=["ours", "transformers", "fastchat"]
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: plain eager decode steps")
+    parser.add_argument("--fastchat-pythonpath", help="run FastChat in a child process with this first on PYTHONPATH")
+    parser.add_argument("--load-8bit", action="store_true", help="also measure load_model(load_8bit=True)")
+    parser.add_argument("--scratch", type=Path, help="--load-8bit: where to save the model (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
+    parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
     args = parser.parse_args()
     if args.tiny:
         args.size, args.device, args.concurrency = "tiny", "cpu", [1, 4]
         args.prompt_tokens, args.new_tokens, args.context, args.repeats = 32, 32, 256, 1
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
-    model = make_model(args.size, args.device, dtype, args.context)
-    tokenizer = make_tokenizer(model.config.vocab_size)
-    generator = torch.Generator().manual_seed(0)
-    prompts = [
-        [1, *torch.randint(300, model.config.vocab_size, (args.prompt_tokens - 1,), generator=generator).tolist()]
-        for _ in range(max(args.concurrency))
-    ]
     info = {
         "size": args.size,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
+        "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
-    print(json.dumps(info))
+    print(json.dumps(info), flush=True)
     results = []
+    if "fastchat" in args.only and args.fastchat_pythonpath:  # first, while this process holds no GPU memory
+        results += run_fastchat_child(args)
+    model = make_model(args.size, args.device, dtype, args.context)
+    tokenizer = make_tokenizer(model.config.vocab_size)
+    prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
         results += bench_ours(model, tokenizer, prompts, args)
     if "transformers" in args.only:
         results += bench_transformers(model, prompts, args)
-    if "fastchat" in args.only:
+    if "fastchat" in args.only and not args.fastchat_pythonpath:
         results += bench_fastchat(model, tokenizer, prompts, args)
+    if args.load_8bit:
+        results += bench_load_8bit(model, tokenizer, prompts, args)
     print_table(results)
+    runs = []
+    if args.append and args.output.exists():
+        runs = json.loads(args.output.read_text())["runs"]
+    runs.append({"info": info, "results": results})
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    args.output.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    print(f"wrote {args.output}", flush=True)
 
 
 def make_model(size_name: str, device: str, dtype: torch.dtype, context: int):
-    """A random LlamaForCausalLM of a known size, built directly on the device."""
+    """A random LlamaForCausalLM of a known size, built directly on the device (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vicunaflow.formats import ffn_hidden_dim
@@ -119,22 +146,34 @@ def make_model(size_name: str, device: str, dtype: torch.dtype, context: int):
 
 
 def make_tokenizer(vocab_size: int):
-    """A 32000-piece tokenizer with LLaMA's decoder (▁ -> space, byte fallback), for realistic decode cost."""
-    from tokenizers import Tokenizer, decoders, models
+    """A 32000-piece tokenizer with LLaMA's decoder ("▁" -> space, byte fallback) that round-trips text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
-    vocab |= {("▁" if i % 3 == 0 else "") + f"w{i}": i for i in range(len(vocab), vocab_size)}
+    vocab |= {f"▁w{i}": i for i in range(len(vocab), vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
+def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """Random word pieces after BOS; each decodes to text that encodes back to the same ids."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [
+        [1, *torch.randint(300, len(tokenizer), (length - 1,), generator=generator).tolist()] for _ in range(count)
+    ]
+    assert tokenizer(tokenizer.decode(prompts[0][1:])).input_ids == prompts[0], "synthetic tokenizer round trip"
+    return prompts
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -152,24 +191,12 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
     )
     with engine:
         list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up
-        best = None
-        for _ in range(args.repeats):
-            times = []
-            start = time.perf_counter()
-            for event in engine.generate(prompts[0], params):
-                times.append(time.perf_counter())
-                tokens = event.completion_tokens
-            decode_rate = (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-            run = {
-                "first_token_s": times[0] - start,
-                "decode_tok_s": decode_rate,
-                "e2e_tok_s": tokens / (times[-1] - start),
-            }
-            best = run if best is None or run["decode_tok_s"] > best["decode_tok_s"] else best
-        results.append({"engine": "vicunaflow", "mode": "single-stream", "concurrency": 1, **best})
+        single = single_stream(engine, prompts[0], params, args.repeats)
+        results.append({"engine": "vicunaflow", "mode": "single-stream", "concurrency": 1, **single})
+        print(results[-1], flush=True)
         for concurrency in args.concurrency:
             best_rate, tokens = 0.0, 0
-            for _ in range(args.repeats):
+            for _ in range(args.repeats + 1):  # the first run captures the CUDA graphs of its buckets
                 counts = [0] * concurrency
                 done = threading.Semaphore(0)
 
@@ -195,24 +222,80 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
                     "tokens": tokens,
                     "aggregate_tok_s": best_rate,
                     "max_batch": stats["max_batch"],
+                    "cuda_graphs": stats["cuda_graphs"],
                 }
             )
+            print(results[-1], flush=True)
+    results.append(
+        {"engine": "vicunaflow", "mode": "step-profile", "concurrency": 1, **step_profile(engine, model, single)}
+    )
+    print(results[-1], flush=True)
     return results
+
+
+def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
+    """One request alone; the run with the best decode rate is kept."""
+    best = None
+    for _ in range(repeats):
+        times = []
+        start = time.perf_counter()
+        for event in engine.generate(prompt, params):
+            times.append(time.perf_counter())
+            tokens = event.completion_tokens
+        run = {
+            "first_token_s": times[0] - start,
+            "decode_tok_s": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+            "e2e_tok_s": tokens / (times[-1] - start),
+            "reply_s": times[-1] - start,
+            "tokens": tokens,
+        }
+        best = run if best is None or run["decode_tok_s"] > best["decode_tok_s"] else best
+    return best
+
+
+@torch.inference_mode()
+def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
+    """Time the bare one-row decode step (as the engine runs it) against the engine's time per token."""
+    from vicunaflow.generate import weight_bytes
+
+    runner, device = engine.runner, engine.device
+    position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
+    runner.logits([5], [position])  # make sure its graph exists
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.logits([5], [position]).argmax(-1).tolist()  # inputs in, logits out, one sync: no sampling or text
+    step_s = (time.perf_counter() - start) / steps
+    profile = {"step_ms": 1000 * step_s, "engine_ms_per_token": 1000 / single["decode_tok_s"]}
+    bucket = runner.buckets.get((1, -(-(position + 1) // runner.KV_STEP) * runner.KV_STEP))
+    if bucket is not None and bucket.get("graph") is not None:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            bucket["graph"].replay()
+        sync(device)
+        replay_s = (time.perf_counter() - start) / steps
+        profile["graph_replay_ms"] = 1000 * replay_s
+        profile["weight_gb"] = weight_bytes(model) / 1e9
+        profile["weights_gb_per_s"] = weight_bytes(model) / replay_s / 1e9
+    profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get("graph_replay_ms", profile["step_ms"])
+    return profile
 
 
 @torch.inference_mode()
 def bench_transformers(model, prompts, args) -> list[dict]:
     results = []
-    device = args.device
+    device = model.device
     model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)  # warm-up
     for concurrency in args.concurrency:
         batch = torch.tensor(prompts[:concurrency], device=device)  # equal lengths: no padding needed
         best = 0.0
-        for _ in range(args.repeats):
+        for _ in range(args.reference_repeats):
             sync(device)
             start = time.perf_counter()
             out = model.generate(
                 batch,
+                attention_mask=torch.ones_like(batch),
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
                 do_sample=False,
@@ -225,51 +308,126 @@ def bench_transformers(model, prompts, args) -> list[dict]:
         mode = "single-stream" if concurrency == 1 else "aggregate"
         row = {"engine": "transformers.generate", "mode": mode, "concurrency": concurrency, "aggregate_tok_s": best}
         if concurrency == 1:
-            row["e2e_tok_s"] = best
+            row |= {"e2e_tok_s": best, "reply_s": args.new_tokens / best}
         results.append(row)
+        print(results[-1], flush=True)
     return results
 
 
+def run_fastchat_child(args) -> list[dict]:
+    """The FastChat side in its own process, with the transformers 4.x it needs first on the path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / "fastchat.json"
+        command = [sys.executable, __file__, "--only", "fastchat", "--output", str(output)]
+        command += ["--size", args.size, "--device", args.device, "--context", str(args.context)]
+        command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        command += ["--reference-repeats", str(args.reference_repeats), "--concurrency", "1"]
+        command += ["--tiny"] if args.tiny else []
+        src = str(HERE.parent / "src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.fastchat_pythonpath, src])}
+        print("fastchat child:", " ".join(command), flush=True)
+        if subprocess.run(command, env=env).returncode != 0 or not output.exists():
+            print("fastchat child failed", flush=True)
+            return []
+        return json.loads(output.read_text())["runs"][0]["results"]
+
+
 def bench_fastchat(model, tokenizer, prompts, args) -> list[dict]:
-    """FastChat 0.2.36's generate_stream (its model worker's loop), one request at a time."""
+    """FastChat 0.2.36's generate_stream (its model worker's loop, default stream interval), one request."""
     try:
+        import fastchat
         from fastchat.serve.inference import generate_stream
     except ImportError as err:
         print(f"fastchat: skipped ({err}); pip install fschat==0.2.36")
         return []
     prompt = tokenizer.decode(prompts[0][1:])
-    params = {
-        "prompt": prompt,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "max_new_tokens": args.new_tokens,
-        "echo": False,
-        "stop_token_ids": [],
-    }
+    assert tokenizer(prompt).input_ids == prompts[0]  # FastChat tokenises the text itself: same prompt as ours
+
+    def params(new_tokens: int) -> dict:
+        return {"prompt": prompt, "temperature": 0.0, "max_new_tokens": new_tokens, "echo": False}
+
     eos = tokenizer.eos_token_id
     tokenizer.eos_token_id = None  # generate_stream stops at EOS; never let the random model end early
     try:
+        for _ in generate_stream(model, tokenizer, params(8), args.device, args.context):  # warm-up
+            pass
         best = None
-        for _ in range(args.repeats + 1):  # the first run warms up
+        for _ in range(args.reference_repeats):
             start = time.perf_counter()
-            first = None
-            output = None
-            for output in generate_stream(model, tokenizer, params, args.device, args.context, stream_interval=1):  # noqa: B007
+            first = output = None
+            for output in generate_stream(model, tokenizer, params(args.new_tokens), args.device, args.context):  # noqa: B007
                 first = first or time.perf_counter()
-            elapsed = time.perf_counter() - start
-            tokens = output["usage"]["completion_tokens"]
+            end = time.perf_counter()
+            tokens = output["usage"]["completion_tokens"] + 1  # FastChat counts from 0
             run = {
-                "e2e_tok_s": tokens / elapsed,
-                "decode_tok_s": (tokens - 1) / (time.perf_counter() - first),
+                "first_token_s": first - start,
+                "decode_tok_s": (tokens - 1) / (end - first),
+                "e2e_tok_s": tokens / (end - start),
+                "reply_s": end - start,
                 "tokens": tokens,
             }
             best = run if best is None or run["e2e_tok_s"] > best["e2e_tok_s"] else best
-    except Exception as err:  # FastChat targets transformers 4.x; report rather than abort the other results
+    except Exception as err:  # report rather than abort the other results
         print(f"fastchat: failed with transformers {info_version()}: {type(err).__name__}: {err}")
         return []
     finally:
         tokenizer.eos_token_id = eos
-    return [{"engine": "fastchat.generate_stream", "mode": "single-stream", "concurrency": 1, **best}]
+    versions = {"fastchat": fastchat.__version__, "transformers": info_version()}
+    return [
+        {"engine": "fastchat.generate_stream", "mode": "single-stream", "concurrency": 1, **best, **versions},
+        {
+            "engine": "fastchat.generate_stream",
+            "mode": "aggregate",
+            "concurrency": 1,
+            "aggregate_tok_s": best["e2e_tok_s"],
+            "note": "one request at a time: the same rate at any concurrency",
+            **versions,
+        },
+    ]
+
+
+def bench_load_8bit(model, tokenizer, prompts, args) -> list[dict]:
+    """Weight memory of `load_model(load_8bit=True)` (the path `chat --load-8bit` takes) against float16."""
+    from vicunaflow.generate import Engine, SamplingParams, load_model, weight_bytes
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-chat-"))
+    try:
+        start = time.perf_counter()
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        print(f"saved the model for --load-8bit in {time.perf_counter() - start:.1f} s", flush=True)
+        if args.device == "cuda":
+            model.cpu()  # free the device so its memory counts only the 8-bit weights
+            torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+        start = time.perf_counter()
+        try:
+            model_8bit, tokenizer_8bit = load_model(scratch, device=args.device, load_8bit=True)
+        except Exception as err:  # e.g. bitsandbytes missing: report, keep the other results
+            print(f"load-8bit: failed: {type(err).__name__}: {err}", flush=True)
+            return []
+        load_s = time.perf_counter() - start
+        device_bytes = torch.cuda.memory_allocated() - before if args.device == "cuda" else None
+        fp16_bytes = sum(p.numel() for p in model.parameters()) * 2
+        row = {
+            "engine": "vicunaflow --load-8bit",
+            "mode": "weights",
+            "concurrency": 1,
+            "load_s": load_s,
+            "float16_weight_gib": fp16_bytes / 2**30,
+            "int8_weight_gib": weight_bytes(model_8bit) / 2**30,
+            "int8_device_allocated_gib": device_bytes / 2**30 if device_bytes is not None else None,
+            "ratio_to_float16": weight_bytes(model_8bit) / fp16_bytes,
+        }
+        new_tokens = min(args.new_tokens, 64)
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+        with Engine(model_8bit, tokenizer_8bit, max_batch_size=1, max_context=args.context) as engine:
+            list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=4)))  # warm-up
+            row |= {f"single_{key}": value for key, value in single_stream(engine, prompts[0], params, 1).items()}
+        print(row, flush=True)
+        return [row]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def info_version() -> str:
@@ -277,22 +435,14 @@ def info_version() -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = [
-        "engine",
-        "mode",
-        "concurrency",
-        "decode_tok_s",
-        "e2e_tok_s",
-        "aggregate_tok_s",
-        "first_token_s",
-        "max_batch",
-    ]
+    columns = ["engine", "mode", "concurrency", "decode_tok_s", "e2e_tok_s", "aggregate_tok_s", "reply_s"]
+    columns += ["first_token_s"]
     print(" | ".join(f"{c:>14}" for c in columns))
     for row in results:
         cells = []
         for c in columns:
             value = row.get(c, "")
-            cells.append(f"{value:>14.1f}" if isinstance(value, float) else f"{value!s:>14}")
+            cells.append(f"{value:>14.3f}" if isinstance(value, float) else f"{value!s:>14}")
         print(" | ".join(cells))
 
 

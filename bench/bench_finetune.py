@@ -1,7 +1,7 @@
 """Fine-tuning throughput: tokens/s and model FLOPs utilisation (MFU), vicunaflow vs FastChat's recipe.
 
 Both sides train the same randomly initialised 7B-shaped LLaMA on the same 2048-token sequences,
-bf16, FSDP full_shard per decoder layer, gradient checkpointing, batch 1 per GPU:
+bf16, FSDP full_shard per decoder layer, gradient checkpointing, batch 1 per GPU, 8 micro-batches per step:
 
     ours      torchrun -m vicunaflow finetune   (FSDP2, SDPA)
     fastchat  torchrun bench_finetune.py --worker hf   (transformers Trainer + FSDP, as train_mem.py;
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], default="true")
+    parser.add_argument("--accumulation", type=int, default=8, help="micro-batches per step (FastChat's 8)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU; default: from the GPU's name")
     parser.add_argument("--workdir", type=Path, default=HERE / "work-finetune")
     parser.add_argument("--only", choices=["ours", "fastchat"], help="measure one side only")
@@ -53,10 +54,11 @@ def main() -> None:
         return hf_trainer_worker(args)
 
     if args.tiny:
-        args.gpus, args.seq_len, args.steps, args.warmup = [0], 256, 6, 2
+        args.gpus, args.seq_len, args.steps, args.warmup, args.accumulation = [0], 256, 6, 2, 1
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = make_model(args.workdir / ("model-tiny" if args.tiny else "model-7b"), tiny=args.tiny)
-    data_file = make_data(args.workdir / f"data-{args.seq_len}.json", n=max(64, 4 * args.steps * max(args.gpus)))
+    n_samples = max(64, args.steps * args.accumulation * max(args.gpus))
+    data_file = make_data(args.workdir / f"data-{args.seq_len}-{n_samples}.json", n=n_samples)
     flops_per_token = model_flops_per_token(model_dir, args.seq_len)
     peak = args.peak_tflops or detect_peak_tflops()
     results = []
@@ -92,13 +94,14 @@ def measure(side: str, gpus: int, model_dir: Path, data_file: Path, args) -> dic
     if side == "ours":
         command = [*launcher, "-m", "vicunaflow", "finetune", "--model-path", str(model_dir), "--data", str(data_file)]
         command += ["--output-dir", str(out), "--max-steps", str(args.steps), "--per-device-train-batch-size", "1"]
-        command += ["--gradient-accumulation-steps", "1", "--model-max-length", str(args.seq_len)]
+        command += ["--gradient-accumulation-steps", str(args.accumulation), "--model-max-length", str(args.seq_len)]
         command += ["--gradient-checkpointing", args.gradient_checkpointing, "--save-strategy", "no"]
         command += ["--lazy-preprocess", "false", "--report-to", "none", "--learning-rate", "2e-5"]
     else:
         command = [*launcher, str(Path(__file__).resolve()), "--worker", "hf", "--model", str(model_dir)]
         command += ["--data", str(data_file), "--out", str(out), "--steps", str(args.steps)]
         command += ["--seq-len", str(args.seq_len), "--gradient-checkpointing", args.gradient_checkpointing]
+        command += ["--accumulation", str(args.accumulation)]
     started = time.perf_counter()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -268,7 +271,8 @@ def hf_trainer_worker(args) -> None:
             if state.is_world_process_zero:
                 world = training_args.world_size
                 entry = {"step": state.global_step, "loss": None, "seconds": time.perf_counter() - self.started}
-                entry["input_tokens"] = world * args.seq_len  # batch 1 per process, every sample full length
+                # batch 1 per process and micro-batch, every sample full length
+                entry["input_tokens"] = world * args.seq_len * args.accumulation
                 with (args.out / "trainer_log.jsonl").open("a") as f:
                     f.write(json.dumps(entry) + "\n")
 
@@ -277,7 +281,7 @@ def hf_trainer_worker(args) -> None:
         output_dir=str(args.out),
         max_steps=args.steps,
         per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=2e-5,
         weight_decay=0.0,
         warmup_steps=0.03,  # transformers 5: a float below 1 is a ratio of the steps

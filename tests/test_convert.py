@@ -312,3 +312,14 @@ def test_cli_reports_one_line_and_exits_1(tmp_path, tiny_raw):
     assert "params.json: missing" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rope_freqs_buffer_is_ignored(tmp_path, tiny_raw, tiny_hf):
+    """LLaMA-1's consolidated.00.pth also holds `rope.freqs` (recomputed by every implementation)."""
+    raw = broken_copy(tmp_path, tiny_raw)
+    state = torch.load(raw / "consolidated.00.pth", weights_only=True)
+    state["rope.freqs"] = torch.ones(16)
+    torch.save(state, raw / "consolidated.00.pth")
+    out = convert(input_dir=raw, output_dir=tmp_path / "out")
+    shard = "model-00001-of-00001.safetensors"
+    assert (out / shard).read_bytes() == (tiny_hf / shard).read_bytes()

@@ -86,7 +86,7 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
     import torch
 
     out = tmp_path / "run"
-    first_checkpoint = tmp_path / ".checkpoints" / "run" / "checkpoint-2"
+    run_dir = tmp_path / ".checkpoints" / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         torchrun(tiny_vicuna, out),
@@ -96,11 +96,11 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
         start_new_session=True,
     )
     deadline = time.monotonic() + 180
-    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not finetune.list_checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole torchrun group, mid-run, no clean-up
     process.wait(timeout=30)
-    assert first_checkpoint.exists() and not out.exists()
+    assert finetune.list_checkpoints(run_dir) and not out.exists()
 
     resumed = run(torchrun(tiny_vicuna, out))
     assert "resuming from" in resumed.stderr
@@ -122,12 +122,24 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
         str(CONVERSATIONS),
     ]
     command += ["--output-dir", str(tmp_path / "other"), *RUN_OPTIONS, "--seed", "1", "--nproc-per-node", "1"]
-    changed = subprocess.run(
-        [*command, "--checkpoint-dir", str(first_checkpoint.parent)], capture_output=True, text=True, timeout=240
-    )
+    changed = subprocess.run([*command, "--checkpoint-dir", str(run_dir)], capture_output=True, text=True, timeout=240)
     assert (
         changed.returncode == 1 and "saved by a run with other settings (seed, world_size (2 -> 1))" in changed.stderr
     )
+
+
+def test_sharded_load_and_gather_are_exact(tiny_vicuna, tmp_path: Path) -> None:
+    """Rank 0 reads the weights, rank 1 gets its shards by broadcast; at learning rate 0 the gathered
+    output must be the base model bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "zero"
+    run(torchrun(tiny_vicuna, out, "--learning-rate", "0", "--max-steps", "1", "--save-dtype", "float32"))
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).state_dict()
+    assert trained.keys() == base.keys()
+    assert all(torch.equal(trained[name], base[name]) for name in base)
 
 
 def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ class PickleFile(TensorFile):
 
 
 class SafetensorsFile(TensorFile):
-    """A .safetensors file through `safe_open`; `get` returns a copy, the mapping is dropped on release."""
+    """A .safetensors file through `safe_open`, re-opened every `release_bytes` so read pages do not pile up."""
 
     _handle = None
 
@@ -164,7 +164,7 @@ class SafetensorsFile(TensorFile):
         return self._handle is not None
 
     def _get(self, name: str) -> torch.Tensor:
-        tensor = self._handle.get_tensor(name)  # a copy: the mapping's pages stay until re-opened
+        tensor = self._handle.get_tensor(name)  # pages read stay resident until re-opened
         self._read_since_open += tensor.numel() * tensor.element_size()
         if self._read_since_open >= self.release_bytes:
             self._close()

@@ -67,18 +67,24 @@ def convert(
         vocab_size, source_dtype, out_dtype or source_dtype,
     )  # fmt: skip
 
+    # Two reused merge buffers: the writer's thread saves one while the next merge fills the other
+    # (never more than one write in flight), and no fresh memory is faulted in per tensor.
+    largest = max(merged[meta].nbytes // merged[meta].dtype.itemsize for meta, _ in output_order(params))
+    buffers = [torch.empty(largest, dtype=source_dtype) for _ in range(2)]
+    written = 0
     with atomic_output_dir(output_dir) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
-        layers = {i: [] for i in range(-1, params["n_layers"] + 1)}  # -1: embeddings, n_layers: final norm + head
-        for meta, hf in output_order(params):
-            layers[_layer_of(meta, params["n_layers"])].append((meta, hf))
         n_layers = params["n_layers"]
+        layers = {i: [] for i in range(-1, n_layers + 1)}  # -1: embeddings, n_layers: final norm + head
+        for meta, hf in output_order(params):
+            layers[_layer_of(meta, n_layers)].append((meta, hf))
         for layer, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
             if 0 <= layer < n_layers and layer % max(1, n_layers // 10) == 0:  # for log files, where tqdm is off
                 log.info("layer %d of %d", layer + 1, n_layers)
             for meta, hf in names:
-                tensor = merge_tensor(shards, meta, params)  # the full tensor of this name
+                buffer = buffers[written % 2][: torch.Size(merged[meta].shape).numel()].view(merged[meta].shape)
+                tensor = merge_tensor(shards, meta, params, out=buffer)  # the full tensor of this name
                 writer.write(hf, tensor if out_dtype is None else tensor.to(out_dtype))
-                del tensor
+                written += 1
         for shard in shards:
             shard.release()
         writer.close()
@@ -229,11 +235,15 @@ def _check_vocab(merged: dict[str, TensorInfo], tokenizer_path: Path, params: di
     return vocab
 
 
-def merge_tensor(shards: list[PickleFile], name: str, params: dict) -> torch.Tensor:
-    """The full tensor: slices concatenated along the merge dim, q/k rows in rotate-half order."""
+def merge_tensor(shards: list[PickleFile], name: str, params: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor: slices concatenated along the merge dim (into `out` if given), q/k rows in rotate-half order."""
     dim = merge_dims_for(name)
-    # Norm gains are replicated: every shard holds the same values, take the first.
-    tensor = shards[0].get(name) if dim is None else torch.cat([shard.get(name) for shard in shards], dim=dim)
+    if dim is None:  # norm gains are replicated: every shard holds the same values, take the first
+        return shards[0].get(name)
+    slices = [shard.get(name) for shard in shards]
+    if out is None or out.dtype != slices[0].dtype:
+        out = torch.empty(0, dtype=slices[0].dtype)
+    tensor = torch.cat(slices, dim=dim, out=out)
     if name.endswith("attention.wq.weight"):
         tensor = permute_rotary(tensor, params["n_heads"])  # (dim, dim)
     elif name.endswith("attention.wk.weight"):

@@ -6,13 +6,13 @@ or pickled `.bin` on either side) and written straight to safetensors, so memory
 largest tensor. The sum is defined exactly: target = dtype(float32(base) + float32(delta)), with
 dtype the one the delta's config.json declares for the target.
 
-make-delta is the inverse and is checked, not hoped for: a delta stored in the target's 16-bit
-dtype cannot give the target back (T - B rounded to 11 bits, added to B, misses T whenever |T|
-is much smaller than |B|), so deltas are stored in float32 (float64 for float32 targets), and
-every tensor is verified by applying it. Elements whose float32 sum still misses the target are
-nudged to a neighbouring delta value that hits it; if none does (only for |T| tiny next to |B|,
-e.g. B = 2.0 and T = 6e-8 in float16), make-delta stops with an error instead of writing a
-delta that would not round-trip.
+make-delta is the inverse and is checked, not hoped for. A delta in the target's own 16-bit
+dtype (what lmsys published) cannot always give the target back: T - B rounded to 11 bits and
+added to B misses T as soon as |T| is a few hundred times smaller than |B|, which a fine-tune
+pushing a weight through zero does. So deltas are stored in float32 (float64 for float32
+targets), where the sum only misses for |T| below about |B| / 8192 in float16 (|B| / 65536 in
+bfloat16), e.g. B = 1.0 and T = 6e-8; every element is checked by applying the delta, and
+make-delta stops with an error rather than write a delta that would not round-trip.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EMBEDDINGS = "model.embed_tokens.weight"
 SMALL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-NUDGE_STEPS = 4  # neighbouring float32 delta values tried per side for an element that misses
 
 
 def apply_delta(
@@ -68,9 +67,15 @@ def apply_delta(
     plan = [(name, TensorInfo(delta_ck.info(name).shape, out_dtype)) for name in names]
     log.info("%d tensors, target dtype %s", len(names), out_dtype)
 
+    # Two reused output buffers: the writer's thread saves one while the next sum goes into the
+    # other (it never has more than one write in flight), and no fresh memory is faulted in per tensor.
+    largest = max(info.nbytes // info.dtype.itemsize for _, info in plan)
+    buffers = [torch.empty(largest, dtype=out_dtype) for _ in range(2)]
     with atomic_output_dir(target) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
-        for name in tqdm(names, desc="apply-delta", unit="tensor", disable=None):
-            writer.write(name, add_delta(base_ck.get(name), delta_ck.get(name), out_dtype))
+        for i, name in enumerate(tqdm(names, desc="apply-delta", unit="tensor", disable=None)):
+            shape = delta_ck.info(name).shape
+            buffer = buffers[i % 2][: torch.Size(shape).numel()].view(shape)
+            writer.write(name, add_delta(base_ck.get(name), delta_ck.get(name), out_dtype, out=buffer))
         writer.close()
         base_ck.release()
         delta_ck.release()
@@ -111,23 +116,21 @@ def make_delta(
     plan = [(n, TensorInfo(target_ck.info(n).shape, delta_dtype)) for n in names]
     log.info("%d tensors, target dtype %s, delta stored as %s", len(names), target_dtype, delta_dtype)
 
-    nudged = 0
     with atomic_output_dir(delta) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
         for name in tqdm(names, desc="make-delta", unit="tensor", disable=None):
-            d, n = exact_delta(base_ck.get(name), target_ck.get(name), name)
-            nudged += n
-            writer.write(name, d)
-            del d
+            writer.write(name, exact_delta(base_ck.get(name), target_ck.get(name), name))
         writer.close()
         _write_config(target, out, target_dtype)
         _copy_tokenizer(target, out)
-        write_manifest(out, inputs=_small_files(base) + _small_files(target), kind="make-delta", nudged=nudged)
-    log.info("wrote %s (%d elements needed a nudged delta value)", delta, nudged)
+        write_manifest(out, inputs=_small_files(base) + _small_files(target), kind="make-delta")
+    log.info("wrote %s (every tensor checked: apply-delta gives the target back bit for bit)", delta)
     return delta
 
 
-def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
-    """dtype(float32(base) + float32(delta)); float64 instead of float32 for float32 targets.
+def add_delta(
+    base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, chunk: int = 1 << 22
+) -> torch.Tensor:
+    """dtype(float32(base) + float32(delta)) (float64 instead of float32 for float32 targets), into `out` if given.
 
     When base, delta and target share a 16-bit dtype (lmsys's float16 deltas), torch's own add is
     exactly that: CPU kernels compute half and bfloat16 arithmetic in float32 and round once
@@ -135,10 +138,10 @@ def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk
     few million elements at a time, so float32 temporaries stay small (a 13B embedding matrix
     would need three 655 MB copies at once).
     """
+    out = torch.empty(base.shape, dtype=dtype) if out is None else out
     if base.dtype == delta.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
-        return torch.add(base, delta)
+        return torch.add(base, delta, out=out)
     acc = _accumulator(dtype)
-    out = torch.empty(base.shape, dtype=dtype)
     flat_out, flat_b, flat_d = out.view(-1), base.reshape(-1), delta.reshape(-1)
     for start in range(0, flat_out.numel(), chunk):
         end = start + chunk
@@ -146,35 +149,36 @@ def add_delta(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype, chunk
     return out
 
 
-def exact_delta(
-    base: torch.Tensor, target: torch.Tensor, name: str = "", chunk: int = 1 << 22
-) -> tuple[torch.Tensor, int]:
-    """A delta d (float32, or float64 for float32 targets) with target == dtype(base + d), and how many were nudged.
+def exact_delta(base: torch.Tensor, target: torch.Tensor, name: str = "", chunk: int = 1 << 22) -> torch.Tensor:
+    """The delta d (float32, or float64 for float32 targets) with target == dtype(base + d), checked element by element.
 
+    d = target - base in the wider type is nearly always it: near d = -base the sum base + d is
+    exact (Sterbenz), so the reachable sums are base's grid in that type and the rounded
+    difference is the grid point nearest the target. Where it misses, the neighbouring values
+    are tried: that reaches -0.0 (a weight that underflowed while negative: base + d must land
+    just below zero). A target too small next to its base is unreachable: error.
     Works a few million elements at a time, so temporaries stay small next to the tensor.
     """
     acc = _accumulator(target.dtype)
     delta = torch.empty(target.shape, dtype=acc)
     flat_delta, flat_base, flat_target = delta.view(-1), base.reshape(-1), target.reshape(-1)
-    nudged = 0
     for start in range(0, flat_delta.numel(), chunk):
         part = slice(start, start + chunk)
         b, t = flat_base[part].to(acc), flat_target[part]
         d = t.to(acc) - b
         misses = _misses(b, d, t).nonzero().squeeze(1)
         if len(misses):
-            d[misses] = _nudge(b[misses], d[misses], t[misses], f"{name}[{start}:]")
-            nudged += len(misses)
+            d[misses] = _nudge(b[misses], d[misses], t[misses], name, start + misses)
         flat_delta[part] = d
-    return delta, nudged
+    return delta
 
 
-def _nudge(b: torch.Tensor, d: torch.Tensor, t: torch.Tensor, where: str) -> torch.Tensor:
-    """For elements whose plain difference misses: the nearest neighbouring delta values that hit."""
+def _nudge(b: torch.Tensor, d: torch.Tensor, t: torch.Tensor, name: str, where: torch.Tensor) -> torch.Tensor:
+    """The neighbouring delta values (two steps either way) that hit, for elements the plain difference misses."""
     fixed = torch.zeros_like(t, dtype=torch.bool)
     for direction in (float("inf"), float("-inf")):
-        candidate = d.clone()
-        for _ in range(NUDGE_STEPS):
+        candidate = d
+        for _ in range(2):
             candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
             hit = ~_misses(b, candidate, t) & ~fixed
             d = torch.where(hit, candidate, d)
@@ -182,8 +186,9 @@ def _nudge(b: torch.Tensor, d: torch.Tensor, t: torch.Tensor, where: str) -> tor
     if not bool(fixed.all()):
         first = int((~fixed).nonzero()[0])
         raise VicunaflowError(
-            f"{where}: {int((~fixed).sum())} values cannot be reached as {t.dtype}({d.dtype}(base) + {d.dtype}(delta)) "
-            f"(e.g. base {b[first].item()!r}, target {t[first].item()!r}); no exact delta exists for them"
+            f"{name}: {int((~fixed).sum())} values cannot be reached as {t.dtype}({d.dtype}(base) + {d.dtype}(delta)) "
+            f"(e.g. element {int(where[first])}: base {b[first].item()!r}, target {t[first].item()!r}: the target "
+            "is too small next to the base); no exact delta exists for them"
         )
     return d
 

@@ -35,7 +35,7 @@ from vicunaflow import VicunaflowError
 
 log = logging.getLogger(__name__)
 
-HYPERPARAMETERS = "hyperparameters.json"
+HYPERPARAMETERS = "training_args.json"  # the resolved arguments (the name report.py reads)
 TRAINER_LOG = "trainer_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -606,15 +606,31 @@ def pack(samples: Sequence, max_length: int) -> list[list[int]]:
 
 
 def build_model(config: TrainConfig, runtime: Runtime):
-    """Load the model (float32 master weights), add LoRA if asked, and shard it with FSDP2."""
-    import torch
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
+    """Load the model (float32 master weights), add LoRA if asked, and shard it with FSDP2.
 
+    With several processes only rank 0 reads the weights; the others build the model on the meta
+    device (no memory) and receive their shards from rank 0 once it is sharded. So a node needs
+    host memory for one float32 copy of the model, not one per GPU.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.method == "qlora" and runtime.world_size > 1:
+        raise VicunaflowError("--method qlora runs on one GPU; start it without torchrun or use --method lora")
+    options = set(config.fsdp.split())
+    sharded = runtime.world_size > 1 or "offload" in options
+    on_meta = sharded and not runtime.is_main and "offload" not in options
     load_kwargs: dict = {"dtype": torch.float32, "attn_implementation": "sdpa"}
-    if config.method == "qlora":
-        load_kwargs |= _qlora_kwargs(runtime)
-    model = AutoModelForCausalLM.from_pretrained(config.model_path, **load_kwargs)
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model_path), **load_kwargs)
+    else:
+        if config.method == "qlora":
+            load_kwargs |= _qlora_kwargs(runtime)
+        model = AutoModelForCausalLM.from_pretrained(config.model_path, **load_kwargs)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -622,22 +638,28 @@ def build_model(config: TrainConfig, runtime: Runtime):
         model = _add_lora(model, config)
     else:
         model.requires_grad_(True)
-    if config.method == "qlora" and runtime.world_size > 1:
-        raise VicunaflowError("--method qlora runs on one GPU; start it without torchrun or use --method lora")
-    if runtime.world_size == 1 and "offload" not in config.fsdp.split():
+    if not sharded:
         # Nothing to shard: a plain module is faster (no gathers); bf16 then comes from autocast.
         return model.to(runtime.device)
 
+    full_state = model.state_dict() if runtime.is_main else {}  # rank 0: the loaded weights (+ LoRA init)
     mixed = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
-    options = set(config.fsdp.split())
     offload = CPUOffloadPolicy() if "offload" in options else OffloadPolicy()
     reshard = "shard_grad_op" not in options
     # One FSDP unit per decoder layer (FastChat's auto_wrap on LlamaDecoderLayer), then the rest.
     for layer in _decoder_layers(model):
         fully_shard(layer, mp_policy=mixed, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=mixed, offload_policy=offload, reshard_after_forward=reshard)
-    if "offload" not in options:
-        model.to(runtime.device)
+    if "offload" in options:
+        return model
+    if on_meta:
+        model.to_empty(device=runtime.device)
+    model.to(runtime.device)
+    options_broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state, options=options_broadcast)  # each rank keeps its shard
+    del full_state
+    for buffer in model.buffers():  # rotary frequencies: not in the state dict, computed on rank 0 only
+        dist.broadcast(buffer, src=0)
     return model
 
 
@@ -755,7 +777,12 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    found = [str(list_checkpoints(run_dir)[-1]) if runtime.is_main and list_checkpoints(run_dir) else None]
+    found: list[str | None] = [None]
+    if runtime.is_main:
+        for partial in run_dir.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
+            shutil.rmtree(partial, ignore_errors=True)
+        checkpoints = list_checkpoints(run_dir)
+        found = [str(checkpoints[-1]) if checkpoints else None]
     dist.broadcast_object_list(found, src=0)  # every process resumes from the same one
     if found[0] is None:
         return 0
