@@ -317,6 +317,8 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
     run_dir = Path(config.checkpoint_dir)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed + runtime.rank)
+    torch.manual_seed(config.seed + runtime.rank)  # dropout (LoRA) differs per rank, repeatably
     dataset = TrainingData(config, runtime)
     model = build_model(config, runtime)
     optimizer = build_optimizer(model, config)
@@ -361,6 +363,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
             window_loss, window_tokens, window_inputs, step_started = 0.0, 0, 0, time.perf_counter()
         if plan.is_checkpoint_step(done, config):
             save_checkpoint(run_dir, done, config, model, optimizer, scheduler, runtime)
+            step_started = time.perf_counter()  # saving is not training time
     logger.close()
     write_output(config, model, runtime, run_dir)
     dist.barrier()
@@ -507,6 +510,11 @@ class TrainingData:
         self.conversations = None
         if path.is_dir():
             samples, meta = conversations.load_tokenized(path)
+            if meta["model_max_length"] < self.max_length:
+                log.warning(
+                    "%s was tokenised with model_max_length %d < %d: its samples stay that short",
+                    path, meta["model_max_length"], self.max_length,
+                )  # fmt: skip
             if meta["model_max_length"] > self.max_length:
                 samples = [
                     conversations.Sample(s.id, s.input_ids[: self.max_length], s.labels[: self.max_length])
