@@ -59,19 +59,23 @@ def reference_replies(loaded) -> list[str]:
     return [_reference(model, tokenizer, _prompt(tokenizer, q), 16) for q in QUESTIONS]
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
-def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded):
+@pytest.mark.parametrize(
+    ("padded", "fused"), [(False, False), (True, False), (True, True)], ids=["exact", "padded", "padded-fused"]
+)
+def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded, fused):
     """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late.
 
     padded: the CUDA-graph layout (rows and attended length rounded up to buckets), run eagerly on CPU;
-    the long prompt crosses the 256-token bucket boundary while it decodes.
+    the long prompt crosses the 256-token bucket boundary while it decodes. fused: our own few-kernel
+    decode step (FusedDecoder), the one replayed from CUDA graphs on a GPU.
     """
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
     assert len(prompts[-1]) < 256 < len(prompts[-1]) + 16
     expected = reference_replies
     results: dict[int, list] = {}
-    with Engine(model, tokenizer, max_batch_size=3, padded_decode=padded) as engine:
+    with Engine(model, tokenizer, max_batch_size=3, padded_decode=padded, fused_decode=fused) as engine:
+        assert (engine.runner.fused is not None) == fused
 
         def run(i: int) -> None:
             results[i] = list(engine.generate(prompts[i], SamplingParams(temperature=0, max_new_tokens=16)))

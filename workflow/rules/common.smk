@@ -1,6 +1,8 @@
 # Shared helpers: config validation, the size table, and input functions.
 # Every other rule file only names inputs, outputs and one `vicunaflow` command.
 
+import json
+import shlex
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -148,9 +150,13 @@ def get_dataset_file(wildcards):
 
 
 def get_finetune_args(wildcards):
-    """The run's options as `--name value` flags for `vicunaflow finetune`."""
+    """The run's options as `--name value` flags for `vicunaflow finetune`.
+
+    Values other than strings go as JSON (null, true, [..]), which the CLI parses back exactly.
+    """
     return " ".join(
-        f"--{name} {value}" for name, value in get_run_options(wildcards).items()
+        f"--{name} {shlex.quote(value if isinstance(value, str) else json.dumps(value))}"
+        for name, value in get_run_options(wildcards).items()
     )
 
 
