@@ -64,6 +64,7 @@ def main() -> None:
         "--only", nargs="+", choices=["ours", "transformers", "fastchat"], default=["ours", "transformers", "fastchat"]
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: plain eager decode steps")
+    parser.add_argument("--no-fused-decode", action="store_true", help="ours: Hugging Face layers in the decode step")
     parser.add_argument("--fastchat-pythonpath", help="run FastChat in a child process with this first on PYTHONPATH")
     parser.add_argument("--load-8bit", action="store_true", help="also measure load_model(load_8bit=True)")
     parser.add_argument("--scratch", type=Path, help="--load-8bit: where to save the model (default: a temp dir)")
@@ -85,6 +86,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
+        "fused_decode": args.device == "cuda" and not args.no_cuda_graphs and not args.no_fused_decode,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
     print(json.dumps(info), flush=True)
@@ -188,6 +190,7 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
         max_batch_size=max(args.concurrency),
         max_context=args.context,
         cuda_graphs=not args.no_cuda_graphs,
+        fused_decode=False if args.no_fused_decode else None,
     )
     with engine:
         list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up
@@ -223,6 +226,7 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
                     "aggregate_tok_s": best_rate,
                     "max_batch": stats["max_batch"],
                     "cuda_graphs": stats["cuda_graphs"],
+                    "fused_decode": stats["fused_decode"],
                 }
             )
             print(results[-1], flush=True)
@@ -279,7 +283,23 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
         profile["weight_gb"] = weight_bytes(model) / 1e9
         profile["weights_gb_per_s"] = weight_bytes(model) / replay_s / 1e9
     profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get("graph_replay_ms", profile["step_ms"])
+    if bucket is not None and torch.device(device).type == "cuda":
+        profile["kernels_per_step"] = count_kernels(lambda: runner._forward(bucket))
     return profile
+
+
+def count_kernels(step) -> int | None:
+    """GPU kernels one eager call of `step` launches (what a CUDA graph of it replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower())
+    except Exception as err:  # CUPTI may be unavailable
+        print(f"kernel count failed: {err}", flush=True)
+        return None
 
 
 @torch.inference_mode()
@@ -393,7 +413,8 @@ def bench_load_8bit(model, tokenizer, prompts, args) -> list[dict]:
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-chat-"))
     try:
         start = time.perf_counter()
-        model.save_pretrained(scratch)
+        # copies: the engine made q/k/v and gate/up weights views of one tensor, which safetensors refuses
+        model.save_pretrained(scratch, state_dict={name: t.clone() for name, t in model.state_dict().items()})
         tokenizer.save_pretrained(scratch)
         print(f"saved the model for --load-8bit in {time.perf_counter() - start:.1f} s", flush=True)
         if args.device == "cuda":

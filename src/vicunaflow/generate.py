@@ -449,12 +449,15 @@ def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
     """Concatenate the weights of Linear layers (rows) and make each layer's weight a view into the result."""
     starts = list(itertools.accumulate([m.weight.shape[0] for m in linears], initial=0))
     fused = getattr(linears[0], "_vicunaflow_fused", None)
-    if fused is not None and all(  # fused by an earlier engine on the same model, and still in place
-        m.weight.data_ptr() == fused[start:].data_ptr() for m, start in zip(linears, starts, strict=False)
+    if (
+        fused is not None
+        and all(  # fused by an earlier engine on the same model, and still in place
+            m.weight.data_ptr() == fused[start:].data_ptr() for m, start in zip(linears, starts, strict=False)
+        )
     ):
         return fused
     fused = torch.cat([m.weight.detach() for m in linears])  # [sum of out_features, in_features]
-    for m, start, end in zip(linears, starts, starts[1:], strict=True):
+    for m, start, end in zip(linears, starts[:-1], starts[1:], strict=True):
         m.weight.data = fused[start:end]
     linears[0]._vicunaflow_fused = fused
     return fused
@@ -721,6 +724,7 @@ class Engine:
                 "max_batch_size": self.max_batch_size,
                 "context": self.context,
                 "cuda_graphs": self.runner.cuda_graphs,
+                "fused_decode": self.runner.fused is not None,
             }
 
     # -- the loop -----------------------------------------------------------------------------------------
