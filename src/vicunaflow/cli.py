@@ -31,6 +31,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "apply-delta": {"--base-model-path": "--base", "--delta-path": "--delta", "--target-model-path": "--target"},
     "make-delta": {"--base-model-path": "--base", "--target-model-path": "--target", "--delta-path": "--delta"},
 }
+# FastChat flags that ask for what we always do (apply-delta streams tensor by tensor): accepted, ignored.
+ALWAYS_ON = {"apply-delta": {"--low-cpu-mem"}}
 
 
 def resolve(spec: str) -> Callable:
@@ -45,8 +47,11 @@ def _table(commands: dict) -> dict:
 def _normalize_flags(argv: list[str]) -> list[str]:
     """Accept FastChat's flag names and `--dashed-names` for the signature's `--underscored_names`."""
     aliases = ALIASES.get(argv[0], {}) if argv else {}
+    always_on = ALWAYS_ON.get(argv[0], set()) if argv else set()
     normalized = []
     for arg in argv:
+        if arg in always_on:
+            continue
         if arg.startswith("--"):
             flag, eq, value = arg.partition("=")
             flag = aliases.get(flag, flag)
