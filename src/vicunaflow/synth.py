@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,7 @@ def synth_delta(
     groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
     generator = torch.Generator().manual_seed(seed)
     with atomic_output_dir(output_dir) as out:
+        scratch = _ScratchTensors(out / ".scratch")  # a real-size shard need not fit in RAM
         weight_map = {}
         for n, group in enumerate(groups, start=1):
             shard_name = f"pytorch_model-{n:05d}-of-{len(groups):05d}.bin"
@@ -107,9 +109,12 @@ def synth_delta(
                 with safe_open(base / index["weight_map"][name], framework="pt") as f:
                     like = f.get_slice(name)
                     shape, dtype = like.get_shape(), getattr(torch, _st_dtype(like.get_dtype()))
-                state[name] = (torch.randn(shape, generator=generator) * scale).to(dtype)
+                state[name] = scratch.copy((torch.randn(shape, generator=generator) * scale).to(dtype))
                 weight_map[name] = shard_name
             torch.save(state, out / shard_name)
+            scratch.release(state.values())
+            state.clear()
+        scratch.close()
         total = sum((out / s).stat().st_size for s in set(weight_map.values()))
         (out / "pytorch_model.bin.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
@@ -130,8 +135,9 @@ def synth_delta(
 def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, dtype: torch.dtype, seed: int) -> None:
     """Random weights with Meta's names, split into model-parallel shards the way Meta splits them.
 
-    Tensors are generated one at a time (full size, then sliced), so real 7B/13B shapes fit in
-    memory: at most one full tensor plus the shards being written.
+    Tensors are generated one at a time (full size, then sliced) into file-backed scratch tensors,
+    so real 7B/13B shapes fit in memory: one full tensor in RAM; the shards' pages are the kernel's
+    to write out and drop (a 13B model, 26 GB, is bigger than many machines' RAM).
     """
     n_heads, n_layers = params["n_heads"], params["n_layers"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
@@ -139,6 +145,7 @@ def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, 
         raise ValueError(f"{shards} shards do not divide {n_heads} heads / {n_kv_heads} kv heads")
     shapes = meta_shapes(params, vocab_size)
     generator = torch.Generator().manual_seed(seed)
+    scratch = _ScratchTensors(out / ".scratch")
     states: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for name, (_, merge_dim) in meta_names(n_layers).items():
         shape = shapes[name]
@@ -152,10 +159,13 @@ def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, 
             heads = n_heads if name.endswith("wq.weight") else n_kv_heads
             full = unpermute_rotary(full, heads)
         for rank in range(shards):
-            states[rank][name] = full.clone() if merge_dim is None else full.chunk(shards, dim=merge_dim)[rank].clone()
+            states[rank][name] = scratch.copy(full if merge_dim is None else full.chunk(shards, dim=merge_dim)[rank])
         del full
     for rank, state in enumerate(states):
         torch.save(state, out / f"consolidated.{rank:02d}.pth")
+        scratch.release(states[rank].values())
+        states[rank].clear()
+    scratch.close()
 
 
 def train_tokenizer(vocab_size: int) -> bytes:
@@ -183,7 +193,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
         num_threads=1,  # one thread: the same corpus always gives the same model bytes
         minloglevel=2,
     )
-    return model.getvalue()
+    return _pad_vocabulary(model.getvalue(), vocab_size)
 
 
 def _corpus_lines() -> list[str]:
@@ -192,6 +202,51 @@ def _corpus_lines() -> list[str]:
         for record in json.loads(CONVERSATIONS.read_text()):
             lines += [turn["value"] for turn in record["conversations"]]
     return lines
+
+
+def _pad_vocabulary(model_bytes: bytes, vocab_size: int) -> bytes:
+    """Pad a trained model with unused pieces up to exactly `vocab_size`.
+
+    The built-in corpus yields ~4.4k pieces; LLaMA's vocabulary is 32000, and the embedding and
+    output matrices of a real-shape checkpoint must have 32000 rows. UNUSED pieces are never
+    produced by encoding, so tokenization is unchanged.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    missing = vocab_size - len(model.pieces)
+    if missing <= 0:
+        return model_bytes
+    for i in range(missing):
+        model.pieces.add(piece=f"<unused{i}>", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
+    model.trainer_spec.vocab_size = vocab_size
+    return model.SerializeToString()
+
+
+class _ScratchTensors:
+    """Tensors backed by files in a scratch folder (shared mmap): RAM holds only what the kernel keeps cached."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.paths: dict[int, Path] = {}  # id(tensor) -> its backing file
+        self.count = 0
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f"{self.count}.bin"
+        self.count += 1
+        backed = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        backed.copy_(tensor)
+        self.paths[id(backed)] = path
+        return backed
+
+    def release(self, tensors) -> None:
+        for tensor in tensors:
+            self.paths.pop(id(tensor)).unlink()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _piece_count(tokenizer_path: Path) -> int:
