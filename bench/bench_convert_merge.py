@@ -25,9 +25,11 @@ a shared machine only ever slow a run down. Results: bench/results/convert_merge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +42,10 @@ import psutil
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REF_VENVS = REPO / ".work" / "ref-venvs"
-GOALS = {"wall_s": 0.5, "peak_rss_mb": 0.3}  # ours / theirs, at most
+GOALS = {"wall_s": 0.5, "peak_rss_mb": 0.3}  # ours / theirs, at most (issue 2, ~1B)
+REAL_SIZE_GOALS = {"wall_s": 0.5, "peak_rss_mb": 0.25}  # issue 7, 7B and 13B
+MIN_AVAILABLE = 2 * 2**30  # kill a capped run before the machine has less free memory than this
+AS_MARGIN = 16 * 2**30  # prlimit --as = RSS cap + this (torch reserves address space it never touches)
 
 
 def main() -> None:
@@ -52,8 +57,19 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / ".work" / "bench-convert-merge")
     parser.add_argument("--only", choices=["ours", "reference"], help="measure one side only")
     parser.add_argument("--repeat", type=int, default=2, help="runs per command; the fastest counts (shared machines)")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "convert_merge.json")
+    parser.add_argument("--output", type=Path, help="default: results/convert_merge.json (_7b.json, _13b.json)")
+    parser.add_argument("--size", choices=["7B", "13B"], help="real LLaMA shapes (`vicunaflow synth llama`) instead")
+    parser.add_argument(
+        "--ref-mem-cap-gib", type=float, default=16.0,
+        help="--size: kill a reference tool whose process tree's RSS passes this (other people share the machine)",
+    )  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="--size: keep the big files (default: delete as we go)")
     args = parser.parse_args()
+    if args.size:
+        args.output = args.output or HERE / "results" / f"convert_merge_{args.size.lower()}.json"
+        bench_real_size(args)
+        return
+    args.output = args.output or HERE / "results" / "convert_merge.json"
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     raw = make_raw(args.workdir / "raw", args.dim, args.n_layers, args.n_heads, args.shards)
@@ -110,6 +126,253 @@ def main() -> None:
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"\nwrote {args.output}")
+
+
+# --- real sizes: 7B and 13B --------------------------------------------------------------------
+
+
+def bench_real_size(args) -> None:
+    """Convert and apply-delta at LLaMA-7B / 13B shapes, reference tools under a memory cap.
+
+    Disk is the constraint here (13B: 26 GB a copy), so big files go as soon as they are checked:
+    raw -> ours-hf (checked against the merged raw tensors) -> reference convert (compared, deleted)
+    -> raw deleted -> delta -> apply-delta both sides (checked against base + delta, recomputed).
+    The delta is lmsys's `.bin` layout from `vicunaflow synth delta`; when the disk cannot hold a
+    delta beside base and target (13B on an ~80 GB disk), the base itself serves as the delta
+    (its safetensors files linked into a delta folder; target = 2 x base), and the JSON says so.
+    """
+    workdir = (
+        args.workdir
+        if args.workdir != REPO / ".work" / "bench-convert-merge"
+        else REPO / ".work" / f"bench-{args.size.lower()}"
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    cap = int(args.ref_mem_cap_gib * 2**30)
+    repeat = args.repeat if "--repeat" in sys.argv else 1
+    vf = [sys.executable, "-m", "vicunaflow"]
+    raw = workdir / "pyllama_data" / args.size
+    ours_hf, ref_hf = workdir / "ours-hf", workdir / "ref-hf"
+    results: dict = {"size": args.size, "machine": machine(), "reference_mem_cap_gib": args.ref_mem_cap_gib}
+    results["command"] = " ".join(["python", "bench/bench_convert_merge.py", *sys.argv[1:]])
+    sides = ["ours", "reference"] if args.only is None else [args.only]
+
+    def save() -> None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+
+    if not (raw / "params.json").exists() and not (ours_hf / "config.json").exists():
+        started = time.perf_counter()
+        subprocess.run([*vf, "synth", "llama", "--folder", str(raw.parent), "--model-size", args.size], check=True)
+        results["synth_s"] = round(time.perf_counter() - started, 1)
+    if (raw / "params.json").exists():
+        params = json.loads((raw / "params.json").read_text())
+        results["checkpoint"] = {"params_json": params, "shards": len(list(raw.glob("consolidated.*.pth")))}
+        print(f"checkpoint: {raw} {results['checkpoint']}", flush=True)
+        hf_python, fastchat_python, converter = reference_tools() if "reference" in sides else (None, None, None)
+
+        convert = results["convert"] = {}
+        command = [*vf, "convert", "--input-dir", str(raw), "--output-dir", str(ours_hf)]
+        convert["ours"] = measure_repeated(command, raw, ours_hf, repeat) | {"command": shell(command)}
+        convert["ours_vs_raw"] = check_convert(raw, ours_hf)
+        save()
+        if "reference" in sides:
+            command = [hf_python, str(converter), "--input_dir", str(raw), "--num_shards",
+                       str(results["checkpoint"]["shards"]), "--output_dir", str(ref_hf), "--llama_version", "1"]  # fmt: skip
+            need_disk = 2.1 * dir_size(raw)  # the script writes a temporary copy, then the model
+            if free_disk(workdir) - need_disk < 10e9:
+                convert["reference"] = {"completed": False, "why": "skipped: not enough free disk"}
+            else:
+                convert["reference"] = measure(command, raw, ref_hf, mem_cap=cap) | {"command": shell(command)}
+            if convert["reference"]["completed"]:
+                convert["ours_vs_reference"] = compare(ours_hf, ref_hf)
+            shutil.rmtree(ref_hf, ignore_errors=True)
+            convert["ratios"] = ratios(convert["ours"], convert["reference"])
+        save()
+        if not args.keep:
+            shutil.rmtree(raw, ignore_errors=True)
+
+    delta = workdir / "delta"
+    if not (delta / "config.json").exists():
+        base_bytes = dir_size(ours_hf)
+        if free_disk(workdir) - 2 * base_bytes > 12e9:
+            subprocess.run([*vf, "synth", "delta", "--base", str(ours_hf), "--output-dir", str(delta)], check=True)
+        else:
+            link_base_as_delta(ours_hf, delta)
+    results["delta"] = (
+        "the base's own safetensors files, linked (no disk for a separate delta)"
+        if (delta / "model.safetensors.index.json").exists()
+        else "vicunaflow synth delta: random, lmsys's pytorch_model-*.bin layout"
+    )
+    apply = results.setdefault("apply-delta", {})
+    ours_target, ref_target = workdir / "ours-target", workdir / "fastchat-target"
+    command = [*vf, "apply-delta", "--base", str(ours_hf), "--delta", str(delta), "--target", str(ours_target)]
+    apply["ours"] = measure_repeated(command, [ours_hf, delta], ours_target, repeat) | {"command": shell(command)}
+    apply["ours_vs_base_plus_delta"] = check_apply_delta(ours_hf, delta, ours_target)
+    save()
+    if "reference" in sides:
+        _, fastchat_python, _ = reference_tools()
+        command = [fastchat_python, "-m", "fastchat.model.apply_delta", "--base-model-path", str(ours_hf),
+                   "--delta-path", str(delta), "--target-model-path", str(ref_target)]  # fmt: skip
+        if free_disk(workdir) - dir_size(ours_hf) < 10e9:
+            shutil.rmtree(ours_target)  # checked already; FastChat's output is checked the same way
+        apply["reference"] = measure(command, [ours_hf, delta], ref_target, mem_cap=cap) | {"command": shell(command)}
+        if apply["reference"]["completed"]:
+            apply["reference_vs_base_plus_delta"] = check_apply_delta(ours_hf, delta, ref_target)
+        apply["ratios"] = ratios(apply["ours"], apply["reference"])
+    save()
+    if not args.keep:
+        for path in (ours_target, ref_target, delta):
+            shutil.rmtree(path, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+def ratios(ours: dict, reference: dict) -> dict:
+    """ours / theirs; when the reference did not finish, a bound: its time and RSS so far."""
+    out = {k: round(ours[k] / reference[k], 3) for k in REAL_SIZE_GOALS if reference.get(k)}
+    out["bound"] = not reference.get("completed", False)  # then the true ratio is at most this
+    return out
+
+
+def shell(command: list) -> str:
+    return " ".join(str(c).replace(str(REPO) + "/", "") for c in command)
+
+
+def free_disk(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    disk = Path("/sys/block/vda/queue/rotational")
+    return {
+        "cpus": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_model": next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
+        ),
+        "disk": f"virtio block device, rotational={disk.read_text().strip()}" if disk.exists() else "?",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "reference_venvs": {name: pip_versions(REF_VENVS / name) for name in ("hf4463", "fschat")},
+    }
+
+
+def pip_versions(venv: Path) -> dict:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return {}
+    code = (
+        "import importlib.metadata as m\n"
+        "for p in ('transformers', 'fschat', 'accelerate', 'safetensors', 'torch'):\n"
+        "    try: print(p, m.version(p))\n"
+        "    except Exception: pass"
+    )
+    lines = subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.split("\n")
+    return dict(line.split() for line in lines if line.strip())
+
+
+def link_base_as_delta(base: Path, delta: Path) -> None:
+    """A delta folder whose weights are the base's own safetensors files (symlinks)."""
+    delta.mkdir(parents=True)
+    for path in base.iterdir():
+        if path.suffix == ".safetensors":
+            (delta / path.name).symlink_to(path.resolve())
+        elif path.is_file():
+            shutil.copy(path, delta / path.name)
+
+
+def check_convert(raw: Path, hf: Path) -> dict:
+    """Every HF tensor equals the merged (and, for q/k, rotary-permuted) raw tensor, bit for bit.
+
+    Written here from the LLaMA layout, not with vicunaflow.formats, so it checks that code too.
+    """
+    import torch
+    from safetensors import safe_open
+
+    params = json.loads((raw / "params.json").read_text())
+    n_heads, dim = params["n_heads"], params["dim"]
+    shards = [
+        torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in sorted(raw.glob("consolidated.*.pth"))
+    ]
+    index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    files = {name: safe_open(hf / name, framework="pt") for name in set(index.values())}
+    concat_dim = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
+    hf_name = {
+        "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight", "attention.wq.weight": "self_attn.q_proj.weight",
+        "attention.wk.weight": "self_attn.k_proj.weight", "attention.wv.weight": "self_attn.v_proj.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight", "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    }  # fmt: skip
+    checked, mismatched, elements = 0, [], 0
+    for name in shards[0]:
+        if name == "rope.freqs":
+            continue
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            target = f"model.layers.{layer}.{hf_name[rest]}"
+        else:
+            target = hf_name[name]
+        kind = name.split(".")[-2]
+        parts = [shard[name] for shard in shards]
+        merged = torch.cat(parts, dim=concat_dim[kind]) if kind in concat_dim and len(parts) > 1 else parts[0]
+        if kind in ("wq", "wk"):  # Meta's interleaved rotary pairs -> HF's two halves, per head
+            rows = merged.shape[0]
+            merged = merged.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+        ours = files[index.pop(target)].get_tensor(target)
+        same = (
+            ours.dtype == merged.dtype
+            and ours.shape == merged.shape
+            and torch.equal(ours.view(torch.int16), merged.contiguous().view(torch.int16))
+        )
+        checked += 1
+        elements += merged.numel()
+        if not same:
+            mismatched.append(target)
+        if target == "model.embed_tokens.weight":
+            vocab_rows = ours.shape[0]
+    return {
+        "tensors_checked": checked,
+        "elements": elements,
+        "dtype": str(ours.dtype),
+        "vocab_rows": vocab_rows,
+        "extra_in_output": sorted(index)[:5],
+        "mismatched": mismatched[:5],
+        "bit_exact": not mismatched and not index,
+    }
+
+
+def check_apply_delta(base: Path, delta: Path, target: Path) -> dict:
+    """Every target tensor == float16(float32(base) + float32(delta)), bit for bit, recomputed here."""
+    import torch
+
+    from vicunaflow.checkpoint import Checkpoint
+
+    b, d, t = Checkpoint(base), Checkpoint(delta), Checkpoint(target)
+    mismatched, elements = [], 0
+    for name in b.names():
+        x, y, z = b.get(name), d.get(name), t.get(name)
+        expected = (x.float() + y.float()).to(x.dtype)
+        elements += z.numel()
+        if not (
+            z.dtype == expected.dtype
+            and z.shape == expected.shape
+            and torch.equal(z.view(torch.int16), expected.view(torch.int16))
+        ):
+            mismatched.append(name)
+    return {
+        "tensors_checked": len(b.names()),
+        "elements": elements,
+        "dtype": str(z.dtype),
+        "same_names": sorted(b.names()) == sorted(t.names()),
+        "mismatched": mismatched[:5],
+        "bit_exact": not mismatched and sorted(b.names()) == sorted(t.names()),
+    }
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
@@ -202,35 +465,48 @@ def measure_repeated(command: list[str], inputs, output: Path, repeat: int) -> d
     }
 
 
-def measure(command: list[str], inputs, output: Path) -> dict:
-    """Run `command`, polling the RSS of its process tree; wall time and peak RSS."""
+def measure(command: list[str], inputs, output: Path, mem_cap: int | None = None) -> dict:
+    """Run `command`, polling the RSS of its process tree; wall time and peak RSS.
+
+    With `mem_cap` (bytes) the command may fail without stopping the benchmark: it is killed when its
+    tree's RSS passes the cap or the machine's available memory drops under MIN_AVAILABLE (so a
+    reference tool that loads whole models never gets other people's processes OOM-killed), and
+    `prlimit --as` backs that up in the kernel. The result then says why and how far it got.
+    """
     shutil.rmtree(output, ignore_errors=True)
     for path in inputs if isinstance(inputs, list) else [inputs]:
         warm_page_cache(Path(path))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VICUNAFLOW_LOG_LEVEL": "WARNING"}
+    if mem_cap:  # address space, a looser bound than RSS (mapped files, thread stacks): a backstop only
+        command = ["prlimit", f"--as={mem_cap + AS_MARGIN}", "--", *command]
     print(f"$ {' '.join(map(str, command))}", flush=True)
     log = output.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        peak = [0]
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=mem_cap is not None
+        )
+        peak, killed = [0], []
         done = threading.Event()
-        threading.Thread(target=poll_rss, args=(process.pid, peak, done), daemon=True).start()
+        threading.Thread(target=poll_rss, args=(process.pid, peak, done, mem_cap, killed), daemon=True).start()
         returncode = process.wait()
         done.set()
     wall = time.perf_counter() - start
+    result = {"wall_s": round(wall, 2), "peak_rss_mb": round(peak[0] / 2**20)}
     if returncode != 0:
-        raise SystemExit(f"failed ({returncode}): {' '.join(map(str, command))}\n{log.read_text()[-3000:]}")
-    result = {
-        "wall_s": round(wall, 2),
-        "peak_rss_mb": round(peak[0] / 2**20),
-        "output_gb": round(dir_size(output) / 1e9, 2),
-    }
+        if mem_cap is None:
+            raise SystemExit(f"failed ({returncode}): {' '.join(map(str, command))}\n{log.read_text()[-3000:]}")
+        shutil.rmtree(output, ignore_errors=True)
+        why = killed[0] if killed else f"exit {returncode}: {log.read_text()[-400:].strip()}"
+        result |= {"completed": False, "why": why}
+        print(f"  did not complete: {result}", flush=True)
+        return result
+    result |= {"completed": True, "output_gb": round(dir_size(output) / 1e9, 2)}
     print(f"  {result}", flush=True)
     return result
 
 
-def poll_rss(pid: int, peak: list[int], done: threading.Event) -> None:
+def poll_rss(pid: int, peak: list[int], done: threading.Event, mem_cap: int | None = None, killed=None) -> None:
     try:
         root = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -243,6 +519,15 @@ def poll_rss(pid: int, peak: list[int], done: threading.Event) -> None:
         except psutil.NoSuchProcess:
             pass
         peak[0] = max(peak[0], total)
+        if mem_cap is not None and not killed:
+            available = psutil.virtual_memory().available
+            if total > mem_cap or available < MIN_AVAILABLE:
+                killed.append(
+                    f"killed at RSS {total / 2**30:.1f} GiB (cap {mem_cap / 2**30:.0f} GiB, "
+                    f"machine available {available / 2**30:.1f} GiB)"
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
         time.sleep(0.02)
 
 

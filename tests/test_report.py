@@ -32,5 +32,5 @@ def test_loss_curve_and_options_table(tmp_path: Path) -> None:
 
 
 def test_run_without_log_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(VicunaflowError, match="trainer_log.jsonl: missing"):
+    with pytest.raises(VicunaflowError, match=r"trainer_log\.jsonl: missing"):
         finetune_report(run_dir=tmp_path, loss_plot=tmp_path / "a.svg", options_table=tmp_path / "b.tsv")

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from vicunaflow import VicunaflowError, template
+from vicunaflow.synth import train_tokenizer
 from vicunaflow.tokenizer import write_tokenizer
 
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -81,24 +82,7 @@ def wide_tokenizer_model(tmp_path_factory) -> Path:
     corpus += [template.SYSTEM_PROMPT, "USER: hello ASSISTANT: hi there</s>"] * 20
     corpus += ["héllo wörld ça va ñandú 中文字符和日本語のテキスト 🦙"] * 5
     path = tmp_path_factory.mktemp("wide-tokenizer") / "tokenizer.model"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(path.with_suffix("")),
-        vocab_size=3000,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        hard_vocab_limit=False,
-        character_coverage=0.9995,
-        num_threads=1,
-        minloglevel=2,
-    )
+    path.write_bytes(train_tokenizer(3000, corpus, character_coverage=0.9995))
     return path
 
 

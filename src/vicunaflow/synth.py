@@ -168,14 +168,17 @@ def write_raw_checkpoint(out: Path, params: dict, vocab_size: int, shards: int, 
     scratch.close()
 
 
-def train_tokenizer(vocab_size: int) -> bytes:
-    """Train a LLaMA-style SentencePiece BPE model (byte fallback, digits split, <unk>/<s>/</s> = 0/1/2)."""
+def train_tokenizer(vocab_size: int, corpus: list[str] | None = None, character_coverage: float = 1.0) -> bytes:
+    """Train a LLaMA-style SentencePiece BPE model (byte fallback, digits split, <unk>/<s>/</s> = 0/1/2).
+
+    `corpus` defaults to the built-in conversations and the system prompt.
+    """
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         # An iterator, not a file: the model records its input path, which would vary.
-        sentence_iterator=iter(_corpus_lines()),
+        sentence_iterator=iter(_corpus_lines() if corpus is None else corpus),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -189,7 +192,7 @@ def train_tokenizer(vocab_size: int) -> bytes:
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
         hard_vocab_limit=False,
-        character_coverage=1.0,
+        character_coverage=character_coverage,
         num_threads=1,  # one thread: the same corpus always gives the same model bytes
         minloglevel=2,
     )
