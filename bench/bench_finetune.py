@@ -9,11 +9,16 @@ bf16, FSDP full_shard per decoder layer, gradient checkpointing, batch 1 per GPU
 
     python bench/bench_finetune.py --gpus 1 2            # on a GPU machine (7B shape, 2048 tokens)
     python bench/bench_finetune.py --tiny                # CPU smoke test of the script itself
+    python bench/bench_finetune.py --gpus 1 --runs ours ours-compile fastchat --workdir /dev/shm/ft
+
+--runs picks the configurations: ours (the command's defaults), ours-no-gc (no gradient checkpointing),
+ours-sync-every (reduce-scatter after every micro-batch), ours-compile (--compile), fastchat.
+A run stops once its last timed step is logged (the final model save is not part of the benchmark).
 
 Tokens/s counts every input token; MFU = tokens/s x FLOPs per token / (GPUs x peak bf16 FLOPs),
 FLOPs per token = 6 N + 12 L d T (PaLM's estimate; N without the input embedding; recomputation by
 gradient checkpointing is not counted as useful work). The first --warmup steps are not timed.
-Results go to bench/results/finetune.json and a table on stdout.
+Results go to bench/results/finetune.json (or --results), rewritten after every run, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +37,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # Dense bf16 peak of one GPU, TFLOPs (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Extra `vicunaflow finetune` options of each configuration of ours.
+OURS_RUNS = {
+    "ours": [],
+    "ours-no-gc": ["--gradient-checkpointing", "false"],
+    "ours-sync-every": ["--gradient-sync", "micro_batch"],
+    "ours-compile": ["--compile", "true"],
+    "ours-no-gc-compile": ["--gradient-checkpointing", "false", "--compile", "true"],
+}
 
 
 def main() -> None:
@@ -44,7 +58,9 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=8, help="micro-batches per step (FastChat's 8)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU; default: from the GPU's name")
     parser.add_argument("--workdir", type=Path, default=HERE / "work-finetune")
-    parser.add_argument("--only", choices=["ours", "fastchat"], help="measure one side only")
+    parser.add_argument("--runs", nargs="+", choices=[*OURS_RUNS, "fastchat"], default=["ours", "fastchat"])
+    parser.add_argument("--results", type=Path, help="result JSON (default: bench/results/finetune.json)")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds before a run is stopped")
     parser.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -56,79 +72,139 @@ def main() -> None:
     if args.tiny:
         args.gpus, args.seq_len, args.steps, args.warmup, args.accumulation = [0], 256, 6, 2, 1
     args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     model_dir = make_model(args.workdir / ("model-tiny" if args.tiny else "model-7b"), tiny=args.tiny)
     n_samples = max(64, args.steps * args.accumulation * max(args.gpus))
     data_file = make_data(args.workdir / f"data-{args.seq_len}-{n_samples}.json", n=n_samples)
+    print(f"inputs ready in {time.perf_counter() - started:.0f}s", flush=True)
     flops_per_token = model_flops_per_token(model_dir, args.seq_len)
     peak = args.peak_tflops or detect_peak_tflops()
-    results = []
-    for gpus in args.gpus:
-        for side in ("ours", "fastchat"):
-            if args.only and side != args.only:
-                continue
-            run = measure(side, gpus, model_dir, data_file, args)
-            run["mfu"] = run["tokens_per_s"] * flops_per_token / (max(gpus, 1) * peak * 1e12) if peak else None
-            results.append(run)
-            print_row(run)
+    out = args.results or HERE / "results" / ("finetune-tiny.json" if args.tiny else "finetune.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "model": str(model_dir),
         "seq_len": args.seq_len,
+        "steps": args.steps,
+        "timed_steps": args.steps - args.warmup,
+        "accumulation": args.accumulation,
+        "per_device_batch": 1,
+        "gradient_checkpointing": args.gradient_checkpointing == "true",
         "flops_per_token": flops_per_token,
         "peak_tflops_per_gpu": peak,
         "device": device_name(),
-        "results": results,
+        "versions": versions(),
+        "results": [],
     }
-    out = HERE / "results" / ("finetune-tiny.json" if args.tiny else "finetune.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    for gpus in args.gpus:
+        runs = measure_all(args.runs, gpus, model_dir, data_file, args)
+        for run in runs:
+            if "tokens_per_s" in run:
+                run["mfu"] = run["tokens_per_s"] * flops_per_token / (max(gpus, 1) * peak * 1e12) if peak else None
+            report["results"].append(run)
+            print_row(run)
+            out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 
 
-def measure(side: str, gpus: int, model_dir: Path, data_file: Path, args) -> dict:
-    """Run one side for --steps steps and time the steps after --warmup from its per-step log."""
+def measure_all(names: list[str], gpus: int, model_dir: Path, data_file: Path, args) -> list[dict]:
+    """Measure each configuration; one-GPU runs go side by side, one per visible GPU (they share nothing)."""
+    visible = device_count()
+    if gpus == 1 and visible > 1:
+        results = []
+        for first in range(0, len(names), visible):
+            batch = names[first : first + visible]
+            processes = [start(name, gpus, model_dir, data_file, args, cuda_device=i) for i, name in enumerate(batch)]
+            results += [finish(process, args) for process in processes]
+        return results
+    return [finish(start(name, gpus, model_dir, data_file, args), args) for name in names]
+
+
+def start(name: str, gpus: int, model_dir: Path, data_file: Path, args, cuda_device: int | None = None) -> dict:
+    """Launch one configuration under torchrun, in its own process group (so it can be stopped as a whole)."""
     nproc = max(gpus, 1)
-    out = args.workdir / f"out-{side}-{nproc}"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.parent / ".checkpoints", ignore_errors=True)
+    out = args.workdir / f"out-{name}-{nproc}"
+    checkpoints = args.workdir / f"checkpoints-{name}-{nproc}"
+    for path in (out, checkpoints):
+        shutil.rmtree(path, ignore_errors=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    if side == "ours":
+    if name in OURS_RUNS:
         command = [*launcher, "-m", "vicunaflow", "finetune", "--model-path", str(model_dir), "--data", str(data_file)]
         command += ["--output-dir", str(out), "--max-steps", str(args.steps), "--per-device-train-batch-size", "1"]
         command += ["--gradient-accumulation-steps", str(args.accumulation), "--model-max-length", str(args.seq_len)]
         command += ["--gradient-checkpointing", args.gradient_checkpointing, "--save-strategy", "no"]
         command += ["--lazy-preprocess", "false", "--report-to", "none", "--learning-rate", "2e-5"]
+        command += ["--checkpoint-dir", str(checkpoints), *OURS_RUNS[name]]
+        step_log = checkpoints / "trainer_log.jsonl"  # written there while training, copied to the output at the end
     else:
         command = [*launcher, str(Path(__file__).resolve()), "--worker", "hf", "--model", str(model_dir)]
         command += ["--data", str(data_file), "--out", str(out), "--steps", str(args.steps)]
         command += ["--seq-len", str(args.seq_len), "--gradient-checkpointing", args.gradient_checkpointing]
         command += ["--accumulation", str(args.accumulation)]
-    started = time.perf_counter()
+        step_log = out / "trainer_log.jsonl"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - started
-    (args.workdir / f"log-{side}-{nproc}.txt").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{side} on {nproc} process(es) failed; see {args.workdir}/log-{side}-{nproc}.txt")
-    steps = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    timed = steps[args.warmup :]
+    if cuda_device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
+    log_path = args.workdir / f"log-{name}-{nproc}.txt"
+    log_file = log_path.open("w")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    print(f"started {name} on {nproc} GPU(s){'' if cuda_device is None else f' (GPU {cuda_device})'}", flush=True)
+    return {"name": name, "gpus": gpus, "process": process, "log": log_path, "log_file": log_file,
+            "step_log": step_log, "output_log": out / "trainer_log.jsonl", "started": time.perf_counter()}  # fmt: skip
+
+
+def finish(run: dict, args) -> dict:
+    """Wait until the run has logged --steps steps (then stop it) or ended; time the steps after --warmup."""
+    process, step_log = run["process"], run["step_log"]
+    deadline = run["started"] + args.run_timeout
+    while process.poll() is None and logged_steps(step_log) < args.steps and time.perf_counter() < deadline:
+        time.sleep(1)
+    stopped = process.poll() is None
+    if stopped:
+        os.killpg(process.pid, signal.SIGTERM)  # the torchrun group this script started
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    run["log_file"].close()
+    wall = time.perf_counter() - run["started"]
+    result = {"side": run["name"], "gpus": run["gpus"], "wall_s": round(wall, 1), "log": str(run["log"])}
+    steps = read_steps(step_log) or read_steps(run["output_log"])  # a run that ended moved its log there
+    if len(steps) < args.steps:
+        tail = run["log"].read_text()[-3000:]
+        print(f"{run['name']} on {run['gpus']} GPU(s) failed or timed out; log tail:\n{tail}", flush=True)
+        return result | {"error": tail.strip().splitlines()[-1] if tail.strip() else "no output"}
+    timed = steps[args.warmup : args.steps]
     tokens = sum(s["input_tokens"] for s in timed)
     seconds = sum(s["seconds"] for s in timed)
-    return {
-        "side": side,
-        "gpus": gpus,
+    return result | {
         "tokens_per_s": tokens / seconds,
-        "tokens_per_s_per_gpu": tokens / seconds / nproc,
+        "tokens_per_s_per_gpu": tokens / seconds / max(run["gpus"], 1),
         "median_step_s": statistics.median(s["seconds"] for s in timed),
         "timed_steps": len(timed),
-        "final_loss": steps[-1]["loss"],
-        "wall_s": round(wall, 1),
+        "losses": [s["loss"] for s in steps[: args.steps]],
+        "stopped_after_last_step": stopped,
     }
 
 
+def read_steps(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def logged_steps(path: Path) -> int:
+    return len(read_steps(path))
+
+
 def print_row(run: dict) -> None:
+    if "error" in run:
+        print(f"{run['side']:>18} gpus={run['gpus']}  FAILED: {run['error']}", flush=True)
+        return
     mfu = f"{100 * run['mfu']:.1f}%" if run["mfu"] is not None else "n/a"
     print(
-        f"{run['side']:>8} gpus={run['gpus']}  {run['tokens_per_s']:10.0f} tokens/s  "
+        f"{run['side']:>18} gpus={run['gpus']}  {run['tokens_per_s']:10.0f} tokens/s  "
         f"({run['tokens_per_s_per_gpu']:.0f}/GPU)  step {run['median_step_s']:.3f}s  MFU {mfu}  wall {run['wall_s']}s",
         flush=True,
     )
@@ -157,10 +233,11 @@ def make_model(path: Path, tiny: bool) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers for 7B: seconds on a GPU
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(0)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -169,6 +246,9 @@ def make_model(path: Path, tiny: bool) -> Path:
                 param.normal_(0.0, 0.02, generator=generator)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs need the whole GPU
     (tmp / "spm.model").write_bytes(train_tokenizer(1024))
     write_tokenizer(tmp / "spm.model", tmp, model_max_length=2048)
     (tmp / "spm.model").unlink()
@@ -233,6 +313,30 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def versions() -> dict:
+    import platform
+
+    import accelerate
+    import torch
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    found["accelerate"] = accelerate.__version__
+    if torch.cuda.is_available():
+        found |= {
+            "cuda": torch.version.cuda,
+            "gpus": device_count(),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        }
+    return found
+
+
 # --- FastChat's recipe: transformers Trainer + FSDP -------------------------------------------
 
 
@@ -260,6 +364,10 @@ def hf_trainer_worker(args) -> None:
     cuda = torch.cuda.is_available()
 
     class StepTimer(TrainerCallback):
+        """Times each optimizer step (synchronised); the entry is written when the step's loss is logged."""
+
+        entry: dict | None = None
+
         def on_step_begin(self, *_, **__) -> None:
             if cuda:
                 torch.cuda.synchronize()
@@ -268,13 +376,18 @@ def hf_trainer_worker(args) -> None:
         def on_step_end(self, training_args, state, *_, **__) -> None:
             if cuda:
                 torch.cuda.synchronize()
-            if state.is_world_process_zero:
-                world = training_args.world_size
-                entry = {"step": state.global_step, "loss": None, "seconds": time.perf_counter() - self.started}
-                # batch 1 per process and micro-batch, every sample full length
-                entry["input_tokens"] = world * args.seq_len * args.accumulation
-                with (args.out / "trainer_log.jsonl").open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
+            world = training_args.world_size
+            self.entry = {"step": state.global_step, "loss": None, "seconds": time.perf_counter() - self.started}
+            # batch 1 per process and micro-batch, every sample full length
+            self.entry["input_tokens"] = world * args.seq_len * args.accumulation
+
+        def on_log(self, training_args, state, control, logs=None, **__) -> None:
+            if self.entry is None or not state.is_world_process_zero:
+                return
+            self.entry["loss"] = (logs or {}).get("loss")
+            with (args.out / "trainer_log.jsonl").open("a") as f:
+                f.write(json.dumps(self.entry) + "\n")
+            self.entry = None
 
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     training_args = TrainingArguments(
@@ -301,12 +414,6 @@ def hf_trainer_worker(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset(), callbacks=[StepTimer()])
     trainer.train()
-    if trainer.is_world_process_zero():
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        lines = [json.loads(line) for line in (args.out / "trainer_log.jsonl").read_text().splitlines()]
-        for entry, loss in zip(lines, losses, strict=False):
-            entry["loss"] = loss
-        (args.out / "trainer_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def test_help_lists_every_verb() -> None:
         assert verb in result.stdout
 
 
-@pytest.mark.parametrize(("verbs", "spec"), list(leaf_specs()), ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize(
+    ("verbs", "spec"), list(leaf_specs()), ids=lambda v: " ".join(v) if isinstance(v, tuple) else v
+)
 def test_every_verb_has_documented_keyword_only_arguments(verbs: tuple[str, ...], spec: str) -> None:
     function = cli.resolve(spec)
     parameters = inspect.signature(function).parameters.values()

@@ -62,6 +62,8 @@ def setup(
     save_total_limit: int | None = 10,
     model_max_length: int = 2048,
     gradient_checkpointing: bool = True,
+    gradient_sync: Literal["auto", "micro_batch", "step"] = "auto",
+    compile: bool = False,
     bf16: bool = True,
     tf32: bool = True,
     report_to: Literal["tensorboard", "none"] = "tensorboard",
@@ -101,7 +103,9 @@ def setup(
         save_steps: optimizer steps between checkpoints.
         save_total_limit: keep only the newest N checkpoints (null: all).
         model_max_length: longest sequence in tokens; longer conversations are truncated.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory (whole decoder layers).
+        gradient_sync: when sharded gradients are reduced across processes: every micro_batch (least memory), once per optimizer step (step: gradients accumulate locally in float32 and weights stay gathered between micro-batches; least communication, ~6 bytes more GPU memory per parameter), or auto: step on GPUs with room for it.
+        compile: torch.compile each decoder layer (fuses norms, rotary and activations; the first step compiles).
         bf16: bfloat16 mixed precision on GPUs that support it (float32 master weights); float32 elsewhere, logged.
         tf32: TF32 matmuls on Ampere or newer GPUs (ignored elsewhere, logged).
         report_to: tensorboard logs in the output's runs/ (none: only trainer_log.jsonl).
@@ -165,6 +169,8 @@ class TrainConfig:
     save_total_limit: int | None
     model_max_length: int
     gradient_checkpointing: bool
+    gradient_sync: str
+    compile: bool
     bf16: bool
     tf32: bool
     report_to: str
@@ -321,6 +327,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
     torch.manual_seed(config.seed + runtime.rank)  # dropout (LoRA) differs per rank, repeatably
     dataset = TrainingData(config, runtime)
     model = build_model(config, runtime)
+    accumulation = Accumulation.plan(model, config, runtime)
     optimizer = build_optimizer(model, config)
     plan = Plan.make(len(dataset), config, runtime.world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, plan.total_steps))
@@ -337,7 +344,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
     window_loss, window_tokens, window_inputs = 0.0, 0, 0
     for step in range(start_step, plan.total_steps):
         micro_batches = [dataset.collate(indices) for indices in plan.micro_batches(step, runtime.rank)]
-        loss_sum, n_tokens, n_inputs = train_step(model, micro_batches, runtime)
+        loss_sum, n_tokens, n_inputs = train_step(model, micro_batches, runtime, accumulation)
         grad_norm = _clip_gradients(model, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -373,7 +380,9 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
     return Path(config.output_dir)
 
 
-def train_step(model, micro_batches: Sequence[dict], runtime: Runtime) -> tuple[float, int, int]:
+def train_step(
+    model, micro_batches: Sequence[dict], runtime: Runtime, accumulation: Accumulation | None = None
+) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimizer step.
 
     The loss is the mean over every trained token of the step on all processes (not a mean of
@@ -391,7 +400,9 @@ def train_step(model, micro_batches: Sequence[dict], runtime: Runtime) -> tuple[
     dist.all_reduce(counts)
     n_tokens, n_inputs = int(counts[0]), int(counts[1])
     loss_sum = torch.zeros((), dtype=torch.float32, device=runtime.device)  # summed on device: no sync per micro-batch
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
+        if accumulation is not None:
+            accumulation.before_micro_batch(model, last=index == len(micro_batches) - 1)
         batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
         labels = batch.pop("labels")
         with _autocast(model, runtime):
@@ -404,6 +415,66 @@ def train_step(model, micro_batches: Sequence[dict], runtime: Runtime) -> tuple[
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum)
     return float(loss_sum), n_tokens, n_inputs
+
+
+@dataclass
+class Accumulation:
+    """How FSDP treats the micro-batches of one optimizer step.
+
+    By default FSDP reduce-scatters the gradients after every micro-batch and gathers each layer's
+    weights twice per micro-batch (forward, backward). With `sync_once`, the non-final micro-batches
+    keep full-size float32 gradients locally and the gathered bf16 weights stay in place, so a step
+    gathers the weights once and reduce-scatters once: 1/accumulation of the traffic, for
+    ~6 bytes per parameter of extra GPU memory. Same sum, so the same update up to rounding.
+    """
+
+    sync_once: bool
+    layers: list  # the FSDP-sharded decoder layers
+    reshard_after_forward: bool  # the configured value (False under shard_grad_op), kept for the last micro-batch
+
+    @classmethod
+    def plan(cls, model, config: TrainConfig, runtime: Runtime) -> Accumulation | None:
+        """Decide once per run (--gradient-sync); None when there is nothing to choose (not sharded, no accumulation)."""
+        import torch
+        from torch.distributed.fsdp import FSDPModule
+
+        options = config.fsdp.split()
+        if not isinstance(model, FSDPModule) or config.gradient_accumulation_steps == 1 or "offload" in options:
+            return None
+        sync_once = config.gradient_sync == "step"
+        if config.gradient_sync == "auto" and runtime.device.type == "cuda":
+            need = _accumulation_memory_estimate(model, config, runtime.world_size)
+            budget = 0.85 * torch.cuda.get_device_properties(runtime.device).total_memory
+            sync_once = need <= budget
+            log.info(
+                "gradient sync: %s (estimated %.1f of %.1f GiB usable with per-step sync)",
+                "once per step" if sync_once else "every micro-batch", need / 2**30, budget / 2**30,
+            )  # fmt: skip
+        layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FSDPModule)]
+        return cls(sync_once=sync_once, layers=layers, reshard_after_forward="shard_grad_op" not in options)
+
+    def before_micro_batch(self, model, last: bool) -> None:
+        if not self.sync_once:
+            return
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
+        for layer in self.layers:
+            layer.set_reshard_after_forward(self.reshard_after_forward if last else False)
+
+
+def _accumulation_memory_estimate(model, config: TrainConfig, world_size: int) -> int:
+    """Bytes per GPU of a step that reduces gradients once: shards, gathered weights and gradients, activations."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)  # DTensor.numel() is the full size
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    sharded = (total * 4 + trainable * 12) // world_size  # float32 weights; gradients and two AdamW moments
+    gathered = total * 2 + trainable * 4  # bf16 weights kept gathered, float32 gradients accumulated in full
+    shape = model.config
+    hidden, ffn, n_layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    tokens = config.per_device_train_batch_size * config.model_max_length
+    per_layer = (16 * hidden + 4 * ffn) * 2  # bytes per token a decoder layer keeps for backward (bf16, SDPA)
+    kept = hidden * 2 * n_layers + per_layer if config.gradient_checkpointing else per_layer * n_layers
+    return sharded + gathered + tokens * (kept + shape.vocab_size * 12)  # + logits, float32 logits, their grads
 
 
 def _autocast(model, runtime: Runtime):
@@ -587,6 +658,10 @@ class TrainingData:
         num_tokens = sum(len(ids) for ids, _, _ in rows)  # without padding, for tokens/s
         if self.config.packing:
             return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": num_tokens}
+        if num_tokens == input_ids.numel():
+            # No padding: no mask at all, so SDPA runs its causal flash kernel without transformers
+            # first checking the mask on the GPU (a host sync per micro-batch).
+            return {"input_ids": input_ids, "labels": labels, "num_tokens": num_tokens}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "num_tokens": num_tokens}
 
 
@@ -641,7 +716,12 @@ def build_model(config: TrainConfig, runtime: Runtime):
         model = AutoModelForCausalLM.from_pretrained(config.model_path, **load_kwargs)
     model.config.use_cache = False
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
+    if config.compile:
+        for layer in _decoder_layers(model):
+            # forward only: FSDP's hooks and the checkpoint wrapper stay in eager __call__ around it;
+            # every layer runs the same code, so the graph compiled for the first serves them all.
+            layer.forward = torch.compile(layer.forward)
     if config.method in ("lora", "qlora"):
         model = _add_lora(model, config)
     else:
@@ -669,6 +749,15 @@ def build_model(config: TrainConfig, runtime: Runtime):
     for buffer in model.buffers():  # rotary frequencies: not in the state dict, computed on rank 0 only
         dist.broadcast(buffer, src=0)
     return model
+
+
+def _enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant): transformers >= 5.20 renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _decoder_layers(model) -> list:

@@ -108,7 +108,9 @@ def test_tiny_chain_builds_then_reruns_only_what_changed(workdir: Path) -> None:
 
 @pytest.mark.e2e
 def test_failed_job_leaves_no_finished_output(workdir: Path) -> None:
-    config = write_config(workdir, "local.yaml", {"llama": {"sources": {"tiny": "local"}, "local": {"tiny": "missing"}}})
+    config = write_config(
+        workdir, "local.yaml", {"llama": {"sources": {"tiny": "local"}, "local": {"tiny": "missing"}}}
+    )
     result = snakemake(workdir, "llama-tiny-hf", "--configfile", config, check=False)
     assert result.returncode != 0
     assert not (workdir / "pyllama_data" / "tiny").exists()
