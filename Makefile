@@ -42,7 +42,7 @@ system-deps:
 	fi
 
 test: lint dryrun system-deps
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -ra --durations=15
+	VICUNAFLOW_REQUIRE_E2E=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -ra --durations=15
 
 bench: $(VENV)/.installed-dev
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_convert_merge.py

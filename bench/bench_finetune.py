@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--gradient-checkpointing", choices=["true", "false"], default="true")
     parser.add_argument("--accumulation", type=int, default=8, help="micro-batches per step (FastChat's 8)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per GPU and micro-batch")
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU; default: from the GPU's name")
     parser.add_argument("--workdir", type=Path, default=HERE / "work-finetune")
     parser.add_argument("--runs", nargs="+", choices=[*OURS_RUNS, "fastchat"], default=["ours", "fastchat"])
@@ -74,7 +75,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model_dir = make_model(args.workdir / ("model-tiny" if args.tiny else "model-7b"), tiny=args.tiny)
-    n_samples = max(64, args.steps * args.accumulation * max(args.gpus))
+    n_samples = max(64, args.steps * args.accumulation * args.batch * max(args.gpus))
     data_file = make_data(args.workdir / f"data-{args.seq_len}-{n_samples}.json", n=n_samples)
     print(f"inputs ready in {time.perf_counter() - started:.0f}s", flush=True)
     flops_per_token = model_flops_per_token(model_dir, args.seq_len)
@@ -87,7 +88,7 @@ def main() -> None:
         "steps": args.steps,
         "timed_steps": args.steps - args.warmup,
         "accumulation": args.accumulation,
-        "per_device_batch": 1,
+        "per_device_batch": args.batch,
         "gradient_checkpointing": args.gradient_checkpointing == "true",
         "flops_per_token": flops_per_token,
         "peak_tflops_per_gpu": peak,
@@ -129,7 +130,14 @@ def start(name: str, gpus: int, model_dir: Path, data_file: Path, args, cuda_dev
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     if name in OURS_RUNS:
         command = [*launcher, "-m", "vicunaflow", "finetune", "--model-path", str(model_dir), "--data", str(data_file)]
-        command += ["--output-dir", str(out), "--max-steps", str(args.steps), "--per-device-train-batch-size", "1"]
+        command += [
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(args.steps),
+            "--per-device-train-batch-size",
+            str(args.batch),
+        ]
         command += ["--gradient-accumulation-steps", str(args.accumulation), "--model-max-length", str(args.seq_len)]
         command += ["--gradient-checkpointing", args.gradient_checkpointing, "--save-strategy", "no"]
         command += ["--lazy-preprocess", "false", "--report-to", "none", "--learning-rate", "2e-5"]
@@ -139,7 +147,7 @@ def start(name: str, gpus: int, model_dir: Path, data_file: Path, args, cuda_dev
         command = [*launcher, str(Path(__file__).resolve()), "--worker", "hf", "--model", str(model_dir)]
         command += ["--data", str(data_file), "--out", str(out), "--steps", str(args.steps)]
         command += ["--seq-len", str(args.seq_len), "--gradient-checkpointing", args.gradient_checkpointing]
-        command += ["--accumulation", str(args.accumulation)]
+        command += ["--accumulation", str(args.accumulation), "--batch", str(args.batch)]
         step_log = out / "trainer_log.jsonl"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if cuda_device is not None:
@@ -378,8 +386,8 @@ def hf_trainer_worker(args) -> None:
                 torch.cuda.synchronize()
             world = training_args.world_size
             self.entry = {"step": state.global_step, "loss": None, "seconds": time.perf_counter() - self.started}
-            # batch 1 per process and micro-batch, every sample full length
-            self.entry["input_tokens"] = world * args.seq_len * args.accumulation
+            # every sample is full length
+            self.entry["input_tokens"] = world * args.batch * args.seq_len * args.accumulation
 
         def on_log(self, training_args, state, control, logs=None, **__) -> None:
             if self.entry is None or not state.is_world_process_zero:
@@ -393,7 +401,7 @@ def hf_trainer_worker(args) -> None:
     training_args = TrainingArguments(
         output_dir=str(args.out),
         max_steps=args.steps,
-        per_device_train_batch_size=1,
+        per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accumulation,
         learning_rate=2e-5,
         weight_decay=0.0,

@@ -20,14 +20,20 @@ from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo
-from vicunaflow.formats import GLOBAL_NAMES, IGNORED_META_KEYS, LAYER_NAMES, hf_config, meta_shapes, permute_rotary
+from vicunaflow.formats import (
+    DTYPES,
+    GLOBAL_NAMES,
+    IGNORED_META_KEYS,
+    LAYER_NAMES,
+    hf_config,
+    meta_names,
+    meta_shapes,
+    permute_rotary,
+)
 from vicunaflow.outputs import atomic_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 def convert(
     *,
@@ -158,18 +164,14 @@ def open_shards(input_dir: Path, params: dict) -> list[PickleFile]:
 
 def output_order(params: dict) -> list[tuple[str, str]]:
     """(Meta name, Hugging Face name) in the order written: embeddings, layer by layer, norm, head."""
-    names = [("tok_embeddings.weight", GLOBAL_NAMES["tok_embeddings.weight"][0])]
-    for i in range(params["n_layers"]):
-        names += [(meta.format(i=i), hf.format(i=i)) for meta, (hf, _) in LAYER_NAMES.items()]
-    names += [(meta, GLOBAL_NAMES[meta][0]) for meta in ("norm.weight", "output.weight")]
-    return names
+    n_layers = params["n_layers"]
+    # sorted() is stable: within a layer (and for norm before output) meta_names' own order stays.
+    ordered = sorted(meta_names(n_layers).items(), key=lambda item: _layer_of(item[0], n_layers))
+    return [(meta, hf) for meta, (hf, _) in ordered]
 
 
 def merge_dims(n_layers: int) -> dict[str, int | None]:
-    dims = {meta: dim for meta, (_, dim) in GLOBAL_NAMES.items()}
-    for i in range(n_layers):
-        dims |= {meta.format(i=i): dim for meta, (_, dim) in LAYER_NAMES.items()}
-    return dims
+    return {meta: dim for meta, (_, dim) in meta_names(n_layers).items()}
 
 
 def merged_infos(shards: list[PickleFile], params: dict) -> dict[str, TensorInfo]:

@@ -29,12 +29,12 @@ from tqdm import tqdm
 from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
 from vicunaflow.convert import GENERATION_CONFIG
+from vicunaflow.formats import DTYPES
 from vicunaflow.outputs import atomic_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EMBEDDINGS = "model.embed_tokens.weight"
 SMALL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 

@@ -36,7 +36,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from vicunaflow import VicunaflowError, __version__
-from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, write_manifest
+from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, md5_file, sha256_file, write_manifest
 from vicunaflow.sizes import RAW_DIR_TO_SIZE, get_size
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,6 @@ def _inside(folder: Path, name: str) -> Path:
     if target.parent != folder.resolve():
         raise VicunaflowError(f"{folder}: refusing {name!r}: it would be written outside the folder")
     return folder / name
-
-
-def md5_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_shards(name: str, entries: dict[str, str], where: str) -> None:
@@ -1019,20 +1011,12 @@ def _verify_hf_files(root: Path, expected: dict[str, tuple[str, str | None]]) ->
         if not path.is_file():
             bad.append((name, f"{name}: missing after download"))
             continue
-        actual = _sha256_file(path) if algorithm == "sha256" else _git_blob_sha1(path)
+        actual = sha256_file(path) if algorithm == "sha256" else _git_blob_sha1(path)
         if digest is None:
             expected[name] = (algorithm, actual)
         elif actual != digest:
             bad.append((name, f"{name}: {algorithm} mismatch: expected {digest}, got {actual}"))
     return bad
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_blob_sha1(path: Path) -> str:

@@ -31,6 +31,8 @@ GLOBAL_NAMES: dict[str, tuple[str, int | None]] = {
     "norm.weight": ("model.norm.weight", None),
     "output.weight": ("lm_head.weight", 0),
 }
+# dtype names the CLI accepts (--dtype) and config.json's torch_dtype uses -> torch dtypes.
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Keys Meta checkpoints carry that are not weights (recomputed by every implementation).
 IGNORED_META_KEYS = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
 

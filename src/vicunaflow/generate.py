@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from vicunaflow import VicunaflowError, template
+from vicunaflow.formats import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ def load_model(
     if device == "cuda" and num_gpus > torch.cuda.device_count():
         raise VicunaflowError(f"--num-gpus {num_gpus}: only {torch.cuda.device_count()} CUDA devices are visible")
 
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
-        dtype, torch.float16 if device == "cuda" else torch.float32
-    )
+    torch_dtype = DTYPES.get(dtype, torch.float16 if device == "cuda" else torch.float32)
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
     if device == "cuda":
         if load_8bit or load_4bit:

@@ -53,7 +53,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
+    return _hash_file(hashlib.sha256(), path, chunk)
+
+
+def md5_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """md5 as `md5sum` prints it: Meta's checklist.chk files use it."""
+    return _hash_file(hashlib.md5(), path, chunk)
+
+
+def _hash_file(digest, path: str | os.PathLike, chunk: int) -> str:
+    """Stream the file in `chunk`-byte blocks so multi-GB shards never sit in memory whole."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)

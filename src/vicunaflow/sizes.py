@@ -82,9 +82,9 @@ class Resources:
 # float32 Adam moments; bf16 copies are transient) spread over the GPUs, plus activations.
 # The seed trains 7B on 4 x A100-40G or 2 x A100-80G (4 fits both: the default) and 13B on
 # 8 x A100-80G; 33B (~520 GB of state) and 65B (~1 TB) need 2 and 4 nodes of 8 x 80 GB.
-# Host memory: every process loads the whole model in float32 before FSDP shards it, so a node
-# briefly holds (processes per node) x 4 bytes x parameters: 8 x 52 GB at 13B, 8 x 130 GB at 33B,
-# 8 x 261 GB at 65B (more than most nodes have: load on one rank and broadcast to go lower).
+# Host memory: only rank 0 reads the weights (float32, 4 bytes per parameter: 27 GB at 7B, 52 GB at
+# 13B, 130 GB at 33B, 261 GB at 65B) and broadcasts the shards; the other ranks start on the meta
+# device. A node needs that one copy plus a few GB per process (CUDA context, data, pinned buffers).
 # chat_smoke loads the model in half precision (2 bytes per parameter) on as few GPUs as hold it.
 RESOURCES: dict[str, dict[str, Resources]] = {
     "download": {  # local rules (compute nodes often have no internet): sized for the login node
@@ -116,10 +116,10 @@ RESOURCES: dict[str, dict[str, Resources]] = {
         "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
     },
     "finetune": {
-        "7b": Resources(runtime=1440, mem_mb=160000, cpus_per_task=32, gpu=4),
-        "13b": Resources(runtime=2880, mem_mb=480000, cpus_per_task=64, gpu=8),
-        "33b": Resources(runtime=2880, mem_mb=1100000, cpus_per_task=64, gpu=8, nodes=2),
-        "65b": Resources(runtime=2880, mem_mb=2200000, cpus_per_task=64, gpu=8, nodes=4),
+        "7b": Resources(runtime=1440, mem_mb=64000, cpus_per_task=32, gpu=4),
+        "13b": Resources(runtime=2880, mem_mb=128000, cpus_per_task=64, gpu=8),
+        "33b": Resources(runtime=2880, mem_mb=240000, cpus_per_task=64, gpu=8, nodes=2),
+        "65b": Resources(runtime=2880, mem_mb=400000, cpus_per_task=64, gpu=8, nodes=4),
         # CPU by default (the demo runs anywhere); the SLURM test asks for 2 fake GPUs in its config.
         "tiny": Resources(runtime=20, mem_mb=4000, cpus_per_task=2),
     },

@@ -7,7 +7,6 @@ conversations; weights are seeded random values. Same arguments, same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -19,8 +18,9 @@ from typing import Literal
 import torch
 
 from vicunaflow import template
+from vicunaflow.checkpoint import ST_DTYPES
 from vicunaflow.formats import meta_names, meta_shapes, unpermute_rotary
-from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.outputs import atomic_output_dir, md5_file, write_manifest
 from vicunaflow.sizes import get_size
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def synth_llama(
         log.info("writing a random %s checkpoint (%d shards, %s) to %s", size.raw_dir, shards, dtype, folder)
         write_raw_checkpoint(out, params, _piece_count(tokenizer_path), shards, getattr(torch, dtype), seed)
         (out / "params.json").write_text(json.dumps(params) + "\n")
-        lines = [_md5_line(p, name=p.name) for p in sorted(out.iterdir())]
+        lines = [f"{md5_file(p)}  {p.name}\n" for p in sorted(out.iterdir())]
         (out / "checklist.chk").write_text("".join(lines))
     return folder / size.raw_dir
 
@@ -108,7 +108,7 @@ def synth_delta(
             for name in group:
                 with safe_open(base / index["weight_map"][name], framework="pt") as f:
                     like = f.get_slice(name)
-                    shape, dtype = like.get_shape(), getattr(torch, _st_dtype(like.get_dtype()))
+                    shape, dtype = like.get_shape(), ST_DTYPES[like.get_dtype()]
                 state[name] = scratch.copy((torch.randn(shape, generator=generator) * scale).to(dtype))
                 weight_map[name] = shard_name
             torch.save(state, out / shard_name)
@@ -256,20 +256,6 @@ def _piece_count(tokenizer_path: Path) -> int:
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
-
-
-def _md5_line(path: Path, name: str | None = None) -> str:
-    digest = hashlib.md5(path.read_bytes() if path.stat().st_size < (1 << 30) else b"")
-    if path.stat().st_size >= (1 << 30):
-        digest = hashlib.md5()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return f"{digest.hexdigest()}  {name or path.name}\n"
-
-
-def _st_dtype(name: str) -> str:
-    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}[name]
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

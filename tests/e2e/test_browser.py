@@ -56,9 +56,9 @@ def server(tiny_vicuna):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(skip_or_fail):
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+        skip_or_fail(f"{CHROMIUM} missing: apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -154,10 +154,10 @@ def test_resources_follow_size_cluster_block_and_overrides(tmp_path: Path) -> No
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory):
+def slurm(tmp_path_factory: pytest.TempPathFactory, skip_or_fail):
     """A running two-node cluster; yields the environment that reaches it. Stops every daemon."""
     if os.geteuid() != 0:
-        pytest.skip("starting SLURM daemons needs root")
+        skip_or_fail("starting SLURM daemons needs root")
     cluster_dir = tmp_path_factory.mktemp("slurm")
     env = {
         **os.environ,
@@ -173,7 +173,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
             [str(HARNESS / "start-cluster.sh")], env=env, capture_output=True, text=True, timeout=600
         )
         if start.returncode == 3:
-            pytest.skip(f"no SLURM here: {start.stderr.strip()[-300:]}")
+            skip_or_fail(f"no SLURM here: {start.stderr.strip()[-300:]}")
         assert start.returncode == 0, f"start-cluster.sh failed:\n{start.stdout}\n{start.stderr}"
         print(start.stdout)
         pids = {path.name: int(path.read_text()) for path in (cluster_dir / "run").glob("*.pid")}

@@ -79,6 +79,18 @@ def test_pre_converted_base_skips_conversion(workdir: Path) -> None:
         ({"convert": {"dtpye": "keep"}}, "dtpye"),
         ({"convert": {"dtype": "float8"}}, "float8"),
         ({"llama": {"sources": {"7b": "ftp"}}}, "ftp"),
+        ({"finetune": {"defaults": {"learning_rte": 0.1}}}, "finetune.defaults.learning_rte"),
+        (
+            {
+                "finetune": {
+                    "runs": {
+                        "a": {"model": "llama-7b-hf", "data": "x/train.json"},
+                        "b": {"model": "llama-7b-hf", "data": "y/train.jsonl"},
+                    }
+                }
+            },
+            "are both named 'train'",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_job_naming_the_key(workdir: Path, config: dict, message: str) -> None:

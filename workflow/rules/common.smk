@@ -1,13 +1,18 @@
 # Shared helpers: config validation, the size table, and input functions.
 # Every other rule file only names inputs, outputs and one `vicunaflow` command.
 
+import dataclasses
+import inspect
 import json
+import re
 import shlex
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from vicunaflow.sizes import SIZES
+from vicunaflow.finetune import setup as finetune_setup
+from vicunaflow.launch import NODE_TASK_ENV
+from vicunaflow.sizes import RESOURCES, SIZES
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -23,7 +28,7 @@ NEVER = (
 wildcard_constraints:
     size="|".join(SIZES),
     raw="|".join(RAW_DIRS.values()),
-    run="|".join(config["finetune"]["runs"]) or NEVER,
+    run="|".join(map(re.escape, config["finetune"]["runs"])) or NEVER,
 
 
 def get_final_output():
@@ -32,6 +37,12 @@ def get_final_output():
 
 def llama_source(size):
     return config["llama"]["sources"].get(size, config["llama"]["source"])
+
+
+def tokenizer_source():
+    """pyllama's shared tokenizer.model comes from Meta when a size uses Meta, else from pyllama."""
+    sources = {llama_source(size) for size in SIZES}
+    return "meta" if "meta" in sources else "pyllama"
 
 
 def delta_source(size):
@@ -119,11 +130,7 @@ def get_run_options(wildcards):
 
 
 def dataset_name(data):
-    return (
-        "vicuna_conversations"
-        if data == BUILTIN_DATA
-        else Path(data).name.split(".")[0]
-    )
+    return BUILTIN_DATA if data == BUILTIN_DATA else Path(data).name.split(".")[0]
 
 
 def data_path(data):
@@ -134,19 +141,55 @@ def data_path(data):
     return data
 
 
+def collect_datasets(runs):
+    """Dataset name (its file name without suffixes) -> data file, for data/tokenized/{dataset}/.
+
+    Two different files with one name would share a tokenised folder: refuse that up front.
+    """
+    datasets = {}
+    for run, options in runs.items():
+        name, path = dataset_name(options["data"]), data_path(options["data"])
+        if datasets.setdefault(name, path) != path:
+            raise ValueError(
+                f"config: finetune.runs.{run}.data: {path} and {datasets[name]} are both named "
+                f"{name!r}; rename one of the files"
+            )
+    return datasets
+
+
+FINETUNE_PARAMETERS = inspect.signature(finetune_setup).parameters
+
+
+def check_finetune_options(finetune):
+    """Fail before any job on an option `vicunaflow finetune` does not know (a typo'd key)."""
+    known = set(FINETUNE_PARAMETERS)
+    places = {"finetune.defaults": finetune["defaults"]}
+    places |= {
+        f"finetune.runs.{run}": options for run, options in finetune["runs"].items()
+    }
+    for place, options in places.items():
+        for key in set(options) - known - {"model", "data", "resources"}:
+            raise ValueError(
+                f"config: {place}.{key}: not an option of `vicunaflow finetune` "
+                "(see `vicunaflow finetune --help`)"
+            )
+
+
+check_finetune_options(config["finetune"])
+DATASETS = collect_datasets(config["finetune"]["runs"])
+DEFAULT_MODEL_MAX_LENGTH = FINETUNE_PARAMETERS["model_max_length"].default
+
+
 def get_tokenized_data(wildcards):
     run = get_run(wildcards)
-    length = get_run_options(wildcards).get("model_max_length", 2048)
+    length = get_run_options(wildcards).get(
+        "model_max_length", DEFAULT_MODEL_MAX_LENGTH
+    )
     return f"data/tokenized/{dataset_name(run['data'])}/{run['model']}-len{length}"
 
 
 def get_dataset_file(wildcards):
-    for run in config["finetune"]["runs"].values():
-        if dataset_name(run["data"]) == wildcards.dataset:
-            return data_path(run["data"])
-    raise ValueError(
-        f"no fine-tuning run in config uses a dataset named {wildcards.dataset}"
-    )
+    return DATASETS[wildcards.dataset]
 
 
 def get_finetune_args(wildcards):
@@ -178,12 +221,6 @@ def get_chat_model(wildcards):
 # snakemake-executor-plugin-slurm; the local executor counts `gpu` against the profile's
 # `resources: gpu=N`. A resource whose value is None is dropped, so an unset partition or qos
 # never reaches sbatch.
-
-import dataclasses
-import re
-
-from vicunaflow.launch import NODE_TASK_ENV
-from vicunaflow.sizes import RESOURCES
 
 SIZE_IN_NAME = re.compile(r"(?:^|-)(" + "|".join(SIZES) + r")(?:-|$)")
 

@@ -15,7 +15,7 @@ rule llama_tokenizer:
     resources:
         **get_resources("download", size="tiny"),
     params:
-        source=get_download_args(config["llama"]["source"]),
+        source=get_download_args(tokenizer_source()),
     shell:
         "vicunaflow download llama --model-size tokenizer --folder pyllama_data {params.source} > {log} 2>&1"
 
