@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 KINDS = (
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),  # before matmul: cuDNN's also say wgmma
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("nccl", re.compile(r"nccl", re.I)),
     ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
     ("cross_entropy", re.compile(r"softmax|nll|cross_entropy", re.I)),

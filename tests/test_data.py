@@ -82,6 +82,13 @@ def test_validation_names_every_bad_record_with_its_reason(tmp_path: Path) -> No
     assert "'ok'" not in message
 
 
+@pytest.mark.parametrize("role", [["human"], {"name": "human"}])
+def test_a_role_that_is_not_a_string_names_the_record(tmp_path: Path, role) -> None:
+    records = [{"id": "odd-role", "conversations": [{"from": role, "value": "a"}, {"from": "gpt", "value": "b"}]}]
+    with pytest.raises(VicunaflowError, match=r"record 'odd-role' \(index 0\): turn 0 has unknown role"):
+        data.load_conversations(write(tmp_path / "c.json", records))
+
+
 def test_first_turn_from_gpt_is_dropped(tmp_path: Path) -> None:
     conversations = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))
     assert conversations[1].turns == [
@@ -122,6 +129,18 @@ def test_truncation_cuts_ids_and_labels_together(tmp_path: Path, tokenizer) -> N
     assert (cut.input_ids, cut.labels) == (full.input_ids[:60], full.labels[:60])
     # A length that ends before the first reply leaves nothing to learn: the sample is dropped.
     assert data.encode_all([conversation], tokenizer, model_max_length=10) == []
+
+
+def test_only_samples_that_lose_tokens_count_as_truncated(tmp_path: Path, tokenizer, caplog) -> None:
+    conversation = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))[0]
+    length = len(data.encode(conversation, tokenizer, model_max_length=4096).input_ids)
+    with caplog.at_level("INFO", logger="vicunaflow.data"):
+        data.encode_all([conversation], tokenizer, model_max_length=length)  # fits exactly: nothing is cut
+    assert "truncated" not in caplog.text
+    with caplog.at_level("INFO", logger="vicunaflow.data"):
+        (sample,) = data.encode_all([conversation], tokenizer, model_max_length=length - 1)
+    assert len(sample.input_ids) == length - 1
+    assert f"1 of 1 samples truncated to {length - 1} tokens" in caplog.text
 
 
 def test_jsonl_reads_like_json(tmp_path: Path) -> None:

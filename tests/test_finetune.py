@@ -128,6 +128,19 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
     )
 
 
+def test_gradient_sync_once_per_step_matches_sync_per_micro_batch(reference_run: Path, tiny_vicuna, tmp_path) -> None:
+    """Accumulating full gradients locally and reduce-scattering once per step (weights kept gathered
+    between micro-batches) is the same sum as reducing every micro-batch: same losses, same weights."""
+    import torch
+
+    out = tmp_path / "step-sync"
+    result = run(torchrun(tiny_vicuna, out, "--gradient-sync", "step"))
+    assert '"gradient_sync": "step"' in result.stderr
+    assert losses(out) == pytest.approx(losses(reference_run), rel=1e-4, abs=1e-5)  # reference: auto = every (CPU)
+    for name, tensor in weights(reference_run).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-3, atol=1e-3)
+
+
 def test_sharded_load_and_gather_are_exact(tiny_vicuna, tmp_path: Path) -> None:
     """Rank 0 reads the weights, rank 1 gets its shards by broadcast; at learning rate 0 the gathered
     output must be the base model bit for bit."""

@@ -29,6 +29,10 @@ def test_synth_llama_layout(tiny_raw):
     assert state["tok_embeddings.weight"].dtype == torch.float16
     checklist = (tiny_raw / "checklist.chk").read_text()
     assert "consolidated.00.pth" in checklist and "params.json" in checklist
+    # The manifest comes after the checklist: the checklist lists the checkpoint files only.
+    assert "vicunaflow.json" not in checklist
+    manifest = json.loads((tiny_raw / "vicunaflow.json").read_text())
+    assert manifest["kind"] == "synthetic-llama" and manifest["shards"] == 2 and manifest["seed"] == 0
 
 
 def test_synth_delta_is_deterministic_bin_layout(tmp_path, tiny_hf, tiny_delta):

@@ -23,7 +23,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,9 +278,6 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self._file_of[name].get(name)
 
-    def path_of(self, name: str) -> Path:
-        return self._file_of[name].path
-
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
@@ -432,10 +429,3 @@ class ShardedSafetensorsWriter:
             self._close_file()
         finally:
             self._io.shutdown(wait=True)
-
-
-def iter_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of a model directory, one at a time."""
-    with Checkpoint(directory) as checkpoint:
-        for name in checkpoint.names():
-            yield name, checkpoint.get(name)

@@ -35,6 +35,7 @@ from vicunaflow.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
 
+
 def convert(
     *,
     input_dir: Path,

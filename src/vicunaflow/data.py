@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, template
+from vicunaflow.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,10 @@ def preview(
         model_max_length: truncate samples to this many tokens, as training does.
         limit: show only the first N records (all when null).
     """
-    import sys
-
+    log.info(
+        "preview: data=%s model_path=%s format=%s model_max_length=%d limit=%s",
+        data, model_path, format, model_max_length, limit,
+    )  # fmt: skip
     conversations = load_conversations(data)[: limit if limit is not None else None]
     tokenizer = load_tokenizer(model_path)
     samples = encode_all(conversations, tokenizer, model_max_length, drop_untrained=False)
@@ -210,7 +214,7 @@ def validate_record(record: object, index: int) -> Conversation | None:
         if not isinstance(turn, dict):
             raise ValueError(f"{name}: turn {i} is not an object")
         role = turn.get("from")
-        if role not in template.ROLE_OF:
+        if not isinstance(role, str) or role not in template.ROLE_OF:  # a list or dict is unhashable: check first
             raise ValueError(f"{name}: turn {i} has unknown role {role!r} (expected one of {sorted(template.ROLE_OF)})")
         if "value" not in turn or turn["value"] is None:
             raise ValueError(f"{name}: turn {i} is missing its value")
@@ -274,8 +278,7 @@ def load_tokenizer(model_path: Path):
 
 
 def tokenizer_file_paths(model_path: Path) -> list[Path]:
-    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    return [Path(model_path, n) for n in names if Path(model_path, n).is_file()]
+    return [Path(model_path, n) for n in TOKENIZER_FILES if Path(model_path, n).is_file()]
 
 
 def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Sample:
@@ -285,6 +288,10 @@ def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Samp
     of its characters fall inside an assistant piece of `template.segments()` (" reply</s>").
     Tokens without characters (bos) are never trained on. Truncation cuts ids and labels together.
     """
+    return _truncated(_encode_whole(conversation, tokenizer), model_max_length)
+
+
+def _encode_whole(conversation: Conversation, tokenizer) -> Sample:
     spans, prompt = [], ""
     for piece, is_reply in template.segments(conversation.turns):
         if is_reply:
@@ -301,7 +308,11 @@ def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Samp
             span_index += 1
         if span_index < len(spans) and spans[span_index][0] < end:
             labels[i] = input_ids[i]
-    return Sample(conversation.id, input_ids[:model_max_length], labels[:model_max_length])
+    return Sample(conversation.id, input_ids, labels)
+
+
+def _truncated(sample: Sample, model_max_length: int) -> Sample:
+    return Sample(sample.id, sample.input_ids[:model_max_length], sample.labels[:model_max_length])
 
 
 def render_with_offsets(conversation: Conversation, tokenizer) -> tuple[str, list[tuple[int, int]]]:
@@ -316,8 +327,9 @@ def encode_all(
     """Encode every conversation; samples left with no trained token after truncation are dropped."""
     samples, dropped, truncated = [], [], 0
     for conversation in _progress(conversations, "tokenising"):
-        sample = encode(conversation, tokenizer, model_max_length)
-        truncated += len(sample.input_ids) == model_max_length
+        whole = _encode_whole(conversation, tokenizer)
+        truncated += len(whole.input_ids) > model_max_length  # only samples that lose tokens
+        sample = _truncated(whole, model_max_length)
         if drop_untrained and all(label == IGNORE_INDEX for label in sample.labels):
             dropped.append(sample.id)
             continue

@@ -11,9 +11,11 @@ def setup_logging(level: str | None = None) -> None:
     level = level or os.environ.get("VICUNAFLOW_LOG_LEVEL", "INFO")
     rank = os.environ.get("RANK")
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True)
+        # stderr: stdout carries what a verb prints on purpose (chat replies, preview JSON).
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)
         fmt = "%(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import vicunaflow
@@ -93,7 +92,3 @@ def write_manifest(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
     }
     Path(out_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -12,11 +12,9 @@ from html import escape
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
+from vicunaflow.finetune import HYPERPARAMETERS, TRAINER_LOG  # stdlib-only at import time: no torch here
 
 log = logging.getLogger(__name__)
-
-TRAINER_LOG = "trainer_log.jsonl"  # one JSON object per logged step: step, loss, learning_rate, ...
-ARGS_FILE = "training_args.json"  # the resolved options of the run
 
 
 def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> None:
@@ -28,6 +26,7 @@ def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> N
         options_table: where to write the run's options (TSV: option, value).
     """
     run_dir = Path(run_dir)
+    log.info("report finetune: run_dir=%s loss_plot=%s options_table=%s", run_dir, loss_plot, options_table)
     log_path = run_dir / TRAINER_LOG
     if not log_path.exists():
         raise VicunaflowError(f"{log_path}: missing; is {run_dir} the output of `vicunaflow finetune`?")
@@ -38,7 +37,7 @@ def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> N
     Path(loss_plot).parent.mkdir(parents=True, exist_ok=True)
     Path(loss_plot).write_text(loss_svg(points, title=f"training loss: {run_dir.name}"))
 
-    args_path = run_dir / ARGS_FILE
+    args_path = run_dir / HYPERPARAMETERS
     options = json.loads(args_path.read_text()) if args_path.exists() else {}
     rows = ["option\tvalue", *(f"{key}\t{json.dumps(value)}" for key, value in sorted(options.items()))]
     Path(options_table).write_text("\n".join(rows) + "\n")

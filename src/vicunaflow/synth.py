@@ -22,8 +22,14 @@ from vicunaflow.checkpoint import ST_DTYPES
 from vicunaflow.formats import meta_names, meta_shapes, unpermute_rotary
 from vicunaflow.outputs import atomic_output_dir, md5_file, write_manifest
 from vicunaflow.sizes import get_size
+from vicunaflow.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
+
+# Set at import: a process that imports synth (a test session building the tiny fixtures) goes on to
+# use Hugging Face `tokenizers` (convert, data) and to fork (CLI subprocesses); after its thread pool
+# was used, `tokenizers` warns on every fork. setdefault: a value the user chose wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ASSETS = Path(__file__).parent / "assets"
 CONVERSATIONS = ASSETS / "vicuna_conversations.json"
@@ -52,6 +58,10 @@ def synth_llama(
         seed: random seed; the same seed gives the same bytes.
         vocab_size: tokenizer vocabulary; default: the size's (32000 for real sizes, 1024 for tiny).
     """
+    log.info(
+        "synth llama: folder=%s model_size=%s shards=%s n_kv_heads=%s dtype=%s seed=%d vocab_size=%s",
+        folder, model_size, shards, n_kv_heads, dtype, seed, vocab_size,
+    )  # fmt: skip
     size = get_size(model_size)
     shards = shards or size.shards
     vocab_size = vocab_size or size.vocab_size
@@ -68,6 +78,18 @@ def synth_llama(
         (out / "params.json").write_text(json.dumps(params) + "\n")
         lines = [f"{md5_file(p)}  {p.name}\n" for p in sorted(out.iterdir())]
         (out / "checklist.chk").write_text("".join(lines))
+        # After the checklist, so that it lists exactly the checkpoint files, as Meta's does.
+        write_manifest(
+            out,
+            inputs=[CONVERSATIONS] if CONVERSATIONS.exists() else [],
+            kind="synthetic-llama",
+            model_size=size.raw_dir,
+            shards=shards,
+            n_kv_heads=n_kv_heads,
+            dtype=dtype,
+            seed=seed,
+            vocab_size=vocab_size,
+        )
     return folder / size.raw_dir
 
 
@@ -94,6 +116,10 @@ def synth_delta(
     from safetensors import safe_open
 
     base, output_dir = Path(base), Path(output_dir)
+    log.info(
+        "synth delta: base=%s output_dir=%s seed=%d scale=%s shard_tensors=%d",
+        base, output_dir, seed, scale, shard_tensors,
+    )  # fmt: skip
     index = json.loads((base / "model.safetensors.index.json").read_text())
     names = list(index["weight_map"])
     per_shard = shard_tensors or -(-len(names) // 2)
@@ -119,13 +145,7 @@ def synth_delta(
         (out / "pytorch_model.bin.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
-        for name in (
-            "config.json",
-            "generation_config.json",
-            "tokenizer.model",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ):
+        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
             if (base / name).exists():
                 (out / name).write_bytes((base / name).read_bytes())
         write_manifest(out, inputs=[base / "model.safetensors.index.json"], kind="synthetic-delta", seed=seed)
@@ -256,6 +276,3 @@ def _piece_count(tokenizer_path: Path) -> int:
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
