@@ -421,16 +421,15 @@ def train_step(
 class Accumulation:
     """How FSDP treats the micro-batches of one optimizer step.
 
-    By default FSDP reduce-scatters the gradients after every micro-batch and gathers each layer's
-    weights twice per micro-batch (forward, backward). With `sync_once`, the non-final micro-batches
-    keep full-size float32 gradients locally and the gathered bf16 weights stay in place, so a step
-    gathers the weights once and reduce-scatters once: 1/accumulation of the traffic, for
-    ~6 bytes per parameter of extra GPU memory. Same sum, so the same update up to rounding.
+    By default FSDP reduce-scatters the gradients after every micro-batch and gathers (and casts to
+    bf16) each layer's weights twice per micro-batch (forward, backward). With `sync_once`, the
+    non-final micro-batches keep full-size float32 gradients locally and the gathered bf16 weights stay
+    in place until the last backward, so a step gathers the weights once and reduce-scatters once:
+    1/accumulation of the traffic, for ~6 bytes per parameter of extra GPU memory. Same sum, so the
+    same update up to rounding.
     """
 
     sync_once: bool
-    layers: list  # the FSDP-sharded decoder layers
-    reshard_after_forward: bool  # the configured value (False under shard_grad_op), kept for the last micro-batch
 
     @classmethod
     def plan(cls, model, config: TrainConfig, runtime: Runtime) -> Accumulation | None:
@@ -450,16 +449,16 @@ class Accumulation:
                 "gradient sync: %s (estimated %.1f of %.1f GiB usable with per-step sync)",
                 "once per step" if sync_once else "every micro-batch", need / 2**30, budget / 2**30,
             )  # fmt: skip
-        layers = [layer for layer in _decoder_layers(model) if isinstance(layer, FSDPModule)]
-        return cls(sync_once=sync_once, layers=layers, reshard_after_forward="shard_grad_op" not in options)
+        if sync_once:
+            for layer in _decoder_layers(model):
+                if isinstance(layer, FSDPModule):
+                    layer.set_reshard_after_forward(False)  # gathered from the first forward to the last backward
+        return cls(sync_once=sync_once)
 
     def before_micro_batch(self, model, last: bool) -> None:
-        if not self.sync_once:
-            return
-        model.set_requires_gradient_sync(last)
-        model.set_reshard_after_backward(last)
-        for layer in self.layers:
-            layer.set_reshard_after_forward(self.reshard_after_forward if last else False)
+        if self.sync_once:
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)  # the last backward frees the gathered weights
 
 
 def _accumulation_memory_estimate(model, config: TrainConfig, world_size: int) -> int:

@@ -135,9 +135,12 @@ def dataset_name(data):
 
 def data_path(data):
     if data == BUILTIN_DATA:
-        from vicunaflow.synth import CONVERSATIONS
+        # vicunaflow.synth.CONVERSATIONS, found without importing synth: that imports torch,
+        # ~2 s of every `snakemake -n` (bench: docs/benchmarks.md, workflow overhead).
+        import vicunaflow
 
-        return str(CONVERSATIONS)
+        assets = Path(vicunaflow.__file__).parent / "assets"
+        return str(assets / "vicuna_conversations.json")
     return data
 
 
