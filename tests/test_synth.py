@@ -42,3 +42,17 @@ def test_synth_delta_is_deterministic_bin_layout(tmp_path, tiny_hf, tiny_delta):
         "pytorch_model-00001-of-00002.bin",
         "pytorch_model-00002-of-00002.bin",
     ]
+
+
+def test_synth_tokenizer_padded_to_the_requested_vocabulary():
+    """Real sizes need 32000 embedding rows; the built-in corpus trains fewer pieces, unused ones fill up."""
+    import sentencepiece as spm
+
+    from vicunaflow.synth import train_tokenizer
+
+    tokenizer = spm.SentencePieceProcessor(model_proto=train_tokenizer(8000))
+    assert tokenizer.get_piece_size() == 8000
+    unused = [i for i in range(8000) if tokenizer.is_unused(i)]
+    assert unused and unused == list(range(8000 - len(unused), 8000))  # the padding, all at the end
+    ids = tokenizer.encode("USER: Hello there, 12345 ASSISTANT: fine " * 3)
+    assert ids and not any(tokenizer.is_unused(i) for i in ids)  # encoding never produces them
