@@ -21,8 +21,11 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q -e '.[$*]'
 	touch $@
 
+# Jobs run `vicunaflow ...` in a shell: the venv's bin goes first on their PATH.
+RUN := PATH=$(abspath $(BIN)):$$PATH
+
 demo: $(VENV)/.installed-workflow,train,serve
-	$(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --show-failed-logs
+	$(RUN) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --show-failed-logs
 	@$(BIN)/python -m vicunaflow.demo_summary
 
 lint: $(VENV)/.installed-dev
@@ -32,7 +35,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 
 dryrun: $(VENV)/.installed-dev
-	$(BIN)/snakemake -n vicuna-13b-all-v1.1 --quiet rules
+	$(RUN) $(BIN)/snakemake -n vicuna-13b-all-v1.1 --quiet rules
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -42,10 +45,10 @@ system-deps:
 	fi
 
 test: lint dryrun system-deps
-	VICUNAFLOW_REQUIRE_E2E=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -ra --durations=15
+	VICUNAFLOW_REQUIRE_E2E=1 $(RUN) $(BIN)/pytest -q -ra --durations=15
 
 bench: $(VENV)/.installed-dev
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_convert_merge.py
+	$(RUN) $(BIN)/python bench/bench_convert_merge.py
 
 clean:
 	rm -rf pyllama_data llama-*-hf vicuna-*-delta-v1.1 vicuna-*-all-v1.1 fine_tuning_output data/tokenized \
