@@ -293,7 +293,7 @@ def test_tiny_chain_on_slurm_gets_its_gpus_and_reports_a_failed_job(slurm: dict,
     expected = {  # comment -> (state, GPUs in AllocTRES, nodes)
         "rule_convert_llama_to_hf_wildcards_tiny": ("COMPLETED", 0, "1"),
         "rule_apply_delta_wildcards_tiny": ("COMPLETED", 0, "1"),
-        "rule_tokenize_data_wildcards_vicuna_conversations_vicuna-tiny-all-v1.1_128": ("COMPLETED", 0, "1"),
+        "rule_tokenize_data_wildcards_builtin_vicuna-tiny-all-v1.1_128": ("COMPLETED", 0, "1"),
         "rule_tokenize_data_wildcards_broken_vicuna-tiny-all-v1.1_128": ("FAILED", 0, "1"),
         "rule_finetune_wildcards_slurm-1node": ("COMPLETED", 2, "1"),
         "rule_finetune_wildcards_slurm-2nodes": ("COMPLETED", 2, "2"),
