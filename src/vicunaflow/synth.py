@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from vicunaflow import template
+from vicunaflow import BUILTIN_CONVERSATIONS, template
 from vicunaflow.checkpoint import ST_DTYPES
 from vicunaflow.formats import meta_names, meta_shapes, unpermute_rotary
 from vicunaflow.outputs import atomic_output_dir, md5_file, write_manifest
@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 # was used, `tokenizers` warns on every fork. setdefault: a value the user chose wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ASSETS = Path(__file__).parent / "assets"
-CONVERSATIONS = ASSETS / "vicuna_conversations.json"
+CONVERSATIONS = BUILTIN_CONVERSATIONS
 
 
 def synth_llama(

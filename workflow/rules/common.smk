@@ -10,6 +10,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from vicunaflow import BUILTIN_CONVERSATIONS
 from vicunaflow.finetune import setup as finetune_setup
 from vicunaflow.launch import NODE_TASK_ENV
 from vicunaflow.sizes import RESOURCES, SIZES
@@ -135,12 +136,7 @@ def dataset_name(data):
 
 def data_path(data):
     if data == BUILTIN_DATA:
-        # vicunaflow.synth.CONVERSATIONS, found without importing synth: that imports torch,
-        # ~2 s of every `snakemake -n` (bench: docs/benchmarks.md, workflow overhead).
-        import vicunaflow
-
-        assets = Path(vicunaflow.__file__).parent / "assets"
-        return str(assets / "vicuna_conversations.json")
+        return str(BUILTIN_CONVERSATIONS)
     return data
 
 
