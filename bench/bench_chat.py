@@ -14,6 +14,9 @@ tokens):
     step profile    ours: the decode step alone (graph replay, then sync) against the engine's time per
                     token; the difference is the engine's host-side work per step (sampling sync,
                     detokenising, streaming); weight bytes / step time = the bandwidth reached
+    --ablations     ours again, one request at a time, with each speed-up of the decode step switched off
+                    (Triton matvec kernels, overlapped steps, both), and the bandwidth of the matvec
+                    kernel vs cuBLAS on each 7B/13B weight shape
     --load-8bit     weight memory on the device of `load_model(..., load_8bit=True)` (bitsandbytes
                     LLM.int8() on CUDA, dynamic int8 on CPU) against float16, and its tokens/s
 
@@ -65,6 +68,9 @@ def main() -> None:
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: plain eager decode steps")
     parser.add_argument("--no-fused-decode", action="store_true", help="ours: Hugging Face layers in the decode step")
+    parser.add_argument("--no-decode-kernels", action="store_true", help="ours: cuBLAS, not Triton, for one-row steps")
+    parser.add_argument("--no-overlap", action="store_true", help="ours: wait for each step before queueing the next")
+    parser.add_argument("--ablations", action="store_true", help="ours: also single-stream with each speed-up off")
     parser.add_argument("--fastchat-pythonpath", help="run FastChat in a child process with this first on PYTHONPATH")
     parser.add_argument("--load-8bit", action="store_true", help="also measure load_model(load_8bit=True)")
     parser.add_argument("--scratch", type=Path, help="--load-8bit: where to save the model (default: a temp dir)")
@@ -87,6 +93,8 @@ def main() -> None:
         "transformers": __import__("transformers").__version__,
         "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
         "fused_decode": args.device == "cuda" and not args.no_cuda_graphs and not args.no_fused_decode,
+        "decode_kernels": args.device == "cuda" and not args.no_decode_kernels,
+        "overlap": args.device == "cuda" and not args.no_overlap,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
     print(json.dumps(info), flush=True)
@@ -98,6 +106,8 @@ def main() -> None:
     prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
         results += bench_ours(model, tokenizer, prompts, args)
+        if args.ablations:
+            results += bench_ablations(model, tokenizer, prompts, args)
     if "transformers" in args.only:
         results += bench_transformers(model, prompts, args)
     if "fastchat" in args.only and not args.fastchat_pythonpath:
@@ -179,18 +189,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def engine_options(args, **changes) -> dict:
+    options = {
+        "cuda_graphs": not args.no_cuda_graphs,
+        "fused_decode": False if args.no_fused_decode else None,
+        "decode_kernels": False if args.no_decode_kernels else None,
+        "overlap": False if args.no_overlap else None,
+    }
+    return options | changes
+
+
 def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
     from vicunaflow.generate import Engine, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     results = []
     engine = Engine(
-        model,
-        tokenizer,
-        max_batch_size=max(args.concurrency),
-        max_context=args.context,
-        cuda_graphs=not args.no_cuda_graphs,
-        fused_decode=False if args.no_fused_decode else None,
+        model, tokenizer, max_batch_size=max(args.concurrency), max_context=args.context, **engine_options(args)
     )
     with engine:
         list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up
@@ -227,6 +242,8 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
                     "max_batch": stats["max_batch"],
                     "cuda_graphs": stats["cuda_graphs"],
                     "fused_decode": stats["fused_decode"],
+                    "decode_kernels": stats["decode_kernels"],
+                    "overlap": stats["overlap"],
                 }
             )
             print(results[-1], flush=True)
@@ -234,7 +251,92 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
         {"engine": "vicunaflow", "mode": "step-profile", "concurrency": 1, **step_profile(engine, model, single)}
     )
     print(results[-1], flush=True)
+    del engine
     return results
+
+
+def bench_ablations(model, tokenizer, prompts, args) -> list[dict]:
+    """One request at a time with each decode speed-up switched off, then matvec vs cuBLAS per weight shape."""
+    import gc
+
+    from vicunaflow.generate import Engine, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    results = []
+    variants = {
+        "all on": {},
+        "no Triton matvec": {"decode_kernels": False},
+        "no overlap": {"overlap": False},
+        "neither": {"decode_kernels": False, "overlap": False},
+    }
+    for label, changes in variants.items():
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        engine = Engine(model, tokenizer, max_batch_size=1, max_context=args.context, **engine_options(args, **changes))
+        with engine:
+            list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up
+            single = single_stream(engine, prompts[0], params, args.repeats)
+            stats = engine.snapshot_stats()
+        row = {"engine": f"vicunaflow, {label}", "mode": "ablation", "concurrency": 1, **single}
+        row |= {key: stats[key] for key in ("cuda_graphs", "fused_decode", "decode_kernels", "overlap")}
+        row |= {"step_profile": step_profile(engine, model, single)}
+        results.append(row)
+        print(results[-1], flush=True)
+        del engine
+    if torch.device(args.device).type == "cuda":
+        results.append(
+            {"engine": "matvec vs cuBLAS", "mode": "kernel", "concurrency": 1, "shapes": matvec_profile(model)}
+        )
+        print(results[-1], flush=True)
+    return results
+
+
+@torch.inference_mode()
+def matvec_profile(model) -> list[dict]:
+    """GB/s of weights read by one-row products: vicunaflow.kernels.matvec vs torch's linear (cuBLAS)."""
+    import triton.testing
+
+    from vicunaflow import kernels
+
+    config = model.config
+    dim, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    dtype = model.get_input_embeddings().weight.dtype
+    rows = []
+    for name, n, k, swiglu in [
+        ("q|k|v", 3 * dim, dim, False),
+        ("o_proj + residual", dim, dim, False),
+        ("gate|up", 2 * ffn, dim, False),
+        ("silu*up -> down_proj + residual", dim, ffn, True),
+        ("lm_head", vocab, dim, False),
+    ]:
+        weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+        x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=dtype)
+        residual = torch.randn(1, n, device="cuda", dtype=dtype) if "residual" in name else None
+
+        def ours(x=x, weight=weight, residual=residual, swiglu=swiglu):
+            return kernels.matvec(x, weight, residual, swiglu)
+
+        def cublas(x=x, weight=weight, residual=residual, swiglu=swiglu):
+            inputs = torch.nn.functional.silu(x[:, : x.shape[1] // 2]) * x[:, x.shape[1] // 2 :] if swiglu else x
+            if residual is None:
+                return torch.nn.functional.linear(inputs, weight)
+            return torch.addmm(residual, inputs, weight.t())
+
+        error = (ours().float() - cublas().float()).abs().max().item()
+        ours_ms = triton.testing.do_bench(ours, warmup=50, rep=300)
+        cublas_ms = triton.testing.do_bench(cublas, warmup=50, rep=300)
+        gigabytes = weight.numel() * weight.element_size() / 1e9
+        rows.append(
+            {
+                "shape": f"{name} [{n} x {k}]",
+                "matvec_us": 1000 * ours_ms,
+                "cublas_us": 1000 * cublas_ms,
+                "matvec_gb_s": gigabytes / ours_ms * 1000,
+                "cublas_gb_s": gigabytes / cublas_ms * 1000,
+                "max_abs_difference": error,
+            }
+        )
+    return rows
 
 
 def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
@@ -264,11 +366,11 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
 
     runner, device = engine.runner, engine.device
     position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
-    runner.logits([5], [position])  # make sure its graph exists
+    runner.step([5], [position])  # make sure its graph exists
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        runner.logits([5], [position]).argmax(-1).tolist()  # inputs in, logits out, one sync: no sampling or text
+        runner.step([5], [position])[1].tolist()  # inputs in, greedy token out, one sync: no sampling or text
     step_s = (time.perf_counter() - start) / steps
     profile = {"step_ms": 1000 * step_s, "engine_ms_per_token": 1000 / single["decode_tok_s"]}
     bucket = runner.buckets.get((1, -(-(position + 1) // runner.KV_STEP) * runner.KV_STEP))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vicunaflow import data, finetune
+from vicunaflow import VicunaflowError, data, finetune
 from vicunaflow.synth import CONVERSATIONS
 
 # Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
@@ -126,6 +126,52 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
     assert (
         changed.returncode == 1 and "saved by a run with other settings (seed, world_size (2 -> 1))" in changed.stderr
     )
+
+
+def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference_run: Path, tmp_path) -> None:
+    """Nothing in a checkpoint needs weights_only=False (a shared directory must not run code), and the
+    saved random state gives the same draws again; a checkpoint missing a file names it."""
+    import random
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    checkpoint = reference_run.parent / ".checkpoints" / reference_run.name / "checkpoint-6"
+    assert not list(checkpoint.glob("*.distcp")) and not (checkpoint / ".metadata").exists()  # DCP pickles
+    for file in checkpoint.glob("*.pt"):
+        torch.load(file, weights_only=True)
+    rng = torch.load(checkpoint / "rng-rank0.pt", weights_only=True)
+    assert all(t.dtype == torch.uint8 for t in rng.values())
+    scheduler_state = json.loads((checkpoint / finetune.SCHEDULER_STATE).read_text())
+    assert scheduler_state["last_epoch"] == 6
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=3e-3), lambda step: 1.0)
+    scheduler.load_state_dict(scheduler_state)
+    assert scheduler.last_epoch == 6 and scheduler.get_last_lr() == scheduler_state["_last_lr"]
+
+    random.seed(5)
+    torch.manual_seed(5)
+    random.gauss(0, 1)  # leaves a cached second normal (gauss_next), part of the state
+    finetune._save_rng_state(tmp_path, rank=3)
+    expected = [random.random(), random.gauss(0, 1)], torch.rand(8)
+    random.seed(6)
+    torch.manual_seed(6)
+    finetune._load_rng_state(tmp_path, rank=3)
+    assert [random.random(), random.gauss(0, 1)] == expected[0]
+    assert torch.equal(torch.rand(8), expected[1])
+
+    # A checkpoint without one of its files fails before loading anything, naming the file.
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir / checkpoint.name)
+    (run_dir / checkpoint.name / "rng-rank1.json").unlink()
+    config = finetune.TrainConfig(**json.loads((checkpoint / finetune.HYPERPARAMETERS).read_text()))
+    runtime = finetune.Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(VicunaflowError, match=r"rng-rank1\.json: missing .* delete .* to start over"):
+            finetune.resume_if_possible(run_dir, config, None, None, None, runtime)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_gradient_sync_once_per_step_matches_sync_per_micro_batch(reference_run: Path, tiny_vicuna, tmp_path) -> None:

@@ -60,21 +60,25 @@ def reference_replies(loaded) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("padded", "fused"), [(False, False), (True, False), (True, True)], ids=["exact", "padded", "padded-fused"]
+    ("padded", "fused", "overlap"),
+    [(False, False, True), (True, False, True), (True, True, True), (True, True, False)],
+    ids=["exact", "padded", "padded-fused", "padded-fused-no-overlap"],
 )
-def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded, fused):
+def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded, fused, overlap):
     """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late.
 
     padded: the CUDA-graph layout (rows and attended length rounded up to buckets), run eagerly on CPU;
     the long prompt crosses the 256-token bucket boundary while it decodes. fused: our own few-kernel
-    decode step (FusedDecoder), the one replayed from CUDA graphs on a GPU.
+    decode step (FusedDecoder), the one replayed from CUDA graphs on a GPU. overlap: step t+1 queued from
+    step t's tokens on the device before step t is read (the default).
     """
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
     assert len(prompts[-1]) < 256 < len(prompts[-1]) + 16
     expected = reference_replies
     results: dict[int, list] = {}
-    with Engine(model, tokenizer, max_batch_size=3, padded_decode=padded, fused_decode=fused) as engine:
+    engine = Engine(model, tokenizer, max_batch_size=3, padded_decode=padded, fused_decode=fused, overlap=overlap)
+    with engine:
         assert (engine.runner.fused is not None) == fused
 
         def run(i: int) -> None:
@@ -91,6 +95,7 @@ def test_batched_engine_matches_transformers_generate(loaded, reference_replies,
         assert events[-1].finish_reason in ("stop", "length")
         assert len(events) > 2  # streamed piece by piece
     assert stats["max_batch"] == 3 and stats["active"] == 0  # 4 requests, 3 rows: one joined a running batch
+    assert (stats["queued_ahead"] > 0) == overlap
 
 
 def test_incremental_decoder_equals_full_decode(loaded):

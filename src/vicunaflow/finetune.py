@@ -828,18 +828,22 @@ def build_optimizer(model, config: TrainConfig):
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+# Checkpoints hold tensors (torch.load(weights_only=True)) and JSON only: nothing in them is unpickled
+# as objects, so a checkpoint directory shared with others cannot run code when resumed. (Not DCP:
+# its .metadata is a pickle, and it loads non-tensor values with weights_only=False.)
+SCHEDULER_STATE = "scheduler.json"
+
 
 def save_checkpoint(
     run_dir: Path, step: int, config: TrainConfig, model, optimizer, scheduler, runtime: Runtime
 ) -> None:
-    """Write checkpoint-<step> (sharded model + optimizer via DCP, scheduler, RNG), then rotate old ones.
+    """Write checkpoint-<step> (each process's model + optimizer shards, scheduler, RNG), then rotate old ones.
 
     Written under a temporary name and renamed by rank 0 once every process has finished, so a
     checkpoint directory without the temporary prefix is always complete.
     """
     import torch
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".tmp-checkpoint-{step}"
@@ -848,11 +852,12 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optimizer_state = _get_state(model, optimizer, config)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng-rank{runtime.rank}.pt")
+    shards = _local({"model": model_state, "optimizer": optimizer_state})
+    torch.save(shards, tmp / _state_file(runtime.rank))
+    _save_rng_state(tmp, runtime.rank)
     dist.barrier()
     if runtime.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / SCHEDULER_STATE).write_text(json.dumps(scheduler.state_dict()) + "\n")  # numbers only
         state = {"step": step, "world_size": runtime.world_size}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / HYPERPARAMETERS).write_text(json.dumps(config.as_dict(), indent=1) + "\n")
@@ -871,7 +876,6 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
     """Load the newest complete checkpoint of this run, if any; return the step to continue from."""
     import torch
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     found: list[str | None] = [None]
     if runtime.is_main:
@@ -893,13 +897,23 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
             f"{checkpoint}: saved by a run with other settings ({', '.join(changed)}); resume with the same "
             f"settings, or delete {run_dir} to start over"
         )
+    # Every process checks every file, so all of them stop together rather than hang in a collective.
+    per_rank = [name for rank in range(runtime.world_size) for name in (_state_file(rank), *_rng_files(rank))]
+    needed = [SCHEDULER_STATE, *per_rank]
+    for name in needed:
+        if not (checkpoint / name).is_file():
+            raise VicunaflowError(
+                f"{checkpoint / name}: missing (the checkpoint was written by an older vicunaflow, or is "
+                f"incomplete); delete {run_dir} to start over"
+            )
     model_state, optimizer_state = _get_state(model, optimizer, config)
-    loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=str(checkpoint))
+    state_file = checkpoint / _state_file(runtime.rank)
+    shards = torch.load(state_file, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        loaded = _load_into({"model": model_state, "optimizer": optimizer_state}, shards, str(state_file))
     _set_state(model, optimizer, loaded["model"], loaded["optimizer"], config)
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
-    rng_file = checkpoint / f"rng-rank{runtime.rank}.pt"
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_STATE).read_text()))
+    _load_rng_state(checkpoint, runtime.rank)
     log.info("resuming from %s at step %d", checkpoint, state["step"])
     return int(state["step"])
 
@@ -934,25 +948,74 @@ def _set_state(model, optimizer, model_state, optimizer_state, config: TrainConf
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
 
 
-def _rng_state() -> dict:
-    import numpy as np
+def _state_file(rank: int) -> str:
+    return f"state-rank{rank}.pt"
+
+
+def _local(value):
+    """A state dict with each DTensor replaced by this process's shard: plain tensors, containers, numbers.
+
+    Each process saves and loads its own shards; resuming needs the same world size, as checked.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_local(v) for v in value)
+    return value
+
+
+def _load_into(template, saved, where: str):
+    """Copy saved values into the template's tensors in place (shards stay on their devices), like DCP."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(template, torch.Tensor):
+        local = template.to_local() if isinstance(template, DTensor) else template
+        if not isinstance(saved, torch.Tensor) or (saved.shape, saved.dtype) != (local.shape, local.dtype):
+            got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise VicunaflowError(f"{where}: {got} saved, {local.dtype} {tuple(local.shape)} expected")
+        local.copy_(saved)
+        return template
+    if isinstance(template, dict):
+        if not isinstance(saved, dict) or saved.keys() != template.keys():
+            raise VicunaflowError(f"{where}: other keys than this model's state")
+        return {k: _load_into(v, saved[k], f"{where}: {k}") for k, v in template.items()}
+    return saved
+
+
+def _rng_files(rank: int) -> tuple[str, str]:
+    """One process's random state: generator states as uint8 tensors, Python's as JSON."""
+    return f"rng-rank{rank}.pt", f"rng-rank{rank}.json"
+
+
+def _save_rng_state(directory: Path, rank: int) -> None:
+    """Save this process's random state (NumPy's is not kept: training never draws from it)."""
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()  # this process's device
+    version, words, gauss_next = random.getstate()
+    tensor_file, json_file = _rng_files(rank)
+    torch.save(tensors, directory / tensor_file)
+    (directory / json_file).write_text(json.dumps({"python": [version, list(words), gauss_next]}) + "\n")
 
 
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
+def _load_rng_state(directory: Path, rank: int) -> None:
+    """Restore what _save_rng_state saved, so a resumed run draws the same numbers (dropout)."""
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    tensor_file, json_file = _rng_files(rank)
+    tensors = torch.load(directory / tensor_file, weights_only=True)
+    version, words, gauss_next = json.loads((directory / json_file).read_text())["python"]
+    random.setstate((version, tuple(words), gauss_next))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 # --- logging ------------------------------------------------------------------------------------

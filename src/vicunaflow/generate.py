@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, kernels, template
 from vicunaflow.formats import DTYPES
 
 log = logging.getLogger(__name__)
@@ -369,10 +369,14 @@ class FusedDecoder:
     The fused weights are the model's own memory: q/k/v and gate/up weights become row slices
     (views) of one concatenated tensor, so prefill through the Hugging Face forward reads the same
     values and nothing is stored twice. Used on one device, for unquantized LLaMA layers only.
+
+    With `kernels` (one row on a GPU: a single chat stream), the projections are `kernels.matvec`:
+    weights streamed once at a higher rate than cuBLAS's one-row GEMMs, SiLU·up folded into the down
+    projection and the residual adds into the stores.
     """
 
-    def __init__(self, model, cache: SlotCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: SlotCache, kernels: bool = False):
+        self.model, self.cache, self.kernels = model, cache, kernels
         config = model.config
         self.heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -409,6 +413,24 @@ class FusedDecoder:
             and hasattr(layer.input_layernorm, "variance_epsilon")
         )
 
+    @staticmethod
+    def supports_kernels(model) -> bool:
+        weight = model.get_input_embeddings().weight
+        return weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16) and kernels.available()
+
+    def project(
+        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False
+    ) -> torch.Tensor:
+        """x @ weight.T (+ residual); with swiglu, x is gate|up and the input is silu(gate) * up."""
+        if self.kernels and x.shape[0] == 1:
+            return kernels.matvec(x.contiguous(), weight, residual, swiglu)
+        if swiglu:
+            ffn = x.shape[1] // 2
+            x = torch.nn.functional.silu(x[:, :ffn]) * x[:, ffn:]
+        if residual is None:
+            return torch.nn.functional.linear(x, weight)
+        return torch.addmm(residual, x, weight.t())
+
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
         """input_ids [rows, 1] go to cache positions [rows]; kv_index = arange(kv); returns logits [rows, vocab]."""
         rows, heads, head_dim = input_ids.shape[0], self.heads, self.head_dim
@@ -423,7 +445,7 @@ class FusedDecoder:
         kv_length = kv_index.shape[0]
         for i, (norm1, qkv_weight, o_weight, norm2, gate_up_weight, down_weight) in enumerate(self.layers):
             x = torch.nn.functional.rms_norm(hidden, (dim,), norm1.weight, norm1.variance_epsilon)
-            qkv = torch.nn.functional.linear(x, qkv_weight)  # [rows, 3 * dim]
+            qkv = self.project(x, qkv_weight)  # [rows, 3 * dim]
             qk = torch.bmm(qkv[:, : 2 * dim].view(rows, 2 * heads, head_dim), rotation)  # [rows, 2 * heads, hd]
             keys, values = self.cache.keys[i], self.cache.values[i]  # [slots, heads, context, hd]
             keys[row_index, :, positions] = qk[:, heads:]
@@ -434,14 +456,16 @@ class FusedDecoder:
                 values[:rows, :, :kv_length],
                 attn_mask=mask,
             )  # [rows, heads, 1, hd]
-            hidden.addmm_(attention.reshape(rows, dim), o_weight.t())  # residual + o_proj(attention)
+            hidden = self.project(attention.reshape(rows, dim), o_weight, residual=hidden)
             x = torch.nn.functional.rms_norm(hidden, (dim,), norm2.weight, norm2.variance_epsilon)
-            gate_up = torch.nn.functional.linear(x, gate_up_weight)  # [rows, 2 * ffn]
-            ffn = gate_up.shape[1] // 2
-            hidden.addmm_(torch.nn.functional.silu(gate_up[:, :ffn]) * gate_up[:, ffn:], down_weight.t())
+            gate_up = self.project(x, gate_up_weight)  # [rows, 2 * ffn]
+            hidden = self.project(gate_up, down_weight, residual=hidden, swiglu=True)
         norm = self.model.model.norm
         hidden = torch.nn.functional.rms_norm(hidden, (dim,), norm.weight, norm.variance_epsilon)
-        return self.model.lm_head(hidden)  # [rows, vocab]
+        lm_head = self.model.lm_head
+        if type(lm_head) is torch.nn.Linear and lm_head.bias is None and lm_head.weight.is_contiguous():
+            return self.project(hidden, lm_head.weight)  # [rows, vocab]
+        return lm_head(hidden)
 
 
 def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
@@ -484,30 +508,43 @@ class DecodeRunner:
     max_batch_size; attended length in steps of 256) and replayed from a CUDA graph captured once per
     bucket. Padding rows are free cache rows (active rows are always 0..n-1): they write position 0
     of a row nobody reads before its next prefill overwrites it. Elsewhere: exact shapes, eagerly.
+
+    A step's inputs may be the previous step's sampled tokens, still on the device: then the host can
+    queue step t+1 before step t has finished (see `Engine._decode_step`).
     """
 
     KV_STEP = 256
 
     def __init__(
-        self, model, cache: SlotCache, layer_devices: list, *, padded: bool, cuda_graphs: bool, fused: bool = False
+        self,
+        model,
+        cache: SlotCache,
+        layer_devices: list,
+        *,
+        padded: bool,
+        cuda_graphs: bool,
+        fused: bool = False,
+        kernels: bool = False,
     ):
         self.model, self.cache, self.layer_devices = model, cache, layer_devices
-        self.fused = FusedDecoder(model, cache) if fused else None
+        self.fused = FusedDecoder(model, cache, kernels=kernels) if fused else None
         self.cache_keyword = cache_argument(model)
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = sorted({min(2**i, cache.slots) for i in range(cache.slots.bit_length() + 1)})
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
-    def logits(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
-        """tokens[i] goes to cache position lengths[i] of row i; returns float logits [n, vocab]."""
-        n = len(tokens)
+    def step(self, tokens: list[int] | torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens[i] goes to cache position lengths[i] of row i (tokens: a list, or a [n] device tensor).
+
+        Returns (logits [n, vocab] in the model's dtype, greedy tokens [n]) on the device, without waiting.
+        """
+        n = len(lengths)
         if not self.padded:
-            positions = torch.tensor(lengths)  # [n]
-            kv_length = int(positions.max()) + 1
-            bucket = self._buffers(n, kv_length, device=self.layer_devices[0])
+            bucket = self._buffers(n, max(lengths) + 1, device=self.layer_devices[0])
             self._fill(bucket, tokens, lengths)
-            return self._forward(bucket)[:n].float()
+            logits = self._forward(bucket)
+            return logits, logits.argmax(dim=-1)
         rows = next(b for b in self.row_buckets if b >= n)
         kv_length = min(-(-(max(lengths) + 1) // self.KV_STEP) * self.KV_STEP, self.cache.context)
         key = (rows, kv_length)
@@ -519,29 +556,38 @@ class DecodeRunner:
             self._capture(bucket)
         if bucket.get("graph") is not None:
             bucket["graph"].replay()
-            return bucket["logits"][:n].float()
-        return self._forward(bucket)[:n].float()
+            return bucket["logits"][:n], bucket["greedy"][:n]
+        logits = self._forward(bucket)[:n]
+        return logits, logits.argmax(dim=-1)
 
     def _buffers(self, rows: int, kv_length: int, device) -> dict:
-        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA
-        host = torch.zeros(2, rows, dtype=torch.long, pin_memory=torch.device(device).type == "cuda")
+        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA; two
+        # host buffers taken in turn, so filling step t+1 never races the copy of step t still queued
+        pinned = torch.device(device).type == "cuda"
+        host = [torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         step_inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
         return {
             "rows": rows,
             "kv_length": kv_length,
             "host": host,
+            "fills": 0,
             "step_inputs": step_inputs,
             "input_ids": step_inputs[0][:, None],  # [rows, 1], a view
             "positions": step_inputs[1],  # [rows], a view
             "kv_index": torch.arange(kv_length, device=device),  # [kv]
         }
 
-    def _fill(self, bucket: dict, tokens: list[int], lengths: list[int]) -> None:
-        n, host = len(tokens), bucket["host"]
+    def _fill(self, bucket: dict, tokens: list[int] | torch.Tensor, lengths: list[int]) -> None:
+        n = len(lengths)
+        host = bucket["host"][bucket["fills"] % 2]  # its last copy was queued before the step the engine waited on
+        bucket["fills"] += 1
         host.zero_()  # padding rows: token 0 at position 0
-        host[0, :n] = torch.tensor(tokens)
+        if not isinstance(tokens, torch.Tensor):
+            host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(lengths)
-        bucket["step_inputs"].copy_(host, non_blocking=True)  # host is not touched again before the step ends
+        bucket["step_inputs"].copy_(host, non_blocking=True)
+        if isinstance(tokens, torch.Tensor):
+            bucket["step_inputs"][0, :n].copy_(tokens)  # device to device, in stream order
 
     def _forward(self, bucket: dict) -> torch.Tensor:
         positions = bucket["positions"]
@@ -574,6 +620,7 @@ class DecodeRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 bucket["logits"] = self._forward(bucket)
+                bucket["greedy"] = bucket["logits"].argmax(dim=-1)
             bucket["graph"] = graph
             log.debug("captured a CUDA graph for %d rows x %d tokens", bucket["rows"], bucket["kv_length"])
         except Exception as err:
@@ -600,11 +647,26 @@ def _check_gpu_memory(layer_devices: list, per_layer: int, slots: int, context: 
 # The engine
 
 
+@dataclasses.dataclass
+class DecodeStep:
+    """A launched decode step: the rows it ran for, its sampled tokens (device) and their host copy."""
+
+    rows: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+
 class Engine:
     """Continuous batching over one model: requests join and leave a running batch.
 
     `submit()` is thread-safe and returns at once; events reach the request's `sink` from the
     engine thread. `generate()` is the blocking, iterator form used by the chat CLI and the bench.
+
+    With `overlap` the engine keeps one decode step queued ahead: step t+1 is launched from step t's
+    sampled tokens (still on the device) before the host detokenises and streams step t, so the GPU
+    never waits for that host work. A row whose request ends at step t wastes its slot of step t+1;
+    the batch only changes (admissions, finished rows) once no step is in flight.
     """
 
     def __init__(
@@ -619,6 +681,8 @@ class Engine:
         cuda_graphs: bool = True,
         padded_decode: bool | None = None,
         fused_decode: bool | None = None,
+        decode_kernels: bool | None = None,
+        overlap: bool | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model, max_context)
@@ -635,9 +699,22 @@ class Engine:
         padded_decode = cuda_graphs if padded_decode is None else padded_decode
         fused_decode = cuda_graphs if fused_decode is None else fused_decode
         fused_decode = fused_decode and len(set(self.layer_devices)) == 1 and FusedDecoder.supports(model)
+        decode_kernels = fused_decode if decode_kernels is None else decode_kernels
+        decode_kernels = decode_kernels and fused_decode and FusedDecoder.supports_kernels(model)
         self.runner = DecodeRunner(
-            model, self.cache, self.layer_devices, padded=padded_decode, cuda_graphs=cuda_graphs, fused=fused_decode
+            model,
+            self.cache,
+            self.layer_devices,
+            padded=padded_decode,
+            cuda_graphs=cuda_graphs,
+            fused=fused_decode,
+            kernels=decode_kernels,
         )
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap  # CPU kernels run synchronously
+        self.in_flight: DecodeStep | None = None  # launched, its tokens not yet read on the host
+        pinned = self.device.type == "cuda"
+        self.host_tokens = [torch.zeros(max_batch_size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.launches = 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
         self.rows: list[Request] = []  # active requests; row i of the cache belongs to rows[i]
@@ -648,14 +725,17 @@ class Engine:
         self.running = False
         self.thread: threading.Thread | None = None
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
+        self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
         self.batch_sizes: Counter[int] = Counter()
         log.info(
-            "engine: %d slots x %d tokens, KV cache %.1f MiB, CUDA graphs %s, fused decode step %s",
+            "engine: %d slots x %d tokens, KV cache %.1f MiB, CUDA graphs %s, fused decode step %s%s, overlap %s",
             max_batch_size,
             self.context,
             self.cache.nbytes() / 2**20,
             "on" if cuda_graphs else "off",
             "on" if fused_decode else "off",
+            " with Triton matvec" if decode_kernels else "",
+            "on" if self.overlap else "off",
         )
 
     # -- public API ---------------------------------------------------------------------------------------
@@ -724,6 +804,8 @@ class Engine:
                 "context": self.context,
                 "cuda_graphs": self.runner.cuda_graphs,
                 "fused_decode": self.runner.fused is not None,
+                "decode_kernels": self.runner.fused is not None and self.runner.fused.kernels,
+                "overlap": self.overlap,
             }
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -739,6 +821,7 @@ class Engine:
             try:
                 self._drop_finished()
                 if admitted:
+                    self._drain()  # new rows join a batch with no step in flight
                     self._prefill(admitted)
                 self._drop_finished()
                 if self.rows:
@@ -748,7 +831,7 @@ class Engine:
                 for request in self.rows + admitted:
                     if not request.done:
                         self._finish(request, "error", error=f"{type(err).__name__}: {err}")
-                self.rows, self.lengths, self.last_tokens = [], [], []
+                self.rows, self.lengths, self.last_tokens, self.in_flight = [], [], [], None
         for request in self.rows + list(self.waiting):
             self._finish(request, "cancelled")
 
@@ -791,8 +874,8 @@ class Engine:
             **{self.runner.cache_keyword: self.cache},
         ).last_hidden_state  # [n, length, dim]
         last = hidden[torch.arange(n, device=hidden.device), prompt_lengths.to(hidden.device) - 1]  # [n, dim]
-        logits = self.model.lm_head(last).float()  # [n, vocab]
-        tokens = self._sample(logits, requests)
+        logits = self.model.lm_head(last)  # [n, vocab]
+        tokens = self._sample(logits, logits.argmax(dim=-1), requests).tolist()
         self.stats["prefills"] += 1
         for request, token in zip(requests, tokens, strict=True):
             self.rows.append(request)
@@ -802,29 +885,81 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
-        """Feed each row its last sampled token at its own position; sample the next one."""
+        """Feed each row its last sampled token at its own position; read and emit one step's tokens.
+
+        With overlap, the step after the one in flight is queued first (from its tokens on the device),
+        unless the batch is about to change: a request waits, a row is done, or a row could reach its
+        length limit with the token in flight.
+        """
+        if self.in_flight is None:
+            self.in_flight = self._launch(self.last_tokens)
+        queued = None
+        if self.overlap and self._batch_stays():
+            queued = self._launch(self.in_flight.tokens)
+            self.stats["queued_ahead"] += 1
+        self._collect(self.in_flight)
+        self.in_flight = queued
+
+    def _batch_stays(self) -> bool:
+        """True when every row will still be running after the step in flight, as far as the host can tell."""
+        if self.waiting:
+            return False
+        for request, length in zip(self.rows, self.lengths, strict=True):
+            generated = request.completion_tokens + 1  # with the token in flight
+            if request.done or request.cancelled or length + 1 >= self.context:
+                return False
+            if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= self.context:
+                return False
+        return True
+
+    def _launch(self, tokens: list[int] | torch.Tensor) -> DecodeStep:
+        """Queue one decode step and the copy of its sampled tokens to the host; returns without waiting."""
         n = len(self.rows)
-        logits = self.runner.logits(self.last_tokens, self.lengths)  # [n, vocab]
-        tokens = self._sample(logits, self.rows)
+        logits, greedy = self.runner.step(tokens, self.lengths)
+        sampled = self._sample(logits, greedy, self.rows)  # [n] on the device
+        host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
+        self.launches += 1
+        host.copy_(sampled, non_blocking=host.is_pinned())
+        done = None
+        if sampled.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(sampled.device))
+        self.lengths = [length + 1 for length in self.lengths]  # the step writes each row's token into the cache
+        return DecodeStep(list(self.rows), sampled, host, done)
+
+    def _collect(self, step: DecodeStep) -> None:
+        """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host.tolist()
+        n = len(tokens)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.batch_sizes[n] += 1
-        for i, (request, token) in enumerate(zip(self.rows, tokens, strict=True)):
-            self.lengths[i] += 1
+        for i, (request, token) in enumerate(zip(step.rows, tokens, strict=True)):
             self.last_tokens[i] = token
             if not request.done:
                 self._emit(request, token)
 
-    def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
-        """Per-row temperature and nucleus (top-p) sampling; temperature 0 is greedy. logits: [n, vocab]."""
-        greedy_tokens = logits.argmax(dim=-1)
-        if all(r.params.temperature <= 1e-5 for r in requests):  # decided on the host: no extra GPU sync
-            return greedy_tokens.tolist()
+    def _drain(self) -> None:
+        """Read the step in flight, if any, so the batch can change."""
+        if self.in_flight is not None:
+            step, self.in_flight = self.in_flight, None
+            self._collect(step)
+
+    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Per-row temperature and nucleus (top-p) sampling; temperature 0 is greedy (greedy: argmax per row).
+
+        logits: [n, vocab]; returns [n] token ids on the device. Every choice is made on the host: no sync.
+        """
+        if all(r.params.temperature <= 1e-5 for r in requests):
+            return greedy
+        logits = logits.float()
         temperature = torch.tensor([r.params.temperature for r in requests], device=logits.device)
         probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
         top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
-        if bool((top_p < 1.0).any()):
+        if any(r.params.top_p < 1.0 for r in requests):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
@@ -833,7 +968,7 @@ class Engine:
             sampled = order.gather(-1, picked)[:, 0]
         else:
             sampled = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
-        return torch.where(temperature <= 1e-5, greedy_tokens, sampled).tolist()
+        return torch.where(temperature <= 1e-5, greedy, sampled)
 
     # -- bookkeeping --------------------------------------------------------------------------------------
 
@@ -881,6 +1016,8 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
+        if any(r.done or r.cancelled for r in self.rows):
+            self._drain()
         i = 0
         while i < len(self.rows):
             request = self.rows[i]

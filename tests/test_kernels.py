@@ -1,0 +1,76 @@
+"""The Triton matvec kernel of the one-row decode step, run by Triton's interpreter where there is no GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
+
+from vicunaflow import kernels
+from vicunaflow.generate import Engine, FusedDecoder, SamplingParams, SlotCache, load_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "swiglu", "residual", "dtype"),
+    [
+        (37, 100, False, False, torch.float16),  # neither size a multiple of a block: masked loads
+        (64, 128, True, True, torch.float16),  # the MLP's down projection: silu(gate) * up in, residual added
+        (12, 130, False, True, torch.bfloat16),
+        (8, 64, False, False, torch.float32),
+    ],
+)
+def test_matvec_matches_float64_reference(n, k, swiglu, residual, dtype):
+    generator = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    x = torch.randn(1, 2 * k if swiglu else k, generator=generator).to(DEVICE, dtype)
+    res = torch.randn(1, n, generator=generator).to(DEVICE, dtype) if residual else None
+    out = kernels.matvec(x, weight, res, swiglu=swiglu)
+    inputs = x.double()
+    if swiglu:
+        inputs = torch.nn.functional.silu(inputs[:, :k]) * inputs[:, k:]
+    expected = inputs @ weight.double().T + (res.double() if residual else 0)
+    assert out.shape == (1, n) and out.dtype == dtype
+    # float32 accumulation: the only error is rounding the result to the output dtype
+    tolerance = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * 4)
+
+
+def test_matvec_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.matvec(torch.zeros(1, 10), torch.zeros(4, 12))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.matvec(torch.zeros(1, 12), torch.zeros(12, 4).T)
+
+
+def test_fused_decode_step_with_kernels_matches_cublas_path(tiny_vicuna):
+    """One decode step of the tiny Vicuna: matvec projections give the logits of the plain torch ops."""
+    model, _ = load_model(tiny_vicuna, device=DEVICE)
+    del model.model.layers[1:]  # one layer is enough, and Triton's interpreter is slow
+    model.config.num_hidden_layers = 1
+    cache = SlotCache(model, slots=1, context=8)
+    input_ids = torch.tensor([[5]], device=DEVICE)
+    positions, kv_index = torch.tensor([0], device=DEVICE), torch.arange(1, device=DEVICE)
+    with torch.inference_mode():
+        plain = FusedDecoder(model, cache, kernels=False).logits(input_ids, positions, kv_index)
+        fused = FusedDecoder(model, cache, kernels=True).logits(input_ids, positions, kv_index)
+    assert fused.shape == plain.shape == (1, model.config.vocab_size)
+    tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2  # half precision: two roundings of each output
+    assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_uses_kernels_in_its_graphs(tiny_vicuna):
+    """float16 on a GPU: the engine picks the kernels, captures them in its graphs and streams a reply."""
+    model, tokenizer = load_model(tiny_vicuna, device="cuda", dtype="float16")
+    with Engine(model, tokenizer, max_batch_size=2) as engine:
+        events = list(engine.generate([1, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)))
+        stats = engine.snapshot_stats()
+    assert events[-1].completion_tokens == 16
+    assert stats["decode_kernels"] and stats["overlap"] and stats["queued_ahead"] > 0
+    assert engine.runner.cuda_graphs  # no capture fell back to eager
