@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vicunaflow import VicunaflowError, data, finetune
+from vicunaflow import VicunaflowError, data, finetune, train_state
 from vicunaflow.synth import CONVERSATIONS
 
 # Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
@@ -72,8 +72,8 @@ def test_full_run_learns_rotates_checkpoints_and_writes_a_loadable_model(referen
     assert sum(loss[-2:]) / 2 < 0.9 * sum(loss[:2]) / 2  # from about 7.5 to about 6
     checkpoints = reference_run.parent / ".checkpoints" / reference_run.name
     # Saved at steps 2, 4, 6 (the last step goes to the output); save_total_limit 2 keeps 4 and 6.
-    assert [p.name for p in finetune.list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]
-    hyperparameters = json.loads((checkpoints / "checkpoint-6" / finetune.HYPERPARAMETERS).read_text())
+    assert [p.name for p in train_state.list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]
+    hyperparameters = json.loads((checkpoints / "checkpoint-6" / train_state.HYPERPARAMETERS).read_text())
     assert hyperparameters["max_steps"] == 8 and hyperparameters["save_total_limit"] == 2
     assert list((reference_run / "runs").glob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(reference_run)
@@ -96,11 +96,11 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
         start_new_session=True,
     )
     deadline = time.monotonic() + 180
-    while not finetune.list_checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
+    while not train_state.list_checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole torchrun group, mid-run, no clean-up
     process.wait(timeout=30)
-    assert finetune.list_checkpoints(run_dir) and not out.exists()
+    assert train_state.list_checkpoints(run_dir) and not out.exists()
 
     resumed = run(torchrun(tiny_vicuna, out))
     assert "resuming from" in resumed.stderr
@@ -143,7 +143,7 @@ def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference
         torch.load(file, weights_only=True)
     rng = torch.load(checkpoint / "rng-rank0.pt", weights_only=True)
     assert all(t.dtype == torch.uint8 for t in rng.values())
-    scheduler_state = json.loads((checkpoint / finetune.SCHEDULER_STATE).read_text())
+    scheduler_state = json.loads((checkpoint / train_state.SCHEDULER_STATE).read_text())
     assert scheduler_state["last_epoch"] == 6
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=3e-3), lambda step: 1.0)
     scheduler.load_state_dict(scheduler_state)
@@ -152,11 +152,11 @@ def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference
     random.seed(5)
     torch.manual_seed(5)
     random.gauss(0, 1)  # leaves a cached second normal (gauss_next), part of the state
-    finetune._save_rng_state(tmp_path, rank=3)
+    train_state._save_rng_state(tmp_path, rank=3)
     expected = [random.random(), random.gauss(0, 1)], torch.rand(8)
     random.seed(6)
     torch.manual_seed(6)
-    finetune._load_rng_state(tmp_path, rank=3)
+    train_state._load_rng_state(tmp_path, rank=3)
     assert [random.random(), random.gauss(0, 1)] == expected[0]
     assert torch.equal(torch.rand(8), expected[1])
 
@@ -164,12 +164,12 @@ def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference
     run_dir = tmp_path / "run"
     shutil.copytree(checkpoint, run_dir / checkpoint.name)
     (run_dir / checkpoint.name / "rng-rank1.json").unlink()
-    config = finetune.TrainConfig(**json.loads((checkpoint / finetune.HYPERPARAMETERS).read_text()))
+    config = finetune.TrainConfig(**json.loads((checkpoint / train_state.HYPERPARAMETERS).read_text()))
     runtime = finetune.Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(VicunaflowError, match=r"rng-rank1\.json: missing .* delete .* to start over"):
-            finetune.resume_if_possible(run_dir, config, None, None, None, runtime)
+            train_state.resume_if_possible(run_dir, config, None, None, None, runtime)
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,8 @@ from html import escape
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
-from vicunaflow.finetune import HYPERPARAMETERS, TRAINER_LOG  # stdlib-only at import time: no torch here
+from vicunaflow.finetune import TRAINER_LOG  # stdlib-only at import time: no torch here
+from vicunaflow.train_state import HYPERPARAMETERS
 
 log = logging.getLogger(__name__)
 

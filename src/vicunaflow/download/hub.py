@@ -1,0 +1,309 @@
+"""Hugging Face repositories: fetched at a commit resolved up front, or taken from a local folder;
+every file checked against the Hub's hash (LFS sha256 or git blob sha1).
+
+huggingface_hub is imported only inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from vicunaflow import VicunaflowError
+from vicunaflow.download.http import _redacted_command, place_file, redact_url
+from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
+
+# One logger for the package, so log lines name `vicunaflow.download` as before the split.
+log = logging.getLogger("vicunaflow.download")
+
+
+def _hf_from_hub(
+    repo: str,
+    local_dir: Path,
+    revision: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    repo_type: str,
+    token: str | None,
+    token_env: str,
+    endpoint: str | None,
+    staging_dir: Path,
+    jobs: int,
+) -> Path:
+    from huggingface_hub import constants
+
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    token_from = f"${token_env}" if token else "huggingface_hub's login, if any"
+    offline = constants.is_offline_mode()
+    log.info(
+        "download hf: %s %s at %s from %s into %s; include %s, exclude %s; token from %s",
+        repo_type,
+        repo,
+        revision or "main",
+        "the local Hugging Face cache (HF_HUB_OFFLINE)" if offline else redact_url(endpoint),
+        local_dir,
+        include or "all",
+        exclude or "none",
+        token_from,
+    )
+    with _hub_errors(repo, revision, endpoint, token_env):
+        if offline:
+            root, commit, expected = _hf_cached_snapshot(repo, revision, include, exclude, repo_type)
+        else:
+            root, commit, expected = _hf_fetch(
+                repo, revision, include, exclude, repo_type, token, endpoint, staging_dir, jobs
+            )
+    bad = _verify_hf_files(root, expected)
+    if bad:
+        aside = []
+        for name, _ in bad:
+            if not offline and (root / name).exists():
+                target = (
+                    staging_dir
+                    / "hf"
+                    / "corrupt"
+                    / (repo.replace("/", "--") + "--" + name.replace("/", "--") + ".corrupt")
+                )
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (root / name).replace(target)
+                aside.append(str(target))
+        raise VicunaflowError(
+            f"{repo}@{commit}: "
+            + "; ".join(m for _, m in bad)
+            + (f"; kept aside as {', '.join(aside)}" if aside else "")
+        )
+    with atomic_output_dir(local_dir) as out:
+        for name in expected:
+            place_file((root / name).resolve() if offline else root / name, _inside_tree(out, name), "hardlink-or-copy")
+        write_manifest(
+            out,
+            command=_redacted_command([token] if token else []),
+            repo=repo,
+            repo_type=repo_type,
+            revision=commit,
+            requested_revision=revision or "main",
+            endpoint=redact_url(endpoint),
+            files={name: {"algorithm": algo, "hash": digest} for name, (algo, digest) in expected.items()},
+        )
+    if not offline:
+        shutil.rmtree(root, ignore_errors=True)
+    log.info("%s: %d files of %s at commit %s, verified", local_dir, len(expected), repo, commit)
+    return local_dir
+
+
+def _hf_fetch(repo, revision, include, exclude, repo_type, token, endpoint, staging_dir, jobs):
+    """Resolve the revision to a commit first, then fetch exactly that commit into staging (resumable)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import filter_repo_objects
+
+    api = HfApi(endpoint=endpoint, token=token)
+    commit = api.repo_info(repo, revision=revision, repo_type=repo_type).sha
+    tree = {
+        f.path: f
+        for f in api.list_repo_tree(repo, revision=commit, recursive=True, repo_type=repo_type)
+        if isinstance(f, RepoFile)
+    }
+    names = sorted(filter_repo_objects(list(tree), allow_patterns=include, ignore_patterns=exclude))
+    if not names:
+        raise VicunaflowError(
+            f"{repo}@{commit}: no file matches include={include} exclude={exclude}; files: {', '.join(sorted(tree))}"
+        )
+    for name in names:
+        _safe_tree_name(name, repo)
+    stage = staging_dir / "hf" / f"{repo_type}s--{repo.replace('/', '--')}" / commit
+    log.info(
+        "%s: revision %s is commit %s; %d files to fetch into %s", repo, revision or "main", commit, len(names), stage
+    )
+    snapshot_download(
+        repo,
+        repo_type=repo_type,
+        revision=commit,
+        local_dir=stage,
+        allow_patterns=include,
+        ignore_patterns=exclude,
+        max_workers=max(1, jobs),
+        token=token,
+        endpoint=endpoint,
+    )
+    expected = {}
+    for name in names:
+        entry = tree[name]
+        expected[name] = ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
+    return stage, commit, expected
+
+
+def _hf_cached_snapshot(repo, revision, include, exclude, repo_type):
+    """HF_HUB_OFFLINE: take the files from the Hugging Face cache; verify them when the cache kept the tree."""
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot = Path(
+        snapshot_download(
+            repo,
+            repo_type=repo_type,
+            revision=revision,
+            allow_patterns=include,
+            ignore_patterns=exclude,
+            local_files_only=True,
+        )
+    )
+    commit = snapshot.name
+    cached = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    files = sorted(filter_repo_objects(cached, allow_patterns=include, ignore_patterns=exclude))
+    try:
+        tree = {f.path: f for f in get_cached_repo_tree(repo, repo_type=repo_type, revision=commit)}
+    except Exception as err:  # the cache has no tree listing for this commit (older huggingface_hub)
+        log.warning(
+            "%s@%s: no cached file listing to verify against (%s); hashes recorded only",
+            repo,
+            commit,
+            type(err).__name__,
+        )
+        tree = {}
+    expected = {}
+    for name in files:
+        _safe_tree_name(name, repo)
+        entry = tree.get(name)
+        if entry is None:
+            expected[name] = ("sha256", None)
+        else:
+            expected[name] = ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
+    log.info("%s: offline, from the cached snapshot %s (commit %s)", repo, snapshot, commit)
+    return snapshot, commit, expected
+
+
+def _verify_hf_files(root: Path, expected: dict[str, tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """Check each file against the Hub's hash (LFS sha256 or git blob sha1); fill in unknown sha256s."""
+    bad = []
+    for name, (algorithm, digest) in list(expected.items()):
+        path = root / name
+        if not path.is_file():
+            bad.append((name, f"{name}: missing after download"))
+            continue
+        actual = sha256_file(path) if algorithm == "sha256" else _git_blob_sha1(path)
+        if digest is None:
+            expected[name] = (algorithm, actual)
+        elif actual != digest:
+            bad.append((name, f"{name}: {algorithm} mismatch: expected {digest}, got {actual}"))
+    return bad
+
+
+def _git_blob_sha1(path: Path) -> str:
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe_tree_name(name: str, where: str) -> None:
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name or not pure.parts:
+        raise VicunaflowError(f"{where}: refusing file {name!r}: it would be written outside the output folder")
+
+
+def _inside_tree(folder: Path, name: str) -> Path:
+    _safe_tree_name(name, str(folder))
+    return folder / name
+
+
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None, endpoint: str, token_env: str) -> Iterator[None]:
+    """huggingface_hub's exceptions -> one line that says what to do."""
+    from huggingface_hub import errors
+
+    shown = redact_url(endpoint)
+    try:
+        yield
+    except errors.RevisionNotFoundError:
+        raise VicunaflowError(f"{repo}: revision {revision!r} not found on {shown}; check --revision") from None
+    except errors.GatedRepoError:
+        raise VicunaflowError(
+            f"{repo}: gated repository: accept its license on {shown}, then set ${token_env} or run `hf auth login`"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise VicunaflowError(
+            f"{repo}: repository not found on {shown} (or private: set ${token_env} or run `hf auth login`)"
+        ) from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as err:
+        raise VicunaflowError(
+            f"{repo}: not available offline ({type(err).__name__}): HF_HUB_OFFLINE is set or {shown} cannot be "
+            "reached, and the Hugging Face cache does not hold this revision; go online, or use --source local --path DIR"
+        ) from None
+    except errors.HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else "?"
+        raise VicunaflowError(
+            f"{repo}: {shown} answered HTTP {status}; try again later, or use --source local --path DIR"
+        ) from None
+    except OSError as err:
+        raise VicunaflowError(
+            f"{repo}: {shown} cannot be reached ({err}); check the network or HF_ENDPOINT, or use --source local --path DIR"
+        ) from None
+    except Exception as err:
+        # httpx2's transport errors (connection refused, DNS, timeouts) are not OSErrors.
+        if type(err).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
+            raise VicunaflowError(
+                f"{repo}: {shown} cannot be reached ({type(err).__name__}: {err}); check the network or HF_ENDPOINT, "
+                "or use --source local --path DIR"
+            ) from None
+        raise
+
+
+def _hf_from_local(path: Path | None, local_dir: Path, link: bool) -> Path:
+    """An existing Hugging Face folder: hashes checked against its vicunaflow.json (when it has one) and
+    every shard its index names present; then linked into place."""
+    if path is None or not path.is_dir():
+        raise VicunaflowError(f"{path}: not a directory (--path of download hf --source local)")
+    names = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and p.relative_to(path).parts[0] not in (".cache", ".git") and p.name != "vicunaflow.json"
+    )
+    if not names:
+        raise VicunaflowError(f"{path}: empty directory")
+    for index in path.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as err:
+            raise VicunaflowError(f"{index}: not a weight index ({err})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise VicunaflowError(f"{index}: names shards that are missing: {', '.join(missing)}")
+    previous = path / "vicunaflow.json"
+    recorded = {}
+    if previous.is_file():
+        recorded = json.loads(previous.read_text()).get("files", {})
+    expected = {n: (recorded[n]["algorithm"], recorded[n]["hash"]) for n in names if isinstance(recorded.get(n), dict)}
+    bad = _verify_hf_files(path, expected)
+    if bad:
+        raise VicunaflowError(f"{path}: " + "; ".join(m for _, m in bad) + "; the copy is damaged")
+    mode = "hardlink-or-symlink" if link else "copy"
+    log.info(
+        "download hf: local %s into %s (%s); %d of %d files hash-checked",
+        path,
+        local_dir,
+        mode,
+        len(expected),
+        len(names),
+    )
+    with atomic_output_dir(local_dir) as out:
+        for name in names:
+            place_file(path / name, _inside_tree(out, name), mode)
+        extra = {}
+        if previous.is_file():
+            provenance = json.loads(previous.read_text())
+            extra = {k: provenance[k] for k in ("repo", "revision", "repo_type") if k in provenance}
+        write_manifest(
+            out,
+            source=f"local:{path.resolve()}",
+            files={n: {"algorithm": a, "hash": h} for n, (a, h) in expected.items()},
+            **extra,
+        )
+    return local_dir
