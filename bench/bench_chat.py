@@ -270,8 +270,9 @@ def bench_ablations(model, tokenizer, prompts, args) -> list[dict]:
         "neither": {"decode_kernels": False, "overlap": False},
     }
     for label, changes in variants.items():
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        gc.collect()  # the previous engine's KV cache and graphs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         engine = Engine(model, tokenizer, max_batch_size=1, max_context=args.context, **engine_options(args, **changes))
         with engine:
             list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=8)))  # warm-up

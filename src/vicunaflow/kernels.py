@@ -1,13 +1,14 @@
 """Triton kernels for the one-row decode step: matrix-vector products that stream each weight once.
 
 Why: decoding one token of a 7B model reads its 13.5 GB of weights once, so tokens/s is set by how
-fast those reads go. cuBLAS runs the one-row fp16 products at ~3.2 TB/s on an H200 (about 75% of what
-the chip streams) and needs extra kernels for SiLU·up and for the residual add. `matvec` reads wide
+fast those reads go. cuBLAS runs the one-row fp16 products of a 7B at 1.5-3.3 TB/s on an H200 (the
+chip streams ~4.3) and needs extra kernels for SiLU·up and for the residual add. `matvec` reads wide
 tiles of weight rows, accumulates in float32, computes SiLU(gate)·up while loading its input and adds
-the residual while storing its output, so a LLaMA MLP is two kernels instead of four.
+the residual while storing its output, so a LLaMA MLP is two kernels instead of four; it takes
+0.82-0.93x cuBLAS's time on each 7B weight shape (docs/benchmarks.md).
 
-Used by `generate.FusedDecoder` for single-row steps on CUDA; CPU runs (and tests, with
-TRITON_INTERPRET=1) take the same code through Triton's interpreter.
+Used by `generate.FusedDecoder` for one-row steps on CUDA in float16/bfloat16. Tests run it on the CPU
+through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
