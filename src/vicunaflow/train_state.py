@@ -80,8 +80,6 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
     import torch
     import torch.distributed as dist
 
-    from vicunaflow.finetune import TrainConfig  # not at the top: finetune imports this module
-
     found: list[str | None] = [None]
     if runtime.is_main:
         for partial in run_dir.glob(".tmp-checkpoint-*"):  # left by a run killed while saving
@@ -94,7 +92,7 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
     checkpoint = Path(found[0])
     saved = json.loads((checkpoint / HYPERPARAMETERS).read_text())
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    changed = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != getattr(config, k)]
+    changed = [k for k in config.RESUME_KEYS if saved.get(k) != getattr(config, k)]
     if state["world_size"] != runtime.world_size:
         changed.append(f"world_size ({state['world_size']} -> {runtime.world_size})")
     if changed:
