@@ -394,6 +394,9 @@ class FusedDecoder:
                         mlp.down_proj.weight,  # [dim, ffn]
                     )
                 )
+        lm_head = model.lm_head
+        plain = type(lm_head) is torch.nn.Linear and lm_head.bias is None and lm_head.weight.is_contiguous()
+        self.lm_head_weight = lm_head.weight if plain else None  # None: call the module (e.g. quantized)
 
     @staticmethod
     def supports(model) -> bool:
@@ -462,10 +465,9 @@ class FusedDecoder:
             hidden = self.project(gate_up, down_weight, residual=hidden, swiglu=True)
         norm = self.model.model.norm
         hidden = torch.nn.functional.rms_norm(hidden, (dim,), norm.weight, norm.variance_epsilon)
-        lm_head = self.model.lm_head
-        if type(lm_head) is torch.nn.Linear and lm_head.bias is None and lm_head.weight.is_contiguous():
-            return self.project(hidden, lm_head.weight)  # [rows, vocab]
-        return lm_head(hidden)
+        if self.lm_head_weight is not None:
+            return self.project(hidden, self.lm_head_weight)  # [rows, vocab]
+        return self.model.lm_head(hidden)
 
 
 def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
@@ -541,7 +543,7 @@ class DecodeRunner:
         """
         n = len(lengths)
         if not self.padded:
-            bucket = self._buffers(n, max(lengths) + 1, device=self.layer_devices[0])
+            bucket = self._buffers(n, max(lengths) + 1, device=self.layer_devices[0], reused=False)
             self._fill(bucket, tokens, lengths)
             logits = self._forward(bucket)
             return logits, logits.argmax(dim=-1)
@@ -560,11 +562,12 @@ class DecodeRunner:
         logits = self._forward(bucket)[:n]
         return logits, logits.argmax(dim=-1)
 
-    def _buffers(self, rows: int, kv_length: int, device) -> dict:
-        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA; two
-        # host buffers taken in turn, so filling step t+1 never races the copy of step t still queued
+    def _buffers(self, rows: int, kv_length: int, device, reused: bool = True) -> dict:
+        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA. A
+        # bucket kept for reuse has two host buffers taken in turn, so filling step t+1 never races the
+        # copy of step t still queued; a one-off bucket needs one.
         pinned = torch.device(device).type == "cuda"
-        host = [torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        host = [torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned) for _ in range(2 if reused else 1)]
         step_inputs = torch.zeros(2, rows, dtype=torch.long, device=device)  # [tokens; positions]
         return {
             "rows": rows,
@@ -579,7 +582,8 @@ class DecodeRunner:
 
     def _fill(self, bucket: dict, tokens: list[int] | torch.Tensor, lengths: list[int]) -> None:
         n = len(lengths)
-        host = bucket["host"][bucket["fills"] % 2]  # its last copy was queued before the step the engine waited on
+        # taken in turn: this buffer's last copy was queued before the step the engine last waited on
+        host = bucket["host"][bucket["fills"] % len(bucket["host"])]
         bucket["fills"] += 1
         host.zero_()  # padding rows: token 0 at position 0
         if not isinstance(tokens, torch.Tensor):
