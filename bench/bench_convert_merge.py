@@ -68,6 +68,10 @@ def main() -> None:
         help="--size: kill a reference tool whose process tree's RSS passes this (other people share the machine)",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="--size: keep the big files (default: delete as we go)")
+    parser.add_argument(
+        "--steps", nargs="+", choices=["convert", "apply-delta"], default=["convert", "apply-delta"],
+        help="--size: measure these steps only (13B: each fits one 10-minute call; the base is still built)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.size:
         args.output = args.output or HERE / "results" / f"convert_merge_{args.size.lower()}.json"
@@ -173,24 +177,30 @@ def bench_real_size(args) -> None:
         params = json.loads((raw / "params.json").read_text())
         results["checkpoint"] = {"params_json": params, "shards": len(list(raw.glob("consolidated.*.pth")))}
         print(f"checkpoint: {raw} {results['checkpoint']}", flush=True)
-        hf_python, fastchat_python, converter = reference_tools() if "reference" in sides else (None, None, None)
-
-        convert = results["convert"] = {}
         command = [*vf, "convert", "--input-dir", str(raw), "--output-dir", str(ours_hf)]
-        convert["ours"] = measure_repeated(command, raw, ours_hf, repeat) | {"command": shell(command)}
-        convert["ours_vs_raw"] = check_convert(raw, ours_hf)
-        save()
-        if "reference" in sides:
-            command = [hf_python, str(converter), "--input_dir", str(raw), "--num_shards",
-                       str(results["checkpoint"]["shards"]), "--output_dir", str(ref_hf), "--llama_version", "1"]  # fmt: skip
-            convert["reference"] = measure(command, raw, ref_hf, mem_cap=cap) | {"command": shell(command)}
-            if convert["reference"]["completed"]:
-                convert["ours_vs_reference"] = compare(ours_hf, ref_hf)
-            shutil.rmtree(ref_hf, ignore_errors=True)
-            convert["ratios"] = ratios(convert["ours"], convert["reference"])
-        save()
+        if "convert" in args.steps:
+            convert = results["convert"] = {}
+            convert["ours"] = measure_repeated(command, raw, ours_hf, repeat) | {"command": shell(command)}
+            convert["ours_vs_raw"] = check_convert(raw, ours_hf)
+            save()
+            if "reference" in sides:
+                hf_python, _, converter = reference_tools()
+                command = [hf_python, str(converter), "--input_dir", str(raw), "--num_shards",
+                           str(results["checkpoint"]["shards"]), "--output_dir", str(ref_hf), "--llama_version", "1"]  # fmt: skip
+                convert["reference"] = measure(command, raw, ref_hf, mem_cap=cap) | {"command": shell(command)}
+                if convert["reference"]["completed"]:
+                    convert["ours_vs_reference"] = compare(ours_hf, ref_hf)
+                shutil.rmtree(ref_hf, ignore_errors=True)
+                convert["ratios"] = ratios(convert["ours"], convert["reference"])
+            save()
+        elif not (ours_hf / "config.json").exists():
+            subprocess.run(command, check=True)  # only the base apply-delta needs: not measured
         if not args.keep:
             shutil.rmtree(raw, ignore_errors=True)
+    if "apply-delta" not in args.steps:
+        print(json.dumps(results, indent=2))
+        print(f"\nwrote {args.output}")
+        return
 
     delta = workdir / "delta"
     if not (delta / "config.json").exists():
