@@ -127,3 +127,58 @@ def test_failed_job_leaves_no_finished_output(workdir: Path) -> None:
     assert result.returncode != 0
     assert not (workdir / "pyllama_data" / "tiny").exists()
     assert not (workdir / "llama-tiny-hf").exists()
+
+
+# `conda` for the test below: answers Snakemake's checks, and for `env create` does what conda does with
+# an environment file's `pip:` section (conda/env/installers/pip.py): writes it to a requirements file
+# beside the file it was given and runs pip from that folder. pip only resolves here (--dry-run);
+# installing torch and the rest is conda's and pip's own business.
+FAKE_CONDA = """#!{python}
+import json, os, subprocess, sys
+from pathlib import Path
+
+import yaml
+
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("conda 24.11.3")
+elif args[:2] == ["info", "--json"]:
+    print(json.dumps({{"conda_prefix": os.path.dirname(os.path.dirname(sys.argv[0])), "platform": "linux-64"}}))
+elif args[:2] == ["config", "--get"]:
+    print(json.dumps({{"get": {{"channel_priority": "strict"}}}}))
+elif args[0] == "clean":  # after each env: nothing downloaded, nothing to clean
+    pass
+elif args[:2] == ["env", "create"]:
+    env_file = Path(args[args.index("--file") + 1]).resolve()
+    prefix = args[args.index("--prefix") + 1]
+    dependencies = yaml.safe_load(env_file.read_text())["dependencies"]
+    pip_specs = next(d["pip"] for d in dependencies if isinstance(d, dict))
+    requirements = env_file.parent / "condaenv.test.requirements.txt"
+    requirements.write_text("\\n".join(pip_specs))
+    report = prefix + ".pip-report.json"
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet", "--report", report]
+    sys.exit(subprocess.run([*pip, "-r", requirements.name], cwd=env_file.parent).returncode)
+else:
+    sys.exit(f"fake conda: {{args}} not expected")
+"""
+
+
+@pytest.mark.e2e
+def test_conda_envs_install_this_checkout_from_where_snakemake_puts_them(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--use-conda` creates each env from a copy in .snakemake/conda/: its pip line must still find us."""
+    fake = tmp_path / "fake-conda" / "bin" / "conda"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(FAKE_CONDA.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    target = "results/chat/base-vicuna-13b-all-v1.1-dummy.json"  # download, convert, finetune, serve
+    snakemake(workdir, "--use-conda", "--conda-create-envs-only", target)
+    extras = []
+    for report in (workdir / ".snakemake" / "conda").glob("*.pip-report.json"):
+        installs = json.loads(report.read_text())["install"]
+        (ours,) = [item for item in installs if item["metadata"]["name"] == "vicunaflow"]
+        assert ours["download_info"]["url"] == REPO.as_uri()
+        extras.append(ours.get("requested_extras", []))
+    assert sorted(extras) == [[], [], ["serve"], ["train"]]

@@ -4,6 +4,7 @@
 import dataclasses
 import inspect
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -16,6 +17,10 @@ from vicunaflow.launch import NODE_TASK_ENV
 from vicunaflow.sizes import RESOURCES, SIZES
 
 validate(config, schema="../schemas/config.schema.yaml")
+
+# envs/*.yaml install vicunaflow from this checkout; `--use-conda` creates them from copies in
+# .snakemake/conda/, so they name the checkout by this variable (pip expands it).
+os.environ.setdefault("VICUNAFLOW_ROOT", workflow.basedir)
 
 RAW_DIRS = {
     name: size.raw_dir for name, size in SIZES.items()
