@@ -18,6 +18,10 @@ import os
 
 import torch
 
+# (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
+# against a wider set on the 7B shapes.
+TILES = [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8), (2, 2048, 8)]
+
 
 @functools.cache
 def available() -> bool:
@@ -60,16 +64,7 @@ def _kernels():
 
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     configs = [
-        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
-        for block_n, block_k, warps in [
-            (4, 1024, 4),
-            (8, 512, 4),
-            (8, 1024, 8),
-            (16, 256, 4),
-            (16, 512, 8),
-            (32, 256, 8),
-            (2, 2048, 8),
-        ]
+        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps) for block_n, block_k, warps in TILES
     ]
     if interpreting:  # one small config: the interpreter runs on the CPU, slowly
         configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=1)]

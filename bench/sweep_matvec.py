@@ -1,0 +1,84 @@
+"""Time every tile shape, warp count and pipeline depth of `kernels.matvec` on the 7B decode shapes.
+
+Why: the autotuner only tries a short list; this shows how far that list is from the best tile and
+whether deeper pipelining (num_stages) or other tiles would close the gap to the memory bandwidth.
+Each kernel is timed alone with `triton.testing.do_bench` (L2 flushed between runs), next to cuBLAS.
+Needs a CUDA GPU; writes results/matvec_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from vicunaflow import kernels
+
+HERE = Path(__file__).resolve().parent
+# name: (rows N, columns K, SiLU·up input, residual added) of LLaMA-7B's one-row decode products
+SHAPES = {
+    "qkv": (12288, 4096, False, False),
+    "o_proj": (4096, 4096, False, True),
+    "down_proj": (4096, 11008, True, True),
+    "gate_up": (22016, 4096, False, False),
+}
+TILES = [  # (BLOCK_N, BLOCK_K, warps)
+    (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (4, 2048, 8),
+    (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
+]  # fmt: skip
+STAGES = [1, 2, 3, 4]
+
+
+def sweep_shape(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
+    weight = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
+    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.float16)
+    residual = torch.randn(1, n, device="cuda", dtype=torch.float16) if has_residual else None
+    out = torch.empty(1, n, device="cuda", dtype=torch.float16)
+    dense_input = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if swiglu else x
+    kernel = kernels._kernels().fn  # the plain kernel under the autotuner
+    rows = []
+    for (block_n, block_k, warps), stages in itertools.product(TILES, STAGES):
+        launch = functools.partial(
+            kernel[(-(-n // block_n),)], x, weight, residual if residual is not None else out, out, n, k,
+            SWIGLU=swiglu, HAS_RESIDUAL=has_residual, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+        microseconds = do_bench(launch, warmup=10, rep=40) * 1e3
+        rows.append({"block_n": block_n, "block_k": block_k, "warps": warps, "stages": stages, "us": microseconds})
+    rows.sort(key=lambda row: row["us"])
+    gigabytes = n * k * 2 / 1e9
+    return {
+        "cublas_us": do_bench(lambda: torch.nn.functional.linear(dense_input, weight)) * 1e3,
+        "best": rows[0] | {"tb_per_s": gigabytes / rows[0]["us"] * 1e3},
+        "best_per_stages": {stages: min(r["us"] for r in rows if r["stages"] == stages) for stages in STAGES},
+        "autotune_list_best_us": min(
+            r["us"] for r in rows if (r["block_n"], r["block_k"], r["warps"]) in kernels.TILES
+        ),
+        "all": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "matvec_sweep.json")
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
+    for name, shape in SHAPES.items():
+        result = results["shapes"][name] = sweep_shape(*shape)
+        print(
+            f"{name:>9}: cuBLAS {result['cublas_us']:.1f} us, autotune list {result['autotune_list_best_us']:.1f} us,"
+            f" best {result['best']['us']:.1f} us ({result['best']['tb_per_s']:.2f} TB/s) {result['best']},"
+            f" best per stages { ({s: round(us, 1) for s, us in result['best_per_stages'].items()}) }",
+            flush=True,
+        )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
