@@ -18,8 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vicunaflow import VicunaflowError, data, finetune, train_state
-from vicunaflow.synth import CONVERSATIONS
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, data, finetune, train_state
 
 # Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
 RUN_OPTIONS = [
@@ -32,7 +31,7 @@ RUN_OPTIONS = [
 def torchrun(model: Path, output_dir: Path, *options: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "vicunaflow", "finetune", "--model-path", str(model), "--data", str(CONVERSATIONS),
+        "-m", "vicunaflow", "finetune", "--model-path", str(model), "--data", str(BUILTIN_CONVERSATIONS),
         "--output-dir", str(output_dir), *RUN_OPTIONS, *options,
     ]  # fmt: skip
 
@@ -119,7 +118,7 @@ def test_killed_run_resumes_with_the_same_step_data_and_optimizer_state(referenc
         "--model-path",
         str(tiny_vicuna),
         "--data",
-        str(CONVERSATIONS),
+        str(BUILTIN_CONVERSATIONS),
     ]
     command += ["--output-dir", str(tmp_path / "other"), *RUN_OPTIONS, "--seed", "1", "--nproc-per-node", "1"]
     changed = subprocess.run([*command, "--checkpoint-dir", str(run_dir)], capture_output=True, text=True, timeout=240)
@@ -207,7 +206,7 @@ def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -
 
     out = tmp_path / "lora"
     tokenized = data.tokenize(
-        data=CONVERSATIONS, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=256
+        data=BUILTIN_CONVERSATIONS, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=256
     )
     # Started without torchrun: `--nproc-per-node 2` makes the command launch its own processes.
     command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(tiny_vicuna)]
@@ -232,7 +231,7 @@ def test_qlora_without_cuda_fails_clearly(tiny_vicuna, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(tiny_vicuna), "--method", "qlora"]
-    command += ["--data", str(CONVERSATIONS), "--output-dir", str(tmp_path / "q"), "--nproc-per-node", "1"]
+    command += ["--data", str(BUILTIN_CONVERSATIONS), "--output-dir", str(tmp_path / "q"), "--nproc-per-node", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "--method qlora needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr

@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 # was used, `tokenizers` warns on every fork. setdefault: a value the user chose wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONVERSATIONS = BUILTIN_CONVERSATIONS
-
 
 def synth_llama(
     *,
@@ -80,7 +78,7 @@ def synth_llama(
         # After the checklist, so that it lists exactly the checkpoint files, as Meta's does.
         write_manifest(
             out,
-            inputs=[CONVERSATIONS] if CONVERSATIONS.exists() else [],
+            inputs=[BUILTIN_CONVERSATIONS] if BUILTIN_CONVERSATIONS.exists() else [],
             kind="synthetic-llama",
             model_size=size.raw_dir,
             shards=shards,
@@ -220,8 +218,8 @@ def train_tokenizer(vocab_size: int, corpus: list[str] | None = None, character_
 
 def _corpus_lines() -> list[str]:
     lines = [template.SYSTEM_PROMPT, "USER: ASSISTANT:"]
-    if CONVERSATIONS.exists():
-        for record in json.loads(CONVERSATIONS.read_text()):
+    if BUILTIN_CONVERSATIONS.exists():
+        for record in json.loads(BUILTIN_CONVERSATIONS.read_text()):
             lines += [turn["value"] for turn in record["conversations"]]
     return lines
 
