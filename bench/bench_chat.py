@@ -292,6 +292,35 @@ def bench_ablations(model, tokenizer, prompts, args) -> list[dict]:
     return results
 
 
+def decode_products(dim: int, ffn: int, vocab: int) -> list[tuple[str, int, int, bool, bool]]:
+    """The one-row products of a LLaMA decode step: (name, rows N, columns K, SiLU·up input, residual added)."""
+    return [
+        ("q|k|v", 3 * dim, dim, False, False),
+        ("o_proj + residual", dim, dim, False, True),
+        ("gate|up", 2 * ffn, dim, False, False),
+        ("silu*up -> down_proj + residual", dim, ffn, True, True),
+        ("lm_head", vocab, dim, False, False),
+    ]
+
+
+def product_inputs(n: int, k: int, swiglu: bool, has_residual: bool, dtype: torch.dtype):
+    """Random GPU inputs of one product, and the torch ops that matvec replaces (SiLU·up, cuBLAS, residual add).
+
+    Returns (x, weight, residual or None, cublas) with cublas() computing the product from them.
+    """
+    weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=dtype)
+    residual = torch.randn(1, n, device="cuda", dtype=dtype) if has_residual else None
+
+    def cublas():
+        inputs = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if swiglu else x
+        if residual is None:
+            return torch.nn.functional.linear(inputs, weight)
+        return torch.addmm(residual, inputs, weight.t())
+
+    return x, weight, residual, cublas
+
+
 @torch.inference_mode()
 def matvec_profile(model) -> list[dict]:
     """GB/s of weights read by one-row products: vicunaflow.kernels.matvec vs torch's linear (cuBLAS)."""
@@ -300,28 +329,15 @@ def matvec_profile(model) -> list[dict]:
     from vicunaflow import kernels
 
     config = model.config
-    dim, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     dtype = model.get_input_embeddings().weight.dtype
     rows = []
-    for name, n, k, swiglu in [
-        ("q|k|v", 3 * dim, dim, False),
-        ("o_proj + residual", dim, dim, False),
-        ("gate|up", 2 * ffn, dim, False),
-        ("silu*up -> down_proj + residual", dim, ffn, True),
-        ("lm_head", vocab, dim, False),
-    ]:
-        weight = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-        x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=dtype)
-        residual = torch.randn(1, n, device="cuda", dtype=dtype) if "residual" in name else None
+    for name, n, k, swiglu, has_residual in decode_products(
+        config.hidden_size, config.intermediate_size, config.vocab_size
+    ):
+        x, weight, residual, cublas = product_inputs(n, k, swiglu, has_residual, dtype)
 
         def ours(x=x, weight=weight, residual=residual, swiglu=swiglu):
             return kernels.matvec(x, weight, residual, swiglu)
-
-        def cublas(x=x, weight=weight, residual=residual, swiglu=swiglu):
-            inputs = torch.nn.functional.silu(x[:, : x.shape[1] // 2]) * x[:, x.shape[1] // 2 :] if swiglu else x
-            if residual is None:
-                return torch.nn.functional.linear(inputs, weight)
-            return torch.addmm(residual, inputs, weight.t())
 
         error = (ours().float() - cublas().float()).abs().max().item()
         ours_ms = triton.testing.do_bench(ours, warmup=50, rep=300)

@@ -1,9 +1,9 @@
-"""Time every tile shape, warp count and pipeline depth of `kernels.matvec` on the 7B decode shapes.
+"""Time every tile shape, warp count and pipeline depth of `kernels.matvec` on a LLaMA size's decode products.
 
-Why: the autotuner only tries a short list; this shows how far that list is from the best tile and
-whether deeper pipelining (num_stages) or other tiles would close the gap to the memory bandwidth.
-Each kernel is timed alone with `triton.testing.do_bench` (L2 flushed between runs), next to cuBLAS.
-Needs a CUDA GPU; writes results/matvec_sweep.json.
+Why: the autotuner only tries a short list (`kernels.TILES`); this shows how far that list is from the
+best tile and whether deeper pipelining (num_stages) or other tiles would close the gap to the memory
+bandwidth. Each kernel is timed alone with `triton.testing.do_bench` (L2 flushed between runs), next to
+the torch ops it replaces (bench_chat.product_inputs). Needs a CUDA GPU; writes results/matvec_sweep.json.
 """
 
 from __future__ import annotations
@@ -15,31 +15,25 @@ import json
 from pathlib import Path
 
 import torch
+from bench_chat import decode_products, product_inputs
 from triton.testing import do_bench
 
 from vicunaflow import kernels
+from vicunaflow.formats import ffn_hidden_dim
+from vicunaflow.sizes import get_size
 
 HERE = Path(__file__).resolve().parent
-# name: (rows N, columns K, SiLU·up input, residual added) of LLaMA-7B's one-row decode products
-SHAPES = {
-    "qkv": (12288, 4096, False, False),
-    "o_proj": (4096, 4096, False, True),
-    "down_proj": (4096, 11008, True, True),
-    "gate_up": (22016, 4096, False, False),
-}
-TILES = [  # (BLOCK_N, BLOCK_K, warps)
+TILES = [  # (BLOCK_N, BLOCK_K, warps): kernels.TILES and their neighbours
     (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (4, 2048, 8),
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]  # fmt: skip
 STAGES = [1, 2, 3, 4]
 
 
-def sweep_shape(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
-    weight = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
-    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.float16)
-    residual = torch.randn(1, n, device="cuda", dtype=torch.float16) if has_residual else None
+@torch.inference_mode()
+def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
+    x, weight, residual, cublas = product_inputs(n, k, swiglu, has_residual, torch.float16)
     out = torch.empty(1, n, device="cuda", dtype=torch.float16)
-    dense_input = torch.nn.functional.silu(x[:, :k]) * x[:, k:] if swiglu else x
     kernel = kernels._kernels().fn  # the plain kernel under the autotuner
     rows = []
     for (block_n, block_k, warps), stages in itertools.product(TILES, STAGES):
@@ -53,7 +47,7 @@ def sweep_shape(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
     rows.sort(key=lambda row: row["us"])
     gigabytes = n * k * 2 / 1e9
     return {
-        "cublas_us": do_bench(lambda: torch.nn.functional.linear(dense_input, weight)) * 1e3,
+        "cublas_us": do_bench(cublas) * 1e3,
         "best": rows[0] | {"tb_per_s": gigabytes / rows[0]["us"] * 1e3},
         "best_per_stages": {stages: min(r["us"] for r in rows if r["stages"] == stages) for stages in STAGES},
         "autotune_list_best_us": min(
@@ -65,13 +59,17 @@ def sweep_shape(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="7b", help="model shape from vicunaflow.sizes (7b, 13b, ...)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "matvec_sweep.json")
     args = parser.parse_args()
-    results = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
-    for name, shape in SHAPES.items():
-        result = results["shapes"][name] = sweep_shape(*shape)
+    size = get_size(args.size)
+    results = {"gpu": torch.cuda.get_device_name(), "size": size.name, "products": {}}
+    for name, n, k, swiglu, has_residual in decode_products(
+        size.dim, ffn_hidden_dim(size.dim, size.multiple_of), size.vocab_size
+    ):
+        result = results["products"][f"{name} [{n} x {k}]"] = sweep_product(n, k, swiglu, has_residual)
         print(
-            f"{name:>9}: cuBLAS {result['cublas_us']:.1f} us, autotune list {result['autotune_list_best_us']:.1f} us,"
+            f"{name:>31}: torch {result['cublas_us']:.1f} us, autotune list {result['autotune_list_best_us']:.1f} us,"
             f" best {result['best']['us']:.1f} us ({result['best']['tb_per_s']:.2f} TB/s) {result['best']},"
             f" best per stages { ({s: round(us, 1) for s, us in result['best_per_stages'].items()}) }",
             flush=True,
