@@ -18,6 +18,7 @@ importing this module (and vicunaflow.finetune) stays stdlib-only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -145,9 +146,10 @@ def _get_state(model, optimizer, config: TrainConfig):
 
 
 def _set_state(model, optimizer, model_state, optimizer_state, config: TrainConfig) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=config.method != "full", strict=config.method == "full")
+    # LoRA state holds the adapters only, so loading it cannot be strict.
+    options = dataclasses.replace(_state_options(config), strict=config.method == "full")
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
 
 
