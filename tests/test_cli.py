@@ -67,3 +67,16 @@ def test_workflow_defaults_match_cli_defaults() -> None:
     signature = inspect.signature(cli.resolve(cli.COMMANDS["convert"])).parameters
     for name, default in convert_defaults.items():
         assert signature[name].default == default, name
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    """`vicunaflow --version` prints the version pyproject.toml gives (and the installed metadata)."""
+    import importlib.metadata
+    import re
+
+    result = run_cli(flag)
+    assert result.returncode == 0, result.stderr
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert result.stdout == f"vicunaflow {version}\n"
+    assert importlib.metadata.version("vicunaflow") == version

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     from vicunaflow.log import setup_logging
 
     argv = _bare_bool_flags(_normalize_flags(list(sys.argv[1:] if argv is None else argv)))
+    if argv[:1] in (["--version"], ["-V"]):
+        from vicunaflow import __version__
+
+        sys.stdout.write(f"vicunaflow {__version__}\n")
+        return
     # Build the parser for the chosen verb alone; `--help` (or no verb) shows the whole table.
     commands = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     setup_logging()
