@@ -223,10 +223,73 @@ def test_max_shard_size_splits_output(tmp_path, tiny_raw, tiny_hf):
 # --- bad input: a clear error naming the file, and no finished-looking output ------------------
 
 
-def broken_copy(tmp_path: Path, tiny_raw: Path) -> Path:
+def broken_copy(tmp_path: Path, tiny_raw: Path, checklist: bool = False) -> Path:
+    """A copy to break; without its checklist.chk unless asked (an edited shard would fail its md5 first)."""
     raw = tmp_path / "tiny"
     shutil.copytree(tiny_raw, raw)
+    if not checklist:
+        (raw / "checklist.chk").unlink()
     return raw
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def run_convert_cli(raw: Path, out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vicunaflow", "convert", "--input-dir", str(raw), "--output-dir", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_shard_differing_from_its_checklist_fails_naming_it(tmp_path, tiny_raw):
+    raw = broken_copy(tmp_path, tiny_raw, checklist=True)
+    shard = raw / "consolidated.01.pth"
+    flip_byte(shard, shard.stat().st_size // 2)  # inside a tensor: the file still loads
+    result = run_convert_cli(raw, tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    assert f"{shard}: md5 differs from {raw / 'checklist.chk'}" in result.stderr
+    assert "download it again" in result.stderr
+    assert "consolidated.00.pth" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checklist_covers_bytes_after_the_last_tensor_read(tmp_path, tiny_raw):
+    """The hash follows the reads, then takes the rest of the file: a change past every tensor is caught too."""
+    raw = broken_copy(tmp_path, tiny_raw, checklist=True)
+    shard = raw / "consolidated.00.pth"
+    reader = torch._C.PyTorchFileReader(str(shard))
+    record = next(r for r in reader.get_all_records() if r.endswith("serialization_id"))
+    flip_byte(shard, reader.get_record_offset(record))  # read by no one but the checksum
+    assert_fails(raw, tmp_path / "out", f"{shard}: md5 differs")
+    raw_params = broken_copy(tmp_path / "p", tiny_raw, checklist=True)
+    (raw_params / "params.json").write_text((raw_params / "params.json").read_text() + " ")
+    assert_fails(raw_params, tmp_path / "out", f"{raw_params / 'params.json'}: md5 differs")
+
+
+def test_file_spans_locate_each_tensor_in_its_file(tiny_raw):
+    from vicunaflow.checkpoint import PickleFile
+
+    shard = PickleFile(tiny_raw / "consolidated.01.pth")
+    spans, data = shard.file_spans(), (tiny_raw / "consolidated.01.pth").read_bytes()
+    assert set(spans) == set(shard.names())
+    for name, (start, end) in spans.items():
+        tensor = shard.get(name)
+        assert data[start:end] == tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
+
+
+@pytest.mark.parametrize("checklist", [True, False])
+def test_missing_last_shard_is_named(tmp_path, tiny_raw, checklist):
+    raw = broken_copy(tmp_path, tiny_raw, checklist=checklist)
+    (raw / "consolidated.01.pth").unlink()
+    result = run_convert_cli(raw, tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    assert "consolidated.01.pth missing" in result.stderr
+    assert "download it again" in result.stderr
+    assert "params.json implies" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def assert_fails(raw: Path, out: Path, *fragments: str, **kwargs) -> None:
@@ -302,12 +365,7 @@ def test_pickle_holding_more_than_tensors(tmp_path, tiny_raw):
 def test_cli_reports_one_line_and_exits_1(tmp_path, tiny_raw):
     raw = broken_copy(tmp_path, tiny_raw)
     (raw / "params.json").unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "vicunaflow", "convert", "--input-dir", str(raw), "--output-dir", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_convert_cli(raw, tmp_path / "out")
     assert result.returncode == 1
     assert "params.json: missing" in result.stderr
     assert "Traceback" not in result.stderr

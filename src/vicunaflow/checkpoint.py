@@ -126,6 +126,32 @@ class PickleFile(TensorFile):
         if not self._infos:
             self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._state.items()}
 
+    def file_spans(self) -> dict[str, tuple[int, int]] | None:
+        """name -> [start, end) bytes of its storage inside the file; None when they cannot be known.
+
+        torch.load(mmap=True) maps the whole file once and slices every storage out of it, so a
+        storage's offset in the file is its address minus the mapping's; the zip records
+        (data/0, data/1, ...) give the file offset of the lowest one. Lets a caller hash the file
+        in order as far as tensors were read (convert's checklist), without a second pass.
+        """
+        if not self._mapped:
+            return None
+        if not self._is_open():
+            self._open()
+        try:
+            reader = torch._C.PyTorchFileReader(str(self.path))
+            records = [r for r in reader.get_all_records() if re.fullmatch(r"(.*/)?data/\d+", r)]
+            first_record = min(reader.get_record_offset(r) for r in records)
+        except Exception:  # another layout: the caller falls back to reading the file whole
+            return None
+        storages = {name: tensor.untyped_storage() for name, tensor in self._state.items()}
+        if not storages:
+            return {}
+        base = min(s.data_ptr() for s in storages.values()) - first_record
+        spans = {name: (s.data_ptr() - base, s.data_ptr() - base + s.nbytes()) for name, s in storages.items()}
+        size = self.path.stat().st_size
+        return spans if all(0 <= start <= end <= size for start, end in spans.values()) else None
+
     def _is_open(self) -> bool:
         return self._state is not None
 

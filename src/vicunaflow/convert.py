@@ -10,8 +10,11 @@ then re-loaded the model to save it, and silently wrote bfloat16.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -60,9 +63,10 @@ def convert(
         "convert: input_dir=%s output_dir=%s tokenizer=%s dtype=%s max_shard_size=%s max_position_embeddings=%d",
         input_dir, output_dir, tokenizer, dtype, max_shard_size, max_position_embeddings,
     )  # fmt: skip
+    checklist = read_checklist(input_dir)
     params = read_params(input_dir)
     tokenizer_path = find_tokenizer(input_dir, tokenizer)
-    shards = open_shards(input_dir, params)
+    shards = open_shards(input_dir, params, checklist)
     merged = merged_infos(shards, params)
     vocab_size = _check_vocab(merged, tokenizer_path, params)
     source_dtype = merged["tok_embeddings.weight"].dtype
@@ -84,14 +88,17 @@ def convert(
         layers = {i: [] for i in range(-1, n_layers + 1)}  # -1: embeddings, n_layers: final norm + head
         for meta, hf in output_order(params):
             layers[_layer_of(meta, n_layers)].append((meta, hf))
-        for layer, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
-            if 0 <= layer < n_layers and layer % max(1, n_layers // 10) == 0:  # for log files, where tqdm is off
-                log.info("layer %d of %d", layer + 1, n_layers)
-            for meta, hf in names:
-                buffer = buffers[written % 2][: torch.Size(merged[meta].shape).numel()].view(merged[meta].shape)
-                tensor = merge_tensor(shards, meta, params, out=buffer)  # the full tensor of this name
-                writer.write(hf, tensor if out_dtype is None else tensor.to(out_dtype))
-                written += 1
+        with ShardChecksums(shards, checklist) as checksums:
+            for layer, names in tqdm(sorted(layers.items()), desc="convert", unit="layer", disable=None):
+                if 0 <= layer < n_layers and layer % max(1, n_layers // 10) == 0:  # for log files (tqdm is off)
+                    log.info("layer %d of %d", layer + 1, n_layers)
+                for meta, hf in names:
+                    buffer = buffers[written % 2][: torch.Size(merged[meta].shape).numel()].view(merged[meta].shape)
+                    tensor = merge_tensor(shards, meta, params, out=buffer)  # the full tensor of this name
+                    checksums.read(meta)
+                    writer.write(hf, tensor if out_dtype is None else tensor.to(out_dtype))
+                    written += 1
+            checksums.verify()  # before anything is committed: a corrupt shard leaves no output
         for shard in shards:
             shard.release()
         writer.close()
@@ -111,6 +118,27 @@ def convert(
 
 
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+CHECKLIST = "checklist.chk"
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+REDOWNLOAD = "download it again (vicunaflow download llama, or Meta's download.sh)"
+
+
+def read_checklist(input_dir: Path) -> dict[str, str] | None:
+    """checklist.chk beside the shards ({file: md5}), its small files checked now; None when there is none.
+
+    The shards themselves are checked while they are converted (ShardChecksums), not in a pass of their own.
+    """
+    path = input_dir / CHECKLIST
+    if not path.is_file():
+        return None
+    from vicunaflow.download.meta import parse_checklist
+    from vicunaflow.outputs import md5_file
+
+    checklist = parse_checklist(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    for name, expected in checklist.items():
+        if not SHARD_NAME.fullmatch(name) and (input_dir / name).is_file() and md5_file(input_dir / name) != expected:
+            raise VicunaflowError(f"{input_dir / name}: md5 differs from {path}; the file is corrupt: {REDOWNLOAD}")
+    return checklist
 
 
 def read_params(input_dir: Path) -> dict:
@@ -144,8 +172,18 @@ def find_tokenizer(input_dir: Path, tokenizer: Path | None) -> Path:
     )
 
 
-def open_shards(input_dir: Path, params: dict) -> list[PickleFile]:
+def open_shards(input_dir: Path, params: dict, checklist: dict[str, str] | None = None) -> list[PickleFile]:
     paths = sorted(input_dir.glob("consolidated.*.pth"))
+    if checklist is not None:
+        listed = sorted(name for name in checklist if SHARD_NAME.fullmatch(name))
+        missing = [name for name in listed if not (input_dir / name).is_file()]
+        unlisted = sorted({p.name for p in paths} - set(listed))
+        if missing:
+            raise VicunaflowError(f"{input_dir}: {', '.join(missing)} missing (listed in {CHECKLIST}); {REDOWNLOAD}")
+        if unlisted:
+            raise VicunaflowError(
+                f"{input_dir}: {', '.join(unlisted)} not in {CHECKLIST}; a shard from another checkpoint? remove it"
+            )
     if not paths:
         raise VicunaflowError(f"{input_dir}: no consolidated.NN.pth shards found")
     expected = [input_dir / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
@@ -153,6 +191,8 @@ def open_shards(input_dir: Path, params: dict) -> list[PickleFile]:
         raise VicunaflowError(
             f"{input_dir}: shards must be consolidated.00.pth .. {expected[-1].name}, found {[p.name for p in paths]}"
         )
+    shards = [PickleFile(p) for p in paths]
+    _check_shard_count(shards, params)
     n_heads = params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
     if n_heads % len(paths) or n_kv_heads % len(paths):
@@ -160,7 +200,22 @@ def open_shards(input_dir: Path, params: dict) -> list[PickleFile]:
             f"{input_dir / 'params.json'}: {n_heads} heads ({n_kv_heads} key/value heads) cannot be split into "
             f"{len(paths)} shards; is a consolidated.NN.pth missing or extra?"
         )
-    return [PickleFile(p) for p in paths]
+    return shards
+
+
+def _check_shard_count(shards: list[PickleFile], params: dict) -> None:
+    """Name missing trailing shards: each holds dim / n_shards columns of tok_embeddings (split on dim 1)."""
+    if "tok_embeddings.weight" not in shards[0].names():
+        return  # merged_infos reports the missing name
+    columns = shards[0].info("tok_embeddings.weight").shape[-1]
+    dim = params["dim"]
+    if columns and dim % columns == 0 and dim // columns > len(shards):
+        missing = [f"consolidated.{i:02d}.pth" for i in range(len(shards), dim // columns)]
+        raise VicunaflowError(
+            f"{shards[0].path.parent}: {', '.join(missing)} missing: {shards[0].path.name} holds {columns} of the "
+            f"{dim} embedding columns (params.json dim), so the checkpoint has {dim // columns} shards, "
+            f"found {len(shards)}; {REDOWNLOAD}"
+        )
 
 
 def output_order(params: dict) -> list[tuple[str, str]]:
@@ -252,6 +307,68 @@ def merge_tensor(shards: list[PickleFile], name: str, params: dict, out: torch.T
     elif name.endswith("attention.wk.weight"):
         tensor = permute_rotary(tensor, params.get("n_kv_heads") or params["n_heads"])  # (kv_dim, dim)
     return tensor
+
+
+class ShardChecksums:
+    """Each shard's md5 against checklist.chk, hashed in file order as far as the conversion has read it.
+
+    The tensors come from memory-mapped files, mostly in file order; after each one, a background
+    thread hashes its shard up to the end of that tensor's bytes, which the mapping has just read
+    into the page cache. So a checksum costs no second pass over the disk, and `verify()` has the
+    verdict as soon as the last tensor is read (the rest of a file: its zip directory, ignored keys).
+    Without a checklist every call is a no-op.
+    """
+
+    def __init__(self, shards: list[PickleFile], checklist: dict[str, str] | None) -> None:
+        self.checklist = checklist
+        self.shards = shards if checklist is not None else []
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5")  # one: hashes advance in order
+        self._files = [open(shard.path, "rb") for shard in self.shards]  # noqa: SIM115 (closed in __exit__)
+        self._md5 = [hashlib.md5() for _ in self.shards]
+        self._done = [0] * len(self.shards)
+        self._spans = [shard.file_spans() or {} for shard in self.shards]  # {}: the whole file at verify()
+        self._pending: list[Future] = []
+
+    def read(self, name: str) -> None:
+        """The conversion has just read `name` from every shard: hash each file up to its end."""
+        for i, spans in enumerate(self._spans):
+            if name in spans:
+                self._pending.append(self._io.submit(self._advance, i, spans[name][1]))
+        self._pending = [f for f in self._pending if not f.done() or f.result()]  # re-raise a failed read
+
+    def verify(self) -> None:
+        for i, shard in enumerate(self.shards):
+            self._pending.append(self._io.submit(self._advance, i, shard.path.stat().st_size))
+        for future in self._pending:
+            future.result()
+        bad = [
+            shard.path
+            for shard, md5 in zip(self.shards, self._md5, strict=True)
+            if md5.hexdigest() != self.checklist[shard.path.name]
+        ]
+        if bad:
+            raise VicunaflowError(
+                f"{', '.join(map(str, bad))}: md5 differs from {bad[0].parent / CHECKLIST}; "
+                f"the shard is corrupt or incomplete: {REDOWNLOAD}"
+            )
+        if self.shards:
+            log.info("%d shards match %s", len(self.shards), CHECKLIST)
+
+    def _advance(self, i: int, end: int) -> None:
+        while self._done[i] < end:
+            block = self._files[i].read(min(1 << 24, end - self._done[i]))
+            if not block:
+                break
+            self._md5[i].update(block)
+            self._done[i] += len(block)
+
+    def __enter__(self) -> ShardChecksums:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        for f in self._files:
+            f.close()
 
 
 def merge_dims_for(name: str) -> int | None:
