@@ -19,6 +19,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "convert": "vicunaflow.convert:convert",
     "apply-delta": "vicunaflow.delta:apply_delta",
     "make-delta": "vicunaflow.delta:make_delta",
+    "quantize": "vicunaflow.quantize:quantize_model",
     "data": {"tokenize": "vicunaflow.data:tokenize", "preview": "vicunaflow.data:preview"},
     "finetune": "vicunaflow.finetune:setup",
     "chat": "vicunaflow.chat:chat",

@@ -108,6 +108,13 @@ RESOURCES: dict[str, dict[str, Resources]] = {
         "65b": Resources(runtime=300, mem_mb=28000, cpus_per_task=4),
         "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
     },
+    "quantize": {  # one tensor at a time, like apply_delta, plus its float32 copy while it is quantized
+        "7b": Resources(runtime=30, mem_mb=8000, cpus_per_task=4),
+        "13b": Resources(runtime=60, mem_mb=12000, cpus_per_task=4),
+        "33b": Resources(runtime=120, mem_mb=20000, cpus_per_task=4),
+        "65b": Resources(runtime=180, mem_mb=28000, cpus_per_task=4),
+        "tiny": Resources(runtime=10, mem_mb=2000, cpus_per_task=1),
+    },
     "tokenize_data": {  # the tokenizer is the same for every size; longer data, not bigger models, cost more
         "7b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),
         "13b": Resources(runtime=60, mem_mb=8000, cpus_per_task=4),

@@ -1,0 +1,347 @@
+"""Weight-only int8 and int4 quantization of LLaMA's Linear weights: the format, the math, a weight module.
+
+Why: a decode step reads every weight once, so tokens/s follows bytes per weight. int8 halves
+the bytes of float16, int4 (group 128) cuts them to 4.25 bits a weight; the activations stay in
+the compute dtype (float16/bfloat16 on CUDA, float32 on CPU).
+
+Formats (docs/quantize.md), for a Linear weight W [N out, K in]:
+- int8: symmetric, one float32 scale per output row: scale = max|W[n]| / 127,
+  q = clamp(round(W / scale), -127, 127) (int8; -128 unused, so the grid is symmetric),
+  W ~ q * scale.
+- int4: asymmetric, one float16 (scale, zero) pair per output row and group of `group_size`
+  input columns (the last group may be shorter): zero = min of the group, scale = (max - min)/15,
+  q = clamp(round((W - zero) / scale), 0, 15), W ~ q * scale + zero. `zero` is the float value
+  code 0 decodes to (not GPTQ's integer zero point): the group's minimum and maximum land on
+  codes 0 and 15 (up to the float16 rounding of scale and zero), so no level is wasted on the
+  side of zero a group does not reach. Two codes a byte: column 2i in the low nibble, 2i+1 high.
+Rounding is to nearest (ties to even), computed in float32 with the stored (already rounded)
+scale and zero, so dequantizing anywhere (CPU, GPU, Triton) decodes the same grid.
+
+`quantize` runs per weight at load time (on whatever device the weight is); `QuantWeight` holds the
+result and is an nn.Module, so `.to(device)` and `state_dict()` carry its tensors; `qlinear` is
+the one call a model makes: the Triton matvec for one row on CUDA, dequantize + matmul otherwise.
+`shard` / `cat` split and fuse quantized weights for tensor parallelism without requantizing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vicunaflow import VicunaflowError
+
+BITS = (8, 4)
+DEFAULT_GROUP_SIZE = 128
+FORMAT_VERSION = 1
+QUANT_METHOD = "vicunaflow"
+# The Linear weights quantized in a LLaMA checkpoint; embeddings, norms and lm_head stay in float
+# (lm_head is 2% of 7B's bytes and its error goes straight into the logits).
+QUANTIZED_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+SUFFIXES = ("qweight", "scales", "zeros")  # tensor names in a quantized folder: <module>.<suffix>
+
+
+class QuantWeight(nn.Module):
+    """A quantized [N, K] Linear weight: qweight, scales, zeros (int4 only), bits, group_size, shape.
+
+    qweight: int8 [N, K] (bits 8) or uint8 [N, K/2] (bits 4, two codes a byte).
+    scales: float32 [N] (bits 8) or float16 [N, ceil(K/group_size)] (bits 4).
+    zeros: None (bits 8) or float16 [N, ceil(K/group_size)]: W ~ q * scale + zero.
+    Calling it is `qlinear(x, self, residual, swiglu)`.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        bits: int,
+        group_size: int | None,
+        shape: tuple[int, int],
+    ):
+        super().__init__()
+        self.bits, self.group_size, self.shape = bits, group_size, (int(shape[0]), int(shape[1]))
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        _check_layout(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The [N, K] weight the codes stand for, computed in float32 and rounded once to `dtype`."""
+        k = self.shape[1]
+        if self.bits == 8:
+            return (self.qweight.float() * self.scales[:, None]).to(dtype)
+        codes = unpack_int4(self.qweight, k).float()  # [N, K]
+        scales = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :k]
+        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)[:, :k]
+        return torch.addcmul(zeros, codes, scales).to(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        return qlinear(x, self, residual, swiglu)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
+
+
+def quantize(w: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE) -> QuantWeight:
+    """Quantize one [N, K] Linear weight (on its own device); see the module docstring for the math."""
+    if w.dim() != 2:
+        raise VicunaflowError(f"quantize: expected a [out, in] weight, got shape {tuple(w.shape)}")
+    if bits not in BITS:
+        raise VicunaflowError(f"quantize: bits must be 8 or 4, not {bits}")
+    if not bool(torch.isfinite(w).all()):  # one host sync, at load time
+        raise VicunaflowError("quantize: the weight holds inf or NaN")
+    n, k = w.shape
+    w32 = w.float()
+    if bits == 8:
+        scales = w32.abs().amax(dim=1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale works
+        qweight = torch.round(w32 / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return QuantWeight(qweight, scales, None, 8, None, (n, k))
+    _check_group_size(group_size, k)
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    if pad:  # the last group is short: repeat its last column, which changes neither min nor max
+        w32 = torch.cat([w32, w32[:, -1:].expand(n, pad)], dim=1)
+    grouped = w32.view(n, groups, group_size)
+    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
+    zeros = low.to(torch.float16)
+    scales = ((high - low) / 15).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # a constant group: every code 0
+    codes = torch.round((grouped - zeros.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15)
+    codes = codes.to(torch.uint8).view(n, groups * group_size)[:, :k]
+    return QuantWeight(pack_int4(codes), scales, zeros, 4, group_size, (n, k))
+
+
+def qlinear(
+    x: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None = None, swiglu: bool = False
+) -> torch.Tensor:
+    """x @ W.T (+ residual), W = qw dequantized; with swiglu, x is [..., 2K] = gate | up and the input
+    is silu(gate) * up (kernels.matvec's epilogues). Returns x's dtype.
+
+    One row on CUDA in float16/bfloat16: the Triton matvec (reads the codes once, graph-capturable);
+    otherwise (prefill, batches, CPU): dequantize to x's dtype, then a plain matmul.
+    """
+    n, k = qw.shape
+    if x.shape[-1] != (2 * k if swiglu else k):
+        raise ValueError(f"qlinear: input {tuple(x.shape)} does not fit weight {qw.shape}")
+    if _use_kernel(x, qw):
+        from vicunaflow import quant_kernels
+
+        out = quant_kernels.qmatvec(x.reshape(1, -1), qw, None if residual is None else residual.reshape(1, n), swiglu)
+        return out.view(*x.shape[:-1], n)
+    if swiglu:
+        x = F.silu(x[..., :k]) * x[..., k:]
+    out = F.linear(x, qw.dequantize(x.dtype))
+    return out if residual is None else out.add_(residual)
+
+
+def _use_kernel(x: torch.Tensor, qw: QuantWeight) -> bool:
+    from vicunaflow import kernels
+
+    return (
+        x.device.type == "cuda"
+        and qw.device == x.device
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.numel() == x.shape[-1]
+        and kernels.available()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# int4 packing
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 (K even) -> uint8 [N, K/2]: column 2i in the low nibble, 2i+1 in the high one."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] codes."""
+    return torch.stack([packed & 15, packed >> 4], dim=2).view(packed.shape[0], -1)[:, :k]
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor parallelism
+
+
+def shard(qw: QuantWeight, dim: int, rank: int, world: int) -> QuantWeight:
+    """Rank `rank`'s part of `qw` split in `world` along `dim`, with its scales and zeros (contiguous copies).
+
+    dim 0 splits output rows (column-parallel q|k|v, gate|up: shard each, then `cat`); dim 1
+    splits input columns (row-parallel o_proj, down_proj). A dim-1 split of int4 must fall on group
+    boundaries, so it equals quantizing the slice; int8 keeps each row's scale, so the shards
+    decode exactly the columns of the unsharded weight (quantizing a slice alone would not).
+    """
+    n, k = qw.shape
+    if dim not in (0, 1) or not 0 <= rank < world:
+        raise ValueError(f"shard: dim {dim}, rank {rank} of {world}")
+    size = qw.shape[dim]
+    if size % world:
+        raise VicunaflowError(f"shard: dimension {dim} of {qw.shape} does not split {world} ways")
+    part = size // world
+    lo, hi = rank * part, (rank + 1) * part
+    if dim == 0:
+        zeros = None if qw.zeros is None else qw.zeros[lo:hi].contiguous()
+        return QuantWeight(
+            qw.qweight[lo:hi].contiguous(), qw.scales[lo:hi].contiguous(), zeros, qw.bits, qw.group_size, (part, k)
+        )
+    if qw.bits == 8:
+        return QuantWeight(qw.qweight[:, lo:hi].contiguous(), qw.scales.clone(), None, 8, None, (n, part))
+    if part % qw.group_size and world > 1:
+        raise VicunaflowError(
+            f"shard: {world} ranks split the {k} input columns into parts of {part}, not a multiple of "
+            f"the int4 group size {qw.group_size}; quantize with a group size dividing {part}"
+        )
+    g_lo, g_hi = lo // qw.group_size, -(-hi // qw.group_size)
+    return QuantWeight(
+        qw.qweight[:, lo // 2 : hi // 2].contiguous(), qw.scales[:, g_lo:g_hi].contiguous(),
+        qw.zeros[:, g_lo:g_hi].contiguous(), 4, qw.group_size, (n, part),
+    )  # fmt: skip
+
+
+def cat(weights: list[QuantWeight]) -> QuantWeight:
+    """Stack quantized weights along their output rows (fused q|k|v, gate|up): same K, bits and groups."""
+    first = weights[0]
+    for qw in weights[1:]:
+        if (qw.bits, qw.group_size, qw.shape[1]) != (first.bits, first.group_size, first.shape[1]):
+            raise VicunaflowError(f"cat: {qw} does not stack with {first}")
+    zeros = None if first.zeros is None else torch.cat([qw.zeros for qw in weights])
+    return QuantWeight(
+        torch.cat([qw.qweight for qw in weights]), torch.cat([qw.scales for qw in weights]), zeros,
+        first.bits, first.group_size, (sum(qw.shape[0] for qw in weights), first.shape[1]),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Quantized folders (written by `vicunaflow quantize`)
+
+
+def quantization_config(model_path: str | Path) -> dict | None:
+    """The `quantization_config` block of a model folder's config.json if it is one of ours, else None."""
+    config_path = Path(model_path) / "config.json"
+    if not config_path.exists():
+        return None
+    block = json.loads(config_path.read_text()).get("quantization_config")
+    if not block:
+        return None
+    if block.get("quant_method") != QUANT_METHOD:
+        raise VicunaflowError(f"{config_path}: quantization {block.get('quant_method')!r} is not vicunaflow's")
+    if block.get("format_version") != FORMAT_VERSION:
+        raise VicunaflowError(f"{config_path}: quantized format version {block.get('format_version')}, expected 1")
+    return block
+
+
+def config_block(bits: int, group_size: int) -> dict:
+    """What `vicunaflow quantize` writes into config.json."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "bits": bits,
+        "group_size": group_size if bits == 4 else None,
+        "scheme": "symmetric per output channel" if bits == 8 else "asymmetric per group (float zero = group min)",
+        "modules": QUANTIZED_WEIGHT.pattern,
+    }
+
+
+def module_prefix(weight_name: str) -> str:
+    """'model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj'."""
+    return weight_name.removesuffix(".weight")
+
+
+def quantized_names(weight_name: str, bits: int) -> list[str]:
+    """The tensors a quantized weight is stored as: <module>.qweight, .scales (and .zeros for int4)."""
+    prefix = module_prefix(weight_name)
+    return [f"{prefix}.{suffix}" for suffix in (SUFFIXES if bits == 4 else SUFFIXES[:2])]
+
+
+def is_quantized(reader, weight_name: str) -> bool:
+    """Whether `reader` (a checkpoint.Checkpoint) stores `weight_name` quantized."""
+    return f"{module_prefix(weight_name)}.qweight" in reader
+
+
+def load_quantized_weight(reader, weight_name: str, device: torch.device | str | None = None) -> QuantWeight:
+    """The QuantWeight stored for `weight_name` ('...q_proj.weight' or '...q_proj') in a quantized folder.
+
+    `reader` is a checkpoint.Checkpoint (names / get); bits and shape follow from the stored dtypes
+    and shapes: int8 qweight [N, K]; uint8 qweight [N, K/2] with scales [N, groups] for int4.
+    """
+    prefix = module_prefix(weight_name)
+    qweight = reader.get(f"{prefix}.qweight")
+    scales = reader.get(f"{prefix}.scales")
+    if qweight.dtype == torch.int8:
+        qw = QuantWeight(qweight, scales, None, 8, None, tuple(qweight.shape))
+    elif qweight.dtype == torch.uint8:
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+        groups = scales.shape[1]
+        group_size = _group_size_of(k, groups, prefix)
+        qw = QuantWeight(qweight, scales, reader.get(f"{prefix}.zeros"), 4, group_size, (n, k))
+    else:
+        raise VicunaflowError(f"{prefix}.qweight: dtype {qweight.dtype} is neither int8 nor uint8 (int4)")
+    return qw.to(device) if device is not None else qw
+
+
+def load_weight(
+    reader, weight_name: str, bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE, device=None
+) -> torch.Tensor | QuantWeight:
+    """One Linear weight for the engine: stored quantized -> QuantWeight; float and `bits` given ->
+    quantized at load (on `device`); float otherwise -> the tensor."""
+    if is_quantized(reader, weight_name):
+        return load_quantized_weight(reader, weight_name, device)
+    weight = reader.get(weight_name)
+    weight = weight.to(device) if device is not None else weight
+    return quantize(weight, bits, group_size) if bits else weight
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_group_size(group_size: int, k: int) -> None:
+    if group_size < 2 or group_size % 2:
+        raise VicunaflowError(f"int4 group size must be even and at least 2, not {group_size}")
+    if k % 2:
+        raise VicunaflowError(f"int4 packs two input columns a byte; this weight has an odd {k}")
+
+
+def _group_size_of(k: int, groups: int, prefix: str) -> int:
+    """The group size a [.., groups] scale tensor implies for K columns (the powers of two people use)."""
+    for group_size in (32, 64, 128, 256, 512, 1024, 16, 8, 4, 2):
+        if -(-k // group_size) == groups:
+            return group_size
+    raise VicunaflowError(f"{prefix}: {groups} int4 groups over {k} columns fit no group size")
+
+
+def _check_layout(qw: QuantWeight) -> None:
+    n, k = qw.shape
+    if qw.bits == 8:
+        expected = [("qweight", qw.qweight, torch.int8, (n, k)), ("scales", qw.scales, torch.float32, (n,))]
+        if qw.zeros is not None:
+            raise VicunaflowError("int8 weights have no zeros")
+    elif qw.bits == 4:
+        groups = -(-k // qw.group_size)
+        expected = [
+            ("qweight", qw.qweight, torch.uint8, (n, k // 2)),
+            ("scales", qw.scales, torch.float16, (n, groups)),
+            ("zeros", qw.zeros, torch.float16, (n, groups)),
+        ]
+    else:
+        raise VicunaflowError(f"bits must be 8 or 4, not {qw.bits}")
+    for name, tensor, dtype, shape in expected:
+        if tensor is None or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            got = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+            raise VicunaflowError(f"int{qw.bits} {name}: expected {dtype} {shape}, got {got}")
