@@ -25,6 +25,13 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "chat": "vicunaflow.chat:chat",
     "serve": "vicunaflow.serve:serve",
     "report": {"finetune": "vicunaflow.report:finetune_report"},
+    "eval": {
+        "download": "vicunaflow.eval.mt_bench:download_mt_bench",
+        "answers": "vicunaflow.eval.answers:answers",
+        "judge": "vicunaflow.eval.judge:judge",
+        "loss": "vicunaflow.eval.loss:loss",
+        "summary": "vicunaflow.eval.summary:summary",
+    },
 }
 
 # FastChat's flag names, accepted so its users' commands keep working.

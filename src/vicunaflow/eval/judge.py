@@ -1,0 +1,483 @@
+"""`vicunaflow eval judge`: MT-bench single-answer grading by any OpenAI-compatible chat endpoint.
+
+What FastChat's gen_judgment.py does in its default mode (single), through plain HTTP: each answer is
+graded on its first turn with single-v1 (single-math-v1 with the reference answer for math, reasoning
+and coding), and two-turn questions again on the whole conversation with the -multi-turn forms. The
+judge sees [system, user] messages at temperature 0 with at most 2048 tokens, and its score is the
+`[[rating]]` in its reply (`[rating]` as a fallback); a reply without one scores -1, is written and
+counted, and left out of averages, as FastChat's show_result.py does.
+
+The output is FastChat's judgment file (model_judgment/<judge>_single.jsonl lines), append-only:
+every judgment is written and flushed as soon as it arrives, and a rerun judges only what is not in
+the file yet, so an interrupted run (a quota, Ctrl-C, a dead server) continues where it stopped.
+Requests run `parallel` at a time; 408/429/5xx and dropped connections are retried with exponential
+backoff (Retry-After honoured), while 401/403/404 and other refusals stop the run with the server's
+message, since every other request would fail the same way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicunaflow import VicunaflowError, __version__
+from vicunaflow.eval.mt_bench import (
+    BUILTIN_JUDGE_PROMPTS,
+    NEED_REFERENCE,
+    Question,
+    answer_turns,
+    load_answers,
+    load_judge_prompts,
+    load_questions,
+)
+
+log = logging.getLogger(__name__)
+
+# The prompts of single-answer grading (gen_judgment.py's make_judge_single), by (needs a reference, multi-turn).
+PROMPT_NAMES = {
+    (False, False): "single-v1",
+    (True, False): "single-math-v1",
+    (False, True): "single-v1-multi-turn",
+    (True, True): "single-math-v1-multi-turn",
+}
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+UNRATED = -1
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+MAX_WAIT = 60.0
+
+
+def judge(
+    *,
+    questions: Path,
+    answers: Path,
+    output: Path,
+    judge_model: str,
+    judge_base_url: str | None = None,
+    reference: Path | None = None,
+    judge_prompts: Path = BUILTIN_JUDGE_PROMPTS,
+    judge_api_key_env: str = "OPENAI_API_KEY",
+    judge_serve_model_path: Path | None = None,
+    model: str | None = None,
+    parallel: int = 8,
+    max_tokens: int = 2048,
+    retries: int = 6,
+    retry_wait: float = 2.0,
+    timeout: float = 600.0,
+) -> Path:
+    """Grade a model's answers with an LLM judge (MT-bench single mode) into a FastChat judgment file.
+
+    Appends to --output and skips what it already holds: a rerun judges only the missing turns.
+
+    Arguments:
+        questions: MT-bench questions (question_id, category, turns), one JSON object per line.
+        answers: the model's answers in FastChat's format (`vicunaflow eval answers`).
+        output: judgment file, appended to: question_id, model, judge, user_prompt, judgment, score, turn, tstamp.
+        judge_model: the model name sent to the endpoint (gpt-4 for the published MT-bench numbers).
+        judge_base_url: the endpoint's OpenAI v1 root, e.g. https://api.openai.com/v1 or http://host:8000/v1.
+        reference: reference answers (answer format) for math, reasoning and coding, e.g. FastChat's
+            reference_answer/gpt-4.jsonl; needed when the questions have those categories.
+        judge_prompts: judge prompts in FastChat's judge_prompts.jsonl format; default: FastChat's four
+            single-answer prompts, shipped with vicunaflow.
+        judge_api_key_env: environment variable holding the endpoint's key (sent as a Bearer token);
+            unset: no key is sent (a local server).
+        judge_serve_model_path: instead of --judge-base-url: start `vicunaflow serve` of this model on a free
+            local port for the run, serving it as --judge-model (offline demos: a model judging itself).
+        model: the judged model's name in the judgments; default: the answers' model_id.
+        parallel: requests to the judge at a time.
+        max_tokens: longest judgment (FastChat: 2048).
+        retries: attempts per request after 408/429/5xx or a dropped connection, with exponential backoff.
+        retry_wait: seconds before the first retry; doubled each time, at most 60.
+        timeout: seconds to wait for one judgment.
+    """
+    log.info(
+        "eval judge: questions=%s answers=%s reference=%s output=%s judge_model=%s judge_base_url=%s "
+        "judge_serve_model_path=%s parallel=%d",
+        questions, answers, reference, output, judge_model, judge_base_url, judge_serve_model_path, parallel,
+    )  # fmt: skip
+    if (judge_base_url is None) == (judge_serve_model_path is None):
+        raise VicunaflowError("give the judge as --judge-base-url URL or --judge-serve-model-path MODEL (one of them)")
+    if parallel < 1:
+        raise VicunaflowError(f"--parallel {parallel}: must be at least 1")
+    loaded = load_questions(questions)
+    model_answers = load_answers(answers, loaded)
+    references = load_answers(reference, loaded, what="reference answer") if reference is not None else None
+    prompts = load_judge_prompts(judge_prompts)
+    model = model or _model_id(model_answers, answers)
+    matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers)
+    done = {_key(j) for j in read_judgments(output)}
+    todo = [m for m in matches if m.key not in done]
+    log.info(
+        "%d judgments for %s by %s: %d in %s already, %d to do",
+        len(matches), model, judge_model, len(matches) - len(todo), output, len(todo),
+    )  # fmt: skip
+    if todo:
+        api_key = os.environ.get(judge_api_key_env)
+        with contextlib.ExitStack() as stack:
+            if judge_serve_model_path is not None:
+                judge_base_url = stack.enter_context(served(judge_serve_model_path, judge_model, timeout))
+            client = stack.enter_context(
+                JudgeClient(judge_base_url, judge_model, api_key, max_tokens, retries, retry_wait, timeout, parallel)
+            )
+            run_matches(client, todo, output, parallel)
+    from vicunaflow.eval.summary import format_table, summarize_judgments
+
+    judgments = [j for j in read_judgments(output) if j["model"] == model and j["judge"][0] == judge_model]
+    log.info("MT-bench, %s judged by %s:\n%s", model, judge_model, format_table(summarize_judgments(judgments, loaded)))
+    return Path(output)
+
+
+# --- what to judge ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    question_id: int | str
+    model: str
+    judge_model: str
+    prompt: dict  # a judge_prompts.jsonl record
+    user_prompt: str
+    turn: int  # 1: the first answer alone; 2: the whole two-turn conversation
+
+    @property
+    def key(self) -> tuple:
+        return (self.question_id, self.model, self.judge_model, self.prompt["name"], self.turn)
+
+
+def plan(
+    questions: list[Question],
+    answers: dict,
+    references: dict | None,
+    prompts: dict[str, dict],
+    judge_model: str,
+    model: str,
+    answers_path: Path,
+) -> list[Match]:
+    """Every (question, turn) to judge with its filled-in prompt; refuses missing answers or references."""
+    missing = [q.id for q in questions if q.id not in answers]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise VicunaflowError(f"{answers_path}: no answer to {len(missing)} question(s): {shown}")
+    needs_reference = [q.id for q in questions if q.category in NEED_REFERENCE]
+    if needs_reference and references is None:
+        raise VicunaflowError(
+            f"questions {', '.join(map(str, needs_reference[:10]))} ({'/'.join(NEED_REFERENCE[:3])}) are judged "
+            "against reference answers: give --reference (MT-bench: reference_answer/gpt-4.jsonl)"
+        )
+    unreferenced = [i for i in needs_reference if i not in (references or {})]
+    if unreferenced:
+        raise VicunaflowError(f"no reference answer to question(s) {', '.join(map(str, unreferenced[:10]))}")
+    absent = sorted(set(PROMPT_NAMES.values()) - set(prompts))
+    if absent:
+        raise VicunaflowError(f"the judge prompts lack {', '.join(absent)} (FastChat's judge_prompts.jsonl has them)")
+    matches = []
+    for multi_turn in (False, True):  # FastChat's order: every first turn, then the conversations
+        for question in questions:
+            if multi_turn and len(question.turns) != 2:
+                continue  # gen_judgment.py grades whole conversations of exactly two turns
+            turns = answer_turns(answers[question.id])
+            if len(turns) < (2 if multi_turn else 1):
+                raise VicunaflowError(
+                    f"{answers_path}: the answer to question {question.id} has {len(turns)} turn(s), "
+                    f"the question {len(question.turns)}"
+                )
+            with_reference = question.category in NEED_REFERENCE
+            prompt = prompts[PROMPT_NAMES[with_reference, multi_turn]]
+            reference = answer_turns(references[question.id]) if with_reference else None
+            user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
+            matches.append(Match(question.id, model, judge_model, prompt, user_prompt, 2 if multi_turn else 1))
+    return matches
+
+
+def fill_prompt(
+    prompt: dict, question: Question, turns: list[str], reference: list[str] | None, multi_turn: bool
+) -> str:
+    """The judge's user message: FastChat's prompt_template with the question, answer(s) and reference(s)."""
+    fields = {}
+    if reference is not None:
+        fields["ref_answer_1"] = reference[0]
+        if multi_turn:
+            fields["ref_answer_2"] = reference[1]
+    if multi_turn:
+        fields |= {
+            "question_1": question.turns[0],
+            "question_2": question.turns[1],
+            "answer_1": turns[0],
+            "answer_2": turns[1],
+        }
+    else:
+        fields |= {"question": question.turns[0], "answer": turns[0]}
+    return prompt["prompt_template"].format(**fields)
+
+
+def parse_rating(judgment: str) -> int | float:
+    """The `[[rating]]` of a judgment (FastChat's patterns, `[rating]` as a fallback); -1 without one."""
+    match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
+    if match is None:
+        return UNRATED
+    value = match.group(1)
+    return float(value) if "." in value else int(value)
+
+
+def _model_id(answers: dict, path: Path) -> str:
+    ids = sorted({str(a.get("model_id")) for a in answers.values()})
+    if len(ids) != 1:
+        raise VicunaflowError(f"{path}: answers of several models ({', '.join(ids)}); name the one judged with --model")
+    return ids[0]
+
+
+def _key(judgment: dict) -> tuple:
+    judge_model, prompt_name = judgment["judge"]
+    return (judgment["question_id"], judgment["model"], judge_model, prompt_name, judgment["turn"])
+
+
+# --- the judgment file -----------------------------------------------------------------------------
+
+
+def read_judgments(path: Path) -> list[dict]:
+    """The judgments written so far. A last line cut off mid-write (a killed run) is removed first."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: its last line is incomplete (an interrupted run); dropping it", path)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    judgments = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            judgment = json.loads(line)
+            _key(judgment)
+            float(judgment["score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise VicunaflowError(
+                f"{path}:{number}: not a judgment ({type(err).__name__}: {err}); remove the line or the file"
+            ) from None
+        judgments.append(judgment)
+    return judgments
+
+
+def run_matches(client: JudgeClient, matches: list[Match], output: Path, parallel: int) -> None:
+    """Judge `matches` `parallel` at a time, appending each judgment to `output` as it arrives."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock, unrated, started = threading.Lock(), 0, time.perf_counter()
+    with open(output, "a", encoding="utf-8") as out:
+
+        def one(match: Match) -> dict:
+            judgment = client.complete(match.prompt["system_prompt"], match.user_prompt)
+            result = {
+                "question_id": match.question_id,
+                "model": match.model,
+                "judge": [match.judge_model, match.prompt["name"]],
+                "user_prompt": match.user_prompt,
+                "judgment": judgment,
+                "score": parse_rating(judgment),
+                "turn": match.turn,
+                "tstamp": time.time(),
+            }
+            with lock:
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                out.flush()
+            return result
+
+        with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="judge") as pool:
+            futures = [pool.submit(one, m) for m in matches]
+            try:
+                for n, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                    result = future.result()
+                    unrated += result["score"] == UNRATED
+                    if n % 10 == 0 or n == len(futures):
+                        log.info(
+                            "%d/%d judged (%d without a rating), %.0fs",
+                            n,
+                            len(futures),
+                            unrated,
+                            time.perf_counter() - started,
+                        )
+            except BaseException:
+                client.stop.set()  # requests waiting to retry give up; those in flight finish and are kept
+                for future in futures:
+                    future.cancel()
+                raise
+    if unrated:
+        log.warning(
+            "%d of %d judgments have no [[rating]]: scored %d, kept in %s and left out of averages",
+            unrated, len(matches), UNRATED, output,
+        )  # fmt: skip
+
+
+# --- the endpoint ----------------------------------------------------------------------------------
+
+
+class Retryable(Exception):
+    pass
+
+
+class JudgeClient:
+    """POST /chat/completions to an OpenAI-compatible endpoint, with retries for what may pass."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        max_tokens: int,
+        retries: int,
+        retry_wait: float,
+        timeout: float,
+        connections: int = 8,
+    ):
+        import httpx
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.max_tokens = model, max_tokens
+        self.retries, self.retry_wait = retries, retry_wait
+        self.stop = threading.Event()
+        headers = {"User-Agent": f"vicunaflow/{__version__}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            limits=httpx.Limits(max_connections=connections),
+        )
+        # httpx logs every request at INFO: one line per judgment would drown the progress lines
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def __enter__(self) -> JudgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+
+    def complete(self, system_prompt: str, user_prompt: str) -> str:
+        """The judge's reply to [system, user] at temperature 0 (gen_judgment.py's request)."""
+        import httpx
+
+        body = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_prompt}],
+            "n": 1,
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
+        attempt = 0
+        while True:
+            retry_after = None
+            try:
+                response = self.client.post(self.url, json=body)
+                if response.status_code == 200:
+                    return _reply_text(response, self.url)
+                retry_after = _retry_after(response)
+                _raise_for_status(response, self.url, self.model)
+            except (Retryable, httpx.TransportError) as err:
+                attempt += 1
+                reason = str(err) or type(err).__name__
+                if attempt > self.retries:
+                    raise VicunaflowError(
+                        f"{self.url}: failed after {self.retries} retries ({reason}); rerun to continue: "
+                        "the judgments written so far are kept"
+                    ) from None
+                wait = min(retry_after if retry_after is not None else self.retry_wait * 2 ** (attempt - 1), MAX_WAIT)
+                log.warning("judge: %s; retry %d/%d in %.1fs", reason, attempt, self.retries, wait)
+                if self.stop.wait(wait):
+                    raise VicunaflowError("stopped: another request failed") from None
+
+
+def _reply_text(response, url: str) -> str:
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise VicunaflowError(f"{url}: not an OpenAI chat completion: {response.text[:300]!r}") from None
+    return content or ""
+
+
+def _retry_after(response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _raise_for_status(response, url: str, model: str) -> None:
+    status = response.status_code
+    if status in RETRY_STATUS or status >= 500:
+        raise Retryable(f"HTTP {status}: {_server_message(response)}")
+    hint = {
+        401: "check the key in --judge-api-key-env",
+        403: "the key may not use this model",
+        404: f"check --judge-base-url (the OpenAI v1 root, ending in /v1) and the model name {model!r}",
+    }.get(status, "the request was refused")
+    raise VicunaflowError(f"{url}: HTTP {status}: {_server_message(response)} ({hint})")
+
+
+def _server_message(response) -> str:
+    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        if message:
+            return str(message)
+    except (ValueError, AttributeError):
+        pass
+    return response.text[:300].strip() or response.reason_phrase
+
+
+# --- a local judge: `vicunaflow serve` for the length of the run -----------------------------------
+
+
+@contextlib.contextmanager
+def served(model_path: Path, model_name: str, timeout: float) -> Iterator[str]:
+    """Start `vicunaflow serve` of `model_path` on a free local port; yield its v1 root; stop it after."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(model_path)]
+    command += ["--port", str(port), "--model-name", model_name]
+    env = {k: v for k, v in os.environ.items() if k != "VICUNAFLOW_API_KEYS"}  # local and keyless
+    log.info("starting the judge: %s", " ".join(command))
+    process = subprocess.Popen(command, env=env)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise VicunaflowError(
+                    f"the judge server ({model_path}) exited with code {process.returncode}; see its log above"
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base_url}/models", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise VicunaflowError(f"the judge server ({model_path}) did not answer within {timeout:.0f}s")
+            time.sleep(0.5)
+        log.info("judge %s serving %s at %s", model_name, model_path, base_url)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

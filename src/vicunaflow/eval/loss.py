@@ -1,0 +1,140 @@
+"""`vicunaflow eval loss`: mean loss and perplexity of a model on held-out conversations.
+
+The tokens and loss masks are those of training (vicunaflow.data: the Vicuna v1.1 prompt, loss on the
+assistant replies and their `</s>` only), so the number is the fine-tuning loss measured on other
+data. The mean is over every trained token of every conversation (not a mean of per-batch means),
+so it does not depend on the batch size; perplexity is exp(mean loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from vicunaflow import VicunaflowError
+
+log = logging.getLogger(__name__)
+
+
+def loss(
+    *,
+    model_path: Path,
+    data: Path,
+    output: Path,
+    model_id: str | None = None,
+    dataset: str | None = None,
+    model_max_length: int = 2048,
+    batch_size: int = 4,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
+) -> dict:
+    """Mean loss and perplexity on conversations, with the training masks (assistant replies only).
+
+    Arguments:
+        model_path: a Hugging Face model directory.
+        data: held-out conversations (ShareGPT JSON or JSONL, as for `vicunaflow data tokenize`), or a
+            tokenised dataset directory written by it.
+        output: the JSON file to write: model, dataset, loss, perplexity, tokens, and per conversation.
+        model_id: the model's name in the file; default: the directory name.
+        dataset: the dataset's name in the file; default: the data file's name without suffixes.
+        model_max_length: truncate conversations to this many tokens, as training does.
+        batch_size: conversations per forward pass.
+        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
+        dtype: weights' dtype; auto: the checkpoint's on CUDA, float32 on CPU. Losses are computed in float32.
+    """
+    from vicunaflow.data import Sample, encode_all, load_conversations, load_tokenized, load_tokenizer
+    from vicunaflow.outputs import atomic_write_bytes, sha256_file
+
+    log.info(
+        "eval loss: model_path=%s data=%s output=%s model_max_length=%d batch_size=%d device=%s dtype=%s",
+        model_path, data, output, model_max_length, batch_size, device, dtype,
+    )  # fmt: skip
+    if batch_size < 1:
+        raise VicunaflowError(f"--batch-size {batch_size}: must be at least 1")
+    data = Path(data)
+    if data.is_dir():
+        samples, _ = load_tokenized(data)
+        samples = [Sample(s.id, s.input_ids[:model_max_length], s.labels[:model_max_length]) for s in samples]
+    else:
+        samples = encode_all(load_conversations(data), load_tokenizer(model_path), model_max_length)
+    if not samples:
+        raise VicunaflowError(f"{data}: no conversation with a reply token within {model_max_length} tokens")
+    model = _load_model(model_path, device, dtype)
+    started = time.perf_counter()
+    per_sample = sample_losses(model, samples, batch_size)
+    total = sum(nll for nll, _ in per_sample)
+    tokens = sum(n for _, n in per_sample)
+    mean = total / tokens
+    result = {
+        "model": model_id or Path(model_path).name,
+        "dataset": dataset or data.name.split(".")[0],
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "tokens": tokens,
+        "conversations": len(samples),
+        "model_max_length": model_max_length,
+        "data": str(data),
+        "data_sha256": sha256_file(data) if data.is_file() else None,
+        "samples": [
+            {"id": s.id, "tokens": n, "loss": nll / n} for s, (nll, n) in zip(samples, per_sample, strict=True)
+        ],
+    }
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, (json.dumps(result, indent=1) + "\n").encode())
+    log.info(
+        "%s on %s: loss %.4f, perplexity %.3f over %d tokens of %d conversations (%.1fs)",
+        result["model"], result["dataset"], mean, result["perplexity"], tokens, len(samples),
+        time.perf_counter() - started,
+    )  # fmt: skip
+    return result
+
+
+def sample_losses(model, samples, batch_size: int) -> list[tuple[float, int]]:
+    """(summed loss in nats, trained tokens) of each sample, in order; batched by similar length."""
+    import torch
+
+    from vicunaflow.data import IGNORE_INDEX
+
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))  # little padding per batch
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(samples)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [samples[i] for i in order[start : start + batch_size]]
+            length = max(len(s.input_ids) for s in batch)
+            input_ids = torch.zeros(len(batch), length, dtype=torch.long)  # [B, T], right-padded
+            labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+            attention_mask = torch.zeros(len(batch), length, dtype=torch.long)  # [B, T]
+            for row, sample in enumerate(batch):
+                n = len(sample.input_ids)
+                input_ids[row, :n] = torch.tensor(sample.input_ids)
+                labels[row, :n] = torch.tensor(sample.labels)
+                attention_mask[row, :n] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [B, T, V]
+            # token t+1 is predicted from positions <= t, as in training
+            targets = labels[:, 1:].to(device)  # [B, T-1]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )  # [B, T-1]
+            counted = (targets != IGNORE_INDEX).sum(dim=1)  # [B]
+            for row, index in enumerate(order[start : start + batch_size]):
+                results[index] = (nll[row].sum().item(), int(counted[row]))
+    return results
+
+
+def _load_model(model_path: Path, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicunaflow.formats import DTYPES
+
+    if not Path(model_path).is_dir():
+        raise VicunaflowError(f"{model_path}: no such model directory")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    torch_dtype = DTYPES[dtype] if dtype != "auto" else ("auto" if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)
+    return model.to("cuda" if cuda else "cpu").eval()

@@ -1,0 +1,225 @@
+"""MT-bench's files, as FastChat's llm_judge reads and writes them, and where they come from.
+
+    questions   {"question_id", "category", "turns": [t1, t2, ...], "reference"?}   one per line
+    answers     {"question_id", "answer_id", "model_id", "choices": [{"index", "turns"}], "tstamp"}
+    references  the answers format (FastChat's reference_answer/gpt-4.jsonl)
+    prompts     {"name", "type", "system_prompt", "prompt_template", "description", "category",
+                 "output_format"} (FastChat's judge_prompts.jsonl)
+
+Every reader names the file and line of a bad record. `download_mt_bench` fetches the 80 questions,
+GPT-4's reference answers and the judge prompts from FastChat's repository at a pinned commit,
+md5-verified, through the download helpers; the built-in set (assets/) is a small offline stand-in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicunaflow import VicunaflowError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# A few questions across the eight categories, math, reasoning and coding with references: offline demo and tests.
+BUILTIN_QUESTIONS = ASSETS / "mt_bench_builtin_questions.jsonl"
+BUILTIN_REFERENCE = ASSETS / "mt_bench_builtin_reference.jsonl"
+# FastChat's four single-answer grading prompts, verbatim from fastchat/llm_judge/data/judge_prompts.jsonl
+# at FASTCHAT_REVISION (lines 5-8: single-v1, single-math-v1 and their -multi-turn forms).
+BUILTIN_JUDGE_PROMPTS = ASSETS / "judge_prompts.jsonl"
+
+# FastChat v0.2.36; MT-bench's data files have not changed since #1854 (2023-07).
+FASTCHAT_REVISION = "b21d0f780ca4472a13714262a0790f2ee1ade659"
+FASTCHAT_RAW = "https://raw.githubusercontent.com/lm-sys/FastChat"
+DATA_DIR = "fastchat/llm_judge/data"
+# file under DATA_DIR -> (name in our output folder, md5 at FASTCHAT_REVISION)
+MT_BENCH_FILES = {
+    "mt_bench/question.jsonl": ("question.jsonl", "9d06961dbdbef8ffa751297a167785bc"),
+    "mt_bench/reference_answer/gpt-4.jsonl": ("reference_answer/gpt-4.jsonl", "7a38d3c9d5253c5660a4972a8b5fa6d4"),
+    "judge_prompts.jsonl": ("judge_prompts.jsonl", "d59fdeda2ea87be6141beb0f8ecc6c24"),
+}
+
+# gen_model_answer.py's sampling temperature per category; other categories sample at 0.7, as there.
+TEMPERATURES = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+    "arena-hard-200": 0.0,
+}
+DEFAULT_TEMPERATURE = 0.7
+# Categories judged against a reference answer (single-math-v1), as gen_judgment.py does.
+NEED_REFERENCE = ("math", "reasoning", "coding", "arena-hard-200")
+
+
+def download_mt_bench(
+    *,
+    output_dir: Path = Path("resources/mt_bench"),
+    revision: str = FASTCHAT_REVISION,
+    base_url: str = FASTCHAT_RAW,
+    staging_dir: Path = Path(".staging"),
+    retries: int = 8,
+    retry_wait: float = 1.0,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch MT-bench's questions, GPT-4 reference answers and judge prompts from FastChat's repository.
+
+    Writes question.jsonl, reference_answer/gpt-4.jsonl and judge_prompts.jsonl (FastChat's own
+    layout and bytes) and vicunaflow.json. At the pinned revision every file is md5-verified; another
+    revision is fetched unverified (a warning says so) and still checked line by line.
+
+    Arguments:
+        output_dir: folder to write (whole or absent).
+        revision: FastChat commit (or tag) to fetch from; the default is v0.2.36, whose md5 sums are known.
+        base_url: raw-file root in GitHub's layout, `<base_url>/<revision>/<path>`; a mirror works too.
+        staging_dir: partial downloads, outside any workflow output.
+        retries: attempts per file after a dropped connection, timeout or 5xx, with exponential backoff.
+        retry_wait: seconds before the first retry; doubled each time, at most 60.
+        timeout: seconds without data before a connection counts as dropped.
+    """
+    from vicunaflow.download.http import Fetcher, Remote, RemoteFile, place_file
+    from vicunaflow.outputs import atomic_output_dir, write_manifest
+
+    log.info("download mt-bench: revision=%s base_url=%s output_dir=%s", revision, base_url, output_dir)
+    verified = revision == FASTCHAT_REVISION
+    if not verified:
+        log.warning("revision %s: md5 sums are known only for %s; fetching unverified", revision, FASTCHAT_REVISION)
+    remote = Remote(f"{base_url.rstrip('/')}/{revision}/{DATA_DIR}/*")
+    files = {path: RemoteFile(path, md5 if verified else None) for path, (_, md5) in MT_BENCH_FILES.items()}
+    with Fetcher(
+        remote, Path(staging_dir) / "mt_bench", jobs=1, retries=retries, retry_wait=retry_wait, timeout=timeout
+    ) as fetcher:
+        staged = {path: fetcher.fetch(file) for path, file in files.items()}
+        with atomic_output_dir(output_dir) as out:
+            for path, (name, _) in MT_BENCH_FILES.items():
+                place_file(staged[path], out / name, "copy")
+            questions = load_questions(out / "question.jsonl")
+            load_answers(out / "reference_answer/gpt-4.jsonl", questions)
+            load_judge_prompts(out / "judge_prompts.jsonl")
+            write_manifest(
+                out, inputs=[out / name for name, _ in MT_BENCH_FILES.values()], kind="mt-bench", revision=revision
+            )
+        for path, file in files.items():
+            staged[path].unlink(missing_ok=True)
+            (fetcher.staging / f"{file.key}.lock").unlink(missing_ok=True)
+    log.info("wrote %d questions, references and judge prompts to %s", len(questions), output_dir)
+    return Path(output_dir)
+
+
+# --- readers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    id: int | str
+    category: str
+    turns: list[str]
+    record: dict  # the line as read, written back unchanged where FastChat expects it
+
+
+def read_jsonl(path: Path, what: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-empty line; a line that is not JSON names file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise VicunaflowError(f"{path}: no such {what} file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise VicunaflowError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); give one {what} per line"
+                ) from None
+    return records
+
+
+def load_questions(path: Path) -> list[Question]:
+    """Questions in file order; a malformed line or a repeated question_id names file and line."""
+    questions, seen = [], {}
+    for number, record in read_jsonl(path, "question"):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict):
+            raise VicunaflowError(f"{where}: not a JSON object")
+        question_id = record.get("question_id")
+        if not _is_id(question_id):
+            raise VicunaflowError(f"{where}: question_id must be an integer or a string, got {question_id!r}")
+        if not isinstance(record.get("category"), str):
+            raise VicunaflowError(f"{where}: question {question_id}: category must be a string")
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise VicunaflowError(
+                f"{where}: question {question_id}: turns must be a non-empty list of non-empty strings"
+            )
+        if question_id in seen:
+            raise VicunaflowError(f"{where}: question_id {question_id} repeats line {seen[question_id]}")
+        seen[question_id] = number
+        questions.append(Question(question_id, record["category"], turns, record))
+    if not questions:
+        raise VicunaflowError(f"{path}: no questions")
+    return questions
+
+
+def load_answers(path: Path, questions: list[Question], what: str = "answer") -> dict[int | str, dict]:
+    """question_id -> answer record; checks the format and that every id is a known question.
+
+    A question answered twice keeps its last answer, as FastChat's load_model_answers does (its
+    generator appends on reruns), with a warning.
+    """
+    known = {q.id: q for q in questions}
+    answers: dict[int | str, dict] = {}
+    lines: dict[int | str, int] = {}
+    for number, record in read_jsonl(path, what):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict):
+            raise VicunaflowError(f"{where}: not a JSON object")
+        question_id = record.get("question_id")
+        if not _is_id(question_id):
+            raise VicunaflowError(f"{where}: question_id must be an integer or a string, got {question_id!r}")
+        if question_id not in known:
+            raise VicunaflowError(
+                f"{where}: {what} for question_id {question_id!r}, which is not in the questions file; "
+                "are the answers for another question set?"
+            )
+        choices = record.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise VicunaflowError(f"{where}: question {question_id}: choices must be a non-empty list of objects")
+        turns = choices[0].get("turns")
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise VicunaflowError(f"{where}: question {question_id}: choices[0].turns must be a list of strings")
+        if question_id in answers:
+            log.warning(
+                "%s: question %s answered again (line %d); the last answer counts",
+                where,
+                question_id,
+                lines[question_id],
+            )
+        answers[question_id], lines[question_id] = record, number
+    return answers
+
+
+def answer_turns(answer: dict) -> list[str]:
+    return answer["choices"][0]["turns"]
+
+
+def load_judge_prompts(path: Path) -> dict[str, dict]:
+    """name -> prompt record (FastChat's judge_prompts.jsonl format)."""
+    prompts = {}
+    for number, record in read_jsonl(path, "judge prompt"):
+        fields = ("name", "type", "system_prompt", "prompt_template", "output_format")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in fields):
+            raise VicunaflowError(f"{path}:{number}: a judge prompt needs string fields {', '.join(fields)}")
+        prompts[record["name"]] = record
+    return prompts
+
+
+def _is_id(value: object) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value))

@@ -1,0 +1,153 @@
+"""`vicunaflow eval summary`: MT-bench scores and held-out losses of several models in one table.
+
+Scores are averaged as FastChat's show_result.py does: judgments scored -1 (no `[[rating]]`) are
+left out, and counted in `unrated`. Per turn, per category (both turns, as FastChat's radar plot)
+and overall, for each (model, judge) pair; each model's loss files add loss and perplexity columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from vicunaflow import VicunaflowError
+from vicunaflow.eval.mt_bench import Question, load_questions
+
+log = logging.getLogger(__name__)
+
+# MT-bench's categories in FastChat's order; others follow alphabetically.
+CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+UNRATED = -1
+
+
+def summary(
+    *,
+    questions: Path,
+    output: Path,
+    judgments: list[Path] | None = None,
+    losses: list[Path] | None = None,
+    output_json: Path | None = None,
+) -> Path:
+    """Summarise judgment files (`eval judge`) and loss files (`eval loss`) into one TSV row per model and judge.
+
+    Arguments:
+        questions: the questions the judgments are about (their categories group the scores).
+        output: TSV: model, judge, mt_bench, turn_1, turn_2, judged, unrated, one column per
+            category, then loss_<dataset> and perplexity_<dataset> per loss file.
+        judgments: judgment files in FastChat's format; several models and judges may share one.
+        losses: loss files written by `vicunaflow eval loss`.
+        output_json: the same, in full (counts per turn and category), as JSON.
+    """
+    from vicunaflow.eval.judge import read_judgments
+    from vicunaflow.outputs import atomic_write_bytes
+
+    log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
+    loaded = load_questions(questions)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for path in judgments or []:
+        for judgment in read_judgments(path):
+            groups[judgment["model"], judgment["judge"][0]].append(judgment)
+    loss_of: dict[str, dict[str, dict]] = defaultdict(dict)
+    for path in losses or []:
+        record = _read_loss(path)
+        loss_of[record["model"]][record["dataset"]] = record
+    rows = []
+    models = list(dict.fromkeys([model for model, _ in groups] + list(loss_of)))
+    for model in models:
+        judges = [judge for m, judge in groups if m == model] or [None]
+        for judge in judges:
+            scores = summarize_judgments(groups[model, judge], loaded) if judge is not None else None
+            rows.append({"model": model, "judge": judge, "mt_bench": scores, "loss": loss_of.get(model, {})})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, to_tsv(rows).encode())
+    if output_json is not None:
+        atomic_write_bytes(output_json, (json.dumps(rows, indent=1) + "\n").encode())
+    log.info("summary of %d models:\n%s", len(models), to_tsv(rows))
+    return Path(output)
+
+
+def summarize_judgments(judgments: list[dict], questions: list[Question]) -> dict:
+    """{"overall", "turns": {1: .., 2: ..}, "categories": {..}}, each {"score", "judged", "unrated"}."""
+    category_of = {q.id: q.category for q in questions}
+    overall, turns, categories = _Mean(), defaultdict(_Mean), defaultdict(_Mean)
+    for judgment in judgments:
+        score = judgment["score"]
+        category = category_of.get(judgment["question_id"], "unknown")
+        for mean in (overall, turns[judgment["turn"]], categories[category]):
+            mean.add(score)
+    order = [c for c in CATEGORIES if c in categories] + sorted(set(categories) - set(CATEGORIES))
+    return {
+        "overall": overall.result(),
+        "turns": {turn: turns[turn].result() for turn in sorted(turns)},
+        "categories": {category: categories[category].result() for category in order},
+    }
+
+
+def format_table(scores: dict) -> str:
+    """A few aligned lines for the log."""
+    lines = [_line("overall", scores["overall"])]
+    lines += [_line(f"turn {turn}", result) for turn, result in scores["turns"].items()]
+    lines += [_line(category, result) for category, result in scores["categories"].items()]
+    return "\n".join(lines)
+
+
+def to_tsv(rows: list[dict]) -> str:
+    categories = list(dict.fromkeys(c for row in rows if row["mt_bench"] for c in row["mt_bench"]["categories"]))
+    datasets = list(dict.fromkeys(d for row in rows for d in row["loss"]))
+    header = ["model", "judge", "mt_bench", "turn_1", "turn_2", "judged", "unrated", *categories]
+    header += [f"{name}_{d}" for d in datasets for name in ("loss", "perplexity")]
+    lines = ["\t".join(header)]
+    for row in rows:
+        scores = row["mt_bench"] or {"overall": {}, "turns": {}, "categories": {}}
+        cells = [row["model"], row["judge"] or ""]
+        cells += [_cell(scores["overall"].get("score"))]
+        cells += [_cell(scores["turns"].get(turn, {}).get("score")) for turn in (1, 2)]
+        cells += [_cell(scores["overall"].get("judged")), _cell(scores["overall"].get("unrated"))]
+        cells += [_cell(scores["categories"].get(c, {}).get("score")) for c in categories]
+        for d in datasets:
+            loss = row["loss"].get(d, {})
+            cells += [_cell(loss.get("loss")), _cell(loss.get("perplexity"))]
+        lines.append("\t".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+class _Mean:
+    def __init__(self):
+        self.total, self.rated, self.unrated = 0.0, 0, 0
+
+    def add(self, score: float) -> None:
+        if score == UNRATED:
+            self.unrated += 1
+        else:
+            self.total += score
+            self.rated += 1
+
+    def result(self) -> dict:
+        score = self.total / self.rated if self.rated else None
+        return {"score": score, "judged": self.rated + self.unrated, "unrated": self.unrated}
+
+
+def _line(name: str, result: dict) -> str:
+    score = "   n/a" if result["score"] is None else f"{result['score']:6.3f}"
+    return f"  {name:<12} {score}  ({result['judged']} judged, {result['unrated']} without a rating)"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _read_loss(path: Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+        if not all(k in record for k in ("model", "dataset", "loss", "perplexity")):
+            raise KeyError("model, dataset, loss, perplexity")
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise VicunaflowError(f"{path}: not a loss file of `vicunaflow eval loss` ({err})") from None
+    return record
