@@ -1,0 +1,286 @@
+"""Weight-only int8/int4: the format's error bounds, the Triton matvecs (in Triton's interpreter where
+there is no GPU), tensor-parallel shards, and the quantize verb on the tiny model against transformers."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is first built
+
+from vicunaflow import VicunaflowError, quant, quant_kernels
+from vicunaflow.checkpoint import Checkpoint
+from vicunaflow.quantize import quantize_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """LLaMA-like rows: Gaussian, a different spread per row, a few large outliers."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator).add(0.1) * 0.05
+    w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=generator)] *= 8
+    return w.half()
+
+
+# ---- the format ----------------------------------------------------------------------------------
+
+
+def test_int8_error_is_half_a_step_of_its_row():
+    w = weight(48, 200).float()
+    qw = quant.quantize(w, bits=8)
+    assert qw.qweight.dtype == torch.int8 and qw.scales.dtype == torch.float32 and qw.zeros is None
+    assert torch.equal(qw.scales, w.abs().amax(dim=1) / 127)
+    error = (qw.dequantize(torch.float32) - w).abs()
+    assert bool((error <= qw.scales[:, None] * (0.5 + 1e-6)).all())
+    assert int(qw.qweight.abs().max()) == 127 and int(qw.qweight.min()) >= -127  # symmetric: -128 unused
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(256, 128), (704, 128), (200, 64), (250, 32)])
+def test_int4_error_is_half_a_step_of_its_group(k, group_size):
+    """704 = tiny's MLP width: the last group of 128 is 64 wide."""
+    w = weight(16, k).float()
+    qw = quant.quantize(w, bits=4, group_size=group_size)
+    groups = -(-k // group_size)
+    assert qw.qweight.shape == (16, k // 2) and qw.scales.shape == qw.zeros.shape == (16, groups)
+    scales = qw.scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    zeros = qw.zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
+    error = (qw.dequantize(torch.float32) - w).abs()
+    # half a step, plus what rounding scale and zero to float16 moves the grid's ends by
+    bound = scales * 0.5 + (zeros.abs() + 15 * scales) * 2**-11
+    assert bool((error <= bound).all())
+    # the ends of each group are codes 0 and 15: no level is spent outside the group's range
+    codes = quant.unpack_int4(qw.qweight, k)
+    padded = torch.cat([codes, codes[:, -1:].expand(16, groups * group_size - k)], dim=1).view(16, groups, -1)
+    assert int(padded.amin(dim=2).max()) == 0 and int(padded.amax(dim=2).min()) == 15
+
+
+def test_int4_packing_round_trip_and_nibble_order():
+    codes = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    packed = quant.pack_int4(codes)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack_int4(packed, 12), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | int(codes[0, 1]) << 4  # column 0 low, column 1 high
+
+
+def test_constant_and_zero_rows_decode_exactly():
+    w = torch.zeros(4, 64)
+    w[1] = 0.25
+    for bits in (8, 4):
+        assert torch.equal(quant.quantize(w, bits=bits, group_size=32).dequantize(torch.float32), w)
+
+
+def test_quantize_refuses_what_it_cannot_represent():
+    with pytest.raises(VicunaflowError, match="bits must be 8 or 4"):
+        quant.quantize(torch.ones(4, 8), bits=3)
+    with pytest.raises(VicunaflowError, match="odd"):
+        quant.quantize(torch.ones(4, 9), bits=4)
+    with pytest.raises(VicunaflowError, match="group size"):
+        quant.quantize(torch.ones(4, 8), bits=4, group_size=3)
+    with pytest.raises(VicunaflowError, match="inf or NaN"):
+        quant.quantize(torch.tensor([[1.0, float("nan")]]), bits=8)
+
+
+# ---- the kernels and qlinear ---------------------------------------------------------------------
+
+
+def reference(x: torch.Tensor, qw: quant.QuantWeight, residual, swiglu: bool) -> torch.Tensor:
+    """float64: the decoded weight, SiLU·up, residual."""
+    k = qw.shape[1]
+    inputs = x.double()
+    if swiglu:
+        inputs = torch.nn.functional.silu(inputs[:, :k]) * inputs[:, k:]
+    return inputs @ qw.dequantize(torch.float64).T + (residual.double() if residual is not None else 0)
+
+
+KERNEL_CASES = [
+    # bits, n, k, group, swiglu, residual, dtype
+    (8, 37, 100, None, False, False, torch.float16),  # neither size a multiple of a block: masked loads
+    (8, 64, 128, None, True, True, torch.float16),  # down_proj: silu(gate) * up in, residual added
+    (8, 12, 130, None, False, True, torch.bfloat16),
+    (8, 16, 64, None, False, False, torch.float32),
+    (4, 32, 256, 128, True, True, torch.float16),  # a tile inside one group: the folded sum
+    (4, 37, 200, 64, False, True, torch.float16),  # last group 8 wide, masked rows
+    (4, 16, 704, 128, True, False, torch.bfloat16),  # tiny's down_proj: last group 64 wide
+    (4, 19, 250, 32, False, False, torch.float32),  # groups narrower than a tile: per-column scales
+]
+
+
+@pytest.mark.parametrize(("bits", "n", "k", "group_size", "swiglu", "residual", "dtype"), KERNEL_CASES)
+def test_qmatvec_matches_float64_reference(bits, n, k, group_size, swiglu, residual, dtype):
+    generator = torch.Generator().manual_seed(n * k + bits)
+    qw = quant.quantize(weight(n, k, seed=n + k), bits=bits, group_size=group_size or 128).to(DEVICE)
+    x = torch.randn(1, 2 * k if swiglu else k, generator=generator).to(DEVICE, dtype)
+    res = torch.randn(1, n, generator=generator).to(DEVICE, dtype) if residual else None
+    out = quant_kernels.qmatvec(x, qw, res, swiglu)
+    expected = reference(x, qw, res, swiglu)
+    assert out.shape == (1, n) and out.dtype == dtype
+    # float32 accumulation: the error is rounding the result to the output dtype
+    tolerance = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    scale = float(expected.abs().max())
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
+    qw = quant.quantize(weight(24, 64), bits=bits, group_size=32)
+    x = torch.randn(2, 3, 128, dtype=torch.float64)
+    residual = torch.randn(2, 3, 24, dtype=torch.float64)
+    out = quant.qlinear(x, qw, residual, swiglu=True)
+    expected = (torch.nn.functional.silu(x[..., :64]) * x[..., 64:]) @ qw.dequantize(torch.float64).T + residual
+    assert out.shape == (2, 3, 24) and torch.allclose(out, expected)
+    assert torch.allclose(qw(x[..., :64]), x[..., :64] @ qw.dequantize(torch.float64).T)
+    with pytest.raises(ValueError, match="does not fit"):
+        quant.qlinear(torch.zeros(1, 10), qw)
+
+
+# ---- tensor parallelism --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_column_shards_are_quantized_slices(bits):
+    w = weight(64, 256)
+    qw = quant.quantize(w, bits=bits, group_size=64)
+    shards = [quant.shard(qw, 0, rank, 4) for rank in range(4)]
+    for rank, part in enumerate(shards):
+        expected = quant.quantize(w[rank * 16 : (rank + 1) * 16], bits=bits, group_size=64)
+        assert_same(part, expected)
+    assert_same(quant.cat(shards), qw)
+
+
+def test_int4_row_shards_are_quantized_slices():
+    w = weight(16, 512)
+    qw = quant.quantize(w, bits=4, group_size=64)
+    for rank in range(4):
+        assert_same(quant.shard(qw, 1, rank, 4), quant.quantize(w[:, rank * 128 : (rank + 1) * 128], 4, 64))
+    with pytest.raises(VicunaflowError, match="not a multiple of the int4 group size 64"):
+        quant.shard(qw, 1, 0, 16)  # parts of 32 columns would cut groups in half
+
+
+def test_int8_row_shards_keep_their_rows_scales():
+    """Row-parallel int8 shards decode the unsharded weight's columns, and their partial products
+    sum (the all-reduce) to the unsharded product."""
+    w = weight(16, 512)
+    qw = quant.quantize(w, bits=8)
+    x = torch.randn(1, 512, dtype=torch.float64)
+    partial = []
+    for rank in range(4):
+        part = quant.shard(qw, 1, rank, 4)
+        cols = slice(rank * 128, (rank + 1) * 128)
+        assert torch.equal(part.dequantize(torch.float32), qw.dequantize(torch.float32)[:, cols])
+        partial.append(quant.qlinear(x[:, cols], part))
+    assert torch.allclose(sum(partial), quant.qlinear(x, qw))
+    with pytest.raises(VicunaflowError, match="does not split 3 ways"):
+        quant.shard(qw, 1, 0, 3)
+
+
+def assert_same(a: quant.QuantWeight, b: quant.QuantWeight) -> None:
+    assert (a.bits, a.group_size, a.shape) == (b.bits, b.group_size, b.shape)
+    for name in quant.SUFFIXES:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name
+
+
+# ---- the verb, the folder, the model -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[8, 4])
+def quantized(request, tiny_vicuna, tmp_path_factory) -> tuple[Path, int]:
+    bits = request.param
+    out = tmp_path_factory.mktemp("quantized") / f"vicuna-tiny-all-v1.1-int{bits}"
+    return quantize_model(model_path=tiny_vicuna, output_dir=out, bits=bits, max_shard_size="1MB"), bits
+
+
+def test_quantized_folder_loads_back_bit_identically(quantized, tiny_vicuna):
+    out, bits = quantized
+    config = json.loads((out / "config.json").read_text())
+    assert quant.quantization_config(out) == config["quantization_config"]
+    assert config["quantization_config"]["bits"] == bits
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (tiny_vicuna / name).read_bytes()
+    manifest = json.loads((out / "vicunaflow.json").read_text())
+    assert manifest["kind"] == "quantize" and manifest["bits"] == bits
+    assert len(list(out.glob("model-*.safetensors"))) > 1  # 1MB shards: the writer's index is used
+    with Checkpoint(tiny_vicuna) as source, Checkpoint(out) as stored:
+        quantized_names = [n for n in source.names() if quant.QUANTIZED_WEIGHT.fullmatch(n)]
+        assert len(quantized_names) == 7 * json.loads((tiny_vicuna / "config.json").read_text())["num_hidden_layers"]
+        for name in source.names():
+            loaded = quant.load_weight(stored, name)
+            if name in quantized_names:
+                assert name not in stored and quant.is_quantized(stored, name)
+                assert_same(loaded, quant.quantize(source.get(name), bits))
+            else:
+                assert torch.equal(loaded, source.get(name)) and loaded.dtype == source.get(name).dtype
+
+
+def test_quantize_refuses_a_quantized_folder(quantized, tmp_path):
+    out, _ = quantized
+    with pytest.raises(VicunaflowError, match="already quantized"):
+        quantize_model(model_path=out, output_dir=tmp_path / "again")
+
+
+def test_dequantized_logits_stay_close_to_float(quantized, tiny_vicuna):
+    """transformers' float32 forward of the tiny model with its Linear weights decoded from the folder.
+
+    The random tiny model amplifies any weight error (a 0.8% error per int8 matrix becomes ~3% in
+    the logits, int4's ~10% becomes ~40%), so the bar is Gaussian noise of the same size per matrix:
+    rounding must cost no more than unstructured noise does; int8 must also stay within 5%.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out, bits = quantized
+    model = AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    originals = {n: p.detach().clone() for n, p in model.named_parameters() if quant.QUANTIZED_WEIGHT.fullmatch(n)}
+
+    @torch.no_grad()
+    def logits(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+        return model(ids).logits[0].double()
+
+    reference_logits = logits(originals)
+    with Checkpoint(out) as stored:
+        decoded = {n: quant.load_quantized_weight(stored, n).dequantize(torch.float32) for n in originals}
+    error = float((logits(decoded) - reference_logits).norm() / reference_logits.norm())
+    noise_errors = []
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        noisy = {
+            n: w + torch.randn(w.shape, generator=generator) * (decoded[n] - w).std() for n, w in originals.items()
+        }
+        noise_errors.append(float((logits(noisy) - reference_logits).norm() / reference_logits.norm()))
+    assert error <= 1.2 * sum(noise_errors) / 3, (error, noise_errors)
+    if bits == 8:
+        assert error < 0.05, error
+
+
+# ---- the workflow ---------------------------------------------------------------------------------
+
+
+def test_workflow_default_group_size_is_the_verbs():
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    default = schema["properties"]["quantize"]["properties"]["group_size"]["default"]
+    assert inspect.signature(quantize_model).parameters["group_size"].default == default == quant.DEFAULT_GROUP_SIZE
+
+
+def test_snakemake_dry_run_lists_the_quantized_targets(tmp_path):
+    (tmp_path / "config").symlink_to(REPO / "config")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+    command += ["vicuna-tiny-all-v1.1-int4", "vicuna-7b-all-v1.1-int8", "--configfile", "config/demo.yaml"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    assert "rule quantize_model" in text and "vicuna-tiny-all-v1.1-int4" in text and "vicuna-7b-all-v1.1-int8" in text
+    assert "--bits 4" in text or "quantize_model" in text
