@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from vicunaflow import VicunaflowError
     from vicunaflow.log import setup_logging
+    from vicunaflow.outputs import Terminated, terminate_on_sigterm
 
     argv = _bare_bool_flags(_normalize_flags(list(sys.argv[1:] if argv is None else argv)))
     if argv[:1] in (["--version"], ["-V"]):
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     setup_logging()
     try:
-        CLI(_table(commands), args=argv, as_positional=False)
+        with terminate_on_sigterm():  # Snakemake and SLURM stop jobs with SIGTERM: clean up as for Ctrl-C
+            CLI(_table(commands), args=argv, as_positional=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Terminated:
+        sys.exit(143)  # 128 + SIGTERM, what a shell reports for a process it killed
     except VicunaflowError as err:
         logging.getLogger("vicunaflow").error("%s", err)
         sys.exit(1)

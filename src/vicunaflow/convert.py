@@ -33,7 +33,7 @@ from vicunaflow.formats import (
     meta_shapes,
     permute_rotary,
 )
-from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def convert(
     dtype: Literal["keep", "float16", "bfloat16", "float32"] = "keep",
     max_shard_size: str = "5GB",
     max_position_embeddings: int = 2048,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a raw LLaMA checkpoint (params.json + consolidated.NN.pth) to Hugging Face format.
 
@@ -57,12 +58,14 @@ def convert(
         dtype: keep the checkpoint's dtype bit for bit (default), or convert on purpose.
         max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
         max_position_embeddings: context length for config.json (2048 for LLaMA-1, 4096 for Llama 2).
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     log.info(
         "convert: input_dir=%s output_dir=%s tokenizer=%s dtype=%s max_shard_size=%s max_position_embeddings=%d",
         input_dir, output_dir, tokenizer, dtype, max_shard_size, max_position_embeddings,
     )  # fmt: skip
+    check_output_dir(output_dir, inputs=[input_dir, tokenizer], overwrite=overwrite)  # before any work
     checklist = read_checklist(input_dir)
     params = read_params(input_dir)
     tokenizer_path = find_tokenizer(input_dir, tokenizer)
@@ -83,7 +86,10 @@ def convert(
     largest = max(merged[meta].nbytes // merged[meta].dtype.itemsize for meta, _ in output_order(params))
     buffers = [torch.empty(largest, dtype=source_dtype) for _ in range(2)]
     written = 0
-    with atomic_output_dir(output_dir) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+    with (
+        atomic_output_dir(output_dir, inputs=[input_dir, tokenizer_path], overwrite=overwrite) as out,
+        ShardedSafetensorsWriter(out, plan, max_shard_size) as writer,
+    ):
         n_layers = params["n_layers"]
         layers = {i: [] for i in range(-1, n_layers + 1)}  # -1: embeddings, n_layers: final norm + head
         for meta, hf in output_order(params):

@@ -40,6 +40,7 @@ def tokenize(
     model_path: Path,
     output_dir: Path,
     model_max_length: int = 2048,
+    overwrite: bool = False,
 ) -> Path:
     """Validate and tokenise a conversation file into a dataset directory for `vicunaflow finetune`.
 
@@ -51,11 +52,12 @@ def tokenize(
         model_path: Hugging Face model directory whose tokenizer is used.
         output_dir: the tokenised dataset directory to write.
         model_max_length: samples longer than this many tokens are truncated (their masks stay exact).
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     import torch
     from safetensors.torch import save_file
 
-    from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
+    from vicunaflow.outputs import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 
     log.info(
         "tokenize: data=%s model_path=%s output_dir=%s model_max_length=%d",
@@ -64,6 +66,7 @@ def tokenize(
         output_dir,
         model_max_length,
     )
+    check_output_dir(output_dir, inputs=[data, model_path], overwrite=overwrite)  # before any work
     conversations = load_conversations(data)
     tokenizer = load_tokenizer(model_path)
     samples = encode_all(conversations, tokenizer, model_max_length)
@@ -88,7 +91,7 @@ def tokenize(
         "data_sha256": sha256_file(data),
         "tokenizer_sha256": {p.name: sha256_file(p) for p in tokenizer_files},
     }
-    with atomic_output_dir(output_dir) as out:
+    with atomic_output_dir(output_dir, inputs=[data, model_path], overwrite=overwrite) as out:
         save_file(tensors, str(out / TOKENS_FILE))
         (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         write_manifest(out, inputs=[data, *tokenizer_files], kind="tokenized-conversations")

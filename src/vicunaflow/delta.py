@@ -30,7 +30,7 @@ from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
 from vicunaflow.convert import GENERATION_CONFIG
 from vicunaflow.formats import DTYPES
-from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def apply_delta(
     target: Path,
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Add a Vicuna delta to a LLaMA base: target = dtype(float32(base) + float32(delta)), tensor by tensor.
 
@@ -55,11 +56,13 @@ def apply_delta(
         target: the directory to write, e.g. vicuna-13b-all-v1.1 (safetensors, config and tokenizer from the delta).
         dtype: the target's dtype; auto: what the delta's config.json declares (float16 for lmsys's deltas).
         max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+        overwrite: replace a target that exists but is not a complete vicunaflow output (default: refuse).
     """
     base, delta, target = Path(base), Path(delta), Path(target)
     log.info(
         "apply-delta: base=%s delta=%s target=%s dtype=%s max_shard_size=%s", base, delta, target, dtype, max_shard_size
     )
+    check_output_dir(target, inputs=[base, delta], overwrite=overwrite)  # before any work
     base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
     check_same_tensors(base_ck, delta_ck, base, delta)
     out_dtype = DTYPES[dtype] if dtype != "auto" else _declared_dtype(delta, delta_ck)
@@ -71,7 +74,10 @@ def apply_delta(
     # other (it never has more than one write in flight), and no fresh memory is faulted in per tensor.
     largest = max(info.nbytes // info.dtype.itemsize for _, info in plan)
     buffers = [torch.empty(largest, dtype=out_dtype) for _ in range(2)]
-    with atomic_output_dir(target) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+    with (
+        atomic_output_dir(target, inputs=[base, delta], overwrite=overwrite) as out,
+        ShardedSafetensorsWriter(out, plan, max_shard_size) as writer,
+    ):
         for i, name in enumerate(tqdm(names, desc="apply-delta", unit="tensor", disable=None)):
             shape = delta_ck.info(name).shape
             buffer = buffers[i % 2][: torch.Size(shape).numel()].view(shape)
@@ -92,6 +98,7 @@ def make_delta(
     target: Path,
     delta: Path,
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Write the delta that apply-delta turns back into `target`, byte for byte (verified while writing).
 
@@ -100,9 +107,11 @@ def make_delta(
         target: the fine-tuned model (e.g. a Vicuna) to encode.
         delta: the directory to write (float32 safetensors, config and tokenizer of the target).
         max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+        overwrite: replace a delta directory that exists but is not a complete vicunaflow output (default: refuse).
     """
     base, target, delta = Path(base), Path(target), Path(delta)
     log.info("make-delta: base=%s target=%s delta=%s max_shard_size=%s", base, target, delta, max_shard_size)
+    check_output_dir(delta, inputs=[base, target], overwrite=overwrite)  # before any work
     base_ck, target_ck = Checkpoint(base), Checkpoint(target)
     check_same_tensors(base_ck, target_ck, base, target)
     names = target_ck.names()
@@ -116,7 +125,10 @@ def make_delta(
     plan = [(n, TensorInfo(target_ck.info(n).shape, delta_dtype)) for n in names]
     log.info("%d tensors, target dtype %s, delta stored as %s", len(names), target_dtype, delta_dtype)
 
-    with atomic_output_dir(delta) as out, ShardedSafetensorsWriter(out, plan, max_shard_size) as writer:
+    with (
+        atomic_output_dir(delta, inputs=[base, target], overwrite=overwrite) as out,
+        ShardedSafetensorsWriter(out, plan, max_shard_size) as writer,
+    ):
         for name in tqdm(names, desc="make-delta", unit="tensor", disable=None):
             writer.write(name, exact_delta(base_ck.get(name), target_ck.get(name), name))
         writer.close()

@@ -78,6 +78,7 @@ def setup(
     checkpoint_dir: Path | None = None,
     keep_checkpoints: bool = False,
     nproc_per_node: int | None = None,
+    overwrite: bool = False,
 ) -> Path | None:
     """Fine-tune a Hugging Face LLaMA model on Vicuna v1.1 conversations (loss on the replies only).
 
@@ -120,8 +121,10 @@ def setup(
         checkpoint_dir: where resumable checkpoints go; default: <output_dir parent>/.checkpoints/<output_dir name>.
         keep_checkpoints: keep the checkpoint directory after the output is written.
         nproc_per_node: processes per node when not started by torchrun; default: the visible GPUs, or 1 on CPU.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from vicunaflow import launch
+    from vicunaflow.outputs import check_output_dir
 
     arguments = dict(locals())
     output_dir = Path(output_dir)
@@ -134,6 +137,7 @@ def setup(
     )
     config.lora_target_modules = list(config.lora_target_modules)
     config.validate()
+    check_output_dir(output_dir, inputs=config.inputs(), overwrite=overwrite)  # before any process starts
     if not launch.is_launched():
         procs = nproc_per_node or launch.default_nproc_per_node()
         if launch.relaunch(["finetune", *config.to_argv()], procs):
@@ -183,6 +187,7 @@ class TrainConfig:
     lora_target_modules: list[str]
     save_dtype: str
     keep_checkpoints: bool
+    overwrite: bool = False  # a default: checkpoints saved before it existed still load
 
     # A checkpoint may only be resumed by a run that would have produced it.
     RESUME_KEYS = (
@@ -217,6 +222,10 @@ class TrainConfig:
             raise VicunaflowError(f"{self.model_path}: not a Hugging Face model directory (no config.json)")
         if not Path(self.data).exists():
             raise VicunaflowError(f"{self.data}: no such data file or tokenised dataset directory")
+
+    def inputs(self) -> list[str]:
+        """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""
+        return [self.model_path, self.data, self.checkpoint_dir]
 
     def to_argv(self) -> list[str]:
         """Command-line arguments that recreate this config (for re-executing under torchrun)."""
@@ -893,7 +902,7 @@ def write_output(config: TrainConfig, model, runtime: Runtime, run_dir: Path) ->
 
     base_config = AutoConfig.from_pretrained(config.model_path)
     dtype = _save_dtype(config, base_config)
-    with atomic_output_dir(config.output_dir) as out:
+    with atomic_output_dir(config.output_dir, inputs=config.inputs(), overwrite=config.overwrite) as out:
         if lora:
             adapter_dir = out / "adapter"
             _save_adapter(model, state, adapter_dir)

@@ -2,7 +2,20 @@
 
 Every verb that writes a model or dataset directory goes through `atomic_output_dir`: it writes
 into a hidden temporary sibling and renames it into place only after success, so a crash, an
-error or Ctrl-C never leaves a directory that looks finished.
+error, Ctrl-C or SIGTERM never leaves a directory that looks finished.
+
+Replacing the output is the one destructive step, so it is guarded (`check_output_dir`, which each
+verb also calls first, before any heavy work):
+- an output path that is, contains or lies inside an input, or is (or contains) the working
+  directory, the home directory or a filesystem root, is refused, `--overwrite` or not;
+- an existing output is replaced only when it is a complete earlier output of vicunaflow (its
+  `vicunaflow.json` says so) or an empty directory, or when `--overwrite` is given.
+Snakemake deletes a job's outputs before running it, so workflow runs never meet the second rule.
+
+A temporary is named `.<name>.tmp-<pid>.<start>@<host>-XXXXXXXX`: the process that owns it (pid,
+its start time, to tell a reused pid apart, and host, for shared file systems). A process killed
+with `kill -9` cannot clean up; the next write of the same output removes the temporaries whose
+owner is gone from this host. Those of a live process, or of another host, are left alone.
 """
 
 from __future__ import annotations
@@ -10,11 +23,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,18 +40,81 @@ import vicunaflow
 
 MANIFEST = "vicunaflow.json"
 
+log = logging.getLogger(__name__)
+
+# Temporaries this process is writing now: a SIGTERM unwinds (and removes them) only when there are any.
+_ACTIVE: set[Path] = set()
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler (Snakemake and SLURM stop jobs with SIGTERM), like KeyboardInterrupt
+    for SIGINT: it unwinds through `atomic_output_dir`, which removes its temporary. A BaseException so
+    that no `except Exception` swallows it."""
+
+
+def check_output_dir(
+    target: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False
+) -> Path:
+    """Refuse, before any work, an output path whose replacement would destroy something else.
+
+    Raises VicunaflowError, naming both paths, when `target` is, contains or lies inside one of
+    `inputs`, is or contains the working directory, the home directory or a filesystem root, or
+    exists and is neither a complete vicunaflow output nor an empty directory (unless `overwrite`).
+    """
+    target = Path(target)
+    # Where the rename lands: the parent resolved, the name kept (a symlink there is replaced, not followed);
+    # and where a symlink at the target points, which is refused too when it is an input.
+    absolute = Path(os.path.abspath(target))
+    places = {absolute.parent.resolve() / absolute.name, target.resolve()}
+    for place in sorted(places):
+        if place.parent == place:
+            raise vicunaflow.VicunaflowError(
+                f"refusing to write the output {target}: it is the filesystem root {place}"
+            )
+        for name, protected in (("working directory", Path.cwd()), ("home directory", Path.home())):
+            relation = _relation(place, {protected.resolve()})
+            if relation in ("is", "contains"):
+                raise vicunaflow.VicunaflowError(
+                    f"refusing to write the output {target}: it {relation} the {name} {protected}; "
+                    "replacing it would delete everything in it"
+                )
+        for given in inputs:
+            if given is None:
+                continue
+            relation = _relation(place, {Path(os.path.abspath(given)), Path(given).resolve()})
+            if relation:
+                raise vicunaflow.VicunaflowError(
+                    f"refusing to write the output {target}: it {relation} the input {given}; "
+                    "choose an output path outside the inputs"
+                )
+    if not overwrite and (target.exists() or target.is_symlink()) and not _replaceable(target):
+        raise vicunaflow.VicunaflowError(
+            f"{target} exists and is not a complete vicunaflow output (no {MANIFEST} written by vicunaflow); "
+            "refusing to replace it: move it away, choose another output path, or pass --overwrite"
+        )
+    return target
+
 
 @contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` when the block succeeds."""
-    target = Path(target)
+def atomic_output_dir(
+    target: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `target` when the block succeeds.
+
+    `target` is checked first (`check_output_dir`, with `inputs` and `overwrite`), and the
+    temporaries of earlier writes of it that were killed (their owner gone) are removed.
+    """
+    inputs = list(inputs)
+    target = check_output_dir(target, inputs=inputs, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not overwrite:
-        raise vicunaflow.VicunaflowError(f"{target} exists; remove it or choose another output directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+    _ACTIVE.add(tmp)
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be shared
+        # Checked again: the block ran for a while, and something may have appeared at the target meanwhile.
+        check_output_dir(target, inputs=inputs, overwrite=overwrite)
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.exists():
@@ -42,6 +123,131 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool = True) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(tmp)
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `target` left by killed processes of this host; return what was removed."""
+    target = Path(target)
+    removed = []
+    pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)\.(\d+)@(.+)-[a-z0-9_]{8}")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(target.parent.iterdir()):
+            if not entry.name.startswith(f".{target.name}.tmp-") or entry.is_symlink() or not entry.is_dir():
+                continue
+            match = pattern.fullmatch(entry.name)
+            if match is None:
+                # Written before temporaries named their owner: nothing says whether it is still in use.
+                log.warning(
+                    "%s: a temporary of an earlier version of vicunaflow; remove it if no job is writing", entry
+                )
+                continue
+            pid, start, host = int(match[1]), int(match[2]), match[3]
+            if host != _host() or _alive(pid, start):
+                continue
+            log.info("removing %s, left by process %d, which is gone", entry, pid)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM cleans up as Ctrl-C does: raise `Terminated` so partial outputs go.
+
+    Only while this process writes an output; otherwise SIGTERM keeps its usual effect (e.g. the
+    parent of a torchrun launch still dies at once, as it did). A second SIGTERM, during the cleanup,
+    kills at once. Does nothing outside the main thread, where handlers cannot be set.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:  # whoever started us asked for SIGTERM to be ignored (nohup-like)
+        yield
+        return
+
+    def handler(signum, frame):
+        if not _ACTIVE:
+            if callable(previous):
+                return previous(signum, frame)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # die of SIGTERM, as without this handler
+            return None
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM does not wait for the cleanup
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _relation(place: Path, others: set[Path]) -> str | None:
+    """How the path `place` stands to another path (given as its spellings): is, contains, lies inside, or None."""
+    for other in others:
+        if place == other:
+            return "is"
+    for other in others:
+        if other.is_relative_to(place):
+            return "contains"
+    for other in others:
+        if place.is_relative_to(other):
+            return "lies inside"
+    return None
+
+
+def _replaceable(target: Path) -> bool:
+    """A complete earlier vicunaflow output (its manifest is vicunaflow's), or an empty directory."""
+    if not target.is_dir():
+        return False
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        try:
+            written = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(written, dict) and "vicunaflow" in (written.get("versions") or {})
+    return not any(target.iterdir())
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on (Linux); empty where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat.rsplit(")", 1)[1].split()  # the command name before ")" may hold spaces
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat); 0 where unknown."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    fields = _proc_stat(pid)
+    if fields and fields[0] == "Z":  # killed, not yet reaped by its parent
+        return False
+    # The pid is in use: by the owner, unless the number was reused by a process started at another time.
+    return not (start and fields and int(fields[19]) != start)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}.{_start_time(os.getpid())}@{_host()}-"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -20,7 +20,7 @@ import torch
 from vicunaflow import BUILTIN_CONVERSATIONS, template
 from vicunaflow.checkpoint import ST_DTYPES
 from vicunaflow.formats import meta_names, meta_shapes, unpermute_rotary
-from vicunaflow.outputs import atomic_output_dir, md5_file, write_manifest
+from vicunaflow.outputs import atomic_output_dir, check_output_dir, md5_file, write_manifest
 from vicunaflow.sizes import get_size
 from vicunaflow.tokenizer import TOKENIZER_FILES
 
@@ -41,6 +41,7 @@ def synth_llama(
     dtype: Literal["float16", "bfloat16", "float32"] = "float16",
     seed: int = 0,
     vocab_size: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random LLaMA checkpoint of a known size in Meta's layout, with a trained tokenizer.
 
@@ -54,18 +55,20 @@ def synth_llama(
         dtype: tensor dtype of the shards (the LLaMA-1 release is float16).
         seed: random seed; the same seed gives the same bytes.
         vocab_size: tokenizer vocabulary; default: the size's (32000 for real sizes, 1024 for tiny).
+        overwrite: replace a `<folder>/<SIZE>/` that exists but is not a complete vicunaflow output (default: refuse).
     """
     log.info(
         "synth llama: folder=%s model_size=%s shards=%s n_kv_heads=%s dtype=%s seed=%d vocab_size=%s",
         folder, model_size, shards, n_kv_heads, dtype, seed, vocab_size,
     )  # fmt: skip
     size = get_size(model_size)
+    check_output_dir(Path(folder) / size.raw_dir, overwrite=overwrite)  # before any work
     shards = shards or size.shards
     vocab_size = vocab_size or size.vocab_size
     params = size.params_json
     if n_kv_heads:
         params["n_kv_heads"] = n_kv_heads
-    with atomic_output_dir(Path(folder) / size.raw_dir) as out:
+    with atomic_output_dir(Path(folder) / size.raw_dir, overwrite=overwrite) as out:
         # The tokenizer sits inside the size folder (convert looks there first), not at pyllama's
         # shared `<folder>/tokenizer.model`: a synthetic size never clobbers a real tokenizer.
         tokenizer_path = out / "tokenizer.model"
@@ -97,6 +100,7 @@ def synth_delta(
     seed: int = 1,
     scale: float = 0.01,
     shard_tensors: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a random Vicuna-style delta for a Hugging Face base, in the published `.bin` layout.
 
@@ -109,6 +113,7 @@ def synth_delta(
         seed: random seed; the same seed gives the same bytes.
         scale: standard deviation of the random delta values.
         shard_tensors: tensors per `.bin` shard; 0 splits into two shards.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from safetensors import safe_open
 
@@ -117,12 +122,13 @@ def synth_delta(
         "synth delta: base=%s output_dir=%s seed=%d scale=%s shard_tensors=%d",
         base, output_dir, seed, scale, shard_tensors,
     )  # fmt: skip
+    check_output_dir(output_dir, inputs=[base], overwrite=overwrite)  # before any work
     index = json.loads((base / "model.safetensors.index.json").read_text())
     names = list(index["weight_map"])
     per_shard = shard_tensors or -(-len(names) // 2)
     groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
     generator = torch.Generator().manual_seed(seed)
-    with atomic_output_dir(output_dir) as out:
+    with atomic_output_dir(output_dir, inputs=[base], overwrite=overwrite) as out:
         scratch = _ScratchTensors(out / ".scratch")  # a real-size shard need not fit in RAM
         weight_map = {}
         for n, group in enumerate(groups, start=1):

@@ -28,6 +28,7 @@ from vicunaflow import VicunaflowError
 from vicunaflow.download.http import Fetcher, Remote, redact_url, redacting
 from vicunaflow.download.hub import _hf_from_hub, _hf_from_local
 from vicunaflow.download.meta import (
+    SizePlan,
     _drop_staged,
     _llama_from_local,
     _size_plan,
@@ -37,6 +38,7 @@ from vicunaflow.download.meta import (
     parse_model_sizes,
     safe_name,
 )
+from vicunaflow.outputs import check_output_dir
 
 __all__ = ["download_hf", "download_llama", "parse_checklist", "parse_model_sizes", "redact_url", "safe_name"]
 
@@ -59,6 +61,7 @@ def download_llama(
     retries: int = 8,
     retry_wait: float = 1.0,
     timeout: float = 60.0,
+    overwrite: bool = False,
 ) -> Path:
     """Fetch raw LLaMA checkpoints in pyllama's layout, every file verified against its md5 checklist.
 
@@ -84,12 +87,14 @@ def download_llama(
         retries: attempts per file after a dropped connection, timeout or 5xx, with exponential backoff.
         retry_wait: seconds before the first retry; doubled each time, at most 60.
         timeout: seconds without data before a connection counts as dropped.
+        overwrite: replace a size folder that exists but is neither verified against its checklist nor
+            a complete vicunaflow output (default: refuse, before anything is downloaded).
     """
     want_tokenizer_only, dirs = parse_model_sizes(model_size)
     folder, staging_dir = Path(folder), Path(staging_dir)
     if source == "local":
         return _llama_from_local(
-            Path(path) if path else None, dirs, want_tokenizer_only, folder, link, include_tokenizer, jobs
+            Path(path) if path else None, dirs, want_tokenizer_only, folder, link, include_tokenizer, jobs, overwrite
         )
 
     template = _url_template(source, base_url, url, url_env)
@@ -115,6 +120,10 @@ def download_llama(
             for name in dirs:
                 plans.append(_size_plan(fetcher, name, folder / name, llama2_extras=source == "meta"))
             todo = [plan for plan in plans if not plan.already_done()]
+            for plan in todo:
+                if isinstance(plan, SizePlan):  # refused before the download, not after it
+                    check_output_dir(plan.target, inputs=[staging_dir], overwrite=overwrite)
+                    plan.overwrite = overwrite
             fetcher.fetch_all([f for plan in todo for f in plan.files])
             for number, plan in enumerate(todo):
                 plan.finish(fetcher, remote)
@@ -139,6 +148,7 @@ def download_hf(
     endpoint: str | None = None,
     staging_dir: Path = Path(".staging"),
     jobs: int = 4,
+    overwrite: bool = False,
 ) -> Path:
     """Fetch a Hugging Face repository at a pinned revision, verify every file, record the commit fetched.
 
@@ -163,14 +173,28 @@ def download_hf(
         endpoint: Hub URL; default: $HF_ENDPOINT or https://huggingface.co.
         staging_dir: partial downloads, outside any workflow output; a rerun continues from here.
         jobs: files downloaded in parallel.
+        overwrite: replace a local_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     local_dir, staging_dir = Path(local_dir), Path(staging_dir)
+    inputs = [path] if source == "local" else [staging_dir]
+    check_output_dir(local_dir, inputs=inputs, overwrite=overwrite)  # before any download
     if source == "local":
-        return _hf_from_local(Path(path) if path else None, local_dir, link)
+        return _hf_from_local(Path(path) if path else None, local_dir, link, overwrite)
     if not repo:
         raise VicunaflowError("download hf: --repo is required with --source hf (e.g. lmsys/vicuna-7b-delta-v1.1)")
     token = os.environ.get(token_env) or None
     with redacting([token] if token else []):
         return _hf_from_hub(
-            repo, local_dir, revision, include, exclude, repo_type, token, token_env, endpoint, staging_dir, jobs
+            repo,
+            local_dir,
+            revision,
+            include,
+            exclude,
+            repo_type,
+            token,
+            token_env,
+            endpoint,
+            staging_dir,
+            jobs,
+            overwrite,
         )

@@ -35,6 +35,7 @@ def _hf_from_hub(
     endpoint: str | None,
     staging_dir: Path,
     jobs: int,
+    overwrite: bool = False,
 ) -> Path:
     from huggingface_hub import constants
 
@@ -78,7 +79,7 @@ def _hf_from_hub(
             + "; ".join(m for _, m in bad)
             + (f"; kept aside as {', '.join(aside)}" if aside else "")
         )
-    with atomic_output_dir(local_dir) as out:
+    with atomic_output_dir(local_dir, inputs=[staging_dir], overwrite=overwrite) as out:
         for name in expected:
             place_file((root / name).resolve() if offline else root / name, _inside_tree(out, name), "hardlink-or-copy")
         write_manifest(
@@ -256,7 +257,7 @@ def _hub_errors(repo: str, revision: str | None, endpoint: str, token_env: str) 
         raise
 
 
-def _hf_from_local(path: Path | None, local_dir: Path, link: bool) -> Path:
+def _hf_from_local(path: Path | None, local_dir: Path, link: bool, overwrite: bool = False) -> Path:
     """An existing Hugging Face folder: hashes checked against its vicunaflow.json (when it has one) and
     every shard its index names present; then linked into place."""
     if path is None or not path.is_dir():
@@ -293,7 +294,7 @@ def _hf_from_local(path: Path | None, local_dir: Path, link: bool) -> Path:
         len(expected),
         len(names),
     )
-    with atomic_output_dir(local_dir) as out:
+    with atomic_output_dir(local_dir, inputs=[path], overwrite=overwrite) as out:
         for name in names:
             place_file(path / name, _inside_tree(out, name), mode)
         extra = {}

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from vicunaflow import VicunaflowError
 from vicunaflow.download.http import Fetcher, Remote, RemoteFile, _redacted_command, place_file, redact_url
-from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, md5_file, write_manifest
+from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, check_output_dir, md5_file, write_manifest
 from vicunaflow.sizes import RAW_DIR_TO_SIZE, get_size
 
 # One logger for the package, so log lines name `vicunaflow.download` as before the split.
@@ -193,6 +193,7 @@ class SizePlan:
     checklist: bytes
     entries: dict[str, str]
     placements: list[Placement]
+    overwrite: bool = False  # replace a target that is not a vicunaflow output
 
     @property
     def files(self) -> list[RemoteFile]:
@@ -209,7 +210,7 @@ class SizePlan:
         return False
 
     def finish(self, fetcher: Fetcher, remote: Remote) -> None:
-        with atomic_output_dir(self.target) as out:
+        with atomic_output_dir(self.target, inputs=[fetcher.staging], overwrite=self.overwrite) as out:
             for placement in self.placements:
                 place_file(fetcher.staged[placement.file.key], _inside(out, placement.name), "hardlink-or-copy")
             (out / CHECKLIST).write_bytes(self.checklist)
@@ -272,6 +273,7 @@ def _llama_from_local(
     link: bool,
     include_tokenizer: bool,
     jobs: int,
+    overwrite: bool = False,
 ) -> Path:
     if path is None:
         raise VicunaflowError("--source local needs --path: a folder in pyllama's layout, or one size folder")
@@ -300,12 +302,15 @@ def _llama_from_local(
                 (tokenizer_dir / TOKENIZER_CHECKLIST).read_text(), str(tokenizer_dir / TOKENIZER_CHECKLIST)
             )
             to_check |= {tokenizer_dir / n: md5 for n, md5 in tok_entries.items()}
+        inputs = [src, tokenizer_dir / "tokenizer.model" if tokenizer_dir else None]
+        if (folder / name).resolve() != src.resolve():  # refused before the (long) verification
+            check_output_dir(folder / name, inputs=inputs, overwrite=overwrite)
         _verify_local(to_check, jobs)
         target = folder / name
         if target.resolve() == src.resolve():
             log.info("%s: already in place; verified", target)
             continue
-        with atomic_output_dir(target) as out:
+        with atomic_output_dir(target, inputs=inputs, overwrite=overwrite) as out:
             done = {place_file(src / n, _inside(out, n), mode) for n in names}
             shutil.copyfile(src / CHECKLIST, out / CHECKLIST)
             if tokenizer_dir:

@@ -1,0 +1,309 @@
+"""Output folders: what may be replaced, what is refused, and what a killed run leaves behind.
+
+Every case drives the real CLI (`vicunaflow.cli.main`, or a subprocess where signals are sent)
+on the tiny chain of conftest.py, whose folders are read-only to these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, cli, outputs
+
+
+def run(*argv) -> int:
+    """`vicunaflow <argv>` in this process; its exit status (0, or what it passed to sys.exit)."""
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def user_folder(path: Path) -> Path:
+    """A folder the user made: a file and a subfolder, no vicunaflow.json."""
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("mine\n")
+    (path / "sub" / "data.txt").write_text("also mine\n")
+    return path
+
+
+def assert_untouched(path: Path) -> None:
+    assert (path / "notes.txt").read_text() == "mine\n"
+    assert (path / "sub" / "data.txt").read_text() == "also mine\n"
+
+
+def temporaries(parent: Path, name: str) -> list[Path]:
+    return sorted(parent.glob(f".{name}.tmp-*"))
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---- an existing folder is replaced only when it is an earlier vicunaflow output -------------------
+
+
+def test_convert_refuses_to_replace_a_user_folder(tiny_raw, tmp_path, capsys):
+    out = user_folder(tmp_path / "existing_out")
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", out) == 1
+    assert_untouched(out)
+    err = capsys.readouterr().err
+    assert f"{out} exists and is not a complete vicunaflow output" in err and "--overwrite" in err
+    assert temporaries(tmp_path, "existing_out") == []
+
+
+def test_overwrite_replaces_a_user_folder(tiny_raw, tiny_hf, tmp_path):
+    out = user_folder(tmp_path / "existing_out")
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", out, "--overwrite") == 0
+    assert not (out / "notes.txt").exists()
+    assert (out / "model.safetensors.index.json").read_bytes() == (
+        tiny_hf / "model.safetensors.index.json"
+    ).read_bytes()
+
+
+def test_an_earlier_output_or_an_empty_folder_is_replaced(tiny_raw, tiny_hf, tmp_path):
+    out = tmp_path / "llama-tiny-hf"
+    shutil.copytree(tiny_hf, out)
+    (out / "model.safetensors.index.json").write_text("{}")  # changed since: the rerun writes it afresh
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", out) == 0
+    assert tree(out) == tree(tiny_hf)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", empty) == 0
+    assert (empty / "config.json").is_file()
+
+
+def test_a_manifest_not_written_by_vicunaflow_does_not_count(tiny_raw, tmp_path):
+    out = user_folder(tmp_path / "out")
+    (out / outputs.MANIFEST).write_text('{"note": "my own file"}\n')
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", out) == 1
+    assert_untouched(out)
+
+
+def test_a_file_in_the_way_is_refused(tiny_raw, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file\n")
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", out) == 1
+    assert out.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("verb", ["synth llama", "synth delta", "make-delta", "data tokenize", "download hf"])
+def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, tiny_vicuna, tmp_path, capsys):
+    out = user_folder(tmp_path / "out")
+    argv = {
+        "synth llama": ["synth", "llama", "--folder", tmp_path, "--model-size", "tiny"],
+        "synth delta": ["synth", "delta", "--base", tiny_hf, "--output-dir", out],
+        "make-delta": ["make-delta", "--base", tiny_hf, "--target", tiny_vicuna, "--delta", out],
+        "data tokenize": [
+            "data",
+            "tokenize",
+            "--data",
+            BUILTIN_CONVERSATIONS,
+            "--model-path",
+            tiny_hf,
+            "--output-dir",
+            out,
+        ],
+        "download hf": ["download", "hf", "--source", "local", "--path", tiny_hf, "--local-dir", out],
+    }[verb]
+    if verb == "synth llama":  # writes <folder>/tiny
+        out = user_folder(tmp_path / "tiny")
+    assert run(*argv) == 1
+    assert_untouched(out)
+    assert f"{out} exists and is not a complete vicunaflow output" in capsys.readouterr().err
+
+
+def test_download_llama_refuses_to_replace_a_user_folder(tiny_raw, tmp_path):
+    out = user_folder(tmp_path / "pyllama_data" / "tiny")
+    argv = ["download", "llama", "--source", "local", "--path", tiny_raw, "--model-size", "tiny"]
+    assert run(*argv, "--folder", tmp_path / "pyllama_data") == 1
+    assert_untouched(out)
+
+
+def test_finetune_refuses_before_training(tiny_hf, tmp_path, capsys):
+    out = user_folder(tmp_path / "out")
+    argv = ["finetune", "--model-path", tiny_hf, "--data", BUILTIN_CONVERSATIONS, "--output-dir", out]
+    assert run(*argv, "--max-steps", "1", "--report-to", "none") == 1
+    assert_untouched(out)
+    err = capsys.readouterr().err
+    assert f"{out} exists and is not a complete vicunaflow output" in err
+    assert "finetune: {" not in err  # refused before the run started
+    assert not (tmp_path / ".checkpoints").exists()
+
+
+# ---- outputs that would destroy an input, the working directory or a root --------------------------
+
+
+def test_output_that_is_the_input_is_refused_even_with_overwrite(tiny_raw, tmp_path, capsys):
+    raw = tmp_path / "pyllama_data" / "tiny"
+    shutil.copytree(tiny_raw, raw)
+    before = tree(raw)
+    assert run("convert", "--input-dir", raw, "--output-dir", raw, "--overwrite") == 1
+    assert tree(raw) == before
+    assert f"refusing to write the output {raw}: it is the input {raw}" in capsys.readouterr().err
+
+
+def test_output_that_contains_the_input_is_refused(tiny_raw, tmp_path, capsys):
+    folder = tmp_path / "pyllama_data"
+    shutil.copytree(tiny_raw, folder / "tiny")
+    (folder / "notes.txt").write_text("mine\n")
+    before = tree(folder)
+    assert run("convert", "--input-dir", folder / "tiny", "--output-dir", folder, "--overwrite") == 1
+    assert tree(folder) == before
+    assert f"refusing to write the output {folder}: it contains the input {folder / 'tiny'}" in capsys.readouterr().err
+
+
+def test_output_inside_the_input_is_refused(tiny_raw, tmp_path, capsys):
+    raw = tmp_path / "tiny"
+    shutil.copytree(tiny_raw, raw)
+    assert run("convert", "--input-dir", raw, "--output-dir", raw / "hf") == 1
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in tiny_raw.iterdir())
+    assert f"it lies inside the input {raw}" in capsys.readouterr().err
+
+
+def test_output_through_a_symlink_or_dotdot_is_still_the_input(tiny_raw, tmp_path):
+    raw = tmp_path / "data" / "tiny"
+    shutil.copytree(tiny_raw, raw)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    before = tree(raw)
+    assert run("convert", "--input-dir", raw, "--output-dir", tmp_path / "link" / "tiny") == 1
+    assert run("convert", "--input-dir", raw, "--output-dir", raw / "sub" / ".." / ".." / "tiny") == 1
+    assert tree(raw) == before
+
+
+def test_output_that_is_the_working_directory_is_refused(tiny_raw, tmp_path, monkeypatch, capsys):
+    work = user_folder(tmp_path / "work")
+    monkeypatch.chdir(work)
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", ".", "--overwrite") == 1
+    assert_untouched(work)
+    assert "it is the working directory" in capsys.readouterr().err
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", "..", "--overwrite") == 1
+    assert_untouched(work)
+    assert "it contains the working directory" in capsys.readouterr().err
+
+
+def test_apply_delta_onto_its_base_is_refused(tiny_hf, tiny_delta, tmp_path, capsys):
+    base = tmp_path / "llama-tiny-hf"
+    shutil.copytree(tiny_hf, base)
+    before = tree(base)
+    assert run("apply-delta", "--base", base, "--delta", tiny_delta, "--target", base) == 1
+    assert tree(base) == before
+    assert f"refusing to write the output {base}: it is the input {base}" in capsys.readouterr().err
+
+
+def test_finetune_output_may_not_hold_its_checkpoints(tiny_hf, tmp_path):
+    argv = ["finetune", "--model-path", tiny_hf, "--data", BUILTIN_CONVERSATIONS, "--output-dir", tmp_path / "out"]
+    assert run(*argv, "--checkpoint-dir", tmp_path / "out" / "ckpt", "--max-steps", "1") == 1
+    assert run(*argv, "--checkpoint-dir", tmp_path, "--max-steps", "1") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_output_dir_refuses_roots_and_home(tmp_path):
+    with pytest.raises(VicunaflowError, match="it is the filesystem root /"):
+        outputs.check_output_dir("/", overwrite=True)
+    with pytest.raises(VicunaflowError, match="it is the filesystem root"):
+        outputs.check_output_dir(tmp_path / ".." / ".." / ".." / ".." / ".." / ".." / ".." / "..", overwrite=True)
+    with pytest.raises(VicunaflowError, match="home directory"):
+        outputs.check_output_dir(Path.home(), overwrite=True)
+    assert outputs.check_output_dir(tmp_path / "new") == tmp_path / "new"
+
+
+# ---- temporaries left by killed runs ------------------------------------------------------------------
+
+
+def stalling_base(tiny_hf: Path, where: Path) -> Path:
+    """A copy of tiny_hf whose tokenizer.json is a FIFO: `synth delta` writes its shards into its temporary,
+    then blocks reading the FIFO, inside the output block, until something opens it for writing."""
+    base = where / "stalling-base"
+    shutil.copytree(tiny_hf, base)
+    (base / "tokenizer.json").unlink()
+    os.mkfifo(base / "tokenizer.json")
+    return base
+
+
+def start_stalled_writer(base: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    """`vicunaflow synth delta` in a subprocess, stopped mid-write; returns it and its temporary."""
+    before = set(temporaries(out.parent, out.name))
+    argv = [sys.executable, "-m", "vicunaflow", "synth", "delta", "--base", str(base), "--output-dir", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = set(temporaries(out.parent, out.name)) - before
+        if new and any(p.name.endswith(".bin") for p in next(iter(new)).iterdir()):
+            return process, new.pop()
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("synth delta never reached its output block")
+
+
+def test_sigterm_removes_the_temporary(tiny_hf, tmp_path):
+    base = stalling_base(tiny_hf, tmp_path)
+    out = tmp_path / "delta"
+    process, tmp = start_stalled_writer(base, out)
+    assert tmp.is_dir()
+    process.terminate()  # SIGTERM, as Snakemake and SLURM stop a job
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 143, output
+    assert temporaries(tmp_path, "delta") == [] and not out.exists()
+
+
+def test_rerun_removes_temporaries_of_killed_runs_only(tiny_hf, tmp_path):
+    base = stalling_base(tiny_hf, tmp_path)
+    out = tmp_path / "delta"
+    killed, stale = start_stalled_writer(base, out)
+    killed.kill()  # kill -9: nothing can clean up
+    killed.wait()
+    assert stale.is_dir()
+    live, owned = start_stalled_writer(base, out)  # a run that is still writing the same output
+    other = tmp_path / f".other.tmp-{killed.pid}.0@{outputs._host()}-abcdefgh"  # another output's
+    elsewhere = tmp_path / f".delta.tmp-{killed.pid}.0@another-node-abcdefgh"  # a process on another host
+    legacy = tmp_path / ".delta.tmp-abcdefgh"  # from a version that did not name the owner
+    for path in (other, elsewhere, legacy):
+        path.mkdir()
+    try:
+        assert run("synth", "delta", "--base", tiny_hf, "--output-dir", out) == 0
+        assert not stale.exists()
+        assert owned.is_dir() and other.is_dir() and elsewhere.is_dir() and legacy.is_dir()
+        assert (out / "pytorch_model.bin.index.json").is_file()
+    finally:
+        live.terminate()
+        live.communicate(timeout=60)
+    assert not owned.exists()
+
+
+def test_a_reused_pid_does_not_keep_a_temporary_alive(tmp_path):
+    target = tmp_path / "out"
+    mine = outputs._start_time(os.getpid())
+    reused = tmp_path / f".out.tmp-{os.getpid()}.{mine + 1}@{outputs._host()}-abcdefgh"  # same pid, started later
+    current = tmp_path / f".out.tmp-{os.getpid()}.{mine}@{outputs._host()}-abcdefgh"
+    reused.mkdir()
+    current.mkdir()
+    assert outputs.remove_stale_temporaries(target) == [reused]
+    assert current.is_dir()
+
+
+def test_sigterm_outside_an_output_keeps_its_usual_effect(tmp_path):
+    """The parent of a torchrun launch writes nothing: SIGTERM still ends it at once, as before."""
+    code = (
+        "import os, signal\nfrom vicunaflow import outputs\n"
+        "with outputs.terminate_on_sigterm():\n    os.kill(os.getpid(), signal.SIGTERM)\nprint('survived')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGTERM and "survived" not in result.stdout
+
+
+def test_manifest_written_by_vicunaflow_marks_a_complete_output(tiny_hf):
+    manifest = json.loads((tiny_hf / outputs.MANIFEST).read_text())
+    assert "vicunaflow" in manifest["versions"]
+    assert outputs._replaceable(tiny_hf)
