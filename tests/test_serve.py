@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -222,3 +225,151 @@ def test_api_key_flag(tiny_vicuna):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def raw_request(server: str, head: bytes) -> socket.socket:
+    host, port = server.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    connection.sendall(head)
+    return connection
+
+
+def read_response(connection: socket.socket) -> str:
+    """Everything the server sends until it closes the connection (413 answers `Connection: close`)."""
+    connection.settimeout(10)
+    data = b""
+    while True:
+        try:
+            piece = connection.recv(65536)
+        except ConnectionResetError:  # the unread upload makes the close a reset: keep what arrived
+            break
+        if not piece:
+            break
+        data += piece
+    return data.decode()
+
+
+def test_oversized_body_is_413_before_it_is_read(server):
+    """A Content-Length over the cap is answered at once: the client has sent none of its 10 MB."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 10000000\r\n\r\n"
+    )
+    with raw_request(server, head) as connection:
+        response = read_response(connection)
+    status, _, rest = response.partition("\r\n")
+    assert status.startswith("HTTP/1.1 413"), response
+    error = json.loads(rest.partition("\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_too_large" and "4194304 bytes" in error["message"]
+
+
+def test_oversized_chunked_body_is_413_while_it_streams(server):
+    """Without a Content-Length the cap holds while the body streams in: refused soon after 4 MiB, not at 12 MB."""
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+    )
+    chunk = b"x" * 65536
+    sent = 0
+    with raw_request(server, head) as connection:
+        while sent < 12_000_000 and not select.select([connection], [], [], 0)[0]:
+            try:
+                connection.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the server answered and closed meanwhile
+                break
+            sent += len(chunk)
+            time.sleep(0.002)  # let the server keep up, so `sent` says when it stopped reading
+        response = read_response(connection)
+    assert response.startswith("HTTP/1.1 413"), response
+    assert sent < 8_000_000, sent
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenised(server):
+    """Tokenising 3.5 MB of text takes seconds; it runs in a worker thread, not on the event loop."""
+    text = "Tell me about the history of llamas and vicunas. " * (3_500_000 // 49)
+    body = {"model": "vicuna-tiny-all-v1.1", "messages": [{"role": "user", "content": text}], "max_tokens": 5}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    result = {}
+
+    def big_request():
+        result["response"] = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+    worker = threading.Thread(target=big_request)
+    worker.start()
+    time.sleep(0.5)  # the body has arrived; tokenisation is under way
+    waits = []
+    while worker.is_alive():
+        start = time.monotonic()
+        assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.05)
+    worker.join()
+    assert result["response"].status_code == 400
+    assert result["response"].json()["error"]["code"] == "context_length_exceeded"
+    assert len(waits) >= 5, waits  # the big request was in flight for a while...
+    assert max(waits) < 1.0, waits  # ...and /health answered throughout
+
+
+def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
+    """A non-streamed request whose client gave up is cancelled, not decoded to its max_tokens."""
+    before = engine_stats(server)
+    body = {"model": "vicuna-tiny-all-v1.1", "prompt": "Tell me everything", "max_tokens": 240, "temperature": 1.0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = engine_stats(server)
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    assert stats["decode_tokens"] - before["decode_tokens"] < 200  # stopped well before its 240 tokens
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "extra"),
+    [
+        ("chat/completions", "logprobs", {"logprobs": True}),
+        ("chat/completions", "top_logprobs", {"top_logprobs": 2}),
+        ("completions", "logprobs", {"logprobs": 0}),
+        ("completions", "echo", {"echo": True}),
+    ],
+)
+def test_logprobs_and_echo_are_refused_naming_the_field(server, route, field, extra):
+    body = {"model": "vicuna-tiny-all-v1.1", "max_tokens": 2, **extra}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if route.startswith("chat") else {"prompt": "hi"})
+    response = httpx.post(f"{server}/v1/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_port_in_use_fails_before_loading_the_model(tmp_path):
+    """The port is checked first: the model path does not even exist, and the error names the port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vicunaflow",
+            "serve",
+            "--model-path",
+            str(tmp_path / "missing"),
+            "--port",
+            str(port),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr, result.stderr
+
+
+def test_body_limit_defaults_agree():
+    import inspect
+
+    from vicunaflow.serve import serve
+    from vicunaflow.serve.app import MAX_BODY_BYTES, create_app
+
+    assert inspect.signature(serve).parameters["max_body_bytes"].default == MAX_BODY_BYTES
+    assert inspect.signature(create_app).parameters["max_body_bytes"].default == MAX_BODY_BYTES

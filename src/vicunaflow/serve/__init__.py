@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +37,7 @@ def serve(
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
+    max_body_bytes: int = 4 * 1024 * 1024,
 ) -> None:
     """Serve a model over OpenAI's v1 API (/v1/models, /v1/chat/completions, /v1/completions) and a chat page at /.
 
@@ -58,6 +60,7 @@ def serve(
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
+        max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
     """
     import uvicorn
 
@@ -74,6 +77,7 @@ def serve(
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach port %d can use the model", host, port)
+    _check_port(host, port)  # before the model loads: minutes wasted otherwise
     model, tokenizer = load_model(
         model_path,
         device=device,
@@ -90,6 +94,7 @@ def serve(
         model_name=model_name or Path(model_path).resolve().name,
         api_keys=keys,
         default_max_tokens=default_max_tokens,
+        max_body_bytes=max_body_bytes,
     )
     with engine:
         log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", model_path, host, port)
@@ -99,3 +104,22 @@ def serve(
 def _split_keys(value: list[str] | str | None) -> list[str]:
     items = [value] if isinstance(value, str) else list(value or [])
     return [key.strip() for item in items for key in item.split(",") if key.strip()]
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail at once, naming the port, when uvicorn could not listen on it (in use, no permission, bad host).
+
+    Binds what uvicorn would bind (every address `host` resolves to) with uvicorn's SO_REUSEADDR, so a
+    port left in TIME_WAIT by the previous run passes and only a real conflict fails.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as err:
+        raise VicunaflowError(
+            f"cannot listen on {host}:{port}: {err.strerror or err} (is another server using port {port}? "
+            "pick another with --port)"
+        ) from None

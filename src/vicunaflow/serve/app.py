@@ -2,8 +2,13 @@
 
 Every generation goes through the shared `Engine` (one background thread, continuous batching); a
 route only renders the prompt with vicunaflow.template, submits it, and relays the engine's events
-(from its thread into the event loop with call_soon_threadsafe). When a client goes away the
-request is cancelled and its batch slot is freed at the engine's next step.
+(from its thread into the event loop with call_soon_threadsafe). When a client goes away, streamed
+or not, the request is cancelled and its batch slot is freed at the engine's next step.
+
+The event loop only moves bytes: a body is refused with 413 past `max_body_bytes` (by its
+Content-Length before reading any of it, else while it streams in), and validation, template
+rendering and tokenisation (seconds for a few MB of text) run in worker threads, so /health and
+the other requests keep being answered meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import template
@@ -32,6 +38,9 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 FINISH_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+# Request bodies larger than this are refused with 413. A full 2048-token prompt is ~10 KB of text;
+# the cap leaves room for long contexts, many completion prompts and JSON escaping.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class APIError(Exception):
@@ -48,6 +57,8 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 413:  # the rest of the body is not read: the connection cannot carry another request
+            headers = {"Connection": "close"}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     def sse(self) -> str:
@@ -56,7 +67,12 @@ class APIError(Exception):
 
 
 def create_app(
-    engine: Engine, *, model_name: str, api_keys: list[str] | None = None, default_max_tokens: int = 512
+    engine: Engine,
+    *,
+    model_name: str,
+    api_keys: list[str] | None = None,
+    default_max_tokens: int = 512,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     app = FastAPI(title="vicunaflow", docs_url=None, redoc_url=None, openapi_url=None)
     keys = [k.encode() for k in api_keys or []]
@@ -138,10 +154,12 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
         check_model(body.model)
-        system, turns = _turns(body)
-        prompt_ids = encode_prompt(engine.tokenizer, template.render(turns, system))
+        for field, asked in (("logprobs", body.logprobs), ("top_logprobs", body.top_logprobs)):
+            if asked:  # false / 0 ask for nothing
+                raise APIError(400, f"{field} is not supported by this server", param=field)
+        prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, body)
         params = sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -150,7 +168,7 @@ def create_app(
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             chunks = _stream_chat(engine, prompt_ids, params, reply_id, model_name, include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(_complete(engine, request, prompt_ids, params) for _ in range(body.n)))
+        results = await _complete_all(request, [_complete(engine, prompt_ids, params) for _ in range(body.n)])
         choices = [
             {
                 "index": i,
@@ -174,14 +192,15 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, max_body_bytes)
         check_model(body.model)
-        if body.logprobs is not None or body.echo:
-            raise APIError(400, "logprobs and echo are not supported by this server", param="logprobs")
+        for field, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
+            if asked:  # logprobs=0 still asks for the sampled tokens' logprobs
+                raise APIError(400, f"{field} is not supported by this server", param=field)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        encoded = [encode_prompt(engine.tokenizer, p) for p in prompts]
+        encoded = await run_in_threadpool(lambda: [encode_prompt(engine.tokenizer, p) for p in prompts])
         all_params = [sampling(body, len(ids), body.max_tokens or 16) for ids in encoded]  # OpenAI's default: 16
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -190,11 +209,11 @@ def create_app(
             chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         jobs = [
-            _complete(engine, request, ids, params)
+            _complete(engine, ids, params)
             for ids, params in zip(encoded, all_params, strict=True)
             for _ in range(body.n)
         ]
-        results = await asyncio.gather(*jobs)
+        results = await _complete_all(request, jobs)
         choices = [
             {"index": i, "text": text, "logprobs": None, "finish_reason": FINISH_REASON[last.finish_reason]}
             for i, (text, last) in enumerate(results)
@@ -217,9 +236,32 @@ def create_app(
 # ---------------------------------------------------------------------------------------------------------
 
 
-async def _parse(request: Request, model: type[BaseModel]):
+async def _parse(request: Request, model: type[BaseModel], max_bytes: int):
     """Validate a JSON body whatever its Content-Type (curl -d sends form-encoded headers)."""
-    raw = await request.body()
+    raw = await _read_body(request, max_bytes)
+    return await run_in_threadpool(_validate, model, raw)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `max_bytes`: by Content-Length before
+    reading anything (uvicorn sends `100 Continue` only when reading starts), else while it streams in."""
+    too_large = APIError(
+        413,
+        f"The request body exceeds this server's limit of {max_bytes} bytes (serve --max-body-bytes).",
+        code="request_too_large",
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+def _validate(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as err:
@@ -236,6 +278,12 @@ def _describe(errors: list) -> str:
 
 def _model_card(name: str, created: int, context: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "vicunaflow", "max_model_len": context}
+
+
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The token ids of a chat request's prompt (CPU work: run it off the event loop)."""
+    system, turns = _turns(body)
+    return encode_prompt(tokenizer, template.render(turns, system))
 
 
 def _turns(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, str | None]]]:
@@ -278,26 +326,45 @@ def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):
     return request, queue
 
 
-async def _complete(
-    engine: Engine, http_request: Request, prompt_ids: list[int], params: SamplingParams
-) -> tuple[str, Event]:
-    """Wait for a whole reply; cancel it if the client disconnects meanwhile."""
+async def _complete_all(http_request: Request, jobs: list) -> list[tuple[str, Event]]:
+    """Run the replies of one non-streamed request; cancel them all as soon as its client disconnects.
+
+    The body has been read, so the next ASGI message can only be http.disconnect: waiting for it costs
+    nothing, and a reply that streams tokens without pause is stopped as promptly as an idle one.
+    """
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    replies = asyncio.gather(*tasks)
+    disconnected = asyncio.ensure_future(_disconnect(http_request))
+    try:
+        await asyncio.wait({replies, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if replies.done():
+            return replies.result()
+        raise APIError(499, "client disconnected")
+    finally:
+        for task in (*tasks, disconnected):  # a cancelled _complete cancels its engine request
+            task.cancel()
+
+
+async def _disconnect(http_request: Request) -> None:
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _complete(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Event]:
+    """Wait for a whole reply; cancelling this coroutine cancels the engine's request."""
     request, queue = _submit(engine, prompt_ids, params)
     text = ""
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await http_request.is_disconnected():
-                    raise APIError(499, "client disconnected") from None
-                continue
+            event = await queue.get()
             text += event.text
             if event.finish_reason == "error":
                 raise APIError(500, f"generation failed: {event.error}", type="server_error")
             if event.finish_reason is not None:
                 return text, event
     finally:
+        if not request.done:
+            log.info("request %d cancelled after %d tokens: its slot is freed", request.id, request.completion_tokens)
         request.cancel()  # no-op when finished; frees the slot otherwise
 
 

@@ -40,6 +40,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream_options: dict | None = None
+    logprobs: bool | None = None  # refused when true (app.py): typed so a request asking for them is not ignored
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(SamplingFields):
