@@ -132,6 +132,24 @@ def test_qmatvec_matches_float64_reference(bits, n, k, group_size, swiglu, resid
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
+    """The engine's call: one row of a [1, 1, K] step through the kernel, into a float32 buffer
+    (tensor parallelism's all-reduce), as kernels.matvec(..., out=) does."""
+    qw = quant.quantize(weight(40, 128), bits=bits, group_size=64).to(DEVICE)
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float16)
+    residual = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.float16)
+    buffer = torch.full((1, 40), float("nan"), device=DEVICE)
+    result = quant.qlinear(x, qw, residual, swiglu=True, out=buffer, matvec=True)
+    expected = reference(x[0], qw, residual[0], swiglu=True)[0]
+    assert result is buffer and torch.allclose(buffer[0].double(), expected, rtol=1e-5, atol=1e-4)
+    plain = quant.qlinear(x, qw, residual, swiglu=True, matvec=False)
+    assert plain.shape == (1, 1, 40) and plain.dtype == torch.float16
+    assert torch.allclose(plain.double().view(-1), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="not a contiguous"):
+        quant_kernels.qmatvec(x[0], qw, swiglu=True, out=torch.empty(2, 40, device=DEVICE))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
     qw = quant.quantize(weight(24, 64), bits=bits, group_size=32)
     x = torch.randn(2, 3, 128, dtype=torch.float64)

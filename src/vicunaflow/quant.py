@@ -51,7 +51,7 @@ class QuantWeight(nn.Module):
     qweight: int8 [N, K] (bits 8) or uint8 [N, K/2] (bits 4, two codes a byte).
     scales: float32 [N] (bits 8) or float16 [N, ceil(K/group_size)] (bits 4).
     zeros: None (bits 8) or float16 [N, ceil(K/group_size)]: W ~ q * scale + zero.
-    Calling it is `qlinear(x, self, residual, swiglu)`.
+    Calling it is `qlinear(x, self, residual, swiglu, out=..., matvec=...)`.
     """
 
     def __init__(
@@ -126,36 +126,48 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZ
 
 
 def qlinear(
-    x: torch.Tensor, qw: QuantWeight, residual: torch.Tensor | None = None, swiglu: bool = False
+    x: torch.Tensor,
+    qw: QuantWeight,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+    matvec: bool | None = None,
 ) -> torch.Tensor:
-    """x @ W.T (+ residual), W = qw dequantized; with swiglu, x is [..., 2K] = gate | up and the input
-    is silu(gate) * up (kernels.matvec's epilogues). Returns x's dtype.
+    """x @ W.T (+ residual), W = qw decoded; with swiglu, x is [..., 2K] = gate | up and the input is
+    silu(gate) * up (kernels.matvec's epilogues). Returns x's dtype, or writes into `out` (any float
+    dtype: a float32 all-reduce buffer for tensor parallelism) and returns it.
 
-    One row on CUDA in float16/bfloat16: the Triton matvec (reads the codes once, graph-capturable);
-    otherwise (prefill, batches, CPU): dequantize to x's dtype, then a plain matmul.
+    matvec: None picks the Triton matvec for one row on CUDA in float16/bfloat16 (reads the codes
+    once, graph-capturable); True takes it for any one row (Triton's interpreter on a CPU); False
+    never. Otherwise (prefill, batches, CPU): dequantize to x's dtype, then a plain matmul.
     """
     n, k = qw.shape
     if x.shape[-1] != (2 * k if swiglu else k):
         raise ValueError(f"qlinear: input {tuple(x.shape)} does not fit weight {qw.shape}")
-    if _use_kernel(x, qw):
+    one_row = x.numel() == x.shape[-1]
+    if one_row and (matvec or (matvec is None and _kernel_fits(x, qw))):
         from vicunaflow import quant_kernels
 
-        out = quant_kernels.qmatvec(x.reshape(1, -1), qw, None if residual is None else residual.reshape(1, n), swiglu)
-        return out.view(*x.shape[:-1], n)
+        flat_out = None if out is None else out.view(1, n)
+        flat_residual = None if residual is None else residual.reshape(1, n)
+        y = quant_kernels.qmatvec(x.reshape(1, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out)
+        return out if out is not None else y.view(*x.shape[:-1], n)
     if swiglu:
         x = F.silu(x[..., :k]) * x[..., k:]
-    out = F.linear(x, qw.dequantize(x.dtype))
-    return out if residual is None else out.add_(residual)
+    y = F.linear(x, qw.dequantize(x.dtype))
+    if residual is not None:
+        y += residual
+    return y if out is None else out.copy_(y)
 
 
-def _use_kernel(x: torch.Tensor, qw: QuantWeight) -> bool:
+def _kernel_fits(x: torch.Tensor, qw: QuantWeight) -> bool:
     from vicunaflow import kernels
 
     return (
         x.device.type == "cuda"
         and qw.device == x.device
         and x.dtype in (torch.float16, torch.bfloat16)
-        and x.numel() == x.shape[-1]
         and kernels.available()
     )
 

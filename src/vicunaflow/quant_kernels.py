@@ -11,7 +11,8 @@ reads BLOCK_N weight rows once, decodes them in registers and accumulates in flo
 
 CUDA graphs: `qmatvec` does no host syncs and allocates only its output (torch's caching
 allocator: graph-safe). The autotuner times its candidates on the first call of each shape, so
-run one eager step per shape before capturing, as for `kernels.matvec`.
+run one eager step per shape before capturing, as for `kernels.matvec`. The signature is
+kernels.matvec's (x, weight, residual, swiglu, out), with a quant.QuantWeight for the weight.
 Tests run both kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -29,11 +30,18 @@ from vicunaflow.kernels import TILES
 INT4_TILES = [(8, 128, 4), (16, 128, 4), (32, 128, 4), (32, 64, 4), (64, 128, 8), (16, 64, 2)]
 
 
-def qmatvec(x: torch.Tensor, qw, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+def qmatvec(
+    x: torch.Tensor,
+    qw,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out = x @ W.T (+ residual) for one row, W = qw (a quant.QuantWeight) decoded on the fly.
 
     x: [1, K], or [1, 2K] with swiglu (input = silu(x[:, :K]) * x[:, K:]); residual: [1, N] or None.
-    Returns a new [1, N] tensor of x's dtype.
+    Returns a new [1, N] tensor of x's dtype, or `out` ([1, N], contiguous, any float dtype: tensor
+    parallelism writes float32 partial sums straight into its all-reduce buffer), as kernels.matvec.
     """
     n, k = qw.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
@@ -41,7 +49,10 @@ def qmatvec(x: torch.Tensor, qw, residual: torch.Tensor | None = None, swiglu: b
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (1, n) or not out.is_contiguous():
+        raise ValueError(f"qmatvec: out {tuple(out.shape)} is not a contiguous [1, {n}]")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
     if qw.bits == 8:
