@@ -60,6 +60,22 @@ def test_dashed_and_fastchat_flags_are_accepted() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("finetune", "--model-path", "m", "--data", "d", "--output-dir", "o", "--learning_rat", "1e-4"),
+        ("finetune", "--model-path", "m", "--data", "d", "--output-dir", "o", "--learning-rat=1e-4"),
+        ("data", "preview", "--data", "d", "--model-path", "m", "--form", "json"),
+    ],
+    ids=["finetune", "finetune-dashed", "data-preview"],
+)
+def test_a_flag_prefix_is_refused_not_taken_for_the_option(args: tuple[str, ...]) -> None:
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "unrecognized arguments: --" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_workflow_defaults_match_cli_defaults() -> None:
     """convert.* defaults in the schema are the defaults of `vicunaflow convert`."""
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())

@@ -127,8 +127,13 @@ def test_truncation_cuts_ids_and_labels_together(tmp_path: Path, tokenizer) -> N
     cut = data.encode(conversation, tokenizer, model_max_length=60)
     assert len(cut.input_ids) == 60
     assert (cut.input_ids, cut.labels) == (full.input_ids[:60], full.labels[:60])
-    # A length that ends before the first reply leaves nothing to learn: the sample is dropped.
-    assert data.encode_all([conversation], tokenizer, model_max_length=10) == []
+    # A length that ends before the first reply leaves nothing to learn: the sample is dropped;
+    # when no sample is left, that is an error, never an empty dataset.
+    long_question = data.Conversation("long", [(template.USER, "why " * 200), (template.ASSISTANT, "because")])
+    kept = data.encode_all([long_question, conversation], tokenizer, model_max_length=len(full.input_ids))
+    assert [s.id for s in kept] == ["multi"]
+    with pytest.raises(VicunaflowError, match="all 1 conversations were dropped"):
+        data.encode_all([conversation], tokenizer, model_max_length=10)
 
 
 def test_only_samples_that_lose_tokens_count_as_truncated(tmp_path: Path, tokenizer, caplog) -> None:
@@ -182,3 +187,64 @@ def test_preview_through_the_cli(tmp_path: Path, tiny_vicuna, tokenizer) -> None
         timeout=120,
     )
     assert bad.returncode == 1 and "record 'x' (index 0): empty conversation" in bad.stderr
+
+
+# --- input that must fail clearly, naming the file and the fix ------------------------------------
+
+
+def run_data_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vicunaflow", "data", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(("encoding", "fix"), [("latin-1", "iconv -f latin1 -t utf-8"), ("utf-16", "iconv -f utf-16")])
+def test_data_that_is_not_utf8_fails_naming_the_file_offset_and_fix(tmp_path: Path, tiny_vicuna, encoding, fix) -> None:
+    records = [
+        {"id": "café", "conversations": [{"from": "human", "value": "Grüß dich"}, {"from": "gpt", "value": "Hé"}]}
+    ]
+    raw = json.dumps(records, ensure_ascii=False).encode(encoding)
+    source = tmp_path / "c.json"
+    source.write_bytes(raw)
+    offset = raw.index(b"\xe9") if encoding == "latin-1" else 0  # utf-16: its byte-order mark
+    common = ["--data", str(source), "--model-path", str(tiny_vicuna)]
+    for args in (["preview", *common], ["tokenize", *common, "--output-dir", str(tmp_path / "out")]):
+        result = run_data_cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert f"{source}: not UTF-8" in result.stderr and f"byte {offset}" in result.stderr
+        assert fix in result.stderr
+        assert "Traceback" not in result.stderr and "UnicodeDecodeError" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path, suffix: str) -> None:
+    text = json.dumps(CONVERSATIONS) if suffix == ".json" else "\n".join(json.dumps(r) for r in CONVERSATIONS)
+    source = tmp_path / f"c{suffix}"
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [c.id for c in data.load_conversations(source)] == ["multi", "starts-with-gpt", "7"]
+
+
+@pytest.mark.parametrize("length", ["0", "-5"])
+def test_tokenize_and_preview_refuse_a_length_below_one(tmp_path: Path, tiny_vicuna, length: str) -> None:
+    source = write(tmp_path / "c.json", CONVERSATIONS)
+    common = ["--data", str(source), "--model-path", str(tiny_vicuna), "--model-max-length", length]
+    for args in (["tokenize", *common, "--output-dir", str(tmp_path / "out")], ["preview", *common]):
+        result = run_data_cli(*args)
+        assert result.returncode == 1, result.stderr
+        assert f"--model-max-length must be at least 1 token, not {length}" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = run_data_cli("preview", "--data", str(source), "--model-path", str(tiny_vicuna), "--limit", "0")
+    assert result.returncode == 1 and "--limit must be at least 1" in result.stderr
+
+
+def test_tokenize_never_writes_an_empty_dataset(tmp_path: Path, tiny_vicuna) -> None:
+    """5 tokens hold no reply of any conversation (the system prompt alone is longer): an error, not 0 samples."""
+    source = write(tmp_path / "c.json", CONVERSATIONS)
+    result = run_data_cli(
+        "tokenize", "--data", str(source), "--model-path", str(tiny_vicuna), "--output-dir", str(tmp_path / "out"),
+        "--model-max-length", "5",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "all 3 conversations were dropped" in result.stderr and "raise --model-max-length" in result.stderr
+    assert not (tmp_path / "out").exists()

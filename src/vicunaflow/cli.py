@@ -88,6 +88,20 @@ def _bare_bool_flags(argv: list[str]) -> list[str]:
     ]
 
 
+def _exact_flags_parser() -> type:
+    """jsonargparse's parser without argparse's prefix matching: `--learning_rat` is an error, not the learning rate.
+
+    A class, not `allow_abbrev=False`: jsonargparse builds each verb's parser as `type(parser)()`.
+    """
+    from jsonargparse import ArgumentParser
+
+    class ExactFlagsParser(ArgumentParser):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    return ExactFlagsParser
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         with terminate_on_sigterm():  # Snakemake and SLURM stop jobs with SIGTERM: clean up as for Ctrl-C
-            CLI(_table(commands), args=argv, as_positional=False)
+            CLI(_table(commands), args=argv, as_positional=False, parser_class=_exact_flags_parser())
     except KeyboardInterrupt:
         sys.exit(130)
     except Terminated:

@@ -67,9 +67,10 @@ def tokenize(
         model_max_length,
     )
     check_output_dir(output_dir, inputs=[data, model_path], overwrite=overwrite)  # before any work
+    check_max_length(model_max_length)
     conversations = load_conversations(data)
     tokenizer = load_tokenizer(model_path)
-    samples = encode_all(conversations, tokenizer, model_max_length)
+    samples = encode_all(conversations, tokenizer, model_max_length)  # never empty: it raises instead
     lengths = [len(s.input_ids) for s in samples]
     offsets = [0]
     for n in lengths:
@@ -129,7 +130,10 @@ def preview(
         "preview: data=%s model_path=%s format=%s model_max_length=%d limit=%s",
         data, model_path, format, model_max_length, limit,
     )  # fmt: skip
-    conversations = load_conversations(data)[: limit if limit is not None else None]
+    check_max_length(model_max_length)
+    if limit is not None and limit < 1:
+        raise VicunaflowError(f"--limit must be at least 1 (or null for all records), not {limit}")
+    conversations = load_conversations(data)[:limit]
     tokenizer = load_tokenizer(model_path)
     samples = encode_all(conversations, tokenizer, model_max_length, drop_untrained=False)
     if format == "json":
@@ -243,8 +247,36 @@ def validate_record(record: object, index: int) -> Conversation | None:
     return Conversation(id=str(record["id"]), turns=turns)
 
 
+def check_max_length(model_max_length: int) -> None:
+    if model_max_length < 1:
+        raise VicunaflowError(
+            f"--model-max-length must be at least 1 token, not {model_max_length} (LLaMA-1 takes 2048, Llama 2 4096)"
+        )
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is accepted); other encodings fail naming the byte and the fix."""
+    raw = path.read_bytes()
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    nul = raw.find(b"\x00")  # never in UTF-8 JSON text; every other byte in UTF-16 ASCII, which decodes "fine"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or nul >= 0:
+        offset = 0 if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else nul  # the byte-order mark, or the first NUL
+        raise VicunaflowError(
+            f"{path}: not UTF-8 but UTF-16 or UTF-32 (byte {offset}: 0x{raw[offset]:02x}); convert it: "
+            f"iconv -f utf-16 -t utf-8 {path} > {converted}"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise VicunaflowError(
+            f"{path}: not UTF-8 (byte {err.start}, line {line}: 0x{raw[err.start]:02x}); convert it, e.g. from "
+            f"Latin-1: iconv -f latin1 -t utf-8 {path} > {converted}"
+        ) from err
+
+
 def _read_records(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -339,6 +371,11 @@ def encode_all(
         samples.append(sample)
     if truncated:
         log.info("%d of %d samples truncated to %d tokens", truncated, len(conversations), model_max_length)
+    if drop_untrained and conversations and not samples:
+        raise VicunaflowError(
+            f"all {len(conversations)} conversations were dropped: none has a reply token within its first "
+            f"{model_max_length} tokens (the system prompt and first question are longer); raise --model-max-length"
+        )
     if dropped:
         log.warning(
             "dropped %d samples with no reply token within %d tokens: %s",
@@ -360,17 +397,31 @@ def _progress(items: Sequence, description: str) -> Iterable:
 # --- the tokenised dataset directory ------------------------------------------------------------
 
 
-def load_tokenized(path: Path) -> tuple[list[Sample], dict]:
-    """Read a directory written by `tokenize` back into samples."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
+def read_tokenized_meta(path: Path) -> dict:
+    """meta.json of a dataset directory written by `tokenize`; an empty one is refused (nothing to train on)."""
     meta_path = path / META_FILE
     if not meta_path.is_file() or not (path / TOKENS_FILE).is_file():
         raise VicunaflowError(
             f"{path}: not a tokenised dataset ({META_FILE} and {TOKENS_FILE} expected); run `vicunaflow data tokenize`"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as err:
+        raise VicunaflowError(f"{meta_path}: not valid JSON ({err}); run `vicunaflow data tokenize` again") from err
+    if not meta.get("n_samples"):
+        raise VicunaflowError(
+            f"{path}: an empty tokenised dataset (0 samples), nothing to train on; tokenise the data again "
+            "with a larger --model-max-length"
+        )
+    return meta
+
+
+def load_tokenized(path: Path) -> tuple[list[Sample], dict]:
+    """Read a directory written by `tokenize` back into samples."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_tokenized_meta(path)
     tensors = load_file(str(path / TOKENS_FILE))
     input_ids, labels, offsets = tensors["input_ids"].tolist(), tensors["labels"].tolist(), tensors["offsets"].tolist()
     samples = [
