@@ -12,6 +12,7 @@ answers, and greedy categories give the greedy answer of each prompt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,7 +63,7 @@ def answers(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph.
     """
-    from vicunaflow.generate import Engine, load_model
+    from vicunaflow.engine import Engine, load_model
     from vicunaflow.outputs import atomic_write_bytes
 
     log.info(
@@ -77,11 +78,12 @@ def answers(
     model, tokenizer = load_model(
         model_path, device=device, num_gpus=num_gpus, max_gpu_memory=max_gpu_memory, load_8bit=load_8bit
     )
-    engine = Engine(
-        model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
-    )
-    started = time.perf_counter()
-    replies = answer_questions(engine, loaded, max_new_tokens)
+    with contextlib.closing(model):  # stops the other ranks of a multi-GPU model
+        engine = Engine(
+            model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
+        )
+        started = time.perf_counter()
+        replies = answer_questions(engine, loaded, max_new_tokens)
     log.info("answered %d questions in %.1fs", len(loaded), time.perf_counter() - started)
     lines = [json.dumps(answer_record(q, model_id, replies[q.id]), ensure_ascii=False) + "\n" for q in loaded]
     Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ class _Job:
 def _job(engine, question: Question, earlier: list[str], max_new_tokens: int) -> _Job:
     from dataclasses import replace
 
-    from vicunaflow.generate import SamplingParams, fit_conversation
+    from vicunaflow.engine import SamplingParams, fit_conversation
 
     turns: list[tuple[str, str | None]] = []
     for asked, reply in zip(question.turns, earlier, strict=False):

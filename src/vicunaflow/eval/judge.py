@@ -275,14 +275,30 @@ def read_judgments(path: Path) -> list[dict]:
 
 
 def run_matches(client: JudgeClient, matches: list[Match], output: Path, parallel: int) -> None:
-    """Judge `matches` `parallel` at a time, appending each judgment to `output` as it arrives."""
+    """Judge `matches` `parallel` at a time, appending each judgment to `output` as it arrives.
+
+    The first error stops the run: requests not started are dropped, those waiting to retry give up,
+    those in flight finish and are kept. That error is raised once every worker has stopped.
+    """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    lock, unrated, started = threading.Lock(), 0, time.perf_counter()
+    lock, started = threading.Lock(), time.perf_counter()
+    judged, unrated, errors = 0, 0, []
     with open(output, "a", encoding="utf-8") as out:
 
-        def one(match: Match) -> dict:
-            judgment = client.complete(match.prompt["system_prompt"], match.user_prompt)
+        def one(match: Match) -> None:
+            nonlocal judged, unrated
+            if client.stop.is_set():
+                return
+            try:
+                judgment = client.complete(match.prompt["system_prompt"], match.user_prompt)
+            except Stopped:
+                return
+            except BaseException as err:
+                client.stop.set()
+                with lock:
+                    errors.append(err)
+                return
             result = {
                 "question_id": match.question_id,
                 "model": match.model,
@@ -296,27 +312,20 @@ def run_matches(client: JudgeClient, matches: list[Match], output: Path, paralle
             with lock:
                 out.write(json.dumps(result, ensure_ascii=False) + "\n")
                 out.flush()
-            return result
+                judged, unrated = judged + 1, unrated + (result["score"] == UNRATED)
+                if judged % 10 == 0 or judged == len(matches):
+                    elapsed = time.perf_counter() - started
+                    log.info("%d/%d judged (%d without a rating), %.0fs", judged, len(matches), unrated, elapsed)
 
         with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="judge") as pool:
-            futures = [pool.submit(one, m) for m in matches]
             try:
-                for n, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                    result = future.result()
-                    unrated += result["score"] == UNRATED
-                    if n % 10 == 0 or n == len(futures):
-                        log.info(
-                            "%d/%d judged (%d without a rating), %.0fs",
-                            n,
-                            len(futures),
-                            unrated,
-                            time.perf_counter() - started,
-                        )
-            except BaseException:
-                client.stop.set()  # requests waiting to retry give up; those in flight finish and are kept
-                for future in futures:
-                    future.cancel()
+                for future in [pool.submit(one, m) for m in matches]:
+                    future.result()
+            except BaseException:  # Ctrl-C: stop the workers, keep what they wrote
+                client.stop.set()
                 raise
+    if errors:
+        raise errors[0]
     if unrated:
         log.warning(
             "%d of %d judgments have no [[rating]]: scored %d, kept in %s and left out of averages",
@@ -329,6 +338,10 @@ def run_matches(client: JudgeClient, matches: list[Match], output: Path, paralle
 
 class Retryable(Exception):
     pass
+
+
+class Stopped(Exception):
+    """Another request failed: give up waiting to retry."""
 
 
 class JudgeClient:
@@ -399,7 +412,7 @@ class JudgeClient:
                 wait = min(retry_after if retry_after is not None else self.retry_wait * 2 ** (attempt - 1), MAX_WAIT)
                 log.warning("judge: %s; retry %d/%d in %.1fs", reason, attempt, self.retries, wait)
                 if self.stop.wait(wait):
-                    raise VicunaflowError("stopped: another request failed") from None
+                    raise Stopped from None
 
 
 def _reply_text(response, url: str) -> str:

@@ -1,0 +1,438 @@
+"""vicunaflow.eval against FastChat's own llm_judge code, transformers and a fake OpenAI judge on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import math
+import re
+import shutil
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError
+from vicunaflow.eval import mt_bench
+from vicunaflow.eval.judge import judge, parse_rating, read_judgments
+from vicunaflow.eval.mt_bench import BUILTIN_JUDGE_PROMPTS, BUILTIN_QUESTIONS, BUILTIN_REFERENCE
+from vicunaflow.eval.summary import summary
+
+N_QUESTIONS = 8  # the built-in set: one per MT-bench category, two turns each
+N_JUDGMENTS = 2 * N_QUESTIONS  # first turns, then whole conversations
+
+
+@pytest.fixture(scope="module")
+def fastchat():
+    """FastChat's llm_judge modules. common.py imports the anthropic client, which its loaders never use."""
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            import anthropic  # noqa: F401
+        except ImportError:
+            patch.setitem(sys.modules, "anthropic", types.ModuleType("anthropic"))
+        import fastchat.llm_judge.common as common
+        import fastchat.llm_judge.gen_judgment as gen_judgment
+        import fastchat.llm_judge.show_result as show_result
+
+        yield types.SimpleNamespace(common=common, gen_judgment=gen_judgment, show_result=show_result)
+
+
+def fake_answers(path: Path, model_id: str = "tiny-model") -> Path:
+    """Answers in FastChat's format without running a model."""
+    lines = []
+    for q in mt_bench.load_questions(BUILTIN_QUESTIONS):
+        turns = [f"answer {i + 1} to question {q.id}" for i in range(len(q.turns))]
+        record = {"question_id": q.id, "answer_id": f"a{q.id}", "model_id": model_id}
+        lines.append(json.dumps({**record, "choices": [{"index": 0, "turns": turns}], "tstamp": 0.0}) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+# --- a fake OpenAI-compatible judge --------------------------------------------------------------
+
+
+class FakeJudge:
+    """POST /v1/chat/completions. `faults`: statuses answered to the next requests, in order;
+    `always`: a status answered to every request; `reply`: the judgment text."""
+
+    def __init__(self):
+        self.faults: list[int] = []
+        self.always: int | None = None
+        self.reply = "The answer is fine. Rating: [[7]]"
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+
+    def handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        with self.lock:
+            self.requests.append({"body": body, "authorization": handler.headers.get("Authorization")})
+            status = self.always or (self.faults.pop(0) if self.faults else 200)
+        if handler.path != "/v1/chat/completions":
+            status = 404
+        messages = {401: "Incorrect API key provided: sk-wrong.", 404: "The model `gpt-5` does not exist"}
+        if status == 200:
+            payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": self.reply}}]}
+        else:
+            payload = {"error": {"message": messages.get(status, f"fault {status}"), "type": "fake"}}
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        if status == 429:
+            handler.send_header("Retry-After", "0")
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+@pytest.fixture
+def fake_judge():
+    judge_state = FakeJudge()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            judge_state.handle(self)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    judge_state.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield judge_state
+    server.shutdown()
+    server.server_close()
+
+
+def run_judge(tmp_path: Path, fake: FakeJudge, **kwargs) -> Path:
+    options = {
+        "questions": BUILTIN_QUESTIONS,
+        "answers": tmp_path / "answers.jsonl",
+        "reference": BUILTIN_REFERENCE,
+        "output": tmp_path / "judgment.jsonl",
+        "judge_base_url": fake.base_url,
+        "judge_model": "gpt-4",
+        "parallel": 3,
+        "retry_wait": 0.01,
+    } | kwargs
+    if not Path(options["answers"]).exists():
+        fake_answers(Path(options["answers"]))
+    return judge(**options)
+
+
+# --- files: FastChat reads ours -------------------------------------------------------------------
+
+
+def test_fastchat_reads_the_builtin_files(fastchat, tmp_path: Path) -> None:
+    questions = fastchat.common.load_questions(str(BUILTIN_QUESTIONS), None, None)
+    assert [q["question_id"] for q in questions] == [q.id for q in mt_bench.load_questions(BUILTIN_QUESTIONS)]
+    assert {q["category"] for q in questions} == set(mt_bench.TEMPERATURES) - {"arena-hard-200"}
+    prompts = fastchat.common.load_judge_prompts(str(BUILTIN_JUDGE_PROMPTS))
+    judges = fastchat.gen_judgment.make_judge_single("gpt-4", prompts)  # FastChat finds the four it grades with
+    assert {j.prompt_template["name"] for j in judges.values()} == set(
+        mt_bench.load_judge_prompts(BUILTIN_JUDGE_PROMPTS)
+    )
+    (tmp_path / "reference").mkdir()
+    shutil.copy(BUILTIN_REFERENCE, tmp_path / "reference" / "gpt-4.jsonl")
+    references = fastchat.common.load_model_answers(str(tmp_path / "reference"))
+    fastchat.common.check_data(questions, references, references, [], judges)  # a reference for each math question
+
+
+def test_judge_prompts_and_scores_are_fastchats(fastchat, fake_judge, tmp_path: Path, monkeypatch) -> None:
+    """FastChat's own gen_judgment matches, played with our judge's replies, give our user prompts and scores."""
+    fake_judge.reply = "Correct and clear. [[8.5]]"
+    output = run_judge(tmp_path, fake_judge)
+    ours = {(j["question_id"], j["turn"]): j for j in read_judgments(output)}
+    assert len(ours) == N_JUDGMENTS
+    assert all(j["score"] == 8.5 and j["judge"][0] == "gpt-4" for j in ours.values())
+
+    common, gen = fastchat.common, fastchat.gen_judgment
+    answer_dir, reference_dir = tmp_path / "model_answer", tmp_path / "reference_answer"
+    answer_dir.mkdir(), reference_dir.mkdir()
+    shutil.copy(tmp_path / "answers.jsonl", answer_dir / "tiny-model.jsonl")
+    shutil.copy(BUILTIN_REFERENCE, reference_dir / "gpt-4.jsonl")
+    questions = common.load_questions(str(BUILTIN_QUESTIONS), None, None)
+    answers = common.load_model_answers(str(answer_dir))
+    references = common.load_model_answers(str(reference_dir))
+    judges = gen.make_judge_single("gpt-4", common.load_judge_prompts(str(BUILTIN_JUDGE_PROMPTS)))
+    math_questions = [q for q in questions if q["category"] in common.NEED_REF_CATS]
+    other_questions = [q for q in questions if q["category"] not in common.NEED_REF_CATS]
+    matches = gen.make_match_single(other_questions, ["tiny-model"], answers, judges["default"])
+    matches += gen.make_match_single(math_questions, ["tiny-model"], answers, judges["math"], None, references)
+    matches += gen.make_match_single(other_questions, ["tiny-model"], answers, judges["default-mt"], multi_turn=True)
+    matches += gen.make_match_single(
+        math_questions, ["tiny-model"], answers, judges["math-mt"], None, references, multi_turn=True
+    )
+    sent = []
+
+    def chat_completion_openai(model, conv, temperature, max_tokens, api_dict=None):
+        sent.append((conv.to_openai_api_messages(), temperature, max_tokens))
+        return fake_judge.reply
+
+    monkeypatch.setattr(common, "chat_completion_openai", chat_completion_openai)
+    theirs = [common.play_a_match_single(m, output_file=None) for m in matches]
+    assert len(theirs) == N_JUDGMENTS
+    for result in theirs:
+        mine = ours[result["question_id"], result["turn"]]
+        assert mine["user_prompt"] == result["user_prompt"]
+        assert mine["score"] == result["score"]
+        assert tuple(mine["judge"]) == result["judge"]
+        assert set(mine) == set(result)
+    requests = {json.dumps(r["body"]["messages"]) for r in fake_judge.requests}
+    assert requests == {json.dumps(messages) for messages, _, _ in sent}  # the same messages reach the judge
+    assert {(r["body"]["temperature"], r["body"]["max_tokens"]) for r in fake_judge.requests} == {(0, 2048)}
+
+
+def test_summary_averages_as_show_result(fastchat, fake_judge, tmp_path: Path, capsys) -> None:
+    output = run_judge(tmp_path, fake_judge)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    for i, record in enumerate(records):  # varied scores, two without a rating
+        record["score"] = -1 if i in (0, 9) else 1 + i % 10
+    output.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary(questions=BUILTIN_QUESTIONS, judgments=[output], output=tmp_path / "s.tsv", output_json=tmp_path / "s.json")
+    (row,) = json.loads((tmp_path / "s.json").read_text())
+    rated = [r for r in records if r["score"] != -1]
+    assert row["mt_bench"]["overall"] == {
+        "score": pytest.approx(sum(r["score"] for r in rated) / len(rated)),
+        "judged": N_JUDGMENTS,
+        "unrated": 2,
+    }
+    capsys.readouterr()
+    args = types.SimpleNamespace(input_file=str(output), model_list=None, bench_name="mt_bench", judge_model="gpt-4")
+    fastchat.show_result.display_result_single(args)
+    printed = [float(x) for x in re.findall(r"\d+\.\d+", capsys.readouterr().out)]  # its tables' means
+    for scores in (row["mt_bench"]["turns"]["1"], row["mt_bench"]["turns"]["2"], row["mt_bench"]["overall"]):
+        assert scores["score"] == pytest.approx(printed.pop(0), abs=1e-6)
+    header, line = (tmp_path / "s.tsv").read_text().splitlines()
+    cells = dict(zip(header.split("\t"), line.split("\t"), strict=True))
+    assert cells["model"] == "tiny-model" and cells["judge"] == "gpt-4" and cells["unrated"] == "2"
+    assert float(cells["mt_bench"]) == pytest.approx(row["mt_bench"]["overall"]["score"], abs=1e-4)
+    assert "math" in cells and "writing" in cells
+
+
+# --- the judge: faults, resumption, a judge that never rates --------------------------------------
+
+
+def test_judge_retries_429_and_5xx_and_sends_the_key(fake_judge, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
+    fake_judge.faults = [429, 500, 503, 429]
+    output = run_judge(tmp_path, fake_judge, judge_api_key_env="MY_JUDGE_KEY")
+    assert len(read_judgments(output)) == N_JUDGMENTS
+    assert len(fake_judge.requests) == N_JUDGMENTS + 4
+    assert {r["authorization"] for r in fake_judge.requests} == {"Bearer sk-test"}
+
+
+def test_judge_gives_up_after_its_retries(fake_judge, tmp_path: Path) -> None:
+    fake_judge.always = 500
+    with pytest.raises(VicunaflowError, match=r"failed after 2 retries.*HTTP 500"):
+        run_judge(tmp_path, fake_judge, retries=2, parallel=1)
+    assert len(fake_judge.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "message"), [(401, "Incorrect API key provided"), (404, "The model `gpt-5` does not exist")]
+)
+def test_judge_fails_fast_with_the_servers_message(fake_judge, tmp_path: Path, status: int, message: str) -> None:
+    fake_judge.always = status
+    with pytest.raises(VicunaflowError, match=f"HTTP {status}: {message}"):
+        run_judge(tmp_path, fake_judge, parallel=1)
+    assert len(fake_judge.requests) == 1  # no retry, and nothing after it
+
+
+def test_judge_resumes_with_what_is_missing(fake_judge, tmp_path: Path) -> None:
+    output = run_judge(tmp_path, fake_judge)
+    lines = output.read_text().splitlines(keepends=True)
+    # Five judgments lost and the last line cut off mid-write, as by a killed run.
+    output.write_text("".join(lines[:10]) + lines[10][:25])
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge)
+    assert len(fake_judge.requests) == N_JUDGMENTS - 10
+    keys = [(j["question_id"], j["turn"]) for j in read_judgments(output)]
+    assert len(keys) == len(set(keys)) == N_JUDGMENTS
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge)  # complete: nothing to ask
+    assert fake_judge.requests == []
+
+
+def test_a_judge_that_never_rates_scores_minus_one(fake_judge, tmp_path: Path) -> None:
+    fake_judge.reply = "I would rather not say."
+    output = run_judge(tmp_path, fake_judge)
+    assert [j["score"] for j in read_judgments(output)] == [-1] * N_JUDGMENTS
+    summary(questions=BUILTIN_QUESTIONS, judgments=[output], output=tmp_path / "s.tsv", output_json=tmp_path / "s.json")
+    (row,) = json.loads((tmp_path / "s.json").read_text())
+    assert row["mt_bench"]["overall"] == {"score": None, "judged": N_JUDGMENTS, "unrated": N_JUDGMENTS}
+    asked = len(fake_judge.requests)
+    run_judge(tmp_path, fake_judge)
+    assert len(fake_judge.requests) == asked  # kept: a rerun does not ask again
+
+
+def test_parse_rating_follows_fastchat() -> None:
+    assert parse_rating("Rating: [[7]]") == 7
+    assert parse_rating("[[8.5]] then [[3]]") == 8.5
+    assert parse_rating("Rating: [6]") == 6  # FastChat's fallback pattern
+    assert parse_rating("Rating: 9/10") == -1
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_bad_lines_are_named_by_file_and_line(fake_judge, tmp_path: Path) -> None:
+    questions = tmp_path / "questions.jsonl"
+    lines = BUILTIN_QUESTIONS.read_text().splitlines(keepends=True)
+    questions.write_text(lines[0] + "\n" + '{"question_id": 9, "category": "math"\n')
+    with pytest.raises(VicunaflowError, match=rf"{questions}:3: not valid JSON"):
+        mt_bench.load_questions(questions)
+    questions.write_text(lines[0] + '{"question_id": 9, "category": "math", "turns": []}\n')
+    with pytest.raises(VicunaflowError, match=rf"{questions}:2: question 9: turns must be"):
+        mt_bench.load_questions(questions)
+
+    answers = fake_answers(tmp_path / "answers.jsonl")
+    good = answers.read_text().splitlines(keepends=True)
+    answers.write_text("".join(good) + json.dumps({"question_id": 999, "choices": [{"turns": ["x"]}]}) + "\n")
+    with pytest.raises(VicunaflowError, match=rf"{answers}:9: answer for question_id 999, which is not in"):
+        run_judge(tmp_path, fake_judge)
+    answers.write_text(good[0] + json.dumps({"question_id": 2, "choices": "none"}) + "\n")
+    with pytest.raises(VicunaflowError, match=rf"{answers}:2: question 2: choices must be"):
+        run_judge(tmp_path, fake_judge)
+    answers.write_text("".join(good[:3]))
+    with pytest.raises(VicunaflowError, match=r"no answer to 5 question\(s\): 4, 5, 6, 7, 8"):
+        run_judge(tmp_path, fake_judge)
+    fake_answers(answers)
+    with pytest.raises(VicunaflowError, match="give --reference"):
+        run_judge(tmp_path, fake_judge, reference=None)
+    assert fake_judge.requests == []
+
+
+# --- answers: FastChat's conversation, transformers' greedy tokens ------------------------------
+
+
+def test_answers_are_fastchats_greedy_conversation(tiny_vicuna: Path, fastchat, tmp_path: Path) -> None:
+    import torch
+    from fastchat.conversation import get_conv_template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vicunaflow.eval.answers import answers
+
+    output = answers(
+        model_path=tiny_vicuna,
+        questions=BUILTIN_QUESTIONS,
+        output=tmp_path / "a" / "m.jsonl",
+        max_new_tokens=12,
+        device="cpu",
+    )
+    loaded = fastchat.common.load_model_answers(str(tmp_path / "a"))["m"]
+    questions = {q.id: q for q in mt_bench.load_questions(BUILTIN_QUESTIONS)}
+    assert set(loaded) == set(questions)
+    assert all(a["model_id"] == "vicuna-tiny-all-v1.1" and len(a["choices"][0]["turns"]) == 2 for a in loaded.values())
+
+    # The greedy categories, as gen_model_answer.py answers them with transformers' generate.
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_vicuna), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_vicuna))
+    for question_id in [i for i, q in questions.items() if mt_bench.TEMPERATURES[q.category] == 0][:2]:
+        conv = get_conv_template("vicuna_v1.1")
+        for turn, text in enumerate(questions[question_id].turns):
+            conv.append_message(conv.roles[0], text)
+            conv.append_message(conv.roles[1], None)
+            input_ids = torch.tensor(tokenizer([conv.get_prompt()]).input_ids)
+            generated = model.generate(input_ids, do_sample=False, max_new_tokens=12)[0, input_ids.shape[1] :]
+            expected = tokenizer.decode(generated, skip_special_tokens=True, spaces_between_special_tokens=False)
+            ours = loaded[question_id]["choices"][0]["turns"][turn]
+            assert printable(ours) == printable(expected.strip())
+            conv.update_last_message(ours)
+
+    again = answers(
+        model_path=tiny_vicuna,
+        questions=BUILTIN_QUESTIONS,
+        output=tmp_path / "b.jsonl",
+        max_new_tokens=12,
+        device="cpu",
+    )
+    first = [json.loads(line)["choices"] for line in output.read_text().splitlines()]
+    assert first == [json.loads(line)["choices"] for line in again.read_text().splitlines()]  # sampled ones too
+
+
+def printable(text: str) -> str:
+    """Random weights emit stray byte tokens; decoded as a stream (as the engine does) an invalid byte may
+    come out as itself or as U+FFFD where decoding all at once differs: compare the rest."""
+    return "".join(c for c in text if c != "\ufffd" and (c.isprintable() or c.isspace()))
+
+
+# --- loss: the training masks, against a direct transformers computation --------------------------
+
+
+def test_loss_matches_transformers_on_the_reply_tokens(tiny_vicuna: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicunaflow.data import encode, load_conversations, load_tokenizer
+    from vicunaflow.eval.loss import loss
+
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(json.loads(BUILTIN_CONVERSATIONS.read_text())[:5]))
+    result = loss(model_path=tiny_vicuna, data=data, output=tmp_path / "loss.json", batch_size=2, device="cpu")
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_vicuna), dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(tiny_vicuna)
+    total, tokens = 0.0, 0
+    for conversation in load_conversations(data):
+        sample = encode(conversation, tokenizer, 2048)
+        input_ids, labels = torch.tensor([sample.input_ids]), torch.tensor(sample.labels)
+        with torch.no_grad():
+            logits = model(input_ids).logits[0]  # [T, V]
+        total += torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
+        tokens += int((labels[1:] != -100).sum())
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    written = json.loads((tmp_path / "loss.json").read_text())
+    assert written["model"] == "vicuna-tiny-all-v1.1" and written["dataset"] == "held_out"
+    assert len(written["samples"]) == 5
+
+
+# --- the download: pinned, md5-verified ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def static_server(root: Path):
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_verifies_the_pinned_files(tmp_path: Path, monkeypatch) -> None:
+    from vicunaflow.eval.mt_bench import download_mt_bench
+
+    revision = "0123abc"
+    data = tmp_path / "mirror" / revision / mt_bench.DATA_DIR
+    contents = {
+        "mt_bench/question.jsonl": BUILTIN_QUESTIONS.read_bytes(),
+        "mt_bench/reference_answer/gpt-4.jsonl": BUILTIN_REFERENCE.read_bytes(),
+        "judge_prompts.jsonl": BUILTIN_JUDGE_PROMPTS.read_bytes(),
+    }
+    for path, content in contents.items():
+        (data / path).parent.mkdir(parents=True, exist_ok=True)
+        (data / path).write_bytes(content)
+    files = {p: (mt_bench.MT_BENCH_FILES[p][0], hashlib.md5(c).hexdigest()) for p, c in contents.items()}
+    monkeypatch.setattr(mt_bench, "MT_BENCH_FILES", files)
+    monkeypatch.setattr(mt_bench, "FASTCHAT_REVISION", revision)
+    with static_server(tmp_path / "mirror") as base_url:
+        out = download_mt_bench(
+            output_dir=tmp_path / "mt_bench", revision=revision, base_url=base_url, staging_dir=tmp_path / "staging"
+        )
+        assert (out / "reference_answer" / "gpt-4.jsonl").read_bytes() == BUILTIN_REFERENCE.read_bytes()
+        assert json.loads((out / "vicunaflow.json").read_text())["revision"] == revision
+        (data / "mt_bench/question.jsonl").write_bytes(b"tampered\n")
+        with pytest.raises(VicunaflowError, match="md5 mismatch"):
+            download_mt_bench(
+                output_dir=tmp_path / "other", revision=revision, base_url=base_url, staging_dir=tmp_path / "staging"
+            )
+    assert not (tmp_path / "other").exists()
