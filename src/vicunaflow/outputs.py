@@ -71,7 +71,7 @@ def check_output_dir(
             raise vicunaflow.VicunaflowError(
                 f"refusing to write the output {target}: it is the filesystem root {place}"
             )
-        for name, protected in (("working directory", Path.cwd()), ("home directory", Path.home())):
+        for name, protected in _protected_dirs():
             relation = _relation(place, {protected.resolve()})
             if relation in ("is", "contains"):
                 raise vicunaflow.VicunaflowError(
@@ -183,6 +183,15 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _protected_dirs() -> list[tuple[str, Path]]:
+    """The working and home directories, where they can be known (a deleted cwd or no HOME are not errors here)."""
+    found = []
+    for name, where in (("working directory", Path.cwd), ("home directory", Path.home)):
+        with contextlib.suppress(OSError, RuntimeError):
+            found.append((name, where()))
+    return found
 
 
 def _relation(place: Path, others: set[Path]) -> str | None:
