@@ -258,6 +258,27 @@ def test_judge_resumes_with_what_is_missing(fake_judge, tmp_path: Path) -> None:
     assert fake_judge.requests == []
 
 
+def test_judge_with_a_partial_file_writes_the_output_whole(fake_judge, tmp_path: Path) -> None:
+    """The workflow's mode: Snakemake removes a failed job's output, not the partial file beside it."""
+    partial, output = tmp_path / "staging" / "judgment.jsonl", tmp_path / "out" / "judgment.jsonl"
+    fake_judge.faults = [200] * 6 + [401]
+    with pytest.raises(VicunaflowError, match="HTTP 401"):
+        run_judge(tmp_path, fake_judge, output=output, partial=partial, parallel=1)
+    assert not output.exists() and len(read_judgments(partial)) == 6
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    assert len(fake_judge.requests) == N_JUDGMENTS - 6
+    assert len(read_judgments(output)) == N_JUDGMENTS and not partial.exists()
+
+
+def test_judgments_of_other_answers_are_refused(fake_judge, tmp_path: Path) -> None:
+    output = run_judge(tmp_path, fake_judge)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(answers.read_text().replace("answer 1 to question 3", "a new answer"))
+    with pytest.raises(VicunaflowError, match=r"holds 1 judgment.*question 3, turn 1"):
+        run_judge(tmp_path, fake_judge, output=output)
+
+
 def test_a_judge_that_never_rates_scores_minus_one(fake_judge, tmp_path: Path) -> None:
     fake_judge.reply = "I would rather not say."
     output = run_judge(tmp_path, fake_judge)

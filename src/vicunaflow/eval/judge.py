@@ -66,6 +66,7 @@ def judge(
     output: Path,
     judge_model: str,
     judge_base_url: str | None = None,
+    partial: Path | None = None,
     reference: Path | None = None,
     judge_prompts: Path = BUILTIN_JUDGE_PROMPTS,
     judge_api_key_env: str = "OPENAI_API_KEY",
@@ -79,7 +80,7 @@ def judge(
 ) -> Path:
     """Grade a model's answers with an LLM judge (MT-bench single mode) into a FastChat judgment file.
 
-    Appends to --output and skips what it already holds: a rerun judges only the missing turns.
+    Appends to --output (or --partial) and skips what it already holds: a rerun judges only what is missing.
 
     Arguments:
         questions: MT-bench questions (question_id, category, turns), one JSON object per line.
@@ -87,6 +88,8 @@ def judge(
         output: judgment file, appended to: question_id, model, judge, user_prompt, judgment, score, turn, tstamp.
         judge_model: the model name sent to the endpoint (gpt-4 for the published MT-bench numbers).
         judge_base_url: the endpoint's OpenAI v1 root, e.g. https://api.openai.com/v1 or http://host:8000/v1.
+        partial: append the judgments to this file instead, and write --output whole at the end (then the
+            partial file is removed): for workflows, whose failed jobs lose their outputs but not this file.
         reference: reference answers (answer format) for math, reasoning and coding, e.g. FastChat's
             reference_answer/gpt-4.jsonl; needed when the questions have those categories.
         judge_prompts: judge prompts in FastChat's judge_prompts.jsonl format; default: FastChat's four
@@ -117,11 +120,15 @@ def judge(
     prompts = load_judge_prompts(judge_prompts)
     model = model or _model_id(model_answers, answers)
     matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers)
-    done = {_key(j) for j in read_judgments(output)}
-    todo = [m for m in matches if m.key not in done]
+    journal = Path(partial) if partial is not None else Path(output)
+    written = {}
+    for judgment in read_judgments(journal):
+        written.setdefault(_key(judgment), []).append(judgment)
+    _refuse_stale(written, matches, journal)
+    todo = [m for m in matches if m.key not in written]
     log.info(
         "%d judgments for %s by %s: %d in %s already, %d to do",
-        len(matches), model, judge_model, len(matches) - len(todo), output, len(todo),
+        len(matches), model, judge_model, len(matches) - len(todo), journal, len(todo),
     )  # fmt: skip
     if todo:
         api_key = os.environ.get(judge_api_key_env)
@@ -131,10 +138,17 @@ def judge(
             client = stack.enter_context(
                 JudgeClient(judge_base_url, judge_model, api_key, max_tokens, retries, retry_wait, timeout, parallel)
             )
-            run_matches(client, todo, output, parallel)
+            run_matches(client, todo, journal, parallel)
+    latest = {_key(j): j for j in read_judgments(journal)}
+    judgments = [latest[m.key] for m in matches]
+    if partial is not None:
+        from vicunaflow.outputs import atomic_write_bytes
+
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output, "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments).encode())
+        journal.unlink()
     from vicunaflow.eval.summary import format_table, summarize_judgments
 
-    judgments = [j for j in read_judgments(output) if j["model"] == model and j["judge"][0] == judge_model]
     log.info("MT-bench, %s judged by %s:\n%s", model, judge_model, format_table(summarize_judgments(judgments, loaded)))
     return Path(output)
 
@@ -153,7 +167,8 @@ class Match:
 
     @property
     def key(self) -> tuple:
-        return (self.question_id, self.model, self.judge_model, self.prompt["name"], self.turn)
+        """What was judged: the user prompt holds the question, the answer and the reference."""
+        return (self.question_id, self.model, self.judge_model, self.prompt["name"], self.turn, self.user_prompt)
 
 
 def plan(
@@ -240,7 +255,23 @@ def _model_id(answers: dict, path: Path) -> str:
 
 def _key(judgment: dict) -> tuple:
     judge_model, prompt_name = judgment["judge"]
-    return (judgment["question_id"], judgment["model"], judge_model, prompt_name, judgment["turn"])
+    return (
+        judgment["question_id"], judgment["model"], judge_model, prompt_name, judgment["turn"], judgment["user_prompt"]
+    )  # fmt: skip
+
+
+def _refuse_stale(written: dict, matches: list[Match], path: Path) -> None:
+    """A judgment of the same question, model, judge and turn but of another answer (answers generated
+    again) would be mixed with the new ones: refuse rather than average both."""
+    current = {m.key for m in matches}
+    slots = {m.key[:5] for m in matches}
+    stale = [key for key in written if key[:5] in slots and key not in current]
+    if stale:
+        question_id, model, _, _, turn, _ = stale[0]
+        raise VicunaflowError(
+            f"{path}: holds {len(stale)} judgment(s) of other answers or references (first: question {question_id}, "
+            f"turn {turn}, model {model}); remove the file to judge the new answers, or write to another --output"
+        )
 
 
 # --- the judgment file -----------------------------------------------------------------------------
