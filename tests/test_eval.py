@@ -275,7 +275,7 @@ def test_judgments_of_other_answers_are_refused(fake_judge, tmp_path: Path) -> N
     output = run_judge(tmp_path, fake_judge)
     answers = tmp_path / "answers.jsonl"
     answers.write_text(answers.read_text().replace("answer 1 to question 3", "a new answer"))
-    with pytest.raises(VicunaflowError, match=r"holds 1 judgment.*question 3, turn 1"):
+    with pytest.raises(VicunaflowError, match=r"holds 2 judgment.*question 3, turn 1"):
         run_judge(tmp_path, fake_judge, output=output)
 
 
