@@ -62,3 +62,40 @@ def skip_or_fail():
         pytest.skip(reason)
 
     return skip_or_fail
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tiny_root, tiny_vicuna) -> Path:
+    """A grouped-query tiny LLaMA (8 query heads, 2 key/value heads), random weights, tiny_vicuna's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vicunaflow.tokenizer import TOKENIZER_FILES
+
+    folder = tiny_root / "llama-tiny-gqa"
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger than the default init, so replies are not one repeated token
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tiny_vicuna / name).exists():
+            shutil.copy(tiny_vicuna / name, folder / name)
+    return folder

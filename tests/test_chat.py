@@ -16,7 +16,7 @@ import pytest
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.chat import chat
-from vicunaflow.generate import Engine, SamplingParams, encode_prompt, load_model
+from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

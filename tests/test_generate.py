@@ -1,4 +1,4 @@
-"""The generation engine against transformers' own generate, plus streaming text, sampling and slots."""
+"""Our model and engine against transformers (the independent reference), plus streaming text, sampling and slots."""
 
 from __future__ import annotations
 
@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from vicunaflow import VicunaflowError, template
-from vicunaflow.generate import (
-    Engine,
-    IncrementalDecoder,
-    SamplingParams,
-    _stop_prefix_length,
-    encode_prompt,
-    fit_conversation,
-    load_model,
-    weight_bytes,
-)
+from vicunaflow.engine import Engine, IncrementalDecoder, SamplingParams, encode_prompt, fit_conversation, load_model
+from vicunaflow.engine.text import stop_prefix_length
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
@@ -26,6 +18,14 @@ QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", 
 @pytest.fixture(scope="module")
 def loaded(tiny_vicuna):
     return load_model(tiny_vicuna)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_vicuna):
+    """transformers' LlamaForCausalLM of the same folder, float32: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).eval()
 
 
 def _prompt(tokenizer, question: str) -> list[int]:
@@ -54,32 +54,60 @@ def test_prompt_ids_start_with_bos_and_map_eos(loaded):
 
 
 @pytest.fixture(scope="module")
-def reference_replies(loaded) -> list[str]:
+def reference_replies(loaded, hf_model) -> list[str]:
+    _, tokenizer = loaded
+    return [_reference(hf_model, tokenizer, _prompt(tokenizer, q), 16) for q in QUESTIONS]
+
+
+def test_prefill_logits_match_transformers(loaded, hf_model):
+    """One forward over a prompt: our fused model's logits are transformers' (float32, CPU)."""
     model, tokenizer = loaded
-    return [_reference(model, tokenizer, _prompt(tokenizer, q), 16) for q in QUESTIONS]
+    ids = _prompt(tokenizer, QUESTIONS[1])
+    with torch.inference_mode():
+        model.setup_cache(slots=1, context=len(ids))
+        ours = model(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids))  # [1, vocab]
+        theirs = hf_model(torch.tensor([ids])).logits[:, -1]
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
+
+
+def test_greedy_tokens_match_teacher_forced_transformers(loaded, hf_model):
+    """Every greedy token of a batched engine run is the argmax of transformers' float32 forward over
+    the prompt and the reply so far (one teacher-forced forward per reply): exactness, token by token."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    done = threading.Semaphore(0)
+    with Engine(model, tokenizer, max_batch_size=4, padded_decode=True) as engine:
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+    for prompt, request in zip(prompts, requests, strict=True):
+        reply = request.decoder.ids
+        assert len(reply) == 24
+        with torch.inference_mode():
+            logits = hf_model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1]  # [24, vocab]
+        assert logits.argmax(dim=-1).tolist() == reply
 
 
 @pytest.mark.parametrize(
-    ("padded", "fused", "overlap"),
-    [(False, False, True), (True, False, True), (True, True, True), (True, True, False)],
-    ids=["exact", "padded", "padded-fused", "padded-fused-no-overlap"],
+    ("padded", "overlap"),
+    [(False, True), (True, True), (True, False)],
+    ids=["exact", "padded", "padded-no-overlap"],
 )
-def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded, fused, overlap):
+def test_batched_engine_matches_transformers_generate(loaded, reference_replies, padded, overlap):
     """Greedy replies are the same whether requests run alone (HF generate) or batched and joining late.
 
     padded: the CUDA-graph layout (rows and attended length rounded up to buckets), run eagerly on CPU;
-    the long prompt crosses the 256-token bucket boundary while it decodes. fused: our own few-kernel
-    decode step (FusedDecoder), the one replayed from CUDA graphs on a GPU. overlap: step t+1 queued from
-    step t's tokens on the device before step t is read (the default).
+    the long prompt crosses the 256-token bucket boundary while it decodes. overlap: step t+1 queued
+    from step t's tokens on the device before step t is read (the default on CUDA).
     """
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
     assert len(prompts[-1]) < 256 < len(prompts[-1]) + 16
     expected = reference_replies
     results: dict[int, list] = {}
-    engine = Engine(model, tokenizer, max_batch_size=3, padded_decode=padded, fused_decode=fused, overlap=overlap)
+    engine = Engine(model, tokenizer, max_batch_size=3, padded_decode=padded, overlap=overlap)
     with engine:
-        assert (engine.runner.fused is not None) == fused
 
         def run(i: int) -> None:
             results[i] = list(engine.generate(prompts[i], SamplingParams(temperature=0, max_new_tokens=16)))
@@ -154,7 +182,7 @@ def test_stop_string_cuts_the_reply(loaded):
         events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=20, stop=(stop,))))
     assert "".join(e.text for e in events) == full[: full.index(stop)]
     assert events[-1].finish_reason == "stop"
-    assert _stop_prefix_length("abc US", ["USER:"]) == 2 and _stop_prefix_length("abc", ["USER:"]) == 0
+    assert stop_prefix_length("abc US", ["USER:"]) == 2 and stop_prefix_length("abc", ["USER:"]) == 0
 
 
 def test_cancel_frees_the_slot(loaded):
@@ -196,37 +224,54 @@ def test_fit_conversation_drops_oldest_exchanges(loaded):
         fit_conversation(tokenizer, turns, budget=5)
 
 
-def test_load_8bit_on_cpu_shrinks_weights(tiny_vicuna):
-    model, tokenizer = load_model(tiny_vicuna)
+def test_load_8bit_on_cpu_shrinks_weights(tiny_vicuna, loaded):
+    model, tokenizer = loaded
     model_8bit, _ = load_model(tiny_vicuna, load_8bit=True)
-    fp32, int8 = weight_bytes(model), weight_bytes(model_8bit)
-    # Linear weights fp32 -> int8; the embedding stays fp32 (14% of this tiny model, 2% of 7B):
-    # 4.5 MB against 7.5 MB for float16 here, about half of float16 at 7B.
+    fp32, int8 = model.weight_bytes(), model_8bit.weight_bytes()
+    # projection weights fp32 -> int8 (+ one scale per row); the embedding stays fp32 (14% of this tiny
+    # model, 2% of 7B): 4.5 MB against 7.5 MB for float16 here, about half of float16 at 7B.
     assert int8 < 0.65 * (fp32 / 2), (fp32, int8)
     ids = _prompt(tokenizer, "Hello")
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     with Engine(model_8bit, tokenizer, max_batch_size=1) as engine:
-        events = list(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=8)))
+        events = list(engine.generate(ids, params))
+        with torch.inference_mode():
+            model_8bit.setup_cache(1, len(ids))
+            logits_8bit = model_8bit(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids))
+            model.setup_cache(1, len(ids))
+            logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids))
     assert events[-1].completion_tokens == 8
+    # per-row int8 keeps the logits close (relative to their spread), not equal
+    assert (logits_8bit - logits).abs().max() < 0.5 * logits.std()
 
 
 def test_load_errors_are_clear(tiny_vicuna, tmp_path):
-    with pytest.raises(VicunaflowError, match="4bit needs CUDA"):
+    with pytest.raises(VicunaflowError, match="no 4-bit"):
         load_model(tiny_vicuna, load_4bit=True)
     with pytest.raises(VicunaflowError, match=r"no config\.json"):
         load_model(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_vicuna.iterdir():
+        if f.suffix != ".safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tiny_vicuna / "model-00001-of-00001.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model-00001-of-00001.safetensors")
+    with pytest.raises(VicunaflowError, match=r"no tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(broken)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_cuda_engine_matches_transformers_generate(tiny_vicuna, cuda_graphs):
+def test_cuda_engine_matches_transformers_generate(tiny_vicuna, hf_model, cuda_graphs):
     """On a GPU (float32: no rounding noise between kernels), graphs or not, replies equal HF generate."""
     model, tokenizer = load_model(tiny_vicuna, device="cuda", dtype="float32")
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
-    expected = []
-    for ids in prompts:
-        out = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=16, do_sample=False)[0, len(ids) :]
-        expected.append(tokenizer.decode([t for t in out.tolist() if t != tokenizer.eos_token_id]))
+    expected = [_reference(hf_model, tokenizer, ids, 16) for ids in prompts]
     with Engine(model, tokenizer, max_batch_size=3, cuda_graphs=cuda_graphs) as engine:
         assert engine.runner.cuda_graphs == cuda_graphs
         results = [None] * len(prompts)

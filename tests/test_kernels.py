@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
 from vicunaflow import kernels
-from vicunaflow.generate import Engine, FusedDecoder, SamplingParams, SlotCache, load_model
+from vicunaflow.engine import Engine, SamplingParams, load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,18 +48,30 @@ def test_matvec_refuses_mismatched_shapes():
         kernels.matvec(torch.zeros(1, 12), torch.zeros(12, 4).T)
 
 
-def test_fused_decode_step_with_kernels_matches_cublas_path(tiny_vicuna):
+def test_matvec_writes_float32_into_out():
+    """Tensor parallelism stores float16 products as float32 straight into its all-reduce buffer."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 96, generator=generator).to(DEVICE, torch.float16)
+    x = torch.randn(1, 96, generator=generator).to(DEVICE, torch.float16)
+    out = torch.empty(1, 40, device=DEVICE, dtype=torch.float32)
+    assert kernels.matvec(x, weight, out=out) is out
+    expected = x.double() @ weight.double().T
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.matvec(x, weight, out=torch.empty(2, 40, device=DEVICE))
+
+
+def test_decode_step_with_kernels_matches_torch_path(tiny_vicuna):
     """One decode step of the tiny Vicuna: matvec projections give the logits of the plain torch ops."""
     model, _ = load_model(tiny_vicuna, device=DEVICE)
-    del model.model.layers[1:]  # one layer is enough, and Triton's interpreter is slow
-    model.config.num_hidden_layers = 1
-    cache = SlotCache(model, slots=1, context=8)
-    input_ids = torch.tensor([[5]], device=DEVICE)
-    positions, kv_index = torch.tensor([0], device=DEVICE), torch.arange(1, device=DEVICE)
+    model.layers = model.layers[:1]  # one layer is enough, and Triton's interpreter is slow
+    model.setup_cache(slots=1, context=8)
+    input_ids, positions = torch.tensor([[5]], device=DEVICE), torch.tensor([[0]], device=DEVICE)
     with torch.inference_mode():
-        plain = FusedDecoder(model, cache, kernels=False).logits(input_ids, positions, kv_index)
-        fused = FusedDecoder(model, cache, kernels=True).logits(input_ids, positions, kv_index)
-    assert fused.shape == plain.shape == (1, model.config.vocab_size)
+        plain = model(input_ids, positions, kv_length=1)
+        model.matvec = True
+        fused = model(input_ids, positions, kv_length=1)
+    assert fused.shape == plain.shape == (1, model.args.vocab_size)
     tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2  # half precision: two roundings of each output
     assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)
 

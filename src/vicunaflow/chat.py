@@ -2,7 +2,7 @@
 
 Replaces FastChat's `python -m fastchat.serve.cli` (which no longer runs on transformers 5), with
 its flags. Replies stream token by token through the same engine the server uses
-(vicunaflow.generate), in the Vicuna v1.1 format of vicunaflow.template. Questions come from a
+(vicunaflow.engine), in the Vicuna v1.1 format of vicunaflow.template. Questions come from a
 terminal or, one per line, from piped stdin; a conversation longer than the context drops its
 oldest exchanges instead of failing.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, template
-from vicunaflow.generate import Engine, SamplingParams, encode_prompt, fit_conversation, load_model, timed
+from vicunaflow.engine import Engine, SamplingParams, encode_prompt, fit_conversation, load_model, timed
 from vicunaflow.outputs import atomic_write_bytes, tool_versions
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,10 @@ def chat(
     Arguments:
         model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
-        num_gpus: spread the layers over this many GPUs (device_map auto).
-        max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
-        load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.
-        load_4bit: 4-bit NF4 weights through bitsandbytes (CUDA only).
+        num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
+        max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
+        load_8bit: 8-bit weights: int8 with one scale per output row, dequantised at each product.
+        load_4bit: 4-bit weights (not available in this engine yet: refused).
         style: simple (plain streamed text) or rich (Markdown rendered as it streams).
         multiline: a message ends with an empty line instead of at the end of the line.
         temperature: sampling temperature; 0 is greedy.
@@ -91,9 +91,12 @@ def chat(
         load_8bit=load_8bit,
         load_4bit=load_4bit,
     )
-    with Engine(
-        model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
-    ) as engine:
+    with (
+        contextlib.closing(model),
+        Engine(
+            model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
+        ) as engine,
+    ):
         if prompts is not None:
             if temperature != 0:
                 log.info("--prompts answers greedily: temperature %s -> 0", temperature)

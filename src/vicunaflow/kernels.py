@@ -7,7 +7,7 @@ tiles of weight rows, accumulates in float32, computes SiLU(gate)·up while load
 the residual while storing its output, so a LLaMA MLP is two kernels instead of four; it takes
 0.82-0.93x cuBLAS's time on each 7B weight shape (docs/benchmarks.md).
 
-Used by `generate.FusedDecoder` for one-row steps on CUDA in float16/bfloat16. Tests run it on the CPU
+Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. Tests run it on the CPU
 through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -34,19 +34,28 @@ def available() -> bool:
 
 
 def matvec(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for one row.
 
     x: [1, K], or [1, 2K] with swiglu (input = silu(x[:, :K]) * x[:, K:]); weight: [N, K] contiguous;
-    residual: [1, N] or None. Returns a new [1, N] tensor of weight's dtype.
+    residual: [1, N] or None. Returns a new [1, N] tensor of weight's dtype, or `out` ([1, N],
+    contiguous, any float dtype: tensor parallelism writes float32 partial sums straight into its
+    all-reduce buffer).
     """
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"matvec: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     if not (weight.is_contiguous() and x.is_contiguous()):
         raise ValueError("matvec: weight and input must be contiguous")
-    out = torch.empty(1, n, dtype=weight.dtype, device=weight.device)
+    if out is None:
+        out = torch.empty(1, n, dtype=weight.dtype, device=weight.device)
+    elif out.shape != (1, n) or not out.is_contiguous():
+        raise ValueError(f"matvec: out {tuple(out.shape)} is not a contiguous [1, {n}]")
     kernel = _kernels()
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](

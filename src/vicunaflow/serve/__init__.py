@@ -1,12 +1,13 @@
 """`vicunaflow serve`: an OpenAI-compatible HTTP API and a web chat page over the batching engine.
 
 FastChat's controller + model_worker + openai_api_server trio (three processes, pydantic 1) is
-replaced by one process: FastAPI routes in `app.py` feed `vicunaflow.generate.Engine`, which batches
+replaced by one process: FastAPI routes in `app.py` feed `vicunaflow.engine.Engine`, which batches
 concurrent requests on the model. Keys come from --api-key or VICUNAFLOW_API_KEYS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -51,10 +52,10 @@ def serve(
             default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
         model_name: the model id clients send; default: the directory name.
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
-        num_gpus: spread the layers over this many GPUs (device_map auto).
-        max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
-        load_8bit: 8-bit weights: bitsandbytes on CUDA, PyTorch dynamic int8 Linear layers on CPU.
-        load_4bit: 4-bit NF4 weights through bitsandbytes (CUDA only).
+        num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
+        max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
+        load_8bit: 8-bit weights: int8 with one scale per output row, dequantised at each product.
+        load_4bit: 4-bit weights (not available in this engine yet: refused).
         max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
@@ -64,7 +65,7 @@ def serve(
     """
     import uvicorn
 
-    from vicunaflow.generate import Engine, load_model
+    from vicunaflow.engine import Engine, load_model
     from vicunaflow.serve.app import create_app
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
@@ -96,7 +97,7 @@ def serve(
         default_max_tokens=default_max_tokens,
         max_body_bytes=max_body_bytes,
     )
-    with engine:
+    with contextlib.closing(model), engine:  # closing: stops the other tensor-parallel ranks
         log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", model_path, host, port)
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import template
-from vicunaflow.generate import Engine, Event, SamplingParams, encode_prompt
+from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)

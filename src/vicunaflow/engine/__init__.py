@@ -1,0 +1,37 @@
+"""Text generation for `chat` and `serve`: our own LLaMA model, its KV cache and a batching engine.
+
+    model.py      Transformer: fused q|k|v and gate|up, one forward for prefill and decode, int8 weights
+    cache.py      KVCache: static per-layer buffers, one row per request
+    load.py       load_model: a Hugging Face folder (our checkpoint readers) or random weights, 1..N ranks
+    tp.py         tensor parallelism: spawned ranks, all-reduces (symmetric memory, NCCL, gloo)
+    runner.py     Runner: prefill, bucketed decode steps, CUDA graphs, orders to the other ranks
+    sampling.py   SamplingParams and the sampler
+    text.py       prompts, IncrementalDecoder (streamed text), stop strings
+    scheduler.py  Engine: continuous batching, one step queued ahead, events to each request's sink
+
+transformers is not used to run the model (only its tokenizer class, and as the reference in tests).
+"""
+
+from vicunaflow.engine.load import RandomWeights, load_model, resolve_device
+from vicunaflow.engine.model import Int8Weight, ModelArgs, Transformer
+from vicunaflow.engine.sampling import SamplingParams
+from vicunaflow.engine.scheduler import Engine, Event, Request, context_length, timed
+from vicunaflow.engine.text import IncrementalDecoder, encode_prompt, fit_conversation
+
+__all__ = [
+    "Engine",
+    "Event",
+    "IncrementalDecoder",
+    "Int8Weight",
+    "ModelArgs",
+    "RandomWeights",
+    "Request",
+    "SamplingParams",
+    "Transformer",
+    "context_length",
+    "encode_prompt",
+    "fit_conversation",
+    "load_model",
+    "resolve_device",
+    "timed",
+]

@@ -1,0 +1,327 @@
+"""The LLaMA inference model: one forward for prefill and decode, over a KV cache it owns.
+
+    Transformer -> Block (attention, feed-forward) -> project()
+
+Shaped after gpt-fast's model.py: q|k|v are one weight `wqkv` and gate|up one `w13`, fused when the
+weights load (engine/load.py); the forward takes each token's position, so a prompt of T tokens and a
+decode step of one token per row run the same code. With tensor parallelism (engine/tp.py) a rank
+holds its own output rows of wqkv and w13 (whole heads) and its own input columns of wo and w2, and
+its `comm` adds the ranks' partial sums after those two products (two all-reduces a layer).
+
+Why not the Hugging Face module: its decode step launches ~50 kernels a layer (RMSNorm in six
+pieces, rotary in ten); inside a CUDA graph each still costs ~1.75 µs, which capped a 7B at ~140
+tokens/s. Here a decode layer is ~12 kernels: RMSNorm, q|k|v product, rotary of q and k as one
+batched matmul by each row's rotation matrix, K/V store, SDPA, o product adding into the residual,
+RMSNorm, gate|up product, down product that applies SiLU·up to its input and adds the residual (one
+Triton kernel per product for one-row steps on CUDA, `kernels.matvec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from vicunaflow import VicunaflowError, kernels
+from vicunaflow.engine.cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """The shape of a LLaMA, read from a Hugging Face config.json (`from_hf`)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads: grouped-query attention (LLaMA-2 70B); LLaMA-1 and Vicuna: = n_heads
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf(cls, config: dict) -> ModelArgs:
+        unsupported = {
+            "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+            "attention_bias": (bool(config.get("attention_bias", False)), False),
+            "mlp_bias": (bool(config.get("mlp_bias", False)), False),
+            "rope_scaling": (config.get("rope_scaling"), None),
+        }
+        for key, (value, wanted) in unsupported.items():
+            if value != wanted:
+                raise VicunaflowError(f"config.json: {key}={value!r} is not supported (LLaMA has {wanted!r})")
+        heads = config["num_attention_heads"]
+        if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+            raise VicunaflowError(f"config.json: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
+        return cls(
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=config.get("num_key_value_heads") or heads,
+            ffn_dim=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 10000.0),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+
+@dataclasses.dataclass
+class Int8Weight:
+    """Weight-only int8, one scale per output row: dequantised at each product (`--load-8bit`).
+
+    A quarter of float32's memory, half of float16's; the products run in the compute dtype, so it
+    works the same on CPU and CUDA (and is as slow as reading int8 then converting on CUDA).
+    """
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N], the compute dtype
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        w = weight.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale.to(weight.dtype))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+Weight = torch.Tensor | Int8Weight
+
+
+def project(
+    x: torch.Tensor,
+    weight: Weight,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+    matvec: bool = False,
+) -> torch.Tensor:
+    """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
+
+    x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: one-row
+    products through the Triton kernel (CUDA, float16/bfloat16).
+    """
+    if matvec and x.shape[0] == 1 and isinstance(weight, torch.Tensor):
+        return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out)
+    if swiglu:
+        half = x.shape[1] // 2
+        x = F.silu(x[:, :half]) * x[:, half:]
+    if isinstance(weight, Int8Weight):
+        y = F.linear(x, weight.q.to(x.dtype)) * weight.scale
+        y = y if residual is None else y + residual
+    elif residual is None:
+        y = F.linear(x, weight)
+    else:
+        y = torch.addmm(residual, x, weight.t())
+    if out is not None:
+        return out.copy_(y)
+    return y
+
+
+class Local:
+    """One process: nothing to exchange. engine/tp.py's `TensorParallel` has the same methods."""
+
+    rank, world = 0, 1
+
+    def reduce_project(self, x, weight, residual, swiglu=False, matvec=False) -> torch.Tensor:
+        """residual + x @ weight.T summed over ranks (here: one rank)."""
+        return project(x, weight, residual, swiglu, matvec=matvec)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Give every rank rank 0's values of `tensor` (here: nothing to do)."""
+
+    def broadcast_host(self, tensor: torch.Tensor) -> None:
+        """The same for a CPU tensor."""
+
+    def command(self, op: int, *args: int) -> None:
+        """Tell the other ranks which step to run next (here: there are none)."""
+
+
+class Block(torch.nn.Module):
+    """One decoder layer: pre-norm attention and SwiGLU feed-forward, each adding into the residual."""
+
+    def __init__(self, model: Transformer, index: int):
+        super().__init__()
+        self.model, self.index = [model], index  # a list: not a submodule (no cycle in module traversal)
+        self.attention_norm: torch.Tensor | None = None  # [dim]
+        self.wqkv: Weight | None = None  # [(heads + 2 * kv_heads) * head_dim, dim] (this rank's heads)
+        self.wo: Weight | None = None  # [dim, heads * head_dim]
+        self.ffn_norm: torch.Tensor | None = None  # [dim]
+        self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
+        self.w2: Weight | None = None  # [dim, ffn]
+
+    def forward(self, hidden, rope, mask, positions, first_row: int, kv_length: int) -> torch.Tensor:
+        """hidden [B*T, dim] -> [B*T, dim]; positions [B, T]; mask [B, 1, T, kv_length]."""
+        model = self.model[0]
+        B, T = positions.shape
+        H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
+        eps, matvec, comm = model.args.norm_eps, model.matvec, model.comm
+        x = F.rms_norm(hidden, (hidden.shape[1],), self.attention_norm, eps)
+        qkv = project(x, self.wqkv, matvec=matvec)  # [B*T, (H + 2 Hkv) D]
+        qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
+        v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
+        model.cache.write(self.index, first_row, positions, qk[:, :, H:], v)
+        keys, values = model.cache.read(self.index, first_row, B, kv_length)  # [B, Hkv, L, D]
+        extra = {"enable_gqa": True} if Hkv != H else {}
+        attention = F.scaled_dot_product_attention(
+            qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
+        )  # [B, H, T, D]
+        attention = attention.transpose(1, 2).reshape(B * T, H * D)
+        hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
+        x = F.rms_norm(hidden, (hidden.shape[1],), self.ffn_norm, eps)
+        gate_up = project(x, self.w13, matvec=matvec)  # [B*T, 2 ffn]
+        return comm.reduce_project(gate_up, self.w2, hidden, swiglu=True, matvec=matvec)
+
+
+class Transformer(torch.nn.Module):
+    """A LLaMA for inference, or one tensor-parallel rank of it (`comm.rank` of `comm.world`).
+
+    Weights are set by engine/load.py; `setup_cache` allocates the KV cache before the first forward.
+    """
+
+    def __init__(self, args: ModelArgs, *, dtype: torch.dtype, device, comm=None):
+        super().__init__()
+        self.args, self.dtype, self.device = args, dtype, torch.device(device)
+        self.comm = comm or Local()
+        world = self.comm.world
+        check_shardable(args, world)
+        self.heads, self.kv_heads, self.ffn = args.n_heads // world, args.n_kv_heads // world, args.ffn_dim // world
+        self.embed: torch.Tensor | None = None  # [vocab, dim] (every rank holds it whole)
+        self.layers = torch.nn.ModuleList(Block(self, i) for i in range(args.n_layers))
+        self.norm: torch.Tensor | None = None  # [dim]
+        self.output: Weight | None = None  # [vocab, dim] (whole on every rank: logits need no gather)
+        half = args.head_dim // 2
+        # Hugging Face's LlamaRotaryEmbedding, computed the same way so float32 results agree bit for bit
+        self.inv_freq = 1.0 / (
+            args.rope_theta
+            ** (torch.arange(0, 2 * half, 2, dtype=torch.int64, device=self.device).float() / (2 * half))
+        )  # [head_dim / 2]
+        self.cache: KVCache | None = None
+        self.matvec = False  # one-row products through kernels.matvec (set by the runner on CUDA)
+
+    def setup_cache(self, slots: int, context: int) -> KVCache:
+        self.cache = None  # free the old one first
+        self.cache = KVCache(
+            self.args.n_layers, slots, self.kv_heads, context, self.args.head_dim, self.dtype, self.device
+        )
+        return self.cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        kv_length: int,
+        first_row: int = 0,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of one token per row: input_ids, positions [B, T] go to cache rows first_row..first_row+B-1.
+
+        Each token attends to its row's cached tokens at positions <= its own, among the first
+        kv_length. last [B]: which of the T tokens gives the row's logits (default: the last).
+        Returns [B, vocab] in the model's dtype.
+        """
+        B, T = input_ids.shape
+        hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
+        rope = self.rope(positions)
+        kv_index = torch.arange(kv_length, device=positions.device)
+        mask = (kv_index[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]: causal by position
+        for layer in self.layers:
+            hidden = layer(hidden, rope, mask, positions, first_row, kv_length)
+        if T > 1:
+            index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
+            hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
+        hidden = F.rms_norm(hidden, (hidden.shape[1],), self.norm, self.args.norm_eps)
+        return project(hidden, self.output, matvec=self.matvec)  # [B, vocab]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Rotary tables for positions [B, T]: (cos, sin) [B, T, 1, head_dim], or for T == 1 the
+        rotation matrices [B, head_dim, head_dim] (one batched matmul per layer instead of six kernels)."""
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, head_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, head_dim]
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if positions.shape[1] == 1:
+            return rotation_matrices(cos[:, 0], sin[:, 0])
+        return cos[:, :, None], sin[:, :, None]
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when this process exits)."""
+        close = getattr(self.comm, "close", None)
+        if close is not None:
+            close()
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (int8 weights counted with their scales)."""
+        tensors = [self.embed, self.norm, self.output]
+        for layer in self.layers:
+            tensors += [layer.attention_norm, layer.wqkv, layer.wo, layer.ffn_norm, layer.w13, layer.w2]
+        seen, total = set(), 0
+        for t in tensors:
+            if isinstance(t, Int8Weight):
+                total += t.nbytes()
+            elif t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """x [B, T, heads, head_dim] rotated by its positions (LLaMA's half-split rotary, as in Hugging Face)."""
+    if isinstance(rope, torch.Tensor):  # T == 1: x @ R per row
+        B, _, heads, D = x.shape
+        return torch.bmm(x.reshape(B, heads, D), rope).view(B, 1, heads, D)
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Per row, the matrix R with x @ R == x * cos + rotate_half(x) * sin.
+
+    cos, sin: [B, head_dim]. rotate_half(x) = cat(-x[half:], x[:half]), so output j < half takes
+    -x[j + half] * sin[j] and output j >= half takes x[j - half] * sin[j].
+    """
+    half = cos.shape[1] // 2
+    rotation = torch.diag_embed(cos)  # [B, head_dim, head_dim]
+    index = torch.arange(half, device=cos.device)
+    rotation[:, index + half, index] = -sin[:, :half]
+    rotation[:, index, index + half] = sin[:, half:]
+    return rotation
+
+
+def check_shardable(args: ModelArgs, world: int) -> None:
+    """Refuse a split that does not divide the heads: each rank must own whole query and KV heads.
+
+    KV heads are not replicated: a grouped-query model with fewer KV heads than GPUs (e.g. 8 KV heads
+    on 16 GPUs) is refused rather than silently holding copies; use fewer GPUs.
+    """
+    problems = []
+    if args.n_heads % world:
+        problems.append(f"{args.n_heads} attention heads")
+    if args.n_kv_heads % world:
+        problems.append(f"{args.n_kv_heads} key/value heads")
+    if args.ffn_dim % world:
+        problems.append(f"a feed-forward width of {args.ffn_dim}")
+    if problems:
+        raise VicunaflowError(
+            f"--num-gpus {world}: the model has {' and '.join(problems)}, which do not split evenly over "
+            f"{world} ranks (each rank holds whole heads; key/value heads are not replicated); "
+            f"choose a --num-gpus that divides them"
+        )

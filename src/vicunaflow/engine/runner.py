@@ -1,0 +1,186 @@
+"""The forward passes the scheduler launches: prefill, one decode step, a row move.
+
+On one GPU the host cost of launching a step's few hundred kernels is as large as reading the
+weights, so each decode step is padded to a bucket (rows 1, 2, 4, ..., slots; attended length in
+steps of 256) and replayed from a CUDA graph captured once per bucket. Padding rows are free cache
+rows (active rows are always 0..n-1): they write position 0 of a row nobody reads before its next
+prefill overwrites it. Elsewhere (CPU): exact shapes, eagerly.
+
+A step's inputs may be the previous step's sampled tokens, still on the device, so the host can queue
+step t+1 before step t has finished (`Engine._decode_step`).
+
+Tensor parallelism: rank 0's runner first tells the other ranks what it runs (`comm.command`: op and
+a few integers over a gloo group); their loop (engine/tp.py) calls the same runner methods. A decode
+step's tokens and positions go from rank 0 to the others inside the step itself (`comm.broadcast` at
+the start of the forward, captured in the graph), so a step queued from tokens still on rank 0's
+GPU needs no host round trip on any rank.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+
+from vicunaflow.engine.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class Op(enum.IntEnum):
+    SETUP = 1  # slots, context, cuda_graphs, padded, kernels
+    PREFILL = 2  # rows, length, first_row; then the prompts as one host tensor
+    STEP = 3  # bucket rows, attended length
+    MOVE = 4  # source row, target row, length
+    STOP = 5
+
+
+class Runner:
+    KV_STEP = 256
+
+    def __init__(self, model: Transformer, slots: int, context: int, *, cuda_graphs: bool, padded: bool, kernels: bool):
+        self.model, self.comm = model, model.comm
+        self.leader = self.comm.rank == 0
+        if self.leader:
+            self.comm.command(Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels))
+        self.cache = model.setup_cache(slots, context)
+        model.matvec = kernels
+        self.kernels = kernels
+        self.device = model.device
+        self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
+        self.row_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+        self.buckets: dict[tuple[int, int], dict] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    # -- prefill ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
+        """All prompts in one padded forward into rows first_row...; returns each one's next-token logits [n, vocab]."""
+        n, length = len(prompts), max(len(p) for p in prompts)
+        packed = torch.zeros(n, length + 1, dtype=torch.long)  # [n, length] ids, then each prompt's length
+        for i, prompt in enumerate(prompts):
+            packed[i, : len(prompt)] = torch.tensor(prompt)
+            packed[i, -1] = len(prompt)
+        self.comm.command(Op.PREFILL, n, length, first_row)
+        self.comm.broadcast_host(packed)
+        return self._prefill(packed, first_row)
+
+    @torch.inference_mode()
+    def remote_prefill(self, n: int, length: int, first_row: int) -> None:
+        packed = torch.empty(n, length + 1, dtype=torch.long)
+        self.comm.broadcast_host(packed)
+        self._prefill(packed, first_row)
+
+    def _prefill(self, packed: torch.Tensor, first_row: int) -> torch.Tensor:
+        packed = packed.to(self.device)
+        n, length = packed.shape[0], packed.shape[1] - 1
+        positions = torch.arange(length, device=self.device).expand(n, length)  # [n, length]
+        # padding after a short prompt is written to the cache but never attended: a decode step
+        # overwrites position p before any query attends to it
+        return self.model(packed[:, :-1], positions, kv_length=length, first_row=first_row, last=packed[:, -1] - 1)
+
+    # -- decode -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int] | torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens[i] goes to cache position lengths[i] of row i (tokens: a list, or a [n] device tensor).
+
+        Returns (logits [n, vocab] in the model's dtype, greedy tokens [n]) on the device, without waiting.
+        """
+        n = len(lengths)
+        if self.padded:
+            rows = next(b for b in self.row_buckets if b >= n)
+            kv_length = min(-(-(max(lengths) + 1) // self.KV_STEP) * self.KV_STEP, self.cache.context)
+        else:
+            rows, kv_length = n, max(lengths) + 1
+        self.comm.command(Op.STEP, rows, kv_length)
+        bucket = self._bucket(rows, kv_length)
+        self._fill(bucket, tokens, lengths)
+        logits, greedy = self._run(bucket)
+        return logits[:n], greedy[:n]
+
+    @torch.inference_mode()
+    def remote_step(self, rows: int, kv_length: int) -> None:
+        self._run(self._bucket(rows, kv_length))
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        self.comm.command(Op.MOVE, source, target, length)
+        self.cache.move_row(source, target, length)
+
+    def _bucket(self, rows: int, kv_length: int) -> dict:
+        if not self.padded:
+            return self._buffers(rows, kv_length, reused=False)
+        key = (rows, kv_length)
+        if key not in self.buckets:
+            self.buckets[key] = self._buffers(rows, kv_length)
+        return self.buckets[key]
+
+    def _buffers(self, rows: int, kv_length: int, reused: bool = True) -> dict:
+        # tokens and positions travel in one host->device copy per step, from pinned memory on CUDA. A
+        # bucket kept for reuse has two host buffers taken in turn, so filling step t+1 never races the
+        # copy of step t still queued; a one-off bucket needs one. Other ranks receive them by broadcast.
+        pinned = self.device.type == "cuda"
+        copies = (2 if reused else 1) if self.leader else 0
+        step_inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # [tokens; positions]
+        return {
+            "rows": rows,
+            "kv_length": kv_length,
+            "host": [torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned) for _ in range(copies)],
+            "fills": 0,
+            "step_inputs": step_inputs,
+        }
+
+    def _fill(self, bucket: dict, tokens: list[int] | torch.Tensor, lengths: list[int]) -> None:
+        n = len(lengths)
+        # taken in turn: this buffer's last copy was queued before the step the engine last waited on
+        host = bucket["host"][bucket["fills"] % len(bucket["host"])]
+        bucket["fills"] += 1
+        host.zero_()  # padding rows: token 0 at position 0
+        if not isinstance(tokens, torch.Tensor):
+            host[0, :n] = torch.tensor(tokens)
+        host[1, :n] = torch.tensor(lengths)
+        bucket["step_inputs"].copy_(host, non_blocking=True)
+        if isinstance(tokens, torch.Tensor):
+            bucket["step_inputs"][0, :n].copy_(tokens)  # device to device, in stream order
+
+    def _run(self, bucket: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cuda_graphs and bucket.get("graph") is None:
+            self._capture(bucket)
+        if bucket.get("graph") is not None:
+            bucket["graph"].replay()
+            return bucket["logits"], bucket["greedy"]
+        logits = self._forward(bucket)
+        return logits, logits.argmax(dim=-1)
+
+    def _forward(self, bucket: dict) -> torch.Tensor:
+        step_inputs = bucket["step_inputs"]
+        self.comm.broadcast(step_inputs)  # rank 0's tokens and positions reach every rank
+        return self.model(step_inputs[0][:, None], step_inputs[1][:, None], kv_length=bucket["kv_length"])
+
+    def _capture(self, bucket: dict) -> None:
+        """Warm up on a side stream (writes the same K/V the real step will), then capture the step.
+
+        Every rank captures the same bucket at the same point of the same op sequence, so the
+        collectives inside match up.
+        """
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bucket["logits"] = self._forward(bucket)
+                bucket["greedy"] = bucket["logits"].argmax(dim=-1)
+            bucket["graph"] = graph
+            log.debug("captured a CUDA graph for %d rows x %d tokens", bucket["rows"], bucket["kv_length"])
+        except Exception as err:
+            if self.comm.world > 1:  # the other ranks would wait for collectives this rank never runs
+                raise
+            log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
+            self.cuda_graphs = False
+            bucket["graph"] = None

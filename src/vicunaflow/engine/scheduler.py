@@ -1,0 +1,421 @@
+"""The scheduler: continuous batching over one model, streaming each request's text.
+
+Why an engine of our own instead of `model.generate`: a server must let requests join and leave a
+running batch, stream text while it is produced, and free a slot the moment a client goes away. One
+background thread owns the model and steps every active request together:
+
+    admit waiting requests -> prefill them (one forward, padded) -> decode step for all rows -> repeat
+
+The forward passes themselves (buckets, CUDA graphs, tensor-parallel ranks) are engine/runner.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
+
+import torch
+
+from vicunaflow import VicunaflowError, kernels
+from vicunaflow.engine.model import Transformer
+from vicunaflow.engine.runner import Runner
+from vicunaflow.engine.sampling import SamplingParams, sample
+from vicunaflow.engine.text import IncrementalDecoder, find_stop, stop_prefix_length
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Event:
+    """One streamed piece of a reply; the last one has finish_reason set."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None], tokenizer):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""  # emitted so far
+        self.held = ""  # decoded but held back: might be the start of a stop string
+        self.cancelled = False
+        self.done = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (e.g. the client disconnected)."""
+        self.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.decoder.ids)
+
+
+@dataclasses.dataclass
+class DecodeStep:
+    """A launched decode step: the rows it ran for, its sampled tokens (device) and their host copy."""
+
+    rows: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+class Engine:
+    """Continuous batching over one model: requests join and leave a running batch.
+
+    `submit()` is thread-safe and returns at once; events reach the request's `sink` from the
+    engine thread. `generate()` is the blocking, iterator form used by the chat CLI and the bench.
+
+    With `overlap` the engine keeps one decode step queued ahead: step t+1 is launched from step t's
+    sampled tokens (still on the device) before the host detokenises and streams step t, so the GPU
+    never waits for that host work. A row whose request ends at step t wastes its slot of step t+1;
+    the batch only changes (admissions, finished rows) once no step is in flight.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        prefill_tokens: int = 4096,
+        seed: int | None = None,
+        cuda_graphs: bool = True,
+        padded_decode: bool | None = None,
+        decode_kernels: bool | None = None,
+        overlap: bool | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context_length(model, max_context)
+        self.max_batch_size = max_batch_size
+        self.prefill_tokens = max(prefill_tokens, self.context)  # one longest prompt always fits a prefill
+        self.eos_id = tokenizer.eos_token_id
+        self.device = model.device
+        cuda = self.device.type == "cuda"
+        cuda_graphs = cuda_graphs and cuda
+        padded_decode = cuda_graphs if padded_decode is None else padded_decode
+        supports_kernels = cuda and model.dtype in (torch.float16, torch.bfloat16) and kernels.available()
+        decode_kernels = supports_kernels if decode_kernels is None else decode_kernels and supports_kernels
+        self.runner = Runner(
+            model, max_batch_size, self.context, cuda_graphs=cuda_graphs, padded=padded_decode, kernels=decode_kernels
+        )
+        self.overlap = cuda if overlap is None else overlap  # CPU kernels run synchronously
+        self.in_flight: DecodeStep | None = None  # launched, its tokens not yet read on the host
+        self.host_tokens = [torch.zeros(max_batch_size, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self.launches = 0
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
+        self.rows: list[Request] = []  # active requests; row i of the cache belongs to rows[i]
+        self.lengths: list[int] = []  # tokens in the cache per row
+        self.last_tokens: list[int] = []  # sampled, not yet in the cache
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
+        self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
+        self.batch_sizes: Counter[int] = Counter()
+        log.info(
+            "engine: %d slots x %d tokens, KV cache %.1f MiB per rank, %d rank(s), CUDA graphs %s%s, overlap %s",
+            max_batch_size,
+            self.context,
+            self.runner.cache.nbytes() / 2**20,
+            model.comm.world,
+            "on" if cuda_graphs else "off",
+            ", Triton matvec" if decode_kernels else "",
+            "on" if self.overlap else "off",
+        )
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if not self.running:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name="vicunaflow-engine", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Request:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.context:
+            raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
+        request = Request(prompt_ids, params, sink, self.tokenizer)
+        with self.lock:
+            self.waiting.append(request)
+            self.stats["requests"] += 1
+            self.lock.notify_all()
+        return request
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Event]:
+        """Submit one request and yield its events; closing the iterator early cancels the request."""
+        import queue
+
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        request = self.submit(prompt_ids, params, events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.cancel()
+
+    def max_new_tokens(self, prompt_length: int, requested: int | None) -> int:
+        """Cap a reply so prompt + reply fit the context."""
+        room = self.context - prompt_length
+        return max(0, min(requested, room) if requested else room)
+
+    def snapshot_stats(self) -> dict:
+        with self.lock:
+            return {
+                **self.stats,
+                "active": sum(not r.done for r in self.rows),
+                "waiting": len(self.waiting),
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "max_batch_size": self.max_batch_size,
+                "context": self.context,
+                "cuda_graphs": self.runner.cuda_graphs,
+                "decode_kernels": self.runner.kernels,
+                "overlap": self.overlap,
+                "tensor_parallel": self.model.comm.world,
+                "all_reduce": getattr(self.model.comm, "mode", "none"),
+            }
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.rows and not self.waiting:
+                    self.lock.wait()
+                if not self.running:
+                    break
+                admitted = self._take_waiting()
+            try:
+                self._drop_finished()
+                if admitted:
+                    self._drain()  # new rows join a batch with no step in flight
+                    self._prefill(admitted)
+                self._drop_finished()
+                if self.rows:
+                    self._decode_step()
+            except Exception as err:  # a failed step fails its requests, not the server
+                log.exception("generation step failed")
+                for request in self.rows + admitted:
+                    if not request.done:
+                        self._finish(request, "error", error=f"{type(err).__name__}: {err}")
+                self.rows, self.lengths, self.last_tokens, self.in_flight = [], [], [], None
+        for request in self.rows + list(self.waiting):
+            self._finish(request, "cancelled")
+
+    def _take_waiting(self) -> list[Request]:
+        """Pop as many waiting requests as there are free rows and prefill budget."""
+        admitted: list[Request] = []
+        budget = self.prefill_tokens
+        while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                self._finish(request, "cancelled")
+                continue
+            longest = max([len(r.prompt_ids) for r in admitted] + [len(request.prompt_ids)])
+            if admitted and longest * (len(admitted) + 1) > budget:
+                break
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run all new prompts in one padded forward, writing rows len(self.rows)... of the cache."""
+        logits = self.runner.prefill([r.prompt_ids for r in requests], first_row=len(self.rows))  # [n, vocab]
+        tokens = self._sample(logits, logits.argmax(dim=-1), requests).tolist()
+        self.stats["prefills"] += 1
+        for request, token in zip(requests, tokens, strict=True):
+            self.rows.append(request)
+            self.lengths.append(len(request.prompt_ids))
+            self.last_tokens.append(token)
+            self._emit(request, token)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        """Feed each row its last sampled token at its own position; read and emit one step's tokens.
+
+        With overlap, the step after the one in flight is queued first (from its tokens on the device),
+        unless the batch is about to change: a request waits, a row is done, or a row could reach its
+        length limit with the token in flight.
+        """
+        if self.in_flight is None:
+            self.in_flight = self._launch(self.last_tokens)
+        queued = None
+        if self.overlap and self._batch_stays():
+            queued = self._launch(self.in_flight.tokens)
+            self.stats["queued_ahead"] += 1
+        self._collect(self.in_flight)
+        self.in_flight = queued
+
+    def _batch_stays(self) -> bool:
+        """True when every row will still be running after the step in flight, as far as the host can tell."""
+        if self.waiting:
+            return False
+        for request, length in zip(self.rows, self.lengths, strict=True):
+            generated = request.completion_tokens + 1  # with the token in flight
+            if request.done or request.cancelled or length + 1 >= self.context:
+                return False
+            if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= self.context:
+                return False
+        return True
+
+    def _launch(self, tokens: list[int] | torch.Tensor) -> DecodeStep:
+        """Queue one decode step and the copy of its sampled tokens to the host; returns without waiting."""
+        n = len(self.rows)
+        logits, greedy = self.runner.step(tokens, self.lengths)
+        sampled = self._sample(logits, greedy, self.rows)  # [n] on the device
+        host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
+        self.launches += 1
+        host.copy_(sampled, non_blocking=host.is_pinned())
+        done = None
+        if sampled.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(sampled.device))
+        self.lengths = [length + 1 for length in self.lengths]  # the step writes each row's token into the cache
+        return DecodeStep(list(self.rows), sampled, host, done)
+
+    def _collect(self, step: DecodeStep) -> None:
+        """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host.tolist()
+        n = len(tokens)
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += n
+        self.stats["max_batch"] = max(self.stats["max_batch"], n)
+        self.batch_sizes[n] += 1
+        for i, (request, token) in enumerate(zip(step.rows, tokens, strict=True)):
+            self.last_tokens[i] = token
+            if not request.done:
+                self._emit(request, token)
+
+    def _drain(self) -> None:
+        """Read the step in flight, if any, so the batch can change."""
+        if self.in_flight is not None:
+            step, self.in_flight = self.in_flight, None
+            self._collect(step)
+
+    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        return sample(logits, greedy, [r.params for r in requests], self.generator)
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Send the new text of one sampled token; finish on EOS, a stop string or the length limit."""
+        if token == self.eos_id and not request.params.ignore_eos:
+            tail = request.held + request.decoder.flush()
+            request.decoder.ids.append(token)
+            request.held = ""
+            self._finish(request, "stop", text=tail)
+            return
+        request.held += request.decoder.push(token)
+        stop_at = find_stop(request.held, request.params.stop)
+        if stop_at is not None:
+            self._finish(request, "stop", text=request.held[:stop_at])
+            return
+        n_generated = request.completion_tokens
+        prompt_full = len(request.prompt_ids) + n_generated >= self.context
+        if n_generated >= request.params.max_new_tokens or prompt_full:
+            self._finish(request, "length", text=request.held + request.decoder.flush())
+            return
+        keep = stop_prefix_length(request.held, request.params.stop)
+        ready, request.held = request.held[: len(request.held) - keep], request.held[len(request.held) - keep :]
+        if ready:
+            request.text += ready
+            request.sink(Event(ready, prompt_tokens=len(request.prompt_ids), completion_tokens=n_generated))
+
+    def _finish(self, request: Request, reason: str, text: str = "", error: str | None = None) -> None:
+        if request.done:
+            return
+        request.done = True
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
+        request.text += text
+        with contextlib.suppress(Exception):
+            request.sink(
+                Event(
+                    text,
+                    finish_reason=reason,
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=request.completion_tokens,
+                    error=error,
+                )
+            )
+
+    def _drop_finished(self) -> None:
+        """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
+        if any(r.done or r.cancelled for r in self.rows):
+            self._drain()
+        i = 0
+        while i < len(self.rows):
+            request = self.rows[i]
+            if request.cancelled and not request.done:
+                self._finish(request, "cancelled")
+            if not request.done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self.runner.move_row(last, i, self.lengths[last])
+                self.rows[i], self.lengths[i], self.last_tokens[i] = (
+                    self.rows[last],
+                    self.lengths[last],
+                    self.last_tokens[last],
+                )
+            self.rows.pop()
+            self.lengths.pop()
+            self.last_tokens.pop()
+
+
+def timed(events: Iterator[Event]) -> tuple[str, Event, float]:
+    """Drain an event iterator; return (text, last event, seconds). For prompts mode and benchmarks."""
+    start = time.perf_counter()
+    text, last = "", Event("")
+    for last in events:
+        text += last.text
+    return text, last, time.perf_counter() - start
+
+
+def context_length(model: Transformer, max_context: int | None = None) -> int:
+    """Tokens the model attends over: its max_position_embeddings (2048 for LLaMA-1), or less if asked."""
+    limit = model.args.max_position_embeddings
+    return min(limit, max_context) if max_context else limit

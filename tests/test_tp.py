@@ -1,0 +1,102 @@
+"""Tensor parallelism: N ranks give the single-process replies. On the CPU (gloo ranks) in CI; on two
+GPUs (NCCL and symmetric-memory all-reduce, CUDA graphs) where there are two."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+
+import pytest
+import torch
+
+from vicunaflow import VicunaflowError, template
+from vicunaflow.chat import chat
+from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
+
+QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 6]
+
+
+def _prompt(tokenizer, question: str) -> list[int]:
+    return encode_prompt(tokenizer, template.render([(template.USER, question), (template.ASSISTANT, None)]))
+
+
+def _replies(model, tokenizer, params: SamplingParams, **engine_options) -> list[list[int]]:
+    """Token ids of each question's reply, all submitted at once to a 3-row engine (one joins late)."""
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
+    done = threading.Semaphore(0)
+    with Engine(model, tokenizer, max_batch_size=3, seed=7, **engine_options) as engine:
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+        assert engine.snapshot_stats()["max_batch"] == 3
+    return [r.decoder.ids for r in requests]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_two_cpu_ranks_match_one_process(fixture, request):
+    """Greedy and seeded sampled replies of 2 gloo ranks equal one process's, token for token, batched,
+    with the padded (CUDA-graph) layout and without."""
+    path = request.getfixturevalue(fixture)
+    model, tokenizer = load_model(path, device="cpu")
+    greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, ignore_eos=True)
+    expected = _replies(model, tokenizer, greedy), _replies(model, tokenizer, sampled)
+    split, _ = load_model(path, device="cpu", num_gpus=2)
+    try:
+        assert split.comm.world == 2 and split.comm.mode == "gloo"
+        assert split.heads == model.heads // 2 and split.kv_heads == model.kv_heads // 2
+        assert split.weight_bytes() < 0.75 * model.weight_bytes()  # the layers are halved; embedding and lm_head not
+        assert _replies(split, tokenizer, greedy) == expected[0]
+        assert _replies(split, tokenizer, greedy, padded_decode=True) == expected[0]
+        assert _replies(split, tokenizer, sampled) == expected[1]
+    finally:
+        split.close()
+    assert all(not p.is_alive() for p in split.comm.workers)
+
+
+def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):
+    """`chat --device cpu --num-gpus 2` answers as the single-process chat does."""
+
+    def run(**options) -> str:
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nWho are you?\n"))
+        chat(model_path=tiny_vicuna, temperature=0.0, max_new_tokens=8, **options)
+        return capsys.readouterr().out
+
+    assert run(device="cpu", num_gpus=2) == run(device="cpu")
+
+
+def test_num_gpus_refusals(tiny_vicuna, tiny_gqa):
+    with pytest.raises(VicunaflowError, match="--num-gpus 0: must be at least 1"):
+        chat(model_path=tiny_vicuna, num_gpus=0)
+    with pytest.raises(VicunaflowError, match="8 attention heads"):
+        load_model(tiny_vicuna, device="cpu", num_gpus=3)
+    with pytest.raises(VicunaflowError, match=r"2 key/value heads.*not replicated"):
+        load_model(tiny_gqa, device="cpu", num_gpus=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_num_gpus_without_a_gpu_is_refused(tiny_vicuna):
+    """FastChat silently ran `--num-gpus 2` on the CPU; here it asks for --device cpu."""
+    with pytest.raises(VicunaflowError, match="no CUDA device is visible; add --device cpu"):
+        chat(model_path=tiny_vicuna, num_gpus=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm-mem"])
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_two_gpus_match_one(fixture, all_reduce, request):
+    """float32 on two GPUs, CUDA graphs with the all-reduces and the token broadcast inside: greedy
+    replies equal one GPU's (float32 keeps rounding from deciding near-ties)."""
+    path = request.getfixturevalue(fixture)
+    model, tokenizer = load_model(path, device="cuda", dtype="float32")
+    greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    expected = _replies(model, tokenizer, greedy)
+    del model
+    split, _ = load_model(path, device="cuda", num_gpus=2, dtype="float32", all_reduce=all_reduce)
+    try:
+        assert split.comm.mode == all_reduce
+        assert _replies(split, tokenizer, greedy) == expected
+    finally:
+        split.close()
