@@ -237,6 +237,76 @@ def test_qlora_without_cuda_fails_clearly(tiny_vicuna, tmp_path: Path) -> None:
     assert "--method qlora needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 
 
+# --- options and data that must fail before anything loads -----------------------------------------
+
+
+def finetune_cli(model: Path, data_path: Path, output_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vicunaflow", "finetune", "--model-path", str(model), "--data", str(data_path)]
+    command += ["--output-dir", str(output_dir), "--nproc-per-node", "1", "--max-steps", "1", *options]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--learning-rate=-1e-4"], "--learning-rate must be at least 0, not -0.0001"),
+        (["--method", "lora", "--lora-r", "0"], "--lora-r must be at least 1, not 0"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be at least 0, not -0.1"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be at least 0, not -1.0"),
+    ],
+    ids=["learning-rate", "lora-r", "weight-decay", "max-grad-norm"],
+)
+def test_bad_options_fail_before_the_model_or_data_load(tiny_vicuna, tmp_path: Path, options, message) -> None:
+    result = finetune_cli(tiny_vicuna, BUILTIN_CONVERSATIONS, tmp_path / "out", *options)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / ".checkpoints").exists()  # fit() makes it first, before data and model load
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(name, low - 1 if inclusive else low) for name, (low, inclusive) in finetune.BOUNDS.items()]
+    + [("warmup_ratio", 1.0), ("lora_dropout", 1.0), ("max_steps", 0), ("learning_rate", float("nan"))],
+)
+def test_every_numeric_option_is_checked_before_anything_runs(tmp_path: Path, name: str, value) -> None:
+    """No model or data needed: the options are checked first (these paths do not even exist)."""
+    with pytest.raises(VicunaflowError, match=f"--{name.replace('_', '-')} must be"):
+        finetune.setup(model_path=tmp_path / "m", data=tmp_path / "d", output_dir=tmp_path / "o", **{name: value})
+
+
+def test_config_schema_bounds_are_those_of_validate() -> None:
+    """`snakemake -n` refuses what `vicunaflow finetune` would: the schema's bounds are finetune.BOUNDS."""
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    options = schema["definitions"]["finetune_options"]["properties"]
+    lows = {name: {k: v for k, v in o.items() if k in ("minimum", "exclusiveMinimum")} for name, o in options.items()}
+    assert lows == {
+        name: {"minimum" if inclusive else "exclusiveMinimum": low}
+        for name, (low, inclusive) in finetune.BOUNDS.items()
+    }
+
+
+def test_an_empty_tokenised_dataset_is_refused(tiny_vicuna, tmp_path: Path) -> None:
+    """What `data tokenize --model-max-length 0` used to write: 0 samples (finetune then divided by zero)."""
+    import torch
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tensors = {"input_ids": torch.zeros(0, dtype=torch.int32), "labels": torch.zeros(0, dtype=torch.int32)}
+    save_file({**tensors, "offsets": torch.zeros(1, dtype=torch.int64)}, str(empty / data.TOKENS_FILE))
+    meta = {"format": "vicunaflow-tokenized-v1", "model_max_length": 0, "n_samples": 0, "n_tokens": 0, "ids": []}
+    (empty / data.META_FILE).write_text(json.dumps({**meta, "n_trained_tokens": 0, "tokenizer_sha256": {}}))
+    result = finetune_cli(tiny_vicuna, empty, tmp_path / "out")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"{empty}: an empty tokenised dataset (0 samples)" in result.stderr
+    assert "Traceback" not in result.stderr and "ZeroDivisionError" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_is_a_seeded_partition_of_each_epoch() -> None:
     config = SimpleNamespace(
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2.0, seed=3

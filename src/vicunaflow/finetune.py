@@ -137,6 +137,8 @@ def setup(
     )
     config.lora_target_modules = list(config.lora_target_modules)
     config.validate()
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise VicunaflowError(f"--nproc-per-node must be at least 1, not {nproc_per_node}")
     check_output_dir(output_dir, inputs=config.inputs(), overwrite=overwrite)  # before any process starts
     if not launch.is_launched():
         procs = nproc_per_node or launch.default_nproc_per_node()
@@ -146,6 +148,17 @@ def setup(
 
 
 _PATH_FIELDS = ("model_path", "data", "output_dir", "checkpoint_dir")
+
+
+# Each numeric option's lowest value and whether that value itself is allowed (TrainConfig.validate);
+# workflow/schemas/config.schema.yaml has the same bounds, so `snakemake -n` refuses them too.
+BOUNDS: dict[str, tuple[int, bool]] = {
+    "per_device_train_batch_size": (1, True), "gradient_accumulation_steps": (1, True),
+    "logging_steps": (1, True), "save_steps": (1, True), "model_max_length": (1, True), "lora_r": (1, True),
+    "learning_rate": (0, True), "weight_decay": (0, True), "max_grad_norm": (0, True),  # lr 0: tests the loading
+    "num_train_epochs": (0, True), "warmup_ratio": (0, True), "lora_alpha": (0, False), "lora_dropout": (0, True),
+    "max_steps": (-1, True),
+}  # fmt: skip
 
 
 @dataclass
@@ -197,20 +210,21 @@ class TrainConfig:
     )  # fmt: skip
 
     def validate(self) -> None:
-        positive = (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-            "save_steps",
-            "model_max_length",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise VicunaflowError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+        """Refuse bad options at once: cheap checks before torch, the model or the data load."""
+        for name, (low, inclusive) in BOUNDS.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                relation = "at least" if inclusive else "more than"
+                raise VicunaflowError(f"--{name.replace('_', '-')} must be {relation} {low}, not {value}")
+        if self.max_steps == 0:
+            raise VicunaflowError("--max-steps must be a number of steps, or -1 to train --num-train-epochs")
+        if self.num_train_epochs == 0 and self.max_steps < 1:
             raise VicunaflowError("--num-train-epochs must be > 0 (or give --max-steps)")
-        if not 0 <= self.warmup_ratio < 1:
-            raise VicunaflowError(f"--warmup-ratio must be in [0, 1), not {self.warmup_ratio}")
+        for name in ("warmup_ratio", "lora_dropout"):  # fractions
+            if getattr(self, name) >= 1:
+                raise VicunaflowError(f"--{name.replace('_', '-')} must be below 1, not {getattr(self, name)}")
+        if not self.lora_target_modules:
+            raise VicunaflowError(f"--lora-target-modules names no layer; e.g. {list(LORA_TARGETS)}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise VicunaflowError("--save-total-limit must be at least 1 (or null to keep all)")
         unknown = set(self.fsdp.split()) - {"full_shard", "shard_grad_op", "auto_wrap", "offload"}
@@ -222,6 +236,10 @@ class TrainConfig:
             raise VicunaflowError(f"{self.model_path}: not a Hugging Face model directory (no config.json)")
         if not Path(self.data).exists():
             raise VicunaflowError(f"{self.data}: no such data file or tokenised dataset directory")
+        if Path(self.data).is_dir():
+            from vicunaflow.data import read_tokenized_meta
+
+            read_tokenized_meta(Path(self.data))  # an empty dataset fails now, not in the first step
 
     def inputs(self) -> list[str]:
         """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""

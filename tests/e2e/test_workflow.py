@@ -80,6 +80,12 @@ def test_pre_converted_base_skips_conversion(workdir: Path) -> None:
         ({"convert": {"dtype": "float8"}}, "float8"),
         ({"llama": {"sources": {"7b": "ftp"}}}, "ftp"),
         ({"finetune": {"defaults": {"learning_rte": 0.1}}}, "finetune.defaults.learning_rte"),
+        ({"finetune": {"defaults": {"learning_rate": -1.0e-4}}}, "['finetune']['defaults']['learning_rate']"),
+        ({"finetune": {"defaults": {"max_grad_norm": -1}}}, "['finetune']['defaults']['max_grad_norm']"),
+        (
+            {"finetune": {"runs": {"a": {"model": "llama-7b-hf", "lora_r": 0}}}},
+            "['finetune']['runs']['a']['lora_r']",
+        ),
         (
             {
                 "finetune": {
