@@ -5,7 +5,9 @@ Bit-exact and streaming: each output tensor is the concatenation of its model-pa
 in the checkpoint's own dtype unless `--dtype` asks otherwise. Shards are memory-mapped and
 read one tensor at a time; output goes straight to safetensors shards (checkpoint.py), so memory
 stays near one layer whatever the model size. transformers' old converter loaded every shard,
-then re-loaded the model to save it, and silently wrote bfloat16.
+then re-loaded the model to save it, and silently wrote bfloat16. With Meta's `checklist.chk`
+beside the shards, each shard's md5 is computed in the same pass (ShardChecksums) and a shard
+that differs fails the conversion before any output appears.
 """
 
 from __future__ import annotations
