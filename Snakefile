@@ -13,10 +13,12 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data_common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/delta.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/dataprep.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/serve.smk"
 include: "workflow/rules/report.smk"

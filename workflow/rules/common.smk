@@ -136,7 +136,10 @@ def get_run_options(wildcards):
 
 
 def dataset_name(data):
-    return BUILTIN_DATA if data == BUILTIN_DATA else Path(data).name.split(".")[0]
+    # builtin, or a set prepared by dataprep.smk: named as configured
+    if data == BUILTIN_DATA or data in config["datasets"]:
+        return data
+    return Path(data).name.split(".")[0]
 
 
 def data_path(data):
@@ -153,6 +156,13 @@ def collect_datasets(runs):
     datasets = {}
     for run, options in runs.items():
         name, path = dataset_name(options["data"]), data_path(options["data"])
+        if name in config["datasets"] and options["data"] != name:
+            raise ValueError(
+                f"config: finetune.runs.{run}.data: {path} has the name of the configured "
+                f"dataset {name!r}; rename the file or the dataset"
+            )
+        if options["data"] in config["datasets"]:
+            continue  # prepared by dataprep.smk: data/split/{dataset}/{model}-len{N}.jsonl
         if datasets.setdefault(name, path) != path:
             raise ValueError(
                 f"config: finetune.runs.{run}.data: {path} and {datasets[name]} are both named "
@@ -193,6 +203,8 @@ def get_tokenized_data(wildcards):
 
 
 def get_dataset_file(wildcards):
+    if wildcards.dataset in config["datasets"]:
+        return f"data/split/{wildcards.dataset}/{wildcards.model}-len{wildcards.length}.jsonl"
     return DATASETS[wildcards.dataset]
 
 

@@ -1,0 +1,251 @@
+"""Streams of conversation records: read a JSON array or JSONL one record at a time, write JSONL
+atomically, count what was dropped and why, and map work over processes in order.
+
+A 1 GB JSON array is never loaded whole: ijson (yajl's C parser) yields one record at a time, so
+memory stays at one record plus the parser's buffer. JSONL is read line by line. A line that is not
+UTF-8 or not JSON is one broken record (counted, named by its line); inside a JSON array a parser
+cannot resynchronise, so there it is an error naming the byte offset and the record before it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from vicunaflow import VicunaflowError
+
+log = logging.getLogger(__name__)
+
+READ_BUFFER = 1 << 20
+EXAMPLES = 5  # record names kept per reason in the TSV
+LOGGED = 20  # drops logged one by one per reason; the rest are counted only
+
+
+@dataclass(frozen=True)
+class Broken:
+    """A record that could not even be decoded (JSONL: a line that is not UTF-8 or not JSON)."""
+
+    reason: str  # invalid_utf8 | invalid_json
+    detail: str
+
+
+def read_records(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield (where, record) for each record of a JSON array or JSONL file, in file order.
+
+    `where` names the record for messages: `index 12` for a JSON array, `line 13` for JSONL. A JSONL
+    line that cannot be decoded is yielded as a `Broken`; an array that cannot be parsed raises.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VicunaflowError(f"{path}: no such data file; give a JSON array or JSONL of ShareGPT conversations")
+    with open(path, "rb") as f:
+        first = _first_byte(f)
+        if first == b"[":
+            yield from _read_array(path, f)
+        elif first in (b"{", b""):
+            yield from _read_lines(f)
+        else:
+            raise VicunaflowError(
+                f"{path}: neither a JSON array nor JSON Lines (starts with {first!r}); give ShareGPT conversations"
+            )
+
+
+def _first_byte(f: IO[bytes]) -> bytes:
+    head = f.read(4096)
+    start = 3 if head.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
+    stripped = head[start:].lstrip()
+    f.seek(start)
+    return stripped[:1]
+
+
+def _read_array(path: Path, f: IO[bytes]) -> Iterator[tuple[str, object]]:
+    import ijson
+
+    index, last_id = -1, None
+    try:
+        for index, record in enumerate(ijson.items(f, "item", use_float=True, buf_size=READ_BUFFER)):
+            yield f"index {index}", record
+            last_id = record.get("id") if isinstance(record, dict) else None
+    except ijson.JSONError as err:
+        after = f"after record index {index} (id {last_id!r})" if index >= 0 else "before its first record"
+        reason = str(err).splitlines()[0].strip(" b'\"")
+        if "UTF8" in reason or "UTF-8" in reason:
+            reason = "invalid UTF-8"
+        raise VicunaflowError(
+            f"{path}: {reason} near byte {f.tell()}, {after}; a JSON array cannot be read past it: "
+            "fix the file, or convert it to JSONL, where a bad line is dropped and counted"
+        ) from None
+
+
+def _read_lines(f: IO[bytes]) -> Iterator[tuple[str, object]]:
+    for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        where = f"line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, Broken("invalid_utf8", f"invalid UTF-8 at byte {err.start} of the line")
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield where, Broken("invalid_json", f"not JSON ({err.msg} at column {err.colno})")
+
+
+def record_name(where: str, record: object) -> str:
+    if isinstance(record, dict) and "id" in record:
+        return f"record {record['id']!r} ({where})"
+    return f"record at {where}"
+
+
+def dumps(record: dict) -> bytes:
+    """One JSONL line: compact, UTF-8 kept as is, keys in the order built (deterministic)."""
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def content_digest(record: dict) -> bytes:
+    """What makes two conversations the same: system prompt and turns (not the id)."""
+    key = json.dumps([record.get("system"), record["conversations"]], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+
+
+def unit_hash(*parts: str) -> float:
+    """A number in [0, 1) fixed by `parts`: deterministic sampling without a random generator's state."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that becomes `path` only when the block succeeds (a hidden temporary beside it,
+    renamed over it); on any error or Ctrl-C the temporary is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb", buffering=READ_BUFFER) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output(output: Path, *inputs: Path | None) -> Path:
+    """Refuse, before any work, an output that is one of the inputs (it would be replaced while read)."""
+    output = Path(output)
+    for given in inputs:
+        if given is not None and Path(given).exists() and output.resolve() == Path(given).resolve():
+            raise VicunaflowError(f"refusing to write {output}: it is the input {given}; choose another output path")
+    if output.is_dir():
+        raise VicunaflowError(f"{output} is a directory; give a file path (.jsonl) for the output")
+    return output
+
+
+# ---- counting what was dropped ----------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """Conversations read, kept and dropped by reason, with a few examples of each; written as a TSV.
+
+    Kinds: `read` and `kept` (conversations), `drop` (a conversation left out, by reason), `edit` (a
+    conversation kept but changed: a turn dropped, HTML converted; counted once per conversation).
+    """
+
+    step: str
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, kind: str, reason: str, name: str | None = None, detail: str = "") -> None:
+        key = (kind, reason)
+        self.counts[key] += 1
+        if name is not None and len(self.examples.setdefault(key, [])) < EXAMPLES:
+            self.examples[key].append(name)
+        if kind == "drop" and name is not None and self.counts[key] <= LOGGED:
+            log.warning("%s: %s: dropped (%s)%s", self.step, name or "?", reason, f": {detail}" if detail else "")
+            if self.counts[key] == LOGGED:
+                log.warning("%s: further drops for %s are counted, not logged", self.step, reason)
+
+    def get(self, kind: str, reason: str) -> int:
+        return self.counts[(kind, reason)]
+
+    def dropped(self) -> int:
+        return sum(n for (kind, _), n in self.counts.items() if kind == "drop")
+
+    def rows(self) -> list[tuple[str, str, int, str]]:
+        order = {"read": 0, "kept": 1, "drop": 2, "edit": 3}
+        keys = sorted(self.counts, key=lambda k: (order.get(k[0], 9), k[0], k[1]))
+        return [
+            (kind, reason, self.counts[(kind, reason)], ", ".join(self.examples.get((kind, reason), [])))
+            for kind, reason in keys
+        ]
+
+    def write_tsv(self, path: Path) -> None:
+        lines = ["step\tkind\treason\tconversations\texamples\n"]
+        for kind, reason, count, examples in self.rows():
+            examples = examples.replace("\t", " ").replace("\n", " ")
+            lines.append(f"{self.step}\t{kind}\t{reason}\t{count}\t{examples}\n")
+        with atomic_writer(path) as f:
+            f.write("".join(lines).encode("utf-8"))
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{reason} {n}" for kind, reason, n, _ in self.rows() if kind == "drop") or "none"
+        return f"read {self.get('read', 'conversations')}, kept {self.get('kept', 'conversations')}; dropped: {drops}"
+
+
+# ---- work spread over processes, results in input order ---------------------------------------------
+
+
+def ordered_map(function: Callable, batches: Iterable, jobs: int) -> Iterator:
+    """`map(function, batches)` over `jobs` processes, results in input order, at most a few batches
+    in flight (Pool.imap would read the whole input ahead into its queue: memory would grow with the
+    file). jobs <= 1 runs in this process."""
+    if jobs <= 1:
+        yield from map(function, batches)
+        return
+    # spawn, not fork: the parent may hold threads (tokenizers, logging handlers) that fork would copy mid-lock.
+    context = multiprocessing.get_context("spawn")
+    window = 2 * jobs + 1
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        pending: list[concurrent.futures.Future] = []
+        for batch in batches:
+            pending.append(pool.submit(function, batch))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))

@@ -1,0 +1,266 @@
+"""`vicunaflow data split`: conversations longer than the model's context cut at turn boundaries, exactly.
+
+FastChat's split_long_conversation.py guesses each turn's length as `len(tokenizer(value)) + 6` and
+packs on the guess: a piece may still be too long (and is then truncated, its last reply cut, by
+training), a pair longer than the limit yields an empty piece, and the last pair is lost when it
+does not fit beside the one before. Here lengths are exact: a piece's length is what `data tokenize`
+will count for it, the Vicuna v1.1 prompt with bos and every `</s>`.
+
+Exact without tokenising every candidate piece: in the prompt `system USER: u1 ASSISTANT: a1</s>USER:
+u2 ...`, `</s>` is a special token, so the tokenizer never merges across it and each exchange
+`USER: u ASSISTANT: a</s>` after a `</s>` has the same tokens whatever comes before. So each
+exchange is tokenised once (as it appears after a `</s>`), and the first exchange of each piece once
+more with the system prompt and bos before it; a piece's length is the sum. A tokenizer for which
+`</s>` is not a special token is handled by tokenising every piece whole (slower, as exact).
+
+Pieces start with a user turn and end with a reply; no reply is cut. An exchange longer than the
+limit on its own cannot be trained on whole: it is dropped and counted, and the conversation goes on
+with the next exchange. Pieces of one conversation are `<id>_<k>`, with `parent`, `part` and `parts`.
+A held-out fraction (by a hash of the conversation's id and a seed: the same ids are held out in every
+run, and all pieces of a conversation fall on the same side) goes to a second file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vicunaflow import VicunaflowError, template
+from vicunaflow.dataprep.clean import GPT, HUMAN, Drop, exchanges, normalized_turns
+from vicunaflow.dataprep.records import (
+    Broken,
+    Counts,
+    atomic_writer,
+    batched,
+    check_output,
+    dumps,
+    read_records,
+    record_name,
+    unit_hash,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH = 512  # conversations tokenised together (the tokenizer spreads a batch over its threads)
+
+
+def split(
+    *,
+    data: Path,
+    model_path: Path,
+    output: Path,
+    model_max_length: int = 2048,
+    held_out: Path | None = None,
+    held_out_fraction: float = 0.0,
+    seed: str = "vicunaflow",
+    report: Path | None = None,
+) -> Path:
+    """Cut conversations longer than model_max_length tokens (Vicuna v1.1 prompt) into pieces that fit,
+    at turn boundaries, and set a deterministic held-out fraction aside.
+
+    Arguments:
+        data: conversations, JSONL (as `data clean` writes) or a JSON array; read as a stream.
+        model_path: Hugging Face model directory whose tokenizer counts the tokens.
+        output: the JSONL of pieces for training, written to a temporary and renamed into place.
+        model_max_length: tokens a piece may have, bos and every `</s>` included.
+        held_out: JSONL of the held-out conversations (all their pieces); default, when
+            held_out_fraction > 0: the output's name with `.heldout.jsonl`. Given with a fraction of 0,
+            an empty file is written (a workflow output always exists).
+        held_out_fraction: share of conversations (by id) held out of training, from 0 to 1.
+        seed: mixed into the held-out hash; another seed holds out other conversations.
+        report: TSV of conversations read, split, dropped and held out, with examples; default: the
+            output's name with `.counts.tsv`.
+    """
+    data, output = Path(data), Path(output)
+    stem = output.name.removesuffix(".jsonl")
+    if not 0 <= held_out_fraction < 1:
+        raise VicunaflowError(f"--held_out_fraction {held_out_fraction}: give a fraction from 0 (none) to below 1")
+    if model_max_length < 1:
+        raise VicunaflowError(f"--model_max_length {model_max_length}: give a positive number of tokens")
+    if held_out is None and held_out_fraction > 0:
+        held_out = output.with_name(stem + ".heldout.jsonl")
+    report = Path(report) if report else output.with_name(stem + ".counts.tsv")
+    log.info(
+        "data split: data=%s model_path=%s output=%s model_max_length=%d held_out=%s held_out_fraction=%s seed=%r",
+        data, model_path, output, model_max_length, held_out, held_out_fraction, seed,
+    )  # fmt: skip
+    check_output(output, data)
+    if held_out is not None:
+        check_output(held_out, data, output)
+    from vicunaflow.data import load_tokenizer
+
+    counter = PieceCounter(load_tokenizer(model_path))
+    counts = Counts("split")
+    tokens = 0
+    with atomic_writer(output) as train, atomic_writer(held_out) if held_out else _nowhere() as aside:
+        for batch in batched(read_records(data), BATCH):
+            conversations = []
+            for where, record in batch:
+                counts.add("read", "conversations")
+                parsed = _conversation(where, record, counts)
+                if parsed is not None:
+                    conversations.append(parsed)
+            for (name, record, system, turns), pieces in zip(
+                conversations,
+                counter.split_all([(s, t) for _, _, s, t in conversations], model_max_length),
+                strict=True,
+            ):
+                dropped_pairs = len(turns) // 2 - sum((end - start) // 2 for start, end, _ in pieces)
+                for _ in range(dropped_pairs):
+                    counts.add("edit", "exchange_longer_than_limit_dropped", name)
+                if not pieces:
+                    counts.add("drop", "too_long", name, f"every exchange is longer than {model_max_length} tokens")
+                    continue
+                if len(pieces) > 1:
+                    counts.add("edit", "split", name)
+                key = str(record.get("origin", record["id"]))
+                held = held_out_fraction > 0 and unit_hash(seed, key) < held_out_fraction
+                counts.add("kept", "held_out_conversations" if held else "conversations")
+                for line, n in _piece_lines(record, system, turns, pieces, whole=dropped_pairs == 0):
+                    (aside if held else train).write(line)
+                    counts.add("kept", "held_out_pieces" if held else "pieces")
+                    tokens += 0 if held else n
+    counts.write_tsv(report)
+    log.info("data split: %s; %d tokens in the training pieces; wrote %s", counts.summary(), tokens, output)
+    return output
+
+
+class _nowhere:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _conversation(where: str, record: object, counts: Counts):
+    """(name, record, system, turns) of a record `data tokenize` accepts; others dropped and counted."""
+    name = record_name(where, record)
+    edits: list[str] = []
+    try:
+        if isinstance(record, Broken):
+            raise Drop(record.reason, record.detail)
+        system, turns = normalized_turns(record)
+        turns = exchanges(turns, edits)
+        if "id" not in record:
+            raise Drop("no_id", "records need an id (data clean gives one)")
+    except Drop as drop:
+        counts.add("drop", drop.reason, name, drop.detail)
+        return None
+    for edit in edits:
+        counts.add("edit", edit, name)
+    return name, record, system, turns
+
+
+def _piece_lines(record: dict, system: str | None, turns: list, pieces: list, whole: bool):
+    parent = str(record["id"])
+    extra = {k: record[k] for k in ("origin",) if k in record}
+    for part, (start, end, n) in enumerate(pieces):
+        if whole and len(pieces) == 1:
+            piece = {"id": parent}
+        else:
+            piece = {"id": f"{parent}_{part}", "parent": parent, "part": part, "parts": len(pieces)}
+        piece |= extra
+        if system is not None:
+            piece["system"] = system
+        piece["tokens"] = n
+        piece["conversations"] = [{"from": role, "value": text} for role, text in turns[start:end]]
+        yield dumps(piece), n
+
+
+# ---- exact lengths -----------------------------------------------------------------------------------
+
+
+class PieceCounter:
+    """Token counts of Vicuna v1.1 prompts, exactly as `data tokenize` counts them (bos, `</s>` included)."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        # A copy of the fast tokenizer's backend without truncation or padding, used directly: no
+        # per-call Python overhead of transformers, and batches spread over the tokenizer's threads.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.tokenizer = tokenizer
+        self.separable = template.EOS in (tokenizer.all_special_tokens or [])
+        if not self.separable:
+            log.warning("%s is not a special token of this tokenizer: every piece is tokenised whole", template.EOS)
+
+    def lengths(self, texts: list[str], special: bool) -> list[int]:
+        if not texts:
+            return []
+        return [len(e.ids) for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
+
+    def split_all(self, conversations: list[tuple[str | None, list]], limit: int) -> list[list[tuple[int, int, int]]]:
+        """Per conversation, its pieces as (first turn, end turn, tokens), each at most `limit` tokens."""
+        if not self.separable:
+            return [self._split_whole(system, turns, limit) for system, turns in conversations]
+        texts = []
+        for _, turns in conversations:
+            texts += [f"{template.EOS}{_exchange(turns, i)}" for i in range(0, len(turns), 2)]
+        after_eos = iter(n - 1 for n in self.lengths(texts, special=False))  # minus the leading </s>
+        plans = [[next(after_eos) for _ in range(0, len(turns), 2)] for _, turns in conversations]
+        heads = self._heads_batch([(system, turns, 0) for system, turns in conversations])
+        result = []
+        for (system, turns), body, head in zip(conversations, plans, heads, strict=True):
+            result.append(self._pack(system, turns, body, head, limit))
+        return result
+
+    def _heads_batch(self, wanted: list[tuple[str | None, list, int]]) -> list[dict[int, int]]:
+        """Per (system, turns, pair): {pair: tokens of bos + system prompt + that exchange}. With a system
+        prompt of its own, the longer of it and the default one (data tokenize writes the default today)."""
+        texts, spans = [], []
+        for system, turns, pair in wanted:
+            systems = [template.SYSTEM_PROMPT] + ([system] if system not in (None, template.SYSTEM_PROMPT) else [])
+            spans.append((len(texts), len(texts) + len(systems)))
+            texts += [f"{s}{template.SEP}{_exchange(turns, 2 * pair)}" for s in systems]
+        lengths = self.lengths(texts, special=True)
+        return [{pair: max(lengths[a:b])} for (_, _, pair), (a, b) in zip(wanted, spans, strict=True)]
+
+    def _pack(self, system, turns, body: list[int], head: dict[int, int], limit: int) -> list[tuple[int, int, int]]:
+        pieces, pair, pairs = [], 0, len(body)
+        while pair < pairs:
+            if pair not in head:  # a piece starting later than the first exchange: once per cut
+                head |= self._heads_batch([(system, turns, pair)])[0]
+            total = head[pair]
+            if total > limit:  # this exchange alone does not fit: dropped (counted by the caller)
+                pair += 1
+                continue
+            end = pair + 1
+            while end < pairs and total + body[end] <= limit:
+                total += body[end]
+                end += 1
+            pieces.append((2 * pair, 2 * end, total))
+            pair = end
+        return pieces
+
+    def _split_whole(self, system, turns: list, limit: int) -> list[tuple[int, int, int]]:
+        """Without a separable `</s>`: grow each piece exchange by exchange, tokenising it whole."""
+        pieces, pair, pairs = [], 0, len(turns) // 2
+        while pair < pairs:
+            best, end = None, pair + 1
+            while end <= pairs:
+                n = self.whole_length(system, turns[2 * pair : 2 * end])
+                if n > limit:
+                    break
+                best, end = (2 * pair, 2 * end, n), end + 1
+            if best is None:
+                pair += 1
+                continue
+            pieces.append(best)
+            pair = best[1] // 2
+        return pieces
+
+    def whole_length(self, system: str | None, turns: list) -> int:
+        """What `data tokenize` counts for these turns (the longer of the record's and the default system prompt)."""
+        roles = [(template.USER if role == HUMAN else template.ASSISTANT, text) for role, text in turns]
+        systems = {template.SYSTEM_PROMPT, system or template.SYSTEM_PROMPT}
+        return max(self.lengths([template.render(roles, s) for s in sorted(systems)], special=True))
+
+
+def _exchange(turns: list, i: int) -> str:
+    """`USER: u ASSISTANT: a</s>`: exchange i (turns i, i+1) as the template writes it after a `</s>`."""
+    (user_role, user), (reply_role, reply) = turns[i], turns[i + 1]
+    assert user_role == HUMAN and reply_role == GPT, (user_role, reply_role)
+    return f"{template.USER}: {user}{template.SEP}{template.ASSISTANT}: {reply}{template.EOS}"

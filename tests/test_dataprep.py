@@ -1,0 +1,563 @@
+"""dataprep: data clean / mix / split / fetch, and the workflow's new DAG (data/raw -> clean -> split).
+
+Split lengths are checked against `data tokenize`'s own encoding (the exact count a piece will have);
+fetch runs against a Hugging Face Hub stand-in on 127.0.0.1, never the internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from vicunaflow import VicunaflowError, data, template
+from vicunaflow.dataprep import clean as clean_module
+from vicunaflow.dataprep.clean import clean, html_to_markdown
+from vicunaflow.dataprep.sources import fetch, mix
+from vicunaflow.dataprep.split import PieceCounter, split
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAREGPT_HTML = (
+    '<div class="markdown prose w-full break-words dark:prose-invert light"><p>Here is the <code>snake_case</code>'
+    ' function:</p><pre><div class="bg-black mb-4 rounded-md"><div class="flex items-center relative text-gray-200'
+    ' bg-gray-800 px-4 py-2 text-xs font-sans"><span class="">python</span><button class="flex ml-auto gap-2">'
+    '<svg stroke="currentColor" fill="none"><path d="M16 4h2"></path></svg>Copy code</button></div>'
+    '<div class="p-4 overflow-y-auto"><code class="!whitespace-pre hljs language-python"><span class="hljs-keyword">'
+    'def</span> <span class="hljs-title function_">f</span>(<span class="hljs-params">x</span>):\n    '
+    '<span class="hljs-keyword">return</span> x * <span class="hljs-number">2</span>\n</code></div></div></pre>'
+    "<ol><li><p>first</p></li><li><p>second</p></li></ol></div>"
+)
+
+
+def turns(*values: str, roles=("human", "gpt")) -> list[dict]:
+    return [{"from": roles[i % 2], "value": v} for i, v in enumerate(values)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_counts(path: Path) -> dict[tuple[str, str], int]:
+    rows = path.read_text().splitlines()
+    assert rows[0] == "step\tkind\treason\tconversations\texamples"
+    return {(r.split("\t")[1], r.split("\t")[2]): int(r.split("\t")[3]) for r in rows[1:]}
+
+
+# ---- clean -------------------------------------------------------------------------------------------
+
+
+def test_html_becomes_markdown_with_fenced_code_and_its_language() -> None:
+    text = html_to_markdown(SHAREGPT_HTML)
+    assert text == (
+        "Here is the `snake_case` function:\n\n```python\ndef f(x):\n    return x * 2\n```\n\n1. first\n2. second"
+    )
+    assert html_to_markdown("<p>2 / 2</p><p>Answer</p>") == "Answer"  # ShareGPT's regenerate counter
+
+
+DIRTY = [
+    {"id": "html", "conversations": turns("Write f.", SHAREGPT_HTML)},
+    {
+        "id": "roles",
+        "conversations": [
+            {"from": "system", "value": "You are terse."},
+            {"from": "User", "value": "vector<int> v; is it ok?"},
+            {"from": "chatgpt", "value": "Yes."},
+            {"from": "user", "value": "And bing?"},
+            {"from": "bing", "value": "<p>Also <strong>yes</strong>.</p>"},
+            {"from": "human", "value": "bard?"},
+            {"from": "bard", "value": "Fine."},
+            {"from": "human", "value": "no reply to this one"},
+        ],
+    },
+    {"id": "messages", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    {"id": "gpt-first", "conversations": turns("I start.", "Question?", "Answer.", roles=("gpt", "human"))},
+    {"id": "empty-reply", "conversations": turns("q1", "a1", "q2", "   ", "q3", "a3")},
+    {"id": "html", "conversations": turns("Write f.", SHAREGPT_HTML)},  # exact duplicate
+    {"id": "html-copy", "conversations": turns("Write f.", SHAREGPT_HTML)},  # same content, other id
+    {"id": "roles", "conversations": turns("other", "content")},  # same id, other content
+    {"id": "tool", "conversations": [*turns("q", "a"), {"from": "tool", "value": "{}"}]},
+    {"id": "late-system", "conversations": [*turns("q", "a"), {"from": "system", "value": "x"}]},
+    {"id": "twice", "conversations": turns("q", "q again", roles=("human", "human"))},
+    {"id": "number", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
+    {"id": "only-empty", "conversations": turns("", "a")},
+    ["not", "a", "record"],
+    {"id": "no-turns"},
+    {"conversations": turns("no id", "kept")},
+]
+
+
+def test_clean_normalises_roles_converts_html_and_counts_every_drop(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "dirty.jsonl", DIRTY)
+    with open(source, "ab") as f:
+        f.write(b'{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}\n')
+        f.write(b'{"id": "cut", "conversations": [\n')
+    out = clean(data=source, output=tmp_path / "clean.jsonl", jobs=1)
+    kept = {r["id"]: r for r in read_jsonl(out)}
+    assert list(kept) == ["html", "roles", "messages", "gpt-first", "empty-reply", "line-16"]
+    assert kept["html"]["conversations"][1]["value"].startswith("Here is the `snake_case` function:\n\n```python\n")
+    assert kept["roles"] == {
+        "id": "roles",
+        "system": "You are terse.",
+        "conversations": turns("vector<int> v; is it ok?", "Yes.", "And bing?", "Also **yes**.", "bard?", "Fine."),
+    }, "plain text with `<` is not HTML; the last user turn has no reply"
+    assert kept["messages"]["conversations"] == turns("hi", "hello")
+    assert kept["gpt-first"]["conversations"] == turns("Question?", "Answer.")
+    assert kept["empty-reply"]["conversations"] == turns("q1", "a1"), "cut at the empty turn"
+    counts = read_counts(tmp_path / "clean.counts.tsv")
+    assert counts[("read", "conversations")] == 18 and counts[("kept", "conversations")] == 6
+    assert {reason: n for (kind, reason), n in counts.items() if kind == "drop"} == {
+        "duplicate": 2,
+        "duplicate_id": 1,
+        "unknown_role": 1,
+        "misplaced_system": 1,
+        "roles_not_alternating": 1,
+        "broken_turn": 1,
+        "no_exchange": 1,
+        "not_a_conversation": 2,
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+    }
+    assert counts[("edit", "html_to_markdown")] == 4  # html twice kept-or-duplicate, html-copy, roles
+    tsv = (tmp_path / "clean.counts.tsv").read_text()
+    assert "\tinvalid_utf8\t1\trecord at line 17" in tsv and "\tunknown_role\t1\trecord 'tool' (line 9)" in tsv
+
+
+def test_clean_is_deterministic_across_worker_counts_and_reads_json_arrays(tmp_path: Path) -> None:
+    records = [r for r in DIRTY if isinstance(r, dict)] * 3
+    array = tmp_path / "dirty.json"
+    array.write_text(json.dumps(records, indent=2))
+    one = clean(data=array, output=tmp_path / "one.jsonl", jobs=1)
+    two = clean(data=array, output=tmp_path / "two.jsonl", jobs=2)
+    assert one.read_bytes() == two.read_bytes()
+    assert (tmp_path / "one.counts.tsv").read_bytes() == (tmp_path / "two.counts.tsv").read_bytes()
+    assert [r["id"] for r in read_jsonl(one)] == ["html", "roles", "messages", "gpt-first", "empty-reply", "index-14"]
+
+
+def test_invalid_utf8_in_a_json_array_names_the_record_and_leaves_no_output(tmp_path: Path) -> None:
+    array = tmp_path / "bad.json"
+    good = json.dumps({"id": "first", "conversations": turns("q", "a")})
+    array.write_bytes(
+        b"[" + good.encode() + b',{"id": "second", "conversations": [{"from": "human", "value": "\xff"}]}]'
+    )
+    output = tmp_path / "clean.jsonl"
+    with pytest.raises(
+        VicunaflowError, match=r"bad\.json: invalid UTF-8 near byte \d+, after record index 0 \(id 'first'\)"
+    ):
+        clean(data=array, output=output, jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"], "no output, no temporary left"
+    (tmp_path / "text.txt").write_text("hello")
+    with pytest.raises(VicunaflowError, match="neither a JSON array nor JSON Lines"):
+        clean(data=tmp_path / "text.txt", output=output, jobs=1)
+    with pytest.raises(VicunaflowError, match="it is the input"):
+        clean(data=array, output=array, jobs=1)
+
+
+def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> None:
+    pytest.importorskip("py3langid")
+    records = [
+        {"id": "en", "conversations": turns("How do I sort a list in Python, please?", "Use sorted().")},
+        {"id": "de", "conversations": turns("Wie sortiere ich eine Liste in Python, bitte?", "Mit sorted().")},
+        {"id": "zh", "conversations": turns("请问如何在Python中对列表进行排序？", "使用 sorted()。")},
+        {"id": "code", "conversations": turns("```\nx = [3, 1]\n```", "Call sorted(x) to get a new sorted list back.")},
+    ]
+    out = clean(data=write_jsonl(tmp_path / "l.jsonl", records), output=tmp_path / "o.jsonl", languages=["en"], jobs=1)
+    assert [r["id"] for r in read_jsonl(out)] == ["en", "code"]
+    counts = read_counts(tmp_path / "o.counts.tsv")
+    assert counts[("drop", "language:de")] == 1 and counts[("drop", "language:zh")] == 1
+
+
+def test_language_filter_without_the_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "py3langid", None)
+    monkeypatch.setitem(sys.modules, "py3langid.langid", None)
+    clean_module._language_identifier.cache_clear()
+    try:
+        with pytest.raises(VicunaflowError, match=r"pip install 'vicunaflow\[data\]'"):
+            clean(data=write_jsonl(tmp_path / "l.jsonl", DIRTY[:1]), output=tmp_path / "o.jsonl", languages=["en"])
+    finally:
+        clean_module._language_identifier.cache_clear()
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# ---- split ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_hf):
+    return data.load_tokenizer(tiny_hf)
+
+
+def long_conversations() -> list[dict]:
+    """Conversations of 1 to 12 exchanges of very different lengths (deterministic), spaces and
+    newlines at the edges of turns included (where tokenisation across boundaries could differ)."""
+    words = ["the", "model", "answers", "questions", "about", "code", "data", "and", "training", "in", "detail"]
+    records = []
+    for c in range(40):
+        values = []
+        for t in range(2 * (1 + c % 12)):
+            n = 1 + (c * 7 + t * 13) % 60
+            text = " ".join(words[(c + t + k) % len(words)] for k in range(n))
+            values.append(text + ("  " if t % 5 == 0 else "") + ("\n" if t % 7 == 3 else ""))
+        records.append({"id": f"c{c}", "conversations": turns(*values)})
+    records.append({"id": "huge", "conversations": turns("short", "word " * 400, "next?", "fine.")})
+    records.append({"id": "all-huge", "conversations": turns("word " * 400, "x")})
+    return records
+
+
+def exact_length(tokenizer, piece: dict) -> int:
+    pairs = [(template.ROLE_OF[t["from"]], t["value"]) for t in piece["conversations"]]
+    return len(data.encode(data.Conversation(piece["id"], pairs), tokenizer, 10**9).input_ids)
+
+
+def test_split_pieces_fit_exactly_start_with_the_user_and_lose_no_reply(tiny_hf, tokenizer, tmp_path: Path) -> None:
+    records = long_conversations()
+    source = write_jsonl(tmp_path / "clean.jsonl", records)
+    limit = 200
+    out = split(data=source, model_path=tiny_hf, output=tmp_path / "split.jsonl", model_max_length=limit)
+    pieces = read_jsonl(out)
+    for piece in pieces:
+        assert piece["tokens"] == exact_length(tokenizer, piece) <= limit, piece["id"]
+        assert piece["conversations"][0]["from"] == "human" and piece["conversations"][-1]["from"] == "gpt"
+    by_parent: dict[str, list[dict]] = {}
+    for piece in pieces:
+        by_parent.setdefault(piece.get("parent", piece["id"]), []).append(piece)
+    dropped_exchanges = 0
+    for record in records[:-2]:
+        got = by_parent.get(record["id"], [])
+        pairs = [record["conversations"][i : i + 2] for i in range(0, len(record["conversations"]), 2)]
+        too_long = [p for p in pairs if exact_length(tokenizer, {"id": "x", "conversations": p}) > limit]
+        kept = [t for p in pairs if p not in too_long for t in p]
+        assert [t for p in got for t in p["conversations"]] == kept, "every turn that fits, in order"
+        dropped_exchanges += len(too_long)
+        if len(got) > 1:
+            assert [p["id"] for p in got] == [f"{record['id']}_{k}" for k in range(len(got))]
+            assert {(p["part"], p["parts"]) for p in got} == {(k, len(got)) for k in range(len(got))}
+            # greedy and exact: the next exchange would not have fitted
+            for first, second in itertools.pairwise(got if not too_long else []):
+                grown = {"id": "x", "conversations": first["conversations"] + second["conversations"][:2]}
+                assert exact_length(tokenizer, grown) > limit
+    assert any(len(g) > 1 for g in by_parent.values()) and any(len(g) == 1 for g in by_parent.values())
+    assert [p["conversations"] for p in by_parent["huge"]] == [turns("next?", "fine.")]
+    assert by_parent["huge"][0]["id"] == "huge_0", "a piece with an exchange dropped says so in its id"
+    assert "all-huge" not in by_parent
+    counts = read_counts(tmp_path / "split.counts.tsv")
+    assert counts[("drop", "too_long")] == 1
+    assert counts[("edit", "exchange_longer_than_limit_dropped")] == dropped_exchanges + 2
+    assert counts[("kept", "pieces")] == len(pieces)
+    # what the split promises, data tokenize sees: nothing truncated
+    tokenized = data.tokenize(data=out, model_path=tiny_hf, output_dir=tmp_path / "tok", model_max_length=limit)
+    meta = json.loads((tokenized / "meta.json").read_text())
+    assert meta["n_samples"] == len(pieces) and meta["n_tokens"] == sum(p["tokens"] for p in pieces)
+
+
+def test_split_without_a_separable_eos_tokenises_whole_pieces_with_the_same_result(tokenizer) -> None:
+    counter = PieceCounter(tokenizer)
+    conversations = [(None, [(t["from"], t["value"]) for t in r["conversations"]]) for r in long_conversations()] + [
+        ("A custom and much longer system prompt. " * 3, [("human", "q " * 30), ("gpt", "a " * 30)] * 4)
+    ]
+    fast = counter.split_all(conversations, 150)
+    counter.separable = False
+    assert counter.split_all(conversations, 150) == fast
+
+
+def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(tiny_hf, tmp_path: Path) -> None:
+    records = [{"id": f"r{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(400)]
+    records += long_conversations()[:12]
+    source = write_jsonl(tmp_path / "c.jsonl", records)
+    runs = []
+    for name in ("a", "b"):
+        split(data=source, model_path=tiny_hf, output=tmp_path / f"{name}.jsonl", model_max_length=120,
+              held_out_fraction=0.25)  # fmt: skip
+        runs.append(((tmp_path / f"{name}.jsonl").read_bytes(), (tmp_path / f"{name}.heldout.jsonl").read_bytes()))
+    assert runs[0] == runs[1], "same input, same bytes"
+    train = read_jsonl(tmp_path / "a.jsonl")
+    held = read_jsonl(tmp_path / "a.heldout.jsonl")
+    parents = lambda pieces: {p.get("parent", p["id"]) for p in pieces}  # noqa: E731
+    assert not parents(train) & parents(held), "a conversation is on one side only"
+    assert 0.18 < len(parents(held)) / len(records) < 0.32
+    split(data=source, model_path=tiny_hf, output=tmp_path / "c2.jsonl", model_max_length=120,
+          held_out_fraction=0.25, seed="other")  # fmt: skip
+    assert parents(read_jsonl(tmp_path / "c2.heldout.jsonl")) != parents(held)
+    split(data=source, model_path=tiny_hf, output=tmp_path / "none.jsonl", held_out=tmp_path / "none.held.jsonl")
+    assert (tmp_path / "none.held.jsonl").read_bytes() == b""
+    with pytest.raises(VicunaflowError, match="held_out_fraction 1"):
+        split(data=source, model_path=tiny_hf, output=tmp_path / "x.jsonl", held_out_fraction=1)
+
+
+# ---- mix -----------------------------------------------------------------------------------------------
+
+
+def test_mix_weights_sample_deterministically_and_drop_cross_set_duplicates(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "conversations": turns(f"a{i}", "r")} for i in range(200)])
+    shared = {"id": "s", "conversations": turns("a0", "r")}  # the same conversation as a's 0
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [shared] + [{"id": i, "conversations": turns(f"b{i}", "r")} for i in range(50)]
+    )
+    out = mix(data=[a, b], weights=[0.5, 2], output=tmp_path / "m.jsonl")
+    first = out.read_bytes()
+    assert mix(data=[a, b], weights=[0.5, 2], output=tmp_path / "m.jsonl").read_bytes() == first
+    mixed = read_jsonl(out)
+    from_a = [r for r in mixed if r["origin"].startswith("a/")]
+    from_b = [r for r in mixed if r["origin"].startswith("b/")]
+    assert 70 < len(from_a) < 130 and len(from_b) == 100
+    assert {r["id"] for r in from_b if r["origin"] == "b/3"} == {"b/3", "b/3/1"}
+    counts = read_counts(tmp_path / "m.counts.tsv")
+    assert counts[("drop", "duplicate_across_sets")] == 1
+    assert len({r["id"] for r in mixed}) == len(mixed)
+    with pytest.raises(VicunaflowError, match="one weight and name per file"):
+        mix(data=[a, b], weights=[1], output=tmp_path / "x.jsonl")
+
+
+# ---- fetch from a Hugging Face Hub stand-in ------------------------------------------------------------
+
+
+def _git_sha1(blob: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest()
+
+
+@dataclass
+class Hub:
+    """The routes huggingface_hub uses for a dataset: revision info, tree listing, resolve (HEAD/GET)."""
+
+    repos: dict = field(default_factory=dict)  # repo -> {"refs": {name: commit}, "commits": {commit: {path: bytes}}}
+    tampered: set[str] = field(default_factory=set)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._route(body=False)
+
+    def do_GET(self):
+        self._route(body=True)
+
+    def _route(self, body: bool):
+        hub: Hub = self.server.hub
+        path = unquote(urlsplit(self.path).path)
+        if match := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path):
+            repo, kind, revision = match.groups()
+            commit, files = self._resolve(repo, revision or "main")
+            if files is None:
+                return None
+            if (kind or "revision") == "revision":
+                return self._json({"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in files]})
+            return self._json([self._entry(p, blob) for p, blob in files.items()])
+        if match := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+            repo, revision, name = match.groups()
+            commit, files = self._resolve(repo, revision)
+            if files is None:
+                return None
+            if name not in files:
+                return self._error(404, "EntryNotFound")
+            blob = files[name]
+            etag = self._entry(name, blob).get("lfs", {}).get("oid") or _git_sha1(blob)
+            blob = blob[::-1] if name in hub.tampered else blob
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            if body:
+                self.wfile.write(blob)
+            return None
+        return self._error(404, "RepoNotFound")
+
+    def _resolve(self, repo: str, revision: str):
+        hub: Hub = self.server.hub
+        if repo not in hub.repos:
+            self._error(404, "RepoNotFound")
+            return None, None
+        commit = hub.repos[repo]["refs"].get(revision, revision)
+        if commit not in hub.repos[repo]["commits"]:
+            self._error(404, "RevisionNotFound")
+            return None, None
+        return commit, hub.repos[repo]["commits"][commit]
+
+    @staticmethod
+    def _entry(path: str, blob: bytes) -> dict:
+        entry = {"type": "file", "path": path, "size": len(blob), "oid": _git_sha1(blob)}
+        if path.endswith(".json"):  # big files are LFS on the Hub: their listing carries a sha256
+            entry["lfs"] = {"oid": hashlib.sha256(blob).hexdigest(), "size": len(blob), "pointerSize": 134}
+        return entry
+
+    def _json(self, value):
+        blob = json.dumps(value).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(blob)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(blob)
+
+    def _error(self, code: int, error_code: str):
+        self.send_response(code)
+        self.send_header("X-Error-Code", error_code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+DATASET = "someone/sharegpt-tiny"
+OLD, NEW = "c" * 40, "d" * 40
+V1 = json.dumps([{"id": "a", "conversations": turns("hi", "<p>hello</p>")}]).encode()
+V2 = json.dumps([{"id": "b", "conversations": turns("hey", "<p>yo</p>")}]).encode()
+
+
+@pytest.fixture
+def hub():
+    state = Hub(
+        repos={
+            DATASET: {
+                "refs": {"main": NEW, "v1": OLD},
+                "commits": {
+                    OLD: {"data/sg.json": V1, "README.md": b"old"},
+                    NEW: {"data/sg.json": V2, "README.md": b"new", "data/other.jsonl": b"{}\n"},
+                },
+            }
+        }
+    )
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), HubHandler)
+    server.hub = state
+    state.port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def _fetch(hub, tmp_path, name="raw", **kwargs):
+    kwargs = {"repo": DATASET, "file": "data/sg.json", "revision": OLD, **kwargs}
+    return fetch(output_dir=tmp_path / name, endpoint=hub.url, staging_dir=tmp_path / "st", **kwargs)
+
+
+def test_fetch_takes_one_file_at_the_pinned_commit_and_records_it(hub, tmp_path: Path) -> None:
+    path = _fetch(hub, tmp_path, sha256=hashlib.sha256(V1).hexdigest())
+    assert path == tmp_path / "raw" / "data" / "sg.json" and path.read_bytes() == V1
+    assert sorted(p.relative_to(tmp_path / "raw").as_posix() for p in (tmp_path / "raw").rglob("*")) == [
+        "data",
+        "data/sg.json",
+        "vicunaflow.json",
+    ]
+    manifest = json.loads((tmp_path / "raw" / "vicunaflow.json").read_text())
+    assert (manifest["repo"], manifest["repo_type"], manifest["revision"]) == (DATASET, "dataset", OLD)
+    assert manifest["sha256"] == hashlib.sha256(V1).hexdigest() and manifest["file"] == "data/sg.json"
+    by_tag = _fetch(hub, tmp_path, "by-tag", revision="v1")
+    assert by_tag.read_bytes() == V1
+    # the fetched file goes straight into clean
+    cleaned = read_jsonl(clean(data=path, output=tmp_path / "c.jsonl", jobs=1))
+    assert cleaned == [{"id": "a", "conversations": turns("hi", "hello")}]
+
+
+def test_fetch_errors_name_the_file_and_leave_nothing(hub, tmp_path: Path) -> None:
+    with pytest.raises(
+        VicunaflowError, match=r"no file 'data/missing\.json' in this dataset repository.*data/sg\.json"
+    ):
+        _fetch(hub, tmp_path, file="data/missing.json")
+    with pytest.raises(VicunaflowError, match=r"data/sg\.json: sha256 mismatch: expected 0{64} \(config\), got "):
+        _fetch(hub, tmp_path, revision="main", sha256="0" * 64)  # main moved on: the pin catches it
+    hub.tampered = {"data/sg.json"}
+    with pytest.raises(VicunaflowError, match=r"data/sg\.json: sha256 mismatch"):
+        _fetch(hub, tmp_path)
+    with pytest.raises(VicunaflowError, match="revision 'v9' not found"):
+        _fetch(hub, tmp_path, revision="v9")
+    with pytest.raises(VicunaflowError, match="give a path inside the repository"):
+        _fetch(hub, tmp_path, file="../x.json")
+    assert not (tmp_path / "raw").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no temporary left"
+
+
+# ---- CLI and workflow ----------------------------------------------------------------------------------
+
+
+def test_cli_runs_clean_and_split_verbs(tiny_hf, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", DIRTY[:3])
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = lambda *a: subprocess.run(["vicunaflow", "data", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    result = run("clean", "--data", str(source), "--output", str(tmp_path / "c.jsonl"), "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    result = run("split", "--data", str(tmp_path / "c.jsonl"), "--model-path", str(tiny_hf),
+                 "--model-max-length", "64", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.heldout.jsonl").exists()
+    result = run("clean", "--data", str(tmp_path / "nothing.json"), "--output", str(tmp_path / "x.jsonl"))
+    assert result.returncode == 1 and "nothing.json: no such data file" in result.stderr
+
+
+HUB_CONFIG = {
+    "datasets": {
+        "sharegpt": {
+            "hub": {"repo": DATASET, "file": "data/sg.json", "revision": OLD},
+            "languages": ["en"],
+            "held_out_fraction": 0.02,
+        },
+        "mine": {"path": "mine.jsonl"},
+        "both": {"mix": {"sharegpt": 1, "mine": 0.5}},
+    },
+    "finetune": {
+        "runs": {
+            "sg": {"model": "vicuna-7b-all-v1.1", "data": "sharegpt"},
+            "mixed": {"model": "vicuna-7b-all-v1.1", "data": "both", "model_max_length": 1024},
+            "demo": {"model": "vicuna-7b-all-v1.1", "data": "builtin"},
+        }
+    },
+}
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_dry_run_plans_hub_dataset_clean_mix_split_tokenize(tmp_path: Path) -> None:
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(HUB_CONFIG))
+    targets = ["fine_tuning_output/sg", "fine_tuning_output/mixed", "fine_tuning_output/demo"]
+    result = _snakemake(tmp_path, "-n", "-p", *targets, "--configfile", str(tmp_path / "hub.yaml"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    jobs = dict(re.findall(r"^(data_\w+|tokenize_data)\s+(\d+)$", out, re.MULTILINE))
+    assert jobs == {"data_fetch": "1", "data_clean": "2", "data_mix": "1", "data_split": "2", "tokenize_data": "3"}
+    assert (
+        f"vicunaflow data fetch --repo {DATASET} --file data/sg.json --revision {OLD} --output-dir data/raw/sharegpt"
+        in out
+    )
+    assert "--data data/raw/sharegpt/data/sg.json --output data/clean/sharegpt.jsonl" in out
+    assert "data/split/sharegpt/vicuna-7b-all-v1.1-len2048.jsonl" in out
+    assert "data/split/both/vicuna-7b-all-v1.1-len1024.heldout.jsonl" in out
+    assert "data/tokenized/builtin/vicuna-7b-all-v1.1-len2048" in out, "builtin data goes straight to tokenize"
+    bad = {"datasets": {"x": {"hub": {"repo": "a/b", "file": "f"}, "path": "p"}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = _snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"))
+    assert result.returncode != 0 and "datasets.x: give exactly one of hub, path or mix" in result.stdout + result.stderr
