@@ -362,6 +362,29 @@ def test_local_source_verifies_and_links(release, tmp_path):
     assert not (tmp_path / "other" / "tiny").exists()
 
 
+def test_a_user_folder_in_the_way_is_refused_before_anything_is_downloaded(mirror, release, tmp_path):
+    folder = tmp_path / "pyllama_data"
+    (folder / "tiny").mkdir(parents=True)
+    (folder / "tiny" / "notes.txt").write_text("mine\n")
+    fetch = {"model_size": "tiny", "folder": folder, "base_url": mirror.base_url, "staging_dir": tmp_path / "st"}
+    with pytest.raises(VicunaflowError, match=r"tiny exists and is not a complete vicunaflow output.*--overwrite"):
+        download_llama(**fetch, **FAST)
+    assert (folder / "tiny" / "notes.txt").read_text() == "mine\n"
+    assert not mirror.seen("tiny/consolidated.00.pth"), "refused before the download"
+
+    # pyllama's own download, verified but without vicunaflow.json: already done, kept as it is.
+    shutil.rmtree(folder / "tiny")
+    shutil.copytree(release / "tiny", folder / "tiny", ignore=shutil.ignore_patterns("vicunaflow.json"))
+    assert download_llama(**fetch, **FAST) == folder / "tiny"
+    assert not (folder / "tiny" / "vicunaflow.json").exists()
+
+    (folder / "tiny" / "params.json").write_text("{}")  # damaged: replaced only when asked
+    with pytest.raises(VicunaflowError, match="--overwrite"):
+        download_llama(**fetch, **FAST)
+    download_llama(**fetch, **FAST, overwrite=True)
+    _same_tree(folder / "tiny", release / "tiny", TINY_FILES)
+
+
 def test_model_size_names():
     assert parse_model_sizes("7b,13B, 33b ,65B") == (False, ["7B", "13B", "30B", "65B"])
     assert parse_model_sizes("tokenizer") == (True, [])
