@@ -13,6 +13,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/eval_common.smk"
 include: "workflow/rules/data_common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/convert.smk"
@@ -22,6 +23,7 @@ include: "workflow/rules/dataprep.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/serve.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule all:

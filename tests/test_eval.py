@@ -457,3 +457,72 @@ def test_download_verifies_the_pinned_files(tmp_path: Path, monkeypatch) -> None
                 output_dir=tmp_path / "other", revision=revision, base_url=base_url, staging_dir=tmp_path / "staging"
             )
     assert not (tmp_path / "other").exists()
+
+
+# --- the workflow ----------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule name -> job count of `snakemake -n` in an empty working directory."""
+    import os
+    import subprocess
+
+    (workdir / "config").symlink_to(REPO / "config")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n"]
+    result = subprocess.run(
+        [*command, *args, "--quiet", "rules"], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def test_workflow_plans_mt_bench_for_every_model(tmp_path: Path) -> None:
+    """Default config: FastChat's files downloaded once; base, Vicuna and run of each fine-tuning run evaluated."""
+    jobs = planned_jobs(tmp_path, "results/eval/summary.tsv")
+    assert jobs["mt_bench_download"] == 1 and jobs["eval_summary"] == 1
+    models = 8  # llama-{7,13}b-hf, vicuna-{7,13}b-all-v1.1 and the four runs of config/config.yaml
+    assert jobs["eval_answers"] == jobs["eval_judge"] == models
+    assert "eval_loss" not in jobs  # no held-out data configured
+
+
+def test_demo_plans_the_offline_evaluation(tmp_path: Path) -> None:
+    jobs = planned_jobs(tmp_path, "--configfile", "config/demo.yaml")
+    assert {k: jobs[k] for k in ("eval_answers", "eval_judge", "eval_loss", "eval_summary")} == {
+        "eval_answers": 1,
+        "eval_judge": 1,
+        "eval_loss": 1,
+        "eval_summary": 1,
+    }
+    assert "mt_bench_download" not in jobs  # the built-in questions: offline
+
+
+def test_workflow_defaults_match_the_commands() -> None:
+    import inspect
+
+    import yaml
+
+    from vicunaflow.eval.answers import answers
+    from vicunaflow.eval.loss import loss
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["properties"]["eval"]
+    defaults = {k: v.get("default") for k, v in schema["properties"].items()}
+    assert defaults["max_new_tokens"] == inspect.signature(answers).parameters["max_new_tokens"].default
+    assert defaults["seed"] == inspect.signature(answers).parameters["seed"].default
+    assert defaults["loss_max_length"] == inspect.signature(loss).parameters["model_max_length"].default
+    assert defaults["mt_bench"] == {}
+    mt = schema["properties"]["mt_bench"]["properties"]
+    assert mt["revision"]["default"] == mt_bench.FASTCHAT_REVISION
+    assert mt["base_url"]["default"] == mt_bench.FASTCHAT_RAW
+    judge_parameters = inspect.signature(judge).parameters
+    workflow_judge = (REPO / "workflow/rules/eval_common.smk").read_text()
+    assert f'"parallel": {judge_parameters["parallel"].default}' in workflow_judge
+    assert f'"max_tokens": {judge_parameters["max_tokens"].default}' in workflow_judge
+    assert f'"api_key_env": "{judge_parameters["judge_api_key_env"].default}"' in workflow_judge

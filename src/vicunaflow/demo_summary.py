@@ -14,6 +14,7 @@ OUTPUTS = {
     "vicuna-tiny-all-v1.1": "merged Vicuna (base + delta)",
     "fine_tuning_output/demo-vicuna-tiny": "fine-tuned on the built-in conversations",
     "results/chat": "greedy replies of each model to config/chat_prompts.txt",
+    "results/eval/summary.tsv": "MT-bench-style scores (built-in questions, self-judged) and loss",
 }
 
 
@@ -27,6 +28,13 @@ def main() -> None:
     if transcript.exists():
         exchange = json.loads(transcript.read_text())["transcripts"][0]
         console.print(f"\n[bold]USER:[/] {exchange['prompt']}\n[bold]ASSISTANT:[/] {exchange['reply']}")
+    summary = Path("results/eval/summary.tsv")
+    if summary.exists():
+        console.print(f"\n[bold]{summary}[/] (a tiny model seldom writes a \\[\\[rating]]: unrated scores are -1)")
+        header, *rows = [line.split("\t") for line in summary.read_text().splitlines()]
+        for row in rows:
+            cells = {k: v for k, v in zip(header, row, strict=True) if v}
+            console.print("  " + "  ".join(f"{k}={v}" for k, v in cells.items()))
     console.print(
         "\nNext:\n"
         "  .venv/bin/vicunaflow chat --model-path fine_tuning_output/demo-vicuna-tiny\n"

@@ -1,0 +1,118 @@
+# Helpers of workflow/rules/eval.smk: which questions, models, judges and datasets config `eval` names.
+
+from types import SimpleNamespace
+
+from vicunaflow.eval.mt_bench import (
+    BUILTIN_JUDGE_PROMPTS,
+    BUILTIN_QUESTIONS,
+    BUILTIN_REFERENCE,
+)
+
+EVAL = config["eval"]
+MT_BENCH_DIR = "resources/mt_bench"
+JUDGE_DEFAULTS = {"base_url": None, "serve": None, "api_key_env": "OPENAI_API_KEY"}
+JUDGE_DEFAULTS |= {"parallel": 8, "max_tokens": 2048}
+
+
+def eval_files():
+    """The questions, reference answers and judge prompts that config `eval.questions` names."""
+    source = EVAL["questions"]
+    if source == "mt_bench":  # FastChat's own files, fetched by mt_bench_download
+        return {
+            "questions": f"{MT_BENCH_DIR}/question.jsonl",
+            "reference": f"{MT_BENCH_DIR}/reference_answer/gpt-4.jsonl",
+            "prompts": f"{MT_BENCH_DIR}/judge_prompts.jsonl",
+        }
+    if source == "builtin":
+        return {
+            "questions": str(BUILTIN_QUESTIONS),
+            "reference": str(BUILTIN_REFERENCE),
+            "prompts": str(BUILTIN_JUDGE_PROMPTS),
+        }
+    return {
+        "questions": source,
+        "reference": EVAL["reference"],
+        "prompts": str(BUILTIN_JUDGE_PROMPTS),
+    }
+
+
+EVAL_FILES = eval_files()
+
+
+def get_eval_data(wildcards):
+    """Named inputs: the download folder for mt_bench, else the question and reference files."""
+    if EVAL["questions"] == "mt_bench":
+        return {"mt_bench": MT_BENCH_DIR}
+    return {
+        k: v for k, v in EVAL_FILES.items() if k in ("questions", "reference") and v
+    }
+
+
+def eval_models():
+    """eval.models, or every model of the fine-tuning runs: the LLaMA base, Vicuna, the run."""
+    if EVAL["models"] is not None:
+        return EVAL["models"]
+    models = []
+    for run, options in config["finetune"]["runs"].items():
+        base = re.sub(r"^vicuna-(.+)-all-v1\.1$", r"llama-\1-hf", options["model"])
+        models += [base, options["model"], run]
+    return list(dict.fromkeys(models))
+
+
+def get_judge(name):
+    judge = {**JUDGE_DEFAULTS, **EVAL["judges"][name]}
+    if (judge["base_url"] is None) == (judge["serve"] is None):
+        raise ValueError(
+            f"config: eval.judges.{name}: give base_url (an OpenAI-compatible endpoint) "
+            "or serve (a model built here), one of them"
+        )
+    return judge
+
+
+def get_judge_model_input(wildcards):
+    """A judge served from a model built here depends on that model."""
+    serve = get_judge(wildcards.judge)["serve"]
+    return get_chat_model(SimpleNamespace(model=serve)) if serve else []
+
+
+def get_judge_args(wildcards, input):
+    judge = get_judge(wildcards.judge)
+    endpoint = (
+        f"--judge-serve-model-path {input.judge_model}"
+        if judge["serve"]
+        else f"--judge-base-url {shlex.quote(judge['base_url'])}"
+    )
+    return (
+        f"{endpoint} --judge-model {shlex.quote(judge['model'])} --judge-api-key-env {judge['api_key_env']}"
+        f" --parallel {judge['parallel']} --max-tokens {judge['max_tokens']}"
+    )
+
+
+def get_reference_arg(wildcards):
+    reference = EVAL_FILES["reference"]
+    return f"--reference {reference}" if reference else ""
+
+
+def get_loss_data(wildcards):
+    return data_path(EVAL["loss_data"][wildcards.dataset])
+
+
+def get_summary_inputs(wildcards):
+    models = eval_models()
+    return {
+        "judgments": [
+            f"results/eval/{model}/mt_bench/judgment-{judge}.jsonl"
+            for model in models
+            for judge in EVAL["summary_judges"]
+        ],
+        "losses": [
+            f"results/eval/{model}/loss-{dataset}.json"
+            for model in models
+            for dataset in EVAL["loss_data"]
+        ],
+    }
+
+
+def json_list_arg(name):
+    """A list of input files as one JSON argument (how `vicunaflow` takes lists)."""
+    return lambda wildcards, input: shlex.quote(json.dumps(list(input[name])))
