@@ -131,7 +131,8 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """Remove the temporaries of `target` left by killed processes of this host; return what was removed."""
     target = Path(target)
     removed = []
-    pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)\.(\d+)@(.+)-[a-z0-9_]{8}")
+    # _temp_prefix's pid, start time and host, then mkdtemp's 8 characters of [a-z0-9_].
+    pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)\.(\d+)@([^@/]+)-[a-z0-9_]{8}")
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(target.parent.iterdir()):
             if not entry.name.startswith(f".{target.name}.tmp-") or entry.is_symlink() or not entry.is_dir():
