@@ -357,7 +357,7 @@ class ShardChecksums:
         if bad:
             raise VicunaflowError(
                 f"{', '.join(map(str, bad))}: md5 differs from {bad[0].parent / CHECKLIST}; "
-                f"the shard is corrupt or incomplete: {REDOWNLOAD}"
+                f"the shard is corrupt or incomplete: {REDOWNLOAD}; if you changed it on purpose, delete {CHECKLIST}"
             )
         if self.shards:
             log.info("%d shards match %s", len(self.shards), CHECKLIST)
