@@ -47,22 +47,35 @@ def test_int8_error_is_half_a_step_of_its_row():
 
 
 @pytest.mark.parametrize(("k", "group_size"), [(256, 128), (704, 128), (200, 64), (250, 32)])
-def test_int4_error_is_half_a_step_of_its_group(k, group_size):
+def test_int4_error_is_half_a_step_of_its_group_and_clipping_only_lowers_it(k, group_size, monkeypatch):
     """704 = tiny's MLP width: the last group of 128 is 64 wide."""
     w = weight(16, k).float()
     qw = quant.quantize(w, bits=4, group_size=group_size)
+    with monkeypatch.context() as patch:
+        patch.setattr(quant, "CLIP_RATIOS", (1.0,))  # the full [min, max] range only
+        full_range = quant.quantize(w, bits=4, group_size=group_size)
     groups = -(-k // group_size)
     assert qw.qweight.shape == (16, k // 2) and qw.scales.shape == qw.zeros.shape == (16, groups)
-    scales = qw.scales.float().repeat_interleave(group_size, dim=1)[:, :k]
-    zeros = qw.zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
-    error = (qw.dequantize(torch.float32) - w).abs()
+    scales = full_range.scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+    zeros = full_range.zeros.float().repeat_interleave(group_size, dim=1)[:, :k]
+    error = (full_range.dequantize(torch.float32) - w).abs()
     # half a step, plus what rounding scale and zero to float16 moves the grid's ends by
-    bound = scales * 0.5 + (zeros.abs() + 15 * scales) * 2**-11
-    assert bool((error <= bound).all())
-    # the ends of each group are codes 0 and 15: no level is spent outside the group's range
-    codes = quant.unpack_int4(qw.qweight, k)
-    padded = torch.cat([codes, codes[:, -1:].expand(16, groups * group_size - k)], dim=1).view(16, groups, -1)
-    assert int(padded.amin(dim=2).max()) == 0 and int(padded.amax(dim=2).min()) == 15
+    assert bool((error <= scales * 0.5 + (zeros.abs() + 15 * scales) * 2**-11).all())
+    # the range search keeps, group by group, a squared error no larger than the full range's
+    clipped_error = (qw.dequantize(torch.float32) - w).square()
+    per_group = [e.reshape(16, -1) for e in (clipped_error, error.square())]
+    for start in range(0, k, group_size):
+        assert bool(
+            (
+                per_group[0][:, start : start + group_size].sum(1) <= per_group[1][:, start : start + group_size].sum(1)
+            ).all()
+        )
+    assert float(clipped_error.sum()) < float(error.square().sum())
+    # both ends of each group are used: no level is spent outside the group's values
+    for encoded in (qw, full_range):
+        codes = quant.unpack_int4(encoded.qweight, k)
+        padded = torch.cat([codes, codes[:, -1:].expand(16, groups * group_size - k)], dim=1).view(16, groups, -1)
+        assert int(padded.amin(dim=2).max()) == 0 and int(padded.amax(dim=2).min()) == 15
 
 
 def test_int4_packing_round_trip_and_nibble_order():
