@@ -1,8 +1,11 @@
 """Inference throughput: vicunaflow's batching engine vs transformers' generate vs FastChat's generate_stream.
 
-All sides run the same randomly initialised LLaMA shape (float16, SDPA, seed 0) on one GPU, greedy, with
-a fixed prompt length and a fixed reply length (EOS ignored, so every request makes the same number of
-tokens):
+All sides run a randomly initialised LLaMA of the same shape (float16, seed 0), greedy, with a fixed
+prompt length and a fixed reply length (EOS ignored, so every request makes the same number of tokens).
+Ours is vicunaflow.engine's own model (`load_model(RandomWeights(...))`, the path chat and serve take);
+transformers and FastChat get a LlamaForCausalLM (SDPA). `--num-gpus 1 2` measures each count in turn:
+ours with tensor parallelism (`--all-reduce symm-mem nccl`: each all-reduce in turn), transformers
+with its layers spread over the GPUs as `device_map` does (accelerate's dispatch_model):
 
     single stream   one request: time to the first token, decode tokens/s after it, end-to-end tokens/s
                     and the wall time of the whole reply (reply_s)
@@ -17,16 +20,17 @@ tokens):
     --ablations     ours again, one request at a time, with each speed-up of the decode step switched off
                     (Triton matvec kernels, overlapped steps, both), and the bandwidth of the matvec
                     kernel vs cuBLAS on each 7B/13B weight shape
-    --load-8bit     weight memory on the device of `load_model(..., load_8bit=True)` (bitsandbytes
-                    LLM.int8() on CUDA, dynamic int8 on CPU) against float16, and its tokens/s
+    --load-8bit     weight memory on the device of `load_model(..., load_8bit=True)` (weight-only int8,
+                    one scale per output row, dequantised at each product) against float16, and its tokens/s
 
 FastChat 0.2.36 needs transformers 4.x: `--fastchat-pythonpath DIR` runs the FastChat side in a child
 process with DIR (holding fschat 0.2.36, transformers 4.57.1 and its tokenizers/huggingface_hub) first
 on PYTHONPATH; without it, FastChat is imported from the current environment.
 
     python bench/bench_chat.py --fastchat-pythonpath /tmp/ref --load-8bit       # 7B, C = 1 8 32
-    python bench/bench_chat.py --size 13b --concurrency 1 --append                # the 13B "256 tokens < 3 s" goal
+    python bench/bench_chat.py --size 13b --concurrency 1 --num-gpus 1 2 --append # 13B, 1 and 2 GPUs
     python bench/bench_chat.py --tiny                                             # CPU smoke test of the script
+    python bench/bench_chat.py --tiny --num-gpus 1 2                              # the same with 2 gloo ranks
 
 The tokenizer is synthetic (32000 pieces, LLaMA's decoder pipeline: "▁" -> space, byte fallback) so
 detokenising costs what it does with LLaMA's, and decoded prompts encode back to the same ids (FastChat
@@ -39,7 +43,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,9 +60,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, few tokens")
     parser.add_argument("--size", default="7b", help="model shape from vicunaflow.sizes (7b, 13b, ...)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-gpus", type=int, nargs="+", default=[1], help="measure with each GPU count in turn")
+    parser.add_argument(
+        "--all-reduce", nargs="+", choices=["symm-mem", "nccl"], default=["symm-mem", "nccl"],
+        help="ours on several GPUs: each all-reduce in turn",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--reference-new-tokens", type=int, help="transformers: tokens per reply (default: --new-tokens)"
+    )
     parser.add_argument("--context", type=int, default=2048, help="KV cache length per request")
     parser.add_argument("--repeats", type=int, default=2, help="ours: timed runs per measurement (best is kept)")
     parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of transformers and FastChat")
@@ -67,24 +78,26 @@ def main() -> None:
         "--only", nargs="+", choices=["ours", "transformers", "fastchat"], default=["ours", "transformers", "fastchat"]
     )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: plain eager decode steps")
-    parser.add_argument("--no-fused-decode", action="store_true", help="ours: Hugging Face layers in the decode step")
     parser.add_argument("--no-decode-kernels", action="store_true", help="ours: cuBLAS, not Triton, for one-row steps")
     parser.add_argument("--no-overlap", action="store_true", help="ours: wait for each step before queueing the next")
     parser.add_argument("--ablations", action="store_true", help="ours: also single-stream with each speed-up off")
     parser.add_argument("--fastchat-pythonpath", help="run FastChat in a child process with this first on PYTHONPATH")
     parser.add_argument("--load-8bit", action="store_true", help="also measure load_model(load_8bit=True)")
-    parser.add_argument("--scratch", type=Path, help="--load-8bit: where to save the model (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
     args = parser.parse_args()
     if args.tiny:
         args.size, args.device, args.concurrency = "tiny", "cpu", [1, 4]
         args.prompt_tokens, args.new_tokens, args.context, args.repeats = 32, 32, 256, 1
+    # these machines forbid NVLink multicast; spawned ranks inherit the environment
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     info = {
         "size": args.size,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "gpus_visible": torch.cuda.device_count(),
         "dtype": str(dtype).removeprefix("torch."),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -92,7 +105,6 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
-        "fused_decode": args.device == "cuda" and not args.no_cuda_graphs and not args.no_fused_decode,
         "decode_kernels": args.device == "cuda" and not args.no_decode_kernels,
         "overlap": args.device == "cuda" and not args.no_overlap,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
@@ -101,19 +113,32 @@ def main() -> None:
     results = []
     if "fastchat" in args.only and args.fastchat_pythonpath:  # first, while this process holds no GPU memory
         results += run_fastchat_child(args)
-    model = make_model(args.size, args.device, dtype, args.context)
-    tokenizer = make_tokenizer(model.config.vocab_size)
+    model_args = make_args(args.size, args.context)
+    tokenizer = make_tokenizer(model_args.vocab_size)
     prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
-        results += bench_ours(model, tokenizer, prompts, args)
-        if args.ablations:
-            results += bench_ablations(model, tokenizer, prompts, args)
-    if "transformers" in args.only:
-        results += bench_transformers(model, prompts, args)
-    if "fastchat" in args.only and not args.fastchat_pythonpath:
-        results += bench_fastchat(model, tokenizer, prompts, args)
-    if args.load_8bit:
-        results += bench_load_8bit(model, tokenizer, prompts, args)
+        for num_gpus in args.num_gpus:
+            for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
+                model = make_model(model_args, args.device, dtype, num_gpus, all_reduce)
+                try:
+                    tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
+                    results += [row | tags for row in bench_ours(model, tokenizer, prompts, args)]
+                    if args.ablations and num_gpus == 1:
+                        results += [row | tags for row in bench_ablations(model, tokenizer, prompts, args)]
+                    if args.load_8bit and num_gpus == 1:
+                        results += bench_load_8bit(model, tokenizer, prompts, args)
+                finally:
+                    model.close()
+                free(model)
+    for num_gpus in args.num_gpus if "transformers" in args.only or "fastchat" in args.only else []:
+        if num_gpus > 1 and args.device != "cuda":
+            continue  # device_map spreads layers over GPUs only
+        hf_model = make_hf_model(args.size, args.device, dtype, args.context, num_gpus)
+        if "transformers" in args.only:
+            results += [row | {"num_gpus": num_gpus} for row in bench_transformers(hf_model, prompts, args)]
+        if "fastchat" in args.only and not args.fastchat_pythonpath and num_gpus == 1:
+            results += bench_fastchat(hf_model, tokenizer, prompts, args)
+        free(hf_model)
     print_table(results)
     runs = []
     if args.append and args.output.exists():
@@ -124,23 +149,58 @@ def main() -> None:
     print(f"wrote {args.output}", flush=True)
 
 
-def make_model(size_name: str, device: str, dtype: torch.dtype, context: int):
-    """A random LlamaForCausalLM of a known size, built directly on the device (seed 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def make_args(size_name: str, context: int):
+    """The engine's ModelArgs of a known size (LLaMA-1: as many KV heads as heads)."""
+    from vicunaflow.engine import ModelArgs
     from vicunaflow.formats import ffn_hidden_dim
     from vicunaflow.sizes import get_size
 
     size = get_size(size_name)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=size.dim,
-        intermediate_size=ffn_hidden_dim(size.dim, size.multiple_of),
-        num_hidden_layers=size.n_layers,
-        num_attention_heads=size.n_heads,
-        num_key_value_heads=size.n_heads,
+    return ModelArgs(
+        dim=size.dim,
+        n_layers=size.n_layers,
+        n_heads=size.n_heads,
+        n_kv_heads=size.n_heads,
+        ffn_dim=ffn_hidden_dim(size.dim, size.multiple_of),
+        vocab_size=32000 if size_name != "tiny" else size.vocab_size,
+        norm_eps=size.norm_eps,
         max_position_embeddings=max(context, 2048),
-        rms_norm_eps=size.norm_eps,
+    )
+
+
+def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_reduce: str):
+    """Our model with random weights (seed 0), as chat/serve load one: whole, or split over num_gpus ranks."""
+    from vicunaflow.engine import RandomWeights, load_model
+
+    start = time.perf_counter()
+    model, _ = load_model(
+        RandomWeights(model_args, seed=0),
+        device=device,
+        num_gpus=num_gpus,
+        dtype=str(dtype).removeprefix("torch."),
+        all_reduce="auto" if all_reduce == "none" else all_reduce,
+    )
+    print(
+        f"ours: {num_gpus} rank(s), all-reduce {all_reduce}, built in {time.perf_counter() - start:.1f} s", flush=True
+    )
+    return model
+
+
+def make_hf_model(size_name: str, device: str, dtype: torch.dtype, context: int, num_gpus: int = 1):
+    """A random LlamaForCausalLM of a known size (seed 0); on several GPUs its layers are spread over
+    them as transformers' device_map="auto" does (accelerate.dispatch_model: hooks move activations)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_args = make_args(size_name, context)
+    config = LlamaConfig(
+        vocab_size=model_args.vocab_size,
+        hidden_size=model_args.dim,
+        intermediate_size=model_args.ffn_dim,
+        num_hidden_layers=model_args.n_layers,
+        num_attention_heads=model_args.n_heads,
+        num_key_value_heads=model_args.n_kv_heads,
+        max_position_embeddings=model_args.max_position_embeddings,
+        rms_norm_eps=model_args.norm_eps,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -150,11 +210,40 @@ def make_model(size_name: str, device: str, dtype: torch.dtype, context: int):
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a float32 7B would need twice the memory
     try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
+        if num_gpus == 1:
+            with torch.device(device):
+                return LlamaForCausalLM(config).eval()
+        from accelerate import dispatch_model
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config).eval()
+        layers = config.num_hidden_layers
+        device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+        device_map |= {f"model.layers.{i}": i * num_gpus // layers for i in range(layers)}
+        device_map |= {"model.norm": num_gpus - 1, "lm_head": num_gpus - 1}
+        with torch.no_grad():
+            for name, gpu in device_map.items():
+                module = model.get_submodule(name)
+                module.to_empty(device=f"cuda:{gpu}")
+                for parameter in module.parameters():
+                    if parameter.dim() == 1:  # RMSNorm weights
+                        parameter.fill_(1.0)
+                    else:
+                        parameter.normal_(0, 0.02)
+        model.model.rotary_emb = LlamaRotaryEmbedding(config, device="cuda:0")
+        return dispatch_model(model, device_map=device_map)
     finally:
         torch.set_default_dtype(default_dtype)
-    return model.eval()
+
+
+def free(model) -> None:
+    import gc
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def make_tokenizer(vocab_size: int):
@@ -192,7 +281,6 @@ def sync(device) -> None:
 def engine_options(args, **changes) -> dict:
     options = {
         "cuda_graphs": not args.no_cuda_graphs,
-        "fused_decode": False if args.no_fused_decode else None,
         "decode_kernels": False if args.no_decode_kernels else None,
         "overlap": False if args.no_overlap else None,
     }
@@ -200,7 +288,7 @@ def engine_options(args, **changes) -> dict:
 
 
 def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
-    from vicunaflow.generate import Engine, SamplingParams
+    from vicunaflow.engine import Engine, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     results = []
@@ -241,7 +329,6 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
                     "aggregate_tok_s": best_rate,
                     "max_batch": stats["max_batch"],
                     "cuda_graphs": stats["cuda_graphs"],
-                    "fused_decode": stats["fused_decode"],
                     "decode_kernels": stats["decode_kernels"],
                     "overlap": stats["overlap"],
                 }
@@ -259,7 +346,7 @@ def bench_ablations(model, tokenizer, prompts, args) -> list[dict]:
     """One request at a time with each decode speed-up switched off, then matvec vs cuBLAS per weight shape."""
     import gc
 
-    from vicunaflow.generate import Engine, SamplingParams
+    from vicunaflow.engine import Engine, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     results = []
@@ -279,7 +366,7 @@ def bench_ablations(model, tokenizer, prompts, args) -> list[dict]:
             single = single_stream(engine, prompts[0], params, args.repeats)
             stats = engine.snapshot_stats()
         row = {"engine": f"vicunaflow, {label}", "mode": "ablation", "concurrency": 1, **single}
-        row |= {key: stats[key] for key in ("cuda_graphs", "fused_decode", "decode_kernels", "overlap")}
+        row |= {key: stats[key] for key in ("cuda_graphs", "decode_kernels", "overlap")}
         row |= {"step_profile": step_profile(engine, model, single)}
         results.append(row)
         print(results[-1], flush=True)
@@ -328,12 +415,9 @@ def matvec_profile(model) -> list[dict]:
 
     from vicunaflow import kernels
 
-    config = model.config
-    dtype = model.get_input_embeddings().weight.dtype
+    config, dtype = model.args, model.dtype
     rows = []
-    for name, n, k, swiglu, has_residual in decode_products(
-        config.hidden_size, config.intermediate_size, config.vocab_size
-    ):
+    for name, n, k, swiglu, has_residual in decode_products(config.dim, config.ffn_dim, config.vocab_size):
         x, weight, residual, cublas = product_inputs(n, k, swiglu, has_residual, dtype)
 
         def ours(x=x, weight=weight, residual=residual, swiglu=swiglu):
@@ -378,9 +462,11 @@ def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
 
 @torch.inference_mode()
 def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
-    """Time the bare one-row decode step (as the engine runs it) against the engine's time per token."""
-    from vicunaflow.generate import weight_bytes
+    """Time the bare one-row decode step (as the engine runs it) against the engine's time per token.
 
+    With several ranks only the step as the engine runs it is timed: replaying rank 0's graph alone
+    would wait forever for the other ranks' half of its collectives.
+    """
     runner, device = engine.runner, engine.device
     position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
     runner.step([5], [position])  # make sure its graph exists
@@ -390,8 +476,11 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
         runner.step([5], [position])[1].tolist()  # inputs in, greedy token out, one sync: no sampling or text
     step_s = (time.perf_counter() - start) / steps
     profile = {"step_ms": 1000 * step_s, "engine_ms_per_token": 1000 / single["decode_tok_s"]}
+    profile["weight_gb_per_rank"] = model.weight_bytes() / 1e9
+    profile["weights_gb_per_s_per_rank"] = model.weight_bytes() / step_s / 1e9
     bucket = runner.buckets.get((1, -(-(position + 1) // runner.KV_STEP) * runner.KV_STEP))
-    if bucket is not None and bucket.get("graph") is not None:
+    single_rank = model.comm.world == 1
+    if single_rank and bucket is not None and bucket.get("graph") is not None:
         sync(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -399,10 +488,9 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
         sync(device)
         replay_s = (time.perf_counter() - start) / steps
         profile["graph_replay_ms"] = 1000 * replay_s
-        profile["weight_gb"] = weight_bytes(model) / 1e9
-        profile["weights_gb_per_s"] = weight_bytes(model) / replay_s / 1e9
+        profile["weights_gb_per_s"] = model.weight_bytes() / replay_s / 1e9
     profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get("graph_replay_ms", profile["step_ms"])
-    if bucket is not None and torch.device(device).type == "cuda":
+    if single_rank and bucket is not None and torch.device(device).type == "cuda":
         profile["kernels_per_step"] = count_kernels(lambda: runner._forward(bucket))
     return profile
 
@@ -424,7 +512,8 @@ def count_kernels(step) -> int | None:
 @torch.inference_mode()
 def bench_transformers(model, prompts, args) -> list[dict]:
     results = []
-    device = model.device
+    device = model.get_input_embeddings().weight.device  # dispatched over GPUs: inputs go to the first
+    new_tokens = args.reference_new_tokens or args.new_tokens
     model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)  # warm-up
     for concurrency in args.concurrency:
         batch = torch.tensor(prompts[:concurrency], device=device)  # equal lengths: no padding needed
@@ -435,8 +524,8 @@ def bench_transformers(model, prompts, args) -> list[dict]:
             out = model.generate(
                 batch,
                 attention_mask=torch.ones_like(batch),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
@@ -447,7 +536,7 @@ def bench_transformers(model, prompts, args) -> list[dict]:
         mode = "single-stream" if concurrency == 1 else "aggregate"
         row = {"engine": "transformers.generate", "mode": mode, "concurrency": concurrency, "aggregate_tok_s": best}
         if concurrency == 1:
-            row |= {"e2e_tok_s": best, "reply_s": args.new_tokens / best}
+            row |= {"e2e_tok_s": best, "reply_s": new_tokens / best, "tokens": new_tokens}
         results.append(row)
         print(results[-1], flush=True)
     return results
@@ -526,48 +615,31 @@ def bench_fastchat(model, tokenizer, prompts, args) -> list[dict]:
 
 
 def bench_load_8bit(model, tokenizer, prompts, args) -> list[dict]:
-    """Weight memory of `load_model(load_8bit=True)` (the path `chat --load-8bit` takes) against float16."""
-    from vicunaflow.generate import Engine, SamplingParams, load_model, weight_bytes
+    """Weight memory and speed of `load_model(load_8bit=True)` (the path `chat --load-8bit` takes) against float16."""
+    from vicunaflow.engine import Engine, RandomWeights, SamplingParams, load_model
 
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-chat-"))
-    try:
-        start = time.perf_counter()
-        # copies: the engine made q/k/v and gate/up weights views of one tensor, which safetensors refuses
-        model.save_pretrained(scratch, state_dict={name: t.clone() for name, t in model.state_dict().items()})
-        tokenizer.save_pretrained(scratch)
-        print(f"saved the model for --load-8bit in {time.perf_counter() - start:.1f} s", flush=True)
-        if args.device == "cuda":
-            model.cpu()  # free the device so its memory counts only the 8-bit weights
-            torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-        start = time.perf_counter()
-        try:
-            model_8bit, tokenizer_8bit = load_model(scratch, device=args.device, load_8bit=True)
-        except Exception as err:  # e.g. bitsandbytes missing: report, keep the other results
-            print(f"load-8bit: failed: {type(err).__name__}: {err}", flush=True)
-            return []
-        load_s = time.perf_counter() - start
-        device_bytes = torch.cuda.memory_allocated() - before if args.device == "cuda" else None
-        fp16_bytes = sum(p.numel() for p in model.parameters()) * 2
-        row = {
-            "engine": "vicunaflow --load-8bit",
-            "mode": "weights",
-            "concurrency": 1,
-            "load_s": load_s,
-            "float16_weight_gib": fp16_bytes / 2**30,
-            "int8_weight_gib": weight_bytes(model_8bit) / 2**30,
-            "int8_device_allocated_gib": device_bytes / 2**30 if device_bytes is not None else None,
-            "ratio_to_float16": weight_bytes(model_8bit) / fp16_bytes,
-        }
-        new_tokens = min(args.new_tokens, 64)
-        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
-        with Engine(model_8bit, tokenizer_8bit, max_batch_size=1, max_context=args.context) as engine:
-            list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=4)))  # warm-up
-            row |= {f"single_{key}": value for key, value in single_stream(engine, prompts[0], params, 1).items()}
-        print(row, flush=True)
-        return [row]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    start = time.perf_counter()
+    model_8bit, _ = load_model(RandomWeights(model.args, seed=0), device=args.device, load_8bit=True)
+    load_s = time.perf_counter() - start
+    device_bytes = torch.cuda.memory_allocated() - before if args.device == "cuda" else None
+    row = {
+        "engine": "vicunaflow --load-8bit",
+        "mode": "weights",
+        "concurrency": 1,
+        "load_s": load_s,
+        "full_weight_gib": model.weight_bytes() / 2**30,
+        "int8_weight_gib": model_8bit.weight_bytes() / 2**30,
+        "int8_device_allocated_gib": device_bytes / 2**30 if device_bytes is not None else None,
+        "ratio": model_8bit.weight_bytes() / model.weight_bytes(),
+    }
+    params = SamplingParams(temperature=0.0, max_new_tokens=min(args.new_tokens, 64), ignore_eos=True)
+    with Engine(model_8bit, tokenizer, max_batch_size=1, max_context=args.context) as engine:
+        list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=4)))  # warm-up
+        row |= {f"single_{key}": value for key, value in single_stream(engine, prompts[0], params, 1).items()}
+    print(row, flush=True)
+    free(model_8bit)
+    return [row]
 
 
 def info_version() -> str:
@@ -575,7 +647,8 @@ def info_version() -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["engine", "mode", "concurrency", "decode_tok_s", "e2e_tok_s", "aggregate_tok_s", "reply_s"]
+    columns = ["engine", "num_gpus", "all_reduce", "mode", "concurrency", "decode_tok_s", "e2e_tok_s"]
+    columns += ["aggregate_tok_s", "reply_s"]
     columns += ["first_token_s"]
     print(" | ".join(f"{c:>14}" for c in columns))
     for row in results:

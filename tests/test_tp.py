@@ -82,14 +82,7 @@ def test_num_gpus_without_a_gpu_is_refused(tiny_vicuna):
         chat(model_path=tiny_vicuna, num_gpus=2)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("all_reduce", ["nccl", "symm-mem"])
-@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
-def test_two_gpus_match_one(fixture, all_reduce, request):
-    """float32 on two GPUs, CUDA graphs with the all-reduces and the token broadcast inside: greedy
-    replies equal one GPU's (float32 keeps rounding from deciding near-ties)."""
-    path = request.getfixturevalue(fixture)
+def _two_gpus_match_one(path, all_reduce: str) -> None:
     model, tokenizer = load_model(path, device="cuda", dtype="float32")
     greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
     expected = _replies(model, tokenizer, greedy)
@@ -97,6 +90,48 @@ def test_two_gpus_match_one(fixture, all_reduce, request):
     split, _ = load_model(path, device="cuda", num_gpus=2, dtype="float32", all_reduce=all_reduce)
     try:
         assert split.comm.mode == all_reduce
-        assert _replies(split, tokenizer, greedy) == expected
+        replies = _replies(split, tokenizer, greedy)
+        assert split.matvec is False  # float32: no Triton matvec; cuBLAS products
     finally:
         split.close()
+    assert replies == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_two_gpus_match_one_nccl(fixture, request):
+    """float32 on two GPUs, CUDA graphs with the NCCL all-reduces and the token broadcast inside: greedy
+    replies equal one GPU's (float32 keeps rounding from deciding near-ties)."""
+    _two_gpus_match_one(request.getfixturevalue(fixture), "nccl")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_match_one_symmetric_memory(tiny_gqa):
+    """The same with symmetric-memory one-shot all-reduces (once per process: torch registers the
+    group's symmetric memory under a name that a later group of the same process reuses)."""
+    _two_gpus_match_one(tiny_gqa, "symm-mem")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_float16_with_kernels(tiny_vicuna):
+    """float16 on two GPUs: Triton matvec writes float32 partial sums into the all-reduce buffers,
+    graphs, overlap; a 48-token reply streams and agrees with one GPU's on its first tokens."""
+    model, tokenizer = load_model(tiny_vicuna, device="cuda")
+    params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model, tokenizer, max_batch_size=2) as engine:
+        one = "".join(e.text for e in engine.generate(ids, params))
+    del model
+    split, _ = load_model(tiny_vicuna, device="cuda", num_gpus=2)
+    try:
+        with Engine(split, tokenizer, max_batch_size=2) as engine:
+            events = list(engine.generate(ids, params))
+            stats = engine.snapshot_stats()
+    finally:
+        split.close()
+    assert events[-1].completion_tokens == 48
+    assert stats["decode_kernels"] and stats["cuda_graphs"] and stats["queued_ahead"] > 0
+    assert "".join(e.text for e in events)[:8] == one[:8]

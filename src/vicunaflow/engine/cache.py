@@ -26,9 +26,8 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def write(self, layer: int, first_row: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' keys/values: k, v [B, T, kv_heads, head_dim] go to rows first_row.. at positions [B, T]."""
-        rows = torch.arange(first_row, first_row + k.shape[0], device=k.device)[:, None]  # [B, 1]
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' keys/values: k, v [B, T, kv_heads, head_dim] go to rows [B, 1] at positions [B, T]."""
         # advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim], like k
         self.keys[layer][rows, :, positions] = k
         self.values[layer][rows, :, positions] = v

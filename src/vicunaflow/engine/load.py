@@ -4,8 +4,9 @@ Weights come through our own streaming readers (vicunaflow.checkpoint: safetenso
 memory-mapped): each tensor is sliced to this rank's part on the host, cast and copied to the
 device, then its pages are handed back, so a rank holds about its shard plus one tensor. q/k/v and
 gate/up are concatenated into wqkv and w13 as they load. `RandomWeights` builds the same shapes from
-a seed instead of a folder (benchmarks: a 65B needs no 130 GB checkpoint on disk); every rank draws
-each whole tensor from the same seed and keeps its slice, so a split model equals the whole one.
+a seed instead of a folder (benchmarks: a 65B needs no 130 GB checkpoint on disk); each rank draws
+only its own slice (a 65B's 130 GB drawn whole on every rank would take minutes), so a split model's
+values differ from the whole one's: fine for speed, not for equality tests (those load folders).
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ def build_model(spec: tp.LoadSpec, comm) -> Transformer:
     model = Transformer(args, dtype=spec.dtype, device=device, comm=comm)
 
     def get(name: str, split: int | None = None) -> torch.Tensor:
-        tensor = reader.get(name, shapes[name])
         if split is not None and comm.world > 1:
-            tensor = tensor.chunk(comm.world, dim=split)[comm.rank]
+            tensor = reader.get_slice(name, shapes[name], split, comm.rank, comm.world)
+        else:
+            tensor = reader.get(name, shapes[name])
         return tensor.to(device=device, dtype=spec.dtype).contiguous()
 
     def weight(tensor: torch.Tensor):
@@ -222,6 +224,9 @@ class _CheckpointReader:
     def get(self, name: str, shape) -> torch.Tensor:
         return self.checkpoint.get(name)
 
+    def get_slice(self, name: str, shape, dim: int, rank: int, world: int) -> torch.Tensor:
+        return self.checkpoint.get(name).chunk(world, dim=dim)[rank]  # a view of the mapped file
+
     def release(self) -> None:
         self.checkpoint.release()
 
@@ -233,15 +238,20 @@ class _RandomReader:
     def check(self, shapes) -> None:
         pass
 
-    def get(self, name: str, shape) -> torch.Tensor:
+    def get(self, name: str, shape, salt: int = 0) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(
-            self.random.seed * 1_000_003 + zlib.crc32(name.encode())
+            self.random.seed * 1_000_003 + zlib.crc32(name.encode()) + 7919 * salt
         )
         # drawn in float16 on the device: a float32 draw of a 65B layer would need twice the memory
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         return torch.randn(shape, generator=generator, device=self.device, dtype=dtype).mul_(self.random.std)
+
+    def get_slice(self, name: str, shape, dim: int, rank: int, world: int) -> torch.Tensor:
+        sliced = list(shape)
+        sliced[dim] //= world
+        return self.get(name, tuple(sliced), salt=rank + 1)
 
     def release(self) -> None:
         pass

@@ -166,8 +166,8 @@ class Block(torch.nn.Module):
         self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
         self.w2: Weight | None = None  # [dim, ffn]
 
-    def forward(self, hidden, rope, mask, positions, first_row: int, kv_length: int) -> torch.Tensor:
-        """hidden [B*T, dim] -> [B*T, dim]; positions [B, T]; mask [B, 1, T, kv_length]."""
+    def forward(self, hidden, rope, mask, rows, positions, first_row: int, kv_length: int) -> torch.Tensor:
+        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length]."""
         model = self.model[0]
         B, T = positions.shape
         H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
@@ -176,7 +176,7 @@ class Block(torch.nn.Module):
         qkv = project(x, self.wqkv, matvec=matvec)  # [B*T, (H + 2 Hkv) D]
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
         v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
-        model.cache.write(self.index, first_row, positions, qk[:, :, H:], v)
+        model.cache.write(self.index, rows, positions, qk[:, :, H:], v)
         keys, values = model.cache.read(self.index, first_row, B, kv_length)  # [B, Hkv, L, D]
         extra = {"enable_gqa": True} if Hkv != H else {}
         attention = F.scaled_dot_product_attention(
@@ -242,8 +242,9 @@ class Transformer(torch.nn.Module):
         rope = self.rope(positions)
         kv_index = torch.arange(kv_length, device=positions.device)
         mask = (kv_index[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]: causal by position
+        rows = torch.arange(first_row, first_row + B, device=positions.device)[:, None]  # [B, 1]
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, positions, first_row, kv_length)
+            hidden = layer(hidden, rope, mask, rows, positions, first_row, kv_length)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]

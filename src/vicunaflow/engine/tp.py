@@ -71,6 +71,7 @@ class TensorParallel:
         self.buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.turn = 0
         self.workers: list = []  # rank 0: the spawned processes
+        self.threads = torch.get_num_threads()  # rank 0 gives the CPU threads back on close
         self.closed = False
         if self.mode == "symm-mem":
             self._probe_symmetric_memory()
@@ -112,6 +113,15 @@ class TensorParallel:
         """One eager one-shot all-reduce; if any rank cannot, every rank uses NCCL instead."""
         ok = torch.ones(1, device=self.device)
         try:
+            import warnings
+
+            import torch.distributed._symmetric_memory as symm_mem
+
+            enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+            if enable is not None:  # needed by older torch; deprecated (a no-op) later
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    enable(self.data.group_name)
             buffer = self._buffer(1, 8)
             buffer.fill_(self.rank + 1)
             total = torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", self.data.group_name)
@@ -162,6 +172,7 @@ class TensorParallel:
                     process.join()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+        torch.set_num_threads(self.threads)
 
 
 def start(world: int, spec: LoadSpec) -> TensorParallel:
@@ -224,13 +235,19 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
 
 
 def _join(rank: int, world: int, store, spec: LoadSpec) -> TensorParallel:
+    threads = torch.get_num_threads()
     if spec.device_type == "cuda":
         torch.cuda.set_device(rank)
         device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        # ranks share the cores: without this each would start one thread per core and they would spin
+        # against each other at every all-reduce
+        torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=FOREVER)
-    return TensorParallel(rank, world, device, spec.all_reduce, store)
+    comm = TensorParallel(rank, world, device, spec.all_reduce, store)
+    comm.threads = threads
+    return comm
 
 
 def _worker_main(rank: int, world: int, port: int, spec: LoadSpec) -> None:
