@@ -41,8 +41,9 @@ def main() -> None:
     import torch
 
     from vicunaflow import finetune
+    from vicunaflow.finetune import loop
 
-    original = finetune.train_step
+    original = loop.train_step
     calls = {"n": 0}
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -59,7 +60,7 @@ def main() -> None:
         summarise(profile, time.perf_counter() - started, args)
         return result
 
-    finetune.train_step = profiled_step  # fit() looks it up at each step
+    loop.train_step = profiled_step  # fit() looks it up at each step
     finetune.setup(
         model_path=args.model, data=args.data, output_dir=args.output_dir, max_steps=args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation,

@@ -18,7 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, data, finetune, train_state
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, data, finetune
+from vicunaflow.finetune import config as train_config
+from vicunaflow.finetune import state as train_state
+from vicunaflow.finetune.data import Plan, pack
 
 # Small and fast: 8 steps of 2 processes x 2 sequences x 2 micro-batches, a checkpoint every 2 steps.
 RUN_OPTIONS = [
@@ -44,7 +47,7 @@ def run(command: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
 
 
 def losses(output_dir: Path) -> list[float]:
-    entries = [json.loads(line) for line in (output_dir / finetune.TRAINER_LOG).read_text().splitlines()]
+    entries = [json.loads(line) for line in (output_dir / train_config.TRAINER_LOG).read_text().splitlines()]
     assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
     return [e["loss"] for e in entries]
 
@@ -72,7 +75,7 @@ def test_full_run_learns_rotates_checkpoints_and_writes_a_loadable_model(referen
     checkpoints = reference_run.parent / ".checkpoints" / reference_run.name
     # Saved at steps 2, 4, 6 (the last step goes to the output); save_total_limit 2 keeps 4 and 6.
     assert [p.name for p in train_state.list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]
-    hyperparameters = json.loads((checkpoints / "checkpoint-6" / train_state.HYPERPARAMETERS).read_text())
+    hyperparameters = json.loads((checkpoints / "checkpoint-6" / train_config.HYPERPARAMETERS).read_text())
     assert hyperparameters["max_steps"] == 8 and hyperparameters["save_total_limit"] == 2
     assert list((reference_run / "runs").glob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(reference_run)
@@ -163,8 +166,8 @@ def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference
     run_dir = tmp_path / "run"
     shutil.copytree(checkpoint, run_dir / checkpoint.name)
     (run_dir / checkpoint.name / "rng-rank1.json").unlink()
-    config = finetune.TrainConfig(**json.loads((checkpoint / train_state.HYPERPARAMETERS).read_text()))
-    runtime = finetune.Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
+    config = train_config.TrainConfig(**json.loads((checkpoint / train_config.HYPERPARAMETERS).read_text()))
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(VicunaflowError, match=r"rng-rank1\.json: missing .* delete .* to start over"):
@@ -222,7 +225,7 @@ def test_lora_run_writes_adapter_and_merged_model(tiny_vicuna, tmp_path: Path) -
     merged_state, base_state = merged.state_dict(), base.state_dict()
     assert merged_state.keys() == base_state.keys()
     changed = [name for name in base_state if not torch.equal(merged_state[name], base_state[name])]
-    assert changed and all(any(t in name for t in finetune.LORA_TARGETS) for name in changed)
+    assert changed and all(any(t in name for t in train_config.LORA_TARGETS) for name in changed)
 
 
 def test_qlora_without_cuda_fails_clearly(tiny_vicuna, tmp_path: Path) -> None:
@@ -267,7 +270,7 @@ def test_bad_options_fail_before_the_model_or_data_load(tiny_vicuna, tmp_path: P
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [(name, low - 1 if inclusive else low) for name, (low, inclusive) in finetune.BOUNDS.items()]
+    [(name, low - 1 if inclusive else low) for name, (low, inclusive) in train_config.BOUNDS.items()]
     + [("warmup_ratio", 1.0), ("lora_dropout", 1.0), ("max_steps", 0), ("learning_rate", float("nan"))],
 )
 def test_every_numeric_option_is_checked_before_anything_runs(tmp_path: Path, name: str, value) -> None:
@@ -277,7 +280,7 @@ def test_every_numeric_option_is_checked_before_anything_runs(tmp_path: Path, na
 
 
 def test_config_schema_bounds_are_those_of_validate() -> None:
-    """`snakemake -n` refuses what `vicunaflow finetune` would: the schema's bounds are finetune.BOUNDS."""
+    """`snakemake -n` refuses what `vicunaflow finetune` would: the schema's bounds are config.BOUNDS."""
     import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
@@ -285,7 +288,7 @@ def test_config_schema_bounds_are_those_of_validate() -> None:
     lows = {name: {k: v for k, v in o.items() if k in ("minimum", "exclusiveMinimum")} for name, o in options.items()}
     assert lows == {
         name: {"minimum" if inclusive else "exclusiveMinimum": low}
-        for name, (low, inclusive) in finetune.BOUNDS.items()
+        for name, (low, inclusive) in train_config.BOUNDS.items()
     }
 
 
@@ -311,19 +314,19 @@ def test_plan_is_a_seeded_partition_of_each_epoch() -> None:
     config = SimpleNamespace(
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2.0, seed=3
     )
-    plan = finetune.Plan.make(n_sequences=11, config=config, world_size=2)
+    plan = Plan.make(n_sequences=11, config=config, world_size=2)
     assert (plan.steps_per_epoch, plan.total_steps) == (2, 4)
     epoch0 = [i for step in range(2) for rank in range(2) for batch in plan.micro_batches(step, rank) for i in batch]
     assert sorted(set(epoch0)) == list(range(11)) and len(epoch0) == 12  # one index repeats to even out ranks
     assert plan.micro_batches(2, 0) != plan.micro_batches(0, 0)  # a new order each epoch
-    assert plan.micro_batches(2, 0) == finetune.Plan.make(11, config, 2).micro_batches(2, 0)
+    assert plan.micro_batches(2, 0) == Plan.make(11, config, 2).micro_batches(2, 0)
 
 
 def test_packing_keeps_sequences_within_length() -> None:
     from vicunaflow.data import Sample
 
     samples = [Sample(str(i), [1] * n, [1] * n) for i, n in enumerate([100, 60, 50, 30, 120])]
-    packed = finetune.pack(samples, max_length=160)
+    packed = pack(samples, max_length=160)
     assert sorted(i for sequence in packed for i in sequence) == list(range(5))
     assert all(sum(len(samples[i].input_ids) for i in sequence) <= 160 for sequence in packed)
     assert packed == [[0, 1], [2, 3], [4]]

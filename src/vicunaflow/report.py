@@ -12,8 +12,7 @@ from html import escape
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
-from vicunaflow.finetune import TRAINER_LOG  # stdlib-only at import time: no torch here
-from vicunaflow.train_state import HYPERPARAMETERS
+from vicunaflow.finetune.config import HYPERPARAMETERS, TRAINER_LOG  # stdlib-only: no torch here
 
 log = logging.getLogger(__name__)
 

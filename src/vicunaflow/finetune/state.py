@@ -13,7 +13,7 @@ Checkpoints hold tensors (torch.load(weights_only=True)) and JSON only: nothing 
 as objects, so a checkpoint directory shared with others cannot run code when resumed. (Not DCP:
 its .metadata is a pickle, and it loads non-tensor values with weights_only=False.) A checkpoint is
 written under a temporary name and renamed once complete. torch is imported inside the functions:
-importing this module (and vicunaflow.finetune) stays stdlib-only.
+importing this module stays stdlib-only.
 """
 
 from __future__ import annotations
@@ -24,16 +24,12 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vicunaflow import VicunaflowError
-
-if TYPE_CHECKING:
-    from vicunaflow.finetune import Runtime, TrainConfig
+from vicunaflow.finetune.config import HYPERPARAMETERS, Runtime, TrainConfig
 
 log = logging.getLogger(__name__)
 
-HYPERPARAMETERS = "training_args.json"  # the resolved arguments (the name report.py reads)
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER_STATE = "scheduler.json"
 
