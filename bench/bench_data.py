@@ -221,7 +221,7 @@ def make_tokenizer(folder: Path, source: Path) -> Path:
 
 
 def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run a command; wall seconds and the peak RSS of its process tree (every 50 ms)."""
+    """Run a command; wall seconds and the peak RSS of its process tree (every 50 ms); printed as it ends."""
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -244,7 +244,9 @@ def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
     seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak[0] / 2**20, 1)}
+    result = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak[0] / 2**20, 1)}
+    print(f"{log.stem}: {result}", flush=True)
+    return result
 
 
 FASTCHAT_SPLIT = """
