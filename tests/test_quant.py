@@ -162,6 +162,25 @@ def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
         quant_kernels.qmatvec(x[0], qw, swiglu=True, out=torch.empty(2, 40, device=DEVICE))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlinear_is_captured_and_replayed_in_a_cuda_graph(bits):
+    """No host syncs, no allocations outside torch's allocator: one warm-up call (the autotuner), then
+    capture, new input in place, replay."""
+    qw = quant.quantize(weight(4096, 11008).cuda(), bits=bits)
+    x = torch.randn(1, 2 * 11008, device="cuda", dtype=torch.float16)
+    residual = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    quant.qlinear(x, qw, residual, swiglu=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = quant.qlinear(x, qw, residual, swiglu=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = reference(x, qw, residual, swiglu=True)
+    assert torch.allclose(captured.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
     qw = quant.quantize(weight(24, 64), bits=bits, group_size=32)
