@@ -152,3 +152,13 @@ sys.exit(1 if failed else 0)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A sibling's `_helper` is not an API: what another module needs gets a public, typed name."""
+    private = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vicunaflow"):
+                private += [f"{name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not [p for p in private if not p.endswith("__")], private

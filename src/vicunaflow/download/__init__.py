@@ -14,7 +14,9 @@ all sizes, its own Snakemake rule: `--model-size tokenizer`), and `<folder>/<SIZ
 checklist.chk, consolidated.NN.pth, vicunaflow.json}`, each size folder renamed into place whole.
 
 Modules: `http` (resumable fetches, retries, redaction), `meta` (pyllama's layout: mirror, Meta's signed
-URL, local copies), `hub` (Hugging Face). This file holds the two verbs the CLI runs.
+URL, local copies), `hub` (Hugging Face). This file holds the two verbs the CLI runs; each hands a
+source to the public, keyword-only entry points of its siblings (`meta.llama_from_mirror`,
+`meta.llama_from_local`, `hub.hf_from_hub` with a `hub.HubRepo`, `hub.hf_from_local`).
 """
 
 from __future__ import annotations
@@ -25,19 +27,9 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError
-from vicunaflow.download.http import Fetcher, Remote, redact_url, redacting
-from vicunaflow.download.hub import _hf_from_hub, _hf_from_local
-from vicunaflow.download.meta import (
-    SizePlan,
-    _drop_staged,
-    _llama_from_local,
-    _size_plan,
-    _tokenizer_plan,
-    _url_template,
-    parse_checklist,
-    parse_model_sizes,
-    safe_name,
-)
+from vicunaflow.download.http import redact_url, redacting
+from vicunaflow.download.hub import HubRepo, hf_from_hub, hf_from_local
+from vicunaflow.download.meta import llama_from_local, llama_from_mirror, parse_checklist, parse_model_sizes, safe_name
 from vicunaflow.outputs import check_output_dir
 
 __all__ = ["download_hf", "download_llama", "parse_checklist", "parse_model_sizes", "redact_url", "safe_name"]
@@ -93,43 +85,32 @@ def download_llama(
     want_tokenizer_only, dirs = parse_model_sizes(model_size)
     folder, staging_dir = Path(folder), Path(staging_dir)
     if source == "local":
-        return _llama_from_local(
-            Path(path) if path else None, dirs, want_tokenizer_only, folder, link, include_tokenizer, jobs, overwrite
+        return llama_from_local(
+            path=Path(path) if path else None,
+            dirs=dirs,
+            tokenizer_only=want_tokenizer_only,
+            folder=folder,
+            link=link,
+            include_tokenizer=include_tokenizer,
+            jobs=jobs,
+            overwrite=overwrite,
         )
 
-    template = _url_template(source, base_url, url, url_env)
-    remote = Remote(template)
-    with redacting(remote.secrets):
-        log.info(
-            "download llama: sizes %s%s from %s (source %s) into %s; staging %s; %d parallel, %d retries",
-            ", ".join(dirs) or "-",
-            " + tokenizer" if include_tokenizer or want_tokenizer_only else "",
-            remote.shown("*"),
-            source,
-            folder,
-            staging_dir,
-            jobs,
-            retries,
-        )
-        with Fetcher(
-            remote, staging_dir / "llama", jobs=jobs, retries=retries, retry_wait=retry_wait, timeout=timeout
-        ) as fetcher:
-            plans = []
-            if include_tokenizer or want_tokenizer_only:
-                plans.append(_tokenizer_plan(fetcher, folder))
-            for name in dirs:
-                plans.append(_size_plan(fetcher, name, folder / name, llama2_extras=source == "meta"))
-            todo = [plan for plan in plans if not plan.already_done()]
-            for plan in todo:
-                if isinstance(plan, SizePlan):  # refused before the download, not after it
-                    check_output_dir(plan.target, inputs=[staging_dir], overwrite=overwrite)
-                    plan.overwrite = overwrite
-            fetcher.fetch_all([f for plan in todo for f in plan.files])
-            for number, plan in enumerate(todo):
-                plan.finish(fetcher, remote)
-                # Staged files are dropped once placed, unless a later output takes the same bytes.
-                later = {f.key for other in todo[number + 1 :] for f in other.files}
-                _drop_staged(fetcher, [f for f in plan.files if f.key not in later])
+    llama_from_mirror(
+        source=source,
+        base_url=base_url,
+        url=url,
+        url_env=url_env,
+        dirs=dirs,
+        tokenizer=include_tokenizer or want_tokenizer_only,
+        folder=folder,
+        staging_dir=staging_dir,
+        jobs=jobs,
+        retries=retries,
+        retry_wait=retry_wait,
+        timeout=timeout,
+        overwrite=overwrite,
+    )
     return folder / dirs[0] if dirs else folder
 
 
@@ -179,22 +160,18 @@ def download_hf(
     inputs = [path] if source == "local" else [staging_dir]
     check_output_dir(local_dir, inputs=inputs, overwrite=overwrite)  # before any download
     if source == "local":
-        return _hf_from_local(Path(path) if path else None, local_dir, link, overwrite)
+        return hf_from_local(path=Path(path) if path else None, local_dir=local_dir, link=link, overwrite=overwrite)
     if not repo:
         raise VicunaflowError("download hf: --repo is required with --source hf (e.g. lmsys/vicuna-7b-delta-v1.1)")
     token = os.environ.get(token_env) or None
     with redacting([token] if token else []):
-        return _hf_from_hub(
-            repo,
-            local_dir,
-            revision,
-            include,
-            exclude,
-            repo_type,
-            token,
-            token_env,
-            endpoint,
-            staging_dir,
-            jobs,
-            overwrite,
+        return hf_from_hub(
+            HubRepo(repo=repo, revision=revision, include=include, exclude=exclude, repo_type=repo_type),
+            local_dir=local_dir,
+            token=token,
+            token_env=token_env,
+            endpoint=endpoint,
+            staging_dir=staging_dir,
+            jobs=jobs,
+            overwrite=overwrite,
         )

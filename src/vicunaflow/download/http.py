@@ -99,7 +99,7 @@ def redacting(secrets: Iterable[str]) -> Iterator[Redactor]:
             handler.removeFilter(redactor)
 
 
-def _redacted_command(secrets: list[str]) -> list[str]:
+def redacted_command(secrets: list[str]) -> list[str]:
     redactor = Redactor(secrets)
     return [Path(sys.argv[0]).name, *(redactor.redact(arg) for arg in sys.argv[1:])]
 

@@ -13,23 +13,33 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from vicunaflow import VicunaflowError
-from vicunaflow.download.http import _redacted_command, place_file, redact_url
+from vicunaflow.download.http import place_file, redact_url, redacted_command
 from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
 
 # One logger for the package, so log lines name `vicunaflow.download` as before the split.
 log = logging.getLogger("vicunaflow.download")
 
 
-def _hf_from_hub(
-    repo: str,
+@dataclass(frozen=True)
+class HubRepo:
+    """What to take from the Hub: a repository at a revision (default: main), the files matching include/exclude."""
+
+    repo: str
+    revision: str | None = None
+    include: list[str] | None = None  # glob patterns; None: every file
+    exclude: list[str] | None = None
+    repo_type: Literal["model", "dataset"] = "model"
+
+
+def hf_from_hub(
+    source: HubRepo,
+    *,
     local_dir: Path,
-    revision: str | None,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    repo_type: str,
     token: str | None,
     token_env: str,
     endpoint: str | None,
@@ -37,8 +47,13 @@ def _hf_from_hub(
     jobs: int,
     overwrite: bool = False,
 ) -> Path:
+    """Fetch `source` at a commit resolved up front (or, with HF_HUB_OFFLINE, from the cache), verify, place whole.
+
+    `token` is the secret itself (never logged); `token_env` only names where it came from, for messages.
+    """
     from huggingface_hub import constants
 
+    repo, revision, repo_type = source.repo, source.revision, source.repo_type
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     token_from = f"${token_env}" if token else "huggingface_hub's login, if any"
     offline = constants.is_offline_mode()
@@ -49,16 +64,16 @@ def _hf_from_hub(
         revision or "main",
         "the local Hugging Face cache (HF_HUB_OFFLINE)" if offline else redact_url(endpoint),
         local_dir,
-        include or "all",
-        exclude or "none",
+        source.include or "all",
+        source.exclude or "none",
         token_from,
     )
-    with _hub_errors(repo, revision, endpoint, token_env):
+    with _hub_errors(source, endpoint=endpoint, token_env=token_env):
         if offline:
-            root, commit, expected = _hf_cached_snapshot(repo, revision, include, exclude, repo_type)
+            root, commit, expected = _hf_cached_snapshot(source)
         else:
             root, commit, expected = _hf_fetch(
-                repo, revision, include, exclude, repo_type, token, endpoint, staging_dir, jobs
+                source, token=token, endpoint=endpoint, staging_dir=staging_dir, jobs=jobs
             )
     bad = _verify_hf_files(root, expected)
     if bad:
@@ -84,7 +99,7 @@ def _hf_from_hub(
             place_file((root / name).resolve() if offline else root / name, _inside_tree(out, name), "hardlink-or-copy")
         write_manifest(
             out,
-            command=_redacted_command([token] if token else []),
+            command=redacted_command([token] if token else []),
             repo=repo,
             repo_type=repo_type,
             revision=commit,
@@ -98,12 +113,17 @@ def _hf_from_hub(
     return local_dir
 
 
-def _hf_fetch(repo, revision, include, exclude, repo_type, token, endpoint, staging_dir, jobs):
+def _hf_fetch(
+    source: HubRepo, *, token: str | None, endpoint: str, staging_dir: Path, jobs: int
+) -> tuple[Path, str, dict[str, tuple[str, str | None]]]:
     """Resolve the revision to a commit first, then fetch exactly that commit into staging (resumable)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
 
+    repo, revision, include, exclude, repo_type = (
+        source.repo, source.revision, source.include, source.exclude, source.repo_type
+    )  # fmt: skip
     api = HfApi(endpoint=endpoint, token=token)
     commit = api.repo_info(repo, revision=revision, repo_type=repo_type).sha
     tree = {
@@ -140,10 +160,14 @@ def _hf_fetch(repo, revision, include, exclude, repo_type, token, endpoint, stag
     return stage, commit, expected
 
 
-def _hf_cached_snapshot(repo, revision, include, exclude, repo_type):
+def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str, str | None]]]:
     """HF_HUB_OFFLINE: take the files from the Hugging Face cache; verify them when the cache kept the tree."""
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.utils import filter_repo_objects
+
+    repo, revision, include, exclude, repo_type = (
+        source.repo, source.revision, source.include, source.exclude, source.repo_type
+    )  # fmt: skip
 
     snapshot = Path(
         snapshot_download(
@@ -216,9 +240,11 @@ def _inside_tree(folder: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _hub_errors(repo: str, revision: str | None, endpoint: str, token_env: str) -> Iterator[None]:
+def _hub_errors(source: HubRepo, *, endpoint: str, token_env: str) -> Iterator[None]:
     """huggingface_hub's exceptions -> one line that says what to do."""
     from huggingface_hub import errors
+
+    repo, revision = source.repo, source.revision
 
     shown = redact_url(endpoint)
     try:
@@ -257,7 +283,7 @@ def _hub_errors(repo: str, revision: str | None, endpoint: str, token_env: str) 
         raise
 
 
-def _hf_from_local(path: Path | None, local_dir: Path, link: bool, overwrite: bool = False) -> Path:
+def hf_from_local(*, path: Path | None, local_dir: Path, link: bool, overwrite: bool = False) -> Path:
     """An existing Hugging Face folder: hashes checked against its vicunaflow.json (when it has one) and
     every shard its index names present; then linked into place."""
     if path is None or not path.is_dir():

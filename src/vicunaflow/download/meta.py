@@ -14,10 +14,11 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from vicunaflow import VicunaflowError
-from vicunaflow.download.http import Fetcher, Remote, RemoteFile, _redacted_command, place_file, redact_url
+from vicunaflow.download.http import Fetcher, Remote, RemoteFile, place_file, redact_url, redacted_command, redacting
 from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, check_output_dir, md5_file, write_manifest
 from vicunaflow.sizes import RAW_DIR_TO_SIZE, get_size
 
@@ -216,12 +217,63 @@ class SizePlan:
             (out / CHECKLIST).write_bytes(self.checklist)
             write_manifest(
                 out,
-                command=_redacted_command(remote.secrets),
+                command=redacted_command(remote.secrets),
                 source=remote.shown(""),
                 checklist_sha256=hashlib.sha256(self.checklist).hexdigest(),
                 files={p.name: p.file.md5 for p in self.placements},
             )
         log.info("%s: %d files written, md5-verified", self.target, len(self.placements))
+
+
+def llama_from_mirror(
+    *,
+    source: Literal["pyllama", "meta"],
+    base_url: str | None,
+    url: str | None,
+    url_env: str,
+    dirs: list[str],
+    tokenizer: bool,
+    folder: Path,
+    staging_dir: Path,
+    jobs: int,
+    retries: int,
+    retry_wait: float,
+    timeout: float,
+    overwrite: bool = False,
+) -> None:
+    """Fetch the size folders `dirs` (and the shared tokenizer) over HTTP, verify them, put each in place whole."""
+    remote = Remote(_url_template(source, base_url, url, url_env))
+    with redacting(remote.secrets):
+        log.info(
+            "download llama: sizes %s%s from %s (source %s) into %s; staging %s; %d parallel, %d retries",
+            ", ".join(dirs) or "-",
+            " + tokenizer" if tokenizer else "",
+            remote.shown("*"),
+            source,
+            folder,
+            staging_dir,
+            jobs,
+            retries,
+        )
+        with Fetcher(
+            remote, staging_dir / "llama", jobs=jobs, retries=retries, retry_wait=retry_wait, timeout=timeout
+        ) as fetcher:
+            plans = []
+            if tokenizer:
+                plans.append(_tokenizer_plan(fetcher, folder))
+            for name in dirs:
+                plans.append(_size_plan(fetcher, name, folder / name, llama2_extras=source == "meta"))
+            todo = [plan for plan in plans if not plan.already_done()]
+            for plan in todo:
+                if isinstance(plan, SizePlan):  # refused before the download, not after it
+                    check_output_dir(plan.target, inputs=[staging_dir], overwrite=overwrite)
+                    plan.overwrite = overwrite
+            fetcher.fetch_all([f for plan in todo for f in plan.files])
+            for number, plan in enumerate(todo):
+                plan.finish(fetcher, remote)
+                # Staged files are dropped once placed, unless a later output takes the same bytes.
+                later = {f.key for other in todo[number + 1 :] for f in other.files}
+                _drop_staged(fetcher, [f for f in plan.files if f.key not in later])
 
 
 def _tokenizer_plan(fetcher: Fetcher, folder: Path) -> TokenizerPlan:
@@ -265,7 +317,8 @@ def _same_bytes(path: Path, data: bytes) -> bool:
 # ---- source local: verify an existing copy, then link it ----------------------------------------
 
 
-def _llama_from_local(
+def llama_from_local(
+    *,
     path: Path | None,
     dirs: list[str],
     tokenizer_only: bool,
@@ -275,6 +328,7 @@ def _llama_from_local(
     jobs: int,
     overwrite: bool = False,
 ) -> Path:
+    """Verify an existing pyllama-layout copy (or one size folder) against its checklists, then link it into place."""
     if path is None:
         raise VicunaflowError("--source local needs --path: a folder in pyllama's layout, or one size folder")
     if not path.is_dir():
