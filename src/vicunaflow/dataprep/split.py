@@ -198,9 +198,10 @@ class PieceCounter:
             return [self._split_whole(system, turns, limit) for system, turns in conversations]
         texts = []
         for _, turns in conversations:
-            texts += [f"{template.EOS}{_exchange(turns, i)}" for i in range(0, len(turns), 2)]
+            # The first exchange always starts a piece: only its length with the system prompt is needed.
+            texts += [f"{template.EOS}{_exchange(turns, i)}" for i in range(2, len(turns), 2)]
         after_eos = iter(n - 1 for n in self.lengths(texts, special=False))  # minus the leading </s>
-        plans = [[next(after_eos) for _ in range(0, len(turns), 2)] for _, turns in conversations]
+        plans = [[0] + [next(after_eos) for _ in range(2, len(turns), 2)] for _, turns in conversations]
         heads = self._heads_batch([(system, turns, 0) for system, turns in conversations])
         result = []
         for (system, turns), body, head in zip(conversations, plans, heads, strict=True):
