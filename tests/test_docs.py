@@ -107,3 +107,16 @@ def test_the_check_catches_options_before_targets() -> None:
 def test_snakemake_examples_parse_as_meant(where: str, command: str) -> None:
     pytest.importorskip("snakemake")
     assert not problems(command), f"{where}: `{command}`: {problems(command)}"
+
+
+def test_no_reference_points_outside_the_repository() -> None:
+    """A source, doc or config cites what a reader of this repository can open, not a path beside the checkout."""
+    outside = re.compile(r"\.\./shared/")  # the engineers' reference folder beside the checkout
+    hits = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in documentation_files() + sorted((REPO / "tests").glob("**/*.py"))
+        if path.name != "test_docs.py"
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not hits, hits

@@ -27,6 +27,7 @@ from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo
 from vicunaflow.formats import (
     DTYPES,
+    GENERATION_CONFIG,
     GLOBAL_NAMES,
     IGNORED_META_KEYS,
     LAYER_NAMES,
@@ -125,7 +126,6 @@ def convert(
     return output_dir
 
 
-GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 CHECKLIST = "checklist.chk"
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 REDOWNLOAD = "download it again (vicunaflow download llama, or Meta's download.sh)"

@@ -28,8 +28,7 @@ from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
-from vicunaflow.convert import GENERATION_CONFIG
-from vicunaflow.formats import DTYPES
+from vicunaflow.formats import DTYPES, GENERATION_CONFIG
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
 

@@ -1,9 +1,11 @@
 """Meta's raw LLaMA layout versus Hugging Face's: tensor names, shard merge dims, rotary permutation.
 
-Facts (see ../shared/reference/llama-vicuna-facts.md): Meta splits model-parallel shards along
-dim 0 for wq/wk/wv/w1/w3/output and dim 1 for wo/w2/tok_embeddings; norms are replicated. Meta's
-rotary embedding rotates interleaved pairs, Hugging Face's rotates halves, so q and k rows are
-permuted on the way.
+Meta splits model-parallel shards along dim 0 for wq/wk/wv/w1/w3/output and dim 1 for
+wo/w2/tok_embeddings; norms are replicated (the layers of Meta's llama/model.py: column-parallel
+versus row-parallel, and ParallelEmbedding). Meta's rotary embedding rotates interleaved pairs,
+Hugging Face's rotates halves, so q and k rows are permuted on the way (the `permute` of transformers'
+convert_llama_weights_to_hf.py, shipped up to 4.47). tests/test_convert.py checks all of it against a
+hand-written Meta forward pass, and that the check fails without the permutation.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ GLOBAL_NAMES: dict[str, tuple[str, int | None]] = {
 # dtype names the CLI accepts (--dtype) and config.json's torch_dtype uses -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Keys Meta checkpoints carry that are not weights (recomputed by every implementation).
+# generation_config.json of a LLaMA model in Hugging Face's format: the ids of <s>, </s> and <unk> in
+# LLaMA's SentencePiece vocabulary (pad is <unk>, as transformers' conversion wrote it). convert writes it;
+# apply-delta writes it where the delta has none.
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 IGNORED_META_KEYS = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
 
 
