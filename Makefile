@@ -26,11 +26,11 @@ RUN := PATH=$(abspath $(BIN)):$$PATH
 
 demo: $(VENV)/.installed-workflow,train,serve
 	$(RUN) $(BIN)/snakemake --configfile config/demo.yaml --cores $(CORES) --show-failed-logs
-	@$(BIN)/python -m vicunaflow.demo_summary
+	@$(BIN)/python scripts/demo_summary.py
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 

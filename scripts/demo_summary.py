@@ -1,4 +1,8 @@
-"""What `make demo` prints at the end: where the outputs are and what to try next."""
+"""What `make demo` prints at the end: where the outputs are and what to try next.
+
+A script of the Makefile, not part of the package: it reads the demo's outputs in the working
+directory and is nothing a user imports. Run from the repository root: `python scripts/demo_summary.py`.
+"""
 
 from __future__ import annotations
 

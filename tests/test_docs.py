@@ -31,6 +31,7 @@ def documentation_files() -> list[Path]:
         "workflow": ["**/*.smk", "**/*.yaml", "**/*.py"],
         "src/vicunaflow": ["**/*.py", "**/*.md"],
         "bench": ["**/*.py", "**/*.md"],
+        "scripts": ["**/*.py"],
     }.items():
         for pattern in patterns:
             files += sorted((REPO / folder).glob(pattern))
