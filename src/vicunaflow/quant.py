@@ -94,8 +94,10 @@ class QuantWeight(nn.Module):
         zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)[:, :k]
         return torch.addcmul(zeros, codes, scales).to(dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-        return qlinear(x, self, residual, swiglu)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False, **options
+    ) -> torch.Tensor:
+        return qlinear(x, self, residual, swiglu, **options)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
@@ -123,8 +125,9 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZ
         w32 = torch.cat([w32, w32[:, -1:].expand(n, pad)], dim=1)
     grouped = w32.view(n, groups, group_size)
     valid = (torch.arange(groups * group_size, device=w.device) < k).view(groups, group_size)  # not the padding
-    # 64K values at a time on the CPU: the search's temporaries stay in L2 (10x faster than whole 7B matrices).
-    rows = n if w.device.type == "cuda" else max(1, (1 << 16) // (groups * group_size))
+    # Blocks of rows: on the CPU 64K values, so the search's temporaries stay in L2 (10x faster than
+    # whole 7B matrices); on a GPU 16M, so a 65B MLP weight does not need gigabytes of temporaries.
+    rows = max(1, (1 << (24 if w.device.type == "cuda" else 16)) // (groups * group_size))
     ranges = [_search_range(grouped[i : i + rows], valid) for i in range(0, n, rows)]
     scales, zeros = torch.cat([r[0] for r in ranges]), torch.cat([r[1] for r in ranges])
     codes = _codes(grouped, scales, zeros).to(torch.uint8).view(n, groups * group_size)[:, :k]
