@@ -129,7 +129,7 @@ def test_truncation_cuts_ids_and_labels_together(tmp_path: Path, tokenizer) -> N
     assert (cut.input_ids, cut.labels) == (full.input_ids[:60], full.labels[:60])
     # A length that ends before the first reply leaves nothing to learn: the sample is dropped;
     # when no sample is left, that is an error, never an empty dataset.
-    long_question = data.Conversation("long", [(template.USER, "why " * 200), (template.ASSISTANT, "because")])
+    long_question = data.ConversationRecord("long", [(template.USER, "why " * 200), (template.ASSISTANT, "because")])
     kept = data.encode_all([long_question, conversation], tokenizer, model_max_length=len(full.input_ids))
     assert [s.id for s in kept] == ["multi"]
     with pytest.raises(VicunaflowError, match="all 1 conversations were dropped"):

@@ -222,7 +222,7 @@ def long_conversations() -> list[dict]:
 
 def exact_length(tokenizer, piece: dict) -> int:
     pairs = [(template.ROLE_OF[t["from"]], t["value"]) for t in piece["conversations"]]
-    return len(data.encode(data.Conversation(piece["id"], pairs), tokenizer, 10**9).input_ids)
+    return len(data.encode(data.ConversationRecord(piece["id"], pairs), tokenizer, 10**9).input_ids)
 
 
 def test_split_pieces_fit_exactly_start_with_the_user_and_lose_no_reply(tiny_hf, tokenizer, tmp_path: Path) -> None:

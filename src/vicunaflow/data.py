@@ -163,7 +163,9 @@ def preview(
 
 
 @dataclass(frozen=True)
-class Conversation:
+class ConversationRecord:
+    """One validated ShareGPT record: its id and its turns (chat.Conversation is the interactive chat loop)."""
+
     id: str
     turns: list[tuple[str, str]]  # (template.USER | template.ASSISTANT, text), alternating, USER first
 
@@ -175,7 +177,7 @@ class Sample:
     labels: list[int]  # IGNORE_INDEX where not trained on
 
 
-def load_conversations(path: Path) -> list[Conversation]:
+def load_conversations(path: Path) -> list[ConversationRecord]:
     """Read a JSON list or JSONL file of ShareGPT records and validate every record."""
     path = Path(path)
     if not path.is_file():
@@ -200,7 +202,7 @@ def load_conversations(path: Path) -> list[Conversation]:
     return conversations
 
 
-def validate_record(record: object, index: int) -> Conversation | None:
+def validate_record(record: object, index: int) -> ConversationRecord | None:
     """Check one ShareGPT record; raise ValueError naming its id and index with the reason.
 
     A first turn from the assistant is dropped (FastChat does the same) and so is a trailing
@@ -244,7 +246,7 @@ def validate_record(record: object, index: int) -> Conversation | None:
     if not turns:
         log.warning("%s: no user/assistant exchange left; skipped", name)
         return None
-    return Conversation(id=str(record["id"]), turns=turns)
+    return ConversationRecord(id=str(record["id"]), turns=turns)
 
 
 def check_max_length(model_max_length: int) -> None:
@@ -316,7 +318,7 @@ def tokenizer_file_paths(model_path: Path) -> list[Path]:
     return [Path(model_path, n) for n in TOKENIZER_FILES if Path(model_path, n).is_file()]
 
 
-def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Sample:
+def encode(conversation: ConversationRecord, tokenizer, model_max_length: int) -> Sample:
     """Tokenise the Vicuna v1.1 prompt of one conversation with labels only on assistant replies.
 
     The prompt is tokenised whole (as FastChat does, bos included); a token is trained on when any
@@ -326,7 +328,7 @@ def encode(conversation: Conversation, tokenizer, model_max_length: int) -> Samp
     return _truncated(_encode_whole(conversation, tokenizer), model_max_length)
 
 
-def _encode_whole(conversation: Conversation, tokenizer) -> Sample:
+def _encode_whole(conversation: ConversationRecord, tokenizer) -> Sample:
     spans, prompt = [], ""
     for piece, is_reply in template.segments(conversation.turns):
         if is_reply:
@@ -350,14 +352,14 @@ def _truncated(sample: Sample, model_max_length: int) -> Sample:
     return Sample(sample.id, sample.input_ids[:model_max_length], sample.labels[:model_max_length])
 
 
-def render_with_offsets(conversation: Conversation, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def render_with_offsets(conversation: ConversationRecord, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The prompt string and each token's (start, end) characters in it (for the readable preview)."""
     prompt = template.render(conversation.turns)
     return prompt, list(tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"])
 
 
 def encode_all(
-    conversations: Sequence[Conversation], tokenizer, model_max_length: int, drop_untrained: bool = True
+    conversations: Sequence[ConversationRecord], tokenizer, model_max_length: int, drop_untrained: bool = True
 ) -> list[Sample]:
     """Encode every conversation; samples left with no trained token after truncation are dropped."""
     samples, dropped, truncated = [], [], 0
