@@ -153,7 +153,8 @@ def test_serve_alone(venvs, tiny_vicuna, tmp_path) -> None:
     command = ["vicunaflow", "chat", "--model-path", tiny_vicuna, "--prompts", prompts, "--output", output]
     run([*command, "--temperature", "0", "--max-new-tokens", "8"], env)
     assert json.loads(output.read_text())
-    # chat/serve --num-gpus load through a device_map, which transformers refuses without accelerate
+    # The serve extra brings accelerate, without which transformers refuses any device_map (what chat and
+    # serve --num-gpus loaded through before the engine/ rewrite; drop both if the extra drops accelerate).
     load = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tiny_vicuna)!r}, device_map='cpu')"
     run(["python", "-c", load], env)
 
