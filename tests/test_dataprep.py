@@ -560,4 +560,39 @@ def test_dry_run_plans_hub_dataset_clean_mix_split_tokenize(tmp_path: Path) -> N
     bad = {"datasets": {"x": {"hub": {"repo": "a/b", "file": "f"}, "path": "p"}}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     result = _snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"))
-    assert result.returncode != 0 and "datasets.x: give exactly one of hub, path or mix" in result.stdout + result.stderr
+    assert (
+        result.returncode != 0 and "datasets.x: give exactly one of hub, path or mix" in result.stdout + result.stderr
+    )
+
+
+@pytest.mark.e2e
+def test_workflow_prepares_a_local_dataset_and_reruns_only_what_a_change_touches(tiny_vicuna, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    shutil.copytree(tiny_vicuna, tmp_path / "vicuna-tiny-all-v1.1")  # an existing model: not rebuilt
+    write_jsonl(tmp_path / "mine.jsonl", [DIRTY[0], DIRTY[1], *long_conversations()[:6]])
+    config = {"datasets": {"mine": {"path": "mine.jsonl", "held_out_fraction": 0.2}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    target = "data/tokenized/mine/vicuna-tiny-all-v1.1-len256"
+    args = [target, "--configfile", str(tmp_path / "c.yaml")]
+
+    def planned(*extra: str) -> dict[str, str]:
+        result = _snakemake(tmp_path, "-n", *args, *extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.MULTILINE))
+
+    assert planned() == {"data_clean": "1", "data_split": "1", "tokenize_data": "1", "total": "3"}
+    result = _snakemake(tmp_path, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / target / "meta.json").is_file()
+    assert "html_to_markdown" in (tmp_path / "results/data/mine/clean.tsv").read_text()
+    assert planned() == {}, "nothing to do"
+    config["datasets"]["mine"]["held_out_fraction"] = 0.5  # a split option: split and tokenize again
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert planned() == {"data_split": "1", "tokenize_data": "1", "total": "2"}
+    with open(tmp_path / "mine.jsonl", "a") as f:  # a changed source: the whole chain
+        f.write(json.dumps({"id": "new", "conversations": turns("one more", "answer")}) + "\n")
+    assert planned() == {"data_clean": "1", "data_split": "1", "tokenize_data": "1", "total": "3"}
