@@ -98,7 +98,9 @@ def test_a_file_in_the_way_is_refused(tiny_raw, tmp_path):
     assert out.read_text() == "a file\n"
 
 
-@pytest.mark.parametrize("verb", ["synth llama", "synth delta", "make-delta", "data tokenize", "download hf"])
+@pytest.mark.parametrize(
+    "verb", ["synth llama", "synth delta", "make-delta", "data tokenize", "download hf", "quantize"]
+)
 def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, tiny_vicuna, tmp_path, capsys):
     out = user_folder(tmp_path / "out")
     argv = {
@@ -116,6 +118,7 @@ def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, t
             out,
         ],
         "download hf": ["download", "hf", "--source", "local", "--path", tiny_hf, "--local-dir", out],
+        "quantize": ["quantize", "--model-path", tiny_hf, "--output-dir", out],
     }[verb]
     if verb == "synth llama":  # writes <folder>/tiny
         out = user_folder(tmp_path / "tiny")
@@ -191,6 +194,14 @@ def test_output_that_is_the_working_directory_is_refused(tiny_raw, tmp_path, mon
     assert run("convert", "--input-dir", tiny_raw, "--output-dir", "..", "--overwrite") == 1
     assert_untouched(work)
     assert "it contains the working directory" in capsys.readouterr().err
+
+
+def test_quantize_into_its_own_model_is_refused(tiny_hf, tmp_path, capsys):
+    model = shutil.copytree(tiny_hf, tmp_path / "model")
+    before = tree(model)
+    assert run("quantize", "--model-path", model, "--output-dir", model / "int8", "--overwrite") == 1
+    assert tree(model) == before
+    assert str(model) in capsys.readouterr().err
 
 
 def test_apply_delta_onto_its_base_is_refused(tiny_hf, tiny_delta, tmp_path, capsys):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
-from vicunaflow.outputs import atomic_output_dir, write_manifest
+from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.quant import QUANTIZED_WEIGHT, config_block, quantization_config, quantize, quantized_names
 from vicunaflow.tokenizer import TOKENIZER_FILES
 
@@ -37,6 +37,7 @@ def quantize_model(
     bits: Literal[8, 4] = 8,
     group_size: int = 128,
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Quantize a model folder's Linear weights to int8 (per output channel) or int4 (per group), tensor by tensor.
 
@@ -46,6 +47,7 @@ def quantize_model(
         bits: 8 (symmetric, one scale per output channel) or 4 (asymmetric, one scale and zero per group).
         group_size: input columns sharing an int4 scale and zero (even; ignored for 8 bits).
         max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     model_path, output_dir = Path(model_path), Path(output_dir)
     log.info(
@@ -54,6 +56,7 @@ def quantize_model(
     )  # fmt: skip
     if bits not in (8, 4):
         raise VicunaflowError(f"--bits must be 8 or 4, not {bits}")
+    check_output_dir(output_dir, inputs=[model_path], overwrite=overwrite)  # before any work
     if quantization_config(model_path) is not None:
         raise VicunaflowError(f"{model_path}: already quantized; quantize its float16 folder instead")
     checkpoint = Checkpoint(model_path)
@@ -64,7 +67,7 @@ def quantize_model(
         raise VicunaflowError(f"{model_path}: no LLaMA layer weights (model.layers.N.*_proj.weight) to quantize")
     log.info("%d tensors, %d Linear weights to int%d", len(names), count, bits)
     with (
-        atomic_output_dir(output_dir) as out,
+        atomic_output_dir(output_dir, inputs=[model_path], overwrite=overwrite) as out,
         ShardedSafetensorsWriter(out, plan, max_shard_size) as writer,
     ):
         for name in tqdm(names, desc=f"quantize int{bits}", unit="tensor", disable=None):

@@ -67,6 +67,7 @@ def download_mt_bench(
     retries: int = 8,
     retry_wait: float = 1.0,
     timeout: float = 60.0,
+    overwrite: bool = False,
 ) -> Path:
     """Fetch MT-bench's questions, GPT-4 reference answers and judge prompts from FastChat's repository.
 
@@ -82,10 +83,12 @@ def download_mt_bench(
         retries: attempts per file after a dropped connection, timeout or 5xx, with exponential backoff.
         retry_wait: seconds before the first retry; doubled each time, at most 60.
         timeout: seconds without data before a connection counts as dropped.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from vicunaflow.download.http import Fetcher, Remote, RemoteFile, place_file
-    from vicunaflow.outputs import atomic_output_dir, write_manifest
+    from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 
+    check_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite)  # before any download
     log.info("download mt-bench: revision=%s base_url=%s output_dir=%s", revision, base_url, output_dir)
     verified = revision == FASTCHAT_REVISION
     if not verified:
@@ -96,7 +99,7 @@ def download_mt_bench(
         remote, Path(staging_dir) / "mt_bench", jobs=1, retries=retries, retry_wait=retry_wait, timeout=timeout
     ) as fetcher:
         staged = {path: fetcher.fetch(file) for path, file in files.items()}
-        with atomic_output_dir(output_dir) as out:
+        with atomic_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite) as out:
             for path, (name, _) in MT_BENCH_FILES.items():
                 place_file(staged[path], out / name, "copy")
             questions = load_questions(out / "question.jsonl")
