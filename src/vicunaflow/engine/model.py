@@ -241,7 +241,11 @@ class Transformer(torch.nn.Module):
         hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
         rope = self.rope(positions)
         kv_index = torch.arange(kv_length, device=positions.device)
-        mask = (kv_index[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]: causal by position
+        # [B, 1, T, L]: causal by position, additive (a boolean mask costs SDPA two conversions per layer)
+        hidden_mask = (kv_index[None, None, :] > positions[:, :, None])[:, None]
+        mask = torch.zeros(hidden_mask.shape, dtype=self.dtype, device=positions.device).masked_fill_(
+            hidden_mask, float("-inf")
+        )
         rows = torch.arange(first_row, first_row + B, device=positions.device)[:, None]  # [B, 1]
         for layer in self.layers:
             hidden = layer(hidden, rope, mask, rows, positions, first_row, kv_length)

@@ -46,6 +46,7 @@ SYMM_MAX_ROWS = 64  # one-shot all-reduce reads every peer's whole buffer: for d
 MESSAGE = 8  # int64s per command: op and up to 7 arguments
 FOREVER = datetime.timedelta(days=365)  # an idle server waits for requests; workers exit when rank 0 dies
 START_TIMEOUT = 600.0  # seconds for every rank to start and load its shard
+_symmetric_memory_used = False  # see TensorParallel.__init__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,13 @@ class TensorParallel:
         cuda = device.type == "cuda"
         self.control = dist.new_group(backend="gloo", timeout=FOREVER) if cuda else self.data  # host messages
         self.mode = "gloo" if not cuda else ("nccl" if all_reduce == "nccl" else "symm-mem")
+        global _symmetric_memory_used
+        if self.mode == "symm-mem" and _symmetric_memory_used:
+            # torch keeps the first group's symmetric-memory registration under its name, which a later
+            # group of this process reuses with a new store: its rendezvous would not complete
+            log.warning("tensor parallelism: symmetric memory was set up once in this process already; NCCL")
+            self.mode = "nccl"
+        _symmetric_memory_used = _symmetric_memory_used or self.mode == "symm-mem"
         self.buffers: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.turn = 0
         self.workers: list = []  # rank 0: the spawned processes
