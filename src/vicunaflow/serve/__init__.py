@@ -8,6 +8,7 @@ concurrent requests on the model. Keys come from --api-key or VICUNAFLOW_API_KEY
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -110,17 +111,28 @@ def _split_keys(value: list[str] | str | None) -> list[str]:
 def _check_port(host: str, port: int) -> None:
     """Fail at once, naming the port, when uvicorn could not listen on it (in use, no permission, bad host).
 
-    Binds what uvicorn would bind (every address `host` resolves to) with uvicorn's SO_REUSEADDR, so a
-    port left in TIME_WAIT by the previous run passes and only a real conflict fails.
+    Binds what uvicorn (asyncio's create_server) binds: every address `host` resolves to, with
+    SO_REUSEADDR, so a port left in TIME_WAIT by the previous run passes and only a real conflict fails;
+    an address of a disabled family (EADDRNOTAVAIL, e.g. ::1 without IPv6) is skipped unless all are.
     """
+    errors = []
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in addresses:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
+                try:
+                    probe.bind(address)
+                except OSError as err:
+                    if err.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    errors.append(err)
+        if errors and len(errors) == len(addresses):
+            raise errors[0]
     except OSError as err:
-        raise VicunaflowError(
-            f"cannot listen on {host}:{port}: {err.strerror or err} (is another server using port {port}? "
-            "pick another with --port)"
-        ) from None
+        hint = (
+            f": another process listens on port {port}; stop it or pick another --port"
+            if err.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise VicunaflowError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from None
