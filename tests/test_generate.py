@@ -89,6 +89,25 @@ def test_greedy_tokens_match_teacher_forced_transformers(loaded, hf_model):
         assert logits.argmax(dim=-1).tolist() == reply
 
 
+def test_grouped_query_model_matches_transformers(tiny_gqa):
+    """8 query heads sharing 2 key/value heads: greedy tokens are transformers' teacher-forced argmax."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_model(tiny_gqa)
+    assert (model.heads, model.kv_heads) == (8, 2)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_gqa, dtype=torch.float32).eval()
+    prompt = _prompt(tokenizer, QUESTIONS[1])
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=2, padded_decode=True) as engine:
+        done = threading.Event()
+        request = engine.submit(prompt, params, lambda e: e.finish_reason and done.set())
+        done.wait()
+    reply = request.decoder.ids
+    with torch.inference_mode():
+        logits = reference(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 : -1]
+    assert logits.argmax(dim=-1).tolist() == reply and len(set(reply)) > 1
+
+
 @pytest.mark.parametrize(
     ("padded", "overlap"),
     [(False, True), (True, True), (True, False)],
