@@ -136,3 +136,48 @@ def test_two_gpus_float16_with_kernels(tiny_vicuna):
     assert events[-1].completion_tokens == 48
     assert stats["decode_kernels"] and stats["cuda_graphs"] and stats["queued_ahead"] > 0
     assert "".join(e.text for e in events)[:8] == one[:8]
+
+
+def test_serve_on_two_cpu_ranks(tiny_vicuna):
+    """`serve --device cpu --num-gpus 2`: the API answers as one process does, and the spawned rank ends
+    with the server."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    import psutil
+
+    model, tokenizer = load_model(tiny_vicuna, device="cpu")
+    ids = encode_prompt(tokenizer, "Once upon a time")
+    with Engine(model, tokenizer, max_batch_size=2) as engine:
+        expected = "".join(e.text for e in engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=8)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(tiny_vicuna), "--port", str(port)]
+    command += ["--device", "cpu", "--num-gpus", "2", "--max-context", "256", "--max-batch-size", "2"]
+    server = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read().decode(errors="replace")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        health = httpx.get(f"{url}/health").json()["engine"]
+        assert health["tensor_parallel"] == 2 and health["all_reduce"] == "gloo"
+        body = {"model": tiny_vicuna.name, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert reply["choices"][0]["text"] == expected
+        ranks = psutil.Process(server.pid).children(recursive=True)
+        assert ranks
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive
