@@ -343,6 +343,12 @@ def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
     slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_JOB_ID": "1234", "SLURM_NODEID": "1"}
     batch_step = launch.launch_command(["finetune"], 8, env=slurm)
     assert batch_step[:3] == ["srun", "--nodes=2", "--ntasks=2"]
+    assert batch_step[: len(launch.srun_per_node(2))] == launch.srun_per_node(2)  # the workflow's srun too
+    assert "--cpus-per-task=16" in launch.launch_command(["finetune"], 8, env=slurm | {"SLURM_CPUS_PER_TASK": "16"})
+    assert launch.srun_per_node(4, cpus_per_task=64) == [
+        "srun", "--nodes=4", "--ntasks=4", "--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1",
+        f"--export=ALL,{launch.NODE_TASK_ENV}=1",
+    ]  # fmt: skip
     node_task = launch.launch_command(["finetune"], 8, env=slurm | {launch.NODE_TASK_ENV: "1"})
     assert "--nnodes=2" in node_task and "--node_rank=1" in node_task and "--nproc_per_node=8" in node_task
     assert "--rdzv_endpoint=gpu07:29634" in node_task and "--rdzv_id=1234" in node_task

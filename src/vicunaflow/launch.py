@@ -49,10 +49,8 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
     module = [sys.executable, "-m", "vicunaflow", *verb_argv]
     if nnodes > 1 and NODE_TASK_ENV not in env:
         # The batch step of a multi-node job: one task per node, each starts its local processes.
-        return [
-            "srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            "--export=ALL," + NODE_TASK_ENV + "=1", *module,
-        ]  # fmt: skip
+        cpus = env.get("SLURM_CPUS_PER_TASK")  # srun reads it anyway; said explicitly, as the workflow does
+        return [*srun_per_node(nnodes, cpus_per_task=int(cpus) if cpus else None), *module]
     if nnodes > 1:
         host = first_host(env["SLURM_JOB_NODELIST"] if "SLURM_JOB_NODELIST" in env else env["SLURM_NODELIST"])
         port = int(env.get("MASTER_PORT", DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
@@ -72,6 +70,21 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
             *module[1:],
         ]
     return None
+
+
+def srun_per_node(nodes: int, *, cpus_per_task: int | None = None) -> list[str]:
+    """`srun` that runs the command after it once on each node of the allocation, marked as a node task.
+
+    Used by the batch step of a multi-node job (launch_command) and by the workflow's finetune rule,
+    whose job step hides the allocation from `vicunaflow finetune` (workflow/rules/common.smk). Each
+    task then sees its step's SLURM_NNODES, SLURM_NODEID and node list, and NODE_TASK_ENV tells it to
+    start torchrun rather than srun again. A failed task ends the others (--kill-on-bad-exit).
+    """
+    cpus = [f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else []
+    return [
+        "srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
+        f"--export=ALL,{NODE_TASK_ENV}=1",
+    ]  # fmt: skip
 
 
 def relaunch(verb_argv: list[str], nproc_per_node: int) -> bool:

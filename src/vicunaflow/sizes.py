@@ -59,9 +59,9 @@ def get_size(name: str) -> Size:
 
 
 # ---- scheduler resources -------------------------------------------------------------------------
-# What one job of each workflow step asks a scheduler for, per model size. The workflow reads this
-# table (workflow/rules/common.smk, get_resources), config `resources:` overrides any field, and the
-# SLURM profile turns it into sbatch flags. Names follow snakemake-executor-plugin-slurm.
+# What one job of each workflow step asks a scheduler for, per model size. vicunaflow.resources reads
+# this table, applies config `resources:` (any field) and `cluster:`, and hands the workflow the
+# SLURM executor's resources (workflow/rules/common.smk, get_resources).
 
 
 @dataclass(frozen=True)

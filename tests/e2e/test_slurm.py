@@ -136,14 +136,15 @@ def test_resources_follow_size_cluster_block_and_overrides(tmp_path: Path) -> No
     ft13 = finetune["ft-13b"]
     assert (ft13["gpu"], ft13["gpu_model"], ft13["nodes"], ft13["slurm_partition"]) == ("8", "a100", "1", "gpu")
     assert (ft13["slurm_account"], ft13["qos"]) == ("lab", "normal")
-    assert "mpi" not in ft13 and not ft13["shell"].startswith("VICUNAFLOW_NODE_TASK")
+    assert "mpi" not in ft13 and "srun" not in ft13["shell"]
     # A run's own resources win over its size's.
     assert finetune["ft-13b-lora"]["gpu"] == "1" and "--resources" not in finetune["ft-13b-lora"]["shell"]
     # 33B: two nodes of 8 GPUs, one launcher per node started by srun inside the job.
     ft33 = finetune["ft-33b"]
     assert (ft33["nodes"], ft33["gres"], ft33["tasks"], ft33["mpi"]) == ("2", "gpu:a100:8", "2", "srun")
     assert "gpu" not in ft33 and ft33["slurm_extra"] == "--ntasks-per-node=1"
-    assert ft33["shell"].startswith("VICUNAFLOW_NODE_TASK=1 srun --nodes=2 --ntasks-per-node=1")
+    assert ft33["shell"].startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=64")
+    assert "--export=ALL,VICUNAFLOW_NODE_TASK=1 vicunaflow finetune" in ft33["shell"]
     assert "--nproc-per-node 8" in ft33["shell"]
     # Conversion is CPU-only: the CPU partition, no GPUs.
     for job in jobs["convert_llama_to_hf"]:

@@ -1,7 +1,7 @@
 # Shared helpers: config validation, the size table, and input functions.
 # Every other rule file only names inputs, outputs and one `vicunaflow` command.
 
-import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -13,8 +13,15 @@ from snakemake.utils import validate
 
 from vicunaflow import BUILTIN_CONVERSATIONS
 from vicunaflow.finetune import setup as finetune_setup
-from vicunaflow.launch import NODE_TASK_ENV
-from vicunaflow.sizes import RESOURCES, SIZES
+from vicunaflow.launch import srun_per_node
+from vicunaflow.resources import (
+    MODEL_NAME,
+    NAMES,
+    job_resources,
+    processes_per_node,
+    size_of_model,
+)
+from vicunaflow.sizes import SIZES
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -230,35 +237,10 @@ def get_chat_model(wildcards):
 
 
 # ---- resources -------------------------------------------------------------------------------
-# Rules take their resources from get_resources("<step>", ...), unpacked with `**`: the table in
-# vicunaflow.sizes (RESOURCES) for the job's model size, overridden field by field by config
-# `resources`, plus the `cluster` block of config (partition, account, qos, GPU model), so those
-# are set once in config and never in rules or profiles. Names are those of
-# snakemake-executor-plugin-slurm; the local executor counts `gpu` against the profile's
-# `resources: gpu=N`. A resource whose value is None is dropped, so an unset partition or qos
-# never reaches sbatch.
-
-SIZE_IN_NAME = re.compile(r"(?:^|-)(" + "|".join(SIZES) + r")(?:-|$)")
-
-
-def size_of_model(name):
-    """The size of a model named in a target: vicuna-13b-all-v1.1, llama-7b-hf or a fine-tuning run."""
-    run = config["finetune"]["runs"].get(name)
-    match = SIZE_IN_NAME.search(run["model"] if run else name)
-    if match is None:
-        raise ValueError(
-            f"{name}: cannot tell the model size from this name; name models like llama-7b-hf"
-        )
-    return match.group(1)
-
-
-def job_resources(step, size, run=None):
-    """RESOURCES[step][size], then config `resources: {step: {size: {field: value}}}`, then the
-    fine-tuning run's own `resources:` applied."""
-    override = dict(config["resources"].get(step, {}).get(size, {}))
-    if run is not None:
-        override.update(config["finetune"]["runs"][run].get("resources", {}))
-    return dataclasses.replace(RESOURCES[step][size], **override)
+# Rules take their resources from get_resources("<step>", ...), unpacked with `**`: each value is
+# read from vicunaflow.resources.job_resources (the size table, config `resources`, a run's own
+# `resources`, config `cluster`), computed once per (step, size, run). A resource whose value is
+# None is dropped, so an unset partition or qos never reaches sbatch.
 
 
 def size_of_wildcard(wildcards, name):
@@ -268,78 +250,45 @@ def size_of_wildcard(wildcards, name):
         return value
     if name == "raw":
         return size_of_raw(value)
-    return size_of_model(value)
+    return size_of_model(value, config["finetune"]["runs"])
 
 
-def scheduler_resources(res):
-    """One job's resources (a vicunaflow.sizes.Resources) as SLURM executor resources, with the
-    `cluster:` block of config. None marks a resource the job does not ask for."""
-    cluster = config["cluster"]
-    gpu, multi_node = res.gpu > 0, res.nodes > 1
-    gpu_type = f"{cluster['gpu_model']}:" if cluster["gpu_model"] else ""
-    extra = ["--ntasks-per-node=1"] if multi_node else []
-    return {
-        "runtime": res.runtime,
-        "mem_mb": res.mem_mb,  # per node
-        "cpus_per_task": res.cpus_per_task,
-        "nodes": res.nodes,
-        # One node: `gpu` (sbatch --gpus, and what the local profile counts). Several nodes:
-        # --gres, counted per node, where --gpus would be a total SLURM may spread unevenly.
-        "gpu": res.gpu if gpu and not multi_node else None,
-        "gpu_model": cluster["gpu_model"] if gpu and not multi_node else None,
-        "gres": f"gpu:{gpu_type}{res.gpu}" if gpu and multi_node else None,
-        # Several nodes: an MPI-style job, whose shell runs once, on the first node, without an
-        # srun around it; the rule starts one launcher per node (get_launcher). tasks_per_gpu=0
-        # keeps the plugin from turning `tasks` into --ntasks-per-gpu.
-        "mpi": "srun" if multi_node else None,
-        "tasks": res.nodes if multi_node else None,
-        "tasks_per_gpu": 0 if multi_node else None,
-        "slurm_extra": " ".join(extra + [cluster["slurm_extra"] or ""]).strip() or None,
-        "slurm_partition": (cluster["gpu_partition"] if gpu else None)
-        or cluster["partition"],
-        "slurm_account": cluster["account"],
-        "qos": cluster["qos"],
-    }
-
-
-# The names every rule declares (each job drops those it leaves None).
-SCHEDULER_RESOURCES = tuple(scheduler_resources(RESOURCES["convert"]["tiny"]))
+@functools.cache
+def resources_of(step, size, run=None):
+    """One job's scheduler resources (vicunaflow.resources.job_resources with this config)."""
+    run_resources = config["finetune"]["runs"][run].get("resources") if run else None
+    return job_resources(
+        step,
+        size,
+        overrides=config["resources"],
+        run_resources=run_resources,
+        cluster=config["cluster"],
+    )
 
 
 def get_resources(step, wildcard="size", size=None):
     """A rule's resources, for the size in `wildcard` (see size_of_wildcard) or a fixed `size`."""
 
-    def resource(name):
-        return lambda wildcards: scheduler_resources(
-            job_resources(
-                step,
-                size or size_of_wildcard(wildcards, wildcard),
-                run=wildcards.run if wildcard == "run" else None,
-            )
-        )[name]
+    def job(wildcards):
+        run = wildcards.run if wildcard == "run" else None
+        return resources_of(step, size or size_of_wildcard(wildcards, wildcard), run)
 
-    return {name: resource(name) for name in SCHEDULER_RESOURCES}
+    return {name: (lambda wildcards, name=name: job(wildcards)[name]) for name in NAMES}
 
 
 def get_launcher(wildcards, resources):
     """Command prefix that starts one launcher per node of a multi-node job; empty on one node.
 
     The SLURM job step hides the allocation's SLURM_* variables from the rule's shell, so the
-    rule, not `vicunaflow finetune`, starts the per-node tasks. Each task sees its step's
-    SLURM_NNODES, SLURM_NODEID and node list and runs torchrun with a rendezvous on the first
-    node (vicunaflow.launch; NODE_TASK_ENV tells it not to start tasks again)."""
+    rule, not `vicunaflow finetune`, starts the per-node tasks (vicunaflow.launch.srun_per_node);
+    each runs torchrun with a rendezvous on the first node."""
     if resources.get("nodes", 1) <= 1:
         return ""
-    return (
-        f"{NODE_TASK_ENV}=1 srun --nodes={resources.nodes} --ntasks-per-node=1"
-        f" --cpus-per-task={resources.cpus_per_task} --kill-on-bad-exit=1"
+    return shlex.join(
+        srun_per_node(resources.nodes, cpus_per_task=resources.cpus_per_task)
     )
 
 
 def get_processes_per_node(wildcards, resources):
-    """One training process per GPU of a node, as granted (the local profile may cap `gpu`);
-    one process on a machine without GPUs."""
-    gpus = resources.get("gpu") or 0
-    if not gpus and resources.get("gres"):
-        gpus = int(resources.gres.rsplit(":", 1)[1])
-    return max(1, gpus)
+    """One training process per GPU of a node, as granted (the local profile may cap `gpu`)."""
+    return processes_per_node(resources)

@@ -10,7 +10,7 @@ rule tokenize_data:
     log:
         "logs/tokenize_data/{dataset}/{model}-len{length}.log",
     wildcard_constraints:
-        model="(vicuna-[a-z0-9]+-all-v1\\.1|llama-[a-z0-9]+-hf)",
+        model=MODEL_NAME,
         length="[0-9]+",
     conda:
         "../../envs/finetune.yaml"
