@@ -61,6 +61,21 @@ def test_matvec_writes_float32_into_out():
         kernels.matvec(x, weight, out=torch.empty(2, 40, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_matvec_folds_rms_norm_into_its_input(dtype):
+    """norm=: the product of rms_norm(x) (float32 inside the kernel), as q|k|v and gate|up take it."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 200, generator=generator).to(DEVICE, dtype)
+    x = (3 * torch.randn(1, 200, generator=generator)).to(DEVICE, dtype)
+    norm = (1 + torch.rand(200, generator=generator)).to(DEVICE, dtype)
+    out = kernels.matvec(x, weight, norm=norm, eps=1e-5)
+    xd = x.double()
+    normed = xd * torch.rsqrt(xd.pow(2).mean(dim=-1, keepdim=True) + 1e-5) * norm.double()
+    expected = normed @ weight.double().T
+    tolerance = {torch.float16: 2**-10, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * 8)
+
+
 def test_decode_step_with_kernels_matches_torch_path(tiny_vicuna):
     """One decode step of the tiny Vicuna: matvec projections give the logits of the plain torch ops."""
     model, _ = load_model(tiny_vicuna, device=DEVICE)

@@ -39,19 +39,24 @@ def matvec(
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for one row.
 
     x: [1, K], or [1, 2K] with swiglu (input = silu(x[:, :K]) * x[:, K:]); weight: [N, K] contiguous;
     residual: [1, N] or None. Returns a new [1, N] tensor of weight's dtype, or `out` ([1, N],
     contiguous, any float dtype: tensor parallelism writes float32 partial sums straight into its
-    all-reduce buffer).
+    all-reduce buffer). norm: [K], RMSNorm's weight: the input is rms_norm(x, norm, eps), computed in
+    float32 by every program (x is a few KB: a first pass over it costs less than a kernel launch).
     """
     n, k = weight.shape
     if x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"matvec: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     if not (weight.is_contiguous() and x.is_contiguous()):
         raise ValueError("matvec: weight and input must be contiguous")
+    if norm is not None and (swiglu or norm.shape != (k,)):
+        raise ValueError(f"matvec: norm {tuple(norm.shape)} needs a plain input of {k} columns")
     if out is None:
         out = torch.empty(1, n, dtype=weight.dtype, device=weight.device)
     elif out.shape != (1, n) or not out.is_contiguous():
@@ -59,8 +64,8 @@ def matvec(
     kernel = _kernels()
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
-        x, weight, residual if residual is not None else out, out, n, k,
-        SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
+        x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, n, k,
+        SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
     )  # fmt: skip
     return out
 
@@ -78,22 +83,32 @@ def _kernels():
     if interpreting:  # one small config: the interpreter runs on the CPU, slowly
         configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=1)]
 
-    @triton.autotune(configs=configs, key=["N", "K", "SWIGLU"])
+    @triton.autotune(configs=configs, key=["N", "K", "SWIGLU", "NORM"])
     @triton.jit
     def matvec_kernel(
         x_ptr,
         w_ptr,
         residual_ptr,
         out_ptr,
+        norm_ptr,
+        eps,
         N: tl.constexpr,  # constants: one build per weight shape, loops and masks known at compile time
         K: tl.constexpr,
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if NORM:  # RMSNorm of the input: 1 / sqrt(mean(x^2) + eps), then x * rstd * norm weight below
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                v = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                squares += v * v
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
@@ -104,6 +119,8 @@ def _kernels():
                 x = gate * tl.sigmoid(gate) * up
             else:
                 x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORM:
+                x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w_ptrs = w_ptr + rows[:, None] * K + cols[None, :]
             if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
                 w = tl.load(w_ptrs)

@@ -10,10 +10,10 @@ its `comm` adds the ranks' partial sums after those two products (two all-reduce
 
 Why not the Hugging Face module: its decode step launches ~50 kernels a layer (RMSNorm in six
 pieces, rotary in ten); inside a CUDA graph each still costs ~1.75 µs, which capped a 7B at ~140
-tokens/s. Here a decode layer is ~12 kernels: RMSNorm, q|k|v product, rotary of q and k as one
-batched matmul by each row's rotation matrix, K/V store, SDPA, o product adding into the residual,
-RMSNorm, gate|up product, down product that applies SiLU·up to its input and adds the residual (one
-Triton kernel per product for one-row steps on CUDA, `kernels.matvec`).
+tokens/s. Here a one-row decode layer on CUDA is ~9 kernels: q|k|v product (RMSNorm folded in), rotary of q and
+k as one batched matmul by each row's rotation matrix, K and V stores, SDPA, o product adding into the
+residual, gate|up product (RMSNorm folded in), down product that applies SiLU·up to its input and adds
+the residual (the products are Triton kernels for one-row steps, `kernels.matvec`).
 """
 
 from __future__ import annotations
@@ -111,14 +111,19 @@ def project(
     *,
     out: torch.Tensor | None = None,
     matvec: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
     x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: one-row
-    products through the Triton kernel (CUDA, float16/bfloat16).
+    products through the Triton kernel (CUDA, float16/bfloat16). norm: (RMSNorm weight [K], eps) to
+    apply to x first (inside the kernel for one row: one launch fewer).
     """
     if matvec and x.shape[0] == 1 and isinstance(weight, torch.Tensor):
-        return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out)
+        norm_weight, eps = norm if norm is not None else (None, 1e-6)
+        return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
     if swiglu:
         half = x.shape[1] // 2
         x = F.silu(x[:, :half]) * x[:, half:]
@@ -172,8 +177,7 @@ class Block(torch.nn.Module):
         B, T = positions.shape
         H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
         eps, matvec, comm = model.args.norm_eps, model.matvec, model.comm
-        x = F.rms_norm(hidden, (hidden.shape[1],), self.attention_norm, eps)
-        qkv = project(x, self.wqkv, matvec=matvec)  # [B*T, (H + 2 Hkv) D]
+        qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps))  # [B*T, (H + 2 Hkv) D]
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
         v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
         model.cache.write(self.index, rows, positions, qk[:, :, H:], v)
@@ -184,8 +188,7 @@ class Block(torch.nn.Module):
         )  # [B, H, T, D]
         attention = attention.transpose(1, 2).reshape(B * T, H * D)
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
-        x = F.rms_norm(hidden, (hidden.shape[1],), self.ffn_norm, eps)
-        gate_up = project(x, self.w13, matvec=matvec)  # [B*T, 2 ffn]
+        gate_up = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps))  # [B*T, 2 ffn]
         return comm.reduce_project(gate_up, self.w2, hidden, swiglu=True, matvec=matvec)
 
 
@@ -252,8 +255,7 @@ class Transformer(torch.nn.Module):
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
-        hidden = F.rms_norm(hidden, (hidden.shape[1],), self.norm, self.args.norm_eps)
-        return project(hidden, self.output, matvec=self.matvec)  # [B, vocab]
+        return project(hidden, self.output, matvec=self.matvec, norm=(self.norm, self.args.norm_eps))  # [B, vocab]
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Rotary tables for positions [B, T]: (cos, sin) [B, T, 1, head_dim], or for T == 1 the
