@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,9 +63,10 @@ def wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wheelhouse(request, wheel) -> Path:
+def wheelhouse(request, tmp_path_factory, wheel) -> Path:
     """Every wheel that any extra needs; filled from the indexes only when something is missing."""
-    house = Path(request.config.cache.mkdir("vicunaflow-install-wheelhouse"))
+    cache = request.config.cache  # None under -p no:cacheprovider: download into this run's tmp dir then
+    house = Path(cache.mkdir("vicunaflow-install-wheelhouse") if cache else tmp_path_factory.mktemp("wheelhouse"))
     command = [*PIP, "download", "--quiet", "--dest", house, "--find-links", house, TORCH]
     command.append(f"{wheel}[{','.join(e for e in EXTRAS if e != 'none')}]")
     offline = subprocess.run([*map(str, command), "--no-index"], capture_output=True, text=True, timeout=300)
@@ -90,12 +92,13 @@ def install(extra: str, root: Path, wheel: Path, wheelhouse: Path) -> tuple[Path
 
 
 @pytest.fixture(scope="module")
-def venvs(tmp_path_factory, wheel, wheelhouse) -> dict[str, Path]:
+def venvs(tmp_path_factory, wheel, wheelhouse) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("venvs")
     with ThreadPoolExecutor(len(EXTRAS)) as pool:
         done = dict(zip(EXTRAS, pool.map(lambda e: install(e, root, wheel, wheelhouse), EXTRAS), strict=True))
     print({extra: f"{seconds:.0f} s" for extra, (_, seconds) in done.items()})
-    return {extra: venv for extra, (venv, _) in done.items()}
+    yield {extra: venv for extra, (venv, _) in done.items()}
+    shutil.rmtree(root, ignore_errors=True)  # ~4 GB; pytest would keep it with its last three runs
 
 
 def installed(venv: Path) -> set[str]:
