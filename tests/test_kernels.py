@@ -59,6 +59,10 @@ def test_matvec_writes_float32_into_out():
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.matvec(x, weight, out=torch.empty(2, 40, device=DEVICE))
+    # a float32 residual stream (symmetric-memory tensor parallelism): float32 input and residual
+    x32, residual = x.float() * 1.5, torch.randn(1, 40, generator=generator).to(DEVICE)
+    kernels.matvec(x32, weight, residual, out=out)
+    assert torch.allclose(out.double(), x32.double() @ weight.double().T + residual.double(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

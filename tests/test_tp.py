@@ -116,18 +116,21 @@ def test_two_gpus_match_one_symmetric_memory(tiny_gqa):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_float16_with_kernels(tiny_vicuna):
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm-mem"])
+def test_two_gpus_float16_with_kernels(tiny_vicuna, all_reduce):
     """float16 on two GPUs: Triton matvec on each rank's shards, graphs, overlap; a 48-token reply
-    streams and agrees with one GPU's on its first tokens. (float32 partial sums written by matvec into
-    symmetric-memory buffers are what bench/bench_chat.py's TP rows run.)"""
+    streams and agrees with one GPU's on its first tokens. With symmetric memory the one-row step keeps
+    the residual stream in float32 (matvec stores partial sums + residual into the peer-visible buffer).
+    Symmetric memory once per process: run `-k "float16 and symm"` on its own."""
     model, tokenizer = load_model(tiny_vicuna, device="cuda")
     params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
     ids = _prompt(tokenizer, "Hello")
     with Engine(model, tokenizer, max_batch_size=2) as engine:
         one = "".join(e.text for e in engine.generate(ids, params))
     del model
-    split, _ = load_model(tiny_vicuna, device="cuda", num_gpus=2, all_reduce="nccl")
+    split, _ = load_model(tiny_vicuna, device="cuda", num_gpus=2, all_reduce=all_reduce)
     try:
+        assert split.comm.mode == all_reduce
         with Engine(split, tokenizer, max_batch_size=2) as engine:
             events = list(engine.generate(ids, params))
             stats = engine.snapshot_stats()

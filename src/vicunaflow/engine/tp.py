@@ -90,6 +90,12 @@ class TensorParallel:
         """residual + the sum over ranks of x @ weight.T (each rank holds its columns of the product)."""
         if self.mode == "symm-mem" and x.shape[0] <= SYMM_MAX_ROWS:
             buffer = self._buffer(x.shape[0], weight.shape[0])  # [rows, dim] float32, peer-visible
+            if matvec and x.shape[0] == 1 and isinstance(weight, torch.Tensor):
+                # one-row step: rank 0's kernel adds the residual while storing its float32 partial sum,
+                # and the sum is the new residual stream, kept in float32 (the kernels read any float
+                # input): two launches per all-reduce, no add or cast
+                project(x, weight, residual if self.rank == 0 else None, swiglu, out=buffer, matvec=True)
+                return torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", self.data.group_name)
             project(x, weight, None, swiglu, out=buffer, matvec=matvec)
             total = torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", self.data.group_name)
             return residual.add_(total)
