@@ -18,8 +18,8 @@ import pytest
 
 from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError
 from vicunaflow.eval import mt_bench
-from vicunaflow.eval.judge import judge, parse_rating, read_judgments
-from vicunaflow.eval.mt_bench import BUILTIN_JUDGE_PROMPTS, BUILTIN_QUESTIONS, BUILTIN_REFERENCE
+from vicunaflow.eval.judge import judge, parse_rating
+from vicunaflow.eval.mt_bench import BUILTIN_JUDGE_PROMPTS, BUILTIN_QUESTIONS, BUILTIN_REFERENCE, read_judgments
 from vicunaflow.eval.summary import summary
 
 N_QUESTIONS = 8  # the built-in set: one per MT-bench category, two turns each

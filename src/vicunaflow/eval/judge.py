@@ -38,9 +38,11 @@ from vicunaflow.eval.mt_bench import (
     NEED_REFERENCE,
     Question,
     answer_turns,
+    judgment_key,
     load_answers,
     load_judge_prompts,
     load_questions,
+    read_judgments,
 )
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def judge(
     journal = Path(partial) if partial is not None else Path(output)
     written = {}
     for judgment in read_judgments(journal):
-        written.setdefault(_key(judgment), []).append(judgment)
+        written.setdefault(judgment_key(judgment), []).append(judgment)
     _refuse_stale(written, matches, journal)
     todo = [m for m in matches if m.key not in written]
     log.info(
@@ -139,7 +141,7 @@ def judge(
                 JudgeClient(judge_base_url, judge_model, api_key, max_tokens, retries, retry_wait, timeout, parallel)
             )
             run_matches(client, todo, journal, parallel)
-    latest = {_key(j): j for j in read_judgments(journal)}
+    latest = {judgment_key(j): j for j in read_judgments(journal)}
     judgments = [latest[m.key] for m in matches]
     if partial is not None:
         from vicunaflow.outputs import atomic_write_bytes
@@ -253,13 +255,6 @@ def _model_id(answers: dict, path: Path) -> str:
     return ids[0]
 
 
-def _key(judgment: dict) -> tuple:
-    judge_model, prompt_name = judgment["judge"]
-    return (
-        judgment["question_id"], judgment["model"], judge_model, prompt_name, judgment["turn"], judgment["user_prompt"]
-    )  # fmt: skip
-
-
 def _refuse_stale(written: dict, matches: list[Match], path: Path) -> None:
     """A judgment of the same question, model, judge and turn but of another answer (answers generated
     again) would be mixed with the new ones: refuse rather than average both."""
@@ -275,34 +270,6 @@ def _refuse_stale(written: dict, matches: list[Match], path: Path) -> None:
 
 
 # --- the judgment file -----------------------------------------------------------------------------
-
-
-def read_judgments(path: Path) -> list[dict]:
-    """The judgments written so far. A last line cut off mid-write (a killed run) is removed first."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: its last line is incomplete (an interrupted run); dropping it", path)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    judgments = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            judgment = json.loads(line)
-            _key(judgment)
-            float(judgment["score"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise VicunaflowError(
-                f"{path}:{number}: not a judgment ({type(err).__name__}: {err}); remove the line or the file"
-            ) from None
-        judgments.append(judgment)
-    return judgments
 
 
 def run_matches(client: JudgeClient, matches: list[Match], output: Path, parallel: int) -> None:

@@ -226,3 +226,39 @@ def load_judge_prompts(path: Path) -> dict[str, dict]:
 
 def _is_id(value: object) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value))
+
+
+def judgment_key(judgment: dict) -> tuple:
+    """What identifies a judgment: question, model, judge, prompt, turn and the exact prompt judged."""
+    judge_model, prompt_name = judgment["judge"]
+    return (
+        judgment["question_id"], judgment["model"], judge_model, prompt_name, judgment["turn"], judgment["user_prompt"]
+    )  # fmt: skip
+
+
+def read_judgments(path: Path) -> list[dict]:
+    """The judgments written so far. A last line cut off mid-write (a killed run) is removed first."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: its last line is incomplete (an interrupted run); dropping it", path)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    judgments = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            judgment = json.loads(line)
+            judgment_key(judgment)
+            float(judgment["score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise VicunaflowError(
+                f"{path}:{number}: not a judgment ({type(err).__name__}: {err}); remove the line or the file"
+            ) from None
+        judgments.append(judgment)
+    return judgments

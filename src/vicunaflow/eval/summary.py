@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
-from vicunaflow.eval.mt_bench import Question, load_questions
+from vicunaflow.eval.mt_bench import Question, load_questions, read_judgments
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ def summary(
         losses: loss files written by `vicunaflow eval loss`.
         output_json: the same, in full (counts per turn and category), as JSON.
     """
-    from vicunaflow.eval.judge import read_judgments
     from vicunaflow.outputs import atomic_write_bytes
 
     log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
