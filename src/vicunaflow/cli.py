@@ -38,6 +38,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "judge": "vicunaflow.eval.judge:judge",
         "loss": "vicunaflow.eval.loss:loss",
         "summary": "vicunaflow.eval.summary:summary",
+        "arena": "vicunaflow.eval.arena:arena",
     },
 }
 
@@ -95,6 +96,36 @@ def _bare_bool_flags(argv: list[str]) -> list[str]:
     ]
 
 
+def _repeated_list_flags(argv: list[str]) -> list[str]:
+    """`--model_path A --model_path B` means both for a list parameter (jsonargparse alone keeps the last):
+    every occurrence after the first becomes jsonargparse's append form, `--model_path+ B`."""
+    import typing
+
+    spec = COMMANDS.get(argv[0]) if argv else None
+    if isinstance(spec, dict):
+        spec = spec.get(argv[1]) if len(argv) > 1 else None
+    if not isinstance(spec, str):
+        return argv
+    try:
+        hints = typing.get_type_hints(resolve(spec))
+    except Exception:  # leave the arguments to jsonargparse, which reports problems itself
+        return argv
+
+    def is_list(hint) -> bool:
+        return typing.get_origin(hint) is list or any(typing.get_origin(h) is list for h in typing.get_args(hint))
+
+    lists = {f"--{name}" for name, hint in hints.items() if is_list(hint)}
+    seen, result = set(), []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag in lists:
+            if flag in seen:
+                arg = flag + "+" + eq + value
+            seen.add(flag)
+        result.append(arg)
+    return result
+
+
 def _exact_flags_parser() -> type:
     """jsonargparse's parser without argparse's prefix matching: `--learning_rat` is an error, not the learning rate.
 
@@ -116,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     from vicunaflow.log import setup_logging
     from vicunaflow.outputs import Terminated, terminate_on_sigterm
 
-    argv = _bare_bool_flags(_normalize_flags(list(sys.argv[1:] if argv is None else argv)))
+    argv = _repeated_list_flags(_bare_bool_flags(_normalize_flags(list(sys.argv[1:] if argv is None else argv))))
     if argv[:1] in (["--version"], ["-V"]):
         from vicunaflow import __version__
 

@@ -24,11 +24,11 @@ API_KEYS_ENV = "VICUNAFLOW_API_KEYS"  # comma-separated keys, used when --api-ke
 
 def serve(
     *,
-    model_path: Path,
+    model_path: list[Path] | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: list[str] | str | None = None,
-    model_name: str | None = None,
+    model_name: list[str] | str | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     num_gpus: int = 1,
     max_gpu_memory: str | None = None,
@@ -40,18 +40,21 @@ def serve(
     seed: int | None = None,
     cuda_graphs: bool = True,
     max_body_bytes: int = 4 * 1024 * 1024,
+    results_dir: Path = Path("results/serve"),
 ) -> None:
-    """Serve a model over OpenAI's v1 API (/v1/models, /v1/chat/completions, /v1/completions) and a chat page at /.
+    """Serve models over OpenAI's v1 API (/v1/models, /v1/chat/completions, /v1/completions), a chat page at /
+    and, with two models or more, a blind arena at /arena.
 
     Without keys (no --api-key and no VICUNAFLOW_API_KEYS) anyone who can reach the port may use it.
 
     Arguments:
-        model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
+        model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1); repeat the flag to serve
+            several models (one engine each; requests go to the one their `model` names).
         host: address to listen on; 0.0.0.0 exposes the server to the network (set keys then).
         port: TCP port.
         api_key: accepted Bearer key(s): --api-key KEY, several as --api-key K1,K2 or --api-key+ K2;
             default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
-        model_name: the model id clients send; default: the directory name.
+        model_name: the model id clients send, one per --model-path (repeat the flag); default: the directory name.
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
         max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
@@ -63,11 +66,13 @@ def serve(
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
+        results_dir: where the arena appends its votes (arena_votes.jsonl).
     """
     import uvicorn
 
-    from vicunaflow.engine import Engine, load_model
+    from vicunaflow.engine import Engine, load_model, resolve_device
     from vicunaflow.serve.app import create_app
+    from vicunaflow.serve.fit import check_fit, estimate
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
@@ -80,27 +85,55 @@ def serve(
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach port %d can use the model", host, port)
     _check_port(host, port)  # before the model loads: minutes wasted otherwise
-    model, tokenizer = load_model(
-        model_path,
-        device=device,
-        num_gpus=num_gpus,
-        max_gpu_memory=max_gpu_memory,
-        load_8bit=load_8bit,
-        load_4bit=load_4bit,
+    models = _named_models(model_path, model_name)
+    resolved = resolve_device(device, num_gpus)
+    sizes = dict(num_gpus=num_gpus, load_8bit=load_8bit, max_batch_size=max_batch_size, max_context=max_context)
+    check_fit(
+        [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )
-    engine = Engine(
-        model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
-    )
-    app = create_app(
-        engine,
-        model_name=model_name or Path(model_path).resolve().name,
-        api_keys=keys,
-        default_max_tokens=default_max_tokens,
-        max_body_bytes=max_body_bytes,
-    )
-    with contextlib.closing(model), engine:  # closing: stops the other tensor-parallel ranks
-        log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", model_path, host, port)
+    with contextlib.ExitStack() as stack:
+        engines = {}
+        for name, path in models.items():
+            model, tokenizer = load_model(
+                path,
+                device=device,
+                num_gpus=num_gpus,
+                max_gpu_memory=max_gpu_memory,
+                load_8bit=load_8bit,
+                load_4bit=load_4bit,
+            )
+            stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
+            engine = Engine(
+                model,
+                tokenizer,
+                max_batch_size=max_batch_size,
+                max_context=max_context,
+                seed=seed,
+                cuda_graphs=cuda_graphs,
+            )
+            engines[name] = stack.enter_context(engine)
+        app = create_app(
+            engines,
+            api_keys=keys,
+            default_max_tokens=default_max_tokens,
+            max_body_bytes=max_body_bytes,
+            results_dir=results_dir,
+        )
+        log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", ", ".join(models), host, port)
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def _named_models(model_path: list[Path] | Path, model_name: list[str] | str | None) -> dict[str, Path]:
+    """name -> folder: --model-name in order, else each folder's name; names must differ."""
+    paths = [Path(p) for p in (model_path if isinstance(model_path, list) else [model_path])]
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    if names and len(names) != len(paths):
+        raise VicunaflowError(f"{len(names)} --model-name for {len(paths)} --model-path: give one name per model")
+    names = names or [p.resolve().name for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise VicunaflowError(f"two models are named {duplicates[0]!r}: give each a --model-name")
+    return dict(zip(names, paths, strict=True))
 
 
 def _split_keys(value: list[str] | str | None) -> list[str]:

@@ -1,4 +1,7 @@
-"""The FastAPI application: OpenAI v1 routes, Bearer keys, OpenAI-style errors, the chat page.
+"""The FastAPI application: OpenAI v1 routes, Bearer keys, OpenAI-style errors, the chat and arena pages.
+
+Several models may be served, one `Engine` each: a request goes to the engine its `model` names, an
+unknown name is 404 `model_not_found`. The arena's routes (serve/arena.py) reuse the chat path.
 
 Every generation goes through the shared `Engine` (one background thread, continuous batching); a
 route only renders the prompt with vicunaflow.template, submits it, and relays the engine's events
@@ -67,13 +70,21 @@ class APIError(Exception):
 
 
 def create_app(
-    engine: Engine,
+    engines: dict[str, Engine] | Engine,
     *,
-    model_name: str,
+    model_name: str | None = None,
     api_keys: list[str] | None = None,
     default_max_tokens: int = 512,
     max_body_bytes: int = MAX_BODY_BYTES,
+    results_dir: Path | None = None,
 ) -> FastAPI:
+    """engines: model name -> its engine, or one engine served as `model_name`. results_dir: where the
+    arena writes its votes (None: the arena's vote route refuses)."""
+    from vicunaflow.serve import arena
+
+    if isinstance(engines, Engine):
+        engines = {model_name or "model": engines}
+    model_name = next(iter(engines))  # the default model of the chat page and /health
     app = FastAPI(title="vicunaflow", docs_url=None, redoc_url=None, openapi_url=None)
     keys = [k.encode() for k in api_keys or []]
     created = int(time.time())
@@ -87,16 +98,18 @@ def create_app(
                 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
             )
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str) -> Engine:
+        if name not in engines:
+            served = ", ".join(f"'{n}'" for n in engines)
             raise APIError(
                 404,
-                f"The model '{name}' does not exist; this server serves '{model_name}'.",
+                f"The model '{name}' does not exist; this server serves {served}.",
                 code="model_not_found",
                 param="model",
             )
+        return engines[name]
 
-    def sampling(body, prompt_length: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(engine: Engine, body, prompt_length: int, max_tokens: int | None) -> SamplingParams:
         if prompt_length >= engine.context:
             raise APIError(
                 400,
@@ -106,12 +119,21 @@ def create_app(
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        return SamplingParams(
+        params = SamplingParams(
             temperature=0.7 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             max_new_tokens=engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens),
             stop=stop,
         )
+        system = "n/a"
+        if isinstance(body, ChatCompletionRequest):
+            system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
+        log.info(
+            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s",
+            body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
+            body.stream,
+        )  # fmt: skip
+        return params
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -132,41 +154,53 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "auth": bool(keys), "engine": engine.snapshot_stats()}
+        stats = {name: engine.snapshot_stats() for name, engine in engines.items()}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "models": list(engines),
+            "auth": bool(keys),
+            "engine": stats[model_name],
+            "engines": stats,
+        }
 
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/arena", include_in_schema=False)
+    async def arena_page():
+        return FileResponse(STATIC / "arena.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [_model_card(model_name, created, engine.context)]}
+        cards = [_model_card(name, created, engine.context) for name, engine in engines.items()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str, request: Request):
         authorize(request)
-        check_model(name)
-        return _model_card(model_name, created, engine.context)
+        return _model_card(name, created, check_model(name).context)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        authorize(request)
-        body = await _parse(request, ChatCompletionRequest, max_body_bytes)
-        check_model(body.model)
+    async def chat(request: Request, body: ChatCompletionRequest, shown_name: str | None = None, record=None):
+        """Answer a validated chat request; shown_name replaces the model's name in the reply (arena),
+        record(text) receives a streamed reply's pieces."""
+        engine = check_model(body.model)
+        shown_name = shown_name or body.model
         for field, asked in (("logprobs", body.logprobs), ("top_logprobs", body.top_logprobs)):
             if asked:  # false / 0 ask for nothing
                 raise APIError(400, f"{field} is not supported by this server", param=field)
         prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, body)
-        params = sampling(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
+        params = sampling(engine, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1:
                 raise APIError(400, "stream=true supports n=1 only", param="n")
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            chunks = _stream_chat(engine, prompt_ids, params, reply_id, model_name, include_usage)
+            chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, record)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _complete_all(request, [_complete(engine, prompt_ids, params) for _ in range(body.n)])
         choices = [
@@ -182,18 +216,24 @@ def create_app(
                 "id": reply_id,
                 "object": "chat.completion",
                 "created": int(time.time()),
-                "model": model_name,
+                "model": shown_name,
                 "choices": choices,
             },
             results,
             len(prompt_ids),
         )
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        return await chat(request, await _parse(request, ChatCompletionRequest, max_body_bytes))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         body = await _parse(request, CompletionRequest, max_body_bytes)
-        check_model(body.model)
+        engine = check_model(body.model)
+        model_name = body.model
         for field, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
             if asked:  # logprobs=0 still asks for the sampled tokens' logprobs
                 raise APIError(400, f"{field} is not supported by this server", param=field)
@@ -201,7 +241,9 @@ def create_app(
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         encoded = await run_in_threadpool(lambda: [encode_prompt(engine.tokenizer, p) for p in prompts])
-        all_params = [sampling(body, len(ids), body.max_tokens or 16) for ids in encoded]  # OpenAI's default: 16
+        all_params = [
+            sampling(engine, body, len(ids), body.max_tokens or 16) for ids in encoded
+        ]  # OpenAI's default: 16
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
@@ -230,6 +272,7 @@ def create_app(
             sum(len(ids) for ids in encoded),
         )
 
+    arena.install(app, list(engines), authorize, chat, max_body_bytes, results_dir)
     return app
 
 
@@ -387,7 +430,9 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream_chat(engine, prompt_ids, params, reply_id, model_name, include_usage) -> AsyncIterator[str]:
+async def _stream_chat(
+    engine, prompt_ids, params, reply_id, model_name, include_usage, record=None
+) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(delta: dict, finish_reason: str | None = None) -> str:
@@ -405,6 +450,8 @@ async def _stream_chat(engine, prompt_ids, params, reply_id, model_name, include
     yield chunk({"role": "assistant", "content": ""})
     async for event in _events(engine, prompt_ids, params):
         if event.text:
+            if record is not None:
+                record(event.text)
             yield chunk({"content": event.text})
         if event.finish_reason == "error":
             yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()

@@ -1,126 +1,201 @@
-// The vicunaflow chat page: keeps the conversation in memory, streams each reply from
-// /v1/chat/completions (server-sent events) and renders it as plain text as it arrives.
+// The vicunaflow chat page: streams each reply from /v1/chat/completions (server-sent events), renders
+// it as markdown (common.js: DOM nodes only, model text never parsed as HTML), keeps the conversation and
+// the settings in localStorage across reloads. Stop aborts the fetch: the server cancels the engine request.
 "use strict";
 
-const messagesEl = document.getElementById("messages");
-const inputEl = document.getElementById("input");
-const sendEl = document.getElementById("send");
-const stopEl = document.getElementById("stop");
-const statusEl = document.getElementById("status");
-const keyEl = document.getElementById("api-key");
+const $ = (id) => document.getElementById(id);
+const messagesEl = $("messages");
+const inputEl = $("input");
+const statusEl = $("status");
+const modelSelect = $("model-select");
+const headers = vf.setupKey($("api-key"));
 
-let model = null;
-let history = [];          // [{role, content}] sent with every request (multi-turn)
+const STORE = { conversation: "vicunaflow-conversation", settings: "vicunaflow-settings", model: "vicunaflow-model" };
+const DEFAULTS = { temperature: 0.7, top_p: 1, max_tokens: 512, system: "" };
+const SETTINGS = { temperature: $("temperature"), top_p: $("top-p"), max_tokens: $("max-tokens"), system: $("system-prompt") };
+
+let info = null;           // /health: models, contexts, whether keys are needed
+let messages = load(STORE.conversation, []);   // [{role: "user" | "assistant", content, stopped?}]
 let controller = null;     // aborts the reply being streamed
 
-keyEl.value = localStorage.getItem("vicunaflow-api-key") || "";
-keyEl.addEventListener("change", () => localStorage.setItem("vicunaflow-api-key", keyEl.value.trim()));
+function load(key, fallback) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key));
+    return value === null ? fallback : value;
+  } catch {
+    return fallback;
+  }
+}
+
+function save() {
+  localStorage.setItem(STORE.conversation, JSON.stringify(messages));
+}
+
+// -- settings -----------------------------------------------------------------------------------------
+
+function readSettings() {
+  const number = (input, low, high, fallback) => {
+    const value = Number(input.value);
+    return input.value.trim() === "" || !Number.isFinite(value) ? fallback : Math.min(high, Math.max(low, value));
+  };
+  return {
+    temperature: number(SETTINGS.temperature, 0, 2, DEFAULTS.temperature),
+    top_p: number(SETTINGS.top_p, 0.01, 1, DEFAULTS.top_p),
+    max_tokens: Math.round(number(SETTINGS.max_tokens, 1, 1e6, DEFAULTS.max_tokens)),
+    system: SETTINGS.system.value.trim(),
+  };
+}
+
+function showSettings(values) {
+  for (const [name, input] of Object.entries(SETTINGS)) input.value = values[name];
+}
+
+showSettings({ ...DEFAULTS, ...load(STORE.settings, {}) });
+for (const input of Object.values(SETTINGS)) {
+  input.addEventListener("change", () => localStorage.setItem(STORE.settings, JSON.stringify(readSettings())));
+}
+$("reset-settings").addEventListener("click", () => {
+  showSettings(DEFAULTS);
+  localStorage.removeItem(STORE.settings);
+});
+$("settings-toggle").addEventListener("click", () => {
+  const panel = $("settings");
+  panel.hidden = !panel.hidden;
+  $("settings-toggle").setAttribute("aria-expanded", String(!panel.hidden));
+  if (!panel.hidden) SETTINGS.temperature.focus();
+});
+
+// -- server info --------------------------------------------------------------------------------------
 
 async function loadInfo() {
   try {
-    const info = await (await fetch("/health")).json();
-    model = info.model;
-    document.getElementById("model").textContent = `${info.model} · context ${info.engine.context} tokens`;
-    document.getElementById("key-label").hidden = !info.auth;
+    info = await (await fetch("/health")).json();
   } catch (err) {
-    statusEl.textContent = `server unreachable: ${err}`;
+    statusEl.textContent = `The server is unreachable: ${err.message}`;
+    return;
   }
+  const stored = localStorage.getItem(STORE.model);
+  modelSelect.replaceChildren(...info.models.map((name) => vf.el("option", { value: name, text: name })));
+  modelSelect.value = info.models.includes(stored) ? stored : info.model;
+  modelSelect.hidden = info.models.length < 2;
+  $("arena-link").hidden = info.models.length < 2;
+  $("key-label").hidden = !info.auth;
+  showModel();
 }
 
-function addMessage(role, text) {
-  const el = document.createElement("div");
-  el.className = `message ${role}`;
-  const label = document.createElement("span");
-  label.className = "role";
-  label.textContent = role === "user" ? "You" : role === "assistant" ? "Assistant" : "Error";
-  const body = document.createElement("span");
-  body.className = "text";
-  body.textContent = text;
-  el.append(label, body);
-  messagesEl.append(el);
+function showModel() {
+  const stats = info.engines ? info.engines[modelSelect.value] : info.engine;
+  $("model").textContent = `${modelSelect.value} · context ${stats.context} tokens`;
+}
+
+modelSelect.addEventListener("change", () => {
+  localStorage.setItem(STORE.model, modelSelect.value);
+  showModel();
+});
+
+// -- the conversation ---------------------------------------------------------------------------------
+
+function messageEl(message) {
+  const role = message.role;
+  const text = vf.el("div", { class: "text" });
+  if (role === "assistant") vf.renderNow(text, message.content);
+  else text.textContent = message.content;
+  const label = role === "user" ? "You" : role === "assistant" ? "Assistant" : "Error";
+  const node = vf.el("article", { class: `message ${role}`, "aria-label": `${label} said` }, vf.el("span", { class: "role", text: label }), text);
+  if (role === "assistant") node.dataset.streaming = "false";
+  if (message.stopped) node.append(vf.el("span", { class: "note", text: "(stopped)" }));
+  if (role !== "error") {
+    node.append(vf.el("div", { class: "actions" }, vf.copyButton(() => message.content, `Copy this ${label === "You" ? "question" : "answer"}`)));
+  } else {
+    node.setAttribute("role", "alert");
+  }
+  return node;
+}
+
+function render() {
+  messagesEl.replaceChildren(...messages.map(messageEl));
+  updateButtons();
   messagesEl.scrollTop = messagesEl.scrollHeight;
-  return body;
 }
 
-function setBusy(busy) {
-  sendEl.disabled = busy;
-  stopEl.hidden = !busy;
+function updateButtons() {
+  const busy = controller !== null;
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+  $("regenerate").disabled = busy || !messages.length;
 }
 
-// Yields the JSON payload of each `data:` event of a server-sent event stream.
-async function* sseEvents(response) {
-  const reader = response.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true });
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      for (const line of block.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
-        yield JSON.parse(data);
-      }
-    }
+function showError(err) {
+  messagesEl.append(messageEl({ role: "error", content: err.message }));
+  messagesEl.scrollTop = messagesEl.scrollHeight;
+  if (err.status === 401) {
+    $("key-label").hidden = false;
+    $("api-key").focus();
   }
 }
 
-async function send(question) {
-  if (!model) await loadInfo();
-  history.push({ role: "user", content: question });
-  addMessage("user", question);
-  const textEl = addMessage("assistant", "");
-  const messageEl = textEl.parentElement;
-  messageEl.dataset.streaming = "true";
-  setBusy(true);
-  statusEl.textContent = "";
+async function generate() {
+  if (!info) await loadInfo();
+  if (!info) return;
+  const settings = readSettings();
+  const body = {
+    model: modelSelect.value,
+    messages: [
+      ...(settings.system ? [{ role: "system", content: settings.system }] : []),
+      ...messages.map(({ role, content }) => ({ role, content })),
+    ],
+    temperature: settings.temperature,
+    top_p: settings.top_p,
+    max_tokens: settings.max_tokens,
+  };
+  const node = messageEl({ role: "assistant", content: "" });
+  const textEl = node.querySelector(".text");
+  node.dataset.streaming = "true";
+  messagesEl.append(node);
   controller = new AbortController();
-  const headers = { "Content-Type": "application/json" };
-  if (keyEl.value.trim()) headers.Authorization = `Bearer ${keyEl.value.trim()}`;
+  updateButtons();
+  statusEl.textContent = "answering… (Esc or Stop to stop)";
   let reply = "";
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers,
-      body: JSON.stringify({ model, messages: history, stream: true }),
-      signal: controller.signal,
+    reply = await vf.streamChat("/v1/chat/completions", body, headers(), controller.signal, (text) => {
+      reply = text;
+      vf.renderInto(textEl, text);
+      messagesEl.scrollTop = messagesEl.scrollHeight;
     });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error((body.error && body.error.message) || `HTTP ${response.status}`);
-    }
-    for await (const event of sseEvents(response)) {
-      if (event.error) throw new Error(event.error.message);
-      const delta = event.choices.length ? event.choices[0].delta : {};
-      if (delta.content) {
-        reply += delta.content;
-        textEl.textContent = reply;
-        messagesEl.scrollTop = messagesEl.scrollHeight;
-      }
-    }
-    history.push({ role: "assistant", content: reply.trim() });
+    messages.push({ role: "assistant", content: reply.trim() });
+    statusEl.textContent = "";
   } catch (err) {
-    history.pop(); // the question was not answered: do not send it again
     if (err.name === "AbortError") {
+      if (reply) messages.push({ role: "assistant", content: reply.trim(), stopped: true });
       statusEl.textContent = "stopped";
     } else {
-      messageEl.classList.add("error");
-      textEl.textContent = reply + (reply ? "\n" : "") + `[${err.message}]`;
+      node.remove();
+      controller = null;
+      save();
+      render();
+      showError(err);
+      statusEl.textContent = "";
+      inputEl.focus();
+      return;
     }
   } finally {
-    messageEl.dataset.streaming = "false";
     controller = null;
-    setBusy(false);
-    inputEl.focus();
   }
+  save();
+  render();
+  inputEl.focus();
 }
 
-document.getElementById("composer").addEventListener("submit", (event) => {
+function send(question) {
+  // an unanswered question left by an error or a stop is replaced, not sent twice in a row
+  if (messages.length && messages[messages.length - 1].role === "user") messages.pop();
+  messages.push({ role: "user", content: question });
+  save();
+  render();
+  generate();
+}
+
+$("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const question = inputEl.value.trim();
   if (!question || controller) return;
@@ -129,20 +204,35 @@ document.getElementById("composer").addEventListener("submit", (event) => {
 });
 
 inputEl.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
-    document.getElementById("composer").requestSubmit();
+    $("composer").requestSubmit();
   }
 });
 
-stopEl.addEventListener("click", () => controller && controller.abort());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && controller) controller.abort();
+});
 
-document.getElementById("new-chat").addEventListener("click", () => {
+$("stop").addEventListener("click", () => controller && controller.abort());
+
+$("regenerate").addEventListener("click", () => {
+  if (controller) return;
+  while (messages.length && messages[messages.length - 1].role === "assistant") messages.pop();
+  if (!messages.length) return;
+  save();
+  render();
+  generate();
+});
+
+$("new-chat").addEventListener("click", () => {
   if (controller) controller.abort();
-  history = [];
-  messagesEl.replaceChildren();
+  messages = [];
+  save();
+  render();
   statusEl.textContent = "new conversation";
   inputEl.focus();
 });
 
+render();
 loadInfo();

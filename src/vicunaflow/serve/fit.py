@@ -1,0 +1,113 @@
+"""Will these models fit? Weights + KV cache of every model `serve` is asked to load, from config.json alone.
+
+Loading a 13B for minutes only to die of an out-of-memory error on the third of three models is the
+failure this prevents: before any weight is read, each model's bytes per rank are estimated the way
+engine/load.py lays them out (projections split over the ranks, embeddings and lm_head whole on every
+rank, int8 projections with one scale per row) plus the KV cache the Engine allocates (max_batch_size x
+context per layer, keys and values), and the sum is compared with the free memory of the GPU(s), or
+with the RAM the kernel says is available on the CPU (CPU ranks all live in it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from vicunaflow import VicunaflowError
+from vicunaflow.engine import ModelArgs
+
+# What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
+HEADROOM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    name: str
+    weights: int  # bytes per rank
+    kv_cache: int  # bytes per rank
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def estimate(
+    model_path: Path,
+    *,
+    name: str,
+    device: str,
+    num_gpus: int = 1,
+    load_8bit: bool = False,
+    max_batch_size: int = 16,
+    max_context: int | None = None,
+) -> Estimate:
+    """Bytes per rank of one model as `serve` would load it (device: "cpu" or "cuda", already resolved)."""
+    config_file = Path(model_path) / "config.json"
+    try:
+        args = ModelArgs.from_hf(json.loads(config_file.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise VicunaflowError(
+            f"{model_path}: cannot read config.json ({err}); give a Hugging Face model directory"
+        ) from None
+    itemsize = 2 if device == "cuda" else 4  # load_model's default: float16 on CUDA, float32 on CPU
+    head, kv = args.head_dim, args.n_kv_heads * args.head_dim
+    # [rows, columns] of one layer's projections before the split: q|k|v, o, gate|up, down
+    projections = [(args.n_heads * head + 2 * kv, args.dim), (args.dim, args.n_heads * head)]
+    projections += [(2 * args.ffn_dim, args.dim), (args.dim, args.ffn_dim)]
+    per_layer = 0
+    for rows, columns in projections:
+        values = rows * columns // num_gpus
+        per_layer += values + rows * itemsize if load_8bit else values * itemsize  # int8: one scale a row
+    per_layer += 2 * args.dim * itemsize  # the two norms
+    embed = args.vocab_size * args.dim * itemsize
+    if args.tie_word_embeddings and not load_8bit:
+        output = 0  # the embedding itself
+    elif load_8bit:
+        output = args.vocab_size * (args.dim + itemsize)
+    else:
+        output = embed
+    weights = args.n_layers * per_layer + embed + output + args.dim * itemsize
+    context = min(args.max_position_embeddings, max_context) if max_context else args.max_position_embeddings
+    kv_cache = 2 * args.n_layers * max_batch_size * (kv // num_gpus) * context * itemsize
+    return Estimate(name, weights, kv_cache)
+
+
+def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, available: int | None = None) -> None:
+    """Refuse, naming each model's share, when the models together need more than HEADROOM of the memory.
+
+    available: bytes free per GPU (CUDA) or in RAM (CPU); default: asked of the GPUs or the kernel.
+    """
+    per_rank = sum(e.total for e in estimates)
+    ranks_sharing = num_gpus if device == "cpu" else 1  # CPU ranks share the RAM; GPUs each hold one rank
+    needed = per_rank * ranks_sharing
+    where = f"on each of {num_gpus} GPU(s)" if device == "cuda" else "of RAM"
+    if available is None:
+        available = free_memory(device, num_gpus)
+    if needed <= HEADROOM * available:
+        return
+    parts = ", ".join(f"{e.name} {_gib(e.weights)} weights + {_gib(e.kv_cache)} KV cache" for e in estimates)
+    raise VicunaflowError(
+        f"the model(s) do not fit: they need about {_gib(needed)} {where} ({parts}), "
+        f"{_gib(available)} are free; serve fewer models, lower --max-batch-size or --max-context, "
+        "add --load-8bit or --num-gpus"
+    )
+
+
+def free_memory(device: str, num_gpus: int) -> int:
+    if device == "cuda":
+        import torch
+
+        return min(torch.cuda.mem_get_info(i)[0] for i in range(num_gpus))
+    try:  # MemAvailable: what can be allocated without swapping (free + reclaimable caches)
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
