@@ -1,4 +1,10 @@
-"""The web chat page in Debian's headless chromium (Playwright): a streamed, multi-turn chat, then New chat."""
+"""The web chat and arena pages in Debian's headless chromium (Playwright), against one real two-model server.
+
+Chat: a streamed multi-turn chat and New chat, settings that reach the server (its log line of the
+request), Stop cancelling the engine request, Regenerate, model output shown as text (never HTML),
+the conversation kept across a reload, a refused key, a phone-sized screen. Arena: two anonymous
+streams, a vote, the names revealed and the vote line written.
+"""
 
 from __future__ import annotations
 
@@ -23,25 +29,47 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+KEY = "browser-key"
+CHAT_MODEL = "vicuna-tiny-all-v1.1"  # the first --model-path: the chat page's default
+MODELS = {CHAT_MODEL, "llama-tiny-hf"}
 
-# Records every length the last reply's text takes while it streams.
+# Records every length the last reply's text takes while it streams (data-chars: the raw text's length,
+# as the markdown view may hide characters such as ** while it is re-rendered).
 WATCH_REPLY = """() => {
   window.replyLengths = [];
   new MutationObserver(() => {
     const replies = document.querySelectorAll('.message.assistant .text');
-    if (replies.length) window.replyLengths.push(replies[replies.length - 1].textContent.length);
-  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+    if (replies.length) window.replyLengths.push(Number(replies[replies.length - 1].dataset.chars || 0));
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, attributes: true});
 }"""
+DONE = '.message.assistant[data-streaming="false"]'
+
+
+class Server:
+    def __init__(self, url: str, log: Path, results: Path):
+        self.url, self.log, self.results = url, log, results
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health").json()
+
+    def request_lines(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if "request: model=" in line]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_vicuna):
+def server(tiny_vicuna, tiny_hf, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(tiny_vicuna), "--port", str(port)]
-    # short replies keep the test quick; long enough to arrive in many pieces
-    process = subprocess.Popen([*cmd, "--default-max-tokens", "48", "--max-context", "512"], env=os.environ.copy())
+    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--port", str(port), "--api-key", KEY]
+    cmd += ["--model-path", str(tiny_vicuna), "--model-path", str(tiny_hf), "--results-dir", str(folder / "results")]
+    # short replies keep the test quick; long enough to arrive in many pieces. A long context lets Stop
+    # catch a reply of ~1900 tokens before it ends.
+    cmd += ["--default-max-tokens", "48", "--max-context", "2048", "--max-batch-size", "4"]
+    log = folder / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -50,7 +78,9 @@ def server(tiny_vicuna):
                 break
         except httpx.TransportError:
             time.sleep(0.3)
-    yield url
+    else:
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+    yield Server(url, log, folder / "results")
     process.terminate()
     process.wait(timeout=30)
 
@@ -67,21 +97,41 @@ def browser(skip_or_fail):
         browser.close()
 
 
-def test_streamed_multi_turn_chat_and_new_chat(server, browser):
-    page = browser.new_page()
-    sent_bodies = []
+def new_page(browser, key: str = KEY, **context_options):
+    """A page in a fresh context (empty localStorage) whose API key field holds `key`."""
+    context = browser.new_context(**context_options)
+    context.add_init_script(f"if (!localStorage.getItem('vicunaflow-api-key')) localStorage.setItem('vicunaflow-api-key', {json.dumps(key)})")  # fmt: skip
+    page = context.new_page()
+    page.sent = []  # the JSON bodies the page posted to the chat route
     page.on(
         "request",
-        lambda r: sent_bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
+        lambda r: page.sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
     )
-    page.goto(server)
+    return page
+
+
+def open_chat(page, server: Server) -> None:
+    page.goto(server.url)
     page.wait_for_selector("#model:not(:empty)")
+
+
+def ask(page, text: str, count: int = 1) -> str:
+    """Send with Enter and wait for the count-th finished answer; return its text."""
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        f"document.querySelectorAll('{DONE}').length == {count} && !document.querySelector('[data-streaming=\"true\"]')",
+        timeout=60_000,
+    )
+    return page.locator(".message.assistant .text").nth(count - 1).inner_text()
+
+
+def test_streamed_multi_turn_chat_and_new_chat(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
     page.evaluate(WATCH_REPLY)
 
-    page.fill("#input", "Hello, who are you?")
-    page.press("#input", "Enter")
-    page.wait_for_selector('.message.assistant[data-streaming="false"]', timeout=60_000)
-    reply = page.inner_text(".message.assistant .text")
+    reply = ask(page, "Hello, who are you?")
     lengths = page.evaluate("window.replyLengths")
     assert reply.strip() and page.locator(".message.error").count() == 0
     assert len(set(lengths)) >= 3 and lengths == sorted(lengths), lengths  # grew piece by piece while streaming
@@ -89,16 +139,209 @@ def test_streamed_multi_turn_chat_and_new_chat(server, browser):
 
     page.fill("#input", "Tell me more.")
     page.click("#send")
-    page.wait_for_function(
-        "document.querySelectorAll('.message.assistant[data-streaming=\"false\"]').length == 2", timeout=60_000
-    )
-    assert [m["role"] for m in sent_bodies[-1]["messages"]] == ["user", "assistant", "user"]  # multi-turn
-    assert sent_bodies[-1]["stream"] is True
+    page.wait_for_function(f"document.querySelectorAll('{DONE}').length == 2", timeout=60_000)
+    assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]  # multi-turn
+    assert page.sent[-1]["stream"] is True and page.sent[-1]["model"] == CHAT_MODEL
 
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
-    page.fill("#input", "Fresh start")
+    ask(page, "Fresh start")
+    assert [m["role"] for m in page.sent[-1]["messages"]] == ["user"]  # history forgotten
+    page.context.close()
+
+
+def test_settings_reach_the_server(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    page.click("#settings-toggle")
+    assert page.get_attribute("#settings-toggle", "aria-expanded") == "true"
+    page.fill("#temperature", "0.3")
+    page.fill("#top-p", "0.8")
+    page.fill("#max-tokens", "7")
+    page.fill("#system-prompt", "You are a terse test bot.")
+    page.press("#system-prompt", "Tab")  # change events
+    before = len(server.request_lines())
+    ask(page, "Hi there")
+    sent = page.sent[-1]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.3, 0.8, 7)
+    assert sent["messages"][0] == {"role": "system", "content": "You are a terse test bot."}
+    lines = server.request_lines()[before:]
+    assert len(lines) == 1, lines
+    assert f"model={CHAT_MODEL} " in lines[0] and "temperature=0.3 top_p=0.8 max_new_tokens=7 " in lines[0], lines
+    assert "system=custom stream=True" in lines[0], lines
+    page.reload()
+    page.wait_for_selector("#model:not(:empty)")
+    assert page.input_value("#temperature") == "0.3" and page.input_value("#max-tokens") == "7"  # kept
+    page.context.close()
+
+
+def test_stop_cancels_the_engine_request(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
+    page.fill("#max-tokens", "1900")
+    page.press("#max-tokens", "Tab")
+    before = server.health()["engines"][CHAT_MODEL]
+    page.fill("#input", "Tell me everything")
     page.press("#input", "Enter")
-    page.wait_for_selector('.message.assistant[data-streaming="false"]', timeout=60_000)
-    assert [m["role"] for m in sent_bodies[-1]["messages"]] == ["user"]  # history forgotten
-    page.close()
+    page.wait_for_function("Number(document.querySelector('.message.assistant .text').dataset.chars || 0) > 0")
+    assert page.is_visible("#stop")
+    page.click("#stop")
+    page.wait_for_selector(DONE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = server.health()["engines"][CHAT_MODEL]
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    assert stats["decode_tokens"] - before["decode_tokens"] < 1800  # stopped well before its 1900 tokens
+    assert page.inner_text("#status") == "stopped" and page.is_hidden("#stop")
+    assert "(stopped)" in page.inner_text(".message.assistant")  # the partial answer stays, marked
+    page.context.close()
+
+
+def test_regenerate_replaces_the_last_answer(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    ask(page, "Who are you?")
+    page.click("#regenerate")  # the answer is removed and a new one streams at once (no await before)
+    page.wait_for_function(
+        f"document.querySelectorAll('{DONE}').length == 1 && !document.querySelector('[data-streaming=\"true\"]')",
+        timeout=60_000,
+    )
+    assert len(page.sent) == 2
+    assert page.sent[1]["messages"] == page.sent[0]["messages"] == [{"role": "user", "content": "Who are you?"}]
+    assert page.locator(".message.user").count() == 1 and page.locator(".message.assistant").count() == 1
+    stored = page.evaluate("JSON.parse(localStorage.getItem('vicunaflow-conversation'))")
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"]
+    page.context.close()
+
+
+INJECTION = (
+    'Try <script>window.pwned = 1</script> and <img src=x onerror="window.pwned = 2"> or '
+    "[click](javascript:window.pwned=3) and [docs](https://example.org/a).\n\n"
+    "**bold** and `<b>code</b>`:\n\n```html\n<script>window.pwned = 4</script>\n```\n- one\n- two"
+)
+
+
+def sse(*pieces: str) -> str:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def test_model_output_is_shown_as_text_never_html(server, browser):
+    page = new_page(browser)
+    page.route(  # the "model" answers with markup, in pieces that split the tags
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=sse(INJECTION[:13], INJECTION[13:40], INJECTION[40:])
+        ),
+    )  # fmt: skip
+    open_chat(page, server)
+    ask(page, '<img src=y onerror="window.pwned = 5">')  # the user's own text too
+
+    def check():
+        messages = page.locator("#messages")
+        assert page.evaluate("window.pwned") is None
+        assert messages.locator("img, script, b").count() == 0  # none became an element
+        text = page.inner_text(".message.assistant .text")
+        assert "<script>window.pwned = 1</script>" in text and '<img src=x onerror="window.pwned = 2">' in text
+        assert page.inner_text(".message.user .text") == '<img src=y onerror="window.pwned = 5">'
+        links = messages.locator(".message.assistant a")
+        assert links.count() == 1 and links.get_attribute("href") == "https://example.org/a"
+        assert "[click](javascript:window.pwned=3)" in text  # an unsafe scheme stays text
+        assert page.inner_text(".message.assistant strong") == "bold"
+        assert page.inner_text(".message.assistant p code") == "<b>code</b>"
+        assert page.inner_text(".code-block pre code") == "<script>window.pwned = 4</script>"
+        assert page.locator(".code-block button.copy").count() == 1
+        assert page.locator(".message.assistant li").count() == 2
+
+    check()
+    page.reload()  # from localStorage: rendered the same way
+    page.wait_for_selector(DONE)
+    check()
+    page.context.close()
+
+
+def test_reload_keeps_the_conversation(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    answer = ask(page, "Remember me")
+    page.reload()
+    page.wait_for_selector(DONE)
+    assert page.inner_text(".message.user .text") == "Remember me"
+    assert page.inner_text(".message.assistant .text") == answer
+    ask(page, "And now?", count=2)  # the next question carries the restored history
+    assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
+    page.context.close()
+
+
+def test_refused_key_shows_a_message(server, browser):
+    page = new_page(browser, key="wrong-key")
+    open_chat(page, server)
+    page.fill("#input", "Hello?")
+    page.press("#input", "Enter")
+    error = page.wait_for_selector(".message.error")
+    assert "API key" in error.inner_text() and "401" in error.inner_text()
+    assert error.get_attribute("role") == "alert"
+    assert page.is_visible("#api-key") and page.evaluate("document.activeElement.id") == "api-key"
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Tab")
+    page.click("#regenerate")  # the unanswered question is asked again with the right key
+    page.wait_for_selector(DONE, timeout=60_000)
+    assert page.locator(".message.user").count() == 1
+    page.context.close()
+
+
+def test_phone_sized_screen(server, browser):
+    page = new_page(browser, viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True)
+    open_chat(page, server)
+    page.click("#settings-toggle")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing wider than the screen
+    for selector in ("#input", "#send", "#regenerate", "#temperature", "#system-prompt", "#new-chat"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375 and box["y"] + box["height"] <= 667, selector
+    page.click("#settings-toggle")
+    ask(page, "Hi from a phone")
+    box = page.locator(".message.assistant").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 375
+    page.keyboard.press("Tab")  # keyboard: focus moves on, with a visible outline
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none", page.evaluate("document.activeElement.outerHTML")
+    page.context.close()
+
+
+def test_arena_two_anonymous_streams_then_a_vote(server, browser):
+    page = new_page(browser)
+    page.goto(f"{server.url}/arena")
+    page.fill("#input", "Name a color")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('.side .message[data-streaming=\"true\"]').length == 2", timeout=30_000
+    )  # both stream at once
+    page.wait_for_selector("#votes:not([hidden])", timeout=60_000)
+    answers = {side: page.inner_text(f"#side-{side} .text") for side in ("left", "right")}
+    assert all(answers.values()), answers
+    body = page.inner_text("body")
+    assert not any(model in body for model in MODELS), body  # anonymous until the vote
+    assert page.inner_text("#name-left") == "Model A" and page.inner_text("#name-right") == "Model B"
+
+    page.click("#votes button[data-vote=left]")
+    page.wait_for_selector("#name-left.revealed")
+    revealed = {side: page.inner_text(f"#name-{side}").split(": ", 1)[1] for side in ("left", "right")}
+    assert set(revealed.values()) == MODELS
+
+    lines = (server.results / "arena_votes.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    vote = json.loads(lines[0])
+    assert vote["vote"] == "left" and vote["prompt"] == "Name a color"
+    assert (vote["model_left"], vote["model_right"]) == (revealed["left"], revealed["right"])
+    assert vote["answer_left"] and vote["answer_right"] and vote["conversation_id"] and vote["tstamp"] > 0
+    assert page.is_disabled("#votes button[data-vote=right]")  # one vote a battle
+
+    page.click("#new-round")
+    assert page.inner_text("#name-left") == "Model A" and page.is_enabled("#input")
+    page.context.close()

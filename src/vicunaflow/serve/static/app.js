@@ -130,7 +130,9 @@ function showError(err) {
   messagesEl.scrollTop = messagesEl.scrollHeight;
   if (err.status === 401) {
     $("key-label").hidden = false;
-    $("api-key").focus();
+    $("api-key").focus(); // the fix is there
+  } else {
+    inputEl.focus();
   }
 }
 
@@ -173,9 +175,8 @@ async function generate() {
       controller = null;
       save();
       render();
-      showError(err);
       statusEl.textContent = "";
-      inputEl.focus();
+      showError(err);
       return;
     }
   } finally {

@@ -36,11 +36,11 @@ const vf = (() => {
 
   function inline(text) {
     const out = [];
+    const pattern = new RegExp(INLINE.source, "g"); // its own lastIndex: nested spans recurse
     let last = 0;
-    INLINE.lastIndex = 0;
-    for (let m; (m = INLINE.exec(text)); ) {
+    for (let m; (m = pattern.exec(text)); ) {
       if (m.index > last) out.push(document.createTextNode(text.slice(last, m.index)));
-      last = INLINE.lastIndex;
+      last = pattern.lastIndex;
       if (m[1]) out.push(el("code", { text: m[2] }));
       else if (m[3] !== undefined) {
         const href = safeHref(m[4]);
