@@ -1,0 +1,167 @@
+"""`serve` with several models: routing by `model`, names, the fit check before loading, the arena's API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from test_serve import free_port, start_server  # tests/ is on sys.path (rootdir-less test modules)
+
+from vicunaflow import VicunaflowError
+from vicunaflow.serve.fit import Estimate, check_fit, estimate
+
+KEY = "models-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vicuna, tiny_hf, tmp_path_factory):
+    results = tmp_path_factory.mktemp("serve-models") / "results"
+    # --model-path repeated (as FastChat users type it) and --model-name repeated
+    process, url = start_server(
+        tiny_vicuna,
+        "--model-path",
+        str(tiny_hf),
+        "--model-name",
+        "vicuna",
+        "--model-name",
+        "base",
+        "--max-context",
+        "256",
+        "--max-batch-size",
+        "4",
+        "--results-dir",
+        str(results),
+        env={"VICUNAFLOW_API_KEYS": KEY},
+    )
+    yield url, results
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["engines"]
+
+
+def test_models_are_listed_by_name(client):
+    assert [m.id for m in client.models.list().data] == ["vicuna", "base"]
+    assert client.models.retrieve("base").id == "base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("vicuna-tiny-all-v1.1")  # renamed
+
+
+def test_requests_go_to_the_engine_their_model_names(server, client):
+    url = server[0]
+    messages = [{"role": "user", "content": "Who are you?"}]
+    replies = {}
+    for name in ("vicuna", "base"):
+        before = stats(url)
+        reply = client.chat.completions.create(model=name, messages=messages, temperature=0, max_tokens=16)
+        after = stats(url)
+        other = "base" if name == "vicuna" else "vicuna"
+        assert after[name]["requests"] == before[name]["requests"] + 1
+        assert after[other]["requests"] == before[other]["requests"]
+        assert reply.model == name
+        replies[name] = reply.choices[0].message.content
+    assert replies["vicuna"] != replies["base"]  # two models (the delta changed the weights), not one
+    streamed = client.completions.create(model="base", prompt="Once", max_tokens=4, temperature=0, stream=True)
+    assert {chunk.model for chunk in streamed} == {"base"}
+
+
+def test_unknown_model_is_a_404_naming_the_served_ones(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    error = err.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'vicuna', 'base'" in error["message"]
+
+
+def test_arena_battle_vote_and_line(server):
+    url, results = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{url}/arena/battles").status_code == 401
+    battle = httpx.post(f"{url}/arena/battles", headers=headers).json()
+    assert set(battle) == {"id", "sides"}  # no names
+    route = f"{url}/arena/battles/{battle['id']}"
+    assert httpx.post(f"{route}/vote", headers=headers, json={"vote": "left"}).status_code == 400  # no answers yet
+    body = {"messages": [{"role": "user", "content": "Pick a number"}], "max_tokens": 6, "stream": True}
+    answers = {}
+    for side in ("left", "right"):
+        with httpx.stream("POST", f"{route}/chat/{side}", headers=headers, json=body, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert {event["model"] for event in events} == {side}  # the side, never the name
+        answers[side] = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert httpx.post(f"{route}/vote", headers=headers, json={"vote": "up"}).status_code == 400
+    voted = httpx.post(f"{route}/vote", headers=headers, json={"vote": "tie"}).json()
+    assert set(voted["models"].values()) == {"vicuna", "base"}
+    again = httpx.post(f"{route}/vote", headers=headers, json={"vote": "left"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "battle_voted"
+    (line,) = (results / "arena_votes.jsonl").read_text().splitlines()
+    vote = json.loads(line)
+    assert vote["vote"] == "tie" and vote["conversation_id"] == battle["id"] and vote["prompt"] == "Pick a number"
+    assert (vote["model_left"], vote["model_right"]) == (voted["models"]["left"], voted["models"]["right"])
+    assert (vote["answer_left"], vote["answer_right"]) == (answers["left"], answers["right"])
+    missing = httpx.post(f"{url}/arena/battles/nope/vote", headers=headers, json={"vote": "tie"})
+    assert missing.status_code == 404
+
+
+def test_weight_estimate_is_what_the_engine_loads(tiny_vicuna):
+    from vicunaflow.engine import load_model
+
+    for load_8bit in (False, True):
+        model, _ = load_model(tiny_vicuna, device="cpu", load_8bit=load_8bit)
+        guess = estimate(tiny_vicuna, name="tiny", device="cpu", load_8bit=load_8bit, max_batch_size=3, max_context=100)
+        assert guess.weights == model.weight_bytes(), load_8bit
+        args = model.args  # keys and values: layers x slots x kv_heads x context x head_dim, float32
+        assert guess.kv_cache == 2 * args.n_layers * 3 * args.n_kv_heads * 100 * args.head_dim * 4
+
+
+def test_check_fit_names_each_model():
+    models = [Estimate("a", 6 * 2**30, 2 * 2**30), Estimate("b", 3 * 2**30, 1 * 2**30)]
+    check_fit(models, device="cuda", num_gpus=1, available=14 * 2**30)  # 12 GiB <= 0.9 x 14
+    with pytest.raises(
+        VicunaflowError, match=r"need about 12.0 GiB on each of 1 GPU.*a 6.0 GiB weights \+ 2.0 GiB KV"
+    ) as err:
+        check_fit(models, device="cuda", num_gpus=1, available=12 * 2**30)
+    assert "b 3.0 GiB weights" in str(err.value) and "12.0 GiB are free" in str(err.value)
+    with pytest.raises(VicunaflowError, match=r"24\.0 GiB of RAM"):  # CPU ranks share the RAM
+        check_fit(models, device="cpu", num_gpus=2, available=20 * 2**30)
+
+
+def test_models_that_do_not_fit_are_refused_before_loading(tiny_vicuna, tiny_hf):
+    # a KV cache for a million requests does not fit in any RAM: refused from config.json, in seconds
+    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(tiny_vicuna), "--model-path", str(tiny_hf)]
+    cmd += ["--device", "cpu", "--max-batch-size", "1000000", "--port", str(free_port())]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert (
+        "do not fit" in result.stderr and "vicuna-tiny-all-v1.1" in result.stderr and "llama-tiny-hf" in result.stderr
+    )
+    assert "loaded" not in result.stderr  # nothing was loaded
+
+
+def test_two_models_need_two_names(tiny_vicuna, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "vicunaflow",
+        "serve",
+        "--model-path",
+        str(tiny_vicuna),
+        "--model-path",
+        str(tiny_vicuna),
+    ]
+    result = subprocess.run([*cmd, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "give each a --model-name" in result.stderr, result.stderr
+    result = subprocess.run(
+        [*cmd, "--model-name", "only-one", "--port", str(free_port())], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "1 --model-name for 2 --model-path" in result.stderr, result.stderr
