@@ -229,7 +229,7 @@ def test_split_pieces_fit_exactly_start_with_the_user_and_lose_no_reply(tiny_hf,
     records = long_conversations()
     source = write_jsonl(tmp_path / "clean.jsonl", records)
     limit = 200
-    out = split(data=source, model_path=tiny_hf, output=tmp_path / "split.jsonl", model_max_length=limit)
+    out = split(data=source, model_path=tiny_hf, output=tmp_path / "split.jsonl", model_max_length=limit, jobs=1)
     pieces = read_jsonl(out)
     for piece in pieces:
         assert piece["tokens"] == exact_length(tokenizer, piece) <= limit, piece["id"]
@@ -281,20 +281,23 @@ def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(
     records += long_conversations()[:12]
     source = write_jsonl(tmp_path / "c.jsonl", records)
     runs = []
-    for name in ("a", "b"):
+    for name, jobs in (("a", 1), ("b", 2)):  # in this process, and over two worker processes
         split(data=source, model_path=tiny_hf, output=tmp_path / f"{name}.jsonl", model_max_length=120,
-              held_out_fraction=0.25)  # fmt: skip
+              held_out_fraction=0.25, jobs=jobs)  # fmt: skip
         runs.append(((tmp_path / f"{name}.jsonl").read_bytes(), (tmp_path / f"{name}.heldout.jsonl").read_bytes()))
     assert runs[0] == runs[1], "same input, same bytes"
+    assert (tmp_path / "a.counts.tsv").read_bytes() == (tmp_path / "b.counts.tsv").read_bytes()
     train = read_jsonl(tmp_path / "a.jsonl")
     held = read_jsonl(tmp_path / "a.heldout.jsonl")
     parents = lambda pieces: {p.get("parent", p["id"]) for p in pieces}  # noqa: E731
     assert not parents(train) & parents(held), "a conversation is on one side only"
     assert 0.18 < len(parents(held)) / len(records) < 0.32
     split(data=source, model_path=tiny_hf, output=tmp_path / "c2.jsonl", model_max_length=120,
-          held_out_fraction=0.25, seed="other")  # fmt: skip
+          held_out_fraction=0.25, seed="other", jobs=1)  # fmt: skip
     assert parents(read_jsonl(tmp_path / "c2.heldout.jsonl")) != parents(held)
-    split(data=source, model_path=tiny_hf, output=tmp_path / "none.jsonl", held_out=tmp_path / "none.held.jsonl")
+    split(
+        data=source, model_path=tiny_hf, output=tmp_path / "none.jsonl", held_out=tmp_path / "none.held.jsonl", jobs=1
+    )
     assert (tmp_path / "none.held.jsonl").read_bytes() == b""
     with pytest.raises(VicunaflowError, match="held_out_fraction 1"):
         split(data=source, model_path=tiny_hf, output=tmp_path / "x.jsonl", held_out_fraction=1)
@@ -504,7 +507,7 @@ def test_cli_runs_clean_and_split_verbs(tiny_hf, tmp_path: Path) -> None:
     result = run("clean", "--data", str(source), "--output", str(tmp_path / "c.jsonl"), "--jobs", "1")
     assert result.returncode == 0, result.stderr
     result = run("split", "--data", str(tmp_path / "c.jsonl"), "--model-path", str(tiny_hf),
-                 "--model-max-length", "64", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.5")  # fmt: skip
+                 "--model-max-length", "64", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.5", "--jobs", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s.heldout.jsonl").exists()
     result = run("clean", "--data", str(tmp_path / "nothing.json"), "--output", str(tmp_path / "x.jsonl"))

@@ -16,13 +16,18 @@ more with the system prompt and bos before it; a piece's length is the sum. A to
 Pieces start with a user turn and end with a reply; no reply is cut. An exchange longer than the
 limit on its own cannot be trained on whole: it is dropped and counted, and the conversation goes on
 with the next exchange. Pieces of one conversation are `<id>_<k>`, with `parent`, `part` and `parts`.
+Batches of conversations are split in worker processes (each with its own tokenizer, like `data clean`'s
+workers), and written in input order: the output does not depend on the number of workers.
 A held-out fraction (by a hash of the conversation's id and a seed: the same ids are held out in every
 run, and all pieces of a conversation fall on the same side) goes to a second file.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from vicunaflow import VicunaflowError, template
@@ -33,7 +38,9 @@ from vicunaflow.dataprep.records import (
     atomic_writer,
     batched,
     check_output,
+    default_jobs,
     dumps,
+    ordered_map,
     read_records,
     record_name,
     unit_hash,
@@ -41,7 +48,7 @@ from vicunaflow.dataprep.records import (
 
 log = logging.getLogger(__name__)
 
-BATCH = 512  # conversations tokenised together (the tokenizer spreads a batch over its threads)
+BATCH = 256  # conversations sent to a worker (and tokenised) together
 
 
 def split(
@@ -54,6 +61,7 @@ def split(
     held_out_fraction: float = 0.0,
     seed: str = "vicunaflow",
     report: Path | None = None,
+    jobs: int | None = None,
 ) -> Path:
     """Cut conversations longer than model_max_length tokens (Vicuna v1.1 prompt) into pieces that fit,
     at turn boundaries, and set a deterministic held-out fraction aside.
@@ -70,6 +78,8 @@ def split(
         seed: mixed into the held-out hash; another seed holds out other conversations.
         report: TSV of conversations read, split, dropped and held out, with examples; default: the
             output's name with `.counts.tsv`.
+        jobs: worker processes, each with its own tokenizer; default: the CPUs this process may use
+            (at most 8). 1 tokenises in this process, on the tokenizer's own threads.
     """
     data, output = Path(data), Path(output)
     stem = output.name.removesuffix(".jsonl")
@@ -87,42 +97,87 @@ def split(
     check_output(output, data)
     if held_out is not None:
         check_output(held_out, data, output)
-    from vicunaflow.data import load_tokenizer
-
-    counter = PieceCounter(load_tokenizer(model_path))
+    jobs = jobs or default_jobs()
+    options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
+    if jobs <= 1:
+        _counter(options)  # a bad model path fails here, before any output is opened
     counts = Counts("split")
     tokens = 0
+    work = functools.partial(split_batch, options=options)
     with atomic_writer(output) as train, atomic_writer(held_out) if held_out else _nowhere() as aside:
-        for batch in batched(read_records(data), BATCH):
-            conversations = []
-            for where, record in batch:
-                counts.add("read", "conversations")
-                parsed = _conversation(where, record, counts)
-                if parsed is not None:
-                    conversations.append(parsed)
-            for (name, record, system, turns), pieces in zip(
-                conversations,
-                counter.split_all([(s, t) for _, _, s, t in conversations], model_max_length),
-                strict=True,
-            ):
-                dropped_pairs = len(turns) // 2 - sum((end - start) // 2 for start, end, _ in pieces)
-                for _ in range(dropped_pairs):
-                    counts.add("edit", "exchange_longer_than_limit_dropped", name)
-                if not pieces:
-                    counts.add("drop", "too_long", name, f"every exchange is longer than {model_max_length} tokens")
-                    continue
-                if len(pieces) > 1:
-                    counts.add("edit", "split", name)
-                key = str(record.get("origin", record["id"]))
-                held = held_out_fraction > 0 and unit_hash(seed, key) < held_out_fraction
-                counts.add("kept", "held_out_conversations" if held else "conversations")
-                for line, n in _piece_lines(record, system, turns, pieces, whole=dropped_pairs == 0):
-                    (aside if held else train).write(line)
-                    counts.add("kept", "held_out_pieces" if held else "pieces")
-                    tokens += 0 if held else n
+        for result in ordered_map(work, batched(read_records(data), BATCH), jobs):
+            for event in result.events:
+                counts.add(*event)
+            train.write(result.train)
+            if aside is not None:
+                aside.write(result.held_out)
+            tokens += result.tokens
     counts.write_tsv(report)
     log.info("data split: %s; %d tokens in the training pieces; wrote %s", counts.summary(), tokens, output)
     return output
+
+
+# ---- one batch, in a worker process --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    model_path: str
+    limit: int
+    held_out_fraction: float
+    seed: str
+    parallel_tokenizer: bool = True  # off in worker processes: the processes are the parallelism
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    events: list  # Counts.add arguments, in input order
+    train: bytes  # JSONL lines
+    held_out: bytes
+    tokens: int
+
+
+class _Events(list):
+    def add(self, kind: str, reason: str, name: str | None = None, detail: str = "") -> None:
+        self.append((kind, reason, name, detail))
+
+
+@functools.cache
+def _counter(options: SplitOptions) -> PieceCounter:
+    if not options.parallel_tokenizer:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from vicunaflow.data import load_tokenizer
+
+    return PieceCounter(load_tokenizer(Path(options.model_path)))
+
+
+def split_batch(batch: list[tuple[str, object]], options: SplitOptions) -> BatchResult:
+    """Runs in a worker process: pieces of each conversation of the batch, as JSONL lines."""
+    events, conversations = _Events(), []
+    for where, record in batch:
+        events.add("read", "conversations")
+        parsed = _conversation(where, record, events)
+        if parsed is not None:
+            conversations.append(parsed)
+    planned = _counter(options).split_all([(s, t) for _, _, s, t in conversations], options.limit)
+    train, held_out, tokens = [], [], 0
+    for (name, record, system, turns), pieces in zip(conversations, planned, strict=True):
+        dropped_pairs = len(turns) // 2 - sum((end - start) // 2 for start, end, _ in pieces)
+        for _ in range(dropped_pairs):
+            events.add("edit", "exchange_longer_than_limit_dropped", name)
+        if not pieces:
+            events.add("drop", "too_long", name, f"every exchange is longer than {options.limit} tokens")
+            continue
+        if len(pieces) > 1:
+            events.add("edit", "split", name)
+        key = str(record.get("origin", record["id"]))
+        held = options.held_out_fraction > 0 and unit_hash(options.seed, key) < options.held_out_fraction
+        events.add("kept", "held_out_conversations" if held else "conversations")
+        for line, n in _piece_lines(record, system, turns, pieces, whole=dropped_pairs == 0):
+            (held_out if held else train).append(line)
+            events.add("kept", "held_out_pieces" if held else "pieces")
+            tokens += 0 if held else n
+    return BatchResult(list(events), b"".join(train), b"".join(held_out), tokens)
 
 
 class _nowhere:
@@ -133,7 +188,7 @@ class _nowhere:
         return False
 
 
-def _conversation(where: str, record: object, counts: Counts):
+def _conversation(where: str, record: object, counts):
     """(name, record, system, turns) of a record `data tokenize` accepts; others dropped and counted."""
     name = record_name(where, record)
     edits: list[str] = []
