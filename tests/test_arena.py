@@ -114,3 +114,38 @@ def test_bad_votes_are_refused_naming_the_line(tmp_path: Path):
     votes.write_text("")
     with pytest.raises(VicunaflowError, match="no votes yet"):
         arena(votes=votes, output=tmp_path / "r.tsv")
+
+
+def test_summary_shows_the_ratings_beside_the_judged_scores(tmp_path: Path):
+    from vicunaflow.eval.mt_bench import BUILTIN_QUESTIONS
+    from vicunaflow.eval.summary import summary
+
+    votes = tmp_path / "votes.jsonl"
+    battles = [{"model_left": "a", "model_right": "b", "vote": "left", "tstamp": i} for i in range(5)]
+    votes.write_text("".join(json.dumps(b) + "\n" for b in battles))
+    arena(votes=votes, output=tmp_path / "arena.json", rounds=10)
+    loss = tmp_path / "loss.json"
+    loss.write_text(json.dumps({"model": "a", "dataset": "held", "loss": 1.5, "perplexity": 4.48}))
+    summary(questions=BUILTIN_QUESTIONS, losses=[loss], arena=tmp_path / "arena.json", output=tmp_path / "s.tsv")
+    header, *rows = [line.split("\t") for line in (tmp_path / "s.tsv").read_text().splitlines()]
+    assert header[-5:] == ["arena_bt", "arena_bt_lower", "arena_bt_upper", "arena_elo", "arena_battles"]
+    table = {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+    assert table["a"]["loss_held"] == "1.5000" and float(table["a"]["arena_bt"]) > float(table["b"]["arena_bt"])
+    assert table["b"]["arena_battles"] == "5" and table["b"]["loss_held"] == ""  # rated in the arena only
+    summary(questions=BUILTIN_QUESTIONS, losses=[loss], output=tmp_path / "plain.tsv")
+    assert "arena_bt" not in (tmp_path / "plain.tsv").read_text()  # no votes, no arena columns
+
+
+def test_workflow_rates_the_arena_only_when_votes_exist(tmp_path: Path):
+    from test_eval import planned_jobs  # tests/ is on sys.path
+
+    (tmp_path / "without").mkdir()
+    jobs = planned_jobs(tmp_path / "without", "results/eval/summary.tsv")
+    assert "eval_arena" not in jobs and jobs["eval_summary"] == 1
+    workdir = tmp_path / "with"
+    (workdir / "results" / "serve").mkdir(parents=True)
+    (workdir / "results" / "serve" / "arena_votes.jsonl").write_text(
+        '{"model_left": "a", "model_right": "b", "vote": "tie"}\n'
+    )
+    jobs = planned_jobs(workdir, "results/eval/summary.tsv")
+    assert jobs["eval_arena"] == 1 and jobs["eval_summary"] == 1

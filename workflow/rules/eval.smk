@@ -124,6 +124,32 @@ rule eval_summary:
         questions=EVAL_FILES["questions"],
         judgments=json_list_arg("judgments"),
         losses=json_list_arg("losses"),
+        arena=get_arena_arg,
     shell:
         "vicunaflow eval summary --questions {params.questions} --judgments {params.judgments}"
-        " --losses {params.losses} --output {output.tsv} --output-json {output.json} > {log} 2>&1"
+        " --losses {params.losses} {params.arena} --output {output.tsv} --output-json {output.json}"
+        " > {log} 2>&1"
+
+
+# Human votes from `vicunaflow serve`'s arena page -> Elo and Bradley-Terry ratings. The votes file is
+# appended to by a running server, not made by a rule: Snakemake sees a source file, reruns this when it
+# is newer than the ratings, and plans it only when the votes exist (the summary asks for it then) or
+# when results/eval/arena.tsv is named. A server appending meanwhile is harmless (whole lines only).
+rule eval_arena:
+    input:
+        votes=ARENA_VOTES,
+    output:
+        tsv=report(
+            "results/eval/arena.tsv",
+            caption="../report/arena.rst",
+            category="Evaluation",
+        ),
+        json="results/eval/arena.json",
+    log:
+        "logs/eval_arena/arena.log",
+    localrule: True
+    conda:
+        "../../envs/serve.yaml"
+    shell:
+        "vicunaflow eval arena --votes {input.votes} --output {output.tsv} --output-json {output.json}"
+        " > {log} 2>&1"

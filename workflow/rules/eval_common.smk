@@ -10,6 +10,9 @@ from vicunaflow.eval.mt_bench import (
 
 EVAL = config["eval"]
 MT_BENCH_DIR = "resources/mt_bench"
+# Written by `vicunaflow serve` (its arena page, default --results-dir), never by a rule: a source file
+# for Snakemake. Its ratings are built when it exists (see get_summary_inputs) or when asked for by name.
+ARENA_VOTES = "results/serve/arena_votes.jsonl"
 JUDGE_DEFAULTS = {"base_url": None, "serve": None, "api_key_env": "OPENAI_API_KEY"}
 JUDGE_DEFAULTS |= {"parallel": 8, "max_tokens": 2048}
 
@@ -110,7 +113,13 @@ def get_summary_inputs(wildcards):
             for model in models
             for dataset in EVAL["loss_data"]
         ],
+        # the arena's ratings only where people have voted: no votes file is no arena, not an error
+        **({"arena": "results/eval/arena.json"} if os.path.exists(ARENA_VOTES) else {}),
     }
+
+
+def get_arena_arg(wildcards, input):
+    return f"--arena {input.arena}" if "arena" in input.keys() else ""
 
 
 def json_list_arg(name):

@@ -2,7 +2,8 @@
 
 Scores are averaged as FastChat's show_result.py does: judgments scored -1 (no `[[rating]]`) are
 left out, and counted in `unrated`. Per turn, per category (both turns, as FastChat's radar plot)
-and overall, for each (model, judge) pair; each model's loss files add loss and perplexity columns.
+and overall, for each (model, judge) pair; each model's loss files add loss and perplexity columns,
+and the ratings of `eval arena` (human votes on `serve`'s arena page), when given, arena columns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 # MT-bench's categories in FastChat's order; others follow alphabetically.
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 UNRATED = -1
+ARENA_COLUMNS = ["arena_bt", "arena_bt_lower", "arena_bt_upper", "arena_elo", "arena_battles"]
 
 
 def summary(
@@ -30,6 +32,7 @@ def summary(
     judgments: list[Path] | None = None,
     losses: list[Path] | None = None,
     output_json: Path | None = None,
+    arena: Path | None = None,
 ) -> Path:
     """Summarise judgment files (`eval judge`) and loss files (`eval loss`) into one TSV row per model and judge.
 
@@ -40,7 +43,10 @@ def summary(
         judgments: judgment files in FastChat's format; several models and judges may share one.
         losses: loss files written by `vicunaflow eval loss`.
         output_json: the same, in full (counts per turn and category), as JSON.
+        arena: the JSON of `vicunaflow eval arena`: adds arena_bt (Bradley–Terry, with its 95% interval),
+            arena_elo and arena_battles; models rated there only get a row too.
     """
+    from vicunaflow.eval.arena import read_ratings
     from vicunaflow.outputs import atomic_write_bytes
 
     log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
@@ -53,13 +59,17 @@ def summary(
     for path in losses or []:
         record = _read_loss(path)
         loss_of[record["model"]][record["dataset"]] = record
+    ratings = read_ratings(arena) if arena else {}
     rows = []
-    models = list(dict.fromkeys([model for model, _ in groups] + list(loss_of)))
+    models = list(dict.fromkeys([model for model, _ in groups] + list(loss_of) + list(ratings)))
     for model in models:
         judges = [judge for m, judge in groups if m == model] or [None]
         for judge in judges:
             scores = summarize_judgments(groups[model, judge], loaded) if judge is not None else None
-            rows.append({"model": model, "judge": judge, "mt_bench": scores, "loss": loss_of.get(model, {})})
+            row = {"model": model, "judge": judge, "mt_bench": scores, "loss": loss_of.get(model, {})}
+            if arena:
+                row["arena"] = ratings.get(model)
+            rows.append(row)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(output, to_tsv(rows).encode())
     if output_json is not None:
@@ -98,6 +108,9 @@ def to_tsv(rows: list[dict]) -> str:
     datasets = list(dict.fromkeys(d for row in rows for d in row["loss"]))
     header = ["model", "judge", "mt_bench", "turn_1", "turn_2", "judged", "unrated", *categories]
     header += [f"{name}_{d}" for d in datasets for name in ("loss", "perplexity")]
+    with_arena = any("arena" in row for row in rows)
+    if with_arena:
+        header += ARENA_COLUMNS
     lines = ["\t".join(header)]
     for row in rows:
         scores = row["mt_bench"] or {"overall": {}, "turns": {}, "categories": {}}
@@ -109,6 +122,9 @@ def to_tsv(rows: list[dict]) -> str:
         for d in datasets:
             loss = row["loss"].get(d, {})
             cells += [_cell(loss.get("loss")), _cell(loss.get("perplexity"))]
+        if with_arena:
+            rating = row.get("arena") or {}
+            cells += [_cell(rating.get(key.removeprefix("arena_"))) for key in ARENA_COLUMNS]
         lines.append("\t".join(cells))
     return "\n".join(lines) + "\n"
 
