@@ -296,6 +296,17 @@ def test_refused_key_shows_a_message(server, browser):
     page.context.close()
 
 
+def test_too_long_a_conversation_says_so(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    page.fill("#input", "word " * 2500)  # past the 2048-token context
+    page.press("#input", "Enter")
+    error = page.wait_for_selector(".message.error").inner_text()
+    assert "too long for this model" in error and "maximum context length is 2048 tokens" in error, error
+    assert "New chat" in error or "new chat" in error
+    page.context.close()
+
+
 def test_phone_sized_screen(server, browser):
     page = new_page(browser, viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True)
     open_chat(page, server)
