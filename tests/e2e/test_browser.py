@@ -143,6 +143,11 @@ def test_streamed_multi_turn_chat_and_new_chat(server, browser):
     assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]  # multi-turn
     assert page.sent[-1]["stream"] is True and page.sent[-1]["model"] == CHAT_MODEL
 
+    page.fill("#input", "first line")
+    page.press("#input", "Shift+Enter")  # a new line, not a message
+    page.type("#input", "second line")
+    assert page.input_value("#input") == "first line\nsecond line" and len(page.sent) == 2
+
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
     ask(page, "Fresh start")
@@ -260,6 +265,11 @@ def test_model_output_is_shown_as_text_never_html(server, browser):
         assert page.locator(".message.assistant li").count() == 2
 
     check()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click(".code-block button.copy")
+    assert page.evaluate("navigator.clipboard.readText()") == "<script>window.pwned = 4</script>"
+    page.click(".message.assistant .actions button.copy")
+    assert page.evaluate("navigator.clipboard.readText()") == INJECTION  # the raw markdown
     page.reload()  # from localStorage: rendered the same way
     page.wait_for_selector(DONE)
     check()
