@@ -55,6 +55,24 @@ def test_two_cpu_ranks_match_one_process(fixture, request):
     assert all(not p.is_alive() for p in split.comm.workers)
 
 
+def test_two_cpu_ranks_with_int8_weights(tiny_vicuna):
+    """--load-8bit with --num-gpus 2: each rank quantises its own slices (scales per row of the slice)."""
+    full, tokenizer = load_model(tiny_vicuna, device="cpu", num_gpus=2)
+    try:
+        full_bytes = full.weight_bytes()
+    finally:
+        full.close()
+    split, _ = load_model(tiny_vicuna, device="cpu", num_gpus=2, load_8bit=True)
+    try:
+        assert split.weight_bytes() < 0.45 * full_bytes
+        params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+        with Engine(split, tokenizer, max_batch_size=2) as engine:
+            events = list(engine.generate(_prompt(tokenizer, "Hello"), params))
+    finally:
+        split.close()
+    assert events[-1].completion_tokens == 8
+
+
 def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):
     """`chat --device cpu --num-gpus 2` answers as the single-process chat does."""
 
