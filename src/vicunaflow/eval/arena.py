@@ -9,8 +9,10 @@ The two ratings are those of Chatbot Arena (FastChat's elo_analysis.py, read as 
 - online Elo: battles in time order, K = 4, base 10, scale 400, everyone starting at 1000. It
   depends on the order, so its interval comes from bootstrap samples replayed in a random order.
 - Bradley–Terry: the maximum-likelihood strengths of P(i beats j) = 1 / (1 + 10^((r_j - r_i)/400)),
-  order-free; a tie counts half a win to each side (FastChat counts it once each way, the same
-  optimum). A tiny L2 penalty keeps an unbeaten or winless model finite; ratings are centred on 1000.
+  order-free; a tie (or both bad) counts half a win to each side, as in FastChat's current
+  `compute_elo_mle_with_tie` (older versions counted it once each way: the same optimum). Solved by
+  Newton's method; a tiny L2 penalty keeps an unbeaten or winless model finite. Centred on 1000
+  (FastChat anchors one model of its own at 1114 instead).
 
 Intervals are the 2.5 and 97.5 percentiles over `rounds` bootstrap resamples of the battles, from
 `seed`: the same votes and seed give the same numbers. Bradley–Terry's interval narrows as votes
