@@ -159,9 +159,10 @@ def test_two_gpus_float16_with_kernels(tiny_vicuna, all_reduce):
     assert "".join(e.text for e in events)[:8] == one[:8]
 
 
-def test_serve_on_two_cpu_ranks(tiny_vicuna):
+@pytest.mark.parametrize("ending", ["terminate", "rank-dies"])
+def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
     """`serve --device cpu --num-gpus 2`: the API answers as one process does, and the spawned rank ends
-    with the server."""
+    with the server; a rank that dies takes the server down with it (no server that never answers)."""
     import os
     import socket
     import subprocess
@@ -197,6 +198,11 @@ def test_serve_on_two_cpu_ranks(tiny_vicuna):
         assert reply["choices"][0]["text"] == expected
         ranks = psutil.Process(server.pid).children(recursive=True)
         assert ranks
+        if ending == "rank-dies":
+            for rank in ranks:
+                rank.kill()
+            assert server.wait(timeout=30) == 1
+            assert b"tensor-parallel rank 1 exited" in server.stdout.read()
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -210,6 +210,7 @@ def start(world: int, spec: LoadSpec) -> TensorParallel:
         raise
     comm.workers = workers
     atexit.register(comm.close)
+    threading.Thread(target=_exit_if_a_rank_dies, args=(comm,), daemon=True, name="watch-ranks").start()
     log.info("tensor parallelism: %d ranks (%s), all-reduce %s", world, spec.device_type, comm.mode)
     return comm
 
@@ -219,9 +220,9 @@ def wait_ready(comm: TensorParallel) -> None:
     try:
         _wait_for(comm.store, comm.workers, "ready")
     except BaseException:
+        comm.closed = True  # first: the watch thread must not take a failed load for a rank dying in service
         for process in comm.workers:
             process.kill()
-        comm.closed = True
         raise
 
 
@@ -296,6 +297,22 @@ def _wait_for(store, workers: list, stage: str) -> None:
         status = store.get(key).decode()
         if status != "ok":
             raise VicunaflowError(f"tensor-parallel rank {rank} failed to load its shard: {status}")
+
+
+def _exit_if_a_rank_dies(comm: TensorParallel) -> None:
+    """Rank 0: a rank that dies mid-service (out of memory, killed) would leave rank 0 waiting forever in
+    its next collective, a server that accepts requests and never answers; exit instead, saying why."""
+    while not comm.closed:
+        for rank, process in enumerate(comm.workers, start=1):
+            if not process.is_alive() and not comm.closed:
+                log.critical(
+                    "tensor-parallel rank %d exited (code %s); the model is incomplete, stopping",
+                    rank,
+                    process.exitcode,
+                )
+                logging.shutdown()
+                os._exit(1)
+        time.sleep(0.5)
 
 
 def _exit_with_parent() -> None:
