@@ -84,13 +84,16 @@ def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):
     assert run(device="cpu", num_gpus=2) == run(device="cpu")
 
 
-def test_num_gpus_refusals(tiny_vicuna, tiny_gqa):
+def test_num_gpus_refusals(tiny_vicuna, tiny_gqa, monkeypatch):
     with pytest.raises(VicunaflowError, match="--num-gpus 0: must be at least 1"):
         chat(model_path=tiny_vicuna, num_gpus=0)
     with pytest.raises(VicunaflowError, match="8 attention heads"):
         load_model(tiny_vicuna, device="cpu", num_gpus=3)
     with pytest.raises(VicunaflowError, match=r"2 key/value heads.*not replicated"):
         load_model(tiny_gqa, device="cpu", num_gpus=4)
+    monkeypatch.setenv("VICUNAFLOW_ALL_REDUCE", "ring")
+    with pytest.raises(VicunaflowError, match="VICUNAFLOW_ALL_REDUCE=ring: choose symm-mem or nccl"):
+        load_model(tiny_vicuna, device="cpu", num_gpus=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import zlib
 from pathlib import Path
@@ -33,6 +34,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 AllReduce = Literal["auto", "symm-mem", "nccl"]
 ROWS, COLUMNS = 0, 1  # the dimension a tensor-parallel split cuts
+ALL_REDUCE_ENV = "VICUNAFLOW_ALL_REDUCE"  # chat/serve: symm-mem or nccl instead of the automatic choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +61,15 @@ def load_model(
 
     device "auto" is CUDA when a GPU is visible, else the CPU. num_gpus > 1 splits the model over
     that many GPUs, one process each (with device "cpu": that many gloo ranks, for tests). float16 on
-    CUDA, float32 on CPU. load_8bit: weight-only int8 with one scale per output row. Call
-    `model.close()` (or let the process exit) to stop the other ranks.
+    CUDA, float32 on CPU. load_8bit: weight-only int8 with one scale per output row. all_reduce (CUDA,
+    several GPUs): symm-mem, nccl, or auto = $VICUNAFLOW_ALL_REDUCE, else symm-mem with NCCL as the
+    fallback. Call `model.close()` (or let the process exit) to stop the other ranks.
     """
     device = resolve_device(device, num_gpus)
+    if all_reduce == "auto":
+        all_reduce = os.environ.get(ALL_REDUCE_ENV, "auto")
+        if all_reduce not in ("auto", "symm-mem", "nccl"):
+            raise VicunaflowError(f"{ALL_REDUCE_ENV}={all_reduce}: choose symm-mem or nccl")
     if load_4bit:
         raise VicunaflowError("--load-4bit: this engine has no 4-bit weights yet; use --load-8bit (int8)")
     if isinstance(model_path, RandomWeights):
