@@ -172,7 +172,11 @@ class Block(torch.nn.Module):
         self.w2: Weight | None = None  # [dim, ffn]
 
     def forward(self, hidden, rope, mask, rows, positions, first_row: int, kv_length: int) -> torch.Tensor:
-        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length]."""
+        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length].
+
+        hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
+        symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
+        """
         model = self.model[0]
         B, T = positions.shape
         H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
