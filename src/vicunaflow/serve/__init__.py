@@ -91,6 +91,14 @@ def serve(
     check_fit(
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )
+    if len(models) > 1 and resolved == "cuda" and cuda_graphs:
+        # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
+        # torch.cuda.graph empties the allocator's cache) while another engine allocates or syncs can fail
+        # both. Not yet verified on a GPU either way: safe first, at the cost of per-step launch overhead.
+        log.warning(
+            "%d models share the GPU(s): CUDA graphs off (two engines capturing at once is unsafe)", len(models)
+        )
+        cuda_graphs = False
     with contextlib.ExitStack() as stack:
         engines = {}
         for name, path in models.items():
