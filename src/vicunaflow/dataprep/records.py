@@ -179,8 +179,9 @@ class Counts:
     def add(self, kind: str, reason: str, name: str | None = None, detail: str = "") -> None:
         key = (kind, reason)
         self.counts[key] += 1
-        if name is not None and len(self.examples.setdefault(key, [])) < EXAMPLES:
-            self.examples[key].append(name)
+        examples = self.examples.setdefault(key, [])
+        if name is not None and len(examples) < EXAMPLES and name not in examples:
+            examples.append(name)
         if kind == "drop" and name is not None and self.counts[key] <= LOGGED:
             log.warning("%s: %s: dropped (%s)%s", self.step, name or "?", reason, f": {detail}" if detail else "")
             if self.counts[key] == LOGGED:
