@@ -69,8 +69,10 @@ def clean(
     language_text: int = 2000,
     jobs: int | None = None,
 ) -> Path:
-    """Clean ShareGPT-style conversations into JSONL: HTML to Markdown, roles normalised, broken, empty,
-    duplicate (and other-language) conversations dropped, each drop counted by reason in a TSV.
+    """Clean ShareGPT-style conversations into JSONL, counting every drop by reason in a TSV.
+
+    HTML becomes Markdown, roles are normalised, and broken, empty, duplicate (and other-language)
+    conversations are dropped.
 
     Arguments:
         data: conversations: a JSON array or JSONL of records {id, conversations: [{from, value}, ...]}

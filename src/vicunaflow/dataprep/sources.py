@@ -46,9 +46,9 @@ def fetch(
     token_env: str = "HF_TOKEN",
     staging_dir: Path = Path(".staging"),
 ) -> Path:
-    """Fetch one file of a Hugging Face dataset repository at a pinned revision into output_dir,
-    verified against the Hub's hash and, when given, a sha256 of your own.
+    """Fetch one file of a Hugging Face dataset repository at a pinned revision, verified.
 
+    The file is checked against the Hub's hash and, when given, a sha256 of your own;
     `<output_dir>/vicunaflow.json` records the repository, the commit fetched and the file's hashes.
 
     Arguments:

@@ -63,8 +63,10 @@ def split(
     report: Path | None = None,
     jobs: int | None = None,
 ) -> Path:
-    """Cut conversations longer than model_max_length tokens (Vicuna v1.1 prompt) into pieces that fit,
-    at turn boundaries, and set a deterministic held-out fraction aside.
+    """Cut conversations longer than model_max_length tokens into pieces that fit, at turn boundaries.
+
+    Lengths are those of the Vicuna v1.1 prompt as `data tokenize` counts them; a deterministic
+    held-out fraction can be set aside.
 
     Arguments:
         data: conversations, JSONL (as `data clean` writes) or a JSON array; read as a stream.
