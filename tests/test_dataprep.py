@@ -599,3 +599,31 @@ def test_workflow_prepares_a_local_dataset_and_reruns_only_what_a_change_touches
     with open(tmp_path / "mine.jsonl", "a") as f:  # a changed source: the whole chain
         f.write(json.dumps({"id": "new", "conversations": turns("one more", "answer")}) + "\n")
     assert planned() == {"data_clean": "1", "data_split": "1", "tokenize_data": "1", "total": "3"}
+
+
+def test_split_is_exact_with_a_metaspace_tokenizer_too(tiny_hf, tmp_path: Path) -> None:
+    """Hub LLaMA tokenizers written by newer transformers use a Metaspace pre-tokenizer that adds "▁"
+    only at the start of the text, not after `</s>`: the lengths must follow that as well."""
+    import shutil
+
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    model = tmp_path / "metaspace"
+    shutil.copytree(tiny_hf, model, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    backend = Tokenizer.from_file(str(model / "tokenizer.json"))
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.save(str(model / "tokenizer.json"))
+    tokenizer = data.load_tokenizer(model)
+    assert tokenizer("</s>USER: hi")["input_ids"][2] != tokenizer("USER: hi")["input_ids"][1], "no ▁ after </s>"
+    out = split(
+        data=write_jsonl(tmp_path / "c.jsonl", long_conversations()),
+        model_path=model,
+        output=tmp_path / "s.jsonl",
+        model_max_length=150,
+        jobs=1,
+    )
+    pieces = read_jsonl(out)
+    assert any("parent" in p for p in pieces)
+    for piece in pieces:
+        assert piece["tokens"] == exact_length(tokenizer, piece) <= 150, piece["id"]
