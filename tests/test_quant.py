@@ -144,6 +144,29 @@ def test_qmatvec_matches_float64_reference(bits, n, k, group_size, swiglu, resid
     assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * scale)
 
 
+@pytest.mark.parametrize(
+    ("bits", "n", "k", "group_size", "dtype"),
+    [(8, 37, 100, None, torch.float16), (8, 48, 256, None, torch.float32), (4, 32, 256, 128, torch.float16),
+     (4, 19, 250, 32, torch.bfloat16)],
+)  # fmt: skip
+def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype):
+    """The engine's q|k|v and gate|up products: RMSNorm of the input inside the kernel, as kernels.matvec."""
+    generator = torch.Generator().manual_seed(n + k)
+    qw = quant.quantize(weight(n, k, seed=k), bits=bits, group_size=group_size or 128).to(DEVICE)
+    x = (torch.randn(1, k, generator=generator) * 3).to(DEVICE, dtype)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype)
+    residual = torch.randn(1, n, generator=generator).to(DEVICE, dtype)
+    out = quant_kernels.qmatvec(x, qw, residual, norm=norm, eps=1e-5)
+    normed = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
+    expected = reference(normed, qw, residual, swiglu=False)
+    tolerance = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    through_qlinear = quant.qlinear(x.float(), qw, norm=norm.float(), eps=1e-5, matvec=False)
+    assert torch.allclose(through_qlinear.double(), reference(normed, qw, None, False), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="needs a plain input"):
+        quant_kernels.qmatvec(torch.cat([x, x], dim=1), qw, swiglu=True, norm=norm)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
     """The engine's call: one row of a [1, 1, K] step through the kernel, into a float32 buffer

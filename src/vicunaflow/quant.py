@@ -167,10 +167,13 @@ def qlinear(
     *,
     out: torch.Tensor | None = None,
     matvec: bool | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """x @ W.T (+ residual), W = qw decoded; with swiglu, x is [..., 2K] = gate | up and the input is
     silu(gate) * up (kernels.matvec's epilogues). Returns x's dtype, or writes into `out` (any float
-    dtype: a float32 all-reduce buffer for tensor parallelism) and returns it.
+    dtype: a float32 all-reduce buffer for tensor parallelism) and returns it. norm: RMSNorm's weight
+    [K]: the input is rms_norm(x, norm, eps) first (folded into the kernel for one row).
 
     matvec: None picks the Triton matvec for one row on CUDA in float16/bfloat16 (reads the codes
     once, graph-capturable); True takes it for any one row (Triton's interpreter on a CPU); False
@@ -185,8 +188,12 @@ def qlinear(
 
         flat_out = None if out is None else out.view(1, n)
         flat_residual = None if residual is None else residual.reshape(1, n)
-        y = quant_kernels.qmatvec(x.reshape(1, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out)
+        y = quant_kernels.qmatvec(
+            x.reshape(1, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps
+        )
         return out if out is not None else y.view(*x.shape[:-1], n)
+    if norm is not None:
+        x = F.rms_norm(x, (k,), norm, eps)
     if swiglu:
         x = F.silu(x[..., :k]) * x[..., k:]
     y = F.linear(x, qw.dequantize(x.dtype))

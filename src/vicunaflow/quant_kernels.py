@@ -1,7 +1,8 @@
 """Triton matvec kernels for one-row decode steps on int8 / int4 weights (quant.QuantWeight).
 
-The quantized twin of `kernels.matvec`, with the same epilogues: SiLU(gate)·up computed while
-loading the input (for down_proj) and the residual added while storing the output. Each program
+The quantized twin of `kernels.matvec`, with the same epilogues: RMSNorm of the input folded in
+(for q|k|v and gate|up: one launch fewer), SiLU(gate)·up computed while loading the input (for
+down_proj) and the residual added while storing the output. Each program
 reads BLOCK_N weight rows once, decodes them in registers and accumulates in float32:
 - int8: acc += q * x over the row, times the row's scale once at the end.
 - int4: each byte holds columns 2i (low nibble) and 2i+1 (high); w = q * scale + zero per group.
@@ -12,7 +13,7 @@ reads BLOCK_N weight rows once, decodes them in registers and accumulates in flo
 CUDA graphs: `qmatvec` does no host syncs and allocates only its output (torch's caching
 allocator: graph-safe). The autotuner times its candidates on the first call of each shape, so
 run one eager step per shape before capturing, as for `kernels.matvec`. The signature is
-kernels.matvec's (x, weight, residual, swiglu, out), with a quant.QuantWeight for the weight.
+kernels.matvec's (x, weight, residual, swiglu, out, norm, eps), with a quant.QuantWeight for the weight.
 Tests run both kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -36,12 +37,16 @@ def qmatvec(
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """out = x @ W.T (+ residual) for one row, W = qw (a quant.QuantWeight) decoded on the fly.
 
     x: [1, K], or [1, 2K] with swiglu (input = silu(x[:, :K]) * x[:, K:]); residual: [1, N] or None.
     Returns a new [1, N] tensor of x's dtype, or `out` ([1, N], contiguous, any float dtype: tensor
     parallelism writes float32 partial sums straight into its all-reduce buffer), as kernels.matvec.
+    norm: [K], RMSNorm's weight: the input is rms_norm(x, norm, eps), computed in float32 by every
+    program (a first pass over the few-KB row, as kernels.matvec does).
     """
     n, k = qw.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
@@ -49,19 +54,20 @@ def qmatvec(
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
+    if norm is not None and (swiglu or norm.shape != (k,)):
+        raise ValueError(f"qmatvec: norm {tuple(norm.shape)} needs a plain input of {k} columns")
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     elif out.shape != (1, n) or not out.is_contiguous():
         raise ValueError(f"qmatvec: out {tuple(out.shape)} is not a contiguous [1, {n}]")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
+    flags = dict(SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None)
+    norm = norm if norm is not None else x  # not read without NORM
     if qw.bits == 8:
-        _int8_kernel()[grid](x, qw.qweight, qw.scales, res, out, n, k, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None)
+        _int8_kernel()[grid](x, qw.qweight, qw.scales, res, out, norm, eps, n, k, **flags)
     else:
-        _int4_kernel()[grid](
-            x, qw.qweight, qw.scales, qw.zeros, res, out, n, k, qw.group_size,
-            SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
-        )  # fmt: skip
+        _int4_kernel()[grid](x, qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, n, k, qw.group_size, **flags)
     return out
 
 
@@ -79,7 +85,7 @@ def _int8_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(TILES), key=["N", "K", "SWIGLU"])
+    @triton.autotune(configs=_configs(TILES), key=["N", "K", "SWIGLU", "NORM"])
     @triton.jit
     def int8_matvec_kernel(
         x_ptr,
@@ -87,15 +93,25 @@ def _int8_kernel():
         scale_ptr,  # float32 [N]
         residual_ptr,
         out_ptr,
+        norm_ptr,  # [K] RMSNorm weight (NORM)
+        eps,
         N: tl.constexpr,
         K: tl.constexpr,
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if NORM:  # 1 / sqrt(mean(x^2) + eps); the input is then x * rstd * norm weight
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                v = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                squares += v * v
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
@@ -106,6 +122,8 @@ def _int8_kernel():
                 x = gate * tl.sigmoid(gate) * up
             else:
                 x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORM:
+                x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]
             if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile-time: unmasked, vectorised loads
                 q = tl.load(q_ptrs)
@@ -125,7 +143,7 @@ def _int4_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(INT4_TILES), key=["N", "K", "G", "SWIGLU"])
+    @triton.autotune(configs=_configs(INT4_TILES), key=["N", "K", "G", "SWIGLU", "NORM"])
     @triton.jit
     def int4_matvec_kernel(
         x_ptr,
@@ -134,11 +152,14 @@ def _int4_kernel():
         zero_ptr,  # float16 [N, NG]: w = q * scale + zero
         residual_ptr,
         out_ptr,
+        norm_ptr,  # [K] RMSNorm weight (NORM)
+        eps,
         N: tl.constexpr,
         K: tl.constexpr,  # even
         G: tl.constexpr,  # group size, even; the last group may be short
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # columns a step: BLOCK_K // 2 bytes
     ):
@@ -147,6 +168,13 @@ def _int4_kernel():
         HALF: tl.constexpr = BLOCK_K // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if NORM:
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                v = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                squares += v * v
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             pairs = start // 2 + tl.arange(0, HALF)  # byte columns
@@ -162,6 +190,9 @@ def _int4_kernel():
             else:
                 x_even = tl.load(x_ptr + even, mask=pair_ok, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_ptr + odd, mask=pair_ok, other=0.0).to(tl.float32)
+            if NORM:
+                x_even = x_even * rstd * tl.load(norm_ptr + even, mask=pair_ok, other=0.0).to(tl.float32)
+                x_odd = x_odd * rstd * tl.load(norm_ptr + odd, mask=pair_ok, other=0.0).to(tl.float32)
             q_ptrs = q_ptr + rows[:, None] * KP + pairs[None, :]
             if N % BLOCK_N == 0 and K % BLOCK_K == 0:
                 packed = tl.load(q_ptrs).to(tl.int32)
