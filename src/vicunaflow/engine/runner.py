@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Sequence
 
 import torch
 
-from vicunaflow.engine.model import Transformer
+from vicunaflow.engine.model import Transformer, project
+from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class Op(enum.IntEnum):
 
 class Runner:
     KV_STEP = 256
+    PROMPT_CHUNK = 512  # prompt positions whose logits are computed at once (prompt log-probabilities)
 
     def __init__(self, model: Transformer, slots: int, context: int, *, cuda_graphs: bool, padded: bool, kernels: bool):
         self.model, self.comm = model, model.comm
@@ -56,8 +59,13 @@ class Runner:
     # -- prefill ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
-        """All prompts in one padded forward into rows first_row...; returns each one's next-token logits [n, vocab]."""
+    def prefill(
+        self, prompts: list[list[int]], first_row: int, prompt_logprobs: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """All prompts in one padded forward into rows first_row...; returns each one's next-token logits
+        [n, vocab] and, for the prompts whose entry of `prompt_logprobs` is a k (not None), every prompt
+        token's log-probability with the k most likely tokens at its position (host lists; None for the others).
+        """
         n, length = len(prompts), max(len(p) for p in prompts)
         packed = torch.zeros(n, length + 1, dtype=torch.long)  # [n, length] ids, then each prompt's length
         for i, prompt in enumerate(prompts):
@@ -65,7 +73,37 @@ class Runner:
             packed[i, -1] = len(prompt)
         self.comm.command(Op.PREFILL, n, length, first_row)
         self.comm.broadcast_host(packed)
-        return self._prefill(packed, first_row)
+        wanted = list(prompt_logprobs or [None] * n)
+        if all(k is None for k in wanted):
+            return self._prefill(packed, first_row), wanted
+        # Every position's hidden state, taken from the last layer's output: the forward itself returns one
+        # row's logits, and only this rank needs the others (the output projection is whole on every rank).
+        captured = []
+        hook = self.model.layers[-1].register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            logits = self._prefill(packed, first_row)
+        finally:
+            hook.remove()
+        hidden = captured[0].view(n, length, -1)  # [n, length, dim]
+        rows = enumerate(zip(prompts, wanted, strict=True))
+        return logits, [None if k is None else self._prompt_logprobs(hidden[i], p, k) for i, (p, k) in rows]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
+        """Token i's log-probability from position i - 1's logits (float32 log_softmax), PROMPT_CHUNK positions
+        at a time so a 2048-token prompt never holds [2048, vocab] floats at once. hidden: [length, dim]."""
+        model = self.model
+        targets = torch.tensor(prompt[1:], device=self.device)  # [T - 1]: the token each position predicts
+        parts = []
+        for start in range(0, len(prompt) - 1, self.PROMPT_CHUNK):
+            stop = min(start + self.PROMPT_CHUNK, len(prompt) - 1)
+            logits = project(hidden[start:stop], model.output, norm=(model.norm, model.args.norm_eps))  # [c, vocab]
+            parts.append(logprobs_of(logits, targets[start:stop], k))
+        entries = [TokenLogprob(prompt[0], None, [])]
+        for chosen, values, ids in parts:
+            start, count = len(entries), len(chosen)  # the next prompt token to describe; this chunk's size
+            host = chosen.tolist(), values.tolist(), ids.tolist()
+            entries += to_entries(prompt[start : start + count], host, [k] * count)
+        return entries
 
     @torch.inference_mode()
     def remote_prefill(self, n: int, length: int, first_row: int) -> None:

@@ -27,7 +27,7 @@ import torch
 from vicunaflow import VicunaflowError, kernels
 from vicunaflow.engine.model import Transformer
 from vicunaflow.engine.runner import Runner
-from vicunaflow.engine.sampling import SamplingParams, sample
+from vicunaflow.engine.sampling import SamplingParams, TokenLogprob, logprobs_of, sample, to_entries
 from vicunaflow.engine.text import IncrementalDecoder, find_stop, stop_prefix_length
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # with params.logprobs: the tokens sampled since the previous event (their text may be held back,
+    # or cut by a stop string; EOS included), each with its log-probability
+    logprobs: list[TokenLogprob] | None = None
+    # with params.prompt_logprobs: every prompt token's (first event only)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Request:
@@ -57,6 +62,17 @@ class Request:
         self.held = ""  # decoded but held back: might be the start of a stop string
         self.cancelled = False
         self.done = False
+        self.pending: list[TokenLogprob] = []  # sampled tokens' logprobs not yet sent in an event
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # sent with the first event
+
+    def event(self, text: str, **fields) -> Event:
+        """An event carrying the log-probabilities gathered since the last one (when the request asked)."""
+        event = Event(text, prompt_tokens=len(self.prompt_ids), completion_tokens=self.completion_tokens, **fields)
+        if self.params.logprobs is not None:
+            event.logprobs, self.pending = self.pending, []
+        if self.prompt_logprobs is not None:
+            event.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return event
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (e.g. the client disconnected)."""
@@ -75,6 +91,7 @@ class DecodeStep:
     tokens: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
+    logprobs: tuple[torch.Tensor, ...] | None = None  # `logprobs_of` for the step's rows, when one asked
 
 
 class Engine:
@@ -87,6 +104,11 @@ class Engine:
     sampled tokens (still on the device) before the host detokenises and streams step t, so the GPU
     never waits for that host work. A row whose request ends at step t wastes its slot of step t+1;
     the batch only changes (admissions, finished rows) once no step is in flight.
+
+    Log-probabilities (`SamplingParams.logprobs`) are computed on the device right after the step that
+    produced the logits (a log_softmax and top-k over [rows, vocab], only in steps where a row asks), and read
+    with the step's tokens: the overlap and CUDA graphs stay. Prompt log-probabilities
+    (`prompt_logprobs`) make that request's prefill compute every position's logits.
     """
 
     def __init__(
@@ -259,15 +281,30 @@ class Engine:
         return admitted
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run all new prompts in one padded forward, writing rows len(self.rows)... of the cache."""
-        logits = self.runner.prefill([r.prompt_ids for r in requests], first_row=len(self.rows))  # [n, vocab]
-        tokens = self._sample(logits, logits.argmax(dim=-1), requests).tolist()
+        """Run all new prompts in one padded forward, writing rows len(self.rows)... of the cache.
+
+        A request with max_new_tokens 0 (OpenAI's echo with max_tokens 0) ends here, with its prompt's
+        log-probabilities if it asked, and without a token.
+        """
+        logits, prompt_logprobs = self.runner.prefill(
+            [r.prompt_ids for r in requests],
+            first_row=len(self.rows),
+            prompt_logprobs=[r.params.prompt_logprobs for r in requests],
+        )  # [n, vocab]
+        sampled = self._sample(logits, logits.argmax(dim=-1), requests)
+        logprobs = self._logprobs(logits, sampled, requests)
+        tokens = sampled.tolist()
+        entries = self._entries(tokens, logprobs, requests)
         self.stats["prefills"] += 1
-        for request, token in zip(requests, tokens, strict=True):
+        for request, token, entry, prompt in zip(requests, tokens, entries, prompt_logprobs, strict=True):
             self.rows.append(request)
             self.lengths.append(len(request.prompt_ids))
             self.last_tokens.append(token)
-            self._emit(request, token)
+            request.prompt_logprobs = prompt
+            if request.params.max_new_tokens <= 0:
+                self._finish(request, "length")
+            else:
+                self._emit(request, token, entry)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -303,6 +340,7 @@ class Engine:
         n = len(self.rows)
         logits, greedy = self.runner.step(tokens, self.lengths)
         sampled = self._sample(logits, greedy, self.rows)  # [n] on the device
+        logprobs = self._logprobs(logits, sampled, self.rows)  # before the next step overwrites a graph's logits
         host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
         self.launches += 1
         host.copy_(sampled, non_blocking=host.is_pinned())
@@ -311,22 +349,23 @@ class Engine:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(sampled.device))
         self.lengths = [length + 1 for length in self.lengths]  # the step writes each row's token into the cache
-        return DecodeStep(list(self.rows), sampled, host, done)
+        return DecodeStep(list(self.rows), sampled, host, done, logprobs)
 
     def _collect(self, step: DecodeStep) -> None:
         """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
         if step.done is not None:
             step.done.synchronize()
         tokens = step.host.tolist()
+        entries = self._entries(tokens, step.logprobs, step.rows)
         n = len(tokens)
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.batch_sizes[n] += 1
-        for i, (request, token) in enumerate(zip(step.rows, tokens, strict=True)):
+        for i, (request, token, entry) in enumerate(zip(step.rows, tokens, entries, strict=True)):
             self.last_tokens[i] = token
             if not request.done:
-                self._emit(request, token)
+                self._emit(request, token, entry)
 
     def _drain(self) -> None:
         """Read the step in flight, if any, so the batch can change."""
@@ -337,10 +376,26 @@ class Engine:
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         return sample(logits, greedy, [r.params for r in requests], self.generator)
 
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, requests: Sequence[Request]):
+        """The sampled tokens' logprobs and the top-k of every row (k: the most any row asks), on the device;
+        None, and no work, when no row asks. Of the raw distribution: the logits before temperature and top-p."""
+        ks = [r.params.logprobs for r in requests if r.params.logprobs is not None]
+        return logprobs_of(logits, sampled, max(ks)) if ks else None
+
+    @staticmethod
+    def _entries(tokens: list[int], logprobs, requests: Sequence[Request]) -> list[TokenLogprob | None]:
+        if logprobs is None:
+            return [None] * len(tokens)
+        host = tuple(t.tolist() for t in logprobs)  # the step has finished: its tokens were read
+        return to_entries(tokens, host, [r.params.logprobs for r in requests])
+
     # -- bookkeeping --------------------------------------------------------------------------------------
 
-    def _emit(self, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int, entry: TokenLogprob | None = None) -> None:
         """Send the new text of one sampled token; finish on EOS, a stop string or the length limit."""
+        if entry is not None:
+            request.pending.append(entry)
         if token == self.eos_id and not request.params.ignore_eos:
             tail = request.held + request.decoder.flush()
             request.decoder.ids.append(token)
@@ -361,7 +416,7 @@ class Engine:
         ready, request.held = request.held[: len(request.held) - keep], request.held[len(request.held) - keep :]
         if ready:
             request.text += ready
-            request.sink(Event(ready, prompt_tokens=len(request.prompt_ids), completion_tokens=n_generated))
+            request.sink(request.event(ready))
 
     def _finish(self, request: Request, reason: str, text: str = "", error: str | None = None) -> None:
         if request.done:
@@ -371,15 +426,7 @@ class Engine:
             self.stats["cancelled"] += 1
         request.text += text
         with contextlib.suppress(Exception):
-            request.sink(
-                Event(
-                    text,
-                    finish_reason=reason,
-                    prompt_tokens=len(request.prompt_ids),
-                    completion_tokens=request.completion_tokens,
-                    error=error,
-                )
-            )
+            request.sink(request.event(text, finish_reason=reason, error=error))
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
