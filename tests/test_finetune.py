@@ -7,6 +7,7 @@ reference's (same step, same data order, same optimizer state).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -276,7 +277,10 @@ def test_bad_options_fail_before_the_model_or_data_load(tiny_vicuna, tmp_path: P
 def test_every_numeric_option_is_checked_before_anything_runs(tmp_path: Path, name: str, value) -> None:
     """No model or data needed: the options are checked first (these paths do not even exist)."""
     with pytest.raises(VicunaflowError, match=f"--{name.replace('_', '-')} must be"):
-        finetune.setup(model_path=tmp_path / "m", data=tmp_path / "d", output_dir=tmp_path / "o", **{name: value})
+        config = train_config.TrainConfig(
+            model_path=tmp_path / "m", data=tmp_path / "d", output_dir=tmp_path / "o", **{name: value}
+        )
+        finetune.setup(config=config)
 
 
 def test_config_schema_bounds_are_those_of_validate() -> None:
@@ -290,6 +294,55 @@ def test_config_schema_bounds_are_those_of_validate() -> None:
         name: {"minimum" if inclusive else "exclusiveMinimum": low}
         for name, (low, inclusive) in train_config.BOUNDS.items()
     }
+
+
+def test_config_schema_defaults_are_those_of_train_config() -> None:
+    """The workflow's `finetune.defaults` are the command's: every option of TrainConfig but the three
+    paths the rule gives, with TrainConfig's default (the one definition; the schema repeats it)."""
+    import dataclasses
+
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    defaults = schema["properties"]["finetune"]["properties"]["defaults"]["properties"]
+    expected = {
+        field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        for field in dataclasses.fields(train_config.TrainConfig)
+        if field.name not in ("model_path", "data", "output_dir")
+    }
+    assert {name: option["default"] for name, option in defaults.items()} == expected
+    assert all(type(option["default"]) is type(expected[name]) for name, option in defaults.items())
+
+
+def test_flags_and_a_config_file_give_the_same_options(tmp_path: Path) -> None:
+    """The flags users type (dashed, FastChat's bare bools, JSON values) parse to the options they always
+    did, and `--config FILE` of TrainConfig's keys (what the workflow passes) to the same; later flags win."""
+    flags = ["--model-path", "m", "--data", "d", "--output-dir", "o", "--learning-rate", "1e-4", "--bf16", "false"]
+    flags += ["--gradient-checkpointing", "--lora-target-modules", '["q_proj", "v_proj"]', "--save-total-limit=null"]
+    flags += ["--num-train-epochs", "3", "--method", "lora", "--nproc-per-node", "2"]
+
+    def parsed(*args: str) -> dict:
+        import yaml
+
+        command = [sys.executable, "-m", "vicunaflow", "finetune", *args, "--print_config"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)
+
+    expected = {
+        **{f.name: f.default for f in dataclasses.fields(train_config.TrainConfig) if f.default is not dataclasses.MISSING},
+        "model_path": "m", "data": "d", "output_dir": "o", "learning_rate": 1e-4, "bf16": False,
+        "gradient_checkpointing": True, "lora_target_modules": ["q_proj", "v_proj"], "save_total_limit": None,
+        "num_train_epochs": 3.0, "method": "lora", "nproc_per_node": 2,
+    }  # fmt: skip
+    from_flags = parsed(*flags)
+    assert from_flags == expected
+    options = {k: v for k, v in from_flags.items() if k != "nproc_per_node"}
+    (tmp_path / "options.json").write_text(json.dumps({**options, "learning_rate": 5.0}))
+    assert (
+        parsed("--config", str(tmp_path / "options.json"), "--learning-rate", "1e-4", "--nproc-per-node", "2")
+        == expected
+    )
 
 
 def test_an_empty_tokenised_dataset_is_refused(tiny_vicuna, tmp_path: Path) -> None:

@@ -1,15 +1,20 @@
 """The `vicunaflow` command: one table of verbs -> typed functions, nothing else.
 
 Arguments, defaults and help come from each function's signature and `Arguments:` docstring
-(jsonargparse), so the CLI cannot drift from the code. Only the module of the verb being run is
+(jsonargparse), so the CLI cannot drift from the code. A parameter typed as a dataclass (finetune's
+TrainConfig) is spread into one flag per field, with the dataclass's own defaults and `Arguments:`
+docs, and `--config FILE` takes those fields as flat keys. Only the module of the verb being run is
 imported, which keeps `vicunaflow <verb>` quick to start inside Snakemake jobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import logging
 import sys
+import typing
 from collections.abc import Callable
 
 # verb -> "module:function", or a nested table for verbs with sub-verbs.
@@ -57,7 +62,77 @@ def resolve(spec: str) -> Callable:
 
 
 def _table(commands: dict) -> dict:
-    return {verb: _table(spec) if isinstance(spec, dict) else resolve(spec) for verb, spec in commands.items()}
+    return {verb: _table(spec) if isinstance(spec, dict) else spread(resolve(spec)) for verb, spec in commands.items()}
+
+
+def spread(function: Callable) -> Callable:
+    """`function` as the CLI shows it: each parameter typed as a dataclass becomes that dataclass's fields.
+
+    `setup(*, config: TrainConfig, nproc_per_node=None)` is offered as `--model_path ... --learning_rate ...
+    --nproc_per_node ...`, documented by the dataclass's `Arguments:`; the call builds the dataclass back.
+    A function without such a parameter is returned as it is.
+    """
+    hints = typing.get_type_hints(function)
+    groups = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+    if not groups:
+        return function
+    parameters, docs = [], {}
+    for parameter in inspect.signature(function).parameters.values():
+        cls = groups.get(parameter.name)
+        if cls is None:
+            parameters.append(parameter.replace(annotation=hints[parameter.name]))
+            continue
+        field_hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+            default = inspect.Parameter.empty if default is dataclasses.MISSING else default  # required
+            parameters.append(
+                inspect.Parameter(
+                    field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=field_hints[field.name]
+                )
+            )
+        docs[parameter.name] = _arguments_doc(inspect.getdoc(cls) or "")
+
+    def spread_call(**kwargs):
+        for name, cls in groups.items():
+            fields = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs}
+            kwargs[name] = cls(**fields)
+        return function(**kwargs)
+
+    spread_call.__name__, spread_call.__qualname__ = function.__name__, function.__qualname__
+    spread_call.__module__ = function.__module__
+    spread_call.__signature__ = inspect.Signature(
+        parameters, return_annotation=hints.get("return", inspect.Signature.empty)
+    )
+    spread_call.__annotations__ = {p.name: p.annotation for p in parameters}
+    # The function's docstring, its `name: ...` entry for each dataclass replaced by the dataclass's entries.
+    lines, result, skipping = (inspect.getdoc(function) or "").splitlines(), [], False
+    for line in lines:
+        entry = line.strip().split(":", 1)[0]
+        if skipping and (not line.strip() or len(line) - len(line.lstrip()) > 4):
+            continue
+        skipping = line.startswith("    ") and not line.startswith("     ") and entry in docs
+        result.extend(docs[entry] if skipping else [line])
+    spread_call.__doc__ = "\n".join(result)
+    return spread_call
+
+
+def _arguments_doc(doc: str) -> list[str]:
+    """The entry lines of a docstring's `Arguments:` section."""
+    return [line for line in doc.split("Arguments:", 1)[1].splitlines() if line.strip()] if "Arguments:" in doc else []
+
+
+def _hints(argv: list[str]) -> dict[str, object]:
+    """Parameter name -> type of the verb in argv as the CLI shows it (see spread); {} when unknown."""
+    spec = COMMANDS.get(argv[0]) if argv else None
+    if isinstance(spec, dict):
+        spec = spec.get(argv[1]) if len(argv) > 1 else None
+    if not isinstance(spec, str):
+        return {}
+    try:
+        return typing.get_type_hints(spread(resolve(spec)))
+    except Exception:  # leave the arguments to jsonargparse, which reports problems itself
+        return {}
 
 
 def _normalize_flags(argv: list[str]) -> list[str]:
@@ -78,18 +153,7 @@ def _normalize_flags(argv: list[str]) -> list[str]:
 
 def _bare_bool_flags(argv: list[str]) -> list[str]:
     """`--load_8bit` alone means `--load_8bit=true` for a bool parameter (FastChat's flag style)."""
-    spec = COMMANDS.get(argv[0]) if argv else None
-    if isinstance(spec, dict):
-        spec = spec.get(argv[1]) if len(argv) > 1 else None
-    if not isinstance(spec, str):
-        return argv
-    try:
-        import typing
-
-        hints = typing.get_type_hints(resolve(spec))
-    except Exception:  # leave the arguments to jsonargparse, which reports problems itself
-        return argv
-    bools = {f"--{name}" for name, hint in hints.items() if hint is bool}
+    bools = {f"--{name}" for name, hint in _hints(argv).items() if hint is bool}
     return [
         f"{arg}=true" if arg in bools and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else arg
         for i, arg in enumerate(argv)
@@ -99,22 +163,11 @@ def _bare_bool_flags(argv: list[str]) -> list[str]:
 def _repeated_list_flags(argv: list[str]) -> list[str]:
     """`--model_path A --model_path B` means both for a list parameter (jsonargparse alone keeps the last):
     every occurrence after the first becomes jsonargparse's append form, `--model_path+ B`."""
-    import typing
-
-    spec = COMMANDS.get(argv[0]) if argv else None
-    if isinstance(spec, dict):
-        spec = spec.get(argv[1]) if len(argv) > 1 else None
-    if not isinstance(spec, str):
-        return argv
-    try:
-        hints = typing.get_type_hints(resolve(spec))
-    except Exception:  # leave the arguments to jsonargparse, which reports problems itself
-        return argv
 
     def is_list(hint) -> bool:
         return typing.get_origin(hint) is list or any(typing.get_origin(h) is list for h in typing.get_args(hint))
 
-    lists = {f"--{name}" for name, hint in hints.items() if is_list(hint)}
+    lists = {f"--{name}" for name, hint in _hints(argv).items() if is_list(hint)}
     seen, result = set(), []
     for arg in argv:
         flag, eq, value = arg.partition("=")

@@ -105,6 +105,36 @@ def test_bad_config_fails_before_any_job_naming_the_key(workdir: Path, config: d
     assert message in result.stdout + result.stderr
 
 
+def test_a_run_passes_its_resolved_options_as_one_file_and_a_changed_option_reruns_it(workdir: Path) -> None:
+    import dataclasses
+
+    from vicunaflow.finetune.config import TrainConfig
+
+    config = {
+        "finetune": {
+            "defaults": {"learning_rate": 1.0e-4},
+            "runs": {"r": {"model": "vicuna-tiny-all-v1.1", "lora_r": 4}},
+        }
+    }
+    args = ["results/finetune/r/options.json", "--configfile", write_config(workdir, "run.yaml", config)]
+    snakemake(workdir, *args)
+    written = json.loads((workdir / args[0]).read_text())
+    defaults = {f.name: getattr(TrainConfig("m", "d", "o"), f.name) for f in dataclasses.fields(TrainConfig)}
+    expected = {k: v for k, v in defaults.items() if k not in ("model_path", "data", "output_dir")}
+    assert written == {**expected, "checkpoint_dir": None, "learning_rate": 1.0e-4, "lora_r": 4}
+    assert planned_jobs(workdir, *args) == {}
+    shell = snakemake(workdir, "-n", "-p", "fine_tuning_output/r", *args[1:]).stdout
+    assert "vicunaflow finetune --config results/finetune/r/options.json --model-path vicuna-tiny-all-v1.1" in shell
+
+    # The same resolved options written another way: nothing to do. A changed value: the options again.
+    config["finetune"]["runs"]["r"]["learning_rate"] = config["finetune"].pop("defaults")["learning_rate"]
+    args[2] = write_config(workdir, "run.yaml", config)
+    assert planned_jobs(workdir, *args) == {}
+    config["finetune"]["runs"]["r"]["lora_r"] = 16
+    args[2] = write_config(workdir, "run.yaml", config)
+    assert planned_jobs(workdir, *args) == {"finetune_options": 1}
+
+
 @pytest.mark.e2e
 def test_tiny_chain_builds_then_reruns_only_what_changed(workdir: Path) -> None:
     snakemake(workdir, "vicuna-tiny-all-v1.1")

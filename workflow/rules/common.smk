@@ -1,8 +1,8 @@
 # Shared helpers: config validation, the size table, and input functions.
 # Every other rule file only names inputs, outputs and one `vicunaflow` command.
 
+import dataclasses
 import functools
-import inspect
 import json
 import os
 import re
@@ -12,7 +12,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from vicunaflow import BUILTIN_CONVERSATIONS
-from vicunaflow.finetune import setup as finetune_setup
+from vicunaflow.finetune.config import TrainConfig
 from vicunaflow.launch import srun_per_node
 from vicunaflow.resources import (
     MODEL_NAME,
@@ -178,18 +178,22 @@ def collect_datasets(runs):
     return datasets
 
 
-FINETUNE_PARAMETERS = inspect.signature(finetune_setup).parameters
+# What a run may set: TrainConfig's fields but the three the rule gives (model, data, output folder).
+FINETUNE_OPTIONS = {field.name for field in dataclasses.fields(TrainConfig)} - {
+    "model_path",
+    "data",
+    "output_dir",
+}
 
 
 def check_finetune_options(finetune):
     """Fail before any job on an option `vicunaflow finetune` does not know (a typo'd key)."""
-    known = set(FINETUNE_PARAMETERS)
     places = {"finetune.defaults": finetune["defaults"]}
     places |= {
         f"finetune.runs.{run}": options for run, options in finetune["runs"].items()
     }
     for place, options in places.items():
-        for key in set(options) - known - {"model", "data", "resources"}:
+        for key in set(options) - FINETUNE_OPTIONS - {"model", "data", "resources"}:
             raise ValueError(
                 f"config: {place}.{key}: not an option of `vicunaflow finetune` "
                 "(see `vicunaflow finetune --help`)"
@@ -198,14 +202,11 @@ def check_finetune_options(finetune):
 
 check_finetune_options(config["finetune"])
 DATASETS = collect_datasets(config["finetune"]["runs"])
-DEFAULT_MODEL_MAX_LENGTH = FINETUNE_PARAMETERS["model_max_length"].default
 
 
 def get_tokenized_data(wildcards):
     run = get_run(wildcards)
-    length = get_run_options(wildcards).get(
-        "model_max_length", DEFAULT_MODEL_MAX_LENGTH
-    )
+    length = get_run_options(wildcards)["model_max_length"]
     return f"data/tokenized/{dataset_name(run['data'])}/{run['model']}-len{length}"
 
 
@@ -215,15 +216,12 @@ def get_dataset_file(wildcards):
     return DATASETS[wildcards.dataset]
 
 
-def get_finetune_args(wildcards):
-    """The run's options as `--name value` flags for `vicunaflow finetune`.
+def get_finetune_options_json(wildcards):
+    """The run's resolved options as the JSON of the `--config` file the finetune rule passes.
 
-    Values other than strings go as JSON (null, true, [..]), which the CLI parses back exactly.
-    """
-    return " ".join(
-        f"--{name} {shlex.quote(value if isinstance(value, str) else json.dumps(value))}"
-        for name, value in get_run_options(wildcards).items()
-    )
+    Every option is there (the schema fills `finetune.defaults`), sorted: any change of an option
+    changes this text, the params of finetune_options, and so reruns the fine-tune."""
+    return json.dumps(get_run_options(wildcards), sort_keys=True)
 
 
 # ---- chat ------------------------------------------------------------------------------------

@@ -21,10 +21,27 @@ rule tokenize_data:
         " --model-max-length {wildcards.length} > {log} 2>&1"
 
 
+# A run's resolved options (finetune.defaults, which the schema fills, then the run's own keys) as the one
+# --config file its fine-tune passes; a changed option changes the params, which reruns both rules.
+rule finetune_options:
+    output:
+        "results/finetune/{run}/options.json",
+    log:
+        "logs/finetune_options/{run}.log",
+    localrule: True
+    conda:
+        "../../envs/finetune.yaml"
+    params:
+        options=get_finetune_options_json,
+    shell:
+        "printf '%s\\n' {params.options:q} > {output} 2> {log}"
+
+
 rule finetune:
     input:
         model=lambda wildcards: get_run(wildcards)["model"],
         data=get_tokenized_data,
+        options=rules.finetune_options.output[0],
     output:
         directory("fine_tuning_output/{run}"),
     log:
@@ -36,9 +53,9 @@ rule finetune:
     resources:
         **get_resources("finetune", wildcard="run"),
     params:
-        options=get_finetune_args,
+        options=get_finetune_options_json,  # what input.options holds: a changed option reruns this job
         launcher=get_launcher,
         nproc_per_node=get_processes_per_node,
     shell:
-        "{params.launcher} vicunaflow finetune --model-path {input.model} --data {input.data} --output-dir {output}"
-        " --nproc-per-node {params.nproc_per_node} {params.options} > {log} 2>&1"
+        "{params.launcher} vicunaflow finetune --config {input.options} --model-path {input.model} --data {input.data}"
+        " --output-dir {output} --nproc-per-node {params.nproc_per_node} > {log} 2>&1"

@@ -7,10 +7,10 @@ report.py read it cheaply, and every other module of vicunaflow.finetune builds 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vicunaflow import VicunaflowError
 
@@ -34,44 +34,90 @@ BOUNDS: dict[str, tuple[int, bool]] = {
 
 @dataclass
 class TrainConfig:
-    """The resolved arguments of a run: logged first, saved with each checkpoint and the output."""
+    """The options of a fine-tuning run: the one definition of their names, types, defaults and help.
 
+    `vicunaflow finetune` takes them as flags (each field is one: `--learning-rate`) or from a `--config`
+    file of these keys; the workflow's `finetune.defaults` are these defaults (config.schema.yaml, kept
+    equal by a test). The resolved options are logged first and saved with each checkpoint and the
+    output (training_args.json, itself a valid `--config`). Defaults are FastChat's Vicuna v1.1 recipe
+    (train_mem.py: FSDP, bf16, 2048 tokens, lr 2e-5, cosine).
+
+    Arguments:
+        model_path: Hugging Face model directory to start from (e.g. vicuna-7b-all-v1.1, llama-7b-hf).
+        data: conversations (JSON list or JSONL, ShareGPT records) or a directory from `vicunaflow data tokenize`.
+        output_dir: the fine-tuned Hugging Face model directory to write (LoRA: plus `adapter/`).
+        checkpoint_dir: where resumable checkpoints go; default: <output_dir parent>/.checkpoints/<output_dir name>.
+        method: full (all weights), lora (peft adapters, also merged into the output) or qlora (4-bit base, CUDA only).
+        num_train_epochs: passes over the data (may be fractional).
+        max_steps: stop after this many optimizer steps; -1: as many as num_train_epochs gives.
+        per_device_train_batch_size: sequences per process per micro-batch.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay, applied to matrices only (not norms), as the HF Trainer does.
+        warmup_ratio: fraction of the steps spent warming the learning rate up linearly from 0.
+        lr_scheduler_type: decay after warm-up: cosine, linear, or constant.
+        max_grad_norm: clip the gradient norm to this (0: no clipping).
+        logging_steps: log loss and learning rate every N steps (console, trainer_log.jsonl, tensorboard).
+        save_strategy: checkpoint every save_steps (steps), at each epoch's end (epoch), or never (no).
+        save_steps: optimizer steps between checkpoints.
+        save_total_limit: keep only the newest N checkpoints (null: all).
+        model_max_length: longest sequence in tokens; longer conversations are truncated.
+        gradient_checkpointing: recompute activations in the backward pass to save memory (whole decoder layers).
+        gradient_sync: when sharded gradients are reduced across processes: every micro_batch (least memory), once per optimizer step (step: gradients accumulate locally in float32 and weights stay gathered between micro-batches; least communication, ~6 bytes more GPU memory per parameter), or auto: step on GPUs with room for it.
+        compile: torch.compile each decoder layer (fuses norms, rotary and activations; the first step compiles).
+        bf16: bfloat16 mixed precision on GPUs that support it (float32 master weights); float32 elsewhere, logged.
+        tf32: TF32 matmuls on Ampere or newer GPUs (ignored elsewhere, logged).
+        report_to: tensorboard logs in the output's runs/ (none: only trainer_log.jsonl).
+        fsdp: FastChat's option: "full_shard auto_wrap" (shard params, grads, optimizer; each decoder layer one unit), "shard_grad_op auto_wrap" (keep params gathered between forward and backward), add "offload" to keep shards in CPU memory.
+        lazy_preprocess: with a conversation file, tokenise each sample when first used instead of all up front.
+        packing: pack several conversations into each model_max_length sequence (attention kept within each).
+        seed: seed of the data order, LoRA initialisation and dropout.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: linear layers that get LoRA adapters.
+        save_dtype: dtype of the saved weights; auto: the base model's.
+        keep_checkpoints: keep the checkpoint directory after the output is written.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
+    """
+
+    # Paths are kept as text: they are compared with those a checkpoint saved (RESUME_KEYS) and written as JSON.
     model_path: str
     data: str
     output_dir: str
-    checkpoint_dir: str
-    method: str
-    num_train_epochs: float
-    max_steps: int
-    per_device_train_batch_size: int
-    gradient_accumulation_steps: int
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    lr_scheduler_type: str
-    max_grad_norm: float
-    logging_steps: int
-    save_strategy: str
-    save_steps: int
-    save_total_limit: int | None
-    model_max_length: int
-    gradient_checkpointing: bool
-    gradient_sync: str
-    compile: bool
-    bf16: bool
-    tf32: bool
-    report_to: str
-    fsdp: str
-    lazy_preprocess: bool
-    packing: bool
-    seed: int
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: list[str]
-    save_dtype: str
-    keep_checkpoints: bool
-    overwrite: bool = False  # a default: checkpoints saved before it existed still load
+    checkpoint_dir: str | None = None  # None: resolved from output_dir when the config is made
+    method: Literal["full", "lora", "qlora"] = "full"
+    num_train_epochs: float = 2.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    save_steps: int = 300
+    save_total_limit: int | None = 10
+    model_max_length: int = 2048
+    gradient_checkpointing: bool = True
+    gradient_sync: Literal["auto", "micro_batch", "step"] = "auto"
+    compile: bool = False
+    bf16: bool = True
+    tf32: bool = True
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    fsdp: str = "full_shard auto_wrap"
+    lazy_preprocess: bool = True
+    packing: bool = False
+    seed: int = 42
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    keep_checkpoints: bool = False
+    overwrite: bool = False  # last, and with a default: checkpoints saved before it existed still load
 
     # A checkpoint may only be resumed by a run that would have produced it.
     RESUME_KEYS = (
@@ -79,6 +125,14 @@ class TrainConfig:
         "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler_type",
         "model_max_length", "packing", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name in PATH_FIELDS:  # a caller's Path objects, as text
+            if getattr(self, name) is not None:
+                setattr(self, name, str(getattr(self, name)))
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = str(default_checkpoint_dir(Path(self.output_dir)))
+        self.lora_target_modules = list(self.lora_target_modules)
 
     def validate(self) -> None:
         """Refuse bad options at once: cheap checks before torch, the model or the data load."""
@@ -115,15 +169,6 @@ class TrainConfig:
     def inputs(self) -> list[str]:
         """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""
         return [self.model_path, self.data, self.checkpoint_dir]
-
-    def to_argv(self) -> list[str]:
-        """Command-line arguments that recreate this config (for re-executing under torchrun)."""
-        argv = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
-            argv.append(f"--{field.name}={text}")
-        return argv
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
