@@ -46,6 +46,11 @@ def test_every_verb_has_documented_keyword_only_arguments(verbs: tuple[str, ...]
     documented = doc.split("Arguments:", 1)[1]
     for p in parameters:
         assert f"{p.name}:" in documented, f"{spec}: argument {p.name} is not documented"
+    # As the CLI shows it: a dataclass parameter spread into its fields, each documented by the dataclass.
+    spread = cli.spread(function)
+    documented = inspect.getdoc(spread).split("Arguments:", 1)[1]
+    for p in inspect.signature(spread).parameters.values():
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and f"\n    {p.name}:" in documented, (spec, p.name)
 
 
 def test_dashed_and_fastchat_flags_are_accepted() -> None:

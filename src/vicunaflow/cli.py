@@ -72,7 +72,10 @@ def spread(function: Callable) -> Callable:
     --nproc_per_node ...`, documented by the dataclass's `Arguments:`; the call builds the dataclass back.
     A function without such a parameter is returned as it is.
     """
-    hints = typing.get_type_hints(function)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # leave the signature to jsonargparse, which reports problems itself
+        return function
     groups = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
     if not groups:
         return function
