@@ -327,24 +327,6 @@ def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
     assert stats["decode_tokens"] - before["decode_tokens"] < 200  # stopped well before its 240 tokens
 
 
-@pytest.mark.parametrize(
-    ("route", "field", "extra"),
-    [
-        ("chat/completions", "logprobs", {"logprobs": True}),
-        ("chat/completions", "top_logprobs", {"top_logprobs": 2}),
-        ("completions", "logprobs", {"logprobs": 0}),
-        ("completions", "echo", {"echo": True}),
-    ],
-)
-def test_logprobs_and_echo_are_refused_naming_the_field(server, route, field, extra):
-    body = {"model": "vicuna-tiny-all-v1.1", "max_tokens": 2, **extra}
-    body.update({"messages": [{"role": "user", "content": "hi"}]} if route.startswith("chat") else {"prompt": "hi"})
-    response = httpx.post(f"{server}/v1/{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == field and field in error["message"]
-
-
 def test_port_in_use_fails_before_loading_the_model(tmp_path):
     """The port is checked first: the model path does not even exist, and the error names the port."""
     with socket.socket() as taken:

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
+from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,14 @@ def create_app(
             )
         return engines[name]
 
-    def sampling(engine: Engine, body, prompt_length: int, max_tokens: int | None) -> SamplingParams:
+    def sampling(
+        engine: Engine,
+        body,
+        prompt_length: int,
+        max_tokens: int | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         if prompt_length >= engine.context:
             raise APIError(
                 400,
@@ -119,19 +127,24 @@ def create_app(
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        # max_tokens 0 (completions only): no reply; echo with logprobs then scores the prompt alone
+        max_new = 0 if max_tokens == 0 else engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens)
         params = SamplingParams(
             temperature=0.7 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            max_new_tokens=engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens),
+            max_new_tokens=max_new,
             stop=stop,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         system = "n/a"
         if isinstance(body, ChatCompletionRequest):
             system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
         log.info(
-            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s",
+            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s "
+            "logprobs=%s prompt_logprobs=%s",
             body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
-            body.stream,
+            body.stream, logprobs, prompt_logprobs,
         )  # fmt: skip
         return params
 
@@ -190,23 +203,30 @@ def create_app(
         record(text) receives a streamed reply's pieces."""
         engine = check_model(body.model)
         shown_name = shown_name or body.model
-        for field, asked in (("logprobs", body.logprobs), ("top_logprobs", body.top_logprobs)):
-            if asked:  # false / 0 ask for nothing
-                raise APIError(400, f"{field} is not supported by this server", param=field)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        k = (body.top_logprobs or 0) if body.logprobs else None
         prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, body)
-        params = sampling(engine, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens)
+        params = sampling(engine, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, logprobs=k)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1:
                 raise APIError(400, "stream=true supports n=1 only", param="n")
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, record)
+            chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, record, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _complete_all(request, [_complete(engine, prompt_ids, params) for _ in range(body.n)])
+
+        def logprobs(last: Event) -> dict | None:
+            if k is None:
+                return None
+            return chat_logprobs(TokenTexts(engine.tokenizer, prompt=False).add(last.logprobs), k)
+
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": text},
+                "logprobs": await run_in_threadpool(logprobs, last),
                 "finish_reason": FINISH_REASON[last.finish_reason],
             }
             for i, (text, last) in enumerate(results)
@@ -234,21 +254,20 @@ def create_app(
         body = await _parse(request, CompletionRequest, max_body_bytes)
         engine = check_model(body.model)
         model_name = body.model
-        for field, asked in (("logprobs", body.logprobs is not None), ("echo", body.echo)):
-            if asked:  # logprobs=0 still asks for the sampled tokens' logprobs
-                raise APIError(400, f"{field} is not supported by this server", param=field)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        encoded = await run_in_threadpool(lambda: [encode_prompt(engine.tokenizer, p) for p in prompts])
-        all_params = [
-            sampling(engine, body, len(ids), body.max_tokens or 16) for ids in encoded
-        ]  # OpenAI's default: 16
+        prompts = _prompt_list(body.prompt)
+        encoded = await run_in_threadpool(
+            lambda: [p if isinstance(p, list) else encode_prompt(engine.tokenizer, p) for p in prompts]
+        )
+        _check_token_ids(encoded, engine.model.args.vocab_size)
+        k = body.logprobs
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
+        prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
+        all_params = [sampling(engine, body, len(ids), max_tokens, k, prompt_k) for ids in encoded]
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
                 raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
-            chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name)
+            chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         jobs = [
             _complete(engine, ids, params)
@@ -256,10 +275,21 @@ def create_app(
             for _ in range(body.n)
         ]
         results = await _complete_all(request, jobs)
-        choices = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": FINISH_REASON[last.finish_reason]}
-            for i, (text, last) in enumerate(results)
-        ]
+        prompt_of = [ids for ids in encoded for _ in range(body.n)]
+
+        def choice(i: int, text: str, last: Event) -> dict:
+            """Echoed prompt text and logprobs (CPU work: decoding every token; off the event loop)."""
+            prompt = TokenTexts(engine.tokenizer, prompt=True)
+            rows = prompt.add(last.prompt_logprobs or prompt_entries(prompt_of[i])) if body.echo else []
+            echoed = prompt.finish()
+            logprobs = None
+            if k is not None:
+                rows += TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed)).add(last.logprobs)
+                logprobs = completion_logprobs(rows, k)
+            finish = FINISH_REASON[last.finish_reason]
+            return {"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": finish}
+
+        choices = [await run_in_threadpool(choice, i, text, last) for i, (text, last) in enumerate(results)]
         return _with_usage(
             {
                 "id": reply_id,
@@ -321,6 +351,26 @@ def _describe(errors: list) -> str:
 
 def _model_card(name: str, created: int, context: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "vicunaflow", "max_model_len": context}
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """A completion's prompt(s): one text, texts, one list of token ids, or lists of token ids."""
+    single = isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt))
+    prompts = [prompt] if single else list(prompt)
+    if not prompts or any(isinstance(p, list) and not p for p in prompts):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return prompts
+
+
+def _check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:
+    for i, ids in enumerate(prompts):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"prompt {i}: token id {bad} is outside this model's vocabulary (0..{vocab_size - 1})",
+                param="prompt",
+            )
 
 
 def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
@@ -396,14 +446,17 @@ async def _disconnect(http_request: Request) -> None:
 async def _complete(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Event]:
     """Wait for a whole reply; cancelling this coroutine cancels the engine's request."""
     request, queue = _submit(engine, prompt_ids, params)
-    text = ""
+    text, logprobs, prompt_logprobs = "", [], None
     try:
         while True:
             event = await queue.get()
             text += event.text
+            logprobs += event.logprobs or []
+            prompt_logprobs = prompt_logprobs or event.prompt_logprobs
             if event.finish_reason == "error":
                 raise APIError(500, f"generation failed: {event.error}", type="server_error")
-            if event.finish_reason is not None:
+            if event.finish_reason is not None:  # the last event carries the whole reply's logprobs
+                event.logprobs, event.prompt_logprobs = logprobs, prompt_logprobs
                 return text, event
     finally:
         if not request.done:
@@ -431,12 +484,16 @@ def _sse(data: dict | str) -> str:
 
 
 async def _stream_chat(
-    engine, prompt_ids, params, reply_id, model_name, include_usage, record=None
+    engine, prompt_ids, params, reply_id, model_name, include_usage, record=None, k: int | None = None
 ) -> AsyncIterator[str]:
     created = int(time.time())
+    texts = TokenTexts(engine.tokenizer, prompt=False)
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict, finish_reason: str | None = None, event: Event | None = None) -> str:
+        logprobs = None
+        if k is not None and event is not None:  # the tokens sampled since the previous chunk
+            logprobs = chat_logprobs(texts.add(event.logprobs or []), k)
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return _sse(
             {
                 "id": reply_id,
@@ -452,11 +509,11 @@ async def _stream_chat(
         if event.text:
             if record is not None:
                 record(event.text)
-            yield chunk({"content": event.text})
+            yield chunk({"content": event.text}, event=event)
         if event.finish_reason == "error":
             yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
         elif event.finish_reason is not None:
-            yield chunk({}, FINISH_REASON[event.finish_reason])
+            yield chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event)
             if include_usage:
                 usage = _usage(event.prompt_tokens, event.completion_tokens)
                 yield _sse(
@@ -472,15 +529,30 @@ async def _stream_chat(
     yield _sse("[DONE]")
 
 
-async def _stream_completion(engine, prompt_ids, params, reply_id, model_name) -> AsyncIterator[str]:
+async def _stream_completion(
+    engine, prompt_ids, params, reply_id, model_name, echo: bool = False, k: int | None = None
+) -> AsyncIterator[str]:
+    """With echo, the first chunk is the prompt (with its logprobs); each chunk's logprobs are its tokens'."""
     created = int(time.time())
+    texts, first = None, True
     async for event in _events(engine, prompt_ids, params):
         if event.finish_reason == "error":
             yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
             break
         finish = FINISH_REASON[event.finish_reason] if event.finish_reason else None
+        pieces = []  # (text, logprobs, finish_reason) of the chunks this event makes
+        if first:
+            first, prompt = False, TokenTexts(engine.tokenizer, prompt=True)
+            rows = prompt.add(event.prompt_logprobs or prompt_entries(prompt_ids)) if echo else []
+            echoed = prompt.finish()
+            if echo:
+                pieces.append((echoed, completion_logprobs(rows, k) if k is not None else None, None))
+            texts = TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed))
         if event.text or finish:
-            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": finish}
+            logprobs = completion_logprobs(texts.add(event.logprobs or []), k) if k is not None else None
+            pieces.append((event.text, logprobs, finish))
+        for text, logprobs, finish_reason in pieces:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
             yield _sse(
                 {
                     "id": reply_id,

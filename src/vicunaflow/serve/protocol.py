@@ -40,11 +40,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream_options: dict | None = None
-    logprobs: bool | None = None  # refused when true (app.py): typed so a request asking for them is not ignored
-    top_logprobs: int | None = None
+    logprobs: bool | None = None  # true: each reply token's log-probability (choices[].logprobs.content)
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and this many alternatives (needs logprobs: true)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
+    # text, texts (a batch), token ids, or lists of token ids (a batch; lm-evaluation-harness sends these):
+    # ids are used as given (no BOS added), text gets BOS as every prompt of this server
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: no reply (with echo: the prompt's logprobs only)
+    echo: bool = False  # the reply starts with the prompt (and, with logprobs, the prompt tokens' logprobs)
+    logprobs: int | None = Field(None, ge=0, le=20)  # each token's logprob and this many alternatives
