@@ -116,6 +116,30 @@ def test_cuda_logprobs_with_graphs_and_overlap(tiny_vicuna, hf_model, cuda_graph
     assert torch.allclose(prompt, reference[torch.arange(len(ids) - 1), ids[1:]], atol=1e-3)
 
 
+def test_two_cpu_ranks_logprobs_match_one_process(tiny_vicuna, loaded):
+    """Tensor parallel: only rank 0 computes logprobs (the output layer is whole on every rank; the other
+    ranks run the same prefill and steps); they equal one process's, with the padded (CUDA-graph) layout."""
+    model, tokenizer = loaded
+    jobs = [
+        (encode_prompt(tokenizer, p), SamplingParams(temperature=0, max_new_tokens=6, logprobs=2, prompt_logprobs=2))
+        for p in PROMPTS
+    ]
+
+    def logprobs(events) -> list[float]:
+        return [e.logprob for e in events[0].prompt_logprobs[1:]] + [e.logprob for e in sampled_entries(events)]
+
+    with Engine(model, tokenizer, max_batch_size=4) as engine:
+        expected = [logprobs(events) for events in run(engine, jobs)]
+    split, _ = load_model(tiny_vicuna, device="cpu", num_gpus=2)
+    try:
+        with Engine(split, tokenizer, max_batch_size=4, padded_decode=True, overlap=True) as engine:
+            got = [logprobs(events) for events in run(engine, jobs)]
+    finally:
+        split.close()
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours == pytest.approx(theirs, abs=1e-5)
+
+
 def test_long_prompt_logprobs_in_chunks_and_zero_new_tokens(loaded, hf_model):
     """max_new_tokens=0 returns the prompt's logprobs and no token; a prompt longer than one chunk of
     positions is scored in pieces that join up."""
