@@ -71,6 +71,26 @@ def test_html_becomes_markdown_with_fenced_code_and_its_language() -> None:
     assert html_to_markdown("<p>2 / 2</p><p>Answer</p>") == "Answer"  # ShareGPT's regenerate counter
 
 
+@pytest.mark.parametrize(
+    "html",
+    [
+        SHAREGPT_HTML,
+        "<p>a <b> b </b>_c_ *d*</p><pre>x\n\n<b>y</b>\n  z</pre><pre><code class='language-js'>a\n</code></pre>tail",
+        "<ul><li>a<ul><li>b <em>c</em></li></ul></li></ul><ol start='3'><li>x</li><li>y</li></ol>",
+        "<table><tr><td>1</td><td>2</td></tr></table><h2>T</h2><blockquote><p>q</p></blockquote><br>t &amp; &lt;x&gt;",
+        "vector<int> a<b and <p>para</p>\n\n\n<pre>  keep   spaces\n\n\n</pre><code>`x`</code>",
+        "<pre><p>in</p><div>pre <i>x</i>\n\n</div>\n</pre><p>after <a href='u'>u</a> <a href='v'>w</a></p>",
+    ],
+)
+def test_tuned_markdown_converter_gives_what_markdownify_gives(html: str) -> None:
+    from markdownify import markdownify
+
+    converter = clean_module._markdown_converter()
+    assert type(converter).__name__ == "_FastConverter"  # markdownify is the pinned release
+    options = {**clean_module.MARKDOWNIFY_OPTIONS, "code_language_callback": clean_module._code_language}
+    assert converter.convert(html) == markdownify(html, **options)
+
+
 DIRTY = [
     {"id": "html", "conversations": turns("Write f.", SHAREGPT_HTML)},
     {

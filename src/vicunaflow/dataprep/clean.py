@@ -280,23 +280,109 @@ def html_to_markdown(html: str) -> str:
     Escaping of `_` and `*` is off: the text is for a model to read, and `snake\\_case` is not how
     anyone writes; code keeps its characters either way.
     """
-    from markdownify import markdownify
-
     html = _SVG.sub("", html)
     html = _BUTTON.sub("", html)
     html = _CODE_BAR.sub("", html)
     html = _LAYOUT.sub("", html)
-    text = markdownify(
-        html,
-        heading_style="ATX",
-        bullets="-",
-        escape_underscores=False,
-        escape_asterisks=False,
-        code_language_callback=_code_language,
-    )
+    text = _markdown_converter().convert(html)
     text = _REGENERATE.sub("", text.strip(), count=1)
     text = _COPY_CHARS.sub("", text)
     return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+MARKDOWNIFY_OPTIONS = dict(
+    heading_style="ATX", bullets="-", escape_underscores=False, escape_asterisks=False
+)  # fmt: skip
+# The markdownify release whose MarkdownConverter.process_tag `_FastConverter` repeats; pinned in pyproject.
+MARKDOWNIFY_TUNED = "1.2.3"
+
+
+@functools.cache
+def _markdown_converter():
+    """One converter per process (markdownify() builds one per call: ~5% of the time, in dir() of its
+    options), the tuned one when markdownify is the release it was written against."""
+    from importlib.metadata import version
+
+    import markdownify
+
+    options = {**MARKDOWNIFY_OPTIONS, "code_language_callback": _code_language}
+    if version("markdownify") != MARKDOWNIFY_TUNED:
+        log.info("markdownify %s (not %s): its own converter is used", version("markdownify"), MARKDOWNIFY_TUNED)
+        return markdownify.MarkdownConverter(**options)
+    return _fast_converter_class()(**options)
+
+
+def _fast_converter_class():
+    """markdownify 1.2.3's MarkdownConverter with one change in process_tag, the same Markdown out.
+
+    Upstream asks every element `node.name == 'pre' or node.find_parent('pre')` (a walk up the tree
+    through bs4's filter machinery for each of ~13 elements a reply has: a fifth of all the time);
+    `parent_tags`, which process_tag already carries down, holds the name of every ancestor, so
+    `'pre' in parent_tags` is the same answer. The rest of the method is upstream's, as it is.
+    """
+    from bs4 import Comment, Doctype, NavigableString, Tag
+    from markdownify import (
+        MarkdownConverter,
+        re_extract_newlines,
+        re_html_heading,
+        should_remove_whitespace_inside,
+        should_remove_whitespace_outside,
+    )
+
+    class _FastConverter(MarkdownConverter):
+        def process_tag(self, node, parent_tags=None):
+            if parent_tags is None:
+                parent_tags = set()
+            should_remove_inside = should_remove_whitespace_inside(node)
+
+            def _can_ignore(el):
+                if isinstance(el, Tag):
+                    return False
+                if isinstance(el, (Comment, Doctype)):
+                    return True
+                if isinstance(el, NavigableString):
+                    if str(el).strip() != "":
+                        return False
+                    if should_remove_inside and (not el.previous_sibling or not el.next_sibling):
+                        return True
+                    previous, following = el.previous_sibling, el.next_sibling
+                    return bool(
+                        should_remove_whitespace_outside(previous) or should_remove_whitespace_outside(following)
+                    )
+                if el is None:
+                    return True
+                raise ValueError(f"Unexpected element type: {type(el)}")
+
+            children_to_convert = [el for el in node.children if not _can_ignore(el)]
+            parent_tags_for_children = set(parent_tags)
+            parent_tags_for_children.add(node.name)
+            if re_html_heading.match(node.name) is not None or node.name in {"td", "th"}:
+                parent_tags_for_children.add("_inline")
+            if node.name in {"pre", "code", "kbd", "samp"}:
+                parent_tags_for_children.add("_noformat")
+            child_strings = [
+                self.process_element(el, parent_tags=parent_tags_for_children) for el in children_to_convert
+            ]
+            child_strings = [s for s in child_strings if s]
+            if node.name == "pre" or "pre" in parent_tags:  # upstream: node.find_parent('pre')
+                pass
+            else:
+                updated_child_strings = [""]
+                for child_string in child_strings:
+                    leading_nl, content, trailing_nl = re_extract_newlines.match(child_string).groups()
+                    if updated_child_strings[-1] and leading_nl:
+                        prev_trailing_nl = updated_child_strings.pop()
+                        num_newlines = min(2, max(len(prev_trailing_nl), len(leading_nl)))
+                        leading_nl = "\n" * num_newlines
+                    updated_child_strings.extend([leading_nl, content, trailing_nl])
+                child_strings = updated_child_strings
+            text = "".join(child_strings)
+            convert_fn = self.get_conv_fn_cached(node.name)
+            if convert_fn is not None:
+                text = convert_fn(node, text, parent_tags=parent_tags)
+            return text
+
+    return _FastConverter
 
 
 def _code_language(pre) -> str:
