@@ -255,10 +255,7 @@ def create_app(
         engine = check_model(body.model)
         model_name = body.model
         prompts = _prompt_list(body.prompt)
-        encoded = await run_in_threadpool(
-            lambda: [p if isinstance(p, list) else encode_prompt(engine.tokenizer, p) for p in prompts]
-        )
-        _check_token_ids(encoded, engine.model.args.vocab_size)
+        encoded = await run_in_threadpool(_encode_prompts, engine, prompts)
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
         prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
@@ -362,15 +359,21 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
     return prompts
 
 
-def _check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:
-    for i, ids in enumerate(prompts):
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+def _encode_prompts(engine: Engine, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Text prompts tokenised (with BOS), token-id prompts checked against the vocabulary (CPU work: run it
+    off the event loop)."""
+    vocab_size = engine.model.args.vocab_size
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            encoded.append(encode_prompt(engine.tokenizer, prompt))
+            continue
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
         if bad is not None:
-            raise APIError(
-                400,
-                f"prompt {i}: token id {bad} is outside this model's vocabulary (0..{vocab_size - 1})",
-                param="prompt",
-            )
+            message = f"prompt {i}: token id {bad} is outside this model's vocabulary (0..{vocab_size - 1})"
+            raise APIError(400, message, param="prompt")
+        encoded.append(prompt)
+    return encoded
 
 
 def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
