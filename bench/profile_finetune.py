@@ -42,6 +42,7 @@ def main() -> None:
 
     from vicunaflow import finetune
     from vicunaflow.finetune import loop
+    from vicunaflow.finetune.config import TrainConfig
 
     original = loop.train_step
     calls = {"n": 0}
@@ -61,12 +62,13 @@ def main() -> None:
         return result
 
     loop.train_step = profiled_step  # fit() looks it up at each step
-    finetune.setup(
+    config = TrainConfig(
         model_path=args.model, data=args.data, output_dir=args.output_dir, max_steps=args.steps,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accumulation,
         model_max_length=args.seq_len, save_strategy="no", report_to="none", lazy_preprocess=False,
-        compile=args.compile, nproc_per_node=1,
+        compile=args.compile,
     )  # fmt: skip
+    finetune.setup(config=config, nproc_per_node=1)
 
 
 def summarise(profile, wall_s: float, args) -> None:
