@@ -357,3 +357,67 @@ def test_snakemake_dry_run_lists_the_quantized_targets(tmp_path):
     text = result.stdout + result.stderr
     assert "rule quantize_model" in text and "vicuna-tiny-all-v1.1-int4" in text and "vicuna-7b-all-v1.1-int8" in text
     assert "--bits 4" in text or "quantize_model" in text
+
+
+# ---- the engine (vicunaflow.engine: chat and serve) ----------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vicuna, bits):
+    """The engine's matvec switch on (as on CUDA in float16), here in Triton's interpreter: every one-row
+    product of a decode step goes through qmatvec with its fused epilogues (RMSNorm folded into q|k|v and
+    gate|up, SiLU·up into down, the residual added by o and down); the logits equal the dequantize +
+    matmul path's."""
+    from vicunaflow.engine import load_model
+
+    model, tokenizer = load_model(tiny_vicuna, device="cpu", load_8bit=bits == 8, load_4bit=bits == 4)
+    ids = tokenizer("USER: Hello ASSISTANT:").input_ids
+    calls = []
+    real = quant_kernels.qmatvec
+
+    def counted(*args, **kwargs):
+        calls.append(("norm" if kwargs.get("norm") is not None else "") + ("swiglu" if args[3] else ""))
+        return real(*args, **kwargs)
+
+    results = {}
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_kernels, "qmatvec", counted)
+        for matvec in (False, True):
+            model.matvec = matvec
+            model.setup_cache(1, len(ids) + 2)
+            logits = [model(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids))]
+            for step in range(2):  # the interpreter is slow: two steps
+                token = torch.tensor([[int(logits[-1].argmax())]])
+                position = torch.tensor([[len(ids) + step]])
+                logits.append(model(token, position, kv_length=len(ids) + step + 1))
+            results[matvec] = torch.cat(logits)
+    model.matvec = False
+    layers = model.args.n_layers
+    assert (
+        calls.count("norm") == 2 * 2 * layers and calls.count("swiglu") == 2 * layers and len(calls) == 4 * 2 * layers
+    )
+    assert torch.allclose(results[True], results[False], rtol=1e-4, atol=1e-4 * float(results[False].abs().max()))
+
+
+def test_chat_cli_on_a_quantized_folder(quantized, tiny_vicuna, capsys, monkeypatch):
+    """`vicunaflow chat --model-path <int8|int4 folder>` (no flag) answers as `chat --load-Nbit` on the float folder."""
+    import io
+
+    from vicunaflow.chat import chat
+
+    out, bits = quantized
+    command = [sys.executable, "-m", "vicunaflow", "chat", "--model-path", str(out), "--device", "cpu"]
+    command += ["--temperature", "0", "--max-new-tokens", "8"]
+    result = subprocess.run(command, input="Hello\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    chat(model_path=tiny_vicuna, device="cpu", temperature=0.0, max_new_tokens=8, **{f"load_{bits}bit": True})
+    assert result.stdout == capsys.readouterr().out
+    assert "ASSISTANT: " in result.stdout and f"int{bits} layer weights" in result.stderr
+
+
+def test_chat_and_serve_do_not_use_bitsandbytes():
+    """--load-8bit / --load-4bit are vicunaflow.quant's formats on every device, not bitsandbytes'."""
+    sources = [REPO / "src/vicunaflow/chat.py", *sorted((REPO / "src/vicunaflow/serve").glob("*.py"))]
+    sources += sorted((REPO / "src/vicunaflow/engine").glob("*.py"))
+    assert [str(p) for p in sources if "bitsandbytes" in p.read_text()] == []

@@ -113,15 +113,33 @@ def test_arena_battle_vote_and_line(server):
     assert missing.status_code == 404
 
 
-def test_weight_estimate_is_what_the_engine_loads(tiny_vicuna):
-    from vicunaflow.engine import load_model
+def test_weight_estimate_is_what_the_engine_loads(tiny_vicuna, tmp_path):
+    """Float, int8 and int4 quantized at load, and a `vicunaflow quantize` folder; one rank and rank 0 of 2
+    (built in this process: build_model with a stand-in for the group, no ranks spawned)."""
+    from types import SimpleNamespace
 
-    for load_8bit in (False, True):
-        model, _ = load_model(tiny_vicuna, device="cpu", load_8bit=load_8bit)
-        guess = estimate(tiny_vicuna, name="tiny", device="cpu", load_8bit=load_8bit, max_batch_size=3, max_context=100)
-        assert guess.weights == model.weight_bytes(), load_8bit
+    import torch
+
+    from vicunaflow.engine import load_model
+    from vicunaflow.engine.build import LoadSpec, build_model
+    from vicunaflow.quantize import quantize_model
+
+    folder = quantize_model(model_path=tiny_vicuna, output_dir=tmp_path / "int4-g32", bits=4, group_size=32)
+    cases = [(tiny_vicuna, {}), (tiny_vicuna, {"load_8bit": True}), (tiny_vicuna, {"load_4bit": True})]
+    cases += [(tiny_vicuna, {"load_4bit": True, "group_size": 32}), (folder, {})]
+    for path, options in cases:
+        model, _ = load_model(path, device="cpu", **options)
+        guess = estimate(path, name="tiny", device="cpu", max_batch_size=3, max_context=100, **options)
+        assert guess.weights == model.weight_bytes(), options
         args = model.args  # keys and values: layers x slots x kv_heads x context x head_dim, float32
         assert guess.kv_cache == 2 * args.n_layers * 3 * args.n_kv_heads * 100 * args.head_dim * 4
+        if options.get("load_4bit") and "group_size" not in options:
+            continue  # groups of 128 do not split tiny's 704-wide down_proj in two (load_model refuses)
+        bits = 8 if options.get("load_8bit") else 4 if options.get("load_4bit") else None
+        spec = LoadSpec(str(path), torch.float32, "cpu", bits, options.get("group_size", 128), "auto")
+        rank0 = build_model(spec, SimpleNamespace(rank=0, world=2))
+        split = estimate(path, name="tiny", device="cpu", num_gpus=2, **options)
+        assert split.weights == rank0.weight_bytes(), ("2 ranks", options)
 
 
 def test_check_fit_names_each_model():

@@ -55,22 +55,43 @@ def test_two_cpu_ranks_match_one_process(fixture, request):
     assert all(not p.is_alive() for p in split.comm.workers)
 
 
-def test_two_cpu_ranks_with_int8_weights(tiny_vicuna):
-    """--load-8bit with --num-gpus 2: each rank quantises its own slices (scales per row of the slice)."""
-    full, tokenizer = load_model(tiny_vicuna, device="cpu", num_gpus=2)
+@pytest.fixture(scope="module")
+def int4_g32(tiny_vicuna, tmp_path_factory):
+    """int4 with groups of 32: tiny's 704-wide down_proj splits in 352 columns a rank, not a multiple of 128."""
+    from vicunaflow.quantize import quantize_model
+
+    out = tmp_path_factory.mktemp("tp-quantized") / "vicuna-tiny-int4-g32"
+    return quantize_model(model_path=tiny_vicuna, output_dir=out, bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("source", ["int8-at-load", "int4-folder"])
+def test_two_cpu_ranks_with_quantized_weights_match_one_process(tiny_vicuna, int4_g32, source):
+    """Quantized weights with --num-gpus 2: each rank shards the QuantWeights (q|k|v and gate|up by rows, o
+    and down by columns: int8 with its whole rows' scales, int4 on group boundaries), and the greedy and
+    sampled tokens are one process's."""
+    path, options = (tiny_vicuna, {"load_8bit": True}) if source == "int8-at-load" else (int4_g32, {})
+    model, tokenizer = load_model(path, device="cpu", **options)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, ignore_eos=True)
+    expected = _replies(model, tokenizer, greedy), _replies(model, tokenizer, sampled)
+    split, _ = load_model(path, device="cpu", num_gpus=2, **options)
     try:
-        full_bytes = full.weight_bytes()
-    finally:
-        full.close()
-    split, _ = load_model(tiny_vicuna, device="cpu", num_gpus=2, load_8bit=True)
-    try:
-        assert split.weight_bytes() < 0.45 * full_bytes
-        params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-        with Engine(split, tokenizer, max_batch_size=2) as engine:
-            events = list(engine.generate(_prompt(tokenizer, "Hello"), params))
+        layer_bytes = sum(getattr(layer, n).nbytes for layer in model.layers for n in ("wqkv", "wo", "w13", "w2"))
+        assert split.weight_bytes() < model.weight_bytes() - 0.45 * layer_bytes  # the layers are halved
+        assert split.layers[0].w2.shape == (model.args.dim, model.args.ffn_dim // 2)
+        assert _replies(split, tokenizer, greedy) == expected[0]
+        assert _replies(split, tokenizer, sampled) == expected[1]
     finally:
         split.close()
-    assert events[-1].completion_tokens == 8
+
+
+def test_int4_split_that_cuts_groups_is_refused(tiny_vicuna):
+    """Before any rank starts: the message names --num-gpus, the group size and a group size that fits."""
+    with pytest.raises(VicunaflowError, match=r"--num-gpus 2: each rank takes 352 of down_proj's 704 input columns, "
+                       r"not a multiple of the int4 group size 128.*--group-size 32"):  # fmt: skip
+        load_model(tiny_vicuna, device="cpu", num_gpus=2, load_4bit=True)
+    model, _ = load_model(tiny_vicuna, device="cpu", load_4bit=True, group_size=32)  # group 32 at load: fine
+    assert model.layers[0].w2.group_size == 32
 
 
 def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):

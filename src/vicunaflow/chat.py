@@ -57,8 +57,8 @@ def chat(
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
         max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
-        load_8bit: 8-bit weights: int8 with one scale per output row, dequantised at each product.
-        load_4bit: 4-bit weights (not available in this engine yet: refused).
+        load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
+        load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
         style: simple (plain streamed text) or rich (Markdown rendered as it streams).
         multiline: a message ends with an empty line instead of at the end of the line.
         temperature: sampling temperature; 0 is greedy.

@@ -1,8 +1,9 @@
 """Text generation for `chat` and `serve`: our own LLaMA model, its KV cache and a batching engine.
 
-    model.py      Transformer: fused q|k|v and gate|up, one forward for prefill and decode, int8 weights
+    model.py      Transformer: fused q|k|v and gate|up, one forward for prefill and decode, project()
     cache.py      KVCache: static per-layer buffers, one row per request
-    load.py       load_model: a Hugging Face folder (our checkpoint readers) or random weights, 1..N ranks
+    load.py       load_model: a Hugging Face folder (float or quantized) or random weights, 1..N ranks
+    build.py      build_model: one rank's weights (our checkpoint readers; int8/int4 through vicunaflow.quant)
     tp.py         tensor parallelism: spawned ranks, all-reduces (symmetric memory, NCCL, gloo)
     runner.py     Runner: prefill, bucketed decode steps, CUDA graphs, orders to the other ranks
     sampling.py   SamplingParams and the sampler
@@ -13,7 +14,7 @@ transformers is not used to run the model (only its tokenizer class, and as the 
 """
 
 from vicunaflow.engine.load import RandomWeights, load_model, resolve_device
-from vicunaflow.engine.model import Int8Weight, ModelArgs, Transformer
+from vicunaflow.engine.model import ModelArgs, Transformer
 from vicunaflow.engine.sampling import SamplingParams
 from vicunaflow.engine.scheduler import Engine, Event, Request, context_length, timed
 from vicunaflow.engine.text import IncrementalDecoder, encode_prompt, fit_conversation
@@ -22,7 +23,6 @@ __all__ = [
     "Engine",
     "Event",
     "IncrementalDecoder",
-    "Int8Weight",
     "ModelArgs",
     "RandomWeights",
     "Request",

@@ -1,6 +1,6 @@
 """The LLaMA inference model: one forward for prefill and decode, over a KV cache it owns.
 
-    Transformer -> Block (attention, feed-forward) -> project()
+    Transformer -> Block (attention, feed-forward) -> project() (float weights, or quant.QuantWeight int8/int4)
 
 Shaped after gpt-fast's model.py: q|k|v are one weight `wqkv` and gate|up one `w13`, fused when the
 weights load (engine/load.py); the forward takes each token's position, so a prompt of T tokens and a
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from vicunaflow import VicunaflowError, kernels
 from vicunaflow.engine.cache import KVCache
+from vicunaflow.quant import QuantWeight, qlinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,33 +75,8 @@ class ModelArgs:
         )
 
 
-@dataclasses.dataclass
-class Int8Weight:
-    """Weight-only int8, one scale per output row: dequantised at each product (`--load-8bit`).
-
-    A quarter of float32's memory, half of float16's; the products run in the compute dtype, so it
-    works the same on CPU and CUDA (and is as slow as reading int8 then converting on CUDA).
-    """
-
-    q: torch.Tensor  # [N, K] int8
-    scale: torch.Tensor  # [N], the compute dtype
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale.to(weight.dtype))
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * self.scale.element_size()
-
-
-Weight = torch.Tensor | Int8Weight
+# A layer's Linear weight: float [N, K], or int8/int4 codes with their scales (docs/quantize.md)
+Weight = torch.Tensor | QuantWeight
 
 
 def project(
@@ -117,23 +93,25 @@ def project(
 
     x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: one-row
     products through the Triton kernel (CUDA, float16/bfloat16). norm: (RMSNorm weight [K], eps) to
-    apply to x first (inside the kernel for one row: one launch fewer).
+    apply to x first (inside the kernel for one row: one launch fewer). weight: a float tensor, or a
+    quant.QuantWeight (int8/int4): its own Triton kernel for one row with the same epilogues, else
+    decoded to x's dtype and multiplied.
     """
-    if matvec and x.shape[0] == 1 and isinstance(weight, torch.Tensor):
+    if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
+        if isinstance(weight, QuantWeight):
+            if out is None and norm is not None:  # x may be the float32 residual stream: give the model's dtype
+                out = torch.empty(1, weight.shape[0], dtype=norm_weight.dtype, device=x.device)
+            return qlinear(x.contiguous(), weight, residual, swiglu, out=out, matvec=True, norm=norm_weight, eps=eps)
         return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
     if norm is not None:
         x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
+    if isinstance(weight, QuantWeight):
+        return qlinear(x, weight, residual, swiglu, out=out, matvec=False)
     if swiglu:
         half = x.shape[1] // 2
         x = F.silu(x[:, :half]) * x[:, half:]
-    if isinstance(weight, Int8Weight):
-        y = F.linear(x, weight.q.to(x.dtype)) * weight.scale
-        y = y if residual is None else y + residual
-    elif residual is None:
-        y = F.linear(x, weight)
-    else:
-        y = torch.addmm(residual, x, weight.t())
+    y = F.linear(x, weight) if residual is None else torch.addmm(residual, x, weight.t())
     if out is not None:
         return out.copy_(y)
     return y
@@ -278,14 +256,14 @@ class Transformer(torch.nn.Module):
             close()
 
     def weight_bytes(self) -> int:
-        """Bytes of this rank's weights (int8 weights counted with their scales)."""
+        """Bytes of this rank's weights (quantized weights counted with their scales and zeros)."""
         tensors = [self.embed, self.norm, self.output]
         for layer in self.layers:
             tensors += [layer.attention_norm, layer.wqkv, layer.wo, layer.ffn_norm, layer.w13, layer.w2]
         seen, total = set(), 0
         for t in tensors:
-            if isinstance(t, Int8Weight):
-                total += t.nbytes()
+            if isinstance(t, QuantWeight):
+                total += t.nbytes
             elif t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()

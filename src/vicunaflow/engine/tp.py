@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from vicunaflow import VicunaflowError
+from vicunaflow.engine.build import LoadSpec, build_model
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.runner import Op, Runner
 
@@ -47,17 +47,6 @@ MESSAGE = 8  # int64s per command: op and up to 7 arguments
 FOREVER = datetime.timedelta(days=365)  # an idle server waits for requests; workers exit when rank 0 dies
 START_TIMEOUT = 600.0  # seconds for every rank to start and load its shard
 _symmetric_memory_used = False  # see TensorParallel.__init__
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadSpec:
-    """What each rank needs to build its shard (picklable: it goes to the spawned ranks)."""
-
-    source: object  # a model directory (str) or load.RandomWeights
-    dtype: torch.dtype
-    device_type: str  # cuda or cpu
-    load_8bit: bool
-    all_reduce: str  # auto, symm-mem or nccl (CUDA); the CPU always uses gloo
 
 
 class TensorParallel:
@@ -90,7 +79,7 @@ class TensorParallel:
         """residual + the sum over ranks of x @ weight.T (each rank holds its columns of the product)."""
         if self.mode == "symm-mem" and x.shape[0] <= SYMM_MAX_ROWS:
             buffer = self._buffer(x.shape[0], weight.shape[0])  # [rows, dim] float32, peer-visible
-            if matvec and x.shape[0] == 1 and isinstance(weight, torch.Tensor):
+            if matvec and x.shape[0] == 1:  # a float tensor or a quant.QuantWeight: both have the kernel
                 # one-row step: rank 0's kernel adds the residual while storing its float32 partial sum,
                 # and the sum is the new residual stream, kept in float32 (the kernels read any float
                 # input): two launches per all-reduce, no add or cast
@@ -266,8 +255,6 @@ def _join(rank: int, world: int, store, spec: LoadSpec) -> TensorParallel:
 
 
 def _worker_main(rank: int, world: int, port: int, spec: LoadSpec) -> None:
-    from vicunaflow.engine.load import build_model
-
     _exit_with_parent()
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=FOREVER)
     store.set(f"joined/{rank}", "ok")

@@ -58,8 +58,8 @@ def serve(
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
         max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
-        load_8bit: 8-bit weights: int8 with one scale per output row, dequantised at each product.
-        load_4bit: 4-bit weights (not available in this engine yet: refused).
+        load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
+        load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
         max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
@@ -87,7 +87,8 @@ def serve(
     _check_port(host, port)  # before the model loads: minutes wasted otherwise
     models = _named_models(model_path, model_name)
     resolved = resolve_device(device, num_gpus)
-    sizes = dict(num_gpus=num_gpus, load_8bit=load_8bit, max_batch_size=max_batch_size, max_context=max_context)
+    sizes = dict(num_gpus=num_gpus, load_8bit=load_8bit, load_4bit=load_4bit)
+    sizes |= dict(max_batch_size=max_batch_size, max_context=max_context)
     check_fit(
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )

@@ -2,8 +2,9 @@
 
 Loading a 13B for minutes only to die of an out-of-memory error on the third of three models is the
 failure this prevents: before any weight is read, each model's bytes per rank are estimated the way
-engine/load.py lays them out (projections split over the ranks, embeddings and lm_head whole on every
-rank, int8 projections with one scale per row) plus the KV cache the Engine allocates (max_batch_size x
+engine/build.py lays them out (projections split over the ranks, embeddings and lm_head whole on every
+rank and always float; int8 or int4 projections, quantized at load or stored so by `vicunaflow quantize`,
+counted with their scales and zeros as vicunaflow.quant stores them) plus the KV cache the Engine allocates (max_batch_size x
 context per layer, keys and values), and the sum is compared with the free memory of the GPU(s), or
 with the RAM the kernel says is available on the CPU (CPU ranks all live in it).
 """
@@ -15,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
@@ -40,6 +41,8 @@ def estimate(
     device: str,
     num_gpus: int = 1,
     load_8bit: bool = False,
+    load_4bit: bool = False,
+    group_size: int = quant.DEFAULT_GROUP_SIZE,
     max_batch_size: int = 16,
     max_context: int | None = None,
 ) -> Estimate:
@@ -51,27 +54,38 @@ def estimate(
         raise VicunaflowError(
             f"{model_path}: cannot read config.json ({err}); give a Hugging Face model directory"
         ) from None
+    stored = quant.quantization_config(model_path)  # a quantized folder loads as it is stored
+    if stored is not None:
+        bits, group_size = stored["bits"], stored.get("group_size") or group_size
+    else:
+        bits = 8 if load_8bit else 4 if load_4bit else None
     itemsize = 2 if device == "cuda" else 4  # load_model's default: float16 on CUDA, float32 on CPU
     head, kv = args.head_dim, args.n_kv_heads * args.head_dim
-    # [rows, columns] of one layer's projections before the split: q|k|v, o, gate|up, down
-    projections = [(args.n_heads * head + 2 * kv, args.dim), (args.dim, args.n_heads * head)]
-    projections += [(2 * args.ffn_dim, args.dim), (args.dim, args.ffn_dim)]
+    # [rows, columns] of one layer's projections before the split, and the dimension the split cuts:
+    # q|k|v and gate|up by rows, o and down by columns (engine/build.py)
+    projections = [(args.n_heads * head + 2 * kv, args.dim, 0), (args.dim, args.n_heads * head, 1)]
+    projections += [(2 * args.ffn_dim, args.dim, 0), (args.dim, args.ffn_dim, 1)]
     per_layer = 0
-    for rows, columns in projections:
-        values = rows * columns // num_gpus
-        per_layer += values + rows * itemsize if load_8bit else values * itemsize  # int8: one scale a row
+    for rows, columns, split in projections:
+        rows, columns = (rows // num_gpus, columns) if split == 0 else (rows, columns // num_gpus)
+        per_layer += _linear_bytes(rows, columns, bits, group_size, itemsize)
     per_layer += 2 * args.dim * itemsize  # the two norms
     embed = args.vocab_size * args.dim * itemsize
-    if args.tie_word_embeddings and not load_8bit:
-        output = 0  # the embedding itself
-    elif load_8bit:
-        output = args.vocab_size * (args.dim + itemsize)
-    else:
-        output = embed
+    output = 0 if args.tie_word_embeddings else embed  # lm_head stays float (or is the embedding itself)
     weights = args.n_layers * per_layer + embed + output + args.dim * itemsize
     context = min(args.max_position_embeddings, max_context) if max_context else args.max_position_embeddings
     kv_cache = 2 * args.n_layers * max_batch_size * (kv // num_gpus) * context * itemsize
     return Estimate(name, weights, kv_cache)
+
+
+def _linear_bytes(rows: int, columns: int, bits: int | None, group_size: int, itemsize: int) -> int:
+    """One rank's [rows, columns] Linear weight: float; int8 codes + a float32 scale a row; int4 codes
+    (two a byte) + a float16 scale and zero per row and group (docs/quantize.md)."""
+    if bits == 8:
+        return rows * columns + 4 * rows
+    if bits == 4:
+        return rows * columns // 2 + 4 * rows * -(-columns // group_size)
+    return rows * columns * itemsize
 
 
 def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, available: int | None = None) -> None:
@@ -91,7 +105,7 @@ def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, avai
     raise VicunaflowError(
         f"the model(s) do not fit: they need about {_gib(needed)} {where} ({parts}), "
         f"{_gib(available)} are free; serve fewer models, lower --max-batch-size or --max-context, "
-        "add --load-8bit or --num-gpus"
+        "add --load-8bit, --load-4bit or --num-gpus"
     )
 
 
