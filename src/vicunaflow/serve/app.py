@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
+from vicunaflow.serve.errors import APIError, read_body, sse_event
 from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -45,29 +45,6 @@ FINISH_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error
 # Request bodies larger than this are refused with 413. A full 2048-token prompt is ~10 KB of text;
 # the cap leaves room for long contexts, many completion prompts and JSON escaping.
 MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-class APIError(Exception):
-    """An error returned to the client as OpenAI's {"error": {...}} body."""
-
-    def __init__(
-        self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, param=None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        if self.status == 413:  # the rest of the body is not read: the connection cannot carry another request
-            headers = {"Connection": "close"}
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-    def sse(self) -> str:
-        """The error as a server-sent event, for failures after a stream has started."""
-        return _sse(self.body())
 
 
 def create_app(
@@ -308,27 +285,8 @@ def create_app(
 
 async def _parse(request: Request, model: type[BaseModel], max_bytes: int):
     """Validate a JSON body whatever its Content-Type (curl -d sends form-encoded headers)."""
-    raw = await _read_body(request, max_bytes)
+    raw = await read_body(request, max_bytes)
     return await run_in_threadpool(_validate, model, raw)
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `max_bytes`: by Content-Length before
-    reading anything (uvicorn sends `100 Continue` only when reading starts), else while it streams in."""
-    too_large = APIError(
-        413,
-        f"The request body exceeds this server's limit of {max_bytes} bytes (serve --max-body-bytes).",
-        code="request_too_large",
-    )
-    length = request.headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
-    return bytes(body)
 
 
 def _validate(model: type[BaseModel], raw: bytes):
@@ -482,10 +440,6 @@ async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams)
         request.cancel()
 
 
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 async def _stream_chat(
     engine, prompt_ids, params, reply_id, model_name, include_usage, record=None, k: int | None = None
 ) -> AsyncIterator[str]:
@@ -497,7 +451,7 @@ async def _stream_chat(
         if k is not None and event is not None:  # the tokens sampled since the previous chunk
             logprobs = chat_logprobs(texts.add(event.logprobs or []), k)
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return _sse(
+        return sse_event(
             {
                 "id": reply_id,
                 "object": "chat.completion.chunk",
@@ -519,7 +473,7 @@ async def _stream_chat(
             yield chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event)
             if include_usage:
                 usage = _usage(event.prompt_tokens, event.completion_tokens)
-                yield _sse(
+                yield sse_event(
                     {
                         "id": reply_id,
                         "object": "chat.completion.chunk",
@@ -529,7 +483,7 @@ async def _stream_chat(
                         "usage": usage,
                     }
                 )
-    yield _sse("[DONE]")
+    yield sse_event("[DONE]")
 
 
 async def _stream_completion(
@@ -556,7 +510,7 @@ async def _stream_completion(
             pieces.append((event.text, logprobs, finish))
         for text, logprobs, finish_reason in pieces:
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-            yield _sse(
+            yield sse_event(
                 {
                     "id": reply_id,
                     "object": "text_completion",
@@ -565,7 +519,7 @@ async def _stream_completion(
                     "choices": [choice],
                 }
             )
-    yield _sse("[DONE]")
+    yield sse_event("[DONE]")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -35,7 +35,7 @@ MAX_BATTLES = 10_000  # battles kept in memory; the oldest are forgotten (their 
 
 def install(app: FastAPI, models: list[str], authorize, chat, max_body_bytes: int, results_dir: Path | None) -> None:
     """Add the arena routes; `chat(request, body, shown_name, record)` is app.py's chat path."""
-    from vicunaflow.serve.app import APIError, _read_body
+    from vicunaflow.serve.errors import APIError, read_body
     from vicunaflow.serve.protocol import ChatCompletionRequest
 
     battles: OrderedDict[str, dict] = OrderedDict()
@@ -74,7 +74,7 @@ def install(app: FastAPI, models: list[str], authorize, chat, max_body_bytes: in
         if battle["voted"]:
             raise APIError(409, "this battle has been voted on: start a new one", code="battle_voted")
         try:
-            raw = json.loads(await _read_body(request, max_body_bytes) or b"{}")
+            raw = json.loads(await read_body(request, max_body_bytes) or b"{}")
         except json.JSONDecodeError as err:
             raise APIError(400, f"Invalid request body: {err}") from None
         if not isinstance(raw, dict):
@@ -101,7 +101,7 @@ def install(app: FastAPI, models: list[str], authorize, chat, max_body_bytes: in
         authorize(request)
         battle = battle_of(battle_id)
         try:
-            choice = json.loads(await _read_body(request, max_body_bytes) or b"{}").get("vote")
+            choice = json.loads(await read_body(request, max_body_bytes) or b"{}").get("vote")
         except (json.JSONDecodeError, AttributeError):
             choice = None
         if choice not in VOTES:
