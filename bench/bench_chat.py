@@ -20,14 +20,19 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
     --ablations     ours again, one request at a time, with each speed-up of the decode step switched off
                     (Triton matvec kernels, overlapped steps, both), and the bandwidth of the matvec
                     kernel vs cuBLAS on each 7B/13B weight shape
-    --load-8bit     weight memory on the device of `load_model(..., load_8bit=True)` (weight-only int8,
-                    one scale per output row, dequantised at each product) against float16, and its tokens/s
+    --quant 8 4     ours again with weight-only int8 / int4 (group 128) layer weights, quantized at load
+                    (`load_model(load_8bit=True / load_4bit=True)`, the path of `chat --load-8bit / --load-4bit`;
+                    Triton qmatvec for one-row steps): the same rows as float16, next to them, plus weight GiB
+                    (`--load-8bit` = `--quant 8`)
+    --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
+                    the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
 FastChat 0.2.36 needs transformers 4.x: `--fastchat-pythonpath DIR` runs the FastChat side in a child
 process with DIR (holding fschat 0.2.36, transformers 4.57.1 and its tokenizers/huggingface_hub) first
 on PYTHONPATH; without it, FastChat is imported from the current environment.
 
     python bench/bench_chat.py --fastchat-pythonpath /tmp/ref --load-8bit       # 7B, C = 1 8 32
+    python bench/bench_chat.py --only ours transformers --quant 8 4 --bnb 8 4     # float16 | int8 | int4 | bnb
     python bench/bench_chat.py --size 13b --concurrency 1 --num-gpus 1 2 --append # 13B, 1 and 2 GPUs
     python bench/bench_chat.py --tiny                                             # CPU smoke test of the script
     python bench/bench_chat.py --tiny --num-gpus 1 2                              # the same with 2 gloo ranks
@@ -82,10 +87,21 @@ def main() -> None:
     parser.add_argument("--no-overlap", action="store_true", help="ours: wait for each step before queueing the next")
     parser.add_argument("--ablations", action="store_true", help="ours: also single-stream with each speed-up off")
     parser.add_argument("--fastchat-pythonpath", help="run FastChat in a child process with this first on PYTHONPATH")
-    parser.add_argument("--load-8bit", action="store_true", help="also measure load_model(load_8bit=True)")
+    parser.add_argument("--load-8bit", action="store_true", help="the same as --quant 8")
+    parser.add_argument(
+        "--quant", type=int, nargs="+", choices=[8, 4], default=[],
+        help="ours: also with int8 / int4 layer weights quantized at load (rows next to float16's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bnb", type=int, nargs="+", choices=[8, 4], default=[],
+        help="transformers: also with bitsandbytes LLM.int8() / NF4 weights (CUDA; the reference rows)",
+    )  # fmt: skip
+    parser.add_argument("--scratch", type=Path, help="--bnb: where the random model is written (default: a temp dir)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
     args = parser.parse_args()
+    if args.load_8bit and 8 not in args.quant:
+        args.quant = [8, *args.quant]
     if args.tiny:
         args.size, args.device, args.concurrency = "tiny", "cpu", [1, 4]
         args.prompt_tokens, args.new_tokens, args.context, args.repeats = 32, 32, 256, 1
@@ -119,17 +135,20 @@ def main() -> None:
     if "ours" in args.only:
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
-                model = make_model(model_args, args.device, dtype, num_gpus, all_reduce)
-                try:
-                    tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
-                    results += [row | tags for row in bench_ours(model, tokenizer, prompts, args)]
-                    if args.ablations and num_gpus == 1:
-                        results += [row | tags for row in bench_ablations(model, tokenizer, prompts, args)]
-                    if args.load_8bit and num_gpus == 1:
-                        results += bench_load_8bit(model, tokenizer, prompts, args)
-                finally:
-                    model.close()
-                free(model)
+                for bits in [None, *args.quant]:  # float16 first, then each quantized format with the same rows
+                    model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
+                    try:
+                        tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
+                        tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
+                        tags |= {"weight_gib": model.weight_bytes() / 2**30}
+                        rows = bench_ours(model, tokenizer, prompts, args)
+                        if args.ablations and num_gpus == 1 and bits is None:
+                            rows += bench_ablations(model, tokenizer, prompts, args)
+                        name = f"vicunaflow int{bits}" if bits else None
+                        results += [row | tags | ({"engine": name} if name else {}) for row in rows]
+                    finally:
+                        model.close()
+                    free(model)
     for num_gpus in args.num_gpus if "transformers" in args.only or "fastchat" in args.only else []:
         if num_gpus > 1 and args.device != "cuda":
             continue  # device_map spreads layers over GPUs only
@@ -139,6 +158,16 @@ def main() -> None:
         if "fastchat" in args.only and not args.fastchat_pythonpath and num_gpus == 1:
             results += bench_fastchat(hf_model, tokenizer, prompts, args)
         free(hf_model)
+    for bits in args.bnb if "transformers" in args.only else []:
+        if args.device != "cuda":
+            print(f"bitsandbytes int{bits}: CUDA only, skipped", flush=True)
+            continue
+        bnb_model = make_bnb_model(args, dtype, bits)
+        name = "transformers.generate + bitsandbytes " + ("LLM.int8()" if bits == 8 else "NF4")
+        gib = bnb_model.get_memory_footprint() / 2**30
+        rows = bench_transformers(bnb_model, prompts, args)
+        results += [row | {"engine": name, "num_gpus": 1, "weights": f"bnb{bits}", "weight_gib": gib} for row in rows]
+        free(bnb_model)
     print_table(results)
     runs = []
     if args.append and args.output.exists():
@@ -168,8 +197,9 @@ def make_args(size_name: str, context: int):
     )
 
 
-def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_reduce: str):
-    """Our model with random weights (seed 0), as chat/serve load one: whole, or split over num_gpus ranks."""
+def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_reduce: str, bits: int | None = None):
+    """Our model with random weights (seed 0), as chat/serve load one: whole, or split over num_gpus ranks;
+    bits 8 / 4: its layer weights quantized at load (`--load-8bit` / `--load-4bit`)."""
     from vicunaflow.engine import RandomWeights, load_model
 
     start = time.perf_counter()
@@ -179,11 +209,39 @@ def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_r
         num_gpus=num_gpus,
         dtype=str(dtype).removeprefix("torch."),
         all_reduce="auto" if all_reduce == "none" else all_reduce,
+        load_8bit=bits == 8,
+        load_4bit=bits == 4,
     )
     print(
-        f"ours: {num_gpus} rank(s), all-reduce {all_reduce}, built in {time.perf_counter() - start:.1f} s", flush=True
+        f"ours: {num_gpus} rank(s), all-reduce {all_reduce}, weights {f'int{bits}' if bits else tags_dtype(dtype)}, "
+        f"{model.weight_bytes() / 2**30:.2f} GiB a rank, built in {time.perf_counter() - start:.1f} s",
+        flush=True,
     )
     return model
+
+
+def tags_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def make_bnb_model(args, dtype: torch.dtype, bits: int):
+    """transformers' LlamaForCausalLM of the same shape with bitsandbytes weights: the random float model is
+    saved once (seed 0) and loaded back through a BitsAndBytesConfig, as `from_pretrained` users do."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-bnb-"))
+    if not (scratch / "config.json").exists():
+        hf_model = make_hf_model(args.size, "cpu", dtype, args.context)
+        hf_model.save_pretrained(scratch)
+        free(hf_model)
+    if bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=config, dtype=dtype, device_map={"": 0})
+    print(f"bitsandbytes int{bits}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    return model.eval()
 
 
 def make_hf_model(size_name: str, device: str, dtype: torch.dtype, context: int, num_gpus: int = 1):
@@ -614,40 +672,13 @@ def bench_fastchat(model, tokenizer, prompts, args) -> list[dict]:
     ]
 
 
-def bench_load_8bit(model, tokenizer, prompts, args) -> list[dict]:
-    """Weight memory and speed of `load_model(load_8bit=True)` (the path `chat --load-8bit` takes) against float16."""
-    from vicunaflow.engine import Engine, RandomWeights, SamplingParams, load_model
-
-    before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-    start = time.perf_counter()
-    model_8bit, _ = load_model(RandomWeights(model.args, seed=0), device=args.device, load_8bit=True)
-    load_s = time.perf_counter() - start
-    device_bytes = torch.cuda.memory_allocated() - before if args.device == "cuda" else None
-    row = {
-        "engine": "vicunaflow --load-8bit",
-        "mode": "weights",
-        "concurrency": 1,
-        "load_s": load_s,
-        "full_weight_gib": model.weight_bytes() / 2**30,
-        "int8_weight_gib": model_8bit.weight_bytes() / 2**30,
-        "int8_device_allocated_gib": device_bytes / 2**30 if device_bytes is not None else None,
-        "ratio": model_8bit.weight_bytes() / model.weight_bytes(),
-    }
-    params = SamplingParams(temperature=0.0, max_new_tokens=min(args.new_tokens, 64), ignore_eos=True)
-    with Engine(model_8bit, tokenizer, max_batch_size=1, max_context=args.context) as engine:
-        list(engine.generate(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=4)))  # warm-up
-        row |= {f"single_{key}": value for key, value in single_stream(engine, prompts[0], params, 1).items()}
-    print(row, flush=True)
-    free(model_8bit)
-    return [row]
-
-
 def info_version() -> str:
     return __import__("transformers").__version__
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ["engine", "num_gpus", "all_reduce", "mode", "concurrency", "decode_tok_s", "e2e_tok_s"]
+    columns = ["engine", "weights", "weight_gib", "num_gpus", "all_reduce", "mode", "concurrency", "decode_tok_s"]
+    columns += ["e2e_tok_s"]
     columns += ["aggregate_tok_s", "reply_s"]
     columns += ["first_token_s"]
     print(" | ".join(f"{c:>14}" for c in columns))
