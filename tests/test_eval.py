@@ -337,13 +337,14 @@ def test_answers_are_fastchats_greedy_conversation(tiny_vicuna: Path, fastchat, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vicunaflow.eval.answers import answers
+    from vicunaflow.loading import ModelOptions
 
     output = answers(
         model_path=tiny_vicuna,
         questions=BUILTIN_QUESTIONS,
         output=tmp_path / "a" / "m.jsonl",
         max_new_tokens=12,
-        device="cpu",
+        model_options=ModelOptions(device="cpu"),
     )
     loaded = fastchat.common.load_model_answers(str(tmp_path / "a"))["m"]
     questions = {q.id: q for q in mt_bench.load_questions(BUILTIN_QUESTIONS)}
@@ -370,7 +371,7 @@ def test_answers_are_fastchats_greedy_conversation(tiny_vicuna: Path, fastchat, 
         questions=BUILTIN_QUESTIONS,
         output=tmp_path / "b.jsonl",
         max_new_tokens=12,
-        device="cpu",
+        model_options=ModelOptions(device="cpu"),
     )
     first = [json.loads(line)["choices"] for line in output.read_text().splitlines()]
     assert first == [json.loads(line)["choices"] for line in again.read_text().splitlines()]  # sampled ones too

@@ -404,6 +404,7 @@ def test_chat_cli_on_a_quantized_folder(quantized, tiny_vicuna, capsys, monkeypa
     import io
 
     from vicunaflow.chat import chat
+    from vicunaflow.loading import ModelOptions
 
     out, bits = quantized
     command = [sys.executable, "-m", "vicunaflow", "chat", "--model-path", str(out), "--device", "cpu"]
@@ -411,7 +412,8 @@ def test_chat_cli_on_a_quantized_folder(quantized, tiny_vicuna, capsys, monkeypa
     result = subprocess.run(command, input="Hello\n", capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
-    chat(model_path=tiny_vicuna, device="cpu", temperature=0.0, max_new_tokens=8, **{f"load_{bits}bit": True})
+    options = ModelOptions(device="cpu", **{f"load_{bits}bit": True})
+    chat(model_path=tiny_vicuna, model_options=options, temperature=0.0, max_new_tokens=8)
     assert result.stdout == capsys.readouterr().out
     assert "ASSISTANT: " in result.stdout and f"int{bits} layer weights" in result.stderr
 

@@ -13,6 +13,7 @@ import torch
 from vicunaflow import VicunaflowError, template
 from vicunaflow.chat import chat
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
+from vicunaflow.loading import ModelOptions
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 6]
 
@@ -99,7 +100,7 @@ def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):
 
     def run(**options) -> str:
         monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nWho are you?\n"))
-        chat(model_path=tiny_vicuna, temperature=0.0, max_new_tokens=8, **options)
+        chat(model_path=tiny_vicuna, model_options=ModelOptions(**options), temperature=0.0, max_new_tokens=8)
         return capsys.readouterr().out
 
     assert run(device="cpu", num_gpus=2) == run(device="cpu")
@@ -107,7 +108,7 @@ def test_chat_on_two_cpu_ranks(tiny_vicuna, monkeypatch, capsys):
 
 def test_num_gpus_refusals(tiny_vicuna, tiny_gqa, monkeypatch):
     with pytest.raises(VicunaflowError, match="--num-gpus 0: must be at least 1"):
-        chat(model_path=tiny_vicuna, num_gpus=0)
+        chat(model_path=tiny_vicuna, model_options=ModelOptions(num_gpus=0))
     with pytest.raises(VicunaflowError, match="8 attention heads"):
         load_model(tiny_vicuna, device="cpu", num_gpus=3)
     with pytest.raises(VicunaflowError, match=r"2 key/value heads.*not replicated"):
@@ -121,7 +122,7 @@ def test_num_gpus_refusals(tiny_vicuna, tiny_gqa, monkeypatch):
 def test_num_gpus_without_a_gpu_is_refused(tiny_vicuna):
     """FastChat silently ran `--num-gpus 2` on the CPU; here it asks for --device cpu."""
     with pytest.raises(VicunaflowError, match="no CUDA device is visible; add --device cpu"):
-        chat(model_path=tiny_vicuna, num_gpus=2)
+        chat(model_path=tiny_vicuna, model_options=ModelOptions(num_gpus=2))
 
 
 def _two_gpus_match_one(path, all_reduce: str) -> None:

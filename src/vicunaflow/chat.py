@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, template
-from vicunaflow.engine import Engine, SamplingParams, encode_prompt, fit_conversation, load_model, timed
+from vicunaflow.engine import Engine, SamplingParams, encode_prompt, fit_conversation, timed
+from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
 from vicunaflow.outputs import atomic_write_bytes, tool_versions
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,7 @@ COMMANDS_HELP = (
 def chat(
     *,
     model_path: Path,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    num_gpus: int = 1,
-    max_gpu_memory: str | None = None,
-    load_8bit: bool = False,
-    load_4bit: bool = False,
+    model_options: ModelOptions = DEFAULT_MODEL_OPTIONS,
     style: Literal["simple", "rich"] = "simple",
     multiline: bool = False,
     temperature: float = 0.7,
@@ -54,11 +51,7 @@ def chat(
 
     Arguments:
         model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1).
-        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
-        num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
-        max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
-        load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
-        load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
+        model_options: how the model loads (vicunaflow.loading.ModelOptions: --device, --num-gpus, --load-8bit, ...).
         style: simple (plain streamed text) or rich (Markdown rendered as it streams).
         multiline: a message ends with an empty line instead of at the end of the line.
         temperature: sampling temperature; 0 is greedy.
@@ -71,9 +64,8 @@ def chat(
         output: with --prompts: the JSON file to write the transcripts to (results/chat/<model>.json).
     """
     log.info(
-        "chat: model_path=%s device=%s num_gpus=%d load_8bit=%s load_4bit=%s temperature=%s top_p=%s "
-        "max_new_tokens=%d prompts=%s output=%s",
-        model_path, device, num_gpus, load_8bit, load_4bit, temperature, top_p, max_new_tokens, prompts, output,
+        "chat: model_path=%s %s temperature=%s top_p=%s max_new_tokens=%d prompts=%s output=%s",
+        model_path, model_options, temperature, top_p, max_new_tokens, prompts, output,
     )  # fmt: skip
     if (prompts is None) != (output is None):
         raise VicunaflowError("--prompts and --output go together: answer a prompt file into a JSON file")
@@ -83,14 +75,7 @@ def chat(
         raise VicunaflowError(f"--top-p {top_p}: must be in (0, 1]")
     if temperature < 0:
         raise VicunaflowError(f"--temperature {temperature}: must be >= 0")
-    model, tokenizer = load_model(
-        model_path,
-        device=device,
-        num_gpus=num_gpus,
-        max_gpu_memory=max_gpu_memory,
-        load_8bit=load_8bit,
-        load_4bit=load_4bit,
-    )
+    model, tokenizer = model_options.load(model_path)
     with (
         contextlib.closing(model),
         Engine(

@@ -2,9 +2,10 @@
 
 Arguments, defaults and help come from each function's signature and `Arguments:` docstring
 (jsonargparse), so the CLI cannot drift from the code. A parameter typed as a dataclass (finetune's
-TrainConfig) is spread into one flag per field, with the dataclass's own defaults and `Arguments:`
-docs, and `--config FILE` takes those fields as flat keys. Only the module of the verb being run is
-imported, which keeps `vicunaflow <verb>` quick to start inside Snakemake jobs.
+TrainConfig; the ModelOptions of chat, serve and eval answers) is spread into one flag per field, with
+the dataclass's own defaults and `Arguments:` docs, and `--config FILE` takes those fields as flat
+keys. Only the module of the verb being run is imported, which keeps `vicunaflow <verb>` quick to start
+inside Snakemake jobs.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.eval.mt_bench import DEFAULT_TEMPERATURE, TEMPERATURES, Question, load_questions
+from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ def answers(
     model_id: str | None = None,
     max_new_tokens: int = 1024,
     seed: int = 42,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    num_gpus: int = 1,
-    max_gpu_memory: str | None = None,
-    load_8bit: bool = False,
+    model_options: ModelOptions = DEFAULT_MODEL_OPTIONS,
     max_batch_size: int = 16,
     max_context: int | None = None,
     cuda_graphs: bool = True,
@@ -55,29 +52,23 @@ def answers(
         model_id: the model's name in the answers and judgments; default: the directory name.
         max_new_tokens: longest answer to a turn, in tokens (FastChat: 1024).
         seed: sampling seed of the sampled categories (writing, roleplay, stem, humanities).
-        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
-        num_gpus: spread the layers over this many GPUs (device_map auto).
-        max_gpu_memory: memory cap per GPU when spreading, e.g. 20GiB.
-        load_8bit: 8-bit weights (bitsandbytes on CUDA, dynamic int8 on CPU).
+        model_options: how the model loads (vicunaflow.loading.ModelOptions: --device, --num-gpus, --load-8bit, ...).
         max_batch_size: conversations decoded together.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph.
     """
-    from vicunaflow.engine import Engine, load_model
+    from vicunaflow.engine import Engine
     from vicunaflow.outputs import atomic_write_bytes
 
     log.info(
-        "eval answers: model_path=%s questions=%s output=%s model_id=%s max_new_tokens=%d seed=%d device=%s "
-        "num_gpus=%d max_batch_size=%d",
-        model_path, questions, output, model_id, max_new_tokens, seed, device, num_gpus, max_batch_size,
+        "eval answers: model_path=%s questions=%s output=%s model_id=%s max_new_tokens=%d seed=%d %s max_batch_size=%d",
+        model_path, questions, output, model_id, max_new_tokens, seed, model_options, max_batch_size,
     )  # fmt: skip
     if max_new_tokens < 1:
         raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     loaded = load_questions(questions)
     model_id = model_id or Path(model_path).name
-    model, tokenizer = load_model(
-        model_path, device=device, num_gpus=num_gpus, max_gpu_memory=max_gpu_memory, load_8bit=load_8bit
-    )
+    model, tokenizer = model_options.load(model_path)
     with contextlib.closing(model):  # stops the other ranks of a multi-GPU model
         engine = Engine(
             model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs

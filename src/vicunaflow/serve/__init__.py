@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Literal
 
 from vicunaflow import VicunaflowError
+from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,7 @@ def serve(
     port: int = 8000,
     api_key: list[str] | str | None = None,
     model_name: list[str] | str | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    num_gpus: int = 1,
-    max_gpu_memory: str | None = None,
-    load_8bit: bool = False,
-    load_4bit: bool = False,
+    model_options: ModelOptions = DEFAULT_MODEL_OPTIONS,
     max_batch_size: int = 16,
     max_context: int | None = None,
     default_max_tokens: int = 512,
@@ -55,11 +51,7 @@ def serve(
         api_key: accepted Bearer key(s): --api-key KEY, several as --api-key K1,K2 or --api-key+ K2;
             default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
         model_name: the model id clients send, one per --model-path (repeat the flag); default: the directory name.
-        device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
-        num_gpus: tensor parallelism over this many GPUs, one process each (with --device cpu: CPU ranks).
-        max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
-        load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
-        load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
+        model_options: how each model loads (vicunaflow.loading.ModelOptions: --device, --num-gpus, --load-8bit, ...).
         max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
@@ -70,15 +62,14 @@ def serve(
     """
     import uvicorn
 
-    from vicunaflow.engine import Engine, load_model, resolve_device
+    from vicunaflow.engine import Engine, resolve_device
     from vicunaflow.serve.app import create_app
     from vicunaflow.serve.fit import check_fit, estimate
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
-        "serve: model_path=%s host=%s port=%d keys=%d device=%s num_gpus=%d load_8bit=%s load_4bit=%s "
-        "max_batch_size=%d max_context=%s",
-        model_path, host, port, len(keys), device, num_gpus, load_8bit, load_4bit, max_batch_size, max_context,
+        "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s",
+        model_path, host, port, len(keys), model_options, max_batch_size, max_context,
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
@@ -86,8 +77,9 @@ def serve(
         log.warning("serving on %s without API keys: anyone who can reach port %d can use the model", host, port)
     _check_port(host, port)  # before the model loads: minutes wasted otherwise
     models = _named_models(model_path, model_name)
-    resolved = resolve_device(device, num_gpus)
-    sizes = dict(num_gpus=num_gpus, load_8bit=load_8bit, load_4bit=load_4bit)
+    num_gpus = model_options.num_gpus
+    resolved = resolve_device(model_options.device, num_gpus)
+    sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
     sizes |= dict(max_batch_size=max_batch_size, max_context=max_context)
     check_fit(
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
@@ -103,14 +95,7 @@ def serve(
     with contextlib.ExitStack() as stack:
         engines = {}
         for name, path in models.items():
-            model, tokenizer = load_model(
-                path,
-                device=device,
-                num_gpus=num_gpus,
-                max_gpu_memory=max_gpu_memory,
-                load_8bit=load_8bit,
-                load_4bit=load_4bit,
-            )
+            model, tokenizer = model_options.load(path)
             stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
             engine = Engine(
                 model,
