@@ -7,6 +7,10 @@
 
 They live under one session tmp dir and are shared by every test: treat them as read-only
 (copy with shutil.copytree before changing anything).
+
+    loaded       load_model(tiny_vicuna): (model, tokenizer), once per test module
+    hf_model     transformers' float32 LlamaForCausalLM of tiny_vicuna (the reference), once per module
+    fake_hub     starts Hugging Face Hub stand-ins (tests/fake_hub.py) on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -99,3 +103,39 @@ def tiny_gqa(tiny_root, tiny_vicuna) -> Path:
         if (tiny_vicuna / name).exists():
             shutil.copy(tiny_vicuna / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_vicuna):
+    from vicunaflow.engine import load_model
+
+    return load_model(tiny_vicuna)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_vicuna):
+    """transformers' LlamaForCausalLM of the same folder, float32: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def fake_hub():
+    """fake_hub(**fields) serves a fake_hub.Hub(**fields) until the test ends and returns it (hub.url)."""
+    from fake_hub import Hub, HubHandler, serve  # tests/ is on sys.path
+
+    servers = []
+
+    def start(**fields) -> Hub:
+        state = Hub(**fields)
+        server = serve(HubHandler, state)
+        server.hub = state
+        servers.append(server)
+        return state
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

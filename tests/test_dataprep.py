@@ -13,11 +13,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -347,101 +343,7 @@ def test_mix_weights_sample_deterministically_and_drop_cross_set_duplicates(tmp_
         mix(data=[a, b], weights=[1], output=tmp_path / "x.jsonl")
 
 
-# ---- fetch from a Hugging Face Hub stand-in ------------------------------------------------------------
-
-
-def _git_sha1(blob: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest()
-
-
-@dataclass
-class Hub:
-    """The routes huggingface_hub uses for a dataset: revision info, tree listing, resolve (HEAD/GET)."""
-
-    repos: dict = field(default_factory=dict)  # repo -> {"refs": {name: commit}, "commits": {commit: {path: bytes}}}
-    tampered: set[str] = field(default_factory=set)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class HubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._route(body=False)
-
-    def do_GET(self):
-        self._route(body=True)
-
-    def _route(self, body: bool):
-        hub: Hub = self.server.hub
-        path = unquote(urlsplit(self.path).path)
-        if match := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path):
-            repo, kind, revision = match.groups()
-            commit, files = self._resolve(repo, revision or "main")
-            if files is None:
-                return None
-            if (kind or "revision") == "revision":
-                return self._json({"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in files]})
-            return self._json([self._entry(p, blob) for p, blob in files.items()])
-        if match := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-            repo, revision, name = match.groups()
-            commit, files = self._resolve(repo, revision)
-            if files is None:
-                return None
-            if name not in files:
-                return self._error(404, "EntryNotFound")
-            blob = files[name]
-            etag = self._entry(name, blob).get("lfs", {}).get("oid") or _git_sha1(blob)
-            blob = blob[::-1] if name in hub.tampered else blob
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", commit)
-            self.send_header("ETag", f'"{etag}"')
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            if body:
-                self.wfile.write(blob)
-            return None
-        return self._error(404, "RepoNotFound")
-
-    def _resolve(self, repo: str, revision: str):
-        hub: Hub = self.server.hub
-        if repo not in hub.repos:
-            self._error(404, "RepoNotFound")
-            return None, None
-        commit = hub.repos[repo]["refs"].get(revision, revision)
-        if commit not in hub.repos[repo]["commits"]:
-            self._error(404, "RevisionNotFound")
-            return None, None
-        return commit, hub.repos[repo]["commits"][commit]
-
-    @staticmethod
-    def _entry(path: str, blob: bytes) -> dict:
-        entry = {"type": "file", "path": path, "size": len(blob), "oid": _git_sha1(blob)}
-        if path.endswith(".json"):  # big files are LFS on the Hub: their listing carries a sha256
-            entry["lfs"] = {"oid": hashlib.sha256(blob).hexdigest(), "size": len(blob), "pointerSize": 134}
-        return entry
-
-    def _json(self, value):
-        blob = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(blob)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(blob)
-
-    def _error(self, code: int, error_code: str):
-        self.send_response(code)
-        self.send_header("X-Error-Code", error_code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+# ---- fetch from a Hugging Face Hub stand-in (tests/fake_hub.py) --------------------------------------
 
 
 DATASET = "someone/sharegpt-tiny"
@@ -451,8 +353,8 @@ V2 = json.dumps([{"id": "b", "conversations": turns("hey", "<p>yo</p>")}]).encod
 
 
 @pytest.fixture
-def hub():
-    state = Hub(
+def hub(fake_hub):
+    return fake_hub(
         repos={
             DATASET: {
                 "refs": {"main": NEW, "v1": OLD},
@@ -461,19 +363,10 @@ def hub():
                     NEW: {"data/sg.json": V2, "README.md": b"new", "data/other.jsonl": b"{}\n"},
                 },
             }
-        }
+        },
+        repo_type="dataset",
+        lfs=(".json",),  # as if data/sg.json were big: its listing carries a sha256
     )
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), HubHandler)
-    server.hub = state
-    state.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def _fetch(hub, tmp_path, name="raw", **kwargs):

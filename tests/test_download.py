@@ -12,13 +12,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
+from fake_hub import serve  # tests/ is on sys.path
 
 from vicunaflow import VicunaflowError
 from vicunaflow.download import (
@@ -121,21 +121,6 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients hanging up is part of the tests
-            super().handle_error(request, client_address)
-
-
-def _serve(handler, state) -> ThreadingHTTPServer:
-    server = QuietServer(("127.0.0.1", 0), handler)
-    state.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, tiny_raw) -> Path:
     """The tiny checkpoint in pyllama's layout, plus a Llama 2 style folder and Meta's license files."""
@@ -157,7 +142,7 @@ def release(tmp_path_factory, tiny_raw) -> Path:
 @pytest.fixture
 def mirror(release):
     state = Mirror(release)
-    server = _serve(MirrorHandler, state)
+    server = serve(MirrorHandler, state)
     server.mirror = state
     yield state
     server.shutdown()
@@ -413,114 +398,7 @@ def test_cli_help_lists_the_download_options():
         assert flag in result.stdout
 
 
-# ---- a Hugging Face Hub stand-in ---------------------------------------------------------------------
-
-
-def _git_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass
-class Hub:
-    """Just the routes snapshot_download uses: revision info, tree listing, resolve (HEAD/GET)."""
-
-    repos: dict = field(default_factory=dict)  # repo -> {"refs": {name: commit}, "commits": {commit: {path: bytes}}}
-    token: str | None = None  # required as a Bearer token when set
-    tampered: set[str] = field(default_factory=set)  # served with bytes that differ from the listing
-    port: int = 0
-    requests: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class HubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._route(body=False)
-
-    def do_GET(self):
-        self._route(body=True)
-
-    def _route(self, body: bool):
-        hub: Hub = self.server.hub
-        url = urlsplit(self.path)
-        hub.requests.append(self.command + " " + url.path)
-        path = unquote(url.path)
-        if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
-            return self._error(401, "RepoNotFound")
-        if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path):
-            repo, kind, revision = match.groups()
-            kind, revision = kind or "revision", revision or "main"
-            commit, files = self._resolve(repo, revision)
-            if files is None:
-                return
-            if kind == "revision":
-                info = {"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in files]}
-                return self._json(info)
-            assert parse_qs(url.query).get("recursive", [""])[0].lower() == "true"
-            return self._json([self._entry(p, data) for p, data in files.items()])
-        if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-            repo, revision, name = match.groups()
-            commit, files = self._resolve(repo, revision)
-            if files is None:
-                return
-            if name not in files:
-                return self._error(404, "EntryNotFound", commit)
-            data = files[name]
-            etag = self._entry(name, data).get("lfs", {}).get("oid") or _git_sha1(data)
-            if name in hub.tampered:
-                data = data[::-1]
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", commit)
-            self.send_header("ETag", f'"{etag}"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-            return
-        self._error(404, "RepoNotFound")
-
-    def _resolve(self, repo: str, revision: str):
-        hub: Hub = self.server.hub
-        if repo not in hub.repos:
-            self._error(404, "RepoNotFound")
-            return None, None
-        refs, commits = hub.repos[repo]["refs"], hub.repos[repo]["commits"]
-        commit = refs.get(revision, revision)
-        if commit not in commits:
-            self._error(404, "RevisionNotFound")
-            return None, None
-        return commit, commits[commit]
-
-    @staticmethod
-    def _entry(path: str, data: bytes) -> dict:
-        entry = {"type": "file", "path": path, "size": len(data), "oid": _git_sha1(data)}
-        if path.endswith((".bin", ".safetensors")):
-            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-        return entry
-
-    def _json(self, value):
-        data = json.dumps(value).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _error(self, code: int, error_code: str, commit: str | None = None):
-        self.send_response(code)
-        self.send_header("X-Error-Code", error_code)
-        if commit:
-            self.send_header("X-Repo-Commit", commit)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+# ---- a Hugging Face Hub stand-in (tests/fake_hub.py) ------------------------------------------------
 
 
 OLD, NEW = "a" * 40, "b" * 40
@@ -528,8 +406,8 @@ DELTA = "lmsys/vicuna-tiny-delta-v1.1"
 
 
 @pytest.fixture
-def hub():
-    state = Hub(
+def hub(fake_hub):
+    return fake_hub(
         repos={
             DELTA: {
                 "refs": {"main": NEW, "v1.1": OLD},
@@ -545,11 +423,6 @@ def hub():
             }
         }
     )
-    server = _serve(HubHandler, state)
-    server.hub = state
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def _hf(hub, tmp_path, name="delta", **kwargs):

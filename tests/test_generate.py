@@ -15,19 +15,6 @@ from vicunaflow.engine.text import stop_prefix_length
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_vicuna):
-    return load_model(tiny_vicuna)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_vicuna):
-    """transformers' LlamaForCausalLM of the same folder, float32: the reference."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).eval()
-
-
 def _prompt(tokenizer, question: str) -> list[int]:
     return encode_prompt(tokenizer, template.render([(template.USER, question), (template.ASSISTANT, None)]))
 

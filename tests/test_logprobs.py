@@ -20,18 +20,6 @@ from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
 PROMPTS = ["Hello there", "What is the capital of France? Tell me about it.", "hi"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_vicuna):
-    return load_model(tiny_vicuna)
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_vicuna):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).eval()
-
-
 def reference_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     """log_softmax of transformers' float32 logits at every position: [len(ids), vocab]; row i predicts ids[i + 1]."""
     with torch.inference_mode():

@@ -18,6 +18,7 @@ import pytest
 
 KEY = "test-key"
 CONTEXT = 256
+SERVE = [sys.executable, "-m", "vicunaflow", "serve"]
 
 
 def free_port() -> int:
@@ -29,7 +30,7 @@ def free_port() -> int:
 def start_server(model_path, *args: str, env: dict | None = None, timeout: float = 180):
     """`vicunaflow serve` in a subprocess; returns (process, base_url) once /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(model_path), "--port", str(port), *args]
+    cmd = [*SERVE, "--model-path", str(model_path), "--port", str(port), *args]
     process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -72,6 +73,23 @@ def model_id(client) -> str:
 
 def engine_stats(server) -> dict:
     return httpx.get(f"{server}/health").json()["engine"]
+
+
+def wait_for_cancel(server, before: dict) -> dict:
+    """The engine stats once one more request than `before` was cancelled and none is active (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = engine_stats(server)
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    return stats
+
+
+def serve_refused(*args: str) -> subprocess.CompletedProcess:
+    """`vicunaflow serve ARGS` expected to refuse at once: its exit code and stderr."""
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=120)
 
 
 def test_models(client):
@@ -198,13 +216,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         assert next(lines).startswith("data: ")
         next(lines)
     # the connection is closed: the engine must cancel the request and free its row
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        stats = engine_stats(server)
-        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
-            break
-        time.sleep(0.1)
-    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0
+    stats = wait_for_cancel(server, before)
     assert stats["decode_tokens"] - before["decode_tokens"] < 150  # stopped well before its 200 tokens
 
 
@@ -317,13 +329,7 @@ def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
     body = {"model": "vicuna-tiny-all-v1.1", "prompt": "Tell me everything", "max_tokens": 240, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        stats = engine_stats(server)
-        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
-            break
-        time.sleep(0.05)
-    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    stats = wait_for_cancel(server, before)
     assert stats["decode_tokens"] - before["decode_tokens"] < 200  # stopped well before its 240 tokens
 
 
@@ -333,17 +339,7 @@ def test_port_in_use_fails_before_loading_the_model(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "vicunaflow",
-            "serve",
-            "--model-path",
-            str(tmp_path / "missing"),
-            "--port",
-            str(port),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        result = serve_refused("--model-path", str(tmp_path / "missing"), "--port", str(port))
     assert result.returncode == 1, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr, result.stderr
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import openai
 import pytest
-from test_serve import free_port, start_server  # tests/ is on sys.path (rootdir-less test modules)
+from test_serve import free_port, serve_refused, start_server  # tests/ is on sys.path (rootdir-less test modules)
 
 from vicunaflow import VicunaflowError
 from vicunaflow.serve.fit import Estimate, check_fit, estimate
@@ -156,9 +154,8 @@ def test_check_fit_names_each_model():
 
 def test_models_that_do_not_fit_are_refused_before_loading(tiny_vicuna, tiny_hf):
     # a KV cache for a million requests does not fit in any RAM: refused from config.json, in seconds
-    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(tiny_vicuna), "--model-path", str(tiny_hf)]
-    cmd += ["--device", "cpu", "--max-batch-size", "1000000", "--port", str(free_port())]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    paths = ["--model-path", str(tiny_vicuna), "--model-path", str(tiny_hf)]
+    result = serve_refused(*paths, "--device", "cpu", "--max-batch-size", "1000000", "--port", str(free_port()))
     assert result.returncode == 1, result.stderr
     assert (
         "do not fit" in result.stderr and "vicuna-tiny-all-v1.1" in result.stderr and "llama-tiny-hf" in result.stderr
@@ -167,19 +164,8 @@ def test_models_that_do_not_fit_are_refused_before_loading(tiny_vicuna, tiny_hf)
 
 
 def test_two_models_need_two_names(tiny_vicuna, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "vicunaflow",
-        "serve",
-        "--model-path",
-        str(tiny_vicuna),
-        "--model-path",
-        str(tiny_vicuna),
-    ]
-    result = subprocess.run([*cmd, "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    paths = ["--model-path", str(tiny_vicuna), "--model-path", str(tiny_vicuna)]
+    result = serve_refused(*paths, "--port", str(free_port()))
     assert result.returncode == 1 and "give each a --model-name" in result.stderr, result.stderr
-    result = subprocess.run(
-        [*cmd, "--model-name", "only-one", "--port", str(free_port())], capture_output=True, text=True, timeout=120
-    )
+    result = serve_refused(*paths, "--model-name", "only-one", "--port", str(free_port()))
     assert result.returncode == 1 and "1 --model-name for 2 --model-path" in result.stderr, result.stderr
