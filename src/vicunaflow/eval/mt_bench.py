@@ -150,11 +150,7 @@ def load_questions(path: Path) -> list[Question]:
     questions, seen = [], {}
     for number, record in read_jsonl(path, "question"):
         where = f"{path}:{number}"
-        if not isinstance(record, dict):
-            raise VicunaflowError(f"{where}: not a JSON object")
-        question_id = record.get("question_id")
-        if not _is_id(question_id):
-            raise VicunaflowError(f"{where}: question_id must be an integer or a string, got {question_id!r}")
+        question_id = _question_id(record, where)
         if not isinstance(record.get("category"), str):
             raise VicunaflowError(f"{where}: question {question_id}: category must be a string")
         turns = record.get("turns")
@@ -182,11 +178,7 @@ def load_answers(path: Path, questions: list[Question], what: str = "answer") ->
     lines: dict[int | str, int] = {}
     for number, record in read_jsonl(path, what):
         where = f"{path}:{number}"
-        if not isinstance(record, dict):
-            raise VicunaflowError(f"{where}: not a JSON object")
-        question_id = record.get("question_id")
-        if not _is_id(question_id):
-            raise VicunaflowError(f"{where}: question_id must be an integer or a string, got {question_id!r}")
+        question_id = _question_id(record, where)
         if question_id not in known:
             raise VicunaflowError(
                 f"{where}: {what} for question_id {question_id!r}, which is not in the questions file; "
@@ -224,8 +216,14 @@ def load_judge_prompts(path: Path) -> dict[str, dict]:
     return prompts
 
 
-def _is_id(value: object) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and bool(value))
+def _question_id(record: object, where: str) -> int | str:
+    """A question or answer line's question_id: an integer or a non-empty string."""
+    if not isinstance(record, dict):
+        raise VicunaflowError(f"{where}: not a JSON object")
+    question_id = record.get("question_id")
+    if isinstance(question_id, bool) or not isinstance(question_id, int | str) or question_id == "":
+        raise VicunaflowError(f"{where}: question_id must be an integer or a string, got {question_id!r}")
+    return question_id
 
 
 def judgment_key(judgment: dict) -> tuple:
