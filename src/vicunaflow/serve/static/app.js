@@ -204,18 +204,7 @@ $("composer").addEventListener("submit", (event) => {
   send(question);
 });
 
-inputEl.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-    event.preventDefault();
-    $("composer").requestSubmit();
-  }
-});
-
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && controller) controller.abort();
-});
-
-$("stop").addEventListener("click", () => controller && controller.abort());
+vf.bindComposer($("composer"), inputEl, $("stop"), () => controller);
 
 $("regenerate").addEventListener("click", () => {
   if (controller) return;

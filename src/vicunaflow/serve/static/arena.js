@@ -105,16 +105,7 @@ $("composer").addEventListener("submit", (event) => {
   if (!prompt || controller || battle) return;
   fight(prompt);
 });
-inputEl.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-    event.preventDefault();
-    $("composer").requestSubmit();
-  }
-});
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && controller) controller.abort();
-});
-$("stop").addEventListener("click", () => controller && controller.abort());
+vf.bindComposer($("composer"), inputEl, $("stop"), () => controller);
 $("new-round").addEventListener("click", () => { inputEl.value = ""; reset(); });
 for (const button of $("votes").querySelectorAll("button")) button.addEventListener("click", () => vote(button.dataset.vote));
 

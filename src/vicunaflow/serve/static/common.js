@@ -196,6 +196,25 @@ const vf = (() => {
     return text;
   }
 
+  // The composer's keys: Enter sends the form (Shift+Enter is a new line; not while an IME composes);
+  // Escape and the stop button abort running(), the page's AbortController (null while idle).
+  function bindComposer(form, input, stopButton, running) {
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    const stop = () => {
+      const controller = running();
+      if (controller) controller.abort();
+    };
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") stop();
+    });
+    stopButton.addEventListener("click", stop);
+  }
+
   // Re-render at most once a frame while a reply streams in.
   function renderInto(target, text) {
     target.dataset.chars = String(text.length);
@@ -215,5 +234,5 @@ const vf = (() => {
     target.replaceChildren(renderMarkdown(text));
   }
 
-  return { el, renderMarkdown, renderInto, renderNow, copyButton, sseEvents, apiError, setupKey, streamChat, safeHref };
+  return { el, renderMarkdown, renderInto, renderNow, copyButton, sseEvents, apiError, setupKey, streamChat, bindComposer, safeHref };
 })();
