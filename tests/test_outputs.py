@@ -305,6 +305,20 @@ def test_a_reused_pid_does_not_keep_a_temporary_alive(tmp_path):
     assert current.is_dir()
 
 
+def test_a_temporary_of_another_pid_namespace_is_kept(tmp_path):
+    """Containers sharing a hostname and a file system number their processes apart: a pid dead here may be
+    a live writer there."""
+    target = tmp_path / "out"
+    hostname = outputs._host().split("~")[0]
+    elsewhere = tmp_path / f".out.tmp-999999999.1@{hostname}~1-abcdefgh"  # same hostname, other PID namespace
+    here = tmp_path / f".out.tmp-999999999.1@{outputs._host()}-abcdefgh"  # this namespace: the pid is gone
+    elsewhere.mkdir()
+    here.mkdir()
+    assert f"@{hostname}~{os.stat('/proc/self/ns/pid').st_ino}-" in outputs._temp_prefix("out")
+    assert outputs.remove_stale_temporaries(target) == [here]
+    assert elsewhere.is_dir()
+
+
 def test_sigterm_outside_an_output_keeps_its_usual_effect(tmp_path):
     """The parent of a torchrun launch writes nothing: SIGTERM still ends it at once, as before."""
     code = (

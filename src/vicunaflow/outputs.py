@@ -12,8 +12,9 @@ verb also calls first, before any heavy work):
   `vicunaflow.json` says so) or an empty directory, or when `--overwrite` is given.
 Snakemake deletes a job's outputs before running it, so workflow runs never meet the second rule.
 
-A temporary is named `.<name>.tmp-<pid>.<start>@<host>-XXXXXXXX`: the process that owns it (pid,
-its start time, to tell a reused pid apart, and host, for shared file systems). A process killed
+A temporary is named `.<name>.tmp-<pid>.<start>@<host>~<pidns>-XXXXXXXX`: the process that owns it (pid,
+its start time, to tell a reused pid apart, and host and PID namespace, for shared file systems and
+containers that share a hostname). A process killed
 with `kill -9` cannot clean up; the next write of the same output removes the temporaries whose
 owner is gone from this host. Those of a live process, or of another host, are left alone.
 """
@@ -224,7 +225,12 @@ def _replaceable(target: Path) -> bool:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+    """This host and its PID namespace: pids compare only within one (containers may share a hostname)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+    try:
+        return f"{host}~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (not Linux): the hostname alone
+        return host
 
 
 def _proc_stat(pid: int) -> list[str]:
