@@ -405,3 +405,53 @@ def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
     node_task = launch.launch_command(["finetune"], 8, env=slurm | {launch.NODE_TASK_ENV: "1"})
     assert "--nnodes=2" in node_task and "--node_rank=1" in node_task and "--nproc_per_node=8" in node_task
     assert "--rdzv_endpoint=gpu07:29634" in node_task and "--rdzv_id=1234" in node_task
+
+
+# --- the checkpoint folder: never one whose removal destroys something ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_dir", "message"),
+    [
+        ("data", "it contains the --data"),
+        ("data/train.json", "it is the --data"),
+        ("models/llama", "it is the --model-path"),
+        ("models/llama/checkpoints", "it lies inside the --model-path"),
+        ("models", "it contains the --model-path"),
+        ("out/checkpoints", "it lies inside the --output-dir"),
+        (".", "it contains the --model-path"),
+        ("work", "it is the working directory"),
+    ],
+)
+def test_a_checkpoint_dir_holding_or_inside_what_the_run_needs_is_refused(
+    tmp_path: Path, monkeypatch, checkpoint_dir: str, message: str
+) -> None:
+    """checkpoint_dir is removed after training: refused (by validate, before anything loads) when it is,
+    holds or lies in the model, the data or the output, or is the working directory."""
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    (tmp_path / "models" / "llama" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("[]")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    config = train_config.TrainConfig(
+        model_path=tmp_path / "models" / "llama", data=tmp_path / "data" / "train.json", output_dir=tmp_path / "out",
+        checkpoint_dir=tmp_path / checkpoint_dir,
+    )  # fmt: skip
+    with pytest.raises(VicunaflowError, match=f"--checkpoint-dir .*{message}"):
+        config.validate()
+
+
+def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna, tmp_path: Path) -> None:
+    """Only a checkpoint folder the run made (its marker file) is removed at the end; one that held files stays."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = finetune_cli(tiny_vicuna, BUILTIN_CONVERSATIONS, tmp_path / "out", "--checkpoint-dir", str(foreign))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert not (foreign / ".vicunaflow-checkpoints").exists()
+    made = tmp_path / "made"
+    result = finetune_cli(tiny_vicuna, BUILTIN_CONVERSATIONS, tmp_path / "out2", "--checkpoint-dir", str(made))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not made.exists()  # this run made it: removed once the output is written

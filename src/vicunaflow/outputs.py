@@ -187,6 +187,15 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How `path` stands to `other`, both as written (absolute) and resolved: is, contains, lies inside, or None."""
+    others = {Path(os.path.abspath(other)), Path(other).resolve()}
+    for place in sorted({Path(os.path.abspath(path)), Path(path).resolve()}):
+        if relation := _relation(place, others):
+            return relation
+    return None
+
+
 def _protected_dirs() -> list[tuple[str, Path]]:
     """The working and home directories, where they can be known (a deleted cwd or no HOME are not errors here)."""
     found = []

@@ -77,7 +77,7 @@ class TrainConfig:
         lora_dropout: dropout on the LoRA input.
         lora_target_modules: linear layers that get LoRA adapters.
         save_dtype: dtype of the saved weights; auto: the base model's.
-        keep_checkpoints: keep the checkpoint directory after the output is written.
+        keep_checkpoints: keep the checkpoint directory after the output is written (only one this run created is ever removed).
         overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
 
@@ -165,6 +165,32 @@ class TrainConfig:
             from vicunaflow.data import read_tokenized_meta
 
             read_tokenized_meta(Path(self.data))  # an empty dataset fails now, not in the first step
+        self.check_checkpoint_dir()
+
+    def check_checkpoint_dir(self) -> None:
+        """Refuse a checkpoint_dir whose removal after training (unless keep_checkpoints) or whose
+        checkpoints could destroy the model, the data, the output, the working or the home directory."""
+        from vicunaflow.outputs import path_relation
+
+        given = self.checkpoint_dir
+        for name in ("model_path", "data", "output_dir"):
+            relation = path_relation(given, getattr(self, name))
+            if relation:
+                raise VicunaflowError(
+                    f"--checkpoint-dir {given}: it {relation} the --{name.replace('_', '-')} {getattr(self, name)}; "
+                    "choose a checkpoint folder of its own (default: <output_dir parent>/.checkpoints/<name>)"
+                )
+        for name, where in (("working directory", Path.cwd), ("home directory", Path.home)):
+            try:
+                protected = where()
+            except (OSError, RuntimeError):  # a deleted cwd, no HOME: nothing to protect there
+                continue
+            relation = path_relation(given, protected)
+            if relation in ("is", "contains"):  # lying inside them is where checkpoints usually go
+                raise VicunaflowError(
+                    f"--checkpoint-dir {given}: it {relation} the {name} {protected}; "
+                    "choose a checkpoint folder of its own (default: <output_dir parent>/.checkpoints/<name>)"
+                )
 
     def inputs(self) -> list[str]:
         """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""

@@ -26,6 +26,8 @@ from vicunaflow.finetune.state import resume_if_possible, save_checkpoint
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_MARKER = ".vicunaflow-checkpoints"  # written into a checkpoint folder this run made: it may remove it
+
 
 def main(config: TrainConfig) -> Path:
     import torch
@@ -99,7 +101,7 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
 
     run_dir = Path(config.checkpoint_dir)
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_checkpoint_dir(run_dir)
     random.seed(config.seed + runtime.rank)
     torch.manual_seed(config.seed + runtime.rank)  # dropout (LoRA) differs per rank, repeatably
     dataset = TrainingData(config, runtime)
@@ -152,9 +154,22 @@ def fit(config: TrainConfig, runtime: Runtime) -> Path:
     write_output(config, model, runtime, run_dir)
     dist.barrier()
     if runtime.is_main and not config.keep_checkpoints:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        remove_if_empty(run_dir.parent)
+        if (run_dir / CHECKPOINT_MARKER).is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_if_empty(run_dir.parent)
+        else:
+            log.warning("kept %s: it held other files before this run (no %s)", run_dir, CHECKPOINT_MARKER)
     return Path(config.output_dir)
+
+
+def claim_checkpoint_dir(run_dir: Path) -> None:
+    """Mark a checkpoint folder this run creates (or finds empty) as vicunaflow's: only such a folder is
+    removed when training ends. One that holds other files is used, never removed."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / CHECKPOINT_MARKER).is_file():
+        log.warning("%s already holds files; it will be kept after training", run_dir)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINT_MARKER).write_text("checkpoints of a vicunaflow finetune run; removed when it ends\n")
 
 
 def train_step(
