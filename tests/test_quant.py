@@ -17,7 +17,7 @@ import yaml
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is first built
 
-from vicunaflow import VicunaflowError, quant, quant_kernels
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, quant, quant_kernels
 from vicunaflow.checkpoint import Checkpoint
 from vicunaflow.quantize import quantize_model
 
@@ -423,3 +423,29 @@ def test_chat_and_serve_do_not_use_bitsandbytes():
     sources = [REPO / "src/vicunaflow/chat.py", *sorted((REPO / "src/vicunaflow/serve").glob("*.py"))]
     sources += sorted((REPO / "src/vicunaflow/engine").glob("*.py"))
     assert [str(p) for p in sources if "bitsandbytes" in p.read_text()] == []
+
+
+@pytest.mark.parametrize("verb", ["eval loss", "finetune"])
+def test_transformers_commands_refuse_a_quantized_folder(quantized, tmp_path, verb):
+    """transformers would load a `vicunaflow quantize` folder with random projections (it skips the unknown
+    quantization): `eval loss` and `finetune` refuse it before loading anything, naming the float folder."""
+    out, bits = quantized
+    command = [
+        sys.executable,
+        "-m",
+        "vicunaflow",
+        *verb.split(),
+        "--model-path",
+        str(out),
+        "--data",
+        str(BUILTIN_CONVERSATIONS),
+    ]
+    if verb == "eval loss":
+        command += ["--output", str(tmp_path / "loss.json"), "--device", "cpu"]
+    else:
+        command += ["--output-dir", str(tmp_path / "ft"), "--nproc-per-node", "1", "--max-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"--model-path {out}: is a `vicunaflow quantize` folder (int{bits})" in result.stderr
+    assert "give its float folder" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "loss.json").exists() and not (tmp_path / "ft").exists()

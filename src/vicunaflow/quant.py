@@ -299,6 +299,21 @@ def quantization_config(model_path: str | Path) -> dict | None:
     return block
 
 
+def refuse_quantized(model_path: str | Path, option: str) -> None:
+    """Refuse a `vicunaflow quantize` folder where transformers would load it: it skips a quantization it does
+    not know and initialises every projection at random, silently (eval loss, finetune)."""
+    config_path = Path(model_path) / "config.json"
+    try:
+        block = json.loads(config_path.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no config.json: the caller's own check names it
+    if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD:
+        raise VicunaflowError(
+            f"{option} {model_path}: is a `vicunaflow quantize` folder (int{block.get('bits')}), which transformers "
+            "would load with random weights; give its float folder"
+        )
+
+
 def config_block(bits: int, group_size: int) -> dict:
     """What `vicunaflow quantize` writes into config.json."""
     return {

@@ -55,6 +55,9 @@ def loss(
     )  # fmt: skip
     if batch_size < 1:
         raise VicunaflowError(f"--batch-size {batch_size}: must be at least 1")
+    from vicunaflow.quant import refuse_quantized
+
+    refuse_quantized(model_path, "--model-path")
     data = Path(data)
     if data.is_dir():
         samples, _ = load_tokenized(data)

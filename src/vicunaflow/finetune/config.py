@@ -159,6 +159,9 @@ class TrainConfig:
             )
         if not Path(self.model_path, "config.json").is_file():
             raise VicunaflowError(f"{self.model_path}: not a Hugging Face model directory (no config.json)")
+        from vicunaflow.quant import refuse_quantized
+
+        refuse_quantized(self.model_path, "--model-path")
         if not Path(self.data).exists():
             raise VicunaflowError(f"{self.data}: no such data file or tokenised dataset directory")
         if Path(self.data).is_dir():
