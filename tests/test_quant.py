@@ -449,3 +449,33 @@ def test_transformers_commands_refuse_a_quantized_folder(quantized, tmp_path, ve
     assert f"--model-path {out}: is a `vicunaflow quantize` folder (int{bits})" in result.stderr
     assert "give its float folder" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "loss.json").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("group_size", [96, 130])
+def test_a_folder_of_any_even_group_size_loads_as_quantized_at_load(tiny_vicuna, tmp_path, group_size):
+    """The group size comes from the folder's config.json, not from tensor shapes: 130 (whose group count
+    over 256 columns is 128's) and 96 (no power of two's) load as `--load-4bit` with that group size does."""
+    from vicunaflow.engine import load_model
+
+    out = tmp_path / f"int4-g{group_size}"
+    command = [sys.executable, "-m", "vicunaflow", "quantize", "--model-path", str(tiny_vicuna)]
+    command += ["--output-dir", str(out), "--bits", "4", "--group-size", str(group_size)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stored, _ = load_model(out, device="cpu")
+    at_load, _ = load_model(tiny_vicuna, device="cpu", load_4bit=True, group_size=group_size)
+    stored_weights = [m for m in stored.modules() if isinstance(m, quant.QuantWeight)]
+    at_load_weights = [m for m in at_load.modules() if isinstance(m, quant.QuantWeight)]
+    assert len(stored_weights) == len(at_load_weights) > 0
+    for a, b in zip(stored_weights, at_load_weights, strict=True):
+        assert a.group_size == group_size
+        assert_same(a, b)
+
+
+def test_int4_scales_that_do_not_fit_the_stored_group_size_are_refused(tiny_vicuna, tmp_path):
+    out = quantize_model(model_path=tiny_vicuna, output_dir=tmp_path / "int4", bits=4, group_size=64)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+    with Checkpoint(out) as stored, pytest.raises(VicunaflowError, match=r"quantization_config\.group_size"):
+        quant.load_quantized_weight(stored, "model.layers.0.self_attn.q_proj.weight")

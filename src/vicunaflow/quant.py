@@ -342,11 +342,15 @@ def is_quantized(reader, weight_name: str) -> bool:
     return f"{module_prefix(weight_name)}.qweight" in reader
 
 
-def load_quantized_weight(reader, weight_name: str, device: torch.device | str | None = None) -> QuantWeight:
+def load_quantized_weight(
+    reader, weight_name: str, device: torch.device | str | None = None, *, group_size: int | None = None
+) -> QuantWeight:
     """The QuantWeight stored for `weight_name` ('...q_proj.weight' or '...q_proj') in a quantized folder.
 
     `reader` is a checkpoint.Checkpoint (names / get); bits and shape follow from the stored dtypes
-    and shapes: int8 qweight [N, K]; uint8 qweight [N, K/2] with scales [N, groups] for int4.
+    and shapes: int8 qweight [N, K]; uint8 qweight [N, K/2] with scales [N, groups] for int4. The int4
+    group size is the folder's (config.json's quantization_config, unless given): shapes cannot tell
+    it (ceil(K/G) is the same for many G), they are only checked against it.
     """
     prefix = module_prefix(weight_name)
     qweight = reader.get(f"{prefix}.qweight")
@@ -355,12 +359,30 @@ def load_quantized_weight(reader, weight_name: str, device: torch.device | str |
         qw = QuantWeight(qweight, scales, None, 8, None, tuple(qweight.shape))
     elif qweight.dtype == torch.uint8:
         n, k = qweight.shape[0], 2 * qweight.shape[1]
-        groups = scales.shape[1]
-        group_size = _group_size_of(k, groups, prefix)
+        if group_size is None:
+            group_size = stored_group_size(reader.directory)
+        if scales.ndim != 2 or -(-k // group_size) != scales.shape[1]:
+            raise VicunaflowError(
+                f"{reader.directory}: {prefix}.scales has shape {tuple(scales.shape)}, but {k} columns in groups "
+                f"of {group_size} (config.json quantization_config.group_size) make {-(-k // group_size)}; "
+                "quantize the float folder again"
+            )
         qw = QuantWeight(qweight, scales, reader.get(f"{prefix}.zeros"), 4, group_size, (n, k))
     else:
         raise VicunaflowError(f"{prefix}.qweight: dtype {qweight.dtype} is neither int8 nor uint8 (int4)")
     return qw.to(device) if device is not None else qw
+
+
+def stored_group_size(model_path: str | Path) -> int:
+    """The int4 group size a `vicunaflow quantize` folder was written with (its config.json)."""
+    block = quantization_config(model_path)
+    group_size = (block or {}).get("group_size")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2 or group_size % 2:
+        raise VicunaflowError(
+            f"{Path(model_path) / 'config.json'}: quantization_config.group_size is {group_size!r}, not an even "
+            "int4 group size; quantize the float folder again"
+        )
+    return group_size
 
 
 def load_weight(
@@ -384,14 +406,6 @@ def _check_group_size(group_size: int, k: int) -> None:
         raise VicunaflowError(f"int4 group size must be even and at least 2, not {group_size}")
     if k % 2:
         raise VicunaflowError(f"int4 packs two input columns a byte; this weight has an odd {k}")
-
-
-def _group_size_of(k: int, groups: int, prefix: str) -> int:
-    """The group size a [.., groups] scale tensor implies for K columns (the powers of two people use)."""
-    for group_size in (32, 64, 128, 256, 512, 1024, 16, 8, 4, 2):
-        if -(-k // group_size) == groups:
-            return group_size
-    raise VicunaflowError(f"{prefix}: {groups} int4 groups over {k} columns fit no group size")
 
 
 def _check_layout(qw: QuantWeight) -> None:

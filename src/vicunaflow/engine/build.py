@@ -178,6 +178,9 @@ class _CheckpointReader:
 
     def __init__(self, path: Path):
         self.checkpoint = Checkpoint(path)
+        stored = quant.quantization_config(path)
+        # int4: the group size the folder was written with (shapes cannot tell it)
+        self.group_size = quant.stored_group_size(path) if stored and stored.get("bits") == 4 else None
 
     def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
         names = set(self.checkpoint.names())
@@ -214,7 +217,9 @@ class _CheckpointReader:
         return quant.is_quantized(self.checkpoint, name)
 
     def get_quantized(self, name: str) -> quant.QuantWeight:
-        return quant.load_quantized_weight(self.checkpoint, name)  # views of the mapped file
+        return quant.load_quantized_weight(
+            self.checkpoint, name, group_size=self.group_size
+        )  # views of the mapped file
 
     def release(self) -> None:
         self.checkpoint.release()
