@@ -415,6 +415,39 @@ def test_loss_matches_transformers_on_the_reply_tokens(tiny_vicuna: Path, tmp_pa
     assert len(written["samples"]) == 5
 
 
+def test_loss_on_a_tokenised_folder_drops_what_truncation_leaves_without_a_reply(tiny_vicuna: Path, tmp_path: Path):
+    """A smaller --model-max-length than the folder's cuts some conversations before their first reply
+    token: they are dropped and counted (no division by zero); when none is left, a clear refusal."""
+    from vicunaflow import data
+    from vicunaflow.data import IGNORE_INDEX, load_tokenized
+    from vicunaflow.eval.loss import loss
+
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(json.loads(BUILTIN_CONVERSATIONS.read_text())[:8]))
+    folder = data.tokenize(data=held_out, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=512)
+    samples, _ = load_tokenized(folder)
+    # index of each sample's first trained label (position t predicts t + 1: index 0 never counts)
+    firsts = sorted(next(i for i in range(1, len(s.labels)) if s.labels[i] != IGNORE_INDEX) for s in samples)
+    assert firsts[0] < firsts[-1]
+    length = firsts[-1]  # those whose first reply token is at index `length` keep none
+    result = loss(
+        model_path=tiny_vicuna, data=folder, output=tmp_path / "loss.json", model_max_length=length, device="cpu"
+    )
+    expected_dropped = sum(first >= length for first in firsts)
+    assert result["dropped"] == expected_dropped > 0
+    assert result["conversations"] == len(samples) - expected_dropped
+    assert math.isfinite(result["loss"]) and all(s["tokens"] > 0 for s in result["samples"])
+    assert json.loads((tmp_path / "loss.json").read_text())["dropped"] == expected_dropped
+    with pytest.raises(
+        VicunaflowError,
+        match=f"none of its {len(samples)} conversations has a reply token within --model-max-length {firsts[0]}",
+    ):
+        loss(
+            model_path=tiny_vicuna, data=folder, output=tmp_path / "none.json", model_max_length=firsts[0], device="cpu"
+        )
+    assert not (tmp_path / "none.json").exists()
+
+
 # --- the download: pinned, md5-verified ------------------------------------------------------------
 
 

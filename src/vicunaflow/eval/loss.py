@@ -38,7 +38,8 @@ def loss(
         model_path: a Hugging Face model directory.
         data: held-out conversations (ShareGPT JSON or JSONL, as for `vicunaflow data tokenize`), or a
             tokenised dataset directory written by it.
-        output: the JSON file to write: model, dataset, loss, perplexity, tokens, and per conversation.
+        output: the JSON file to write: model, dataset, loss, perplexity, tokens, dropped (conversations
+            with no reply token within model_max_length), and per conversation.
         model_id: the model's name in the file; default: the directory name.
         dataset: the dataset's name in the file; default: the data file's name without suffixes.
         model_max_length: truncate conversations to this many tokens, as training does.
@@ -48,6 +49,7 @@ def loss(
     """
     from vicunaflow.data import Sample, encode_all, load_conversations, load_tokenized, load_tokenizer
     from vicunaflow.outputs import atomic_write_bytes, sha256_file
+    from vicunaflow.quant import refuse_quantized
 
     log.info(
         "eval loss: model_path=%s data=%s output=%s model_max_length=%d batch_size=%d device=%s dtype=%s",
@@ -55,17 +57,25 @@ def loss(
     )  # fmt: skip
     if batch_size < 1:
         raise VicunaflowError(f"--batch-size {batch_size}: must be at least 1")
-    from vicunaflow.quant import refuse_quantized
-
     refuse_quantized(model_path, "--model-path")
     data = Path(data)
     if data.is_dir():
-        samples, _ = load_tokenized(data)
-        samples = [Sample(s.id, s.input_ids[:model_max_length], s.labels[:model_max_length]) for s in samples]
+        whole, _ = load_tokenized(data)
+        truncated = [Sample(s.id, s.input_ids[:model_max_length], s.labels[:model_max_length]) for s in whole]
     else:
-        samples = encode_all(load_conversations(data), load_tokenizer(model_path), model_max_length)
+        whole = load_conversations(data)
+        truncated = encode_all(whole, load_tokenizer(model_path), model_max_length, drop_untrained=False)
+    samples = [s for s in truncated if _trained_tokens(s.labels)]  # the rest would divide by zero tokens
+    dropped = len(whole) - len(samples)
     if not samples:
-        raise VicunaflowError(f"{data}: no conversation with a reply token within {model_max_length} tokens")
+        raise VicunaflowError(
+            f"{data}: none of its {len(whole)} conversations has a reply token within --model-max-length "
+            f"{model_max_length}; raise --model-max-length"
+        )
+    if dropped:
+        log.warning(
+            "dropped %d of %d conversations: no reply token within %d tokens", dropped, len(whole), model_max_length
+        )
     model = _load_model(model_path, device, dtype)
     started = time.perf_counter()
     per_sample = sample_losses(model, samples, batch_size)
@@ -79,6 +89,7 @@ def loss(
         "perplexity": math.exp(mean),
         "tokens": tokens,
         "conversations": len(samples),
+        "dropped": dropped,  # conversations with no reply token within model_max_length: not counted
         "model_max_length": model_max_length,
         "data": str(data),
         "data_sha256": sha256_file(data) if data.is_file() else None,
@@ -127,6 +138,13 @@ def sample_losses(model, samples, batch_size: int) -> list[tuple[float, int]]:
             for row, index in enumerate(order[start : start + batch_size]):
                 results[index] = (nll[row].sum().item(), int(counted[row]))
     return results
+
+
+def _trained_tokens(labels) -> int:
+    """Tokens a sample's loss is taken over: the labels after the first (position t predicts t + 1)."""
+    from vicunaflow.data import IGNORE_INDEX
+
+    return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
 def _load_model(model_path: Path, device: str, dtype: str):
