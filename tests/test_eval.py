@@ -258,6 +258,20 @@ def test_judge_resumes_with_what_is_missing(fake_judge, tmp_path: Path) -> None:
     assert fake_judge.requests == []
 
 
+def test_summary_leaves_a_file_with_a_cut_off_last_line_as_it_is(fake_judge, tmp_path: Path, caplog) -> None:
+    """Only the judge (the writer) removes a killed run's incomplete last line; a reader skips it, with a warning."""
+    output = run_judge(tmp_path, fake_judge)
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:10]) + lines[10][:25])
+    before = output.read_bytes()
+    summary(questions=BUILTIN_QUESTIONS, judgments=[output], output=tmp_path / "s.tsv", output_json=tmp_path / "s.json")
+    assert output.read_bytes() == before
+    (row,) = json.loads((tmp_path / "s.json").read_text())
+    assert row["mt_bench"]["overall"]["judged"] == 10
+    assert "last line is incomplete" in caplog.text and "skipping it" in caplog.text
+    assert len(read_judgments(output)) == 10 and output.read_bytes() == before
+
+
 def test_judge_with_a_partial_file_writes_the_output_whole(fake_judge, tmp_path: Path) -> None:
     """The workflow's mode: Snakemake removes a failed job's output, not the partial file beside it."""
     partial, output = tmp_path / "staging" / "judgment.jsonl", tmp_path / "out" / "judgment.jsonl"

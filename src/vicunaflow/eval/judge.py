@@ -43,6 +43,7 @@ from vicunaflow.eval.mt_bench import (
     load_judge_prompts,
     load_questions,
     read_judgments,
+    truncate_incomplete_line,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def judge(
     model = model or _model_id(model_answers, answers)
     matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers)
     journal = Path(partial) if partial is not None else Path(output)
+    truncate_incomplete_line(journal)  # the judge appends to it: a killed run's cut-off line goes first
     written = {}
     for judgment in read_judgments(journal):
         written.setdefault(judgment_key(judgment), []).append(judgment)

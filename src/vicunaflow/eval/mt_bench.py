@@ -234,18 +234,29 @@ def judgment_key(judgment: dict) -> tuple:
     )  # fmt: skip
 
 
+def truncate_incomplete_line(path: Path) -> None:
+    """Cut a last line left incomplete by a killed writer, so that appending starts on a line of its own
+    (the judge's journal; readers only skip it)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        log.warning("%s: its last line is incomplete (an interrupted run); removing it before appending", path)
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_judgments(path: Path) -> list[dict]:
-    """The judgments written so far. A last line cut off mid-write (a killed run) is removed first."""
+    """The judgments written so far. A last line cut off mid-write (a killed run) is skipped, with a
+    warning, and left in the file: only the judge, which appends, removes it (truncate_incomplete_line)."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: its last line is incomplete (an interrupted run); dropping it", path)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
+        log.warning("%s: its last line is incomplete (an interrupted judge run); skipping it", path)
+        data = data[: data.rfind(b"\n") + 1]
     judgments = []
     for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         if not line.strip():
