@@ -46,7 +46,8 @@ def client(server):
 
 
 def stats(url: str) -> dict:
-    return httpx.get(f"{url}/health").json()["engines"]
+    # each model's counters need the key: without one, with several models, /health gives totals only
+    return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()["engines"]
 
 
 def test_models_are_listed_by_name(client):

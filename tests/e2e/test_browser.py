@@ -50,7 +50,7 @@ class Server:
         self.url, self.log, self.results = url, log, results
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/health").json()
+        return httpx.get(f"{self.url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()  # per model
 
     def request_lines(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if "request: model=" in line]

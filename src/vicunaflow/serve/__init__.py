@@ -45,7 +45,8 @@ def serve(
 
     Arguments:
         model_path: a Hugging Face model directory (e.g. vicuna-13b-all-v1.1); repeat the flag to serve
-            several models (one engine each; requests go to the one their `model` names).
+            several models (one engine each, on one GPU: not with --num-gpus; requests go to the one their
+            `model` names).
         host: address to listen on; 0.0.0.0 exposes the server to the network (set keys then).
         port: TCP port.
         api_key: accepted Bearer key(s): --api-key KEY, several as --api-key K1,K2 or --api-key+ K2;
@@ -73,6 +74,13 @@ def serve(
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    count = len(model_path) if isinstance(model_path, list) else 1
+    if count > 1 and model_options.num_gpus > 1:
+        # one tensor-parallel group per process (engine/tp.py): the second model's could not start
+        raise VicunaflowError(
+            f"--num-gpus {model_options.num_gpus} with {count} --model-path: tensor parallelism serves one model; "
+            "several models share this process's GPU (leave out --num-gpus), or start one server per model"
+        )
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach port %d can use the model", host, port)
     _check_port(host, port)  # before the model loads: minutes wasted otherwise

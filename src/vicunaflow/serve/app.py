@@ -45,6 +45,8 @@ FINISH_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error
 # Request bodies larger than this are refused with 413. A full 2048-token prompt is ~10 KB of text;
 # the cap leaves room for long contexts, many completion prompts and JSON escaping.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# /health's counters when several models are served (summed over the engines)
+HEALTH_TOTALS = ("requests", "active", "waiting", "cancelled", "prefills", "steps", "decode_tokens")
 
 
 def create_app(
@@ -67,11 +69,12 @@ def create_app(
     keys = [k.encode() for k in api_keys or []]
     created = int(time.time())
 
-    def authorize(request: Request) -> None:
-        if not keys:
-            return
+    def key_given(request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in keys)
+
+    def authorize(request: Request) -> None:
+        if keys and not key_given(request):
             raise APIError(
                 401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
             )
@@ -94,11 +97,14 @@ def create_app(
         max_tokens: int | None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        blind: bool = False,
     ) -> SamplingParams:
         if prompt_length >= engine.context:
+            sizes = f"maximum context length is {engine.context} tokens; the prompt is {prompt_length} tokens"
             raise APIError(
                 400,
-                f"This model's maximum context length is {engine.context} tokens; the prompt is {prompt_length} tokens. "
+                # blind (arena): the sizes would tell the models (their contexts and tokenizers) apart
+                f"This model's {'context is too short for this prompt' if blind else sizes}. "
                 "Shorten the messages or the prompt.",
                 code="context_length_exceeded",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
@@ -143,16 +149,15 @@ def create_app(
         return APIError(500, f"Internal error: {type(err).__name__}", type="server_error").response()
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         stats = {name: engine.snapshot_stats() for name, engine in engines.items()}
-        return {
-            "status": "ok",
-            "model": model_name,
-            "models": list(engines),
-            "auth": bool(keys),
-            "engine": stats[model_name],
-            "engines": stats,
-        }
+        info = {"status": "ok", "model": model_name, "models": list(engines), "auth": bool(keys)}
+        if len(engines) == 1 or (keys and key_given(request)):
+            return info | {"engine": stats[model_name], "engines": stats}
+        # Several models: the arena is open, and one model's counters rising while a side answers would
+        # name that side. Without a key (or with no keys set) only the totals, and each model's context.
+        totals = {counter: sum(s[counter] for s in stats.values()) for counter in HEALTH_TOTALS}
+        return info | {"totals": totals, "engines": {name: {"context": s["context"]} for name, s in stats.items()}}
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -175,22 +180,34 @@ def create_app(
         authorize(request)
         return _model_card(name, created, check_model(name).context)
 
-    async def chat(request: Request, body: ChatCompletionRequest, shown_name: str | None = None, record=None):
-        """Answer a validated chat request; shown_name replaces the model's name in the reply (arena),
-        record(text) receives a streamed reply's pieces."""
+    async def chat(
+        request: Request, body: ChatCompletionRequest, shown_name: str | None = None, done=None, blind: bool = False
+    ):
+        """Answer a validated chat request. For the arena: shown_name replaces the model's name in the reply,
+        done(text) gets the whole reply once it has ended well (None when a streamed one failed or was
+        stopped), and `blind` keeps out what tells models apart (usage's token counts, logprobs, n > 1,
+        the context size)."""
         engine = check_model(body.model)
         shown_name = shown_name or body.model
+        if blind:  # each would tell the models apart (their tokenizers, their confidence)
+            asked = {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs is not None, "n": body.n > 1}
+            field = next((name for name, on in asked.items() if on), None)
+            if field:
+                raise APIError(
+                    400, f"the arena does not answer with {field}: it would tell the models apart", param=field
+                )
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
         prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, body)
-        params = sampling(engine, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, logprobs=k)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = sampling(engine, body, len(prompt_ids), max_tokens, logprobs=k, blind=blind)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1:
                 raise APIError(400, "stream=true supports n=1 only", param="n")
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, record, k)
+            include_usage = bool((body.stream_options or {}).get("include_usage")) and not blind
+            chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, done, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _complete_all(request, [_complete(engine, prompt_ids, params) for _ in range(body.n)])
 
@@ -208,17 +225,11 @@ def create_app(
             }
             for i, (text, last) in enumerate(results)
         ]
-        return _with_usage(
-            {
-                "id": reply_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": shown_name,
-                "choices": choices,
-            },
-            results,
-            len(prompt_ids),
-        )
+        reply = {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": shown_name}
+        reply["choices"] = choices
+        if done is not None:
+            done(results[0][0] if results[0][1].finish_reason in ("stop", "length") else None)
+        return reply if blind else _with_usage(reply, results, len(prompt_ids))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -441,9 +452,11 @@ async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams)
 
 
 async def _stream_chat(
-    engine, prompt_ids, params, reply_id, model_name, include_usage, record=None, k: int | None = None
+    engine, prompt_ids, params, reply_id, model_name, include_usage, done=None, k: int | None = None
 ) -> AsyncIterator[str]:
+    """done(text): the whole reply, called before its last chunk; done(None) when it failed or was stopped."""
     created = int(time.time())
+    pieces, ended = [], False
     texts = TokenTexts(engine.tokenizer, prompt=False)
 
     def chunk(delta: dict, finish_reason: str | None = None, event: Event | None = None) -> str:
@@ -461,29 +474,35 @@ async def _stream_chat(
             }
         )
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for event in _events(engine, prompt_ids, params):
-        if event.text:
-            if record is not None:
-                record(event.text)
-            yield chunk({"content": event.text}, event=event)
-        if event.finish_reason == "error":
-            yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
-        elif event.finish_reason is not None:
-            yield chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event)
-            if include_usage:
-                usage = _usage(event.prompt_tokens, event.completion_tokens)
-                yield sse_event(
-                    {
-                        "id": reply_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model_name,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                )
-    yield sse_event("[DONE]")
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in _events(engine, prompt_ids, params):
+            if event.text:
+                pieces.append(event.text)
+                yield chunk({"content": event.text}, event=event)
+            if event.finish_reason == "error":
+                yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
+            elif event.finish_reason is not None:
+                if done is not None and event.finish_reason in ("stop", "length"):
+                    ended = True
+                    done("".join(pieces))  # every piece has been sent: what the client has is what is kept
+                yield chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event)
+                if include_usage:
+                    usage = _usage(event.prompt_tokens, event.completion_tokens)
+                    yield sse_event(
+                        {
+                            "id": reply_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
+        yield sse_event("[DONE]")
+    finally:  # also when the client went away (Starlette closes the stream)
+        if done is not None and not ended:
+            done(None)
 
 
 async def _stream_completion(

@@ -74,10 +74,12 @@ async function fight(prompt) {
     sideText(side).parentElement.classList.add("error");
     sideText(side).append(vf.el("p", { role: "alert", text: r.reason.message }));
   }
-  answered = failed.length === 0;
+  answered = failed.length === 0 && !stopped; // the server takes a vote on whole answers only
   setBusy(false);
   $("votes").hidden = !answered;
-  statusEl.textContent = failed.length ? "an answer failed: start a new round" : `${stopped ? "stopped. " : ""}Which answer is better? Vote to see the models' names.`;
+  statusEl.textContent = failed.length ? "an answer failed: start a new round"
+    : stopped ? "stopped: a battle is voted on whole answers only. New round starts another."
+    : "Which answer is better? Vote to see the models' names.";
   if (answered) $("votes").querySelector("button").focus();
 }
 
