@@ -57,6 +57,23 @@ def test_ties_and_both_bad_rate_two_models_equal():
         assert np.isnan(row["bt_lower"])  # no bootstrap asked
 
 
+def test_one_win_then_one_tie_gives_the_hand_computed_ratings():
+    battles = [
+        {"model_left": "a", "model_right": "b", "vote": "left", "tstamp": 0},
+        {"model_left": "a", "model_right": "b", "vote": "tie", "tstamp": 1},
+    ]
+    rows = {row["model"]: row for row in ratings(battles, rounds=0)["models"]}
+    # Elo, K = 4 from 1000 each: the win is expected half, so a = 1000 + 4 x 0.5 = 1002, b = 998. The tie:
+    # a was expected to score 1 / (1 + 10^((998 - 1002) / 400)) = 1 / (1 + 10^-0.01) = 0.505756, so
+    # a = 1002 + 4 x (0.5 - 0.505756) = 1001.977 and b = 998.023.
+    assert rows["a"]["elo"] == pytest.approx(1001.976975, abs=1e-6)
+    assert rows["b"]["elo"] == pytest.approx(998.023025, abs=1e-6)
+    # Bradley–Terry: a scores 1 + 0.5 of 2, so P(a beats b) = 0.75 = 1 / (1 + e^-(ta - tb)), ta - tb = ln 3;
+    # centred, +-ln(3) / 2 on the scale 400 / ln 10: 1000 +- 95.424 (the L2 term moves it < 0.001).
+    assert rows["a"]["bt"] == pytest.approx(1095.424, abs=1e-3)
+    assert rows["b"]["bt"] == pytest.approx(904.576, abs=1e-3)
+
+
 def test_bradley_terry_recovers_strengths_and_agrees_with_elo():
     strengths = {"m1": 1150, "m2": 1050, "m3": 1000, "m4": 900}
     result = ratings(battles_from_strengths(strengths, 6000), rounds=100, seed=3)
