@@ -4,6 +4,7 @@ on one synthetic ShareGPT-style HTML dump, side by side in one run; what each ke
     python bench/bench_data.py                      # 90,000 conversations (~1 GB), the issue's size
     python bench/bench_data.py --n 5000             # a quick run (~55 MB)
     python bench/bench_data.py --n 5000 --only ours
+    python bench/bench_data.py --n 20000 --only ours --before 0b00ce8 --repeat 2   # before/after, one run
 
 The input mimics ShareGPT's HTML dumps (sg_90k_part*_html.json): a JSON array (indent 2), user
 turns in plain text, assistant turns in ChatGPT's HTML (prose paragraphs, lists, tables, code blocks
@@ -18,16 +19,21 @@ Each side runs as child processes; wall time and the peak RSS of the process tre
 what is measured here: the algorithm is). Checks on each side's final output: pieces over the limit
 (exact length, Vicuna v1.1 prompt as `data tokenize` counts it), pieces that do not start with a
 user turn or end with a reply, replies (assistant turns) kept versus the cleaned input.
+`--before REV` also runs our clean + split from that commit's src/ (git archive), alternating with
+the working tree's, `--repeat` times each; medians are recorded, and whether both gave the same bytes.
 Results: bench/results/data_<n>.json; the table goes to docs/benchmarks.md by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import random
 import re
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -221,7 +227,9 @@ def make_tokenizer(folder: Path, source: Path) -> Path:
 
 
 def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run a command; wall seconds and the peak RSS of its process tree (every 50 ms); printed as it ends."""
+    """Run a command; wall seconds, CPU seconds (user + system, its workers included) and the peak RSS of
+    its process tree (every 50 ms); printed as it ends. On a loaded machine CPU seconds vary less than wall."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -242,9 +250,11 @@ def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
         code = process.wait()
         thread.join()
     seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-    result = {"seconds": round(seconds, 2), "peak_rss_mb": round(peak[0] / 2**20, 1)}
+    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(peak[0] / 2**20, 1)}
     print(f"{log.stem}: {result}", flush=True)
     return result
 
@@ -270,30 +280,68 @@ from vicunaflow.dataprep.{module} import {verb}
 """
 
 
-def run_ours(work: Path, source: Path, tokenizer: Path, limit: int, jobs: int, languages: list[str] | None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    clean_args = {"data": str(source), "output": str(work / "ours-clean.jsonl"), "jobs": jobs, "languages": languages}
-    split_args = {"data": str(work / "ours-clean.jsonl"), "model_path": str(tokenizer),
-                  "output": str(work / "ours-split.jsonl"), "model_max_length": limit}  # fmt: skip
+def run_ours(
+    work: Path, source: Path, tokenizer: Path, limit: int, jobs: int, languages: list[str] | None,
+    src: Path = REPO / "src", tag: str = "ours",
+) -> dict:  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    clean_args = {"data": str(source), "output": str(work / f"{tag}-clean.jsonl"), "jobs": jobs, "languages": languages}
+    split_args = {"data": str(work / f"{tag}-clean.jsonl"), "model_path": str(tokenizer),
+                  "output": str(work / f"{tag}-split.jsonl"), "model_max_length": limit}  # fmt: skip
     result = {
         "clean": measured(
             [sys.executable, "-c", OURS.format(module="clean", verb="clean", kwargs=clean_args)],
-            work / "ours-clean.log",
+            work / f"{tag}-clean.log",
             env,
         ),
         "split": measured(
             [sys.executable, "-c", OURS.format(module="split", verb="split", kwargs=split_args)],
-            work / "ours-split.log",
+            work / f"{tag}-split.log",
             env,
         ),
     }
     counts = {}
     for step in ("clean", "split"):
-        for row in (work / f"ours-{step}.counts.tsv").read_text().splitlines()[1:]:
+        for row in (work / f"{tag}-{step}.counts.tsv").read_text().splitlines()[1:]:
             _, kind, reason, n, _ = row.split("\t")
             counts[f"{step}:{kind}:{reason}"] = int(n)
     result["counts"] = counts
     return result
+
+
+def run_before_and_after(args, work: Path, source: Path, tokenizer: Path) -> dict:
+    """Our clean + split from commit `args.before` and from the working tree, alternating, `args.repeat`
+    times each; per step the median wall time (every run listed) and the largest peak RSS."""
+    before_src = work / f"src-{args.before}"
+    if not before_src.is_dir():
+        before_src.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", args.before, "src"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(before_src)], input=archive.stdout, check=True)
+    sides = {"before": before_src / "src", "ours": REPO / "src"}
+    runs: dict = {side: [] for side in sides}
+    for i in range(args.repeat):
+        for side in sides if i % 2 == 0 else reversed(list(sides)):
+            runs[side].append(
+                run_ours(work, source, tokenizer, args.limit, args.jobs, args.languages, sides[side], side)
+            )
+    results = {}
+    for side, done in runs.items():
+        result = dict(done[-1])
+        for step in ("clean", "split"):
+            seconds = [r[step]["seconds"] for r in done]
+            cpu = [r[step]["cpu_seconds"] for r in done]
+            result[step] = {"seconds": round(statistics.median(seconds), 2), "runs": seconds,
+                            "cpu_seconds": round(statistics.median(cpu), 2), "cpu_runs": cpu,
+                            "peak_rss_mb": max(r[step]["peak_rss_mb"] for r in done)}  # fmt: skip
+        results[side] = result
+    results["before"]["commit"] = args.before
+    results["same_bytes_as_before"] = {
+        name: filecmp.cmp(work / f"before-{name}", work / f"ours-{name}", shallow=False)
+        for name in ("clean.jsonl", "clean.counts.tsv", "split.jsonl", "split.counts.tsv")
+    }
+    return results
 
 
 def run_fastchat(work: Path, source: Path, tokenizer: Path, limit: int) -> dict:
@@ -388,6 +436,9 @@ def main() -> None:
     parser.add_argument("--check-sample", type=int, default=0,
                         help="pieces per million checked for exact length (0: all)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results JSON; default bench/results/data_<n>.json")
+    parser.add_argument("--before", metavar="REV", help="also run our steps from this commit's src/, alternating")
+    parser.add_argument("--repeat", type=int, default=1, help="with --before: runs of each side (medians)")
+    parser.add_argument("--machine", default="", help="recorded in the results: where this ran")
     args = parser.parse_args()
     name = f"{args.n}{'-markdown' if args.markdown else ''}"
     work = args.work / name
@@ -410,8 +461,14 @@ def main() -> None:
     results["input_mb"] = round(source.stat().st_size / 1e6, 1)
     results["planted"] = json.loads((work / "planted.json").read_text())
     tokenizer = make_tokenizer(args.work / "tokenizer-32k", source)
-    if args.only in ("ours", "both"):
+    if args.machine:
+        results["machine"] = args.machine
+    if args.only in ("ours", "both") and args.before:
+        results |= run_before_and_after(args, work, source, tokenizer)
+        print(json.dumps({k: results[k] for k in ("before", "ours", "same_bytes_as_before")}, indent=1), flush=True)
+    elif args.only in ("ours", "both"):
         results["ours"] = run_ours(work, source, tokenizer, args.limit, args.jobs, args.languages)
+    if args.only in ("ours", "both"):
         results["ours"]["kept"] = check(work / "ours-clean.jsonl", work / "ours-split.jsonl", tokenizer, args.limit,
                                         args.check_sample)  # fmt: skip
         print(json.dumps(results["ours"], indent=1), flush=True)
@@ -430,11 +487,13 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    sides = [s for s in ("ours", "fastchat") if s in results]
+    sides = [s for s in ("before", "ours", "fastchat") if s in results]
     rows = [("clean s", lambda r: r["clean"]["seconds"]), ("split s", lambda r: r["split"]["seconds"]),
             ("clean+split s", lambda r: round(r["clean"]["seconds"] + r["split"]["seconds"], 1)),
+            ("clean CPU s", lambda r: r["clean"].get("cpu_seconds", "")), ("split CPU s", lambda r: r["split"].get("cpu_seconds", "")),
             ("peak RSS clean MB", lambda r: r["clean"]["peak_rss_mb"]), ("peak RSS split MB", lambda r: r["split"]["peak_rss_mb"])]  # fmt: skip
-    rows += [(key, lambda r, key=key: r["kept"][key]) for key in results[sides[0]]["kept"]] if sides else []
+    kept = next((results[s]["kept"] for s in sides if "kept" in results[s]), {})
+    rows += [(key, lambda r, key=key: r.get("kept", {}).get(key, "")) for key in kept]
     print(f"{'':32}" + "".join(f"{s:>14}" for s in sides))
     for name, get in rows:
         print(f"{name:32}" + "".join(f"{get(results[s])!s:>14}" for s in sides))

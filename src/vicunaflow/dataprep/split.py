@@ -19,7 +19,8 @@ with the next exchange. Pieces of one conversation are `<id>_<k>`, with `parent`
 Batches of conversations are split in worker processes (each with its own tokenizer, like `data clean`'s
 workers), and written in input order: the output does not depend on the number of workers. The
 tokenizer is loaded once, through transformers, in the parent; workers rebuild its Rust backend from
-the parent's serialised copy (no transformers, no torch: ~2 s of CPU and ~300 MB less per worker).
+the parent's serialised copy (no transformers, no torch there: ~2 s of CPU and ~300 MB less per
+worker; the parent holds them once).
 A held-out fraction (by a hash of the conversation's id and a seed: the same ids are held out in every
 run, and all pieces of a conversation fall on the same side) goes to a second file.
 """
