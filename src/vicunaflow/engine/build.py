@@ -91,6 +91,40 @@ def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def weight_bytes(
+    args: ModelArgs,
+    *,
+    itemsize: int,
+    num_gpus: int = 1,
+    bits: int | None = None,
+    group_size: int = quant.DEFAULT_GROUP_SIZE,
+) -> int:
+    """Bytes of one rank's weights as build_model lays them out, from config.json alone (before any load):
+    projections split over the ranks (q|k|v and gate|up by rows, o and down by columns), float or int8/int4
+    with their scales and zeros; norms, embeddings and lm_head whole on every rank and always float."""
+    head, kv = args.head_dim, args.n_kv_heads * args.head_dim
+    projections = [(args.n_heads * head + 2 * kv, args.dim, 0), (args.dim, args.n_heads * head, 1)]
+    projections += [(2 * args.ffn_dim, args.dim, 0), (args.dim, args.ffn_dim, 1)]
+    per_layer = 0
+    for rows, columns, split in projections:  # [rows, columns] before the split, the dimension it cuts
+        rows, columns = (rows // num_gpus, columns) if split == 0 else (rows, columns // num_gpus)
+        per_layer += _linear_bytes(rows, columns, bits, group_size, itemsize)
+    per_layer += 2 * args.dim * itemsize  # the two norms
+    embed = args.vocab_size * args.dim * itemsize
+    output = 0 if args.tie_word_embeddings else embed  # lm_head stays float (or is the embedding itself)
+    return args.n_layers * per_layer + embed + output + args.dim * itemsize
+
+
+def _linear_bytes(rows: int, columns: int, bits: int | None, group_size: int, itemsize: int) -> int:
+    """One rank's [rows, columns] Linear weight: float; int8 codes + a float32 scale a row; int4 codes
+    (two a byte) + a float16 scale and zero per row and group (docs/quantize.md)."""
+    if bits == 8:
+        return rows * columns + 4 * rows
+    if bits == 4:
+        return rows * columns // 2 + 4 * rows * -(-columns // group_size)
+    return rows * columns * itemsize
+
+
 @torch.inference_mode()
 def build_model(spec: LoadSpec, comm) -> Transformer:
     """This rank's Transformer: its slices of the weights, fused, cast (or quantized) and on its device."""

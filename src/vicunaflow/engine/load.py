@@ -16,7 +16,7 @@ import torch
 
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import tp
-from vicunaflow.engine.build import LoadSpec, RandomWeights, build_model, check_int4_split, read_args
+from vicunaflow.engine.build import LoadSpec, RandomWeights, build_model, check_int4_split, read_args, weight_bytes
 from vicunaflow.engine.model import Local, Transformer, check_shardable
 from vicunaflow.formats import DTYPES
 
@@ -77,13 +77,15 @@ def load_model(
     if bits == 4:
         check_int4_split(args, num_gpus, group_size)
     torch_dtype = DTYPES.get(dtype, torch.float16 if device == "cuda" else torch.float32)
+    if max_gpu_memory:  # before any weight is read: build_model lays the weights out as weight_bytes counts them
+        needed = weight_bytes(args, itemsize=torch_dtype.itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
+        _check_memory_cap(needed, max_gpu_memory)
     spec = LoadSpec(source, torch_dtype, device, None if stored else bits, group_size, all_reduce)
     comm = tp.start(num_gpus, spec) if num_gpus > 1 else Local()
     try:
         model = build_model(spec, comm)
         if num_gpus > 1:
             tp.wait_ready(comm)
-        _check_memory_cap(model, max_gpu_memory)
     except BaseException:
         model_close(comm)
         raise
@@ -131,17 +133,16 @@ def model_close(comm) -> None:
         close()
 
 
-def _check_memory_cap(model: Transformer, max_gpu_memory: str | None) -> None:
-    """--max-gpu-memory: refuse weights that exceed the cap per GPU (there is no offloading to spill into)."""
-    if not max_gpu_memory:
-        return
+def _check_memory_cap(needed: int, max_gpu_memory: str) -> None:
+    """--max-gpu-memory: refuse weights that would exceed the cap per GPU (there is no offloading to spill into)."""
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", max_gpu_memory, re.IGNORECASE)
     if not match:
         raise VicunaflowError(f"--max-gpu-memory {max_gpu_memory}: give a size such as 20GiB")
     unit = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[match.group(2).upper()]
     cap = float(match.group(1)) * (1024 if match.group(3) or not match.group(2) else 1000) ** unit
-    if model.weight_bytes() > cap:
+    if needed > cap:
+        size = f"{needed / 2**30:.1f} GiB" if needed >= 2**30 else f"{needed / 2**20:.1f} MiB"
         raise VicunaflowError(
-            f"--max-gpu-memory {max_gpu_memory}: the weights need {model.weight_bytes() / 2**30:.1f} GiB per GPU; "
+            f"--max-gpu-memory {max_gpu_memory}: the weights need {size} per GPU; "
             f"use more --num-gpus, --load-8bit or --load-4bit"
         )

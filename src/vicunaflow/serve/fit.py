@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
+from vicunaflow.engine.build import weight_bytes
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
 HEADROOM = 0.9
@@ -60,32 +61,11 @@ def estimate(
     else:
         bits = 8 if load_8bit else 4 if load_4bit else None
     itemsize = 2 if device == "cuda" else 4  # load_model's default: float16 on CUDA, float32 on CPU
-    head, kv = args.head_dim, args.n_kv_heads * args.head_dim
-    # [rows, columns] of one layer's projections before the split, and the dimension the split cuts:
-    # q|k|v and gate|up by rows, o and down by columns (engine/build.py)
-    projections = [(args.n_heads * head + 2 * kv, args.dim, 0), (args.dim, args.n_heads * head, 1)]
-    projections += [(2 * args.ffn_dim, args.dim, 0), (args.dim, args.ffn_dim, 1)]
-    per_layer = 0
-    for rows, columns, split in projections:
-        rows, columns = (rows // num_gpus, columns) if split == 0 else (rows, columns // num_gpus)
-        per_layer += _linear_bytes(rows, columns, bits, group_size, itemsize)
-    per_layer += 2 * args.dim * itemsize  # the two norms
-    embed = args.vocab_size * args.dim * itemsize
-    output = 0 if args.tie_word_embeddings else embed  # lm_head stays float (or is the embedding itself)
-    weights = args.n_layers * per_layer + embed + output + args.dim * itemsize
+    weights = weight_bytes(args, itemsize=itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
+    kv = args.n_kv_heads * args.head_dim
     context = min(args.max_position_embeddings, max_context) if max_context else args.max_position_embeddings
     kv_cache = 2 * args.n_layers * max_batch_size * (kv // num_gpus) * context * itemsize
     return Estimate(name, weights, kv_cache)
-
-
-def _linear_bytes(rows: int, columns: int, bits: int | None, group_size: int, itemsize: int) -> int:
-    """One rank's [rows, columns] Linear weight: float; int8 codes + a float32 scale a row; int4 codes
-    (two a byte) + a float16 scale and zero per row and group (docs/quantize.md)."""
-    if bits == 8:
-        return rows * columns + 4 * rows
-    if bits == 4:
-        return rows * columns // 2 + 4 * rows * -(-columns // group_size)
-    return rows * columns * itemsize
 
 
 def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, available: int | None = None) -> None:
