@@ -101,3 +101,25 @@ def test_version(flag: str) -> None:
     version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert result.stdout == f"vicunaflow {version}\n"
     assert importlib.metadata.version("vicunaflow") == version
+
+
+def test_model_loading_help_is_model_options_in_chat_serve_and_eval_answers() -> None:
+    """The five loading flags' help comes from one place (ModelOptions' docstring) and says what the code
+    does: tensor parallelism (not device_map layers), vicunaflow.quant int8/int4 (not bitsandbytes)."""
+    import re
+
+    from vicunaflow.loading import ModelOptions
+
+    documented = inspect.getdoc(ModelOptions).split("Arguments:", 1)[1]
+    fields = dict(re.findall(r"^\s{4}(\w+): (.+)$", documented, re.MULTILINE))
+    assert set(fields) == {"device", "num_gpus", "max_gpu_memory", "load_8bit", "load_4bit"}
+    assert (
+        "tensor parallelism" in fields["num_gpus"] and "int8" in fields["load_8bit"] and "int4" in fields["load_4bit"]
+    )
+    for verb in (["chat"], ["serve"], ["eval", "answers"]):
+        result = run_cli(*verb, "--help")
+        assert result.returncode == 0, result.stderr
+        shown = " ".join(result.stdout.split())
+        for name, text in fields.items():
+            assert f"--{name} " in shown and " ".join(text.split()) in shown, (verb, name)
+        assert "device_map" not in shown and "bitsandbytes" not in shown, verb
