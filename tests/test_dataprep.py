@@ -87,6 +87,47 @@ def test_tuned_markdown_converter_gives_what_markdownify_gives(html: str) -> Non
     assert converter.convert(html) == markdownify(html, **options)
 
 
+# Already-Markdown replies (ShareGPT_V3_unfiltered_cleaned_split.json) that show tags, templates, comparisons.
+MARKDOWN_REPLIES = {
+    "html-about-html": 'Use the `<p>` tag:\n```html\n<p class="intro">Hello</p>\n<ul><li>one</li></ul>\n```\n'
+    "and Java's List<String>",
+    "cpp": "std::vector<int> v; if a<b and c>d",
+    "comparisons": "x <b and y> z; <br> is a void element, <em>this</em> is emphasis; `<div>` wraps",
+    "tag-first": "<div> is a block element:\n\n```html\n<div><p>text</p></div>\n```",
+}
+
+
+def test_markdown_replies_are_kept_byte_for_byte_and_scraped_html_is_still_converted(tmp_path: Path) -> None:
+    records = [{"id": k, "conversations": turns("Explain.", v)} for k, v in MARKDOWN_REPLIES.items()]
+    records += [
+        {"id": "html", "conversations": turns("Write f.", SHAREGPT_HTML)},
+        {"id": "p", "conversations": turns("Hi", "\n <p>Hello <strong>there</strong></p><ul><li>a</li></ul>")},
+        {
+            "id": "md-in-pre",
+            "conversations": turns(
+                "A README?", '<div><pre><code class="language-md">a\n```\nb</code></pre><p>done</p></div>'
+            ),
+        },
+    ]
+    out = clean(data=write_jsonl(tmp_path / "in.jsonl", records), output=tmp_path / "out.jsonl", jobs=1)
+    replies = {r["id"]: r["conversations"][1]["value"] for r in read_jsonl(out)}
+    for name, text in MARKDOWN_REPLIES.items():
+        assert replies[name] == text, name
+    assert replies["html"] == html_to_markdown(SHAREGPT_HTML) and replies["html"].startswith("Here is the `snake_case`")
+    assert replies["p"] == "Hello **there**\n\n- a"
+    assert replies["md-in-pre"] == "````md\na\n```\nb\n````\n\ndone"
+    assert read_counts(tmp_path / "out.counts.tsv")[("edit", "html_to_markdown")] == 3
+
+
+def test_a_code_block_holding_backtick_fences_gets_a_longer_fence() -> None:
+    """CommonMark: a fence one backtick longer than the longest run in the code, so the code's ``` stays code."""
+    assert html_to_markdown('<pre><code class="language-md">a\n```\nb</code></pre><p>done</p>') == (
+        "````md\na\n```\nb\n````\n\ndone"
+    )
+    assert html_to_markdown("<pre><code>x ````` y</code></pre>") == "``````\nx ````` y\n``````"
+    assert html_to_markdown("<pre><code>`a` and ``b``</code></pre>") == "```\n`a` and ``b``\n```"
+
+
 DIRTY = [
     {"id": "html", "conversations": turns("Write f.", SHAREGPT_HTML)},
     {

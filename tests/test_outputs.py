@@ -99,7 +99,7 @@ def test_a_file_in_the_way_is_refused(tiny_raw, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "verb", ["synth llama", "synth delta", "make-delta", "data tokenize", "download hf", "quantize"]
+    "verb", ["synth llama", "synth delta", "make-delta", "data tokenize", "data fetch", "download hf", "quantize"]
 )
 def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, tiny_vicuna, tmp_path, capsys):
     out = user_folder(tmp_path / "out")
@@ -118,6 +118,23 @@ def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, t
             out,
         ],
         "download hf": ["download", "hf", "--source", "local", "--path", tiny_hf, "--local-dir", out],
+        # refused before any download: nothing listens on the endpoint
+        "data fetch": [
+            "data",
+            "fetch",
+            "--repo",
+            "a/b",
+            "--file",
+            "f.json",
+            "--revision",
+            "c" * 40,
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--staging-dir",
+            tmp_path / "st",
+            "--output-dir",
+            out,
+        ],
         "quantize": ["quantize", "--model-path", tiny_hf, "--output-dir", out],
     }[verb]
     if verb == "synth llama":  # writes <folder>/tiny
@@ -125,6 +142,34 @@ def test_every_verb_refuses_to_replace_a_user_folder(verb, tiny_root, tiny_hf, t
     assert run(*argv) == 1
     assert_untouched(out)
     assert f"{out} exists and is not a complete vicunaflow output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["data clean", "data split", "data mix"])
+def test_data_verbs_writing_one_file_refuse_a_user_folder_in_its_place(verb, tiny_hf, tmp_path, capsys):
+    conversations = tmp_path / "in.jsonl"
+    conversations.write_text('{"id": "a", "conversations": [{"from": "human", "value": "q"}]}\n')
+    out = user_folder(tmp_path / "out.jsonl")
+    argv = {
+        "data clean": ["data", "clean", "--data", conversations, "--output", out],
+        "data split": ["data", "split", "--data", conversations, "--model-path", tiny_hf, "--output", out],
+        "data mix": ["data", "mix", "--data", conversations, "--weights", "[1]", "--output", out],
+    }[verb]
+    assert run(*argv) == 1
+    assert_untouched(out)
+    assert f"{out} is a directory; give a file path" in capsys.readouterr().err
+    assert temporaries(tmp_path, "out.jsonl") == []
+
+
+def test_fetch_overwrite_replaces_a_user_folder(fake_hub, tmp_path):
+    hub = fake_hub(repos={"a/b": {"refs": {"main": "c" * 40}, "commits": {"c" * 40: {"f.json": b"[]"}}}},
+                   repo_type="dataset")  # fmt: skip
+    out = user_folder(tmp_path / "out")
+    argv = ["data", "fetch", "--repo", "a/b", "--file", "f.json", "--revision", "c" * 40, "--endpoint", hub.url,
+            "--staging-dir", tmp_path / "st", "--output-dir", out]  # fmt: skip
+    assert run(*argv, "--overwrite") == 0
+    assert (out / "f.json").read_bytes() == b"[]" and not (out / "notes.txt").exists()
+    assert run(*argv) == 0, "its own earlier output is replaced without --overwrite"
+    assert run(*argv[:-1], tmp_path / "st" / "out") == 1, "an output inside the staging folder is refused"
 
 
 def test_download_llama_refuses_to_replace_a_user_folder(tiny_raw, tmp_path):
@@ -292,6 +337,74 @@ def test_rerun_removes_temporaries_of_killed_runs_only(tiny_hf, tmp_path):
         live.terminate()
         live.communicate(timeout=60)
     assert not owned.exists()
+
+
+def big_conversations(path: Path, n: int = 4000) -> Path:
+    """Enough HTML replies that `data clean --jobs 1` writes its output for seconds."""
+    reply = "<div><p>" + "word " * 200 + "</p><ul>" + "<li>item <b>x</b></li>" * 20 + "</ul></div>"
+    with open(path, "w") as f:
+        for i in range(n):
+            turns = [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": reply}]
+            f.write(json.dumps({"id": str(i), "conversations": turns}) + "\n")
+    return path
+
+
+def start_data_clean(source: Path, out: Path) -> tuple[subprocess.Popen, Path]:
+    """`vicunaflow data clean` in a subprocess, caught while it writes; returns it and its temporary file."""
+    argv = [sys.executable, "-m", "vicunaflow", "data", "clean", "--data", str(source), "--output", str(out)]
+    process = subprocess.Popen([*argv, "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = [p for p in temporaries(out.parent, out.name) if p.is_file() and p.stat().st_size > 0]
+        if found:
+            return process, found[0]
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("data clean never wrote into its temporary")
+
+
+def test_sigterm_removes_a_data_file_temporary(tmp_path):
+    source = big_conversations(tmp_path / "in.jsonl")
+    out = tmp_path / "clean.jsonl"
+    process, tmp = start_data_clean(source, out)
+    assert tmp.name.startswith(f".clean.jsonl.tmp-{process.pid}.{outputs._start_time(process.pid)}@{outputs._host()}-")
+    process.terminate()  # SIGTERM, as Snakemake and SLURM stop a job
+    output = process.communicate(timeout=60)[0]
+    assert temporaries(tmp_path, "clean.jsonl") == [] and not out.exists()
+    assert process.returncode == 143, output
+
+
+def test_rerun_removes_data_file_temporaries_of_killed_runs_only(tmp_path):
+    source = big_conversations(tmp_path / "in.jsonl", 1000)
+    out = tmp_path / "clean.jsonl"
+    killed, stale = start_data_clean(source, out)
+    killed.kill()  # kill -9: nothing can clean up
+    killed.wait()
+    assert stale.is_file()
+    live = tmp_path / f".clean.jsonl.tmp-{os.getpid()}.{outputs._start_time(os.getpid())}@{outputs._host()}-abcdefgh"
+    elsewhere = tmp_path / f".clean.jsonl.tmp-{killed.pid}.0@another-node-abcdefgh"  # a process on another host
+    other = tmp_path / f".other.jsonl.tmp-{killed.pid}.0@{outputs._host()}-abcdefgh"  # another output's
+    for path in (live, elsewhere, other):
+        path.write_text("partial")
+    assert run("data", "clean", "--data", source, "--output", out, "--jobs", "1") == 0
+    assert not stale.exists() and live.is_file() and elsewhere.is_file() and other.is_file()
+    assert len(out.read_text().splitlines()) == 1000
+    assert temporaries(tmp_path, "clean.jsonl") == sorted([elsewhere, live])
+
+
+def test_single_file_writers_name_their_owner_and_clean_up(tmp_path):
+    """eval, chat and download write their result files through atomic_write_bytes: the same temporaries."""
+    target = tmp_path / "result.json"
+    stale = tmp_path / f".result.json.tmp-999999999.1@{outputs._host()}-abcdefgh"  # its owner is gone
+    stale.write_text("{")
+    outputs.atomic_write_bytes(target, b"{}")
+    assert target.read_bytes() == b"{}" and not stale.exists() and temporaries(tmp_path, "result.json") == []
+    with pytest.raises(outputs.Terminated), outputs.atomic_output_file(target) as tmp:
+        assert tmp in outputs._ACTIVE, "registered: SIGTERM unwinds through it"
+        tmp.write_bytes(b"partial")
+        raise outputs.Terminated("as the SIGTERM handler raises it")
+    assert target.read_bytes() == b"{}" and temporaries(tmp_path, "result.json") == [] and not outputs._ACTIVE
 
 
 def test_a_reused_pid_does_not_keep_a_temporary_alive(tmp_path):

@@ -17,6 +17,8 @@ its start time, to tell a reused pid apart, and host and PID namespace, for shar
 containers that share a hostname). A process killed
 with `kill -9` cannot clean up; the next write of the same output removes the temporaries whose
 owner is gone from this host. Those of a live process, or of another host, are left alone.
+Single files (`atomic_output_file`: data files, eval results) get temporaries named, registered and
+removed the same way.
 """
 
 from __future__ import annotations
@@ -128,15 +130,44 @@ def atomic_output_dir(
         _ACTIVE.discard(tmp)
 
 
+@contextlib.contextmanager
+def atomic_output_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside `target` that replaces `target` when the block succeeds.
+
+    Named as a folder's temporary is (its owner), and removed on an error, Ctrl-C or SIGTERM; the
+    temporaries of earlier writes of `target` whose owner is gone are removed first.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target.name), dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    _ACTIVE.add(tmp)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes it private; outputs are meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    finally:
+        _ACTIVE.discard(tmp)
+
+
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries of `target` left by killed processes of this host; return what was removed."""
+    """Remove the temporaries (folders or files) of `target` left by killed processes of this host;
+    return what was removed."""
     target = Path(target)
     removed = []
-    # _temp_prefix's pid, start time and host, then mkdtemp's 8 characters of [a-z0-9_].
+    # _temp_prefix's pid, start time and host, then mkdtemp's (or mkstemp's) 8 characters of [a-z0-9_].
     pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)\.(\d+)@([^@/]+)-[a-z0-9_]{8}")
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(target.parent.iterdir()):
-            if not entry.name.startswith(f".{target.name}.tmp-") or entry.is_symlink() or not entry.is_dir():
+            if not entry.name.startswith(f".{target.name}.tmp-") or entry.is_symlink():
+                continue
+            if not (entry.is_dir() or entry.is_file()):
                 continue
             match = pattern.fullmatch(entry.name)
             if match is None:
@@ -149,7 +180,11 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
             if host != _host() or _alive(pid, start):
                 continue
             log.info("removing %s, left by process %d, which is gone", entry, pid)
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
             removed.append(entry)
     return removed
 
@@ -276,10 +311,8 @@ def _temp_prefix(name: str) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.rename(path)
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

@@ -10,7 +10,9 @@ Per conversation, in order:
 2. roles normalised: human/user -> human; gpt/chatgpt/bing/bard/assistant -> gpt; a first `system`
    turn becomes `"system"`; any other role: dropped, unknown_role; a later system turn: misplaced_system;
 3. a turn that is not an object with a string value: dropped, broken_turn;
-4. HTML (by default in assistant turns only, where ShareGPT's dumps have it) -> Markdown by markdownify;
+4. HTML (by default in assistant turns only, where ShareGPT's dumps have it) -> Markdown by markdownify,
+   for a turn that is scraped HTML (it opens with a block tag, no ``` fence outside <pre>): Markdown
+   replies that show tags or `vector<int>` are left byte for byte;
 5. a first assistant turn is dropped (as FastChat does), so is a last user turn (no reply to learn);
    an empty turn ends the conversation there (the complete exchanges before it are kept);
    roles that do not alternate: dropped, roles_not_alternating; nothing left: dropped, no_exchange;
@@ -81,7 +83,8 @@ def clean(
         report: TSV of conversations read, kept, dropped and edited by reason, with example ids;
             default: the output's name with `.counts.tsv`.
         html: which turns hold HTML to convert to Markdown: assistant (ShareGPT's dumps), all, none.
-            Only turns with an HTML element tag are converted; plain text is left as it is.
+            Only turns that are scraped HTML are converted (they open with a block tag such as <div> or
+            <p> and hold no ``` fence outside <pre>); Markdown and plain text are left byte for byte.
         languages: keep only conversations in these languages (ISO 639-1 codes, e.g. '[en]'), as told
             by py3langid (`pip install 'vicunaflow[data]'`) from the user's turns; default: all.
         language_text: characters of the user's turns (code blocks left out) the language is told from.
@@ -253,11 +256,10 @@ def exchanges(turns: list[tuple[str, str]], edits: list[str]) -> list[tuple[str,
 
 # ---- HTML -> Markdown ------------------------------------------------------------------------------
 
-# An HTML element, not any `<`: code like `vector<int>` or `a<b` in plain text is left alone.
-_HTML_TAG = re.compile(
-    r"</?(?:p|div|span|pre|code|ol|ul|li|br|hr|h[1-6]|table|thead|tbody|tr|td|th|a|b|i|em|strong|blockquote|img|svg)\b[^>]*>",
-    re.IGNORECASE,
-)
+# ChatGPT's scraped replies open with a block element (`<div class="markdown prose ...">`, `<p>`); a Markdown
+# reply that merely mentions a tag (`Use the <p> tag`, `vector<int>`, `a<b`) does not, or fences its HTML.
+_HTML_START = re.compile(r"\s*<(?:div|p|pre|ol|ul|h[1-6]|table|blockquote)\b[^<>]*>", re.IGNORECASE)
+_PRE = re.compile(r"<pre\b.*?</pre>", re.DOTALL | re.IGNORECASE)  # code, where a ``` may be the code's own
 _SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL | re.IGNORECASE)
 _BUTTON = re.compile(r"<button\b.*?</button>", re.DOTALL | re.IGNORECASE)
 # ChatGPT's bar above a code block ("python  [Copy code]"): its language is also on <code class="language-x">.
@@ -271,7 +273,14 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def looks_like_html(text: str) -> bool:
-    return "<" in text and _HTML_TAG.search(text) is not None
+    """Scraped HTML, not Markdown: it opens with a block tag and has no ``` fence outside its <pre> blocks.
+
+    Any tag anywhere is not enough (FastChat converts every turn): markdownify would turn a Markdown
+    reply about HTML or C++ into a mangled one (fences lost, `<int>` dropped, `a<b ... c>d` made bold).
+    """
+    if _HTML_START.match(text) is None:
+        return False
+    return "```" not in text or "```" not in _PRE.sub("", text)
 
 
 def html_to_markdown(html: str) -> str:
@@ -303,17 +312,41 @@ def _markdown_converter():
     options), the tuned one when markdownify is the release it was written against."""
     from importlib.metadata import version
 
-    import markdownify
-
     options = {**MARKDOWNIFY_OPTIONS, "code_language_callback": _code_language}
     if version("markdownify") != MARKDOWNIFY_TUNED:
         log.info("markdownify %s (not %s): its own converter is used", version("markdownify"), MARKDOWNIFY_TUNED)
-        return markdownify.MarkdownConverter(**options)
+        return _fenced_converter_class()(**options)
     return _fast_converter_class()(**options)
 
 
+_BACKTICKS = re.compile(r"`+")
+
+
+@functools.cache
+def _fenced_converter_class():
+    """markdownify's MarkdownConverter, with code blocks fenced by more backticks than the code holds.
+
+    Upstream always fences with ```: code that holds a ``` line (a Markdown snippet, a README)
+    would close the block there. CommonMark's rule: a fence one backtick longer than the longest
+    run of backticks inside.
+    """
+    from markdownify import MarkdownConverter
+
+    class _FencedConverter(MarkdownConverter):
+        def convert_pre(self, el, text, parent_tags):
+            block = super().convert_pre(el, text, parent_tags)
+            longest = max(map(len, _BACKTICKS.findall(text)), default=0)
+            opening, closing = "\n\n```", "\n```\n\n"  # upstream's, around "<language>\n<code>"
+            if longest < 3 or not (block.startswith(opening) and block.endswith(closing)):
+                return block
+            fence = "`" * (longest + 1)
+            return "\n\n" + fence + block[len(opening) : -len(closing)] + "\n" + fence + "\n\n"
+
+    return _FencedConverter
+
+
 def _fast_converter_class():
-    """markdownify 1.2.3's MarkdownConverter with one change in process_tag, the same Markdown out.
+    """`_FencedConverter` (markdownify 1.2.3's) with one change in process_tag, the same Markdown out.
 
     Upstream asks every element `node.name == 'pre' or node.find_parent('pre')` (a walk up the tree
     through bs4's filter machinery for each of ~13 elements a reply has: a fifth of all the time);
@@ -322,14 +355,13 @@ def _fast_converter_class():
     """
     from bs4 import Comment, Doctype, NavigableString, Tag
     from markdownify import (
-        MarkdownConverter,
         re_extract_newlines,
         re_html_heading,
         should_remove_whitespace_inside,
         should_remove_whitespace_outside,
     )
 
-    class _FastConverter(MarkdownConverter):
+    class _FastConverter(_fenced_converter_class()):
         def process_tag(self, node, parent_tags=None):
             if parent_tags is None:
                 parent_tags = set()

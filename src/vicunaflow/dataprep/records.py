@@ -16,7 +16,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from vicunaflow import VicunaflowError
+from vicunaflow.outputs import atomic_output_file
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +133,13 @@ def unit_hash(*parts: str) -> float:
 @contextlib.contextmanager
 def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
     """A binary file that becomes `path` only when the block succeeds (a hidden temporary beside it,
-    renamed over it); on any error or Ctrl-C the temporary is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=READ_BUFFER) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    renamed over it); on any error, Ctrl-C or SIGTERM the temporary is removed and `path` is left as
+    it was. The temporary names its owner, as output folders' do (`outputs.atomic_output_file`): a
+    rerun removes those of killed runs."""
+    with atomic_output_file(path) as tmp, open(tmp, "wb", buffering=READ_BUFFER) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_output(output: Path, *inputs: Path | None) -> Path:

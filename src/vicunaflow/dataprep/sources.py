@@ -45,6 +45,7 @@ def fetch(
     endpoint: str | None = None,
     token_env: str = "HF_TOKEN",
     staging_dir: Path = Path(".staging"),
+    overwrite: bool = False,
 ) -> Path:
     """Fetch one file of a Hugging Face dataset repository at a pinned revision, verified.
 
@@ -60,9 +61,10 @@ def fetch(
         endpoint: Hub URL; default: $HF_ENDPOINT or https://huggingface.co.
         token_env: environment variable holding a Hub token for gated or private datasets.
         staging_dir: partial downloads, outside any output; a rerun continues from here.
+        overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from vicunaflow.download import download_hf
-    from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
+    from vicunaflow.outputs import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 
     output_dir = Path(output_dir)
     log.info(
@@ -79,7 +81,9 @@ def fetch(
         )
     if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise VicunaflowError(f"--sha256 {sha256!r}: give 64 lowercase hex digits")
-    with atomic_output_dir(output_dir) as out:
+    staging_dir = Path(staging_dir)
+    check_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite)  # before any download
+    with atomic_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite) as out:
         fetched = out / "hub"
         try:
             download_hf(
@@ -90,7 +94,7 @@ def fetch(
                 local_dir=fetched,
                 endpoint=endpoint,
                 token_env=token_env,
-                staging_dir=Path(staging_dir),
+                staging_dir=staging_dir,
                 jobs=1,
             )
         except VicunaflowError as err:
