@@ -274,47 +274,6 @@ def test_bad_logprob_requests_are_400(server, route, extra, param):
 
 # -- lm-evaluation-harness against `vicunaflow serve` ---------------------------------------------------------
 
-MC_ITEMS = [
-    {"question": "What do llamas eat?", "choices": ["grass", "stones", "metal"], "answer": 0},
-    {"question": "Where do vicunas live?", "choices": ["in the Andes", "under the sea"], "answer": 0},
-    {"question": "How many legs has a llama?", "choices": ["four", "two", "six", "none at all"], "answer": 0},
-]
-GEN_ITEMS = [{"question": "Name a camelid.", "answer": "llama"}, {"question": "Say hello.", "answer": "hello"}]
-
-TASKS = {
-    "vf_mc": """
-task: vf_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""",
-    "vf_gen": """
-task: vf_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""",
-}
-
 # Runs in a subprocess with the offline variables set before datasets/huggingface_hub are imported.
 LM_EVAL = """
 import json, sys
@@ -352,14 +311,12 @@ def test_lm_eval_local_completions_offline(tmp_path, tiny_vicuna, loaded):
     import sys
 
     pytest.importorskip("lm_eval")
+    from lm_eval_tasks import MC_ITEMS, OFFLINE, write_tasks  # tests/ is on sys.path
     from test_serve import start_server
 
     model, tokenizer = loaded
-    for task, items in (("vf_mc", MC_ITEMS), ("vf_gen", GEN_ITEMS)):
-        data = tmp_path / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(item) + "\n" for item in items))
-        (tmp_path / f"{task}.yaml").write_text(TASKS[task].format(data=data))
-    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    write_tasks(tmp_path)
+    offline = {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     process, url = start_server(tiny_vicuna, "--max-context", str(CONTEXT), "--max-batch-size", "4")
     try:
         model_args = (

@@ -45,6 +45,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "loss": "vicunaflow.eval.loss:loss",
         "summary": "vicunaflow.eval.summary:summary",
         "arena": "vicunaflow.eval.arena:arena",
+        "harness": "vicunaflow.eval.harness:harness",
     },
 }
 
@@ -165,19 +166,37 @@ def _bare_bool_flags(argv: list[str]) -> list[str]:
 
 
 def _repeated_list_flags(argv: list[str]) -> list[str]:
-    """`--model_path A --model_path B` means both for a list parameter (jsonargparse alone keeps the last):
-    every occurrence after the first becomes jsonargparse's append form, `--model_path+ B`."""
+    """`--model_path A --model_path B` means both for a list parameter (jsonargparse alone keeps the last),
+    and so does `--tasks a b` (values up to the next flag): every value after the first becomes jsonargparse's
+    append form, `--model_path+ B`. A parameter that only takes lists (`list[str]`, `list[Path] | None`)
+    takes a lone value as a one-item list too; a JSON list (`--tasks '[a, b]'`) is passed as it is."""
+    import types
 
     def is_list(hint) -> bool:
         return typing.get_origin(hint) is list or any(typing.get_origin(h) is list for h in typing.get_args(hint))
 
-    lists = {f"--{name}" for name, hint in _hints(argv).items() if is_list(hint)}
-    seen, result = set(), []
+    def list_only(hint) -> bool:
+        if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+            return typing.get_origin(hint) is list
+        return all(typing.get_origin(h) is list for h in typing.get_args(hint) if h is not type(None))
+
+    hints = {f"--{name}": hint for name, hint in _hints(argv).items() if is_list(hint)}
+    expanded, flag = [], None  # `--tasks a b` -> `--tasks a --tasks b`
     for arg in argv:
+        if arg.startswith("--"):
+            flag = arg if arg in hints else None
+            expanded.append(arg)
+        elif flag is not None and expanded[-1] != flag:
+            expanded += [flag, arg]
+        else:
+            expanded.append(arg)
+    seen, result = set(), []
+    for i, arg in enumerate(expanded):
         flag, eq, value = arg.partition("=")
-        if flag in lists:
-            if flag in seen:
-                arg = flag + "+" + eq + value
+        if flag in hints:
+            value = value if eq else (expanded[i + 1] if i + 1 < len(expanded) else "")
+            if flag in seen or (list_only(hints[flag]) and not value.lstrip().startswith("[")):
+                arg = flag + "+" + eq + value if eq else flag + "+"
             seen.add(flag)
         result.append(arg)
     return result

@@ -1,5 +1,5 @@
 # Evaluation: MT-bench answers graded by an LLM judge (FastChat's llm_judge formats), loss on held-out
-# conversations, and results/eval/summary.tsv over every evaluated model. See docs/eval.md.
+# conversations, lm-evaluation-harness suites, and results/eval/summary.tsv over every evaluated model. See docs/eval.md.
 # Helpers: workflow/rules/eval_common.smk.
 
 
@@ -104,6 +104,33 @@ rule eval_loss:
         " --model-max-length {params.model_max_length} > {log} 2>&1"
 
 
+# lm-evaluation-harness suites (config eval.harness): the job serves the model on a free local port,
+# runs lm-eval's local-completions model against it and stops the server, however the run ends.
+rule eval_harness:
+    input:
+        model=get_chat_model,
+        tasks_dir=get_harness_tasks_dir,
+    output:
+        "results/eval/{model}/lm_eval-{suite}.json",
+    log:
+        "logs/eval_harness/{model}/{suite}.log",
+    benchmark:
+        "benchmarks/eval_harness/{model}/{suite}.tsv"
+    wildcard_constraints:
+        model="[^/]+",
+        suite="|".join(map(re.escape, EVAL["harness"])) or NEVER,
+    conda:
+        "../../envs/eval.yaml"
+    resources:
+        **get_resources("chat_smoke", wildcard="model"),
+    params:
+        harness=get_harness_args,
+        num_gpus=get_processes_per_node,
+    shell:
+        "vicunaflow eval harness --model-path {input.model} --output {output} --suite {wildcards.suite}"
+        " --model-name {wildcards.model} {params.harness} --num-gpus {params.num_gpus} > {log} 2>&1"
+
+
 rule eval_summary:
     input:
         unpack(get_eval_data),
@@ -124,10 +151,12 @@ rule eval_summary:
         questions=EVAL_FILES["questions"],
         judgments=json_list_arg("judgments"),
         losses=json_list_arg("losses"),
+        harness=json_list_arg("harness"),
         arena=get_arena_arg,
     shell:
         "vicunaflow eval summary --questions {params.questions} --judgments {params.judgments}"
-        " --losses {params.losses} {params.arena} --output {output.tsv} --output-json {output.json}"
+        " --losses {params.losses} --harness {params.harness} {params.arena} --output {output.tsv}"
+        " --output-json {output.json}"
         " > {log} 2>&1"
 
 

@@ -1,4 +1,4 @@
-# Helpers of workflow/rules/eval.smk: which questions, models, judges and datasets config `eval` names.
+# Helpers of workflow/rules/eval.smk: which questions, models, judges, datasets and lm-eval suites config `eval` names.
 
 from types import SimpleNamespace
 
@@ -15,6 +15,12 @@ MT_BENCH_DIR = "resources/mt_bench"
 ARENA_VOTES = "results/serve/arena_votes.jsonl"
 JUDGE_DEFAULTS = {"base_url": None, "serve": None, "api_key_env": "OPENAI_API_KEY"}
 JUDGE_DEFAULTS |= {"parallel": 8, "max_tokens": 2048}
+HARNESS_DEFAULTS = {
+    "include_path": None,
+    "limit": None,
+    "num_fewshot": None,
+    "num_concurrent": 16,
+}
 
 
 def eval_files():
@@ -100,6 +106,27 @@ def get_loss_data(wildcards):
     return data_path(EVAL["loss_data"][wildcards.dataset])
 
 
+def get_harness(name):
+    return {**HARNESS_DEFAULTS, **EVAL["harness"][name]}
+
+
+def get_harness_tasks_dir(wildcards):
+    """A suite's own task YAMLs (include_path): an input of its job, which must exist."""
+    folder = get_harness(wildcards.suite)["include_path"]
+    return [folder] if folder else []
+
+
+def get_harness_args(wildcards, input):
+    suite = get_harness(wildcards.suite)
+    args = f"--tasks {' '.join(map(shlex.quote, suite['tasks']))} --num-concurrent {suite['num_concurrent']}"
+    if suite["include_path"]:
+        args += f" --include-path {input.tasks_dir}"
+    for key in ("limit", "num_fewshot"):
+        if suite[key] is not None:
+            args += f" --{key.replace('_', '-')} {suite[key]}"
+    return args
+
+
 def get_summary_inputs(wildcards):
     models = eval_models()
     return {
@@ -112,6 +139,11 @@ def get_summary_inputs(wildcards):
             f"results/eval/{model}/loss-{dataset}.json"
             for model in models
             for dataset in EVAL["loss_data"]
+        ],
+        "harness": [
+            f"results/eval/{model}/lm_eval-{suite}.json"
+            for model in models
+            for suite in EVAL["harness"]
         ],
         # the arena's ratings only where people have voted: no votes file is no arena, not an error
         **({"arena": "results/eval/arena.json"} if os.path.exists(ARENA_VOTES) else {}),

@@ -3,7 +3,8 @@
 Scores are averaged as FastChat's show_result.py does: judgments scored -1 (no `[[rating]]`) are
 left out, and counted in `unrated`. Per turn, per category (both turns, as FastChat's radar plot)
 and overall, for each (model, judge) pair; each model's loss files add loss and perplexity columns,
-and the ratings of `eval arena` (human votes on `serve`'s arena page), when given, arena columns.
+the ratings of `eval arena` (human votes on `serve`'s arena page), when given, arena columns, and
+each `eval harness` file an lm_eval_<suite> column (the suite's main metric).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def summary(
     losses: list[Path] | None = None,
     output_json: Path | None = None,
     arena: Path | None = None,
+    harness: list[Path] | None = None,
 ) -> Path:
     """Summarise judgment files (`eval judge`) and loss files (`eval loss`) into one TSV row per model and judge.
 
@@ -45,8 +47,10 @@ def summary(
         output_json: the same, in full (counts per turn and category), as JSON.
         arena: the JSON of `vicunaflow eval arena`: adds arena_bt (Bradley–Terry, with its 95% interval),
             arena_elo and arena_battles; models rated there only get a row too.
+        harness: results files of `vicunaflow eval harness`: adds lm_eval_<suite>, each suite's main metric.
     """
     from vicunaflow.eval.arena import read_ratings
+    from vicunaflow.eval.harness import read_harness
     from vicunaflow.outputs import atomic_write_bytes
 
     log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
@@ -60,13 +64,18 @@ def summary(
         record = _read_loss(path)
         loss_of[record["model"]][record["dataset"]] = record
     ratings = read_ratings(arena) if arena else {}
+    suites_of: dict[str, dict[str, dict]] = defaultdict(dict)
+    for path in harness or []:
+        record = read_harness(path)
+        suites_of[record["model"]][record["suite"]] = record["main"]
     rows = []
-    models = list(dict.fromkeys([model for model, _ in groups] + list(loss_of) + list(ratings)))
+    models = list(dict.fromkeys([model for model, _ in groups] + list(loss_of) + list(ratings) + list(suites_of)))
     for model in models:
         judges = [judge for m, judge in groups if m == model] or [None]
         for judge in judges:
             scores = summarize_judgments(groups[model, judge], loaded) if judge is not None else None
             row = {"model": model, "judge": judge, "mt_bench": scores, "loss": loss_of.get(model, {})}
+            row["lm_eval"] = suites_of.get(model, {})
             if arena:
                 row["arena"] = ratings.get(model)
             rows.append(row)
@@ -108,6 +117,8 @@ def to_tsv(rows: list[dict]) -> str:
     datasets = list(dict.fromkeys(d for row in rows for d in row["loss"]))
     header = ["model", "judge", "mt_bench", "turn_1", "turn_2", "judged", "unrated", *categories]
     header += [f"{name}_{d}" for d in datasets for name in ("loss", "perplexity")]
+    suites = list(dict.fromkeys(suite for row in rows for suite in row.get("lm_eval", {})))
+    header += [f"lm_eval_{suite}" for suite in suites]
     with_arena = any("arena" in row for row in rows)
     if with_arena:
         header += ARENA_COLUMNS
@@ -122,6 +133,7 @@ def to_tsv(rows: list[dict]) -> str:
         for d in datasets:
             loss = row["loss"].get(d, {})
             cells += [_cell(loss.get("loss")), _cell(loss.get("perplexity"))]
+        cells += [_cell(row.get("lm_eval", {}).get(suite, {}).get("value")) for suite in suites]
         if with_arena:
             rating = row.get("arena") or {}
             cells += [_cell(rating.get(key.removeprefix("arena_"))) for key in ARENA_COLUMNS]
