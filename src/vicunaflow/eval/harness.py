@@ -1,7 +1,7 @@
 """`vicunaflow eval harness`: lm-evaluation-harness tasks against `vicunaflow serve` of a model.
 
 The job starts `vicunaflow serve` of the model on a free 127.0.0.1 port (eval judge's machinery:
-judge.served), waits for /health, and runs lm-eval's Python API with its `local-completions` model:
+eval/served.py), waits for /health, and runs lm-eval's Python API with its `local-completions` model:
 lm-eval tokenizes with the model folder's tokenizer and sends token ids to /v1/completions
 (loglikelihoods through `echo` + `logprobs`, generate_until tasks as plain completions). The server
 is stopped however the run ends (an error, Ctrl-C, SIGTERM).
@@ -67,7 +67,7 @@ def harness(
             token ids go as lm-eval's local-completions makes them, without.
         timeout: seconds to wait for the server to start, and for one request.
     """
-    from vicunaflow.eval.judge import served
+    from vicunaflow.eval.served import served
     from vicunaflow.outputs import atomic_write_bytes, tool_versions
 
     model_path = Path(model_path)
