@@ -45,8 +45,9 @@ MANIFEST = "vicunaflow.json"
 
 log = logging.getLogger(__name__)
 
-# Temporaries this process is writing now: a SIGTERM unwinds (and removes them) only when there are any.
-_ACTIVE: set[Path] = set()
+# What this process must clean up if stopped now (temporaries it writes, child servers it runs):
+# a SIGTERM unwinds only when there is any.
+_ACTIVE: set[object] = set()
 
 
 class Terminated(BaseException):
@@ -220,6 +221,19 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def unwound_by_sigterm() -> Iterator[None]:
+    """While the block runs, a SIGTERM raises `Terminated` in it, so its `finally` runs (e.g. stopping a
+    child server, which SIGTERM's default action would leave orphaned); the same handler as the CLI's."""
+    owner = object()
+    with terminate_on_sigterm():
+        _ACTIVE.add(owner)
+        try:
+            yield
+        finally:
+            _ACTIVE.discard(owner)
 
 
 def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
+from vicunaflow.outputs import unwound_by_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def served(
     command += ["--port", str(port), "--model-name", model_name, *serve_args]
     env = {k: v for k, v in os.environ.items() if k != "VICUNAFLOW_API_KEYS"}  # local and keyless
     log.info("starting %s: %s", what, " ".join(command))
-    with _sigterm_unwinds():
+    with unwound_by_sigterm():
         process = subprocess.Popen(command, env=env)
         root = f"http://127.0.0.1:{port}"
         try:
@@ -67,25 +66,3 @@ def served(
                 process.kill()
                 process.wait()
             log.info("%s's server (pid %d) stopped", what, process.pid)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the block runs, SIGTERM raises `Terminated` (the CLI exits 143), so the `finally` that stops a
-    child server runs; a SIGTERM's default action would leave the server running, orphaned."""
-    from vicunaflow.outputs import Terminated
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM does not wait for the cleanup
-        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
