@@ -51,16 +51,9 @@ def matvec(
     float32 by every program (x is a few KB: a first pass over it costs less than a kernel launch).
     """
     n, k = weight.shape
-    if x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
-        raise ValueError(f"matvec: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+    out = one_row_output("matvec", x, tuple(weight.shape), swiglu, norm, out, weight.dtype)
     if not (weight.is_contiguous() and x.is_contiguous()):
         raise ValueError("matvec: weight and input must be contiguous")
-    if norm is not None and (swiglu or norm.shape != (k,)):
-        raise ValueError(f"matvec: norm {tuple(norm.shape)} needs a plain input of {k} columns")
-    if out is None:
-        out = torch.empty(1, n, dtype=weight.dtype, device=weight.device)
-    elif out.shape != (1, n) or not out.is_contiguous():
-        raise ValueError(f"matvec: out {tuple(out.shape)} is not a contiguous [1, {n}]")
     kernel = _kernels()
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
@@ -70,20 +63,41 @@ def matvec(
     return out
 
 
+def one_row_output(
+    name: str, x: torch.Tensor, shape: tuple[int, int], swiglu: bool, norm, out, dtype: torch.dtype
+) -> torch.Tensor:
+    """Check a one-row product's input, norm and out against its weight's [N, K] `shape` (matvec and
+    quant_kernels.qmatvec take the same arguments); return the [1, N] tensor to write: `out` or a new one."""
+    n, k = shape
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"{name}: input {tuple(x.shape)} does not fit weight {shape}")
+    if norm is not None and (swiglu or norm.shape != (k,)):
+        raise ValueError(f"{name}: norm {tuple(norm.shape)} needs a plain input of {k} columns")
+    if out is None:
+        return torch.empty(1, n, dtype=dtype, device=x.device)
+    if out.shape != (1, n) or not out.is_contiguous():
+        raise ValueError(f"{name}: out {tuple(out.shape)} is not a contiguous [1, {n}]")
+    return out
+
+
+def autotune_configs(tiles: list[tuple[int, int, int]], interpreted: tuple[int, int]) -> list:
+    """Triton configs for (BLOCK_N, BLOCK_K, warps) tiles; under TRITON_INTERPRET=1 the one small
+    `interpreted` (BLOCK_N, BLOCK_K) tile, as the interpreter runs on the CPU, slowly."""
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        block_n, block_k = interpreted
+        return [triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=1)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps) for n, k, warps in tiles]
+
+
 @functools.cache
 def _kernels():
     """Compile lazily: importing this module must not need Triton."""
     import triton
     import triton.language as tl
 
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    configs = [
-        triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps) for block_n, block_k, warps in TILES
-    ]
-    if interpreting:  # one small config: the interpreter runs on the CPU, slowly
-        configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=1)]
-
-    @triton.autotune(configs=configs, key=["N", "K", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(TILES, interpreted=(32, 64)), key=["N", "K", "SWIGLU", "NORM"])
     @triton.jit
     def matvec_kernel(
         x_ptr,

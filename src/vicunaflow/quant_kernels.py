@@ -20,11 +20,10 @@ Tests run both kernels on the CPU through Triton's interpreter (TRITON_INTERPRET
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from vicunaflow.kernels import TILES
+from vicunaflow.kernels import TILES, autotune_configs, one_row_output
 
 # (BLOCK_N, BLOCK_K, warps) for int4: BLOCK_K divides the default group of 128, so tiles take the
 # folded path. Not timed on a GPU yet (bench/sweep_matvec.py does it for float16).
@@ -49,17 +48,10 @@ def qmatvec(
     program (a first pass over the few-KB row, as kernels.matvec does).
     """
     n, k = qw.shape
-    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
-        raise ValueError(f"qmatvec: input {tuple(x.shape)} does not fit weight {qw.shape}")
+    out = one_row_output("qmatvec", x, (n, k), swiglu, norm, out, x.dtype)
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
-    if norm is not None and (swiglu or norm.shape != (k,)):
-        raise ValueError(f"qmatvec: norm {tuple(norm.shape)} needs a plain input of {k} columns")
-    if out is None:
-        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (1, n) or not out.is_contiguous():
-        raise ValueError(f"qmatvec: out {tuple(out.shape)} is not a contiguous [1, {n}]")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
     flags = dict(SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None)
@@ -71,21 +63,13 @@ def qmatvec(
     return out
 
 
-def _configs(tiles):
-    import triton
-
-    if os.environ.get("TRITON_INTERPRET") == "1":  # one small config: the interpreter runs on the CPU, slowly
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps) for n, k, warps in tiles]
-
-
 @functools.cache
 def _int8_kernel():
     """Compile lazily: importing this module must not need Triton."""
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(TILES), key=["N", "K", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM"])
     @triton.jit
     def int8_matvec_kernel(
         x_ptr,
@@ -143,7 +127,7 @@ def _int4_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(INT4_TILES), key=["N", "K", "G", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(INT4_TILES, interpreted=(16, 64)), key=["N", "K", "G", "SWIGLU", "NORM"])
     @triton.jit
     def int4_matvec_kernel(
         x_ptr,
