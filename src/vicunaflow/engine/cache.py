@@ -37,6 +37,10 @@ class KVCache:
         end = first_row + rows
         return self.keys[layer][first_row:end, :, :kv_length], self.values[layer][first_row:end, :, :kv_length]
 
+    def clear(self) -> None:
+        for tensor in self.keys + self.values:
+            tensor.zero_()
+
     def move_row(self, source: int, target: int, length: int) -> None:
         for keys, values in zip(self.keys, self.values, strict=True):
             keys[target, :, :length] = keys[source, :, :length]

@@ -1,10 +1,14 @@
 """The forward passes the scheduler launches: prefill, one decode step, a row move.
 
 On one GPU the host cost of launching a step's few hundred kernels is as large as reading the
-weights, so each decode step is padded to a bucket (rows 1, 2, 4, ..., slots; attended length in
-steps of 256) and replayed from a CUDA graph captured once per bucket. Padding rows are free cache
-rows (active rows are always 0..n-1): they write position 0 of a row nobody reads before its next
-prefill overwrites it. Elsewhere (CPU): exact shapes, eagerly.
+weights, so each decode step is padded to a bucket (`row_buckets`: rows 1, 2, 4, 8, then multiples of
+8, coarser above 128; attended length in steps of 256) and replayed from a CUDA graph captured once
+per bucket. Padding rows are free cache rows (active rows are always 0..n-1): they write position 0
+of a row nobody reads before its next prefill overwrites it. Elsewhere (CPU): exact shapes, eagerly.
+
+`warm_up` captures every bucket (and so autotunes every Triton matvec shape) and runs each prefill
+length class once when the engine starts, then clears the cache: nothing is compiled, captured or
+tuned while a request waits.
 
 A step's inputs may be the previous step's sampled tokens, still on the device, so the host can queue
 step t+1 before step t has finished (`Engine._decode_step`).
@@ -36,6 +40,7 @@ class Op(enum.IntEnum):
     STEP = 3  # bucket rows, attended length
     MOVE = 4  # source row, target row, length
     STOP = 5
+    CLEAR = 6  # zero the KV cache (after warm-up)
 
 
 class Runner:
@@ -52,7 +57,10 @@ class Runner:
         self.kernels = kernels
         self.device = model.device
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
-        self.row_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+        self.row_buckets = row_buckets(slots)
+        self.kv_buckets = sorted(
+            {min(step, context) for step in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)}
+        )
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
@@ -147,6 +155,37 @@ class Runner:
         self.comm.command(Op.MOVE, source, target, length)
         self.cache.move_row(source, target, length)
 
+    # -- warm-up ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self, prefill_lengths: Sequence[int]) -> int:
+        """Run every decode bucket once (capturing its graph, autotuning its matvec shapes) and one prefill
+        of each length in `prefill_lengths`, then zero the cache; returns how many decode shapes ran.
+
+        Warm-up writes K/V of token 0 into rows and positions requests will use; zeroing the cache after it
+        leaves nothing a request could read (a request only reads positions it wrote itself anyway).
+        """
+        for length in prefill_lengths:
+            self.prefill([[0] * length], first_row=0)
+        shapes = 0
+        if self.padded:
+            for kv_length in self.kv_buckets:
+                for rows in self.row_buckets:
+                    self.comm.command(Op.STEP, rows, kv_length)
+                    bucket = self._bucket(rows, kv_length)
+                    self._fill(bucket, [0] * rows, [0] * rows)
+                    self._run(bucket)
+                    shapes += 1
+        self.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return shapes
+
+    def clear(self) -> None:
+        """Zero the KV cache on every rank."""
+        self.comm.command(Op.CLEAR)
+        self.cache.clear()
+
     def _bucket(self, rows: int, kv_length: int) -> dict:
         if not self.padded:
             return self._buffers(rows, kv_length, reused=False)
@@ -222,3 +261,20 @@ class Runner:
             log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
             self.cuda_graphs = False
             bucket["graph"] = None
+
+
+def row_buckets(slots: int) -> list[int]:
+    """Decode batch sizes a step is padded to: 1, 2, 4, 8, then multiples of 8 up to 128, of 16 up to 256,
+    of 32 up to 512, ... and `slots` itself.
+
+    Why not powers of two all the way: a padded row costs as much as a real one once a step is no longer
+    bound by reading the weights (from ~64 rows on an H200), and 129 rows padded to 256 would double
+    the step. Here padding stays under 1/8 of the rows, there are at most 8 buckets per doubling (a
+    finite set to capture at start-up: 27 for 256 slots), and no bucket is finer than 8 rows, the
+    granularity at which tensor-core matrix products tile their rows anyway.
+    """
+    sizes, n = {1, 2, 4}, 8
+    while n < slots:
+        sizes.add(n)
+        n += max(8, (1 << (n.bit_length() - 1)) // 8)
+    return sorted(size for size in sizes | {slots} if size <= slots)

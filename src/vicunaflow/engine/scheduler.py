@@ -124,6 +124,7 @@ class Engine:
         padded_decode: bool | None = None,
         decode_kernels: bool | None = None,
         overlap: bool | None = None,
+        warm_up: bool | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model, max_context)
@@ -164,6 +165,22 @@ class Engine:
             "on" if cuda_graphs else "off",
             ", Triton matvec" if decode_kernels else "",
             "on" if self.overlap else "off",
+        )
+        if cuda if warm_up is None else warm_up:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Every decode shape and prefill length class once, now rather than on a request's path."""
+        start = time.perf_counter()
+        longest = self.context - 1
+        lengths = sorted({min(2**i, longest) for i in range(4, longest.bit_length() + 1)})  # 16, 32, ..., longest
+        shapes = self.runner.warm_up(lengths)
+        log.info(
+            "warmed %d decode shapes in %.1f s (and %d prefill lengths up to %d)",
+            shapes,
+            time.perf_counter() - start,
+            len(lengths),
+            longest,
         )
 
     # -- public API ---------------------------------------------------------------------------------------

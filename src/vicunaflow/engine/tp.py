@@ -232,6 +232,8 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
             runner.remote_step(*args[:2])
         elif op == Op.MOVE:
             runner.cache.move_row(*args[:3])
+        elif op == Op.CLEAR:
+            runner.cache.clear()
         elif op == Op.STOP:
             return
         else:
