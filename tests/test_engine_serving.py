@@ -80,3 +80,108 @@ def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
         for t in threads:
             t.join()
         assert set(engine.runner.buckets) == captured and engine.runner.cuda_graphs
+
+
+# -- chunked prefill --------------------------------------------------------------------------------------------
+
+
+def _long_prompt(tokenizer, repeat: int = 12) -> list[int]:
+    return _prompt(tokenizer, "Tell me everything about llamas and alpacas. " * repeat)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_chunked_prefill_gives_the_whole_prompt_replies(fixture, request):
+    """Prompts cut into chunks of 7 or 64 tokens (several short prompts share a chunk) reply what a prefill
+    of each whole prompt replies, token for token, with the exact and the padded decode layout."""
+    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer)]
+    assert max(len(p) for p in prompts) > 2 * 64
+    expected = _replies(model, tokenizer, prompts, prefill_chunk=4096)
+    assert len({tuple(r) for r in expected}) > 1
+    assert _replies(model, tokenizer, prompts, prefill_chunk=64) == expected
+    assert _replies(model, tokenizer, prompts, prefill_chunk=7, padded_decode=True) == expected
+
+
+def test_chunked_prefill_on_two_cpu_ranks(tiny_gqa):
+    """--num-gpus 2 on gloo ranks: chunks reach the other rank (Op.PREFILL), replies equal one process's."""
+    model, tokenizer = load_model(tiny_gqa, device="cpu")
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS[:3]] + [_long_prompt(tokenizer)]
+    expected = _replies(model, tokenizer, prompts, prefill_chunk=4096)
+    split, _ = load_model(tiny_gqa, device="cpu", num_gpus=2)
+    try:
+        assert _replies(split, tokenizer, prompts, prefill_chunk=32, padded_decode=True, warm_up=True) == expected
+    finally:
+        split.close()
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(loaded):
+    """A 12-chunk prompt joining a running stream: the stream gets a token after every chunk, not a
+    stall until the whole prompt is in."""
+    model, tokenizer = loaded
+    long_prompt = _long_prompt(tokenizer)
+    chunk = 24
+    chunks = -(-len(long_prompt) // chunk)
+    assert chunks >= 10
+    order: list[str] = []  # which request each event came from, in order
+    first_tokens = threading.Event()
+    params = SamplingParams(temperature=0, max_new_tokens=3 * chunks, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=2, prefill_chunk=chunk) as engine:
+
+        def stream(event):
+            order.append("stream")
+            if len(order) == 2:
+                first_tokens.set()
+
+        engine.submit(_prompt(tokenizer, "hi"), params, stream)
+        first_tokens.wait()
+        done = threading.Event()
+        engine.submit(
+            long_prompt,
+            SamplingParams(temperature=0, max_new_tokens=2),
+            lambda e: order.append("long") or (e.finish_reason and done.set()),
+        )
+        done.wait()
+        submitted = len(order)
+    between = order[2 : order.index("long")]  # the stream's events while the long prompt prefilled
+    assert len(between) >= chunks - 2, (len(between), chunks, submitted)
+
+
+def test_prompts_ending_in_one_chunk_swap_rows_into_place(loaded, monkeypatch):
+    """Two prompts ending in the same chunk: the older takes the next decoding row, which the younger
+    holds, so their rows swap; both replies stay those of a lone request."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in ("Name three colours.", "What is two plus two?")]
+    alone = [_replies(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=3, prefill_chunk=256) as engine:
+        swaps = []
+        swap_rows = engine.runner.swap_rows
+        monkeypatch.setattr(engine.runner, "swap_rows", lambda *args: swaps.append(args) or swap_rows(*args))
+        started = threading.Event()
+        long_reply = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+        engine.submit(_prompt(tokenizer, "hi"), long_reply, lambda e: started.set())
+        started.wait()
+        with engine.lock:  # both admitted at the same step
+            done = threading.Semaphore(0)
+            requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        done.acquire()
+        done.acquire()
+    assert swaps and swaps[0][:2] == (2, 1)
+    assert [r.decoder.ids for r in requests] == alone
+
+
+def test_prompt_logprobs_across_chunks(loaded):
+    """Prompt log-probabilities gathered chunk by chunk equal those of one whole-prompt forward."""
+    model, tokenizer = loaded
+    prompt = _long_prompt(tokenizer, 4)
+    params = SamplingParams(temperature=0, max_new_tokens=1, prompt_logprobs=2, logprobs=2)
+    results = []
+    for chunk in (4096, 9):
+        with Engine(model, tokenizer, max_batch_size=2, prefill_chunk=chunk) as engine:
+            events = list(engine.generate(prompt, params))
+        results.append(events[0].prompt_logprobs)
+    whole, chunked = results
+    assert len(whole) == len(chunked) == len(prompt) and chunked[0].logprob is None
+    for a, b in zip(whole[1:], chunked[1:], strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]

@@ -32,10 +32,10 @@ class KVCache:
         self.keys[layer][rows, :, positions] = k
         self.values[layer][rows, :, positions] = v
 
-    def read(self, layer: int, first_row: int, rows: int, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views [rows, kv_heads, kv_length, head_dim] to attend over."""
-        end = first_row + rows
-        return self.keys[layer][first_row:end, :, :kv_length], self.values[layer][first_row:end, :, :kv_length]
+    def read(self, layer: int, rows: slice | torch.Tensor, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, kv_length, head_dim] to attend over: views of a slice of rows, or
+        copies gathered from a [B] tensor of rows."""
+        return self.keys[layer][rows, :, :kv_length], self.values[layer][rows, :, :kv_length]
 
     def clear(self) -> None:
         for tensor in self.keys + self.values:
@@ -45,6 +45,13 @@ class KVCache:
         for keys, values in zip(self.keys, self.values, strict=True):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
+
+    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange two rows' first length_a / length_b positions."""
+        for tensor in self.keys + self.values:
+            held = tensor[a, :, :length_a].clone()
+            tensor[a, :, :length_b] = tensor[b, :, :length_b]
+            tensor[b, :, :length_a] = held
 
 
 def _check_memory(device: torch.device, needed: int, slots: int, context: int) -> None:

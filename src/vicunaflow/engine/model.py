@@ -149,8 +149,9 @@ class Block(torch.nn.Module):
         self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
         self.w2: Weight | None = None  # [dim, ffn]
 
-    def forward(self, hidden, rope, mask, rows, positions, first_row: int, kv_length: int) -> torch.Tensor:
-        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length].
+    def forward(self, hidden, rope, mask, rows, positions, read_rows, kv_length: int) -> torch.Tensor:
+        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length];
+        read_rows: the same rows as a slice (contiguous: a view) or a [B] tensor (gathered).
 
         hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
         symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
@@ -163,7 +164,7 @@ class Block(torch.nn.Module):
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
         v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
         model.cache.write(self.index, rows, positions, qk[:, :, H:], v)
-        keys, values = model.cache.read(self.index, first_row, B, kv_length)  # [B, Hkv, L, D]
+        keys, values = model.cache.read(self.index, read_rows, kv_length)  # [B, Hkv, L, D]
         extra = {"enable_gqa": True} if Hkv != H else {}
         attention = F.scaled_dot_product_attention(
             qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
@@ -214,9 +215,11 @@ class Transformer(torch.nn.Module):
         *,
         kv_length: int,
         first_row: int = 0,
+        cache_rows: torch.Tensor | None = None,
         last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of one token per row: input_ids, positions [B, T] go to cache rows first_row..first_row+B-1.
+        """Logits of one token per row: input_ids, positions [B, T] go to cache rows first_row..first_row+B-1,
+        or to the rows `cache_rows` [B] (a prompt's later chunk, whose row is anywhere).
 
         Each token attends to its row's cached tokens at positions <= its own, among the first
         kv_length. last [B]: which of the T tokens gives the row's logits (default: the last).
@@ -231,9 +234,15 @@ class Transformer(torch.nn.Module):
         mask = torch.zeros(hidden_mask.shape, dtype=self.dtype, device=positions.device).masked_fill_(
             hidden_mask, float("-inf")
         )
-        rows = torch.arange(first_row, first_row + B, device=positions.device)[:, None]  # [B, 1]
+        if cache_rows is None:
+            rows, read_rows = (
+                torch.arange(first_row, first_row + B, device=positions.device),
+                slice(first_row, first_row + B),
+            )
+        else:
+            rows = read_rows = cache_rows
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, rows, positions, first_row, kv_length)
+            hidden = layer(hidden, rope, mask, rows[:, None], positions, read_rows, kv_length)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]

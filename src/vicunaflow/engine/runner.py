@@ -3,8 +3,10 @@
 On one GPU the host cost of launching a step's few hundred kernels is as large as reading the
 weights, so each decode step is padded to a bucket (`row_buckets`: rows 1, 2, 4, 8, then multiples of
 8, coarser above 128; attended length in steps of 256) and replayed from a CUDA graph captured once
-per bucket. Padding rows are free cache rows (active rows are always 0..n-1): they write position 0
-of a row nobody reads before its next prefill overwrites it. Elsewhere (CPU): exact shapes, eagerly.
+per bucket. Padding rows are the rows after the active ones (active rows are always 0..n-1): free, or
+holding a prompt being prefilled in chunks. They write the context's last position, past anything
+such a row holds; every row writes a position before any of its queries attends there, so nothing
+reads what padding left. Elsewhere (CPU): exact shapes, eagerly.
 
 `warm_up` captures every bucket (and so autotunes every Triton matvec shape) and runs each prefill
 length class once when the engine starts, then clears the cache: nothing is compiled, captured or
@@ -22,6 +24,7 @@ GPU needs no host round trip on any rank.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Sequence
@@ -36,11 +39,23 @@ log = logging.getLogger(__name__)
 
 class Op(enum.IntEnum):
     SETUP = 1  # slots, context, cuda_graphs, padded, kernels
-    PREFILL = 2  # rows, length, first_row; then the prompts as one host tensor
+    PREFILL = 2  # chunks, padded length; then the chunks as one host tensor
     STEP = 3  # bucket rows, attended length
     MOVE = 4  # source row, target row, length
     STOP = 5
     CLEAR = 6  # zero the KV cache (after warm-up)
+    SWAP = 7  # row a, row b, length a, length b
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    """The next piece of one prompt: tokens for positions start.. of cache row `row`."""
+
+    tokens: list[int]
+    start: int
+    row: int
+    logprobs: int | None = None  # k: the log-probabilities of `targets` with the top k
+    targets: list[int] = dataclasses.field(default_factory=list)  # prompt tokens start + 1 ..., at most len(tokens)
 
 
 class Runner:
@@ -70,62 +85,81 @@ class Runner:
     def prefill(
         self, prompts: list[list[int]], first_row: int, prompt_logprobs: Sequence[int | None] | None = None
     ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
-        """All prompts in one padded forward into rows first_row...; returns each one's next-token logits
-        [n, vocab] and, for the prompts whose entry of `prompt_logprobs` is a k (not None), every prompt
-        token's log-probability with the k most likely tokens at its position (host lists; None for the others).
+        """Whole prompts in one forward into rows first_row...: each one's next-token logits [n, vocab] and,
+        where `prompt_logprobs` gives a k, every prompt token's log-probability with the k most likely
+        tokens at its position (the first token's is None). The engine itself prefills in chunks
+        (`prefill_chunks`); this is for tools that feed a prompt whole."""
+        wanted = list(prompt_logprobs or [None] * len(prompts))
+        chunks = [
+            PrefillChunk(p, 0, first_row + i, k, p[1:] if k is not None else [])
+            for i, (p, k) in enumerate(zip(prompts, wanted, strict=True))
+        ]
+        logits, entries = self.prefill_chunks(chunks)
+        return logits, [
+            None if e is None else [TokenLogprob(p[0], None, []), *e] for p, e in zip(prompts, entries, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def prefill_chunks(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """One padded forward of several prompts' next pieces, each at its own start position in its own row.
+
+        Returns the logits after each piece's last token [n, vocab] and, for each chunk with `logprobs` k,
+        its `targets`' log-probabilities (token start + 1 + i from position start + i) with the top k.
         """
-        n, length = len(prompts), max(len(p) for p in prompts)
-        packed = torch.zeros(n, length + 1, dtype=torch.long)  # [n, length] ids, then each prompt's length
-        for i, prompt in enumerate(prompts):
-            packed[i, : len(prompt)] = torch.tensor(prompt)
-            packed[i, -1] = len(prompt)
-        self.comm.command(Op.PREFILL, n, length, first_row)
+        n, length = len(chunks), max(len(c.tokens) for c in chunks)
+        packed = torch.zeros(n, length + 3, dtype=torch.long)  # [n, length] ids, then start, count, row
+        for i, chunk in enumerate(chunks):
+            packed[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
+            packed[i, length:] = torch.tensor([chunk.start, len(chunk.tokens), chunk.row])
+        self.comm.command(Op.PREFILL, n, length)
         self.comm.broadcast_host(packed)
-        wanted = list(prompt_logprobs or [None] * n)
-        if all(k is None for k in wanted):
-            return self._prefill(packed, first_row), wanted
+        if all(c.logprobs is None for c in chunks):
+            return self._prefill(packed), [None] * n
         # Every position's hidden state, taken from the last layer's output: the forward itself returns one
         # row's logits, and only this rank needs the others (the output projection is whole on every rank).
         captured = []
         hook = self.model.layers[-1].register_forward_hook(lambda module, args, out: captured.append(out))
         try:
-            logits = self._prefill(packed, first_row)
+            logits = self._prefill(packed)
         finally:
             hook.remove()
         hidden = captured[0].view(n, length, -1)  # [n, length, dim]
-        rows = enumerate(zip(prompts, wanted, strict=True))
-        return logits, [None if k is None else self._prompt_logprobs(hidden[i], p, k) for i, (p, k) in rows]
+        entries = [
+            None if c.logprobs is None else self._prompt_logprobs(hidden[i, : len(c.targets)], c.targets, c.logprobs)
+            for i, c in enumerate(chunks)
+        ]
+        return logits, entries
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
-        """Token i's log-probability from position i - 1's logits (float32 log_softmax), PROMPT_CHUNK positions
-        at a time so a 2048-token prompt never holds [2048, vocab] floats at once. hidden: [length, dim]."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+        """targets[i]'s log-probability from hidden [len(targets), dim] row i (float32 log_softmax), PROMPT_CHUNK
+        positions at a time so a long prompt never holds [length, vocab] floats at once."""
         model = self.model
-        targets = torch.tensor(prompt[1:], device=self.device)  # [T - 1]: the token each position predicts
-        parts = []
-        for start in range(0, len(prompt) - 1, self.PROMPT_CHUNK):
-            stop = min(start + self.PROMPT_CHUNK, len(prompt) - 1)
+        wanted = torch.tensor(targets, device=self.device)  # [T]
+        entries: list[TokenLogprob] = []
+        for start in range(0, len(targets), self.PROMPT_CHUNK):
+            stop = min(start + self.PROMPT_CHUNK, len(targets))
             logits = project(hidden[start:stop], model.output, norm=(model.norm, model.args.norm_eps))  # [c, vocab]
-            parts.append(logprobs_of(logits, targets[start:stop], k))
-        entries = [TokenLogprob(prompt[0], None, [])]
-        for chosen, values, ids in parts:
-            start, count = len(entries), len(chosen)  # the next prompt token to describe; this chunk's size
+            chosen, values, ids = logprobs_of(logits, wanted[start:stop], k)
             host = chosen.tolist(), values.tolist(), ids.tolist()
-            entries += to_entries(prompt[start : start + count], host, [k] * count)
+            entries += to_entries(targets[start:stop], host, [k] * (stop - start))
         return entries
 
     @torch.inference_mode()
-    def remote_prefill(self, n: int, length: int, first_row: int) -> None:
-        packed = torch.empty(n, length + 1, dtype=torch.long)
+    def remote_prefill(self, n: int, length: int) -> None:
+        packed = torch.empty(n, length + 3, dtype=torch.long)
         self.comm.broadcast_host(packed)
-        self._prefill(packed, first_row)
+        self._prefill(packed)
 
-    def _prefill(self, packed: torch.Tensor, first_row: int) -> torch.Tensor:
+    def _prefill(self, packed: torch.Tensor) -> torch.Tensor:
+        length = packed.shape[1] - 3
+        start, count = packed[:, length], packed[:, length + 1]
+        kv_length = int((start + count).max())  # host values: the attended length is exact
         packed = packed.to(self.device)
-        n, length = packed.shape[0], packed.shape[1] - 1
-        positions = torch.arange(length, device=self.device).expand(n, length)  # [n, length]
-        # padding after a short prompt is written to the cache but never attended: a decode step
-        # overwrites position p before any query attends to it
-        return self.model(packed[:, :-1], positions, kv_length=length, first_row=first_row, last=packed[:, -1] - 1)
+        ids, (start, count, rows) = packed[:, :length], packed[:, length:].unbind(1)
+        # positions start..start+count-1, then padding: written to the row past its tokens (a later chunk or
+        # decode step overwrites them before any query attends there), kept inside the context
+        positions = (start[:, None] + torch.arange(length, device=self.device)).clamp_(max=self.cache.context - 1)
+        return self.model(ids, positions, kv_length=kv_length, cache_rows=rows, last=count - 1)
 
     # -- decode -----------------------------------------------------------------------------------------
 
@@ -155,6 +189,10 @@ class Runner:
         self.comm.command(Op.MOVE, source, target, length)
         self.cache.move_row(source, target, length)
 
+    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        self.comm.command(Op.SWAP, a, b, length_a, length_b)
+        self.cache.swap_rows(a, b, length_a, length_b)
+
     # -- warm-up ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -166,7 +204,7 @@ class Runner:
         leaves nothing a request could read (a request only reads positions it wrote itself anyway).
         """
         for length in prefill_lengths:
-            self.prefill([[0] * length], first_row=0)
+            self.prefill_chunks([PrefillChunk([0] * length, 0, 0)])
         shapes = 0
         if self.padded:
             for kv_length in self.kv_buckets:
@@ -214,7 +252,8 @@ class Runner:
         # taken in turn: this buffer's last copy was queued before the step the engine last waited on
         host = bucket["host"][bucket["fills"] % len(bucket["host"])]
         bucket["fills"] += 1
-        host.zero_()  # padding rows: token 0 at position 0
+        host.zero_()
+        host[1, n:] = self.cache.context - 1  # padding rows: token 0 at the last position (see the module's docstring)
         if not isinstance(tokens, torch.Tensor):
             host[0, :n] = torch.tensor(tokens)
         host[1, :n] = torch.tensor(lengths)

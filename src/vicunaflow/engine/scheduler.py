@@ -4,7 +4,14 @@ Why an engine of our own instead of `model.generate`: a server must let requests
 running batch, stream text while it is produced, and free a slot the moment a client goes away. One
 background thread owns the model and steps every active request together:
 
-    admit waiting requests -> prefill them (one forward, padded) -> decode step for all rows -> repeat
+    admit waiting requests -> prefill the next chunk of their prompts -> decode step for all rows -> repeat
+
+Prompts are prefilled in chunks of at most `prefill_chunk` tokens (rows x padded length), one chunk
+between two decode steps: a 1500-token prompt joining 31 streams delays each of their steps by one
+chunk's forward at most, instead of stalling them for the whole prompt. A chunk is an ordinary
+forward at positions start..end of the prompt's cache row, attending to what earlier chunks wrote, so
+greedy replies are those of a whole-prompt prefill. A prompt that ends in a chunk samples its first
+token from that chunk's logits and joins the decoding rows.
 
 The forward passes themselves (buckets, CUDA graphs, tensor-parallel ranks) are engine/runner.py's.
 """
@@ -26,11 +33,13 @@ import torch
 
 from vicunaflow import VicunaflowError, kernels
 from vicunaflow.engine.model import Transformer
-from vicunaflow.engine.runner import Runner
+from vicunaflow.engine.runner import PrefillChunk, Runner
 from vicunaflow.engine.sampling import SamplingParams, TokenLogprob, logprobs_of, sample, to_entries
 from vicunaflow.engine.text import IncrementalDecoder, find_stop, stop_prefix_length
 
 log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward (Engine's and `serve --prefill-chunk`'s default)
 
 
 @dataclasses.dataclass
@@ -84,6 +93,16 @@ class Request:
 
 
 @dataclasses.dataclass
+class PrefillJob:
+    """A request whose prompt is being written to its cache row, a chunk per engine step."""
+
+    request: Request
+    row: int
+    prompt_logprobs: list[TokenLogprob] | None  # so far, when the request asked
+    done: int = 0  # prompt tokens in the cache
+
+
+@dataclasses.dataclass
 class DecodeStep:
     """A launched decode step: the rows it ran for, its sampled tokens (device) and their host copy."""
 
@@ -118,7 +137,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_context: int | None = None,
-        prefill_tokens: int = 4096,
+        prefill_chunk: int = PREFILL_CHUNK,
         seed: int | None = None,
         cuda_graphs: bool = True,
         padded_decode: bool | None = None,
@@ -129,7 +148,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context = context_length(model, max_context)
         self.max_batch_size = max_batch_size
-        self.prefill_tokens = max(prefill_tokens, self.context)  # one longest prompt always fits a prefill
+        if prefill_chunk < 1:
+            raise VicunaflowError(f"prefill_chunk {prefill_chunk}: must be at least 1")
+        self.prefill_chunk = prefill_chunk
         self.eos_id = tokenizer.eos_token_id
         self.device = model.device
         cuda = self.device.type == "cuda"
@@ -150,6 +171,7 @@ class Engine:
         self.lengths: list[int] = []  # tokens in the cache per row
         self.last_tokens: list[int] = []  # sampled, not yet in the cache
         self.waiting: deque[Request] = deque()
+        self.prefilling: list[PrefillJob] = []  # admitted, prompt not yet all in the cache (oldest first)
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -172,7 +194,7 @@ class Engine:
     def _warm_up(self) -> None:
         """Every decode shape and prefill length class once, now rather than on a request's path."""
         start = time.perf_counter()
-        longest = self.context - 1
+        longest = min(self.context - 1, self.prefill_chunk)  # the longest piece a prefill forward writes
         lengths = sorted({min(2**i, longest) for i in range(4, longest.bit_length() + 1)})  # 16, 32, ..., longest
         shapes = self.runner.warm_up(lengths)
         log.info(
@@ -242,7 +264,7 @@ class Engine:
         with self.lock:
             return {
                 **self.stats,
-                "active": sum(not r.done for r in self.rows),
+                "active": sum(not r.done for r in self.rows) + len(self.prefilling),
                 "waiting": len(self.waiting),
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "max_batch_size": self.max_batch_size,
@@ -259,69 +281,107 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while self.running and not self.rows and not self.waiting:
+                while self.running and not self.rows and not self.prefilling and not self.waiting:
                     self.lock.wait()
                 if not self.running:
                     break
-                admitted = self._take_waiting()
+                self._take_waiting()
             try:
                 self._drop_finished()
-                if admitted:
-                    self._drain()  # new rows join a batch with no step in flight
-                    self._prefill(admitted)
+                if self.prefilling:
+                    self._drain()  # rows finishing their prompt join a batch with no step in flight
+                    self._prefill_chunk()
                 self._drop_finished()
                 if self.rows:
                     self._decode_step()
             except Exception as err:  # a failed step fails its requests, not the server
                 log.exception("generation step failed")
-                for request in self.rows + admitted:
+                for request in self.rows + [job.request for job in self.prefilling]:
                     if not request.done:
                         self._finish(request, "error", error=f"{type(err).__name__}: {err}")
-                self.rows, self.lengths, self.last_tokens, self.in_flight = [], [], [], None
-        for request in self.rows + list(self.waiting):
+                self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
+        for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
             self._finish(request, "cancelled")
 
-    def _take_waiting(self) -> list[Request]:
-        """Pop as many waiting requests as there are free rows and prefill budget."""
-        admitted: list[Request] = []
-        budget = self.prefill_tokens
-        while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
-            request = self.waiting[0]
+    def _take_waiting(self) -> None:
+        """Move waiting requests to prefill while rows are free (each gets its cache row now)."""
+        while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch_size:
+            request = self.waiting.popleft()
             if request.cancelled:
-                self.waiting.popleft()
                 self._finish(request, "cancelled")
                 continue
-            longest = max([len(r.prompt_ids) for r in admitted] + [len(request.prompt_ids)])
-            if admitted and longest * (len(admitted) + 1) > budget:
-                break
-            admitted.append(self.waiting.popleft())
-        return admitted
+            taken = {job.row for job in self.prefilling}
+            # the highest free row: decoding rows grow from 0 up, so a prompt row is rarely in the way
+            row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
+            logprobs = request.params.prompt_logprobs
+            first = [TokenLogprob(request.prompt_ids[0], None, [])] if logprobs is not None else None
+            self.prefilling.append(PrefillJob(request, row, first))
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Run all new prompts in one padded forward, writing rows len(self.rows)... of the cache.
+    def _prefill_chunk(self) -> None:
+        """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most
+        `prefill_chunk` tokens (rows x padded length); prompts that end in it join the decoding rows.
 
+        Oldest first, and a younger prompt only gets tokens once the older ones' rest fits: prompts end
+        in the order they came, each after at most a chunk's worth of work per decode step.
         A request with max_new_tokens 0 (OpenAI's echo with max_tokens 0) ends here, with its prompt's
         log-probabilities if it asked, and without a token.
         """
-        logits, prompt_logprobs = self.runner.prefill(
-            [r.prompt_ids for r in requests],
-            first_row=len(self.rows),
-            prompt_logprobs=[r.params.prompt_logprobs for r in requests],
-        )  # [n, vocab]
+        chunks, jobs, longest = [], [], 0
+        for job in self.prefilling:
+            prompt = job.request.prompt_ids
+            take = min(len(prompt) - job.done, self.prefill_chunk // (len(chunks) + 1))
+            if chunks and (
+                take < len(prompt) - job.done or max(longest, take) * (len(chunks) + 1) > self.prefill_chunk
+            ):
+                break
+            piece = prompt[job.done : job.done + take]
+            k = job.request.params.prompt_logprobs
+            targets = prompt[job.done + 1 : job.done + take + 1] if k is not None else []
+            chunks.append(PrefillChunk(piece, job.done, job.row, k, targets))
+            jobs.append(job)
+            longest = max(longest, take)
+        logits, entries = self.runner.prefill_chunks(chunks)  # [n, vocab]
+        self.stats["prefills"] += 1
+        finished = []
+        for i, (job, chunk, entry) in enumerate(zip(jobs, chunks, entries, strict=True)):
+            job.done += len(chunk.tokens)
+            if entry is not None:
+                job.prompt_logprobs += entry
+            if job.done == len(job.request.prompt_ids):
+                finished.append(i)
+        if not finished:
+            return
+        done = [jobs[i] for i in finished]
+        requests = [job.request for job in done]
+        logits = logits[finished]
         sampled = self._sample(logits, logits.argmax(dim=-1), requests)
         logprobs = self._logprobs(logits, sampled, requests)
         tokens = sampled.tolist()
         entries = self._entries(tokens, logprobs, requests)
-        self.stats["prefills"] += 1
-        for request, token, entry, prompt in zip(requests, tokens, entries, prompt_logprobs, strict=True):
-            self.rows.append(request)
-            self.lengths.append(len(request.prompt_ids))
+        for job, token, entry in zip(done, tokens, entries, strict=True):
+            self.prefilling.remove(job)
+            self._join(job)
+            request = job.request
             self.last_tokens.append(token)
-            request.prompt_logprobs = prompt
+            request.prompt_logprobs = job.prompt_logprobs
             if request.params.max_new_tokens <= 0:
                 self._finish(request, "length")
             else:
                 self._emit(request, token, entry)
+
+    def _join(self, job: PrefillJob) -> None:
+        """Make a prefilled prompt's row the next decoding row, len(self.rows): move its cache there (swapping
+        with a younger prompt's partial row if one sits there)."""
+        target = len(self.rows)
+        if job.row != target:
+            blocker = next((other for other in self.prefilling if other.row == target), None)
+            if blocker is not None:
+                self.runner.swap_rows(job.row, target, job.done, blocker.done)
+                blocker.row = job.row
+            else:
+                self.runner.move_row(job.row, target, job.done)
+        self.rows.append(job.request)
+        self.lengths.append(job.done)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -342,7 +402,7 @@ class Engine:
 
     def _batch_stays(self) -> bool:
         """True when every row will still be running after the step in flight, as far as the host can tell."""
-        if self.waiting:
+        if self.waiting or self.prefilling:
             return False
         for request, length in zip(self.rows, self.lengths, strict=True):
             generated = request.completion_tokens + 1  # with the token in flight
@@ -447,6 +507,9 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
+        for job in [job for job in self.prefilling if job.request.cancelled]:
+            self.prefilling.remove(job)
+            self._finish(job.request, "cancelled")
         if any(r.done or r.cancelled for r in self.rows):
             self._drain()
         i = 0

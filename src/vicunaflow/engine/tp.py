@@ -227,13 +227,15 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
                 model, slots, context, cuda_graphs=bool(cuda_graphs), padded=bool(padded), kernels=bool(kernels)
             )
         elif op == Op.PREFILL:
-            runner.remote_prefill(*args[:3])
+            runner.remote_prefill(*args[:2])
         elif op == Op.STEP:
             runner.remote_step(*args[:2])
         elif op == Op.MOVE:
             runner.cache.move_row(*args[:3])
         elif op == Op.CLEAR:
             runner.cache.clear()
+        elif op == Op.SWAP:
+            runner.cache.swap_rows(*args[:4])
         elif op == Op.STOP:
             return
         else:

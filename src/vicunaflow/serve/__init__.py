@@ -32,6 +32,7 @@ def serve(
     model_options: ModelOptions = DEFAULT_MODEL_OPTIONS,
     max_batch_size: int = 16,
     max_context: int | None = None,
+    prefill_chunk: int | None = None,
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
@@ -55,6 +56,8 @@ def serve(
         model_options: how each model loads (vicunaflow.loading.ModelOptions: --device, --num-gpus, --load-8bit, ...).
         max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
+        prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
+            long prompt then delays them by one chunk at a time); default: the engine's, 512.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
@@ -74,6 +77,8 @@ def serve(
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise VicunaflowError(f"--prefill-chunk {prefill_chunk}: must be at least 1")
     count = len(model_path) if isinstance(model_path, list) else 1
     if count > 1 and model_options.num_gpus > 1:
         # one tensor-parallel group per process (engine/tp.py): the second model's could not start
@@ -112,6 +117,7 @@ def serve(
                 max_context=max_context,
                 seed=seed,
                 cuda_graphs=cuda_graphs,
+                **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
             )
             engines[name] = stack.enter_context(engine)
         app = create_app(
