@@ -370,7 +370,7 @@ def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vi
     matmul path's."""
     from vicunaflow.engine import load_model
 
-    model, tokenizer = load_model(tiny_vicuna, device="cpu", load_8bit=bits == 8, load_4bit=bits == 4)
+    model, tokenizer = load_model(tiny_vicuna, device=DEVICE, dtype="float32", load_8bit=bits == 8, load_4bit=bits == 4)
     ids = tokenizer("USER: Hello ASSISTANT:").input_ids
     calls = []
     real = quant_kernels.qmatvec
@@ -385,10 +385,11 @@ def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vi
         for matvec in (False, True):
             model.matvec = matvec
             model.setup_cache(1, len(ids) + 2)
-            logits = [model(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids))]
+            prompt = torch.tensor([ids], device=DEVICE)
+            logits = [model(prompt, torch.arange(len(ids), device=DEVICE)[None], kv_length=len(ids))]
             for step in range(2):  # the interpreter is slow: two steps
-                token = torch.tensor([[int(logits[-1].argmax())]])
-                position = torch.tensor([[len(ids) + step]])
+                token = torch.tensor([[int(logits[-1].argmax())]], device=DEVICE)
+                position = torch.tensor([[len(ids) + step]], device=DEVICE)
                 logits.append(model(token, position, kv_length=len(ids) + step + 1))
             results[matvec] = torch.cat(logits)
     model.matvec = False

@@ -6,9 +6,9 @@ down_proj) and the residual added while storing the output. Each program
 reads BLOCK_N weight rows once, decodes them in registers and accumulates in float32:
 - int8: acc += q * x over the row, times the row's scale once at the end.
 - int4: each byte holds columns 2i (low nibble) and 2i+1 (high); w = q * scale + zero per group.
-  When BLOCK_K divides the group size (the tiles below, for group 128), a tile lies in one group
-  and the sum is folded to scale * sum(q * x) + zero * sum(x); otherwise scales are gathered per
-  column (any group size works, more slowly).
+  When the group size divides BLOCK_K (the tiles below, for group 128), a tile holds whole groups
+  and each group's sum is folded to scale * sum(q * x) + zero * sum(x); otherwise scales are
+  gathered per column (any even group size works, more slowly).
 
 CUDA graphs: `qmatvec` does no host syncs and allocates only its output (torch's caching
 allocator: graph-safe). The autotuner times its candidates on the first call of each shape, so
@@ -23,11 +23,15 @@ import functools
 
 import torch
 
-from vicunaflow.kernels import TILES, autotune_configs, one_row_output
+from vicunaflow.kernels import autotune_configs, one_row_output
 
-# (BLOCK_N, BLOCK_K, warps) for int4: BLOCK_K divides the default group of 128, so tiles take the
-# folded path. Not timed on a GPU yet (bench/sweep_matvec.py does it for float16).
-INT4_TILES = [(8, 128, 4), (16, 128, 4), (32, 128, 4), (32, 64, 4), (64, 128, 8), (16, 64, 2)]
+# (BLOCK_N, BLOCK_K, warps) the autotuner tries. A program's loads in flight set the bandwidth it
+# gets: float16's tiles (kernels.TILES, 4-16 KB a step) streamed ~3.3 TB/s on a 7B, while int8 on the
+# same tiles (half the bytes) reached 1.8 TB/s and int4 on 64-128-column tiles 0.55 TB/s (one H200,
+# docs/benchmarks.md). So int8 tiles are twice as wide in columns, and int4 tiles hold whole groups
+# of 128 (BLOCK_K a multiple of the group: the folded sum) with as many bytes as int8's.
+INT8_TILES = [(2, 4096, 8), (4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (1, 4096, 4)]
+INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096, 8), (2, 4096, 4), (16, 512, 4)]
 
 
 def qmatvec(
@@ -69,7 +73,7 @@ def _int8_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=autotune_configs(TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(INT8_TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM"])
     @triton.jit
     def int8_matvec_kernel(
         x_ptr,
@@ -127,7 +131,7 @@ def _int4_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=autotune_configs(INT4_TILES, interpreted=(16, 64)), key=["N", "K", "G", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(INT4_TILES, interpreted=(16, 128)), key=["N", "K", "G", "SWIGLU", "NORM"])
     @triton.jit
     def int4_matvec_kernel(
         x_ptr,
@@ -150,6 +154,7 @@ def _int4_kernel():
         KP: tl.constexpr = K // 2
         NG: tl.constexpr = (K + G - 1) // G
         HALF: tl.constexpr = BLOCK_K // 2
+        FOLD: tl.constexpr = BLOCK_K % G == 0  # a tile holds whole groups (G then a power of two)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         if NORM:
@@ -159,9 +164,17 @@ def _int4_kernel():
                 v = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
                 squares += v * v
             rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        if FOLD:
+            GT: tl.constexpr = BLOCK_K // G  # groups a tile
+            GH: tl.constexpr = G // 2  # bytes a group
+            acc = tl.zeros((BLOCK_N, GT), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
-            pairs = start // 2 + tl.arange(0, HALF)  # byte columns
+            if FOLD:  # byte columns as [GT, GH]: sum(w * x) = scale * sum(q * x) + zero * sum(x) per group
+                pairs = start // 2 + tl.arange(0, GT)[:, None] * GH + tl.arange(0, GH)[None, :]
+            else:
+                pairs = start // 2 + tl.arange(0, HALF)  # byte columns
             pair_ok = pairs < KP
             even, odd = 2 * pairs, 2 * pairs + 1  # both < K where pair_ok (K even)
             if SWIGLU:
@@ -177,22 +190,29 @@ def _int4_kernel():
             if NORM:
                 x_even = x_even * rstd * tl.load(norm_ptr + even, mask=pair_ok, other=0.0).to(tl.float32)
                 x_odd = x_odd * rstd * tl.load(norm_ptr + odd, mask=pair_ok, other=0.0).to(tl.float32)
-            q_ptrs = q_ptr + rows[:, None] * KP + pairs[None, :]
-            if N % BLOCK_N == 0 and K % BLOCK_K == 0:
-                packed = tl.load(q_ptrs).to(tl.int32)
-            else:
-                packed = tl.load(q_ptrs, mask=row_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
-            low = (packed & 15).to(tl.float32)
-            high = (packed >> 4).to(tl.float32)
-            if G % BLOCK_K == 0:  # compile-time: the whole tile is in group start // G
-                group = rows * NG + start // G
-                scale = tl.load(scale_ptr + group, mask=row_ok, other=0.0).to(tl.float32)
-                zero = tl.load(zero_ptr + group, mask=row_ok, other=0.0).to(tl.float32)
-                acc += scale[:, None] * (low * x_even[None, :] + high * x_odd[None, :])
-                acc += zero[:, None] * (x_even + x_odd)[None, :]
-            else:  # G even: columns 2i and 2i + 1 share a group
-                group = rows[:, None] * NG + (even // G)[None, :]
+            if FOLD:
+                q_ptrs = q_ptr + rows[:, None, None] * KP + pairs[None, :, :]  # [BLOCK_N, GT, GH]
+                if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                    packed = tl.load(q_ptrs).to(tl.int32)
+                else:
+                    packed = tl.load(q_ptrs, mask=row_ok[:, None, None] & pair_ok[None, :, :], other=0).to(tl.int32)
+                low = (packed & 15).to(tl.float32)
+                high = (packed >> 4).to(tl.float32)
+                part = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # [BLOCK_N, GT]
+                x_sum = tl.sum(x_even + x_odd, axis=1)  # [GT]
+                groups = start // G + tl.arange(0, GT)
+                group_ptrs = rows[:, None] * NG + groups[None, :]
+                ok = row_ok[:, None] & (groups < NG)[None, :]
+                scale = tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0).to(tl.float32)
+                zero = tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0).to(tl.float32)
+                acc += scale * part + zero * x_sum[None, :]
+            else:  # G even: columns 2i and 2i + 1 share a group; scales gathered per column
+                q_ptrs = q_ptr + rows[:, None] * KP + pairs[None, :]
                 ok = row_ok[:, None] & pair_ok[None, :]
+                packed = tl.load(q_ptrs, mask=ok, other=0).to(tl.int32)
+                low = (packed & 15).to(tl.float32)
+                high = (packed >> 4).to(tl.float32)
+                group = rows[:, None] * NG + (even // G)[None, :]
                 scale = tl.load(scale_ptr + group, mask=ok, other=0.0).to(tl.float32)
                 zero = tl.load(zero_ptr + group, mask=ok, other=0.0).to(tl.float32)
                 acc += (low * scale + zero) * x_even[None, :] + (high * scale + zero) * x_odd[None, :]
