@@ -97,6 +97,11 @@ def main() -> None:
         help="transformers: also with bitsandbytes LLM.int8() / NF4 weights (CUDA; the reference rows)",
     )  # fmt: skip
     parser.add_argument("--scratch", type=Path, help="--bnb: where the random model is written (default: a temp dir)")
+    parser.add_argument("--quant-only", action="store_true", help="ours: only the --quant rows, no float16 row")
+    parser.add_argument(
+        "--memory-cap-gib", type=float,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for a 24 GiB card",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
     args = parser.parse_args()
@@ -110,6 +115,9 @@ def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
+    if args.memory_cap_gib and args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     info = {
         "size": args.size,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -123,6 +131,7 @@ def main() -> None:
         "cuda_graphs": args.device == "cuda" and not args.no_cuda_graphs,
         "decode_kernels": args.device == "cuda" and not args.no_decode_kernels,
         "overlap": args.device == "cuda" and not args.no_overlap,
+        "memory_cap_gib": args.memory_cap_gib,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
     print(json.dumps(info), flush=True)
@@ -135,13 +144,18 @@ def main() -> None:
     if "ours" in args.only:
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
-                for bits in [None, *args.quant]:  # float16 first, then each quantized format with the same rows
+                # float16 first (unless --quant-only), then each quantized format with the same rows
+                for bits in ([] if args.quant_only else [None]) + args.quant:
                     model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
                         tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
+                        if args.device == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
                         rows = bench_ours(model, tokenizer, prompts, args)
+                        if args.device == "cuda":
+                            tags |= {"peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
                         if args.ablations and num_gpus == 1 and bits is None:
                             rows += bench_ablations(model, tokenizer, prompts, args)
                         name = f"vicunaflow int{bits}" if bits else None
@@ -547,6 +561,7 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
         replay_s = (time.perf_counter() - start) / steps
         profile["graph_replay_ms"] = 1000 * replay_s
         profile["weights_gb_per_s"] = model.weight_bytes() / replay_s / 1e9
+        profile["kernel_time"] = kernel_breakdown(bucket["graph"].replay, steps)
     profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get("graph_replay_ms", profile["step_ms"])
     if single_rank and bucket is not None and torch.device(device).type == "cuda":
         profile["kernels_per_step"] = count_kernels(lambda: runner._forward(bucket))
@@ -565,6 +580,40 @@ def count_kernels(step) -> int | None:
     except Exception as err:  # CUPTI may be unavailable
         print(f"kernel count failed: {err}", flush=True)
         return None
+
+
+def kernel_breakdown(replay, steps: int, top: int = 12) -> list[dict] | None:
+    """Where a step's time goes: the kernels of `steps` graph replays, grouped by name, slowest first
+    (µs and launches per step; names cut to 60 characters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                replay()
+            torch.cuda.synchronize()
+    except Exception as err:  # CUPTI may be unavailable
+        print(f"kernel breakdown failed: {err}", flush=True)
+        return None
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            total = totals.setdefault(event.name[:60], [0.0, 0])
+            total[0] += event.device_time
+            total[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    rows = [{"kernel": name, "us": t / steps, "launches": n / steps} for name, (t, n) in ranked[:top]]
+    rest = ranked[top:]
+    rows.append(
+        {
+            "kernel": "(the rest)",
+            "us": sum(t for _, (t, _) in rest) / steps,
+            "launches": sum(n for _, (_, n) in rest) / steps,
+        }
+    )
+    for row in rows:
+        print(f"  {row['us']:9.1f} us {row['launches']:6.1f}x  {row['kernel']}", flush=True)
+    return rows
 
 
 @torch.inference_mode()
