@@ -167,6 +167,36 @@ def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype):
         quant_kernels.qmatvec(torch.cat([x, x], dim=1), qw, swiglu=True, norm=norm)
 
 
+@pytest.mark.parametrize(
+    ("bits", "m", "n", "k", "group_size", "residual"),
+    [(8, 3, 37, 200, None, True), (8, 16, 64, 256, None, False), (4, 5, 40, 256, 128, True),
+     (4, 2, 33, 200, 32, False), (4, 17, 32, 96, 16, True)],
+)  # fmt: skip
+def test_qmatmul_matches_float64_reference(bits, m, n, k, group_size, residual):
+    """Batched decode steps: M rows on tensor cores, codes decoded a tile at a time (masked edges, a short
+    last group, M above one 16-row tile)."""
+    generator = torch.Generator().manual_seed(m * n + k)
+    qw = quant.quantize(weight(n, k, seed=k), bits=bits, group_size=group_size or 128).to(DEVICE)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, torch.float16)
+    res = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16) if residual else None
+    out = quant_kernels.qmatmul(x, qw, res)
+    expected = reference(x, qw, res, swiglu=False)
+    assert out.shape == (m, n) and out.dtype == torch.float16
+    assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    buffer = torch.empty(m, n, device=DEVICE)
+    assert quant_kernels.qmatmul(x, qw, res, out=buffer) is buffer
+    assert torch.allclose(buffer.double(), expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_qmatmul_refuses_what_it_cannot_take():
+    qw = quant.quantize(weight(8, 96), bits=4, group_size=48).to(DEVICE)
+    assert not quant_kernels.matmul_fits(qw)
+    with pytest.raises(ValueError, match="group size 48 is not a power of two"):
+        quant_kernels.qmatmul(torch.zeros(2, 96, device=DEVICE, dtype=torch.float16), qw)
+    with pytest.raises(ValueError, match="does not fit"):
+        quant_kernels.qmatmul(torch.zeros(65, 96, device=DEVICE, dtype=torch.float16), qw)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
     """The engine's call: one row of a [1, 1, K] step through the kernel, into a float32 buffer
