@@ -107,7 +107,8 @@ def project(
     if norm is not None:
         x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
     if isinstance(weight, QuantWeight):
-        return qlinear(x, weight, residual, swiglu, out=out, matvec=False)
+        # several rows: quant_kernels.qmatmul where the decode kernels are on (batched steps), else decoded
+        return qlinear(x, weight, residual, swiglu, out=out, matvec=None if matvec else False)
     if swiglu:
         half = x.shape[1] // 2
         x = F.silu(x[:, :half]) * x[:, half:]
