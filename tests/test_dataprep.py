@@ -62,29 +62,50 @@ def read_counts(path: Path) -> dict[tuple[str, str], int]:
 def test_html_becomes_markdown_with_fenced_code_and_its_language() -> None:
     text = html_to_markdown(SHAREGPT_HTML)
     assert text == (
-        "Here is the `snake_case` function:\n\n```python\ndef f(x):\n    return x * 2\n```\n\n1. first\n2. second"
-    )
+        "Here is the `snake_case` function:\n\n```python\ndef f(x):\n    return x * 2\n```\n\n1. first\n\n2. second"
+    ), "items holding <p> are a loose list, as the Markdown ChatGPT wrote"
     assert html_to_markdown("<p>2 / 2</p><p>Answer</p>") == "Answer"  # ShareGPT's regenerate counter
 
 
-@pytest.mark.parametrize(
-    "html",
-    [
-        SHAREGPT_HTML,
-        "<p>a <b> b </b>_c_ *d*</p><pre>x\n\n<b>y</b>\n  z</pre><pre><code class='language-js'>a\n</code></pre>tail",
-        "<ul><li>a<ul><li>b <em>c</em></li></ul></li></ul><ol start='3'><li>x</li><li>y</li></ol>",
-        "<table><tr><td>1</td><td>2</td></tr></table><h2>T</h2><blockquote><p>q</p></blockquote><br>t &amp; &lt;x&gt;",
-        "vector<int> a<b and <p>para</p>\n\n\n<pre>  keep   spaces\n\n\n</pre><code>`x`</code>",
-        "<pre><p>in</p><div>pre <i>x</i>\n\n</div>\n</pre><p>after <a href='u'>u</a> <a href='v'>w</a></p>",
-    ],
-)
-def test_tuned_markdown_converter_gives_what_markdownify_gives(html: str) -> None:
-    from markdownify import markdownify
+HTML_CASES = [
+    SHAREGPT_HTML,
+    "<p>a <b> b </b>_c_ *d*</p><pre>x\n\n<b>y</b>\n  z</pre><pre><code class='language-js'>a\n</code></pre>tail",
+    "<ul><li>a<ul><li>b <em>c</em></li></ul></li></ul><ol start='3'><li>x</li><li>y</li></ol>",
+    "<table><tr><td>1</td><td>2</td></tr></table><h2>T</h2><blockquote><p>q</p></blockquote><br>t &amp; &lt;x&gt;",
+    "vector<int> a<b and <p>para</p>\n\n\n<pre>  keep   spaces\n\n\n</pre><code>`x`</code>",
+    "<pre><p>in</p><div>pre <i>x</i>\n\n</div>\n</pre><p>after <a href='u'>u</a> <a href='v'>w</a></p>",
+]
 
-    converter = clean_module._markdown_converter()
-    assert type(converter).__name__ == "_FastConverter"  # markdownify is the pinned release
-    options = {**clean_module.MARKDOWNIFY_OPTIONS, "code_language_callback": clean_module._code_language}
-    assert converter.convert(html) == markdownify(html, **options)
+
+@pytest.mark.parametrize("html", HTML_CASES)
+def test_prebuilt_converter_gives_what_html_to_markdown_convert_gives(html: str) -> None:
+    """The Rust function called with options built once == the library's public `convert` with them."""
+    import html_to_markdown
+
+    options = html_to_markdown.ConversionOptions(
+        **clean_module.MARKDOWN_OPTIONS, preprocessing=html_to_markdown.PreprocessingOptions(enabled=False)
+    )
+    assert clean_module._markdown_converter()(html) == html_to_markdown.convert(html, options).content
+
+
+def test_markdown_keeps_text_as_written_and_code_as_code() -> None:
+    assert html_to_markdown("<p>snake_case and 2 * 3 * 4, [x](y)</p>") == "snake_case and 2 * 3 * 4, [x](y)"
+    assert html_to_markdown("<pre><code class='language-sh'>a  b\n\tc &lt;d&gt;\n</code></pre>") == (
+        "```sh\na  b\n\tc <d>\n```"
+    )
+    assert html_to_markdown("<table><tr><th>n</th><th>v</th></tr><tr><td>long name</td><td>1</td></tr></table>") == (
+        "| n | v |\n| --- | --- |\n| long name | 1 |"
+    ), "no padding: spaces are tokens"
+    assert html_to_markdown("<div><nav>menu</nav><form>field</form><p>x</p></div>") == "menu\n\nfield\n\nx"
+    assert html_to_markdown("<ol><li>a</li></ol><ol><li>b</li></ol>") == "1. a\n\n1) b", "two lists stay two"
+
+
+def test_html_that_converts_to_nothing_is_dropped_and_counted(tmp_path: Path) -> None:
+    deep = "<p>" + "<b>" * 3000 + "lost" + "</b>" * 3000 + "</p>"
+    records = [{"id": "deep", "conversations": turns("q", deep)}, {"id": "ok", "conversations": turns("q", "<p>a</p>")}]
+    out = clean(data=write_jsonl(tmp_path / "in.jsonl", records), output=tmp_path / "out.jsonl", jobs=1)
+    assert [r["id"] for r in read_jsonl(out)] == ["ok"]
+    assert read_counts(tmp_path / "out.counts.tsv")[("drop", "html_not_converted")] == 1
 
 
 # Already-Markdown replies (ShareGPT_V3_unfiltered_cleaned_split.json) that show tags, templates, comparisons.
@@ -205,6 +226,20 @@ def test_clean_is_deterministic_across_worker_counts_and_reads_json_arrays(tmp_p
     assert one.read_bytes() == two.read_bytes()
     assert (tmp_path / "one.counts.tsv").read_bytes() == (tmp_path / "two.counts.tsv").read_bytes()
     assert [r["id"] for r in read_jsonl(one)] == ["html", "roles", "messages", "gpt-first", "empty-reply", "index-14"]
+
+
+def test_clean_over_worker_processes_keeps_input_order_across_many_batches(tmp_path: Path, monkeypatch) -> None:
+    """Batches finish out of order (heavy HTML first, then plain text); the output is still in input order
+    and byte for byte what one process writes."""
+    monkeypatch.setattr(clean_module, "BATCH", 4)  # batches are cut in this process
+    heavy = SHAREGPT_HTML.replace("<ol>", "<ol>" + "<li><p>item <b>x</b></p></li>" * 300)
+    records = [{"id": f"r{i}", "conversations": turns(f"q{i}", heavy if i < 16 else f"a{i}")} for i in range(120)]
+    source = write_jsonl(tmp_path / "many.jsonl", records)
+    one = clean(data=source, output=tmp_path / "one.jsonl", jobs=1)
+    two = clean(data=source, output=tmp_path / "two.jsonl", jobs=2)
+    assert [r["id"] for r in read_jsonl(two)] == [f"r{i}" for i in range(120)]
+    assert one.read_bytes() == two.read_bytes()
+    assert (tmp_path / "one.counts.tsv").read_bytes() == (tmp_path / "two.counts.tsv").read_bytes()
 
 
 def test_invalid_utf8_in_a_json_array_names_the_record_and_leaves_no_output(tmp_path: Path) -> None:
@@ -331,6 +366,59 @@ def test_split_without_a_separable_eos_tokenises_whole_pieces_with_the_same_resu
     fast = counter.split_all(conversations, 150)
     counter.separable = False
     assert counter.split_all(conversations, 150) == fast
+
+
+TRICKY_TEXTS = [
+    "USER: hi ASSISTANT: hello",
+    "  leading and trailing spaces  ",
+    "runs   of    spaces\tand\ttabs\n\n    indented code\n",
+    "▁already ▁marked▁ text",
+    "ünïcödé, 日本語, emoji 😀🚀 and a NUL \x00 byte",
+    "a</s>b and <s> and <unk> written in a turn",
+    " ",
+    "x",
+]
+
+
+def test_word_by_word_lengths_are_the_tokenizers_own(tokenizer) -> None:
+    """The fast count (each word tokenised once, summed) is what tokenising each text whole gives."""
+    counter = PieceCounter(tokenizer)
+    assert counter.words is not None, "the tiny LLaMA tokenizer qualifies"
+    texts = TRICKY_TEXTS + [f"{template.EOS}{t}{template.EOS}" for t in TRICKY_TEXTS] + [template.EOS, ""]
+    texts += [" ".join(r["conversations"][1]["value"] for r in long_conversations()[:5])]
+    for special in (False, True):
+        assert counter.words.lengths(texts, special) == counter.exact_lengths(texts, special)
+    counter.words.CACHE_WORDS = 3  # forgotten and learnt again, batch by batch: the same counts
+    for special in (False, True):
+        assert counter.words.lengths(texts, special) == counter.exact_lengths(texts, special)
+
+
+def test_word_by_word_counting_is_refused_where_a_word_could_join_the_next(tokenizer) -> None:
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    config = json.loads(tokenizer.backend_tokenizer.to_str())
+    config["model"]["vocab"]["d▁t"] = len(config["model"]["vocab"])  # a token across a space
+    assert PieceCounter.from_backend(json.dumps(config), separable=True).words is None
+    metaspace = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    metaspace.normalizer = None
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    assert PieceCounter.from_backend(metaspace.to_str(), separable=True).words is None
+
+
+def test_split_over_worker_processes_gives_the_bytes_of_one_process_in_input_order(
+    tiny_hf, tmp_path: Path, monkeypatch
+) -> None:
+    from vicunaflow.dataprep import split as split_module
+
+    monkeypatch.setattr(split_module, "BATCH", 5)
+    records = [dict(r, id=f"{i:03d}-{r['id']}") for i, r in enumerate(long_conversations() * 2)]
+    source = write_jsonl(tmp_path / "c.jsonl", records)
+    for name, jobs in (("one", 1), ("two", 2)):
+        split(data=source, model_path=tiny_hf, output=tmp_path / f"{name}.jsonl", model_max_length=150, jobs=jobs)
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+    assert (tmp_path / "one.counts.tsv").read_bytes() == (tmp_path / "two.counts.tsv").read_bytes()
+    parents = [p.get("parent", p["id"]) for p in read_jsonl(tmp_path / "two.jsonl")]
+    assert parents == sorted(parents) and len(set(parents)) > 70, "in input order (ids start with it)"
 
 
 def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(tiny_hf, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ Per conversation, in order:
 2. roles normalised: human/user -> human; gpt/chatgpt/bing/bard/assistant -> gpt; a first `system`
    turn becomes `"system"`; any other role: dropped, unknown_role; a later system turn: misplaced_system;
 3. a turn that is not an object with a string value: dropped, broken_turn;
-4. HTML (by default in assistant turns only, where ShareGPT's dumps have it) -> Markdown by markdownify,
+4. HTML (by default in assistant turns only, where ShareGPT's dumps have it) -> Markdown by html-to-markdown,
    for a turn that is scraped HTML (it opens with a block tag, no ``` fence outside <pre>): Markdown
    replies that show tags or `vector<int>` are left byte for byte;
 5. a first assistant turn is dropped (as FastChat does), so is a last user turn (no reply to learn);
@@ -266,7 +266,6 @@ _BUTTON = re.compile(r"<button\b.*?</button>", re.DOTALL | re.IGNORECASE)
 _CODE_BAR = re.compile(r'<div class="[^"]*\bflex items-center\b[^"]*">.*?</div>', re.DOTALL)
 # Layout tags carry no Markdown; inside <pre> they would break the code's indentation (FastChat drops them too).
 _LAYOUT = re.compile(r"</?(?:div|span)\b[^>]*>", re.IGNORECASE)
-_LANGUAGE = re.compile(r"(?:^|\s)(?:language|lang)-([A-Za-z0-9_+#.-]+)")
 _REGENERATE = re.compile(r"^\d+ / \d+")  # ShareGPT's "2 / 2" of a regenerated reply
 _COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -275,7 +274,7 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 def looks_like_html(text: str) -> bool:
     """Scraped HTML, not Markdown: it opens with a block tag and has no ``` fence outside its <pre> blocks.
 
-    Any tag anywhere is not enough (FastChat converts every turn): markdownify would turn a Markdown
+    Any tag anywhere is not enough (FastChat converts every turn): a converter would turn a Markdown
     reply about HTML or C++ into a mangled one (fences lost, `<int>` dropped, `a<b ... c>d` made bold).
     """
     if _HTML_START.match(text) is None:
@@ -286,144 +285,58 @@ def looks_like_html(text: str) -> bool:
 def html_to_markdown(html: str) -> str:
     """ShareGPT's HTML as Markdown: code blocks fenced with their language, lists, tables, links.
 
-    Escaping of `_` and `*` is off: the text is for a model to read, and `snake\\_case` is not how
-    anyone writes; code keeps its characters either way.
+    By html-to-markdown (a Rust converter, ~8x less CPU than markdownify over BeautifulSoup, which
+    was 96% of clean's time). `_` and `*` are not escaped: the text is for a model to read, and
+    `snake\\_case` is not how anyone writes; code keeps its characters either way. HTML the converter
+    gives nothing for although it holds text (nested past its depth limit of ~1,000) is dropped, counted.
     """
     html = _SVG.sub("", html)
     html = _BUTTON.sub("", html)
     html = _CODE_BAR.sub("", html)
     html = _LAYOUT.sub("", html)
-    text = _markdown_converter().convert(html)
+    convert = _markdown_converter()
+    try:
+        text = convert(html)
+    except Exception as err:  # the converter's own errors (ConversionError and its kinds)
+        raise Drop("html_not_converted", f"{type(err).__name__}: {err}") from None
     text = _REGENERATE.sub("", text.strip(), count=1)
-    text = _COPY_CHARS.sub("", text)
-    return _BLANK_LINES.sub("\n\n", text).strip()
+    if "Copy" in text:  # the regexes scan every character; most replies have neither
+        text = _COPY_CHARS.sub("", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    text = text.strip()
+    if not text and _TAG.sub("", html).strip():
+        raise Drop("html_not_converted", "the HTML holds text but converts to nothing (nested too deep?)")
+    return text
 
 
-MARKDOWNIFY_OPTIONS = dict(
-    heading_style="ATX", bullets="-", escape_underscores=False, escape_asterisks=False
+_TAG = re.compile(r"<[^>]*>")
+MARKDOWN_OPTIONS = dict(
+    heading_style="atx", bullets="-", escape_asterisks=False, escape_underscores=False, escape_misc=False,
+    autolinks=False, extract_metadata=False, hidden_content="all", code_block_style="backticks", compact_tables=True,
 )  # fmt: skip
-# The markdownify release whose MarkdownConverter.process_tag `_FastConverter` repeats; pinned in pyproject.
-MARKDOWNIFY_TUNED = "1.2.3"
 
 
 @functools.cache
 def _markdown_converter():
-    """One converter per process (markdownify() builds one per call: ~5% of the time, in dir() of its
-    options), the tuned one when markdownify is the release it was written against."""
-    from importlib.metadata import version
+    """`html -> Markdown` with the options built once per process: html-to-markdown's `convert` turns
+    its Python options into the Rust ones on every call (~65 us, as long as converting a whole reply),
+    so the Rust function is called with them prebuilt; through the public `convert` when a release
+    lacks those names (same Markdown: a test compares the two)."""
+    import html_to_markdown
 
-    options = {**MARKDOWNIFY_OPTIONS, "code_language_callback": _code_language}
-    if version("markdownify") != MARKDOWNIFY_TUNED:
-        log.info("markdownify %s (not %s): its own converter is used", version("markdownify"), MARKDOWNIFY_TUNED)
-        return _fenced_converter_class()(**options)
-    return _fast_converter_class()(**options)
-
-
-_BACKTICKS = re.compile(r"`+")
-
-
-@functools.cache
-def _fenced_converter_class():
-    """markdownify's MarkdownConverter, with code blocks fenced by more backticks than the code holds.
-
-    Upstream always fences with ```: code that holds a ``` line (a Markdown snippet, a README)
-    would close the block there. CommonMark's rule: a fence one backtick longer than the longest
-    run of backticks inside.
-    """
-    from markdownify import MarkdownConverter
-
-    class _FencedConverter(MarkdownConverter):
-        def convert_pre(self, el, text, parent_tags):
-            block = super().convert_pre(el, text, parent_tags)
-            longest = max(map(len, _BACKTICKS.findall(text)), default=0)
-            opening, closing = "\n\n```", "\n```\n\n"  # upstream's, around "<language>\n<code>"
-            if longest < 3 or not (block.startswith(opening) and block.endswith(closing)):
-                return block
-            fence = "`" * (longest + 1)
-            return "\n\n" + fence + block[len(opening) : -len(closing)] + "\n" + fence + "\n\n"
-
-    return _FencedConverter
-
-
-def _fast_converter_class():
-    """`_FencedConverter` (markdownify 1.2.3's) with one change in process_tag, the same Markdown out.
-
-    Upstream asks every element `node.name == 'pre' or node.find_parent('pre')` (a walk up the tree
-    through bs4's filter machinery for each of ~13 elements a reply has: a fifth of all the time);
-    `parent_tags`, which process_tag already carries down, holds the name of every ancestor, so
-    `'pre' in parent_tags` is the same answer. The rest of the method is upstream's, as it is.
-    """
-    from bs4 import Comment, Doctype, NavigableString, Tag
-    from markdownify import (
-        re_extract_newlines,
-        re_html_heading,
-        should_remove_whitespace_inside,
-        should_remove_whitespace_outside,
+    # preprocessing off: its presets drop navigation and form elements with their text.
+    options = html_to_markdown.ConversionOptions(
+        **MARKDOWN_OPTIONS, preprocessing=html_to_markdown.PreprocessingOptions(enabled=False)
     )
+    try:
+        from html_to_markdown import _html_to_markdown as native
+        from html_to_markdown.api import _to_rust_conversion_options
 
-    class _FastConverter(_fenced_converter_class()):
-        def process_tag(self, node, parent_tags=None):
-            if parent_tags is None:
-                parent_tags = set()
-            should_remove_inside = should_remove_whitespace_inside(node)
-
-            def _can_ignore(el):
-                if isinstance(el, Tag):
-                    return False
-                if isinstance(el, (Comment, Doctype)):
-                    return True
-                if isinstance(el, NavigableString):
-                    if str(el).strip() != "":
-                        return False
-                    if should_remove_inside and (not el.previous_sibling or not el.next_sibling):
-                        return True
-                    previous, following = el.previous_sibling, el.next_sibling
-                    return bool(
-                        should_remove_whitespace_outside(previous) or should_remove_whitespace_outside(following)
-                    )
-                if el is None:
-                    return True
-                raise ValueError(f"Unexpected element type: {type(el)}")
-
-            children_to_convert = [el for el in node.children if not _can_ignore(el)]
-            parent_tags_for_children = set(parent_tags)
-            parent_tags_for_children.add(node.name)
-            if re_html_heading.match(node.name) is not None or node.name in {"td", "th"}:
-                parent_tags_for_children.add("_inline")
-            if node.name in {"pre", "code", "kbd", "samp"}:
-                parent_tags_for_children.add("_noformat")
-            child_strings = [
-                self.process_element(el, parent_tags=parent_tags_for_children) for el in children_to_convert
-            ]
-            child_strings = [s for s in child_strings if s]
-            if node.name == "pre" or "pre" in parent_tags:  # upstream: node.find_parent('pre')
-                pass
-            else:
-                updated_child_strings = [""]
-                for child_string in child_strings:
-                    leading_nl, content, trailing_nl = re_extract_newlines.match(child_string).groups()
-                    if updated_child_strings[-1] and leading_nl:
-                        prev_trailing_nl = updated_child_strings.pop()
-                        num_newlines = min(2, max(len(prev_trailing_nl), len(leading_nl)))
-                        leading_nl = "\n" * num_newlines
-                    updated_child_strings.extend([leading_nl, content, trailing_nl])
-                child_strings = updated_child_strings
-            text = "".join(child_strings)
-            convert_fn = self.get_conv_fn_cached(node.name)
-            if convert_fn is not None:
-                text = convert_fn(node, text, parent_tags=parent_tags)
-            return text
-
-    return _FastConverter
-
-
-def _code_language(pre) -> str:
-    for element in (pre, pre.find("code")):
-        if element is not None:
-            match = _LANGUAGE.search(" ".join(element.get("class") or []))
-            if match:
-                return match.group(1)
-    return ""
+        prebuilt = _to_rust_conversion_options(options)
+        return lambda html: native.convert(html=html, options=prebuilt, visitor=None).content
+    except (ImportError, AttributeError):
+        return lambda html: html_to_markdown.convert(html, options).content
 
 
 # ---- language --------------------------------------------------------------------------------------

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +279,7 @@ class PieceCounter:
         self.separable = separable
         if not self.separable and tokenizer is not None:
             log.warning("%s is not a special token of this tokenizer: every piece is tokenised whole", template.EOS)
+        self.words = WordLengths.for_backend(self.backend) if separable else None
 
     @classmethod
     def from_backend(cls, backend: str, separable: bool) -> PieceCounter:
@@ -286,6 +289,12 @@ class PieceCounter:
     def lengths(self, texts: list[str], special: bool) -> list[int]:
         if not texts:
             return []
+        if self.words is not None:
+            return self.words.lengths(texts, special)
+        return self.exact_lengths(texts, special)
+
+    def exact_lengths(self, texts: list[str], special: bool) -> list[int]:
+        """Each text tokenised whole by the tokenizer itself."""
         return [len(e.ids) for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
 
     def split_all(self, conversations: list[tuple[str | None, list]], limit: int) -> list[list[tuple[int, int, int]]]:
@@ -361,3 +370,120 @@ def _exchange(turns: list, i: int) -> str:
     (user_role, user), (reply_role, reply) = turns[i], turns[i + 1]
     assert user_role == HUMAN and reply_role == GPT, (user_role, reply_role)
     return f"{template.USER}: {user}{template.SEP}{template.ASSISTANT}: {reply}{template.EOS}"
+
+
+# Where a LLaMA (SentencePiece BPE) prompt can be cut without changing its tokens: before each `▁` (a
+# space) that follows another character, so a run of spaces stays with the word after it.
+_WORD = re.compile("\u2581*[^\u2581]+|\u2581+")
+_SPACE = "\u2581"
+
+
+class WordLengths:
+    """Token counts of texts as the sum of their words' counts, each word tokenised once per process.
+
+    Exact, not an estimate, for the tokenizers LLaMA and Vicuna ship (`tokenizer.json` with
+    SentencePiece's normaliser: `▁` prepended, spaces made `▁`; no pre-tokenizer; BPE): no token of
+    such a vocabulary holds a `▁` after another character, so no merge ever joins the end of one
+    word to the `▁` that starts the next, and BPE gives each word the tokens it would give it inside
+    the whole text. Tokenising 17 MB of exchanges went from ~3.8 s to under a second on one core: most
+    words recur (a Zipf vocabulary), and the tokenizer's cost is per token, not per merge.
+    `for_backend` checks every condition this rests on and returns None when one fails (another
+    normaliser, a pre-tokenizer, BPE dropout, unknown characters that could be fused across words...):
+    then every text is tokenised whole. A text holding an added token (`<s>`, `</s>`... written in a
+    turn) is tokenised whole too.
+    """
+
+    CACHE_WORDS = 1 << 18  # words remembered per process (~30 MB); forgotten all at once past that
+
+    def __init__(self, backend, plain, added: list[str], special_extra: int):
+        self.backend, self.plain, self.added, self.special_extra = backend, plain, added, special_extra
+        self.cache: dict[str, int] = {}
+
+    @classmethod
+    def for_backend(cls, backend) -> WordLengths | None:
+        import json
+
+        from tokenizers import Tokenizer
+
+        config = json.loads(backend.to_str())
+        model = config.get("model") or {}
+        added = [token["content"] for token in config.get("added_tokens") or []]
+        normalizer = config.get("normalizer") or {}
+        sentencepiece_normalizer = [
+            {"type": "Prepend", "prepend": _SPACE},
+            {"type": "Replace", "pattern": {"String": " "}, "content": _SPACE},
+        ]
+        vocabulary = model.get("vocab") or {}
+        complete_bytes = all(f"<0x{b:02X}>" in vocabulary for b in range(256))
+        conditions = {
+            "SentencePiece's normaliser": normalizer.get("type") == "Sequence"
+            and normalizer.get("normalizers") == sentencepiece_normalizer,
+            "no pre-tokenizer": config.get("pre_tokenizer") is None,
+            "plain BPE": model.get("type") == "BPE"
+            and not model.get("dropout")
+            and not model.get("continuing_subword_prefix")
+            and not model.get("end_of_word_suffix")
+            and not model.get("ignore_merges"),
+            "no unknown tokens fused across words": not model.get("fuse_unk")
+            or (model.get("byte_fallback") and complete_bytes),
+            "no token with a space inside": not any(_SPACE in token.lstrip(_SPACE) for token in vocabulary),
+            "added tokens matched as written": all(
+                not token.get("lstrip") and not token.get("rstrip") and not token.get("single_word")
+                for token in config.get("added_tokens") or []
+            )
+            and not any(" " in token or _SPACE in token for token in added),
+        }
+        failed = [name for name, holds in conditions.items() if not holds]
+        if failed:
+            log.info("data split: texts tokenised whole (word by word needs: %s)", ", ".join(failed))
+            return None
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.normalizer = None
+        plain.post_processor = None
+        with_special, without = (len(backend.encode("a", add_special_tokens=flag).ids) for flag in (True, False))
+        return cls(backend, plain, added, with_special - without)
+
+    def lengths(self, texts: list[str], special: bool) -> list[int]:
+        """What `len(backend.encode(text, add_special_tokens=special).ids)` gives, for each text."""
+        counts: list[int | None] = []
+        words_of: list[list[str]] = []
+        whole, unknown = [], []  # indexes of texts tokenised whole; of texts with a word not seen yet
+        count = self.cache.__getitem__
+        for i, text in enumerate(texts):
+            # Exactly the prompts split builds: `</s>` may open and close a text; nothing else special.
+            leading, trailing = text.startswith(template.EOS), text.endswith(template.EOS)
+            body = text[len(template.EOS) if leading else 0 : len(text) - (len(template.EOS) if trailing else 0)]
+            if not body or any(token in body for token in self.added):
+                whole.append(i)
+                words_of.append([])
+                counts.append(None)
+                continue
+            words = _WORD.findall(_SPACE + body.replace(" ", _SPACE))
+            words_of.append(words)
+            n = leading + trailing + (self.special_extra if special else 0)
+            try:
+                counts.append(n + sum(map(count, words)))
+            except KeyError:
+                unknown.append(i)
+                counts.append(n)
+        if unknown:
+            self._learn([words_of[i] for i in unknown])
+            count = self.cache.__getitem__
+            for i in unknown:
+                counts[i] += sum(map(count, words_of[i]))
+        if whole:
+            exact = self.backend.encode_batch_fast([texts[i] for i in whole], add_special_tokens=special)
+            for i, encoding in zip(whole, exact, strict=True):
+                counts[i] = len(encoding.ids)
+        return counts
+
+    def _learn(self, words_of: list[list[str]]) -> None:
+        unique = set(itertools.chain.from_iterable(words_of))
+        missing = unique.difference(self.cache)
+        if len(self.cache) + len(missing) > self.CACHE_WORDS:
+            self.cache.clear()
+            missing = unique
+        if missing:
+            missing = sorted(missing)
+            encoded = self.plain.encode_batch_fast(missing, add_special_tokens=False)
+            self.cache.update(zip(missing, (len(e.ids) for e in encoded), strict=True))
