@@ -550,7 +550,7 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
     profile = {"step_ms": 1000 * step_s, "engine_ms_per_token": 1000 / single["decode_tok_s"]}
     profile["weight_gb_per_rank"] = model.weight_bytes() / 1e9
     profile["weights_gb_per_s_per_rank"] = model.weight_bytes() / step_s / 1e9
-    bucket = runner.buckets.get((1, -(-(position + 1) // runner.KV_STEP) * runner.KV_STEP))
+    bucket = runner.buckets.get(runner.bucket_key(1, position + 1))
     single_rank = model.comm.world == 1
     if single_rank and bucket is not None and bucket.get("graph") is not None:
         sync(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
     prompts = [[1] + [5] * n for n in (3, 300, 700, 1500)]
     with Engine(model, tokenizer, max_batch_size=4) as engine:
         captured = {key for key, bucket in engine.runner.buckets.items() if bucket.get("graph") is not None}
-        assert len(captured) == len(engine.runner.row_buckets) * len(engine.runner.kv_buckets)
+        assert engine.runner.kv_buckets == [engine.context]  # the paged kernel: one graph per row bucket
+        assert len(captured) == len(engine.runner.row_buckets)
         params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
         threads = [threading.Thread(target=lambda p=p: list(engine.generate(p, params))) for p in prompts]
         for t in threads:
@@ -155,8 +157,8 @@ def test_prompts_ending_in_one_chunk_swap_rows_into_place(loaded, monkeypatch):
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     with Engine(model, tokenizer, max_batch_size=3, prefill_chunk=256) as engine:
         swaps = []
-        swap_rows = engine.runner.swap_rows
-        monkeypatch.setattr(engine.runner, "swap_rows", lambda *args: swaps.append(args) or swap_rows(*args))
+        swap_rows = engine.cache.swap_rows
+        monkeypatch.setattr(engine.cache, "swap_rows", lambda *args: swaps.append(args) or swap_rows(*args))
         started = threading.Event()
         long_reply = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
         engine.submit(_prompt(tokenizer, "hi"), long_reply, lambda e: started.set())
@@ -166,7 +168,7 @@ def test_prompts_ending_in_one_chunk_swap_rows_into_place(loaded, monkeypatch):
             requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
         done.acquire()
         done.acquire()
-    assert swaps and swaps[0][:2] == (2, 1)
+    assert swaps == [(2, 1)]
     assert [r.decoder.ids for r in requests] == alone
 
 
@@ -185,3 +187,103 @@ def test_prompt_logprobs_across_chunks(loaded):
     for a, b in zip(whole[1:], chunked[1:], strict=True):
         assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+# -- the paged KV cache ---------------------------------------------------------------------------------------
+
+
+def test_block_bookkeeping():
+    from vicunaflow import VicunaflowError
+    from vicunaflow.engine.cache import KVCache
+
+    with pytest.raises(VicunaflowError, match="cannot hold one request of 64 tokens"):
+        KVCache(1, 4, 2, 64, 8, torch.float32, "cpu", blocks=3, block_size=16)
+    cache = KVCache(1, 4, 2, 64, 8, torch.float32, "cpu", blocks=6, block_size=16)
+    assert cache.keys[0].shape == (7, 2, 16, 8) and len(cache.free) == 6  # block 0: scratch, never handed out
+    cache.ensure(0, 17)  # two blocks
+    cache.ensure(0, 32)  # still two
+    cache.ensure(2, 1)
+    assert cache.owned == [2, 0, 1, 0] and len(cache.free) == 3 and 0 not in cache.tables[0, :2].tolist()
+    assert cache.missing(2, 40) == 2 and cache.missing(0, 32) == 0
+    with pytest.raises(VicunaflowError, match="needs 4 more blocks, 3 are free"):
+        cache.ensure(1, 64)
+    held = cache.tables[2].clone()
+    cache.move_row(2, 1)
+    assert torch.equal(cache.tables[1], held) and cache.owned == [2, 1, 0, 0] and not cache.tables[2].any()
+    cache.swap_rows(0, 1)
+    assert cache.owned == [1, 2, 0, 0] and torch.equal(cache.tables[0], held)
+    cache.release(1)
+    cache.release(0)
+    assert sorted(cache.free) == list(range(1, 7)) and not cache.tables.any()
+
+
+def test_paged_cache_reads_what_it_wrote():
+    """Keys written at scattered positions through block tables come back in order from read()."""
+    from vicunaflow.engine.cache import KVCache
+
+    cache = KVCache(1, 2, 2, 40, 4, torch.float32, "cpu", blocks=8, block_size=8)
+    cache.ensure(1, 40)
+    cache.ensure(0, 20)
+    tables = cache.tables[:2].long()
+    k = torch.arange(2 * 40 * 2 * 4, dtype=torch.float32).view(2, 40, 2, 4)
+    positions = torch.arange(40).expand(2, 40).clone()
+    positions[0, 20:] = 39  # row 0 holds 20 positions: the rest of its writes go to the scratch block
+    cache.write(0, tables, positions, k, -k)
+    keys, values = cache.read(0, tables, 20)  # [2, kv_heads, 20, head_dim]
+    assert torch.equal(keys, k[:, :20].transpose(1, 2)) and torch.equal(values, -keys)
+
+
+def test_more_requests_than_blocks_all_finish_with_their_replies(loaded):
+    """A cache of 3 contexts' worth of blocks for 8 rows: requests wait for blocks or are preempted and
+    resumed (their prompt and reply so far prefilled again), none is lost, and every greedy reply is
+    the one it gets alone."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer, n) for n in (1, 2, 4, 6)]
+    expected = [_replies(model, tokenizer, [p], max_new_tokens=40, max_context=384)[0] for p in prompts]
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    done = threading.Semaphore(0)
+    options = dict(max_batch_size=8, max_context=384, kv_cache_tokens=3 * 384, prefill_chunk=64)
+    with Engine(model, tokenizer, **options) as engine:
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+        deadline = time.monotonic() + 10
+        while (stats := engine.snapshot_stats())["kv_blocks_free"] < stats["kv_blocks"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the engine frees a finished row's blocks at its next turn
+    assert stats["kv_blocks"] == 3 * 384 // 16 and stats["kv_blocks_free"] == stats["kv_blocks"]  # all given back
+    assert stats["preempted"] > 0 and stats["active"] == 0
+    assert [r.decoder.ids for r in requests] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_cuda_many_streams_through_paged_attention(fixture, request):
+    """float32 on a GPU, CUDA graphs, the paged attention kernel, chunked prefill and a cache too small for
+    everyone (requests wait and are preempted): every stream finishes with the reply it gets alone."""
+    model, tokenizer = load_model(request.getfixturevalue(fixture), device="cuda", dtype="float32")
+    prompts = [[1, *range(30, 30 + 7 * i % 300)] for i in range(1, 25)]
+    options = dict(max_context=512, prefill_chunk=64, kv_cache_tokens=4 * 512)
+    alone = [_replies(model, tokenizer, [p], max_new_tokens=48, max_batch_size=1, **options)[0] for p in prompts[:4]]
+    params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
+    done = threading.Semaphore(0)
+    with Engine(model, tokenizer, max_batch_size=24, **options) as engine:
+        assert engine.runner.attention_kernel and engine.runner.kv_buckets == [512]
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+        stats = engine.snapshot_stats()
+        assert engine.runner.cuda_graphs  # no capture fell back to eager
+    assert all(r.completion_tokens == 48 for r in requests)
+    assert stats["preempted"] > 0 and stats["max_batch"] > 8
+    assert [r.decoder.ids for r in requests[:4]] == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_paged_kernel_in_graphs_matches_eager_float16(tiny_gqa):
+    """float16 with the Triton matvec and attention kernels: graph replays give the eager engine's tokens."""
+    model, tokenizer = load_model(tiny_gqa, device="cuda", dtype="float16")
+    prompts = [[1, *range(40, 40 + n)] for n in (5, 90, 300)]
+    eager = _replies(model, tokenizer, prompts, max_new_tokens=32, cuda_graphs=False)
+    assert _replies(model, tokenizer, prompts, max_new_tokens=32) == eager

@@ -1,14 +1,18 @@
 """Text generation for `chat` and `serve`: our own LLaMA model, its KV cache and a batching engine.
 
     model.py      Transformer: fused q|k|v and gate|up, one forward for prefill and decode, project()
-    cache.py      KVCache: static per-layer buffers, one row per request
+    cache.py      KVCache: paged, blocks of 16 positions per layer, a block table per request row
     load.py       load_model: a Hugging Face folder (float or quantized) or random weights, 1..N ranks
     build.py      build_model: one rank's weights (our checkpoint readers; int8/int4 through vicunaflow.quant)
     tp.py         tensor parallelism: spawned ranks, all-reduces (symmetric memory, NCCL, gloo)
-    runner.py     Runner: prefill, bucketed decode steps, CUDA graphs, orders to the other ranks
+    runner.py     Runner: prefill chunks, bucketed decode steps, CUDA graphs, warm-up, orders to the other ranks
     sampling.py   SamplingParams and the sampler
     text.py       prompts, IncrementalDecoder (streamed text), stop strings
-    scheduler.py  Engine: continuous batching, one step queued ahead, events to each request's sink
+    scheduler.py  Engine: continuous batching, chunked prefill, KV block admission and preemption, one step
+                  queued ahead, events to each request's sink
+
+Kernels: vicunaflow/kernels.py (Triton matvec of one-row products), vicunaflow/attention_kernels.py
+(Triton decode attention through the block tables). docs/engine.md describes the serving design.
 
 transformers is not used to run the model (only its tokenizer class, and as the reference in tests).
 """

@@ -11,9 +11,14 @@ its `comm` adds the ranks' partial sums after those two products (two all-reduce
 Why not the Hugging Face module: its decode step launches ~50 kernels a layer (RMSNorm in six
 pieces, rotary in ten); inside a CUDA graph each still costs ~1.75 µs, which capped a 7B at ~140
 tokens/s. Here a one-row decode layer on CUDA is ~9 kernels: q|k|v product (RMSNorm folded in), rotary of q and
-k as one batched matmul by each row's rotation matrix, K and V stores, SDPA, o product adding into the
+k as one batched matmul by each row's rotation matrix, K and V stores, attention, o product adding into the
 residual, gate|up product (RMSNorm folded in), down product that applies SiLU·up to its input and adds
 the residual (the products are Triton kernels for one-row steps, `kernels.matvec`).
+
+The KV cache is paged (engine/cache.py): each row's keys and values sit in blocks named by its block
+table, which every forward receives as a device tensor. A decode step on CUDA attends through the
+tables in place (attention_kernels.paged_decode_attention, two kernels); prompts, and decode steps
+elsewhere, gather the rows' blocks and use SDPA.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from vicunaflow import VicunaflowError, kernels
+from vicunaflow import VicunaflowError, attention_kernels, kernels
 from vicunaflow.engine.cache import KVCache
 from vicunaflow.quant import QuantWeight, qlinear
 
@@ -150,9 +155,9 @@ class Block(torch.nn.Module):
         self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
         self.w2: Weight | None = None  # [dim, ffn]
 
-    def forward(self, hidden, rope, mask, rows, positions, read_rows, kv_length: int) -> torch.Tensor:
-        """hidden [B*T, dim] -> [B*T, dim]; cache rows [B, 1]; positions [B, T]; mask [B, 1, T, kv_length];
-        read_rows: the same rows as a slice (contiguous: a view) or a [B] tensor (gathered).
+    def forward(self, hidden, rope, mask, tables, positions, kv_length: int) -> torch.Tensor:
+        """hidden [B*T, dim] -> [B*T, dim]; block tables [B, width]; positions [B, T]; mask [B, 1, T, kv_length],
+        or None for a decode step through the paged attention kernel (attention_kernels.py).
 
         hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
         symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
@@ -164,13 +169,20 @@ class Block(torch.nn.Module):
         qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps))  # [B*T, (H + 2 Hkv) D]
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
         v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
-        model.cache.write(self.index, rows, positions, qk[:, :, H:], v)
-        keys, values = model.cache.read(self.index, read_rows, kv_length)  # [B, Hkv, L, D]
-        extra = {"enable_gqa": True} if Hkv != H else {}
-        attention = F.scaled_dot_product_attention(
-            qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
-        )  # [B, H, T, D]
-        attention = attention.transpose(1, 2).reshape(B * T, H * D)
+        cache = model.cache
+        cache.write(self.index, tables, positions, qk[:, :, H:], v)
+        if mask is None:  # one token per row: read the blocks in place
+            lengths = positions[:, 0] + 1  # [B]
+            attention = attention_kernels.paged_decode_attention(
+                qk[:, 0, :H], cache.keys[self.index], cache.values[self.index], tables, lengths
+            ).view(B, H * D)
+        else:
+            keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
+            extra = {"enable_gqa": True} if Hkv != H else {}
+            attention = F.scaled_dot_product_attention(
+                qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
+            )  # [B, H, T, D]
+            attention = attention.transpose(1, 2).reshape(B * T, H * D)
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
         gate_up = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps))  # [B*T, 2 ffn]
         return comm.reduce_project(gate_up, self.w2, hidden, swiglu=True, matvec=matvec)
@@ -201,11 +213,13 @@ class Transformer(torch.nn.Module):
         )  # [head_dim / 2]
         self.cache: KVCache | None = None
         self.matvec = False  # one-row products through kernels.matvec (set by the runner on CUDA)
+        self.attention_kernel = False  # decode attention through attention_kernels (set by the runner on CUDA)
 
-    def setup_cache(self, slots: int, context: int) -> KVCache:
+    def setup_cache(self, slots: int, context: int, **paging) -> KVCache:
+        """A paged KV cache of `slots` rows up to `context` positions (paging: cache.KVCache's blocks, block_size)."""
         self.cache = None  # free the old one first
         self.cache = KVCache(
-            self.args.n_layers, slots, self.kv_heads, context, self.args.head_dim, self.dtype, self.device
+            self.args.n_layers, slots, self.kv_heads, context, self.args.head_dim, self.dtype, self.device, **paging
         )
         return self.cache
 
@@ -215,12 +229,13 @@ class Transformer(torch.nn.Module):
         positions: torch.Tensor,
         *,
         kv_length: int,
+        tables: torch.Tensor | None = None,
         first_row: int = 0,
-        cache_rows: torch.Tensor | None = None,
         last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of one token per row: input_ids, positions [B, T] go to cache rows first_row..first_row+B-1,
-        or to the rows `cache_rows` [B] (a prompt's later chunk, whose row is anywhere).
+        """Logits of one token per row: input_ids, positions [B, T] go to the cache rows whose block tables
+        are tables [B, width] (a device tensor: what the runner sends), or without tables to cache rows
+        first_row..first_row+B-1, given blocks here as needed (direct calls: tests, tools).
 
         Each token attends to its row's cached tokens at positions <= its own, among the first
         kv_length. last [B]: which of the T tokens gives the row's logits (default: the last).
@@ -229,21 +244,20 @@ class Transformer(torch.nn.Module):
         B, T = input_ids.shape
         hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
         rope = self.rope(positions)
-        kv_index = torch.arange(kv_length, device=positions.device)
-        # [B, 1, T, L]: causal by position, additive (a boolean mask costs SDPA two conversions per layer)
-        hidden_mask = (kv_index[None, None, :] > positions[:, :, None])[:, None]
-        mask = torch.zeros(hidden_mask.shape, dtype=self.dtype, device=positions.device).masked_fill_(
-            hidden_mask, float("-inf")
-        )
-        if cache_rows is None:
-            rows, read_rows = (
-                torch.arange(first_row, first_row + B, device=positions.device),
-                slice(first_row, first_row + B),
+        if tables is None:
+            for row in range(first_row, first_row + B):
+                self.cache.ensure(row, int(positions.max()) + 1)
+            tables = self.cache.tables[first_row : first_row + B].to(positions.device, torch.long)
+        mask = None
+        if T > 1 or not self.attention_kernel:
+            kv_index = torch.arange(kv_length, device=positions.device)
+            # [B, 1, T, L]: causal by position, additive (a boolean mask costs SDPA two conversions per layer)
+            hidden_mask = (kv_index[None, None, :] > positions[:, :, None])[:, None]
+            mask = torch.zeros(hidden_mask.shape, dtype=self.dtype, device=positions.device).masked_fill_(
+                hidden_mask, float("-inf")
             )
-        else:
-            rows = read_rows = cache_rows
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, rows[:, None], positions, read_rows, kv_length)
+            hidden = layer(hidden, rope, mask, tables, positions, kv_length)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]

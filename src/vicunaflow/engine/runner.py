@@ -1,25 +1,29 @@
-"""The forward passes the scheduler launches: prefill, one decode step, a row move.
+"""The forward passes the scheduler launches: prefill chunks and decode steps, over the paged KV cache.
 
 On one GPU the host cost of launching a step's few hundred kernels is as large as reading the
-weights, so each decode step is padded to a bucket (`row_buckets`: rows 1, 2, 4, 8, then multiples of
-8, coarser above 128; attended length in steps of 256) and replayed from a CUDA graph captured once
-per bucket. Padding rows are the rows after the active ones (active rows are always 0..n-1): free, or
-holding a prompt being prefilled in chunks. They write the context's last position, past anything
-such a row holds; every row writes a position before any of its queries attends there, so nothing
-reads what padding left. Elsewhere (CPU): exact shapes, eagerly.
+weights, so each decode step is padded to a bucket of rows (`row_buckets`: 1, 2, 4, 8, then multiples
+of 8, coarser above 128) and replayed from a CUDA graph captured once per bucket. On CUDA the decode
+attention is the paged Triton kernel (attention_kernels.py), which reads each row's blocks up to its
+own length: one graph per row bucket serves every context length. Without it (no Triton) the keys
+and values are gathered for SDPA, and buckets also round the attended length up to steps of 256.
+Padding rows have empty block tables: they write the scratch block and read nothing anyone wrote.
+Elsewhere (CPU): exact shapes, eagerly.
 
 `warm_up` captures every bucket (and so autotunes every Triton matvec shape) and runs each prefill
 length class once when the engine starts, then clears the cache: nothing is compiled, captured or
 tuned while a request waits.
 
-A step's inputs may be the previous step's sampled tokens, still on the device, so the host can queue
-step t+1 before step t has finished (`Engine._decode_step`).
+Block tables are rank 0's (engine/cache.py): a step's inputs are one tensor [rows, 2 + width] per
+bucket, each row's token, position and block table, filled on the host and copied in one go. A step's
+tokens may be the previous step's sampled tokens, still on the device, so the host can queue step t+1
+before step t has finished (`Engine._decode_step`).
 
 Tensor parallelism: rank 0's runner first tells the other ranks what it runs (`comm.command`: op and
 a few integers over a gloo group); their loop (engine/tp.py) calls the same runner methods. A decode
-step's tokens and positions go from rank 0 to the others inside the step itself (`comm.broadcast` at
-the start of the forward, captured in the graph), so a step queued from tokens still on rank 0's
-GPU needs no host round trip on any rank.
+step's inputs, block tables included, go from rank 0 to the others inside the step itself
+(`comm.broadcast` at the start of the forward, captured in the graph), so a step queued from tokens
+still on rank 0's GPU needs no host round trip on any rank; a prefill's go with its host tensor.
+Rows moving, taking and giving back blocks are table edits on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vicunaflow import kernels as triton_kernels
+from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
 
@@ -38,13 +44,11 @@ log = logging.getLogger(__name__)
 
 
 class Op(enum.IntEnum):
-    SETUP = 1  # slots, context, cuda_graphs, padded, kernels
-    PREFILL = 2  # chunks, padded length; then the chunks as one host tensor
+    SETUP = 1  # slots, context, cuda_graphs, padded, kernels, KV blocks, block size
+    PREFILL = 2  # chunks, padded length; then the chunks and their block tables as one host tensor
     STEP = 3  # bucket rows, attended length
-    MOVE = 4  # source row, target row, length
     STOP = 5
     CLEAR = 6  # zero the KV cache (after warm-up)
-    SWAP = 7  # row a, row b, length a, length b
 
 
 @dataclasses.dataclass
@@ -62,20 +66,40 @@ class Runner:
     KV_STEP = 256
     PROMPT_CHUNK = 512  # prompt positions whose logits are computed at once (prompt log-probabilities)
 
-    def __init__(self, model: Transformer, slots: int, context: int, *, cuda_graphs: bool, padded: bool, kernels: bool):
+    def __init__(
+        self,
+        model: Transformer,
+        slots: int,
+        context: int,
+        *,
+        cuda_graphs: bool,
+        padded: bool,
+        kernels: bool,
+        blocks: int | None = None,
+        block_size: int = BLOCK_SIZE,
+    ):
+        """slots rows of up to `context` tokens; blocks: KV cache blocks of block_size positions (default:
+        enough for every row at full context). kernels: Triton matvec for one-row products."""
         self.model, self.comm = model, model.comm
         self.leader = self.comm.rank == 0
         if self.leader:
-            self.comm.command(Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels))
-        self.cache = model.setup_cache(slots, context)
+            self.comm.command(
+                Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels), blocks or 0, block_size
+            )
+        self.cache = model.setup_cache(slots, context, blocks=blocks or None, block_size=block_size)
         model.matvec = kernels
         self.kernels = kernels
         self.device = model.device
+        self.attention_kernel = self.device.type == "cuda" and triton_kernels.available()
+        model.attention_kernel = self.attention_kernel
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = row_buckets(slots)
-        self.kv_buckets = sorted(
-            {min(step, context) for step in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)}
-        )
+        if self.attention_kernel:  # the kernel reads each row up to its own length: one bucket of lengths
+            self.kv_buckets = [context]
+        else:
+            self.kv_buckets = sorted(
+                {min(s, context) for s in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)}
+            )
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
@@ -107,10 +131,13 @@ class Runner:
         its `targets`' log-probabilities (token start + 1 + i from position start + i) with the top k.
         """
         n, length = len(chunks), max(len(c.tokens) for c in chunks)
-        packed = torch.zeros(n, length + 3, dtype=torch.long)  # [n, length] ids, then start, count, row
+        width = self.cache.width
+        packed = torch.zeros(n, length + 2 + width, dtype=torch.long)  # [n, length] ids, start, count, block table
         for i, chunk in enumerate(chunks):
+            self.cache.ensure(chunk.row, chunk.start + len(chunk.tokens))
             packed[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
-            packed[i, length:] = torch.tensor([chunk.start, len(chunk.tokens), chunk.row])
+            packed[i, length : length + 2] = torch.tensor([chunk.start, len(chunk.tokens)])
+            packed[i, length + 2 :] = self.cache.tables[chunk.row]
         self.comm.command(Op.PREFILL, n, length)
         self.comm.broadcast_host(packed)
         if all(c.logprobs is None for c in chunks):
@@ -146,35 +173,39 @@ class Runner:
 
     @torch.inference_mode()
     def remote_prefill(self, n: int, length: int) -> None:
-        packed = torch.empty(n, length + 3, dtype=torch.long)
+        packed = torch.empty(n, length + 2 + self.cache.width, dtype=torch.long)
         self.comm.broadcast_host(packed)
         self._prefill(packed)
 
     def _prefill(self, packed: torch.Tensor) -> torch.Tensor:
-        length = packed.shape[1] - 3
+        length = packed.shape[1] - 2 - self.cache.width
         start, count = packed[:, length], packed[:, length + 1]
         kv_length = int((start + count).max())  # host values: the attended length is exact
         packed = packed.to(self.device)
-        ids, (start, count, rows) = packed[:, :length], packed[:, length:].unbind(1)
-        # positions start..start+count-1, then padding: written to the row past its tokens (a later chunk or
-        # decode step overwrites them before any query attends there), kept inside the context
+        ids, start, count, tables = (
+            packed[:, :length],
+            packed[:, length],
+            packed[:, length + 1],
+            packed[:, length + 2 :],
+        )
+        # positions start..start+count-1, then padding: written past the row's tokens (its own block, where a
+        # later chunk or decode step overwrites them before any query attends there, or the scratch block)
         positions = (start[:, None] + torch.arange(length, device=self.device)).clamp_(max=self.cache.context - 1)
-        return self.model(ids, positions, kv_length=kv_length, cache_rows=rows, last=count - 1)
+        return self.model(ids, positions, kv_length=kv_length, tables=tables, last=count - 1)
 
     # -- decode -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self, tokens: list[int] | torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens[i] goes to cache position lengths[i] of row i (tokens: a list, or a [n] device tensor).
+        """tokens[i] goes to cache position lengths[i] of row i (tokens: a list, or a [n] device tensor); the
+        rows take the blocks that needs (the engine has checked there are enough).
 
         Returns (logits [n, vocab] in the model's dtype, greedy tokens [n]) on the device, without waiting.
         """
         n = len(lengths)
-        if self.padded:
-            rows = next(b for b in self.row_buckets if b >= n)
-            kv_length = min(-(-(max(lengths) + 1) // self.KV_STEP) * self.KV_STEP, self.cache.context)
-        else:
-            rows, kv_length = n, max(lengths) + 1
+        for row, length in enumerate(lengths):
+            self.cache.ensure(row, length + 1)
+        rows, kv_length = self.bucket_key(n, max(lengths) + 1)
         self.comm.command(Op.STEP, rows, kv_length)
         bucket = self._bucket(rows, kv_length)
         self._fill(bucket, tokens, lengths)
@@ -185,13 +216,12 @@ class Runner:
     def remote_step(self, rows: int, kv_length: int) -> None:
         self._run(self._bucket(rows, kv_length))
 
-    def move_row(self, source: int, target: int, length: int) -> None:
-        self.comm.command(Op.MOVE, source, target, length)
-        self.cache.move_row(source, target, length)
-
-    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
-        self.comm.command(Op.SWAP, a, b, length_a, length_b)
-        self.cache.swap_rows(a, b, length_a, length_b)
+    def bucket_key(self, rows: int, kv_length: int) -> tuple[int, int]:
+        """The (rows, attended length) a step of `rows` rows attending up to kv_length positions runs as."""
+        if not self.padded:
+            return rows, kv_length
+        padded_length = min(next(b for b in self.kv_buckets if b >= kv_length), self.cache.context)
+        return next(b for b in self.row_buckets if b >= rows), padded_length
 
     # -- warm-up ----------------------------------------------------------------------------------------
 
@@ -200,11 +230,13 @@ class Runner:
         """Run every decode bucket once (capturing its graph, autotuning its matvec shapes) and one prefill
         of each length in `prefill_lengths`, then zero the cache; returns how many decode shapes ran.
 
-        Warm-up writes K/V of token 0 into rows and positions requests will use; zeroing the cache after it
-        leaves nothing a request could read (a request only reads positions it wrote itself anyway).
+        Decode shapes run with empty block tables (the scratch block); the prefills borrow row 0's blocks
+        and give them back. Zeroing the cache after it leaves nothing a request could read (a request only
+        reads positions it wrote itself anyway).
         """
         for length in prefill_lengths:
             self.prefill_chunks([PrefillChunk([0] * length, 0, 0)])
+            self.cache.release(0)
         shapes = 0
         if self.padded:
             for kv_length in self.kv_buckets:
@@ -238,11 +270,12 @@ class Runner:
         # copy of step t still queued; a one-off bucket needs one. Other ranks receive them by broadcast.
         pinned = self.device.type == "cuda"
         copies = (2 if reused else 1) if self.leader else 0
-        step_inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # [tokens; positions]
+        shape = (rows, 2 + self.cache.width)  # per row: token, position, block table
+        step_inputs = torch.zeros(shape, dtype=torch.long, device=self.device)
         return {
             "rows": rows,
             "kv_length": kv_length,
-            "host": [torch.zeros(2, rows, dtype=torch.long, pin_memory=pinned) for _ in range(copies)],
+            "host": [torch.zeros(shape, dtype=torch.long, pin_memory=pinned) for _ in range(copies)],
             "fills": 0,
             "step_inputs": step_inputs,
         }
@@ -252,14 +285,14 @@ class Runner:
         # taken in turn: this buffer's last copy was queued before the step the engine last waited on
         host = bucket["host"][bucket["fills"] % len(bucket["host"])]
         bucket["fills"] += 1
-        host.zero_()
-        host[1, n:] = self.cache.context - 1  # padding rows: token 0 at the last position (see the module's docstring)
+        host[n:] = 0  # padding rows: token 0 at position 0 of an empty table (the scratch block)
         if not isinstance(tokens, torch.Tensor):
-            host[0, :n] = torch.tensor(tokens)
-        host[1, :n] = torch.tensor(lengths)
+            host[:n, 0] = torch.tensor(tokens)
+        host[:n, 1] = torch.tensor(lengths)
+        host[:n, 2:] = self.cache.tables[:n]
         bucket["step_inputs"].copy_(host, non_blocking=True)
         if isinstance(tokens, torch.Tensor):
-            bucket["step_inputs"][0, :n].copy_(tokens)  # device to device, in stream order
+            bucket["step_inputs"][:n, 0].copy_(tokens)  # device to device, in stream order
 
     def _run(self, bucket: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs and bucket.get("graph") is None:
@@ -272,8 +305,10 @@ class Runner:
 
     def _forward(self, bucket: dict) -> torch.Tensor:
         step_inputs = bucket["step_inputs"]
-        self.comm.broadcast(step_inputs)  # rank 0's tokens and positions reach every rank
-        return self.model(step_inputs[0][:, None], step_inputs[1][:, None], kv_length=bucket["kv_length"])
+        self.comm.broadcast(step_inputs)  # rank 0's tokens, positions and block tables reach every rank
+        return self.model(
+            step_inputs[:, 0:1], step_inputs[:, 1:2], kv_length=bucket["kv_length"], tables=step_inputs[:, 2:]
+        )
 
     def _capture(self, bucket: dict) -> None:
         """Warm up on a side stream (writes the same K/V the real step will), then capture the step.

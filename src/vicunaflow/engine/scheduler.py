@@ -13,6 +13,13 @@ forward at positions start..end of the prompt's cache row, attending to what ear
 greedy replies are those of a whole-prompt prefill. A prompt that ends in a chunk samples its first
 token from that chunk's logits and joins the decoding rows.
 
+The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
+its whole prompt are (plus one block of headroom per decoding row), so concurrency is bounded by the
+tokens requests hold. When a decoding row needs a block and none is free, the youngest decoding
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be prefilled
+again (prompt and reply so far) and continue where it stopped; the oldest decoding request is never
+the one preempted while others decode, so the batch always makes progress.
+
 The forward passes themselves (buckets, CUDA graphs, tensor-parallel ranks) are engine/runner.py's.
 """
 
@@ -32,6 +39,7 @@ from typing import Literal
 import torch
 
 from vicunaflow import VicunaflowError, kernels
+from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.model import Transformer
 from vicunaflow.engine.runner import PrefillChunk, Runner
 from vicunaflow.engine.sampling import SamplingParams, TokenLogprob, logprobs_of, sample, to_entries
@@ -98,8 +106,10 @@ class PrefillJob:
 
     request: Request
     row: int
+    tokens: list[int]  # to write: the prompt, or for a preempted request its prompt and reply but the last token
+    resume: int | None  # preempted: the reply's last token, fed to the next decode step (nothing is sampled)
     prompt_logprobs: list[TokenLogprob] | None  # so far, when the request asked
-    done: int = 0  # prompt tokens in the cache
+    done: int = 0  # tokens in the cache
 
 
 @dataclasses.dataclass
@@ -138,6 +148,7 @@ class Engine:
         max_batch_size: int = 16,
         max_context: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        kv_cache_tokens: int | None = None,
         seed: int | None = None,
         cuda_graphs: bool = True,
         padded_decode: bool | None = None,
@@ -158,9 +169,18 @@ class Engine:
         padded_decode = cuda_graphs if padded_decode is None else padded_decode
         supports_kernels = cuda and model.dtype in (torch.float16, torch.bfloat16) and kernels.available()
         decode_kernels = supports_kernels if decode_kernels is None else decode_kernels and supports_kernels
+        full = max_batch_size * -(-self.context // BLOCK_SIZE)  # every row at full context: more is never used
+        blocks = None if kv_cache_tokens is None else min(full, -(-kv_cache_tokens // BLOCK_SIZE))
         self.runner = Runner(
-            model, max_batch_size, self.context, cuda_graphs=cuda_graphs, padded=padded_decode, kernels=decode_kernels
+            model,
+            max_batch_size,
+            self.context,
+            cuda_graphs=cuda_graphs,
+            padded=padded_decode,
+            kernels=decode_kernels,
+            blocks=blocks,
         )
+        self.cache = self.runner.cache
         self.overlap = cuda if overlap is None else overlap  # CPU kernels run synchronously
         self.in_flight: DecodeStep | None = None  # launched, its tokens not yet read on the host
         self.host_tokens = [torch.zeros(max_batch_size, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
@@ -177,12 +197,17 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
+        self.stats["preempted"] = 0  # requests sent back to the queue for want of KV blocks
         self.batch_sizes: Counter[int] = Counter()
         log.info(
-            "engine: %d slots x %d tokens, KV cache %.1f MiB per rank, %d rank(s), CUDA graphs %s%s, overlap %s",
+            "engine: %d slots x %d tokens, KV cache %d tokens (%d blocks of %d) %.1f MiB per rank, %d rank(s), "
+            "CUDA graphs %s%s, overlap %s",
             max_batch_size,
             self.context,
-            self.runner.cache.nbytes() / 2**20,
+            self.cache.blocks * self.cache.block_size,
+            self.cache.blocks,
+            self.cache.block_size,
+            self.cache.nbytes() / 2**20,
             model.comm.world,
             "on" if cuda_graphs else "off",
             ", Triton matvec" if decode_kernels else "",
@@ -269,6 +294,10 @@ class Engine:
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
                 "max_batch_size": self.max_batch_size,
                 "context": self.context,
+                "kv_blocks": self.cache.blocks,
+                "kv_blocks_free": len(self.cache.free),
+                "block_size": self.cache.block_size,
+                "prefill_chunk": self.prefill_chunk,
                 "cuda_graphs": self.runner.cuda_graphs,
                 "decode_kernels": self.runner.kernels,
                 "overlap": self.overlap,
@@ -300,22 +329,34 @@ class Engine:
                     if not request.done:
                         self._finish(request, "error", error=f"{type(err).__name__}: {err}")
                 self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
+                for row in range(self.max_batch_size):
+                    self.cache.release(row)
         for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
             self._finish(request, "cancelled")
 
     def _take_waiting(self) -> None:
-        """Move waiting requests to prefill while rows are free (each gets its cache row now)."""
+        """Move waiting requests to prefill, oldest first, while a row and the blocks for the whole prompt
+        are free; each gets its row and blocks now. A request that does not fit waits, and so do the
+        ones behind it (no long prompt is overtaken forever)."""
         while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch_size:
-            request = self.waiting.popleft()
+            request = self.waiting[0]
             if request.cancelled:
+                self.waiting.popleft()
                 self._finish(request, "cancelled")
                 continue
+            generated = request.decoder.ids  # a preempted request resumes: its reply so far is re-read too
+            tokens = request.prompt_ids + generated[:-1]
+            headroom = len(self.rows) + len(self.prefilling)  # a block for each running row to grow into
+            if headroom and self.cache.blocks_for(len(tokens)) + headroom > len(self.cache.free):
+                break
+            self.waiting.popleft()
             taken = {job.row for job in self.prefilling}
             # the highest free row: decoding rows grow from 0 up, so a prompt row is rarely in the way
             row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
-            logprobs = request.params.prompt_logprobs
+            self.cache.ensure(row, len(tokens))
+            logprobs = request.params.prompt_logprobs if not generated else None
             first = [TokenLogprob(request.prompt_ids[0], None, [])] if logprobs is not None else None
-            self.prefilling.append(PrefillJob(request, row, first))
+            self.prefilling.append(PrefillJob(request, row, tokens, generated[-1] if generated else None, first))
 
     def _prefill_chunk(self) -> None:
         """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most
@@ -328,14 +369,14 @@ class Engine:
         """
         chunks, jobs, longest = [], [], 0
         for job in self.prefilling:
-            prompt = job.request.prompt_ids
+            prompt = job.tokens
             take = min(len(prompt) - job.done, self.prefill_chunk // (len(chunks) + 1))
             if chunks and (
                 take < len(prompt) - job.done or max(longest, take) * (len(chunks) + 1) > self.prefill_chunk
             ):
                 break
             piece = prompt[job.done : job.done + take]
-            k = job.request.params.prompt_logprobs
+            k = job.request.params.prompt_logprobs if job.prompt_logprobs is not None else None
             targets = prompt[job.done + 1 : job.done + take + 1] if k is not None else []
             chunks.append(PrefillChunk(piece, job.done, job.row, k, targets))
             jobs.append(job)
@@ -347,8 +388,13 @@ class Engine:
             job.done += len(chunk.tokens)
             if entry is not None:
                 job.prompt_logprobs += entry
-            if job.done == len(job.request.prompt_ids):
+            if job.done == len(job.tokens):
                 finished.append(i)
+        for job in [jobs[i] for i in finished if jobs[i].resume is not None]:  # preempted: carry on decoding
+            self.prefilling.remove(job)
+            self._join(job)
+            self.last_tokens.append(job.resume)
+        finished = [i for i in finished if jobs[i].resume is None]
         if not finished:
             return
         done = [jobs[i] for i in finished]
@@ -376,10 +422,10 @@ class Engine:
         if job.row != target:
             blocker = next((other for other in self.prefilling if other.row == target), None)
             if blocker is not None:
-                self.runner.swap_rows(job.row, target, job.done, blocker.done)
+                self.cache.swap_rows(job.row, target)
                 blocker.row = job.row
             else:
-                self.runner.move_row(job.row, target, job.done)
+                self.cache.move_row(job.row, target)
         self.rows.append(job.request)
         self.lengths.append(job.done)
 
@@ -392,6 +438,9 @@ class Engine:
         length limit with the token in flight.
         """
         if self.in_flight is None:
+            self._make_room()
+            if not self.rows:
+                return
             self.in_flight = self._launch(self.last_tokens)
         queued = None
         if self.overlap and self._batch_stays():
@@ -403,6 +452,9 @@ class Engine:
     def _batch_stays(self) -> bool:
         """True when every row will still be running after the step in flight, as far as the host can tell."""
         if self.waiting or self.prefilling:
+            return False
+        needed = sum(self.cache.missing(row, length + 1) for row, length in enumerate(self.lengths))
+        if needed > len(self.cache.free):
             return False
         for request, length in zip(self.rows, self.lengths, strict=True):
             generated = request.completion_tokens + 1  # with the token in flight
@@ -509,6 +561,7 @@ class Engine:
         """Free the rows of finished or cancelled requests, moving the last rows into the gaps."""
         for job in [job for job in self.prefilling if job.request.cancelled]:
             self.prefilling.remove(job)
+            self.cache.release(job.row)
             self._finish(job.request, "cancelled")
         if any(r.done or r.cancelled for r in self.rows):
             self._drain()
@@ -520,17 +573,41 @@ class Engine:
             if not request.done:
                 i += 1
                 continue
-            last = len(self.rows) - 1
-            if i != last:
-                self.runner.move_row(last, i, self.lengths[last])
-                self.rows[i], self.lengths[i], self.last_tokens[i] = (
-                    self.rows[last],
-                    self.lengths[last],
-                    self.last_tokens[last],
-                )
-            self.rows.pop()
-            self.lengths.pop()
-            self.last_tokens.pop()
+            self._remove_row(i)
+
+    def _remove_row(self, i: int) -> None:
+        """Give row i's blocks back and move the last row into it (rows stay 0..n-1)."""
+        self.cache.release(i)
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self.rows[i], self.lengths[i], self.last_tokens[i] = (
+                self.rows[last],
+                self.lengths[last],
+                self.last_tokens[last],
+            )
+        self.rows.pop()
+        self.lengths.pop()
+        self.last_tokens.pop()
+
+    def _make_room(self) -> None:
+        """Before a step (none in flight): if the rows need more new blocks than are free, preempt the youngest
+        decoding requests until they fit; each goes back to the front of the queue with its reply so far."""
+        while True:
+            needed = sum(self.cache.missing(row, length + 1) for row, length in enumerate(self.lengths))
+            if needed <= len(self.cache.free):
+                return
+            youngest = max(range(len(self.rows)), key=lambda i: self.rows[i].id)
+            request = self.rows[youngest]
+            self._remove_row(youngest)
+            with self.lock:
+                self.waiting.appendleft(request)
+            self.stats["preempted"] += 1
+            log.info(
+                "KV cache full: request %d goes back to the queue (%d tokens so far)",
+                request.id,
+                request.completion_tokens,
+            )
 
 
 def timed(events: Iterator[Event]) -> tuple[str, Event, float]:

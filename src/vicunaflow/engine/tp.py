@@ -221,20 +221,23 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
         op, args = comm.receive()
         if op == Op.SETUP:
             runner = None  # free the previous engine's cache and graphs first
-            slots, context, cuda_graphs, padded, kernels = args[:5]
+            slots, context, cuda_graphs, padded, kernels, blocks, block_size = args[:7]
             runner = Runner(
-                model, slots, context, cuda_graphs=bool(cuda_graphs), padded=bool(padded), kernels=bool(kernels)
+                model,
+                slots,
+                context,
+                cuda_graphs=bool(cuda_graphs),
+                padded=bool(padded),
+                kernels=bool(kernels),
+                blocks=blocks or None,
+                block_size=block_size,
             )
         elif op == Op.PREFILL:
             runner.remote_prefill(*args[:2])
         elif op == Op.STEP:
             runner.remote_step(*args[:2])
-        elif op == Op.MOVE:
-            runner.cache.move_row(*args[:3])
         elif op == Op.CLEAR:
             runner.cache.clear()
-        elif op == Op.SWAP:
-            runner.cache.swap_rows(*args[:4])
         elif op == Op.STOP:
             return
         else:

@@ -33,6 +33,7 @@ def serve(
     max_batch_size: int = 16,
     max_context: int | None = None,
     prefill_chunk: int | None = None,
+    kv_cache_tokens: int | None = None,
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
@@ -54,10 +55,14 @@ def serve(
             default: the comma-separated VICUNAFLOW_API_KEYS environment variable; neither: no authentication.
         model_name: the model id clients send, one per --model-path (repeat the flag); default: the directory name.
         model_options: how each model loads (vicunaflow.loading.ModelOptions: --device, --num-gpus, --load-8bit, ...).
-        max_batch_size: requests decoded together; more wait in a queue. Sets the KV cache size.
+        max_batch_size: requests decoded together; more wait in a queue.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
+        kv_cache_tokens: tokens the paged KV cache holds over all requests (blocks of 16, each request
+            taking blocks as it grows); a request waits for room when it is full. Default: --max-batch-size
+            x the context, room for every request at full length; less lets --max-batch-size go higher
+            than that memory allows (e.g. 256 requests of ~800 tokens in 200000 tokens for a 7B on one H200).
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
@@ -93,7 +98,7 @@ def serve(
     num_gpus = model_options.num_gpus
     resolved = resolve_device(model_options.device, num_gpus)
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
-    sizes |= dict(max_batch_size=max_batch_size, max_context=max_context)
+    sizes |= dict(max_batch_size=max_batch_size, max_context=max_context, kv_cache_tokens=kv_cache_tokens)
     check_fit(
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )
@@ -117,6 +122,7 @@ def serve(
                 max_context=max_context,
                 seed=seed,
                 cuda_graphs=cuda_graphs,
+                kv_cache_tokens=kv_cache_tokens,
                 **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
             )
             engines[name] = stack.enter_context(engine)

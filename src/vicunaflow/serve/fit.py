@@ -4,8 +4,8 @@ Loading a 13B for minutes only to die of an out-of-memory error on the third of 
 failure this prevents: before any weight is read, each model's bytes per rank are estimated the way
 engine/build.py lays them out (projections split over the ranks, embeddings and lm_head whole on every
 rank and always float; int8 or int4 projections, quantized at load or stored so by `vicunaflow quantize`,
-counted with their scales and zeros as vicunaflow.quant stores them) plus the KV cache the Engine allocates (max_batch_size x
-context per layer, keys and values), and the sum is compared with the free memory of the GPU(s), or
+counted with their scales and zeros as vicunaflow.quant stores them) plus the KV cache the Engine allocates
+(--kv-cache-tokens, default max_batch_size x context, per layer, keys and values), and the sum is compared with the free memory of the GPU(s), or
 with the RAM the kernel says is available on the CPU (CPU ranks all live in it).
 """
 
@@ -46,6 +46,7 @@ def estimate(
     group_size: int = quant.DEFAULT_GROUP_SIZE,
     max_batch_size: int = 16,
     max_context: int | None = None,
+    kv_cache_tokens: int | None = None,
 ) -> Estimate:
     """Bytes per rank of one model as `serve` would load it (device: "cpu" or "cuda", already resolved)."""
     config_file = Path(model_path) / "config.json"
@@ -64,7 +65,10 @@ def estimate(
     weights = weight_bytes(args, itemsize=itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
     kv = args.n_kv_heads * args.head_dim
     context = min(args.max_position_embeddings, max_context) if max_context else args.max_position_embeddings
-    kv_cache = 2 * args.n_layers * max_batch_size * (kv // num_gpus) * context * itemsize
+    tokens = max_batch_size * context  # the paged cache's default: every row at full context
+    if kv_cache_tokens is not None:
+        tokens = min(tokens, kv_cache_tokens)
+    kv_cache = 2 * args.n_layers * (kv // num_gpus) * tokens * itemsize
     return Estimate(name, weights, kv_cache)
 
 
@@ -84,8 +88,8 @@ def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, avai
     parts = ", ".join(f"{e.name} {_gib(e.weights)} weights + {_gib(e.kv_cache)} KV cache" for e in estimates)
     raise VicunaflowError(
         f"the model(s) do not fit: they need about {_gib(needed)} {where} ({parts}), "
-        f"{_gib(available)} are free; serve fewer models, lower --max-batch-size or --max-context, "
-        "add --load-8bit, --load-4bit or --num-gpus"
+        f"{_gib(available)} are free; serve fewer models, lower --kv-cache-tokens, --max-batch-size or "
+        "--max-context, add --load-8bit, --load-4bit or --num-gpus"
     )
 
 
