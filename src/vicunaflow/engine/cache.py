@@ -71,6 +71,11 @@ class KVCache:
         """Blocks row must still take to hold `length` positions."""
         return max(0, self.blocks_for(length) - self.owned[row])
 
+    def growing(self, lengths: list[int]) -> list[int]:
+        """Rows 0..n-1 holding lengths[i] tokens whose next token needs a new block (a decode step's)."""
+        owned, size = self.owned, self.block_size
+        return [row for row, length in enumerate(lengths) if length >= owned[row] * size]
+
     def ensure(self, row: int, length: int) -> None:
         """Give row the blocks for positions 0..length-1 (the scheduler has checked that enough are free)."""
         need = self.missing(row, length)

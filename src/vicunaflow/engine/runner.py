@@ -203,8 +203,8 @@ class Runner:
         Returns (logits [n, vocab] in the model's dtype, greedy tokens [n]) on the device, without waiting.
         """
         n = len(lengths)
-        for row, length in enumerate(lengths):
-            self.cache.ensure(row, length + 1)
+        for row in self.cache.growing(lengths):
+            self.cache.ensure(row, lengths[row] + 1)
         rows, kv_length = self.bucket_key(n, max(lengths) + 1)
         self.comm.command(Op.STEP, rows, kv_length)
         bucket = self._bucket(rows, kv_length)

@@ -453,8 +453,7 @@ class Engine:
         """True when every row will still be running after the step in flight, as far as the host can tell."""
         if self.waiting or self.prefilling:
             return False
-        needed = sum(self.cache.missing(row, length + 1) for row, length in enumerate(self.lengths))
-        if needed > len(self.cache.free):
+        if len(self.cache.growing(self.lengths)) > len(self.cache.free):
             return False
         for request, length in zip(self.rows, self.lengths, strict=True):
             generated = request.completion_tokens + 1  # with the token in flight
@@ -594,8 +593,7 @@ class Engine:
         """Before a step (none in flight): if the rows need more new blocks than are free, preempt the youngest
         decoding requests until they fit; each goes back to the front of the queue with its reply so far."""
         while True:
-            needed = sum(self.cache.missing(row, length + 1) for row, length in enumerate(self.lengths))
-            if needed <= len(self.cache.free):
+            if len(self.cache.growing(self.lengths)) <= len(self.cache.free):
                 return
             youngest = max(range(len(self.rows)), key=lambda i: self.rows[i].id)
             request = self.rows[youngest]
