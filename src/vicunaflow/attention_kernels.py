@@ -66,7 +66,7 @@ def paged_decode_attention(
         D_PAD=triton_next_power_of_2(D), FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query),
     )  # fmt: skip
     combine_kernel[(B, H)](
-        partial, stats, lengths, out, H=H, D=D, SPLITS=splits, SPLITS_PAD=triton_next_power_of_2(splits),
+        partial, stats, lengths, out, H=H, D=D, SPLITS=splits, SPLITS_PAD=max(2, triton_next_power_of_2(splits)),
         SPLIT_TOKENS=SPLIT_TOKENS, D_PAD=triton_next_power_of_2(D),
     )  # fmt: skip
     return out

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from vicunaflow import kernels as triton_kernels
+from vicunaflow.attention_kernels import paged_decode_attention
 from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
@@ -90,7 +91,7 @@ class Runner:
         model.matvec = kernels
         self.kernels = kernels
         self.device = model.device
-        self.attention_kernel = self.device.type == "cuda" and triton_kernels.available()
+        self.attention_kernel = self.device.type == "cuda" and triton_kernels.available() and self._kernel_runs()
         model.attention_kernel = self.attention_kernel
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = row_buckets(slots)
@@ -102,6 +103,25 @@ class Runner:
             )
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    def _kernel_runs(self) -> bool:
+        """Build the paged attention kernel for this cache's shapes now; if it cannot build here, say so and
+        gather blocks for SDPA instead. (Ranks may differ: attention involves no collective.)"""
+        cache, heads = self.cache, self.model.heads
+        query = torch.zeros(1, heads, cache.keys[0].shape[-1], dtype=self.model.dtype, device=self.device)
+        tables = torch.zeros(1, cache.width, dtype=torch.long, device=self.device)
+        try:
+            paged_decode_attention(
+                query, cache.keys[0], cache.values[0], tables, torch.ones(1, dtype=torch.long, device=self.device)
+            )
+        except Exception as err:
+            log.warning(
+                "paged attention kernel unavailable (%s: %s); decode attention gathers blocks for SDPA",
+                type(err).__name__,
+                err,
+            )
+            return False
+        return True
 
     # -- prefill ----------------------------------------------------------------------------------------
 
