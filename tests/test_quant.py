@@ -170,7 +170,7 @@ def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype):
 @pytest.mark.parametrize(
     ("bits", "m", "n", "k", "group_size", "residual"),
     [(8, 3, 37, 200, None, True), (8, 16, 64, 256, None, False), (4, 5, 40, 256, 128, True),
-     (4, 2, 33, 200, 32, False), (4, 17, 32, 96, 16, True)],
+     (4, 2, 33, 200, 32, False), (4, 17, 32, 96, 32, True)],
 )  # fmt: skip
 def test_qmatmul_matches_float64_reference(bits, m, n, k, group_size, residual):
     """Batched decode steps: M rows on tensor cores, codes decoded a tile at a time (masked edges, a short
@@ -189,10 +189,11 @@ def test_qmatmul_matches_float64_reference(bits, m, n, k, group_size, residual):
 
 
 def test_qmatmul_refuses_what_it_cannot_take():
-    qw = quant.quantize(weight(8, 96), bits=4, group_size=48).to(DEVICE)
-    assert not quant_kernels.matmul_fits(qw)
-    with pytest.raises(ValueError, match="group size 48 is not a power of two"):
-        quant_kernels.qmatmul(torch.zeros(2, 96, device=DEVICE, dtype=torch.float16), qw)
+    for group_size in (48, 16):
+        qw = quant.quantize(weight(8, 96), bits=4, group_size=group_size).to(DEVICE)
+        assert not quant_kernels.matmul_fits(qw)
+        with pytest.raises(ValueError, match=f"group size {group_size} is not a power of two >= 32"):
+            quant_kernels.qmatmul(torch.zeros(2, 96, device=DEVICE, dtype=torch.float16), qw)
     with pytest.raises(ValueError, match="does not fit"):
         quant_kernels.qmatmul(torch.zeros(65, 96, device=DEVICE, dtype=torch.float16), qw)
 
