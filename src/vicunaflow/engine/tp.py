@@ -273,17 +273,32 @@ def _worker_main(rank: int, world: int, port: int, spec: LoadSpec) -> None:
     store.set(f"ready/{rank}", "ok")
     serve_rank(model, comm)
     leave_group()
+    os._exit(0)  # a spawned rank has nothing to flush; interpreter teardown could block on the group again
 
 
-def leave_group() -> None:
-    """Leave the process group at the end. With NCCL, abort it: destroy_process_group waited forever on
-    rank 0 of a float16 engine on two H200s (collectives captured in CUDA graphs that are still alive),
-    and once STOP has been sent no collective is in flight. gloo (CPU) is destroyed as usual."""
-    with contextlib.suppress(Exception):
-        if "nccl" in str(dist.get_backend()):
-            dist.distributed_c10d._abort_process_group()
-        else:
-            dist.destroy_process_group()
+def leave_group(wait: float = 20.0) -> bool:
+    """Leave the process group at the end, waiting at most `wait` seconds; False if it did not finish.
+
+    With NCCL the group is aborted (nothing is in flight once STOP has been sent), gloo is destroyed.
+    On two H200s both destroy_process_group and NCCL's abort once blocked rank 0 forever after a float16
+    engine (cause not found); a close that never returns would hang chat's exit, so the wait is bounded
+    and a group left behind is reported (a later model in the same process is then refused by start()).
+    """
+
+    def leave() -> None:
+        with contextlib.suppress(Exception):
+            if "nccl" in str(dist.get_backend()):
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
+
+    thread = threading.Thread(target=leave, daemon=True, name="leave-process-group")
+    thread.start()
+    thread.join(wait)
+    if thread.is_alive():
+        log.warning("tensor parallelism: the process group did not close in %.0f s; left to process exit", wait)
+        return False
+    return True
 
 
 def _wait_for(store, workers: list, stage: str) -> None:
