@@ -138,6 +138,12 @@ class Engine:
     produced the logits (a log_softmax and top-k over [rows, vocab], only in steps where a row asks), and read
     with the step's tokens: the overlap and CUDA graphs stay. Prompt log-probabilities
     (`prompt_logprobs`) make that request's prefill compute every position's logits.
+
+    prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps (module
+    docstring). kv_cache_tokens: tokens the paged KV cache holds over all rows (default: every row at
+    full context); requests wait, or are preempted and resumed, when its blocks run out. warm_up
+    (default: on CUDA): run every decode bucket and prefill length class before serving, so no request
+    waits for a graph capture or a Triton autotune; the log says how long it took (docs/engine.md).
     """
 
     def __init__(
