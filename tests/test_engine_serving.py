@@ -217,6 +217,14 @@ def test_block_bookkeeping():
     assert sorted(cache.free) == list(range(1, 7)) and not cache.tables.any()
 
 
+def test_a_cache_smaller_than_one_request_is_refused(loaded):
+    from vicunaflow import VicunaflowError
+
+    model, tokenizer = loaded
+    with pytest.raises(VicunaflowError, match="--kv-cache-tokens 300 cannot hold one request of the context's 512"):
+        Engine(model, tokenizer, max_context=512, kv_cache_tokens=300)
+
+
 def test_paged_cache_reads_what_it_wrote():
     """Keys written at scattered positions through block tables come back in order from read()."""
     from vicunaflow.engine.cache import KVCache

@@ -175,8 +175,13 @@ class Engine:
         padded_decode = cuda_graphs if padded_decode is None else padded_decode
         supports_kernels = cuda and model.dtype in (torch.float16, torch.bfloat16) and kernels.available()
         decode_kernels = supports_kernels if decode_kernels is None else decode_kernels and supports_kernels
-        full = max_batch_size * -(-self.context // BLOCK_SIZE)  # every row at full context: more is never used
-        blocks = None if kv_cache_tokens is None else min(full, -(-kv_cache_tokens // BLOCK_SIZE))
+        width = -(-self.context // BLOCK_SIZE)  # blocks of one full-context row
+        blocks = None if kv_cache_tokens is None else min(max_batch_size * width, -(-kv_cache_tokens // BLOCK_SIZE))
+        if blocks is not None and blocks < width:  # before any rank allocates anything
+            raise VicunaflowError(
+                f"--kv-cache-tokens {kv_cache_tokens} cannot hold one request of the context's {self.context} "
+                f"tokens; give at least {width * BLOCK_SIZE}"
+            )
         self.runner = Runner(
             model,
             max_batch_size,
