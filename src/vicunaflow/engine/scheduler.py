@@ -345,6 +345,20 @@ class Engine:
         for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
             self._finish(request, "cancelled")
 
+    def _admissible(self) -> bool:
+        """Whether `_take_waiting` would take the first waiting request now."""
+        with self.lock:
+            if not self.waiting or len(self.rows) + len(self.prefilling) >= self.max_batch_size:
+                return False
+            request = self.waiting[0]
+            return request.cancelled or self._fits(request)
+
+    def _fits(self, request: Request) -> bool:
+        """The blocks for the request's prompt (and reply so far), plus a block of headroom per running row, are free."""
+        headroom = len(self.rows) + len(self.prefilling)  # a block for each running row to grow into
+        tokens = len(request.prompt_ids) + max(0, request.completion_tokens - 1)
+        return not headroom or self.cache.blocks_for(tokens) + headroom <= len(self.cache.free)
+
     def _take_waiting(self) -> None:
         """Move waiting requests to prefill, oldest first, while a row and the blocks for the whole prompt
         are free; each gets its row and blocks now. A request that does not fit waits, and so do the
@@ -355,12 +369,11 @@ class Engine:
                 self.waiting.popleft()
                 self._finish(request, "cancelled")
                 continue
-            generated = request.decoder.ids  # a preempted request resumes: its reply so far is re-read too
-            tokens = request.prompt_ids + generated[:-1]
-            headroom = len(self.rows) + len(self.prefilling)  # a block for each running row to grow into
-            if headroom and self.cache.blocks_for(len(tokens)) + headroom > len(self.cache.free):
+            if not self._fits(request):
                 break
             self.waiting.popleft()
+            generated = request.decoder.ids  # a preempted request resumes: its reply so far is re-read too
+            tokens = request.prompt_ids + generated[:-1]
             taken = {job.row for job in self.prefilling}
             # the highest free row: decoding rows grow from 0 up, so a prompt row is rarely in the way
             row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
@@ -461,8 +474,9 @@ class Engine:
         self.in_flight = queued
 
     def _batch_stays(self) -> bool:
-        """True when every row will still be running after the step in flight, as far as the host can tell."""
-        if self.waiting or self.prefilling:
+        """True when every row will still be running after the step in flight, as far as the host can tell,
+        and no waiting request could join now (one that waits for blocks leaves the overlap on)."""
+        if self.prefilling or self._admissible():
             return False
         if len(self.cache.growing(self.lengths)) > len(self.cache.free):
             return False
