@@ -77,11 +77,15 @@ def serve(
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
-        "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s",
-        model_path, host, port, len(keys), model_options, max_batch_size, max_context,
+        "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s kv_cache_tokens=%s "
+        "prefill_chunk=%s",
+        model_path, host, port, len(keys), model_options, max_batch_size, max_context, kv_cache_tokens,
+        prefill_chunk,
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    if kv_cache_tokens is not None and kv_cache_tokens < 1:
+        raise VicunaflowError(f"--kv-cache-tokens {kv_cache_tokens}: must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise VicunaflowError(f"--prefill-chunk {prefill_chunk}: must be at least 1")
     count = len(model_path) if isinstance(model_path, list) else 1
