@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring as json_string  # C: a str as a JSON string, no encoder object
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -117,6 +121,7 @@ def create_app(
             top_p=1.0 if body.top_p is None else body.top_p,
             max_new_tokens=max_new,
             stop=stop,
+            ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
@@ -376,19 +381,79 @@ def _turns(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, str | None
     return system, [*turns, (template.ASSISTANT, None)]
 
 
+class _Inbox:
+    """One request's events on the event loop side; `take()` returns every event that has arrived."""
+
+    __slots__ = ("events", "waiter")
+
+    def __init__(self):
+        self.events: list[Event] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, event: Event) -> None:
+        self.events.append(event)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[Event]:
+        while not self.events:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        events, self.events = self.events, []
+        return events
+
+
+class _Relay:
+    """Engine thread -> event loop with one wake-up per burst of events, not one per event.
+
+    A decode step emits one event per running request; handing each over with call_soon_threadsafe
+    costs a write to the loop's wake-up pipe and a loop iteration apiece (at 256 streams, 256 of each
+    per step, mostly while holding the GIL the engine needs). Here the engine thread appends to a list
+    and only the first event of a burst schedules `_deliver`, which hands the whole burst out at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[_Inbox, Event]] = []
+        self.scheduled = False
+
+    def post(self, inbox: _Inbox, event: Event) -> None:
+        """Engine thread. Raises RuntimeError when the loop is closed."""
+        with self.lock:
+            self.pending.append((inbox, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            burst, self.pending, self.scheduled = self.pending, [], False
+        for inbox, event in burst:
+            inbox.put(event)
+
+
+_relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = weakref.WeakKeyDictionary()
+
+
 def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):
-    """Submit to the engine; its events arrive in an asyncio.Queue of this event loop."""
+    """Submit to the engine; its events arrive in an _Inbox on this event loop."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    relay = _relays.get(loop) or _relays.setdefault(loop, _Relay(loop))
+    inbox = _Inbox()
 
     def sink(event: Event) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            relay.post(inbox, event)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
             request.cancel()
 
     request = engine.submit(prompt_ids, params, sink)
-    return request, queue
+    return request, inbox
 
 
 async def _complete_all(http_request: Request, jobs: list) -> list[tuple[str, Event]]:
@@ -417,11 +482,9 @@ async def _disconnect(http_request: Request) -> None:
 
 async def _complete(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Event]:
     """Wait for a whole reply; cancelling this coroutine cancels the engine's request."""
-    request, queue = _submit(engine, prompt_ids, params)
     text, logprobs, prompt_logprobs = "", [], None
-    try:
-        while True:
-            event = await queue.get()
+    async for events in _event_batches(engine, prompt_ids, params):
+        for event in events:
             text += event.text
             logprobs += event.logprobs or []
             prompt_logprobs = prompt_logprobs or event.prompt_logprobs
@@ -430,19 +493,18 @@ async def _complete(engine: Engine, prompt_ids: list[int], params: SamplingParam
             if event.finish_reason is not None:  # the last event carries the whole reply's logprobs
                 event.logprobs, event.prompt_logprobs = logprobs, prompt_logprobs
                 return text, event
-    finally:
-        if not request.done:
-            log.info("request %d cancelled after %d tokens: its slot is freed", request.id, request.completion_tokens)
-        request.cancel()  # no-op when finished; frees the slot otherwise
+    raise AssertionError("the engine ended a request without its last event")
 
 
-async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Event]:
-    request, queue = _submit(engine, prompt_ids, params)
+async def _event_batches(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[list[Event]]:
+    """The request's events as they arrive, every event waiting at once (the last batch ends with the
+    finishing event): a stream that fell behind catches up in one write, not one per token."""
+    request, inbox = _submit(engine, prompt_ids, params)
     try:
         while True:
-            event = await queue.get()
-            yield event
-            if event.finish_reason is not None:
+            events = await inbox.take()
+            yield events
+            if events[-1].finish_reason is not None:
                 return
     finally:
         # Runs when the reply ends and also when the client disconnects (Starlette cancels the stream).
@@ -451,54 +513,59 @@ async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams)
         request.cancel()
 
 
+def _chunk_template(fields: dict, choice: dict, hole: str) -> tuple[str, str]:
+    """The SSE text of a chunk split around the JSON string at `choice[hole]`: rendered once per
+    stream, so a plain token's chunk is two concatenations and one json.dumps of its text."""
+    marker = "\x00hole\x00"
+    whole = sse_event({**fields, "choices": [{**choice, hole: marker}]})
+    before, after = whole.split(json.dumps(marker))
+    return before, after
+
+
 async def _stream_chat(
     engine, prompt_ids, params, reply_id, model_name, include_usage, done=None, k: int | None = None
 ) -> AsyncIterator[str]:
     """done(text): the whole reply, called before its last chunk; done(None) when it failed or was stopped."""
     created = int(time.time())
     pieces, ended = [], False
-    texts = TokenTexts(engine.tokenizer, prompt=False)
+    texts = TokenTexts(engine.tokenizer, prompt=False) if k is not None else None
+    fields = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_name}
+    # a token's chunk with no logprobs and no finish: the common case, from a template
+    plain_before, plain_after = _chunk_template(
+        fields, {"index": 0, "delta": {"content": ""}, "logprobs": None, "finish_reason": None}, "delta"
+    )
+    plain_before += '{"content": '
+    plain_after = "}" + plain_after
 
     def chunk(delta: dict, finish_reason: str | None = None, event: Event | None = None) -> str:
         logprobs = None
         if k is not None and event is not None:  # the tokens sampled since the previous chunk
             logprobs = chat_logprobs(texts.add(event.logprobs or []), k)
+        elif finish_reason is None and len(delta) == 1 and "content" in delta:
+            return plain_before + json_string(delta["content"]) + plain_after
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return sse_event(
-            {
-                "id": reply_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [choice],
-            }
-        )
+        return sse_event({**fields, "choices": [choice]})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in _events(engine, prompt_ids, params):
-            if event.text:
-                pieces.append(event.text)
-                yield chunk({"content": event.text}, event=event)
-            if event.finish_reason == "error":
-                yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
-            elif event.finish_reason is not None:
-                if done is not None and event.finish_reason in ("stop", "length"):
-                    ended = True
-                    done("".join(pieces))  # every piece has been sent: what the client has is what is kept
-                yield chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event)
-                if include_usage:
-                    usage = _usage(event.prompt_tokens, event.completion_tokens)
-                    yield sse_event(
-                        {
-                            "id": reply_id,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
+        async for events in _event_batches(engine, prompt_ids, params):
+            out = []
+            for event in events:
+                if event.text:
+                    pieces.append(event.text)
+                    out.append(chunk({"content": event.text}, event=event))
+                if event.finish_reason == "error":
+                    out.append(APIError(500, f"generation failed: {event.error}", type="server_error").sse())
+                elif event.finish_reason is not None:
+                    if done is not None and event.finish_reason in ("stop", "length"):
+                        ended = True
+                        done("".join(pieces))  # every piece will have been sent: what the client has is what is kept
+                    out.append(chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event))
+                    if include_usage:
+                        usage = _usage(event.prompt_tokens, event.completion_tokens)
+                        out.append(sse_event({**fields, "choices": [], "usage": usage}))
+            if out:
+                yield "".join(out)
         yield sse_event("[DONE]")
     finally:  # also when the client went away (Starlette closes the stream)
         if done is not None and not ended:
@@ -511,33 +578,38 @@ async def _stream_completion(
     """With echo, the first chunk is the prompt (with its logprobs); each chunk's logprobs are its tokens'."""
     created = int(time.time())
     texts, first = None, True
-    async for event in _events(engine, prompt_ids, params):
-        if event.finish_reason == "error":
-            yield APIError(500, f"generation failed: {event.error}", type="server_error").sse()
-            break
-        finish = FINISH_REASON[event.finish_reason] if event.finish_reason else None
-        pieces = []  # (text, logprobs, finish_reason) of the chunks this event makes
-        if first:
-            first, prompt = False, TokenTexts(engine.tokenizer, prompt=True)
-            rows = prompt.add(event.prompt_logprobs or prompt_entries(prompt_ids)) if echo else []
-            echoed = prompt.finish()
-            if echo:
-                pieces.append((echoed, completion_logprobs(rows, k) if k is not None else None, None))
-            texts = TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed))
-        if event.text or finish:
-            logprobs = completion_logprobs(texts.add(event.logprobs or []), k) if k is not None else None
-            pieces.append((event.text, logprobs, finish))
-        for text, logprobs, finish_reason in pieces:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-            yield sse_event(
-                {
-                    "id": reply_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [choice],
-                }
-            )
+    fields = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
+    plain_before, plain_after = _chunk_template(
+        fields, {"index": 0, "text": "", "logprobs": None, "finish_reason": None}, "text"
+    )
+
+    def render(text: str, logprobs: dict | None, finish_reason: str | None) -> str:
+        if logprobs is None and finish_reason is None:
+            return plain_before + json_string(text) + plain_after
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse_event({**fields, "choices": [choice]})
+
+    async for events in _event_batches(engine, prompt_ids, params):
+        out = []
+        for event in events:
+            if event.finish_reason == "error":
+                out.append(APIError(500, f"generation failed: {event.error}", type="server_error").sse())
+                break
+            finish = FINISH_REASON[event.finish_reason] if event.finish_reason else None
+            if first:
+                first, echoed = False, ""
+                if echo or k is not None:  # decoding the prompt costs: only when the reply needs it
+                    prompt = TokenTexts(engine.tokenizer, prompt=True)
+                    rows = prompt.add(event.prompt_logprobs or prompt_entries(prompt_ids)) if echo else []
+                    echoed = prompt.finish()
+                    if echo:
+                        out.append(render(echoed, completion_logprobs(rows, k) if k is not None else None, None))
+                    texts = TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed))
+            if event.text or finish:
+                logprobs = completion_logprobs(texts.add(event.logprobs or []), k) if k is not None else None
+                out.append(render(event.text, logprobs, finish))
+        if out:
+            yield "".join(out)
     yield sse_event("[DONE]")
 
 

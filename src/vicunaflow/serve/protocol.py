@@ -34,6 +34,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,0 +1,793 @@
+"""Serving under load (issue 16): `vicunaflow serve` driven through its OpenAI HTTP API as users touch it.
+
+The server runs as a subprocess on 127.0.0.1; every request is a streamed `/v1/completions` call (SSE)
+with a token-id prompt (so a "128-token prompt" is exactly 128 tokens), greedy, with `ignore_eos: true`
+(vLLM's extra parameter, which our API now takes too) so every reply is exactly `max_tokens` long.
+Times are taken on the client, when the bytes of an event arrive: what a user sees.
+
+    startup       Popen -> /health answers (weights load, warm-up), seconds
+    first         (b) the first request after startup, then 20 single-user requests with prompt lengths
+                  never seen before, then 20 at the 128-token length again: time to first token p50/p99
+    aggregate     (a) C streams at once (C = 1 8 32 64 256), 128-token prompts, 256-token replies:
+                  C x 256 / wall seconds, time to first token and inter-token gap p50/p99 over all streams
+    join          (c) 31 streams running, then a ~1500-token prompt joins: the worst inter-token gap among
+                  the 31 while it prefills (between its send and its first token), against their gap before
+    events        (d) how many SSE events a second the HTTP side alone can push: the real app
+                  (create_app + uvicorn, as `serve` runs it) over a stub engine that emits one token per
+                  stream per step with no model behind it, so what limits the rate is the HTTP/SSE path
+                  (and the client, whose CPU is reported); plus the server's event-loop CPU per event
+
+For every scenario the server's CPU is sampled from /proc: its main thread (uvicorn's event loop: all
+HTTP/SSE work) and the whole process, so "event-loop µs per event" is the HTTP side's own cost and
+1e6 / that is what it could push with a core to itself (on CPython it also shares the GIL with the
+engine thread). Client streams are spread over `--client-procs` processes (each its own event loop and
+connection pool: httpx.AsyncClient with a connection per stream); each process's CPU use is reported,
+and a run where a client process was over 70% busy is flagged (the client may then be the bottleneck).
+
+Models: `--size 7b|13b` writes a random LLaMA of that shape (float16, seed 0, the synthetic 32000-piece
+tokenizer of bench_chat.py) once to `--scratch` as a Hugging Face folder and serves it; `--tiny` builds
+the project's tiny Vicuna the way tests/conftest.py does (synth -> convert -> delta -> apply-delta) and
+scales the scenarios down for a CPU smoke run.
+
+    python bench/bench_serve.py --size 7b --scratch /tmp/vf-7b                # one H200: -> results/serve_7b.json
+    python bench/bench_serve.py --size 13b --scratch /tmp/vf-13b
+    python bench/bench_serve.py --tiny                                       # CPU: every scenario, scaled down
+    python bench/bench_serve.py --tiny --only events aggregate --concurrency 64 256
+
+References: issue 16's "today" column is our own previous server on one H200 (7B float16); it is put
+next to each number. transformers has no server and FastChat's serves one request at a time per
+worker, so there is no other server to run side by side here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+SCENARIOS = ("first", "aggregate", "join", "events")
+# issue 16's "today": our previous server, one H200, 7B float16, streamed through the OpenAI API
+REFERENCE_7B = {
+    "aggregate_tokens_per_s": {"8": 866, "32": 3622, "64": 5326, "256": None},
+    "first_request_total_s": 5.6,
+    "first_request_ttft_s": 0.680,
+    "ttft_repeated_length_s": 0.045,
+    "ttft_new_length_s": "0.09 - 1.2 more than a repeated length",
+    "gap_32_p50_ms": 6.9,
+    "gap_32_p99_ms": 129,
+    "ttft_32_p50_s": 1.6,
+    "join_worst_gap_ms": 239,
+}
+GOALS_7B = {
+    "aggregate_tokens_per_s": {"8": 1700, "32": 5500, "64": 9000, "256": 12000},
+    "ttft_128_p99_ms": 30,
+    "gap_32_p99": "<= 2 x p50",
+    "join_worst_gap_ms": 40,
+}
+CLIENT_BUSY = 0.7  # a client process busier than this may be what limits the rate
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+
+def write_random_model(folder: Path, size: str, context: int) -> float:
+    """A Hugging Face LLaMA folder of a real size with random float16 weights (norms: ones) and
+    bench_chat's synthetic tokenizer, written once: seconds spent (0 when it was already there)."""
+    if (folder / "model.safetensors.index.json").exists():
+        return 0.0
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from bench_chat import make_args, make_tokenizer
+
+    from vicunaflow.checkpoint import ShardedSafetensorsWriter, TensorInfo
+    from vicunaflow.engine.build import hf_shapes
+
+    start = time.perf_counter()
+    args = make_args(size, context)
+    shapes = hf_shapes(args)
+    staging = folder.with_name(folder.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    plan = [(name, TensorInfo(shape, torch.float16)) for name, shape in shapes.items()]
+    with ShardedSafetensorsWriter(staging, plan) as writer:
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                tensor = torch.ones(shape, dtype=torch.float16)
+            else:
+                tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.float16).mul_(0.02).cpu()
+            writer.write(name, tensor)
+        writer.close()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_position_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float16",
+        "tie_word_embeddings": False,
+    }
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    make_tokenizer(args.vocab_size).save_pretrained(staging)
+    staging.rename(folder)
+    del tensor, generator
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the server's fit check counts the GPU's free memory
+    seconds = time.perf_counter() - start
+    print(f"wrote random {size} to {folder} in {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def make_tiny_vicuna(scratch: Path) -> Path:
+    """The project's tiny Vicuna, made as tests/conftest.py makes it (once per scratch folder)."""
+    from vicunaflow.convert import convert
+    from vicunaflow.delta import apply_delta
+    from vicunaflow.synth import synth_delta, synth_llama
+
+    target = scratch / "vicuna-tiny-all-v1.1"
+    if (target / "config.json").exists():
+        return target
+    raw = synth_llama(folder=scratch / "pyllama_data", model_size="tiny")
+    base = convert(input_dir=raw, output_dir=scratch / "llama-tiny-hf")
+    delta = synth_delta(base=base, output_dir=scratch / "vicuna-tiny-delta-v1.1")
+    return apply_delta(base=base, delta=delta, target=target)
+
+
+# -- the server --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess (`vicunaflow serve`, or this script's stub) on 127.0.0.1, its log in a file."""
+
+    def __init__(self, command: list[str], port: int, log_path: Path, timeout: float):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log_path.open("wb")
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT)
+        deadline = started + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited ({self.process.returncode}); its log:\n{self.log_tail()}")
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise RuntimeError(f"no /health after {timeout:.0f} s; the log:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.05)
+        self.startup_s = time.perf_counter() - started
+
+    def log_tail(self, lines: int = 40) -> str:
+        self.log_file.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=30).json()
+
+    def cpu_ticks(self) -> tuple[int, int]:
+        """(main thread, whole process) CPU ticks: uvicorn's event loop runs on the main thread."""
+        main = total = 0
+        task_dir = Path(f"/proc/{self.process.pid}/task")
+        for task in task_dir.iterdir():
+            with contextlib.suppress(OSError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks = int(fields[11]) + int(fields[12])  # utime + stime
+                total += ticks
+                if task.name == str(self.process.pid):
+                    main = ticks
+        return main, total
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+class CpuWindow:
+    """The server's CPU seconds (event loop, whole process) between enter and exit."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuWindow:
+        self.start, self.started = self.server.cpu_ticks(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self.server.cpu_ticks()
+        self.wall_s = time.perf_counter() - self.started
+        self.loop_s = (end[0] - self.start[0]) / self.tick
+        self.process_s = (end[1] - self.start[1]) / self.tick
+
+    def report(self, events: int) -> dict:
+        per_event = self.loop_s / events * 1e6 if events else None
+        return {
+            "server_loop_cpu_s": round(self.loop_s, 2),
+            "server_loop_busy": round(self.loop_s / self.wall_s, 3),
+            "server_process_cpu_s": round(self.process_s, 2),
+            "loop_us_per_event": round(per_event, 1) if per_event else None,
+            "loop_events_per_cpu_s": round(1e6 / per_event) if per_event else None,
+            "process_us_per_event": round(self.process_s / events * 1e6, 1) if events else None,
+        }
+
+
+# -- the client --------------------------------------------------------------------------------------------
+
+
+async def stream_completion(
+    client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int, on_token=None
+) -> dict:
+    """One streamed completion: when it was sent, when each piece of text arrived, how it finished."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    record = {"sent": time.perf_counter(), "times": [], "finish": None, "error": None, "chars": 0}
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                record["error"] = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return record
+            pending = b""
+            async for chunk in response.aiter_raw():
+                now = time.perf_counter()
+                pending += chunk
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
+                    data = event.removeprefix(b"data: ")
+                    if data == b"[DONE]":
+                        continue
+                    message = json.loads(data)
+                    if "error" in message:
+                        record["error"] = message["error"]["message"]
+                        continue
+                    choice = message["choices"][0]
+                    if choice["text"]:
+                        record["times"].append(now)
+                        record["chars"] += len(choice["text"])
+                        if on_token is not None:
+                            on_token()
+                    record["finish"] = choice["finish_reason"] or record["finish"]
+    except httpx.HTTPError as err:
+        record["error"] = f"{type(err).__name__}: {err}"
+    return record
+
+
+def new_client(streams: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0))
+
+
+async def _run_jobs(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> list[dict]:
+    async with new_client(len(jobs)) as client:
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        return await asyncio.gather(*(stream_completion(client, url, model, p, n) for p, n in jobs))
+
+
+def run_jobs_in_process(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> dict:
+    """A client process's share of a scenario (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    records = asyncio.run(_run_jobs(url, model, jobs, start_at))
+    return {"records": records, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+
+
+class Clients:
+    """Client processes that run streams together, each with its own event loop and connection pool."""
+
+    def __init__(self, processes: int):
+        import multiprocessing
+
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        list(self.pool.map(time.sleep, [0.01] * processes))  # start them now, not inside a measurement
+
+    def run(self, url: str, model: str, jobs: list[tuple[list[int], int]]) -> tuple[list[dict], dict]:
+        count = max(1, min(self.processes, math.ceil(len(jobs) / 8)))
+        shares = [jobs[i::count] for i in range(count)]
+        start_at = time.perf_counter() + 0.3
+        futures = [self.pool.submit(run_jobs_in_process, url, model, share, start_at) for share in shares]
+        results = [f.result() for f in futures]
+        records = [r for result in results for r in result["records"]]
+        busy = [result["cpu_s"] / max(result["wall_s"] - 0.3, 1e-9) for result in results]
+        client = {"client_processes": count, "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2)}
+        client["client_busiest"] = round(max(busy), 3)
+        client["client_may_limit"] = max(busy) > CLIENT_BUSY
+        return records, client
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the two nearest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def summarize(records: list[dict], reply_tokens: int) -> dict:
+    """Tokens, events, time to first token and inter-token gaps over all streams of a scenario."""
+    finished = [r for r in records if r["finish"] == "length" and not r["error"]]
+    ttft = [r["times"][0] - r["sent"] for r in records if r["times"]]
+    gaps = [b - a for r in records for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    first_sent = min(r["sent"] for r in records)
+    last = max((r["times"][-1] for r in records if r["times"]), default=first_sent)
+    wall = last - first_sent
+    tokens = reply_tokens * len(finished)
+    return {
+        "streams": len(records),
+        "finished": len(finished),
+        "errors": sorted({str(r["error"]) for r in records if r["error"]})[:3],
+        "tokens": tokens,
+        "events": sum(len(r["times"]) for r in records),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "ttft_p50_ms": ms(percentile(ttft, 50)),
+        "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "gap_p50_ms": ms(percentile(gaps, 50)),
+        "gap_p99_ms": ms(percentile(gaps, 99)),
+        "gap_max_ms": ms(max(gaps, default=None)),
+    }
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    """BOS and random ordinary pieces (ids past the byte pieces), exactly `length` tokens."""
+    return [1] + [rng.randrange(300, vocab) for _ in range(length - 1)]
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------
+
+
+def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
+    """(b) The first request after startup, new prompt lengths, then the 128-token length again."""
+    rng = random.Random(1)
+    reply = args.first_reply_tokens
+
+    async def one(prompt: list[int]) -> dict:
+        async with new_client(1) as client:
+            return await stream_completion(client, server.url, model, prompt, reply)
+
+    def ttft(record: dict) -> float | None:
+        return record["times"][0] - record["sent"] if record["times"] else None
+
+    first = asyncio.run(one(random_prompt(rng, args.prompt_tokens, vocab)))
+    longest = min(args.context - reply - 1, 1024)
+    lengths = rng.sample([n for n in range(16, longest) if n != args.prompt_tokens], args.new_lengths)
+    new = [(n, ttft(asyncio.run(one(random_prompt(rng, n, vocab))))) for n in lengths]
+    repeated = [ttft(asyncio.run(one(random_prompt(rng, args.prompt_tokens, vocab)))) for _ in range(args.new_lengths)]
+    new_times = [t for _, t in new if t is not None]
+    repeated_times = [t for t in repeated if t is not None]
+    return {
+        "first_request_ttft_ms": ms(ttft(first)),
+        "first_request_total_ms": ms(first["times"][-1] - first["sent"]) if first["times"] else None,
+        "first_request_error": first["error"],
+        "new_lengths": [n for n, _ in new],
+        "new_length_ttft_ms": [ms(t) for _, t in new],
+        "new_length_ttft_p50_ms": ms(percentile(new_times, 50)),
+        "new_length_ttft_p99_ms": ms(percentile(new_times, 99)),
+        "repeated_128_ttft_p50_ms": ms(percentile(repeated_times, 50)),
+        "repeated_128_ttft_p99_ms": ms(percentile(repeated_times, 99)),
+        "all_after_startup_ttft_p99_ms": ms(percentile([ttft(first) or 0.0, *new_times, *repeated_times], 99)),
+    }
+
+
+def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab: int) -> list[dict]:
+    """(a) C streams at once, fixed prompt and reply lengths."""
+    rows = []
+    for concurrency in args.concurrency:
+        rng = random.Random(concurrency)
+        jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
+        before = server.health().get("engine", {})
+        with CpuWindow(server) as cpu:
+            records, client = clients.run(server.url, model, jobs)
+        after = server.health().get("engine", {})
+        row = {"concurrency": concurrency, **summarize(records, args.reply_tokens), **client}
+        row |= cpu.report(row["events"])
+        steps = after.get("steps", 0) - before.get("steps", 0)
+        decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
+        row["engine_steps"], row["engine_mean_batch"] = steps, round(decoded / steps, 1) if steps else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
+    """(c) A long prompt joins running streams: the worst gap among them while it prefills."""
+    rng = random.Random(3)
+    running, warm_tokens = args.join_streams, 16
+    prompts = [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(running)]
+    long_prompt = random_prompt(rng, args.join_prompt_tokens, vocab)
+
+    async def run() -> tuple[list[dict], dict]:
+        counts = [0] * running
+        all_warm = asyncio.Event()
+
+        def counter(i: int):
+            def on_token():
+                counts[i] += 1
+                if min(counts) >= warm_tokens:
+                    all_warm.set()
+
+            return on_token
+
+        async with new_client(running + 1) as client:
+            streams = [
+                asyncio.ensure_future(
+                    stream_completion(client, server.url, model, p, args.join_reply_tokens, on_token=counter(i))
+                )
+                for i, p in enumerate(prompts)
+            ]
+            warm = asyncio.ensure_future(all_warm.wait())
+            await asyncio.wait([warm, *streams], return_when=asyncio.FIRST_COMPLETED)
+            if all_warm.is_set():
+                joining = await stream_completion(client, server.url, model, long_prompt, 16)
+            else:  # a stream ended (failed) before all were streaming: nothing to join
+                warm.cancel()
+                joining = {"sent": time.perf_counter(), "times": [], "error": "a running stream ended early"}
+            return list(await asyncio.gather(*streams)), joining
+
+    records, joining = asyncio.run(run())
+    sent = joining["sent"]
+    first = joining["times"][0] if joining["times"] else math.inf
+    during, before = [], []
+    for r in records:
+        for a, b in zip(r["times"], r["times"][1:], strict=False):
+            if b > sent and a < first:  # this gap overlaps the long prompt's wait for its first token
+                during.append(b - a)
+            elif b <= sent:
+                before.append(b - a)
+    return {
+        "running_streams": running,
+        "join_prompt_tokens": args.join_prompt_tokens,
+        "join_ttft_ms": ms(first - sent) if joining["times"] else None,
+        "join_error": joining["error"],
+        "worst_gap_during_join_ms": ms(max(during, default=None)),
+        "gaps_during_join": len(during),
+        "gap_before_p50_ms": ms(percentile(before, 50)),
+        "gap_before_p99_ms": ms(percentile(before, 99)),
+        "running_finished": sum(r["finish"] == "length" for r in records),
+    }
+
+
+def scenario_events(clients: Clients, args, scratch: Path) -> list[dict]:
+    """(d) The HTTP side alone: the real app over a stub engine (no model), many streams, paced as a GPU
+    engine steps (one event per stream per step: nothing to coalesce) and flooding (a step every ms)."""
+    return [events_run(clients, args, scratch, step_ms) for step_ms in args.events_step_ms]
+
+
+def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
+    port = free_port()
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--stub-server",
+        str(port),
+        "--stub-step-ms",
+        str(step_ms),
+    ]
+    server = Server(command, port, scratch / "stub-server.log", timeout=120)
+    try:
+        rng = random.Random(4)
+        jobs = [(random_prompt(rng, 8, 32000), args.events_reply_tokens) for _ in range(args.events_streams)]
+        with CpuWindow(server) as cpu:
+            records, client = clients.run(server.url, "stub", jobs)
+        row = summarize(records, args.events_reply_tokens)
+        row = {
+            "stub_step_ms": step_ms,
+            "offered_events_per_s": round(args.events_streams * 1000 / step_ms) if step_ms else None,
+            "streams": row["streams"],
+            "finished": row["finished"],
+            "errors": row["errors"],
+            "events": row["events"],
+            "wall_s": row["wall_s"],
+            "events_per_s": round(row["events"] / row["wall_s"]) if row["wall_s"] else None,
+            "gap_p50_ms": row["gap_p50_ms"],
+            "gap_p99_ms": row["gap_p99_ms"],
+            **client,
+            **cpu.report(row["events"]),
+        }
+        return row
+    finally:
+        server.stop()
+
+
+# -- the stub engine (scenario events) ---------------------------------------------------------------------
+
+
+class StubRequest:
+    def __init__(self, request_id: int, prompt_ids, params, sink):
+        self.id, self.prompt_ids, self.params, self.sink = request_id, list(prompt_ids), params, sink
+        self.completion_tokens = 0
+        self.done = self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class StubEngine:
+    """What the app sees of an Engine, with no model: each step gives every active request one
+    one-word token (as the synthetic tokenizer's pieces decode), so only the HTTP side costs anything."""
+
+    def __init__(self, tokenizer, context: int, step_s: float):
+        from types import SimpleNamespace
+
+        self.tokenizer, self.context, self.step_s = tokenizer, context, step_s
+        self.model = SimpleNamespace(args=SimpleNamespace(vocab_size=len(tokenizer)))
+        self.active: list[StubRequest] = []
+        self.lock = threading.Lock()
+        self.ids = 0
+        self.steps = self.tokens = 0
+        threading.Thread(target=self._loop, daemon=True, name="stub-engine").start()
+
+    def submit(self, prompt_ids, params, sink) -> StubRequest:
+        with self.lock:
+            self.ids += 1
+            request = StubRequest(self.ids, prompt_ids, params, sink)
+            self.active.append(request)
+        return request
+
+    def max_new_tokens(self, prompt_length: int, requested: int | None) -> int:
+        room = self.context - prompt_length
+        return max(0, min(requested, room) if requested else room)
+
+    def snapshot_stats(self) -> dict:
+        return {"steps": self.steps, "decode_tokens": self.tokens, "context": self.context, "active": len(self.active)}
+
+    def _loop(self) -> None:
+        """A step every step_s (from the previous step's start, as a GPU step's length does not depend on
+        how long the host took to hand out its events)."""
+        from vicunaflow.engine import Event
+
+        next_step = time.perf_counter()
+        while True:
+            next_step = max(next_step + self.step_s, time.perf_counter())  # late: no catching up in a burst
+            time.sleep(next_step - time.perf_counter() if next_step > time.perf_counter() else 0)
+            with self.lock:
+                active = list(self.active)
+            if not active:
+                continue
+            self.steps += 1
+            for request in active:
+                if request.cancelled or request.done:
+                    request.done = True
+                    continue
+                request.completion_tokens += 1
+                self.tokens += 1
+                last = request.completion_tokens >= request.params.max_new_tokens
+                request.done = last
+                event = Event(
+                    f" w{request.completion_tokens}",
+                    finish_reason="length" if last else None,
+                    prompt_tokens=len(request.prompt_ids),
+                    completion_tokens=request.completion_tokens,
+                )
+                request.sink(event)
+            with self.lock:
+                self.active = [r for r in self.active if not r.done]
+
+
+def serve_stub(port: int, step_ms: float) -> None:
+    """The real create_app, run by uvicorn as `vicunaflow serve` runs it, over a StubEngine."""
+    import logging
+
+    import uvicorn
+
+    sys.path.insert(0, str(HERE))
+    from bench_chat import make_tokenizer
+
+    from vicunaflow.serve.app import create_app
+
+    logging.basicConfig(level=logging.WARNING)
+    app = create_app({"stub": StubEngine(make_tokenizer(32000), context=2048, step_s=step_ms / 1000)})
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="7b", choices=["7b", "13b"])
+    parser.add_argument("--tiny", action="store_true", help="the tiny Vicuna on the CPU, scenarios scaled down")
+    parser.add_argument("--scratch", type=Path, help="where the model folder is written once (default: a temp dir)")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 256])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--reply-tokens", type=int)
+    parser.add_argument("--max-batch-size", type=int, help="serve --max-batch-size (default 256)")
+    parser.add_argument("--max-context", type=int, default=2048)
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, help="serve --kv-cache-tokens (default 7b: 131072, 13b: 98304, tiny: 65536)"
+    )
+    parser.add_argument("--serve-arg", action="append", default=[], help="more `vicunaflow serve` flags (repeat)")
+    parser.add_argument("--client-procs", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 4)))
+    parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--events-step-ms",
+        type=float,
+        nargs="+",
+        default=[20.0, 1.0],
+        help="stub engine step lengths for the events scenario (20: a batch-256 7B step on an H200)",
+    )
+    parser.add_argument("--stub-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--stub-step-ms", type=float, default=20.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stub_server:
+        serve_stub(args.stub_server, args.stub_step_ms)
+        return
+
+    args.context = args.max_context
+    args.reply_tokens = args.reply_tokens or (64 if args.tiny else 256)
+    args.first_reply_tokens = 8
+    args.new_lengths = 20
+    args.join_streams = 31
+    args.join_prompt_tokens = 1500
+    args.join_reply_tokens = 160 if args.tiny else 384
+    args.events_streams = 256
+    args.events_reply_tokens = 200
+    batch = args.max_batch_size or 256
+    # the paged cache's size over all streams: 256 x (128 + 256) tokens fit; 7B 64 GiB, 13B 75 GiB on an H200
+    kv_tokens = args.kv_cache_tokens or (65536 if args.tiny else {"7b": 131072, "13b": 98304}[args.size])
+    tag = "tiny_cpu" if args.tiny else args.size
+    output = args.output or HERE / "results" / f"serve_{tag}.json"
+    scratch = args.scratch or Path(os.environ.get("TMPDIR", "/tmp")) / f"vicunaflow-bench-serve-{tag}"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    result = {
+        "bench": "serve",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "host": platform.node()},
+        "model": "tiny vicuna" if args.tiny else f"random LLaMA {args.size} float16",
+        "settings": {
+            k: getattr(args, k)
+            for k in ("prompt_tokens", "reply_tokens", "concurrency", "context", "join_prompt_tokens", "client_procs")
+        },
+        "serve_flags": [],
+        "reference_previous_server_7b_h200": REFERENCE_7B,
+        "goals_7b_h200": GOALS_7B,
+    }
+    result["settings"] |= {"max_batch_size": batch, "kv_cache_tokens": kv_tokens}
+    clients = Clients(args.client_procs)
+    try:
+        if "events" in args.only:
+            result["events"] = scenario_events(clients, args, scratch)
+            for row in result["events"]:
+                print("events:", json.dumps(row), flush=True)
+        if set(args.only) - {"events"}:
+            if args.tiny:
+                model_path, vocab = make_tiny_vicuna(scratch), 1024
+            else:
+                model_path = scratch / f"llama-{args.size}-random"
+                result["write_model_s"] = round(write_random_model(model_path, args.size, args.context), 1)
+                vocab = 32000
+            flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
+            flags += [str(kv_tokens), "--seed", "0", *args.serve_arg]
+            result["serve_flags"] = flags
+            port = free_port()
+            command = [
+                sys.executable,
+                "-m",
+                "vicunaflow",
+                "serve",
+                "--model-path",
+                str(model_path),
+                "--port",
+                str(port),
+            ]
+            server = Server([*command, *flags], port, scratch / "server.log", timeout=900)
+            try:
+                result["startup_s"] = round(server.startup_s, 2)
+                print(f"server up in {server.startup_s:.1f} s", flush=True)
+                model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+                if "first" in args.only:
+                    result["first"] = scenario_first(server, model, args, vocab)
+                    print("first:", json.dumps(result["first"]), flush=True)
+                if "aggregate" in args.only:
+                    result["aggregate"] = scenario_aggregate(server, clients, model, args, vocab)
+                if "join" in args.only:
+                    result["join"] = scenario_join(server, model, args, vocab)
+                    print("join:", json.dumps(result["join"]), flush=True)
+                result["engine"] = server.health().get("engine")
+            finally:
+                server.stop()
+    finally:
+        clients.close()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(result)
+    print(f"wrote {output}")
+
+
+def print_summary(result: dict) -> None:
+    """The docs table's rows, with issue 16's previous-server numbers (7B, one H200) beside them."""
+    ref, goal = REFERENCE_7B, GOALS_7B
+    lines = [f"| measure | {result['model']} | previous server 7B | goal 7B |", "|---|---|---|---|"]
+    if "startup_s" in result:
+        lines.append(f"| startup, s | {result['startup_s']} | — | reported |")
+    if first := result.get("first"):
+        lines += [
+            f"| first request: TTFT / whole reply, ms | {first['first_request_ttft_ms']} / "
+            f"{first['first_request_total_ms']} | 680 / 5600 | TTFT <= {goal['ttft_128_p99_ms']} |",
+            f"| TTFT, 20 new lengths, p50 / p99 ms | {first['new_length_ttft_p50_ms']} / "
+            f"{first['new_length_ttft_p99_ms']} | 45 + 90..1200 | — |",
+            f"| TTFT, 128 tokens repeated, p50 / p99 ms | {first['repeated_128_ttft_p50_ms']} / "
+            f"{first['repeated_128_ttft_p99_ms']} | ~45 | p99 <= {goal['ttft_128_p99_ms']} |",
+        ]
+    for row in result.get("aggregate", []):
+        c = str(row["concurrency"])
+        lines.append(
+            f"| {c} streams: tokens/s; TTFT p50/p99 ms; gap p50/p99 ms | {row['tokens_per_s']}; "
+            f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']}; {row['gap_p50_ms']}/{row['gap_p99_ms']}"
+            f"{' (client may limit)' if row['client_may_limit'] else ''} | "
+            f"{ref['aggregate_tokens_per_s'].get(c) or '—'} | {goal['aggregate_tokens_per_s'].get(c) or '—'} |"
+        )
+    if join := result.get("join"):
+        lines.append(
+            f"| 1500-token prompt joins 31: worst gap ms (p50 before) | {join['worst_gap_during_join_ms']} "
+            f"({join['gap_before_p50_ms']}) | {ref['join_worst_gap_ms']} | <= {goal['join_worst_gap_ms']} |"
+        )
+    for row in result.get("events", []):
+        lines.append(
+            f"| HTTP side, stub steps of {row['stub_step_ms']} ms: events/s; loop us/event | "
+            f"{row['events_per_s']}; {row['loop_us_per_event']} | — | never the bottleneck |"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
