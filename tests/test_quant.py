@@ -188,6 +188,27 @@ def test_qmatmul_matches_float64_reference(bits, m, n, k, group_size, residual):
     assert torch.allclose(buffer.double(), expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 6])
+def test_qmatmul_epilogues_match_qmatvec_reference(bits, m):
+    """RMSNorm folded into the input (q|k|v, gate|up) and SiLU·up (down), as qmatvec: one row (the
+    tensor-core path for one-row steps) and a batch."""
+    generator = torch.Generator().manual_seed(bits + m)
+    n, k = 48, 256
+    qw = quant.quantize(weight(n, k, seed=3), bits=bits, group_size=128).to(DEVICE)
+    x = (torch.randn(m, k, generator=generator) * 3).to(DEVICE, torch.float16)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, torch.float16)
+    residual = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16)
+    normed = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
+    expected = reference(normed, qw, residual, swiglu=False)
+    out = quant_kernels.qmatmul(x, qw, residual, norm=norm, eps=1e-5)
+    assert torch.allclose(out.double(), expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max()))
+    gate_up = torch.randn(m, 2 * k, generator=generator).to(DEVICE, torch.float16)
+    expected = reference(gate_up, qw, None, swiglu=True)
+    out = quant_kernels.qmatmul(gate_up, qw, swiglu=True, out=torch.empty(m, n, device=DEVICE))
+    assert torch.allclose(out.double(), expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max()))
+
+
 def test_qmatmul_refuses_what_it_cannot_take():
     for group_size in (48, 16):
         qw = quant.quantize(weight(8, 96), bits=4, group_size=group_size).to(DEVICE)

@@ -175,15 +175,33 @@ def qlinear(
     dtype: a float32 all-reduce buffer for tensor parallelism) and returns it. norm: RMSNorm's weight
     [K]: the input is rms_norm(x, norm, eps) first (folded into the kernel for one row).
 
-    matvec: None picks the Triton matvec for one row on CUDA in float16/bfloat16 (reads the codes
-    once, graph-capturable) and quant_kernels.qmatmul for up to quant_kernels.MATMUL_MAX_ROWS rows (batched decode
-    steps); True takes the matvec for any one row (Triton's interpreter on a CPU); False never uses
-    a kernel. Otherwise (prefill, CPU): dequantize to x's dtype, then a plain matmul.
+    matvec: None picks the Triton kernels on CUDA in float16/bfloat16 (graph-capturable, the codes read
+    once): qmatvec for one row (or qmatmul, with quant_kernels.ONE_ROW = "matmul"), qmatmul for up to
+    MATMUL_MAX_ROWS rows (batched decode steps); True takes them too, and qmatvec for one row even off
+    CUDA (Triton's interpreter on a CPU); False never. Otherwise (prefill, CPU): dequantize to x's
+    dtype, then a plain matmul.
     """
     n, k = qw.shape
     if x.shape[-1] != (2 * k if swiglu else k):
         raise ValueError(f"qlinear: input {tuple(x.shape)} does not fit weight {qw.shape}")
-    one_row = x.numel() == x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    one_row = rows == 1
+    on_tensor_cores = (
+        (not one_row or quant_kernels.ONE_ROW == "matmul")
+        and rows <= quant_kernels.MATMUL_MAX_ROWS
+        and quant_kernels.matmul_fits(qw)
+        and matvec is not False
+        and _kernel_fits(x, qw)
+    )
+    if on_tensor_cores:
+        flat_residual = None if residual is None else residual.reshape(rows, n).contiguous()
+        flat_out = None if out is None or not out.is_contiguous() else out.view(rows, n)
+        y = quant_kernels.qmatmul(
+            x.reshape(rows, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps
+        )
+        if out is not None:
+            return out if flat_out is not None else out.copy_(y.view(out.shape))
+        return y.view(*x.shape[:-1], n)
     if one_row and (matvec or (matvec is None and _kernel_fits(x, qw))):
         flat_out = None if out is None else out.view(1, n)
         flat_residual = None if residual is None else residual.reshape(1, n)
@@ -195,19 +213,6 @@ def qlinear(
         x = F.rms_norm(x, (k,), norm, eps)
     if swiglu:
         x = F.silu(x[..., :k]) * x[..., k:]
-    rows = x.numel() // k
-    if (
-        matvec is not False
-        and _kernel_fits(x, qw)
-        and rows <= quant_kernels.MATMUL_MAX_ROWS
-        and quant_kernels.matmul_fits(qw)
-    ):
-        flat_residual = None if residual is None else residual.reshape(rows, n).contiguous()
-        flat_out = None if out is None or not out.is_contiguous() else out.view(rows, n)
-        y = quant_kernels.qmatmul(x.reshape(rows, k).contiguous(), qw, flat_residual, out=flat_out)
-        if out is not None:
-            return out if flat_out is not None else out.copy_(y.view(out.shape))
-        return y.view(*x.shape[:-1], n)
     y = F.linear(x, qw.dequantize(x.dtype))
     if residual is not None:
         y += residual

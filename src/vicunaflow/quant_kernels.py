@@ -239,36 +239,55 @@ def _int4_kernel():
 # ---- a few rows at once: batched decode steps -----------------------------------------------------
 
 MATMUL_MAX_ROWS = 64  # above this (prefill), decoding the weight once for cuBLAS costs less than re-reading it
-# (BLOCK_N, warps): BLOCK_K is 128 for int8 and the group size for int4 (one group a step)
-MATMUL_TILES = [(32, 4), (64, 4), (128, 4), (64, 8), (128, 8)]
+# One-row steps of a quantized model: "matvec" (qmatvec, CUDA cores) or "matmul" (qmatmul, the row padded
+# to 16 on tensor cores, which leaves the ALUs only the decoding); bench_chat measures both.
+ONE_ROW = os.environ.get("VICUNAFLOW_QUANT_ONE_ROW", "matvec")
 
 
-def qmatmul(x: torch.Tensor, qw, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    qw,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """out = x @ W.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores, W decoded tile by tile.
 
     Why: a batched decode step (M = 2..64 rows) that decodes each whole weight to float16 before
     cuBLAS reads and writes it three times; this reads the codes once, decodes a tile in registers
     (codes are exact in float16 and bfloat16), multiplies on tensor cores and applies the scales to
     the float32 products: int8 by output row at the end, int4 by group (one group a K step, so
-    sum(w x) = scale * sum(q x) + zero * sum(x) per group). x: [M, K] float16/bfloat16; residual,
-    out: [M, N] contiguous (out any float dtype). Needs an int4 group size that is a power of two >= 32.
+    sum(w x) = scale * sum(q x) + zero * sum(x) per group). The epilogues of qmatvec: x [M, K] or,
+    with swiglu, [M, 2K] (input silu(gate) * up); norm [K]: RMSNorm of each row first; residual,
+    out: [M, N] contiguous (out any float dtype). The products are in bfloat16 if x (or norm) is, else
+    float16 (a float32 input, tensor parallelism's residual stream, is rounded to it). Needs an int4
+    group size that is a power of two >= 32.
     """
-    m, k = x.shape
-    n = qw.shape[0]
-    if qw.shape[1] != k or m > MATMUL_MAX_ROWS or not x.is_contiguous():
+    m = x.shape[0]
+    n, k = qw.shape
+    if x.dim() != 2 or x.shape[1] != (2 * k if swiglu else k) or m > MATMUL_MAX_ROWS or not x.is_contiguous():
         raise ValueError(f"qmatmul: input {tuple(x.shape)} does not fit weight {qw.shape} (<= {MATMUL_MAX_ROWS} rows)")
+    if norm is not None and (swiglu or norm.shape != (k,)):
+        raise ValueError(f"qmatmul: norm {tuple(norm.shape)} needs a plain input of {k} columns")
+    from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
+
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
+    flags = dict(HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, NORM=norm is not None, BLOCK_M=block_m)
+    flags["BF16"] = (norm if norm is not None else x).dtype == torch.bfloat16  # the products' dtype
+    norm = norm if norm is not None else x  # not read without NORM
     if qw.bits == 8:
-        _matmul_kernels()[0][grid](x, qw.qweight, qw.scales, res, out, m, n, k, residual is not None, block_m, 128)
+        quant_matmul_kernels.int8_matmul_kernel[grid](x, qw.qweight, qw.scales, res, out, norm, eps, m, n, k, **flags)
     else:
         if not matmul_fits(qw):
             raise ValueError(f"qmatmul: int4 group size {qw.group_size} is not a power of two >= 32")
-        _matmul_kernels()[1][grid](
-            x, qw.qweight, qw.scales, qw.zeros, res, out, m, n, k, residual is not None, block_m, qw.group_size
+        quant_matmul_kernels.int4_matmul_kernel[grid](
+            x, qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, m, n, k, G=qw.group_size, **flags
         )
     return out
 
@@ -278,99 +297,3 @@ def matmul_fits(qw) -> bool:
     gave wrong sums on an H200 and are left to the decoding path)."""
     g = qw.group_size or 0
     return qw.bits == 8 or (g >= 32 and g & (g - 1) == 0)
-
-
-@functools.cache
-def _matmul_kernels():
-    """Compile lazily: importing this module must not need Triton."""
-    import triton
-    import triton.language as tl
-
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in MATMUL_TILES]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-
-    @triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])
-    @triton.jit
-    def int8_matmul_kernel(
-        x_ptr,  # [M, K]
-        q_ptr,  # int8 [N, K]
-        scale_ptr,  # float32 [N]
-        residual_ptr,
-        out_ptr,  # [M, N]
-        M,
-        N: tl.constexpr,
-        K: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        MAGIC_SIGNED: tl.constexpr = 0x4B400000  # see MAGIC above
-        MAGIC_SIGNED_VALUE: tl.constexpr = 12582912.0
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
-        row_ok, col_ok = rows < M, cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            q = tl.load(q_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-            w = ((q.to(tl.int32) + MAGIC_SIGNED).to(tl.float32, bitcast=True) - MAGIC_SIGNED_VALUE).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w))  # [BLOCK_M, BLOCK_N]
-        y = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_RESIDUAL:
-            y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.autotune(configs=configs, key=["N", "K", "G", "BLOCK_M"])
-    @triton.jit
-    def int4_matmul_kernel(
-        x_ptr,  # [M, K]
-        q_ptr,  # uint8 [N, K // 2]: column 2i low nibble, 2i + 1 high nibble
-        scale_ptr,  # float16 [N, NG]
-        zero_ptr,  # float16 [N, NG]
-        residual_ptr,
-        out_ptr,  # [M, N]
-        M,
-        N: tl.constexpr,
-        K: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        G: tl.constexpr,  # group size: a power of two >= 32, the K step
-        BLOCK_N: tl.constexpr,
-    ):
-        MAGIC: tl.constexpr = 0x4B000000  # see MAGIC above
-        MAGIC_VALUE: tl.constexpr = 8388608.0
-        KP: tl.constexpr = K // 2
-        NG: tl.constexpr = (K + G - 1) // G
-        GH: tl.constexpr = G // 2
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for group in range(0, NG):
-            ks = group * G + tl.arange(0, G)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            pairs = group * GH + tl.arange(0, GH)
-            packed = tl.load(
-                q_ptr + cols[:, None] * KP + pairs[None, :], mask=col_ok[:, None] & (pairs < KP)[None, :], other=0
-            ).to(tl.int32)  # [BLOCK_N, GH]
-            low = ((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
-            high = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
-            codes = tl.reshape(tl.join(low, high), (BLOCK_N, G)).to(x.dtype)  # columns 2i, 2i + 1 interleaved
-            products = tl.dot(x, tl.trans(codes))  # [BLOCK_M, BLOCK_N]: sum(q x) over the group
-            x_sum = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
-            scale = tl.load(scale_ptr + cols * NG + group, mask=col_ok, other=0.0).to(tl.float32)
-            zero = tl.load(zero_ptr + cols * NG + group, mask=col_ok, other=0.0).to(tl.float32)
-            acc += products * scale[None, :] + x_sum[:, None] * zero[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        y = acc
-        if HAS_RESIDUAL:
-            y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    return int8_matmul_kernel, int4_matmul_kernel
