@@ -49,11 +49,13 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -177,18 +179,23 @@ class Server:
         self.log_file = log_path.open("wb")
         started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT)
-        deadline = started + timeout
+        try:
+            self._wait_for_health(started + timeout, timeout)
+        except BaseException:  # SIGTERM, Ctrl-C, a failed start: never leave the server running
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - started
+
+    def _wait_for_health(self, deadline: float, timeout: float) -> None:
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited ({self.process.returncode}); its log:\n{self.log_tail()}")
             if time.perf_counter() > deadline:
-                self.stop()
                 raise RuntimeError(f"no /health after {timeout:.0f} s; the log:\n{self.log_tail()}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
+                    return
             time.sleep(0.05)
-        self.startup_s = time.perf_counter() - started
 
     def log_tail(self, lines: int = 40) -> str:
         self.log_file.flush()
@@ -211,10 +218,12 @@ class Server:
         return main, total
 
     def stop(self) -> None:
+        if self.log_file.closed:
+            return
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=10)  # uvicorn waits for open streams to end: not for long
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -338,7 +347,7 @@ class Clients:
         return records, client
 
     def close(self) -> None:
-        self.pool.shutdown()
+        self.pool.shutdown(cancel_futures=True)
 
 
 # -- statistics --------------------------------------------------------------------------------------------
@@ -425,9 +434,8 @@ def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
     }
 
 
-def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab: int) -> list[dict]:
-    """(a) C streams at once, fixed prompt and reply lengths."""
-    rows = []
+def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab: int) -> Iterator[dict]:
+    """(a) C streams at once, fixed prompt and reply lengths: one row per concurrency, as measured."""
     for concurrency in args.concurrency:
         rng = random.Random(concurrency)
         jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
@@ -440,9 +448,8 @@ def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
         row["engine_steps"], row["engine_mean_batch"] = steps, round(decoded / steps, 1) if steps else None
-        rows.append(row)
         print(json.dumps(row), flush=True)
-    return rows
+        yield row
 
 
 def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
@@ -702,55 +709,65 @@ def main() -> None:
         "goals_7b_h200": GOALS_7B,
     }
     result["settings"] |= {"max_batch_size": batch, "kv_cache_tokens": kv_tokens}
+
+    def save() -> None:
+        """After every scenario: a run cut short by its time limit keeps what it measured."""
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+
+    # `timeout` sends SIGTERM: unwind through the finally blocks, so the server (holding the GPU) stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     clients = Clients(args.client_procs)
     try:
+        if set(args.only) - {"events"}:
+            run_model_scenarios(result, clients, args, scratch, batch, kv_tokens, save)
         if "events" in args.only:
             result["events"] = scenario_events(clients, args, scratch)
             for row in result["events"]:
                 print("events:", json.dumps(row), flush=True)
-        if set(args.only) - {"events"}:
-            if args.tiny:
-                model_path, vocab = make_tiny_vicuna(scratch), 1024
-            else:
-                model_path = scratch / f"llama-{args.size}-random"
-                result["write_model_s"] = round(write_random_model(model_path, args.size, args.context), 1)
-                vocab = 32000
-            flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
-            flags += [str(kv_tokens), "--seed", "0", *args.serve_arg]
-            result["serve_flags"] = flags
-            port = free_port()
-            command = [
-                sys.executable,
-                "-m",
-                "vicunaflow",
-                "serve",
-                "--model-path",
-                str(model_path),
-                "--port",
-                str(port),
-            ]
-            server = Server([*command, *flags], port, scratch / "server.log", timeout=900)
-            try:
-                result["startup_s"] = round(server.startup_s, 2)
-                print(f"server up in {server.startup_s:.1f} s", flush=True)
-                model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-                if "first" in args.only:
-                    result["first"] = scenario_first(server, model, args, vocab)
-                    print("first:", json.dumps(result["first"]), flush=True)
-                if "aggregate" in args.only:
-                    result["aggregate"] = scenario_aggregate(server, clients, model, args, vocab)
-                if "join" in args.only:
-                    result["join"] = scenario_join(server, model, args, vocab)
-                    print("join:", json.dumps(result["join"]), flush=True)
-                result["engine"] = server.health().get("engine")
-            finally:
-                server.stop()
+            save()
     finally:
         clients.close()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print_summary(result)
     print(f"wrote {output}")
+
+
+def run_model_scenarios(result: dict, clients: Clients, args, scratch: Path, batch: int, kv_tokens: int, save) -> None:
+    """Start `vicunaflow serve` on the model and run the scenarios that need it, first request first."""
+    if args.tiny:
+        model_path, vocab = make_tiny_vicuna(scratch), 1024
+    else:
+        model_path = scratch / f"llama-{args.size}-random"
+        result["write_model_s"] = round(write_random_model(model_path, args.size, args.context), 1)
+        vocab = 32000
+    flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
+    flags += [str(kv_tokens), "--seed", "0", *args.serve_arg]
+    result["serve_flags"] = flags
+    port = free_port()
+    command = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(model_path), "--port", str(port)]
+    server = Server([*command, *flags], port, scratch / "server.log", timeout=900)
+    try:
+        result["startup_s"] = round(server.startup_s, 2)
+        print(f"server up in {server.startup_s:.1f} s", flush=True)
+        save()
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        if "first" in args.only:
+            result["first"] = scenario_first(server, model, args, vocab)
+            print("first:", json.dumps(result["first"]), flush=True)
+            save()
+        if "aggregate" in args.only:
+            result["aggregate"] = []
+            for row in scenario_aggregate(server, clients, model, args, vocab):
+                result["aggregate"].append(row)
+                save()
+        if "join" in args.only:
+            result["join"] = scenario_join(server, model, args, vocab)
+            print("join:", json.dumps(result["join"]), flush=True)
+        result["engine"] = server.health().get("engine")
+        save()
+    finally:
+        server.stop()
 
 
 def print_summary(result: dict) -> None:
