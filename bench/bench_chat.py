@@ -99,6 +99,10 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, help="--bnb: where the random model is written (default: a temp dir)")
     parser.add_argument("--quant-only", action="store_true", help="ours: only the --quant rows, no float16 row")
     parser.add_argument(
+        "--quant-one-row", nargs="+", choices=["matvec", "matmul"], default=["matvec"],
+        help="ours, --quant: one-row steps through qmatvec and/or qmatmul (tensor cores), each in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--memory-cap-gib", type=float,
         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for a 24 GiB card",
     )  # fmt: skip
@@ -142,14 +146,20 @@ def main() -> None:
     tokenizer = make_tokenizer(model_args.vocab_size)
     prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
+        from vicunaflow import quant_kernels
+
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
-                for bits in ([] if args.quant_only else [None]) + args.quant:
+                runs = [(None, "matvec")] if not args.quant_only else []
+                runs += [(bits, one_row) for bits in args.quant for one_row in args.quant_one_row]
+                for bits, one_row in runs:
+                    quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row  # spawned ranks too
                     model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
                         tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
+                        tags |= {"quant_one_row": one_row} if bits else {}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
                         if args.device == "cuda":
                             torch.cuda.reset_peak_memory_stats()
@@ -158,7 +168,7 @@ def main() -> None:
                             tags |= {"peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
                         if args.ablations and num_gpus == 1 and bits is None:
                             rows += bench_ablations(model, tokenizer, prompts, args)
-                        name = f"vicunaflow int{bits}" if bits else None
+                        name = f"vicunaflow int{bits} {one_row}" if bits else None
                         results += [row | tags | ({"engine": name} if name else {}) for row in rows]
                     finally:
                         model.close()
