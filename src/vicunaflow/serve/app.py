@@ -416,7 +416,7 @@ class _Relay:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # weak: _relays' entry (keyed by the loop) must not keep its loop alive
         self.lock = threading.Lock()
         self.pending: list[tuple[_Inbox, Event]] = []
         self.scheduled = False
@@ -428,7 +428,10 @@ class _Relay:
             if self.scheduled:
                 return
             self.scheduled = True
-        self.loop.call_soon_threadsafe(self._deliver)
+        loop = self.loop()
+        if loop is None:
+            raise RuntimeError("the event loop is gone")
+        loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self.lock:
