@@ -15,7 +15,13 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
     events        (d) how many SSE events a second the HTTP side alone can push: the real app
                   (create_app + uvicorn, as `serve` runs it) over a stub engine that emits one token per
                   stream per step with no model behind it, so what limits the rate is the HTTP/SSE path
-                  (and the client, whose CPU is reported); plus the server's event-loop CPU per event
+                  (and the client, whose CPU is reported); plus the server's event-loop CPU per event.
+                  Paced (a step every 20 ms, as a batch-256 7B step: one event per stream per step) and
+                  flooding (a step every ms: the ceiling)
+
+The server runs with --max-batch-size 256 and a paged KV cache of --kv-cache-tokens 131072 (7b),
+98304 (13b) or 65536 (tiny): 256 streams of 128 + 256 tokens at once. Results are written after
+every scenario, so a run cut short by a time limit keeps what it measured.
 
 For every scenario the server's CPU is sampled from /proc: its main thread (uvicorn's event loop: all
 HTTP/SSE work) and the whole process, so "event-loop µs per event" is the HTTP side's own cost and
@@ -29,7 +35,7 @@ tokenizer of bench_chat.py) once to `--scratch` as a Hugging Face folder and ser
 the project's tiny Vicuna the way tests/conftest.py does (synth -> convert -> delta -> apply-delta) and
 scales the scenarios down for a CPU smoke run.
 
-    python bench/bench_serve.py --size 7b --scratch /tmp/vf-7b                # one H200: -> results/serve_7b.json
+    python bench/bench_serve.py --size 7b --scratch /tmp/vf-7b                # one H200: -> results/serve_7b.json (~4 min)
     python bench/bench_serve.py --size 13b --scratch /tmp/vf-13b
     python bench/bench_serve.py --tiny                                       # CPU: every scenario, scaled down
     python bench/bench_serve.py --tiny --only events aggregate --concurrency 64 256
