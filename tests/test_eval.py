@@ -462,6 +462,62 @@ def test_loss_on_a_tokenised_folder_drops_what_truncation_leaves_without_a_reply
     assert not (tmp_path / "none.json").exists()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_loss_with_load_nbit_is_the_loss_of_the_engines_quantized_weights(tiny_vicuna: Path, tmp_path: Path, bits):
+    """--load-8bit / --load-4bit: each layer Linear is the int8 / int4 weight chat's --load-Nbit holds
+    (quant.quantize of the stored tensor), lm_head, embeddings and norms stay float; the loss is that
+    model's, computed by hand here with the decoded weights written into a transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicunaflow import quant
+    from vicunaflow.data import encode_all, load_conversations, load_tokenizer
+    from vicunaflow.eval.loss import loss, sample_losses
+
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(json.loads(BUILTIN_CONVERSATIONS.read_text())[:4]))
+    options = {"load_8bit": bits == 8, "load_4bit": bits == 4}
+    result = loss(model_path=tiny_vicuna, data=data, output=tmp_path / "loss.json", device="cpu", **options)
+    assert result["quantization"] == {"bits": bits, "group_size": 128 if bits == 4 else None}
+    assert result["dtype"] == "float32"
+    assert json.loads((tmp_path / "loss.json").read_text())["quantization"] == result["quantization"]
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_vicuna), dtype=torch.float32).eval()
+    decoded = 0
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if quant.QUANTIZED_WEIGHT.fullmatch(name):
+                weight.copy_(quant.quantize(weight, bits).dequantize(torch.float32))
+                decoded += 1
+    assert decoded == 7 * model.config.num_hidden_layers
+    samples = encode_all(load_conversations(data), load_tokenizer(tiny_vicuna), 2048, drop_untrained=False)
+    per_sample = sample_losses(model, samples, batch_size=4)
+    expected = sum(nll for nll, _ in per_sample) / sum(n for _, n in per_sample)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    float_loss = loss(model_path=tiny_vicuna, data=data, output=tmp_path / "float.json", device="cpu")["loss"]
+    assert result["loss"] != float_loss and float_loss == pytest.approx(expected, rel=0.2)
+
+
+def test_loss_refuses_both_widths_before_loading(tiny_vicuna: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from vicunaflow.eval.loss import loss
+
+    with pytest.raises(VicunaflowError, match="--load-8bit and --load-4bit: choose one"):
+        loss(
+            model_path=tiny_vicuna,
+            data=BUILTIN_CONVERSATIONS,
+            output=tmp_path / "x.json",
+            load_8bit=True,
+            load_4bit=True,
+        )
+    assert not (tmp_path / "x.json").exists()
+    shown = subprocess.run(
+        [sys.executable, "-m", "vicunaflow", "eval", "loss", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--load_8bit" in shown and "--load_4bit" in shown
+
+
 # --- the download: pinned, md5-verified ------------------------------------------------------------
 
 

@@ -4,6 +4,10 @@ The tokens and loss masks are those of training (vicunaflow.data: the Vicuna v1.
 assistant replies and their `</s>` only), so the number is the fine-tuning loss measured on other
 data. The mean is over every trained token of every conversation (not a mean of per-batch means),
 so it does not depend on the batch size; perplexity is exp(mean loss).
+
+`--load-8bit` / `--load-4bit` measure what int8 / int4 weights cost: each layer's Linear becomes a
+quant.QuantWeight quantized from the stored tensor, exactly as chat's and serve's `--load-Nbit` (and
+`vicunaflow quantize`) make it, and the products run through quant.qlinear (decode, then matmul).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def loss(
     batch_size: int = 4,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
 ) -> dict:
     """Mean loss and perplexity on conversations, with the training masks (assistant replies only).
 
@@ -46,17 +52,23 @@ def loss(
         batch_size: conversations per forward pass.
         device: auto (CUDA when a GPU is visible, else CPU), cpu or cuda.
         dtype: weights' dtype; auto: the checkpoint's on CUDA, float32 on CPU. Losses are computed in float32.
+        load_8bit: quantize the layers' weights to int8 as they load, as chat and serve do (docs/quantize.md).
+        load_4bit: quantize them to int4 (a scale and zero per 128 input columns).
     """
     from vicunaflow.data import Sample, encode_all, load_conversations, load_tokenized, load_tokenizer
     from vicunaflow.outputs import atomic_write_bytes, sha256_file
     from vicunaflow.quant import refuse_quantized
 
     log.info(
-        "eval loss: model_path=%s data=%s output=%s model_max_length=%d batch_size=%d device=%s dtype=%s",
-        model_path, data, output, model_max_length, batch_size, device, dtype,
+        "eval loss: model_path=%s data=%s output=%s model_max_length=%d batch_size=%d device=%s dtype=%s "
+        "load_8bit=%s load_4bit=%s",
+        model_path, data, output, model_max_length, batch_size, device, dtype, load_8bit, load_4bit,
     )  # fmt: skip
     if batch_size < 1:
         raise VicunaflowError(f"--batch-size {batch_size}: must be at least 1")
+    if load_8bit and load_4bit:
+        raise VicunaflowError("--load-8bit and --load-4bit: choose one")
+    bits = 8 if load_8bit else 4 if load_4bit else None
     refuse_quantized(model_path, "--model-path")
     data = Path(data)
     if data.is_dir():
@@ -77,6 +89,8 @@ def loss(
             "dropped %d of %d conversations: no reply token within %d tokens", dropped, len(whole), model_max_length
         )
     model = _load_model(model_path, device, dtype)
+    if bits:
+        quantize_layers(model, model_path, bits)
     started = time.perf_counter()
     per_sample = sample_losses(model, samples, batch_size)
     total = sum(nll for nll, _ in per_sample)
@@ -91,6 +105,9 @@ def loss(
         "conversations": len(samples),
         "dropped": dropped,  # conversations with no reply token within model_max_length: not counted
         "model_max_length": model_max_length,
+        "dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        # the layers' Linear weights: null (float, the dtype above), or int8 / int4 as chat's --load-Nbit
+        "quantization": None if bits is None else quantization_block(bits),
         "data": str(data),
         "data_sha256": sha256_file(data) if data.is_file() else None,
         "samples": [
@@ -145,6 +162,36 @@ def _trained_tokens(labels) -> int:
     from vicunaflow.data import IGNORE_INDEX
 
     return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def quantization_block(bits: int) -> dict:
+    from vicunaflow import quant
+
+    return {"bits": bits, "group_size": quant.DEFAULT_GROUP_SIZE if bits == 4 else None}
+
+
+def quantize_layers(model, model_path: Path, bits: int) -> int:
+    """Swap each layer's Linear (q, k, v, o, gate, up, down) for a quant.QuantWeight; returns how many.
+
+    Quantized from the stored tensor on the model's device, as the engine's --load-Nbit does, not from
+    the loaded copy: a float16 copy of a float32 folder would round once more and give other codes.
+    Embeddings, norms and lm_head stay float, as in chat and serve.
+    """
+    from vicunaflow import quant
+    from vicunaflow.checkpoint import Checkpoint
+
+    device = model.get_input_embeddings().weight.device
+    names = [name for name, _ in model.named_modules() if quant.QUANTIZED_WEIGHT.fullmatch(f"{name}.weight")]
+    with Checkpoint(model_path) as reader:
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            weight = quant.load_weight(reader, f"{name}.weight", bits, quant.DEFAULT_GROUP_SIZE, device)
+            setattr(model.get_submodule(parent), child, weight)  # QuantWeight(x) is qlinear(x, weight)
+            reader.release()
+    if not names:
+        raise VicunaflowError(f"{model_path}: no layer weight to quantize (expected LLaMA's q_proj ... down_proj)")
+    log.info("quantized %d layer weights to int%d as they loaded", len(names), bits)
+    return len(names)
 
 
 def _load_model(model_path: Path, device: str, dtype: str):
