@@ -99,3 +99,41 @@ def test_engine_decodes_through_the_kernel(fixture, request, monkeypatch):
     expected = replies(False)
     assert not calls
     assert replies(True) == expected and calls
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "dtype"), [(4, 4, 16, torch.float32), (8, 2, 32, torch.float16)]
+)
+def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, head_dim, dtype):
+    """q rotated inside q|k|v, k rotated and v copied into each row's block at its position, as the
+    model's own rotary (apply_rope) and cache write would; k and v in q|k|v untouched."""
+    from vicunaflow.engine.model import apply_rope
+
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    rows, blocks, block_size = 3, 10, 4
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    positions = torch.tensor([0, 5, 13], device=DEVICE)
+    tables = torch.randint(1, blocks, (rows, 4), generator=generator).to(DEVICE)
+    keys = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype, device=DEVICE)
+    values = torch.zeros_like(keys)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq  # [rows, head_dim / 2]
+    out = qkv.clone()
+    strided = torch.stack([positions, positions * 0], dim=1)[:, 0]  # the runner's positions: a column of its inputs
+    attention_kernels.rope_store(out, angles.cos(), angles.sin(), strided, tables, keys, values, heads)
+
+    emb = torch.cat([angles, angles], dim=-1)[:, None, None]  # [rows, 1, 1, head_dim]
+    q_and_k = qkv[:, : (heads + kv_heads) * head_dim].double().view(rows, 1, heads + kv_heads, head_dim)
+    rotated = apply_rope(q_and_k, (emb.cos().double(), emb.sin().double()))[:, 0]  # [rows, heads + kv, D]
+    tolerance = 2**-9 if dtype == torch.float16 else 1e-5
+    got_q = out[:, : heads * head_dim].double().view(rows, heads, head_dim)
+    assert torch.allclose(got_q, rotated[:, :heads], rtol=tolerance, atol=tolerance)
+    assert torch.equal(out[:, heads * head_dim :], qkv[:, heads * head_dim :])
+    for row in range(rows):
+        position = int(positions[row])
+        block = int(tables[row, position // block_size])
+        stored_k = keys[block, :, position % block_size].double()
+        assert torch.allclose(stored_k, rotated[row, heads:], rtol=tolerance, atol=tolerance)
+        assert torch.equal(
+            values[block, :, position % block_size], qkv[row, (heads + kv_heads) * head_dim :].view(kv_heads, head_dim)
+        )

@@ -57,7 +57,7 @@ def paged_decode_attention(
     partial = torch.empty(B, H, splits, D, dtype=torch.float32, device=query.device)
     stats = torch.empty(B, H, splits, 2, dtype=torch.float32, device=query.device)  # running max, sum
     out = torch.empty(B, H, D, dtype=query.dtype, device=query.device)
-    split_kernel, combine_kernel = _kernels()
+    split_kernel, combine_kernel, _ = _kernels()
     split_kernel[(B, Hkv, splits)](
         query, keys, values, tables, lengths, partial, stats,
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
@@ -70,6 +70,40 @@ def paged_decode_attention(
         SPLIT_TOKENS=SPLIT_TOKENS, D_PAD=triton_next_power_of_2(D),
     )  # fmt: skip
     return out
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    tables: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+) -> None:
+    """One token per row: rotate q and k inside qkv in place (LLaMA's half-split rotary) and store the
+    rotated k and the v in the row's block at its position.
+
+    Why: one launch a layer where the rotation matrices' batched matmul, the block lookups and the two
+    indexed stores took six (a decode step is launch-bound: ~2-4 µs each, 32-80 layers).
+    qkv: [B, (H + 2 Hkv) * D] contiguous (q heads, k heads, v heads); cos, sin: [B, D / 2] float32
+    (each row's angles, computed once a step); positions [B] and tables [B, W] (rows may be strided);
+    keys, values: [blocks, Hkv, block_size, D] contiguous. Rotation in float32, rounded once.
+    """
+    B = qkv.shape[0]
+    _, kv_heads, block_size, D = keys.shape
+    if qkv.shape[1] != (heads + 2 * kv_heads) * D or not qkv.is_contiguous() or cos.shape != (B, D // 2):
+        raise ValueError(
+            f"rope_store: q|k|v {tuple(qkv.shape)}, cos {tuple(cos.shape)} do not fit {heads} + 2 x {kv_heads} "
+            f"heads of {D}"
+        )
+    if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("rope_store: keys and values must be contiguous, tables' rows too")
+    _kernels()[2][(B, heads + kv_heads)](
+        qkv, cos.contiguous(), sin.contiguous(), positions, tables, keys, values, positions.stride(0), tables.stride(0),
+        H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
+    )  # fmt: skip
 
 
 def _interpreted_bfloat16(query: torch.Tensor) -> bool:
@@ -188,4 +222,44 @@ def _kernels():
         total = tl.sum(parts * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
         tl.store(out_ptr + (row * H + head) * D + dims, total.to(out_ptr.dtype.element_ty), mask=dims < D)
 
-    return split_kernel, combine_kernel
+    @triton.jit
+    def rope_store_kernel(
+        qkv_ptr,  # [B, (H + 2 HKV) * D]
+        cos_ptr,  # [B, HALF] float32
+        sin_ptr,
+        position_ptr,  # [B]
+        table_ptr,  # [B, width], rows table_row_stride apart
+        k_ptr,  # [blocks, HKV, BLOCK_SIZE, D]
+        v_ptr,
+        position_stride,
+        table_row_stride,
+        H: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row, head = tl.program_id(0), tl.program_id(1)  # head < H: a query head; else key head head - H
+        WIDTH: tl.constexpr = (H + 2 * HKV) * D
+        j = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + row * HALF + j)
+        sin = tl.load(sin_ptr + row * HALF + j)
+        base = qkv_ptr + row * WIDTH + head * D
+        first = tl.load(base + j).to(tl.float32)
+        second = tl.load(base + HALF + j).to(tl.float32)
+        out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
+        out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
+        if head < H:
+            tl.store(base + j, out_first)
+            tl.store(base + HALF + j, out_second)
+        else:
+            kv_head = head - H
+            position = tl.load(position_ptr + row * position_stride)
+            block = tl.load(table_ptr + row * table_row_stride + position // BLOCK_SIZE).to(tl.int64)
+            slot = ((block * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D
+            tl.store(k_ptr + slot + j, out_first)
+            tl.store(k_ptr + slot + HALF + j, out_second)
+            dims = tl.arange(0, D)
+            tl.store(v_ptr + slot + dims, tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_head) * D + dims))
+
+    return split_kernel, combine_kernel, rope_store_kernel

@@ -167,16 +167,18 @@ class Block(torch.nn.Module):
         H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
         eps, matvec, comm = model.args.norm_eps, model.matvec, model.comm
         qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps))  # [B*T, (H + 2 Hkv) D]
-        qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
-        v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
         cache = model.cache
-        cache.write(self.index, tables, positions, qk[:, :, H:], v)
-        if mask is None:  # one token per row: read the blocks in place
+        if mask is None:  # one token per row (CUDA): rotate and store in one kernel, read the blocks in place
+            keys, values = cache.keys[self.index], cache.values[self.index]
+            attention_kernels.rope_store(qkv, *rope, positions[:, 0], tables, keys, values, H)
             lengths = positions[:, 0] + 1  # [B]
             attention = attention_kernels.paged_decode_attention(
-                qk[:, 0, :H], cache.keys[self.index], cache.values[self.index], tables, lengths
+                qkv[:, : H * D].view(B, H, D), keys, values, tables, lengths
             ).view(B, H * D)
         else:
+            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
+            v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
+            cache.write(self.index, tables, positions, qk[:, :, H:], v)
             keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
             extra = {"enable_gqa": True} if Hkv != H else {}
             attention = F.scaled_dot_product_attention(
@@ -243,13 +245,14 @@ class Transformer(torch.nn.Module):
         """
         B, T = input_ids.shape
         hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
-        rope = self.rope(positions)
+        fused = T == 1 and self.attention_kernel  # decode through attention_kernels: rope_store + paged kernel
+        rope = self.rope(positions, angles=fused)
         if tables is None:
             for row in range(first_row, first_row + B):
                 self.cache.ensure(row, int(positions.max()) + 1)
             tables = self.cache.tables[first_row : first_row + B].to(positions.device, torch.long)
         mask = None
-        if T > 1 or not self.attention_kernel:
+        if not fused:
             kv_index = torch.arange(kv_length, device=positions.device)
             # [B, 1, T, L]: causal by position, additive (a boolean mask costs SDPA two conversions per layer)
             hidden_mask = (kv_index[None, None, :] > positions[:, :, None])[:, None]
@@ -263,10 +266,13 @@ class Transformer(torch.nn.Module):
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
         return project(hidden, self.output, matvec=self.matvec, norm=(self.norm, self.args.norm_eps))  # [B, vocab]
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    def rope(self, positions: torch.Tensor, angles: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Rotary tables for positions [B, T]: (cos, sin) [B, T, 1, head_dim], or for T == 1 the
-        rotation matrices [B, head_dim, head_dim] (one batched matmul per layer instead of six kernels)."""
+        rotation matrices [B, head_dim, head_dim] (one batched matmul per layer instead of six kernels),
+        or with angles (T == 1, attention_kernels.rope_store) float32 (cos, sin) [B, head_dim / 2]."""
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, head_dim / 2]
+        if angles:
+            return freqs[:, 0].cos(), freqs[:, 0].sin()
         emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, head_dim]
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         if positions.shape[1] == 1:
