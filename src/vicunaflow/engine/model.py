@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vicunaflow import VicunaflowError, attention_kernels, kernels
 from vicunaflow.engine.cache import KVCache
@@ -79,6 +80,11 @@ class ModelArgs:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
 
+
+# SDPA backends for prompts (and decode without the paged kernel): not cuDNN's, which builds an execution
+# plan for every new shape on first use. Served through the API on an H200, a prompt length not seen before
+# took 116 ms to its first token at the median and up to 1.4 s, against 33 ms for a repeated length.
+PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # A layer's Linear weight: float [N, K], or int8/int4 codes with their scales (docs/quantize.md)
 Weight = torch.Tensor | QuantWeight
@@ -155,9 +161,10 @@ class Block(torch.nn.Module):
         self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
         self.w2: Weight | None = None  # [dim, ffn]
 
-    def forward(self, hidden, rope, mask, tables, positions, kv_length: int) -> torch.Tensor:
+    def forward(self, hidden, rope, mask, tables, positions, kv_length: int, lengths=None) -> torch.Tensor:
         """hidden [B*T, dim] -> [B*T, dim]; block tables [B, width]; positions [B, T]; mask [B, 1, T, kv_length],
-        or None for a decode step through the paged attention kernel (attention_kernels.py).
+        or None for a decode step through the paged attention kernel (attention_kernels.py), which then
+        takes lengths [B] (each row's positions + 1, computed once a step).
 
         hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
         symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
@@ -171,7 +178,6 @@ class Block(torch.nn.Module):
         if mask is None:  # one token per row (CUDA): rotate and store in one kernel, read the blocks in place
             keys, values = cache.keys[self.index], cache.values[self.index]
             attention_kernels.rope_store(qkv, *rope, positions[:, 0], tables, keys, values, H)
-            lengths = positions[:, 0] + 1  # [B]
             attention = attention_kernels.paged_decode_attention(
                 qkv[:, : H * D].view(B, H, D), keys, values, tables, lengths
             ).view(B, H * D)
@@ -181,9 +187,10 @@ class Block(torch.nn.Module):
             cache.write(self.index, tables, positions, qk[:, :, H:], v)
             keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
             extra = {"enable_gqa": True} if Hkv != H else {}
-            attention = F.scaled_dot_product_attention(
-                qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
-            )  # [B, H, T, D]
+            with sdpa_kernel(PROMPT_ATTENTION):
+                attention = F.scaled_dot_product_attention(
+                    qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
+                )  # [B, H, T, D]
             attention = attention.transpose(1, 2).reshape(B * T, H * D)
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
         gate_up = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps))  # [B*T, 2 ffn]
@@ -259,8 +266,9 @@ class Transformer(torch.nn.Module):
             mask = torch.zeros(hidden_mask.shape, dtype=self.dtype, device=positions.device).masked_fill_(
                 hidden_mask, float("-inf")
             )
+        lengths = positions[:, 0] + 1 if fused else None  # [B]
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, tables, positions, kv_length)
+            hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
