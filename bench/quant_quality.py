@@ -218,7 +218,21 @@ def conversation(name: str, question: str, answer: str) -> dict:
 
 
 def stdlib_conversations() -> list[dict]:
-    """Questions about the standard library answered by its own docs: deterministic for one Python version."""
+    """Questions about the standard library answered by its own docs: deterministic for one Python version.
+
+    Made in a fresh interpreter (-I): importing torch replaces inspect.getfile, so in this process the
+    data would depend on what was imported before.
+    """
+    code = (
+        f"import json, runpy, sys; json.dump(runpy.run_path({str(Path(__file__))!r})['_conversations'](), sys.stdout)"
+    )
+    made = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=False)
+    if made.returncode:
+        raise RuntimeError(f"making the conversations failed:\n{made.stderr[-3000:]}")
+    return json.loads(made.stdout)
+
+
+def _conversations() -> list[dict]:
     import pydoc_data.topics
 
     records, seen = [], set()
