@@ -161,7 +161,8 @@ def main() -> None:
                         tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
                         tags |= {"quant_one_row": one_row} if bits else {}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
-                        if args.device == "cuda":
+                        if args.device == "cuda":  # the earlier models' cached blocks would count as this one's
+                            torch.cuda.empty_cache()
                             torch.cuda.reset_peak_memory_stats()
                         rows = bench_ours(model, tokenizer, prompts, args)
                         if args.device == "cuda":
