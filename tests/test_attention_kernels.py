@@ -102,7 +102,12 @@ def test_engine_decodes_through_the_kernel(fixture, request, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "dtype"), [(4, 4, 16, torch.float32), (8, 2, 32, torch.float16)]
+    ("heads", "kv_heads", "head_dim", "dtype"),
+    [
+        (4, 4, 16, torch.float32),
+        (8, 2, 32, torch.float16),
+        (3, 3, 40, torch.float32),  # head_dim not a power of two (as the attention kernel allows): masked
+    ],
 )
 def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, head_dim, dtype):
     """q rotated inside q|k|v, k rotated and v copied into each row's block at its position, as the

@@ -103,6 +103,7 @@ def rope_store(
     _kernels()[2][(B, heads + kv_heads)](
         qkv, cos.contiguous(), sin.contiguous(), positions, tables, keys, values, positions.stride(0), tables.stride(0),
         H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
+        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D),
     )  # fmt: skip
 
 
@@ -238,28 +239,33 @@ def _kernels():
         D: tl.constexpr,
         HALF: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        HALF_PAD: tl.constexpr,  # powers of two >= HALF, D (tl.arange's): head_dim need not be one
+        D_PAD: tl.constexpr,
     ):
         row, head = tl.program_id(0), tl.program_id(1)  # head < H: a query head; else key head head - H
         WIDTH: tl.constexpr = (H + 2 * HKV) * D
-        j = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + row * HALF + j)
-        sin = tl.load(sin_ptr + row * HALF + j)
+        j = tl.arange(0, HALF_PAD)
+        j_ok = j < HALF
+        cos = tl.load(cos_ptr + row * HALF + j, mask=j_ok, other=0.0)
+        sin = tl.load(sin_ptr + row * HALF + j, mask=j_ok, other=0.0)
         base = qkv_ptr + row * WIDTH + head * D
-        first = tl.load(base + j).to(tl.float32)
-        second = tl.load(base + HALF + j).to(tl.float32)
+        first = tl.load(base + j, mask=j_ok, other=0.0).to(tl.float32)
+        second = tl.load(base + HALF + j, mask=j_ok, other=0.0).to(tl.float32)
         out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
         out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
         if head < H:
-            tl.store(base + j, out_first)
-            tl.store(base + HALF + j, out_second)
+            tl.store(base + j, out_first, mask=j_ok)
+            tl.store(base + HALF + j, out_second, mask=j_ok)
         else:
             kv_head = head - H
             position = tl.load(position_ptr + row * position_stride)
             block = tl.load(table_ptr + row * table_row_stride + position // BLOCK_SIZE).to(tl.int64)
             slot = ((block * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D
-            tl.store(k_ptr + slot + j, out_first)
-            tl.store(k_ptr + slot + HALF + j, out_second)
-            dims = tl.arange(0, D)
-            tl.store(v_ptr + slot + dims, tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_head) * D + dims))
+            tl.store(k_ptr + slot + j, out_first, mask=j_ok)
+            tl.store(k_ptr + slot + HALF + j, out_second, mask=j_ok)
+            dims = tl.arange(0, D_PAD)
+            dim_ok = dims < D
+            v = tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_head) * D + dims, mask=dim_ok)
+            tl.store(v_ptr + slot + dims, v, mask=dim_ok)
 
     return split_kernel, combine_kernel, rope_store_kernel
