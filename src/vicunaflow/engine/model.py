@@ -10,10 +10,12 @@ its `comm` adds the ranks' partial sums after those two products (two all-reduce
 
 Why not the Hugging Face module: its decode step launches ~50 kernels a layer (RMSNorm in six
 pieces, rotary in ten); inside a CUDA graph each still costs ~1.75 µs, which capped a 7B at ~140
-tokens/s. Here a one-row decode layer on CUDA is ~9 kernels: q|k|v product (RMSNorm folded in), rotary of q and
-k as one batched matmul by each row's rotation matrix, K and V stores, attention, o product adding into the
-residual, gate|up product (RMSNorm folded in), down product that applies SiLU·up to its input and adds
-the residual (the products are Triton kernels for one-row steps, `kernels.matvec`).
+tokens/s. Here a one-row decode layer on CUDA is ~7 kernels: q|k|v product (RMSNorm folded in), rotary of q
+and k with the K/V store into the row's block (one kernel, attention_kernels.rope_store), attention (two),
+o product adding into the residual, gate|up product (RMSNorm folded in), down product that applies SiLU·up
+to its input and adds the residual (the products are Triton kernels for one-row steps, `kernels.matvec`).
+Without the attention kernel, rotary is one batched matmul by each row's rotation matrix, then the
+stores and SDPA.
 
 The KV cache is paged (engine/cache.py): each row's keys and values sit in blocks named by its block
 table, which every forward receives as a device tensor. A decode step on CUDA attends through the
