@@ -177,3 +177,16 @@ def test_a_burst_of_events_streams_complete_in_order_and_as_openai_chunks(route)
     assert last["finish_reason"] == "length"
     texts.append(last.get("text") or "")
     assert "".join(texts) == "".join(f"w{n} " for n in range(1, words + 1))
+
+
+def test_every_event_posted_after_the_loop_closed_raises_so_each_request_is_cancelled():
+    """Once its event loop has closed, the relay must refuse every later event, not only the first: each
+    request's sink cancels that request when posting fails (nobody reads its stream any more)."""
+    from vicunaflow.serve.app import _Inbox, _Relay
+
+    loop = asyncio.new_event_loop()
+    relay = _Relay(loop)
+    loop.close()
+    for _ in range(2):  # two requests' events, from the engine thread
+        with pytest.raises(RuntimeError):
+            relay.post(_Inbox(), Event("token"))

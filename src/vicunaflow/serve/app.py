@@ -422,16 +422,23 @@ class _Relay:
         self.scheduled = False
 
     def post(self, inbox: _Inbox, event: Event) -> None:
-        """Engine thread. Raises RuntimeError when the loop is closed."""
+        """Engine thread. Raises RuntimeError when the loop is closed (for every event, so that each
+        request's sink cancels its request)."""
         with self.lock:
             self.pending.append((inbox, event))
             if self.scheduled:
                 return
             self.scheduled = True
-        loop = self.loop()
-        if loop is None:
-            raise RuntimeError("the event loop is gone")
-        loop.call_soon_threadsafe(self._deliver)
+        try:
+            loop = self.loop()
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self.lock:  # nothing will deliver: the next post must try (and fail) again
+                self.pending.clear()
+                self.scheduled = False
+            raise
 
     def _deliver(self) -> None:
         with self.lock:
