@@ -1,6 +1,7 @@
-"""Triton matvec kernels for one-row decode steps on int8 / int4 weights (quant.QuantWeight).
+"""Triton kernels for decode steps on int8 / int4 weights (quant.QuantWeight): qmatvec for one row,
+qmatmul (tensor cores, kernels in quant_matmul_kernels.py) for batched steps of up to MATMUL_MAX_ROWS.
 
-The quantized twin of `kernels.matvec`, with the same epilogues: RMSNorm of the input folded in
+qmatvec is the quantized twin of `kernels.matvec`, with the same epilogues: RMSNorm of the input folded in
 (for q|k|v and gate|up: one launch fewer), SiLU(gate)·up computed while loading the input (for
 down_proj) and the residual added while storing the output. Each program
 reads BLOCK_N weight rows once, decodes them in registers and accumulates in float32:
@@ -10,7 +11,7 @@ reads BLOCK_N weight rows once, decodes them in registers and accumulates in flo
   and each group's sum is folded to scale * sum(q * x) + zero * sum(x); otherwise scales are
   gathered per column (any even group size works, more slowly).
 
-CUDA graphs: `qmatvec` does no host syncs and allocates only its output (torch's caching
+CUDA graphs: `qmatvec` and `qmatmul` do no host syncs and allocate only their output (torch's caching
 allocator: graph-safe). The autotuner times its candidates on the first call of each shape, so
 run one eager step per shape before capturing, as for `kernels.matvec`. The signature is
 kernels.matvec's (x, weight, residual, swiglu, out, norm, eps), with a quant.QuantWeight for the weight.

@@ -12,7 +12,9 @@
                   queued ahead, events to each request's sink
 
 Kernels: vicunaflow/kernels.py (Triton matvec of one-row products), vicunaflow/attention_kernels.py
-(Triton decode attention through the block tables). docs/engine.md describes the serving design.
+(Triton decode attention through the block tables, and rotary fused with the K/V store),
+vicunaflow/quant_kernels.py (int8/int4 products: qmatvec, qmatmul). docs/engine.md describes the
+serving design.
 
 transformers is not used to run the model (only its tokenizer class, and as the reference in tests).
 """

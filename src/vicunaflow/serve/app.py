@@ -5,7 +5,8 @@ unknown name is 404 `model_not_found`. The arena's routes (serve/arena.py) reuse
 
 Every generation goes through the shared `Engine` (one background thread, continuous batching); a
 route only renders the prompt with vicunaflow.template, submits it, and relays the engine's events
-(from its thread into the event loop with call_soon_threadsafe). When a client goes away, streamed
+(from its thread into the event loop through `_Relay`: one call_soon_threadsafe per burst of events, not
+per event). When a client goes away, streamed
 or not, the request is cancelled and its batch slot is freed at the engine's next step.
 
 The event loop only moves bytes: a body is refused with 413 past `max_body_bytes` (by its
