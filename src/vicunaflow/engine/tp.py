@@ -180,7 +180,10 @@ class TensorParallel:
 def start(world: int, spec: LoadSpec) -> TensorParallel:
     """Rank 0: open the store, spawn ranks 1..world-1 (they load their shards meanwhile), join the group."""
     if dist.is_initialized():
-        raise VicunaflowError("a tensor-parallel model is already loaded in this process; close() it first")
+        raise VicunaflowError(
+            "a tensor-parallel group is still open in this process: close() the model that opened it first; "
+            "if it was closed, its group did not finish closing (logged then): run in a new process"
+        )
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=FOREVER)
     context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     workers = [
