@@ -7,7 +7,8 @@ so it does not depend on the batch size; perplexity is exp(mean loss).
 
 `--load-8bit` / `--load-4bit` measure what int8 / int4 weights cost: each layer's Linear becomes a
 quant.QuantWeight quantized from the stored tensor, exactly as chat's and serve's `--load-Nbit` (and
-`vicunaflow quantize`) make it, and the products run through quant.qlinear (decode, then matmul).
+`vicunaflow quantize`) make it, and the products run through quant.qlinear (decode, then matmul;
+on CUDA in half precision, a batch of at most quant_kernels.MATMUL_MAX_ROWS tokens takes the Triton kernels).
 """
 
 from __future__ import annotations
