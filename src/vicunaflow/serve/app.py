@@ -569,8 +569,11 @@ async def _stream_chat(
                     out.append(APIError(500, f"generation failed: {event.error}", type="server_error").sse())
                 elif event.finish_reason is not None:
                     if done is not None and event.finish_reason in ("stop", "length"):
+                        if out:  # this batch's text goes out first: what the client has is what is kept
+                            yield "".join(out)
+                            out = []
                         ended = True
-                        done("".join(pieces))  # every piece will have been sent: what the client has is what is kept
+                        done("".join(pieces))
                     out.append(chunk({}, FINISH_REASON[event.finish_reason], event=None if event.text else event))
                     if include_usage:
                         usage = _usage(event.prompt_tokens, event.completion_tokens)
