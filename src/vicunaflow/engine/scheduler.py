@@ -14,7 +14,7 @@ greedy replies are those of a whole-prompt prefill. A prompt that ends in a chun
 token from that chunk's logits and joins the decoding rows.
 
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
-its whole prompt are (plus one block of headroom per decoding row), so concurrency is bounded by the
+its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the
 tokens requests hold. When a decoding row needs a block and none is free, the youngest decoding
 request is preempted: its blocks are freed and it goes back to the front of the queue, to be prefilled
 again (prompt and reply so far) and continue where it stopped; the oldest decoding request is never
