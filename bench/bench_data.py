@@ -228,8 +228,10 @@ def make_tokenizer(folder: Path, source: Path) -> Path:
 
 def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
     """Run a command; wall seconds, CPU seconds (user + system, its workers included) and the peak RSS of
-    its process tree (every 50 ms); printed as it ends. On a loaded machine CPU seconds vary less than wall."""
+    its process tree (every 50 ms); printed as it ends. On a loaded machine CPU seconds vary less than wall;
+    the 1-minute load average before and after says how loaded it was (other people's jobs included)."""
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -254,7 +256,8 @@ def measured(command: list[str], log: Path, env: dict | None = None) -> dict:
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(peak[0] / 2**20, 1)}
+    result = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(peak[0] / 2**20, 1),
+              "load_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # fmt: skip
     print(f"{log.stem}: {result}", flush=True)
     return result
 
@@ -334,7 +337,8 @@ def run_before_and_after(args, work: Path, source: Path, tokenizer: Path) -> dic
             cpu = [r[step]["cpu_seconds"] for r in done]
             result[step] = {"seconds": round(statistics.median(seconds), 2), "runs": seconds,
                             "cpu_seconds": round(statistics.median(cpu), 2), "cpu_runs": cpu,
-                            "peak_rss_mb": max(r[step]["peak_rss_mb"] for r in done)}  # fmt: skip
+                            "peak_rss_mb": max(r[step]["peak_rss_mb"] for r in done),
+                            "load_1m_before_after": [r[step].get("load_1m_before_after") for r in done]}  # fmt: skip
         results[side] = result
     results["before"]["commit"] = args.before
     results["same_bytes_as_before"] = {
