@@ -117,11 +117,14 @@ def project(
                 out = torch.empty(1, weight.shape[0], dtype=norm_weight.dtype, device=x.device)
             return qlinear(x.contiguous(), weight, residual, swiglu, out=out, matvec=True, norm=norm_weight, eps=eps)
         return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
+    if isinstance(weight, QuantWeight):
+        # several rows: quant_kernels.qmatmul (RMSNorm folded in) where the decode kernels are on, else decoded
+        norm_weight, eps = norm if norm is not None else (None, 1e-6)
+        return qlinear(
+            x, weight, residual, swiglu, out=out, matvec=None if matvec else False, norm=norm_weight, eps=eps
+        )
     if norm is not None:
         x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
-    if isinstance(weight, QuantWeight):
-        # several rows: quant_kernels.qmatmul where the decode kernels are on (batched steps), else decoded
-        return qlinear(x, weight, residual, swiglu, out=out, matvec=None if matvec else False)
     if swiglu:
         half = x.shape[1] // 2
         x = F.silu(x[:, :half]) * x[:, half:]

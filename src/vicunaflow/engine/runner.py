@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from vicunaflow import kernels as triton_kernels
-from vicunaflow.attention_kernels import paged_decode_attention
+from vicunaflow.attention_kernels import paged_decode_attention, rope_store
 from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
@@ -105,18 +105,22 @@ class Runner:
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     def _kernel_runs(self) -> bool:
-        """Build the paged attention kernel for this cache's shapes now; if it cannot build here, say so and
-        gather blocks for SDPA instead. (Ranks may differ: attention involves no collective.)"""
-        cache, heads = self.cache, self.model.heads
-        query = torch.zeros(1, heads, cache.keys[0].shape[-1], dtype=self.model.dtype, device=self.device)
+        """Build the decode step's attention kernels (rope_store, paged attention) for this cache's shapes now;
+        if they cannot build here, say so and gather blocks for SDPA instead. (Ranks may differ: attention
+        involves no collective.) Both write only the scratch block 0."""
+        cache, heads, kv_heads = self.cache, self.model.heads, self.model.kv_heads
+        head_dim = cache.keys[0].shape[-1]
+        qkv = torch.zeros(1, (heads + 2 * kv_heads) * head_dim, dtype=self.model.dtype, device=self.device)
+        angles = torch.zeros(1, head_dim // 2, device=self.device)
         tables = torch.zeros(1, cache.width, dtype=torch.long, device=self.device)
+        first = torch.zeros(1, dtype=torch.long, device=self.device)
         try:
-            paged_decode_attention(
-                query, cache.keys[0], cache.values[0], tables, torch.ones(1, dtype=torch.long, device=self.device)
-            )
+            rope_store(qkv, angles, angles, first, tables, cache.keys[0], cache.values[0], heads)
+            query = qkv[:, : heads * head_dim].view(1, heads, head_dim)
+            paged_decode_attention(query, cache.keys[0], cache.values[0], tables, first + 1)
         except Exception as err:
             log.warning(
-                "paged attention kernel unavailable (%s: %s); decode attention gathers blocks for SDPA",
+                "decode attention kernels unavailable (%s: %s); decode attention gathers blocks for SDPA",
                 type(err).__name__,
                 err,
             )
