@@ -193,21 +193,12 @@ def qlinear(
         and matvec is not False
         and _kernel_fits(x, qw)
     )
-    if on_tensor_cores:
-        flat_residual = None if residual is None else residual.reshape(rows, n).contiguous()
-        flat_out = None if out is None or not out.is_contiguous() else out.view(rows, n)
-        y = quant_kernels.qmatmul(
-            x.reshape(rows, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps
-        )
-        if out is not None:
-            return out if flat_out is not None else out.copy_(y.view(out.shape))
-        return y.view(*x.shape[:-1], n)
-    if one_row and (matvec or (matvec is None and _kernel_fits(x, qw))):
-        flat_out = None if out is None else out.view(1, n)
-        flat_residual = None if residual is None else residual.reshape(1, n)
-        y = quant_kernels.qmatvec(
-            x.reshape(1, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps
-        )
+    on_cuda_cores = one_row and (matvec or (matvec is None and _kernel_fits(x, qw)))
+    if on_tensor_cores or on_cuda_cores:  # both kernels take the same arguments and check their layouts
+        kernel = quant_kernels.qmatmul if on_tensor_cores else quant_kernels.qmatvec
+        flat_out = None if out is None else out.view(rows, n)
+        flat_residual = None if residual is None else residual.reshape(rows, n)
+        y = kernel(x.reshape(rows, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps)
         return out if out is not None else y.view(*x.shape[:-1], n)
     if norm is not None:
         x = F.rms_norm(x, (k,), norm, eps)

@@ -272,6 +272,8 @@ def qmatmul(
         raise ValueError(f"qmatmul: input {tuple(x.shape)} does not fit weight {qw.shape} (<= {MATMUL_MAX_ROWS} rows)")
     if norm is not None and (swiglu or norm.shape != (k,)):
         raise ValueError(f"qmatmul: norm {tuple(norm.shape)} needs a plain input of {k} columns")
+    if any(t is not None and not t.is_contiguous() for t in (residual, out)):
+        raise ValueError("qmatmul: residual and out must be contiguous")
     from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
 
     if out is None:
