@@ -106,6 +106,14 @@ def main() -> None:
         "--memory-cap-gib", type=float,
         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for a 24 GiB card",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile-rows", type=int, nargs="+", default=[1],
+        help="ours: step profiles (graph replay, kernel time) of decode steps with these many rows",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention-split-tokens", type=int,
+        help="ours: positions per program of the paged decode-attention kernel (attention_kernels.SPLIT_TOKENS)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
     args = parser.parse_args()
@@ -118,6 +126,10 @@ def main() -> None:
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
+    if args.attention_split_tokens:
+        from vicunaflow import attention_kernels
+
+        attention_kernels.SPLIT_TOKENS = args.attention_split_tokens
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     if args.memory_cap_gib and args.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
@@ -136,6 +148,7 @@ def main() -> None:
         "decode_kernels": args.device == "cuda" and not args.no_decode_kernels,
         "overlap": args.device == "cuda" and not args.no_overlap,
         "memory_cap_gib": args.memory_cap_gib,
+        "attention_split_tokens": __import__("vicunaflow.attention_kernels").attention_kernels.SPLIT_TOKENS,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
     print(json.dumps(info), flush=True)
@@ -417,10 +430,10 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
                 }
             )
             print(results[-1], flush=True)
-    results.append(
-        {"engine": "vicunaflow", "mode": "step-profile", "concurrency": 1, **step_profile(engine, model, single)}
-    )
-    print(results[-1], flush=True)
+    for rows in args.profile_rows:
+        profile = step_profile(engine, model, single, rows=rows)
+        results.append({"engine": "vicunaflow", "mode": "step-profile", "concurrency": rows, **profile})
+        print(results[-1], flush=True)
     del engine
     return results
 
@@ -544,24 +557,28 @@ def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
 
 
 @torch.inference_mode()
-def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
-    """Time the bare one-row decode step (as the engine runs it) against the engine's time per token.
+def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1) -> dict:
+    """Time the bare decode step of `rows` rows (as the engine runs it) against the engine's time per
+    token (one row) or per step at that concurrency (`rows` tokens a step: rows / step time is the rate
+    the GPU alone would allow).
 
     With several ranks only the step as the engine runs it is timed: replaying rank 0's graph alone
     would wait forever for the other ranks' half of its collectives.
     """
     runner, device = engine.runner, engine.device
     position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
-    runner.step([5], [position])  # make sure its graph exists
+    runner.step([5] * rows, [position] * rows)  # make sure its graph exists
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        runner.step([5], [position])[1].tolist()  # inputs in, greedy token out, one sync: no sampling or text
+        runner.step([5] * rows, [position] * rows)[1].tolist()  # inputs in, greedy tokens out, one sync
     step_s = (time.perf_counter() - start) / steps
-    profile = {"step_ms": 1000 * step_s, "engine_ms_per_token": 1000 / single["decode_tok_s"]}
+    profile = {"step_ms": 1000 * step_s, "step_bound_tok_s": rows / step_s}
+    if rows == 1:
+        profile["engine_ms_per_token"] = 1000 / single["decode_tok_s"]
     profile["weight_gb_per_rank"] = model.weight_bytes() / 1e9
     profile["weights_gb_per_s_per_rank"] = model.weight_bytes() / step_s / 1e9
-    bucket = runner.buckets.get(runner.bucket_key(1, position + 1))
+    bucket = runner.buckets.get(runner.bucket_key(rows, position + 1))
     single_rank = model.comm.world == 1
     if single_rank and bucket is not None and bucket.get("graph") is not None:
         sync(device)
@@ -571,9 +588,13 @@ def step_profile(engine, model, single: dict, steps: int = 50) -> dict:
         sync(device)
         replay_s = (time.perf_counter() - start) / steps
         profile["graph_replay_ms"] = 1000 * replay_s
+        profile["replay_bound_tok_s"] = rows / replay_s
         profile["weights_gb_per_s"] = model.weight_bytes() / replay_s / 1e9
         profile["kernel_time"] = kernel_breakdown(bucket["graph"].replay, steps)
-    profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get("graph_replay_ms", profile["step_ms"])
+    if rows == 1:
+        profile["host_overhead_ms"] = profile["engine_ms_per_token"] - profile.get(
+            "graph_replay_ms", profile["step_ms"]
+        )
     if single_rank and bucket is not None and torch.device(device).type == "cuda":
         profile["kernels_per_step"] = count_kernels(lambda: runner._forward(bucket))
     return profile
@@ -740,7 +761,7 @@ def print_table(results: list[dict]) -> None:
     columns = ["engine", "weights", "weight_gib", "num_gpus", "all_reduce", "mode", "concurrency", "decode_tok_s"]
     columns += ["e2e_tok_s"]
     columns += ["aggregate_tok_s", "reply_s"]
-    columns += ["first_token_s"]
+    columns += ["first_token_s", "replay_bound_tok_s"]
     print(" | ".join(f"{c:>14}" for c in columns))
     for row in results:
         cells = []
