@@ -164,6 +164,23 @@ def test_models_that_do_not_fit_are_refused_before_loading(tiny_vicuna, tiny_hf)
     assert "loaded" not in result.stderr  # nothing was loaded
 
 
+def test_a_kv_cache_too_small_for_one_request_is_refused_before_loading(tiny_vicuna, monkeypatch):
+    """The Engine's rule, applied to config.json: no weights are read before the refusal."""
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve import serve
+
+    def load(self, model_path):
+        pytest.fail(f"{model_path} was loaded before --kv-cache-tokens was checked")
+
+    monkeypatch.setattr(ModelOptions, "load", load)
+    options = ModelOptions(device="cpu")
+    with pytest.raises(VicunaflowError) as err:
+        serve(model_path=tiny_vicuna, port=free_port(), model_options=options, max_context=500, kv_cache_tokens=300)
+    message = str(err.value)
+    assert "vicuna-tiny-all-v1.1: --kv-cache-tokens 300 cannot hold one request of the context's 500" in message
+    assert "the minimum is 512 (32 blocks of 16)" in message and "--max-context" in message, message
+
+
 def test_two_models_need_two_names(tiny_vicuna, tmp_path):
     paths = ["--model-path", str(tiny_vicuna), "--model-path", str(tiny_vicuna)]
     result = serve_refused(*paths, "--port", str(free_port()))

@@ -175,13 +175,8 @@ class Engine:
         padded_decode = cuda_graphs if padded_decode is None else padded_decode
         supports_kernels = cuda and model.dtype in (torch.float16, torch.bfloat16) and kernels.available()
         decode_kernels = supports_kernels if decode_kernels is None else decode_kernels and supports_kernels
-        width = -(-self.context // BLOCK_SIZE)  # blocks of one full-context row
-        blocks = None if kv_cache_tokens is None else min(max_batch_size * width, -(-kv_cache_tokens // BLOCK_SIZE))
-        if blocks is not None and blocks < width:  # before any rank allocates anything
-            raise VicunaflowError(
-                f"--kv-cache-tokens {kv_cache_tokens} cannot hold one request of the context's {self.context} "
-                f"tokens; give at least {width * BLOCK_SIZE}"
-            )
+        # before any rank allocates anything (serve checks it earlier still, from config.json)
+        blocks = kv_cache_blocks(kv_cache_tokens, context=self.context, max_batch_size=max_batch_size)
         self.runner = Runner(
             model,
             max_batch_size,
@@ -646,3 +641,22 @@ def context_length(model: Transformer, max_context: int | None = None) -> int:
     """Tokens the model attends over: its max_position_embeddings (2048 for LLaMA-1), or less if asked."""
     limit = model.args.max_position_embeddings
     return min(limit, max_context) if max_context else limit
+
+
+def kv_cache_blocks(kv_cache_tokens: int | None, *, context: int, max_batch_size: int) -> int | None:
+    """Blocks of the paged KV cache for --kv-cache-tokens (None: the default, every row at full context).
+
+    Refuses a cache that cannot hold one full-context request: such a request could never be admitted.
+    The Engine's rule, also called by `serve` on config.json alone, before any weights load.
+    """
+    if kv_cache_tokens is None:
+        return None
+    width = -(-context // BLOCK_SIZE)  # blocks of one full-context row
+    blocks = min(max_batch_size * width, -(-kv_cache_tokens // BLOCK_SIZE))
+    if blocks < width:
+        raise VicunaflowError(
+            f"--kv-cache-tokens {kv_cache_tokens} cannot hold one request of the context's {context} tokens: "
+            f"the minimum is {width * BLOCK_SIZE} ({width} blocks of {BLOCK_SIZE}); give at least that, "
+            "or a smaller --max-context"
+        )
+    return blocks

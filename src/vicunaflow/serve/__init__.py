@@ -63,6 +63,7 @@ def serve(
             taking blocks as it grows); a request waits for room when it is full. Default: --max-batch-size
             x the context, room for every request at full length; less lets --max-batch-size go higher
             than that memory allows (e.g. 256 requests of ~800 tokens in 200000 tokens for a 7B on one H200).
+            At least one full-context request (the context rounded up to blocks), checked before loading.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
@@ -103,7 +104,7 @@ def serve(
     resolved = resolve_device(model_options.device, num_gpus)
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
     sizes |= dict(max_batch_size=max_batch_size, max_context=max_context, kv_cache_tokens=kv_cache_tokens)
-    check_fit(
+    check_fit(  # estimate also refuses a --kv-cache-tokens below one full-context request, before any load
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )
     if len(models) > 1 and resolved == "cuda" and cuda_graphs:

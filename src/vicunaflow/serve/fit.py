@@ -19,6 +19,7 @@ from pathlib import Path
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
 from vicunaflow.engine.build import weight_bytes
+from vicunaflow.engine.scheduler import kv_cache_blocks
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
 HEADROOM = 0.9
@@ -48,7 +49,8 @@ def estimate(
     max_context: int | None = None,
     kv_cache_tokens: int | None = None,
 ) -> Estimate:
-    """Bytes per rank of one model as `serve` would load it (device: "cpu" or "cuda", already resolved)."""
+    """Bytes per rank of one model as `serve` would load it (device: "cpu" or "cuda", already resolved);
+    refuses a --kv-cache-tokens too small for one full-context request, as the Engine would."""
     config_file = Path(model_path) / "config.json"
     try:
         args = ModelArgs.from_hf(json.loads(config_file.read_text()))
@@ -65,6 +67,10 @@ def estimate(
     weights = weight_bytes(args, itemsize=itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
     kv = args.n_kv_heads * args.head_dim
     context = min(args.max_position_embeddings, max_context) if max_context else args.max_position_embeddings
+    try:  # the Engine would refuse it too, but only after the weights load (tens of seconds for a 13B)
+        kv_cache_blocks(kv_cache_tokens, context=context, max_batch_size=max_batch_size)
+    except VicunaflowError as err:
+        raise VicunaflowError(f"{name}: {err}") from None
     tokens = max_batch_size * context  # the paged cache's default: every row at full context
     if kv_cache_tokens is not None:
         tokens = min(tokens, kv_cache_tokens)
