@@ -105,3 +105,107 @@ def test_cuda_engine_uses_kernels_in_its_graphs(tiny_vicuna):
     assert events[-1].completion_tokens == 16
     assert stats["decode_kernels"] and stats["overlap"] and stats["queued_ahead"] > 0
     assert engine.runner.cuda_graphs  # no capture fell back to eager
+
+
+# ---- matmul_rows: batched decode steps on float weights -------------------------------------------
+
+
+def rows_reference(x, weight, residual=None, swiglu=False, norm=None, eps=1e-5):
+    """float64 x @ weight.T (+ residual) of the input matmul_rows forms: rms_norm(x) or silu(gate) * up,
+    rounded to the weight's dtype as the kernel (and cuBLAS) multiply it."""
+    inputs = x.double()
+    if swiglu:
+        k = weight.shape[1]
+        inputs = torch.nn.functional.silu(inputs[:, :k]) * inputs[:, k:]
+    if norm is not None:
+        inputs = torch.nn.functional.rms_norm(inputs, (inputs.shape[1],), norm.double(), eps)
+    inputs = inputs.to(weight.dtype).double()
+    return inputs @ weight.double().T + (residual.double() if residual is not None else 0)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "dtype", "epilogue"),
+    [
+        (2, 37, 100, torch.float16, "plain"),  # neither N nor K a multiple of a block: masked loads
+        (5, 64, 128, torch.float16, "swiglu+residual"),  # down_proj: silu(gate) * up in, residual added
+        (16, 48, 200, torch.float16, "norm"),  # q|k|v, gate|up: RMSNorm folded into the input
+        (33, 40, 64, torch.float16, "norm+residual"),  # two 16-row tiles' worth: BLOCK_M 64
+        (5, 37, 130, torch.bfloat16, "norm+residual"),
+        (2, 32, 128, torch.bfloat16, "swiglu"),
+        (3, 24, 96, torch.float32, "residual"),
+    ],
+)
+def test_matmul_rows_matches_float64_reference(m, n, k, dtype, epilogue):
+    generator = torch.Generator().manual_seed(m * n + k)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    swiglu = "swiglu" in epilogue
+    x = (3 * torch.randn(m, 2 * k if swiglu else k, generator=generator)).to(DEVICE, dtype)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype) if "norm" in epilogue else None
+    res = torch.randn(m, n, generator=generator).to(DEVICE, dtype) if "residual" in epilogue else None
+    out = kernels.matmul_rows(x, weight, res, swiglu=swiglu, norm=norm, eps=1e-5)
+    expected = rows_reference(x, weight, res, swiglu, norm)
+    assert out.shape == (m, n) and out.dtype == dtype
+    # float32 accumulation: rounding the input to the weight's dtype (in the reference too) and the result
+    tolerance = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matmul_rows_writes_float32_into_out(dtype):
+    """Tensor parallelism's multi-row steps store float32 partial sums straight into its all-reduce buffer;
+    a float32 input and residual (its residual stream) are read as they are."""
+    generator = torch.Generator().manual_seed(2)
+    m, n, k = 6, 40, 96
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    assert kernels.matmul_rows(x, weight, out=out) is out
+    tolerance = 1e-5 if dtype == torch.float16 else 2**-7
+    expected = rows_reference(x, weight)
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    x32, residual = torch.randn(m, k, generator=generator).to(DEVICE), torch.randn(m, n, generator=generator).to(DEVICE)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype)
+    kernels.matmul_rows(x32, weight, residual, out=out, norm=norm, eps=1e-6)
+    expected = rows_reference(x32, weight, residual, norm=norm, eps=1e-6)
+    assert torch.allclose(out.double(), expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
+
+
+def test_matmul_rows_refuses_what_it_cannot_take():
+    weight = torch.zeros(8, 96, dtype=torch.float16)
+    assert kernels.MATMUL_MAX_ROWS == __import__("vicunaflow.quant_kernels").quant_kernels.MATMUL_MAX_ROWS
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.matmul_rows(torch.zeros(65, 96, dtype=torch.float16), weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.matmul_rows(torch.zeros(4, 96, dtype=torch.float16), weight, swiglu=True)
+    with pytest.raises(ValueError, match="needs a plain input"):
+        kernels.matmul_rows(torch.zeros(4, 192), weight, swiglu=True, norm=torch.ones(96))
+    with pytest.raises(ValueError, match="not a contiguous"):
+        kernels.matmul_rows(torch.zeros(4, 96), weight, out=torch.zeros(8, 4).T)
+    with pytest.raises(ValueError, match="not a contiguous"):
+        kernels.matmul_rows(torch.zeros(4, 96), weight, residual=torch.zeros(4, 7))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.matmul_rows(torch.zeros(4, 96), torch.zeros(96, 8, dtype=torch.float16).T)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.matmul_rows(torch.zeros(4, 96), weight.to(torch.float64))
+
+
+def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, monkeypatch):
+    """A three-row decode step of the tiny Vicuna with the decode kernels on: every product through
+    matmul_rows gives the logits of the plain torch ops (kernels.FLOAT_ROWS = "cublas")."""
+    model, _ = load_model(tiny_vicuna, device=DEVICE)
+    model.layers = model.layers[:1]  # one layer is enough, and Triton's interpreter is slow
+    model.setup_cache(slots=3, context=8)
+    input_ids, positions = torch.tensor([[5], [9], [2]], device=DEVICE), torch.tensor([[0], [0], [0]], device=DEVICE)
+    model.matvec = True
+    calls, real = [], kernels.matmul_rows
+    monkeypatch.setattr(kernels, "matmul_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.inference_mode():
+        monkeypatch.setattr(kernels, "FLOAT_ROWS", "cublas")
+        plain = model(input_ids, positions, kv_length=1)
+        assert not calls
+        monkeypatch.setattr(kernels, "FLOAT_ROWS", "triton")
+        fused = model(input_ids, positions, kv_length=1)
+    assert len(calls) == 5  # q|k|v, o, gate|up, down, output
+    assert fused.shape == plain.shape == (3, model.args.vocab_size)
+    tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)

@@ -7,7 +7,9 @@ tiles of weight rows, accumulates in float32, computes SiLU(gate)·up while load
 the residual while storing its output, so a LLaMA MLP is two kernels instead of four; it takes
 0.82-0.93x cuBLAS's time on each 7B weight shape (docs/benchmarks.md).
 
-Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. Tests run it on the CPU
+Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. Batched decode steps
+(2..MATMUL_MAX_ROWS rows) go through `matmul_rows` (tensor cores, kernel in matmul_kernels.py) with the
+same prologues and epilogues, so each weight is still read once a step. Tests run both on the CPU
 through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -17,6 +19,11 @@ import functools
 import os
 
 import torch
+
+MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
+# Batched decode steps on float weights: "triton" (matmul_rows) or "cublas" (F.linear plus separate
+# RMSNorm / SiLU·up / add kernels), read by engine.model.project; bench_chat --float-rows times both.
+FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
 # against a wider set on the 7B shapes.
@@ -59,6 +66,57 @@ def matvec(
     kernel[grid](
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, n, k,
         SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
+    )  # fmt: skip
+    return out
+
+
+def matmul_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
+
+    Why: cuBLAS reads a weight once for a batched decode step too, but the step also needs RMSNorm,
+    SiLU·up and the residual add as kernels of their own; one program per BLOCK_N weight rows here
+    serves all M rows (padded to a 16-row tile) and folds those in, as matvec does for one row.
+    x: [M, K], or [M, 2K] with swiglu (input silu(gate) * up); weight: [N, K] float16/bfloat16 (float32
+    works, slowly: exact products); norm: [K], the input is rms_norm(x, norm, eps) (float32 inside);
+    residual, out: [M, N] contiguous, out any float dtype (tensor parallelism's float32 buffer).
+    Products are in the weight's dtype (the input rounded to it), accumulated in float32. Returns a
+    new [M, N] tensor of weight's dtype, or `out`.
+    """
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.dim() != 2 or not 0 < m <= MATMUL_MAX_ROWS or x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(
+            f"matmul_rows: input {tuple(x.shape)} does not fit weight {(n, k)} (<= {MATMUL_MAX_ROWS} rows)"
+        )
+    if norm is not None and (swiglu or norm.shape != (k,)):
+        raise ValueError(f"matmul_rows: norm {tuple(norm.shape)} needs a plain input of {k} columns")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"matmul_rows: weight dtype {weight.dtype} is not a float16/bfloat16/float32")
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != (m, n) or not t.is_contiguous()):
+            raise ValueError(f"matmul_rows: {name} {tuple(t.shape)} is not a contiguous [{m}, {n}]")
+    if not (weight.is_contiguous() and x.is_contiguous()):
+        raise ValueError("matmul_rows: weight and input must be contiguous")
+    from vicunaflow import matmul_kernels  # Triton: imported only when the kernel runs
+
+    if out is None:
+        out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
+    # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
+    interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+    matmul_kernels.float_matmul_kernel[grid](
+        x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, m, n, k,
+        HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, NORM=norm is not None,
+        FP32=weight.dtype == torch.float32 or interpreted_bf16,
+        BLOCK_M=max(16, 1 << (m - 1).bit_length()),  # tl.dot's smallest tile is 16
     )  # fmt: skip
     return out
 

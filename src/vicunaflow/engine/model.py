@@ -104,11 +104,12 @@ def project(
 ) -> torch.Tensor:
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
-    x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: one-row
-    products through the Triton kernel (CUDA, float16/bfloat16). norm: (RMSNorm weight [K], eps) to
-    apply to x first (inside the kernel for one row: one launch fewer). weight: a float tensor, or a
-    quant.QuantWeight (int8/int4): its own Triton kernel for one row with the same epilogues, else
-    decoded to x's dtype and multiplied.
+    x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: products
+    through the Triton kernels (CUDA, float16/bfloat16): kernels.matvec for one row, kernels.matmul_rows
+    for 2..64 rows (batched decode steps; kernels.FLOAT_ROWS = "cublas" keeps cuBLAS for measurement).
+    norm: (RMSNorm weight [K], eps) to apply to x first (inside the kernels: one launch fewer). weight:
+    a float tensor, or a quant.QuantWeight (int8/int4): its own Triton kernels with the same epilogues,
+    else decoded to x's dtype and multiplied. Prefill (more rows, or matvec off) stays on cuBLAS.
     """
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
@@ -123,6 +124,10 @@ def project(
         return qlinear(
             x, weight, residual, swiglu, out=out, matvec=None if matvec else False, norm=norm_weight, eps=eps
         )
+    if matvec and x.shape[0] <= kernels.MATMUL_MAX_ROWS and kernels.FLOAT_ROWS == "triton":
+        # a batched decode step: one kernel reads the weight once for every row, RMSNorm / SiLU·up / residual folded in
+        norm_weight, eps = norm if norm is not None else (None, 1e-6)
+        return kernels.matmul_rows(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
     if norm is not None:
         x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
     if swiglu:
@@ -226,7 +231,7 @@ class Transformer(torch.nn.Module):
             ** (torch.arange(0, 2 * half, 2, dtype=torch.int64, device=self.device).float() / (2 * half))
         )  # [head_dim / 2]
         self.cache: KVCache | None = None
-        self.matvec = False  # one-row products through kernels.matvec (set by the runner on CUDA)
+        self.matvec = False  # decode-step products through kernels.matvec / matmul_rows (set by the runner on CUDA)
         self.attention_kernel = False  # decode attention through attention_kernels (set by the runner on CUDA)
 
     def setup_cache(self, slots: int, context: int, **paging) -> KVCache:
