@@ -24,6 +24,10 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     (`load_model(load_8bit=True / load_4bit=True)`, the path of `chat --load-8bit / --load-4bit`;
                     Triton qmatvec for one-row steps): the same rows as float16, next to them, plus weight GiB
                     (`--load-8bit` = `--quant 8`)
+    --float-rows triton cublas
+                    ours, float16: batched decode steps (2..64 rows) through kernels.matmul_rows (RMSNorm,
+                    SiLU·up and the residual folded in) and/or cuBLAS with separate kernels, each in turn
+                    (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
     --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
@@ -103,6 +107,10 @@ def main() -> None:
         help="ours, --quant: one-row steps through qmatvec and/or qmatmul (tensor cores), each in turn",
     )  # fmt: skip
     parser.add_argument(
+        "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],
+        help="ours, float16: batched decode steps through kernels.matmul_rows and/or cuBLAS, each in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--memory-cap-gib", type=float,
         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for a 24 GiB card",
     )  # fmt: skip
@@ -159,20 +167,21 @@ def main() -> None:
     tokenizer = make_tokenizer(model_args.vocab_size)
     prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
-        from vicunaflow import quant_kernels
+        from vicunaflow import kernels, quant_kernels
 
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
-                runs = [(None, "matvec")] if not args.quant_only else []
-                runs += [(bits, one_row) for bits in args.quant for one_row in args.quant_one_row]
-                for bits, one_row in runs:
+                runs = [(None, "matvec", rows) for rows in args.float_rows] if not args.quant_only else []
+                runs += [(bits, one_row, "triton") for bits in args.quant for one_row in args.quant_one_row]
+                for bits, one_row, float_rows in runs:
                     quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row  # spawned ranks too
+                    kernels.FLOAT_ROWS = os.environ["VICUNAFLOW_FLOAT_ROWS"] = float_rows
                     model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
                         tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
-                        tags |= {"quant_one_row": one_row} if bits else {}
+                        tags |= {"quant_one_row": one_row} if bits else {"float_rows": float_rows}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
                         if args.device == "cuda":  # the earlier models' cached blocks would count as this one's
                             torch.cuda.empty_cache()
@@ -184,6 +193,9 @@ def main() -> None:
                             rows += bench_ablations(model, tokenizer, prompts, args)
                         name = f"vicunaflow int{bits} {one_row}" if bits else None
                         results += [row | tags | ({"engine": name} if name else {}) for row in rows]
+                        if not bits and len(args.float_rows) > 1:  # side by side: say which in the table
+                            for row in results[-len(rows) :]:
+                                row["engine"] += f" rows:{float_rows}"
                     finally:
                         model.close()
                     free(model)
