@@ -295,3 +295,74 @@ def test_cuda_paged_kernel_in_graphs_matches_eager_float16(tiny_gqa):
     prompts = [[1, *range(40, 40 + n)] for n in (5, 90, 300)]
     eager = _replies(model, tokenizer, prompts, max_new_tokens=32, cuda_graphs=False)
     assert _replies(model, tokenizer, prompts, max_new_tokens=32) == eager
+
+
+# -- failures -----------------------------------------------------------------------------------------------
+
+
+def _events(engine, prompt, params):
+    """Submit; a queue of the request's events."""
+    import queue
+
+    events = queue.SimpleQueue()
+    return engine.submit(prompt, params, events.put), events
+
+
+def _last(events, timeout=60.0):
+    """The finishing event (fails instead of hanging if the engine never sends it)."""
+    while (event := events.get(timeout=timeout)).finish_reason is None:
+        pass
+    return event
+
+
+def test_a_request_that_cannot_be_admitted_fails_and_the_others_are_served(loaded, monkeypatch):
+    """An error while taking one request off the queue fails that request, with the reason; the engine goes on."""
+    model, tokenizer = loaded
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=2, max_context=512) as engine:
+        ensure = engine.cache.ensure
+
+        def failing(row, length):  # the 100-token prompt's blocks: a stand-in for any admission error
+            if length == 100:
+                raise RuntimeError("cannot admit this one")
+            ensure(row, length)
+
+        monkeypatch.setattr(engine.cache, "ensure", failing)
+        with engine.lock:  # both queued before the loop looks: the bad one first, ahead of the good one
+            _, bad_events = _events(engine, [1] + [5] * 99, params)
+            good, good_events = _events(engine, [1, 5, 6, 7, 8], params)
+        event = _last(bad_events)
+        assert event.finish_reason == "error" and event.error == "RuntimeError: cannot admit this one", event
+        assert _last(good_events).finish_reason == "length" and good.completion_tokens == 8
+        _, again_events = _events(engine, [1, 5, 6], params)
+        assert _last(again_events).finish_reason == "length"
+        stats = engine.snapshot_stats()
+        assert stats["failure"] is None and stats["active"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
+
+
+def test_an_engine_loop_error_fails_every_request_and_stops_the_engine(loaded, monkeypatch):
+    """An error no request can be blamed for: every request ends with it, and the engine says it stopped."""
+    from vicunaflow import VicunaflowError
+
+    model, tokenizer = loaded
+    params = SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=1, max_context=512) as engine:
+        take_waiting = engine._take_waiting
+
+        def broken():  # once a request decodes, with another waiting for its row
+            if engine.rows:
+                raise RuntimeError("bookkeeping bug")
+            take_waiting()
+
+        monkeypatch.setattr(engine, "_take_waiting", broken)
+        with engine.lock:
+            _, running_events = _events(engine, [1, 5, 6, 7], params)
+            _, queued_events = _events(engine, [1, 5], params)
+        for events in (running_events, queued_events):
+            event = _last(events)
+            assert event.finish_reason == "error" and "bookkeeping bug" in event.error, event
+        engine.thread.join(timeout=60)
+        assert not engine.thread.is_alive()
+        assert engine.snapshot_stats()["failure"] == "RuntimeError: bookkeeping bug"
+        with pytest.raises(VicunaflowError, match="the engine stopped after an error: RuntimeError: bookkeeping bug"):
+            engine.submit([1, 5], params, lambda event: None)

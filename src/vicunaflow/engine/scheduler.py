@@ -200,6 +200,7 @@ class Engine:
         self.prefilling: list[PrefillJob] = []  # admitted, prompt not yet all in the cache (oldest first)
         self.lock = threading.Condition()
         self.running = False
+        self.failure: str | None = None  # why the loop stopped on an error no request could be blamed for
         self.thread: threading.Thread | None = None
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
@@ -266,6 +267,8 @@ class Engine:
             raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
         request = Request(prompt_ids, params, sink, self.tokenizer)
         with self.lock:
+            if self.failure is not None:  # no thread would ever take it: refuse rather than leave it waiting
+                raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
             self.waiting.append(request)
             self.stats["requests"] += 1
             self.lock.notify_all()
@@ -309,34 +312,48 @@ class Engine:
                 "overlap": self.overlap,
                 "tensor_parallel": self.model.comm.world,
                 "all_reduce": getattr(self.model.comm, "mode", "none"),
+                "failure": self.failure,
             }
 
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        """Step until stopped. A failed step fails its requests, a failed admission its request; any other
+        error (a bug in the bookkeeping) fails every request and stops the engine, reported in `failure`
+        and refused by `submit`: a dead thread with clients still waiting on it would hang them forever."""
+        try:
+            while True:
+                with self.lock:
+                    while self.running and not self.rows and not self.prefilling and not self.waiting:
+                        self.lock.wait()
+                    if not self.running:
+                        break
+                    self._take_waiting()
+                try:
+                    self._drop_finished()
+                    if self.prefilling:
+                        self._drain()  # rows finishing their prompt join a batch with no step in flight
+                        self._prefill_chunk()
+                    self._drop_finished()
+                    if self.rows:
+                        self._decode_step()
+                except Exception as err:  # a failed step fails its requests, not the server
+                    log.exception("generation step failed")
+                    for request in self.rows + [job.request for job in self.prefilling]:
+                        if not request.done:
+                            self._finish(request, "error", error=f"{type(err).__name__}: {err}")
+                    self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
+                    for row in range(self.max_batch_size):
+                        self.cache.release(row)
+        except Exception as err:
+            log.exception("engine loop failed: the engine stops")
             with self.lock:
-                while self.running and not self.rows and not self.prefilling and not self.waiting:
-                    self.lock.wait()
-                if not self.running:
-                    break
-                self._take_waiting()
-            try:
-                self._drop_finished()
-                if self.prefilling:
-                    self._drain()  # rows finishing their prompt join a batch with no step in flight
-                    self._prefill_chunk()
-                self._drop_finished()
-                if self.rows:
-                    self._decode_step()
-            except Exception as err:  # a failed step fails its requests, not the server
-                log.exception("generation step failed")
-                for request in self.rows + [job.request for job in self.prefilling]:
-                    if not request.done:
-                        self._finish(request, "error", error=f"{type(err).__name__}: {err}")
-                self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
-                for row in range(self.max_batch_size):
-                    self.cache.release(row)
+                self.failure = f"{type(err).__name__}: {err}"
+                self.running = False
+                waiting, self.waiting = list(self.waiting), deque()
+            for request in self.rows + [job.request for job in self.prefilling] + waiting:
+                self._finish(request, "error", error=f"the engine stopped after an error: {self.failure}")
+            return
         for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
             self._finish(request, "cancelled")
 
@@ -364,18 +381,32 @@ class Engine:
                 self.waiting.popleft()
                 self._finish(request, "cancelled")
                 continue
-            if not self._fits(request):
-                break
-            self.waiting.popleft()
-            generated = request.decoder.ids  # a preempted request resumes: its reply so far is re-read too
-            tokens = request.prompt_ids + generated[:-1]
-            taken = {job.row for job in self.prefilling}
-            # the highest free row: decoding rows grow from 0 up, so a prompt row is rarely in the way
-            row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
+            try:
+                if not self._fits(request):
+                    break
+                self.waiting.popleft()
+                self._admit(request)
+            except Exception as err:  # this request fails, with the reason; the others are still served
+                log.exception("admitting request %d failed", request.id)
+                if self.waiting and self.waiting[0] is request:
+                    self.waiting.popleft()
+                self._finish(request, "error", error=f"{type(err).__name__}: {err}")
+
+    def _admit(self, request: Request) -> None:
+        """Give a request taken from the queue its row and the blocks for its prompt; queue its prefill."""
+        generated = request.decoder.ids  # a preempted request resumes: its reply so far is re-read too
+        tokens = request.prompt_ids + generated[:-1]
+        taken = {job.row for job in self.prefilling}
+        # the highest free row: decoding rows grow from 0 up, so a prompt row is rarely in the way
+        row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
+        try:
             self.cache.ensure(row, len(tokens))
             logprobs = request.params.prompt_logprobs if not generated else None
             first = [TokenLogprob(request.prompt_ids[0], None, [])] if logprobs is not None else None
             self.prefilling.append(PrefillJob(request, row, tokens, generated[-1] if generated else None, first))
+        except BaseException:
+            self.cache.release(row)  # no job holds the row: its blocks would be lost
+            raise
 
     def _prefill_chunk(self) -> None:
         """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most
