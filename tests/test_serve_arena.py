@@ -327,3 +327,27 @@ def test_several_models_with_tensor_parallelism_are_refused_before_loading(tmp_p
     paths = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(VicunaflowError, match=r"--num-gpus 2 with 2 --model-path: tensor parallelism serves one"):
         serve(model_path=paths, model_options=ModelOptions(device="cpu", num_gpus=2), port=free_port())
+
+
+def test_a_stopped_engine_is_503_on_health_and_on_requests(tmp_path):
+    """An engine whose loop died of an error (Engine.failure): /health says so, and its requests are refused."""
+
+    class StoppedEngine(FakeEngine):
+        failure = "RuntimeError: bookkeeping bug"
+
+        def snapshot_stats(self) -> dict:
+            return {**super().snapshot_stats(), "failure": self.failure}
+
+        def submit(self, prompt_ids, params, sink):
+            raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
+
+    with serving({"alpha": StoppedEngine("alpha")}, tmp_path) as (url, _):
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error", health.text
+        assert health.json()["engine"]["failure"] == "RuntimeError: bookkeeping bug"
+        body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
+        reply = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=body)
+        assert reply.status_code == 503 and "bookkeeping bug" in reply.json()["error"]["message"], reply.text
+    with serving({"alpha": FakeEngine("alpha")}, tmp_path) as (url, _):
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -31,13 +31,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vicunaflow import template
+from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
 from vicunaflow.serve.errors import APIError, read_body, sse_event
 from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
@@ -157,13 +157,19 @@ def create_app(
     @app.get("/health")
     async def health(request: Request):
         stats = {name: engine.snapshot_stats() for name, engine in engines.items()}
-        info = {"status": "ok", "model": model_name, "models": list(engines), "auth": bool(keys)}
+        # an engine stopped by an error fails every request sent to it: 503, so a balancer or monitor
+        # sees it (the reason is in that engine's "failure", and the log)
+        stopped = any(s.get("failure") for s in stats.values())
+        info = {"status": "error" if stopped else "ok", "model": model_name, "models": list(engines)}
+        info["auth"] = bool(keys)
         if len(engines) == 1 or (keys and key_given(request)):
-            return info | {"engine": stats[model_name], "engines": stats}
-        # Several models: the arena is open, and one model's counters rising while a side answers would
-        # name that side. Without a key (or with no keys set) only the totals, and each model's context.
-        totals = {counter: sum(s[counter] for s in stats.values()) for counter in HEALTH_TOTALS}
-        return info | {"totals": totals, "engines": {name: {"context": s["context"]} for name, s in stats.items()}}
+            info |= {"engine": stats[model_name], "engines": stats}
+        else:
+            # Several models: the arena is open, and one model's counters rising while a side answers would
+            # name that side. Without a key (or with no keys set) only the totals, and each model's context.
+            totals = {counter: sum(s[counter] for s in stats.values()) for counter in HEALTH_TOTALS}
+            info |= {"totals": totals, "engines": {name: {"context": s["context"]} for name, s in stats.items()}}
+        return JSONResponse(info, status_code=503) if stopped else info
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -463,7 +469,12 @@ def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
             request.cancel()
 
-    request = engine.submit(prompt_ids, params, sink)
+    try:
+        request = engine.submit(prompt_ids, params, sink)
+    except VicunaflowError as err:
+        if getattr(engine, "failure", None) is None:
+            raise
+        raise APIError(503, str(err), type="server_error") from None  # the engine stopped: see /health
     return request, inbox
 
 
