@@ -44,7 +44,7 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
 )
 def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_size, dtype):
     generator = torch.Generator().manual_seed(heads * head_dim + block_size)
-    width, blocks = 600 // block_size + 1, 64  # a 600-position context: 3 splits of 256, the last one partial
+    width, blocks = 600 // block_size + 1, 64  # a 600-position context: splits of SPLIT_TOKENS, the last one partial
     lengths = torch.tensor([1, 17, 256, 257, width * block_size - 3][: 5 if block_size == 16 else 4])
     B = len(lengths)
     keys = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, dtype)
@@ -62,6 +62,15 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_si
     assert torch.allclose(ours.cpu().double(), expected, atol=tolerance, rtol=tolerance), (
         (ours.cpu().double() - expected).abs().max()
     )
+
+
+def test_paged_decode_attention_refuses_a_split_of_part_of_a_tile(monkeypatch):
+    monkeypatch.setattr(attention_kernels, "SPLIT_TOKENS", attention_kernels.TILE // 2)
+    keys = torch.zeros(8, 4, 16, 32)
+    with pytest.raises(ValueError, match="not a multiple of TILE"):
+        attention_kernels.paged_decode_attention(
+            torch.zeros(2, 4, 32), keys, keys, torch.zeros(2, 4, dtype=torch.int32), torch.ones(2)
+        )
 
 
 def test_paged_decode_attention_refuses_mismatched_shapes():

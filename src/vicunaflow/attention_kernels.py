@@ -21,7 +21,10 @@ import os
 
 import torch
 
-SPLIT_TOKENS = 256  # positions per program: 8 splits of a 2048 context, ~256 programs for one 32-head row
+# Positions per program: one tile, so a row's splits run side by side instead of one program walking
+# dependent tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256, the
+# split kernel 155 against 321 µs a step; bench/bench_attention.py --split-tokens, docs/benchmarks.md).
+SPLIT_TOKENS = 64
 TILE = 64  # positions per inner step (a tile spans several blocks; each position finds its block)
 
 
@@ -51,6 +54,8 @@ def paged_decode_attention(
         raise ValueError(
             "paged_decode_attention: keys and values must be contiguous, query's heads and tables' rows too"
         )
+    if SPLIT_TOKENS % TILE:  # a split of part of a tile would read its neighbour's positions too
+        raise ValueError(f"paged_decode_attention: SPLIT_TOKENS {SPLIT_TOKENS} is not a multiple of TILE {TILE}")
     group = H // Hkv
     width = tables.shape[1]
     splits = -(-width * block_size // SPLIT_TOKENS)
