@@ -14,7 +14,7 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow.quant_matmul_kernels import MATMUL_TILES, input_tile, row_rstd
+from vicunaflow.quant_matmul_kernels import MATMUL_TILES, input_tile, rms_factor
 
 # int8's tiles: narrow BLOCK_N, so a 4096-row weight spreads over a few hundred programs (a matvec-sized
 # product needs several programs per SM to keep enough loads in flight); a float16 tile holds twice the bytes.
@@ -46,12 +46,14 @@ def float_matmul_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
     row_ok, col_ok = rows < M, cols < N
-    rstd = row_rstd(x_ptr, norm_ptr, eps, rows, row_ok, M, K, NORM, BLOCK_M)  # [BLOCK_M]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: sum of x^2 per row
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = input_tile(x_ptr, norm_ptr, rstd, rows, row_ok, ks, k_ok, K, SWIGLU, NORM)  # [BLOCK_M, BLOCK_K] f32
+        x, x_squared = input_tile(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, K, SWIGLU, NORM)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            squares += x_squared
         w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
         if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
             w = tl.load(w_ptrs)
@@ -63,6 +65,8 @@ def float_matmul_kernel(
             acc += tl.dot(x.to(w.dtype), tl.trans(w))  # [BLOCK_M, BLOCK_N]
     ok = row_ok[:, None] & col_ok[None, :]
     y = acc
+    if NORM:  # RMSNorm's per-row factor, applied to the products (quant_matmul_kernels.input_tile)
+        y = y * rms_factor(squares, eps, K)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)

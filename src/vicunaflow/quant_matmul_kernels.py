@@ -25,34 +25,31 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
-def row_rstd(x_ptr, norm_ptr, eps, rows, row_ok, M, K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Each row's 1 / sqrt(mean(x^2) + eps) for RMSNorm (1 without NORM): [BLOCK_M] float32."""
-    rstd = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    if NORM:
-        squares = tl.zeros((BLOCK_M, 256), dtype=tl.float32)
-        for start in range(0, K, 256):
-            cols = start + tl.arange(0, 256)
-            ok = row_ok[:, None] & (cols < K)[None, :]
-            v = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            squares += v * v
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
-    return rstd
+def input_tile(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, K: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] input tile in float32 and the squares of what was loaded (NORM's sum).
 
-
-@triton.jit
-def input_tile(
-    x_ptr, norm_ptr, rstd, rows, row_ok, ks, k_ok, K: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr
-):
-    """The [BLOCK_M, BLOCK_K] input tile in float32: x, silu(gate) * up, or RMSNorm(x)."""
+    x, silu(gate) * up, or for RMSNorm x * norm weight: its per-row 1 / rms is a factor of each row's
+    products, applied once at the end (`rms_factor`). Why: computing it first costs every program a
+    serial pass over its rows before its first weight load. On an H200 (7B, 8 rows), int8 batched decode
+    fell from 1,441 to 993 tokens/s when RMSNorm moved into qmatmul that way. (x * norm weight is rounded
+    to the product dtype unnormalised: it is x's own magnitude, which x's dtype already holds.)
+    """
     ok = row_ok[:, None] & k_ok[None, :]
     if SWIGLU:
         gate = tl.load(x_ptr + rows[:, None] * (2 * K) + ks[None, :], mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + rows[:, None] * (2 * K) + K + ks[None, :], mask=ok, other=0.0).to(tl.float32)
-        return gate * tl.sigmoid(gate) * up
+        tile = gate * tl.sigmoid(gate) * up
+        return tile, tile
     x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=ok, other=0.0).to(tl.float32)
     if NORM:
-        x = x * rstd[:, None] * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    return x
+        return x * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :], x * x
+    return x, x
+
+
+@triton.jit
+def rms_factor(squares, eps, K: tl.constexpr):
+    """Each row's 1 / sqrt(mean(x^2) + eps) from the [BLOCK_M, BLOCK_K] running squares: [BLOCK_M, 1]."""
+    return (1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps))[:, None]
 
 
 @triton.autotune(configs=int8_configs, key=["N", "K", "BLOCK_M", "SWIGLU", "NORM"])
@@ -81,17 +78,21 @@ def int8_matmul_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
     row_ok, col_ok = rows < M, cols < N
-    rstd = row_rstd(x_ptr, norm_ptr, eps, rows, row_ok, M, K, NORM, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: sum of x^2 per row
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        x = input_tile(x_ptr, norm_ptr, rstd, rows, row_ok, ks, k_ok, K, SWIGLU, NORM)
+        x, x_squared = input_tile(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, K, SWIGLU, NORM)
+        if NORM:
+            squares += x_squared
         x = x.to(tl.bfloat16) if BF16 else x.to(tl.float16)
         q = tl.load(q_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
         w = ((q.to(tl.int32) + MAGIC_SIGNED).to(tl.float32, bitcast=True) - MAGIC_SIGNED_VALUE).to(x.dtype)
         acc += tl.dot(x, tl.trans(w))  # [BLOCK_M, BLOCK_N]
     y = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if NORM:
+        y = y * rms_factor(squares, eps, K)
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -128,11 +129,13 @@ def int4_matmul_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    rstd = row_rstd(x_ptr, norm_ptr, eps, rows, row_ok, M, K, NORM, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, G), dtype=tl.float32)  # NORM: sum of x^2 per row
     for group in range(0, NG):
         ks = group * G + tl.arange(0, G)
-        x = input_tile(x_ptr, norm_ptr, rstd, rows, row_ok, ks, ks < K, K, SWIGLU, NORM)
+        x, x_squared = input_tile(x_ptr, norm_ptr, rows, row_ok, ks, ks < K, K, SWIGLU, NORM)
+        if NORM:
+            squares += x_squared
         x = x.to(tl.bfloat16) if BF16 else x.to(tl.float16)
         pairs = group * GH + tl.arange(0, GH)
         packed = tl.load(
@@ -148,6 +151,8 @@ def int4_matmul_kernel(
         acc += products * scale[None, :] + x_sum[:, None] * zero[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     y = acc
+    if NORM:  # both terms (sum(q x) * scale and sum(x) * zero) are linear in the row's 1 / rms
+        y = y * rms_factor(squares, eps, K)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
