@@ -19,11 +19,24 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
+# engine.model.project takes matmul_rows up to this many rows. On an H200 (bench/bench_matmul_rows.py, 7B
+# shapes, float16, against cuBLAS + separate RMSNorm / SiLU·up) 2-16 rows took 0.9-1.3x cuBLAS's time per
+# product (two machines' autotune picks differed: q|k|v 0.91x then 1.12x, gate|up 0.99x then 1.28x), and
+# 32-64 rows 1.3-1.6x (q|k|v, gate|up), where cuBLAS's wider row tiles pay off. Not yet a clear win.
+FLOAT_ROWS_MAX = 16
 # Batched decode steps on float weights: "triton" (matmul_rows) or "cublas" (F.linear plus separate
 # RMSNorm / SiLU·up / add kernels), read by engine.model.project; bench_chat --float-rows times both.
 FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
+
+# Programmatic dependent launch (Hopper and later; Triton's launch_pdl): a decode kernel lets the next one's
+# programs start on the SMs its last wave leaves idle, where they read their first weight tile (no kernel
+# of a step writes weights) and then wait (gdc_wait) for every earlier result before loading anything else.
+# A step is a few hundred kernels each ramping up and draining: this overlaps those edges. "0" turns it off
+# (bench_chat --pdl on off times both).
+PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
 # against a wider set on the 7B shapes.
@@ -38,6 +51,23 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) where the
+    GPU and Triton have it, off on older GPUs, in Triton's interpreter and with VICUNAFLOW_PDL=0."""
+    on = PDL and device.type == "cuda" and _pdl_supported(device.index if device.index is not None else -1)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@functools.cache
+def _pdl_supported(index: int) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import triton.language as tl
+
+    major = torch.cuda.get_device_capability(index if index >= 0 else None)[0]
+    return major >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def matvec(
@@ -65,7 +95,7 @@ def matvec(
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, n, k,
-        SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
+        SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None, **pdl_options(x.device),
     )  # fmt: skip
     return out
 
@@ -88,7 +118,9 @@ def matmul_rows(
     works, slowly: exact products); norm: [K], the input is rms_norm(x, norm, eps) (float32 inside);
     residual, out: [M, N] contiguous, out any float dtype (tensor parallelism's float32 buffer).
     Products are in the weight's dtype (the input rounded to it), accumulated in float32. Returns a
-    new [M, N] tensor of weight's dtype, or `out`.
+    new [M, N] tensor of weight's dtype, or `out`. SiLU·up is computed by torch before the kernel, not
+    in its input tile: every program recomputing it for all 16 padded rows took the 7B down product
+    from 31 to 109 µs on an H200 (two small kernels first: 38 µs, as cuBLAS's path).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -107,6 +139,9 @@ def matmul_rows(
         raise ValueError("matmul_rows: weight and input must be contiguous")
     from vicunaflow import matmul_kernels  # Triton: imported only when the kernel runs
 
+    if swiglu:
+        x = F.silu(x[:, :k]) * x[:, k:]  # [M, K], x's dtype (as the cuBLAS path)
+
     if out is None:
         out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
@@ -114,7 +149,7 @@ def matmul_rows(
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     matmul_kernels.float_matmul_kernel[grid](
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, m, n, k,
-        HAS_RESIDUAL=residual is not None, SWIGLU=swiglu, NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None, SWIGLU=False, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16,
         BLOCK_M=max(16, 1 << (m - 1).bit_length()),  # tl.dot's smallest tile is 16
     )  # fmt: skip
@@ -155,7 +190,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=autotune_configs(TILES, interpreted=(32, 64)), key=["N", "K", "SWIGLU", "NORM"])
+    @triton.autotune(configs=autotune_configs(TILES, interpreted=(32, 64)), key=["N", "K", "SWIGLU", "NORM", "PDL"])
     @triton.jit
     def matvec_kernel(
         x_ptr,
@@ -169,11 +204,22 @@ def _kernels():
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         NORM: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (see PDL above)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        first_cols = tl.arange(0, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may take SMs this one's last wave leaves
+        first_ptrs = w_ptr + rows[:, None] * K + first_cols[None, :]
+        if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile time: unmasked, vectorised loads
+            first_w = tl.load(first_ptrs)  # the first weight tile, read before waiting: no kernel writes weights
+        else:
+            first_w = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # every earlier kernel's writes (x, residual) are visible from here
         if NORM:  # RMSNorm of the input: 1 / sqrt(mean(x^2) + eps), then x * rstd * norm weight below
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
@@ -194,7 +240,9 @@ def _kernels():
             if NORM:
                 x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w_ptrs = w_ptr + rows[:, None] * K + cols[None, :]
-            if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
+            if start == 0:
+                w = first_w
+            elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
