@@ -24,7 +24,7 @@ import torch.nn.functional as F
 MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
 # engine.model.project takes matmul_rows up to this many rows. On an H200 (bench/bench_matmul_rows.py, 7B
 # shapes, float16, against cuBLAS + separate RMSNorm / SiLU·up) 2-16 rows took 0.9-1.3x cuBLAS's time per
-# product (two machines' autotune picks differed: q|k|v 0.91x then 1.12x, gate|up 0.99x then 1.28x), and
+# product (two runs: q|k|v 0.91x then 1.12x, gate|up 0.99x then 1.28x, o 1.15x, down 1.0x), and
 # 32-64 rows 1.3-1.6x (q|k|v, gate|up), where cuBLAS's wider row tiles pay off. Not yet a clear win.
 FLOAT_ROWS_MAX = 16
 # Batched decode steps on float weights: "triton" (matmul_rows) or "cublas" (F.linear plus separate

@@ -1,10 +1,10 @@
 """Triton kernel of kernels.matmul_rows: a few rows (batched decode steps) times a float16/bfloat16 weight.
 
 The float twin of quant_matmul_kernels.int8_matmul_kernel: the same tiles, RMSNorm factor and input tile
-(RMSNorm prologue; matmul_rows computes SiLU·up before it, see there), without the decoding. A module of its own rather than a third kernel in
-quant_matmul_kernels.py because it serves float weights (kernels.py's side, not quant's); it imports the
-shared @triton.jit helpers, which Triton resolves among this module's globals. Importing it needs Triton,
-so kernels.py imports it only when matmul_rows runs.
+(RMSNorm prologue; matmul_rows computes SiLU·up before it, see there), without the decoding. A module
+of its own rather than a third kernel in quant_matmul_kernels.py because it serves float weights
+(kernels.py's side, not quant's); it imports the shared @triton.jit helpers, which Triton resolves among
+this module's globals. Importing it needs Triton, so kernels.py imports it only when matmul_rows runs.
 """
 
 from __future__ import annotations
