@@ -107,6 +107,10 @@ def main() -> None:
         help="ours, --quant: one-row steps through qmatvec and/or qmatmul (tensor cores), each in turn",
     )  # fmt: skip
     parser.add_argument(
+        "--pdl", nargs="+", choices=["on", "off"], default=["on"],
+        help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
+    )  # fmt: skip
+    parser.add_argument(
         "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],
         help="ours, float16: batched decode steps through kernels.matmul_rows and/or cuBLAS, each in turn",
     )  # fmt: skip
@@ -174,7 +178,10 @@ def main() -> None:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
                 runs = [(None, "matvec", rows) for rows in args.float_rows] if not args.quant_only else []
                 runs += [(bits, one_row, "triton") for bits in args.quant for one_row in args.quant_one_row]
-                for bits, one_row, float_rows in runs:
+                runs = [(*run, pdl) for run in runs for pdl in args.pdl]
+                for bits, one_row, float_rows, pdl in runs:
+                    kernels.PDL = pdl == "on"
+                    os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
                     quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row  # spawned ranks too
                     kernels.FLOAT_ROWS = os.environ["VICUNAFLOW_FLOAT_ROWS"] = float_rows
                     model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
@@ -182,6 +189,7 @@ def main() -> None:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
                         tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
                         tags |= {"quant_one_row": one_row} if bits else {"float_rows": float_rows}
+                        tags |= {"pdl": pdl}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
                         if args.device == "cuda":  # the earlier models' cached blocks would count as this one's
                             torch.cuda.empty_cache()
@@ -196,6 +204,9 @@ def main() -> None:
                         if not bits and len(args.float_rows) > 1:  # side by side: say which in the table
                             for row in results[-len(rows) :]:
                                 row["engine"] += f" rows:{float_rows}"
+                        if len(args.pdl) > 1:
+                            for row in results[-len(rows) :]:
+                                row["engine"] += f" pdl:{pdl}"
                     finally:
                         model.close()
                     free(model)

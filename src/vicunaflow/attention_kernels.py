@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from vicunaflow import kernels
+
 # Positions per program: one tile, so a row's splits run side by side instead of one program walking
 # dependent tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256, the
 # split kernel 155 against 321 µs a step; bench/bench_attention.py --split-tokens, docs/benchmarks.md).
@@ -63,16 +65,17 @@ def paged_decode_attention(
     stats = torch.empty(B, H, splits, 2, dtype=torch.float32, device=query.device)  # running max, sum
     out = torch.empty(B, H, D, dtype=query.dtype, device=query.device)
     split_kernel, combine_kernel, _ = _kernels()
+    pdl = kernels.pdl_options(query.device)
     split_kernel[(B, Hkv, splits)](
         query, keys, values, tables, lengths, partial, stats,
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         H=H, HKV=Hkv, D=D, GROUP=group, GROUP_PAD=max(16, triton_next_power_of_2(group)),
         BLOCK_SIZE=block_size, SPLITS=splits, SPLIT_TOKENS=SPLIT_TOKENS, TILE=TILE,
-        D_PAD=triton_next_power_of_2(D), FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query),
+        D_PAD=triton_next_power_of_2(D), FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), **pdl,
     )  # fmt: skip
     combine_kernel[(B, H)](
         partial, stats, lengths, out, H=H, D=D, SPLITS=splits, SPLITS_PAD=max(2, triton_next_power_of_2(splits)),
-        SPLIT_TOKENS=SPLIT_TOKENS, D_PAD=triton_next_power_of_2(D),
+        SPLIT_TOKENS=SPLIT_TOKENS, D_PAD=triton_next_power_of_2(D), **pdl,
     )  # fmt: skip
     return out
 
@@ -108,7 +111,7 @@ def rope_store(
     _kernels()[2][(B, heads + kv_heads)](
         qkv, cos.contiguous(), sin.contiguous(), positions, tables, keys, values, positions.stride(0), tables.stride(0),
         H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
-        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D),
+        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D), **kernels.pdl_options(qkv.device),
     )  # fmt: skip
 
 
@@ -150,7 +153,11 @@ def _kernels():
         TILE: tl.constexpr,
         D_PAD: tl.constexpr,
         FP32: tl.constexpr,  # products in float32 (no TF32): a float32 cache, or bfloat16 in the interpreter
+        PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL): every input comes from earlier kernels
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(length_ptr + row)
         first = split * SPLIT_TOKENS
@@ -211,7 +218,11 @@ def _kernels():
         SPLITS_PAD: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr,
         D_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row, head = tl.program_id(0), tl.program_id(1)
         length = tl.load(length_ptr + row)
         splits = tl.arange(0, SPLITS_PAD)
@@ -246,7 +257,11 @@ def _kernels():
         BLOCK_SIZE: tl.constexpr,
         HALF_PAD: tl.constexpr,  # powers of two >= HALF, D (tl.arange's): head_dim need not be one
         D_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row, head = tl.program_id(0), tl.program_id(1)  # head < H: a query head; else key head head - H
         WIDTH: tl.constexpr = (H + 2 * HKV) * D
         j = tl.arange(0, HALF_PAD)

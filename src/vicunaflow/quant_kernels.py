@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from vicunaflow.kernels import autotune_configs, one_row_output
+from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries. A program's loads in flight set the bandwidth it
 # gets: float16's tiles (kernels.TILES, 4-16 KB a step) streamed ~3.3 TB/s on a 7B, while int8 on the
@@ -66,7 +66,7 @@ def qmatvec(
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
-    flags = dict(SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None)
+    flags = dict(SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None, **pdl_options(x.device))
     norm = norm if norm is not None else x  # not read without NORM
     if qw.bits == 8:
         _int8_kernel()[grid](x, qw.qweight, qw.scales, res, out, norm, eps, n, k, **flags)
@@ -81,7 +81,9 @@ def _int8_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=autotune_configs(INT8_TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM"])
+    @triton.autotune(
+        configs=autotune_configs(INT8_TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM", "PDL"]
+    )
     @triton.jit
     def int8_matvec_kernel(
         x_ptr,
@@ -96,6 +98,7 @@ def _int8_kernel():
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         NORM: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -103,6 +106,16 @@ def _int8_kernel():
         MAGIC_SIGNED_VALUE: tl.constexpr = 12582912.0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        first_cols = tl.arange(0, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        first_ptrs = q_ptr + rows[:, None] * K + first_cols[None, :]
+        if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # the first tile of codes, read before waiting (as kernels.matvec)
+            first_q = tl.load(first_ptrs)
+        else:
+            first_q = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         if NORM:  # 1 / sqrt(mean(x^2) + eps); the input is then x * rstd * norm weight
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
@@ -123,7 +136,9 @@ def _int8_kernel():
             if NORM:
                 x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]
-            if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile-time: unmasked, vectorised loads
+            if start == 0:
+                q = first_q
+            elif N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile-time: unmasked, vectorised loads
                 q = tl.load(q_ptrs)
             else:
                 q = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
@@ -142,7 +157,9 @@ def _int4_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=autotune_configs(INT4_TILES, interpreted=(16, 128)), key=["N", "K", "G", "SWIGLU", "NORM"])
+    @triton.autotune(
+        configs=autotune_configs(INT4_TILES, interpreted=(16, 128)), key=["N", "K", "G", "SWIGLU", "NORM", "PDL"]
+    )
     @triton.jit
     def int4_matvec_kernel(
         x_ptr,
@@ -159,6 +176,7 @@ def _int4_kernel():
         SWIGLU: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         NORM: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # columns a step: BLOCK_K // 2 bytes
     ):
@@ -170,6 +188,19 @@ def _int4_kernel():
         MAGIC_VALUE: tl.constexpr = 8388608.0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if FOLD:  # the first tile of codes, read before waiting (as kernels.matvec)
+            GT0: tl.constexpr = BLOCK_K // G
+            GH0: tl.constexpr = G // 2
+            first_pairs = tl.arange(0, GT0)[:, None] * GH0 + tl.arange(0, GH0)[None, :]
+            first_ptrs = q_ptr + rows[:, None, None] * KP + first_pairs[None, :, :]
+            if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                first_packed = tl.load(first_ptrs)
+            else:
+                first_packed = tl.load(first_ptrs, mask=row_ok[:, None, None] & (first_pairs < KP)[None, :, :], other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         if NORM:
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
@@ -205,7 +236,9 @@ def _int4_kernel():
                 x_odd = x_odd * rstd * tl.load(norm_ptr + odd, mask=pair_ok, other=0.0).to(tl.float32)
             if FOLD:
                 q_ptrs = q_ptr + rows[:, None, None] * KP + pairs[None, :, :]  # [BLOCK_N, GT, GH]
-                if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                if start == 0:
+                    packed = first_packed.to(tl.int32)
+                elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
                     packed = tl.load(q_ptrs).to(tl.int32)
                 else:
                     packed = tl.load(q_ptrs, mask=row_ok[:, None, None] & pair_ok[None, :, :], other=0).to(tl.int32)
@@ -278,6 +311,10 @@ def qmatmul(
 
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if (
+        swiglu
+    ):  # by torch first: every program recomputing it for all 16 padded rows tripled kernels.matmul_rows' down product
+        x, swiglu = torch.nn.functional.silu(x[:, :k]) * x[:, k:], False  # [M, K]
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
