@@ -25,9 +25,10 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     Triton qmatvec for one-row steps): the same rows as float16, next to them, plus weight GiB
                     (`--load-8bit` = `--quant 8`)
     --float-rows triton cublas
-                    ours, float16: batched decode steps (2..64 rows) through kernels.matmul_rows (RMSNorm,
-                    SiLU·up and the residual folded in) and/or cuBLAS with separate kernels, each in turn
-                    (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
+                    ours, float16: batched decode steps (2..16 rows) through kernels.matmul_rows (RMSNorm
+                    and the residual folded in) and/or cuBLAS with separate kernels (the default), each in
+                    turn (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
+    --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
     --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
@@ -111,7 +112,7 @@ def main() -> None:
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
     parser.add_argument(
-        "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],
+        "--float-rows", nargs="+", choices=["triton", "cublas"], default=["cublas"],
         help="ours, float16: batched decode steps through kernels.matmul_rows and/or cuBLAS, each in turn",
     )  # fmt: skip
     parser.add_argument(
@@ -177,7 +178,7 @@ def main() -> None:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
                 runs = [(None, "matvec", rows) for rows in args.float_rows] if not args.quant_only else []
-                runs += [(bits, one_row, "triton") for bits in args.quant for one_row in args.quant_one_row]
+                runs += [(bits, one_row, args.float_rows[0]) for bits in args.quant for one_row in args.quant_one_row]
                 runs = [(*run, pdl) for run in runs for pdl in args.pdl]
                 for bits, one_row, float_rows, pdl in runs:
                     kernels.PDL = pdl == "on"

@@ -27,9 +27,11 @@ MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: ab
 # product (two runs: q|k|v 0.91x then 1.12x, gate|up 0.99x then 1.28x, o 1.15x, down 1.0x), and
 # 32-64 rows 1.3-1.6x (q|k|v, gate|up), where cuBLAS's wider row tiles pay off. Not yet a clear win.
 FLOAT_ROWS_MAX = 16
-# Batched decode steps on float weights: "triton" (matmul_rows) or "cublas" (F.linear plus separate
-# RMSNorm / SiLU·up / add kernels), read by engine.model.project; bench_chat --float-rows times both.
-FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
+# Batched decode steps on float weights: "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels)
+# or "triton" (matmul_rows), read by engine.model.project; bench_chat --float-rows times both. cuBLAS is the
+# default: through the engine on an H200 (7B, 8 rows) its step replays at 1,543 tokens/s against 1,350 for
+# matmul_rows, 1,406 against 1,301 tokens/s aggregate at 8 requests (docs/benchmarks.md).
+FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "cublas")
 
 # Programmatic dependent launch (Hopper and later; Triton's launch_pdl): a decode kernel lets the next one's
 # programs start on the SMs its last wave leaves idle, where they read their first weight tile (no kernel
