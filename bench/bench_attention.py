@@ -42,7 +42,7 @@ def main() -> None:
     from vicunaflow import attention_kernels
 
     if args.split_tokens:
-        attention_kernels.SPLIT_TOKENS = args.split_tokens
+        attention_kernels.SPLIT_TOKENS = attention_kernels.SPLIT_TOKENS_MANY_ROWS = args.split_tokens
     if args.tile:
         attention_kernels.TILE = args.tile
     results = []

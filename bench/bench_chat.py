@@ -125,7 +125,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--attention-split-tokens", type=int,
-        help="ours: positions per program of the paged decode-attention kernel (attention_kernels.SPLIT_TOKENS)",
+        help="ours: positions per program of the paged decode-attention kernel, any rows (attention_kernels.SPLIT_TOKENS)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
@@ -142,7 +142,7 @@ def main() -> None:
     if args.attention_split_tokens:
         from vicunaflow import attention_kernels
 
-        attention_kernels.SPLIT_TOKENS = args.attention_split_tokens
+        attention_kernels.SPLIT_TOKENS = attention_kernels.SPLIT_TOKENS_MANY_ROWS = args.attention_split_tokens
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     if args.memory_cap_gib and args.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
@@ -161,7 +161,7 @@ def main() -> None:
         "decode_kernels": args.device == "cuda" and not args.no_decode_kernels,
         "overlap": args.device == "cuda" and not args.no_overlap,
         "memory_cap_gib": args.memory_cap_gib,
-        "attention_split_tokens": __import__("vicunaflow.attention_kernels").attention_kernels.SPLIT_TOKENS,
+        "attention_split_tokens": args.attention_split_tokens,
         "command": " ".join(["python", "bench/bench_chat.py", *sys.argv[1:]]),
     }
     print(json.dumps(info), flush=True)

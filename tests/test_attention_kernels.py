@@ -42,7 +42,10 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
         (3, 3, 40, 16, torch.float16),  # head_dim not a power of two: masked
     ],
 )
-def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_size, dtype):
+@pytest.mark.parametrize("many_rows", [False, True], ids=["few-rows-splits", "many-rows-splits"])
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_size, dtype, many_rows, monkeypatch):
+    if many_rows:  # the longer splits a step of many rows takes (SPLIT_TOKENS_MANY_ROWS)
+        monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
     generator = torch.Generator().manual_seed(heads * head_dim + block_size)
     width, blocks = 600 // block_size + 1, 64  # a 600-position context: splits of SPLIT_TOKENS, the last one partial
     lengths = torch.tensor([1, 17, 256, 257, width * block_size - 3][: 5 if block_size == 16 else 4])

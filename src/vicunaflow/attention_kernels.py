@@ -23,10 +23,14 @@ import torch
 
 from vicunaflow import kernels
 
-# Positions per program: one tile, so a row's splits run side by side instead of one program walking
-# dependent tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256, the
-# split kernel 155 against 321 µs a step; bench/bench_attention.py --split-tokens, docs/benchmarks.md).
+# Positions per program. For a few rows, one tile, so a row's splits run side by side instead of one program
+# walking dependent tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256,
+# the split kernel 155 against 321 µs a step; 8 rows: 112 against 134 µs a layer at 2,048 positions). Many
+# rows fill the GPU anyway and each program's fixed cost then counts: at 32 rows the engine decoded 4,608
+# tokens/s with 256 against 4,356 with 64 (bench_chat, bench_attention; docs/benchmarks.md).
 SPLIT_TOKENS = 64
+SPLIT_TOKENS_MANY_ROWS = 256
+MANY_ROWS = 9  # from this many rows a step takes SPLIT_TOKENS_MANY_ROWS
 TILE = 64  # positions per inner step (a tile spans several blocks; each position finds its block)
 
 
@@ -56,26 +60,29 @@ def paged_decode_attention(
         raise ValueError(
             "paged_decode_attention: keys and values must be contiguous, query's heads and tables' rows too"
         )
-    if SPLIT_TOKENS % TILE:  # a split of part of a tile would read its neighbour's positions too
-        raise ValueError(f"paged_decode_attention: SPLIT_TOKENS {SPLIT_TOKENS} is not a multiple of TILE {TILE}")
+    split_tokens = SPLIT_TOKENS if B < MANY_ROWS else SPLIT_TOKENS_MANY_ROWS
+    if split_tokens % TILE:  # a split of part of a tile would read its neighbour's positions too
+        raise ValueError(
+            f"paged_decode_attention: a split of {split_tokens} positions is not a multiple of TILE {TILE}"
+        )
     group = H // Hkv
     width = tables.shape[1]
-    splits = -(-width * block_size // SPLIT_TOKENS)
+    splits = -(-width * block_size // split_tokens)
     partial = torch.empty(B, H, splits, D, dtype=torch.float32, device=query.device)
     stats = torch.empty(B, H, splits, 2, dtype=torch.float32, device=query.device)  # running max, sum
     out = torch.empty(B, H, D, dtype=query.dtype, device=query.device)
     split_kernel, combine_kernel, _ = _kernels()
-    pdl = kernels.pdl_options(query.device)
+    pdl = kernels.pdl_options(query.device, rows=B)
     split_kernel[(B, Hkv, splits)](
         query, keys, values, tables, lengths, partial, stats,
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         H=H, HKV=Hkv, D=D, GROUP=group, GROUP_PAD=max(16, triton_next_power_of_2(group)),
-        BLOCK_SIZE=block_size, SPLITS=splits, SPLIT_TOKENS=SPLIT_TOKENS, TILE=TILE,
+        BLOCK_SIZE=block_size, SPLITS=splits, SPLIT_TOKENS=split_tokens, TILE=TILE,
         D_PAD=triton_next_power_of_2(D), FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), **pdl,
     )  # fmt: skip
     combine_kernel[(B, H)](
         partial, stats, lengths, out, H=H, D=D, SPLITS=splits, SPLITS_PAD=max(2, triton_next_power_of_2(splits)),
-        SPLIT_TOKENS=SPLIT_TOKENS, D_PAD=triton_next_power_of_2(D), **pdl,
+        SPLIT_TOKENS=split_tokens, D_PAD=triton_next_power_of_2(D), **pdl,
     )  # fmt: skip
     return out
 
@@ -111,7 +118,7 @@ def rope_store(
     _kernels()[2][(B, heads + kv_heads)](
         qkv, cos.contiguous(), sin.contiguous(), positions, tables, keys, values, positions.stride(0), tables.stride(0),
         H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
-        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D), **kernels.pdl_options(qkv.device),
+        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D), **kernels.pdl_options(qkv.device, rows=B),
     )  # fmt: skip
 
 

@@ -36,8 +36,10 @@ FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "cublas")
 # Programmatic dependent launch (Hopper and later; Triton's launch_pdl): a decode kernel lets the next one's
 # programs start on the SMs its last wave leaves idle, where they read their first weight tile (no kernel
 # of a step writes weights) and then wait (gdc_wait) for every earlier result before loading anything else.
-# A step is a few hundred kernels each ramping up and draining: this overlaps those edges. "0" turns it off
-# (bench_chat --pdl on off times both).
+# A step is a few hundred kernels each ramping up and draining: this overlaps those edges. One-row steps
+# only: on an H200 a 7B step of 32 rows (cuBLAS products between our attention kernels) replayed 7% slower
+# with it (4,398 against 4,745 tokens/s); one row gained 1-2% (13B: 145.0 against 142.1 tokens/s).
+# "0" turns it off (bench_chat --pdl on off times both).
 PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
@@ -55,10 +57,12 @@ def available() -> bool:
     return True
 
 
-def pdl_options(device: torch.device) -> dict:
-    """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) where the
-    GPU and Triton have it, off on older GPUs, in Triton's interpreter and with VICUNAFLOW_PDL=0."""
-    on = PDL and device.type == "cuda" and _pdl_supported(device.index if device.index is not None else -1)
+def pdl_options(device: torch.device, rows: int = 1) -> dict:
+    """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) for a one-row
+    step where the GPU and Triton have it; off for batched steps, on older GPUs, in Triton's interpreter
+    and with VICUNAFLOW_PDL=0."""
+    on = PDL and rows == 1 and device.type == "cuda"
+    on = on and _pdl_supported(device.index if device.index is not None else -1)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
