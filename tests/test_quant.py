@@ -17,7 +17,7 @@ import yaml
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is first built
 
-from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, quant, quant_kernels
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, kernels, quant, quant_kernels
 from vicunaflow.checkpoint import Checkpoint
 from vicunaflow.quantize import quantize_model
 
@@ -532,3 +532,32 @@ def test_int4_scales_that_do_not_fit_the_stored_group_size_are_refused(tiny_vicu
     (out / "config.json").write_text(json.dumps(config))
     with Checkpoint(out) as stored, pytest.raises(VicunaflowError, match=r"quantization_config\.group_size"):
         quant.load_quantized_weight(stored, "model.layers.0.self_attn.q_proj.weight")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's stand-ins; a GPU runs the real launch")
+@pytest.mark.parametrize(("n", "k"), [(64, 512), (37, 300)], ids=["whole-tiles", "masked"])
+def test_one_row_kernels_with_dependent_launch_branches(n, k, monkeypatch):
+    """The PDL code path of matvec / qmatvec (first weight tile read before gdc_wait, the loop taking it at
+    its first step) gives the same sums; the interpreter runs it with the two grid-control calls as no-ops."""
+    import triton.language as tl
+
+    monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
+    monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
+    for module in (kernels, quant_kernels):
+        monkeypatch.setattr(module, "pdl_options", lambda device, rows=1: {"PDL": True})
+    generator = torch.Generator().manual_seed(n + k)
+    w = weight(n, k)
+    x = torch.randn(1, k, generator=generator).half()
+    gate_up = torch.randn(1, 2 * k, generator=generator).half()
+    norm = torch.rand(k, generator=generator).add(0.5).half()
+    residual = torch.randn(1, n, generator=generator).half()
+    out = kernels.matvec(x, w, residual)
+    expected = x.double() @ w.double().T + residual.double()
+    assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    for bits in (8, 4):
+        qw = quant.quantize(w, bits=bits, group_size=128)
+        for inputs, swiglu, kwargs in ((x, False, {"norm": norm}), (gate_up, True, {})):
+            source = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-6) if not swiglu else gate_up
+            expected = reference(source, qw, residual, swiglu)
+            out = quant_kernels.qmatvec(inputs, qw, residual, swiglu, **kwargs)
+            assert torch.allclose(out.double(), expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max())), bits

@@ -216,16 +216,16 @@ def _kernels():
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        first_cols = tl.arange(0, BLOCK_K)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may take SMs this one's last wave leaves
-        first_ptrs = w_ptr + rows[:, None] * K + first_cols[None, :]
-        if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile time: unmasked, vectorised loads
-            first_w = tl.load(first_ptrs)  # the first weight tile, read before waiting: no kernel writes weights
-        else:
-            first_w = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # every earlier kernel's writes (x, residual) are visible from here
+        if PDL:  # the next kernel may take SMs this one's last wave leaves; this one reads its first weight
+            # tile before waiting (no kernel writes weights), then waits for every earlier kernel's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            first_cols = tl.arange(0, BLOCK_K)
+            first_ptrs = w_ptr + rows[:, None] * K + first_cols[None, :]
+            if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                first_w = tl.load(first_ptrs)
+            else:
+                first_w = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0.0)
+            tl.extra.cuda.gdc_wait()
         if NORM:  # RMSNorm of the input: 1 / sqrt(mean(x^2) + eps), then x * rstd * norm weight below
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
@@ -246,9 +246,14 @@ def _kernels():
             if NORM:
                 x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w_ptrs = w_ptr + rows[:, None] * K + cols[None, :]
-            if start == 0:
-                w = first_w
-            elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
+            if PDL:  # the first tile is already in registers
+                if start == 0:
+                    w = first_w
+                elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                    w = tl.load(w_ptrs)
+                else:
+                    w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            elif N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)

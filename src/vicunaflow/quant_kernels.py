@@ -106,15 +106,14 @@ def _int8_kernel():
         MAGIC_SIGNED_VALUE: tl.constexpr = 12582912.0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        first_cols = tl.arange(0, BLOCK_K)
-        if PDL:
+        if PDL:  # the first tile of codes read before waiting for earlier kernels (as kernels.matvec)
             tl.extra.cuda.gdc_launch_dependents()
-        first_ptrs = q_ptr + rows[:, None] * K + first_cols[None, :]
-        if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # the first tile of codes, read before waiting (as kernels.matvec)
-            first_q = tl.load(first_ptrs)
-        else:
-            first_q = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0)
-        if PDL:
+            first_cols = tl.arange(0, BLOCK_K)
+            first_ptrs = q_ptr + rows[:, None] * K + first_cols[None, :]
+            if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                first_q = tl.load(first_ptrs)
+            else:
+                first_q = tl.load(first_ptrs, mask=row_ok[:, None] & (first_cols < K)[None, :], other=0)
             tl.extra.cuda.gdc_wait()
         if NORM:  # 1 / sqrt(mean(x^2) + eps); the input is then x * rstd * norm weight
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -136,8 +135,13 @@ def _int8_kernel():
             if NORM:
                 x = x * rstd * tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]
-            if start == 0:
-                q = first_q
+            if PDL:  # the first tile is already in registers
+                if start == 0:
+                    q = first_q
+                elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                    q = tl.load(q_ptrs)
+                else:
+                    q = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
             elif N % BLOCK_N == 0 and K % BLOCK_K == 0:  # compile-time: unmasked, vectorised loads
                 q = tl.load(q_ptrs)
             else:
@@ -188,18 +192,19 @@ def _int4_kernel():
         MAGIC_VALUE: tl.constexpr = 8388608.0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        if PDL:
+        if PDL:  # the first tile of codes (whole groups) read before waiting for earlier kernels
             tl.extra.cuda.gdc_launch_dependents()
-        if FOLD:  # the first tile of codes, read before waiting (as kernels.matvec)
-            GT0: tl.constexpr = BLOCK_K // G
-            GH0: tl.constexpr = G // 2
-            first_pairs = tl.arange(0, GT0)[:, None] * GH0 + tl.arange(0, GH0)[None, :]
-            first_ptrs = q_ptr + rows[:, None, None] * KP + first_pairs[None, :, :]
-            if N % BLOCK_N == 0 and K % BLOCK_K == 0:
-                first_packed = tl.load(first_ptrs)
-            else:
-                first_packed = tl.load(first_ptrs, mask=row_ok[:, None, None] & (first_pairs < KP)[None, :, :], other=0)
-        if PDL:
+            if FOLD:
+                GT0: tl.constexpr = BLOCK_K // G
+                GH0: tl.constexpr = G // 2
+                first_pairs = tl.arange(0, GT0)[:, None] * GH0 + tl.arange(0, GH0)[None, :]
+                first_ptrs = q_ptr + rows[:, None, None] * KP + first_pairs[None, :, :]
+                if N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                    first_packed = tl.load(first_ptrs)
+                else:
+                    first_packed = tl.load(
+                        first_ptrs, mask=row_ok[:, None, None] & (first_pairs < KP)[None, :, :], other=0
+                    )
             tl.extra.cuda.gdc_wait()
         if NORM:
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -236,8 +241,14 @@ def _int4_kernel():
                 x_odd = x_odd * rstd * tl.load(norm_ptr + odd, mask=pair_ok, other=0.0).to(tl.float32)
             if FOLD:
                 q_ptrs = q_ptr + rows[:, None, None] * KP + pairs[None, :, :]  # [BLOCK_N, GT, GH]
-                if start == 0:
-                    packed = first_packed.to(tl.int32)
+                if PDL:  # the first tile is already in registers
+                    if start == 0:
+                        packed = first_packed.to(tl.int32)
+                    elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
+                        packed = tl.load(q_ptrs).to(tl.int32)
+                    else:
+                        packed = tl.load(q_ptrs, mask=row_ok[:, None, None] & pair_ok[None, :, :], other=0)
+                        packed = packed.to(tl.int32)
                 elif N % BLOCK_N == 0 and K % BLOCK_K == 0:
                     packed = tl.load(q_ptrs).to(tl.int32)
                 else:
@@ -311,9 +322,7 @@ def qmatmul(
 
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if (
-        swiglu
-    ):  # by torch first: every program recomputing it for all 16 padded rows tripled kernels.matmul_rows' down product
+    if swiglu:  # torch first: a program per tile recomputing it for 16 padded rows tripled matmul_rows' down product
         x, swiglu = torch.nn.functional.silu(x[:, :k]) * x[:, k:], False  # [M, K]
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
