@@ -105,9 +105,9 @@ def project(
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
     x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: products
-    through the Triton kernels (CUDA, float16/bfloat16): kernels.matvec for one row, kernels.matmul_rows
-    for 2..kernels.FLOAT_ROWS_MAX rows (batched decode steps; kernels.FLOAT_ROWS = "cublas" keeps
-    cuBLAS, for measurement).
+    through the Triton kernels (CUDA, float16/bfloat16): kernels.matvec for one row; batched decode steps
+    stay on cuBLAS unless kernels.FLOAT_ROWS = "triton" (kernels.matmul_rows for 2..FLOAT_ROWS_MAX rows,
+    measured slower on an H200, kept to be measured again).
     norm: (RMSNorm weight [K], eps) to apply to x first (inside the kernels: one launch fewer). weight:
     a float tensor, or a quant.QuantWeight (int8/int4): its own Triton kernels with the same epilogues,
     else decoded to x's dtype and multiplied. Prefill (more rows, or matvec off) stays on cuBLAS.
@@ -126,7 +126,7 @@ def project(
             x, weight, residual, swiglu, out=out, matvec=None if matvec else False, norm=norm_weight, eps=eps
         )
     if matvec and x.shape[0] <= kernels.FLOAT_ROWS_MAX and kernels.FLOAT_ROWS == "triton":
-        # a batched decode step: one kernel reads the weight once for every row, RMSNorm / SiLU·up / residual folded in
+        # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return kernels.matmul_rows(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
     if norm is not None:
