@@ -7,10 +7,10 @@ tiles of weight rows, accumulates in float32, computes SiLU(gate)·up while load
 the residual while storing its output, so a LLaMA MLP is two kernels instead of four; it takes
 0.82-0.93x cuBLAS's time on each 7B weight shape (docs/benchmarks.md).
 
-Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. Batched decode steps
-(2..MATMUL_MAX_ROWS rows) go through `matmul_rows` (tensor cores, kernel in matmul_kernels.py) with the
-same prologues and epilogues, so each weight is still read once a step. Tests run both on the CPU
-through Triton's interpreter (TRITON_INTERPRET=1).
+Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. `matmul_rows` is the
+same for a batch (tensor cores, kernel in matmul_kernels.py); it measured slower than cuBLAS, so batched
+steps use it only with FLOAT_ROWS = "triton". Tests run both on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
