@@ -10,7 +10,7 @@ import torch
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, IncrementalDecoder, SamplingParams, encode_prompt, fit_conversation, load_model
-from vicunaflow.engine.text import stop_prefix_length
+from vicunaflow.engine.text import decoder_of, stop_prefix_length
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
@@ -148,6 +148,48 @@ def test_incremental_decoder_equals_full_decode(loaded):
         decoder = IncrementalDecoder(tokenizer)
         text = "".join(decoder.push(t) for t in ids) + decoder.flush()
         assert text == tokenizer.decode(ids), ids
+
+
+def test_backend_decoder_equals_tokenizer_decode(loaded):
+    """The engine's direct call of the Rust backend decodes every id sequence as `tokenizer.decode` does: special
+    tokens, byte-fallback pieces (whole, split and invalid UTF-8), lone "▁", added tokens; subclasses that decode
+    their own way and tokenizers that clean up spaces keep `tokenizer.decode`."""
+    _, tokenizer = loaded
+    decode = decoder_of(tokenizer)
+    assert decode != tokenizer.decode  # the fast path is taken for the project's tokenizer
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
+    byte_tokens = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
+    chars = [tokenizer(c, add_special_tokens=False).input_ids for c in ["é€😀", " ✨", "你好", "▁", " ", "  x"]]
+    rng = random.Random(2)
+    sequences = [[], *chars, special, byte_tokens[0xC3:0xC5]]
+    for _ in range(500):
+        ids = []
+        for _ in range(rng.randrange(1, 12)):
+            kind = rng.randrange(4)
+            ids += (
+                [rng.choice(special)]
+                if kind == 0
+                else [rng.choice(byte_tokens)]
+                if kind == 1
+                else rng.choice(chars)
+                if kind == 2
+                else [rng.randrange(len(tokenizer))]
+            )
+        sequences.append(ids)
+    for ids in sequences:
+        assert decode(ids) == tokenizer.decode(ids), ids
+
+    class Own(type(tokenizer)):
+        def decode(self, token_ids, **kwargs):
+            return "own"
+
+    own = Own.__new__(Own)
+    own.__dict__.update(tokenizer.__dict__)
+    assert decoder_of(own)([5]) == "own"
+    tidy = object.__new__(type(tokenizer))
+    tidy.__dict__.update(tokenizer.__dict__)
+    tidy.clean_up_tokenization_spaces = True
+    assert decoder_of(tidy) == tidy.decode
 
 
 def test_incremental_decoder_never_stalls(loaded):
