@@ -506,11 +506,14 @@ class Engine:
             return False
         if len(self.cache.growing(self.lengths)) > len(self.cache.free):
             return False
-        for request, length in zip(self.rows, self.lengths, strict=True):
-            generated = request.completion_tokens + 1  # with the token in flight
-            if request.done or request.cancelled or length + 1 >= self.context:
+        context = self.context
+        if self.lengths and max(self.lengths) + 1 >= context:
+            return False
+        for request in self.rows:
+            if request.done or request.cancelled:
                 return False
-            if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= self.context:
+            generated = len(request.decoder.ids) + 1  # with the token in flight
+            if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= context:
                 return False
         return True
 
@@ -581,18 +584,22 @@ class Engine:
             request.held = ""
             self._finish(request, "stop", text=tail)
             return
-        request.held += request.decoder.push(token)
-        stop_at = find_stop(request.held, request.params.stop)
+        params, decoder = request.params, request.decoder
+        request.held = held = request.held + decoder.push(token)
+        stops = params.stop
+        stop_at = find_stop(held, stops) if stops else None
         if stop_at is not None:
-            self._finish(request, "stop", text=request.held[:stop_at])
+            self._finish(request, "stop", text=held[:stop_at])
             return
-        n_generated = request.completion_tokens
-        prompt_full = len(request.prompt_ids) + n_generated >= self.context
-        if n_generated >= request.params.max_new_tokens or prompt_full:
-            self._finish(request, "length", text=request.held + request.decoder.flush())
+        n_generated = len(decoder.ids)  # request.completion_tokens
+        if n_generated >= params.max_new_tokens or len(request.prompt_ids) + n_generated >= self.context:
+            self._finish(request, "length", text=held + decoder.flush())
             return
-        keep = stop_prefix_length(request.held, request.params.stop)
-        ready, request.held = request.held[: len(request.held) - keep], request.held[len(request.held) - keep :]
+        keep = stop_prefix_length(held, stops) if stops else 0
+        if keep:
+            ready, request.held = held[: len(held) - keep], held[len(held) - keep :]
+        else:
+            ready, request.held = held, ""
         if ready:
             request.text += ready
             request.sink(request.event(ready))
@@ -613,8 +620,9 @@ class Engine:
             self.prefilling.remove(job)
             self.cache.release(job.row)
             self._finish(job.request, "cancelled")
-        if any(r.done or r.cancelled for r in self.rows):
-            self._drain()
+        if not any(r.done or r.cancelled for r in self.rows):
+            return  # nothing to free (the loop below would change nothing)
+        self._drain()
         i = 0
         while i < len(self.rows):
             request = self.rows[i]
