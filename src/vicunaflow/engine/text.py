@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 from vicunaflow import VicunaflowError, template
@@ -45,7 +46,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.decode = decoder_of(tokenizer)
+        self.decode, self.single = _decoders(tokenizer)
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start: a token decoded before, so it gives stable context
         self.read_offset = 0  # text up to this token is settled and emitted
@@ -54,12 +55,13 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         new = self._unsettled()
-        settled = not new.endswith("\ufffd")
-        ready = new if settled else new.rstrip("\ufffd")
-        delta = ready[self.emitted :]
-        self.emitted = max(self.emitted, len(ready))
-        if settled:
-            self.prefix_offset, self.read_offset, self.emitted = self.read_offset, len(self.ids), 0
+        if new.endswith("\ufffd"):  # not settled: hold back the unfinished character
+            ready = new.rstrip("\ufffd")
+            delta = ready[self.emitted :]
+            self.emitted = max(self.emitted, len(ready))
+            return delta
+        delta = new[self.emitted :]
+        self.prefix_offset, self.read_offset, self.emitted = self.read_offset, len(self.ids), 0
         return delta
 
     def flush(self) -> str:
@@ -73,33 +75,60 @@ class IncrementalDecoder:
     def _unsettled(self) -> str:
         # Sliced by length, not by prefix: tokenizers' ByteFallback may rewrite an emitted ASCII byte
         # token as U+FFFD when an invalid byte follows it (only models emitting raw ASCII bytes do).
-        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset :])
-        return after[len(before) :]
+        ids, start, read = self.ids, self.prefix_offset, self.read_offset
+        if read - start == 1:  # the usual window: one settled token, whose text is the same every time
+            before = self.single.get(ids[start])
+            if before is None:
+                before = self.single[ids[start]] = self.decode(ids[start:read])
+        else:
+            before = self.decode(ids[start:read]) if read > start else ""
+        return self.decode(ids[start:])[len(before) :]
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoders(tokenizer) -> tuple[Callable[[list[int]], str], dict[int, str]]:
+    """`decoder_of(tokenizer)` and a cache of one-token decodes. For a Hugging Face fast tokenizer both are
+    shared by all of its decoders (they hold no reference to it, so the entry goes with the tokenizer);
+    any other tokenizer's decoder gets its own."""
+    found = _DECODERS.get(tokenizer) if _is_backend_decodable(tokenizer) else None
+    if found is None:
+        found = (decoder_of(tokenizer), {})
+        if _is_backend_decodable(tokenizer):
+            _DECODERS[tokenizer] = found
+    return found
+
+
+def _is_backend_decodable(tokenizer) -> bool:
+    """A Hugging Face fast tokenizer whose decode is transformers' own, without the clean-up of spaces."""
+    try:
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
 
 
 def decoder_of(tokenizer) -> Callable[[list[int]], str]:
     """`tokenizer.decode`, or where that is a Hugging Face fast tokenizer's own, its Rust backend's decode called
     directly with the same arguments: transformers' wrapper (argument conversion, checks, dispatch) cost
-    ~7 µs a call against the backend's ~2, and the engine decodes twice per token of every row. Subclasses
+    ~5 µs a call against the backend's ~2, and the engine decodes twice per token of every row. Subclasses
     that override decoding, and tokenizers that clean up spaces, keep the wrapper."""
-    try:
-        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-    except ImportError:
-        return tokenizer.decode
-    cls = type(tokenizer)
-    if (
-        isinstance(tokenizer, PreTrainedTokenizerFast)
-        and cls.decode is PreTrainedTokenizerBase.decode
-        and cls._decode is PreTrainedTokenizerFast._decode
-        and not tokenizer.clean_up_tokenization_spaces
-    ):
+    if _is_backend_decodable(tokenizer):
         backend = tokenizer.backend_tokenizer.decode
         return lambda ids: backend(ids, skip_special_tokens=False)
     return tokenizer.decode
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    if not stops:
+        return None
     positions = [text.find(s) for s in stops if s and s in text]
     return min(positions) if positions else None
 
