@@ -6,6 +6,7 @@ each test compares a run with the feature against a plain run on the tiny models
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -261,6 +262,85 @@ def test_more_requests_than_blocks_all_finish_with_their_replies(loaded):
     assert stats["kv_blocks"] == 3 * 384 // 16 and stats["kv_blocks_free"] == stats["kv_blocks"]  # all given back
     assert stats["preempted"] > 0 and stats["active"] == 0
     assert [r.decoder.ids for r in requests] == expected
+
+
+# -- seeded sampling ------------------------------------------------------------------------------------------
+
+
+def test_a_seeded_row_samples_the_same_token_in_any_batch():
+    """sample(): a seeded row's token depends on its logits, seed and index only, not on the rows beside it
+    (their number, order, top-p, seeds, or whether they draw from the shared generator)."""
+    from vicunaflow.engine.sampling import sample
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    mine = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    others = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.2, top_p=0.5),
+        SamplingParams(temperature=1.0, seed=11),
+        SamplingParams(temperature=1.0, seed=3),
+    ]
+
+    def token(row: int, index: int, beside: list[int]) -> int:
+        rows = [*beside, row]
+        params = [*(others[i % len(others)] for i in range(len(beside))), mine]
+        generator = torch.Generator().manual_seed(len(beside))
+        return sample(logits[rows], logits[rows].argmax(-1), params, generator, [5] * len(beside) + [index])[-1].item()
+
+    for row in range(len(logits)):
+        alone = [token(row, index, []) for index in range(8)]
+        assert len(set(alone)) > 1  # the index changes the draw
+        for beside in ([0], [3, 1, 2], [5, 4, 3, 2, 1]):
+            assert [token(row, index, beside) for index in range(8)] == alone
+
+
+def _seeded_replies(model, tokenizer, jobs, **engine_options) -> list:
+    """The requests of (prompt, params) jobs submitted at once, once all have finished."""
+    done = threading.Semaphore(0)
+    with Engine(model, tokenizer, **engine_options) as engine:
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p, params in jobs]
+        for _ in jobs:
+            done.acquire()
+    return requests
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_seeded_reply_is_the_same_alone_batched_and_preempted(loaded, caplog, overlap):
+    """A seeded sampled request replies the same tokens alone (one row, one engine seed), beside sampled,
+    seeded and greedy requests (another engine seed, chunked prefill), and when the KV cache runs out and
+    it is preempted and resumed mid-reply; another seed gives another reply."""
+    model, tokenizer = loaded
+    prompt = _prompt(tokenizer, "Tell me a story about a llama.")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=40, ignore_eos=True, seed=1234)
+    context = dict(max_context=384, overlap=overlap)
+    (alone,) = _seeded_replies(model, tokenizer, [(prompt, seeded)], max_batch_size=1, seed=0, **context)
+    (other,) = _seeded_replies(
+        model, tokenizer, [(prompt, dataclasses.replace(seeded, seed=1235))], max_batch_size=1, **context
+    )
+    alone = alone.decoder.ids
+    assert len(alone) == len(other.decoder.ids) == 40 and alone != other.decoder.ids
+
+    neighbours = [
+        SamplingParams(temperature=0.8, max_new_tokens=40, ignore_eos=True),  # the engine's generator
+        SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=1.3, top_p=0.5, max_new_tokens=40, ignore_eos=True, seed=99),
+    ]
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer, n) for n in (1, 2, 4, 6)]
+    jobs = [(p, neighbours[i % len(neighbours)]) for i, p in enumerate(prompts)]
+    batched = _seeded_replies(
+        model, tokenizer, [jobs[1], (prompt, seeded), jobs[2]], max_batch_size=3, prefill_chunk=7, seed=5, **context
+    )
+    assert batched[1].decoder.ids == alone
+
+    # the preemption test's cache (3 contexts for 8 rows): submitted last, the seeded request is the youngest
+    # decoding one when the blocks run out, so it goes back to the queue mid-reply and resumes later
+    options = dict(max_batch_size=8, kv_cache_tokens=3 * 384, prefill_chunk=64, seed=6, **context)
+    with caplog.at_level(logging.INFO, logger="vicunaflow.engine.scheduler"):
+        requests = _seeded_replies(model, tokenizer, [*jobs[:7], (prompt, seeded)], **options)
+    preempted = [m for m in caplog.messages if m.startswith(f"KV cache full: request {requests[-1].id} ")]
+    assert preempted and "(0 tokens" not in preempted[0], caplog.messages
+    assert requests[-1].decoder.ids == alone
 
 
 @pytest.mark.gpu

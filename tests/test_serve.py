@@ -202,6 +202,30 @@ def test_16_concurrent_requests_are_batched(server, client):
     assert tokens / steps > 4, (tokens, steps)
 
 
+def test_seed_gives_the_same_reply_whatever_runs_alongside(server, client):
+    """OpenAI's `seed`: a sampled reply is the same alone, streamed, and among concurrent requests; n > 1
+    choices are seeded apart; another seed gives another reply."""
+    name = model_id(client)
+    ask = dict(model=name, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=24, temperature=1.0)
+    alone = client.chat.completions.create(**ask, seed=7).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, seed=7, stream=True)
+    )
+    assert streamed == alone
+
+    async def run() -> list:
+        async_client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+        noise = [
+            async_client.chat.completions.create(**{**ask, "messages": [{"role": "user", "content": f"Q {i}"}]})
+            for i in range(6)
+        ]
+        return await asyncio.gather(async_client.chat.completions.create(**ask, seed=7, n=3), *noise)
+
+    choices = [c.message.content for c in asyncio.run(run())[0].choices]
+    assert choices[0] == alone and len(set(choices)) > 1
+    assert client.chat.completions.create(**ask, seed=8).choices[0].message.content != alone
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     before = engine_stats(server)
     body = {

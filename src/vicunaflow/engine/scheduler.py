@@ -18,7 +18,9 @@ its whole prompt are (plus a block of headroom per admitted row), so concurrency
 tokens requests hold. When a decoding row needs a block and none is free, the youngest decoding
 request is preempted: its blocks are freed and it goes back to the front of the queue, to be prefilled
 again (prompt and reply so far) and continue where it stopped; the oldest decoding request is never
-the one preempted while others decode, so the batch always makes progress.
+the one preempted while others decode, so the batch always makes progress. A seeded request
+(`SamplingParams.seed`) gives the same reply either way: its t-th token's random draw is seeded with
+(seed, t) (engine/sampling.py), not taken from a generator that other steps advance.
 
 The forward passes themselves (buckets, CUDA graphs, tensor-parallel ranks) are engine/runner.py's.
 """
@@ -450,7 +452,7 @@ class Engine:
         done = [jobs[i] for i in finished]
         requests = [job.request for job in done]
         logits = logits[finished]
-        sampled = self._sample(logits, logits.argmax(dim=-1), requests)
+        sampled = self._sample(logits, logits.argmax(dim=-1), requests, [0] * len(requests))  # reply token 0
         logprobs = self._logprobs(logits, sampled, requests)
         tokens = sampled.tolist()
         entries = self._entries(tokens, logprobs, requests)
@@ -520,8 +522,12 @@ class Engine:
     def _launch(self, tokens: list[int] | torch.Tensor) -> DecodeStep:
         """Queue one decode step and the copy of its sampled tokens to the host; returns without waiting."""
         n = len(self.rows)
+        # each row's index in its reply of the token this step draws: the host has read every earlier step,
+        # except the one in flight when this step is queued ahead of it (overlap)
+        ahead = int(self.in_flight is not None)
+        indices = [r.completion_tokens + ahead for r in self.rows]
         logits, greedy = self.runner.step(tokens, self.lengths)
-        sampled = self._sample(logits, greedy, self.rows)  # [n] on the device
+        sampled = self._sample(logits, greedy, self.rows, indices)  # [n] on the device
         logprobs = self._logprobs(logits, sampled, self.rows)  # before the next step overwrites a graph's logits
         host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
         self.launches += 1
@@ -555,8 +561,11 @@ class Engine:
             step, self.in_flight = self.in_flight, None
             self._collect(step)
 
-    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        return sample(logits, greedy, [r.params for r in requests], self.generator)
+    def _sample(
+        self, logits: torch.Tensor, greedy: torch.Tensor, requests: Sequence[Request], indices: Sequence[int]
+    ) -> torch.Tensor:
+        """indices: each row's reply-token index, which (with its seed) is all a seeded row's draw depends on."""
+        return sample(logits, greedy, [r.params for r in requests], self.generator, indices)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, requests: Sequence[Request]):

@@ -18,6 +18,7 @@ the other requests keep being answered meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -125,15 +126,16 @@ def create_app(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            seed=body.seed,
         )
         system = "n/a"
         if isinstance(body, ChatCompletionRequest):
             system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
         log.info(
             "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s "
-            "logprobs=%s prompt_logprobs=%s",
+            "logprobs=%s prompt_logprobs=%s seed=%s",
             body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
-            body.stream, logprobs, prompt_logprobs,
+            body.stream, logprobs, prompt_logprobs, params.seed,
         )  # fmt: skip
         return params
 
@@ -221,7 +223,9 @@ def create_app(
             include_usage = bool((body.stream_options or {}).get("include_usage")) and not blind
             chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, done, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await _complete_all(request, [_complete(engine, prompt_ids, params) for _ in range(body.n)])
+        results = await _complete_all(
+            request, [_complete(engine, prompt_ids, _choice(params, i)) for i in range(body.n)]
+        )
 
         def logprobs(last: Event) -> dict | None:
             if k is None:
@@ -267,9 +271,9 @@ def create_app(
             chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         jobs = [
-            _complete(engine, ids, params)
+            _complete(engine, ids, _choice(params, i))
             for ids, params in zip(encoded, all_params, strict=True)
-            for _ in range(body.n)
+            for i in range(body.n)
         ]
         results = await _complete_all(request, jobs)
         prompt_of = [ids for ids in encoded for _ in range(body.n)]
@@ -455,6 +459,11 @@ class _Relay:
 
 
 _relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = weakref.WeakKeyDictionary()
+
+
+def _choice(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i of n: seeded with seed + i, so a seeded request's n choices differ (and each is reproducible)."""
+    return params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
 
 
 def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):

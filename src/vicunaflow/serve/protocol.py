@@ -1,5 +1,5 @@
 """Request bodies of the OpenAI v1 routes we serve (pydantic): the fields we honour are typed and
-range-checked; other OpenAI fields (user, seed, penalties...) are accepted and ignored."""
+range-checked; other OpenAI fields (user, penalties...) are accepted and ignored."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
+    # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
+    # is seeded with seed + i, so the choices differ)
+    seed: int | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
