@@ -28,6 +28,12 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     ours, float16: batched decode steps (2..16 rows) through kernels.matmul_rows (RMSNorm
                     and the residual folded in) and/or cuBLAS with separate kernels (the default), each in
                     turn (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
+    --int4-kernel tinygemm triton
+                    ours, --quant 4: int4 products through torch's tinygemm kernel (quant.Int4Packed; the model
+                    then computes in bfloat16, `--load-4bit`'s default on CUDA) and/or quant_kernels, in turn
+    --quant-input fused separate
+                    ours, --quant: quant_kernels' one-row RMSNorm / SiLU·up computed in every program (fused) and/or
+                    once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
     --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
     --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
@@ -108,6 +114,14 @@ def main() -> None:
         help="ours, --quant: one-row steps through qmatvec and/or qmatmul (tensor cores), each in turn",
     )  # fmt: skip
     parser.add_argument(
+        "--quant-input", nargs="+", choices=["fused", "separate"], default=["fused"],
+        help="ours, --quant: qmatvec's RMSNorm / SiLU·up input in every program, or once before it, in turn",
+    )  # fmt: skip
+    parser.add_argument(
+        "--int4-kernel", nargs="+", choices=["tinygemm", "triton"], default=["tinygemm"],
+        help="ours, --quant 4: torch's tinygemm (the model in bfloat16) and/or quant_kernels, each in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--pdl", nargs="+", choices=["on", "off"], default=["on"],
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
@@ -177,18 +191,39 @@ def main() -> None:
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
+                # one_row: qmatvec / qmatmul, or "tinygemm" for int4 in torch's kernel (quant.Int4Packed)
                 runs = [(None, "matvec", rows) for rows in args.float_rows] if not args.quant_only else []
-                runs += [(bits, one_row, args.float_rows[0]) for bits in args.quant for one_row in args.quant_one_row]
-                runs = [(*run, pdl) for run in runs for pdl in args.pdl]
-                for bits, one_row, float_rows, pdl in runs:
+                runs += [
+                    (bits, one_row, args.float_rows[0])
+                    for bits in args.quant
+                    for one_row in (args.quant_one_row if bits == 8 else quant_one_rows_int4(args))
+                ]
+                runs = [  # each --pdl, and each --quant-input for the runs through quant_kernels
+                    (*run, pdl, quant_input)
+                    for run in runs
+                    for pdl in args.pdl
+                    for quant_input in (args.quant_input if run[0] and run[1] != "tinygemm" else ["fused"])
+                ]
+                for bits, one_row, float_rows, pdl, quant_input in runs:
                     kernels.PDL = pdl == "on"
                     os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
-                    quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row  # spawned ranks too
+                    quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row.replace(
+                        "tinygemm", "matvec"
+                    )
                     kernels.FLOAT_ROWS = os.environ["VICUNAFLOW_FLOAT_ROWS"] = float_rows
-                    model = make_model(model_args, args.device, dtype, num_gpus, all_reduce, bits=bits)
+                    quant_kernels.INPUT = os.environ["VICUNAFLOW_QUANT_INPUT"] = quant_input
+                    tinygemm = one_row == "tinygemm"
+                    model_dtype = torch.bfloat16 if tinygemm else dtype  # tinygemm multiplies bfloat16 only
+                    model = make_model(
+                        model_args, args.device, model_dtype, num_gpus, all_reduce, bits=bits,
+                        int4_kernel="tinygemm" if tinygemm else "triton",
+                    )  # fmt: skip
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
-                        tags |= {"weights": f"int{bits}" if bits else tags_dtype(dtype)}
+                        tags |= {
+                            "weights": f"int{bits}" if bits else tags_dtype(dtype),
+                            "dtype": tags_dtype(model.dtype),
+                        }
                         tags |= {"quant_one_row": one_row} if bits else {"float_rows": float_rows}
                         tags |= {"pdl": pdl}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
@@ -201,6 +236,8 @@ def main() -> None:
                         if args.ablations and num_gpus == 1 and bits is None:
                             rows += bench_ablations(model, tokenizer, prompts, args)
                         name = f"vicunaflow int{bits} {one_row}" if bits else None
+                        if name and len(args.quant_input) > 1 and one_row != "tinygemm":
+                            name += f" input:{quant_input}"
                         results += [row | tags | ({"engine": name} if name else {}) for row in rows]
                         if not bits and len(args.float_rows) > 1:  # side by side: say which in the table
                             for row in results[-len(rows) :]:
@@ -259,9 +296,13 @@ def make_args(size_name: str, context: int):
     )
 
 
-def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_reduce: str, bits: int | None = None):
+def make_model(
+    model_args, device: str, dtype: torch.dtype, num_gpus: int, all_reduce: str, bits: int | None = None,
+    int4_kernel: str = "triton",
+):  # fmt: skip
     """Our model with random weights (seed 0), as chat/serve load one: whole, or split over num_gpus ranks;
-    bits 8 / 4: its layer weights quantized at load (`--load-8bit` / `--load-4bit`)."""
+    bits 8 / 4: its layer weights quantized at load (`--load-8bit` / `--load-4bit`); int4_kernel: tinygemm
+    (with dtype bfloat16: `--load-4bit`'s default on CUDA) or triton."""
     from vicunaflow.engine import RandomWeights, load_model
 
     start = time.perf_counter()
@@ -273,6 +314,7 @@ def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_r
         all_reduce="auto" if all_reduce == "none" else all_reduce,
         load_8bit=bits == 8,
         load_4bit=bits == 4,
+        int4_kernel=int4_kernel,
     )
     print(
         f"ours: {num_gpus} rank(s), all-reduce {all_reduce}, weights {f'int{bits}' if bits else tags_dtype(dtype)}, "
@@ -280,6 +322,12 @@ def make_model(model_args, device: str, dtype: torch.dtype, num_gpus: int, all_r
         flush=True,
     )
     return model
+
+
+def quant_one_rows_int4(args) -> list[str]:
+    """The int4 runs: "tinygemm" (torch's kernel, CUDA) and/or quant_kernels' one-row choices."""
+    kernels = [k for k in args.int4_kernel if k != "tinygemm" or args.device == "cuda"] or ["triton"]
+    return [one_row for k in kernels for one_row in (["tinygemm"] if k == "tinygemm" else args.quant_one_row)]
 
 
 def tags_dtype(dtype: torch.dtype) -> str:

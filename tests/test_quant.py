@@ -149,8 +149,11 @@ def test_qmatvec_matches_float64_reference(bits, n, k, group_size, swiglu, resid
     [(8, 37, 100, None, torch.float16), (8, 48, 256, None, torch.float32), (4, 32, 256, 128, torch.float16),
      (4, 19, 250, 32, torch.bfloat16)],
 )  # fmt: skip
-def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype):
-    """The engine's q|k|v and gate|up products: RMSNorm of the input inside the kernel, as kernels.matvec."""
+@pytest.mark.parametrize("input_mode", ["fused", "separate"])
+def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype, input_mode, monkeypatch):
+    """The engine's q|k|v and gate|up products: RMSNorm of the input inside the kernel, as kernels.matvec
+    (or, with quant_kernels.INPUT "separate", by kernels.rows_input before it: the input rounds to dtype)."""
+    monkeypatch.setattr(quant_kernels, "INPUT", input_mode)
     generator = torch.Generator().manual_seed(n + k)
     qw = quant.quantize(weight(n, k, seed=k), bits=bits, group_size=group_size or 128).to(DEVICE)
     x = (torch.randn(1, k, generator=generator) * 3).to(DEVICE, dtype)
@@ -160,6 +163,11 @@ def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype):
     normed = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
     expected = reference(normed, qw, residual, swiglu=False)
     tolerance = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    tolerance *= 2 if input_mode == "separate" else 1
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    gate_up = torch.randn(1, 2 * k, generator=generator).to(DEVICE, dtype)
+    expected = reference(gate_up, qw, residual, swiglu=True)
+    out = quant_kernels.qmatvec(gate_up, qw, residual, swiglu=True)
     assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
     through_qlinear = quant.qlinear(x.float(), qw, norm=norm.float(), eps=1e-5, matvec=False)
     assert torch.allclose(through_qlinear.double(), reference(normed, qw, None, False), rtol=1e-4, atol=1e-4)
@@ -267,6 +275,128 @@ def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
     assert torch.allclose(qw(x[..., :64], matvec=False), x[..., :64] @ qw.dequantize(torch.float64).T)
     with pytest.raises(ValueError, match="does not fit"):
         quant.qlinear(torch.zeros(1, 10), qw)
+
+
+# ---- int4 in torch's tinygemm layout (quant.Int4Packed) -------------------------------------------
+
+
+def tinygemm_reference(x: torch.Tensor, qw: quant.QuantWeight) -> torch.Tensor:
+    """float64: the bfloat16 input times the grid tinygemm decodes (bfloat16 scale, zero' = zero + 8 scale)."""
+    k = qw.shape[1]
+    codes = quant.unpack_int4(qw.qweight, k).double()  # [N, K]
+    scales = qw.scales.float().to(torch.bfloat16).double().repeat_interleave(qw.group_size, dim=1)
+    zeros = (qw.zeros.float() + 8 * qw.scales.float()).to(torch.bfloat16).double()
+    zeros = zeros.repeat_interleave(qw.group_size, dim=1)
+    return x.to(torch.bfloat16).double() @ ((codes - 8) * scales + zeros).T
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group_size"), [(1, 64, 256, 128), (5, 48, 704, 64), (3, 16, 96, 32)])
+def test_int4pack_multiplies_the_same_codes(m, n, k, group_size):
+    """Int4Packed holds the QuantWeight's codes: tinygemm's product equals the float64 product of its
+    grid within one bfloat16 rounding of the output, and stays within bfloat16's scale rounding of ours."""
+    qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)
+    packed = quant.int4pack(qw)
+    assert isinstance(packed, quant.Int4Packed) and packed.shape == (n, k) and packed.nbytes == qw.nbytes
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    y = quant.qlinear(x, packed)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    expected = tinygemm_reference(x, qw)
+    scale = float(expected.abs().max())
+    assert float((y.double() - expected).abs().max()) < 2**-7 * scale
+    ours = x.double() @ qw.dequantize(torch.float64).T
+    assert float((y.double() - ours).abs().max()) < 2**-5 * scale
+
+
+def test_int4pack_leaves_what_tinygemm_cannot_take():
+    for n, k, group_size in [(16, 256, 16), (12, 256, 128), (16, 200, 40), (16, 704, 128)]:
+        qw = quant.quantize(weight(n, k), bits=4, group_size=group_size)
+        assert quant.int4pack(qw) is qw, (n, k, group_size)
+    int8 = quant.quantize(weight(16, 256), bits=8)
+    assert quant.int4pack(int8) is int8
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32])
+def test_int4pack_linear_applies_qmatvecs_epilogues(residual_dtype):
+    """RMSNorm in, SiLU·up in, the residual out, `out` of another dtype: what the model asks of qmatvec."""
+    n, k = 32, 256
+    qw = quant.quantize(weight(n, k, seed=3), bits=4, group_size=128).to(DEVICE)
+    packed = quant.int4pack(qw)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, k, generator=generator).to(DEVICE)
+    gate_up = torch.randn(2, 2 * k, generator=generator).to(DEVICE)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(2, n, generator=generator).to(DEVICE, residual_dtype)
+    normed = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
+    expected = tinygemm_reference(normed, qw) + residual.double()
+    y = quant.qlinear(x, packed, residual, norm=norm, eps=1e-5)
+    assert y.dtype == residual_dtype
+    assert torch.allclose(y.double(), expected, atol=2**-6 * float(expected.abs().max()))
+    swiglu = torch.nn.functional.silu(gate_up[:, :k].double()) * gate_up[:, k:].double()
+    out = torch.empty(2, n, dtype=torch.float32, device=DEVICE)
+    assert quant.qlinear(gate_up, packed, swiglu=True, out=out) is out
+    expected = tinygemm_reference(swiglu, qw)
+    assert torch.allclose(out.double(), expected, atol=2**-6 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="does not fit"):
+        quant.qlinear(torch.zeros(1, 10, device=DEVICE), packed)
+
+
+@pytest.mark.parametrize(
+    ("m", "width", "norm", "swiglu"),
+    [(1, 256, True, False), (3, 300, True, False), (2, 704 * 2, False, True), (1, 96, False, False)],
+)
+def test_rows_input_prepares_a_plain_products_input(m, width, norm, swiglu):
+    """kernels.rows_input (Triton's interpreter on a CPU): RMSNorm, SiLU·up or a cast, as torch computes them."""
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(m, width, generator=generator).half().to(DEVICE)
+    k = width // 2 if swiglu else width
+    norm_weight = torch.rand(k, generator=generator).add(0.5).half().to(DEVICE) if norm else None
+    y = kernels.rows_input(x, norm=norm_weight, eps=1e-5, swiglu=swiglu, dtype=torch.bfloat16)
+    expected = x.double()
+    if norm:
+        expected = torch.nn.functional.rms_norm(expected, (k,), norm_weight.double(), 1e-5)
+    if swiglu:
+        expected = torch.nn.functional.silu(expected[:, :k]) * expected[:, k:]
+    assert y.dtype == torch.bfloat16 and y.shape == (m, k)
+    # one bfloat16 rounding (2**-8 of the value; the interpreter truncates: 2**-7)
+    assert torch.allclose(y.double(), expected, rtol=2**-7, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.rows_input(x, norm=torch.ones(k + 2, device=DEVICE), swiglu=False)
+
+
+def test_engine_with_tinygemm_int4_runs_in_bfloat16_and_matches_the_triton_path(tiny_vicuna):
+    """--load-4bit with the tinygemm kernel (the CUDA default; forced here on the CPU, whose tinygemm has its
+    own packing but the same grid): the model computes in bfloat16, every layer weight is Int4Packed,
+    the bytes equal the QuantWeight model's, and prompt and decode logits stay close to the same codes
+    through quant_kernels' path in bfloat16."""
+    from vicunaflow.engine import load_model
+
+    options = dict(device=DEVICE, load_4bit=True, group_size=64)
+    packed, tokenizer = load_model(tiny_vicuna, int4_kernel="tinygemm", **options)
+    plain, _ = load_model(tiny_vicuna, int4_kernel="triton", dtype="bfloat16", **options)
+    assert packed.dtype == torch.bfloat16 and plain.dtype == torch.bfloat16
+    assert all(isinstance(getattr(layer, name), quant.Int4Packed) for layer in packed.layers for name in
+               ("wqkv", "wo", "w13", "w2"))  # fmt: skip
+    assert packed.weight_bytes() == plain.weight_bytes()
+    ids = tokenizer("USER: Hello, who are you? ASSISTANT:").input_ids
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            model.setup_cache(1, len(ids) + 1)
+            prompt = model(torch.tensor([ids], device=DEVICE), torch.arange(len(ids), device=DEVICE)[None],
+                           kv_length=len(ids))  # fmt: skip
+            token = torch.tensor([[int(prompt.argmax())]], device=DEVICE)
+            step = model(token, torch.tensor([[len(ids)]], device=DEVICE), kv_length=len(ids) + 1)
+        return torch.cat([prompt, step]).double()
+
+    a, b = logits(packed), logits(plain)
+    assert float((a - b).norm() / b.norm()) < 0.02
+    assert torch.equal(a.argmax(dim=-1), b.argmax(dim=-1))
+    assert (
+        load_model(tiny_vicuna, int4_kernel="tinygemm", dtype="float32", load_4bit=True, device="cpu")[0].dtype
+        == torch.float32
+    )  # an explicit dtype other than bfloat16 keeps our kernels
+    with pytest.raises(VicunaflowError, match="choose tinygemm or triton"):
+        load_model(tiny_vicuna, int4_kernel="marlin", load_4bit=True)
 
 
 # ---- tensor parallelism --------------------------------------------------------------------------

@@ -86,6 +86,23 @@ def test_two_cpu_ranks_with_quantized_weights_match_one_process(tiny_vicuna, int
         split.close()
 
 
+def test_two_cpu_ranks_with_tinygemm_int4(int4_g32):
+    """int4 in torch's tinygemm layout (quant.Int4Packed, bfloat16: --load-4bit's CUDA default, forced here
+    on the CPU's tinygemm) on 2 gloo ranks: each rank packs its own shards; greedy replies are one process's."""
+    from vicunaflow.quant import Int4Packed
+
+    model, tokenizer = load_model(int4_g32, device="cpu", int4_kernel="tinygemm")
+    greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    expected = _replies(model, tokenizer, greedy)
+    split, _ = load_model(int4_g32, device="cpu", num_gpus=2, int4_kernel="tinygemm")
+    try:
+        assert split.dtype == torch.bfloat16 and isinstance(split.layers[0].w2, Int4Packed)
+        assert split.layers[0].w2.shape == (model.args.dim, model.args.ffn_dim // 2)
+        assert _replies(split, tokenizer, greedy) == expected
+    finally:
+        split.close()
+
+
 def test_int4_split_that_cuts_groups_is_refused(tiny_vicuna):
     """Before any rank starts: the message names --num-gpus, the group size and a group size that fits."""
     with pytest.raises(VicunaflowError, match=r"--num-gpus 2: each rank takes 352 of down_proj's 704 input columns, "

@@ -162,6 +162,76 @@ def matmul_rows(
     return out
 
 
+def rows_input(
+    x: torch.Tensor,
+    *,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The input a plain product needs, from the arguments matvec folds in: rms_norm(x, norm, eps), or
+    silu(gate) * up (swiglu, x [M, 2K]), or x; cast to `dtype`, in one launch. Returns a new [M, K].
+
+    Why: a kernel without those epilogues (torch's int4 tinygemm, quant.Int4Packed) needs its input
+    prepared; torch takes five launches for RMSNorm plus a cast, this one program per row and block of
+    BLOCK columns (each program sums the row's squares itself: a row is a few KB, read from L2).
+    """
+    m, width = x.shape
+    k = width // 2 if swiglu else width
+    if (swiglu and width % 2) or (norm is not None and (swiglu or norm.shape != (k,))) or not x.is_contiguous():
+        raise ValueError(f"rows_input: input {tuple(x.shape)} (contiguous?) does not fit norm / swiglu")
+    out = torch.empty(m, k, dtype=dtype, device=x.device)
+    block = 256 if os.environ.get("TRITON_INTERPRET") != "1" else 64
+    whole = min(4096, 1 << (k - 1).bit_length())  # the squares' pass reads this many columns at a time
+    _rows_input_kernel()[(m, -(-k // block))](
+        x, norm if norm is not None else x, out, eps, width, k,
+        NORM=norm is not None, SWIGLU=swiglu, BLOCK=block, WHOLE=whole,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _rows_input_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_input_kernel(
+        x_ptr,  # [M, WIDTH]
+        norm_ptr,  # [K] (NORM)
+        out_ptr,  # [M, K]
+        eps,
+        WIDTH: tl.constexpr,
+        K: tl.constexpr,
+        NORM: tl.constexpr,
+        SWIGLU: tl.constexpr,
+        BLOCK: tl.constexpr,
+        WHOLE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < K
+        x_row = x_ptr + row * WIDTH
+        if SWIGLU:
+            gate = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+            up = tl.load(x_row + K + cols, mask=ok, other=0.0).to(tl.float32)
+            value = gate * tl.sigmoid(gate) * up
+        else:
+            value = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        if NORM:  # 1 / sqrt(mean(x^2) + eps) over the whole row, then x * rstd * norm weight
+            squares = tl.zeros((WHOLE,), dtype=tl.float32)
+            for start in range(0, K, WHOLE):
+                every = start + tl.arange(0, WHOLE)
+                v = tl.load(x_row + every, mask=every < K, other=0.0).to(tl.float32)
+                squares += v * v
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+            value = value * rstd * tl.load(norm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * K + cols, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return rows_input_kernel
+
+
 def one_row_output(
     name: str, x: torch.Tensor, shape: tuple[int, int], swiglu: bool, norm, out, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -27,6 +27,7 @@ the one call a model makes: the Triton matvec for one row on CUDA, dequantize + 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def _codes(grouped: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
 
 def qlinear(
     x: torch.Tensor,
-    qw: QuantWeight,
+    qw: QuantWeight | Int4Packed,
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     *,
@@ -179,8 +180,10 @@ def qlinear(
     once): qmatvec for one row (or qmatmul, with quant_kernels.ONE_ROW = "matmul"), qmatmul for up to
     MATMUL_MAX_ROWS rows (batched decode steps); True takes them too, and qmatvec for one row even off
     CUDA (Triton's interpreter on a CPU); False never. Otherwise (prefill, CPU): dequantize to x's
-    dtype, then a plain matmul.
+    dtype, then a plain matmul. An Int4Packed weight takes tinygemm for every row count (int4pack_linear).
     """
+    if isinstance(qw, Int4Packed):
+        return int4pack_linear(x, qw, residual, swiglu, out=out, norm=norm, eps=eps)
     n, k = qw.shape
     if x.shape[-1] != (2 * k if swiglu else k):
         raise ValueError(f"qlinear: input {tuple(x.shape)} does not fit weight {qw.shape}")
@@ -219,6 +222,112 @@ def _kernel_fits(x: torch.Tensor, qw: QuantWeight) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and kernels.available()
     )
+
+
+# --------------------------------------------------------------------------------------------
+# int4 on torch's tinygemm kernel
+
+# int4 products on CUDA: "tinygemm" (Int4Packed, torch's kernel; the model then computes in bfloat16) or
+# "triton" (quant_kernels, any float16/bfloat16 model). engine.load reads it; bench_chat --int4-kernel times both.
+INT4_KERNEL = os.environ.get("VICUNAFLOW_INT4_KERNEL", "tinygemm")
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int4Packed(nn.Module):
+    """An int4 weight in the layout of torch's tinygemm kernel (`torch._weight_int4pack_mm`, gpt-fast's).
+
+    Why: on an H200 it takes 82.9 µs for a 7B layer's one-row products, against 149.9 for quant_kernels'
+    int4 matvec and 174.8 for the float16 matvec (bench/probe_int4_kernels.py): it decodes codes on tensor
+    cores, where ours spends more instructions per weight than the bytes allow. It takes bfloat16 inputs
+    only, so a model holding these computes in bfloat16, and it has no epilogues (kernels.rows_input
+    prepares its input; the residual is a torch add).
+    Same codes as the QuantWeight it is packed from (`int4pack`); tinygemm decodes w = (q - 8) * scale
+    + zero', so zero' = zero + 8 * scale, and scales and zeros are stored as bfloat16 [K / G, N, 2].
+    packed: tinygemm's opaque int32 tiles on CUDA, its CPU layout (uint8) on the CPU.
+    """
+
+    bits = 4
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, shape):
+        super().__init__()
+        self.group_size, self.shape = group_size, (int(shape[0]), int(shape[1]))
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False, **options):
+        return int4pack_linear(x, self, residual, swiglu, **options)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits=4, group_size={self.group_size}, layout=tinygemm"
+
+
+def int4pack(qw: QuantWeight) -> Int4Packed | QuantWeight:
+    """qw (int4) in tinygemm's layout on qw's device, or qw itself where the kernel cannot take its shape
+    (group size 32-256 dividing K, N a multiple of 16 (the CPU kernel's tile), K of 32)."""
+    n, k = qw.shape
+    inner_k_tiles = next((tiles for tiles in (8, 4, 2) if k % (16 * tiles) == 0), None)
+    if qw.bits != 4 or qw.group_size not in TINYGEMM_GROUP_SIZES or k % qw.group_size or n % 16 or not inner_k_tiles:
+        return qw
+    codes = unpack_int4(qw.qweight, k)  # [N, K] uint8 0..15
+    if qw.device.type == "cuda":  # two codes a byte, even column in the high nibble
+        packed = torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2], inner_k_tiles)
+    else:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), inner_k_tiles)
+    del codes
+    scales = qw.scales.float()  # [N, K / G]
+    zeros = qw.zeros.float() + 8 * scales
+    scales_and_zeros = torch.stack([scales.T, zeros.T], dim=2).to(torch.bfloat16).contiguous()  # [K / G, N, 2]
+    return Int4Packed(packed, scales_and_zeros, qw.group_size, (n, k))
+
+
+def int4pack_linear(
+    x: torch.Tensor,
+    w: Int4Packed,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    *,
+    out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    matvec: bool | None = None,
+) -> torch.Tensor:
+    """qlinear's contract for an Int4Packed weight, any number of rows: the input prepared in bfloat16
+    (RMSNorm, SiLU·up, cast: kernels.rows_input on CUDA), tinygemm's product, then the residual added.
+    Returns bfloat16 (or float32 with a float32 residual), or writes into `out`. matvec is ignored:
+    every row count takes the same kernel."""
+    n, k = w.shape
+    if x.shape[-1] != (2 * k if swiglu else k):
+        raise ValueError(f"int4pack_linear: input {tuple(x.shape)} does not fit weight {w.shape}")
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    cuda = flat.device.type == "cuda"
+    if norm is not None or swiglu or flat.dtype != torch.bfloat16 or not flat.is_contiguous():
+        from vicunaflow import kernels
+
+        if cuda and kernels.available():
+            flat = kernels.rows_input(flat.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=torch.bfloat16)
+        else:
+            if norm is not None:
+                flat = F.rms_norm(flat.float(), (k,), norm.float(), eps)
+            if swiglu:
+                flat = F.silu(flat[:, :k].float()) * flat[:, k:].float()
+            flat = flat.to(torch.bfloat16).contiguous()
+    product = torch._weight_int4pack_mm if cuda else torch._weight_int4pack_mm_for_cpu
+    y = product(flat, w.packed, w.group_size, w.scales_and_zeros)  # [rows, N] bfloat16
+    flat_out = None if out is None else out.view(rows, n)
+    if residual is not None:
+        y = torch.add(residual.reshape(rows, n), y, out=flat_out)
+    elif flat_out is not None:
+        y = flat_out.copy_(y)
+    return out if out is not None else y.view(*x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options
+from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options, rows_input
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries. A program's loads in flight set the bandwidth it
 # gets: float16's tiles (kernels.TILES, 4-16 KB a step) streamed ~3.3 TB/s on a 7B, while int8 on the
@@ -40,6 +40,13 @@ INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096,
 # the float32 whose bits are 0x4B000000 | c is 2**23 + c exactly for 0 <= c < 2**23, and the one
 # whose bits are 0x4B400000 + c is 1.5 * 2**23 + c for |c| < 2**22; subtracting the constant leaves c.
 # (Constants inside the kernels: Triton reads only constexpr globals.)
+
+
+# Where qmatvec's RMSNorm / SiLU·up inputs are computed: "fused" (every program, from the raw input: no
+# extra launch) or "separate" (kernels.rows_input first, once, then a plain product). Fused costs each
+# program a pass over the input and its norm weight: with int8's 2-row tiles that is three times the
+# bytes of the codes it reads (from L2), with int4's more. bench_chat --quant-input times both.
+INPUT = os.environ.get("VICUNAFLOW_QUANT_INPUT", "fused")
 
 
 def qmatvec(
@@ -61,6 +68,9 @@ def qmatvec(
     """
     n, k = qw.shape
     out = one_row_output("qmatvec", x, (n, k), swiglu, norm, out, x.dtype)
+    if INPUT == "separate" and (swiglu or norm is not None):
+        dtype = norm.dtype if norm is not None else x.dtype  # the model's (x may be float32 tensor-parallel sums)
+        x, norm, swiglu = rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype), None, False
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")

@@ -55,6 +55,7 @@ class LoadSpec:
     bits: int | None  # quantize a float folder's layer weights at load: 8, 4 or None (a quantized folder: as stored)
     group_size: int  # int4 at load
     all_reduce: str  # auto, symm-mem or nccl (CUDA); the CPU always uses gloo
+    int4_packed: bool = False  # int4 weights in torch's tinygemm layout (quant.Int4Packed; the model in bfloat16)
 
 
 def read_args(model_path: Path) -> ModelArgs:
@@ -178,6 +179,8 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
         gate_up = [linear(p + f"mlp.{n}_proj.weight", ROWS) for n in ("gate", "up")]
         layer.w13 = fused(gate_up)  # [2 ffn, dim]
         layer.w2 = linear(p + "mlp.down_proj.weight", COLUMNS)  # [dim, ffn]
+        if spec.int4_packed:  # after fusing and sharding: tinygemm's tiles are not split or stacked
+            layer.wqkv, layer.wo, layer.w13, layer.w2 = map(_int4pack, (layer.wqkv, layer.wo, layer.w13, layer.w2))
         del qkv, gate_up
         reader.release()
     model.norm = get("model.norm.weight")
@@ -185,6 +188,10 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
     model.output = model.embed if args.tie_word_embeddings else get("lm_head.weight")
     reader.release()
     return model
+
+
+def _int4pack(weight: Weight) -> Weight:
+    return quant.int4pack(weight) if isinstance(weight, quant.QuantWeight) and weight.bits == 4 else weight
 
 
 def check_int4_split(args: ModelArgs, world: int, group_size: int) -> None:

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vicunaflow import VicunaflowError, attention_kernels, kernels
 from vicunaflow.engine.cache import KVCache
-from vicunaflow.quant import QuantWeight, qlinear
+from vicunaflow.quant import Int4Packed, QuantWeight, qlinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,8 @@ class ModelArgs:
 PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # A layer's Linear weight: float [N, K], or int8/int4 codes with their scales (docs/quantize.md)
-Weight = torch.Tensor | QuantWeight
+Weight = torch.Tensor | QuantWeight | Int4Packed
+QUANTIZED = (QuantWeight, Int4Packed)
 
 
 def project(
@@ -110,16 +111,18 @@ def project(
     measured slower on an H200, kept to be measured again).
     norm: (RMSNorm weight [K], eps) to apply to x first (inside the kernels: one launch fewer). weight:
     a float tensor, or a quant.QuantWeight (int8/int4): its own Triton kernels with the same epilogues,
-    else decoded to x's dtype and multiplied. Prefill (more rows, or matvec off) stays on cuBLAS.
+    else decoded to x's dtype and multiplied, or a quant.Int4Packed (torch's tinygemm for every row count,
+    in bfloat16). Prefill (more rows, or matvec off) stays on cuBLAS.
     """
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
-        if isinstance(weight, QuantWeight):
-            if out is None and norm is not None:  # x may be the float32 residual stream: give the model's dtype
+        if isinstance(weight, QUANTIZED):
+            if out is None and norm is not None and isinstance(weight, QuantWeight):
+                # x may be the float32 residual stream: give the model's dtype (Int4Packed returns bfloat16)
                 out = torch.empty(1, weight.shape[0], dtype=norm_weight.dtype, device=x.device)
             return qlinear(x.contiguous(), weight, residual, swiglu, out=out, matvec=True, norm=norm_weight, eps=eps)
         return kernels.matvec(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
-    if isinstance(weight, QuantWeight):
+    if isinstance(weight, QUANTIZED):
         # several rows: quant_kernels.qmatmul (RMSNorm folded in) where the decode kernels are on, else decoded
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return qlinear(
@@ -311,7 +314,7 @@ class Transformer(torch.nn.Module):
             tensors += [layer.attention_norm, layer.wqkv, layer.wo, layer.ffn_norm, layer.w13, layer.w2]
         seen, total = set(), 0
         for t in tensors:
-            if isinstance(t, QuantWeight):
+            if isinstance(t, QUANTIZED):
                 total += t.nbytes
             elif t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
