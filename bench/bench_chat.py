@@ -114,7 +114,7 @@ def main() -> None:
         help="ours, --quant: one-row steps through qmatvec and/or qmatmul (tensor cores), each in turn",
     )  # fmt: skip
     parser.add_argument(
-        "--quant-input", nargs="+", choices=["fused", "separate"], default=["fused"],
+        "--quant-input", nargs="+", choices=["fused", "separate"], default=["separate"],
         help="ours, --quant: qmatvec's RMSNorm / SiLU·up input in every program, or once before it, in turn",
     )  # fmt: skip
     parser.add_argument(
@@ -202,7 +202,7 @@ def main() -> None:
                     (*run, pdl, quant_input)
                     for run in runs
                     for pdl in args.pdl
-                    for quant_input in (args.quant_input if run[0] and run[1] != "tinygemm" else ["fused"])
+                    for quant_input in (args.quant_input if run[0] and run[1] != "tinygemm" else ["separate"])
                 ]
                 for bits, one_row, float_rows, pdl, quant_input in runs:
                     kernels.PDL = pdl == "on"

@@ -684,10 +684,12 @@ def test_one_row_kernels_with_dependent_launch_branches(n, k, monkeypatch):
     out = kernels.matvec(x, w, residual)
     expected = x.double() @ w.double().T + residual.double()
     assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
-    for bits in (8, 4):
+    for bits, input_mode in [(8, "fused"), (8, "separate"), (4, "fused"), (4, "separate")]:
+        monkeypatch.setattr(quant_kernels, "INPUT", input_mode)  # separate: kernels.rows_input's PDL branch too
         qw = quant.quantize(w, bits=bits, group_size=128)
         for inputs, swiglu, kwargs in ((x, False, {"norm": norm}), (gate_up, True, {})):
             source = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-6) if not swiglu else gate_up
             expected = reference(source, qw, residual, swiglu)
             out = quant_kernels.qmatvec(inputs, qw, residual, swiglu, **kwargs)
-            assert torch.allclose(out.double(), expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max())), bits
+            tolerance = 2**-8 if input_mode == "fused" else 2**-7  # separate: the input rounds to float16 first
+            assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))

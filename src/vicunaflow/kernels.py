@@ -186,7 +186,7 @@ def rows_input(
     whole = min(4096, 1 << (k - 1).bit_length())  # the squares' pass reads this many columns at a time
     _rows_input_kernel()[(m, -(-k // block))](
         x, norm if norm is not None else x, out, eps, width, k,
-        NORM=norm is not None, SWIGLU=swiglu, BLOCK=block, WHOLE=whole,
+        NORM=norm is not None, SWIGLU=swiglu, BLOCK=block, WHOLE=whole, **pdl_options(x.device, rows=m),
     )  # fmt: skip
     return out
 
@@ -208,7 +208,11 @@ def _rows_input_kernel():
         SWIGLU: tl.constexpr,
         BLOCK: tl.constexpr,
         WHOLE: tl.constexpr,
+        PDL: tl.constexpr,  # the next kernel (a one-row product) may start reading its weights now
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < K

@@ -33,6 +33,9 @@ from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options, ro
 # docs/benchmarks.md). So int8 tiles are twice as wide in columns, and int4 tiles hold whole groups
 # of 128 (BLOCK_K a multiple of the group: the folded sum) with as many bytes as int8's.
 INT8_TILES = [(2, 4096, 8), (4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (1, 4096, 4)]
+# with the input prepared once (INPUT "separate") a program's input reads no longer cost three times its
+# codes, so taller tiles, which read the input for more rows at once, may win: the autotuner decides
+INT8_TILES += [(8, 512, 4), (16, 512, 4), (32, 512, 8)]
 INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096, 8), (2, 4096, 4), (16, 512, 4)]
 
 # MAGIC: codes become floats through their bits, not through I2F (int-to-float conversions run at 16 a clock
@@ -42,11 +45,13 @@ INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096,
 # (Constants inside the kernels: Triton reads only constexpr globals.)
 
 
-# Where qmatvec's RMSNorm / SiLU·up inputs are computed: "fused" (every program, from the raw input: no
-# extra launch) or "separate" (kernels.rows_input first, once, then a plain product). Fused costs each
-# program a pass over the input and its norm weight: with int8's 2-row tiles that is three times the
-# bytes of the codes it reads (from L2), with int4's more. bench_chat --quant-input times both.
-INPUT = os.environ.get("VICUNAFLOW_QUANT_INPUT", "fused")
+# Where qmatvec's RMSNorm / SiLU·up inputs are computed: "separate" (kernels.rows_input first, once, then a
+# plain product) or "fused" (in every program, from the raw input: one launch fewer). Fused costs each
+# program a pass over the input and its norm weight: with int8's 2-row tiles three times the bytes of the
+# codes it reads (from L2), with int4's more. On an H200 (7B, bench_chat --quant-input) separate decodes
+# int8 at 343.1 tokens/s against 313.8 fused (the int8 products 2,481 against 3,454 µs a step) and int4
+# at 254.0 against 235.0.
+INPUT = os.environ.get("VICUNAFLOW_QUANT_INPUT", "separate")
 
 
 def qmatvec(
