@@ -16,7 +16,8 @@ Goals: int8 within +0.5% and int4 within +5% of float32's perplexity.
 
 --shape 7b (one GPU; `--shape tiny --device cpu` is the CPU smoke test): a random LLaMA of the real
 shape made on the device (engine RandomWeights, as bench_chat.py), loaded as chat loads it in
-float16, then with --load-8bit and --load-4bit (and bfloat16, for scale), one at a time. Random
+float16, then with --load-8bit and --load-4bit (and bfloat16, for scale, and int4 as --load-4bit runs on
+CUDA by default: torch's tinygemm kernel, the model in bfloat16), one at a time. Random
 prompts are teacher-forced through two paths of the engine: the decode path chat uses (engine
 Runner, one token a step, CUDA graphs and the Triton matvec kernels on a GPU) and the prefill path
 (one forward, every position's logits as the prompt log-probabilities are computed). Against
@@ -560,17 +561,21 @@ def measure_logits(args) -> dict:
     shape = model_args(args.shape)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, shape.vocab_size, (args.prompts, args.length), generator=generator)  # [P, T]
-    variants = [(dtype, dtype, None), ("int8", dtype, 8), ("int4", dtype, 4)]
+    # (name, dtype, bits, int4 kernel): int4 in `dtype` through quant_kernels, and on CUDA as --load-4bit runs
+    # it by default (torch's tinygemm, the model in bfloat16)
+    variants = [(dtype, dtype, None, None), ("int8", dtype, 8, None), ("int4", dtype, 4, "triton")]
     if device == "cuda" and dtype == "float16":
-        variants.append(("bfloat16", "bfloat16", None))  # for scale: what a change of float format alone costs
+        variants.append(("bfloat16", "bfloat16", None, None))  # for scale: what a change of float format alone costs
+        variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm"))
     reference, rows = None, {}
-    for name, variant_dtype, bits in variants:
+    for name, variant_dtype, bits, int4_kernel in variants:
         started = time.perf_counter()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model, _ = load_model(
-            RandomWeights(shape, seed=0), device=device, dtype=variant_dtype, load_8bit=bits == 8, load_4bit=bits == 4
-        )
+            RandomWeights(shape, seed=0), device=device, dtype=variant_dtype, load_8bit=bits == 8, load_4bit=bits == 4,
+            int4_kernel=int4_kernel,
+        )  # fmt: skip
         row = {"dtype": variant_dtype, "bits": bits, "weight_gib": model.weight_bytes() / 2**30}
         logits = teacher_forced_logits(model, prompts, device)
         if device == "cuda":

@@ -300,8 +300,9 @@ def test_quantized_at_load_equals_a_quantized_folder(tiny_vicuna, quantized_fold
     same codes (vicunaflow.quant, the one int8/int4 implementation) and give the same greedy tokens."""
     from vicunaflow.quant import QuantWeight
 
-    at_load, tokenizer = load_model(tiny_vicuna, load_8bit=bits == 8, load_4bit=bits == 4)
-    stored, _ = load_model(quantized_folders[bits])
+    # our layout on any device (on CUDA --load-4bit would repack into tinygemm's: test_quant checks that)
+    at_load, tokenizer = load_model(tiny_vicuna, load_8bit=bits == 8, load_4bit=bits == 4, int4_kernel="triton")
+    stored, _ = load_model(quantized_folders[bits], int4_kernel="triton")
     for a, b in zip(at_load.layers, stored.layers, strict=True):
         for name in ("wqkv", "wo", "w13", "w2"):
             x, y = getattr(a, name), getattr(b, name)
