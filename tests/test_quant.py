@@ -237,7 +237,10 @@ def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
     buffer = torch.full((1, 40), float("nan"), device=DEVICE)
     result = quant.qlinear(x, qw, residual, swiglu=True, out=buffer, matvec=True)
     expected = reference(x[0], qw, residual[0], swiglu=True)[0]
-    assert result is buffer and torch.allclose(buffer[0].double(), expected, rtol=1e-5, atol=1e-4)
+    # float32 sums; SiLU·up is rounded to float16 once before the product (quant_kernels.INPUT "separate")
+    tolerance = 2**-10 if quant_kernels.INPUT == "separate" else 1e-5
+    assert result is buffer
+    assert torch.allclose(buffer[0].double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
     plain = quant.qlinear(x, qw, residual, swiglu=True, matvec=False)
     assert plain.shape == (1, 1, 40) and plain.dtype == torch.float16
     assert torch.allclose(plain.double().view(-1), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))

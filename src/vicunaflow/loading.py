@@ -23,6 +23,7 @@ class ModelOptions:
         max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
         load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
         load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
+            On CUDA the model then computes in bfloat16 through torch's int4 kernel (tinygemm; docs/quantize.md).
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
