@@ -324,7 +324,8 @@ def test_quantized_weights_shrink_and_logits_stay_close(tiny_vicuna, loaded):
         with torch.inference_mode():
             for ids in prompts:
                 m.setup_cache(1, len(ids))
-                rows.append(m(torch.tensor([ids]), torch.arange(len(ids))[None], kv_length=len(ids)).double())
+                tokens, positions = torch.tensor([ids], device=m.device), torch.arange(len(ids), device=m.device)[None]
+                rows.append(m(tokens, positions, kv_length=len(ids)).double().cpu())
         return torch.cat(rows)
 
     reference = logits(model)
