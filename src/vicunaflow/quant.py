@@ -115,7 +115,7 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZ
     n, k = w.shape
     w32 = w.float()
     if bits == 8:
-        scales = w32.abs().amax(dim=1) / 127
+        scales = _divide(w32.abs().amax(dim=1), 127)
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale works
         qweight = torch.round(w32 / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         return QuantWeight(qweight, scales, None, 8, None, (n, k))
@@ -135,6 +135,14 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZ
     return QuantWeight(pack_int4(codes), scales, zeros, 4, group_size, (n, k))
 
 
+def _divide(values: torch.Tensor, divisor: int) -> torch.Tensor:
+    """values / divisor rounded as IEEE division on every device. CUDA divides by a Python number as a
+    multiply by its reciprocal (off by an ulp at times), so quantizing at load on a GPU gave int8 codes
+    that differed from those of the folder `vicunaflow quantize` wrote on the CPU; a tensor divisor
+    divides exactly there too."""
+    return values / torch.full_like(values, divisor)
+
+
 def _search_range(grouped: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 (scales, zeros) [rows, groups]: per group, the CLIP_RATIOS range of least squared error."""
     low, high = grouped.amin(dim=2), grouped.amax(dim=2)
@@ -142,7 +150,7 @@ def _search_range(grouped: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Ten
     best_error = scales = zeros = None
     for ratio in CLIP_RATIOS:  # each group keeps the range of least squared error (1.0: min and max)
         zero = (mid + (low - mid) * ratio).to(torch.float16)
-        scale = ((high - low) * ratio / 15).to(torch.float16)
+        scale = _divide((high - low) * ratio, 15).to(torch.float16)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
         decoded = _codes(grouped, scale, zero).mul_(scale.float()[..., None]).add_(zero.float()[..., None])
         error = decoded.sub_(grouped).square_().mul_(valid).sum(dim=2)
