@@ -174,8 +174,8 @@ def rows_input(
     silu(gate) * up (swiglu, x [M, 2K]), or x; cast to `dtype`, in one launch. Returns a new [M, K].
 
     Why: a kernel without those epilogues (torch's int4 tinygemm, quant.Int4Packed) needs its input
-    prepared; torch takes five launches for RMSNorm plus a cast, this one program per row and block of
-    BLOCK columns (each program sums the row's squares itself: a row is a few KB, read from L2).
+    prepared, which torch does in several launches (RMSNorm, SiLU and the multiply, the cast); this is one,
+    a program per row and block of BLOCK columns (each sums its row's squares itself: a few KB, from L2).
     """
     m, width = x.shape
     k = width // 2 if swiglu else width

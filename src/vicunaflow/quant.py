@@ -244,9 +244,9 @@ TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 class Int4Packed(nn.Module):
     """An int4 weight in the layout of torch's tinygemm kernel (`torch._weight_int4pack_mm`, gpt-fast's).
 
-    Why: on an H200 it takes 82.9 µs for a 7B layer's one-row products, against 149.9 for quant_kernels'
-    int4 matvec and 174.8 for the float16 matvec (bench/probe_int4_kernels.py): it decodes codes on tensor
-    cores, where ours spends more instructions per weight than the bytes allow. It takes bfloat16 inputs
+    Why: it decodes codes on tensor cores, where quant_kernels' int4 matvec spends more instructions per
+    weight than the bytes allow. On an H200 a 7B decodes at 366-371 tokens/s with it against 254-269 with
+    ours (float16: 269-272; docs/benchmarks.md, fifth session). It takes bfloat16 inputs
     only, so a model holding these computes in bfloat16, and it has no epilogues (kernels.rows_input
     prepares its input; the residual is a torch add).
     Same codes as the QuantWeight it is packed from (`int4pack`); tinygemm decodes w = (q - 8) * scale

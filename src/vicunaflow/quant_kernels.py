@@ -1,9 +1,9 @@
 """Triton kernels for decode steps on int8 / int4 weights (quant.QuantWeight): qmatvec for one row,
 qmatmul (tensor cores, kernels in quant_matmul_kernels.py) for batched steps of up to MATMUL_MAX_ROWS.
 
-qmatvec is the quantized twin of `kernels.matvec`, with the same epilogues: RMSNorm of the input folded in
-(for q|k|v and gate|up: one launch fewer), SiLU(gate)·up computed while loading the input (for
-down_proj) and the residual added while storing the output. Each program
+qmatvec is the quantized twin of `kernels.matvec`, with the same epilogues: RMSNorm of the input (for
+q|k|v and gate|up), SiLU(gate)·up (for down_proj), both computed once by kernels.rows_input before the
+product by default (INPUT below), and the residual added while storing the output. Each program
 reads BLOCK_N weight rows once, decodes them in registers and accumulates in float32:
 - int8: acc += q * x over the row, times the row's scale once at the end.
 - int4: each byte holds columns 2i (low nibble) and 2i+1 (high); w = q * scale + zero per group.
