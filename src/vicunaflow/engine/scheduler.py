@@ -514,7 +514,7 @@ class Engine:
         for request in self.rows:
             if request.done or request.cancelled:
                 return False
-            generated = len(request.decoder.ids) + 1  # with the token in flight
+            generated = request.completion_tokens + 1  # with the token in flight
             if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= context:
                 return False
         return True
@@ -595,20 +595,16 @@ class Engine:
             return
         params, decoder = request.params, request.decoder
         request.held = held = request.held + decoder.push(token)
-        stops = params.stop
-        stop_at = find_stop(held, stops) if stops else None
+        stop_at = find_stop(held, params.stop)
         if stop_at is not None:
             self._finish(request, "stop", text=held[:stop_at])
             return
-        n_generated = len(decoder.ids)  # request.completion_tokens
+        n_generated = request.completion_tokens
         if n_generated >= params.max_new_tokens or len(request.prompt_ids) + n_generated >= self.context:
             self._finish(request, "length", text=held + decoder.flush())
             return
-        keep = stop_prefix_length(held, stops) if stops else 0
-        if keep:
-            ready, request.held = held[: len(held) - keep], held[len(held) - keep :]
-        else:
-            ready, request.held = held, ""
+        ready_length = len(held) - stop_prefix_length(held, params.stop)  # the rest might start a stop string
+        ready, request.held = held[:ready_length], held[ready_length:]
         if ready:
             request.text += ready
             request.sink(request.event(ready))

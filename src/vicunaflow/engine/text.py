@@ -92,10 +92,11 @@ def _decoders(tokenizer) -> tuple[Callable[[list[int]], str], dict[int, str]]:
     """`decoder_of(tokenizer)` and a cache of one-token decodes. For a Hugging Face fast tokenizer both are
     shared by all of its decoders (they hold no reference to it, so the entry goes with the tokenizer);
     any other tokenizer's decoder gets its own."""
-    found = _DECODERS.get(tokenizer) if _is_backend_decodable(tokenizer) else None
+    shared = _is_backend_decodable(tokenizer)
+    found = _DECODERS.get(tokenizer) if shared else None
     if found is None:
         found = (decoder_of(tokenizer), {})
-        if _is_backend_decodable(tokenizer):
+        if shared:
             _DECODERS[tokenizer] = found
     return found
 
