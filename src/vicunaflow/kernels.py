@@ -162,6 +162,19 @@ def matmul_rows(
     return out
 
 
+def plain_input(
+    x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, swiglu: bool = False
+) -> torch.Tensor:
+    """rows_input's torch twin in x's dtype, for the paths without the fused kernels (prefill, the CPU):
+    rms_norm(x, norm, eps), or silu(gate) * up with swiglu (x [..., 2K]), or x itself."""
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm, eps)
+    if swiglu:
+        half = x.shape[-1] // 2
+        x = F.silu(x[..., :half]) * x[..., half:]
+    return x
+
+
 def rows_input(
     x: torch.Tensor,
     *,

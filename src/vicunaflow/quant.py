@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vicunaflow import VicunaflowError, quant_kernels
+from vicunaflow import VicunaflowError, kernels, quant_kernels
 
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
@@ -211,10 +211,7 @@ def qlinear(
         flat_residual = None if residual is None else residual.reshape(rows, n)
         y = kernel(x.reshape(rows, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps)
         return out if out is not None else y.view(*x.shape[:-1], n)
-    if norm is not None:
-        x = F.rms_norm(x, (k,), norm, eps)
-    if swiglu:
-        x = F.silu(x[..., :k]) * x[..., k:]
+    x = kernels.plain_input(x, norm=norm, eps=eps, swiglu=swiglu)
     y = F.linear(x, qw.dequantize(x.dtype))
     if residual is not None:
         y += residual
@@ -222,8 +219,6 @@ def qlinear(
 
 
 def _kernel_fits(x: torch.Tensor, qw: QuantWeight) -> bool:
-    from vicunaflow import kernels
-
     return (
         x.device.type == "cuda"
         and qw.device == x.device
@@ -318,15 +313,11 @@ def int4pack_linear(
     flat = x.reshape(rows, x.shape[-1])
     cuda = flat.device.type == "cuda"
     if norm is not None or swiglu or flat.dtype != torch.bfloat16 or not flat.is_contiguous():
-        from vicunaflow import kernels
-
         if cuda and kernels.available():
             flat = kernels.rows_input(flat.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=torch.bfloat16)
-        else:
-            if norm is not None:
-                flat = F.rms_norm(flat.float(), (k,), norm.float(), eps)
-            if swiglu:
-                flat = F.silu(flat[:, :k].float()) * flat[:, k:].float()
+        else:  # in float32, rounded once, as rows_input
+            norm32 = norm.float() if norm is not None else None
+            flat = kernels.plain_input(flat.float(), norm=norm32, eps=eps, swiglu=swiglu)
             flat = flat.to(torch.bfloat16).contiguous()
     product = torch._weight_int4pack_mm if cuda else torch._weight_int4pack_mm_for_cpu
     y = product(flat, w.packed, w.group_size, w.scales_and_zeros)  # [rows, N] bfloat16

@@ -132,11 +132,8 @@ def project(
         # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return kernels.matmul_rows(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
-    if norm is not None:
-        x = F.rms_norm(x, (x.shape[1],), norm[0], norm[1])
-    if swiglu:
-        half = x.shape[1] // 2
-        x = F.silu(x[:, :half]) * x[:, half:]
+    norm_weight, eps = norm if norm is not None else (None, 1e-6)
+    x = kernels.plain_input(x, norm=norm_weight, eps=eps, swiglu=swiglu)
     y = F.linear(x, weight) if residual is None else torch.addmm(residual, x, weight.t())
     if out is not None:
         return out.copy_(y)
