@@ -25,8 +25,8 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     Triton qmatvec for one-row steps): the same rows as float16, next to them, plus weight GiB
                     (`--load-8bit` = `--quant 8`)
     --float-rows triton cublas
-                    ours, float16: batched decode steps (2..16 rows) through kernels.matmul_rows (RMSNorm
-                    and the residual folded in) and/or cuBLAS with separate kernels (the default), each in
+                    ours, float16: batched decode steps (2..32 rows) through kernels.matmul_rows (RMSNorm
+                    and the residual folded in; the default) and/or cuBLAS with separate kernels, each in
                     turn (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
     --int4-kernel tinygemm triton
                     ours, --quant 4: int4 products through torch's tinygemm kernel (quant.Int4Packed; the model
@@ -126,7 +126,7 @@ def main() -> None:
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
     parser.add_argument(
-        "--float-rows", nargs="+", choices=["triton", "cublas"], default=["cublas"],
+        "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],
         help="ours, float16: batched decode steps through kernels.matmul_rows and/or cuBLAS, each in turn",
     )  # fmt: skip
     parser.add_argument(

@@ -8,6 +8,9 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
     startup       Popen -> /health answers (weights load, warm-up), seconds
     first         (b) the first request after startup, then 20 single-user requests with prompt lengths
                   never seen before, then 20 at the 128-token length again: time to first token p50/p99
+                  (the client process sends a GET /v1/models first, so its own set-up is not counted), and
+                  the engine's share of it from /health (queue: waiting for a row; prefill: admission to
+                  the first token's event); the aggregate rows report that share too
     aggregate     (a) C streams at once (C = 1 8 32 64 256), 128-token prompts, 256-token replies:
                   C x 256 / wall seconds, time to first token and inter-token gap p50/p99 over all streams
     join          (c) 31 streams running, then a ~1500-token prompt joins: the worst inter-token gap among
@@ -419,11 +422,24 @@ def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
     def ttft(record: dict) -> float | None:
         return record["times"][0] - record["sent"] if record["times"] else None
 
+    async def warm_client() -> None:
+        async with new_client(1) as client:
+            (await client.get(f"{server.url}/v1/models")).raise_for_status()
+
+    # This client process's own first request pays for its lazy set-up (~25 ms of a new process's first
+    # stream on the 2-core machine, against a server already warm): a request that does not reach the
+    # engine takes it, so the first completion measures the server's first request alone.
+    asyncio.run(warm_client())
+    before = server.health().get("engine", {})
     first = asyncio.run(one(random_prompt(rng, args.prompt_tokens, vocab)))
+    first_engine = engine_first_token(before, server.health().get("engine", {}))
+    before = server.health().get("engine", {})
     longest = min(args.context - reply - 1, 1024)
     lengths = rng.sample([n for n in range(16, longest) if n != args.prompt_tokens], args.new_lengths)
     new = [(n, ttft(asyncio.run(one(random_prompt(rng, n, vocab))))) for n in lengths]
+    middle = server.health().get("engine", {})
     repeated = [ttft(asyncio.run(one(random_prompt(rng, args.prompt_tokens, vocab)))) for _ in range(args.new_lengths)]
+    after = server.health().get("engine", {})
     new_times = [t for _, t in new if t is not None]
     repeated_times = [t for t in repeated if t is not None]
     return {
@@ -437,6 +453,22 @@ def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
         "repeated_128_ttft_p50_ms": ms(percentile(repeated_times, 50)),
         "repeated_128_ttft_p99_ms": ms(percentile(repeated_times, 99)),
         "all_after_startup_ttft_p99_ms": ms(percentile([ttft(first) or 0.0, *new_times, *repeated_times], 99)),
+        "first_request_engine": first_engine,
+        "new_length_engine": engine_first_token(before, middle),
+        "repeated_128_engine": engine_first_token(middle, after),
+    }
+
+
+def engine_first_token(before: dict, after: dict) -> dict:
+    """The engine's own share of the first tokens between two /health readings, mean ms a first token:
+    waiting for a row (queue) and admission to the token's event (prefill); the client's time to first
+    token less these two is the HTTP side's and the network's."""
+    count = after.get("first_tokens", 0) - before.get("first_tokens", 0)
+    if not count:
+        return {}
+    return {
+        f"engine_{name}_ms": round(1000 * (after[f"first_token_{name}_s"] - before[f"first_token_{name}_s"]) / count, 2)
+        for name in ("queue", "prefill")
     }
 
 
@@ -454,6 +486,7 @@ def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
         row["engine_steps"], row["engine_mean_batch"] = steps, round(decoded / steps, 1) if steps else None
+        row |= engine_first_token(before, after)
         print(json.dumps(row), flush=True)
         yield row
 

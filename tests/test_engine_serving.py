@@ -16,7 +16,7 @@ import torch
 
 from vicunaflow import template
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
-from vicunaflow.engine.runner import row_buckets
+from vicunaflow.engine.runner import Runner, row_buckets
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
@@ -69,13 +69,17 @@ def test_warm_up_runs_every_bucket_then_serves_the_same_replies(loaded, caplog):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
-    """float16 on a GPU: after start-up no request captures a graph, whatever its length or batch."""
+    """float16 on a GPU: after start-up no request captures a graph, whatever its length or batch; prompts'
+    first pieces replay prefill graphs and reply what an engine without graphs replies."""
     model, tokenizer = load_model(tiny_vicuna, device="cuda", dtype="float16")
     prompts = [[1] + [5] * n for n in (3, 300, 700, 1500)]
+    expected = _replies(model, tokenizer, prompts[:3], max_new_tokens=8, cuda_graphs=False)
     with Engine(model, tokenizer, max_batch_size=4) as engine:
         captured = {key for key, bucket in engine.runner.buckets.items() if bucket.get("graph") is not None}
         assert engine.runner.kv_buckets == [engine.context]  # the paged kernel: one graph per row bucket
         assert len(captured) == len(engine.runner.row_buckets)
+        prefill_graphs = dict(engine.runner.prefill_graphs)
+        assert (1, 16) in prefill_graphs and (4, 128) in prefill_graphs  # chunk 512: lengths 16 .. 512
         params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
         threads = [threading.Thread(target=lambda p=p: list(engine.generate(p, params))) for p in prompts]
         for t in threads:
@@ -83,6 +87,8 @@ def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
         for t in threads:
             t.join()
         assert set(engine.runner.buckets) == captured and engine.runner.cuda_graphs
+        assert engine.runner.prefill_graphs == prefill_graphs
+    assert _replies(model, tokenizer, prompts[:3], max_new_tokens=8) == expected
 
 
 # -- chunked prefill --------------------------------------------------------------------------------------------
@@ -103,6 +109,31 @@ def test_chunked_prefill_gives_the_whole_prompt_replies(fixture, request):
     assert len({tuple(r) for r in expected}) > 1
     assert _replies(model, tokenizer, prompts, prefill_chunk=64) == expected
     assert _replies(model, tokenizer, prompts, prefill_chunk=7, padded_decode=True) == expected
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+def test_padded_prefill_buckets_give_the_same_replies(fixture, request, monkeypatch):
+    """Prompts' first pieces padded to (rows, length) buckets, as one GPU replays them from graphs (here
+    eagerly: graphs need CUDA), reply what unpadded chunks reply; later pieces of a long prompt run as
+    they are."""
+    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer)]
+    expected = _replies(model, tokenizer, prompts, prefill_chunk=512)
+    buckets, real_init, real_padded = [], Runner.__init__, Runner._padded_prefill
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.prefill_lengths = [64, 128, 256, 512]  # what warm_up sets on one GPU with graphs
+
+    def padded(self, chunks, rows, length):
+        buckets.append((len(chunks), rows, length))
+        return real_padded(self, chunks, rows, length)
+
+    monkeypatch.setattr(Runner, "__init__", init)
+    monkeypatch.setattr(Runner, "_padded_prefill", padded)
+    assert _replies(model, tokenizer, prompts, prefill_chunk=512) == expected
+    assert buckets and all(rows >= n and rows * length <= 512 for n, rows, length in buckets)
+    assert any(n > 1 for n, _, _ in buckets)  # several prompts in one padded forward, padding rows too
 
 
 def test_chunked_prefill_on_two_cpu_ranks(tiny_gqa):

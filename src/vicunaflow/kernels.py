@@ -8,9 +8,8 @@ the residual while storing its output, so a LLaMA MLP is two kernels instead of 
 0.82-0.93x cuBLAS's time on each 7B weight shape (docs/benchmarks.md).
 
 Used by `engine.model.project` for one-row steps on CUDA in float16/bfloat16. `matmul_rows` is the
-same for a batch (tensor cores, kernel in matmul_kernels.py); it measured slower than cuBLAS, so batched
-steps use it only with FLOAT_ROWS = "triton". Tests run both on the CPU through Triton's interpreter
-(TRITON_INTERPRET=1).
+same for a batched decode step (tensor cores, kernel in matmul_kernels.py). Tests run both on the CPU
+through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -22,23 +21,22 @@ import torch
 import torch.nn.functional as F
 
 MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
-# engine.model.project takes matmul_rows up to this many rows. On an H200 (bench/bench_matmul_rows.py, 7B
-# shapes, float16, against cuBLAS + separate RMSNorm / SiLU·up) 2-16 rows took 0.9-1.3x cuBLAS's time per
-# product (two runs: q|k|v 0.91x then 1.12x, gate|up 0.99x then 1.28x, o 1.15x, down 1.0x), and
-# 32-64 rows 1.3-1.6x (q|k|v, gate|up), where cuBLAS's wider row tiles pay off. Not yet a clear win.
-FLOAT_ROWS_MAX = 16
-# Batched decode steps on float weights: "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels)
-# or "triton" (matmul_rows), read by engine.model.project; bench_chat --float-rows times both. cuBLAS is the
-# default: through the engine on an H200 (7B, 8 rows) its step replays at 1,543 tokens/s against 1,350 for
-# matmul_rows, 1,406 against 1,301 tokens/s aggregate at 8 requests (docs/benchmarks.md).
-FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "cublas")
-
+# engine.model.project takes matmul_rows up to this many rows (a batched decode step). On an H200
+# (bench/sweep_matmul_rows.py, 7B shapes, CUDA graphs) its products took 0.74-0.96x cuBLAS's time at 2-32
+# rows; more rows were not timed.
+FLOAT_ROWS_MAX = 32
+# Batched decode steps on float weights: "triton" (matmul_rows, RMSNorm and the residual folded in) or
+# "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels), read by engine.model.project;
+# bench_chat --float-rows times both.
+FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
 # Programmatic dependent launch (Hopper and later; Triton's launch_pdl): a decode kernel lets the next one's
 # programs start on the SMs its last wave leaves idle, where they read their first weight tile (no kernel
 # of a step writes weights) and then wait (gdc_wait) for every earlier result before loading anything else.
 # A step is a few hundred kernels each ramping up and draining: this overlaps those edges. One-row steps
 # only: on an H200 a 7B step of 32 rows (cuBLAS products between our attention kernels) replayed 7% slower
-# with it (4,398 against 4,745 tokens/s); one row gained 1-2% (13B: 145.0 against 142.1 tokens/s).
+# with it (4,398 against 4,745 tokens/s); one row gained 1-2% (13B: 145.0 against 142.1 tokens/s). With
+# batched steps all Triton (matmul_rows), PDL on them too still cost: an 8-row 7B step replayed in 4.69
+# against 4.34 ms, 32 rows 6.16 against 6.11 (bench/results/chat_rows_pdl_h200.json).
 # "0" turns it off (bench_chat --pdl on off times both).
 PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
 
@@ -118,15 +116,17 @@ def matmul_rows(
     """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
 
     Why: cuBLAS reads a weight once for a batched decode step too, but the step also needs RMSNorm,
-    SiLU·up and the residual add as kernels of their own; one program per BLOCK_N weight rows here
-    serves all M rows (padded to a 16-row tile) and folds those in, as matvec does for one row.
+    SiLU·up and the residual add as kernels of their own (on an H200 a 7B 8-row step spent 0.57 of its
+    5.07 ms in them); one program per BLOCK_N weight rows here serves all M rows (padded to a 16-row
+    tile) and folds those in, as matvec does for one row (matmul_kernels.py says why its tiles).
     x: [M, K], or [M, 2K] with swiglu (input silu(gate) * up); weight: [N, K] float16/bfloat16 (float32
     works, slowly: exact products); norm: [K], the input is rms_norm(x, norm, eps) (float32 inside);
     residual, out: [M, N] contiguous, out any float dtype (tensor parallelism's float32 buffer).
     Products are in the weight's dtype (the input rounded to it), accumulated in float32. Returns a
-    new [M, N] tensor of weight's dtype, or `out`. SiLU·up is computed by torch before the kernel, not
-    in its input tile: every program recomputing it for all 16 padded rows took the 7B down product
-    from 31 to 109 µs on an H200 (two small kernels first: 38 µs, as cuBLAS's path).
+    new [M, N] tensor of weight's dtype, or `out`. SiLU·up is computed first, by rows_input (one launch):
+    in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on an
+    H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
+    chat_rows_h200.json).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -146,8 +146,7 @@ def matmul_rows(
     from vicunaflow import matmul_kernels  # Triton: imported only when the kernel runs
 
     if swiglu:
-        x = F.silu(x[:, :k]) * x[:, k:]  # [M, K], x's dtype (as the cuBLAS path)
-
+        x = rows_input(x, swiglu=True, dtype=x.dtype)  # [M, K], x's dtype (as the cuBLAS path)
     if out is None:
         out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
@@ -155,8 +154,7 @@ def matmul_rows(
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     matmul_kernels.float_matmul_kernel[grid](
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, m, n, k,
-        HAS_RESIDUAL=residual is not None, SWIGLU=False, NORM=norm is not None,
-        FP32=weight.dtype == torch.float32 or interpreted_bf16,
+        HAS_RESIDUAL=residual is not None, NORM=norm is not None, FP32=weight.dtype == torch.float32 or interpreted_bf16,
         BLOCK_M=max(16, 1 << (m - 1).bit_length()),  # tl.dot's smallest tile is 16
     )  # fmt: skip
     return out

@@ -106,9 +106,9 @@ def project(
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
     x: [M, K]; returns [M, N] (written into `out` when given, which may be float32). matvec: products
-    through the Triton kernels (CUDA, float16/bfloat16): kernels.matvec for one row; batched decode steps
-    stay on cuBLAS unless kernels.FLOAT_ROWS = "triton" (kernels.matmul_rows for 2..FLOAT_ROWS_MAX rows,
-    measured slower on an H200, kept to be measured again).
+    through the Triton kernels (CUDA, float16/bfloat16): kernels.matvec for one row, kernels.matmul_rows
+    for 2..FLOAT_ROWS_MAX rows (batched decode steps, short prefill chunks) unless kernels.FLOAT_ROWS is
+    "cublas".
     norm: (RMSNorm weight [K], eps) to apply to x first (inside the kernels: one launch fewer). weight:
     a float tensor, or a quant.QuantWeight (int8/int4): its own Triton kernels with the same epilogues,
     else decoded to x's dtype and multiplied, or a quant.Int4Packed (torch's tinygemm for every row count,

@@ -83,6 +83,8 @@ class Request:
         self.done = False
         self.pending: list[TokenLogprob] = []  # sampled tokens' logprobs not yet sent in an event
         self.prompt_logprobs: list[TokenLogprob] | None = None  # sent with the first event
+        self.submitted = time.perf_counter()  # -> admitted (a row and its blocks) -> first token: Engine.stats
+        self.admitted: float | None = None
 
     def event(self, text: str, **fields) -> Event:
         """An event carrying the log-probabilities gathered since the last one (when the request asked)."""
@@ -207,6 +209,10 @@ class Engine:
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
         self.stats["preempted"] = 0  # requests sent back to the queue for want of KV blocks
+        # where a first token's time goes inside the engine, summed over first tokens: waiting for a row and
+        # blocks (queue), then from admission to the token's event (prefill chunks, and the decode steps of
+        # other rows between them); a client's time to first token adds the HTTP side and the network
+        self.stats |= {"first_tokens": 0, "first_token_queue_s": 0.0, "first_token_prefill_s": 0.0}
         self.batch_sizes: Counter[int] = Counter()
         log.info(
             "engine: %d slots x %d tokens, KV cache %d tokens (%d blocks of %d) %.1f MiB per rank, %d rank(s), "
@@ -403,6 +409,7 @@ class Engine:
         row = max(r for r in range(len(self.rows), self.max_batch_size) if r not in taken)
         try:
             self.cache.ensure(row, len(tokens))
+            request.admitted = time.perf_counter()
             logprobs = request.params.prompt_logprobs if not generated else None
             first = [TokenLogprob(request.prompt_ids[0], None, [])] if logprobs is not None else None
             self.prefilling.append(PrefillJob(request, row, tokens, generated[-1] if generated else None, first))
@@ -466,6 +473,14 @@ class Engine:
                 self._finish(request, "length")
             else:
                 self._emit(request, token, entry)
+                self._count_first_token(request)
+
+    def _count_first_token(self, request: Request) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            self.stats["first_tokens"] += 1
+            self.stats["first_token_queue_s"] += request.admitted - request.submitted
+            self.stats["first_token_prefill_s"] += now - request.admitted
 
     def _join(self, job: PrefillJob) -> None:
         """Make a prefilled prompt's row the next decoding row, len(self.rows): move its cache there (swapping
