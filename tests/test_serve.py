@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from vicunaflow.serve import WARM_UP_REQUESTS
+
 KEY = "test-key"
 CONTEXT = 256
 SERVE = [sys.executable, "-m", "vicunaflow", "serve"]
@@ -256,6 +258,8 @@ def test_health_and_page(server):
 def test_api_key_flag(tiny_vicuna):
     process, url = start_server(tiny_vicuna, "--api-key", "flag-key", "--max-batch-size", "2")
     try:
+        # ready only once serve's own warm-up requests went through, the key's route included
+        assert httpx.get(f"{url}/health").json()["engine"]["requests"] == len(WARM_UP_REQUESTS)
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer flag-key"}).status_code == 200
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer test-key"}).status_code == 401
     finally:

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -52,6 +53,7 @@ class FakeEngine:
 
     def __init__(self, name: str, context: int = 1_000_000, gate: threading.Event | None = None):
         self.name, self.context, self.tokenizer = name, context, CharTokenizer()
+        self.model = SimpleNamespace(args=SimpleNamespace(vocab_size=0x110000))  # token ids are code points
         self.gate = gate or threading.Event()
         if gate is None:
             self.gate.set()
@@ -87,9 +89,9 @@ class FakeEngine:
 
 
 @contextlib.contextmanager
-def serving(engines: dict, results: Path | None, keys: list[str] | None = (KEY,)):
-    """create_app over `engines` behind a real uvicorn in a thread: (base url, app)."""
-    app = create_app(engines, api_keys=list(keys or []), results_dir=results)
+def serving(engines: dict, results: Path | None, keys: list[str] | None = (KEY,), ready: threading.Event | None = None):
+    """create_app over `engines` behind a real uvicorn in a thread: (base url, app); app.state.server is it."""
+    app = create_app(engines, api_keys=list(keys or []), results_dir=results, ready=ready)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -97,6 +99,7 @@ def serving(engines: dict, results: Path | None, keys: list[str] | None = (KEY,)
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.01)
+    app.state.server = server
     try:
         yield f"http://127.0.0.1:{port}", app
     finally:
@@ -241,6 +244,28 @@ def test_nothing_in_a_reply_or_health_tells_the_sides_apart(tmp_path):
         assert "requests" not in httpx.get(f"{url}/health").json()["engines"]["alpha"]
     with serving({"alpha": FakeEngine("alpha")}, tmp_path) as (url, _):  # one model, no arena: as before
         assert httpx.get(f"{url}/health").json()["engine"]["requests"] == 0
+
+
+def test_serve_warms_each_model_before_health_says_ready(tmp_path):
+    """`serve` streams its own warm-up requests (a completion and a chat completion) to every model through
+    its socket, with a key, before /health answers 200; until then /health says "starting"."""
+    from vicunaflow.serve import WARM_UP_REQUESTS, _warm_routes
+
+    engines = {"alpha": FakeEngine("alpha"), "beta": FakeEngine("beta")}
+    ready = threading.Event()
+    with serving(engines, tmp_path, ready=ready) as (url, app):
+        starting = httpx.get(f"{url}/health")
+        assert starting.status_code == 503 and starting.json()["status"] == "starting"
+        assert starting.json()["engines"]["beta"] == {"context": 1_000_000} and starting.json()["auth"] is True
+        assert all(engine.requests == 0 for engine in engines.values())
+        port = int(url.rsplit(":", 1)[1])
+        _warm_routes(app.state.server, "127.0.0.1", port, list(engines), KEY, ready)
+        assert ready.is_set() and httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert [engine.requests for engine in engines.values()] == [len(WARM_UP_REQUESTS)] * 2
+    ready = threading.Event()
+    with serving(engines, tmp_path, ready=ready) as (url, app):  # a refused request: logged, ready all the same
+        _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), ["gamma"], KEY, ready)
+        assert ready.is_set() and httpx.get(f"{url}/health").status_code == 200
 
 
 def test_the_context_error_names_no_sizes_in_the_arena(tmp_path):

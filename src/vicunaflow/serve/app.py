@@ -63,9 +63,11 @@ def create_app(
     default_max_tokens: int = 512,
     max_body_bytes: int = MAX_BODY_BYTES,
     results_dir: Path | None = None,
+    ready: threading.Event | None = None,
 ) -> FastAPI:
     """engines: model name -> its engine, or one engine served as `model_name`. results_dir: where the
-    arena writes its votes (None: the arena's vote route refuses)."""
+    arena writes its votes (None: the arena's vote route refuses). ready: until it is set, /health answers
+    503 "starting" (`serve` sets it once its own first requests went through; None: ready at once)."""
     from vicunaflow.serve import arena
 
     if isinstance(engines, Engine):
@@ -158,6 +160,10 @@ def create_app(
 
     @app.get("/health")
     async def health(request: Request):
+        if ready is not None and not ready.is_set():  # what the pages read, none of the counters
+            contexts = {name: {"context": engine.context} for name, engine in engines.items()}
+            starting = {"status": "starting", "model": model_name, "models": list(engines), "auth": bool(keys)}
+            return JSONResponse(starting | {"engines": contexts}, status_code=503)
         stats = {name: engine.snapshot_stats() for name, engine in engines.items()}
         # an engine stopped by an error fails every request sent to it: 503, so a balancer or monitor
         # sees it (the reason is in that engine's "failure", and the log)
