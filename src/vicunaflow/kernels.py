@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
 # engine.model.project takes matmul_rows up to this many rows (a batched decode step). On an H200
-# (bench/sweep_matmul_rows.py, 7B shapes, CUDA graphs) its products took 0.74-0.96x cuBLAS's time at 2-32
-# rows; more rows were not timed.
+# (bench/sweep_matmul_rows.py, 7B shapes, CUDA graphs) its products took 0.84-0.96x cuBLAS's time at 2-32
+# rows; at 64 (bench_matmul_rows.py) 0.86-1.17x, even over a layer's four.
 FLOAT_ROWS_MAX = 32
 # Batched decode steps on float weights: "triton" (matmul_rows, RMSNorm and the residual folded in) or
 # "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels), read by engine.model.project;

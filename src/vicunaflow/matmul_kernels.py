@@ -5,9 +5,9 @@ The weight tile is tl.dot's left operand and the rows its right: acc[BLOCK_N, BL
 the left operand of Hopper's warp-group MMA (64 rows), while a 64-row weight tile is; and each program
 then streams 64 weight rows through a deep pipeline. bench/sweep_matmul_rows.py timed this design against
 x as the left operand (the previous kernel) and against CUDA-core FMAs on the 7B shapes (H200, CUDA
-graphs, weights not in L2): at 8 rows it took 0.74-0.95x cuBLAS's time and 1.01-1.11x the one-row
-matvec's, the x-left kernel 0.87-0.98x cuBLAS. No split over K: a split needs atomic adds, whose order
-changes the float32 sums from run to run.
+graphs, weights not in L2): at 8 rows it took 0.85-0.95x cuBLAS's time and 1.04-1.29x the one-row
+matvec's, the x-left kernel 0.88-0.98x cuBLAS. No split over K, though it saved another 1.5 µs on the
+o and down products: a split needs atomic adds, whose order changes the float32 sums from run to run.
 
 RMSNorm comes in through quant_matmul_kernels' input tile and RMSNorm factor (the same helpers as its int8 /
 int4 kernels, which Triton resolves among this module's globals); SiLU·up is computed before the kernel
