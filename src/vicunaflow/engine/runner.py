@@ -171,13 +171,7 @@ class Runner:
         key = self._prefill_bucket(chunks)
         if key is not None:
             return self._padded_prefill(chunks, *key), [None] * n
-        width = self.cache.width
-        packed = torch.zeros(n, length + 2 + width, dtype=torch.long)  # [n, length] ids, start, count, block table
-        for i, chunk in enumerate(chunks):
-            self.cache.ensure(chunk.row, chunk.start + len(chunk.tokens))
-            packed[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
-            packed[i, length : length + 2] = torch.tensor([chunk.start, len(chunk.tokens)])
-            packed[i, length + 2 :] = self.cache.tables[chunk.row]
+        packed = self._pack(chunks, n, length)
         self.comm.command(Op.PREFILL, n, length)
         self.comm.broadcast_host(packed)
         if all(c.logprobs is None for c in chunks):
@@ -196,6 +190,19 @@ class Runner:
             for i, c in enumerate(chunks)
         ]
         return logits, entries
+
+    def _pack(self, chunks: list[PrefillChunk], rows: int, length: int) -> torch.Tensor:
+        """The chunks as one host tensor [rows, length + 2 + width], per row: ids, start, count, block table
+        (the rows' blocks taken first). Rows past the chunks pad: one token at position 0 of an empty table
+        (the scratch block)."""
+        packed = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long)
+        packed[:, length + 1] = 1
+        for i, chunk in enumerate(chunks):
+            self.cache.ensure(chunk.row, chunk.start + len(chunk.tokens))
+            packed[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
+            packed[i, length : length + 2] = torch.tensor([chunk.start, len(chunk.tokens)])
+            packed[i, length + 2 :] = self.cache.tables[chunk.row]
+        return packed
 
     def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
         """targets[i]'s log-probability from hidden [len(targets), dim] row i (float32 log_softmax), PROMPT_CHUNK
@@ -250,13 +257,7 @@ class Runner:
     def _padded_prefill(self, chunks: list[PrefillChunk], rows: int, length: int) -> torch.Tensor:
         """First pieces of prompts padded to `rows` x `length`, replayed from their graph (eagerly when it has
         none: tests, or a failed capture); each piece's next-token logits [len(chunks), vocab]."""
-        host = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long)
-        host[:, length + 1] = 1  # padding rows: one token at position 0 of an empty table (the scratch block)
-        for i, chunk in enumerate(chunks):
-            self.cache.ensure(chunk.row, len(chunk.tokens))
-            host[i, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
-            host[i, length + 1] = len(chunk.tokens)
-            host[i, length + 2 :] = self.cache.tables[chunk.row]
+        host = self._pack(chunks, rows, length)
         bucket = self.prefill_graphs.get((rows, length))
         if bucket is None:
             return self._prefill_forward(host.to(self.device), length, length)[: len(chunks)]
@@ -273,15 +274,9 @@ class Runner:
                         continue
                     packed = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long, device=self.device)
                     packed[:, length + 1] = length  # whole rows of the scratch block
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._prefill_forward(packed, length, length)
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool):
-                        logits = self._prefill_forward(packed, length, length)
+                    graph, logits = self._graph(
+                        lambda packed=packed, length=length: self._prefill_forward(packed, length, length)
+                    )
                     self.prefill_graphs[rows, length] = {"packed": packed, "graph": graph, "logits": logits}
         except Exception as err:
             log.warning("prefill graph capture failed (%s: %s); prefill runs eagerly", type(err).__name__, err)
@@ -415,17 +410,13 @@ class Runner:
         Every rank captures the same bucket at the same point of the same op sequence, so the
         collectives inside match up.
         """
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self._forward(bucket)
+            return logits, logits.argmax(dim=-1)  # greedy tokens inside the graph
+
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(bucket)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                bucket["logits"] = self._forward(bucket)
-                bucket["greedy"] = bucket["logits"].argmax(dim=-1)
+            graph, (bucket["logits"], bucket["greedy"]) = self._graph(step)
             bucket["graph"] = graph
             log.debug("captured a CUDA graph for %d rows x %d tokens", bucket["rows"], bucket["kv_length"])
         except Exception as err:
@@ -434,6 +425,20 @@ class Runner:
             log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
             self.cuda_graphs = False
             bucket["graph"] = None
+
+    def _graph(self, forward):
+        """Run forward() twice on a side stream (first-use work: allocations, autotuning), then capture it in
+        the runner's graph pool; returns (graph, what the captured call returned: its static outputs)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = forward()
+        return graph, outputs
 
 
 def row_buckets(slots: int) -> list[int]:
