@@ -319,11 +319,16 @@ def new_client(streams: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0))
 
 
+async def warm_client(client: httpx.AsyncClient, url: str) -> None:
+    """Run this process's client code once on a route that does not reach the engine: a fresh process's
+    first stream pays for its lazy set-up (~25 ms on the 2-core machine, against a warm server), which is
+    not the server's time."""
+    (await client.get(f"{url}/v1/models")).raise_for_status()
+
+
 async def _run_jobs(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> list[dict]:
     async with new_client(len(jobs)) as client:
-        # this process's client code runs once before the clock starts: a fresh process's first stream pays
-        # for its lazy set-up (scenario_first says how much), which is not the server's time
-        (await client.get(f"{url}/v1/models")).raise_for_status()
+        await warm_client(client, url)  # before the clock starts
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         return await asyncio.gather(*(stream_completion(client, url, model, p, n) for p, n in jobs))
 
@@ -428,14 +433,11 @@ def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
     def ttft(record: dict) -> float | None:
         return record["times"][0] - record["sent"] if record["times"] else None
 
-    async def warm_client() -> None:
+    async def warm() -> None:  # so the first completion measures the server's first request alone
         async with new_client(1) as client:
-            (await client.get(f"{server.url}/v1/models")).raise_for_status()
+            await warm_client(client, server.url)
 
-    # This client process's own first request pays for its lazy set-up (~25 ms of a new process's first
-    # stream on the 2-core machine, against a server already warm): a request that does not reach the
-    # engine takes it, so the first completion measures the server's first request alone.
-    asyncio.run(warm_client())
+    asyncio.run(warm())
     before = server.health().get("engine", {})
     first = asyncio.run(one(random_prompt(rng, args.prompt_tokens, vocab)))
     first_engine = engine_first_token(before, server.health().get("engine", {}))
