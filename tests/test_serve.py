@@ -43,7 +43,8 @@ def start_server(model_path, *args: str, env: dict | None = None, timeout: float
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
         except httpx.TransportError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)  # not listening yet, or 503 while serve sends its warm-up requests
     process.kill()
     raise RuntimeError("server did not start")
 

@@ -232,7 +232,8 @@ def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)  # not listening yet, or 503 while serve sends its warm-up requests
         health = httpx.get(f"{url}/health").json()["engine"]
         assert health["tensor_parallel"] == 2 and health["all_reduce"] == "gloo"
         body = {"model": tiny_vicuna.name, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
