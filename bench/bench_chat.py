@@ -35,6 +35,9 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     ours, --quant: quant_kernels' one-row RMSNorm / SiLU·up computed in every program (fused) and/or
                     once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
     --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
+    --attention fused split
+                    ours: a decode step's attention as one kernel a layer (attention_kernels.decode_attention)
+                    and/or the three it replaced (rotary + K/V store, splits, combine), in turn
     --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
@@ -126,6 +129,10 @@ def main() -> None:
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
     parser.add_argument(
+        "--attention", nargs="+", choices=["fused", "split"], default=["fused"],
+        help="ours: decode attention in one kernel a layer, or rotary + K/V store, splits, combine (VICUNAFLOW_ATTENTION)",
+    )  # fmt: skip
+    parser.add_argument(
         "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],
         help="ours, float16: batched decode steps through kernels.matmul_rows and/or cuBLAS, each in turn",
     )  # fmt: skip
@@ -186,7 +193,7 @@ def main() -> None:
     tokenizer = make_tokenizer(model_args.vocab_size)
     prompts = make_prompts(tokenizer, max(args.concurrency), args.prompt_tokens)
     if "ours" in args.only:
-        from vicunaflow import kernels, quant_kernels
+        from vicunaflow import attention_kernels, kernels, quant_kernels
 
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
@@ -198,13 +205,15 @@ def main() -> None:
                     for bits in args.quant
                     for one_row in (args.quant_one_row if bits == 8 else quant_one_rows_int4(args))
                 ]
-                runs = [  # each --pdl, and each --quant-input for the runs through quant_kernels
-                    (*run, pdl, quant_input)
+                runs = [  # each --pdl and --attention, and each --quant-input for the runs through quant_kernels
+                    (*run, pdl, attention, quant_input)
                     for run in runs
                     for pdl in args.pdl
+                    for attention in args.attention
                     for quant_input in (args.quant_input if run[0] and run[1] != "tinygemm" else ["separate"])
                 ]
-                for bits, one_row, float_rows, pdl, quant_input in runs:
+                for bits, one_row, float_rows, pdl, attention, quant_input in runs:
+                    attention_kernels.ATTENTION = os.environ["VICUNAFLOW_ATTENTION"] = attention
                     kernels.PDL = pdl == "on"
                     os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
                     quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row.replace(
@@ -225,7 +234,7 @@ def main() -> None:
                             "dtype": tags_dtype(model.dtype),
                         }
                         tags |= {"quant_one_row": one_row} if bits else {"float_rows": float_rows}
-                        tags |= {"pdl": pdl}
+                        tags |= {"pdl": pdl, "attention": attention}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
                         if args.device == "cuda":  # the earlier models' cached blocks would count as this one's
                             torch.cuda.empty_cache()
@@ -245,6 +254,9 @@ def main() -> None:
                         if len(args.pdl) > 1:
                             for row in results[-len(rows) :]:
                                 row["engine"] += f" pdl:{pdl}"
+                        if len(args.attention) > 1:
+                            for row in results[-len(rows) :]:
+                                row["engine"] += f" attention:{attention}"
                     finally:
                         model.close()
                     free(model)

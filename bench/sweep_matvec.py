@@ -34,13 +34,15 @@ STAGES = [1, 2, 3, 4]
 def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
     x, weight, residual, cublas = product_inputs(n, k, swiglu, has_residual, torch.float16)
     out = torch.empty(1, n, device="cuda", dtype=torch.float16)
+    norm = not (swiglu or has_residual)  # q|k|v, gate|up, lm_head: the engine folds RMSNorm into them
+    norm_weight = torch.ones(k, device="cuda", dtype=torch.float16)
     kernel = kernels._kernels().fn  # the plain kernel under the autotuner
     rows = []
     for (block_n, block_k, warps), stages in itertools.product(TILES, STAGES):
         launch = functools.partial(
-            kernel[(-(-n // block_n),)], x, weight, residual if residual is not None else out, out, n, k,
-            SWIGLU=swiglu, HAS_RESIDUAL=has_residual, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages,
+            kernel[(-(-n // block_n),)], x, weight, residual if residual is not None else out, out, norm_weight, 1e-6,
+            n, k, SWIGLU=swiglu, HAS_RESIDUAL=has_residual, NORM=norm, PDL=False, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
         microseconds = do_bench(launch, warmup=10, rep=40) * 1e3
         rows.append({"block_n": block_n, "block_k": block_k, "warps": warps, "stages": stages, "us": microseconds})

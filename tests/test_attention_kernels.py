@@ -96,8 +96,8 @@ def test_engine_decodes_through_the_kernel(fixture, request, monkeypatch):
     prompts = [[1, 450, 748, 310], [1, *range(300, 340)], [1, 221, 292]]
     params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
     calls = []
-    kernel = attention_kernels.paged_decode_attention
-    monkeypatch.setattr(attention_kernels, "paged_decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = attention_kernels.decode_attention
+    monkeypatch.setattr(attention_kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
 
     def replies(use_kernel: bool) -> list[list[int]]:
         done = threading.Semaphore(0)
@@ -154,3 +154,62 @@ def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, hea
         assert torch.equal(
             values[block, :, position % block_size], qkv[row, (heads + kv_heads) * head_dim :].view(kv_heads, head_dim)
         )
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "dtype", "many_rows"),
+    [
+        (4, 4, 32, torch.float32, False),
+        (8, 2, 32, torch.float16, False),  # grouped-query: the newest key stored once per KV head
+        (8, 2, 32, torch.float16, True),
+        (3, 3, 40, torch.float32, False),  # head_dim not a power of two: masked
+    ],
+)
+def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, head_dim, dtype, many_rows, mode, monkeypatch):
+    """decode_attention (one kernel with ATTENTION "fused") = the model's own rotary, the newest key and value
+    stored in each row's block, then SDPA over the row's positions; its counters are left at zero, so a
+    second layer's launch on the same counters (the engine's) is right too."""
+    from vicunaflow.engine.model import apply_rope
+
+    monkeypatch.setattr(attention_kernels, "ATTENTION", mode)
+    if many_rows:
+        monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
+    generator = torch.Generator().manual_seed(heads * head_dim + many_rows)
+    block_size, width = 16, 20  # a 320-position context
+    positions = torch.tensor([0, 16, 63, 64, 200, 319])  # splits' edges: the newest position opens one, ends one
+    B = len(positions)
+    blocks = B * width + 5
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    # blocks anywhere in the pool, each row's its own, as the cache gives them (a row's new key is in no other row)
+    tables = (torch.randperm(blocks - 1, generator=generator)[: B * width] + 1).view(B, width).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq  # [B, head_dim / 2]
+    emb = torch.cat([angles, angles], dim=-1)[:, None, None].double()  # [B, 1, 1, head_dim]
+    rotated = apply_rope(
+        qkv[:, : (heads + kv_heads) * head_dim].cpu().double().view(B, 1, heads + kv_heads, head_dim),
+        (emb.cos(), emb.sin()),
+    )[:, 0]  # [B, heads + kv_heads, head_dim]
+    counters = torch.zeros(B * kv_heads + 3, dtype=torch.int32, device=DEVICE)
+    for _layer in range(2):  # two layers' launches on the same counters
+        keys = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, dtype)
+        values = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, dtype)
+        out = attention_kernels.decode_attention(
+            qkv.clone(), angles.cos().to(DEVICE), angles.sin().to(DEVICE), positions.to(DEVICE),
+            (positions + 1).to(DEVICE), tables, keys, values, heads, counters,
+        )  # fmt: skip
+        assert out.shape == (B, heads * head_dim) and out.dtype == dtype
+        assert not counters.any(), "counters not left at zero"
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        stored_keys, stored_values = keys.cpu(), values.cpu()
+        for row in range(B):
+            position = int(positions[row])
+            block = int(tables[row, position // block_size])
+            key = stored_keys[block, :, position % block_size].double()
+            assert torch.allclose(key, rotated[row, heads:], rtol=tolerance, atol=tolerance)
+            value = qkv[row, (heads + kv_heads) * head_dim :].cpu().view(kv_heads, head_dim)
+            assert torch.equal(stored_values[block, :, position % block_size], value)
+        query = rotated[:, :heads].to(dtype).double()  # as the kernels round it
+        expected = _reference(query, stored_keys, stored_values, tables.cpu(), positions + 1)
+        got = out.cpu().double().view(B, heads, head_dim)
+        assert torch.allclose(got, expected, atol=tolerance, rtol=tolerance), (got - expected).abs().max()

@@ -79,7 +79,8 @@ def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
         assert engine.runner.kv_buckets == [engine.context]  # the paged kernel: one graph per row bucket
         assert len(captured) == len(engine.runner.row_buckets)
         prefill_graphs = dict(engine.runner.prefill_graphs)
-        assert (1, 16) in prefill_graphs and (4, 128) in prefill_graphs  # chunk 512: lengths 16 .. 512
+        assert (1, 16, 16) in prefill_graphs and (4, 128, 128) in prefill_graphs  # chunk 512: lengths 16 .. 512
+        assert (1, 512, 1024) in prefill_graphs  # a long prompt's second piece
         params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
         threads = [threading.Thread(target=lambda p=p: list(engine.generate(p, params))) for p in prompts]
         for t in threads:
@@ -112,28 +113,67 @@ def test_chunked_prefill_gives_the_whole_prompt_replies(fixture, request):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
-def test_padded_prefill_buckets_give_the_same_replies(fixture, request, monkeypatch):
-    """Prompts' first pieces padded to (rows, length) buckets, as one GPU replays them from graphs (here
-    eagerly: graphs need CUDA), reply what unpadded chunks reply; later pieces of a long prompt run as
-    they are."""
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_prompts_riding_in_decode_steps_give_the_same_replies(fixture, padded, request):
+    """Prompts that arrive while a row decodes are written by the decode steps, each prompt token a row of
+    its own (mixed_prefill tokens a step: one prompt over several steps, several prompts in one step), and
+    every greedy reply is the one chunks give; a mixed_prefill of 0 writes none that way."""
+    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    first = _long_prompt(tokenizer, 3)
+    later = [_prompt(tokenizer, q) for q in QUESTIONS[:3]] + [_long_prompt(tokenizer, 2)]
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+
+    def replies(mixed: int) -> tuple[list[list[int]], dict]:
+        # 40 rows: room beside the decoding rows for a whole mixed_prefill (a step has at most max_batch_size rows)
+        options = dict(max_batch_size=40, mixed_prefill=mixed, padded_decode=padded)
+        with Engine(model, tokenizer, **options) as engine:
+            started, done = threading.Event(), threading.Semaphore(0)
+            decoding = engine.submit(first, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
+                                     lambda e: started.set() if not e.finish_reason else done.release())  # fmt: skip
+            assert started.wait(60)  # a row decodes: the prompts below arrive while it does
+            requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in later]
+            for _ in range(len(later) + 1):
+                done.acquire()
+            return [r.decoder.ids for r in [decoding, *requests]], engine.snapshot_stats()
+
+    expected, stats = replies(0)
+    assert stats["mixed_prefill_tokens"] == 0
+    got, stats = replies(24)
+    assert stats["mixed_prefill_tokens"] == sum(len(p) for p in later) and max(len(p) for p in later) > 24
+    assert got == expected
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
+@pytest.mark.parametrize("chunk", [512, 64])
+def test_padded_prefill_buckets_give_the_same_replies(fixture, chunk, request, monkeypatch):
+    """Prompts' first pieces padded to (rows, length) buckets, and a long prompt's later pieces alone in their
+    chunk padded and attending to a multiple of the chunk size, as one GPU replays them from graphs (here
+    eagerly: graphs need CUDA), reply what unpadded chunks reply."""
     model, tokenizer = load_model(request.getfixturevalue(fixture))
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer)]
-    expected = _replies(model, tokenizer, prompts, prefill_chunk=512)
+    assert len(prompts[-1]) > 2 * 64
+    expected = _replies(model, tokenizer, prompts, prefill_chunk=chunk)
     buckets, real_init, real_padded = [], Runner.__init__, Runner._padded_prefill
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        self.prefill_lengths = [64, 128, 256, 512]  # what warm_up sets on one GPU with graphs
+        # what warm_up sets on one GPU with graphs
+        self.prefill_lengths = [n for n in (16, 32, 64, 128, 256, 512) if n <= chunk]
+        self.prefill_kv_lengths = list(range(chunk, self.cache.context + chunk, chunk))
 
-    def padded(self, chunks, rows, length):
-        buckets.append((len(chunks), rows, length))
-        return real_padded(self, chunks, rows, length)
+    def padded(self, chunks, rows, length, kv_length):
+        buckets.append((len(chunks), rows, length, kv_length, max(c.start for c in chunks)))
+        return real_padded(self, chunks, rows, length, kv_length)
 
     monkeypatch.setattr(Runner, "__init__", init)
     monkeypatch.setattr(Runner, "_padded_prefill", padded)
-    assert _replies(model, tokenizer, prompts, prefill_chunk=512) == expected
-    assert buckets and all(rows >= n and rows * length <= 512 for n, rows, length in buckets)
-    assert any(n > 1 for n, _, _ in buckets)  # several prompts in one padded forward, padding rows too
+    assert _replies(model, tokenizer, prompts, prefill_chunk=chunk) == expected
+    assert buckets and all(rows >= n and rows * length <= chunk for n, rows, length, _, _ in buckets)
+    if chunk == 512:
+        assert any(n > 1 for n, *_ in buckets)  # several prompts in one padded forward, padding rows too
+    else:  # the long prompt's later pieces, each attending past its own length
+        later = [(length, kv, start) for n, _, length, kv, start in buckets if start > 0]
+        assert later and all(kv % chunk == 0 and kv > start for length, kv, start in later)
 
 
 def test_chunked_prefill_on_two_cpu_ranks(tiny_gqa):
@@ -273,16 +313,17 @@ def test_paged_cache_reads_what_it_wrote():
     assert torch.equal(keys, k[:, :20].transpose(1, 2)) and torch.equal(values, -keys)
 
 
-def test_more_requests_than_blocks_all_finish_with_their_replies(loaded):
+@pytest.mark.parametrize("mixed", [0, 4], ids=["chunks", "mixed"])
+def test_more_requests_than_blocks_all_finish_with_their_replies(loaded, mixed):
     """A cache of 3 contexts' worth of blocks for 8 rows: requests wait for blocks or are preempted and
-    resumed (their prompt and reply so far prefilled again), none is lost, and every greedy reply is
-    the one it gets alone."""
+    resumed (their prompt and reply so far prefilled again, in chunks or riding in decode steps), none is
+    lost, and every greedy reply is the one it gets alone."""
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer, n) for n in (1, 2, 4, 6)]
     expected = [_replies(model, tokenizer, [p], max_new_tokens=40, max_context=384)[0] for p in prompts]
     params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
     done = threading.Semaphore(0)
-    options = dict(max_batch_size=8, max_context=384, kv_cache_tokens=3 * 384, prefill_chunk=64)
+    options = dict(max_batch_size=8, max_context=384, kv_cache_tokens=3 * 384, prefill_chunk=64, mixed_prefill=mixed)
     with Engine(model, tokenizer, **options) as engine:
         requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
         for _ in prompts:
@@ -291,7 +332,7 @@ def test_more_requests_than_blocks_all_finish_with_their_replies(loaded):
         while (stats := engine.snapshot_stats())["kv_blocks_free"] < stats["kv_blocks"] and time.monotonic() < deadline:
             time.sleep(0.01)  # the engine frees a finished row's blocks at its next turn
     assert stats["kv_blocks"] == 3 * 384 // 16 and stats["kv_blocks_free"] == stats["kv_blocks"]  # all given back
-    assert stats["preempted"] > 0 and stats["active"] == 0
+    assert stats["active"] == 0 and (stats["preempted"] > 0 if not mixed else stats["mixed_prefill_tokens"] > 0)
     assert [r.decoder.ids for r in requests] == expected
 
 

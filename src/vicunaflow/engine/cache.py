@@ -54,6 +54,9 @@ class KVCache:
         shape = (blocks + 1, kv_heads, block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        # the decode attention kernel's per (row, KV head) count of finished programs (attention_kernels):
+        # zeros between launches, shared by every layer and step
+        self.counters = torch.zeros(slots * kv_heads, dtype=torch.int32, device=device)
         self.slots, self.context, self.block_size, self.blocks = slots, context, block_size, blocks
         self.tables = torch.zeros(slots, self.width, dtype=torch.int32)  # host; 0: the scratch block
         self.owned = [0] * slots  # blocks each row holds (its table's first entries)

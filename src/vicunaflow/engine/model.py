@@ -10,17 +10,18 @@ its `comm` adds the ranks' partial sums after those two products (two all-reduce
 
 Why not the Hugging Face module: its decode step launches ~50 kernels a layer (RMSNorm in six
 pieces, rotary in ten); inside a CUDA graph each still costs ~1.75 µs, which capped a 7B at ~140
-tokens/s. Here a one-row decode layer on CUDA is ~7 kernels: q|k|v product (RMSNorm folded in), rotary of q
-and k with the K/V store into the row's block (one kernel, attention_kernels.rope_store), attention (two),
-o product adding into the residual, gate|up product (RMSNorm folded in), down product that applies SiLU·up
-to its input and adds the residual (the products are Triton kernels for one-row steps, `kernels.matvec`).
+tokens/s. Here a one-row decode layer on CUDA is 6 kernels: q|k|v product (RMSNorm folded in), rotary of q
+and k with the K/V store into the row's block, the paged attention combining its own splits (the two of
+attention_kernels.decode_attention), o product adding into the residual, gate|up product (RMSNorm folded
+in), down product that applies SiLU·up to its input and adds the residual (the products are Triton
+kernels for one-row steps, `kernels.matvec`).
 Without the attention kernel, rotary is one batched matmul by each row's rotation matrix, then the
 stores and SDPA.
 
 The KV cache is paged (engine/cache.py): each row's keys and values sit in blocks named by its block
 table, which every forward receives as a device tensor. A decode step on CUDA attends through the
-tables in place (attention_kernels.paged_decode_attention, two kernels); prompts, and decode steps
-elsewhere, gather the rows' blocks and use SDPA.
+tables in place (attention_kernels.decode_attention); prompts, and decode steps elsewhere, gather the
+rows' blocks and use SDPA.
 """
 
 from __future__ import annotations
@@ -186,12 +187,11 @@ class Block(torch.nn.Module):
         eps, matvec, comm = model.args.norm_eps, model.matvec, model.comm
         qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps))  # [B*T, (H + 2 Hkv) D]
         cache = model.cache
-        if mask is None:  # one token per row (CUDA): rotate and store in one kernel, read the blocks in place
+        if mask is None:  # one token per row (CUDA): rotate and store, then read the blocks in place
             keys, values = cache.keys[self.index], cache.values[self.index]
-            attention_kernels.rope_store(qkv, *rope, positions[:, 0], tables, keys, values, H)
-            attention = attention_kernels.paged_decode_attention(
-                qkv[:, : H * D].view(B, H, D), keys, values, tables, lengths
-            ).view(B, H * D)
+            attention = attention_kernels.decode_attention(
+                qkv, *rope, positions[:, 0], lengths, tables, keys, values, H, cache.counters
+            )  # [B, H * D]
         else:
             qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
             v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
@@ -263,7 +263,7 @@ class Transformer(torch.nn.Module):
         """
         B, T = input_ids.shape
         hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
-        fused = T == 1 and self.attention_kernel  # decode through attention_kernels: rope_store + paged kernel
+        fused = T == 1 and self.attention_kernel  # decode through attention_kernels.decode_attention
         rope = self.rope(positions, angles=fused)
         if tables is None:
             for row in range(first_row, first_row + B):
@@ -288,7 +288,7 @@ class Transformer(torch.nn.Module):
     def rope(self, positions: torch.Tensor, angles: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Rotary tables for positions [B, T]: (cos, sin) [B, T, 1, head_dim], or for T == 1 the
         rotation matrices [B, head_dim, head_dim] (one batched matmul per layer instead of six kernels),
-        or with angles (T == 1, attention_kernels.rope_store) float32 (cos, sin) [B, head_dim / 2]."""
+        or with angles (T == 1, attention_kernels.decode_attention) float32 (cos, sin) [B, head_dim / 2]."""
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, head_dim / 2]
         if angles:
             return freqs[:, 0].cos(), freqs[:, 0].sin()

@@ -19,8 +19,10 @@ pieces (every piece at position 0, no prompt log-probabilities) is padded to a b
 128-token prefill on an H200 took 24 ms of the engine's time, most of it launching ~800 kernels from
 Python, against ~5 ms of GPU work. Padding attends over the bucket's length: the causal mask keeps each
 real position to its own prompt's earlier ones, and padded positions write the row's own block past
-its tokens or the scratch block, as an eager chunk's padding does. Other chunks (later pieces of long
-prompts, log-probabilities, other shapes) run eagerly.
+its tokens or the scratch block, as an eager chunk's padding does. A long prompt's later piece, alone
+in its chunk, is padded the same way and attends up to a multiple of the chunk size
+(`prefill_kv_lengths`): a 1,500-token prompt joining running streams had stalled them for a whole eager
+forward per piece. Other chunks (several rows with a later piece, log-probabilities) run eagerly.
 
 Block tables are rank 0's (engine/cache.py): a step's inputs are one tensor [rows, 2 + width] per
 bucket, each row's token, position and block table, filled on the host and copied in one go. A step's
@@ -45,7 +47,7 @@ from collections.abc import Sequence
 import torch
 
 from vicunaflow import kernels as triton_kernels
-from vicunaflow.attention_kernels import paged_decode_attention, rope_store
+from vicunaflow.attention_kernels import decode_attention
 from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
@@ -113,14 +115,16 @@ class Runner:
             )
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
-        # prefill buckets (warm_up sets them on one GPU with graphs): padded lengths, and graphs by (rows, length)
+        # prefill buckets (warm_up sets them on one GPU with graphs): padded lengths, the attended lengths of
+        # later pieces (multiples of the chunk size), and graphs by (rows, length, attended length)
         self.prefill_lengths: list[int] = []
-        self.prefill_graphs: dict[tuple[int, int], dict] = {}
+        self.prefill_kv_lengths: list[int] = []
+        self.prefill_graphs: dict[tuple[int, int, int], dict] = {}
 
     def _kernel_runs(self) -> bool:
-        """Build the decode step's attention kernels (rope_store, paged attention) for this cache's shapes now;
+        """Build the decode step's attention kernel(s) (attention_kernels) for this cache's shapes now;
         if they cannot build here, say so and gather blocks for SDPA instead. (Ranks may differ: attention
-        involves no collective.) Both write only the scratch block 0."""
+        involves no collective.) They write only the scratch block 0."""
         cache, heads, kv_heads = self.cache, self.model.heads, self.model.kv_heads
         head_dim = cache.keys[0].shape[-1]
         qkv = torch.zeros(1, (heads + 2 * kv_heads) * head_dim, dtype=self.model.dtype, device=self.device)
@@ -128,9 +132,9 @@ class Runner:
         tables = torch.zeros(1, cache.width, dtype=torch.long, device=self.device)
         first = torch.zeros(1, dtype=torch.long, device=self.device)
         try:
-            rope_store(qkv, angles, angles, first, tables, cache.keys[0], cache.values[0], heads)
-            query = qkv[:, : heads * head_dim].view(1, heads, head_dim)
-            paged_decode_attention(query, cache.keys[0], cache.values[0], tables, first + 1)
+            decode_attention(
+                qkv, angles, angles, first, first + 1, tables, cache.keys[0], cache.values[0], heads, cache.counters
+            )
         except Exception as err:
             log.warning(
                 "decode attention kernels unavailable (%s: %s); decode attention gathers blocks for SDPA",
@@ -243,65 +247,82 @@ class Runner:
         positions = (start[:, None] + torch.arange(length, device=self.device)).clamp_(max=self.cache.context - 1)
         return self.model(ids, positions, kv_length=kv_length, tables=tables, last=count - 1)
 
-    def _prefill_bucket(self, chunks: list[PrefillChunk]) -> tuple[int, int] | None:
-        """The (rows, length) bucket a chunk of first pieces pads to, or None: it runs as it is."""
-        if not self.prefill_lengths or any(c.start or c.logprobs is not None for c in chunks):
+    def _prefill_bucket(self, chunks: list[PrefillChunk]) -> tuple[int, int, int] | None:
+        """The (rows, length, attended length) bucket a chunk pads to, or None: it runs as it is. First pieces
+        attend within their bucket's length; a later piece, alone, up to the next of `prefill_kv_lengths`."""
+        if not self.prefill_lengths or any(c.logprobs is not None for c in chunks):
             return None
         rows = next((r for r in self.PREFILL_ROWS if r >= len(chunks)), None)
         longest = max(len(c.tokens) for c in chunks)
         length = next((n for n in self.prefill_lengths if n >= longest), None)
         if rows is None or length is None or rows * length > self.prefill_lengths[-1]:
             return None
-        return rows, length
+        if all(c.start == 0 for c in chunks):
+            return rows, length, length
+        end = chunks[0].start + len(chunks[0].tokens)
+        kv_length = next((n for n in self.prefill_kv_lengths if n >= end), None)
+        return None if len(chunks) > 1 or kv_length is None else (1, length, kv_length)
 
-    def _padded_prefill(self, chunks: list[PrefillChunk], rows: int, length: int) -> torch.Tensor:
-        """First pieces of prompts padded to `rows` x `length`, replayed from their graph (eagerly when it has
-        none: tests, or a failed capture); each piece's next-token logits [len(chunks), vocab]."""
+    def _padded_prefill(self, chunks: list[PrefillChunk], rows: int, length: int, kv_length: int) -> torch.Tensor:
+        """Pieces of prompts padded to `rows` x `length`, attending to kv_length positions, replayed from their
+        graph (eagerly when it has none: tests, or a failed capture); each piece's next-token logits
+        [len(chunks), vocab]."""
         host = self._pack(chunks, rows, length)
-        bucket = self.prefill_graphs.get((rows, length))
+        bucket = self.prefill_graphs.get((rows, length, kv_length))
         if bucket is None:
-            return self._prefill_forward(host.to(self.device), length, length)[: len(chunks)]
+            return self._prefill_forward(host.to(self.device), length, kv_length)[: len(chunks)]
         bucket["packed"].copy_(host)  # pageable memory: the host buffer is free again when this returns
         bucket["graph"].replay()
         return bucket["logits"][: len(chunks)]
 
     def _capture_prefills(self, lengths: list[int]) -> None:
-        """A graph for every (rows, length) prefill bucket; on a failure, prefill stays eager (and says why)."""
+        """A graph for every prefill bucket: first pieces' (rows, length), later pieces' (length, attended
+        length); on a failure, prefill stays eager (and says why)."""
+        chunk, context = lengths[-1], self.cache.context
+        kv_lengths = sorted({min(n, context) for n in range(chunk, context + chunk, chunk)})
+        buckets = [(rows, n, n) for rows in self.PREFILL_ROWS for n in lengths if rows * n <= chunk]
+        buckets += [(1, n, kv) for n in lengths for kv in kv_lengths if kv > n]
         try:
-            for rows in self.PREFILL_ROWS:
-                for length in lengths:
-                    if rows * length > lengths[-1]:
-                        continue
-                    packed = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long, device=self.device)
-                    packed[:, length + 1] = length  # whole rows of the scratch block
-                    graph, logits = self._graph(
-                        lambda packed=packed, length=length: self._prefill_forward(packed, length, length)
-                    )
-                    self.prefill_graphs[rows, length] = {"packed": packed, "graph": graph, "logits": logits}
+            for rows, length, kv_length in buckets:
+                packed = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long, device=self.device)
+                packed[:, length + 1] = length  # whole rows of the scratch block
+                graph, logits = self._graph(
+                    lambda packed=packed, length=length, kv=kv_length: self._prefill_forward(packed, length, kv)
+                )
+                self.prefill_graphs[rows, length, kv_length] = {"packed": packed, "graph": graph, "logits": logits}
         except Exception as err:
             log.warning("prefill graph capture failed (%s: %s); prefill runs eagerly", type(err).__name__, err)
             self.prefill_graphs = {}
             return
-        self.prefill_lengths = list(lengths)
+        self.prefill_lengths, self.prefill_kv_lengths = list(lengths), kv_lengths
 
     # -- decode -----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, tokens: list[int] | torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, tokens: list[int] | torch.Tensor, lengths: list[int], pieces: Sequence[PrefillChunk] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens[i] goes to cache position lengths[i] of row i (tokens: a list, or a [n] device tensor); the
         rows take the blocks that needs (the engine has checked there are enough).
 
-        Returns (logits [n, vocab] in the model's dtype, greedy tokens [n]) on the device, without waiting.
+        pieces: prompt pieces riding in the step (their rows' blocks already taken): each token a row of its
+        own after the n decode rows, token j at position start + j of its piece's cache row, attending to that
+        row's positions up to its own, as a prefill would, in a step that reads the weights once anyway.
+
+        Returns (logits [n + piece tokens, vocab] in the model's dtype, greedy tokens [n + piece tokens]) on
+        the device, without waiting.
         """
         n = len(lengths)
         for row in self.cache.growing(lengths):
             self.cache.ensure(row, lengths[row] + 1)
-        rows, kv_length = self.bucket_key(n, max(lengths) + 1)
+        total = n + sum(len(piece.tokens) for piece in pieces)
+        end = max([*lengths, *(piece.start + len(piece.tokens) - 1 for piece in pieces)]) + 1
+        rows, kv_length = self.bucket_key(total, end)
         self.comm.command(Op.STEP, rows, kv_length)
         bucket = self._bucket(rows, kv_length)
-        self._fill(bucket, tokens, lengths)
+        self._fill(bucket, tokens, lengths, pieces)
         logits, greedy = self._run(bucket)
-        return logits[:n], greedy[:n]
+        return logits[:total], greedy[:total]
 
     @torch.inference_mode()
     def remote_step(self, rows: int, kv_length: int) -> None:
@@ -374,7 +395,9 @@ class Runner:
             "step_inputs": step_inputs,
         }
 
-    def _fill(self, bucket: dict, tokens: list[int] | torch.Tensor, lengths: list[int]) -> None:
+    def _fill(
+        self, bucket: dict, tokens: list[int] | torch.Tensor, lengths: list[int], pieces: Sequence[PrefillChunk] = ()
+    ) -> None:
         n = len(lengths)
         # taken in turn: this buffer's last copy was queued before the step the engine last waited on
         host = bucket["host"][bucket["fills"] % len(bucket["host"])]
@@ -384,6 +407,13 @@ class Runner:
             host[:n, 0] = torch.tensor(tokens)
         host[:n, 1] = torch.tensor(lengths)
         host[:n, 2:] = self.cache.tables[:n]
+        row = n
+        for piece in pieces:  # a row per prompt token, all with the table of the piece's row
+            count = len(piece.tokens)
+            host[row : row + count, 0] = torch.tensor(piece.tokens)
+            host[row : row + count, 1] = torch.arange(piece.start, piece.start + count)
+            host[row : row + count, 2:] = self.cache.tables[piece.row]
+            row += count
         bucket["step_inputs"].copy_(host, non_blocking=True)
         if isinstance(tokens, torch.Tensor):
             bucket["step_inputs"][:n, 0].copy_(tokens)  # device to device, in stream order

@@ -13,6 +13,15 @@ forward at positions start..end of the prompt's cache row, attending to what ear
 greedy replies are those of a whole-prompt prefill. A prompt that ends in a chunk samples its first
 token from that chunk's logits and joins the decoding rows.
 
+With `mixed_prefill` (off by default), while rows are decoding, prompt pieces ride in the decode steps instead:
+each prompt token is a row of the step, at its own position of its prompt's cache row, attending to
+that row's positions up to its own, which is what a prefill computes. A decode step reads every weight
+once however many rows it has, so the pieces cost a few more rows' arithmetic and attention, not a
+forward of their own between two steps: on an H200 a 7B step of 32 rows took ~6 ms, and a separate
+4 x 128-token prefill chunk between two steps another ~12 ms, which every running stream waited for.
+Prompts asking for prompt log-probabilities, and prompts when no row decodes, go through chunks. The
+price: a burst of new prompts is written mixed_prefill tokens a step, not a chunk's worth a forward.
+
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
 its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the
 tokens requests hold. When a decoding row needs a block and none is free, the youngest decoding
@@ -50,6 +59,10 @@ from vicunaflow.engine.text import IncrementalDecoder, find_stop, stop_prefix_le
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (Engine's and `serve --prefill-chunk`'s default)
+# prompt tokens a decode step carries while rows decode (module docstring); 0: prompts go through chunks. Off by
+# default: on an H200 (7B, through the API) 128 took the 32-stream inter-token gap p99 from 23.7 to 13.2 ms but
+# the tokens/s from 4,555 to 4,072 (docs/engine.md, "Prompts in decode steps")
+MIXED_PREFILL = 0
 
 
 @dataclasses.dataclass
@@ -125,6 +138,10 @@ class DecodeStep:
     host: torch.Tensor
     done: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, ...] | None = None  # `logprobs_of` for the step's rows, when one asked
+    pieces: list[tuple[PrefillJob, int]] = dataclasses.field(default_factory=list)  # prompt tokens it wrote
+    starting: list[PrefillJob] = dataclasses.field(default_factory=list)  # prompts it ended: first tokens
+    first: torch.Tensor | None = None  # their first tokens [len(starting)] (device)
+    first_logprobs: tuple[torch.Tensor, ...] | None = None
 
 
 class Engine:
@@ -143,9 +160,10 @@ class Engine:
     with the step's tokens: the overlap and CUDA graphs stay. Prompt log-probabilities
     (`prompt_logprobs`) make that request's prefill compute every position's logits.
 
-    prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps (module
-    docstring). kv_cache_tokens: tokens the paged KV cache holds over all rows (default: every row at
-    full context); requests wait, or are preempted and resumed, when its blocks run out. warm_up
+    prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps; mixed_prefill:
+    prompt tokens a decode step carries while rows decode, 0 for none (module docstring). kv_cache_tokens:
+    tokens the paged KV cache holds over all rows (default: every row at full context); requests wait, or
+    are preempted and resumed, when its blocks run out. warm_up
     (default: on CUDA): run every decode bucket and prefill length class before serving, so no request
     waits for a graph capture or a Triton autotune; the log says how long it took (docs/engine.md).
     """
@@ -158,6 +176,7 @@ class Engine:
         max_batch_size: int = 16,
         max_context: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        mixed_prefill: int = MIXED_PREFILL,
         kv_cache_tokens: int | None = None,
         seed: int | None = None,
         cuda_graphs: bool = True,
@@ -172,6 +191,9 @@ class Engine:
         if prefill_chunk < 1:
             raise VicunaflowError(f"prefill_chunk {prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
+        if mixed_prefill < 0:
+            raise VicunaflowError(f"mixed_prefill {mixed_prefill}: must be 0 or more")
+        self.mixed_prefill = mixed_prefill
         self.eos_id = tokenizer.eos_token_id
         self.device = model.device
         cuda = self.device.type == "cuda"
@@ -209,6 +231,7 @@ class Engine:
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "max_batch": 0, "requests": 0, "cancelled": 0}
         self.stats["queued_ahead"] = 0  # steps launched while the previous one was still in flight
         self.stats["preempted"] = 0  # requests sent back to the queue for want of KV blocks
+        self.stats["mixed_prefill_tokens"] = 0  # prompt tokens written by decode steps (mixed_prefill)
         # where a first token's time goes inside the engine, summed over first tokens: waiting for a row and
         # blocks (queue), then from admission to the token's event (prefill chunks, and the decode steps of
         # other rows between them); a client's time to first token adds the HTTP side and the network
@@ -339,7 +362,7 @@ class Engine:
                     self._take_waiting()
                 try:
                     self._drop_finished()
-                    if self.prefilling:
+                    if self.prefilling and not self._mixes():
                         self._drain()  # rows finishing their prompt join a batch with no step in flight
                         self._prefill_chunk()
                     self._drop_finished()
@@ -462,8 +485,11 @@ class Engine:
         sampled = self._sample(logits, logits.argmax(dim=-1), requests, [0] * len(requests))  # reply token 0
         logprobs = self._logprobs(logits, sampled, requests)
         tokens = sampled.tolist()
-        entries = self._entries(tokens, logprobs, requests)
-        for job, token, entry in zip(done, tokens, entries, strict=True):
+        self._start_replies(done, tokens, self._entries(tokens, logprobs, requests))
+
+    def _start_replies(self, jobs: list[PrefillJob], tokens: list[int], entries: list[TokenLogprob | None]) -> None:
+        """Prompts written to the cache: each request joins the decoding rows with its first token."""
+        for job, token, entry in zip(jobs, tokens, entries, strict=True):
             self.prefilling.remove(job)
             self._join(job)
             request = job.request
@@ -474,6 +500,46 @@ class Engine:
             else:
                 self._emit(request, token, entry)
                 self._count_first_token(request)
+
+    def _mixes(self) -> bool:
+        """Whether the next prompt pieces ride in the next decode step rather than a chunk of their own: rows
+        decode, the step has rows to spare for a whole mixed_prefill (a few would starve the prompts: a step
+        of 7 decoding rows in an 8-row engine would write 1 prompt token a step), and the oldest prompt asks
+        no prompt log-probabilities."""
+        return bool(
+            self.mixed_prefill
+            and self.rows
+            and self.max_batch_size - len(self.rows) >= self.mixed_prefill
+            and self.prefilling[0].prompt_logprobs is None
+        )
+
+    def _pieces(self) -> list[tuple[PrefillJob, PrefillChunk]]:
+        """The next pieces of the prompts being written, oldest first: at most mixed_prefill tokens, and no
+        more rows than the step's largest bucket (max_batch_size) leaves beside the decoding rows."""
+        room = min(self.mixed_prefill, self.max_batch_size - len(self.rows))
+        pieces = []
+        for job in self.prefilling:
+            if room <= 0 or job.prompt_logprobs is not None:
+                break
+            take = min(len(job.tokens) - job.done, room)
+            pieces.append((job, PrefillChunk(job.tokens[job.done : job.done + take], job.done, job.row)))
+            room -= take
+        return pieces
+
+    def _advance(self, step: DecodeStep) -> None:
+        """A step's prompt pieces are in the cache: prompts that ended there start their replies (a preempted
+        request's resumes with its last token, nothing sampled)."""
+        for job, count in step.pieces:
+            job.done += count
+            self.stats["mixed_prefill_tokens"] += count
+            if job.done == len(job.tokens) and job.resume is not None:
+                self.prefilling.remove(job)
+                self._join(job)
+                self.last_tokens.append(job.resume)
+        if step.starting:
+            tokens = step.first.tolist()
+            requests = [job.request for job in step.starting]
+            self._start_replies(step.starting, tokens, self._entries(tokens, step.first_logprobs, requests))
 
     def _count_first_token(self, request: Request) -> None:
         now = time.perf_counter()
@@ -508,7 +574,8 @@ class Engine:
             self._make_room()
             if not self.rows:
                 return
-            self.in_flight = self._launch(self.last_tokens)
+            pieces = self._pieces() if self.prefilling and self._mixes() else []
+            self.in_flight = self._launch(self.last_tokens, pieces)
         queued = None
         if self.overlap and self._batch_stays():
             queued = self._launch(self.in_flight.tokens)
@@ -534,16 +601,21 @@ class Engine:
                 return False
         return True
 
-    def _launch(self, tokens: list[int] | torch.Tensor) -> DecodeStep:
-        """Queue one decode step and the copy of its sampled tokens to the host; returns without waiting."""
+    def _launch(
+        self, tokens: list[int] | torch.Tensor, pieces: Sequence[tuple[PrefillJob, PrefillChunk]] = ()
+    ) -> DecodeStep:
+        """Queue one decode step (carrying prompt pieces, if given) and the copy of its sampled tokens to the
+        host; returns without waiting."""
         n = len(self.rows)
         # each row's index in its reply of the token this step draws: the host has read every earlier step,
         # except the one in flight when this step is queued ahead of it (overlap)
         ahead = int(self.in_flight is not None)
         indices = [r.completion_tokens + ahead for r in self.rows]
-        logits, greedy = self.runner.step(tokens, self.lengths)
+        all_logits, all_greedy = self.runner.step(tokens, self.lengths, [chunk for _, chunk in pieces])
+        logits, greedy = all_logits[:n], all_greedy[:n]
         sampled = self._sample(logits, greedy, self.rows, indices)  # [n] on the device
         logprobs = self._logprobs(logits, sampled, self.rows)  # before the next step overwrites a graph's logits
+        starting, first, first_logprobs = self._first_tokens(all_logits, n, pieces)
         host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
         self.launches += 1
         host.copy_(sampled, non_blocking=host.is_pinned())
@@ -552,7 +624,24 @@ class Engine:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(sampled.device))
         self.lengths = [length + 1 for length in self.lengths]  # the step writes each row's token into the cache
-        return DecodeStep(list(self.rows), sampled, host, done, logprobs)
+        written = [(job, len(chunk.tokens)) for job, chunk in pieces]
+        return DecodeStep(list(self.rows), sampled, host, done, logprobs, written, starting, first, first_logprobs)
+
+    def _first_tokens(self, logits: torch.Tensor, n: int, pieces: Sequence[tuple[PrefillJob, PrefillChunk]]):
+        """The prompts a step's pieces end (a preempted request's resume samples nothing), and their first
+        tokens drawn from their last prompt token's row of logits [n + piece tokens, vocab], on the device."""
+        starting, index, row = [], [], n
+        for job, chunk in pieces:
+            row += len(chunk.tokens)
+            if job.done + len(chunk.tokens) == len(job.tokens) and job.resume is None:
+                starting.append(job)
+                index.append(row - 1)
+        if not starting:
+            return [], None, None
+        rows = logits[torch.tensor(index, device=logits.device)]  # [len(starting), vocab], a copy
+        requests = [job.request for job in starting]
+        first = self._sample(rows, rows.argmax(dim=-1), requests, [0] * len(requests))  # reply token 0
+        return starting, first, self._logprobs(rows, first, requests)
 
     def _collect(self, step: DecodeStep) -> None:
         """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
@@ -569,6 +658,8 @@ class Engine:
             self.last_tokens[i] = token
             if not request.done:
                 self._emit(request, token, entry)
+        if step.pieces:
+            self._advance(step)
 
     def _drain(self) -> None:
         """Read the step in flight, if any, so the batch can change."""

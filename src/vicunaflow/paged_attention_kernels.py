@@ -1,0 +1,200 @@
+"""Triton kernels of attention_kernels: paged decode attention (split, combine) and rope_store.
+
+A module of its own because two kernels call a shared @triton.jit helper (the splits' combination), which
+Triton resolves among module globals; importing it needs Triton, so attention_kernels imports it only
+when a kernel runs. See attention_kernels for what each computes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length,
+            H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+            D_PAD: tl.constexpr):  # fmt: skip
+    """Weigh a row's split outputs for `heads` by their softmax sums and store the attention output.
+    Loads bypass L1 (.cg): other programs wrote the partials, and an earlier layer's may be cached."""
+    dims = tl.arange(0, D_PAD)
+    mask = head_ok[:, None] & (dims < D)[None, :]
+    used = (length + SPLIT_TOKENS - 1) // SPLIT_TOKENS  # the splits whose programs ran
+    top = tl.zeros_like(heads).to(tl.float32) - float("inf")  # [heads]: the largest of the splits' maxima
+    for split in range(0, SPLITS):  # (a loop to `used` would be shorter; Triton's interpreter cannot run it)
+        if split < used:
+            base = (row * H + heads) * SPLITS + split
+            top = tl.maximum(top, tl.load(stats_ptr + base * 2, mask=head_ok, other=0.0, cache_modifier=".cg"))
+    total = tl.zeros(mask.shape, dtype=tl.float32)
+    norm = tl.zeros(top.shape, dtype=tl.float32)
+    for split in range(0, SPLITS):
+        if split < used:
+            base = (row * H + heads) * SPLITS + split
+            weight = tl.exp(tl.load(stats_ptr + base * 2, mask=head_ok, other=0.0, cache_modifier=".cg") - top)
+            part = tl.load(partial_ptr + base[:, None] * D + dims[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            total += part * weight[:, None]
+            norm += tl.load(stats_ptr + base * 2 + 1, mask=head_ok, other=0.0, cache_modifier=".cg") * weight
+    out = total / tl.where(head_ok, norm, 1.0)[:, None]
+    tl.store(out_ptr + (row * H + heads)[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def split_kernel(
+    q_ptr,  # [B, H, D], rows q_row_stride apart
+    k_ptr,  # [blocks, HKV, BLOCK_SIZE, D]
+    v_ptr,
+    table_ptr,  # [B, width], rows table_row_stride apart
+    length_ptr,  # [B]
+    partial_ptr,  # [B, H, SPLITS, D] float32
+    stats_ptr,  # [B, H, SPLITS, 2] float32: max, sum of exp
+    out_ptr,  # [B, H, D] (COMBINE)
+    counter_ptr,  # [B, HKV] int32 zeros (COMBINE): programs of (row, KV head) done
+    scale,
+    q_row_stride,
+    table_row_stride,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # >= 16: tl.dot's smallest tile
+    BLOCK_SIZE: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+    TILE: tl.constexpr,
+    D_PAD: tl.constexpr,
+    FP32: tl.constexpr,  # products in float32 (no TF32): a float32 cache, or bfloat16 in the interpreter
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL): every input comes from earlier kernels
+    COMBINE: tl.constexpr,  # the last program of a (row, KV head) combines the splits into out
+):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(length_ptr + row)
+    first = split * SPLIT_TOKENS
+    if first < length:
+        heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)  # this KV head's query heads (padded)
+        head_ok = tl.arange(0, GROUP_PAD) < GROUP
+        dims = tl.arange(0, D_PAD)
+        dim_ok = dims < D
+        q_ptrs = q_ptr + row * q_row_stride + heads[:, None] * D + dims[None, :]
+        q_mask = head_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [GROUP_PAD, D_PAD]
+        running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)
+        for tile in range(0, SPLIT_TOKENS, TILE):
+            positions = first + tile + tl.arange(0, TILE)
+            valid = positions < length
+            block = tl.load(table_ptr + row * table_row_stride + positions // BLOCK_SIZE, mask=valid, other=0)
+            offsets = (
+                block.to(tl.int64)[:, None] * (HKV * BLOCK_SIZE * D)
+                + kv_head * BLOCK_SIZE * D
+                + (positions % BLOCK_SIZE)[:, None] * D
+                + dims[None, :]
+            )  # [TILE, D_PAD]
+            tile_mask = valid[:, None] & dim_ok[None, :]
+            k = tl.load(k_ptr + offsets, mask=tile_mask, other=0.0)  # [TILE, D_PAD]
+            if FP32:
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))  # [GROUP_PAD, TILE] float32
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            rescale = tl.exp(running_max - new_max)
+            p = tl.exp(scores - new_max[:, None])  # [GROUP_PAD, TILE]
+            v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0)
+            if FP32:
+                acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+            running_sum = running_sum * rescale + tl.sum(p, axis=1)
+            running_max = new_max
+        base = (row * H + heads) * SPLITS + split  # [GROUP_PAD]
+        tl.store(partial_ptr + base[:, None] * D + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
+        tl.store(stats_ptr + base * 2, running_max, mask=head_ok)
+        tl.store(stats_ptr + base * 2 + 1, running_sum, mask=head_ok)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's stores above happen before this program is counted
+            counter = counter_ptr + row * HKV + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # programs done before this one
+            if done == (length + SPLIT_TOKENS - 1) // SPLIT_TOKENS - 1:  # the last: the others' partials are in
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next layer's launch
+                tl.debug_barrier()
+                combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length, H, D, SPLITS, SPLIT_TOKENS, D_PAD)
+
+
+@triton.jit
+def combine_kernel(
+    partial_ptr,
+    stats_ptr,
+    length_ptr,
+    out_ptr,  # [B, H, D]
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """ATTENTION "split": one program per (row, KV head) combines its query heads' splits."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row, kv_head = tl.program_id(0), tl.program_id(1)
+    heads = kv_head * (H // HKV) + tl.arange(0, GROUP_PAD)
+    head_ok = tl.arange(0, GROUP_PAD) < H // HKV
+    length = tl.load(length_ptr + row)
+    combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length, H, D, SPLITS, SPLIT_TOKENS, D_PAD)
+
+
+@triton.jit
+def rope_store_kernel(
+    qkv_ptr,  # [B, (H + 2 HKV) * D]
+    cos_ptr,  # [B, HALF] float32
+    sin_ptr,
+    position_ptr,  # [B]
+    table_ptr,  # [B, width], rows table_row_stride apart
+    k_ptr,  # [blocks, HKV, BLOCK_SIZE, D]
+    v_ptr,
+    position_stride,
+    table_row_stride,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HALF_PAD: tl.constexpr,  # powers of two >= HALF, D (tl.arange's): head_dim need not be one
+    D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row, head = tl.program_id(0), tl.program_id(1)  # head < H: a query head; else key head head - H
+    WIDTH: tl.constexpr = (H + 2 * HKV) * D
+    j = tl.arange(0, HALF_PAD)
+    j_ok = j < HALF
+    cos = tl.load(cos_ptr + row * HALF + j, mask=j_ok, other=0.0)
+    sin = tl.load(sin_ptr + row * HALF + j, mask=j_ok, other=0.0)
+    base = qkv_ptr + row * WIDTH + head * D
+    first = tl.load(base + j, mask=j_ok, other=0.0).to(tl.float32)
+    second = tl.load(base + HALF + j, mask=j_ok, other=0.0).to(tl.float32)
+    out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
+    out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
+    if head < H:
+        tl.store(base + j, out_first, mask=j_ok)
+        tl.store(base + HALF + j, out_second, mask=j_ok)
+    else:
+        kv_head = head - H
+        position = tl.load(position_ptr + row * position_stride)
+        block = tl.load(table_ptr + row * table_row_stride + position // BLOCK_SIZE).to(tl.int64)
+        slot = ((block * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D
+        tl.store(k_ptr + slot + j, out_first, mask=j_ok)
+        tl.store(k_ptr + slot + HALF + j, out_second, mask=j_ok)
+        dims = tl.arange(0, D_PAD)
+        dim_ok = dims < D
+        v = tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_head) * D + dims, mask=dim_ok)
+        tl.store(v_ptr + slot + dims, v, mask=dim_ok)
