@@ -32,6 +32,8 @@ HTTP/SSE work) and the whole process, so "event-loop µs per event" is the HTTP 
 engine thread). Client streams are spread over `--client-procs` processes (each its own event loop and
 connection pool: httpx.AsyncClient with a connection per stream); each process's CPU use is reported,
 and a run where a client process was over 70% busy is flagged (the client may then be the bottleneck).
+The aggregate and join rows also give the server's Python garbage collections between the scenario's two
+/health readings: full ones (`server_gc_full`) and every pause added up (`server_gc_pause_ms`).
 
 Models: `--size 7b|13b` writes a random LLaMA of that shape (float16, seed 0, the synthetic 32000-piece
 tokenizer of bench_chat.py) once to `--scratch` as a Hugging Face folder and serves it; `--tiny` builds
@@ -480,17 +482,30 @@ def engine_first_token(before: dict, after: dict) -> dict:
     }
 
 
+def gc_during(before: dict, after: dict) -> dict:
+    """The server's garbage collections between two /health readings (serve/heap.py): how many were full
+    (generation 2), and every collection's pause added up."""
+    first, last = before.get("gc"), after.get("gc")
+    if not (first and last):
+        return {}
+    return {
+        "server_gc_full": last["collections"][2] - first["collections"][2],
+        "server_gc_pause_ms": round(1000 * (last["pause_s"] - first["pause_s"]), 1),
+    }
+
+
 def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab: int) -> Iterator[dict]:
     """(a) C streams at once, fixed prompt and reply lengths: one row per concurrency, as measured."""
     for concurrency in args.concurrency:
         rng = random.Random(concurrency)
         jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
-        before = server.health().get("engine", {})
+        health_before = server.health()
         with CpuWindow(server) as cpu:
             records, client = clients.run(server.url, model, jobs)
-        after = server.health().get("engine", {})
+        health_after = server.health()
+        before, after = health_before.get("engine", {}), health_after.get("engine", {})
         row = {"concurrency": concurrency, **summarize(records, args.reply_tokens), **client}
-        row |= cpu.report(row["events"])
+        row |= cpu.report(row["events"]) | gc_during(health_before, health_after)
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
         row["engine_steps"], row["engine_mean_batch"] = steps, round(decoded / steps, 1) if steps else None
@@ -534,7 +549,9 @@ def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
                 joining = {"sent": time.perf_counter(), "times": [], "error": "a running stream ended early"}
             return list(await asyncio.gather(*streams)), joining
 
+    health_before = server.health()
     records, joining = asyncio.run(run())
+    gc = gc_during(health_before, server.health())
     sent = joining["sent"]
     first = joining["times"][0] if joining["times"] else math.inf
     during, before = [], []
@@ -554,6 +571,7 @@ def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
         "gap_before_p50_ms": ms(percentile(before, 50)),
         "gap_before_p99_ms": ms(percentile(before, 99)),
         "running_finished": sum(r["finish"] == "length" for r in records),
+        **gc,
     }
 
 

@@ -256,13 +256,25 @@ def test_health_and_page(server):
     assert "http" not in page.text.replace("http-equiv", "")  # no CDN assets
 
 
-def test_api_key_flag(tiny_vicuna):
-    process, url = start_server(tiny_vicuna, "--api-key", "flag-key", "--max-batch-size", "2")
+def test_api_key_and_mixed_prefill_flags(tiny_vicuna):
+    process, url = start_server(tiny_vicuna, "--api-key", "flag-key", "--max-batch-size", "2", "--mixed-prefill", "1")
     try:
         # ready only once serve's own warm-up requests went through, the key's route included
         assert httpx.get(f"{url}/health").json()["engine"]["requests"] == len(WARM_UP_REQUESTS)
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer flag-key"}).status_code == 200
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer test-key"}).status_code == 401
+        # a prompt sent while another reply streams is written by that reply's decode steps, a token a step
+        auth = {"Authorization": "Bearer flag-key"}
+        name = httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"]
+        long = {"model": name, "prompt": "Tell me about llamas.", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", headers=auth, json=long, timeout=120) as streaming:
+            lines = streaming.iter_lines()
+            next(line for line in lines if line.startswith("data:"))  # the first reply is decoding
+            short = {"model": name, "prompt": "Hi there", "max_tokens": 4}
+            short = httpx.post(f"{url}/v1/completions", headers=auth, json=short, timeout=120)
+            assert short.status_code == 200 and short.json()["choices"][0]["text"]
+            assert "data: [DONE]" in list(lines)
+        assert httpx.get(f"{url}/health", headers=auth).json()["engine"]["mixed_prefill_tokens"] > 0
     finally:
         process.terminate()
         process.wait(timeout=30)

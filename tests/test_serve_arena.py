@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import threading
 import time
@@ -89,9 +90,15 @@ class FakeEngine:
 
 
 @contextlib.contextmanager
-def serving(engines: dict, results: Path | None, keys: list[str] | None = (KEY,), ready: threading.Event | None = None):
+def serving(
+    engines: dict,
+    results: Path | None,
+    keys: list[str] | None = (KEY,),
+    ready: threading.Event | None = None,
+    gc_pauses=None,
+):
     """create_app over `engines` behind a real uvicorn in a thread: (base url, app); app.state.server is it."""
-    app = create_app(engines, api_keys=list(keys or []), results_dir=results, ready=ready)
+    app = create_app(engines, api_keys=list(keys or []), results_dir=results, ready=ready, gc_pauses=gc_pauses)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -259,13 +266,43 @@ def test_serve_warms_each_model_before_health_says_ready(tmp_path):
         assert starting.json()["engines"]["beta"] == {"context": 1_000_000} and starting.json()["auth"] is True
         assert all(engine.requests == 0 for engine in engines.values())
         port = int(url.rsplit(":", 1)[1])
-        _warm_routes(app.state.server, "127.0.0.1", port, list(engines), KEY, ready)
+        try:
+            _warm_routes(app.state.server, "127.0.0.1", port, list(engines), KEY, ready)
+        finally:
+            gc.unfreeze()  # warm-up froze this test process's heap
         assert ready.is_set() and httpx.get(f"{url}/health").json()["status"] == "ok"
         assert [engine.requests for engine in engines.values()] == [len(WARM_UP_REQUESTS)] * 2
     ready = threading.Event()
     with serving(engines, tmp_path, ready=ready) as (url, app):  # a refused request: logged, ready all the same
-        _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), ["gamma"], KEY, ready)
+        try:
+            _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), ["gamma"], KEY, ready)
+        finally:
+            gc.unfreeze()
         assert ready.is_set() and httpx.get(f"{url}/health").status_code == 200
+
+
+def test_health_counts_the_garbage_collections_and_warm_up_freezes_the_heap(tmp_path):
+    """/health's "gc": every collection of the process by generation, with its pause; serve's warm-up
+    ends by freezing the heap (serve/heap.py), so a full collection walks only what came after."""
+    from vicunaflow.serve import _warm_routes, heap
+
+    ready = threading.Event()
+    try:
+        with (
+            heap.GCPauses() as pauses,
+            serving({"alpha": FakeEngine("alpha")}, tmp_path, ready=ready, gc_pauses=pauses) as (url, app),
+        ):
+            assert "gc" not in httpx.get(f"{url}/health").json()  # "starting": none of the counters
+            _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), ["alpha"], KEY, ready)
+            before = httpx.get(f"{url}/health").json()["gc"]
+            assert before["frozen_objects"] > 10_000 and before["collections"][2] >= 1  # freeze's own collect
+            gc.collect()
+            after = httpx.get(f"{url}/health").json()["gc"]
+            assert after["collections"][2] >= before["collections"][2] + 1 and after["max_pause_s"] > 0
+            assert after["pause_s"] > before["pause_s"] and after["pause_s"] >= after["max_pause_s"]
+        assert pauses not in gc.callbacks
+    finally:
+        gc.unfreeze()  # this test process goes on
 
 
 def test_the_context_error_names_no_sizes_in_the_arena(tmp_path):

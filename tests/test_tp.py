@@ -34,6 +34,25 @@ def _replies(model, tokenizer, params: SamplingParams, **engine_options) -> list
     return [r.decoder.ids for r in requests]
 
 
+def _assert_equal_but_ties(model, tokenizer, got: list[list[int]], expected: list[list[int]], tolerance: float):
+    """Each reply equals the expected one, or first differs where the one-process model's logits of the two
+    tokens are within `tolerance`: a tie at the model's precision (bfloat16 logits are often exactly
+    equal), which summing the ranks' partial products in another order may break the other way."""
+    from vicunaflow.engine.runner import Runner
+
+    runner = Runner(model, 1, model.args.max_position_embeddings, cuda_graphs=False, padded=False, kernels=False)
+    for question, ours, theirs in zip(QUESTIONS, got, expected, strict=True):
+        if ours == theirs:
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+        logits, _ = runner.prefill([_prompt(tokenizer, question) + theirs[:at]], 0)
+        runner.cache.release(0)
+        gap = abs(float(logits[0, ours[at]]) - float(logits[0, theirs[at]]))
+        assert gap <= tolerance, (
+            f"{question!r}: token {at} differs, {ours[at]} against {theirs[at]}, logits {gap} apart"
+        )
+
+
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
 def test_two_cpu_ranks_match_one_process(fixture, request):
     """Greedy and seeded sampled replies of 2 gloo ranks equal one process's, token for token, batched,
@@ -88,7 +107,8 @@ def test_two_cpu_ranks_with_quantized_weights_match_one_process(tiny_vicuna, int
 
 def test_two_cpu_ranks_with_tinygemm_int4(int4_g32):
     """int4 in torch's tinygemm layout (quant.Int4Packed, bfloat16: --load-4bit's CUDA default, forced here
-    on the CPU's tinygemm) on 2 gloo ranks: each rank packs its own shards; greedy replies are one process's."""
+    on the CPU's tinygemm) on 2 gloo ranks: each rank packs its own shards; greedy replies are one process's,
+    but where bfloat16 ties (on a 2-core AMD EPYC a reply's third token had two logits of exactly 3.1875)."""
     from vicunaflow.quant import Int4Packed
 
     model, tokenizer = load_model(int4_g32, device="cpu", int4_kernel="tinygemm")
@@ -98,9 +118,11 @@ def test_two_cpu_ranks_with_tinygemm_int4(int4_g32):
     try:
         assert split.dtype == torch.bfloat16 and isinstance(split.layers[0].w2, Int4Packed)
         assert split.layers[0].w2.shape == (model.args.dim, model.args.ffn_dim // 2)
-        assert _replies(split, tokenizer, greedy) == expected
+        got = _replies(split, tokenizer, greedy)
     finally:
         split.close()
+    assert sum(a == b for a, b in zip(got, expected, strict=True)) >= len(QUESTIONS) - 1  # most replies are equal
+    _assert_equal_but_ties(model, tokenizer, got, expected, tolerance=2**-6)  # bfloat16 keeps 8 bits: ~0.05 at 4
 
 
 def test_int4_split_that_cuts_groups_is_refused(tiny_vicuna):

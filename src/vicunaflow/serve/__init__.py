@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vicunaflow import VicunaflowError
 from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
+from vicunaflow.serve import heap
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def serve(
     max_batch_size: int = 16,
     max_context: int | None = None,
     prefill_chunk: int | None = None,
+    mixed_prefill: int = 0,
     kv_cache_tokens: int | None = None,
     default_max_tokens: int = 512,
     seed: int | None = None,
@@ -63,6 +65,8 @@ def serve(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
+        mixed_prefill: prompt tokens a decode step carries while other requests decode, instead of chunks
+            between steps (steadier streams, fewer tokens/s in bursts of new prompts: docs/engine.md); 0: none.
         kv_cache_tokens: tokens the paged KV cache holds over all requests (blocks of 16, each request
             taking blocks as it grows); a request waits for room when it is full. Default: --max-batch-size
             x the context, room for every request at full length; less lets --max-batch-size go higher
@@ -83,9 +87,9 @@ def serve(
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
         "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s kv_cache_tokens=%s "
-        "prefill_chunk=%s",
+        "prefill_chunk=%s mixed_prefill=%d",
         model_path, host, port, len(keys), model_options, max_batch_size, max_context, kv_cache_tokens,
-        prefill_chunk,
+        prefill_chunk, mixed_prefill,
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
@@ -120,6 +124,7 @@ def serve(
         )
         cuda_graphs = False
     with contextlib.ExitStack() as stack:
+        gc_pauses = stack.enter_context(heap.GCPauses())
         engines = {}
         for name, path in models.items():
             model, tokenizer = model_options.load(path)
@@ -133,6 +138,7 @@ def serve(
                 cuda_graphs=cuda_graphs,
                 kv_cache_tokens=kv_cache_tokens,
                 **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
+                mixed_prefill=mixed_prefill,
             )
             engines[name] = stack.enter_context(engine)
         ready = threading.Event()
@@ -143,6 +149,7 @@ def serve(
             max_body_bytes=max_body_bytes,
             results_dir=results_dir,
             ready=ready,
+            gc_pauses=gc_pauses,
         )
         log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", ", ".join(models), host, port)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
@@ -163,8 +170,8 @@ WARM_UP_REQUESTS = [
 
 
 def _warm_routes(server, host: str, port: int, names: list[str], key: str | None, ready: threading.Event) -> None:
-    """Once the server listens, stream WARM_UP_REQUESTS to each model through its own socket, then set
-    `ready`. A failure is logged and serving goes on (the requests only warm)."""
+    """Once the server listens, stream WARM_UP_REQUESTS to each model through its own socket, freeze the
+    heap (serve/heap.py), then set `ready`. A failure is logged and serving goes on (the requests only warm)."""
     try:
         while not server.started:
             if server.should_exit:
@@ -190,6 +197,7 @@ def _warm_routes(server, host: str, port: int, names: list[str], key: str | None
     except Exception as err:  # warming is optional: say why and serve anyway
         log.warning("warm-up request failed (%s: %s); serving anyway", type(err).__name__, err)
     finally:
+        heap.freeze()  # the models, the app, what warm-up set up: alive until exit, not walked again
         ready.set()
 
 

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
 from vicunaflow.serve.errors import APIError, read_body, sse_event
+from vicunaflow.serve.heap import GCPauses
 from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -64,10 +65,12 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     results_dir: Path | None = None,
     ready: threading.Event | None = None,
+    gc_pauses: GCPauses | None = None,
 ) -> FastAPI:
     """engines: model name -> its engine, or one engine served as `model_name`. results_dir: where the
     arena writes its votes (None: the arena's vote route refuses). ready: until it is set, /health answers
-    503 "starting" (`serve` sets it once its own first requests went through; None: ready at once)."""
+    503 "starting" (`serve` sets it once its own first requests went through; None: ready at once).
+    gc_pauses: the process's garbage collections, reported by /health as "gc" (serve/heap.py)."""
     from vicunaflow.serve import arena
 
     if isinstance(engines, Engine):
@@ -170,6 +173,8 @@ def create_app(
         stopped = any(s.get("failure") for s in stats.values())
         info = {"status": "error" if stopped else "ok", "model": model_name, "models": list(engines)}
         info["auth"] = bool(keys)
+        if gc_pauses is not None:
+            info["gc"] = gc_pauses.snapshot()
         if len(engines) == 1 or (keys and key_given(request)):
             info |= {"engine": stats[model_name], "engines": stats}
         else:
