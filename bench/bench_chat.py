@@ -36,8 +36,9 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
     --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
     --attention fused split
-                    ours: a decode step's attention as one kernel a layer (attention_kernels.decode_attention)
-                    and/or the three it replaced (rotary + K/V store, splits, combine), in turn
+                    ours: a decode step's attention with the splits combined inside the attention kernel
+                    (two kernels a layer with the rotary + K/V store) and/or by a combine kernel of its own
+                    (three), in turn (attention_kernels.ATTENTION)
     --bnb 8 4       the reference: transformers' generate with bitsandbytes LLM.int8() / NF4 weights (CUDA;
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
@@ -130,7 +131,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--attention", nargs="+", choices=["fused", "split"], default=["fused"],
-        help="ours: decode attention in one kernel a layer, or rotary + K/V store, splits, combine (VICUNAFLOW_ATTENTION)",
+        help="ours: decode attention's splits combined in its kernel, or by a kernel of their own (VICUNAFLOW_ATTENTION)",
     )  # fmt: skip
     parser.add_argument(
         "--float-rows", nargs="+", choices=["triton", "cublas"], default=["triton"],

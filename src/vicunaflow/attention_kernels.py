@@ -64,7 +64,7 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: query {tuple(query.shape)} and keys {tuple(keys.shape)} do not fit")
     if query.stride()[1:] != (D, 1):
         raise ValueError("paged_decode_attention: query's heads must be contiguous")
-    return _attention(query, query.stride(0), None, keys, values, tables, lengths, H, scale).view(B, H, D)
+    return _attention(query, None, keys, values, tables, lengths, H, scale).view(B, H, D)
 
 
 def decode_attention(
@@ -93,10 +93,10 @@ def decode_attention(
     D = keys.shape[-1]
     rope_store(qkv, cos, sin, positions, tables, keys, values, heads)
     query = qkv[:, : heads * D].view(B, heads, D)
-    return _attention(query, query.stride(0), counters, keys, values, tables, lengths, heads, scale)
+    return _attention(query, counters, keys, values, tables, lengths, heads, scale)
 
 
-def _attention(query, q_row_stride, counters, keys, values, tables, lengths, heads, scale) -> torch.Tensor:
+def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> torch.Tensor:
     """Launch the split kernel (and, with ATTENTION "split", the combine kernel): [B, H * D]. counters:
     see decode_attention; None: new ones (outside CUDA graphs)."""
     B = query.shape[0]
@@ -133,7 +133,7 @@ def _attention(query, q_row_stride, counters, keys, values, tables, lengths, hea
     )  # fmt: skip
     split_kernel[(B, Hkv, splits)](
         query, keys, values, tables, lengths, partial, stats, out, counters,
-        scale if scale is not None else 1.0 / math.sqrt(D), q_row_stride, tables.stride(0),
+        scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, TILE=TILE,
         FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused,
         **shape, **pdl,

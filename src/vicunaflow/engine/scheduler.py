@@ -482,8 +482,7 @@ class Engine:
         done = [jobs[i] for i in finished]
         requests = [job.request for job in done]
         logits = logits[finished]
-        sampled = self._sample(logits, logits.argmax(dim=-1), requests, [0] * len(requests))  # reply token 0
-        logprobs = self._logprobs(logits, sampled, requests)
+        sampled, logprobs = self._first_token(logits, requests)
         tokens = sampled.tolist()
         self._start_replies(done, tokens, self._entries(tokens, logprobs, requests))
 
@@ -640,8 +639,12 @@ class Engine:
             return [], None, None
         rows = logits[torch.tensor(index, device=logits.device)]  # [len(starting), vocab], a copy
         requests = [job.request for job in starting]
-        first = self._sample(rows, rows.argmax(dim=-1), requests, [0] * len(requests))  # reply token 0
-        return starting, first, self._logprobs(rows, first, requests)
+        return starting, *self._first_token(rows, requests)
+
+    def _first_token(self, logits: torch.Tensor, requests: Sequence[Request]):
+        """Each prompt's reply token 0 from its last prompt token's logits [n, vocab], with its logprobs."""
+        first = self._sample(logits, logits.argmax(dim=-1), requests, [0] * len(requests))
+        return first, self._logprobs(logits, first, requests)
 
     def _collect(self, step: DecodeStep) -> None:
         """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
