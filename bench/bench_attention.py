@@ -16,6 +16,7 @@ All rows have the full `context` (the worst case); --mixed gives them lengths sp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,8 +33,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--split-tokens", type=int, help="override attention_kernels.SPLIT_TOKENS")
-    parser.add_argument("--tile", type=int, help="override attention_kernels.TILE")
+    parser.add_argument("--split-tokens", type=int, help="override attention_kernels' split_tokens")
+    parser.add_argument("--tile", type=int, help="override attention_kernels' tile")
     parser.add_argument("--mixed", action="store_true", help="row lengths spread over 1..context")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -42,9 +43,12 @@ def main() -> None:
     from vicunaflow import attention_kernels
 
     if args.split_tokens:
-        attention_kernels.SPLIT_TOKENS = attention_kernels.SPLIT_TOKENS_MANY_ROWS = args.split_tokens
+        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+            tiles = getattr(attention_kernels, name)
+            setattr(attention_kernels, name, dataclasses.replace(tiles, split_tokens=args.split_tokens))
     if args.tile:
-        attention_kernels.TILE = args.tile
+        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+            setattr(attention_kernels, name, dataclasses.replace(getattr(attention_kernels, name), tile=args.tile))
     results = []
     for context in args.contexts:
         for rows in args.rows:

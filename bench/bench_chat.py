@@ -60,6 +60,7 @@ takes text). Results go to bench/results/chat.json (or --output; --append adds a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -147,7 +148,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--attention-split-tokens", type=int,
-        help="ours: positions per program of the paged decode-attention kernel, any rows (attention_kernels.SPLIT_TOKENS)",
+        help="ours: positions per program of the paged decode-attention kernel, any rows (attention_kernels.Tiles)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "chat.json")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --output")
@@ -164,7 +165,9 @@ def main() -> None:
     if args.attention_split_tokens:
         from vicunaflow import attention_kernels
 
-        attention_kernels.SPLIT_TOKENS = attention_kernels.SPLIT_TOKENS_MANY_ROWS = args.attention_split_tokens
+        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+            tiles = dataclasses.replace(getattr(attention_kernels, name), split_tokens=args.attention_split_tokens)
+            setattr(attention_kernels, name, tiles)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     if args.memory_cap_gib and args.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory

@@ -3,6 +3,7 @@ interpreter where there is no GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -43,11 +44,17 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("many_rows", [False, True], ids=["few-rows-splits", "many-rows-splits"])
-def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_size, dtype, many_rows, monkeypatch):
-    if many_rows:  # the longer splits a step of many rows takes (SPLIT_TOKENS_MANY_ROWS)
+@pytest.mark.parametrize("multi_head", ["tensor-cores", "cuda-cores"])
+def test_paged_decode_attention_matches_sdpa(
+    heads, kv_heads, head_dim, block_size, dtype, many_rows, multi_head, monkeypatch
+):
+    if many_rows:  # the longer splits a step of many rows takes (MANY_ROWS_TILES)
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
+    for name in ("FEW_ROWS", "MANY_ROWS_TILES"):  # grouped-query layers take tl.dot either way
+        tiles = getattr(attention_kernels, name)
+        monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))
     generator = torch.Generator().manual_seed(heads * head_dim + block_size)
-    width, blocks = 600 // block_size + 1, 64  # a 600-position context: splits of SPLIT_TOKENS, the last one partial
+    width, blocks = 600 // block_size + 1, 64  # a 600-position context: several splits, the last one partial
     lengths = torch.tensor([1, 17, 256, 257, width * block_size - 3][: 5 if block_size == 16 else 4])
     B = len(lengths)
     keys = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, dtype)
@@ -68,9 +75,10 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim, block_si
 
 
 def test_paged_decode_attention_refuses_a_split_of_part_of_a_tile(monkeypatch):
-    monkeypatch.setattr(attention_kernels, "SPLIT_TOKENS", attention_kernels.TILE // 2)
+    few = attention_kernels.FEW_ROWS
+    monkeypatch.setattr(attention_kernels, "FEW_ROWS", dataclasses.replace(few, split_tokens=few.tile // 2))
     keys = torch.zeros(8, 4, 16, 32)
-    with pytest.raises(ValueError, match="not a multiple of TILE"):
+    with pytest.raises(ValueError, match="not a multiple of a tile"):
         attention_kernels.paged_decode_attention(
             torch.zeros(2, 4, 32), keys, keys, torch.zeros(2, 4, dtype=torch.int32), torch.ones(2)
         )
@@ -93,15 +101,17 @@ def test_engine_decodes_through_the_kernel(fixture, request, monkeypatch):
 
     # float32 on a GPU too: the two paths round differently in half precision, and greedy ties could flip
     model, tokenizer = load_model(request.getfixturevalue(fixture), device=DEVICE, dtype="float32")
-    prompts = [[1, 450, 748, 310], [1, *range(300, 340)], [1, 221, 292]]
-    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    prompts = [[1, 450, 748, 310], [1, *range(300, 380)], [1, 221, 292]]  # the second row spans two splits
+    # two decode steps of three rows: each launch is 3 x KV heads x 2 splits programs, ~50 ms each interpreted
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
     calls = []
     kernel = attention_kernels.decode_attention
     monkeypatch.setattr(attention_kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
 
     def replies(use_kernel: bool) -> list[list[int]]:
         done = threading.Semaphore(0)
-        with Engine(model, tokenizer, max_batch_size=3, cuda_graphs=False, warm_up=False) as engine:
+        # a 128-position context: the interpreter runs every program of the grid (rows x KV heads x splits)
+        with Engine(model, tokenizer, max_batch_size=3, max_context=128, cuda_graphs=False, warm_up=False) as engine:
             model.attention_kernel = use_kernel
             requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
             for _ in prompts:

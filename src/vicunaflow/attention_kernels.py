@@ -23,6 +23,7 @@ among another's positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -30,15 +31,35 @@ import torch
 
 from vicunaflow import kernels
 
-# Positions per program. For a few rows, one tile, so a row's splits run side by side instead of one program
-# walking dependent tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256,
-# the split kernel 155 against 321 µs a step; 8 rows: 112 against 134 µs a layer at 2,048 positions). Many
-# rows fill the GPU anyway and each program's fixed cost then counts: at 32 rows the engine decoded 4,608
-# tokens/s with 256 against 4,356 with 64 (bench_chat, bench_attention; docs/benchmarks.md).
-SPLIT_TOKENS = 64
-SPLIT_TOKENS_MANY_ROWS = 256
-MANY_ROWS = 9  # from this many rows a step takes SPLIT_TOKENS_MANY_ROWS
-TILE = 64  # positions per inner step (a tile spans several blocks; each position finds its block)
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How the split kernel walks a step's rows: positions per program (a split) and per inner step (a tile,
+    spanning several blocks; each position finds its block), warps and pipeline stages of a program, and
+    for multi-head models (one query head per KV head: LLaMA 7B/13B) whether the scores and outputs go
+    through tensor cores ("tensor-cores": tl.dot, the one query padded to 16 rows, as grouped-query
+    models always do) or CUDA cores ("cuda-cores": float32 products summed per tile, reduced once a split)."""
+
+    split_tokens: int
+    tile: int
+    warps: int
+    stages: int
+    multi_head: str = "tensor-cores"
+
+
+# Few rows: one tile a split, so a row's splits run side by side instead of one program walking dependent
+# tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256, the split
+# kernel 155 against 321 µs a step; 8 rows: 112 against 134 µs a layer at 2,048 positions), on CUDA cores
+# in 2 warps, 1 stage (a 7B layer at one row: 7.4 against 9.3 µs on tensor cores; 8 rows: 17.4 against
+# 20.8). Many rows fill the GPU anyway and each program's fixed cost then counts: at 32 rows the engine
+# decoded 4,608 tokens/s with splits of 256 against 4,356 with 64; two pipeline stages, not Triton's
+# three, took a 256-row layer from 365 to 357 µs. Both against the tiles before (tensor cores, 4 warps, 3
+# stages), same run: engine 272.5 / 1,760 / 4,774 / 6,906 / 10,382 tokens/s at 1 / 8 / 32 / 64 / 256
+# rows against 267.8 / 1,723 / 4,572 / 6,564 / 9,584 (bench/sweep_attention.py, bench_chat;
+# docs/benchmarks.md).
+FEW_ROWS = Tiles(split_tokens=64, tile=64, warps=2, stages=1, multi_head="cuda-cores")
+MANY_ROWS_TILES = Tiles(split_tokens=256, tile=64, warps=4, stages=2)
+MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
@@ -109,10 +130,11 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> 
         )
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("paged decode attention: keys and values must be contiguous, tables' rows too")
-    split_tokens = SPLIT_TOKENS if B < MANY_ROWS else SPLIT_TOKENS_MANY_ROWS
-    if split_tokens % TILE:  # a split of part of a tile would read its neighbour's positions too
+    tiles = FEW_ROWS if B < MANY_ROWS else MANY_ROWS_TILES
+    split_tokens = tiles.split_tokens
+    if split_tokens % tiles.tile:  # a split of part of a tile would read its neighbour's positions too
         raise ValueError(
-            f"paged decode attention: a split of {split_tokens} positions is not a multiple of TILE {TILE}"
+            f"paged decode attention: a split of {split_tokens} positions is not a multiple of a tile's {tiles.tile}"
         )
     group = H // Hkv
     width = tables.shape[1]
@@ -127,16 +149,17 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> 
         raise ValueError(f"paged decode attention: {counters.numel()} counters for {B} rows x {Hkv} KV heads")
     split_kernel, combine_kernel, _ = _kernels()
     pdl = kernels.pdl_options(query.device, rows=B)
+    dot = group > 1 or tiles.multi_head == "tensor-cores"
     shape = dict(
-        H=H, HKV=Hkv, D=D, GROUP_PAD=max(16, triton_next_power_of_2(group)), SPLITS=splits,
+        H=H, HKV=Hkv, D=D, GROUP_PAD=max(16 if dot else 1, triton_next_power_of_2(group)), SPLITS=splits,
         SPLIT_TOKENS=split_tokens, D_PAD=triton_next_power_of_2(D),
     )  # fmt: skip
     split_kernel[(B, Hkv, splits)](
         query, keys, values, tables, lengths, partial, stats, out, counters,
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
-        GROUP=group, BLOCK_SIZE=block_size, TILE=TILE,
-        FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused,
-        **shape, **pdl,
+        GROUP=group, BLOCK_SIZE=block_size, TILE=tiles.tile,
+        FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused, DOT=dot,
+        **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     if not fused:
         combine_kernel[(B, Hkv)](partial, stats, lengths, out, **shape, **pdl)

@@ -56,7 +56,7 @@ def split_kernel(
     HKV: tl.constexpr,
     D: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
-    GROUP_PAD: tl.constexpr,  # >= 16: tl.dot's smallest tile
+    GROUP_PAD: tl.constexpr,  # DOT: >= 16, tl.dot's smallest tile; else the group's power of two
     BLOCK_SIZE: tl.constexpr,
     SPLITS: tl.constexpr,
     SPLIT_TOKENS: tl.constexpr,
@@ -65,6 +65,7 @@ def split_kernel(
     FP32: tl.constexpr,  # products in float32 (no TF32): a float32 cache, or bfloat16 in the interpreter
     PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL): every input comes from earlier kernels
     COMBINE: tl.constexpr,  # the last program of a (row, KV head) combines the splits into out
+    DOT: tl.constexpr,  # scores and outputs on tensor cores (tl.dot); else float32 products on CUDA cores
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -83,6 +84,7 @@ def split_kernel(
         running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)
+        tile_acc = tl.zeros((TILE, D_PAD), dtype=tl.float32)  # not DOT: p * v summed over the tiles
         for tile in range(0, SPLIT_TOKENS, TILE):
             positions = first + tile + tl.arange(0, TILE)
             valid = positions < length
@@ -95,7 +97,9 @@ def split_kernel(
             )  # [TILE, D_PAD]
             tile_mask = valid[:, None] & dim_ok[None, :]
             k = tl.load(k_ptr + offsets, mask=tile_mask, other=0.0)  # [TILE, D_PAD]
-            if FP32:
+            if not DOT:  # one query head (GROUP_PAD 1): [1, D_PAD] * [TILE, D_PAD] summed over D_PAD -> [1, TILE]
+                scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+            elif FP32:
                 scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))  # [GROUP_PAD, TILE] float32
@@ -104,12 +108,16 @@ def split_kernel(
             rescale = tl.exp(running_max - new_max)
             p = tl.exp(scores - new_max[:, None])  # [GROUP_PAD, TILE]
             v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0)
-            if FP32:
+            if not DOT:  # [TILE, D_PAD] sums, reduced over TILE once after the loop
+                tile_acc = tile_acc * rescale[:, None] + tl.reshape(p, (TILE, 1)) * v.to(tl.float32)
+            elif FP32:
                 acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             running_sum = running_sum * rescale + tl.sum(p, axis=1)
             running_max = new_max
+        if not DOT:
+            acc = tl.sum(tile_acc, axis=0)[None, :]  # [1, D_PAD]
         base = (row * H + heads) * SPLITS + split  # [GROUP_PAD]
         tl.store(partial_ptr + base[:, None] * D + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
         tl.store(stats_ptr + base * 2, running_max, mask=head_ok)
