@@ -10,6 +10,7 @@ checked against SDPA on the gathered keys and values before it is timed.
 
     python bench/sweep_attention.py --json bench/results/attention_variants_sweep_h200.json
     python bench/sweep_attention.py --quick        # the first variant and a few others only
+    python bench/sweep_attention.py --context 512 --variants tensor-cores,4,2,64,64,256 cuda-cores,2,1,64,64,256
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=2048, help="the graph bucket's context: the table's width")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--variants", nargs="+", metavar="CORES,WARPS,STAGES,TILE,SPLIT_FEW,SPLIT_MANY",
+        help="only these, e.g. tensor-cores,4,2,128,128,1024 (default: the built-in grid)",
+    )  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new variants after this long")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -43,8 +48,11 @@ def main() -> None:
         raise SystemExit("sweep_attention needs a GPU")
     from vicunaflow import attention_kernels
 
-    variants = list(candidate_variants(args.quick))
-    data = {(rows, low, high): scenario(args, rows, low, high) for rows, low, high in SCENARIOS}
+    variants = (
+        [parse_variant(text) for text in args.variants] if args.variants else list(candidate_variants(args.quick))
+    )
+    scenarios = [(rows, low, high) for rows, low, high in SCENARIOS if high <= args.context]
+    data = {key: scenario(args, *key) for key in scenarios}
     started, results = time.perf_counter(), []
     for variant in variants:
         if time.perf_counter() - started > args.budget_s:
@@ -53,7 +61,7 @@ def main() -> None:
         configure(attention_kernels, variant)
         row = dict(variant)
         try:
-            for rows, low, high in SCENARIOS:
+            for rows, low, high in scenarios:
                 key = f"{rows}x{low}-{high}"
                 pools, query, tables, lengths, counters = data[(rows, low, high)]
                 row[f"error_{key}"] = check(attention_kernels, args, pools[0], query, tables, lengths, counters)
@@ -83,6 +91,17 @@ def candidate_variants(quick: bool):
         if quick and number % 5:
             continue
         yield {"dot": dot, "warps": warps, "stages": stages, "tile": tile, "split_few": few, "split_many": many}
+
+
+def parse_variant(text: str) -> dict:
+    cores, *numbers = text.split(",")
+    if cores not in ("tensor-cores", "cuda-cores") or len(numbers) != 5:
+        raise SystemExit(f"--variants: {text!r} is not CORES,WARPS,STAGES,TILE,SPLIT_FEW,SPLIT_MANY")
+    warps, stages, tile, few, many = map(int, numbers)
+    return {
+        "dot": cores == "tensor-cores", "warps": warps, "stages": stages, "tile": tile, "split_few": few,
+        "split_many": many,
+    }  # fmt: skip
 
 
 def configure(attention_kernels, variant: dict) -> None:

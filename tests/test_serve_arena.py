@@ -258,6 +258,12 @@ def test_serve_warms_each_model_before_health_says_ready(tmp_path):
     its socket, with a key, before /health answers 200; until then /health says "starting"."""
     from vicunaflow.serve import WARM_UP_REQUESTS, _warm_routes
 
+    def warm(app, url, models, ready):  # warm-up ends by freezing the heap: this test process thaws it
+        try:
+            _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), models, KEY, ready)
+        finally:
+            gc.unfreeze()
+
     engines = {"alpha": FakeEngine("alpha"), "beta": FakeEngine("beta")}
     ready = threading.Event()
     with serving(engines, tmp_path, ready=ready) as (url, app):
@@ -265,19 +271,12 @@ def test_serve_warms_each_model_before_health_says_ready(tmp_path):
         assert starting.status_code == 503 and starting.json()["status"] == "starting"
         assert starting.json()["engines"]["beta"] == {"context": 1_000_000} and starting.json()["auth"] is True
         assert all(engine.requests == 0 for engine in engines.values())
-        port = int(url.rsplit(":", 1)[1])
-        try:
-            _warm_routes(app.state.server, "127.0.0.1", port, list(engines), KEY, ready)
-        finally:
-            gc.unfreeze()  # warm-up froze this test process's heap
+        warm(app, url, list(engines), ready)
         assert ready.is_set() and httpx.get(f"{url}/health").json()["status"] == "ok"
         assert [engine.requests for engine in engines.values()] == [len(WARM_UP_REQUESTS)] * 2
     ready = threading.Event()
     with serving(engines, tmp_path, ready=ready) as (url, app):  # a refused request: logged, ready all the same
-        try:
-            _warm_routes(app.state.server, "127.0.0.1", int(url.rsplit(":", 1)[1]), ["gamma"], KEY, ready)
-        finally:
-            gc.unfreeze()
+        warm(app, url, ["gamma"], ready)
         assert ready.is_set() and httpx.get(f"{url}/health").status_code == 200
 
 
