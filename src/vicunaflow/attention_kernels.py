@@ -46,6 +46,10 @@ class Tiles:
     stages: int
     multi_head: str = "tensor-cores"
 
+    def __post_init__(self):
+        if self.multi_head not in ("tensor-cores", "cuda-cores"):
+            raise ValueError(f"attention Tiles: multi_head {self.multi_head!r} is not tensor-cores or cuda-cores")
+
 
 # Few rows: one tile a split, so a row's splits run side by side instead of one program walking dependent
 # tiles (7B on an H200, a row at position ~300: 268.6 tokens/s at 64 against 258.9 at 256, the split
