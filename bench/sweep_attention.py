@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_attention import add_layer_arguments
 
 # (rows, shortest, longest length): the serving bench's 128-token prompts with 1-256 reply tokens so far
 SCENARIOS = [(1, 301, 301), (8, 129, 384), (32, 129, 384), (64, 129, 384), (256, 129, 384), (32, 1024, 2048)]
@@ -31,10 +32,7 @@ LAYERS, LAUNCHES = 8, 32
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
+    add_layer_arguments(parser)
     parser.add_argument("--context", type=int, default=2048, help="the graph bucket's context: the table's width")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
