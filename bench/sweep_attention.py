@@ -70,9 +70,37 @@ def main() -> None:
             row["failed"] = f"{type(err).__name__}: {str(err)[:200]}"
         results.append(row)
         print(json.dumps(row), flush=True)
+    for line in best_per_class(results):
+        print(line, flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
+
+
+def best_per_class(results: list[dict]) -> list[str]:
+    """How attention_kernels' tiles were chosen: per row class (steps of 1 and 8 rows, then the rest),
+    the variant whose times, each over the first variant's, have the smallest mean."""
+    rows = [row for row in results if "failed" not in row]
+    if not rows:
+        return ["no variant ran"]
+    base = rows[0]
+    columns = [key for key in base if key.startswith("us_")]
+    lines = []
+    for name, chosen in (
+        ("FEW_ROWS", [key for key in columns if key.startswith(("us_1x", "us_8x"))]),
+        ("MANY_ROWS_TILES", [key for key in columns if not key.startswith(("us_1x", "us_8x"))]),
+    ):
+        if not chosen:
+            continue
+        best = min(rows, key=lambda row: sum(row[key] / base[key] for key in chosen))
+        ratio = sum(best[key] / base[key] for key in chosen) / len(chosen)
+        split = best["split_few" if name == "FEW_ROWS" else "split_many"]
+        cores = "tensor-cores" if best["dot"] else "cuda-cores"
+        lines.append(
+            f"{name}: {cores}, {best['warps']} warps, {best['stages']} stages, tiles of {best['tile']}, "
+            f"splits of {split}: {ratio:.3f} x the first variant's time"
+        )
+    return lines
 
 
 def candidate_variants(quick: bool):
