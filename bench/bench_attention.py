@@ -40,11 +40,11 @@ def main() -> None:
     from vicunaflow import attention_kernels
 
     if args.split_tokens:
-        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+        for name in attention_kernels.TILE_CLASSES:
             tiles = getattr(attention_kernels, name)
             setattr(attention_kernels, name, dataclasses.replace(tiles, split_tokens=args.split_tokens))
     if args.tile:
-        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+        for name in attention_kernels.TILE_CLASSES:
             setattr(attention_kernels, name, dataclasses.replace(getattr(attention_kernels, name), tile=args.tile))
     results = []
     for context in args.contexts:

@@ -165,7 +165,7 @@ def main() -> None:
     if args.attention_split_tokens:
         from vicunaflow import attention_kernels
 
-        for name in ("FEW_ROWS", "MANY_ROWS_TILES"):
+        for name in attention_kernels.TILE_CLASSES:
             tiles = dataclasses.replace(getattr(attention_kernels, name), split_tokens=args.attention_split_tokens)
             setattr(attention_kernels, name, tiles)
     dtype = torch.float16 if args.device == "cuda" else torch.float32

@@ -87,14 +87,17 @@ def best_per_class(results: list[dict]) -> list[str]:
     columns = [key for key in base if key.startswith("us_")]
     lines = []
     for name, chosen in (
-        ("FEW_ROWS", [key for key in columns if key.startswith(("us_1x", "us_8x"))]),
+        (
+            "FEW_ROWS (FEW_ROWS_GROUPED for grouped-query shapes)",
+            [key for key in columns if key.startswith(("us_1x", "us_8x"))],
+        ),
         ("MANY_ROWS_TILES", [key for key in columns if not key.startswith(("us_1x", "us_8x"))]),
     ):
         if not chosen:
             continue
         best = min(rows, key=lambda row: sum(row[key] / base[key] for key in chosen))
         ratio = sum(best[key] / base[key] for key in chosen) / len(chosen)
-        split = best["split_few" if name == "FEW_ROWS" else "split_many"]
+        split = best["split_many" if name == "MANY_ROWS_TILES" else "split_few"]
         cores = "tensor-cores" if best["dot"] else "cuda-cores"
         lines.append(
             f"{name}: {cores}, {best['warps']} warps, {best['stages']} stages, tiles of {best['tile']}, "
@@ -131,12 +134,12 @@ def parse_variant(text: str) -> dict:
 
 
 def configure(attention_kernels, variant: dict) -> None:
-    """The same tiles for few and many rows: the summary picks each class's best."""
+    """The same tiles for every row class: the summary picks each class's best."""
     warps, stages = variant["warps"] or 4, variant["stages"] or 3  # None: Triton's defaults
     multi_head = "tensor-cores" if variant["dot"] else "cuda-cores"
-    for name, split in (("FEW_ROWS", "split_few"), ("MANY_ROWS_TILES", "split_many")):
-        tiles = attention_kernels.Tiles(variant[split], variant["tile"], warps, stages, multi_head)
-        setattr(attention_kernels, name, tiles)
+    for name in attention_kernels.TILE_CLASSES:
+        split = variant["split_many" if name == "MANY_ROWS_TILES" else "split_few"]
+        setattr(attention_kernels, name, attention_kernels.Tiles(split, variant["tile"], warps, stages, multi_head))
 
 
 def scenario(args, rows: int, low: int, high: int):

@@ -50,7 +50,7 @@ def test_paged_decode_attention_matches_sdpa(
 ):
     if many_rows:  # the longer splits a step of many rows takes (MANY_ROWS_TILES)
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
-    for name in ("FEW_ROWS", "MANY_ROWS_TILES"):  # grouped-query layers take tl.dot either way
+    for name in attention_kernels.TILE_CLASSES:  # grouped-query layers take tl.dot either way
         tiles = getattr(attention_kernels, name)
         monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))
     generator = torch.Generator().manual_seed(heads * head_dim + block_size)

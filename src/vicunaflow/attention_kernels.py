@@ -62,8 +62,13 @@ class Tiles:
 # rows against 267.8 / 1,723 / 4,572 / 6,564 / 9,584 (bench/sweep_attention.py, bench_chat;
 # docs/benchmarks.md).
 FEW_ROWS = Tiles(split_tokens=64, tile=64, warps=2, stages=1, multi_head="cuda-cores")
+# Grouped-query layers in steps of few rows stay on tensor cores in 4 warps and 3 stages: 2 warps and 1
+# stage took 9.7 / 12.5 against 9.4 / 12.1 µs at 1 / 8 rows (64 query heads on 8 KV heads, a 70B's layer).
+# A 13B's multi-head layer kept the choices above: one row 8.4 against 10.0 µs, 256 rows 439 against 451.
+FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
 MANY_ROWS_TILES = Tiles(split_tokens=256, tile=64, warps=4, stages=2)
 MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
+TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")  # the names benches and tests change
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
@@ -134,13 +139,13 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> 
         )
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("paged decode attention: keys and values must be contiguous, tables' rows too")
-    tiles = FEW_ROWS if B < MANY_ROWS else MANY_ROWS_TILES
+    group = H // Hkv
+    tiles = MANY_ROWS_TILES if B >= MANY_ROWS else FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
     split_tokens = tiles.split_tokens
     if split_tokens % tiles.tile:  # a split of part of a tile would read its neighbour's positions too
         raise ValueError(
             f"paged decode attention: a split of {split_tokens} positions is not a multiple of a tile's {tiles.tile}"
         )
-    group = H // Hkv
     width = tables.shape[1]
     splits = -(-width * block_size // split_tokens)
     partial = torch.empty(B, H, splits, D, dtype=torch.float32, device=query.device)
