@@ -39,13 +39,9 @@ def main() -> None:
         raise SystemExit("bench_attention needs a GPU")
     from vicunaflow import attention_kernels
 
-    if args.split_tokens:
-        for name in attention_kernels.TILE_CLASSES:
-            tiles = getattr(attention_kernels, name)
-            setattr(attention_kernels, name, dataclasses.replace(tiles, split_tokens=args.split_tokens))
-    if args.tile:
-        for name in attention_kernels.TILE_CLASSES:
-            setattr(attention_kernels, name, dataclasses.replace(getattr(attention_kernels, name), tile=args.tile))
+    changes = {field: value for field, value in (("split_tokens", args.split_tokens), ("tile", args.tile)) if value}
+    for name in attention_kernels.TILE_CLASSES:  # every row class's tiles
+        setattr(attention_kernels, name, dataclasses.replace(getattr(attention_kernels, name), **changes))
     results = []
     for context in args.contexts:
         for rows in args.rows:
