@@ -28,9 +28,10 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     ours, float16: batched decode steps (2..32 rows) through kernels.matmul_rows (RMSNorm
                     and the residual folded in; the default) and/or cuBLAS with separate kernels, each in
                     turn (VICUNAFLOW_FLOAT_ROWS; rows tagged "float_rows")
-    --int4-kernel tinygemm triton
-                    ours, --quant 4: int4 products through torch's tinygemm kernel (quant.Int4Packed; the model
-                    then computes in bfloat16, `--load-4bit`'s default on CUDA) and/or quant_kernels, in turn
+    --int4-kernel columns tinygemm triton
+                    ours, --quant 4: int4 products through quant_kernels' columns kernels (quant.Int4Columns),
+                    torch's tinygemm kernel (quant.Int4Packed; the model then computes in bfloat16) and/or
+                    quant_kernels on the stored layout, in turn
     --quant-input fused separate
                     ours, --quant: quant_kernels' one-row RMSNorm / SiLU·up computed in every program (fused) and/or
                     once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
@@ -123,8 +124,8 @@ def main() -> None:
         help="ours, --quant: qmatvec's RMSNorm / SiLU·up input in every program, or once before it, in turn",
     )  # fmt: skip
     parser.add_argument(
-        "--int4-kernel", nargs="+", choices=["tinygemm", "triton"], default=["tinygemm"],
-        help="ours, --quant 4: torch's tinygemm (the model in bfloat16) and/or quant_kernels, each in turn",
+        "--int4-kernel", nargs="+", choices=["columns", "tinygemm", "triton"], default=["tinygemm"],
+        help="ours, --quant 4: Int4Columns, torch's tinygemm (the model in bfloat16) and/or quant_kernels, in turn",
     )  # fmt: skip
     parser.add_argument(
         "--pdl", nargs="+", choices=["on", "off"], default=["on"],
@@ -202,7 +203,7 @@ def main() -> None:
         for num_gpus in args.num_gpus:
             for all_reduce in args.all_reduce if num_gpus > 1 and args.device == "cuda" else ["none"]:
                 # float16 first (unless --quant-only), then each quantized format with the same rows
-                # one_row: qmatvec / qmatmul, or "tinygemm" for int4 in torch's kernel (quant.Int4Packed)
+                # one_row: qmatvec / qmatmul, or "tinygemm" / "columns" for int4 in quant.Int4Packed / Int4Columns
                 runs = [(None, "matvec", rows) for rows in args.float_rows] if not args.quant_only else []
                 runs += [
                     (bits, one_row, args.float_rows[0])
@@ -214,14 +215,16 @@ def main() -> None:
                     for run in runs
                     for pdl in args.pdl
                     for attention in args.attention
-                    for quant_input in (args.quant_input if run[0] and run[1] != "tinygemm" else ["separate"])
+                    for quant_input in (
+                        args.quant_input if run[0] and run[1] not in ("tinygemm", "columns") else ["separate"]
+                    )
                 ]
                 for bits, one_row, float_rows, pdl, attention, quant_input in runs:
                     attention_kernels.ATTENTION = os.environ["VICUNAFLOW_ATTENTION"] = attention
                     kernels.PDL = pdl == "on"
                     os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
-                    quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = one_row.replace(
-                        "tinygemm", "matvec"
+                    quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = (
+                        "matvec" if one_row in ("tinygemm", "columns") else one_row
                     )
                     kernels.FLOAT_ROWS = os.environ["VICUNAFLOW_FLOAT_ROWS"] = float_rows
                     quant_kernels.INPUT = os.environ["VICUNAFLOW_QUANT_INPUT"] = quant_input
@@ -229,7 +232,7 @@ def main() -> None:
                     model_dtype = torch.bfloat16 if tinygemm else dtype  # tinygemm multiplies bfloat16 only
                     model = make_model(
                         model_args, args.device, model_dtype, num_gpus, all_reduce, bits=bits,
-                        int4_kernel="tinygemm" if tinygemm else "triton",
+                        int4_kernel=one_row if one_row in ("tinygemm", "columns") else "triton",
                     )  # fmt: skip
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
@@ -341,9 +344,10 @@ def make_model(
 
 
 def quant_one_rows_int4(args) -> list[str]:
-    """The int4 runs: "tinygemm" (torch's kernel, CUDA) and/or quant_kernels' one-row choices."""
+    """The int4 runs: "tinygemm" (torch's kernel, CUDA), "columns" (quant.Int4Columns) and/or quant_kernels'
+    one-row choices on the stored layout."""
     kernels = [k for k in args.int4_kernel if k != "tinygemm" or args.device == "cuda"] or ["triton"]
-    return [one_row for k in kernels for one_row in (["tinygemm"] if k == "tinygemm" else args.quant_one_row)]
+    return [one_row for k in kernels for one_row in ([k] if k in ("tinygemm", "columns") else args.quant_one_row)]
 
 
 def tags_dtype(dtype: torch.dtype) -> str:

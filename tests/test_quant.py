@@ -249,18 +249,19 @@ def test_qlinear_matvec_writes_float32_partial_sums_into_out(bits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bits", [8, 4])
-def test_qlinear_is_captured_and_replayed_in_a_cuda_graph(bits):
+@pytest.mark.parametrize("layout", ["int8", "int4", "int4-columns"])
+def test_qlinear_is_captured_and_replayed_in_a_cuda_graph(layout):
     """No host syncs, no allocations outside torch's allocator: one warm-up call (the autotuner), then
     capture, new input in place, replay."""
-    qw = quant.quantize(weight(4096, 11008).cuda(), bits=bits)
+    qw = quant.quantize(weight(4096, 11008).cuda(), bits=8 if layout == "int8" else 4)
+    w = quant.int4columns(qw) if layout == "int4-columns" else qw
     x = torch.randn(1, 2 * 11008, device="cuda", dtype=torch.float16)
     residual = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    quant.qlinear(x, qw, residual, swiglu=True)
+    quant.qlinear(x, w, residual, swiglu=True)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = quant.qlinear(x, qw, residual, swiglu=True)
+        captured = quant.qlinear(x, w, residual, swiglu=True)
     x.copy_(torch.randn_like(x))
     graph.replay()
     expected = reference(x, qw, residual, swiglu=True)
@@ -278,6 +279,101 @@ def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
     assert torch.allclose(qw(x[..., :64], matvec=False), x[..., :64] @ qw.dequantize(torch.float64).T)
     with pytest.raises(ValueError, match="does not fit"):
         quant.qlinear(torch.zeros(1, 10), qw)
+
+
+# ---- int4 in columns of words (quant.Int4Columns) --------------------------------------------------
+
+
+def test_int4columns_holds_the_same_codes_and_leaves_what_it_cannot_take():
+    for n, k, group_size in [(16, 256, 128), (37, 200, 40), (12, 96, 32), (16, 704, 128)]:  # last group short
+        qw = quant.quantize(weight(n, k, seed=n), bits=4, group_size=group_size).to(DEVICE)
+        cw = quant.int4columns(qw)
+        assert isinstance(cw, quant.Int4Columns) and cw.words.shape == (k // 8, n) and cw.nbytes == qw.nbytes
+        back = cw.quant_weight()
+        assert all(torch.equal(getattr(back, name), getattr(qw, name)) for name in ("qweight", "scales", "zeros"))
+        assert torch.equal(cw.dequantize(torch.float32), qw.dequantize(torch.float32))
+        # the decode kernel (a prefill's weight on CUDA): the same float32 grid, rounded once
+        assert torch.equal(quant.decode_columns(cw, torch.float16).T, qw.dequantize(torch.float16))
+    for n, k, group_size in [(16, 100, 50), (16, 96, 12)]:  # K or the group not a multiple of 8 columns
+        qw = quant.quantize(weight(n, k), bits=4, group_size=group_size)
+        assert quant.int4columns(qw) is qw
+    int8 = quant.quantize(weight(16, 256), bits=8)
+    assert quant.int4columns(int8) is int8
+
+
+COLUMN_CASES = [
+    # n, k, group, dtype, epilogue
+    (32, 256, 128, torch.float16, "residual"),
+    (37, 200, 40, torch.float16, "residual"),  # masked outputs and words, a group not a power of two
+    (16, 704, 128, torch.bfloat16, "swiglu"),  # tiny's down_proj: the last group 64 wide
+    (19, 256, 32, torch.float32, "norm"),
+]
+
+
+def test_int4_kernel_follows_the_use_unless_the_environment_names_one(monkeypatch):
+    """chat (one stream) decodes int4 through Int4Columns, serve through tinygemm; $VICUNAFLOW_INT4_KERNEL wins."""
+    monkeypatch.setattr(quant, "INT4_KERNEL", None)
+    assert quant.int4_kernel_for(one_stream=True) == "columns"
+    assert quant.int4_kernel_for(one_stream=False) == "tinygemm"
+    monkeypatch.setattr(quant, "INT4_KERNEL", "triton")
+    assert quant.int4_kernel_for(one_stream=True) == quant.int4_kernel_for(one_stream=False) == "triton"
+
+
+@pytest.mark.parametrize(("n", "k", "group_size", "dtype", "epilogue"), COLUMN_CASES)
+@pytest.mark.parametrize("pdl", [False, True])
+def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, monkeypatch):
+    """One row through quant_kernels.qmatvec_columns: the code moved into 1.0's mantissa (f = 1 + c / 16), the
+    sums in float32; with PDL, the first tile read before the wait (stand-ins in the interpreter)."""
+    if pdl and torch.cuda.is_available():
+        pytest.skip("the interpreter's stand-ins; a GPU runs the real launch")
+    if pdl:
+        import triton.language as tl
+
+        monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
+        monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
+        monkeypatch.setattr(quant_kernels, "pdl_options", lambda device, rows=1: {"PDL": True})
+    generator = torch.Generator().manual_seed(n * k)
+    qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)
+    cw = quant.int4columns(qw)
+    swiglu = epilogue == "swiglu"
+    x = (torch.randn(1, 2 * k if swiglu else k, generator=generator) * 3).to(DEVICE, dtype)
+    residual = torch.randn(1, n, generator=generator).to(DEVICE, dtype)
+    if epilogue == "norm":
+        norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype)
+        out = quant_kernels.qmatvec_columns(x, cw, residual, norm=norm, eps=1e-5)
+        source = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
+    else:
+        out = quant_kernels.qmatvec_columns(x, cw, residual, swiglu)
+        source = x
+    expected = reference(source, qw, residual, swiglu)
+    assert out.shape == (1, n) and out.dtype == dtype
+    # float32 sums; the output rounds to dtype, and SiLU·up or RMSNorm round the input to it first
+    tolerance = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    tolerance *= 1 if epilogue == "residual" else 4
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    buffer = torch.full((1, n), float("nan"), device=DEVICE)  # tensor parallelism's float32 partial sums
+    assert quant.qlinear(source.to(dtype) if epilogue == "norm" else x, cw, swiglu=swiglu, out=buffer,
+                         matvec=True) is buffer  # fmt: skip
+    expected = reference(source, qw, None, swiglu)
+    assert torch.allclose(buffer.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group_size"), [(3, 37, 256, 128), (2, 33, 200, 40), (17, 32, 96, 32), (2, 16, 704, 128)]
+)
+def test_qmatmul_reads_int4columns(m, n, k, group_size):
+    """Batched steps on an Int4Columns weight: qmatmul's columns branch (codes joined back into column order
+    for tl.dot), or the decoding path where its group size is not a power of two."""
+    generator = torch.Generator().manual_seed(m + n)
+    qw = quant.quantize(weight(n, k, seed=m), bits=4, group_size=group_size).to(DEVICE)
+    cw = quant.int4columns(qw)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, torch.float16)
+    residual = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16)
+    out = quant.qlinear(x, cw, residual, matvec=None if quant_kernels.matmul_fits(cw) else False)
+    expected = reference(x, qw, residual, swiglu=False)
+    assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    if quant_kernels.matmul_fits(cw):
+        assert torch.equal(quant_kernels.qmatmul(x, cw, residual), quant_kernels.qmatmul(x, qw, residual))
 
 
 # ---- int4 in torch's tinygemm layout (quant.Int4Packed) -------------------------------------------
@@ -398,7 +494,7 @@ def test_engine_with_tinygemm_int4_runs_in_bfloat16_and_matches_the_triton_path(
         load_model(tiny_vicuna, int4_kernel="tinygemm", dtype="float32", load_4bit=True, device="cpu")[0].dtype
         == torch.float32
     )  # an explicit dtype other than bfloat16 keeps our kernels
-    with pytest.raises(VicunaflowError, match="choose tinygemm or triton"):
+    with pytest.raises(VicunaflowError, match="choose columns, tinygemm, triton"):
         load_model(tiny_vicuna, int4_kernel="marlin", load_4bit=True)
 
 
@@ -583,6 +679,41 @@ def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vi
         calls.count("norm") == 2 * 2 * layers and calls.count("swiglu") == 2 * layers and len(calls) == 4 * 2 * layers
     )
     assert torch.allclose(results[True], results[False], rtol=1e-4, atol=1e-4 * float(results[False].abs().max()))
+
+
+def test_engine_with_int4columns_decodes_as_the_stored_layout(tiny_vicuna):
+    """--load-4bit with int4_kernel "columns": every layer weight is an Int4Columns of the same bytes, and
+    one-row steps through qmatvec_columns (the interpreter here) give the stored layout's decoded logits."""
+    from vicunaflow.engine import load_model
+
+    options = dict(device=DEVICE, dtype="float32", load_4bit=True, group_size=64)
+    columns, tokenizer = load_model(tiny_vicuna, int4_kernel="columns", **options)
+    plain, _ = load_model(tiny_vicuna, int4_kernel="triton", **options)
+    names = ("wqkv", "wo", "w13", "w2")
+    assert all(isinstance(getattr(layer, name), quant.Int4Columns) for layer in columns.layers for name in names)
+    assert columns.weight_bytes() == plain.weight_bytes()
+    ids = tokenizer("USER: Hello ASSISTANT:").input_ids
+    calls = []
+    real = quant_kernels.qmatvec_columns
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    results = []
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant_kernels, "qmatvec_columns", counted)
+        for model, matvec in ((columns, True), (plain, False)):
+            model.matvec = matvec
+            model.setup_cache(1, len(ids) + 1)
+            logits = [model(torch.tensor([ids], device=DEVICE), torch.arange(len(ids), device=DEVICE)[None],
+                            kv_length=len(ids))]  # fmt: skip
+            token = torch.tensor([[int(logits[-1].argmax())]], device=DEVICE)  # one step: the interpreter is slow
+            logits.append(model(token, torch.tensor([[len(ids)]], device=DEVICE), kv_length=len(ids) + 1))
+            model.matvec = False
+            results.append(torch.cat(logits))
+    assert len(calls) == 4 * columns.args.n_layers
+    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-4 * float(results[1].abs().max()))
 
 
 def test_chat_cli_on_a_quantized_folder(quantized, tiny_vicuna, capsys, monkeypatch):

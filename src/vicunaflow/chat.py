@@ -75,7 +75,7 @@ def chat(
         raise VicunaflowError(f"--top-p {top_p}: must be in (0, 1]")
     if temperature < 0:
         raise VicunaflowError(f"--temperature {temperature}: must be >= 0")
-    model, tokenizer = model_options.load(model_path)
+    model, tokenizer = model_options.load(model_path, one_stream=True)
     with (
         contextlib.closing(model),
         Engine(

@@ -23,7 +23,7 @@ class ModelOptions:
         max_gpu_memory: refuse to load when the weights need more than this per GPU, e.g. 20GiB.
         load_8bit: quantize the layers' weights to int8 as they load (one scale per output row; docs/quantize.md).
         load_4bit: quantize them to int4 (a scale and zero per 128 input columns); a `vicunaflow quantize` folder needs neither.
-            On CUDA the model then computes in bfloat16 through torch's int4 kernel (tinygemm; docs/quantize.md).
+            On CUDA chat decodes through our int4 columns kernel, and serve in bfloat16 through torch's tinygemm (docs/quantize.md).
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -32,11 +32,12 @@ class ModelOptions:
     load_8bit: bool = False
     load_4bit: bool = False
 
-    def load(self, model_path: str | Path) -> tuple[object, object]:
-        """(model, tokenizer) of the folder; `contextlib.closing(model)` stops the other tensor-parallel ranks."""
+    def load(self, model_path: str | Path, one_stream: bool = False) -> tuple[object, object]:
+        """(model, tokenizer) of the folder; `contextlib.closing(model)` stops the other tensor-parallel ranks.
+        one_stream: one conversation at a time (chat), which picks the int4 kernel (engine.load_model)."""
         from vicunaflow.engine import load_model
 
-        return load_model(model_path, **dataclasses.asdict(self))
+        return load_model(model_path, **dataclasses.asdict(self), one_stream=one_stream)
 
 
 DEFAULT_MODEL_OPTIONS = ModelOptions()  # the commands' default (frozen: safe to share)

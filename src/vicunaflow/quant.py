@@ -170,7 +170,7 @@ def _codes(grouped: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
 
 def qlinear(
     x: torch.Tensor,
-    qw: QuantWeight | Int4Packed,
+    qw: QuantWeight | Int4Packed | Int4Columns,
     residual: torch.Tensor | None = None,
     swiglu: bool = False,
     *,
@@ -205,8 +205,9 @@ def qlinear(
         and _kernel_fits(x, qw)
     )
     on_cuda_cores = one_row and (matvec or (matvec is None and _kernel_fits(x, qw)))
-    if on_tensor_cores or on_cuda_cores:  # both kernels take the same arguments and check their layouts
-        kernel = quant_kernels.qmatmul if on_tensor_cores else quant_kernels.qmatvec
+    if on_tensor_cores or on_cuda_cores:  # the kernels take the same arguments and check their layouts
+        one_row_kernel = quant_kernels.qmatvec_columns if isinstance(qw, Int4Columns) else quant_kernels.qmatvec
+        kernel = quant_kernels.qmatmul if on_tensor_cores else one_row_kernel
         flat_out = None if out is None else out.view(rows, n)
         flat_residual = None if residual is None else residual.reshape(rows, n)
         y = kernel(x.reshape(rows, -1).contiguous(), qw, flat_residual, swiglu, out=flat_out, norm=norm, eps=eps)
@@ -230,9 +231,20 @@ def _kernel_fits(x: torch.Tensor, qw: QuantWeight) -> bool:
 # --------------------------------------------------------------------------------------------
 # int4 on torch's tinygemm kernel
 
-# int4 products on CUDA: "tinygemm" (Int4Packed, torch's kernel; the model then computes in bfloat16) or
-# "triton" (quant_kernels, any float16/bfloat16 model). engine.load reads it; bench_chat --int4-kernel times both.
-INT4_KERNEL = os.environ.get("VICUNAFLOW_INT4_KERNEL", "tinygemm")
+# int4 products on CUDA: "columns" (Int4Columns: quant_kernels.qmatvec_columns, any float16/bfloat16 model),
+# "tinygemm" (Int4Packed, torch's kernel; the model then computes in bfloat16) or "triton" (quant_kernels on
+# the stored layout). engine.load reads it (None: by use, int4_kernel_for); bench_chat --int4-kernel times them.
+INT4_KERNELS = ("columns", "tinygemm", "triton")
+INT4_KERNEL = os.environ.get("VICUNAFLOW_INT4_KERNEL")
+
+
+def int4_kernel_for(one_stream: bool) -> str:
+    """$VICUNAFLOW_INT4_KERNEL, else the faster kernel for the use: Int4Columns when one conversation decodes
+    at a time (chat: one-row steps, 447 against 357 tokens/s for tinygemm at 7B on an H200), tinygemm when
+    steps batch many (serve: 8 streams 1,087 against 572 tokens/s; docs/benchmarks.md)."""
+    return INT4_KERNEL or ("columns" if one_stream else "tinygemm")
+
+
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -327,6 +339,81 @@ def int4pack_linear(
     elif flat_out is not None:
         y = flat_out.copy_(y)
     return out if out is not None else y.view(*x.shape[:-1], n)
+
+
+# --------------------------------------------------------------------------------------------
+# int4 in columns of words, for quant_kernels.qmatvec_columns
+
+
+class Int4Columns(nn.Module):
+    """An int4 weight laid out for quant_kernels' columns kernels: the same codes, scales and zeros as the
+    QuantWeight it comes from (`int4columns`), transposed.
+
+    words: int32 [K / 8, N]: word (i, n) holds columns 8i..8i+7 of output n, column 8i + j in bits 4j..4j+3
+    (a QuantWeight's bytes of one row, read as int32, transposed). scales, zeros: float16 [K / G, N].
+    Why: see qmatvec_columns. Same bytes as the QuantWeight.
+    """
+
+    bits = 4
+
+    def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, shape):
+        super().__init__()
+        self.group_size, self.shape = group_size, (int(shape[0]), int(shape[1]))
+        self.register_buffer("words", words)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros))
+
+    def quant_weight(self) -> QuantWeight:
+        """Back to the QuantWeight layout (the stored format)."""
+        n, k = self.shape
+        qweight = self.words.T.contiguous().view(torch.uint8).view(n, k // 2)
+        return QuantWeight(qweight, self.scales.T.contiguous(), self.zeros.T.contiguous(), 4, self.group_size, (n, k))
+
+    def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The [N, K] weight (a transposed view on CUDA), as QuantWeight.dequantize computes it: q * scale + zero
+        in float32, rounded once. On CUDA one Triton kernel writes it (a prefill's product: torch's several
+        float32 passes took a 7B's first token from 8 to 152 ms on an H200); elsewhere the QuantWeight's path."""
+        if self.device.type == "cuda" and kernels.available():
+            return decode_columns(self, dtype).T
+        return self.quant_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False, **options):
+        return qlinear(x, self, residual, swiglu, **options)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits=4, group_size={self.group_size}, layout=columns"
+
+
+def decode_columns(cw: Int4Columns, dtype: torch.dtype) -> torch.Tensor:
+    """W.T [K, N] of an Int4Columns weight in `dtype`, by quant_matmul_kernels' decode kernel (Triton: CUDA, or
+    the interpreter)."""
+    from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
+
+    n, k = cw.shape
+    transposed = torch.empty(k, n, dtype=dtype, device=cw.device)
+    grid = (-(-k // 8 // 16), -(-n // 128))
+    quant_matmul_kernels.int4_columns_decode_kernel[grid](
+        cw.words, cw.scales, cw.zeros, transposed, n, k, G=cw.group_size, BLOCK_W=16, BLOCK_N=128
+    )
+    return transposed
+
+
+def int4columns(qw: QuantWeight) -> Int4Columns | QuantWeight:
+    """qw (int4) as Int4Columns on qw's device, or qw itself where the kernels cannot take it (K and the
+    group size must be multiples of 8: a word's 8 columns share a group; the last group may be short)."""
+    n, k = qw.shape
+    if qw.bits != 4 or k % 8 or qw.group_size % 8:
+        return qw
+    words = qw.qweight.view(torch.int32).T.contiguous()  # [N, K / 8] -> [K / 8, N]
+    return Int4Columns(words, qw.scales.T.contiguous(), qw.zeros.T.contiguous(), qw.group_size, (n, k))
 
 
 # --------------------------------------------------------------------------------------------

@@ -296,6 +296,56 @@ def _int4_kernel():
     return int4_matvec_kernel
 
 
+# ---- int4 in columns of words (quant.Int4Columns): one row ----------------------------------------
+
+# (BLOCK_N, BLOCK_W, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8 columns each) a
+# step. A thread holds 4 outputs (one 16-byte load of words) for each of its word rows.
+COLUMN_TILES = [(16, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 1), (64, 32, 4, 1), (16, 64, 4, 2)]
+
+
+def qmatvec_columns(
+    x: torch.Tensor,
+    cw,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
+    out: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """out = x @ W.T (+ residual) for one row, W = cw (a quant.Int4Columns) decoded on the fly; qmatvec's
+    contract (norm and swiglu through kernels.rows_input first).
+
+    Why a layout of its own: with words [K / 8, N] a thread's 16-byte load holds one word (8 columns) of
+    4 outputs, so each input value it loads serves 4 outputs, and a code becomes a float in three
+    instructions: a shift, one LOP3 (mask, then the bits of 1.0), an FFMA (see the kernel). qmatvec's
+    [N, K / 2] bytes cost it about 9 instructions a weight in its inner loop (SASS, sm_90).
+    """
+    n, k = cw.shape
+    out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
+    if swiglu or norm is not None:
+        dtype = norm.dtype if norm is not None else x.dtype
+        x = rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype)
+    if not (x.is_contiguous() and (residual is None or residual.is_contiguous())):
+        raise ValueError("qmatvec_columns: input and residual must be contiguous")
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+    res = residual if residual is not None else out
+    from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
+
+    quant_matmul_kernels.int4_columns_kernel[grid](
+        x, cw.words, cw.scales, cw.zeros, res, out, ONE_BITS, n, k, cw.group_size,
+        HAS_RESIDUAL=residual is not None, PREFETCH=COLUMN_LOADS != "plain", SPLIT_X=COLUMN_LOADS == "prefetch-split",
+        **pdl_options(x.device),
+    )  # fmt: skip
+    return out
+
+
+ONE_BITS = 0x3F800000  # float32 1.0, passed as an argument: in a register, `& mask | one` is a single LOP3
+# How qmatvec_columns reads its tiles: "plain" (each tile's loads when its decoding starts, the inputs as 8
+# strided loads), "prefetch" (the next tile's words, scales and zeros issued before this one is decoded)
+# or "prefetch-split" (the inputs too, as one [BLOCK_W, 8] load split in registers).
+COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch-split")
+
+
 # ---- a few rows at once: batched decode steps -----------------------------------------------------
 
 MATMUL_MAX_ROWS = 64  # above this (prefill), decoding the weight once for cuBLAS costs less than re-reading it
@@ -350,9 +400,11 @@ def qmatmul(
     else:
         if not matmul_fits(qw):
             raise ValueError(f"qmatmul: int4 group size {qw.group_size} is not a power of two >= 32")
+        columns = not hasattr(qw, "qweight")  # quant.Int4Columns
         quant_matmul_kernels.int4_matmul_kernel[grid](
-            x, qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, m, n, k, G=qw.group_size, **flags
-        )
+            x, qw.words if columns else qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, m, n, k,
+            G=qw.group_size, COLUMNS=columns, **flags,
+        )  # fmt: skip
     return out
 
 

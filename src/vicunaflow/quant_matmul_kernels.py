@@ -1,8 +1,10 @@
-"""Triton kernels of quant_kernels.qmatmul: a few rows times an int8 / int4 weight on tensor cores.
+"""Triton kernels of quant_kernels.qmatmul (a few rows times an int8 / int4 weight on tensor cores) and of
+quant_kernels.qmatvec_columns (one row times a quant.Int4Columns weight).
 
 A module of its own because its kernels call shared @triton.jit helpers (the input tile, each row's
-RMSNorm factor), which Triton resolves among module globals; importing it needs Triton, so
-quant_kernels imports it only when qmatmul runs. See qmatmul's docstring for the math.
+RMSNorm factor, a columns tile's loads), which Triton resolves among module globals; importing it needs
+Triton, so quant_kernels imports it only when a kernel runs. See qmatmul's and qmatvec_columns'
+docstrings for the math.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import triton
 import triton.language as tl
 
+from vicunaflow import quant_kernels
+
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
 # programs per SM to keep enough loads in flight.
@@ -19,9 +23,14 @@ MATMUL_TILES = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (64, 128
 
 int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATMUL_TILES]
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
+column_configs = [
+    triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
+    for n, w, warps, stages in quant_kernels.COLUMN_TILES
+]
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
     int4_configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
+    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32}, num_warps=1)]
 
 
 @triton.jit
@@ -44,6 +53,12 @@ def input_tile(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, K: tl.constexpr, SWIGLU:
     if NORM:
         return x * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :], x * x
     return x, x
+
+
+@triton.jit
+def nibble(packed, J: tl.constexpr):
+    """Code J (bits 4J..4J+3) of each int32 word as a float 0..15, through its bits (quant_kernels: MAGIC)."""
+    return (((packed >> (4 * J)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -99,13 +114,13 @@ def int8_matmul_kernel(
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=int4_configs, key=["N", "K", "G", "BLOCK_M", "SWIGLU", "NORM"])
+@triton.autotune(configs=int4_configs, key=["N", "K", "G", "BLOCK_M", "SWIGLU", "NORM", "COLUMNS"])
 @triton.jit
 def int4_matmul_kernel(
     x_ptr,  # [M, K] or [M, 2K] (SWIGLU)
-    q_ptr,  # uint8 [N, K // 2]: column 2i low nibble, 2i + 1 high nibble
-    scale_ptr,  # float16 [N, NG]
-    zero_ptr,  # float16 [N, NG]
+    q_ptr,  # uint8 [N, K // 2]: column 2i low nibble, 2i + 1 high nibble; COLUMNS: int32 words [K // 8, N]
+    scale_ptr,  # float16 [N, NG]; COLUMNS: [NG, N]
+    zero_ptr,  # float16 [N, NG]; COLUMNS: [NG, N]
     residual_ptr,
     out_ptr,  # [M, N]
     norm_ptr,
@@ -119,6 +134,7 @@ def int4_matmul_kernel(
     BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     G: tl.constexpr,  # group size: a power of two >= 32, the K step
+    COLUMNS: tl.constexpr,  # quant.Int4Columns' layout: column 8i + j of output n in bits 4j.. of word (i, n)
     BLOCK_N: tl.constexpr,
 ):
     MAGIC: tl.constexpr = 0x4B000000  # see quant_kernels.py: MAGIC
@@ -137,17 +153,32 @@ def int4_matmul_kernel(
         if NORM:
             squares += x_squared
         x = x.to(tl.bfloat16) if BF16 else x.to(tl.float16)
-        pairs = group * GH + tl.arange(0, GH)
-        packed = tl.load(
-            q_ptr + cols[:, None] * KP + pairs[None, :], mask=col_ok[:, None] & (pairs < KP)[None, :], other=0
-        ).to(tl.int32)  # [BLOCK_N, GH]
-        low = ((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
-        high = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, G)).to(x.dtype)  # columns 2i, 2i + 1 interleaved
+        if COLUMNS:
+            WG: tl.constexpr = G // 8  # words a group
+            words = group * WG + tl.arange(0, WG)
+            packed = tl.load(
+                q_ptr + words[None, :] * N + cols[:, None], mask=col_ok[:, None] & (words < K // 8)[None, :], other=0
+            )  # [BLOCK_N, WG]
+            c0, c1, c2, c3 = nibble(packed, 0), nibble(packed, 1), nibble(packed, 2), nibble(packed, 3)
+            c4, c5, c6, c7 = nibble(packed, 4), nibble(packed, 5), nibble(packed, 6), nibble(packed, 7)
+            # [BLOCK_N, WG, 2, 2, 2] whose last three indices (a, b, c) hold code j = 4a + 2b + c (join adds an
+            # index last: the outermost join picks j's lowest bit), so the reshape lays column 8i + j at i * 8 + j
+            nibbles = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+            codes = tl.reshape(nibbles, (BLOCK_N, G)).to(x.dtype)
+            group_ptrs = group * N + cols
+        else:
+            pairs = group * GH + tl.arange(0, GH)
+            packed = tl.load(
+                q_ptr + cols[:, None] * KP + pairs[None, :], mask=col_ok[:, None] & (pairs < KP)[None, :], other=0
+            ).to(tl.int32)  # [BLOCK_N, GH]
+            low = ((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
+            high = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_VALUE
+            codes = tl.reshape(tl.join(low, high), (BLOCK_N, G)).to(x.dtype)  # columns 2i, 2i + 1 interleaved
+            group_ptrs = cols * NG + group
         products = tl.dot(x, tl.trans(codes))  # [BLOCK_M, BLOCK_N]: sum(q x) over the group
         x_sum = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
-        scale = tl.load(scale_ptr + cols * NG + group, mask=col_ok, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + cols * NG + group, mask=col_ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + group_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + group_ptrs, mask=col_ok, other=0.0).to(tl.float32)
         acc += products * scale[None, :] + x_sum[:, None] * zero[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     y = acc
@@ -156,3 +187,148 @@ def int4_matmul_kernel(
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---- one row times an Int4Columns weight (quant_kernels.qmatvec_columns) ---------------------------
+
+
+@triton.jit
+def columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
+    """One step's words [BLOCK_W, BLOCK_N] and their groups' scales and zeros (masked: with PREFETCH the loop
+    reads one tile past the last)."""
+    ok = (rows < KW)[:, None] & output_ok[None, :]
+    words = tl.load(w_ptr + rows[:, None] * N + outputs[None, :], mask=ok, other=0)
+    group_ptrs = (rows // WG)[:, None] * N + outputs[None, :]
+    scale = tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0)
+    zero = tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0)
+    return words, scale, zero
+
+
+@triton.jit
+def x_tile(x_ptr, rows, KW):
+    """The inputs of word rows `rows`: [BLOCK_W, 8], one 16-byte load a row (SPLIT_X)."""
+    return tl.load(x_ptr + rows[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(rows < KW)[:, None], other=0.0)
+
+
+@triton.jit
+def code_float(words, SHIFT: tl.constexpr, one):
+    """f = 1 + c / 16 for the code c at bits SHIFT..SHIFT+3 of each word: c moved to mantissa bits 19..22 of
+    1.0 (one: ONE_BITS in a register, so the mask and the or are one LOP3)."""
+    moved = words << (19 - SHIFT) if SHIFT <= 19 else words >> (SHIFT - 19)
+    return ((moved & 0x00780000) | one).to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=column_configs, key=["N", "K", "G", "PDL", "PREFETCH", "SPLIT_X"])
+@triton.jit
+def int4_columns_kernel(
+    x_ptr,  # [K]
+    w_ptr,  # int32 [K // 8, N]: word (i, n) holds columns 8i..8i+7 of output n, column 8i + j in bits 4j..4j+3
+    scale_ptr,  # float16 [NG, N]
+    zero_ptr,  # float16 [NG, N]: w = q * scale + zero
+    residual_ptr,
+    out_ptr,
+    one,  # ONE_BITS
+    N: tl.constexpr,
+    K: tl.constexpr,  # a multiple of 8
+    G: tl.constexpr,  # group size, a multiple of 8
+    HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # the next tile's loads issued before this one is decoded
+    SPLIT_X: tl.constexpr,  # inputs as one [BLOCK_W, 8] load split into columns, else 8 strided loads
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # f = 1 + c / 16 (code_float) times x is exact in float32 (5 and 11 significant bits). Per word and
+    # output: t = sum_j f_j x_j - sum_j x_j = sum_j c_j x_j / 16; per group, sum w x = scale * sum c x +
+    # zero * sum x = 16 (scale * t + zero * sum x / 16), summed over words.
+    KW: tl.constexpr = K // 8
+    WG: tl.constexpr = G // 8  # words a group
+    outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    output_ok = outputs < N
+    word_rows = tl.arange(0, BLOCK_W)
+    if PDL:  # the first tile's words read before waiting for earlier kernels (they wrote x, not the weight)
+        tl.extra.cuda.gdc_launch_dependents()
+        ok = (word_rows < KW)[:, None] & output_ok[None, :]
+        first_words = tl.load(w_ptr + word_rows[:, None] * N + outputs[None, :], mask=ok, other=0)
+        tl.extra.cuda.gdc_wait()
+    words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, KW, WG)
+    if PDL:
+        words = first_words
+    if SPLIT_X:
+        x = x_tile(x_ptr, word_rows, KW)
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    for start in range(0, KW, BLOCK_W):
+        rows = start + word_rows
+        if PREFETCH:  # Triton's pipeliner leaves loads that feed no tl.dot in program order
+            next_words, next_scale, next_zero = columns_tile(
+                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, KW, WG
+            )
+            if SPLIT_X:
+                next_x = x_tile(x_ptr, rows + BLOCK_W, KW)
+        if SPLIT_X:  # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
+            x_c0, x_c1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_W, 2, 2, 2)))
+            x_c0b0, x_c0b1 = tl.split(x_c0)
+            x_c1b0, x_c1b1 = tl.split(x_c1)
+            x0, x4 = tl.split(x_c0b0)
+            x2, x6 = tl.split(x_c0b1)
+            x1, x5 = tl.split(x_c1b0)
+            x3, x7 = tl.split(x_c1b1)
+        else:
+            row_ok = rows < KW
+            x0 = tl.load(x_ptr + rows * 8, mask=row_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(x_ptr + rows * 8 + 1, mask=row_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + rows * 8 + 2, mask=row_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(x_ptr + rows * 8 + 3, mask=row_ok, other=0.0).to(tl.float32)
+            x4 = tl.load(x_ptr + rows * 8 + 4, mask=row_ok, other=0.0).to(tl.float32)
+            x5 = tl.load(x_ptr + rows * 8 + 5, mask=row_ok, other=0.0).to(tl.float32)
+            x6 = tl.load(x_ptr + rows * 8 + 6, mask=row_ok, other=0.0).to(tl.float32)
+            x7 = tl.load(x_ptr + rows * 8 + 7, mask=row_ok, other=0.0).to(tl.float32)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
+        total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
+        total += code_float(words, 0, one) * x0[:, None]
+        total += code_float(words, 4, one) * x1[:, None]
+        total += code_float(words, 8, one) * x2[:, None]
+        total += code_float(words, 12, one) * x3[:, None]
+        total += code_float(words, 16, one) * x4[:, None]
+        total += code_float(words, 20, one) * x5[:, None]
+        total += code_float(words, 24, one) * x6[:, None]
+        total += code_float(words, 28, one) * x7[:, None]
+        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
+        if PREFETCH:
+            words, scale, zero = next_words, next_scale, next_zero
+            if SPLIT_X:
+                x = next_x
+        else:
+            words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, KW, WG)
+            if SPLIT_X:
+                x = x_tile(x_ptr, rows + BLOCK_W, KW)
+    y = tl.sum(acc, axis=0) * 16.0
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + outputs, mask=output_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + outputs, y.to(out_ptr.dtype.element_ty), mask=output_ok)
+
+
+@triton.jit
+def int4_columns_decode_kernel(
+    w_ptr,  # int32 [K // 8, N] (quant.Int4Columns.words)
+    scale_ptr,  # float16 [NG, N]
+    zero_ptr,  # float16 [NG, N]
+    out_ptr,  # [K, N]: the weight, transposed
+    N,
+    K,
+    G: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W.T = q * scale + zero in float32, rounded once to out's dtype: Int4Columns.dequantize on CUDA. Word row i
+    decodes into rows 8i..8i+7 of W.T, each a contiguous run of outputs (coalesced stores)."""
+    rows = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    outputs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rows < K // 8)[:, None] & (outputs < N)[None, :]
+    words = tl.load(w_ptr + rows[:, None] * N + outputs[None, :], mask=ok, other=0)
+    group_ptrs = (rows // (G // 8))[:, None] * N + outputs[None, :]
+    scale = tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(8):
+        w = nibble(words, j) * scale + zero
+        tl.store(out_ptr + (rows * 8 + j)[:, None] * N + outputs[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)

@@ -56,6 +56,7 @@ class LoadSpec:
     group_size: int  # int4 at load
     all_reduce: str  # auto, symm-mem or nccl (CUDA); the CPU always uses gloo
     int4_packed: bool = False  # int4 weights in torch's tinygemm layout (quant.Int4Packed; the model in bfloat16)
+    int4_columns: bool = False  # int4 weights as quant.Int4Columns (quant_kernels.qmatvec_columns)
 
 
 def read_args(model_path: Path) -> ModelArgs:
@@ -181,6 +182,8 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
         layer.w2 = linear(p + "mlp.down_proj.weight", COLUMNS)  # [dim, ffn]
         if spec.int4_packed:  # after fusing and sharding: tinygemm's tiles are not split or stacked
             layer.wqkv, layer.wo, layer.w13, layer.w2 = map(_int4pack, (layer.wqkv, layer.wo, layer.w13, layer.w2))
+        elif spec.int4_columns:  # after fusing and sharding, as tinygemm's
+            layer.wqkv, layer.wo, layer.w13, layer.w2 = map(_int4columns, (layer.wqkv, layer.wo, layer.w13, layer.w2))
         del qkv, gate_up
         reader.release()
     model.norm = get("model.norm.weight")
@@ -192,6 +195,10 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
 
 def _int4pack(weight: Weight) -> Weight:
     return quant.int4pack(weight) if isinstance(weight, quant.QuantWeight) and weight.bits == 4 else weight
+
+
+def _int4columns(weight: Weight) -> Weight:
+    return quant.int4columns(weight) if isinstance(weight, quant.QuantWeight) and weight.bits == 4 else weight
 
 
 def check_int4_split(args: ModelArgs, world: int, group_size: int) -> None:

@@ -42,6 +42,7 @@ def load_model(
     dtype: Dtype = "auto",
     all_reduce: AllReduce = "auto",
     int4_kernel: str | None = None,
+    one_stream: bool = False,
 ) -> tuple[Transformer, object]:
     """Load a model for chat and serve; return (model, tokenizer) (tokenizer None for RandomWeights).
 
@@ -51,9 +52,11 @@ def load_model(
     (vicunaflow.quant: int8 with one scale per output row; int4 with a scale and zero per `group_size`
     input columns); a folder written by `vicunaflow quantize` loads as it is stored, without either.
     all_reduce (CUDA, several GPUs): symm-mem, nccl, or auto = $VICUNAFLOW_ALL_REDUCE, else symm-mem
-    with NCCL as the fallback. int4_kernel: "tinygemm" (torch's int4 kernel, quant.Int4Packed: the model
-    computes in bfloat16, so with dtype "auto" or "bfloat16") or "triton" (quant_kernels); None is
-    quant.INT4_KERNEL ($VICUNAFLOW_INT4_KERNEL, tinygemm) on CUDA, and the CPU's dequantizing path there.
+    with NCCL as the fallback. int4_kernel: "columns" (quant.Int4Columns: quant_kernels.qmatvec_columns),
+    "tinygemm" (torch's int4 kernel, quant.Int4Packed: the model computes in bfloat16, so with dtype "auto"
+    or "bfloat16") or "triton" (quant_kernels on the stored layout); None is quant.int4_kernel_for(one_stream)
+    on CUDA ($VICUNAFLOW_INT4_KERNEL, else columns for one stream and tinygemm for batched serving), and the
+    CPU's dequantizing path there. one_stream: the model decodes one conversation at a time (chat).
     Call `model.close()` (or let the process exit) to stop the other ranks.
     """
     device = resolve_device(device, num_gpus)
@@ -80,10 +83,10 @@ def load_model(
     check_shardable(args, num_gpus)
     if bits == 4:
         check_int4_split(args, num_gpus, group_size)
-    if int4_kernel not in (None, "tinygemm", "triton"):
-        raise VicunaflowError(f"int4 kernel {int4_kernel!r}: choose tinygemm or triton")
     if int4_kernel is None:
-        int4_kernel = quant.INT4_KERNEL if device == "cuda" else "triton"
+        int4_kernel = quant.int4_kernel_for(one_stream) if device == "cuda" else "triton"
+    if int4_kernel not in quant.INT4_KERNELS:  # an argument, or $VICUNAFLOW_INT4_KERNEL
+        raise VicunaflowError(f"int4 kernel {int4_kernel!r}: choose {', '.join(quant.INT4_KERNELS)}")
     # tinygemm multiplies bfloat16 only (as gpt-fast runs int4); an explicit other dtype keeps our kernels
     int4_packed = bits == 4 and int4_kernel == "tinygemm" and dtype in ("auto", "bfloat16")
     default_dtype = torch.bfloat16 if int4_packed else torch.float16 if device == "cuda" else torch.float32
@@ -91,7 +94,10 @@ def load_model(
     if max_gpu_memory:  # before any weight is read: build_model lays the weights out as weight_bytes counts them
         needed = weight_bytes(args, itemsize=torch_dtype.itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
         _check_memory_cap(needed, max_gpu_memory)
-    spec = LoadSpec(source, torch_dtype, device, None if stored else bits, group_size, all_reduce, int4_packed)
+    int4_columns = bits == 4 and int4_kernel == "columns"
+    spec = LoadSpec(
+        source, torch_dtype, device, None if stored else bits, group_size, all_reduce, int4_packed, int4_columns
+    )
     comm = tp.start(num_gpus, spec) if num_gpus > 1 else Local()
     try:
         model = build_model(spec, comm)
@@ -106,7 +112,7 @@ def load_model(
 
         tokenizer = AutoTokenizer.from_pretrained(source)
     weights = {None: "", 8: " (int8 layer weights)", 4: f" (int4 layer weights, groups of {group_size})"}[bits]
-    weights += " in tinygemm's layout" if int4_packed else ""
+    weights += " in tinygemm's layout" if int4_packed else " in columns of words" if int4_columns else ""
     log.info(
         "loaded %s: %s weights %.1f MiB per rank on %s x %d%s%s",
         source if isinstance(source, str) else f"random weights {args}",

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vicunaflow import VicunaflowError, attention_kernels, kernels
 from vicunaflow.engine.cache import KVCache
-from vicunaflow.quant import Int4Packed, QuantWeight, qlinear
+from vicunaflow.quant import Int4Columns, Int4Packed, QuantWeight, qlinear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +90,8 @@ class ModelArgs:
 PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # A layer's Linear weight: float [N, K], or int8/int4 codes with their scales (docs/quantize.md)
-Weight = torch.Tensor | QuantWeight | Int4Packed
-QUANTIZED = (QuantWeight, Int4Packed)
+Weight = torch.Tensor | QuantWeight | Int4Packed | Int4Columns
+QUANTIZED = (QuantWeight, Int4Packed, Int4Columns)
 
 
 def project(
@@ -112,13 +112,14 @@ def project(
     "cublas".
     norm: (RMSNorm weight [K], eps) to apply to x first (inside the kernels: one launch fewer). weight:
     a float tensor, or a quant.QuantWeight (int8/int4): its own Triton kernels with the same epilogues,
-    else decoded to x's dtype and multiplied, or a quant.Int4Packed (torch's tinygemm for every row count,
-    in bfloat16). Prefill (more rows, or matvec off) stays on cuBLAS.
+    else decoded to x's dtype and multiplied, a quant.Int4Packed (torch's tinygemm for every row count,
+    in bfloat16) or a quant.Int4Columns (qmatvec_columns for one row). Prefill (more rows, or matvec off)
+    stays on cuBLAS.
     """
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         if isinstance(weight, QUANTIZED):
-            if out is None and norm is not None and isinstance(weight, QuantWeight):
+            if out is None and norm is not None and isinstance(weight, (QuantWeight, Int4Columns)):
                 # x may be the float32 residual stream: give the model's dtype (Int4Packed returns bfloat16)
                 out = torch.empty(1, weight.shape[0], dtype=norm_weight.dtype, device=x.device)
             return qlinear(x.contiguous(), weight, residual, swiglu, out=out, matvec=True, norm=norm_weight, eps=eps)
