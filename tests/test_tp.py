@@ -14,6 +14,7 @@ from vicunaflow import VicunaflowError, template
 from vicunaflow.chat import chat
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
 from vicunaflow.loading import ModelOptions
+from vicunaflow.quant import Int4Columns
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 6]
 
@@ -84,12 +85,14 @@ def int4_g32(tiny_vicuna, tmp_path_factory):
     return quantize_model(model_path=tiny_vicuna, output_dir=out, bits=4, group_size=32)
 
 
-@pytest.mark.parametrize("source", ["int8-at-load", "int4-folder"])
+@pytest.mark.parametrize("source", ["int8-at-load", "int4-folder", "int4-folder-columns"])
 def test_two_cpu_ranks_with_quantized_weights_match_one_process(tiny_vicuna, int4_g32, source):
     """Quantized weights with --num-gpus 2: each rank shards the QuantWeights (q|k|v and gate|up by rows, o
-    and down by columns: int8 with its whole rows' scales, int4 on group boundaries), and the greedy and
-    sampled tokens are one process's."""
+    and down by columns: int8 with its whole rows' scales, int4 on group boundaries; with the columns layout
+    each rank transposes its shards), and the greedy and sampled tokens are one process's."""
     path, options = (tiny_vicuna, {"load_8bit": True}) if source == "int8-at-load" else (int4_g32, {})
+    if source == "int4-folder-columns":
+        options = {"int4_kernel": "columns"}
     model, tokenizer = load_model(path, device="cpu", **options)
     greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, ignore_eos=True)
@@ -99,6 +102,8 @@ def test_two_cpu_ranks_with_quantized_weights_match_one_process(tiny_vicuna, int
         layer_bytes = sum(getattr(layer, n).nbytes for layer in model.layers for n in ("wqkv", "wo", "w13", "w2"))
         assert split.weight_bytes() < model.weight_bytes() - 0.45 * layer_bytes  # the layers are halved
         assert split.layers[0].w2.shape == (model.args.dim, model.args.ffn_dim // 2)
+        assert type(split.layers[0].w2) is type(model.layers[0].w2)
+        assert isinstance(split.layers[0].w2, Int4Columns) == (source == "int4-folder-columns")
         assert _replies(split, tokenizer, greedy) == expected[0]
         assert _replies(split, tokenizer, sampled) == expected[1]
     finally:
