@@ -13,7 +13,7 @@ tinygemm against our dequantized weights, so a decision to adopt it rests on num
 The columns kernel (quant.Int4Columns, quant_kernels.qmatvec_columns) is timed by its own autotuner (each
 tile with triton.testing.do_bench, L2 flushed; `columns_config_us`, the best as `columns_best_us`): the
 probe's own timer goes through the Python launch path, which costs more than these kernels take. With
---columns-grid the autotuner tries 22 tiles instead of quant_kernels.COLUMN_TILES. Also timed: the
+--columns-grid the autotuner tries 22 tiles instead of quant_matmul_kernels.COLUMN_TILES. Also timed: the
 columns layout's prefill decode (quant.decode_columns) against the stored layout's dequantize, and
 8-row products (qmatmul on both layouts, tinygemm).
 
@@ -86,8 +86,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("probe_int4_kernels needs a GPU")
     if "--columns-grid" in sys.argv:
+        from vicunaflow import quant_matmul_kernels
+
         sys.argv.remove("--columns-grid")
-        quant_kernels.COLUMN_TILES = COLUMNS_GRID  # read when quant_matmul_kernels is first imported
+        quant_matmul_kernels.int4_columns_kernel.configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
+            for n, w, warps, stages in COLUMNS_GRID
+        ]  # the autotuner's candidates
     torch.manual_seed(0)
     results = {}
     for n, k in SHAPES:

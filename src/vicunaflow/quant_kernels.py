@@ -298,10 +298,6 @@ def _int4_kernel():
 
 # ---- int4 in columns of words (quant.Int4Columns): one row ----------------------------------------
 
-# (BLOCK_N, BLOCK_W, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8 columns each) a
-# step. A thread holds 4 outputs (one 16-byte load of words) for each of its word rows.
-COLUMN_TILES = [(16, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 1), (64, 32, 4, 1), (16, 64, 4, 2)]
-
 
 def qmatvec_columns(
     x: torch.Tensor,

@@ -14,8 +14,6 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow import quant_kernels
-
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
 # programs per SM to keep enough loads in flight.
@@ -23,9 +21,12 @@ MATMUL_TILES = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (64, 128
 
 int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATMUL_TILES]
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
+# (BLOCK_N, BLOCK_W, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8 columns each) a
+# step. A thread holds 4 outputs (one 16-byte load of words) for each of its word rows.
+COLUMN_TILES = [(16, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 1), (64, 32, 4, 1), (16, 64, 4, 2)]
 column_configs = [
     triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
-    for n, w, warps, stages in quant_kernels.COLUMN_TILES
+    for n, w, warps, stages in COLUMN_TILES
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
