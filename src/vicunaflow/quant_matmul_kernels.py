@@ -194,15 +194,26 @@ def int4_matmul_kernel(
 
 
 @triton.jit
-def columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
-    """One step's words [BLOCK_W, BLOCK_N] and their groups' scales and zeros (masked: with PREFETCH the loop
-    reads one tile past the last)."""
+def words_tile(w_ptr, rows, outputs, output_ok, N, KW):
+    """One step's words [BLOCK_W, BLOCK_N] (masked: the loop reads one tile past the last)."""
+    return tl.load(
+        w_ptr + rows[:, None] * N + outputs[None, :], mask=(rows < KW)[:, None] & output_ok[None, :], other=0
+    )
+
+
+@triton.jit
+def groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
+    """The scales and zeros of those words' groups, [BLOCK_W, BLOCK_N] each."""
     ok = (rows < KW)[:, None] & output_ok[None, :]
-    words = tl.load(w_ptr + rows[:, None] * N + outputs[None, :], mask=ok, other=0)
     group_ptrs = (rows // WG)[:, None] * N + outputs[None, :]
-    scale = tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0)
-    zero = tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0)
-    return words, scale, zero
+    return tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0), tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
+    """One step's words and their groups' scales and zeros."""
+    scale, zero = groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG)
+    return words_tile(w_ptr, rows, outputs, output_ok, N, KW), scale, zero
 
 
 @triton.jit
@@ -247,14 +258,12 @@ def int4_columns_kernel(
     outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     output_ok = outputs < N
     word_rows = tl.arange(0, BLOCK_W)
-    if PDL:  # the first tile's words read before waiting for earlier kernels (they wrote x, not the weight)
-        tl.extra.cuda.gdc_launch_dependents()
-        ok = (word_rows < KW)[:, None] & output_ok[None, :]
-        first_words = tl.load(w_ptr + word_rows[:, None] * N + outputs[None, :], mask=ok, other=0)
-        tl.extra.cuda.gdc_wait()
-    words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, KW, WG)
     if PDL:
-        words = first_words
+        tl.extra.cuda.gdc_launch_dependents()
+    words = words_tile(w_ptr, word_rows, outputs, output_ok, N, KW)
+    if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
+        tl.extra.cuda.gdc_wait()
+    scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, KW, WG)
     if SPLIT_X:
         x = x_tile(x_ptr, word_rows, KW)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
