@@ -74,8 +74,7 @@ def qmatvec(
     n, k = qw.shape
     out = one_row_output("qmatvec", x, (n, k), swiglu, norm, out, x.dtype)
     if INPUT == "separate" and (swiglu or norm is not None):
-        dtype = norm.dtype if norm is not None else x.dtype  # the model's (x may be float32 tensor-parallel sums)
-        x, norm, swiglu = rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype), None, False
+        x, norm, swiglu = plain_product_input(x, norm, eps, swiglu), None, False
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
@@ -88,6 +87,13 @@ def qmatvec(
     else:
         _int4_kernel()[grid](x, qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, n, k, qw.group_size, **flags)
     return out
+
+
+def plain_product_input(x: torch.Tensor, norm: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
+    """The one-row kernels' input computed once by kernels.rows_input: rms_norm(x, norm) or SiLU·up, in the
+    model's dtype (norm's; x may be float32 tensor-parallel sums)."""
+    dtype = norm.dtype if norm is not None else x.dtype
+    return rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype)
 
 
 @functools.cache
@@ -319,8 +325,7 @@ def qmatvec_columns(
     n, k = cw.shape
     out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
     if swiglu or norm is not None:
-        dtype = norm.dtype if norm is not None else x.dtype
-        x = rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype)
+        x = plain_product_input(x, norm, eps, swiglu)
     if not (x.is_contiguous() and (residual is None or residual.is_contiguous())):
         raise ValueError("qmatvec_columns: input and residual must be contiguous")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
