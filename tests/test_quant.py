@@ -281,6 +281,17 @@ def test_qlinear_dequantizes_for_batches_and_on_cpu(bits):
         quant.qlinear(torch.zeros(1, 10), qw)
 
 
+def pdl_stand_ins(monkeypatch, *modules) -> None:
+    """The PDL branch of the one-row kernels in Triton's interpreter: the two grid-control calls as no-ops,
+    and `modules`' launches asking for PDL."""
+    import triton.language as tl
+
+    monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
+    monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
+    for module in modules:
+        monkeypatch.setattr(module, "pdl_options", lambda device, rows=1: {"PDL": True})
+
+
 # ---- int4 in columns of words (quant.Int4Columns) --------------------------------------------------
 
 
@@ -327,11 +338,7 @@ def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epil
     if pdl and torch.cuda.is_available():
         pytest.skip("the interpreter's stand-ins; a GPU runs the real launch")
     if pdl:
-        import triton.language as tl
-
-        monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
-        monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
-        monkeypatch.setattr(quant_kernels, "pdl_options", lambda device, rows=1: {"PDL": True})
+        pdl_stand_ins(monkeypatch, quant_kernels)
     generator = torch.Generator().manual_seed(n * k)
     qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)
     cw = quant.int4columns(qw)
@@ -803,12 +810,7 @@ def test_int4_scales_that_do_not_fit_the_stored_group_size_are_refused(tiny_vicu
 def test_one_row_kernels_with_dependent_launch_branches(n, k, monkeypatch):
     """The PDL code path of matvec / qmatvec (first weight tile read before gdc_wait, the loop taking it at
     its first step) gives the same sums; the interpreter runs it with the two grid-control calls as no-ops."""
-    import triton.language as tl
-
-    monkeypatch.setattr(tl.extra.cuda, "gdc_wait", lambda: None, raising=False)
-    monkeypatch.setattr(tl.extra.cuda, "gdc_launch_dependents", lambda: None, raising=False)
-    for module in (kernels, quant_kernels):
-        monkeypatch.setattr(module, "pdl_options", lambda device, rows=1: {"PDL": True})
+    pdl_stand_ins(monkeypatch, kernels, quant_kernels)
     generator = torch.Generator().manual_seed(n + k)
     w = weight(n, k)
     x = torch.randn(1, k, generator=generator).half()
