@@ -215,16 +215,14 @@ def main() -> None:
                     for run in runs
                     for pdl in args.pdl
                     for attention in args.attention
-                    for quant_input in (
-                        args.quant_input if run[0] and run[1] not in ("tinygemm", "columns") else ["separate"]
-                    )
+                    for quant_input in (args.quant_input if run[0] and run[1] not in OWN_LAYOUTS else ["separate"])
                 ]
                 for bits, one_row, float_rows, pdl, attention, quant_input in runs:
                     attention_kernels.ATTENTION = os.environ["VICUNAFLOW_ATTENTION"] = attention
                     kernels.PDL = pdl == "on"
                     os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
                     quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = (
-                        "matvec" if one_row in ("tinygemm", "columns") else one_row
+                        "matvec" if one_row in OWN_LAYOUTS else one_row
                     )
                     kernels.FLOAT_ROWS = os.environ["VICUNAFLOW_FLOAT_ROWS"] = float_rows
                     quant_kernels.INPUT = os.environ["VICUNAFLOW_QUANT_INPUT"] = quant_input
@@ -232,7 +230,7 @@ def main() -> None:
                     model_dtype = torch.bfloat16 if tinygemm else dtype  # tinygemm multiplies bfloat16 only
                     model = make_model(
                         model_args, args.device, model_dtype, num_gpus, all_reduce, bits=bits,
-                        int4_kernel=one_row if one_row in ("tinygemm", "columns") else "triton",
+                        int4_kernel=one_row if one_row in OWN_LAYOUTS else "triton",
                     )  # fmt: skip
                     try:
                         tags = {"num_gpus": num_gpus, "all_reduce": getattr(model.comm, "mode", "none")}
@@ -343,11 +341,14 @@ def make_model(
     return model
 
 
+OWN_LAYOUTS = ("tinygemm", "columns")  # int4 runs with a weight layout (and load_model int4_kernel) of their own
+
+
 def quant_one_rows_int4(args) -> list[str]:
     """The int4 runs: "tinygemm" (torch's kernel, CUDA), "columns" (quant.Int4Columns) and/or quant_kernels'
     one-row choices on the stored layout."""
     kernels = [k for k in args.int4_kernel if k != "tinygemm" or args.device == "cuda"] or ["triton"]
-    return [one_row for k in kernels for one_row in ([k] if k in ("tinygemm", "columns") else args.quant_one_row)]
+    return [one_row for k in kernels for one_row in ([k] if k in OWN_LAYOUTS else args.quant_one_row)]
 
 
 def tags_dtype(dtype: torch.dtype) -> str:
