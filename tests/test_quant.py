@@ -331,14 +331,23 @@ def test_int4_kernel_follows_the_use_unless_the_environment_names_one(monkeypatc
 
 
 @pytest.mark.parametrize(("n", "k", "group_size", "dtype", "epilogue"), COLUMN_CASES)
-@pytest.mark.parametrize("pdl", [False, True])
-def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, monkeypatch):
+@pytest.mark.parametrize(("pdl", "split_rows"), [(False, None), (True, None), (False, 8)])
+def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, split_rows, monkeypatch):
     """One row through quant_kernels.qmatvec_columns: the code moved into 1.0's mantissa (f = 1 + c / 16), the
-    sums in float32; with PDL, the first tile read before the wait (stand-ins in the interpreter)."""
+    sums in float32; with PDL, the first tile read before the wait (stand-ins in the interpreter). split_rows 8:
+    K split into programs of 64 columns (a short last one where K is not a multiple), summed by each output
+    tile's last program, which leaves the counters at zero for the next launch."""
     if pdl and torch.cuda.is_available():
         pytest.skip("the interpreter's stand-ins; a GPU runs the real launch")
     if pdl:
         pdl_stand_ins(monkeypatch, quant_kernels)
+    if split_rows:
+        import triton
+
+        from vicunaflow import quant_matmul_kernels
+
+        tile = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8, "SPLIT_ROWS": split_rows}, num_warps=1)
+        monkeypatch.setattr(quant_matmul_kernels.int4_columns_kernel, "configs", [tile])
     generator = torch.Generator().manual_seed(n * k)
     qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)
     cw = quant.int4columns(qw)
@@ -363,6 +372,7 @@ def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epil
                          matvec=True) is buffer  # fmt: skip
     expected = reference(source, qw, None, swiglu)
     assert torch.allclose(buffer.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    assert not cw.counters.any()
 
 
 @pytest.mark.parametrize(

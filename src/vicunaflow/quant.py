@@ -351,7 +351,8 @@ class Int4Columns(nn.Module):
 
     words: int32 [K / 8, N]: word (i, n) holds columns 8i..8i+7 of output n, column 8i + j in bits 4j..4j+3
     (a QuantWeight's bytes of one row, read as int32, transposed). scales, zeros: float16 [K / G, N].
-    Why: see qmatvec_columns. Same bytes as the QuantWeight.
+    counters: int32 zeros, one per 8 outputs, for the kernel's split over K (its last program of an output
+    tile resets its count). Why: see qmatvec_columns. Same bytes as the QuantWeight.
     """
 
     bits = 4
@@ -362,6 +363,8 @@ class Int4Columns(nn.Module):
         self.register_buffer("words", words)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+        counters = torch.zeros(-(-self.shape[0] // 8), dtype=torch.int32, device=words.device)
+        self.register_buffer("counters", counters, persistent=False)
 
     @property
     def device(self) -> torch.device:

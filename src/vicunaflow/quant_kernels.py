@@ -315,7 +315,8 @@ def qmatvec_columns(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """out = x @ W.T (+ residual) for one row, W = cw (a quant.Int4Columns) decoded on the fly; qmatvec's
-    contract (norm and swiglu through kernels.rows_input first).
+    contract, with RMSNorm and SiLU·up computed inside the kernel (in float32; a kernel of their own before
+    each product was 3 of 9 launches a layer).
 
     Why a layout of its own: with words [K / 8, N] a thread's 16-byte load holds one word (8 columns) of
     4 outputs, so each input value it loads serves 4 outputs, and a code becomes a float in three
@@ -324,27 +325,32 @@ def qmatvec_columns(
     """
     n, k = cw.shape
     out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
-    if swiglu or norm is not None:
-        x = plain_product_input(x, norm, eps, swiglu)
     if not (x.is_contiguous() and (residual is None or residual.is_contiguous())):
         raise ValueError("qmatvec_columns: input and residual must be contiguous")
-    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
-    res = residual if residual is not None else out
     from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
 
-    quant_matmul_kernels.int4_columns_kernel[grid](
-        x, cw.words, cw.scales, cw.zeros, res, out, ONE_BITS, n, k, cw.group_size,
-        HAS_RESIDUAL=residual is not None, PREFETCH=COLUMN_LOADS != "plain", SPLIT_X=COLUMN_LOADS == "prefetch-split",
+    kernel = quant_matmul_kernels.int4_columns_kernel
+    tiles = [(config.kwargs["BLOCK_N"], config.kwargs["SPLIT_ROWS"]) for config in kernel.configs]
+    if any(config.kwargs["SPLIT_ROWS"] % config.kwargs["BLOCK_W"] for config in kernel.configs):
+        raise ValueError(f"qmatvec_columns: a tile's SPLIT_ROWS is not a multiple of its BLOCK_W: {kernel.configs}")
+    if -(-n // min(block for block, _ in tiles)) > cw.counters.numel():
+        raise ValueError(f"qmatvec_columns: {cw.counters.numel()} counters for {n} outputs in tiles of {tiles}")
+    splits = -(-(k // 8) // min(rows for _, rows in tiles))
+    partial = torch.empty(splits * (n + cw.counters.numel()), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 8) // meta["SPLIT_ROWS"]))  # noqa: E731
+    kernel[grid](
+        x, cw.words, cw.scales, cw.zeros, residual if residual is not None else out, out,
+        norm if norm is not None else x, partial, cw.counters, eps, ONE_BITS, n, k, cw.group_size,
+        SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, PREFETCH=COLUMN_LOADS == "prefetch",
         **pdl_options(x.device),
     )  # fmt: skip
     return out
 
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed as an argument: in a register, `& mask | one` is a single LOP3
-# How qmatvec_columns reads its tiles: "plain" (each tile's loads when its decoding starts, the inputs as 8
-# strided loads), "prefetch" (the next tile's words, scales and zeros issued before this one is decoded)
-# or "prefetch-split" (the inputs too, as one [BLOCK_W, 8] load split in registers).
-COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch-split")
+# How qmatvec_columns reads its tiles: "prefetch" (the next tile's words, scales, zeros and inputs issued
+# before this one is decoded) or "plain" (each tile's loads when its decoding starts).
+COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch")
 
 
 # ---- a few rows at once: batched decode steps -----------------------------------------------------

@@ -21,17 +21,20 @@ MATMUL_TILES = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (64, 128
 
 int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATMUL_TILES]
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
-# (BLOCK_N, BLOCK_W, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8 columns each) a
-# step. A thread holds 4 outputs (one 16-byte load of words) for each of its word rows.
-COLUMN_TILES = [(16, 64, 4, 1), (16, 128, 4, 1), (32, 64, 4, 1), (32, 128, 8, 1), (64, 32, 4, 1), (16, 64, 4, 2)]
+# (BLOCK_N, BLOCK_W, SPLIT_ROWS, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8
+# columns each) a step, SPLIT_ROWS word rows (8 * SPLIT_ROWS columns of K) a program. A thread holds 4
+# outputs (one 16-byte load of words) for each of its word rows. One tile, not autotuned: timed alone
+# (L2 flushed), the autotuner's picks ran 7% slower in the decode step's graph than this one, which was
+# within 4% of the best tile per product there (bench/sweep_int4_columns.py, 7B, H200).
+COLUMN_TILES = [(32, 32, 128, 4, 1)]
 column_configs = [
-    triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
-    for n, w, warps, stages in COLUMN_TILES
+    triton.Config({"BLOCK_N": n, "BLOCK_W": w, "SPLIT_ROWS": rows}, num_warps=warps, num_stages=stages)
+    for n, w, rows, warps, stages in COLUMN_TILES
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
     int4_configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32}, num_warps=1)]
+    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 32}, num_warps=1)]
 
 
 @triton.jit
@@ -194,32 +197,45 @@ def int4_matmul_kernel(
 
 
 @triton.jit
-def words_tile(w_ptr, rows, outputs, output_ok, N, KW):
-    """One step's words [BLOCK_W, BLOCK_N] (masked: the loop reads one tile past the last)."""
+def words_tile(w_ptr, rows, outputs, output_ok, N, row_end):
+    """One step's words [BLOCK_W, BLOCK_N] (masked past the split: the loop reads one tile ahead)."""
     return tl.load(
-        w_ptr + rows[:, None] * N + outputs[None, :], mask=(rows < KW)[:, None] & output_ok[None, :], other=0
+        w_ptr + rows[:, None] * N + outputs[None, :], mask=(rows < row_end)[:, None] & output_ok[None, :], other=0
     )
 
 
 @triton.jit
-def groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
+def groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, row_end, WG):
     """The scales and zeros of those words' groups, [BLOCK_W, BLOCK_N] each."""
-    ok = (rows < KW)[:, None] & output_ok[None, :]
+    ok = (rows < row_end)[:, None] & output_ok[None, :]
     group_ptrs = (rows // WG)[:, None] * N + outputs[None, :]
     return tl.load(scale_ptr + group_ptrs, mask=ok, other=0.0), tl.load(zero_ptr + group_ptrs, mask=ok, other=0.0)
 
 
 @triton.jit
-def columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG):
+def columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, row_end, WG):
     """One step's words and their groups' scales and zeros."""
-    scale, zero = groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, KW, WG)
-    return words_tile(w_ptr, rows, outputs, output_ok, N, KW), scale, zero
+    scale, zero = groups_tile(scale_ptr, zero_ptr, rows, outputs, output_ok, N, row_end, WG)
+    return words_tile(w_ptr, rows, outputs, output_ok, N, row_end), scale, zero
 
 
 @triton.jit
-def x_tile(x_ptr, rows, KW):
-    """The inputs of word rows `rows`: [BLOCK_W, 8], one 16-byte load a row (SPLIT_X)."""
-    return tl.load(x_ptr + rows[:, None] * 8 + tl.arange(0, 8)[None, :], mask=(rows < KW)[:, None], other=0.0)
+def words_input(x_ptr, norm_ptr, rows, row_end, K: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr):
+    """The inputs of word rows `rows`, [BLOCK_W, 8] in float32 (a row is one 16-byte load of float16 x), and
+    their squares summed a row ([BLOCK_W], NORM's). x, silu(gate) * up, or x * norm weight for RMSNorm, whose
+    1 / rms multiplies the sums at the end (input_tile says why)."""
+    columns = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+    ok = (rows < row_end)[:, None]
+    x = tl.load(x_ptr + columns, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        squares = tl.sum(x * x, axis=1)
+        x = x * tl.load(norm_ptr + columns, mask=ok, other=0.0).to(tl.float32)
+    else:
+        squares = tl.zeros_like(rows).to(tl.float32)
+    if SWIGLU:
+        up = tl.load(x_ptr + K + columns, mask=ok, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * up
+    return x, squares
 
 
 @triton.jit
@@ -230,69 +246,83 @@ def code_float(words, SHIFT: tl.constexpr, one):
     return ((moved & 0x00780000) | one).to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=column_configs, key=["N", "K", "G", "PDL", "PREFETCH", "SPLIT_X"])
+@triton.jit
+def columns_output(y, squares, outputs, output_ok, residual_ptr, out_ptr, eps, K, NORM, HAS_RESIDUAL):
+    """Store an output tile's sums [BLOCK_N]: times RMSNorm's 1 / rms (NORM; squares: sum x^2), + residual."""
+    if NORM:
+        y = y / tl.sqrt(squares / K + eps)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + outputs, mask=output_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + outputs, y.to(out_ptr.dtype.element_ty), mask=output_ok)
+
+
+@triton.autotune(configs=column_configs, key=["N", "K", "G", "SWIGLU", "NORM", "HAS_RESIDUAL", "PDL", "PREFETCH"])
 @triton.jit
 def int4_columns_kernel(
-    x_ptr,  # [K]
+    x_ptr,  # [K], or [2K] gate | up (SWIGLU)
     w_ptr,  # int32 [K // 8, N]: word (i, n) holds columns 8i..8i+7 of output n, column 8i + j in bits 4j..4j+3
     scale_ptr,  # float16 [NG, N]
     zero_ptr,  # float16 [NG, N]: w = q * scale + zero
     residual_ptr,
     out_ptr,
+    norm_ptr,  # [K] RMSNorm weight (NORM)
+    partial_ptr,  # float32 [SPLITS, N] each split's sums, then [SPLITS, TILES] its squares (SPLITS > 1)
+    counter_ptr,  # int32 [TILES] zeros: an output tile's splits done (the last one resets it)
+    eps,
     one,  # ONE_BITS
     N: tl.constexpr,
     K: tl.constexpr,  # a multiple of 8
     G: tl.constexpr,  # group size, a multiple of 8
+    SWIGLU: tl.constexpr,
+    NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # the next tile's loads issued before this one is decoded
-    SPLIT_X: tl.constexpr,  # inputs as one [BLOCK_W, 8] load split into columns, else 8 strided loads
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,  # word rows a program sums (a multiple of BLOCK_W): the split over K
 ):
     # f = 1 + c / 16 (code_float) times x is exact in float32 (5 and 11 significant bits). Per word and
     # output: t = sum_j f_j x_j - sum_j x_j = sum_j c_j x_j / 16; per group, sum w x = scale * sum c x +
     # zero * sum x = 16 (scale * t + zero * sum x / 16), summed over words.
+    # Programs: (output tile, split of K). A product's 128-512 output tiles alone leave an H200's SMs a
+    # program or two each, too few loads in flight; each split writes its sums to partial_ptr and the
+    # tile's last program adds them up in split order (the same bytes whichever program is last).
     KW: tl.constexpr = K // 8
     WG: tl.constexpr = G // 8  # words a group
-    outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    SPLITS: tl.constexpr = (KW + SPLIT_ROWS - 1) // SPLIT_ROWS
+    TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    tile, split = tl.program_id(0), tl.program_id(1)
+    outputs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     output_ok = outputs < N
-    word_rows = tl.arange(0, BLOCK_W)
+    first_row = split * SPLIT_ROWS
+    row_end = tl.minimum(first_row + SPLIT_ROWS, KW)
+    word_rows = first_row + tl.arange(0, BLOCK_W)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    words = words_tile(w_ptr, word_rows, outputs, output_ok, N, KW)
+    words = words_tile(w_ptr, word_rows, outputs, output_ok, N, row_end)
     if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
         tl.extra.cuda.gdc_wait()
-    scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, KW, WG)
-    if SPLIT_X:
-        x = x_tile(x_ptr, word_rows, KW)
+    scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, row_end, WG)
+    x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-    for start in range(0, KW, BLOCK_W):
-        rows = start + word_rows
+    square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for start in range(0, SPLIT_ROWS, BLOCK_W):
+        rows = word_rows + start
         if PREFETCH:  # Triton's pipeliner leaves loads that feed no tl.dot in program order
             next_words, next_scale, next_zero = columns_tile(
-                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, KW, WG
+                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
             )
-            if SPLIT_X:
-                next_x = x_tile(x_ptr, rows + BLOCK_W, KW)
-        if SPLIT_X:  # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
-            x_c0, x_c1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_W, 2, 2, 2)))
-            x_c0b0, x_c0b1 = tl.split(x_c0)
-            x_c1b0, x_c1b1 = tl.split(x_c1)
-            x0, x4 = tl.split(x_c0b0)
-            x2, x6 = tl.split(x_c0b1)
-            x1, x5 = tl.split(x_c1b0)
-            x3, x7 = tl.split(x_c1b1)
-        else:
-            row_ok = rows < KW
-            x0 = tl.load(x_ptr + rows * 8, mask=row_ok, other=0.0).to(tl.float32)
-            x1 = tl.load(x_ptr + rows * 8 + 1, mask=row_ok, other=0.0).to(tl.float32)
-            x2 = tl.load(x_ptr + rows * 8 + 2, mask=row_ok, other=0.0).to(tl.float32)
-            x3 = tl.load(x_ptr + rows * 8 + 3, mask=row_ok, other=0.0).to(tl.float32)
-            x4 = tl.load(x_ptr + rows * 8 + 4, mask=row_ok, other=0.0).to(tl.float32)
-            x5 = tl.load(x_ptr + rows * 8 + 5, mask=row_ok, other=0.0).to(tl.float32)
-            x6 = tl.load(x_ptr + rows * 8 + 6, mask=row_ok, other=0.0).to(tl.float32)
-            x7 = tl.load(x_ptr + rows * 8 + 7, mask=row_ok, other=0.0).to(tl.float32)
+            next_x, next_squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+        square_sums += squares
+        # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
+        x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
+        x_c0b0, x_c0b1 = tl.split(x_c0)
+        x_c1b0, x_c1b1 = tl.split(x_c1)
+        x0, x4 = tl.split(x_c0b0)
+        x2, x6 = tl.split(x_c0b1)
+        x1, x5 = tl.split(x_c1b0)
+        x3, x7 = tl.split(x_c1b1)
         x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
         total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
         total += code_float(words, 0, one) * x0[:, None]
@@ -305,17 +335,32 @@ def int4_columns_kernel(
         total += code_float(words, 28, one) * x7[:, None]
         acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
         if PREFETCH:
-            words, scale, zero = next_words, next_scale, next_zero
-            if SPLIT_X:
-                x = next_x
+            words, scale, zero, x, squares = next_words, next_scale, next_zero, next_x, next_squares
         else:
-            words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, KW, WG)
-            if SPLIT_X:
-                x = x_tile(x_ptr, rows + BLOCK_W, KW)
-    y = tl.sum(acc, axis=0) * 16.0
-    if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + outputs, mask=output_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + outputs, y.to(out_ptr.dtype.element_ty), mask=output_ok)
+            words, scale, zero = columns_tile(
+                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
+            )
+            x, squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+    y = tl.sum(acc, axis=0) * 16.0  # [BLOCK_N]
+    square_sum = tl.sum(square_sums, axis=0)
+    if SPLITS == 1:
+        columns_output(y, square_sum, outputs, output_ok, residual_ptr, out_ptr, eps, K, NORM, HAS_RESIDUAL)
+    else:
+        tl.store(partial_ptr + split * N + outputs, y, mask=output_ok)
+        if NORM:
+            tl.store(partial_ptr + SPLITS * N + split * TILES + tile, square_sum)
+        tl.debug_barrier()  # every thread's stores above happen before this program is counted
+        done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")  # splits done before this one
+        if done == SPLITS - 1:  # the last: the other splits' sums are in
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            tl.debug_barrier()
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            square_sum = 0.0
+            for s in range(SPLITS):
+                y += tl.load(partial_ptr + s * N + outputs, mask=output_ok, other=0.0, cache_modifier=".cg")
+                if NORM:
+                    square_sum += tl.load(partial_ptr + SPLITS * N + s * TILES + tile, cache_modifier=".cg")
+            columns_output(y, square_sum, outputs, output_ok, residual_ptr, out_ptr, eps, K, NORM, HAS_RESIDUAL)
 
 
 @triton.jit
