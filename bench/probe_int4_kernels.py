@@ -8,14 +8,12 @@ the three side by side on the 7B shapes (L2 flushed between runs by triton.testi
 tinygemm against our dequantized weights, so a decision to adopt it rests on numbers:
 
     PYTHONPATH=src python bench/probe_int4_kernels.py results/int4_kernels_probe_h200.json
-    PYTHONPATH=src python bench/probe_int4_kernels.py results/int4_columns_probe2_h200.json --columns-grid
 
-The columns kernel (quant.Int4Columns, quant_kernels.qmatvec_columns) is timed by its own autotuner (each
-tile with triton.testing.do_bench, L2 flushed; `columns_config_us`, the best as `columns_best_us`): the
-probe's own timer goes through the Python launch path, which costs more than these kernels take. With
---columns-grid the autotuner tries 22 tiles instead of quant_matmul_kernels.COLUMN_TILES. Also timed: the
-columns layout's prefill decode (quant.decode_columns) against the stored layout's dequantize, and
-8-row products (qmatmul on both layouts, tinygemm).
+The columns kernel (quant.Int4Columns, quant_kernels.qmatvec_columns) is checked here, not timed: this
+probe's timer goes through the Python launch path, which costs more than these kernels take, and
+bench/sweep_int4_columns.py times its tiles where they run, in a CUDA graph. Timed: the columns layout's
+prefill decode (quant.decode_columns) against the stored layout's dequantize, and 8-row products
+(qmatmul on both layouts, tinygemm).
 
 tinygemm's convention is w = (q - 8) * scale + zero with bfloat16 scales and zeros [K / G, N, 2] and two
 codes a byte (even column in the high nibble); ours is w = q * scale + zero (float16), even column low,
@@ -24,7 +22,6 @@ so the probe repacks: zero' = zero + 8 * scale.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 
@@ -56,24 +53,10 @@ def time_us(fn, *args, warmup: int = 50, rep: int = 200) -> float:
     return 1000 * triton.testing.do_bench(lambda: fn(*args), warmup=warmup, rep=rep)
 
 
-COLUMNS_GRID = [
-    (n, w, warps, stages)
-    for n, w, warps, stages in itertools.product((16, 32, 64), (32, 64, 128, 256), (4, 8), (1, 2))
-    if 1024 <= n * w <= 8192
-]
-
-
 def columns_rows(qw: quant.QuantWeight, x: torch.Tensor, reference: torch.Tensor, scale: float) -> dict:
-    """The columns kernel on one shape: error, each autotuned tile's time, the prefill decode, 8 rows."""
-    from vicunaflow import quant_matmul_kernels
-
+    """The columns kernel on one shape: its error, the prefill decode, 8 rows."""
     cw = quant.int4columns(qw)
     row = {"columns_error": float((quant_kernels.qmatvec_columns(x, cw).float() - reference).abs().max()) / scale}
-    tuner = quant_matmul_kernels.int4_columns_kernel
-    timings = {str(config): 1000 * float(t[0]) for config, t in getattr(tuner, "configs_timings", {}).items()}
-    row["columns_config_us"] = timings
-    row["columns_best"] = str(tuner.best_config)
-    row["columns_best_us"] = min(timings.values()) if timings else None
     row["decode_columns_us"] = time_us(quant.decode_columns, cw, torch.float16)
     row["dequantize_stored_us"] = time_us(qw.dequantize, torch.float16)
     x8 = torch.randn(8, x.shape[1], device="cuda").half()
@@ -85,14 +68,6 @@ def columns_rows(qw: quant.QuantWeight, x: torch.Tensor, reference: torch.Tensor
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("probe_int4_kernels needs a GPU")
-    if "--columns-grid" in sys.argv:
-        from vicunaflow import quant_matmul_kernels
-
-        sys.argv.remove("--columns-grid")
-        quant_matmul_kernels.int4_columns_kernel.configs = [
-            triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=warps, num_stages=stages)
-            for n, w, warps, stages in COLUMNS_GRID
-        ]  # the autotuner's candidates
     torch.manual_seed(0)
     results = {}
     for n, k in SHAPES:
@@ -121,16 +96,7 @@ def main() -> None:
         except Exception as err:  # an older torch, or a GPU tinygemm does not build for
             row["tinygemm_error_message"] = repr(err)[:300]
         results[f"{n}x{k}"] = row
-        print(
-            n,
-            k,
-            {
-                key: round(value, 4) if isinstance(value, float) else value
-                for key, value in row.items()
-                if key != "columns_config_us"
-            },
-            flush=True,
-        )
+        print(n, k, {key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()})
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)

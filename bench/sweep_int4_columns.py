@@ -5,7 +5,7 @@ each other with programmatic dependent launch, and the tile it picked that way l
 to 447 tokens/s (7B, H200, docs/benchmarks.md "int4, ninth session"). This sweep captures, per 7B product
 and per tile, a graph of `--layers` launches on distinct weights (the step's products with their
 epilogues: RMSNorm into q|k|v and gate|up, SiLU·up into down, the residual into o and down), and times
-its replay; tinygemm (Int4Packed) and the float16 matvec run the same graph for scale. Needs a CUDA GPU:
+its replays (the best of 5); tinygemm (Int4Packed) and the float16 matvec run the same graph for scale. Needs a CUDA GPU:
 
     PYTHONPATH=src python bench/sweep_int4_columns.py bench/results/int4_columns_sweep_h200.json
 """
@@ -21,6 +21,7 @@ import time
 import torch
 import triton
 from bench_chat import decode_products
+from sweep_matmul_rows import graph_time_us
 
 from vicunaflow import kernels, quant, quant_kernels
 from vicunaflow.formats import ffn_hidden_dim
@@ -31,30 +32,8 @@ TILES = [(32, 16, 2), (64, 16, 2), (64, 16, 4), (32, 32, 4), (128, 16, 4), (64, 
 SPLIT_ROWS = [64, 128, 256]
 
 
-def replay_us(step, replays: int) -> float:
-    """µs of one replay of a graph capturing step() (median of `replays`)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile and autotune outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.inference_mode()
-def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int, replays: int) -> dict:
+def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int) -> dict:
     """One product's graph time per launch: every columns tile, tinygemm, the float16 matvec."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(layers)]
     stored = [quant.quantize(w, 4, 128) for w in weights]
@@ -65,10 +44,10 @@ def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int,
     residual = torch.randn(1, n, device="cuda", dtype=torch.float16) if has_residual else None
     outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(layers)]
 
-    def step(product, layer_weights):
-        return lambda: [
-            product(x, w, residual, swiglu, out=o, norm=norm) for w, o in zip(layer_weights, outs, strict=True)
-        ]
+    def timed(product, layer_weights) -> float:
+        """µs a launch of product in a graph of one launch per layer."""
+        launch = lambda w, out: product(x, w, residual, swiglu, out=out, norm=norm)  # noqa: E731
+        return graph_time_us(launch, layer_weights, outs, layers)
 
     # the first layer's product through the dequantized weight in float32 (qlinear's plain path)
     reference = quant.qlinear(
@@ -77,22 +56,21 @@ def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int,
     )  # fmt: skip
     scale = float(reference.abs().max())
     row = {"n": n, "k": k, "int4_mb": columns[0].nbytes / 1e6, "tiles": {}}
-    row["float16_us"] = replay_us(step(kernels.matvec, weights), replays) / layers
-    row["tinygemm_us"] = replay_us(step(quant.qlinear, packed), replays) / layers
+    row["float16_us"] = timed(kernels.matvec, weights)
+    row["tinygemm_us"] = timed(quant.qlinear, packed)
     from vicunaflow import quant_matmul_kernels
 
     tuner = quant_matmul_kernels.int4_columns_kernel
-    autotuned = tuner.configs
+    configured = tuner.configs
+    row["configured_us"] = timed(quant_kernels.qmatvec_columns, columns)
+    row["configured"] = [str(config) for config in configured]
     for (block_n, block_w, warps), split_rows in itertools.product(TILES, SPLIT_ROWS):
         tile = {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_ROWS": split_rows}
         tuner.configs = [triton.Config(tile, num_warps=warps, num_stages=1)]  # one config: no autotuning
-        us = replay_us(step(quant_kernels.qmatvec_columns, columns), replays) / layers
-        row["tiles"][f"{block_n}x{block_w}/{split_rows} w{warps}"] = us
+        row["tiles"][f"{block_n}x{block_w}/{split_rows} w{warps}"] = timed(quant_kernels.qmatvec_columns, columns)
         error = float((outs[0].float() - reference).abs().max()) / scale
         row["columns_error"] = max(row.get("columns_error", 0.0), error)
-    tuner.configs = autotuned
-    row["autotuned_us"] = replay_us(step(quant_kernels.qmatvec_columns, columns), replays) / layers
-    row["autotuned_best"] = str(tuner.best_config)
+    tuner.configs = configured
     best = min(row["tiles"], key=row["tiles"].get)
     row["best"], row["best_us"] = best, row["tiles"][best]
     row["best_tb_s"] = columns[0].nbytes / row["best_us"] / 1e6
@@ -104,7 +82,6 @@ def main() -> None:
     parser.add_argument("output", nargs="?")
     parser.add_argument("--size", default="7b")
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--replays", type=int, default=30)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_int4_columns needs a GPU")
@@ -116,7 +93,7 @@ def main() -> None:
         :4
     ]:
         started = time.perf_counter()
-        row = sweep_product(n, k, swiglu, has_residual, args.layers, args.replays)
+        row = sweep_product(n, k, swiglu, has_residual, args.layers)
         row["seconds"] = time.perf_counter() - started
         results["products"][name] = row
         ranked = sorted(row["tiles"].items(), key=lambda item: item[1])[:5]

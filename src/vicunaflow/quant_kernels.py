@@ -336,21 +336,29 @@ def qmatvec_columns(
     if -(-n // min(block for block, _ in tiles)) > cw.counters.numel():
         raise ValueError(f"qmatvec_columns: {cw.counters.numel()} counters for {n} outputs in tiles of {tiles}")
     splits = -(-(k // 8) // min(rows for _, rows in tiles))
+    model_dtype = norm.dtype if norm is not None else x.dtype  # x may be tensor parallelism's float32 sums
+    half2 = COLUMN_MATH == "half2" and model_dtype != torch.float32
     partial = torch.empty(splits * (n + cw.counters.numel()), dtype=torch.float32, device=x.device)
     grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 8) // meta["SPLIT_ROWS"]))  # noqa: E731
     kernel[grid](
         x, cw.words, cw.scales, cw.zeros, residual if residual is not None else out, out,
-        norm if norm is not None else x, partial, cw.counters, eps, ONE_BITS, n, k, cw.group_size,
+        norm if norm is not None else x, partial, cw.counters, eps, ONE_BITS, HALF2_BITS, CODE_PAIR_BITS, n, k,
+        cw.group_size,
         SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, PREFETCH=COLUMN_LOADS == "prefetch",
+        HALF2=half2, ASM=x.device.type == "cuda",
         **pdl_options(x.device),
     )  # fmt: skip
     return out
 
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed as an argument: in a register, `& mask | one` is a single LOP3
+HALF2_BITS, CODE_PAIR_BITS = 0x64006400, 0x000F000F  # float16 1024 twice, codes j and j + 4 (HALF2 products)
 # How qmatvec_columns reads its tiles: "prefetch" (the next tile's words, scales, zeros and inputs issued
 # before this one is decoded) or "plain" (each tile's loads when its decoding starts).
 COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch")
+# How it multiplies: "half2" (each word's 8 products in float16 pairs, then float32; float32 models and
+# outputs keep float32) or "float32" (every product in float32, exactly).
+COLUMN_MATH = os.environ.get("VICUNAFLOW_COLUMN_MATH", "half2")
 
 
 # ---- a few rows at once: batched decode steps -----------------------------------------------------

@@ -22,11 +22,12 @@ MATMUL_TILES = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (64, 128
 int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATMUL_TILES]
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
 # (BLOCK_N, BLOCK_W, SPLIT_ROWS, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8
-# columns each) a step, SPLIT_ROWS word rows (8 * SPLIT_ROWS columns of K) a program. A thread holds 4
-# outputs (one 16-byte load of words) for each of its word rows. One tile, not autotuned: timed alone
-# (L2 flushed), the autotuner's picks ran 7% slower in the decode step's graph than this one, which was
-# within 4% of the best tile per product there (bench/sweep_int4_columns.py, 7B, H200).
-COLUMN_TILES = [(32, 32, 128, 4, 1)]
+# columns each) a step, SPLIT_ROWS word rows (8 * SPLIT_ROWS columns of K) a program; a thread's 16-byte
+# loads each hold one word of 4 outputs. One tile, not autotuned: the autotuner
+# times tiles alone (L2 flushed), and its picks ran 7% slower in the decode step's CUDA graph than the
+# best single tile there; this one was within 4% of the best tile per product in the graph
+# (bench/sweep_int4_columns.py, 7B, H200: bench/results/int4_columns_sweep_half2_h200.json).
+COLUMN_TILES = [(64, 16, 64, 2, 1)]
 column_configs = [
     triton.Config({"BLOCK_N": n, "BLOCK_W": w, "SPLIT_ROWS": rows}, num_warps=warps, num_stages=stages)
     for n, w, rows, warps, stages in COLUMN_TILES
@@ -246,6 +247,108 @@ def code_float(words, SHIFT: tl.constexpr, one):
     return ((moved & 0x00780000) | one).to(tl.float32, bitcast=True)
 
 
+# One word's sum_j c_j x_j in float16 pairs (HALF2): the codes j and j + 4 of a word sit at bits 4j and 16 + 4j,
+# so one LOP3 with code_bits 0x000f000f and half_bits 0x64006400 (float16 1024, twice) gives the pair
+# (1024 + c_j, 1024 + c_j+4) of float16s, and a subtraction gives the codes exactly. Four HFMA2 then take
+# x's pairs (x_j, x_j+4), and the two halves add in float32: 18 instructions for 8 weights, against about
+# 35 in float32. $1: the word, $2..$5: the input pairs, $6: half_bits, $7: code_bits (kernel arguments,
+# so they stay in registers).
+WORD_SUMS_PTX = tl.constexpr("""{
+.reg .b32 t, h0, h1, h2, h3, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 h0, $1, $7, $6, 0xea;
+shr.u32 t, $1, 4;
+lop3.b32 h1, t, $7, $6, 0xea;
+shr.u32 t, $1, 8;
+lop3.b32 h2, t, $7, $6, 0xea;
+shr.u32 t, $1, 12;
+lop3.b32 h3, t, $7, $6, 0xea;
+sub.f16x2 h0, h0, $6;
+sub.f16x2 h1, h1, $6;
+sub.f16x2 h2, h2, $6;
+sub.f16x2 h3, h3, $6;
+mul.f16x2 acc, h0, $2;
+fma.rn.f16x2 acc, h1, $3, acc;
+fma.rn.f16x2 acc, h2, $4, acc;
+fma.rn.f16x2 acc, h3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+# sum_j x_j of a word row from its four input pairs: three HADD2, then the halves in float32. From the pairs,
+# not from x in float32: the pairs are already in the words' layout, and a sum in x's own layout made the
+# compiler move the whole accumulator between layouts each step (offline SASS, sm_90).
+PAIR_SUMS_PTX = tl.constexpr("""{
+.reg .b32 s;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+add.f16x2 s, $1, $2;
+add.f16x2 s, s, $3;
+add.f16x2 s, s, $4;
+mov.b32 {lo, hi}, s;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+# x into float16 pairs: 60 |x| (four products of codes <= 15) stays below float16's 65504 up to |x| = 280k
+HALF2_INPUT_SCALE = tl.constexpr(2.0**-8)
+
+
+@triton.jit
+def input_pairs(x, BLOCK_W: tl.constexpr):
+    """x [BLOCK_W, 8] as float16 pairs (x_j, x_j+4) in int32s, x_j in the low half: 4 x [BLOCK_W]. Done on the
+    x tile's own layout (a thread a row), before the values spread to every thread of their word rows."""
+    bits = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BLOCK_W, 8]: j = 4a + r
+    low, high = tl.split(tl.permute(tl.reshape(bits, (BLOCK_W, 2, 4)), (0, 2, 1)))  # [BLOCK_W, 4]: j = r, 4 + r
+    pairs = tl.reshape(low | (high << 16), (BLOCK_W, 2, 2))  # r = 2b + c
+    pairs_c0, pairs_c1 = tl.split(pairs)
+    pair0, pair2 = tl.split(pairs_c0)
+    pair1, pair3 = tl.split(pairs_c1)
+    return pair0, pair1, pair2, pair3
+
+
+@triton.jit
+def pair_half(pairs, HIGH: tl.constexpr):
+    """One float16 of each input pair [BLOCK_W] (the interpreter's stand-in for the PTX's registers)."""
+    bits = (pairs >> 16) if HIGH else pairs
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)[:, None]
+
+
+@triton.jit
+def pair_sums(pair0, pair1, pair2, pair3, ASM: tl.constexpr):
+    """sum_j x_j of each word row [BLOCK_W] from its input pairs, added in float16 (PAIR_SUMS_PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            PAIR_SUMS_PTX, "=f,r,r,r,r", [pair0, pair1, pair2, pair3], dtype=tl.float32, is_pure=True, pack=1
+        )
+    low = ((pair_half(pair0, False) + pair_half(pair1, False)) + pair_half(pair2, False)) + pair_half(pair3, False)
+    high = ((pair_half(pair0, True) + pair_half(pair1, True)) + pair_half(pair2, True)) + pair_half(pair3, True)
+    return tl.reshape(low.to(tl.float32) + high.to(tl.float32), (low.shape[0],))
+
+
+@triton.jit
+def word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM: tl.constexpr):
+    """sum_j c_j x_j per word [BLOCK_W, BLOCK_N] in float16 pairs (WORD_SUMS_PTX). Without ASM (Triton's
+    interpreter runs no PTX) the same pairs through Triton's float16 ops."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            WORD_SUMS_PTX, "=f,r,r,r,r,r,r,r",
+            [words, pair0[:, None], pair1[:, None], pair2[:, None], pair3[:, None], half_bits, code_bits],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    low = nibble(words, 0).to(tl.float16) * pair_half(pair0, False)
+    high = nibble(words, 4).to(tl.float16) * pair_half(pair0, True)
+    low += nibble(words, 1).to(tl.float16) * pair_half(pair1, False)
+    high += nibble(words, 5).to(tl.float16) * pair_half(pair1, True)
+    low += nibble(words, 2).to(tl.float16) * pair_half(pair2, False)
+    high += nibble(words, 6).to(tl.float16) * pair_half(pair2, True)
+    low += nibble(words, 3).to(tl.float16) * pair_half(pair3, False)
+    high += nibble(words, 7).to(tl.float16) * pair_half(pair3, True)
+    return low.to(tl.float32) + high.to(tl.float32)
+
+
 @triton.jit
 def columns_output(y, squares, outputs, output_ok, residual_ptr, out_ptr, eps, K, NORM, HAS_RESIDUAL):
     """Store an output tile's sums [BLOCK_N]: times RMSNorm's 1 / rms (NORM; squares: sum x^2), + residual."""
@@ -270,6 +373,8 @@ def int4_columns_kernel(
     counter_ptr,  # int32 [TILES] zeros: an output tile's splits done (the last one resets it)
     eps,
     one,  # ONE_BITS
+    half_bits,  # HALF2_BITS
+    code_bits,  # CODE_PAIR_BITS
     N: tl.constexpr,
     K: tl.constexpr,  # a multiple of 8
     G: tl.constexpr,  # group size, a multiple of 8
@@ -278,6 +383,8 @@ def int4_columns_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # the next tile's loads issued before this one is decoded
+    HALF2: tl.constexpr,  # each word's products in float16 pairs (word_sums_half2), else in float32
+    ASM: tl.constexpr,  # HALF2 through WORD_SUMS_PTX (CUDA), else through Triton's float16 ops (interpreter)
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,  # word rows a program sums (a multiple of BLOCK_W): the split over K
@@ -290,6 +397,7 @@ def int4_columns_kernel(
     # tile's last program adds them up in split order (the same bytes whichever program is last).
     KW: tl.constexpr = K // 8
     WG: tl.constexpr = G // 8  # words a group
+    INPUT_SCALE: tl.constexpr = HALF2_INPUT_SCALE
     SPLITS: tl.constexpr = (KW + SPLIT_ROWS - 1) // SPLIT_ROWS
     TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     tile, split = tl.program_id(0), tl.program_id(1)
@@ -315,25 +423,31 @@ def int4_columns_kernel(
             )
             next_x, next_squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
         square_sums += squares
-        # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
-        x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
-        x_c0b0, x_c0b1 = tl.split(x_c0)
-        x_c1b0, x_c1b1 = tl.split(x_c1)
-        x0, x4 = tl.split(x_c0b0)
-        x2, x6 = tl.split(x_c0b1)
-        x1, x5 = tl.split(x_c1b0)
-        x3, x7 = tl.split(x_c1b1)
-        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
-        total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
-        total += code_float(words, 0, one) * x0[:, None]
-        total += code_float(words, 4, one) * x1[:, None]
-        total += code_float(words, 8, one) * x2[:, None]
-        total += code_float(words, 12, one) * x3[:, None]
-        total += code_float(words, 16, one) * x4[:, None]
-        total += code_float(words, 20, one) * x5[:, None]
-        total += code_float(words, 24, one) * x6[:, None]
-        total += code_float(words, 28, one) * x7[:, None]
-        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
+        if HALF2:  # x scaled into float16's range: sum c x * s and sum x * s, s = INPUT_SCALE; y divides by s
+            pair0, pair1, pair2, pair3 = input_pairs(x * INPUT_SCALE, BLOCK_W)
+            x_sum = pair_sums(pair0, pair1, pair2, pair3, ASM)  # [BLOCK_W], times INPUT_SCALE
+            total = word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM)
+            acc += scale.to(tl.float32) * total + zero.to(tl.float32) * x_sum[:, None]
+        else:
+            # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
+            x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
+            x_c0b0, x_c0b1 = tl.split(x_c0)
+            x_c1b0, x_c1b1 = tl.split(x_c1)
+            x0, x4 = tl.split(x_c0b0)
+            x2, x6 = tl.split(x_c0b1)
+            x1, x5 = tl.split(x_c1b0)
+            x3, x7 = tl.split(x_c1b1)
+            x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
+            total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
+            total += code_float(words, 0, one) * x0[:, None]
+            total += code_float(words, 4, one) * x1[:, None]
+            total += code_float(words, 8, one) * x2[:, None]
+            total += code_float(words, 12, one) * x3[:, None]
+            total += code_float(words, 16, one) * x4[:, None]
+            total += code_float(words, 20, one) * x5[:, None]
+            total += code_float(words, 24, one) * x6[:, None]
+            total += code_float(words, 28, one) * x7[:, None]
+            acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
         if PREFETCH:
             words, scale, zero, x, squares = next_words, next_scale, next_zero, next_x, next_squares
         else:
@@ -341,7 +455,7 @@ def int4_columns_kernel(
                 w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
             )
             x, squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
-    y = tl.sum(acc, axis=0) * 16.0  # [BLOCK_N]
+    y = tl.sum(acc, axis=0) * (1.0 / INPUT_SCALE if HALF2 else 16.0)  # [BLOCK_N]
     square_sum = tl.sum(square_sums, axis=0)
     if SPLITS == 1:
         columns_output(y, square_sum, outputs, output_ok, residual_ptr, out_ptr, eps, K, NORM, HAS_RESIDUAL)
