@@ -4,6 +4,12 @@ Why: the autotuner only tries a short list (`kernels.TILES`); this shows how far
 best tile and whether deeper pipelining (num_stages) or other tiles would close the gap to the memory
 bandwidth. Each kernel is timed alone with `triton.testing.do_bench` (L2 flushed between runs), next to
 the torch ops it replaces (bench_chat.product_inputs). Needs a CUDA GPU; writes results/matvec_sweep.json.
+
+--graph LAYERS times kernels.TILES where they run instead: `kernels.matvec` pinned to each tile (PDL as
+the engine launches it, RMSNorm into q|k|v, gate|up and lm_head) in a CUDA graph of one launch per layer
+on LAYERS distinct weights, next to the autotuner's own pick in the same graph. Why: the autotuner times
+tiles alone, and for the int4 columns kernel its picks ran 7% slower in the step's graph than the best
+single tile (docs/benchmarks.md, int4, tenth session).
 """
 
 from __future__ import annotations
@@ -59,16 +65,43 @@ def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool) -> dict:
     }
 
 
+@torch.inference_mode()
+def graph_sweep(n: int, k: int, swiglu: bool, has_residual: bool, layers: int) -> dict:
+    """µs a launch of kernels.matvec in a CUDA graph over `layers` weights: each of kernels.TILES, and autotuned."""
+    import triton
+    from sweep_matmul_rows import graph_time_us
+
+    x, _, residual, _ = product_inputs(n, k, swiglu, has_residual, torch.float16)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(layers)]
+    outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(layers)]
+    norm = None if swiglu or has_residual else torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
+    launch = lambda w, out: kernels.matvec(x, w, residual, swiglu, out=out, norm=norm)  # noqa: E731
+    tuner = kernels._kernels()
+    autotuned = tuner.configs
+    result = {"autotuned_us": graph_time_us(launch, weights, outs, layers)}
+    result["autotuned"] = str(tuner.best_config)
+    for block_n, block_k, warps in kernels.TILES:
+        tuner.configs = [triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)]
+        result[f"{block_n}x{block_k} w{warps}"] = graph_time_us(launch, weights, outs, layers)
+    tuner.configs = autotuned
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="7b", help="model shape from vicunaflow.sizes (7b, 13b, ...)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "matvec_sweep.json")
+    parser.add_argument("--graph", type=int, metavar="LAYERS", help="time kernels.TILES in a CUDA graph instead")
     args = parser.parse_args()
     size = get_size(args.size)
     results = {"gpu": torch.cuda.get_device_name(), "size": size.name, "products": {}}
     for name, n, k, swiglu, has_residual in decode_products(
         size.dim, ffn_hidden_dim(size.dim, size.multiple_of), size.vocab_size
     ):
+        if args.graph:
+            result = results["products"][f"{name} [{n} x {k}]"] = graph_sweep(n, k, swiglu, has_residual, args.graph)
+            print(name, {key: round(v, 2) if isinstance(v, float) else v for key, v in result.items()}, flush=True)
+            continue
         result = results["products"][f"{name} [{n} x {k}]"] = sweep_product(n, k, swiglu, has_residual)
         print(
             f"{name:>31}: torch {result['cublas_us']:.1f} us, autotune list {result['autotune_list_best_us']:.1f} us,"
