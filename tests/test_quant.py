@@ -333,8 +333,10 @@ def test_int4_kernel_follows_the_use_unless_the_environment_names_one(monkeypatc
 @pytest.mark.parametrize(("n", "k", "group_size", "dtype", "epilogue"), COLUMN_CASES)
 @pytest.mark.parametrize(("pdl", "split_rows"), [(False, None), (True, None), (False, 8)])
 def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, split_rows, monkeypatch):
-    """One row through quant_kernels.qmatvec_columns: the code moved into 1.0's mantissa (f = 1 + c / 16), the
-    sums in float32; with PDL, the first tile read before the wait (stand-ins in the interpreter). split_rows 8:
+    """One row through quant_kernels.qmatvec_columns: a float32 model's codes moved into 1.0's mantissa (f = 1 +
+    c / 16), a float16 or bfloat16 model's each word's products in float16 pairs (Triton's interpreter runs
+    them as float16 ops instead of the PTX); with PDL, the first tile read before the wait (stand-ins in the
+    interpreter). split_rows 8:
     K split into programs of 64 columns (a short last one where K is not a multiple), summed by each output
     tile's last program, which leaves the counters at zero for the next launch."""
     if pdl and torch.cuda.is_available():
@@ -379,9 +381,17 @@ def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epil
     assert not cw.counters.any()
 
 
+def test_qmatvec_columns_refuses_an_unknown_setting(monkeypatch):
+    """A mistyped $VICUNAFLOW_COLUMN_MATH or _LOADS is an error naming the variable, not a silent fallback."""
+    cw = quant.int4columns(quant.quantize(weight(16, 64, seed=1), bits=4, group_size=32))
+    monkeypatch.setattr(quant_kernels, "COLUMN_MATH", "half")
+    with pytest.raises(ValueError, match="VICUNAFLOW_COLUMN_MATH='half'"):
+        quant_kernels.qmatvec_columns(torch.randn(1, 64, dtype=torch.float16), cw)
+
+
 def half2_bound(source: torch.Tensor, qw: quant.QuantWeight, swiglu: bool) -> torch.Tensor:
-    """[1, N]: 2^-10 (float16's unit roundoff) times sum_k |q scale| |x| + |zero| |x|: four float16 products
-    and sums a word, whose rounding errors add up like a random walk, not in the worst case's 6 units."""
+    """[1, N]: 2^-10 (two units of float16's roundoff) times sum_k |q scale| |x| + |zero| |x|: four float16
+    products and sums a word, whose rounding errors add up like a random walk, not in the worst case's 6 units."""
     k = qw.shape[1]
     inputs = source.double()
     if swiglu:

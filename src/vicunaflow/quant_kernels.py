@@ -319,14 +319,20 @@ def qmatvec_columns(
     each product was 3 of 9 launches a layer).
 
     Why a layout of its own: with words [K / 8, N] a thread's 16-byte load holds one word (8 columns) of
-    4 outputs, so each input value it loads serves 4 outputs, and a code becomes a float in three
-    instructions: a shift, one LOP3 (mask, then the bits of 1.0), an FFMA (see the kernel). qmatvec's
-    [N, K / 2] bytes cost it about 9 instructions a weight in its inner loop (SASS, sm_90).
+    4 outputs, so each input value it loads serves 4 outputs, and a code becomes a number in few
+    instructions: in float32 a shift, one LOP3 (mask, then the bits of 1.0) and an FFMA a weight; with
+    COLUMN_MATH "half2" one LOP3 makes two codes float16s and one HFMA2 multiplies two weights (see the
+    kernel). qmatvec's [N, K / 2] bytes cost it about 9 instructions a weight in its inner loop (SASS, sm_90).
     """
     n, k = cw.shape
     out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
     if not (x.is_contiguous() and (residual is None or residual.is_contiguous())):
         raise ValueError("qmatvec_columns: input and residual must be contiguous")
+    if COLUMN_LOADS not in ("prefetch", "plain") or COLUMN_MATH not in ("half2", "float32"):
+        raise ValueError(
+            f"qmatvec_columns: VICUNAFLOW_COLUMN_LOADS={COLUMN_LOADS!r} (prefetch or plain) or "
+            f"VICUNAFLOW_COLUMN_MATH={COLUMN_MATH!r} (half2 or float32)"
+        )
     from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
 
     kernel = quant_matmul_kernels.int4_columns_kernel
@@ -356,8 +362,8 @@ HALF2_BITS, CODE_PAIR_BITS = 0x64006400, 0x000F000F  # float16 1024 twice, codes
 # How qmatvec_columns reads its tiles: "prefetch" (the next tile's words, scales, zeros and inputs issued
 # before this one is decoded) or "plain" (each tile's loads when its decoding starts).
 COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch")
-# How it multiplies: "half2" (each word's 8 products in float16 pairs, then float32; float32 models and
-# outputs keep float32) or "float32" (every product in float32, exactly).
+# How it multiplies: "half2" (each word's 8 products in float16 pairs, then float32; float32 models keep
+# float32) or "float32" (every product in float32, exactly).
 COLUMN_MATH = os.environ.get("VICUNAFLOW_COLUMN_MATH", "half2")
 
 
