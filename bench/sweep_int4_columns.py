@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 
 import torch
@@ -88,7 +87,7 @@ def main() -> None:
     torch.manual_seed(0)
     size = get_size(args.size)
     results = {"device": torch.cuda.get_device_name(), "size": args.size, "layers": args.layers, "products": {}}
-    results["column_loads"] = os.environ.get("VICUNAFLOW_COLUMN_LOADS", quant_kernels.COLUMN_LOADS)
+    results["column_math"] = quant_kernels.COLUMN_MATH
     for name, n, k, swiglu, has_residual in decode_products(size.dim, ffn_hidden_dim(size.dim, size.multiple_of), 1)[
         :4
     ]:

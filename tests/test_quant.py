@@ -382,7 +382,7 @@ def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epil
 
 
 def test_qmatvec_columns_refuses_an_unknown_setting(monkeypatch):
-    """A mistyped $VICUNAFLOW_COLUMN_MATH or _LOADS is an error naming the variable, not a silent fallback."""
+    """A mistyped $VICUNAFLOW_COLUMN_MATH is an error naming the variable, not a silent fallback."""
     cw = quant.int4columns(quant.quantize(weight(16, 64, seed=1), bits=4, group_size=32))
     monkeypatch.setattr(quant_kernels, "COLUMN_MATH", "half")
     with pytest.raises(ValueError, match="VICUNAFLOW_COLUMN_MATH='half'"):

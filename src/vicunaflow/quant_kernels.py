@@ -328,11 +328,8 @@ def qmatvec_columns(
     out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
     if not (x.is_contiguous() and (residual is None or residual.is_contiguous())):
         raise ValueError("qmatvec_columns: input and residual must be contiguous")
-    if COLUMN_LOADS not in ("prefetch", "plain") or COLUMN_MATH not in ("half2", "float32"):
-        raise ValueError(
-            f"qmatvec_columns: VICUNAFLOW_COLUMN_LOADS={COLUMN_LOADS!r} (prefetch or plain) or "
-            f"VICUNAFLOW_COLUMN_MATH={COLUMN_MATH!r} (half2 or float32)"
-        )
+    if COLUMN_MATH not in ("half2", "float32"):
+        raise ValueError(f"qmatvec_columns: VICUNAFLOW_COLUMN_MATH={COLUMN_MATH!r}: choose half2 or float32")
     from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
 
     kernel = quant_matmul_kernels.int4_columns_kernel
@@ -350,8 +347,8 @@ def qmatvec_columns(
         x, cw.words, cw.scales, cw.zeros, residual if residual is not None else out, out,
         norm if norm is not None else x, partial, cw.counters, eps, ONE_BITS, HALF2_BITS, CODE_PAIR_BITS, n, k,
         cw.group_size,
-        SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, PREFETCH=COLUMN_LOADS == "prefetch",
-        HALF2=half2, ASM=x.device.type == "cuda",
+        SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, HALF2=half2,
+        ASM=x.device.type == "cuda",
         **pdl_options(x.device),
     )  # fmt: skip
     return out
@@ -359,10 +356,7 @@ def qmatvec_columns(
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed as an argument: in a register, `& mask | one` is a single LOP3
 HALF2_BITS, CODE_PAIR_BITS = 0x64006400, 0x000F000F  # float16 1024 twice, codes j and j + 4 (HALF2 products)
-# How qmatvec_columns reads its tiles: "prefetch" (the next tile's words, scales, zeros and inputs issued
-# before this one is decoded) or "plain" (each tile's loads when its decoding starts).
-COLUMN_LOADS = os.environ.get("VICUNAFLOW_COLUMN_LOADS", "prefetch")
-# How it multiplies: "half2" (each word's 8 products in float16 pairs, then float32; float32 models keep
+# How qmatvec_columns multiplies: "half2" (each word's 8 products in float16 pairs, then float32; float32 models keep
 # float32) or "float32" (every product in float32, exactly).
 COLUMN_MATH = os.environ.get("VICUNAFLOW_COLUMN_MATH", "half2")
 

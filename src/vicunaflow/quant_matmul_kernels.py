@@ -359,7 +359,40 @@ def columns_output(y, squares, outputs, output_ok, residual_ptr, out_ptr, eps, K
     tl.store(out_ptr + outputs, y.to(out_ptr.dtype.element_ty), mask=output_ok)
 
 
-@triton.autotune(configs=column_configs, key=["N", "K", "G", "SWIGLU", "NORM", "HAS_RESIDUAL", "PDL", "PREFETCH"])
+@triton.jit
+def add_tile(acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE: tl.constexpr,
+             BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_W, BLOCK_N] plus one tile's sums (in units of 1 / INPUT_SCALE with HALF2, else of 1 / 16), and
+    the running squares (RMSNorm's) plus the tile's."""
+    if HALF2:  # x scaled into float16's range: sum c x * s and sum x * s, s = INPUT_SCALE; y divides by s
+        pair0, pair1, pair2, pair3 = input_pairs(x * INPUT_SCALE, BLOCK_W)
+        x_sum = pair_sums(pair0, pair1, pair2, pair3, ASM)  # [BLOCK_W], times INPUT_SCALE
+        total = word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM)
+        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * x_sum[:, None]
+    else:
+        # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
+        x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
+        x_c0b0, x_c0b1 = tl.split(x_c0)
+        x_c1b0, x_c1b1 = tl.split(x_c1)
+        x0, x4 = tl.split(x_c0b0)
+        x2, x6 = tl.split(x_c0b1)
+        x1, x5 = tl.split(x_c1b0)
+        x3, x7 = tl.split(x_c1b1)
+        x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
+        total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
+        total += code_float(words, 0, one) * x0[:, None]
+        total += code_float(words, 4, one) * x1[:, None]
+        total += code_float(words, 8, one) * x2[:, None]
+        total += code_float(words, 12, one) * x3[:, None]
+        total += code_float(words, 16, one) * x4[:, None]
+        total += code_float(words, 20, one) * x5[:, None]
+        total += code_float(words, 24, one) * x6[:, None]
+        total += code_float(words, 28, one) * x7[:, None]
+        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
+    return acc, square_sums + squares
+
+
+@triton.autotune(configs=column_configs, key=["N", "K", "G", "SWIGLU", "NORM", "HAS_RESIDUAL", "PDL"])
 @triton.jit
 def int4_columns_kernel(
     x_ptr,  # [K], or [2K] gate | up (SWIGLU)
@@ -382,7 +415,6 @@ def int4_columns_kernel(
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # the next tile's loads issued before this one is decoded
     HALF2: tl.constexpr,  # each word's products in float16 pairs (word_sums_half2), else in float32
     ASM: tl.constexpr,  # HALF2 through WORD_SUMS_PTX (CUDA), else through Triton's float16 ops (interpreter)
     BLOCK_N: tl.constexpr,
@@ -415,46 +447,28 @@ def int4_columns_kernel(
     x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
     acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
     square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    for start in range(0, SPLIT_ROWS, BLOCK_W):
+    # Two tiles a step, A then B, each one's loads issued before the other is decoded (Triton's pipeliner
+    # leaves loads that feed no tl.dot in program order). Why not one tile a step with the next one's loads
+    # carried over: the loop's copy of those in-flight registers waited for them at each step's end (MOVs in
+    # the SASS), so decoding did not overlap the loads. A tile past the split is masked: zeros, nothing read.
+    for start in range(0, SPLIT_ROWS, 2 * BLOCK_W):
         rows = word_rows + start
-        if PREFETCH:  # Triton's pipeliner leaves loads that feed no tl.dot in program order
-            next_words, next_scale, next_zero = columns_tile(
-                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
-            )
-            next_x, next_squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
-        square_sums += squares
-        if HALF2:  # x scaled into float16's range: sum c x * s and sum x * s, s = INPUT_SCALE; y divides by s
-            pair0, pair1, pair2, pair3 = input_pairs(x * INPUT_SCALE, BLOCK_W)
-            x_sum = pair_sums(pair0, pair1, pair2, pair3, ASM)  # [BLOCK_W], times INPUT_SCALE
-            total = word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM)
-            acc += scale.to(tl.float32) * total + zero.to(tl.float32) * x_sum[:, None]
-        else:
-            # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
-            x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
-            x_c0b0, x_c0b1 = tl.split(x_c0)
-            x_c1b0, x_c1b1 = tl.split(x_c1)
-            x0, x4 = tl.split(x_c0b0)
-            x2, x6 = tl.split(x_c0b1)
-            x1, x5 = tl.split(x_c1b0)
-            x3, x7 = tl.split(x_c1b1)
-            x_sum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))  # [BLOCK_W]
-            total = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32) - x_sum[:, None]
-            total += code_float(words, 0, one) * x0[:, None]
-            total += code_float(words, 4, one) * x1[:, None]
-            total += code_float(words, 8, one) * x2[:, None]
-            total += code_float(words, 12, one) * x3[:, None]
-            total += code_float(words, 16, one) * x4[:, None]
-            total += code_float(words, 20, one) * x5[:, None]
-            total += code_float(words, 24, one) * x6[:, None]
-            total += code_float(words, 28, one) * x7[:, None]
-            acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
-        if PREFETCH:
-            words, scale, zero, x, squares = next_words, next_scale, next_zero, next_x, next_squares
-        else:
-            words, scale, zero = columns_tile(
-                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
-            )
-            x, squares = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+        words_b, scale_b, zero_b = columns_tile(
+            w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
+        )
+        x_b, squares_b = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+        acc, square_sums = add_tile(
+            acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
+            BLOCK_N, HALF2, ASM,
+        )  # fmt: skip
+        words, scale, zero = columns_tile(
+            w_ptr, scale_ptr, zero_ptr, rows + 2 * BLOCK_W, outputs, output_ok, N, row_end, WG
+        )
+        x, squares = words_input(x_ptr, norm_ptr, rows + 2 * BLOCK_W, row_end, K, SWIGLU, NORM)
+        acc, square_sums = add_tile(
+            acc, square_sums, words_b, scale_b, zero_b, x_b, squares_b, one, half_bits, code_bits, INPUT_SCALE,
+            BLOCK_W, BLOCK_N, HALF2, ASM,
+        )  # fmt: skip
     y = tl.sum(acc, axis=0) * (1.0 / INPUT_SCALE if HALF2 else 16.0)  # [BLOCK_N]
     square_sum = tl.sum(square_sums, axis=0)
     if SPLITS == 1:
