@@ -35,7 +35,7 @@ column_configs = [
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
     int4_configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 32}, num_warps=1)]
+    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 64}, num_warps=1)]
 
 
 @triton.jit
