@@ -74,7 +74,8 @@ def qmatvec(
     n, k = qw.shape
     out = one_row_output("qmatvec", x, (n, k), swiglu, norm, out, x.dtype)
     if INPUT == "separate" and (swiglu or norm is not None):
-        x, norm, swiglu = plain_product_input(x, norm, eps, swiglu), None, False
+        x = rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=model_dtype(x, norm))
+        norm, swiglu = None, False
     tensors = [x, qw.qweight, qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if not all(t.is_contiguous() for t in tensors) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
@@ -89,11 +90,10 @@ def qmatvec(
     return out
 
 
-def plain_product_input(x: torch.Tensor, norm: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
-    """The one-row kernels' input computed once by kernels.rows_input: rms_norm(x, norm) or SiLU·up, in the
-    model's dtype (norm's; x may be float32 tensor-parallel sums)."""
-    dtype = norm.dtype if norm is not None else x.dtype
-    return rows_input(x.contiguous(), norm=norm, eps=eps, swiglu=swiglu, dtype=dtype)
+def model_dtype(x: torch.Tensor, norm: torch.Tensor | None) -> torch.dtype:
+    """A one-row product's model dtype: its RMSNorm weight's where it has one (x may be tensor parallelism's
+    float32 sums), else x's."""
+    return norm.dtype if norm is not None else x.dtype
 
 
 @functools.cache
@@ -339,8 +339,7 @@ def qmatvec_columns(
     if -(-n // min(block for block, _ in tiles)) > cw.counters.numel():
         raise ValueError(f"qmatvec_columns: {cw.counters.numel()} counters for {n} outputs in tiles of {tiles}")
     splits = -(-(k // 8) // min(rows for _, rows in tiles))
-    model_dtype = norm.dtype if norm is not None else x.dtype  # x may be tensor parallelism's float32 sums
-    half2 = COLUMN_MATH == "half2" and model_dtype != torch.float32
+    half2 = COLUMN_MATH == "half2" and model_dtype(x, norm) != torch.float32
     partial = torch.empty(splits * (n + cw.counters.numel()), dtype=torch.float32, device=x.device)
     grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 8) // meta["SPLIT_ROWS"]))  # noqa: E731
     kernel[grid](
