@@ -368,7 +368,8 @@ def add_tile(acc, square_sums, words, scale, zero, x, squares, one, half_bits, c
         pair0, pair1, pair2, pair3 = input_pairs(x * INPUT_SCALE, BLOCK_W)
         x_sum = pair_sums(pair0, pair1, pair2, pair3, ASM)  # [BLOCK_W], times INPUT_SCALE
         total = word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM)
-        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * x_sum[:, None]
+        acc += scale.to(tl.float32) * total  # two FFMAs a word (offline SASS, sm_90: 3% fewer instructions)
+        acc += zero.to(tl.float32) * x_sum[:, None]
     else:
         # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
         x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
@@ -388,7 +389,8 @@ def add_tile(acc, square_sums, words, scale, zero, x, squares, one, half_bits, c
         total += code_float(words, 20, one) * x5[:, None]
         total += code_float(words, 24, one) * x6[:, None]
         total += code_float(words, 28, one) * x7[:, None]
-        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
+        acc += scale.to(tl.float32) * total
+        acc += zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
     return acc, square_sums + squares
 
 
