@@ -334,6 +334,21 @@ def test_more_requests_than_blocks_all_finish_with_their_replies(loaded, mixed):
     assert stats["kv_blocks"] == 3 * 384 // 16 and stats["kv_blocks_free"] == stats["kv_blocks"]  # all given back
     assert stats["active"] == 0 and (stats["preempted"] > 0 if not mixed else stats["mixed_prefill_tokens"] > 0)
     assert [r.decoder.ids for r in requests] == expected
+    assert_latency_adds_up(engine, requests)
+
+
+def assert_latency_adds_up(engine: Engine, requests) -> None:
+    """The engine's latency histograms (serve's /metrics) count every request and token, and the gaps of a reply
+    add up to its time from first token to end: each gap runs from the reply's token before, across preemptions."""
+    latency, stats = engine.snapshot_latency(), engine.snapshot_stats()
+    count = {name: sum(histogram["counts"]) for name, histogram in latency.items()}
+    tokens = sum(r.completion_tokens for r in requests)
+    assert count["time_to_first_token"] == count["request"] == len(requests) == stats["finished"]["length"]
+    assert count["inter_token"] == tokens - len(requests) and stats["generated_tokens"] == tokens
+    # sum(end - submit) - sum(first token - submit) = sum(end - first token); an end is read a moment after its
+    # step's time (the rest of that step's row loop)
+    spread = latency["request"]["sum"] - latency["time_to_first_token"]["sum"] - latency["inter_token"]["sum"]
+    assert 0 <= spread < 0.002 * len(requests), spread
 
 
 # -- seeded sampling ------------------------------------------------------------------------------------------

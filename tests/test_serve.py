@@ -137,6 +137,25 @@ def test_completions(client):
     assert "".join(c.choices[0].text for c in streamed) == result.choices[0].text
 
 
+def test_metrics_count_a_streamed_reply(server, client):
+    """/metrics of the real `serve` (the counts themselves: tests/test_metrics.py), read as Prometheus reads it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def generated() -> float:
+        response = httpx.get(f"{server}/metrics")  # no key needed with one model, as /health
+        assert response.headers["content-type"].startswith("text/plain; version=")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        return families["vicunaflow_generation_tokens"].samples[0].value
+
+    before = generated()
+    streamed = client.completions.create(
+        model=model_id(client), prompt=[1, 15, 16], max_tokens=7, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    usage = [chunk.usage for chunk in streamed if chunk.usage]
+    assert (usage[-1].prompt_tokens, usage[-1].completion_tokens) == (3, 7) and generated() == before + 7
+
+
 def test_wrong_or_missing_key_is_401(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:

@@ -51,6 +51,7 @@ import torch
 
 from vicunaflow import VicunaflowError, kernels
 from vicunaflow.engine.cache import BLOCK_SIZE
+from vicunaflow.engine.latency import engine_histograms
 from vicunaflow.engine.model import Transformer
 from vicunaflow.engine.runner import PrefillChunk, Runner
 from vicunaflow.engine.sampling import SamplingParams, TokenLogprob, logprobs_of, sample, to_entries
@@ -98,6 +99,7 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob] | None = None  # sent with the first event
         self.submitted = time.perf_counter()  # -> admitted (a row and its blocks) -> first token: Engine.stats
         self.admitted: float | None = None
+        self.last_token_at: float | None = None  # its first token's time, or its latest before a preemption
 
     def event(self, text: str, **fields) -> Event:
         """An event carrying the log-probabilities gathered since the last one (when the request asked)."""
@@ -236,7 +238,16 @@ class Engine:
         # blocks (queue), then from admission to the token's event (prefill chunks, and the decode steps of
         # other rows between them); a client's time to first token adds the HTTP side and the network
         self.stats |= {"first_tokens": 0, "first_token_queue_s": 0.0, "first_token_prefill_s": 0.0}
+        self.stats |= {"prompt_tokens": 0, "generated_tokens": 0}  # prompts admitted (not resumes); tokens emitted
         self.batch_sizes: Counter[int] = Counter()
+        self.finished: Counter[str] = Counter()  # requests by finish reason
+        # time to first token and whole requests (from submit), gaps between a reply's tokens: serve's /metrics.
+        # A row's gap is the time since the previous step's tokens were read, unless it is fresh: it joined the
+        # rows since (a first token, a resume), and its gap runs from its request's last_token_at (one pass
+        # over the fresh rows a step, not an attribute read and a bisect per row-token)
+        self.latency = engine_histograms()
+        self.last_collect_at = 0.0
+        self.fresh_rows: list[Request] = []
         log.info(
             "engine: %d slots x %d tokens, KV cache %d tokens (%d blocks of %d) %.1f MiB per rank, %d rank(s), "
             "CUDA graphs %s%s, overlap %s",
@@ -325,6 +336,10 @@ class Engine:
         room = self.context - prompt_length
         return max(0, min(requested, room) if requested else room)
 
+    def snapshot_latency(self) -> dict[str, dict]:
+        """Each latency histogram's snapshot (latency.Histogram.snapshot), by name."""
+        return {name: histogram.snapshot() for name, histogram in self.latency.items()}
+
     def snapshot_stats(self) -> dict:
         with self.lock:
             return {
@@ -332,6 +347,7 @@ class Engine:
                 "active": sum(not r.done for r in self.rows) + len(self.prefilling),
                 "waiting": len(self.waiting),
                 "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "finished": dict(sorted(self.finished.items())),
                 "max_batch_size": self.max_batch_size,
                 "context": self.context,
                 "kv_blocks": self.cache.blocks,
@@ -433,6 +449,8 @@ class Engine:
         try:
             self.cache.ensure(row, len(tokens))
             request.admitted = time.perf_counter()
+            if not generated:
+                self.stats["prompt_tokens"] += len(request.prompt_ids)
             logprobs = request.params.prompt_logprobs if not generated else None
             first = [TokenLogprob(request.prompt_ids[0], None, [])] if logprobs is not None else None
             self.prefilling.append(PrefillJob(request, row, tokens, generated[-1] if generated else None, first))
@@ -498,6 +516,7 @@ class Engine:
                 self._finish(request, "length")
             else:
                 self._emit(request, token, entry)
+                self.stats["generated_tokens"] += 1
                 self._count_first_token(request)
 
     def _mixes(self) -> bool:
@@ -542,6 +561,8 @@ class Engine:
 
     def _count_first_token(self, request: Request) -> None:
         now = time.perf_counter()
+        request.last_token_at = now
+        self.latency["time_to_first_token"].observe(now - request.submitted)
         with self.lock:
             self.stats["first_tokens"] += 1
             self.stats["first_token_queue_s"] += request.admitted - request.submitted
@@ -560,6 +581,7 @@ class Engine:
                 self.cache.move_row(job.row, target)
         self.rows.append(job.request)
         self.lengths.append(job.done)
+        self.fresh_rows.append(job.request)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -657,10 +679,22 @@ class Engine:
         self.stats["decode_tokens"] += n
         self.stats["max_batch"] = max(self.stats["max_batch"], n)
         self.batch_sizes[n] += 1
+        now, fresh, emitted = time.perf_counter(), [], 0
+        if self.fresh_rows:  # the fresh rows this step emits for; the others stay fresh (or were dropped)
+            in_step = set(step.rows)
+            fresh = [r for r in self.fresh_rows if r in in_step and not r.done]
+            self.fresh_rows = [r for r in self.fresh_rows if r not in in_step and not r.done]
         for i, (request, token, entry) in enumerate(zip(step.rows, tokens, entries, strict=True)):
             self.last_tokens[i] = token
             if not request.done:
+                emitted += 1
                 self._emit(request, token, entry)
+        self.stats["generated_tokens"] += emitted
+        gaps = self.latency["inter_token"]
+        for request in fresh:
+            gaps.observe(now - request.last_token_at)
+        gaps.observe(now - self.last_collect_at, emitted - len(fresh))  # every other row emitted at the last read
+        self.last_collect_at = now
         if step.pieces:
             self._advance(step)
 
@@ -724,6 +758,8 @@ class Engine:
         request.done = True
         if reason == "cancelled":
             self.stats["cancelled"] += 1
+        self.finished[reason] += 1
+        self.latency["request"].observe(time.perf_counter() - request.submitted)
         request.text += text
         with contextlib.suppress(Exception):
             request.sink(request.event(text, finish_reason=reason, error=error))
@@ -771,6 +807,10 @@ class Engine:
             youngest = max(range(len(self.rows)), key=lambda i: self.rows[i].id)
             request = self.rows[youngest]
             self._remove_row(youngest)
+            if request in self.fresh_rows:  # no token since it joined: its last_token_at stands
+                self.fresh_rows.remove(request)
+            else:
+                request.last_token_at = self.last_collect_at
             with self.lock:
                 self.waiting.appendleft(request)
             self.stats["preempted"] += 1

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -71,7 +71,7 @@ def create_app(
     arena writes its votes (None: the arena's vote route refuses). ready: until it is set, /health answers
     503 "starting" (`serve` sets it once its own first requests went through; None: ready at once).
     gc_pauses: the process's garbage collections, reported by /health as "gc" (serve/heap.py)."""
-    from vicunaflow.serve import arena
+    from vicunaflow.serve import arena, metrics
 
     if isinstance(engines, Engine):
         engines = {model_name or "model": engines}
@@ -184,6 +184,12 @@ def create_app(
             info |= {"totals": totals, "engines": {name: {"context": s["context"]} for name, s in stats.items()}}
         return JSONResponse(info, status_code=503) if stopped else info
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request):
+        # per model as /health gives it: one model, or a key when keys are set; else sums (serve/metrics.py)
+        per_model = len(engines) == 1 or bool(keys and key_given(request))
+        return Response(metrics.render(engines, per_model), media_type=metrics.CONTENT_TYPE)
+
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
@@ -279,7 +285,10 @@ def create_app(
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
                 raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
-            chunks = _stream_completion(engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k)
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            chunks = _stream_completion(
+                engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k, include_usage
+            )
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         jobs = [
             _complete(engine, ids, _choice(params, i))
@@ -618,9 +627,10 @@ async def _stream_chat(
 
 
 async def _stream_completion(
-    engine, prompt_ids, params, reply_id, model_name, echo: bool = False, k: int | None = None
+    engine, prompt_ids, params, reply_id, model_name, echo: bool = False, k: int | None = None, include_usage=False
 ) -> AsyncIterator[str]:
-    """With echo, the first chunk is the prompt (with its logprobs); each chunk's logprobs are its tokens'."""
+    """With echo, the first chunk is the prompt (with its logprobs); each chunk's logprobs are its tokens'.
+    include_usage: after the last choice chunk, one with no choices and the usage (OpenAI's stream_options)."""
     created = int(time.time())
     texts, first = None, True
     fields = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
@@ -653,6 +663,9 @@ async def _stream_completion(
             if event.text or finish:
                 logprobs = completion_logprobs(texts.add(event.logprobs or []), k) if k is not None else None
                 out.append(render(event.text, logprobs, finish))
+            if finish and include_usage:
+                usage = _usage(event.prompt_tokens, event.completion_tokens)
+                out.append(sse_event({**fields, "choices": [], "usage": usage}))
         if out:
             yield "".join(out)
     yield sse_event("[DONE]")

@@ -34,6 +34,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage, as OpenAI's
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
     # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
@@ -44,7 +45,6 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stream_options: dict | None = None
     logprobs: bool | None = None  # true: each reply token's log-probability (choices[].logprobs.content)
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and this many alternatives (needs logprobs: true)
 
