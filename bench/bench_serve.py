@@ -12,7 +12,9 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
                   the engine's share of it from /health (queue: waiting for a row; prefill: admission to
                   the first token's event); the aggregate rows report that share too
     aggregate     (a) C streams at once (C = 1 8 32 64 256), 128-token prompts, 256-token replies:
-                  C x 256 / wall seconds, time to first token and inter-token gap p50/p99 over all streams
+                  C x 256 / wall seconds, time to first token and inter-token gap p50/p99 over all streams;
+                  beside the client's gaps the engine's own (/metrics' histogram, read before and after):
+                  a p99 the engine does not have comes from the HTTP side
     join          (c) 31 streams running, then a ~1500-token prompt joins: the worst inter-token gap among
                   the 31 while it prefills (between its send and its first token), against their gap before
     events        (d) how many SSE events a second the HTTP side alone can push: the real app
@@ -71,6 +73,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ("first", "aggregate", "join", "events")
@@ -214,6 +217,14 @@ class Server:
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
+
+    def gap_buckets(self) -> dict[float, float]:
+        """The engine's inter-token gap histogram from /metrics: {upper bound s: cumulative count}."""
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "vicunaflow_inter_token_latency_seconds":
+                return {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
+        return {}
 
     def cpu_ticks(self) -> tuple[int, int]:
         """(main thread, whole process) CPU ticks: uvicorn's event loop runs on the main thread."""
@@ -415,6 +426,26 @@ def summarize(records: list[dict], reply_tokens: int) -> dict:
     }
 
 
+def engine_gaps(before: dict[float, float], after: dict[float, float]) -> dict:
+    """p50 / p99 of the engine's own inter-token gaps between two /metrics readings (Engine.latency): what the
+    steps gave each row, before the HTTP side. Interpolated inside a bucket as Prometheus' histogram_quantile."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]  # cumulative
+
+    def quantile(q: float) -> float | None:
+        if not counts or counts[-1] <= 0:
+            return None
+        rank = q * counts[-1]
+        i = next(i for i, c in enumerate(counts) if c >= rank)
+        if math.isinf(bounds[i]):
+            return bounds[i - 1] if i else None  # above the largest bound: report that bound
+        low, below = (bounds[i - 1], counts[i - 1]) if i else (0.0, 0.0)
+        inside = counts[i] - below
+        return low + (bounds[i] - low) * ((rank - below) / inside if inside else 1.0)
+
+    return {"engine_gap_p50_ms": ms(quantile(0.5)), "engine_gap_p99_ms": ms(quantile(0.99))}
+
+
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     """BOS and random ordinary pieces (ids past the byte pieces), exactly `length` tokens."""
     return [1] + [rng.randrange(300, vocab) for _ in range(length - 1)]
@@ -499,12 +530,13 @@ def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab
     for concurrency in args.concurrency:
         rng = random.Random(concurrency)
         jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
-        health_before = server.health()
+        health_before, gaps_before = server.health(), server.gap_buckets()
         with CpuWindow(server) as cpu:
             records, client = clients.run(server.url, model, jobs)
         health_after = server.health()
         before, after = health_before.get("engine", {}), health_after.get("engine", {})
         row = {"concurrency": concurrency, **summarize(records, args.reply_tokens), **client}
+        row |= engine_gaps(gaps_before, server.gap_buckets())
         row |= cpu.report(row["events"]) | gc_during(health_before, health_after)
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
