@@ -29,10 +29,11 @@ from vicunaflow.sizes import get_size
 # (BLOCK_N, BLOCK_W, warps): 4, 8 or 16 words a thread
 TILES = [(32, 16, 2), (64, 16, 2), (64, 16, 4), (32, 32, 4), (128, 16, 4), (64, 32, 4), (64, 32, 8), (128, 32, 8)]
 SPLIT_ROWS = [64, 128, 256]
+LOOP_STAGES = [1]  # quant_matmul_kernels.COLUMN_TILES' stages: 1, two tiles a step in registers; 2+, pipelined
 
 
 @torch.inference_mode()
-def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int) -> dict:
+def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int, loop_stages=LOOP_STAGES) -> dict:
     """One product's graph time per launch: every columns tile, tinygemm, the float16 matvec."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(layers)]
     stored = [quant.quantize(w, 4, 128) for w in weights]
@@ -63,10 +64,11 @@ def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int)
     configured = tuner.configs
     row["configured_us"] = timed(quant_kernels.qmatvec_columns, columns)
     row["configured"] = [str(config) for config in configured]
-    for (block_n, block_w, warps), split_rows in itertools.product(TILES, SPLIT_ROWS):
-        tile = {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_ROWS": split_rows}
-        tuner.configs = [triton.Config(tile, num_warps=warps, num_stages=1)]  # one config: no autotuning
-        row["tiles"][f"{block_n}x{block_w}/{split_rows} w{warps}"] = timed(quant_kernels.qmatvec_columns, columns)
+    for (block_n, block_w, warps), split_rows, stages in itertools.product(TILES, SPLIT_ROWS, loop_stages):
+        tile = {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_ROWS": split_rows, "LOOP_STAGES": stages}
+        tuner.configs = [triton.Config(tile, num_warps=warps, num_stages=stages)]  # one config: no autotuning
+        name = f"{block_n}x{block_w}/{split_rows} w{warps}" + (f" s{stages}" if stages > 1 else "")
+        row["tiles"][name] = timed(quant_kernels.qmatvec_columns, columns)
         error = float((outs[0].float() - reference).abs().max()) / scale
         row["columns_error"] = max(row.get("columns_error", 0.0), error)
     tuner.configs = configured
@@ -81,6 +83,9 @@ def main() -> None:
     parser.add_argument("output", nargs="?")
     parser.add_argument("--size", default="7b")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument(
+        "--loop-stages", type=int, nargs="+", default=LOOP_STAGES, help="1: two tiles a step; 2+: a pipelined loop"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_int4_columns needs a GPU")
@@ -92,7 +97,7 @@ def main() -> None:
         :4
     ]:
         started = time.perf_counter()
-        row = sweep_product(n, k, swiglu, has_residual, args.layers)
+        row = sweep_product(n, k, swiglu, has_residual, args.layers, args.loop_stages)
         row["seconds"] = time.perf_counter() - started
         results["products"][name] = row
         ranked = sorted(row["tiles"].items(), key=lambda item: item[1])[:5]

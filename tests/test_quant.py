@@ -331,14 +331,20 @@ def test_int4_kernel_follows_the_use_unless_the_environment_names_one(monkeypatc
 
 
 @pytest.mark.parametrize(("n", "k", "group_size", "dtype", "epilogue"), COLUMN_CASES)
-@pytest.mark.parametrize(("pdl", "split_rows"), [(False, None), (True, None), (False, 24)])
-def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, split_rows, monkeypatch):
+@pytest.mark.parametrize(
+    ("pdl", "split_rows", "loop_stages"),
+    [(False, None, 1), (True, None, 1), (False, 24, 1), (False, 24, 3), (True, 16, 2)],
+)
+def test_qmatvec_columns_matches_float64_reference(
+    n, k, group_size, dtype, epilogue, pdl, split_rows, loop_stages, monkeypatch
+):
     """One row through quant_kernels.qmatvec_columns: a float32 model's codes moved into 1.0's mantissa (f = 1 +
     c / 16), a float16 or bfloat16 model's each word's products in float16 pairs (Triton's interpreter runs
     them as float16 ops instead of the PTX); with PDL, the first tile read before the wait (stand-ins in the
     interpreter). split_rows 24: K split into programs of 3 tiles of 8 word rows (the loop's two tiles a step,
     then one and a masked one; a short last program where K is not a multiple), summed by each output tile's
-    last program, which leaves the counters at zero for the next launch."""
+    last program, which leaves the counters at zero for the next launch. loop_stages 2, 3: one tile a step
+    through tl.range's pipelined loop (its masks: the short last program)."""
     if pdl and torch.cuda.is_available():
         pytest.skip("the interpreter's stand-ins; a GPU runs the real launch")
     if pdl:
@@ -348,7 +354,8 @@ def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epil
 
         from vicunaflow import quant_matmul_kernels
 
-        tile = triton.Config({"BLOCK_N": 16, "BLOCK_W": 8, "SPLIT_ROWS": split_rows}, num_warps=1)
+        tile = {"BLOCK_N": 16, "BLOCK_W": 8, "SPLIT_ROWS": split_rows, "LOOP_STAGES": loop_stages}
+        tile = triton.Config(tile, num_warps=1, num_stages=loop_stages)
         monkeypatch.setattr(quant_matmul_kernels.int4_columns_kernel, "configs", [tile])
     generator = torch.Generator().manual_seed(n * k)
     qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)

@@ -23,19 +23,23 @@ int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, 
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
 # (BLOCK_N, BLOCK_W, SPLIT_ROWS, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8
 # columns each) a step, SPLIT_ROWS word rows (8 * SPLIT_ROWS columns of K) a program; a thread's 16-byte
-# loads each hold one word of 4 outputs. One tile, not autotuned: the autotuner
+# loads each hold one word of 4 outputs. stages 1: the loop decodes two tiles a step in registers, each
+# loaded while the other is decoded; 2 or more: one tile a step, its loads issued stages - 1 steps ahead
+# into shared memory (cp.async: tl.range's pipelining, LOOP_STAGES). One tile, not autotuned: the autotuner
 # times tiles alone (L2 flushed), and its picks ran 7% slower in the decode step's CUDA graph than the
 # best single tile there; this one was within 4% of the best tile per product in the graph
 # (bench/sweep_int4_columns.py, 7B, H200: bench/results/int4_columns_sweep_half2_h200.json).
 COLUMN_TILES = [(64, 16, 64, 2, 1)]
 column_configs = [
-    triton.Config({"BLOCK_N": n, "BLOCK_W": w, "SPLIT_ROWS": rows}, num_warps=warps, num_stages=stages)
+    triton.Config(
+        {"BLOCK_N": n, "BLOCK_W": w, "SPLIT_ROWS": rows, "LOOP_STAGES": stages}, num_warps=warps, num_stages=stages
+    )
     for n, w, rows, warps, stages in COLUMN_TILES
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
     int4_configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 64}, num_warps=1)]
+    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 64, "LOOP_STAGES": 1}, num_warps=1)]
 
 
 @triton.jit
@@ -422,6 +426,7 @@ def int4_columns_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,  # word rows a program sums (a multiple of BLOCK_W): the split over K
+    LOOP_STAGES: tl.constexpr,  # 1: two tiles a step in registers; more: one a step, pipelined (COLUMN_TILES)
 ):
     # f = 1 + c / 16 (code_float) times x is exact in float32 (5 and 11 significant bits). Per word and
     # output: t = sum_j f_j x_j - sum_j x_j = sum_j c_j x_j / 16; per group, sum w x = scale * sum c x +
@@ -442,35 +447,52 @@ def int4_columns_kernel(
     word_rows = first_row + tl.arange(0, BLOCK_W)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    words = words_tile(w_ptr, word_rows, outputs, output_ok, N, row_end)
-    if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
-        tl.extra.cuda.gdc_wait()
-    scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, row_end, WG)
-    x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
-    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-    square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    # Two tiles a step, A then B, each one's loads issued before the other is decoded (Triton's pipeliner
-    # leaves loads that feed no tl.dot in program order). Why not one tile a step with the next one's loads
-    # carried over: the loop's copy of those in-flight registers waited for them at each step's end (MOVs in
-    # the SASS), so decoding did not overlap the loads. A tile past the split is masked: zeros, nothing read.
-    for start in range(0, SPLIT_ROWS, 2 * BLOCK_W):
-        rows = word_rows + start
-        words_b, scale_b, zero_b = columns_tile(
-            w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
-        )
-        x_b, squares_b = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
-        acc, square_sums = add_tile(
-            acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
-            BLOCK_N, HALF2, ASM,
-        )  # fmt: skip
-        words, scale, zero = columns_tile(
-            w_ptr, scale_ptr, zero_ptr, rows + 2 * BLOCK_W, outputs, output_ok, N, row_end, WG
-        )
-        x, squares = words_input(x_ptr, norm_ptr, rows + 2 * BLOCK_W, row_end, K, SWIGLU, NORM)
-        acc, square_sums = add_tile(
-            acc, square_sums, words_b, scale_b, zero_b, x_b, squares_b, one, half_bits, code_bits, INPUT_SCALE,
-            BLOCK_W, BLOCK_N, HALF2, ASM,
-        )  # fmt: skip
+    if LOOP_STAGES > 1:
+        # One tile a step; Triton's pipeliner issues each tile's loads LOOP_STAGES - 1 steps ahead into shared
+        # memory (cp.async), so more bytes are in flight than registers could hold. x is written by the kernels
+        # before this one: everything waits for them (PDL), the first words too.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for start in tl.range(0, SPLIT_ROWS, BLOCK_W, num_stages=LOOP_STAGES):
+            rows = word_rows + start
+            words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, row_end, WG)
+            x, squares = words_input(x_ptr, norm_ptr, rows, row_end, K, SWIGLU, NORM)
+            acc, square_sums = add_tile(
+                acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
+                BLOCK_N, HALF2, ASM,
+            )  # fmt: skip
+    else:
+        words = words_tile(w_ptr, word_rows, outputs, output_ok, N, row_end)
+        if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
+            tl.extra.cuda.gdc_wait()
+        scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, row_end, WG)
+        x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
+        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        # Two tiles a step, A then B, each one's loads issued before the other is decoded (over a plain range,
+        # Triton's pipeliner leaves loads that feed no tl.dot in program order). Why not one tile a step with the next one's loads
+        # carried over: the loop's copy of those in-flight registers waited for them at each step's end (MOVs in
+        # the SASS), so decoding did not overlap the loads. A tile past the split is masked: zeros, nothing read.
+        for start in range(0, SPLIT_ROWS, 2 * BLOCK_W):
+            rows = word_rows + start
+            words_b, scale_b, zero_b = columns_tile(
+                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
+            )
+            x_b, squares_b = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+            acc, square_sums = add_tile(
+                acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
+                BLOCK_N, HALF2, ASM,
+            )  # fmt: skip
+            words, scale, zero = columns_tile(
+                w_ptr, scale_ptr, zero_ptr, rows + 2 * BLOCK_W, outputs, output_ok, N, row_end, WG
+            )
+            x, squares = words_input(x_ptr, norm_ptr, rows + 2 * BLOCK_W, row_end, K, SWIGLU, NORM)
+            acc, square_sums = add_tile(
+                acc, square_sums, words_b, scale_b, zero_b, x_b, squares_b, one, half_bits, code_bits, INPUT_SCALE,
+                BLOCK_W, BLOCK_N, HALF2, ASM,
+            )  # fmt: skip
     y = tl.sum(acc, axis=0) * (1.0 / INPUT_SCALE if HALF2 else 16.0)  # [BLOCK_N]
     square_sum = tl.sum(square_sums, axis=0)
     if SPLITS == 1:
