@@ -33,7 +33,9 @@ LOOP_STAGES = [1]  # quant_matmul_kernels.COLUMN_TILES' stages: 1, two tiles a s
 
 
 @torch.inference_mode()
-def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int, loop_stages=LOOP_STAGES) -> dict:
+def sweep_product(
+    n: int, k: int, swiglu: bool, has_residual: bool, layers: int, loop_stages=LOOP_STAGES, tiles=TILES
+) -> dict:
     """One product's graph time per launch: every columns tile, tinygemm, the float16 matvec."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(layers)]
     stored = [quant.quantize(w, 4, 128) for w in weights]
@@ -64,7 +66,7 @@ def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int,
     configured = tuner.configs
     row["configured_us"] = timed(quant_kernels.qmatvec_columns, columns)
     row["configured"] = [str(config) for config in configured]
-    for (block_n, block_w, warps), split_rows, stages in itertools.product(TILES, SPLIT_ROWS, loop_stages):
+    for (block_n, block_w, warps), split_rows, stages in itertools.product(tiles, SPLIT_ROWS, loop_stages):
         tile = {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_ROWS": split_rows, "LOOP_STAGES": stages}
         tuner.configs = [triton.Config(tile, num_warps=warps, num_stages=stages)]  # one config: no autotuning
         name = f"{block_n}x{block_w}/{split_rows} w{warps}" + (f" s{stages}" if stages > 1 else "")
@@ -86,7 +88,13 @@ def main() -> None:
     parser.add_argument(
         "--loop-stages", type=int, nargs="+", default=LOOP_STAGES, help="1: two tiles a step; 2+: a pipelined loop"
     )
+    parser.add_argument(
+        "--tiles", nargs="+", metavar="NxWwK", help="only these (BLOCK_N x BLOCK_W, warps), e.g. 64x16w2"
+    )
     args = parser.parse_args()
+    tiles = TILES
+    if args.tiles:
+        tiles = [tuple(int(v) for v in tile.replace("w", "x").split("x")) for tile in args.tiles]
     if not torch.cuda.is_available():
         raise SystemExit("sweep_int4_columns needs a GPU")
     torch.manual_seed(0)
@@ -97,7 +105,7 @@ def main() -> None:
         :4
     ]:
         started = time.perf_counter()
-        row = sweep_product(n, k, swiglu, has_residual, args.layers, args.loop_stages)
+        row = sweep_product(n, k, swiglu, has_residual, args.layers, args.loop_stages, tiles)
         row["seconds"] = time.perf_counter() - started
         results["products"][name] = row
         ranked = sorted(row["tiles"].items(), key=lambda item: item[1])[:5]
