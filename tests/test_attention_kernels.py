@@ -84,6 +84,24 @@ def test_paged_decode_attention_refuses_a_split_of_part_of_a_tile(monkeypatch):
         )
 
 
+def test_rope_in_the_attention_kernel_refuses_mixed_prefill_and_unknown_settings(tiny_vicuna, monkeypatch):
+    """ROPE "attention" stores a row's new key inside the kernel: rows sharing a table (mixed prefill) could read
+    it half-written, so the engine refuses the pair; a mistyped VICUNAFLOW_ROPE is named."""
+    from vicunaflow import VicunaflowError
+    from vicunaflow.engine import Engine, load_model
+
+    model, tokenizer = load_model(tiny_vicuna)
+    monkeypatch.setattr(attention_kernels, "ROPE", "attention")
+    with pytest.raises(VicunaflowError, match="unset VICUNAFLOW_ROPE"):
+        Engine(model, tokenizer, max_batch_size=2, mixed_prefill=1)
+    monkeypatch.setattr(attention_kernels, "ROPE", "inside")
+    qkv = torch.zeros(1, 3 * 16)
+    with pytest.raises(ValueError, match="VICUNAFLOW_ROPE='inside'"):
+        attention_kernels.decode_attention(qkv, *[torch.zeros(1, 8)] * 2, *[torch.zeros(1, dtype=torch.long)] * 2,
+                                           torch.zeros(1, 1, dtype=torch.long), *[torch.zeros(2, 1, 16, 16)] * 2, 1,
+                                           torch.zeros(1, dtype=torch.int32))  # fmt: skip
+
+
 def test_paged_decode_attention_refuses_mismatched_shapes():
     query = torch.zeros(2, 6, 32)
     keys = torch.zeros(8, 4, 16, 32)  # 6 query heads do not group over 4 KV heads
@@ -91,15 +109,18 @@ def test_paged_decode_attention_refuses_mismatched_shapes():
         attention_kernels.paged_decode_attention(query, keys, keys, torch.zeros(2, 4, dtype=torch.int32), torch.ones(2))
 
 
+@pytest.mark.parametrize("rope", ["separate", "attention"])
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
-def test_engine_decodes_through_the_kernel(fixture, request, monkeypatch):
+def test_engine_decodes_through_the_kernel(fixture, rope, request, monkeypatch):
     """The engine's decode steps through the kernel (forced on here; on by default on CUDA) reply what
-    gathered keys and values through SDPA reply, batched, rows of different lengths."""
+    gathered keys and values through SDPA reply, batched, rows of different lengths; with the rotary and the
+    new key's store in rope_store's kernel or in the attention kernel (ROPE)."""
     import threading
 
     from vicunaflow.engine import Engine, SamplingParams, load_model
 
     # float32 on a GPU too: the two paths round differently in half precision, and greedy ties could flip
+    monkeypatch.setattr(attention_kernels, "ROPE", rope)
     model, tokenizer = load_model(request.getfixturevalue(fixture), device=DEVICE, dtype="float32")
     prompts = [[1, 450, 748, 310], [1, *range(300, 380)], [1, 221, 292]]  # the second row spans two splits
     # two decode steps of three rows: each launch is 3 x KV heads x 2 splits programs, ~50 ms each interpreted
@@ -166,7 +187,7 @@ def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, hea
         )
 
 
-@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize(("mode", "rope"), [("fused", "separate"), ("split", "separate"), ("fused", "attention")])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "dtype", "many_rows"),
     [
@@ -176,13 +197,17 @@ def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, hea
         (3, 3, 40, torch.float32, False),  # head_dim not a power of two: masked
     ],
 )
-def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, head_dim, dtype, many_rows, mode, monkeypatch):
+def test_decode_attention_rotates_stores_and_attends(
+    heads, kv_heads, head_dim, dtype, many_rows, mode, rope, monkeypatch
+):
     """decode_attention (one kernel with ATTENTION "fused") = the model's own rotary, the newest key and value
     stored in each row's block, then SDPA over the row's positions; its counters are left at zero, so a
-    second layer's launch on the same counters (the engine's) is right too."""
+    second layer's launch on the same counters (the engine's) is right too. ROPE "attention": the rotary and
+    the store inside the split kernel, with the same result."""
     from vicunaflow.engine.model import apply_rope
 
     monkeypatch.setattr(attention_kernels, "ATTENTION", mode)
+    monkeypatch.setattr(attention_kernels, "ROPE", rope)
     if many_rows:
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
     generator = torch.Generator().manual_seed(heads * head_dim + many_rows)

@@ -18,7 +18,8 @@ into the row's block), then that kernel. Why the combination inside: a one-row s
 kernels, each costing a few µs of launch, ramp-up and drain however little it does. The store stays a
 kernel of its own, before any program reads: rows of one step may share a block table (a prompt's tokens
 riding in a decode step as rows of their own, engine/scheduler.py), so one row's newest key can be
-among another's positions.
+among another's positions. Where no row shares a table, `ROPE = "attention"` (VICUNAFLOW_ROPE) moves the
+rotary and the store into the split kernel, a launch a layer fewer (not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")  # the names 
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
+# Where decode_attention rotates q and k and stores the new key and value: "separate", rope_store's kernel before
+# the attention (any rows, also rows sharing a block table); "attention", inside the split kernel (a launch a
+# layer fewer, for steps whose rows each have their own table: the engine refuses it with mixed prefill).
+ROPE = os.environ.get("VICUNAFLOW_ROPE", "separate")
 
 
 def paged_decode_attention(
@@ -116,19 +121,26 @@ def decode_attention(
     qkv: [B, (H + 2 Hkv) * D] contiguous (q heads, k heads, v heads); cos, sin: [B, D / 2] float32 (the
     rows' angles); positions: [B] (rows may be strided) with lengths = positions + 1; tables, keys, values
     as for paged_decode_attention; counters: int32, zeros, at least B * Hkv (the KV cache's `counters`),
-    left at zero again. Every row's key is stored before any row attends, so rows may share a table.
-    Returns [B, H * D] in qkv's dtype.
+    left at zero again. With ROPE "separate" every row's key is stored before any row attends, so rows may
+    share a table, and q is rotated in place; with "attention" the split kernel rotates q in registers and the
+    program of a row's newest position stores its key and value before reading: no row may read another's
+    newest position. Returns [B, H * D] in qkv's dtype.
     """
     B = qkv.shape[0]
     D = keys.shape[-1]
-    rope_store(qkv, cos, sin, positions, tables, keys, values, heads)
+    if ROPE not in ("separate", "attention"):
+        raise ValueError(f"decode_attention: VICUNAFLOW_ROPE={ROPE!r}: choose separate or attention")
     query = qkv[:, : heads * D].view(B, heads, D)
+    if ROPE == "attention":  # the kernel takes each row's position as lengths - 1
+        return _attention(query, counters, keys, values, tables, lengths, heads, scale, rope=(cos, sin))
+    rope_store(qkv, cos, sin, positions, tables, keys, values, heads)
     return _attention(query, counters, keys, values, tables, lengths, heads, scale)
 
 
-def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> torch.Tensor:
+def _attention(query, counters, keys, values, tables, lengths, heads, scale, rope=None) -> torch.Tensor:
     """Launch the split kernel (and, with ATTENTION "split", the combine kernel): [B, H * D]. counters:
-    see decode_attention; None: new ones (outside CUDA graphs)."""
+    see decode_attention; None: new ones (outside CUDA graphs). rope: (cos, sin) [B, D / 2] float32: query is
+    q|k|v's q, rotated in the kernel, which also stores each row's new key and value (decode_attention)."""
     B = query.shape[0]
     H = heads
     _, Hkv, block_size, D = keys.shape
@@ -163,12 +175,15 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale) -> 
         H=H, HKV=Hkv, D=D, GROUP_PAD=max(16 if dot else 1, triton_next_power_of_2(group)), SPLITS=splits,
         SPLIT_TOKENS=split_tokens, D_PAD=triton_next_power_of_2(D),
     )  # fmt: skip
+    cos, sin = rope if rope is not None else (lengths, lengths)  # unread without ROPE
+    if rope is not None and (cos.shape != (B, D // 2) or sin.shape != cos.shape or D % 2):
+        raise ValueError(f"paged decode attention: angles {tuple(cos.shape)} do not fit {B} rows of head_dim {D}")
     split_kernel[(B, Hkv, splits)](
-        query, keys, values, tables, lengths, partial, stats, out, counters,
+        query, keys, values, tables, lengths, partial, stats, out, counters, cos.contiguous(), sin.contiguous(),
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, TILE=tiles.tile,
         FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused, DOT=dot,
-        **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
+        ROPE=rope is not None, **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     if not fused:
         combine_kernel[(B, Hkv)](partial, stats, lengths, out, **shape, **pdl)

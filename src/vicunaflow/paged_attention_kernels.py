@@ -39,8 +39,18 @@ def combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length,
 
 
 @triton.jit
+def rotary(x_ptrs, other_ptrs, mask, first, cos, sin):
+    """LLaMA's half-split rotary of head vectors in float32, x_ptrs' elements paired with other_ptrs' (the other
+    half's dim): x cos - other sin where `first` (the first half), x cos + other sin elsewhere. rope_store's
+    arithmetic, in its order, before the rounding to the model's dtype."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    other = tl.load(other_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(first, x * cos - other * sin, x * cos + other * sin)
+
+
+@triton.jit
 def split_kernel(
-    q_ptr,  # [B, H, D], rows q_row_stride apart
+    q_ptr,  # [B, H, D], rows q_row_stride apart; ROPE: q|k|v [B, (H + 2 HKV) * D], q and the new k unrotated
     k_ptr,  # [blocks, HKV, BLOCK_SIZE, D]
     v_ptr,
     table_ptr,  # [B, width], rows table_row_stride apart
@@ -49,6 +59,8 @@ def split_kernel(
     stats_ptr,  # [B, H, SPLITS, 2] float32: max, sum of exp
     out_ptr,  # [B, H, D] (COMBINE)
     counter_ptr,  # [B, HKV] int32 zeros (COMBINE): programs of (row, KV head) done
+    cos_ptr,  # ROPE: [B, D / 2] float32, the rows' angles (position lengths - 1)
+    sin_ptr,
     scale,
     q_row_stride,
     table_row_stride,
@@ -66,6 +78,7 @@ def split_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch (kernels.PDL): every input comes from earlier kernels
     COMBINE: tl.constexpr,  # the last program of a (row, KV head) combines the splits into out
     DOT: tl.constexpr,  # scores and outputs on tensor cores (tl.dot); else float32 products on CUDA cores
+    ROPE: tl.constexpr,  # rotate q here, and store the row's new key (rotated) and value first (decode_attention)
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -80,7 +93,28 @@ def split_kernel(
         dim_ok = dims < D
         q_ptrs = q_ptr + row * q_row_stride + heads[:, None] * D + dims[None, :]
         q_mask = head_ok[:, None] & dim_ok[None, :]
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [GROUP_PAD, D_PAD]
+        if ROPE:
+            HALF: tl.constexpr = D // 2
+            partner = tl.where(dims < HALF, dims + HALF, dims - HALF)  # the other half's dim
+            cos = tl.load(cos_ptr + row * HALF + dims % HALF, mask=dim_ok, other=0.0)
+            sin = tl.load(sin_ptr + row * HALF + dims % HALF, mask=dim_ok, other=0.0)
+            first_half = dims < HALF
+            q_other = q_ptrs - dims[None, :] + partner[None, :]
+            q = rotary(q_ptrs, q_other, q_mask, first_half[None, :], cos[None, :], sin[None, :])
+            q = q.to(q_ptr.dtype.element_ty)  # [GROUP_PAD, D_PAD], rounded as rope_store stores it
+            position = length - 1
+            if position // SPLIT_TOKENS == split:  # the new key's split stores it (and the value) before reading
+                row_ptr = q_ptr + row * q_row_stride
+                k_new = row_ptr + (H + kv_head) * D
+                key = rotary(k_new + dims, k_new + partner, dim_ok, first_half, cos, sin)  # [D_PAD]
+                block = tl.load(table_ptr + row * table_row_stride + position // BLOCK_SIZE).to(tl.int64)
+                slot = ((block * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D
+                tl.store(k_ptr + slot + dims, key.to(k_ptr.dtype.element_ty), mask=dim_ok)
+                value = tl.load(row_ptr + (H + HKV + kv_head) * D + dims, mask=dim_ok)
+                tl.store(v_ptr + slot + dims, value, mask=dim_ok)
+                tl.debug_barrier()  # every thread's stores happen before the tiles below read them
+        else:
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [GROUP_PAD, D_PAD]
         running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)

@@ -49,7 +49,7 @@ from typing import Literal
 
 import torch
 
-from vicunaflow import VicunaflowError, kernels
+from vicunaflow import VicunaflowError, attention_kernels, kernels
 from vicunaflow.engine.cache import BLOCK_SIZE
 from vicunaflow.engine.latency import engine_histograms
 from vicunaflow.engine.model import Transformer
@@ -195,6 +195,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         if mixed_prefill < 0:
             raise VicunaflowError(f"mixed_prefill {mixed_prefill}: must be 0 or more")
+        if mixed_prefill and attention_kernels.ROPE == "attention":
+            raise VicunaflowError(
+                "--mixed-prefill rides prompt tokens in decode steps as rows sharing their prompt's block table, "
+                "and VICUNAFLOW_ROPE=attention stores a row's new key inside the attention kernel, where another "
+                "row may already be reading it: unset VICUNAFLOW_ROPE (or set it to separate), or drop --mixed-prefill"
+            )
         self.mixed_prefill = mixed_prefill
         self.eos_id = tokenizer.eos_token_id
         self.device = model.device
