@@ -36,6 +36,9 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     ours, --quant: quant_kernels' one-row RMSNorm / SiLU·up computed in every program (fused) and/or
                     once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
     --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
+    --rope separate attention
+                    ours: a decode step's rotary and new key's store in rope_store's kernel, or inside the
+                    attention kernel (a launch a layer fewer), in turn (attention_kernels.ROPE)
     --attention fused split
                     ours: a decode step's attention with the splits combined inside the attention kernel
                     (two kernels a layer with the rotary + K/V store) and/or by a combine kernel of its own
@@ -132,6 +135,11 @@ def main() -> None:
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
     parser.add_argument(
+        "--rope", nargs="+", choices=["separate", "attention"], default=["separate"],
+        help="ours: decode steps' rotary and new-key store in a kernel of their own or in the attention kernel "
+        "(VICUNAFLOW_ROPE), in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--attention", nargs="+", choices=["fused", "split"], default=["fused"],
         help="ours: decode attention's splits combined in its kernel, or by a kernel of their own (VICUNAFLOW_ATTENTION)",
     )  # fmt: skip
@@ -210,15 +218,17 @@ def main() -> None:
                     for bits in args.quant
                     for one_row in (args.quant_one_row if bits == 8 else quant_one_rows_int4(args))
                 ]
-                runs = [  # each --pdl and --attention, and each --quant-input for the runs through quant_kernels
-                    (*run, pdl, attention, quant_input)
+                runs = [  # each --pdl, --attention and --rope, and each --quant-input for the runs through quant_kernels
+                    (*run, pdl, attention, rope, quant_input)
                     for run in runs
                     for pdl in args.pdl
                     for attention in args.attention
+                    for rope in args.rope
                     for quant_input in (args.quant_input if run[0] and run[1] not in OWN_LAYOUTS else ["separate"])
                 ]
-                for bits, one_row, float_rows, pdl, attention, quant_input in runs:
+                for bits, one_row, float_rows, pdl, attention, rope, quant_input in runs:
                     attention_kernels.ATTENTION = os.environ["VICUNAFLOW_ATTENTION"] = attention
+                    attention_kernels.ROPE = os.environ["VICUNAFLOW_ROPE"] = rope
                     kernels.PDL = pdl == "on"
                     os.environ["VICUNAFLOW_PDL"] = "1" if kernels.PDL else "0"
                     quant_kernels.ONE_ROW = os.environ["VICUNAFLOW_QUANT_ONE_ROW"] = (
@@ -239,7 +249,7 @@ def main() -> None:
                             "dtype": tags_dtype(model.dtype),
                         }
                         tags |= {"quant_one_row": one_row} if bits else {"float_rows": float_rows}
-                        tags |= {"pdl": pdl, "attention": attention}
+                        tags |= {"pdl": pdl, "attention": attention, "rope": rope}
                         tags |= {"weight_gib": model.weight_bytes() / 2**30}
                         if args.device == "cuda":  # the earlier models' cached blocks would count as this one's
                             torch.cuda.empty_cache()
@@ -262,6 +272,9 @@ def main() -> None:
                         if len(args.attention) > 1:
                             for row in results[-len(rows) :]:
                                 row["engine"] += f" attention:{attention}"
+                        if len(args.rope) > 1:
+                            for row in results[-len(rows) :]:
+                                row["engine"] += f" rope:{rope}"
                     finally:
                         model.close()
                     free(model)
