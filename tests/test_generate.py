@@ -247,6 +247,25 @@ def test_cancel_frees_the_slot(loaded):
     assert stats["cancelled"] == 1 and stats["active"] == 0
 
 
+def test_a_request_cancelled_while_queued_ends_at_the_next_step(loaded):
+    """One slot, busy: requests whose clients left while they waited end (cancelled) while the slot's request
+    still runs, so /health's waiting and /metrics' counts do not keep them until a row frees."""
+    model, tokenizer = loaded
+    ids = _prompt(tokenizer, "Hello")
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        busy = engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=10**6))
+        next(busy)
+        ended = threading.Event()
+        queued = [engine.submit(ids, SamplingParams(temperature=0), lambda e: None) for _ in range(2)]
+        queued.append(engine.submit(ids, SamplingParams(temperature=0), lambda e: e.finish_reason and ended.set()))
+        for request in queued:
+            request.cancel()
+        assert ended.wait(30)
+        stats = engine.snapshot_stats()
+        assert stats["waiting"] == 0 and stats["cancelled"] == 3 and stats["active"] == 1
+        busy.close()
+
+
 def test_reply_is_capped_by_the_context(loaded):
     model, tokenizer = loaded
     ids = _prompt(tokenizer, "Hello")

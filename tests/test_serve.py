@@ -156,6 +156,14 @@ def test_metrics_count_a_streamed_reply(server, client):
     assert (usage[-1].prompt_tokens, usage[-1].completion_tokens) == (3, 7) and generated() == before + 7
 
 
+def test_too_many_replies_in_one_request_are_refused(client):
+    """prompts x n is capped (OpenAI's 2,048 prompts): each is an engine request submitted from the event loop."""
+    from vicunaflow.serve.app import MAX_CHOICES
+
+    with pytest.raises(openai.BadRequestError, match=f"at most {MAX_CHOICES} a request"):
+        client.completions.create(model=model_id(client), prompt=[[1, 15]] * (MAX_CHOICES // 2 + 1), n=2, max_tokens=1)
+
+
 def test_wrong_or_missing_key_is_401(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:

@@ -215,6 +215,18 @@ def test_bodies_that_are_not_utf8_json_are_a_400(server):
         assert response.status_code == 400, (route, response.text)
     response = httpx.post(f"{url}/arena/battles/{battle}/chat/left", headers=AUTH, content=b"\xff\xfe")
     assert response.status_code == 400 and "Invalid request body" in response.json()["error"]["message"]
+    deep_extra = '{"a": ' * 300 + "1" + "}" * 300  # json reads it; pydantic's serializer stops at its depth
+    for body in (
+        b"{}",  # pydantic's own message would quote the input, which holds the side's model name
+        b"[" * 100_000 + b"]" * 100_000,
+        f'{{"messages": [{{"role": "user", "content": "hi", "x": {deep_extra}}}]}}'.encode(),
+    ):
+        for side in ("left", "right"):
+            response = httpx.post(f"{url}/arena/battles/{battle}/chat/{side}", headers=AUTH, content=body)
+            message = response.json()["error"]["message"]
+            assert response.status_code == 400 and "alpha" not in message and "beta" not in message, message
+    refused = httpx.post(f"{url}/arena/battles/{battle}/vote", headers=AUTH, content=b"[" * 100_000 + b"]" * 100_000)
+    assert refused.status_code == 400
 
 
 def test_nothing_in_a_reply_or_health_tells_the_sides_apart(tmp_path):

@@ -427,7 +427,12 @@ class Engine:
     def _take_waiting(self) -> None:
         """Move waiting requests to prefill, oldest first, while a row and the blocks for the whole prompt
         are free; each gets its row and blocks now. A request that does not fit waits, and so do the
-        ones behind it (no long prompt is overtaken forever)."""
+        ones behind it (no long prompt is overtaken forever). Requests cancelled while they waited (their
+        client left) end now, wherever they are in the queue, not when a row frees up."""
+        if any(request.cancelled for request in self.waiting):
+            for request in [request for request in self.waiting if request.cancelled]:
+                self.waiting.remove(request)
+                self._finish(request, "cancelled")
         while self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch_size:
             request = self.waiting[0]
             if request.cancelled:

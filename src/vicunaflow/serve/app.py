@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
-from vicunaflow.serve.errors import APIError, read_body, sse_event
+from vicunaflow.serve.errors import APIError, describe, read_body, sse_event
 from vicunaflow.serve.heap import GCPauses
 from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -52,6 +52,9 @@ FINISH_REASON = {"stop": "stop", "length": "length", "cancelled": "stop", "error
 # Request bodies larger than this are refused with 413. A full 2048-token prompt is ~10 KB of text;
 # the cap leaves room for long contexts, many completion prompts and JSON escaping.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# replies one request may ask for (prompts x n): OpenAI takes at most 2,048 prompts a completions request. Each is
+# an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
+MAX_CHOICES = 2048
 # /health's counters when several models are served (summed over the engines)
 HEALTH_TOTALS = ("requests", "active", "waiting", "cancelled", "prefills", "steps", "decode_tokens")
 
@@ -150,7 +153,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, err: RequestValidationError):
-        return APIError(400, "Invalid request: " + _describe(err.errors())).response()
+        return APIError(400, "Invalid request: " + describe(err.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -276,6 +279,10 @@ def create_app(
         engine = check_model(body.model)
         model_name = body.model
         prompts = _prompt_list(body.prompt)
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(
+                400, f"{len(prompts)} prompts x n={body.n} replies: at most {MAX_CHOICES} a request", param="prompt"
+            )
         encoded = await run_in_threadpool(_encode_prompts, engine, prompts)
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
@@ -340,15 +347,7 @@ def _validate(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as err:
-        raise APIError(400, "Invalid request body: " + _describe(err.errors())) from None
-
-
-def _describe(errors: list) -> str:
-    problems = []
-    for e in errors[:3]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(problems)
+        raise APIError(400, "Invalid request body: " + describe(err.errors())) from None
 
 
 def _model_card(name: str, created: int, context: int) -> dict:
@@ -524,6 +523,7 @@ async def _complete_all(http_request: Request, jobs: list) -> list[tuple[str, Ev
     finally:
         for task in (*tasks, disconnected):  # a cancelled _complete cancels its engine request
             task.cancel()
+        replies.cancel()  # cancelled, not failed with its children's CancelledError: nothing left unretrieved
 
 
 async def _disconnect(http_request: Request) -> None:

@@ -143,7 +143,7 @@ def install(app: FastAPI, models: list[str], authorize, chat, max_body_bytes: in
         battle = battle_of(battle_id)
         try:
             choice = json.loads(await read_body(request, max_body_bytes) or b"{}").get("vote")
-        except (ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not UTF-8, not an object, nested too deep
             choice = None
         if choice not in VOTES:
             raise APIError(400, f"vote must be one of {', '.join(VOTES)}", param="vote")
@@ -190,22 +190,29 @@ def install(app: FastAPI, models: list[str], authorize, chat, max_body_bytes: in
 def _chat_request(raw: bytes, model: str):
     """(validated body, last user message, digest of the messages) of a side's request body (CPU work on
     up to --max-body-bytes: run it off the event loop)."""
-    from vicunaflow.serve.errors import APIError
+    from pydantic import ValidationError
+
+    from vicunaflow.serve.errors import APIError, describe
     from vicunaflow.serve.protocol import ChatCompletionRequest
 
     try:
         data = json.loads(raw or b"{}")
     except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise APIError(400, f"Invalid request body: {err}") from None
+    except RecursionError:
+        raise APIError(400, "Invalid request body: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "Invalid request body: an object is expected")
     data["model"] = model
     try:
         body = ChatCompletionRequest.model_validate(data)
-    except ValueError as err:
-        raise APIError(400, f"Invalid request body: {err}") from None
+    except ValidationError as err:  # described without input values: the input holds the side's model name
+        raise APIError(400, "Invalid request body: " + describe(err.errors())) from None
     user = [m.text() for m in body.messages if m.role == "user"]
-    messages = json.dumps([m.model_dump(mode="json") for m in body.messages], sort_keys=True)
+    try:
+        messages = json.dumps([m.model_dump(mode="json") for m in body.messages], sort_keys=True)
+    except (ValueError, RecursionError):  # an extra field nested past pydantic's or json's depth
+        raise APIError(400, "Invalid request body: nested too deeply") from None
     return body, user[-1] if user else "", hashlib.sha256(messages.encode()).hexdigest()
 
 

@@ -6,6 +6,7 @@ import json
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 
 class APIError(Exception):
@@ -43,11 +44,24 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if length is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+    except ClientDisconnect:  # gone before its body arrived: nothing to answer, nothing went wrong here
+        raise APIError(499, "the client closed the connection before its request body arrived") from None
     return bytes(body)
+
+
+def describe(errors: list) -> str:
+    """pydantic's validation errors as `field: problem`, the first three: never the input values (which in the
+    arena hold the model's name, and in any request the user's text)."""
+    problems = []
+    for e in errors[:3]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        problems.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(problems)
 
 
 def sse_event(data: dict | str) -> str:

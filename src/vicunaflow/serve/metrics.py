@@ -21,7 +21,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # (name, engine counter, help): monotonic counts from Engine.snapshot_stats
 COUNTERS = (
     ("requests", "requests", "Requests submitted to the engine (the server's own warm-up included)."),
-    ("prompt_tokens", "prompt_tokens", "Prompt tokens of admitted requests (not a preempted request's re-read)."),
+    ("prompt_tokens", "prompt_tokens", "Prompt tokens admitted, once per choice (n), not for a preemption's re-read."),
     ("generation_tokens", "generated_tokens", "Tokens generated and handed to requests."),
     ("preemptions", "preempted", "Requests sent back to the queue for want of KV cache blocks."),
     ("decode_steps", "steps", "Decode steps run."),
