@@ -356,3 +356,29 @@ def test_lm_eval_local_completions_offline(tmp_path, tiny_vicuna, loaded):
         params = SamplingParams(temperature=0, max_new_tokens=8, stop=("\n", tokenizer.eos_token))
         replies = run(engine, [(s["encoded"][0], params) for s in gen])
     assert [s["resps"][0][0] for s in gen] == ["".join(e.text for e in events) for events in replies]
+
+
+def test_token_texts_join_to_the_text_when_a_reply_ends_inside_a_character(tiny_vicuna):
+    """A reply cut inside a byte-fallback character ends in U+FFFD (the engine flushes what it holds): its last
+    token carries it, so the tokens' texts still join to the text and the offsets stay right; and the chosen
+    token, when among the alternatives, is listed once (not again under the text it adds)."""
+    from transformers import AutoTokenizer
+
+    from vicunaflow.engine.sampling import TokenLogprob
+    from vicunaflow.engine.text import IncrementalDecoder
+    from vicunaflow.serve.logprobs import TokenTexts, completion_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vicuna)
+    e_acute = tokenizer.convert_tokens_to_ids(["<0xC3>", "<0xA9>"])
+    word = tokenizer.encode("hello", add_special_tokens=False)
+    ids = [*word, *e_acute, e_acute[0]]  # "helloé", then the first byte of another "é": the reply ends there
+    decoder = IncrementalDecoder(tokenizer)
+    engine_text = "".join(decoder.push(t) for t in ids) + decoder.flush()  # what the engine's events carry
+    assert engine_text.startswith("helloé") and engine_text.endswith("\ufffd")
+    entries = [TokenLogprob(t, -1.0, [(t, -1.0), (word[0], -2.0)]) for t in ids]
+    texts = TokenTexts(tokenizer, prompt=False, offset=3)
+    rows = texts.add(entries[:-2]) + texts.add(entries[-2:], last=True)  # streamed: two events
+    assert "".join(name for name, *_ in rows) == texts.text == engine_text
+    assert [offset for _, offset, *_ in rows] == [3 + len("".join(n for n, *_ in rows[:i])) for i in range(len(ids))]
+    top = completion_logprobs(rows, 1)["top_logprobs"]
+    assert all(len(alternatives) == 1 for alternatives in top), top

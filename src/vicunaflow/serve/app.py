@@ -250,7 +250,7 @@ def create_app(
         def logprobs(last: Event) -> dict | None:
             if k is None:
                 return None
-            return chat_logprobs(TokenTexts(engine.tokenizer, prompt=False).add(last.logprobs), k)
+            return chat_logprobs(TokenTexts(engine.tokenizer, prompt=False).add(last.logprobs, last=True), k)
 
         choices = [
             {
@@ -312,7 +312,7 @@ def create_app(
             echoed = prompt.finish()
             logprobs = None
             if k is not None:
-                rows += TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed)).add(last.logprobs)
+                rows += TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed)).add(last.logprobs, last=True)
                 logprobs = completion_logprobs(rows, k)
             finish = FINISH_REASON[last.finish_reason]
             return {"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": finish}
@@ -591,7 +591,7 @@ async def _stream_chat(
     def chunk(delta: dict, finish_reason: str | None = None, event: Event | None = None) -> str:
         logprobs = None
         if k is not None and event is not None:  # the tokens sampled since the previous chunk
-            logprobs = chat_logprobs(texts.add(event.logprobs or []), k)
+            logprobs = chat_logprobs(texts.add(event.logprobs or [], last=event.finish_reason is not None), k)
         elif finish_reason is None and len(delta) == 1 and "content" in delta:
             return plain_before + json_string(delta["content"]) + plain_after
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -661,7 +661,8 @@ async def _stream_completion(
                         out.append(render(echoed, completion_logprobs(rows, k) if k is not None else None, None))
                     texts = TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed))
             if event.text or finish:
-                logprobs = completion_logprobs(texts.add(event.logprobs or []), k) if k is not None else None
+                rows = texts.add(event.logprobs or [], last=finish is not None) if k is not None else None
+                logprobs = completion_logprobs(rows, k) if rows is not None else None
                 out.append(render(event.text, logprobs, finish))
             if finish and include_usage:
                 usage = _usage(event.prompt_tokens, event.completion_tokens)

@@ -6,7 +6,8 @@
 A token's text is what it adds to the decoded sequence (IncrementalDecoder: the pieces join to the text),
 so `text_offset` points into the returned text. Special tokens (<s>, </s>) are named in `tokens` and add
 no text. A byte-fallback character split over several tokens belongs to the token that completes it (the
-others add ""). An alternative's text is what it would add after the few tokens before its position.
+others add ""); a reply that ends inside one ends in U+FFFD, as its text does, on its last token. An
+alternative's text is what it would add after the few tokens before its position.
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ class TokenTexts:
         self.ids: list[int] = []
         self.text = ""
 
-    def add(self, entries: Sequence[TokenLogprob]) -> list[tuple[str, int, TokenLogprob, list[tuple[str, float]]]]:
-        """(token text, text offset, entry, [(alternative's text, logprob)]) per entry."""
+    def add(
+        self, entries: Sequence[TokenLogprob], last: bool = False
+    ) -> list[tuple[str, int, TokenLogprob, list[tuple[str, float]]]]:
+        """(token text, text offset, entry, [(alternative's text, logprob)]) per entry. last: these end the
+        sequence; what the decoder still holds (a character cut short) goes to the last token that adds text,
+        as the engine puts it at the end of the reply's text."""
         rows = []
         for entry in entries:
             context = self.ids[-CONTEXT_TOKENS:]
@@ -61,6 +66,15 @@ class TokenTexts:
             self.offset += len(piece)
             self.text += piece
             self.ids.append(entry.token)
+        tail = self.decoder.flush() if last else ""
+        speaking = [i for i, row in enumerate(rows) if row[2].token not in self.silent]
+        if tail and speaking:
+            name, offset, entry, top = rows[speaking[-1]]
+            rows[speaking[-1]] = (name + tail, offset, entry, top)
+            for i in range(speaking[-1] + 1, len(rows)):  # silent tokens after it (EOS) start after the tail
+                rows[i] = (rows[i][0], rows[i][1] + len(tail), *rows[i][2:])
+            self.offset += len(tail)
+            self.text += tail
         return rows
 
     def finish(self) -> str:
@@ -98,7 +112,8 @@ def completion_logprobs(rows: list, k: int) -> dict:
         alternatives: dict[str, float] = {}
         for text, logprob in top[:k]:
             alternatives.setdefault(text, logprob)  # two tokens of one text: the likelier one
-        alternatives.setdefault(name, _finite(entry.logprob))
+        if entry.token not in [token for token, _ in entry.top[:k]]:  # else it is there already, by its own text
+            alternatives.setdefault(name, _finite(entry.logprob))
         top_logprobs.append(alternatives)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
