@@ -240,6 +240,9 @@ def test_nothing_in_a_reply_or_health_tells_the_sides_apart(tmp_path):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
         refused = ask(url, battle, "left", n=2)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
+        for fields, param in (({"temperature": 0}, "temperature"), ({"seed": 7}, "seed")):  # /v1 would replay them
+            refused = ask(url, battle, "left", **fields)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
         reply = ask(url, new_battle(url), "left")
         assert reply.status_code == 200 and "usage" not in reply.json()
         body = {

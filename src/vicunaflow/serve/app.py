@@ -220,7 +220,7 @@ def create_app(
         """Answer a validated chat request. For the arena: shown_name replaces the model's name in the reply,
         done(text) gets the whole reply once it has ended well (None when a streamed one failed or was
         stopped), and `blind` keeps out what tells models apart (usage's token counts, logprobs, n > 1,
-        the context size)."""
+        the context size, a greedy or seeded reply that /v1 would reproduce)."""
         engine = check_model(body.model)
         shown_name = shown_name or body.model
         if blind:  # each would tell the models apart (their tokenizers, their confidence)
@@ -230,6 +230,14 @@ def create_app(
                 raise APIError(
                     400, f"the arena does not answer with {field}: it would tell the models apart", param=field
                 )
+            # a reply that can be had again (greedy, or seeded) through /v1 from each model names its side
+            replayable = {"temperature": body.temperature == 0, "seed": body.seed is not None}
+            field = next((name for name, on in replayable.items() if on), None)
+            if field:
+                raise APIError(
+                    400, f"the arena samples afresh (no {field}): its reply, replayed through /v1 for each model, "
+                    "would name the model", param=field,
+                )  # fmt: skip
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
