@@ -123,3 +123,12 @@ def test_model_loading_help_is_model_options_in_chat_serve_and_eval_answers() ->
         for name, text in fields.items():
             assert f"--{name} " in shown and " ".join(text.split()) in shown, (verb, name)
         assert "device_map" not in shown and "bitsandbytes" not in shown, verb
+
+
+def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):
+    """An OSError (here: a folder given where a file is read) ends the command with status 1 and one line naming
+    the path, not a traceback."""
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["eval", "arena", "--votes", str(tmp_path), "--output", str(tmp_path / "ratings.tsv")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and str(tmp_path) in err and "Traceback" not in err

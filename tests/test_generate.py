@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 
 import pytest
 import torch
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import BUILTIN_CONVERSATIONS, VicunaflowError, template
 from vicunaflow.engine import Engine, IncrementalDecoder, SamplingParams, encode_prompt, fit_conversation, load_model
 from vicunaflow.engine.text import decoder_of, stop_prefix_length
 
@@ -378,6 +379,40 @@ def test_load_errors_are_clear(tiny_vicuna, tmp_path):
     save_file(tensors, broken / "model-00001-of-00001.safetensors")
     with pytest.raises(VicunaflowError, match=r"no tensor model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(broken)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        ({"num_hidden_layers": 6}, r"no tensor model\.layers\.4\."),  # more layers than the weights hold
+        ({"num_hidden_layers": 2}, r"the weights hold layer 3 but config\.json's num_hidden_layers is 2"),
+        ({"hidden_size": "256"}, r"hidden_size is '256'; a LLaMA's config needs a positive integer"),
+        ({"vocab_size": None}, r"vocab_size is None"),
+        ('{"hidden_size": 2', r"config\.json: not valid JSON"),
+    ],
+    ids=["more-layers", "fewer-layers", "string-size", "no-vocab-size", "cut-short"],
+)
+def test_a_config_that_does_not_fit_the_weights_is_refused_by_every_loader(edit, error, tiny_vicuna, tmp_path):
+    """chat and serve (load_model), quantize and eval loss (which loads through transformers, where a layer the
+    weights lack would start random) all refuse a config.json that does not describe the weights, naming it."""
+    import json
+
+    from vicunaflow.eval.loss import loss
+    from vicunaflow.quantize import quantize_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = edit if isinstance(edit, str) else json.dumps(config | edit)
+    (folder / "config.json").write_text(text)
+    for attempt in (
+        lambda: load_model(folder),
+        lambda: quantize_model(model_path=folder, output_dir=tmp_path / "q", bits=8),
+        lambda: loss(model_path=folder, data=BUILTIN_CONVERSATIONS, output=tmp_path / "loss.json", device="cpu"),
+    ):
+        with pytest.raises(VicunaflowError, match=error):
+            attempt()
+    assert not (tmp_path / "q").exists() and not (tmp_path / "loss.json").exists()
 
 
 def test_quantized_folder_refusals(quantized_folders, tmp_path):

@@ -77,11 +77,29 @@ def test_an_earlier_output_or_an_empty_folder_is_replaced(tiny_raw, tiny_hf, tmp
     shutil.copytree(tiny_hf, out)
     (out / "model.safetensors.index.json").write_text("{}")  # changed since: the rerun writes it afresh
     assert run("convert", "--input-dir", tiny_raw, "--output-dir", out) == 0
-    assert tree(out) == tree(tiny_hf)
+    written = tree(out)
+    manifest = json.loads(written.pop(outputs.MANIFEST))
+    assert written == {name: data for name, data in tree(tiny_hf).items() if name != outputs.MANIFEST}
+    assert manifest["verb"] == "convert" and sorted(manifest["files"]) == sorted(written)  # what it wrote
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run("convert", "--input-dir", tiny_raw, "--output-dir", empty) == 0
     assert (empty / "config.json").is_file()
+
+
+def test_another_verbs_output_or_files_added_to_an_output_are_kept(tiny_raw, tiny_hf, tmp_path, capsys):
+    """An earlier output is replaced without --overwrite only by the verb that wrote it, and only while it
+    holds just what that verb wrote (its manifest lists it): a note the user added keeps the folder."""
+    converted = tmp_path / "converted"
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", converted) == 0
+    assert run("quantize", "--model-path", tiny_hf, "--output-dir", converted) == 1
+    assert "holds the output of `vicunaflow convert`, not of `vicunaflow quantize`" in capsys.readouterr().err
+    (converted / "NOTES.md").write_text("mine\n")
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", converted) == 1
+    assert "holds files vicunaflow did not write there (NOTES.md)" in capsys.readouterr().err
+    assert (converted / "NOTES.md").read_text() == "mine\n" and (converted / "config.json").is_file()
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", converted, "--overwrite") == 0
+    assert not (converted / "NOTES.md").exists()
 
 
 def test_a_manifest_not_written_by_vicunaflow_does_not_count(tiny_raw, tmp_path):
@@ -446,3 +464,68 @@ def test_manifest_written_by_vicunaflow_marks_a_complete_output(tiny_hf):
     manifest = json.loads((tiny_hf / outputs.MANIFEST).read_text())
     assert "vicunaflow" in manifest["versions"]
     assert outputs._replaceable(tiny_hf)
+
+
+# ---- a single output file never replaces an input, another output, or a file inside an input --------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["clean report is the data", "split held-out is the output", "eval loss output is the data",
+     "chat output is the prompts", "chat output inside the model", "eval answers output is the questions",
+     "eval summary output is a loss file", "eval arena output is the votes"],
+)  # fmt: skip
+def test_an_output_file_that_is_an_input_is_refused_before_any_work(case, tiny_vicuna, tmp_path, capsys):
+    """Each verb writing files refuses, before the model loads, an output path that is one of its inputs, lies
+    inside an input folder (a model's config.json), or is another of its outputs; the input stays as it was."""
+    data = tmp_path / "conversations.json"
+    shutil.copy(BUILTIN_CONVERSATIONS, data)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question_id": 1, "category": "writing", "turns": ["Hi"]}\n')
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    losses = tmp_path / "loss.json"
+    losses.write_text("{}\n")
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("")
+    argv, kept, expected = {
+        "clean report is the data": (["data", "clean", "--data", data, "--output", tmp_path / "o.jsonl",
+                                      "--report", data], data, "is the input"),
+        "split held-out is the output": (["data", "split", "--data", data, "--model-path", model, "--output",
+                                          tmp_path / "t.jsonl", "--held-out", tmp_path / "t.jsonl",
+                                          "--held-out-fraction", "0.5"], data, "are both"),
+        "eval loss output is the data": (["eval", "loss", "--model-path", model, "--data", data, "--output", data],
+                                         data, "is the input"),
+        "chat output is the prompts": (["chat", "--model-path", model, "--prompts", prompts, "--output", prompts],
+                                       prompts, "is the input"),
+        "chat output inside the model": (["chat", "--model-path", model, "--prompts", prompts, "--output",
+                                          model / "config.json"], model / "config.json", "lies inside the input"),
+        "eval answers output is the questions": (["eval", "answers", "--model-path", model, "--questions", questions,
+                                                  "--output", questions], questions, "is the input"),
+        "eval summary output is a loss file": (["eval", "summary", "--questions", questions, "--losses", losses,
+                                                "--output", losses], losses, "is the input"),
+        "eval arena output is the votes": (["eval", "arena", "--votes", votes, "--output", votes], votes,
+                                           "is the input"),
+    }[case]  # fmt: skip
+    before = kept.read_bytes()
+    assert run(*argv) == 1
+    assert expected in capsys.readouterr().err
+    assert kept.read_bytes() == before
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tiny_raw, tmp_path, capsys, monkeypatch):
+    """A folder the process cannot create files in is named at once (tried for real, as root too), not after
+    the work as a PermissionError from deep inside."""
+    real = outputs.tempfile.NamedTemporaryFile
+
+    def refused(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", refused)
+    assert run("convert", "--input-dir", tiny_raw, "--output-dir", tmp_path / "locked" / "out") == 1
+    assert f"cannot write in {tmp_path / 'locked'} (Permission denied)" in capsys.readouterr().err

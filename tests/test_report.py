@@ -33,4 +33,17 @@ def test_loss_curve_and_options_table(tmp_path: Path) -> None:
 
 def test_run_without_log_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(VicunaflowError, match=r"trainer_log\.jsonl: missing"):
-        finetune_report(run_dir=tmp_path, loss_plot=tmp_path / "a.svg", options_table=tmp_path / "b.tsv")
+        finetune_report(run_dir=tmp_path / "run", loss_plot=tmp_path / "a.svg", options_table=tmp_path / "b.tsv")
+
+
+def test_the_report_is_not_written_into_the_run(tmp_path: Path) -> None:
+    """A plot or table path inside the run folder (its trainer_log.jsonl, say) is refused before anything is
+    written: the report would replace what it reads."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(VicunaflowError, match="lies inside the input"):
+        finetune_report(run_dir=run, loss_plot=run / "trainer_log.jsonl", options_table=tmp_path / "b.tsv")
+    assert (run / "trainer_log.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    with pytest.raises(VicunaflowError, match="--loss_plot and --options_table are both"):
+        finetune_report(run_dir=run, loss_plot=tmp_path / "same", options_table=tmp_path / "same")

@@ -19,7 +19,7 @@ from typing import Literal
 from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, fit_conversation, timed
 from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
-from vicunaflow.outputs import atomic_write_bytes, tool_versions
+from vicunaflow.outputs import atomic_write_bytes, check_output_files, tool_versions
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ def chat(
         raise VicunaflowError("--prompts and --output go together: answer a prompt file into a JSON file")
     if prompts is not None and not Path(prompts).is_file():
         raise VicunaflowError(f"{prompts}: no such prompt file")
+    if output is not None:  # before the model loads: the transcripts must not replace an input
+        check_output_files({"--output": output}, inputs=[prompts, model_path])
+    if max_new_tokens < 1:
+        raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if not 0.0 < top_p <= 1.0:
         raise VicunaflowError(f"--top-p {top_p}: must be in (0, 1]")
     if temperature < 0:
@@ -95,7 +99,11 @@ def chat(
 
 def answer_prompts(engine: Engine, model_path: Path, prompts: Path, output: Path, params: SamplingParams) -> dict:
     """Answer each prompt in a fresh conversation; write the transcripts as JSON, atomically."""
-    questions = [line.strip() for line in prompts.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        text = prompts.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise VicunaflowError(f"{prompts}: not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    questions = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not questions:
         raise VicunaflowError(f"{prompts}: no prompts (one per line; # starts a comment)")
     transcripts = []

@@ -219,7 +219,7 @@ def _exact_flags_parser() -> type:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    from vicunaflow import VicunaflowError
+    from vicunaflow import VicunaflowError, outputs
     from vicunaflow.log import setup_logging
     from vicunaflow.outputs import Terminated, terminate_on_sigterm
 
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     # Build the parser for the chosen verb alone; `--help` (or no verb) shows the whole table.
     commands = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     setup_logging()
+    verb = argv[:2] if isinstance(commands.get(argv[0] if argv else None), dict) else argv[:1]
+    known = bool(argv) and argv[0] in COMMANDS and not verb[-1].startswith("-")
+    outputs.VERB = " ".join(verb) if known else None  # what manifests record
     try:
         with terminate_on_sigterm():  # Snakemake and SLURM stop jobs with SIGTERM: clean up as for Ctrl-C
             CLI(_table(commands), args=argv, as_positional=False, parser_class=_exact_flags_parser())
@@ -242,3 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     except VicunaflowError as err:
         logging.getLogger("vicunaflow").error("%s", err)
         sys.exit(1)
+    except OSError as err:  # the system said no (a permission, a full disk, a path): one line naming it
+        logging.getLogger("vicunaflow").error("%s", err)
+        logging.getLogger("vicunaflow").debug("where", exc_info=True)
+        sys.exit(1)
+    finally:
+        outputs.VERB = None

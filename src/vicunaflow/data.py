@@ -418,13 +418,32 @@ def read_tokenized_meta(path: Path) -> dict:
     return meta
 
 
+def check_tokenizer_of(path: Path, meta: dict, model_path: Path) -> None:
+    """Refuse a tokenised dataset (`meta` read from `path`) whose tokenizer.json is not model_path's: its token
+    ids would stand for other words there, and training or a loss on them would run without an error."""
+    from vicunaflow.outputs import sha256_file
+
+    recorded = meta["tokenizer_sha256"].get("tokenizer.json")
+    tokenizer = Path(model_path, "tokenizer.json")
+    if recorded is not None and recorded != (sha256_file(tokenizer) if tokenizer.is_file() else None):
+        raise VicunaflowError(
+            f"{path}: tokenised with another tokenizer than {model_path}'s; re-run `vicunaflow data tokenize` "
+            f"with --model-path {model_path}"
+        )
+
+
 def load_tokenized(path: Path) -> tuple[list[Sample], dict]:
     """Read a directory written by `tokenize` back into samples."""
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_tokenized_meta(path)
-    tensors = load_file(str(path / TOKENS_FILE))
+    try:
+        tensors = load_file(str(path / TOKENS_FILE))
+    except Exception as err:  # safetensors' own error types: a truncated or damaged file
+        raise VicunaflowError(
+            f"{path / TOKENS_FILE}: not a complete safetensors file ({err}); tokenise the data again"
+        ) from None
     input_ids, labels, offsets = tensors["input_ids"].tolist(), tensors["labels"].tolist(), tensors["offsets"].tolist()
     samples = [
         Sample(sample_id, input_ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]])

@@ -10,10 +10,14 @@ hand-written Meta forward pass, and that the check fails without the permutation
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
+
+from vicunaflow import VicunaflowError
 
 # Meta name (per layer, `{i}` = layer index) -> (Hugging Face name, dim to concatenate shards on,
 # or None when the tensor is replicated in every shard).
@@ -41,6 +45,17 @@ DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bf
 # apply-delta writes it where the delta has none.
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 IGNORED_META_KEYS = re.compile(r"^(rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs)$")
+
+
+def read_config(config_file: Path) -> dict:
+    """A model folder's config.json as a dict, or a clear error naming it (cut short, edited by hand, not UTF-8)."""
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise VicunaflowError(f"{config_file}: not valid JSON ({err}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise VicunaflowError(f"{config_file}: not a JSON object; restore the model's config.json")
+    return config
 
 
 def meta_names(n_layers: int) -> dict[str, tuple[str, int | None]]:

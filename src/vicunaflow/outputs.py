@@ -8,8 +8,10 @@ Replacing the output is the one destructive step, so it is guarded (`check_outpu
 verb also calls first, before any heavy work):
 - an output path that is, contains or lies inside an input, or is (or contains) the working
   directory, the home directory or a filesystem root, is refused, `--overwrite` or not;
-- an existing output is replaced only when it is a complete earlier output of vicunaflow (its
-  `vicunaflow.json` says so) or an empty directory, or when `--overwrite` is given.
+- an existing output is replaced only when it is a complete earlier output of the same verb holding
+  nothing else (its `vicunaflow.json` says which verb wrote it and lists the files it wrote), or an
+  empty directory, or when `--overwrite` is given: a folder another verb wrote, or one where the user
+  put files of their own, is refused.
 Snakemake deletes a job's outputs before running it, so workflow runs never meet the second rule.
 
 A temporary is named `.<name>.tmp-<pid>.<start>@<host>~<pidns>-XXXXXXXX`: the process that owns it (pid,
@@ -42,6 +44,9 @@ from pathlib import Path
 import vicunaflow
 
 MANIFEST = "vicunaflow.json"
+# The verb this process runs ("quantize", "data tokenize"), set by the CLI: manifests record it, and an output
+# is replaced without --overwrite only by the verb that wrote it. None outside the CLI (library calls).
+VERB: str | None = None
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +96,62 @@ def check_output_dir(
                     f"refusing to write the output {target}: it {relation} the input {given}; "
                     "choose an output path outside the inputs"
                 )
-    if not overwrite and (target.exists() or target.is_symlink()) and not _replaceable(target):
-        raise vicunaflow.VicunaflowError(
-            f"{target} exists and is not a complete vicunaflow output (no {MANIFEST} written by vicunaflow); "
-            "refusing to replace it: move it away, choose another output path, or pass --overwrite"
-        )
+    if not overwrite and (target.exists() or target.is_symlink()):
+        reason = _why_kept(target)
+        if reason:
+            raise vicunaflow.VicunaflowError(
+                f"{target} exists and {reason}; refusing to replace it: move it away, choose another output "
+                "path, or pass --overwrite"
+            )
+    check_writable(absolute.parent)
     return target
+
+
+def check_output_files(
+    outputs: dict[str, str | os.PathLike | None], *, inputs: Iterable[str | os.PathLike | None] = ()
+) -> None:
+    """Refuse, before any work, output files ({flag: path}; None: not written) that would destroy what the
+    user did not ask to replace, or be lost: one that is an input file or lies inside an input folder (a
+    model's config.json), one that is a folder, two outputs at one path (the second would replace the first),
+    or one whose folder cannot be written (found now, not after hours of generation)."""
+    inputs = [given for given in inputs if given is not None]
+    taken: dict[Path, str] = {}
+    for flag, output in outputs.items():
+        if output is None:
+            continue
+        output = Path(output)
+        if output.is_dir():
+            raise vicunaflow.VicunaflowError(f"{flag} {output} is a directory; give a file path for the output")
+        for given in inputs:
+            relation = path_relation(output, given)
+            if relation in ("is", "lies inside"):
+                raise vicunaflow.VicunaflowError(
+                    f"refusing to write {flag} {output}: it {relation} the input {given}; "
+                    "choose an output path outside the inputs"
+                )
+        place = output.resolve()
+        if place in taken:
+            raise vicunaflow.VicunaflowError(
+                f"{taken[place]} and {flag} are both {output}: the second would replace the first; give each its own path"
+            )
+        taken[place] = flag
+        check_writable(output.parent)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse a folder (or, while it does not exist, its nearest existing parent) this process cannot create
+    files in: tried for real (a temporary file, removed at once), since permission bits do not tell root
+    about read-only mounts or immutable folders."""
+    place = Path(os.path.abspath(folder))
+    while not place.exists() and place.parent != place:
+        place = place.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=place, prefix=".vicunaflow-write-test-"):
+            pass
+    except OSError as err:
+        raise vicunaflow.VicunaflowError(
+            f"cannot write in {place} ({err.strerror or err}): choose an output path in a folder you can write"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -116,6 +171,7 @@ def atomic_output_dir(
     _ACTIVE.add(tmp)
     try:
         yield tmp
+        _record_files(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be shared
         # Checked again: the block ran for a while, and something may have appeared at the target meanwhile.
         check_output_dir(target, inputs=inputs, overwrite=overwrite)
@@ -269,17 +325,50 @@ def _relation(place: Path, others: set[Path]) -> str | None:
 
 
 def _replaceable(target: Path) -> bool:
-    """A complete earlier vicunaflow output (its manifest is vicunaflow's), or an empty directory."""
+    """A complete earlier output of this verb holding nothing else, or an empty directory (see _why_kept)."""
+    return _why_kept(target) is None
+
+
+def _why_kept(target: Path) -> str | None:
+    """Why `target` may not be replaced without --overwrite ("is not a complete vicunaflow output ..."), or
+    None: it is an empty directory, or a complete earlier output (its manifest is vicunaflow's) written by
+    this verb (when both are known) and holding only the files that verb wrote (when its manifest lists them)."""
+    not_ours = f"is not a complete vicunaflow output (no {MANIFEST} written by vicunaflow)"
     if not target.is_dir():
-        return False
+        return not_ours
     manifest = target / MANIFEST
-    if manifest.is_file():
-        try:
-            written = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(written, dict) and "vicunaflow" in (written.get("versions") or {})
-    return not any(target.iterdir())
+    if not manifest.is_file():
+        return None if not any(target.iterdir()) else not_ours
+    try:
+        written = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return not_ours
+    if not isinstance(written, dict) or "vicunaflow" not in (written.get("versions") or {}):
+        return not_ours
+    if VERB and written.get("verb") and written["verb"] != VERB:
+        return f"holds the output of `vicunaflow {written['verb']}`, not of `vicunaflow {VERB}`"
+    if isinstance(written.get("files"), list):
+        others = sorted(set(_files(target)) - set(written["files"]) - {MANIFEST})
+        if others:
+            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            return f"holds files vicunaflow did not write there ({listed})"
+    return None
+
+
+def _files(folder: Path) -> list[str]:
+    """The files below `folder`, as paths relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _record_files(folder: Path) -> None:
+    """Add the list of what the verb wrote to the folder's manifest (if it has one): a later run replaces the
+    folder only while it holds nothing more."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+    manifest["files"] = [name for name in _files(folder) if name != MANIFEST]
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _host() -> str:
@@ -366,6 +455,7 @@ def write_manifest(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "versions": tool_versions(),
         "inputs": {str(p): sha256_file(p) for p in sorted(map(str, inputs))},
+        **({"verb": VERB} if VERB else {}),
         **extra,
     }
     Path(out_dir, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

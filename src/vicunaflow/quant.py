@@ -26,7 +26,6 @@ the one call a model makes: the Triton matvec for one row on CUDA, dequantize + 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vicunaflow import VicunaflowError, kernels, quant_kernels
+from vicunaflow.formats import read_config
 
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
@@ -495,7 +495,7 @@ def quantization_config(model_path: str | Path) -> dict | None:
     config_path = Path(model_path) / "config.json"
     if not config_path.exists():
         return None
-    block = json.loads(config_path.read_text()).get("quantization_config")
+    block = read_config(config_path).get("quantization_config")
     if not block:
         return None
     if block.get("quant_method") != QUANT_METHOD:
@@ -510,7 +510,7 @@ def refuse_quantized(model_path: str | Path, option: str) -> None:
     not know and initialises every projection at random, silently (eval loss, finetune)."""
     config_path = Path(model_path) / "config.json"
     try:
-        block = json.loads(config_path.read_text()).get("quantization_config") or {}
+        block = read_config(config_path).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
         return  # no config.json: the caller's own check names it
     if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD:

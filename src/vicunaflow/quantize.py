@@ -59,6 +59,9 @@ def quantize_model(
     check_output_dir(output_dir, inputs=[model_path], overwrite=overwrite)  # before any work
     if quantization_config(model_path) is not None:
         raise VicunaflowError(f"{model_path}: already quantized; quantize its float16 folder instead")
+    from vicunaflow.engine.build import check_folder
+
+    check_folder(model_path)  # the config the output will carry must describe these weights
     checkpoint = Checkpoint(model_path)
     plan = quantized_plan(checkpoint, bits, group_size)
     names = checkpoint.names()

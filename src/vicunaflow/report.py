@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vicunaflow import VicunaflowError
 from vicunaflow.finetune.config import HYPERPARAMETERS, TRAINER_LOG  # stdlib-only: no torch here
+from vicunaflow.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> N
     """
     run_dir = Path(run_dir)
     log.info("report finetune: run_dir=%s loss_plot=%s options_table=%s", run_dir, loss_plot, options_table)
+    check_output_files({"--loss_plot": loss_plot, "--options_table": options_table}, inputs=[run_dir])
     log_path = run_dir / TRAINER_LOG
     if not log_path.exists():
         raise VicunaflowError(f"{log_path}: missing; is {run_dir} the output of `vicunaflow finetune`?")

@@ -36,7 +36,6 @@ from vicunaflow.dataprep.records import (
     Counts,
     atomic_writer,
     batched,
-    check_output,
     content_digest,
     default_jobs,
     dumps,
@@ -44,6 +43,7 @@ from vicunaflow.dataprep.records import (
     read_records,
     record_name,
 )
+from vicunaflow.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def clean(
         "data clean: data=%s output=%s report=%s html=%s languages=%s jobs=%d",
         data, output, report, html, languages or "all", jobs,
     )  # fmt: skip
-    check_output(output, data)
+    check_output_files({"--output": output, "--report": report}, inputs=[data])
     options = CleanOptions(html=html, languages=tuple(languages or ()), language_text=language_text)
     if options.languages:
         _language_identifier()  # fail before any work when the extra is missing

@@ -142,17 +142,6 @@ def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
         os.fsync(f.fileno())
 
 
-def check_output(output: Path, *inputs: Path | None) -> Path:
-    """Refuse, before any work, an output that is one of the inputs (it would be replaced while read)."""
-    output = Path(output)
-    for given in inputs:
-        if given is not None and Path(given).exists() and output.resolve() == Path(given).resolve():
-            raise VicunaflowError(f"refusing to write {output}: it is the input {given}; choose another output path")
-    if output.is_dir():
-        raise VicunaflowError(f"{output} is a directory; give a file path (.jsonl) for the output")
-    return output
-
-
 # ---- counting what was dropped ----------------------------------------------------------------------
 
 

@@ -22,13 +22,13 @@ from vicunaflow.dataprep.records import (
     Broken,
     Counts,
     atomic_writer,
-    check_output,
     content_digest,
     dumps,
     read_records,
     record_name,
     unit_hash,
 )
+from vicunaflow.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def mix(
         output,
         seed,
     )
-    check_output(output, *data)
+    check_output_files({"--output": output, "--report": report}, inputs=data)
     counts = Counts("mix")
     seen: set[bytes] = set()
     with atomic_writer(output) as out:

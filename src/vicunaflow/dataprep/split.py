@@ -44,7 +44,6 @@ from vicunaflow.dataprep.records import (
     Counts,
     atomic_writer,
     batched,
-    check_output,
     default_jobs,
     dumps,
     ordered_map,
@@ -52,6 +51,7 @@ from vicunaflow.dataprep.records import (
     record_name,
     unit_hash,
 )
+from vicunaflow.outputs import check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ def split(
         "data split: data=%s model_path=%s output=%s model_max_length=%d held_out=%s held_out_fraction=%s seed=%r",
         data, model_path, output, model_max_length, held_out, held_out_fraction, seed,
     )  # fmt: skip
-    check_output(output, data)
-    if held_out is not None:
-        check_output(held_out, data, output)
+    check_output_files({"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path])
     jobs = jobs or default_jobs()
     options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
     if jobs <= 1:

@@ -19,7 +19,6 @@ layer weights as they load. Embeddings, norms and lm_head stay in float.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import zlib
@@ -30,6 +29,7 @@ import torch
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.checkpoint import Checkpoint
 from vicunaflow.engine.model import ModelArgs, Transformer, Weight
+from vicunaflow.formats import read_config
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,22 @@ def read_args(model_path: Path) -> ModelArgs:
     config_file = model_path / "config.json"
     if not config_file.exists():
         raise VicunaflowError(f"{model_path}: no config.json; give a Hugging Face model directory (--model-path)")
-    config = json.loads(config_file.read_text())
+    config = read_config(config_file)
     if config.get("model_type", "llama") != "llama":
         log.warning("%s: model_type %r is not llama; trying anyway", model_path, config.get("model_type"))
     if config.get("quantization_config"):
         quant.quantization_config(model_path)  # ours (vicunaflow quantize), or refused naming its method
     return ModelArgs.from_hf(config)
+
+
+def check_folder(model_path: Path) -> ModelArgs:
+    """A model folder's config.json read and its weights checked against it (every tensor a LLaMA of that
+    config has, at its shape, and no layer beyond its num_hidden_layers), before any weight is read: for tools
+    that load it otherwise (quantize, and eval loss through transformers, which would fill a missing layer
+    with random weights)."""
+    args = read_args(Path(model_path))
+    _CheckpointReader(Path(model_path)).check(hf_shapes(args))
+    return args
 
 
 def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -250,6 +260,13 @@ class _CheckpointReader:
                 )
         stored = {s for n in quantized for s in quant.quantized_names(n, 4)}
         extra = sorted(n for n in names - set(shapes) - stored if not n.endswith("rotary_emb.inv_freq"))
+        layers = sum(1 for n in shapes if n.endswith(".input_layernorm.weight"))
+        beyond = sorted({int(m[1]) for n in extra if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+        if beyond:
+            raise VicunaflowError(
+                f"{self.checkpoint.directory}: the weights hold layer {beyond[-1]} but config.json's "
+                f"num_hidden_layers is {layers}: the config does not belong to these weights; restore it"
+            )
         if extra:
             log.warning(
                 "%s: ignoring %d tensors not in a LLaMA (%s, ...)", self.checkpoint.directory, len(extra), extra[0]

@@ -67,6 +67,10 @@ class ModelArgs:
         for key, (value, wanted) in unsupported.items():
             if value != wanted:
                 raise VicunaflowError(f"config.json: {key}={value!r} is not supported (LLaMA has {wanted!r})")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise VicunaflowError(f"config.json: {key} is {value!r}; a LLaMA's config needs a positive integer")
         heads = config["num_attention_heads"]
         if config.get("head_dim") not in (None, config["hidden_size"] // heads):
             raise VicunaflowError(f"config.json: head_dim {config['head_dim']} != hidden_size / num_attention_heads")

@@ -58,7 +58,7 @@ def answers(
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph.
     """
     from vicunaflow.engine import Engine
-    from vicunaflow.outputs import atomic_write_bytes
+    from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
     log.info(
         "eval answers: model_path=%s questions=%s output=%s model_id=%s max_new_tokens=%d seed=%d %s max_batch_size=%d",
@@ -66,6 +66,7 @@ def answers(
     )  # fmt: skip
     if max_new_tokens < 1:
         raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    check_output_files({"--output": output}, inputs=[questions, model_path])
     loaded = load_questions(questions)
     model_id = model_id or Path(model_path).name
     model, tokenizer = model_options.load(model_path)

@@ -49,9 +49,10 @@ def arena(*, votes: Path, output: Path, output_json: Path | None = None, rounds:
         rounds: bootstrap resamples for the intervals (0: none).
         seed: seed of the resampling.
     """
-    from vicunaflow.outputs import atomic_write_bytes
+    from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
     log.info("eval arena: votes=%s output=%s rounds=%d seed=%d", votes, output, rounds, seed)
+    check_output_files({"--output": output, "--output_json": output_json}, inputs=[votes])
     battles = read_votes(votes)
     if not battles:
         raise VicunaflowError(f"{votes}: no votes yet (vote on the arena page of `vicunaflow serve`)")

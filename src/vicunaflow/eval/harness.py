@@ -68,7 +68,7 @@ def harness(
         timeout: seconds to wait for the server to start, and for one request.
     """
     from vicunaflow.eval.served import served
-    from vicunaflow.outputs import atomic_write_bytes, tool_versions
+    from vicunaflow.outputs import atomic_write_bytes, check_output_files, tool_versions
 
     model_path = Path(model_path)
     model_name = model_name or model_path.name
@@ -81,6 +81,7 @@ def harness(
     )  # fmt: skip
     if not tasks:
         raise VicunaflowError("--tasks: give at least one lm-eval task")
+    check_output_files({"--output": output}, inputs=[model_path, include_path])
     if num_concurrent < 1 or max_batch_size < 1:
         raise VicunaflowError("--num-concurrent and --max-batch-size must be at least 1")
     if include_path is not None and not Path(include_path).is_dir():

@@ -115,6 +115,13 @@ def judge(
     if parallel < 1:
         raise VicunaflowError(f"--parallel {parallel}: must be at least 1")
     loaded = load_questions(questions)
+    from vicunaflow.outputs import check_output_files
+
+    # the judgments journal (--partial, else --output) is both read and written: it is no input here
+    check_output_files(
+        {"--output": output, "--partial": partial},
+        inputs=[questions, answers, reference, judge_prompts, judge_serve_model_path],
+    )
     model_answers = load_answers(answers, loaded)
     references = load_answers(reference, loaded, what="reference answer") if reference is not None else None
     prompts = load_judge_prompts(judge_prompts)

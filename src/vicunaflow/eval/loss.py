@@ -56,8 +56,15 @@ def loss(
         load_8bit: quantize the layers' weights to int8 as they load, as chat and serve do (docs/quantize.md).
         load_4bit: quantize them to int4 (a scale and zero per 128 input columns).
     """
-    from vicunaflow.data import Sample, encode_all, load_conversations, load_tokenized, load_tokenizer
-    from vicunaflow.outputs import atomic_write_bytes, sha256_file
+    from vicunaflow.data import (
+        Sample,
+        check_tokenizer_of,
+        encode_all,
+        load_conversations,
+        load_tokenized,
+        load_tokenizer,
+    )
+    from vicunaflow.outputs import atomic_write_bytes, check_output_files, sha256_file
     from vicunaflow.quant import refuse_quantized
 
     log.info(
@@ -71,9 +78,14 @@ def loss(
         raise VicunaflowError("--load-8bit and --load-4bit: choose one")
     bits = 8 if load_8bit else 4 if load_4bit else None
     refuse_quantized(model_path, "--model-path")
+    check_output_files({"--output": output}, inputs=[data, model_path])
+    from vicunaflow.engine.build import check_folder
+
+    check_folder(Path(model_path))  # transformers would start a layer missing from the weights at random
     data = Path(data)
     if data.is_dir():
-        whole, _ = load_tokenized(data)
+        whole, meta = load_tokenized(data)
+        check_tokenizer_of(data, meta, model_path)
         truncated = [Sample(s.id, s.input_ids[:model_max_length], s.labels[:model_max_length]) for s in whole]
     else:
         whole = load_conversations(data)

@@ -51,9 +51,13 @@ def summary(
     """
     from vicunaflow.eval.arena import read_ratings
     from vicunaflow.eval.harness import read_harness
-    from vicunaflow.outputs import atomic_write_bytes
+    from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
     log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
+    check_output_files(
+        {"--output": output, "--output_json": output_json},
+        inputs=[questions, arena, *(judgments or []), *(losses or []), *(harness or [])],
+    )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for path in judgments or []:

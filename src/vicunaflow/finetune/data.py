@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vicunaflow import VicunaflowError
 from vicunaflow.finetune.config import Runtime, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,7 @@ class TrainingData:
                     conversations.Sample(s.id, s.input_ids[: self.max_length], s.labels[: self.max_length])
                     for s in samples
                 ]
-            if meta["tokenizer_sha256"].get("tokenizer.json") not in (
-                None,
-                _sha256(Path(config.model_path, "tokenizer.json")),
-            ):
-                raise VicunaflowError(
-                    f"{path}: tokenised with another tokenizer than {config.model_path}'s; re-run `vicunaflow data tokenize`"
-                )
+            conversations.check_tokenizer_of(path, meta, config.model_path)
             self.samples = samples
         elif config.lazy_preprocess and not config.packing:
             self.conversations = conversations.load_conversations(path)  # validates every record now
@@ -186,9 +179,3 @@ class Plan:
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         first = step_in_epoch * self.accumulation
         return batches[first : first + self.accumulation]
-
-
-def _sha256(path: Path) -> str | None:
-    from vicunaflow.outputs import sha256_file
-
-    return sha256_file(path) if path.is_file() else None

@@ -91,7 +91,9 @@ def write_output(config: TrainConfig, model, runtime: Runtime, run_dir: Path) ->
         inputs += [p for p in (Path(config.data), Path(config.data, "meta.json")) if p.is_file()]
         if Path(config.model_path, "vicunaflow.json").is_file():
             inputs.append(Path(config.model_path, "vicunaflow.json"))
-        write_manifest(out, inputs=inputs, kind=f"finetune-{config.method}", world_size=runtime.world_size)
+        write_manifest(
+            out, inputs=inputs, kind=f"finetune-{config.method}", world_size=runtime.world_size, verb="finetune"
+        )
     log.info("wrote %s", config.output_dir)
 
 
