@@ -410,6 +410,8 @@ def test_port_in_use_fails_before_loading_the_model(tmp_path):
         result = serve_refused("--model-path", str(tmp_path / "missing"), "--port", str(port))
     assert result.returncode == 1, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr, result.stderr
+    result = serve_refused("--model-path", str(tmp_path / "missing"), "--port", "70000")
+    assert result.returncode == 1 and "--port 70000: a TCP port is 1-65535" in result.stderr, result.stderr
 
 
 def test_body_limit_defaults_agree():

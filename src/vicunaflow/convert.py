@@ -152,7 +152,8 @@ def read_checklist(input_dir: Path) -> dict[str, str] | None:
 def read_params(input_dir: Path) -> dict:
     path = input_dir / "params.json"
     if not input_dir.is_dir():
-        raise VicunaflowError(f"{input_dir}: no such directory; expected a raw LLaMA folder such as pyllama_data/7B")
+        what = "a file, not a directory" if input_dir.exists() else "no such directory"
+        raise VicunaflowError(f"{input_dir}: {what}; expected a raw LLaMA folder such as pyllama_data/7B")
     if not path.exists():
         raise VicunaflowError(f"{path}: missing; a raw LLaMA folder holds params.json next to consolidated.NN.pth")
     try:

@@ -197,7 +197,7 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
         more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise VicunaflowError(f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them")
     if not conversations:
-        raise VicunaflowError(f"{path}: no conversations to train on")
+        raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
     return conversations
 
@@ -308,6 +308,8 @@ def load_tokenizer(model_path: Path):
     model_path = Path(model_path)
     if not model_path.is_dir():
         raise VicunaflowError(f"{model_path}: no such model directory")
+    if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise VicunaflowError(f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model); give a model directory")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if not getattr(tokenizer, "is_fast", False):
         raise VicunaflowError(f"{model_path}: a fast tokenizer (tokenizer.json) is needed for exact loss masks")

@@ -56,6 +56,8 @@ def quantize_model(
     )  # fmt: skip
     if bits not in (8, 4):
         raise VicunaflowError(f"--bits must be 8 or 4, not {bits}")
+    if bits == 4 and (group_size < 2 or group_size % 2):
+        raise VicunaflowError(f"--group-size {group_size}: int4 needs an even group size of at least 2 (128 usually)")
     check_output_dir(output_dir, inputs=[model_path], overwrite=overwrite)  # before any work
     if quantization_config(model_path) is not None:
         raise VicunaflowError(f"{model_path}: already quantized; quantize its float16 folder instead")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vicunaflow import VicunaflowError
 from vicunaflow.finetune.config import HYPERPARAMETERS, TRAINER_LOG  # stdlib-only: no torch here
-from vicunaflow.outputs import check_output_files
+from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,26 @@ def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> N
     log_path = run_dir / TRAINER_LOG
     if not log_path.exists():
         raise VicunaflowError(f"{log_path}: missing; is {run_dir} the output of `vicunaflow finetune`?")
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    records = [_json(log_path, line, n) for n, line in enumerate(log_path.read_text().splitlines(), 1) if line.strip()]
+    points = [(r["step"], r["loss"]) for r in records if isinstance(r, dict) and "loss" in r and "step" in r]
     if not points:
         raise VicunaflowError(f"{log_path}: no loss was logged; set logging_steps to a value below the step count")
-    Path(loss_plot).parent.mkdir(parents=True, exist_ok=True)
-    Path(loss_plot).write_text(loss_svg(points, title=f"training loss: {run_dir.name}"))
-
     args_path = run_dir / HYPERPARAMETERS
-    options = json.loads(args_path.read_text()) if args_path.exists() else {}
+    options = _json(args_path, args_path.read_text()) if args_path.exists() else {}
+    if not isinstance(options, dict):
+        raise VicunaflowError(f"{args_path}: not a JSON object of options; is {run_dir} a `vicunaflow finetune` run?")
+    atomic_write_bytes(loss_plot, loss_svg(points, title=f"training loss: {run_dir.name}").encode())
     rows = ["option\tvalue", *(f"{key}\t{json.dumps(value)}" for key, value in sorted(options.items()))]
-    Path(options_table).write_text("\n".join(rows) + "\n")
+    atomic_write_bytes(options_table, ("\n".join(rows) + "\n").encode())
     log.info("loss curve of %d points -> %s; %d options -> %s", len(points), loss_plot, len(options), options_table)
+
+
+def _json(path: Path, text: str, line: int | None = None):
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        where = f"line {line}" if line is not None else "it"
+        raise VicunaflowError(f"{path}: {where} is not JSON ({err}); is the run complete?") from None
 
 
 def loss_svg(points: list[tuple[float, float]], title: str, width: int = 640, height: int = 360) -> str:

@@ -83,7 +83,7 @@ def split(
         held_out: JSONL of the held-out conversations (all their pieces); default, when
             held_out_fraction > 0: the output's name with `.heldout.jsonl`. Given with a fraction of 0,
             an empty file is written (a workflow output always exists).
-        held_out_fraction: share of conversations (by id) held out of training, from 0 to 1.
+        held_out_fraction: share of conversations (by id) held out of training, from 0 to below 1.
         seed: mixed into the held-out hash; another seed holds out other conversations.
         report: TSV of conversations read, split, dropped and held out, with examples; default: the
             output's name with `.counts.tsv`.

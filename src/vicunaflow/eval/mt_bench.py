@@ -132,8 +132,14 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, object]]:
     if not path.is_file():
         raise VicunaflowError(f"{path}: no such {what} file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise VicunaflowError(
+                    f"{path}:{number}: not UTF-8 (byte {err.start} of the line); save it as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -226,6 +226,8 @@ def _check_port(host: str, port: int) -> None:
     SO_REUSEADDR, so a port left in TIME_WAIT by the previous run passes and only a real conflict fails;
     an address of a disabled family (EADDRNOTAVAIL, e.g. ::1 without IPv6) is skipped unless all are.
     """
+    if not 0 < port < 65536:
+        raise VicunaflowError(f"--port {port}: a TCP port is 1-65535")
     errors = []
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
