@@ -478,18 +478,14 @@ def test_manifest_written_by_vicunaflow_marks_a_complete_output(tiny_hf):
 def test_an_output_file_that_is_an_input_is_refused_before_any_work(case, tiny_vicuna, tmp_path, capsys):
     """Each verb writing files refuses, before the model loads, an output path that is one of its inputs, lies
     inside an input folder (a model's config.json), or is another of its outputs; the input stays as it was."""
-    data = tmp_path / "conversations.json"
+    data, model = tmp_path / "conversations.json", tmp_path / "model"
     shutil.copy(BUILTIN_CONVERSATIONS, data)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Hello\n")
-    questions = tmp_path / "questions.jsonl"
-    questions.write_text('{"question_id": 1, "category": "writing", "turns": ["Hi"]}\n')
-    model = tmp_path / "model"
     shutil.copytree(tiny_vicuna, model)
-    losses = tmp_path / "loss.json"
-    losses.write_text("{}\n")
-    votes = tmp_path / "votes.jsonl"
-    votes.write_text("")
+    texts = {"prompts.txt": "Hello\n", "loss.json": "{}\n", "votes.jsonl": "",
+             "questions.jsonl": '{"question_id": 1, "category": "writing", "turns": ["Hi"]}\n'}  # fmt: skip
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    prompts, losses, votes, questions = (tmp_path / name for name in texts)
     argv, kept, expected = {
         "clean report is the data": (["data", "clean", "--data", data, "--output", tmp_path / "o.jsonl",
                                       "--report", data], data, "is the input"),
