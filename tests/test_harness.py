@@ -119,7 +119,7 @@ def test_unknown_task_fails_before_the_server_starts(tiny_vicuna: Path, tmp_path
 def test_without_lm_eval_the_error_names_the_extra(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     with pytest.raises(VicunaflowError, match=re.escape("pip install 'vicunaflow[eval]'")):
-        harness(model_path=tmp_path, tasks=["hellaswag"], output=tmp_path / "out.json")
+        harness(model_path=tmp_path / "model", tasks=["hellaswag"], output=tmp_path / "out.json")
 
 
 def test_workflow_plans_a_configured_suite(tmp_path: Path) -> None:

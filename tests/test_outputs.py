@@ -80,7 +80,7 @@ def test_an_earlier_output_or_an_empty_folder_is_replaced(tiny_raw, tiny_hf, tmp
     written = tree(out)
     manifest = json.loads(written.pop(outputs.MANIFEST))
     assert written == {name: data for name, data in tree(tiny_hf).items() if name != outputs.MANIFEST}
-    assert manifest["verb"] == "convert" and sorted(manifest["files"]) == sorted(written)  # what it wrote
+    assert manifest["verb"] == "convert" and sorted(manifest["written_files"]) == sorted(written)  # what it wrote
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run("convert", "--input-dir", tiny_raw, "--output-dir", empty) == 0

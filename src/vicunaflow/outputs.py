@@ -9,7 +9,7 @@ verb also calls first, before any heavy work):
 - an output path that is, contains or lies inside an input, or is (or contains) the working
   directory, the home directory or a filesystem root, is refused, `--overwrite` or not;
 - an existing output is replaced only when it is a complete earlier output of the same verb holding
-  nothing else (its `vicunaflow.json` says which verb wrote it and lists the files it wrote), or an
+  nothing else (its `vicunaflow.json` says which verb wrote it, and `written_files` what it wrote), or an
   empty directory, or when `--overwrite` is given: a folder another verb wrote, or one where the user
   put files of their own, is refused.
 Snakemake deletes a job's outputs before running it, so workflow runs never meet the second rule.
@@ -347,8 +347,8 @@ def _why_kept(target: Path) -> str | None:
         return not_ours
     if VERB and written.get("verb") and written["verb"] != VERB:
         return f"holds the output of `vicunaflow {written['verb']}`, not of `vicunaflow {VERB}`"
-    if isinstance(written.get("files"), list):
-        others = sorted(set(_files(target)) - set(written["files"]) - {MANIFEST})
+    if isinstance(written.get("written_files"), list):
+        others = sorted(set(_files(target)) - set(written["written_files"]) - {MANIFEST})
         if others:
             listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             return f"holds files vicunaflow did not write there ({listed})"
@@ -367,7 +367,7 @@ def _record_files(folder: Path) -> None:
     if not path.is_file():
         return
     manifest = json.loads(path.read_text())
-    manifest["files"] = [name for name in _files(folder) if name != MANIFEST]
+    manifest["written_files"] = [name for name in _files(folder) if name != MANIFEST]  # "files": download's hashes
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
