@@ -95,10 +95,10 @@ def split_kernel(
         q_mask = head_ok[:, None] & dim_ok[None, :]
         if ROPE:
             HALF: tl.constexpr = D // 2
-            partner = tl.where(dims < HALF, dims + HALF, dims - HALF)  # the other half's dim
+            first_half = dims < HALF
+            partner = tl.where(first_half, dims + HALF, dims - HALF)  # the other half's dim
             cos = tl.load(cos_ptr + row * HALF + dims % HALF, mask=dim_ok, other=0.0)
             sin = tl.load(sin_ptr + row * HALF + dims % HALF, mask=dim_ok, other=0.0)
-            first_half = dims < HALF
             q_other = q_ptrs - dims[None, :] + partner[None, :]
             q = rotary(q_ptrs, q_other, q_mask, first_half[None, :], cos[None, :], sin[None, :])
             q = q.to(q_ptr.dtype.element_ty)  # [GROUP_PAD, D_PAD], rounded as rope_store stores it
