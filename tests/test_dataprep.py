@@ -549,9 +549,14 @@ def test_cli_runs_clean_and_split_verbs(tiny_hf, tmp_path: Path) -> None:
     result = run("clean", "--data", str(source), "--output", str(tmp_path / "c.jsonl"), "--jobs", "1")
     assert result.returncode == 0, result.stderr
     result = run("split", "--data", str(tmp_path / "c.jsonl"), "--model-path", str(tiny_hf),
-                 "--model-max-length", "64", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.5", "--jobs", "1")  # fmt: skip
+                 "--model-max-length", "2048", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.3", "--jobs", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "s.heldout.jsonl").exists()
+    assert (tmp_path / "s.heldout.jsonl").exists() and (tmp_path / "s.jsonl").read_text().strip()
+    # every conversation longer than 64 tokens: refused, nothing written that looks like a dataset
+    result = run("split", "--data", str(tmp_path / "c.jsonl"), "--model-path", str(tiny_hf),
+                 "--model-max-length", "64", "--output", str(tmp_path / "e.jsonl"), "--jobs", "1")  # fmt: skip
+    assert result.returncode == 1 and "no conversation is left to train on" in result.stderr, result.stderr
+    assert not (tmp_path / "e.jsonl").exists()
     result = run("clean", "--data", str(tmp_path / "nothing.json"), "--output", str(tmp_path / "x.jsonl"))
     assert result.returncode == 1 and "nothing.json: no such data file" in result.stderr
 

@@ -442,6 +442,14 @@ def test_a_checkpoint_dir_holding_or_inside_what_the_run_needs_is_refused(
         config.validate()
 
 
+def test_lora_target_modules_a_llama_does_not_have_are_refused_before_loading(tmp_path: Path) -> None:
+    config = train_config.TrainConfig(
+        model_path=tmp_path, data=tmp_path, output_dir=tmp_path / "out", lora_target_modules=["q_proj", "foo_proj"]
+    )
+    with pytest.raises(VicunaflowError, match=r"--lora-target-modules \['foo_proj'\]: a LLaMA's linear layers"):
+        config.validate()
+
+
 def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna, tmp_path: Path) -> None:
     """Only a checkpoint folder the run made (its marker file) is removed at the end; one that held files stays."""
     foreign = tmp_path / "mine"

@@ -121,16 +121,22 @@ def split(
 def _split_all(
     data: Path, output: Path, held_out: Path | None, options: SplitOptions, jobs: int, counts: Counts
 ) -> int:
-    tokens = 0
+    tokens, kept = 0, False
     work = functools.partial(split_batch, options=options)
     with atomic_writer(output) as train, atomic_writer(held_out) if held_out else _nowhere() as aside:
         for result in ordered_map(work, batched(read_records(data), BATCH), jobs):
             for event in result.events:
                 counts.add(*event)
             train.write(result.train)
+            kept |= bool(result.train)
             if aside is not None:
                 aside.write(result.held_out)
             tokens += result.tokens
+        if not kept:  # inside the writers: nothing is left behind as if it were a dataset
+            raise VicunaflowError(
+                f"{data}: no conversation is left to train on ({counts.summary()}); raise --model-max-length "
+                "or lower --held-out-fraction"
+            )
     return tokens
 
 

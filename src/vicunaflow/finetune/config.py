@@ -150,6 +150,11 @@ class TrainConfig:
                 raise VicunaflowError(f"--{name.replace('_', '-')} must be below 1, not {getattr(self, name)}")
         if not self.lora_target_modules:
             raise VicunaflowError(f"--lora-target-modules names no layer; e.g. {list(LORA_TARGETS)}")
+        unknown = [name for name in self.lora_target_modules if name not in (*LORA_TARGETS, "lm_head")]
+        if unknown:  # peft would fail in every worker, after the model loaded
+            raise VicunaflowError(
+                f"--lora-target-modules {unknown}: a LLaMA's linear layers are {[*LORA_TARGETS, 'lm_head']}"
+            )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise VicunaflowError("--save-total-limit must be at least 1 (or null to keep all)")
         unknown = set(self.fsdp.split()) - {"full_shard", "shard_grad_op", "auto_wrap", "offload"}
