@@ -463,7 +463,7 @@ def test_sigterm_outside_an_output_keeps_its_usual_effect(tmp_path):
 def test_manifest_written_by_vicunaflow_marks_a_complete_output(tiny_hf):
     manifest = json.loads((tiny_hf / outputs.MANIFEST).read_text())
     assert "vicunaflow" in manifest["versions"]
-    assert outputs._replaceable(tiny_hf)
+    assert outputs._why_kept(tiny_hf) is None  # replaceable
 
 
 # ---- a single output file never replaces an input, another output, or a file inside an input --------------

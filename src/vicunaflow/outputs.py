@@ -324,11 +324,6 @@ def _relation(place: Path, others: set[Path]) -> str | None:
     return None
 
 
-def _replaceable(target: Path) -> bool:
-    """A complete earlier output of this verb holding nothing else, or an empty directory (see _why_kept)."""
-    return _why_kept(target) is None
-
-
 def _why_kept(target: Path) -> str | None:
     """Why `target` may not be replaced without --overwrite ("is not a complete vicunaflow output ..."), or
     None: it is an empty directory, or a complete earlier output (its manifest is vicunaflow's) written by
