@@ -18,7 +18,6 @@ import json
 import time
 
 import torch
-import triton
 from bench_chat import decode_products
 from sweep_matmul_rows import graph_time_us
 
@@ -29,13 +28,10 @@ from vicunaflow.sizes import get_size
 # (BLOCK_N, BLOCK_W, warps): 4, 8 or 16 words a thread
 TILES = [(32, 16, 2), (64, 16, 2), (64, 16, 4), (32, 32, 4), (128, 16, 4), (64, 32, 4), (64, 32, 8), (128, 32, 8)]
 SPLIT_ROWS = [64, 128, 256]
-LOOP_STAGES = [1]  # quant_matmul_kernels.COLUMN_TILES' stages: 1, two tiles a step in registers; 2+, pipelined
 
 
 @torch.inference_mode()
-def sweep_product(
-    n: int, k: int, swiglu: bool, has_residual: bool, layers: int, loop_stages=LOOP_STAGES, tiles=TILES
-) -> dict:
+def sweep_product(n: int, k: int, swiglu: bool, has_residual: bool, layers: int, tiles=TILES) -> dict:
     """One product's graph time per launch: every columns tile, tinygemm, the float16 matvec."""
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(layers)]
     stored = [quant.quantize(w, 4, 128) for w in weights]
@@ -46,9 +42,9 @@ def sweep_product(
     residual = torch.randn(1, n, device="cuda", dtype=torch.float16) if has_residual else None
     outs = [torch.empty(1, n, device="cuda", dtype=torch.float16) for _ in range(layers)]
 
-    def timed(product, layer_weights) -> float:
+    def timed(product, layer_weights, **options) -> float:
         """µs a launch of product in a graph of one launch per layer."""
-        launch = lambda w, out: product(x, w, residual, swiglu, out=out, norm=norm)  # noqa: E731
+        launch = lambda w, out: product(x, w, residual, swiglu, out=out, norm=norm, **options)  # noqa: E731
         return graph_time_us(launch, layer_weights, outs, layers)
 
     # the first layer's product through the dequantized weight in float32 (qlinear's plain path)
@@ -60,20 +56,14 @@ def sweep_product(
     row = {"n": n, "k": k, "int4_mb": columns[0].nbytes / 1e6, "tiles": {}}
     row["float16_us"] = timed(kernels.matvec, weights)
     row["tinygemm_us"] = timed(quant.qlinear, packed)
-    from vicunaflow import quant_matmul_kernels
-
-    tuner = quant_matmul_kernels.int4_columns_kernel
-    configured = tuner.configs
     row["configured_us"] = timed(quant_kernels.qmatvec_columns, columns)
-    row["configured"] = [str(config) for config in configured]
-    for (block_n, block_w, warps), split_rows, stages in itertools.product(tiles, SPLIT_ROWS, loop_stages):
-        tile = {"BLOCK_N": block_n, "BLOCK_W": block_w, "SPLIT_ROWS": split_rows, "LOOP_STAGES": stages}
-        tuner.configs = [triton.Config(tile, num_warps=warps, num_stages=stages)]  # one config: no autotuning
-        name = f"{block_n}x{block_w}/{split_rows} w{warps}" + (f" s{stages}" if stages > 1 else "")
-        row["tiles"][name] = timed(quant_kernels.qmatvec_columns, columns)
+    row["configured"] = str(quant_kernels.column_tile(n, k, has_residual, x.device))
+    for (block_n, block_w, warps), split_rows in itertools.product(tiles, SPLIT_ROWS):
+        tile = quant_kernels.ColumnTile(block_n, block_w, split_rows, warps)
+        name = f"{block_n}x{block_w}/{split_rows} w{warps}"
+        row["tiles"][name] = timed(quant_kernels.qmatvec_columns, columns, tile=tile)
         error = float((outs[0].float() - reference).abs().max()) / scale
         row["columns_error"] = max(row.get("columns_error", 0.0), error)
-    tuner.configs = configured
     best = min(row["tiles"], key=row["tiles"].get)
     row["best"], row["best_us"] = best, row["tiles"][best]
     row["best_tb_s"] = columns[0].nbytes / row["best_us"] / 1e6
@@ -85,9 +75,6 @@ def main() -> None:
     parser.add_argument("output", nargs="?")
     parser.add_argument("--size", default="7b")
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument(
-        "--loop-stages", type=int, nargs="+", default=LOOP_STAGES, help="1: two tiles a step; 2+: a pipelined loop"
-    )
     parser.add_argument(
         "--tiles", nargs="+", metavar="NxWwK", help="only these (BLOCK_N x BLOCK_W, warps), e.g. 64x16w2"
     )
@@ -105,7 +92,7 @@ def main() -> None:
         :4
     ]:
         started = time.perf_counter()
-        row = sweep_product(n, k, swiglu, has_residual, args.layers, args.loop_stages, tiles)
+        row = sweep_product(n, k, swiglu, has_residual, args.layers, tiles)
         row["seconds"] = time.perf_counter() - started
         results["products"][name] = row
         ranked = sorted(row["tiles"].items(), key=lambda item: item[1])[:5]

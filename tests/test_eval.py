@@ -465,8 +465,8 @@ def test_loss_on_a_tokenised_folder_drops_what_truncation_leaves_without_a_reply
 @pytest.mark.parametrize("bits", [8, 4])
 def test_loss_with_load_nbit_is_the_loss_of_the_engines_quantized_weights(tiny_vicuna: Path, tmp_path: Path, bits):
     """--load-8bit / --load-4bit: each layer Linear is the int8 / int4 weight chat's --load-Nbit holds
-    (quant.quantize of the stored tensor), lm_head, embeddings and norms stay float; the loss is that
-    model's, computed by hand here with the decoded weights written into a transformers model."""
+    (quant.quantize of the stored tensor), and with int4 lm_head too; embeddings and norms stay float. The
+    loss is that model's, computed by hand here with the decoded weights written into a transformers model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -486,10 +486,10 @@ def test_loss_with_load_nbit_is_the_loss_of_the_engines_quantized_weights(tiny_v
     decoded = 0
     with torch.no_grad():
         for name, weight in model.named_parameters():
-            if quant.QUANTIZED_WEIGHT.fullmatch(name):
+            if quant.QUANTIZED_WEIGHT.fullmatch(name) or (bits == 4 and name == "lm_head.weight"):
                 weight.copy_(quant.quantize(weight, bits).dequantize(torch.float32))
                 decoded += 1
-    assert decoded == 7 * model.config.num_hidden_layers
+    assert decoded == 7 * model.config.num_hidden_layers + (bits == 4)
     samples = encode_all(load_conversations(data), load_tokenizer(tiny_vicuna), 2048, drop_untrained=False)
     per_sample = sample_losses(model, samples, batch_size=4)
     expected = sum(nll for nll, _ in per_sample) / sum(n for _, n in per_sample)

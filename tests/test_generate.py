@@ -328,14 +328,18 @@ def test_quantized_at_load_equals_a_quantized_folder(tiny_vicuna, quantized_fold
             x, y = getattr(a, name), getattr(b, name)
             assert isinstance(x, QuantWeight) and (x.bits, x.group_size) == (bits, 128 if bits == 4 else None)
             assert torch.equal(x.qweight, y.qweight) and torch.equal(x.scales, y.scales), name
-    assert isinstance(at_load.output, torch.Tensor)  # lm_head stays float (docs/quantize.md)
+    if bits == 8:
+        assert isinstance(at_load.output, torch.Tensor)  # lm_head stays float beside int8 layers
+    else:  # beside int4 layers, lm_head is int4 too, quantized at load from the float one the folder keeps
+        assert isinstance(at_load.output, QuantWeight) and (at_load.output.bits, at_load.output.group_size) == (4, 128)
+        assert torch.equal(at_load.output.qweight, stored.output.qweight)
     assert at_load.weight_bytes() == stored.weight_bytes()
     assert _greedy(at_load, tokenizer, QUESTIONS[:3]) == _greedy(stored, tokenizer, QUESTIONS[:3])
 
 
 def test_quantized_weights_shrink_and_logits_stay_close(tiny_vicuna, loaded):
     """int8 within 5% of the float32 logits (test_quant's bar for the format), int4 further but bounded;
-    the layers' bytes are int8's quarter (int4's eighth, plus scales and zeros) of float32's."""
+    the layers' bytes are int8's quarter (int4's eighth, plus scales and zeros, lm_head's too) of float32's."""
     model, tokenizer = loaded
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS]
 
@@ -359,7 +363,8 @@ def test_quantized_weights_shrink_and_logits_stay_close(tiny_vicuna, loaded):
     args = model.args
     layer_values = args.n_layers * (4 * args.dim * args.dim + 3 * args.dim * args.ffn_dim)
     assert float_bytes - sizes[8] == pytest.approx(3 * layer_values, rel=0.01)  # 4 bytes -> 1 (+ scales)
-    assert float_bytes - sizes[4] == pytest.approx(3.5 * layer_values, rel=0.05)  # 4 bytes -> 0.5 (+ 4/128)
+    head_values = args.vocab_size * args.dim  # lm_head: int4 beside int4 layers, float beside int8 ones
+    assert float_bytes - sizes[4] == pytest.approx(3.5 * (layer_values + head_values), rel=0.05)  # (+ 4/128)
 
 
 def test_load_errors_are_clear(tiny_vicuna, tmp_path):

@@ -331,32 +331,19 @@ def test_int4_kernel_follows_the_use_unless_the_environment_names_one(monkeypatc
 
 
 @pytest.mark.parametrize(("n", "k", "group_size", "dtype", "epilogue"), COLUMN_CASES)
-@pytest.mark.parametrize(
-    ("pdl", "split_rows", "loop_stages"),
-    [(False, None, 1), (True, None, 1), (False, 24, 1), (False, 24, 3), (True, 16, 2)],
-)
-def test_qmatvec_columns_matches_float64_reference(
-    n, k, group_size, dtype, epilogue, pdl, split_rows, loop_stages, monkeypatch
-):
+@pytest.mark.parametrize(("pdl", "split_rows"), [(False, None), (True, None), (False, 24), (True, 16)])
+def test_qmatvec_columns_matches_float64_reference(n, k, group_size, dtype, epilogue, pdl, split_rows, monkeypatch):
     """One row through quant_kernels.qmatvec_columns: a float32 model's codes moved into 1.0's mantissa (f = 1 +
     c / 16), a float16 or bfloat16 model's each word's products in float16 pairs (Triton's interpreter runs
     them as float16 ops instead of the PTX); with PDL, the first tile read before the wait (stand-ins in the
     interpreter). split_rows 24: K split into programs of 3 tiles of 8 word rows (the loop's two tiles a step,
     then one and a masked one; a short last program where K is not a multiple), summed by each output tile's
-    last program, which leaves the counters at zero for the next launch. loop_stages 2, 3: one tile a step
-    through tl.range's pipelined loop (its masks: the short last program)."""
+    last program, which leaves the counters at zero for the next launch."""
     if pdl and torch.cuda.is_available():
         pytest.skip("the interpreter's stand-ins; a GPU runs the real launch")
     if pdl:
         pdl_stand_ins(monkeypatch, quant_kernels)
-    if split_rows:
-        import triton
-
-        from vicunaflow import quant_matmul_kernels
-
-        tile = {"BLOCK_N": 16, "BLOCK_W": 8, "SPLIT_ROWS": split_rows, "LOOP_STAGES": loop_stages}
-        tile = triton.Config(tile, num_warps=1, num_stages=loop_stages)
-        monkeypatch.setattr(quant_matmul_kernels.int4_columns_kernel, "configs", [tile])
+    tile = quant_kernels.ColumnTile(16, 8, split_rows, 1) if split_rows else None
     generator = torch.Generator().manual_seed(n * k)
     qw = quant.quantize(weight(n, k, seed=k), bits=4, group_size=group_size).to(DEVICE)
     cw = quant.int4columns(qw)
@@ -365,10 +352,10 @@ def test_qmatvec_columns_matches_float64_reference(
     residual = torch.randn(1, n, generator=generator).to(DEVICE, dtype)
     if epilogue == "norm":
         norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype)
-        out = quant_kernels.qmatvec_columns(x, cw, residual, norm=norm, eps=1e-5)
+        out = quant_kernels.qmatvec_columns(x, cw, residual, norm=norm, eps=1e-5, tile=tile)
         source = torch.nn.functional.rms_norm(x.double(), (k,), norm.double(), 1e-5)
     else:
-        out = quant_kernels.qmatvec_columns(x, cw, residual, swiglu)
+        out = quant_kernels.qmatvec_columns(x, cw, residual, swiglu, tile=tile)
         source = x
     expected = reference(source, qw, residual, swiglu)
     assert out.shape == (1, n) and out.dtype == dtype
@@ -386,6 +373,20 @@ def test_qmatvec_columns_matches_float64_reference(
     expected = reference(source, qw, None, swiglu)
     assert ((buffer.double() - expected).abs() <= tolerance * (expected.abs() + expected.abs().max()) + bound).all()
     assert not cw.counters.any()
+
+
+def test_column_tile_by_kind_of_product(monkeypatch):
+    """Products adding a residual take RESIDUAL_TILE; the others split K into longer pieces while the grid has
+    more than PROGRAMS_PER_SM programs an SM, up to LONGEST_SPLIT word rows (an H200's 132 SMs: 792 programs)."""
+    monkeypatch.setattr(quant_kernels, "multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    tile = quant_kernels.column_tile
+    assert tile(4096, 4096, True, cuda) == tile(4096, 11008, True, cuda) == quant_kernels.RESIDUAL_TILE
+    assert tile(12288, 4096, False, cuda).split_rows == 128  # 7B q|k|v: 192 output tiles x 4 splits
+    assert tile(22016, 4096, False, cuda).split_rows == 256  # 7B gate|up: 344 x 2
+    assert tile(27648, 5120, False, cuda).split_rows == 256  # 13B gate|up: the longest split, 432 x 3
+    assert tile(4096, 4096, False, cuda) == quant_kernels.INPUT_TILE  # 64 x 8: a small product keeps short splits
+    assert tile(12288, 4096, False, torch.device("cpu")) == quant_kernels.INTERPRETER_TILE
 
 
 def test_qmatvec_columns_refuses_an_unknown_setting(monkeypatch):
@@ -697,8 +698,8 @@ def test_snakemake_dry_run_lists_the_quantized_targets(tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vicuna, bits):
     """The engine's matvec switch on (as on CUDA in float16), here in Triton's interpreter: every one-row
-    product of a decode step goes through qmatvec with its fused epilogues (RMSNorm folded into q|k|v and
-    gate|up, SiLU·up into down, the residual added by o and down); the logits equal the dequantize +
+    product of a decode step goes through qmatvec with its fused epilogues (RMSNorm folded into q|k|v,
+    gate|up and int4's lm_head, SiLU·up into down, the residual added by o and down); the logits equal the dequantize +
     matmul path's."""
     from vicunaflow.engine import load_model
 
@@ -725,10 +726,10 @@ def test_engine_one_row_steps_through_qmatvec_match_dequantized_products(tiny_vi
                 logits.append(model(token, position, kv_length=len(ids) + step + 1))
             results[matvec] = torch.cat(logits)
     model.matvec = False
-    layers = model.args.n_layers
-    assert (
-        calls.count("norm") == 2 * 2 * layers and calls.count("swiglu") == 2 * layers and len(calls) == 4 * 2 * layers
-    )
+    # int4: lm_head too, its final RMSNorm folded in, for the prompt's last position and each step
+    layers, head = model.args.n_layers, 3 if bits == 4 else 0
+    assert calls.count("norm") == 2 * 2 * layers + head and calls.count("swiglu") == 2 * layers
+    assert len(calls) == 4 * 2 * layers + head
     assert torch.allclose(results[True], results[False], rtol=1e-4, atol=1e-4 * float(results[False].abs().max()))
 
 
@@ -742,6 +743,7 @@ def test_engine_with_int4columns_decodes_as_the_stored_layout(tiny_vicuna):
     plain, _ = load_model(tiny_vicuna, int4_kernel="triton", **options)
     names = ("wqkv", "wo", "w13", "w2")
     assert all(isinstance(getattr(layer, name), quant.Int4Columns) for layer in columns.layers for name in names)
+    assert isinstance(columns.output, quant.Int4Columns)  # lm_head too, beside int4 layers
     assert columns.weight_bytes() == plain.weight_bytes()
     ids = tokenizer("USER: Hello ASSISTANT:").input_ids
     calls = []
@@ -763,7 +765,7 @@ def test_engine_with_int4columns_decodes_as_the_stored_layout(tiny_vicuna):
             logits.append(model(token, torch.tensor([[len(ids)]], device=DEVICE), kv_length=len(ids) + 1))
             model.matvec = False
             results.append(torch.cat(logits))
-    assert len(calls) == 4 * columns.args.n_layers
+    assert len(calls) == 4 * columns.args.n_layers + 2  # + lm_head: the prompt's last position, the step
     assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-4 * float(results[1].abs().max()))
 
 

@@ -41,8 +41,9 @@ BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 128
 FORMAT_VERSION = 1
 QUANT_METHOD = "vicunaflow"
-# The Linear weights quantized in a LLaMA checkpoint; embeddings, norms and lm_head stay in float
-# (lm_head is 2% of 7B's bytes and its error goes straight into the logits).
+# The Linear weights quantized in a LLaMA checkpoint (`vicunaflow quantize`); embeddings, norms and lm_head stay
+# in float (lm_head is 2% of 7B's bytes and its error goes straight into the logits). Beside int4 layers the engine
+# quantizes lm_head at load (engine/build.py), so a folder reads the same whichever version wrote it.
 QUANTIZED_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 SUFFIXES = ("qweight", "scales", "zeros")  # tensor names in a quantized folder: <module>.<suffix>
 # int4 ranges tried per group, as fractions of [min, max] shrunk about its middle; each group keeps

@@ -20,6 +20,7 @@ Tests run both kernels on the CPU through Triton's interpreter (TRITON_INTERPRET
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -313,6 +314,7 @@ def qmatvec_columns(
     out: torch.Tensor | None = None,
     norm: torch.Tensor | None = None,
     eps: float = 1e-6,
+    tile: ColumnTile | None = None,
 ) -> torch.Tensor:
     """out = x @ W.T (+ residual) for one row, W = cw (a quant.Int4Columns) decoded on the fly; qmatvec's
     contract, with RMSNorm and SiLU·up computed inside the kernel (in float32; a kernel of their own before
@@ -323,6 +325,7 @@ def qmatvec_columns(
     instructions: in float32 a shift, one LOP3 (mask, then the bits of 1.0) and an FFMA a weight; with
     COLUMN_MATH "half2" one LOP3 makes two codes float16s and one HFMA2 multiplies two weights (see the
     kernel). qmatvec's [N, K / 2] bytes cost it about 9 instructions a weight in its inner loop (SASS, sm_90).
+    tile: the program's shape (`column_tile`'s by default; sweeps and tests pin one).
     """
     n, k = cw.shape
     out = one_row_output("qmatvec_columns", x, (n, k), swiglu, norm, out, x.dtype)
@@ -332,25 +335,68 @@ def qmatvec_columns(
         raise ValueError(f"qmatvec_columns: VICUNAFLOW_COLUMN_MATH={COLUMN_MATH!r}: choose half2 or float32")
     from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
 
-    kernel = quant_matmul_kernels.int4_columns_kernel
-    tiles = [(config.kwargs["BLOCK_N"], config.kwargs["SPLIT_ROWS"]) for config in kernel.configs]
-    if any(config.kwargs["SPLIT_ROWS"] % config.kwargs["BLOCK_W"] for config in kernel.configs):
-        raise ValueError(f"qmatvec_columns: a tile's SPLIT_ROWS is not a multiple of its BLOCK_W: {kernel.configs}")
-    if -(-n // min(block for block, _ in tiles)) > cw.counters.numel():
-        raise ValueError(f"qmatvec_columns: {cw.counters.numel()} counters for {n} outputs in tiles of {tiles}")
-    splits = -(-(k // 8) // min(rows for _, rows in tiles))
+    tile = tile or column_tile(n, k, residual is not None, x.device)
+    if tile.split_rows % tile.block_w:
+        raise ValueError(f"qmatvec_columns: {tile}: split_rows is not a multiple of block_w")
+    if -(-n // tile.block_n) > cw.counters.numel():
+        raise ValueError(f"qmatvec_columns: {cw.counters.numel()} counters for {n} outputs in tiles of {tile.block_n}")
+    splits = -(-(k // 8) // tile.split_rows)
     half2 = COLUMN_MATH == "half2" and model_dtype(x, norm) != torch.float32
     partial = torch.empty(splits * (n + cw.counters.numel()), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 8) // meta["SPLIT_ROWS"]))  # noqa: E731
-    kernel[grid](
+    grid = (-(-n // tile.block_n), splits)
+    quant_matmul_kernels.int4_columns_kernel[grid](
         x, cw.words, cw.scales, cw.zeros, residual if residual is not None else out, out,
         norm if norm is not None else x, partial, cw.counters, eps, ONE_BITS, HALF2_BITS, CODE_PAIR_BITS, n, k,
         cw.group_size,
         SWIGLU=swiglu, NORM=norm is not None, HAS_RESIDUAL=residual is not None, HALF2=half2,
-        ASM=x.device.type == "cuda",
-        **pdl_options(x.device),
+        ASM=x.device.type == "cuda", BLOCK_N=tile.block_n, BLOCK_W=tile.block_w, SPLIT_ROWS=tile.split_rows,
+        num_warps=tile.warps, num_stages=1, **pdl_options(x.device),
     )  # fmt: skip
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnTile:
+    """qmatvec_columns' program: block_n outputs by block_w words (8 columns each) a step, split_rows word rows
+    (8 * split_rows columns of K) a program, in `warps` warps; a thread's 16-byte loads each hold one word of 4
+    outputs."""
+
+    block_n: int
+    block_w: int
+    split_rows: int
+    warps: int
+
+
+# One tile for each kind of product, chosen in the decode step's CUDA graph, where the products follow each other
+# with PDL (bench/sweep_int4_columns.py, 7B, H200, twelfth session: bench/results/int4_columns_tiles_h200.json).
+# Not the autotuner: it times tiles alone, L2 flushed, and its picks ran 7% slower in the graph than the best tile
+# there (ninth session). Products that add a residual (o, down) take twice the words a step in 4 warps; the
+# others (RMSNorm into q|k|v and gate|up: wide products over the model's width) take longer splits of K, the
+# shortest that keeps the grid within PROGRAMS_PER_SM programs an SM: a program fewer per split saves its
+# partial sums' round trip. At 7B each product's tile is within 2% of the best of 24 there, and a layer takes 51.8 µs
+# against 55.1 with one tile for all four (13B's q|k|v and gate|up preferred shorter splits: docs/benchmarks.md).
+RESIDUAL_TILE = ColumnTile(64, 32, 64, 4)
+INPUT_TILE = ColumnTile(64, 16, 64, 2)
+LONGEST_SPLIT = 256  # word rows
+PROGRAMS_PER_SM = 6
+INTERPRETER_TILE = ColumnTile(64, 32, 64, 1)  # Triton's interpreter: fewer, larger programs run faster
+
+
+def column_tile(n: int, k: int, has_residual: bool, device: torch.device) -> ColumnTile:
+    """The tile qmatvec_columns runs an [n, k] product in (see RESIDUAL_TILE)."""
+    if device.type != "cuda":
+        return INTERPRETER_TILE
+    if has_residual:
+        return RESIDUAL_TILE
+    tile, programs = INPUT_TILE, PROGRAMS_PER_SM * multiprocessors(device)
+    while tile.split_rows < LONGEST_SPLIT and -(-n // tile.block_n) * -(-(k // 8) // tile.split_rows) > programs:
+        tile = dataclasses.replace(tile, split_rows=2 * tile.split_rows)
+    return tile
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 ONE_BITS = 0x3F800000  # float32 1.0, passed as an argument: in a register, `& mask | one` is a single LOP3

@@ -21,25 +21,9 @@ MATMUL_TILES = [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 128, 4), (64, 128
 
 int8_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in MATMUL_TILES]
 int4_configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in sorted({(n, w) for n, _, w in MATMUL_TILES})]
-# (BLOCK_N, BLOCK_W, SPLIT_ROWS, warps, stages) of qmatvec_columns: BLOCK_N outputs by BLOCK_W words (8
-# columns each) a step, SPLIT_ROWS word rows (8 * SPLIT_ROWS columns of K) a program; a thread's 16-byte
-# loads each hold one word of 4 outputs. stages 1: the loop decodes two tiles a step in registers, each
-# loaded while the other is decoded; 2 or more: one tile a step, its loads issued stages - 1 steps ahead
-# into shared memory (cp.async: tl.range's pipelining, LOOP_STAGES). One tile, not autotuned: the autotuner
-# times tiles alone (L2 flushed), and its picks ran 7% slower in the decode step's CUDA graph than the
-# best single tile there; this one was within 4% of the best tile per product in the graph
-# (bench/sweep_int4_columns.py, 7B, H200: bench/results/int4_columns_sweep_half2_h200.json).
-COLUMN_TILES = [(64, 16, 64, 2, 1)]
-column_configs = [
-    triton.Config(
-        {"BLOCK_N": n, "BLOCK_W": w, "SPLIT_ROWS": rows, "LOOP_STAGES": stages}, num_warps=warps, num_stages=stages
-    )
-    for n, w, rows, warps, stages in COLUMN_TILES
-]
 if os.environ.get("TRITON_INTERPRET") == "1":
     int8_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=1)]
     int4_configs = [triton.Config({"BLOCK_N": 32}, num_warps=1)]
-    column_configs = [triton.Config({"BLOCK_N": 64, "BLOCK_W": 32, "SPLIT_ROWS": 64, "LOOP_STAGES": 1}, num_warps=1)]
 
 
 @triton.jit
@@ -372,8 +356,8 @@ def add_tile(acc, square_sums, words, scale, zero, x, squares, one, half_bits, c
         pair0, pair1, pair2, pair3 = input_pairs(x * INPUT_SCALE, BLOCK_W)
         x_sum = pair_sums(pair0, pair1, pair2, pair3, ASM)  # [BLOCK_W], times INPUT_SCALE
         total = word_sums_half2(words, pair0, pair1, pair2, pair3, half_bits, code_bits, ASM)
-        acc += scale.to(tl.float32) * total  # two FFMAs a word (offline SASS, sm_90: 3% fewer instructions)
-        acc += zero.to(tl.float32) * x_sum[:, None]
+        # one sum, not two FFMAs into acc: fewer instructions (offline SASS) but 2.8% slower on an H200
+        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * x_sum[:, None]
     else:
         # x [BLOCK_W, 8] as its columns: j = 4a + 2b + c of [BLOCK_W, a, b, c]; split takes c
         x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_W, 2, 2, 2)))
@@ -393,12 +377,10 @@ def add_tile(acc, square_sums, words, scale, zero, x, squares, one, half_bits, c
         total += code_float(words, 20, one) * x5[:, None]
         total += code_float(words, 24, one) * x6[:, None]
         total += code_float(words, 28, one) * x7[:, None]
-        acc += scale.to(tl.float32) * total
-        acc += zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
+        acc += scale.to(tl.float32) * total + zero.to(tl.float32) * (x_sum * 0.0625)[:, None]
     return acc, square_sums + squares
 
 
-@triton.autotune(configs=column_configs, key=["N", "K", "G", "SWIGLU", "NORM", "HAS_RESIDUAL", "PDL"])
 @triton.jit
 def int4_columns_kernel(
     x_ptr,  # [K], or [2K] gate | up (SWIGLU)
@@ -426,7 +408,6 @@ def int4_columns_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,  # word rows a program sums (a multiple of BLOCK_W): the split over K
-    LOOP_STAGES: tl.constexpr,  # 1: two tiles a step in registers; more: one a step, pipelined (COLUMN_TILES)
 ):
     # f = 1 + c / 16 (code_float) times x is exact in float32 (5 and 11 significant bits). Per word and
     # output: t = sum_j f_j x_j - sum_j x_j = sum_j c_j x_j / 16; per group, sum w x = scale * sum c x +
@@ -447,52 +428,37 @@ def int4_columns_kernel(
     word_rows = first_row + tl.arange(0, BLOCK_W)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    if LOOP_STAGES > 1:
-        # One tile a step; Triton's pipeliner issues each tile's loads LOOP_STAGES - 1 steps ahead into shared
-        # memory (cp.async), so more bytes are in flight than registers could hold. x is written by the kernels
-        # before this one: everything waits for them (PDL), the first words too.
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-        square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        for start in tl.range(0, SPLIT_ROWS, BLOCK_W, num_stages=LOOP_STAGES):
-            rows = word_rows + start
-            words, scale, zero = columns_tile(w_ptr, scale_ptr, zero_ptr, rows, outputs, output_ok, N, row_end, WG)
-            x, squares = words_input(x_ptr, norm_ptr, rows, row_end, K, SWIGLU, NORM)
-            acc, square_sums = add_tile(
-                acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
-                BLOCK_N, HALF2, ASM,
-            )  # fmt: skip
-    else:
-        words = words_tile(w_ptr, word_rows, outputs, output_ok, N, row_end)
-        if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
-            tl.extra.cuda.gdc_wait()
-        scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, row_end, WG)
-        x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
-        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
-        square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        # Two tiles a step, A then B, each one's loads issued before the other is decoded (over a plain range,
-        # Triton's pipeliner leaves loads that feed no tl.dot in program order). Why not one tile a step with the next one's loads
-        # carried over: the loop's copy of those in-flight registers waited for them at each step's end (MOVs in
-        # the SASS), so decoding did not overlap the loads. A tile past the split is masked: zeros, nothing read.
-        for start in range(0, SPLIT_ROWS, 2 * BLOCK_W):
-            rows = word_rows + start
-            words_b, scale_b, zero_b = columns_tile(
-                w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
-            )
-            x_b, squares_b = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
-            acc, square_sums = add_tile(
-                acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
-                BLOCK_N, HALF2, ASM,
-            )  # fmt: skip
-            words, scale, zero = columns_tile(
-                w_ptr, scale_ptr, zero_ptr, rows + 2 * BLOCK_W, outputs, output_ok, N, row_end, WG
-            )
-            x, squares = words_input(x_ptr, norm_ptr, rows + 2 * BLOCK_W, row_end, K, SWIGLU, NORM)
-            acc, square_sums = add_tile(
-                acc, square_sums, words_b, scale_b, zero_b, x_b, squares_b, one, half_bits, code_bits, INPUT_SCALE,
-                BLOCK_W, BLOCK_N, HALF2, ASM,
-            )  # fmt: skip
+    words = words_tile(w_ptr, word_rows, outputs, output_ok, N, row_end)
+    if PDL:  # the first tile's words were read before waiting for earlier kernels (they wrote x, not the weight)
+        tl.extra.cuda.gdc_wait()
+    scale, zero = groups_tile(scale_ptr, zero_ptr, word_rows, outputs, output_ok, N, row_end, WG)
+    x, squares = words_input(x_ptr, norm_ptr, word_rows, row_end, K, SWIGLU, NORM)
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    square_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    # Two tiles a step, A then B, each one's loads issued before the other is decoded (over a plain range,
+    # Triton's pipeliner leaves loads that feed no tl.dot in program order). Why not one tile a step with the
+    # next one's loads carried over: the loop's copy of those in-flight registers waited for them at each
+    # step's end (MOVs in the SASS), so decoding did not overlap the loads. Nor tl.range's pipelining into
+    # shared memory (cp.async, 2-3 stages): 30-50% slower a product on an H200 (twelfth session,
+    # bench/results/int4_columns_stages_h200.json). A tile past the split is masked: zeros, nothing read.
+    for start in range(0, SPLIT_ROWS, 2 * BLOCK_W):
+        rows = word_rows + start
+        words_b, scale_b, zero_b = columns_tile(
+            w_ptr, scale_ptr, zero_ptr, rows + BLOCK_W, outputs, output_ok, N, row_end, WG
+        )
+        x_b, squares_b = words_input(x_ptr, norm_ptr, rows + BLOCK_W, row_end, K, SWIGLU, NORM)
+        acc, square_sums = add_tile(
+            acc, square_sums, words, scale, zero, x, squares, one, half_bits, code_bits, INPUT_SCALE, BLOCK_W,
+            BLOCK_N, HALF2, ASM,
+        )  # fmt: skip
+        words, scale, zero = columns_tile(
+            w_ptr, scale_ptr, zero_ptr, rows + 2 * BLOCK_W, outputs, output_ok, N, row_end, WG
+        )
+        x, squares = words_input(x_ptr, norm_ptr, rows + 2 * BLOCK_W, row_end, K, SWIGLU, NORM)
+        acc, square_sums = add_tile(
+            acc, square_sums, words_b, scale_b, zero_b, x_b, squares_b, one, half_bits, code_bits, INPUT_SCALE,
+            BLOCK_W, BLOCK_N, HALF2, ASM,
+        )  # fmt: skip
     y = tl.sum(acc, axis=0) * (1.0 / INPUT_SCALE if HALF2 else 16.0)  # [BLOCK_N]
     square_sum = tl.sum(square_sums, axis=0)
     if SPLITS == 1:

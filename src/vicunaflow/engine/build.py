@@ -13,7 +13,8 @@ values differ from the whole one's: fine for speed, not for equality tests (thos
 
 Quantized weights (vicunaflow.quant, docs/quantize.md): a folder written by `vicunaflow quantize` is
 read as it is stored (its QuantWeights sharded with quant.shard); `bits` quantizes a float folder's
-layer weights as they load. Embeddings, norms and lm_head stay in float.
+layer weights as they load. Embeddings and norms stay in float, and so does lm_head, except beside int4
+layers (build_model says why).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def weight_bytes(
 ) -> int:
     """Bytes of one rank's weights as build_model lays them out, from config.json alone (before any load):
     projections split over the ranks (q|k|v and gate|up by rows, o and down by columns), float or int8/int4
-    with their scales and zeros; norms, embeddings and lm_head whole on every rank and always float."""
+    with their scales and zeros; norms, embeddings and lm_head whole on every rank, lm_head int4 with int4 layers."""
     head, kv = args.head_dim, args.n_kv_heads * args.head_dim
     projections = [(args.n_heads * head + 2 * kv, args.dim, 0), (args.dim, args.n_heads * head, 1)]
     projections += [(2 * args.ffn_dim, args.dim, 0), (args.dim, args.ffn_dim, 1)]
@@ -123,7 +124,9 @@ def weight_bytes(
         per_layer += _linear_bytes(rows, columns, bits, group_size, itemsize)
     per_layer += 2 * args.dim * itemsize  # the two norms
     embed = args.vocab_size * args.dim * itemsize
-    output = 0 if args.tie_word_embeddings else embed  # lm_head stays float (or is the embedding itself)
+    output = 0 if args.tie_word_embeddings else embed  # lm_head float (or the embedding itself)
+    if bits == 4:  # lm_head in int4, beside the embedding (build_model)
+        output = _linear_bytes(args.vocab_size, args.dim, bits, group_size, itemsize)
     return args.n_layers * per_layer + embed + output + args.dim * itemsize
 
 
@@ -157,7 +160,15 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
             tensor = reader.get(name, shapes[name])
         return tensor.to(device=device, dtype=spec.dtype).contiguous()
 
+    int4_groups = set()  # the int4 layers' group sizes: lm_head is quantized with them (below)
+
     def linear(name: str, split: int) -> Weight:
+        weight = layer_weight(name, split)
+        if isinstance(weight, quant.QuantWeight) and weight.bits == 4:
+            int4_groups.add(weight.group_size)
+        return weight
+
+    def layer_weight(name: str, split: int) -> Weight:
         """A layer's Linear weight, this rank's part: stored quantized, quantized here (spec.bits) or float."""
         if reader.is_quantized(name):  # a `vicunaflow quantize` folder: shard the stored codes as they are
             qw = reader.get_quantized(name)
@@ -197,8 +208,15 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
         del qkv, gate_up
         reader.release()
     model.norm = get("model.norm.weight")
-    # lm_head stays float, quantized or not (docs/quantize.md: its error goes straight into the logits)
-    model.output = model.embed if args.tie_word_embeddings else get("lm_head.weight")
+    head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    if int4_groups:
+        # int4 layers: lm_head in int4 too (whole on every rank), quantized here from the stored tensor (a
+        # `vicunaflow quantize` folder keeps it float). At int4 a float16 lm_head is 7% of a 7B step's bytes;
+        # gpt-fast's int4 also quantizes every Linear, the output one included (docs/quantize.md, "lm_head").
+        qw = quant.quantize(reader.get(head, shapes[head]).to(device), 4, min(int4_groups))
+        model.output = _int4pack(qw) if spec.int4_packed else _int4columns(qw) if spec.int4_columns else qw
+    else:  # float, or int8 layers: lm_head float (or the embedding itself)
+        model.output = model.embed if args.tie_word_embeddings else get(head)
     reader.release()
     return model
 

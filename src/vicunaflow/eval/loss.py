@@ -188,7 +188,7 @@ def quantize_layers(model, model_path: Path, bits: int) -> int:
 
     Quantized from the stored tensor on the model's device, as the engine's --load-Nbit does, not from
     the loaded copy: a float16 copy of a float32 folder would round once more and give other codes.
-    Embeddings, norms and lm_head stay float, as in chat and serve.
+    Embeddings and norms stay float, and lm_head too unless the layers are int4, as in chat and serve.
     """
     from vicunaflow import quant
     from vicunaflow.checkpoint import Checkpoint
@@ -200,6 +200,12 @@ def quantize_layers(model, model_path: Path, bits: int) -> int:
             parent, _, child = name.rpartition(".")
             weight = quant.load_weight(reader, f"{name}.weight", bits, quant.DEFAULT_GROUP_SIZE, device)
             setattr(model.get_submodule(parent), child, weight)  # QuantWeight(x) is qlinear(x, weight)
+            reader.release()
+        if bits == 4 and names:  # lm_head in int4 beside int4 layers, as engine/build.py lays it out
+            group_size = getattr(weight, "group_size", None) or quant.DEFAULT_GROUP_SIZE
+            tied = "lm_head.weight" not in reader.names()
+            source = reader.get("model.embed_tokens.weight" if tied else "lm_head.weight").to(device)
+            model.lm_head = quant.quantize(source, 4, group_size)
             reader.release()
     if not names:
         raise VicunaflowError(f"{model_path}: no layer weight to quantize (expected LLaMA's q_proj ... down_proj)")
