@@ -31,15 +31,18 @@ def some_tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), ("123", 123)]
+    ("text", "expected"),
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("1.5KB", 1500), ("123B", 123), (4200, 4200)],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-def test_parse_size_rejects_nonsense():
-    with pytest.raises(VicunaflowError, match="max shard size"):
-        parse_size("five gigs")
+@pytest.mark.parametrize("text", ["five gigs", "500", "0GB", "5G"])
+def test_parse_size_rejects_nonsense_and_a_missing_unit(text):
+    """'500' alone is refused, as transformers refuses it: meant as megabytes, it gave every tensor a shard."""
+    with pytest.raises(VicunaflowError, match=r"max shard size .*with a unit"):
+        parse_size(text)
 
 
 def test_writer_shards_and_reads_back(tmp_path):

@@ -272,6 +272,16 @@ def test_summary_leaves_a_file_with_a_cut_off_last_line_as_it_is(fake_judge, tmp
     assert len(read_judgments(output)) == 10 and output.read_bytes() == before
 
 
+def test_summary_refuses_judgments_of_other_questions(fake_judge, tmp_path: Path) -> None:
+    """Judgments summarised against another question file are an error naming the ids, not an "unknown" column."""
+    output = run_judge(tmp_path, fake_judge)
+    first = tmp_path / "first_question.jsonl"
+    first.write_text(BUILTIN_QUESTIONS.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(VicunaflowError, match=r"judgments of question_id .* not in .*first_question.jsonl: give"):
+        summary(questions=first, judgments=[output], output=tmp_path / "s.tsv")
+    assert not (tmp_path / "s.tsv").exists()
+
+
 def test_judge_with_a_partial_file_writes_the_output_whole(fake_judge, tmp_path: Path) -> None:
     """The workflow's mode: Snakemake removes a failed job's output, not the partial file beside it."""
     partial, output = tmp_path / "staging" / "judgment.jsonl", tmp_path / "out" / "judgment.jsonl"

@@ -344,12 +344,16 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def parse_size(size: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (Hugging Face's convention: GB = 10^9)."""
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000 (Hugging Face's convention: GB = 10^9). A string needs
+    its unit, as in transformers: `--max-shard-size 500` meant as megabytes would have given every tensor a
+    shard of its own; '500B' says bytes."""
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise VicunaflowError(f"max shard size {size!r}: expected a number with a unit, e.g. 5GB, 500MB, 2GiB")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise VicunaflowError(
+            f"max shard size {size!r}: expected a positive number with a unit, e.g. 5GB, 500MB, 2GiB (or 500B: bytes)"
+        )
     number, unit = float(match.group(1)), match.group(2).upper()
     base = 1024 if "I" in unit else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]

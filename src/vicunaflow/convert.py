@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
-from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.formats import (
     DTYPES,
     GENERATION_CONFIG,
@@ -68,6 +68,7 @@ def convert(
         "convert: input_dir=%s output_dir=%s tokenizer=%s dtype=%s max_shard_size=%s max_position_embeddings=%d",
         input_dir, output_dir, tokenizer, dtype, max_shard_size, max_position_embeddings,
     )  # fmt: skip
+    parse_size(max_shard_size)  # a size without its unit fails here, before any work
     check_output_dir(output_dir, inputs=[input_dir, tokenizer], overwrite=overwrite)  # before any work
     checklist = read_checklist(input_dir)
     params = read_params(input_dir)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
-from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.formats import DTYPES, GENERATION_CONFIG
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
@@ -61,6 +61,7 @@ def apply_delta(
     log.info(
         "apply-delta: base=%s delta=%s target=%s dtype=%s max_shard_size=%s", base, delta, target, dtype, max_shard_size
     )
+    parse_size(max_shard_size)  # a size without its unit fails here, before any work
     check_output_dir(target, inputs=[base, delta], overwrite=overwrite)  # before any work
     base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
     check_same_tensors(base_ck, delta_ck, base, delta)
@@ -110,6 +111,7 @@ def make_delta(
     """
     base, target, delta = Path(base), Path(target), Path(delta)
     log.info("make-delta: base=%s target=%s delta=%s max_shard_size=%s", base, target, delta, max_shard_size)
+    parse_size(max_shard_size)  # a size without its unit fails here, before any work
     check_output_dir(delta, inputs=[base, target], overwrite=overwrite)  # before any work
     base_ck, target_ck = Checkpoint(base), Checkpoint(target)
     check_same_tensors(base_ck, target_ck, base, target)

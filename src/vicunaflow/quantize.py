@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vicunaflow import VicunaflowError
-from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo
+from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.quant import QUANTIZED_WEIGHT, config_block, quantization_config, quantize, quantized_names
 from vicunaflow.tokenizer import TOKENIZER_FILES
@@ -56,6 +56,7 @@ def quantize_model(
     )  # fmt: skip
     if bits not in (8, 4):
         raise VicunaflowError(f"--bits must be 8 or 4, not {bits}")
+    parse_size(max_shard_size)  # a size without its unit fails here, before any work
     if bits == 4 and (group_size < 2 or group_size % 2):
         raise VicunaflowError(f"--group-size {group_size}: int4 needs an even group size of at least 2 (128 usually)")
     check_output_dir(output_dir, inputs=[model_path], overwrite=overwrite)  # before any work

@@ -60,8 +60,17 @@ def summary(
     )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    known = {question.id for question in loaded}
     for path in judgments or []:
-        for judgment in read_judgments(path):
+        read = read_judgments(path)
+        unknown = sorted({str(judgment["question_id"]) for judgment in read} - {str(id_) for id_ in known})
+        if unknown:  # another question set: its categories would all read "unknown", its scores pass unchecked
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise VicunaflowError(
+                f"{path}: judgments of question_id {', '.join(unknown[:5])}{more}, not in {questions}: give "
+                "--questions the file the answers were generated from"
+            )
+        for judgment in read:
             groups[judgment["model"], judgment["judge"][0]].append(judgment)
     loss_of: dict[str, dict[str, dict]] = defaultdict(dict)
     for path in losses or []:
