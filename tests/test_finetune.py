@@ -173,6 +173,17 @@ def test_checkpoint_loads_without_unpickling_and_restores_random_draws(reference
     try:
         with pytest.raises(VicunaflowError, match=r"rng-rank1\.json: missing .* delete .* to start over"):
             train_state.resume_if_possible(run_dir, config, None, None, None, runtime)
+        # Damaged files (all there, unreadable): an error naming the file and the checkpoint to delete, no traceback.
+        shutil.copy(checkpoint / "rng-rank0.json", run_dir / checkpoint.name / "rng-rank1.json")
+        state_file = run_dir / checkpoint.name / "state-rank0.pt"
+        state_file.write_bytes(state_file.read_bytes()[:1000])
+        with pytest.raises(
+            VicunaflowError, match=r"state-rank0\.pt: cannot be read .* damaged: delete .*checkpoint-6 to"
+        ):
+            train_state.resume_if_possible(run_dir, config, None, None, None, runtime)
+        (run_dir / checkpoint.name / train_state.TRAINER_STATE).write_text('{"step": 6, "world_')
+        with pytest.raises(VicunaflowError, match=r"trainer_state\.json: cannot be read \(JSONDecodeError"):
+            train_state.resume_if_possible(run_dir, config, None, None, None, runtime)
     finally:
         dist.destroy_process_group()
 

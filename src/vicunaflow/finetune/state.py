@@ -87,8 +87,8 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
     if found[0] is None:
         return 0
     checkpoint = Path(found[0])
-    saved = json.loads((checkpoint / HYPERPARAMETERS).read_text())
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    saved = _read(checkpoint / HYPERPARAMETERS, run_dir, _json_object)
+    state = _read(checkpoint / TRAINER_STATE, run_dir, lambda path: _json_object(path, "step", "world_size"))
     changed = [k for k in config.RESUME_KEYS if saved.get(k) != getattr(config, k)]
     if state["world_size"] != runtime.world_size:
         changed.append(f"world_size ({state['world_size']} -> {runtime.world_size})")
@@ -106,16 +106,38 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
                 f"{checkpoint / name}: missing (the checkpoint was written by an older vicunaflow, or is "
                 f"incomplete); delete {run_dir} to start over"
             )
-    model_state, optimizer_state = _get_state(model, optimizer, config)
     state_file = checkpoint / _state_file(runtime.rank)
-    shards = torch.load(state_file, map_location="cpu", weights_only=True)
+    shards = _read(state_file, run_dir, lambda path: torch.load(path, map_location="cpu", weights_only=True))
+    scheduler_state = _read(checkpoint / SCHEDULER_STATE, run_dir, _json_object)
+    _read(checkpoint, run_dir, lambda path: _load_rng_state(path, runtime.rank))
+    model_state, optimizer_state = _get_state(model, optimizer, config)
     with torch.no_grad():
         loaded = _load_into({"model": model_state, "optimizer": optimizer_state}, shards, str(state_file))
     _set_state(model, optimizer, loaded["model"], loaded["optimizer"], config)
-    scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_STATE).read_text()))
-    _load_rng_state(checkpoint, runtime.rank)
+    scheduler.load_state_dict(scheduler_state)
     log.info("resuming from %s at step %d", checkpoint, state["step"])
     return int(state["step"])
+
+
+def _read(path: Path, run_dir: Path, reader):
+    """reader(path), or an error naming the damaged file and what to delete (a disk filled up or a copy cut
+    short can leave a checkpoint whose files are all there but unreadable)."""
+    import pickle
+
+    try:
+        return reader(path)
+    except (ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise VicunaflowError(
+            f"{path}: cannot be read ({type(err).__name__}: {str(err)[:200]}); the checkpoint is damaged: delete "
+            f"{path if path.is_dir() else path.parent} to resume from the one before it, or {run_dir} to start over"
+        ) from None
+
+
+def _json_object(path: Path, *keys: str) -> dict:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or any(key not in record for key in keys):
+        raise ValueError(f"expected a JSON object with {', '.join(keys) or 'settings'}")
+    return record
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
