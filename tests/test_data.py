@@ -155,6 +155,12 @@ def test_jsonl_reads_like_json(tmp_path: Path) -> None:
     jsonl.write_text(json.dumps(CONVERSATIONS[0]) + "\n{broken\n")
     with pytest.raises(VicunaflowError, match=r"c\.jsonl:2: not valid JSON Lines"):
         data.load_conversations(jsonl)
+    indented = tmp_path / "dataset.json"  # a dataset's {"train": [...]}, indented: one object, not JSONL
+    indented.write_text(json.dumps({"train": CONVERSATIONS}, indent=1))
+    with pytest.raises(
+        VicunaflowError, match=rf"one JSON object \(keys 'train'\).*list 'train' holds {len(CONVERSATIONS)} records"
+    ):
+        data.load_conversations(indented)
 
 
 def test_tokenize_writes_a_dataset_that_reads_back(tmp_path: Path, tiny_vicuna, tokenizer) -> None:

@@ -257,6 +257,10 @@ def test_invalid_utf8_in_a_json_array_names_the_record_and_leaves_no_output(tmp_
     (tmp_path / "text.txt").write_text("hello")
     with pytest.raises(VicunaflowError, match="neither a JSON array nor JSON Lines"):
         clean(data=tmp_path / "text.txt", output=output, jobs=1)
+    (tmp_path / "object.json").write_text(json.dumps({"meta": 1, "rows": []}, indent=2))  # had passed, all "dropped"
+    with pytest.raises(VicunaflowError, match=r"one JSON object \(keys 'meta', 'rows'\).*jq '\.\[\"rows\"\]'"):
+        clean(data=tmp_path / "object.json", output=output, jobs=1)
+    assert not output.exists()
     with pytest.raises(VicunaflowError, match="it is the input"):
         clean(data=array, output=array, jobs=1)
 

@@ -293,6 +293,10 @@ def _read_records(path: Path) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
+            if not records and stripped.startswith("{"):
+                from vicunaflow.dataprep.records import refuse_json_object
+
+                refuse_json_object(path)  # an indented JSON object, not JSON Lines: say so
             raise VicunaflowError(
                 f"{path}:{line_number}: not valid JSON Lines ({err}); give one record per line"
             ) from err

@@ -54,7 +54,7 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
         if first == b"[":
             yield from _read_array(path, f)
         elif first in (b"{", b""):
-            yield from _read_lines(f)
+            yield from _read_lines(path, f)
         else:
             raise VicunaflowError(
                 f"{path}: neither a JSON array nor JSON Lines (starts with {first!r}); give ShareGPT conversations"
@@ -88,10 +88,12 @@ def _read_array(path: Path, f: IO[bytes]) -> Iterator[tuple[str, object]]:
         ) from None
 
 
-def _read_lines(f: IO[bytes]) -> Iterator[tuple[str, object]]:
+def _read_lines(path: Path, f: IO[bytes]) -> Iterator[tuple[str, object]]:
     for number, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
+        if raw.strip() == b"{":  # no JSONL record is a lone brace: an indented JSON object (its lines "dropped")
+            refuse_json_object(path)
         where = f"line {number}"
         try:
             line = raw.decode("utf-8")
@@ -102,6 +104,25 @@ def _read_lines(f: IO[bytes]) -> Iterator[tuple[str, object]]:
             yield where, json.loads(line)
         except json.JSONDecodeError as err:
             yield where, Broken("invalid_json", f"not JSON ({err.msg} at column {err.colno})")
+
+
+def refuse_json_object(path: Path) -> None:
+    """Raise an error for a file that holds one JSON object (a dataset's {"train": [...]}, say) where a JSON
+    array or JSON Lines of conversations is expected, naming the list to take out of it if it has one; return
+    if the file is not one JSON object after all."""
+    try:
+        whole = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (ValueError, OSError):
+        return
+    if not isinstance(whole, dict):
+        return
+    lists = [key for key, value in whole.items() if isinstance(value, list)]
+    hint = "give a JSON array or JSON Lines of {id, conversations} records"
+    if lists:
+        hint = f"its list {lists[0]!r} holds {len(whole[lists[0]])} records: write it out, e.g. jq '.[\"{lists[0]}\"]' {path} > conversations.json"
+    raise VicunaflowError(
+        f"{path}: one JSON object (keys {', '.join(map(repr, list(whole)[:5]))}), not conversations; {hint}"
+    )
 
 
 def record_name(where: str, record: object) -> str:
