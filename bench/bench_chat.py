@@ -23,7 +23,9 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
     --quant 8 4     ours again with weight-only int8 / int4 (group 128) layer weights, quantized at load
                     (`load_model(load_8bit=True / load_4bit=True)`, the path of `chat --load-8bit / --load-4bit`;
                     Triton qmatvec for one-row steps): the same rows as float16, next to them, plus weight GiB
-                    (`--load-8bit` = `--quant 8`)
+                    (`--load-8bit` = `--quant 8`). With fastchat in --only, `--quant 8` also times FastChat's own
+                    `--load-8bit` (fastchat.model.compression: int8 groups of 256, decompressed before every
+                    product), loaded from the random model written to --scratch
     --float-rows triton cublas
                     ours, float16: batched decode steps (2..32 rows) through kernels.matmul_rows (RMSNorm
                     and the residual folded in; the default) and/or cuBLAS with separate kernels, each in
@@ -47,8 +49,12 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     the random model is written once to --scratch and loaded with a BitsAndBytesConfig)
 
 FastChat 0.2.36 needs transformers 4.x: `--fastchat-pythonpath DIR` runs the FastChat side in a child
-process with DIR (holding fschat 0.2.36, transformers 4.57.1 and its tokenizers/huggingface_hub) first
-on PYTHONPATH; without it, FastChat is imported from the current environment.
+process with DIR (holding fschat 0.2.36, transformers 4.57.1 and its tokenizers/huggingface_hub, and
+accelerate for its --load-8bit) first on PYTHONPATH; without it, FastChat is imported from the current
+environment:
+
+    pip install --no-deps --target /tmp/ref fschat==0.2.36 transformers==4.57.1 tokenizers==0.22.2 \
+        huggingface_hub==0.36.2 accelerate==1.10.1
 
     python bench/bench_chat.py --fastchat-pythonpath /tmp/ref --load-8bit       # 7B, C = 1 8 32
     python bench/bench_chat.py --only ours transformers --quant 8 4 --bnb 8 4     # float16 | int8 | int4 | bnb
@@ -286,6 +292,13 @@ def main() -> None:
             results += [row | {"num_gpus": num_gpus} for row in bench_transformers(hf_model, prompts, args)]
         if "fastchat" in args.only and not args.fastchat_pythonpath and num_gpus == 1:
             results += bench_fastchat(hf_model, tokenizer, prompts, args)
+            if 8 in args.quant:  # FastChat's --load-8bit: its compression module, on a folder of this model
+                folder = scratch_folder(args, hf_model, "fastchat", tokenizer)
+                free(hf_model)
+                hf_model, gib = load_fastchat_8bit(folder, args.device, dtype)
+                rows = bench_fastchat(hf_model, tokenizer, prompts, args)
+                results += [row | {"engine": row["engine"] + " --load-8bit", "weights": "fastchat-int8",
+                                   "weight_gib": gib} for row in rows]  # fmt: skip
         free(hf_model)
     for bits in args.bnb if "transformers" in args.only else []:
         if args.device != "cuda":
@@ -373,11 +386,13 @@ def make_bnb_model(args, dtype: torch.dtype, bits: int):
     saved once (seed 0) and loaded back through a BitsAndBytesConfig, as `from_pretrained` users do."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-bnb-"))
-    if not (scratch / "config.json").exists():
-        hf_model = make_hf_model(args.size, "cpu", dtype, args.context)
-        hf_model.save_pretrained(scratch)
-        free(hf_model)
+    hf_model = (
+        None
+        if args.scratch and (args.scratch / "config.json").exists()
+        else make_hf_model(args.size, "cpu", dtype, args.context)
+    )
+    scratch = scratch_folder(args, hf_model, "bnb")
+    free(hf_model)
     if bits == 8:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -386,6 +401,30 @@ def make_bnb_model(args, dtype: torch.dtype, bits: int):
     model = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=config, dtype=dtype, device_map={"": 0})
     print(f"bitsandbytes int{bits}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
     return model.eval()
+
+
+def scratch_folder(args, hf_model, purpose: str, tokenizer=None) -> Path:
+    """The random model as a Hugging Face folder (--scratch, or a temporary one), written once, for the references
+    that load from disk (bitsandbytes, FastChat's compression). hf_model may be None where the folder exists."""
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"bench-{purpose}-"))
+    if not (scratch / "config.json").exists():
+        hf_model.save_pretrained(scratch)
+    if tokenizer is not None and not (scratch / "tokenizer.json").exists():
+        tokenizer.save_pretrained(scratch)
+    return scratch
+
+
+def load_fastchat_8bit(folder: Path, device: str, dtype: torch.dtype):
+    """FastChat 0.2.36's `--load-8bit` (fastchat.model.compression: int8 groups of 256, decompressed to `dtype`
+    before every product), as its CLI loads it; returns the model and the GiB it holds on the GPU (None on CPU)."""
+    from fastchat.model.compression import load_compress_model
+
+    before = torch.cuda.memory_allocated() if device == "cuda" else 0
+    start = time.perf_counter()
+    model, _ = load_compress_model(str(folder), device, dtype, use_fast=True)
+    gib = (torch.cuda.memory_allocated() - before) / 2**30 if device == "cuda" else None
+    print(f"fastchat --load-8bit: loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    return model.eval(), gib
 
 
 def make_hf_model(size_name: str, device: str, dtype: torch.dtype, context: int, num_gpus: int = 1):
@@ -796,6 +835,8 @@ def run_fastchat_child(args) -> list[dict]:
         command += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
         command += ["--reference-repeats", str(args.reference_repeats), "--concurrency", "1"]
         command += ["--tiny"] if args.tiny else []
+        command += ["--quant", "8"] if 8 in args.quant else []  # FastChat's own --load-8bit too
+        command += ["--scratch", str(args.scratch)] if args.scratch else []
         src = str(HERE.parent / "src")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.fastchat_pythonpath, src])}
         print("fastchat child:", " ".join(command), flush=True)
