@@ -119,7 +119,8 @@ def refuse_json_object(path: Path) -> None:
     lists = [key for key, value in whole.items() if isinstance(value, list)]
     hint = "give a JSON array or JSON Lines of {id, conversations} records"
     if lists:
-        hint = f"its list {lists[0]!r} holds {len(whole[lists[0]])} records: write it out, e.g. jq '.[\"{lists[0]}\"]' {path} > conversations.json"
+        command = f"jq '.[\"{lists[0]}\"]' {path} > conversations.json"
+        hint = f"its list {lists[0]!r} holds {len(whole[lists[0]])} records: write it out, e.g. {command}"
     raise VicunaflowError(
         f"{path}: one JSON object (keys {', '.join(map(repr, list(whole)[:5]))}), not conversations; {hint}"
     )
