@@ -293,7 +293,7 @@ def main() -> None:
         if "fastchat" in args.only and not args.fastchat_pythonpath and num_gpus == 1:
             results += bench_fastchat(hf_model, tokenizer, prompts, args)
             if 8 in args.quant:  # FastChat's --load-8bit: its compression module, on a folder of this model
-                folder = scratch_folder(args, hf_model, "fastchat", tokenizer)
+                folder = scratch_folder(args, "fastchat", lambda model=hf_model: model, tokenizer)
                 free(hf_model)
                 hf_model, gib = load_fastchat_8bit(folder, args.device, dtype)
                 rows = bench_fastchat(hf_model, tokenizer, prompts, args)
@@ -386,13 +386,7 @@ def make_bnb_model(args, dtype: torch.dtype, bits: int):
     saved once (seed 0) and loaded back through a BitsAndBytesConfig, as `from_pretrained` users do."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    hf_model = (
-        None
-        if args.scratch and (args.scratch / "config.json").exists()
-        else make_hf_model(args.size, "cpu", dtype, args.context)
-    )
-    scratch = scratch_folder(args, hf_model, "bnb")
-    free(hf_model)
+    scratch = scratch_folder(args, "bnb", lambda: make_hf_model(args.size, "cpu", dtype, args.context))
     if bits == 8:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -403,12 +397,15 @@ def make_bnb_model(args, dtype: torch.dtype, bits: int):
     return model.eval()
 
 
-def scratch_folder(args, hf_model, purpose: str, tokenizer=None) -> Path:
+def scratch_folder(args, purpose: str, hf_model, tokenizer=None) -> Path:
     """The random model as a Hugging Face folder (--scratch, or a temporary one), written once, for the references
-    that load from disk (bitsandbytes, FastChat's compression). hf_model may be None where the folder exists."""
+    that load from disk (bitsandbytes, FastChat's compression). hf_model() gives the model, called only to write it."""
+    import gc
+
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix=f"bench-{purpose}-"))
     if not (scratch / "config.json").exists():
-        hf_model.save_pretrained(scratch)
+        hf_model().save_pretrained(scratch)
+        gc.collect()  # a model made for the folder alone goes now, before the reference loads its own
     if tokenizer is not None and not (scratch / "tokenizer.json").exists():
         tokenizer.save_pretrained(scratch)
     return scratch

@@ -160,15 +160,7 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
             tensor = reader.get(name, shapes[name])
         return tensor.to(device=device, dtype=spec.dtype).contiguous()
 
-    int4_groups = set()  # the int4 layers' group sizes: lm_head is quantized with them (below)
-
     def linear(name: str, split: int) -> Weight:
-        weight = layer_weight(name, split)
-        if isinstance(weight, quant.QuantWeight) and weight.bits == 4:
-            int4_groups.add(weight.group_size)
-        return weight
-
-    def layer_weight(name: str, split: int) -> Weight:
         """A layer's Linear weight, this rank's part: stored quantized, quantized here (spec.bits) or float."""
         if reader.is_quantized(name):  # a `vicunaflow quantize` folder: shard the stored codes as they are
             qw = reader.get_quantized(name)
@@ -201,32 +193,33 @@ def build_model(spec: LoadSpec, comm) -> Transformer:
         gate_up = [linear(p + f"mlp.{n}_proj.weight", ROWS) for n in ("gate", "up")]
         layer.w13 = fused(gate_up)  # [2 ffn, dim]
         layer.w2 = linear(p + "mlp.down_proj.weight", COLUMNS)  # [dim, ffn]
-        if spec.int4_packed:  # after fusing and sharding: tinygemm's tiles are not split or stacked
-            layer.wqkv, layer.wo, layer.w13, layer.w2 = map(_int4pack, (layer.wqkv, layer.wo, layer.w13, layer.w2))
-        elif spec.int4_columns:  # after fusing and sharding, as tinygemm's
-            layer.wqkv, layer.wo, layer.w13, layer.w2 = map(_int4columns, (layer.wqkv, layer.wo, layer.w13, layer.w2))
+        # after fusing and sharding: tinygemm's tiles and the columns layout are not split or stacked
+        layer.wqkv, layer.wo, layer.w13, layer.w2 = (
+            _int4_layout(w, spec) for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)
+        )
         del qkv, gate_up
         reader.release()
     model.norm = get("model.norm.weight")
     head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
-    if int4_groups:
+    # the int4 layers' group size: quantized here (spec.bits) or as the folder stores them (None: no int4 layers)
+    int4_group = spec.group_size if spec.bits == 4 else getattr(reader, "group_size", None)
+    if int4_group:
         # int4 layers: lm_head in int4 too (whole on every rank), quantized here from the stored tensor (a
         # `vicunaflow quantize` folder keeps it float). At int4 a float16 lm_head is 7% of a 7B step's bytes;
         # gpt-fast's int4 also quantizes every Linear, the output one included (docs/quantize.md, "lm_head").
-        qw = quant.quantize(reader.get(head, shapes[head]).to(device), 4, min(int4_groups))
-        model.output = _int4pack(qw) if spec.int4_packed else _int4columns(qw) if spec.int4_columns else qw
+        model.output = _int4_layout(quant.quantize(reader.get(head, shapes[head]).to(device), 4, int4_group), spec)
     else:  # float, or int8 layers: lm_head float (or the embedding itself)
         model.output = model.embed if args.tie_word_embeddings else get(head)
     reader.release()
     return model
 
 
-def _int4pack(weight: Weight) -> Weight:
-    return quant.int4pack(weight) if isinstance(weight, quant.QuantWeight) and weight.bits == 4 else weight
-
-
-def _int4columns(weight: Weight) -> Weight:
-    return quant.int4columns(weight) if isinstance(weight, quant.QuantWeight) and weight.bits == 4 else weight
+def _int4_layout(weight: Weight, spec: LoadSpec) -> Weight:
+    """An int4 QuantWeight in the layout its kernels read: tinygemm's (spec.int4_packed) or columns of words
+    (spec.int4_columns); any other weight as it is."""
+    if not (isinstance(weight, quant.QuantWeight) and weight.bits == 4):
+        return weight
+    return quant.int4pack(weight) if spec.int4_packed else quant.int4columns(weight) if spec.int4_columns else weight
 
 
 def check_int4_split(args: ModelArgs, world: int, group_size: int) -> None:

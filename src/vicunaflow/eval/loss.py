@@ -202,10 +202,9 @@ def quantize_layers(model, model_path: Path, bits: int) -> int:
             setattr(model.get_submodule(parent), child, weight)  # QuantWeight(x) is qlinear(x, weight)
             reader.release()
         if bits == 4 and names:  # lm_head in int4 beside int4 layers, as engine/build.py lays it out
-            group_size = getattr(weight, "group_size", None) or quant.DEFAULT_GROUP_SIZE
-            tied = "lm_head.weight" not in reader.names()
+            tied = model.config.tie_word_embeddings
             source = reader.get("model.embed_tokens.weight" if tied else "lm_head.weight").to(device)
-            model.lm_head = quant.quantize(source, 4, group_size)
+            model.lm_head = quant.quantize(source, 4, quant.DEFAULT_GROUP_SIZE)
             reader.release()
     if not names:
         raise VicunaflowError(f"{model_path}: no layer weight to quantize (expected LLaMA's q_proj ... down_proj)")

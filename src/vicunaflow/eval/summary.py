@@ -60,10 +60,10 @@ def summary(
     )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    known = {question.id for question in loaded}
+    known = {str(question.id) for question in loaded}
     for path in judgments or []:
         read = read_judgments(path)
-        unknown = sorted({str(judgment["question_id"]) for judgment in read} - {str(id_) for id_ in known})
+        unknown = sorted({str(judgment["question_id"]) for judgment in read} - known)
         if unknown:  # another question set: its categories would all read "unknown", its scores pass unchecked
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise VicunaflowError(
