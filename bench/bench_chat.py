@@ -835,7 +835,9 @@ def run_fastchat_child(args) -> list[dict]:
         command += ["--quant", "8"] if 8 in args.quant else []  # FastChat's own --load-8bit too
         command += ["--scratch", str(args.scratch)] if args.scratch else []
         src = str(HERE.parent / "src")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.fastchat_pythonpath, src])}
+        # FastChat's transformers 4.x first; then this process's own path (its other packages, after the 4.x ones)
+        path = [args.fastchat_pythonpath, src, *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         print("fastchat child:", " ".join(command), flush=True)
         if subprocess.run(command, env=env).returncode != 0 or not output.exists():
             print("fastchat child failed", flush=True)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from vicunaflow import template
+from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
 from vicunaflow.engine.runner import Runner, row_buckets
 
@@ -218,6 +218,48 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(loaded):
         submitted = len(order)
     between = order[2 : order.index("long")]  # the stream's events while the long prompt prefilled
     assert len(between) >= chunks - 2, (len(between), chunks, submitted)
+
+
+@pytest.mark.parametrize("burst", [1, 8])
+def test_a_burst_of_prompts_behind_a_running_stream_is_written_in_one_forward(loaded, burst, monkeypatch):
+    """Six prompts arriving together behind one decoding stream: with prefill_burst 8 one forward writes them
+    all (up to 8 chunks' worth), so the stream waits once; with 1 a chunk at a time. Replies are a lone
+    request's either way. A lone long prompt joining the stream still goes a chunk at a time."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS[:3] * 2]
+    chunk = max(len(p) for p in prompts)  # a prompt a chunk
+    alone = [_replies(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts[:3]] * 2
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    sizes, real = [], Runner.prefill_chunks
+    monkeypatch.setattr(Runner, "prefill_chunks", lambda self, chunks: sizes.append(len(chunks)) or real(self, chunks))
+    options = dict(max_batch_size=8, prefill_chunk=chunk, prefill_burst=burst)
+    with Engine(model, tokenizer, **options) as engine:
+        started = threading.Event()
+        long_reply = SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True)
+        stream = engine.submit(_prompt(tokenizer, "hi"), long_reply, lambda e: started.set())
+        started.wait()
+        with engine.lock:  # all six admitted at the same step
+            done = threading.Semaphore(0)
+            requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+        assert sizes[1:] == ([6] if burst == 8 else [1] * 6)
+        del sizes[:]
+        long_prompt = _long_prompt(tokenizer)
+        events = list(engine.generate(long_prompt, SamplingParams(temperature=0, max_new_tokens=1)))
+        assert events[-1].finish_reason and len(sizes) == -(-len(long_prompt) // chunk)  # one prompt: chunks
+        stream.cancel()
+    assert [r.decoder.ids for r in requests] == alone
+
+
+def test_prefill_budget_grows_with_the_prompts_waiting_per_decoding_row(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=64, prefill_chunk=100, prefill_burst=8)
+    for waiting, decoding, budget in [(1, 0, 100), (3, 0, 300), (1, 31, 100), (28, 4, 700), (60, 4, 800)]:
+        engine.prefilling, engine.rows = [None] * waiting, [None] * decoding
+        assert engine._prefill_budget() == budget, (waiting, decoding)
+    with pytest.raises(VicunaflowError, match="prefill_burst 0"):
+        Engine(model, tokenizer, prefill_burst=0)
 
 
 def test_prompts_ending_in_one_chunk_swap_rows_into_place(loaded, monkeypatch):

@@ -22,6 +22,14 @@ forward of their own between two steps: on an H200 a 7B step of 32 rows took ~6 
 Prompts asking for prompt log-probabilities, and prompts when no row decodes, go through chunks. The
 price: a burst of new prompts is written mixed_prefill tokens a step, not a chunk's worth a forward.
 
+A burst of new prompts (many users arriving at once) gets longer prefill forwards: up to `prefill_burst`
+chunks' worth when the prompts waiting outnumber the rows decoding (one chunk for every decoding row's worth
+of them). Every decoding row waits for each prefill forward, so a lone prompt joining running streams still
+goes a chunk at a time, while 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see
+one long gap instead of seven shorter ones, and the 28 start decoding together. On an H200 (7B, 32 streams
+through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for
+each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
+
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
 its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the
 tokens requests hold. When a decoding row needs a block and none is free, the youngest decoding
@@ -60,6 +68,8 @@ from vicunaflow.engine.text import IncrementalDecoder, find_stop, stop_prefix_le
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (Engine's and `serve --prefill-chunk`'s default)
+# the most chunks' worth one prefill forward writes in a burst of prompts (module docstring); 1: a chunk always
+PREFILL_BURST = 8
 # prompt tokens a decode step carries while rows decode (module docstring); 0: prompts go through chunks. Off by
 # default: on an H200 (7B, through the API) 128 took the 32-stream inter-token gap p99 from 23.7 to 13.2 ms but
 # the tokens/s from 4,555 to 4,072 (docs/engine.md, "Prompts in decode steps")
@@ -162,7 +172,8 @@ class Engine:
     with the step's tokens: the overlap and CUDA graphs stay. Prompt log-probabilities
     (`prompt_logprobs`) make that request's prefill compute every position's logits.
 
-    prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps; mixed_prefill:
+    prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps; prefill_burst: up to
+    this many chunks' worth in one forward while the prompts waiting outnumber the rows decoding; mixed_prefill:
     prompt tokens a decode step carries while rows decode, 0 for none (module docstring). kv_cache_tokens:
     tokens the paged KV cache holds over all rows (default: every row at full context); requests wait, or
     are preempted and resumed, when its blocks run out. warm_up
@@ -178,6 +189,7 @@ class Engine:
         max_batch_size: int = 16,
         max_context: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefill_burst: int = PREFILL_BURST,
         mixed_prefill: int = MIXED_PREFILL,
         kv_cache_tokens: int | None = None,
         seed: int | None = None,
@@ -193,6 +205,9 @@ class Engine:
         if prefill_chunk < 1:
             raise VicunaflowError(f"prefill_chunk {prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
+        if prefill_burst < 1:
+            raise VicunaflowError(f"prefill_burst {prefill_burst}: must be at least 1 (chunks)")
+        self.prefill_burst = prefill_burst
         if mixed_prefill < 0:
             raise VicunaflowError(f"mixed_prefill {mixed_prefill}: must be 0 or more")
         if mixed_prefill and attention_kernels.ROPE == "attention":
@@ -360,6 +375,7 @@ class Engine:
                 "kv_blocks_free": len(self.cache.free),
                 "block_size": self.cache.block_size,
                 "prefill_chunk": self.prefill_chunk,
+                "prefill_burst": self.prefill_burst,
                 "cuda_graphs": self.runner.cuda_graphs,
                 "decode_kernels": self.runner.kernels,
                 "overlap": self.overlap,
@@ -469,22 +485,27 @@ class Engine:
             self.cache.release(row)  # no job holds the row: its blocks would be lost
             raise
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens (rows x padded length) the next prefill forward may take: a chunk, or in a burst of
+        prompts one chunk for every decoding row's worth of prompts waiting, up to prefill_burst chunks
+        (module docstring)."""
+        waiting, decoding = len(self.prefilling), len(self.rows)
+        return self.prefill_chunk * min(self.prefill_burst, max(1, waiting // max(1, decoding)))
+
     def _prefill_chunk(self) -> None:
         """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most
-        `prefill_chunk` tokens (rows x padded length); prompts that end in it join the decoding rows.
+        `_prefill_budget()` tokens (rows x padded length); prompts that end in it join the decoding rows.
 
         Oldest first, and a younger prompt only gets tokens once the older ones' rest fits: prompts end
         in the order they came, each after at most a chunk's worth of work per decode step.
         A request with max_new_tokens 0 (OpenAI's echo with max_tokens 0) ends here, with its prompt's
         log-probabilities if it asked, and without a token.
         """
-        chunks, jobs, longest = [], [], 0
+        chunks, jobs, longest, budget = [], [], 0, self._prefill_budget()
         for job in self.prefilling:
             prompt = job.tokens
-            take = min(len(prompt) - job.done, self.prefill_chunk // (len(chunks) + 1))
-            if chunks and (
-                take < len(prompt) - job.done or max(longest, take) * (len(chunks) + 1) > self.prefill_chunk
-            ):
+            take = min(len(prompt) - job.done, budget // (len(chunks) + 1))
+            if chunks and (take < len(prompt) - job.done or max(longest, take) * (len(chunks) + 1) > budget):
                 break
             piece = prompt[job.done : job.done + take]
             k = job.request.params.prompt_logprobs if job.prompt_logprobs is not None else None

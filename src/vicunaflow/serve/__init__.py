@@ -38,6 +38,7 @@ def serve(
     max_batch_size: int = 16,
     max_context: int | None = None,
     prefill_chunk: int | None = None,
+    prefill_burst: int | None = None,
     mixed_prefill: int = 0,
     kv_cache_tokens: int | None = None,
     default_max_tokens: int = 512,
@@ -65,6 +66,9 @@ def serve(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
+        prefill_burst: when many prompts arrive at once (more than the requests decoding), prefill up to this
+            many chunks' worth of them in one step, so they start together (docs/engine.md); 1: a chunk
+            always. Default: the engine's, 8.
         mixed_prefill: prompt tokens a decode step carries while other requests decode, instead of chunks
             between steps (steadier streams, fewer tokens/s in bursts of new prompts: docs/engine.md); 0: none.
         kv_cache_tokens: tokens the paged KV cache holds over all requests (blocks of 16, each request
@@ -87,9 +91,9 @@ def serve(
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
         "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s kv_cache_tokens=%s "
-        "prefill_chunk=%s mixed_prefill=%d",
+        "prefill_chunk=%s prefill_burst=%s mixed_prefill=%d",
         model_path, host, port, len(keys), model_options, max_batch_size, max_context, kv_cache_tokens,
-        prefill_chunk, mixed_prefill,
+        prefill_chunk, prefill_burst, mixed_prefill,
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
@@ -97,6 +101,8 @@ def serve(
         raise VicunaflowError(f"--kv-cache-tokens {kv_cache_tokens}: must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise VicunaflowError(f"--prefill-chunk {prefill_chunk}: must be at least 1")
+    if prefill_burst is not None and prefill_burst < 1:
+        raise VicunaflowError(f"--prefill-burst {prefill_burst}: must be at least 1 (chunks)")
     count = len(model_path) if isinstance(model_path, list) else 1
     if count > 1 and model_options.num_gpus > 1:
         # one tensor-parallel group per process (engine/tp.py): the second model's could not start
@@ -138,6 +144,7 @@ def serve(
                 cuda_graphs=cuda_graphs,
                 kv_cache_tokens=kv_cache_tokens,
                 **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
+                **({} if prefill_burst is None else {"prefill_burst": prefill_burst}),
                 mixed_prefill=mixed_prefill,
             )
             engines[name] = stack.enter_context(engine)
