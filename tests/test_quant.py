@@ -175,6 +175,31 @@ def test_qmatvec_folds_rms_norm_into_its_input(bits, n, k, group_size, dtype, in
         quant_kernels.qmatvec(torch.cat([x, x], dim=1), qw, swiglu=True, norm=norm)
 
 
+@pytest.mark.parametrize(("n", "k", "residual"), [(37, 128, False), (64, 1024, True), (5, 96, True)])
+def test_int8_in_float16_pairs_matches_float64_reference(n, k, residual, monkeypatch):
+    """A float16 row times int8 codes in float16 pairs (quant_kernels.INT8_MATH "half2": codes c / 256, four
+    products a lane in float16, then float32) is as close to float64 as the float32 path, and is the path taken."""
+    generator = torch.Generator().manual_seed(n + k)
+    qw = quant.quantize(weight(n, k, seed=k) * 5, bits=8).to(DEVICE)
+    x = (torch.randn(1, k, generator=generator) * 30).to(DEVICE, torch.float16)
+    x[0, 3] = 6e4  # near float16's largest: c / 256 keeps the products finite
+    res = torch.randn(1, n, generator=generator).to(DEVICE, torch.float16) if residual else None
+    expected = reference(x, qw, res, swiglu=False)
+    scale = float(expected.abs().max())
+    outputs = {}
+    for math in ("half2", "float32"):
+        monkeypatch.setattr(quant_kernels, "INT8_MATH", math)
+        assert quant_kernels.int8_pairs(x, qw, False, None) == (math == "half2")
+        outputs[math] = quant_kernels.qmatvec(x, qw, res)
+        assert torch.isfinite(outputs[math]).all()
+        assert torch.allclose(outputs[math].double(), expected, rtol=2**-10, atol=2**-10 * scale), math
+    assert not quant_kernels.int8_pairs(x[:, :100], quant.quantize(weight(n, 100), bits=8), False, None)  # 100 % 8
+    assert not quant_kernels.int8_pairs(x.bfloat16(), qw, False, None)
+    monkeypatch.setattr(quant_kernels, "INT8_MATH", "int2")
+    with pytest.raises(ValueError, match="VICUNAFLOW_INT8_MATH"):
+        quant_kernels.qmatvec(x, qw, res)
+
+
 @pytest.mark.parametrize(
     ("bits", "m", "n", "k", "group_size", "residual"),
     [(8, 3, 37, 200, None, True), (8, 16, 64, 256, None, False), (4, 5, 40, 256, 128, True),

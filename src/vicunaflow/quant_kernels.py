@@ -37,6 +37,8 @@ INT8_TILES = [(2, 4096, 8), (4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 2048, 
 # with the input prepared once (INPUT "separate") a program's input reads no longer cost three times its
 # codes, so taller tiles, which read the input for more rows at once, may win: the autotuner decides
 INT8_TILES += [(8, 512, 4), (16, 512, 4), (32, 512, 8)]
+# int8 in float16 pairs (int8_pairs): a thread's rows share their input pairs, so taller tiles too
+INT8_PAIR_TILES = INT8_TILES + [(32, 256, 4), (64, 256, 8)]
 INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096, 8), (2, 4096, 4), (16, 512, 4)]
 
 # MAGIC: codes become floats through their bits, not through I2F (int-to-float conversions run at 16 a clock
@@ -53,6 +55,15 @@ INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096,
 # int8 at 343.1 tokens/s against 313.8 fused (the int8 products 2,481 against 3,454 µs a step) and int4
 # at 254.0 against 235.0.
 INPUT = os.environ.get("VICUNAFLOW_QUANT_INPUT", "separate")
+
+# int8 products of one float16 row: "half2" (quant_matmul_kernels.int8_pairs_matvec_kernel: codes and input in
+# float16 pairs, 18 instructions for 8 weights) or "float32" (int8_matvec_kernel below: each code through the
+# float bits, then an FFMA, about 5 a weight with the input's conversion). Other inputs (bfloat16, float32,
+# RMSNorm or SiLU·up inside) take float32.
+INT8_MATH = os.environ.get("VICUNAFLOW_INT8_MATH", "half2")
+# the PTX's constants as int32 kernel arguments: a byte's sign bit four times, float16 1024's high byte four
+# times, then float16 pairs 2^-8 and -4.5 (quant_matmul_kernels.INT8_PAIR_SUMS_PTX)
+INT8_PAIR_CONSTANTS = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (0x80808080, 0x64646464, 0x1C001C00, 0xC480C480))
 
 
 def qmatvec(
@@ -82,6 +93,14 @@ def qmatvec(
         raise ValueError("qmatvec: input, residual and weight tensors must be contiguous")
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
+    if int8_pairs(x, qw, swiglu, norm):
+        from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
+
+        quant_matmul_kernels.int8_pairs_matvec_kernel[grid](
+            x.view(torch.int32), qw.qweight.view(torch.int32), qw.scales, res, out, *INT8_PAIR_CONSTANTS, n, k,
+            HAS_RESIDUAL=residual is not None, ASM=x.device.type == "cuda", **pdl_options(x.device),
+        )  # fmt: skip
+        return out
     flags = dict(SWIGLU=swiglu, HAS_RESIDUAL=residual is not None, NORM=norm is not None, **pdl_options(x.device))
     norm = norm if norm is not None else x  # not read without NORM
     if qw.bits == 8:
@@ -89,6 +108,18 @@ def qmatvec(
     else:
         _int4_kernel()[grid](x, qw.qweight, qw.scales, qw.zeros, res, out, norm, eps, n, k, qw.group_size, **flags)
     return out
+
+
+def int8_pairs(x: torch.Tensor, qw, swiglu: bool, norm: torch.Tensor | None) -> bool:
+    """Whether qmatvec's int8 product goes through float16 pairs (INT8_MATH): a plain float16 input whose K is
+    whole word pairs (8 codes), its tensors viewable as int32 words."""
+    if INT8_MATH not in ("half2", "float32"):
+        raise ValueError(f"qmatvec: VICUNAFLOW_INT8_MATH={INT8_MATH!r}: choose half2 or float32")
+    k = qw.shape[1]
+    return (
+        INT8_MATH == "half2" and qw.bits == 8 and x.dtype == torch.float16 and not swiglu and norm is None
+        and k % 8 == 0 and x.storage_offset() % 2 == 0 and qw.qweight.storage_offset() % 4 == 0
+    )  # fmt: skip
 
 
 def model_dtype(x: torch.Tensor, norm: torch.Tensor | None) -> torch.dtype:

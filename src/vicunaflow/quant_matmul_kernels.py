@@ -1,5 +1,6 @@
-"""Triton kernels of quant_kernels.qmatmul (a few rows times an int8 / int4 weight on tensor cores) and of
-quant_kernels.qmatvec_columns (one row times a quant.Int4Columns weight).
+"""Triton kernels of quant_kernels.qmatmul (a few rows times an int8 / int4 weight on tensor cores), of
+quant_kernels.qmatvec_columns (one row times a quant.Int4Columns weight) and of qmatvec's int8 products of a
+float16 row (in float16 pairs).
 
 A module of its own because its kernels call shared @triton.jit helpers (the input tile, each row's
 RMSNorm factor, a columns tile's loads), which Triton resolves among module globals; importing it needs
@@ -13,6 +14,9 @@ import os
 
 import triton
 import triton.language as tl
+
+from vicunaflow.kernels import autotune_configs
+from vicunaflow.quant_kernels import INT8_PAIR_TILES
 
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
@@ -505,3 +509,139 @@ def int4_columns_decode_kernel(
     for j in tl.static_range(8):
         w = nibble(words, j) * scale + zero
         tl.store(out_ptr + (rows * 8 + j)[:, None] * N + outputs[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---- one row times an int8 weight in float16 pairs (quant_kernels.qmatvec on a float16 input) ---------------
+
+
+# Two words' (8 codes of one output) sum_j (c_j / 256) x_j in float16 pairs. A word holds codes 4i..4i+3 in its
+# bytes; one XOR with flip (0x80808080) makes each byte c + 128, and a PRMT with half_bits (0x64646464) sets two
+# bytes under float16 1024's high byte: the pair (1024 + c_j + 128, 1024 + c_j+1 + 128). One FMA with code_scale
+# (2^-8, twice) and code_offset (-4.5, twice) gives (c_j / 256, c_j+1 / 256) exactly, and HFMA2s take the input's
+# own float16 pairs (x_j, x_j+1): 18 instructions for 8 weights, against about 40 in float32 (sign extension, the
+# float bits, a subtraction and an FFMA a code, and the input's conversion). c / 256 keeps four products of a
+# lane below float16's 65504 for any float16 input (|c / 256| <= 0.5). $1, $2: the words; $3..$6: the input
+# pairs; $7 flip, $8 half_bits, $9 code_scale, $10 code_offset (kernel arguments: they stay in registers).
+INT8_PAIR_SUMS_PTX = tl.constexpr("""{
+.reg .b32 u, h0, h1, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+xor.b32 u, $1, $7;
+prmt.b32 h0, u, $8, 0x4140;
+prmt.b32 h1, u, $8, 0x4342;
+fma.rn.f16x2 h0, h0, $9, $10;
+fma.rn.f16x2 h1, h1, $9, $10;
+mul.f16x2 acc, h0, $3;
+fma.rn.f16x2 acc, h1, $4, acc;
+xor.b32 u, $2, $7;
+prmt.b32 h0, u, $8, 0x4140;
+prmt.b32 h1, u, $8, 0x4342;
+fma.rn.f16x2 h0, h0, $9, $10;
+fma.rn.f16x2 h1, h1, $9, $10;
+fma.rn.f16x2 acc, h0, $5, acc;
+fma.rn.f16x2 acc, h1, $6, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+
+
+@triton.jit
+def int8_code_half(words, J: tl.constexpr):
+    """The code in byte J of each word as float16 c / 256 (the interpreter's stand-in for the PTX's pairs)."""
+    return ((((words >> (8 * J)) & 0xFF) ^ 0x80) - 128).to(tl.float16) * 0.00390625
+
+
+@triton.jit
+def input_half(pairs, HIGH: tl.constexpr):
+    """One float16 of each input pair (the interpreter's stand-in for the PTX's registers)."""
+    bits = (pairs >> 16) if HIGH else pairs
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def int8_pair_sums(even, odd, pair0, pair1, pair2, pair3, flip, half_bits, code_scale, code_offset, ASM: tl.constexpr):
+    """sum_j (c_j / 256) x_j over the 8 codes of each word pair [BLOCK_N, PAIRS] in float16 pairs, summed in float32
+    (INT8_PAIR_SUMS_PTX). Without ASM (Triton's interpreter runs no PTX) the same products in Triton's float16."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            INT8_PAIR_SUMS_PTX, "=f,r,r,r,r,r,r,r,r,r,r",
+            [even, odd, pair0, pair1, pair2, pair3, flip, half_bits, code_scale, code_offset],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    low = int8_code_half(even, 0) * input_half(pair0, False)
+    high = int8_code_half(even, 1) * input_half(pair0, True)
+    low += int8_code_half(even, 2) * input_half(pair1, False)
+    high += int8_code_half(even, 3) * input_half(pair1, True)
+    low += int8_code_half(odd, 0) * input_half(pair2, False)
+    high += int8_code_half(odd, 1) * input_half(pair2, True)
+    low += int8_code_half(odd, 2) * input_half(pair3, False)
+    high += int8_code_half(odd, 3) * input_half(pair3, True)
+    return low.to(tl.float32) + high.to(tl.float32)
+
+
+@triton.jit
+def int8_words(w_ptr, rows, row_ok, start, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
+    """The words of columns start..start+BLOCK_K of `rows` [BLOCK_N, BLOCK_K / 4]."""
+    words = start // 4 + tl.arange(0, BLOCK_K // 4)
+    ptrs = w_ptr + rows[:, None] * (K // 4) + words[None, :]
+    if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=row_ok[:, None] & (words < K // 4)[None, :], other=0)
+
+
+@triton.autotune(
+    configs=autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64)), key=["N", "K", "HAS_RESIDUAL", "PDL"]
+)
+@triton.jit
+def int8_pairs_matvec_kernel(
+    x_ptr,  # int32 [K / 2]: the float16 input in pairs, x_2i in the low half
+    w_ptr,  # int32 [N, K / 4]: the int8 codes [N, K], four a word (code 4i + j in byte j)
+    scale_ptr,  # float32 [N]
+    residual_ptr,
+    out_ptr,
+    flip,  # INT8_FLIP_BITS
+    half_bits,  # INT8_HALF_BITS
+    code_scale,  # INT8_CODE_SCALE_BITS
+    code_offset,  # INT8_CODE_OFFSET_BITS
+    N: tl.constexpr,
+    K: tl.constexpr,  # a multiple of 8
+    HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
+    ASM: tl.constexpr,  # through INT8_PAIR_SUMS_PTX (CUDA), else Triton's float16 ops (interpreter)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    PAIRS: tl.constexpr = BLOCK_K // 8  # word pairs (8 codes) a row a step
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    if PDL:  # the first tile of codes read before waiting for earlier kernels (as kernels.matvec)
+        tl.extra.cuda.gdc_launch_dependents()
+        first = int8_words(w_ptr, rows, row_ok, 0, N, K, BLOCK_N, BLOCK_K)
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_N, PAIRS), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        if PDL:
+            if start == 0:
+                words = first
+            else:
+                words = int8_words(w_ptr, rows, row_ok, start, N, K, BLOCK_N, BLOCK_K)
+        else:
+            words = int8_words(w_ptr, rows, row_ok, start, N, K, BLOCK_N, BLOCK_K)
+        even, odd = tl.split(tl.reshape(words, (BLOCK_N, PAIRS, 2)))  # codes 8i..8i+3, 8i+4..8i+7
+        pairs = start // 2 + tl.arange(0, 4 * PAIRS)
+        xs = tl.load(x_ptr + pairs, mask=pairs < K // 2, other=0)
+        # [PAIRS, a, c]: pair 2a + c of the word pair's four, (x_8i+2p, x_8i+2p+1)
+        c0, c1 = tl.split(tl.reshape(xs, (PAIRS, 2, 2)))
+        pair0, pair2 = tl.split(c0)
+        pair1, pair3 = tl.split(c1)
+        acc += int8_pair_sums(
+            even, odd, pair0[None, :], pair1[None, :], pair2[None, :], pair3[None, :], flip, half_bits, code_scale,
+            code_offset, ASM,
+        )  # fmt: skip
+    y = tl.sum(acc, axis=1) * (256.0 * tl.load(scale_ptr + rows, mask=row_ok, other=0.0))
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
