@@ -554,6 +554,7 @@ def compare(logits, reference) -> dict:
 def measure_logits(args) -> dict:
     import torch
 
+    from vicunaflow import quant_kernels
     from vicunaflow.engine import RandomWeights, load_model, resolve_device
 
     device = resolve_device(args.device, 1)
@@ -561,15 +562,22 @@ def measure_logits(args) -> dict:
     shape = model_args(args.shape)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, shape.vocab_size, (args.prompts, args.length), generator=generator)  # [P, T]
-    # (name, dtype, bits, int4 kernel): int4 in `dtype` through quant_kernels, and on CUDA as --load-4bit runs
-    # it by default (torch's tinygemm, the model in bfloat16)
-    variants = [(dtype, dtype, None, None), ("int8", dtype, 8, None), ("int4", dtype, 4, "triton")]
+    # (name, dtype, bits, int4 kernel, int8 math): int4 in `dtype` through quant_kernels, and on CUDA as --load-4bit
+    # runs it by default (torch's tinygemm, the model in bfloat16); int8's one-row products in float16 pairs (the
+    # default) and through float32 (quant_kernels.INT8_MATH), so the pairs' own error shows beside int8's
+    variants = [
+        (dtype, dtype, None, None, "half2"),
+        ("int8", dtype, 8, None, "half2"),
+        ("int4", dtype, 4, "triton", "half2"),
+    ]
     if device == "cuda" and dtype == "float16":
-        variants.append(("bfloat16", "bfloat16", None, None))  # for scale: what a change of float format alone costs
-        variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm"))
+        variants.append(("int8-float32", dtype, 8, None, "float32"))
+        variants.append(("bfloat16", "bfloat16", None, None, "half2"))  # for scale: a change of float format alone
+        variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm", "half2"))
     reference, rows = None, {}
-    for name, variant_dtype, bits, int4_kernel in variants:
+    for name, variant_dtype, bits, int4_kernel, int8_math in variants:
         started = time.perf_counter()
+        quant_kernels.INT8_MATH = int8_math
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model, _ = load_model(
@@ -577,6 +585,7 @@ def measure_logits(args) -> dict:
             int4_kernel=int4_kernel,
         )  # fmt: skip
         row = {"dtype": variant_dtype, "bits": bits, "weight_gib": model.weight_bytes() / 2**30}
+        row |= {"int8_math": int8_math} if bits == 8 else {}
         logits = teacher_forced_logits(model, prompts, device)
         if device == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

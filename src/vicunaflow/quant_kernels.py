@@ -38,7 +38,7 @@ INT8_TILES = [(2, 4096, 8), (4, 2048, 4), (4, 2048, 8), (8, 1024, 4), (8, 2048, 
 # codes, so taller tiles, which read the input for more rows at once, may win: the autotuner decides
 INT8_TILES += [(8, 512, 4), (16, 512, 4), (32, 512, 8)]
 # int8 in float16 pairs (int8_pairs): a thread's rows share their input pairs, so taller tiles too
-INT8_PAIR_TILES = INT8_TILES + [(32, 256, 4), (64, 256, 8)]
+INT8_PAIR_TILES = [*INT8_TILES, (32, 256, 4), (64, 256, 8)]
 INT4_TILES = [(4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8), (4, 4096, 8), (2, 4096, 4), (16, 512, 4)]
 
 # MAGIC: codes become floats through their bits, not through I2F (int-to-float conversions run at 16 a clock
@@ -63,7 +63,9 @@ INPUT = os.environ.get("VICUNAFLOW_QUANT_INPUT", "separate")
 INT8_MATH = os.environ.get("VICUNAFLOW_INT8_MATH", "half2")
 # the PTX's constants as int32 kernel arguments: a byte's sign bit four times, float16 1024's high byte four
 # times, then float16 pairs 2^-8 and -4.5 (quant_matmul_kernels.INT8_PAIR_SUMS_PTX)
-INT8_PAIR_CONSTANTS = tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (0x80808080, 0x64646464, 0x1C001C00, 0xC480C480))
+INT8_PAIR_CONSTANTS = tuple(
+    v - (1 << 32) if v >= 1 << 31 else v for v in (0x80808080, 0x64646464, 0x1C001C00, 0xC480C480)
+)
 
 
 def qmatvec(

@@ -592,9 +592,7 @@ def int8_words(w_ptr, rows, row_ok, start, N: tl.constexpr, K: tl.constexpr, BLO
     return tl.load(ptrs, mask=row_ok[:, None] & (words < K // 4)[None, :], other=0)
 
 
-@triton.autotune(
-    configs=autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64)), key=["N", "K", "HAS_RESIDUAL", "PDL"]
-)
+@triton.autotune(configs=autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64)), key=["N", "K", "HAS_RESIDUAL", "PDL"])
 @triton.jit
 def int8_pairs_matvec_kernel(
     x_ptr,  # int32 [K / 2]: the float16 input in pairs, x_2i in the low half
@@ -623,8 +621,8 @@ def int8_pairs_matvec_kernel(
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BLOCK_N, PAIRS), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
-        if PDL:
-            if start == 0:
+        if PDL:  # an if block, not a conditional expression: `start` is a runtime value (an scf.if)
+            if start == 0:  # noqa: SIM108
                 words = first
             else:
                 words = int8_words(w_ptr, rows, row_ok, start, N, K, BLOCK_N, BLOCK_K)
