@@ -239,13 +239,20 @@ def code_float(words, SHIFT: tl.constexpr, one):
     return ((moved & 0x00780000) | one).to(tl.float32, bitcast=True)
 
 
+# The end of a float16-pairs PTX block: its accumulator's two halves (register acc) added in float32 into $0.
+LANES_TO_FLOAT32 = """mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
 # One word's sum_j c_j x_j in float16 pairs (HALF2): the codes j and j + 4 of a word sit at bits 4j and 16 + 4j,
 # so one LOP3 with code_bits 0x000f000f and half_bits 0x64006400 (float16 1024, twice) gives the pair
 # (1024 + c_j, 1024 + c_j+4) of float16s, and a subtraction gives the codes exactly. Four HFMA2 then take
 # x's pairs (x_j, x_j+4), and the two halves add in float32: 18 instructions for 8 weights, against about
 # 35 in float32. $1: the word, $2..$5: the input pairs, $6: half_bits, $7: code_bits (kernel arguments,
 # so they stay in registers).
-WORD_SUMS_PTX = tl.constexpr("""{
+WORD_SUMS_PTX = tl.constexpr(
+    """{
 .reg .b32 t, h0, h1, h2, h3, acc;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
@@ -264,11 +271,9 @@ mul.f16x2 acc, h0, $2;
 fma.rn.f16x2 acc, h1, $3, acc;
 fma.rn.f16x2 acc, h2, $4, acc;
 fma.rn.f16x2 acc, h3, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}""")
+"""
+    + LANES_TO_FLOAT32
+)
 # sum_j x_j of a word row from its four input pairs: three HADD2, then the halves in float32. From the pairs,
 # not from x in float32: the pairs are already in the words' layout, and a sum in x's own layout made the
 # compiler move the whole accumulator between layouts each step (offline SASS, sm_90).
@@ -522,7 +527,8 @@ def int4_columns_decode_kernel(
 # float bits, a subtraction and an FFMA a code, and the input's conversion). c / 256 keeps four products of a
 # lane below float16's 65504 for any float16 input (|c / 256| <= 0.5). $1, $2: the words; $3..$6: the input
 # pairs; $7 flip, $8 half_bits, $9 code_scale, $10 code_offset (kernel arguments: they stay in registers).
-INT8_PAIR_SUMS_PTX = tl.constexpr("""{
+INT8_PAIR_SUMS_PTX = tl.constexpr(
+    """{
 .reg .b32 u, h0, h1, acc;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
@@ -540,11 +546,9 @@ fma.rn.f16x2 h0, h0, $9, $10;
 fma.rn.f16x2 h1, h1, $9, $10;
 fma.rn.f16x2 acc, h0, $5, acc;
 fma.rn.f16x2 acc, h1, $6, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}""")
+"""
+    + LANES_TO_FLOAT32
+)
 
 
 @triton.jit
