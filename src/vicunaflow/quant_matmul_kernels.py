@@ -604,10 +604,10 @@ def int8_pairs_matvec_kernel(
     scale_ptr,  # float32 [N]
     residual_ptr,
     out_ptr,
-    flip,  # INT8_FLIP_BITS
-    half_bits,  # INT8_HALF_BITS
-    code_scale,  # INT8_CODE_SCALE_BITS
-    code_offset,  # INT8_CODE_OFFSET_BITS
+    flip,  # quant_kernels.INT8_PAIR_CONSTANTS, in order (INT8_PAIR_SUMS_PTX says what each is)
+    half_bits,
+    code_scale,
+    code_offset,
     N: tl.constexpr,
     K: tl.constexpr,  # a multiple of 8
     HAS_RESIDUAL: tl.constexpr,
