@@ -96,9 +96,7 @@ def qmatvec(
     grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
     res = residual if residual is not None else out
     if int8_pairs(x, qw, swiglu, norm):
-        from vicunaflow import quant_matmul_kernels  # Triton: imported only when a kernel runs
-
-        quant_matmul_kernels.int8_pairs_matvec_kernel[grid](
+        _int8_pairs_kernel()[grid](
             x.view(torch.int32), qw.qweight.view(torch.int32), qw.scales, res, out, *INT8_PAIR_CONSTANTS, n, k,
             HAS_RESIDUAL=residual is not None, ASM=x.device.type == "cuda", **pdl_options(x.device),
         )  # fmt: skip
@@ -128,6 +126,20 @@ def model_dtype(x: torch.Tensor, norm: torch.Tensor | None) -> torch.dtype:
     """A one-row product's model dtype: its RMSNorm weight's where it has one (x may be tensor parallelism's
     float32 sums), else x's."""
     return norm.dtype if norm is not None else x.dtype
+
+
+@functools.cache
+def _int8_pairs_kernel():
+    """quant_matmul_kernels.int8_pairs_matvec_kernel autotuned over INT8_PAIR_TILES (lazily: importing this module
+    must not need Triton, and the kernels' module does not import this one)."""
+    import triton
+
+    from vicunaflow import quant_matmul_kernels
+
+    configs = autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64))
+    return triton.autotune(configs=configs, key=["N", "K", "HAS_RESIDUAL", "PDL"])(
+        quant_matmul_kernels.int8_pairs_matvec_kernel
+    )
 
 
 @functools.cache

@@ -15,9 +15,6 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow.kernels import autotune_configs
-from vicunaflow.quant_kernels import INT8_PAIR_TILES
-
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
 # programs per SM to keep enough loads in flight.
@@ -596,9 +593,8 @@ def int8_words(w_ptr, rows, row_ok, start, N: tl.constexpr, K: tl.constexpr, BLO
     return tl.load(ptrs, mask=row_ok[:, None] & (words < K // 4)[None, :], other=0)
 
 
-@triton.autotune(configs=autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64)), key=["N", "K", "HAS_RESIDUAL", "PDL"])
 @triton.jit
-def int8_pairs_matvec_kernel(
+def int8_pairs_matvec_kernel(  # autotuned over quant_kernels.INT8_PAIR_TILES by quant_kernels._int8_pairs_kernel
     x_ptr,  # int32 [K / 2]: the float16 input in pairs, x_2i in the low half
     w_ptr,  # int32 [N, K / 4]: the int8 codes [N, K], four a word (code 4i + j in byte j)
     scale_ptr,  # float32 [N]
