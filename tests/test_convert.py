@@ -195,6 +195,14 @@ def test_forward_comparison_catches_a_missing_permutation(tmp_path, tokenizer_mo
     assert not torch.allclose(hf_logits(out, tokens), meta_forward(unpermuted, params, tokens), atol=1e-3)
 
 
+@pytest.mark.parametrize("length", [0, -1])
+def test_a_context_below_one_is_refused_before_any_work(tmp_path, tokenizer_model, length):
+    raw = make_raw(tmp_path, tokenizer_model)
+    with pytest.raises(VicunaflowError, match=f"--max-position-embeddings {length}: must be at least 1"):
+        convert(input_dir=raw, output_dir=tmp_path / "hf", max_position_embeddings=length)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_dtype_keep_and_convert(tmp_path, tokenizer_model):
     raw = make_raw(tmp_path, tokenizer_model, dtype=torch.bfloat16)
     kept = read_hf(convert(input_dir=raw, output_dir=tmp_path / "kept"))

@@ -100,6 +100,24 @@ def test_markdown_keeps_text_as_written_and_code_as_code() -> None:
     assert html_to_markdown("<ol><li>a</li></ol><ol><li>b</li></ol>") == "1. a\n\n1) b", "two lists stay two"
 
 
+def test_a_mix_of_zero_weights_and_jobs_below_one_are_refused(tmp_path: Path) -> None:
+    """Bad input refused before anything is written: a mix that would hold nothing (it used to write an empty
+    file and exit 0), and --jobs 0 or -3 (0 used to mean the default, -3 was taken as it was)."""
+    sets = []
+    for name in ("a", "b"):
+        sets.append(tmp_path / f"{name}.jsonl")
+        sets[-1].write_text(
+            '{"id": "1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n'
+        )
+    with pytest.raises(VicunaflowError, match=r"every weight is 0"):
+        mix(data=sets, weights=[0, 0], output=tmp_path / "mixed.jsonl")
+    assert not (tmp_path / "mixed.jsonl").exists()
+    for jobs in (0, -3):
+        with pytest.raises(VicunaflowError, match=f"--jobs {jobs}: must be at least 1"):
+            clean(data=sets[0], output=tmp_path / "clean.jsonl", jobs=jobs)
+        assert not (tmp_path / "clean.jsonl").exists()
+
+
 def test_html_that_converts_to_nothing_is_dropped_and_counted(tmp_path: Path) -> None:
     deep = "<p>" + "<b>" * 3000 + "lost" + "</b>" * 3000 + "</p>"
     records = [{"id": "deep", "conversations": turns("q", deep)}, {"id": "ok", "conversations": turns("q", "<p>a</p>")}]

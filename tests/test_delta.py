@@ -146,6 +146,23 @@ def test_v0_delta_gets_its_own_message(tmp_path, tiny_hf, tiny_delta):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("field", "change"), [("num_hidden_layers", -1), ("vocab_size", 1024)])
+def test_a_config_that_contradicts_its_tensors_is_refused_before_writing(tmp_path, tiny_hf, tiny_delta, field, change):
+    """apply-delta copies the delta's config.json and make-delta the target's: one that does not describe their
+    tensors (a layer count or vocabulary off) is refused, not written into an output marked complete."""
+    delta = tmp_path / "delta"
+    shutil.copytree(tiny_delta, delta)
+    config = json.loads((delta / "config.json").read_text())
+    config[field] += change
+    (delta / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VicunaflowError, match="config"):
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(VicunaflowError, match="config"):
+        make_delta(base=tiny_hf, target=delta, delta=tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
 def test_mismatched_names_are_listed(tmp_path, tiny_hf, tiny_delta):
     delta = tmp_path / "renamed"
     shutil.copytree(tiny_delta, delta)

@@ -272,6 +272,12 @@ def test_summary_leaves_a_file_with_a_cut_off_last_line_as_it_is(fake_judge, tmp
     assert len(read_judgments(output)) == 10 and output.read_bytes() == before
 
 
+def test_summary_refuses_to_summarise_nothing(tmp_path: Path) -> None:
+    with pytest.raises(VicunaflowError, match="nothing to summarise: give --judgments"):
+        summary(questions=BUILTIN_QUESTIONS, output=tmp_path / "s.tsv")
+    assert not (tmp_path / "s.tsv").exists()
+
+
 def test_summary_refuses_judgments_of_other_questions(fake_judge, tmp_path: Path) -> None:
     """Judgments summarised against another question file are an error naming the ids, not an "unknown" column."""
     output = run_judge(tmp_path, fake_judge)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
@@ -179,6 +180,38 @@ def test_a_kv_cache_too_small_for_one_request_is_refused_before_loading(tiny_vic
     message = str(err.value)
     assert "vicuna-tiny-all-v1.1: --kv-cache-tokens 300 cannot hold one request of the context's 500" in message
     assert "the minimum is 512 (32 blocks of 16)" in message and "--max-context" in message, message
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("max_context", 0, "--max-context 0: must be at least 1"), ("max_context", -1, "--max-context -1"),
+     ("default_max_tokens", 0, "--default-max-tokens 0"), ("max_body_bytes", 0, "--max-body-bytes 0")],
+)  # fmt: skip
+def test_option_values_below_one_are_refused_before_loading(tiny_vicuna, monkeypatch, option, value, message):
+    """A new user's zero or negative limits: refused with the option's name, not served (0 had meant the model's
+    own context, and a 0-byte body limit answered every request 413)."""
+    from vicunaflow.chat import chat
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve import serve
+
+    monkeypatch.setattr(ModelOptions, "load", lambda self, path, **kw: pytest.fail(f"{path} loaded"))
+    options = ModelOptions(device="cpu")
+    with pytest.raises(VicunaflowError, match=message):
+        serve(model_path=tiny_vicuna, port=free_port(), model_options=options, **{option: value})
+    if option == "max_context":
+        with pytest.raises(VicunaflowError, match=message):
+            chat(model_path=tiny_vicuna, model_options=options, max_context=value)
+
+
+def test_a_context_above_the_models_is_cut_with_a_warning(loaded, caplog):
+    from vicunaflow.engine import context_length
+
+    model, _ = loaded
+    limit = model.args.max_position_embeddings
+    assert context_length(model, 100) == 100 and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        assert context_length(model, limit + 1) == limit
+    assert f"at most {limit} tokens" in caplog.text
 
 
 def test_two_models_need_two_names(tiny_vicuna, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, template
-from vicunaflow.engine import Engine, SamplingParams, encode_prompt, fit_conversation, timed
+from vicunaflow.engine import Engine, SamplingParams, check_max_context, encode_prompt, fit_conversation, timed
 from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
 from vicunaflow.outputs import atomic_write_bytes, check_output_files, tool_versions
 
@@ -75,6 +75,7 @@ def chat(
         check_output_files({"--output": output}, inputs=[prompts, model_path])
     if max_new_tokens < 1:
         raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    check_max_context(max_context)
     if not 0.0 < top_p <= 1.0:
         raise VicunaflowError(f"--top-p {top_p}: must be in (0, 1]")
     if temperature < 0:

@@ -69,6 +69,10 @@ def convert(
         input_dir, output_dir, tokenizer, dtype, max_shard_size, max_position_embeddings,
     )  # fmt: skip
     parse_size(max_shard_size)  # a size without its unit fails here, before any work
+    if max_position_embeddings < 1:
+        raise VicunaflowError(
+            f"--max-position-embeddings {max_position_embeddings}: must be at least 1 (2048 for LLaMA-1, 4096 for Llama 2)"
+        )
     check_output_dir(output_dir, inputs=[input_dir, tokenizer], overwrite=overwrite)  # before any work
     checklist = read_checklist(input_dir)
     params = read_params(input_dir)

@@ -36,8 +36,8 @@ from vicunaflow.dataprep.records import (
     Counts,
     atomic_writer,
     batched,
+    check_jobs,
     content_digest,
-    default_jobs,
     dumps,
     ordered_map,
     read_records,
@@ -92,7 +92,7 @@ def clean(
     """
     data, output = Path(data), Path(output)
     report = Path(report) if report else output.with_name(output.name.removesuffix(".jsonl") + ".counts.tsv")
-    jobs = jobs or default_jobs()
+    jobs = check_jobs(jobs)
     log.info(
         "data clean: data=%s output=%s report=%s html=%s languages=%s jobs=%d",
         data, output, report, html, languages or "all", jobs,

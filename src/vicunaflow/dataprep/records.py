@@ -251,5 +251,14 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def check_jobs(jobs: int | None) -> int:
+    """--jobs as given (at least 1), or default_jobs() when left out."""
+    if jobs is None:
+        return default_jobs()
+    if jobs < 1:
+        raise VicunaflowError(f"--jobs {jobs}: must be at least 1 (or left out: the CPUs this process may use)")
+    return jobs
+
+
 def default_jobs() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))

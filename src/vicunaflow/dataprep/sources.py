@@ -165,6 +165,8 @@ def mix(
     for weight in weights:
         if not (weight >= 0 and math.isfinite(weight)):
             raise VicunaflowError(f"data mix: weight {weight}: give a number >= 0")
+    if not any(weights):
+        raise VicunaflowError(f"data mix: every weight is 0 ({weights}): the mix would hold no conversation")
     report = Path(report) if report else output.with_name(output.name.removesuffix(".jsonl") + ".counts.tsv")
     log.info(
         "data mix: %s into %s, seed %r",

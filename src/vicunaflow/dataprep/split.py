@@ -44,7 +44,7 @@ from vicunaflow.dataprep.records import (
     Counts,
     atomic_writer,
     batched,
-    default_jobs,
+    check_jobs,
     dumps,
     ordered_map,
     read_records,
@@ -104,7 +104,7 @@ def split(
         data, model_path, output, model_max_length, held_out, held_out_fraction, seed,
     )  # fmt: skip
     check_output_files({"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path])
-    jobs = jobs or default_jobs()
+    jobs = check_jobs(jobs)
     options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
     if jobs <= 1:
         _counter(options)  # a bad model path fails here, before any output is opened

@@ -22,7 +22,7 @@ transformers is not used to run the model (only its tokenizer class, and as the 
 from vicunaflow.engine.load import RandomWeights, load_model, resolve_device
 from vicunaflow.engine.model import ModelArgs, Transformer
 from vicunaflow.engine.sampling import SamplingParams
-from vicunaflow.engine.scheduler import Engine, Event, Request, context_length, timed
+from vicunaflow.engine.scheduler import Engine, Event, Request, check_max_context, context_length, timed
 from vicunaflow.engine.text import IncrementalDecoder, encode_prompt, fit_conversation
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "Transformer",
+    "check_max_context",
     "context_length",
     "encode_prompt",
     "fit_conversation",

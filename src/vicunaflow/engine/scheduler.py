@@ -862,10 +862,21 @@ def timed(events: Iterator[Event]) -> tuple[str, Event, float]:
     return text, last, time.perf_counter() - start
 
 
+def check_max_context(max_context: int | None) -> None:
+    """Refuse a --max-context below one token (None: the model's own), before any model loads."""
+    if max_context is not None and max_context < 1:
+        raise VicunaflowError(
+            f"--max-context {max_context}: must be at least 1, or left out for the model's max_position_embeddings"
+        )
+
+
 def context_length(model: Transformer, max_context: int | None = None) -> int:
     """Tokens the model attends over: its max_position_embeddings (2048 for LLaMA-1), or less if asked."""
+    check_max_context(max_context)
     limit = model.args.max_position_embeddings
-    return min(limit, max_context) if max_context else limit
+    if max_context is not None and max_context > limit:
+        log.warning("--max-context %d: the model attends over at most %d tokens (its config.json)", max_context, limit)
+    return min(limit, max_context) if max_context is not None else limit
 
 
 def kv_cache_blocks(kv_cache_tokens: int | None, *, context: int, max_batch_size: int) -> int | None:

@@ -54,6 +54,11 @@ def summary(
     from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
     log.info("eval summary: questions=%s judgments=%s losses=%s output=%s", questions, judgments, losses, output)
+    if not (judgments or losses or arena or harness):
+        raise VicunaflowError(
+            "eval summary: nothing to summarise: give --judgments (eval judge), --losses (eval loss), --arena "
+            "(eval arena) or --harness (eval harness) files"
+        )
     check_output_files(
         {"--output": output, "--output_json": output_json},
         inputs=[questions, arena, *(judgments or []), *(losses or []), *(harness or [])],

@@ -84,7 +84,7 @@ def serve(
     """
     import uvicorn
 
-    from vicunaflow.engine import Engine, resolve_device
+    from vicunaflow.engine import Engine, check_max_context, resolve_device
     from vicunaflow.serve.app import create_app
     from vicunaflow.serve.fit import check_fit, estimate
 
@@ -97,6 +97,11 @@ def serve(
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    check_max_context(max_context)
+    if default_max_tokens < 1:
+        raise VicunaflowError(f"--default-max-tokens {default_max_tokens}: must be at least 1")
+    if max_body_bytes < 1:
+        raise VicunaflowError(f"--max-body-bytes {max_body_bytes}: must be at least 1 (a 2048-token prompt is ~10 KB)")
     if kv_cache_tokens is not None and kv_cache_tokens < 1:
         raise VicunaflowError(f"--kv-cache-tokens {kv_cache_tokens}: must be at least 1")
     if prefill_chunk is not None and prefill_chunk < 1:
