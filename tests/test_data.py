@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,21 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path, suffix: str) -> None
     source = tmp_path / f"c{suffix}"
     source.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert [c.id for c in data.load_conversations(source)] == ["multi", "starts-with-gpt", "7"]
+
+
+@pytest.mark.parametrize(("name", "text"), [("tokenizer.json", ""), ("tokenizer_config.json", '{"broken": ')])
+def test_a_damaged_tokenizer_file_is_named_not_a_traceback(tmp_path: Path, tiny_vicuna, name: str, text: str) -> None:
+    """An empty tokenizer.json or a cut-short tokenizer_config.json: data tokenize and the engine's loader (chat,
+    serve) name the folder's tokenizer files and the fix."""
+    from vicunaflow.engine import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    (model / name).write_text(text)
+    with pytest.raises(VicunaflowError, match=r"its tokenizer \(.*tokenizer.json.*\) could not be read.*restore"):
+        data.load_tokenizer(model)
+    with pytest.raises(VicunaflowError, match="could not be read"):
+        load_model(model)
 
 
 @pytest.mark.parametrize("length", ["0", "-5"])

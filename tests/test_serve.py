@@ -185,6 +185,16 @@ def test_malformed_bodies_are_4xx_and_server_keeps_serving(server, client):
         json={"model": "vicuna-tiny-all-v1.1", "messages": [{"role": "user", "content": "x"}], "temperature": 7},
     )
     assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
+    for role in ("user", "system"):  # null content: only an assistant's (OpenAI's rule)
+        messages = [{"role": role, "content": None}, {"role": "user", "content": "hi"}][: 1 if role == "user" else 2]
+        response = httpx.post(
+            f"{server}/v1/chat/completions",
+            headers=headers,
+            json={"model": "vicuna-tiny-all-v1.1", "messages": messages},
+        )
+        assert (
+            response.status_code == 400 and f"a {role} message needs its content" in response.json()["error"]["message"]
+        )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="last message must come from the user"):

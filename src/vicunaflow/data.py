@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, template
-from vicunaflow.tokenizer import TOKENIZER_FILES
+from vicunaflow.tokenizer import TOKENIZER_FILES, open_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -307,14 +307,12 @@ def _read_records(path: Path) -> list:
 
 
 def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
     model_path = Path(model_path)
     if not model_path.is_dir():
         raise VicunaflowError(f"{model_path}: no such model directory")
     if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise VicunaflowError(f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model); give a model directory")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = open_tokenizer(model_path)
     if not getattr(tokenizer, "is_fast", False):
         raise VicunaflowError(f"{model_path}: a fast tokenizer (tokenizer.json) is needed for exact loss masks")
     return tokenizer

@@ -27,6 +27,21 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
+def open_tokenizer(model_path: str | Path):
+    """transformers' AutoTokenizer for a model folder. A damaged tokenizer file (empty, cut short, not JSON) is an
+    error naming the folder's tokenizer files and the fix, not the tokenizers library's parse traceback."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as err:  # tokenizers raises a bare Exception for a bad tokenizer.json
+        present = [name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
+        raise VicunaflowError(
+            f"{model_path}: its tokenizer ({', '.join(present) or 'no tokenizer files'}) could not be read: "
+            f"{type(err).__name__}: {err}; restore these files from the model's source (or re-run the step that wrote them)"
+        ) from err
+
+
 def write_tokenizer(tokenizer_model: Path, output_dir: Path, model_max_length: int = 2048) -> list[Path]:
     """Write tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
     tokenizer_model, output_dir = Path(tokenizer_model), Path(output_dir)

@@ -108,9 +108,9 @@ def load_model(
         raise
     tokenizer = None
     if not isinstance(source, RandomWeights):
-        from transformers import AutoTokenizer
+        from vicunaflow.tokenizer import open_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = open_tokenizer(source)
     weights = {None: "", 8: " (int8 layer weights)", 4: f" (int4 layer weights, groups of {group_size})"}[bits]
     weights += " in tinygemm's layout" if int4_packed else " in columns of words" if int4_columns else ""
     log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ContentPart(BaseModel):
@@ -18,6 +18,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
+
+    @model_validator(mode="after")
+    def content_unless_assistant(self) -> ChatMessage:
+        """Only an assistant message may leave out its content (OpenAI's rule: one that called tools)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content (a string or a list of parts), not null")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
