@@ -66,7 +66,7 @@ def apply_delta(
     check_output_dir(target, inputs=[base, delta], overwrite=overwrite)  # before any work
     base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
     check_same_tensors(base_ck, delta_ck, base, delta)
-    check_folder(delta)  # the target gets the delta's config.json: it must describe these tensors
+    check_folder(delta, delta_ck)  # the target gets the delta's config.json: it must describe these tensors
     out_dtype = DTYPES[dtype] if dtype != "auto" else _declared_dtype(delta, delta_ck)
     names = delta_ck.names()
     plan = [(name, TensorInfo(delta_ck.info(name).shape, out_dtype)) for name in names]
@@ -117,7 +117,7 @@ def make_delta(
     check_output_dir(delta, inputs=[base, target], overwrite=overwrite)  # before any work
     base_ck, target_ck = Checkpoint(base), Checkpoint(target)
     check_same_tensors(base_ck, target_ck, base, target)
-    check_folder(target)  # the delta gets the target's config.json: it must describe these tensors
+    check_folder(target, target_ck)  # the delta gets the target's config.json: it must describe these tensors
     names = target_ck.names()
     dtypes = {target_ck.info(n).dtype for n in names}
     if len(dtypes) != 1:

@@ -304,10 +304,16 @@ def input_pairs(x, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def pair_half(pairs, HIGH: tl.constexpr):
-    """One float16 of each input pair [BLOCK_W] (the interpreter's stand-in for the PTX's registers)."""
+def input_half(pairs, HIGH: tl.constexpr):
+    """One float16 of each input pair (the interpreter's stand-in for the PTX's registers)."""
     bits = (pairs >> 16) if HIGH else pairs
-    return bits.to(tl.int16).to(tl.float16, bitcast=True)[:, None]
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def pair_half(pairs, HIGH: tl.constexpr):
+    """One float16 of each input pair [BLOCK_W], as a column (the interpreter's stand-in for the PTX's registers)."""
+    return input_half(pairs, HIGH)[:, None]
 
 
 @triton.jit
@@ -552,13 +558,6 @@ fma.rn.f16x2 acc, h1, $6, acc;
 def int8_code_half(words, J: tl.constexpr):
     """The code in byte J of each word as float16 c / 256 (the interpreter's stand-in for the PTX's pairs)."""
     return ((((words >> (8 * J)) & 0xFF) ^ 0x80) - 128).to(tl.float16) * 0.00390625
-
-
-@triton.jit
-def input_half(pairs, HIGH: tl.constexpr):
-    """One float16 of each input pair (the interpreter's stand-in for the PTX's registers)."""
-    bits = (pairs >> 16) if HIGH else pairs
-    return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit

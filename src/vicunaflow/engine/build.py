@@ -72,13 +72,13 @@ def read_args(model_path: Path) -> ModelArgs:
     return ModelArgs.from_hf(config)
 
 
-def check_folder(model_path: Path) -> ModelArgs:
+def check_folder(model_path: Path, checkpoint: Checkpoint | None = None) -> ModelArgs:
     """A model folder's config.json read and its weights checked against it (every tensor a LLaMA of that
     config has, at its shape, and no layer beyond its num_hidden_layers), before any weight is read: for tools
     that load it otherwise (quantize, and eval loss through transformers, which would fill a missing layer
     with random weights)."""
     args = read_args(Path(model_path))
-    _CheckpointReader(Path(model_path)).check(hf_shapes(args))
+    _CheckpointReader(Path(model_path), checkpoint).check(hf_shapes(args))  # checkpoint: one already open
     return args
 
 
@@ -245,8 +245,8 @@ def check_int4_split(args: ModelArgs, world: int, group_size: int) -> None:
 class _CheckpointReader:
     exact = True  # the same values whichever slice is read
 
-    def __init__(self, path: Path):
-        self.checkpoint = Checkpoint(path)
+    def __init__(self, path: Path, checkpoint: Checkpoint | None = None):
+        self.checkpoint = checkpoint or Checkpoint(path)
         stored = quant.quantization_config(path)
         # int4: the group size the folder was written with (shapes cannot tell it)
         self.group_size = quant.stored_group_size(path) if stored and stored.get("bits") == 4 else None

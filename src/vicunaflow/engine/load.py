@@ -98,6 +98,11 @@ def load_model(
     spec = LoadSpec(
         source, torch_dtype, device, None if stored else bits, group_size, all_reduce, int4_packed, int4_columns
     )
+    tokenizer = None
+    if not isinstance(source, RandomWeights):  # first: a damaged tokenizer fails before minutes of loading
+        from vicunaflow.tokenizer import open_tokenizer
+
+        tokenizer = open_tokenizer(source)
     comm = tp.start(num_gpus, spec) if num_gpus > 1 else Local()
     try:
         model = build_model(spec, comm)
@@ -106,11 +111,6 @@ def load_model(
     except BaseException:
         model_close(comm)
         raise
-    tokenizer = None
-    if not isinstance(source, RandomWeights):
-        from vicunaflow.tokenizer import open_tokenizer
-
-        tokenizer = open_tokenizer(source)
     weights = {None: "", 8: " (int8 layer weights)", 4: f" (int4 layer weights, groups of {group_size})"}[bits]
     weights += " in tinygemm's layout" if int4_packed else " in columns of words" if int4_columns else ""
     log.info(
