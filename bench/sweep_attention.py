@@ -36,6 +36,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="the graph bucket's context: the table's width")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--kv-dtype", default="float16", choices=["float16", "float8_e4m3fn"],
+        help="the KV pools' dtype (the query stays float16): float8 halves the bytes a launch reads",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", nargs="+", metavar="CORES,WARPS,STAGES,TILE,SPLIT_FEW,SPLIT_MANY",
         help="only these, e.g. tensor-cores,4,2,128,128,1024 (default: the built-in grid)",
     )  # fmt: skip
@@ -64,7 +68,8 @@ def main() -> None:
                 pools, query, tables, lengths, counters = data[(rows, low, high)]
                 row[f"error_{key}"] = check(attention_kernels, args, pools[0], query, tables, lengths, counters)
                 row[f"us_{key}"] = timed(attention_kernels, args, pools, query, tables, lengths, counters)
-                read = int(lengths.sum()) * args.kv_heads * args.head_dim * 2 * 2  # bytes of K and V a launch reads
+                item = getattr(torch, args.kv_dtype).itemsize
+                read = int(lengths.sum()) * args.kv_heads * args.head_dim * 2 * item  # bytes of K and V a launch reads
                 row[f"gb_s_{key}"] = round(read / row[f"us_{key}"] / 1e3)
         except Exception as err:  # a variant Triton cannot build (shared memory, registers)
             row["failed"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -149,10 +154,11 @@ def scenario(args, rows: int, low: int, high: int):
     used = -(-high // size)  # blocks a row can reach
     blocks = rows * used + 1
     generator = torch.Generator(device="cuda").manual_seed(rows)
+    kv_dtype = getattr(torch, args.kv_dtype)
     pools = [
         (
-            torch.randn(blocks, Hkv, size, D, dtype=torch.float16, device="cuda", generator=generator),
-            torch.randn(blocks, Hkv, size, D, dtype=torch.float16, device="cuda", generator=generator),
+            torch.randn(blocks, Hkv, size, D, dtype=torch.float16, device="cuda", generator=generator).to(kv_dtype),
+            torch.randn(blocks, Hkv, size, D, dtype=torch.float16, device="cuda", generator=generator).to(kv_dtype),
         )
         for _ in range(LAYERS)
     ]

@@ -76,8 +76,9 @@ def test_cuda_warm_up_captures_everything_before_the_first_request(tiny_vicuna):
     expected = _replies(model, tokenizer, prompts[:3], max_new_tokens=8, cuda_graphs=False)
     with Engine(model, tokenizer, max_batch_size=4) as engine:
         captured = {key for key, bucket in engine.runner.buckets.items() if bucket.get("graph") is not None}
-        assert engine.runner.kv_buckets == [engine.context]  # the paged kernel: one graph per row bucket
-        assert len(captured) == len(engine.runner.row_buckets)
+        # the paged kernel: a graph per row bucket and grid width (steps whose rows end within 512, and the rest)
+        assert engine.runner.kv_buckets == [512, engine.context]
+        assert len(captured) == 2 * len(engine.runner.row_buckets)
         prefill_graphs = dict(engine.runner.prefill_graphs)
         assert (1, 16, 16) in prefill_graphs and (4, 128, 128) in prefill_graphs  # chunk 512: lengths 16 .. 512
         assert (1, 512, 1024) in prefill_graphs  # a long prompt's second piece

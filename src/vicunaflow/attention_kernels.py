@@ -10,7 +10,8 @@ Flash-decoding: the grid is (rows, KV heads, splits of the context). Each progra
 group of query heads (grouped-query attention reads each key once for the whole group), walks its
 split's positions a tile at a time with an online softmax in float32, and writes a partial output with
 its running max and sum; the last of a (row, KV head)'s programs to finish (a counter each, left at
-zero for the next launch) combines the splits, in split order. Splits past a row's length exit at once,
+zero for the next launch) combines the splits, in split order. A row within one split needs no combination:
+its program writes the output itself. Splits past a row's length exit at once,
 so a short row in a long-context graph costs little. Tests run it through Triton's interpreter.
 
 `decode_attention` is a decode step's attention: `rope_store` (rotary of q and k, the new key and value

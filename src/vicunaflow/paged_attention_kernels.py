@@ -130,7 +130,8 @@ def split_kernel(
                 + dims[None, :]
             )  # [TILE, D_PAD]
             tile_mask = valid[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + offsets, mask=tile_mask, other=0.0)  # [TILE, D_PAD]
+            # [TILE, D_PAD], in q's dtype: a float8 cache is widened here (a no-op for a cache in the model's dtype)
+            k = tl.load(k_ptr + offsets, mask=tile_mask, other=0.0).to(q_ptr.dtype.element_ty)
             if not DOT:  # one query head (GROUP_PAD 1): [1, D_PAD] * [TILE, D_PAD] summed over D_PAD -> [1, TILE]
                 scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
             elif FP32:
@@ -141,7 +142,7 @@ def split_kernel(
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             rescale = tl.exp(running_max - new_max)
             p = tl.exp(scores - new_max[:, None])  # [GROUP_PAD, TILE]
-            v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0)
+            v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0).to(q_ptr.dtype.element_ty)
             if not DOT:  # [TILE, D_PAD] sums, reduced over TILE once after the loop
                 tile_acc = tile_acc * rescale[:, None] + tl.reshape(p, (TILE, 1)) * v.to(tl.float32)
             elif FP32:
@@ -152,18 +153,26 @@ def split_kernel(
             running_max = new_max
         if not DOT:
             acc = tl.sum(tile_acc, axis=0)[None, :]  # [1, D_PAD]
-        base = (row * H + heads) * SPLITS + split  # [GROUP_PAD]
-        tl.store(partial_ptr + base[:, None] * D + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
-        tl.store(stats_ptr + base * 2, running_max, mask=head_ok)
-        tl.store(stats_ptr + base * 2 + 1, running_sum, mask=head_ok)
-        if COMBINE:
-            tl.debug_barrier()  # every thread's stores above happen before this program is counted
-            counter = counter_ptr + row * HKV + kv_head
-            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # programs done before this one
-            if done == (length + SPLIT_TOKENS - 1) // SPLIT_TOKENS - 1:  # the last: the others' partials are in
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next layer's launch
-                tl.debug_barrier()
-                combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length, H, D, SPLITS, SPLIT_TOKENS, D_PAD)
+        out_mask = head_ok[:, None] & dim_ok[None, :]
+        if COMBINE and length <= SPLIT_TOKENS:  # the row's one split: the output is its own, no partials to combine
+            out = acc / tl.where(head_ok, running_sum, 1.0)[:, None]  # what combine computes for one split (x 1.0)
+            out_ptrs = out_ptr + (row * H + heads)[:, None] * D + dims[None, :]
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            base = (row * H + heads) * SPLITS + split  # [GROUP_PAD]
+            tl.store(partial_ptr + base[:, None] * D + dims[None, :], acc, mask=out_mask)
+            tl.store(stats_ptr + base * 2, running_max, mask=head_ok)
+            tl.store(stats_ptr + base * 2 + 1, running_sum, mask=head_ok)
+            if COMBINE:
+                tl.debug_barrier()  # every thread's stores above happen before this program is counted
+                counter = counter_ptr + row * HKV + kv_head
+                done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # programs done before this one
+                if done == (length + SPLIT_TOKENS - 1) // SPLIT_TOKENS - 1:  # the last: the others' partials are in
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next layer's launch
+                    tl.debug_barrier()
+                    combine(
+                        partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length, H, D, SPLITS, SPLIT_TOKENS, D_PAD
+                    )
 
 
 @triton.jit

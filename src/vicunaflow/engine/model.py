@@ -194,8 +194,9 @@ class Block(torch.nn.Module):
         cache = model.cache
         if mask is None:  # one token per row (CUDA): rotate and store, then read the blocks in place
             keys, values = cache.keys[self.index], cache.values[self.index]
+            width = -(-kv_length // cache.block_size)  # table entries the step's bucket reaches: the kernel's grid
             attention = attention_kernels.decode_attention(
-                qkv, *rope, positions[:, 0], lengths, tables, keys, values, H, cache.counters
+                qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters
             )  # [B, H * D]
         else:
             qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]

@@ -4,8 +4,9 @@ On one GPU the host cost of launching a step's few hundred kernels is as large a
 weights, so each decode step is padded to a bucket of rows (`row_buckets`: 1, 2, 4, 8, then multiples
 of 8, coarser above 128) and replayed from a CUDA graph captured once per bucket. On CUDA the decode
 attention is the paged Triton kernel (attention_kernels.py), which reads each row's blocks up to its
-own length: one graph per row bucket serves every context length. Without it (no Triton) the keys
-and values are gathered for SDPA, and buckets also round the attended length up to steps of 256.
+own length: a graph per row bucket and `KERNEL_KV_BUCKETS` width (its grid's) serves every context length.
+Without it (no Triton) the keys and values are gathered for SDPA, and buckets also round the attended
+length up to steps of 256.
 Padding rows have empty block tables: they write the scratch block and read nothing anyone wrote.
 Elsewhere (CPU): exact shapes, eagerly.
 
@@ -76,6 +77,11 @@ class PrefillChunk:
 
 class Runner:
     KV_STEP = 256
+    # With the attention kernel, the decode graphs' attended lengths: its grid has a program for every split of
+    # the table's width, and those past a row's length exit at once but still launch. With 128-token prompts and
+    # 256-token replies at 256 rows, a 2,048-wide grid's idle programs cost 8% of a 7B layer's attention (353
+    # against 327 µs, docs/benchmarks.md, eighth session); steps whose rows all end within 512 replay a narrower one.
+    KERNEL_KV_BUCKETS = (512,)
     PROMPT_CHUNK = 512  # prompt positions whose logits are computed at once (prompt log-probabilities)
     PREFILL_ROWS = (1, 2, 4, 8)  # prompts a prefill graph takes at once (rows x length <= the chunk size)
 
@@ -107,8 +113,8 @@ class Runner:
         model.attention_kernel = self.attention_kernel
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = row_buckets(slots)
-        if self.attention_kernel:  # the kernel reads each row up to its own length: one bucket of lengths
-            self.kv_buckets = [context]
+        if self.attention_kernel:  # the kernel reads each row up to its own length: its grid's width alone
+            self.kv_buckets = sorted({min(length, context) for length in (*self.KERNEL_KV_BUCKETS, context)})
         else:
             self.kv_buckets = sorted(
                 {min(s, context) for s in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)}
