@@ -485,7 +485,7 @@ def model_args(shape: str):
     )  # fmt: skip
 
 
-def teacher_forced_logits(model, prompts, device: str) -> dict:
+def teacher_forced_logits(model, prompts, device: str, kv_dtype: str = "auto") -> dict:
     """Per path, every position's logits [prompts, T, vocab] (host, model dtype) of each prompt fed whole.
 
     decode: the engine's Runner steps one token at a time (what chat does after the first token: CUDA
@@ -501,7 +501,10 @@ def teacher_forced_logits(model, prompts, device: str) -> dict:
 
     cuda = device == "cuda"
     length = prompts.shape[1]
-    runner = Runner(model, slots=1, context=length, cuda_graphs=cuda, padded=cuda, kernels=cuda and kernels.available())
+    runner = Runner(
+        model, slots=1, context=length, cuda_graphs=cuda, padded=cuda, kernels=cuda and kernels.available(),
+        kv_dtype=kv_dtype,
+    )  # fmt: skip
     decode, prefill = [], []
     with torch.inference_mode():
         for prompt in prompts.tolist():
@@ -562,20 +565,22 @@ def measure_logits(args) -> dict:
     shape = model_args(args.shape)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, shape.vocab_size, (args.prompts, args.length), generator=generator)  # [P, T]
-    # (name, dtype, bits, int4 kernel, int8 math): int4 in `dtype` through quant_kernels, and on CUDA as --load-4bit
-    # runs it by default (torch's tinygemm, the model in bfloat16); int8's one-row products in float16 pairs (the
-    # default) and through float32 (quant_kernels.INT8_MATH), so the pairs' own error shows beside int8's
+    # (name, dtype, bits, int4 kernel, int8 math, KV cache dtype): int4 in `dtype` through quant_kernels, and on
+    # CUDA as --load-4bit runs it by default (torch's tinygemm, the model in bfloat16); int8's one-row products in
+    # float16 pairs (the default) and through float32 (quant_kernels.INT8_MATH), so the pairs' own error shows beside
+    # int8's; float weights with serve's --kv-cache-dtype fp8
     variants = [
-        (dtype, dtype, None, None, "half2"),
-        ("int8", dtype, 8, None, "half2"),
-        ("int4", dtype, 4, "triton", "half2"),
+        (dtype, dtype, None, None, "half2", "auto"),
+        ("int8", dtype, 8, None, "half2", "auto"),
+        ("int4", dtype, 4, "triton", "half2", "auto"),
+        ("kv-fp8", dtype, None, None, "half2", "fp8"),
     ]
     if device == "cuda" and dtype == "float16":
-        variants.append(("int8-float32", dtype, 8, None, "float32"))
-        variants.append(("bfloat16", "bfloat16", None, None, "half2"))  # for scale: a change of float format alone
-        variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm", "half2"))
+        variants.append(("int8-float32", dtype, 8, None, "float32", "auto"))
+        variants.append(("bfloat16", "bfloat16", None, None, "half2", "auto"))  # for scale: a change of format alone
+        variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm", "half2", "auto"))
     reference, rows = None, {}
-    for name, variant_dtype, bits, int4_kernel, int8_math in variants:
+    for name, variant_dtype, bits, int4_kernel, int8_math, kv_dtype in variants:
         started = time.perf_counter()
         quant_kernels.INT8_MATH = int8_math
         if device == "cuda":
@@ -586,7 +591,8 @@ def measure_logits(args) -> dict:
         )  # fmt: skip
         row = {"dtype": variant_dtype, "bits": bits, "weight_gib": model.weight_bytes() / 2**30}
         row |= {"int8_math": int8_math} if bits == 8 else {}
-        logits = teacher_forced_logits(model, prompts, device)
+        row |= {"kv_cache_dtype": kv_dtype}
+        logits = teacher_forced_logits(model, prompts, device, kv_dtype)
         if device == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         del model

@@ -38,6 +38,30 @@ def _replies(model, tokenizer, prompts, max_new_tokens=12, **engine_options) -> 
     return [r.decoder.ids for r in requests]
 
 
+def test_a_float8_kv_cache_holds_keys_and_values_rounded_to_float8(tiny_vicuna, monkeypatch):
+    """kv_cache_dtype "fp8" (serve --kv-cache-dtype): a float8 cache, a byte a value, whose replies are exactly a
+    model-dtype cache's holding every key and value rounded to float8: the rounding at the store is all it
+    changes. (The decode kernels' stores into it are checked on a GPU: tests/test_attention_kernels.py.)"""
+    from vicunaflow.engine.cache import KVCache
+
+    model, tokenizer = load_model(tiny_vicuna)
+    prompts = [[1, 450, 748, 310], [1, *range(300, 340)], [1, 221]]
+    with Engine(model, tokenizer, max_batch_size=3, kv_cache_dtype="fp8") as engine:
+        assert engine.cache.keys[0].dtype == torch.float8_e4m3fn
+        assert engine.cache.nbytes() == engine.cache.keys[0].numel() * 2 * model.args.n_layers
+    with pytest.raises(VicunaflowError, match="--kv-cache-dtype 'fp4': choose one of auto, fp8"):
+        Engine(model, tokenizer, kv_cache_dtype="fp4")
+    in_float8 = _replies(model, tokenizer, prompts, kv_cache_dtype="fp8")
+    write = KVCache.write
+
+    def write_rounded(self, layer, tables, positions, k, v):
+        float8 = torch.float8_e4m3fn
+        write(self, layer, tables, positions, k.to(float8).to(k.dtype), v.to(float8).to(v.dtype))
+
+    monkeypatch.setattr(KVCache, "write", write_rounded)
+    assert _replies(model, tokenizer, prompts) == in_float8
+
+
 def test_row_buckets_are_few_and_dense_enough():
     assert row_buckets(1) == [1]
     assert row_buckets(3) == [1, 2, 3]

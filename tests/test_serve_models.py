@@ -133,6 +133,8 @@ def test_weight_estimate_is_what_the_engine_loads(tiny_vicuna, tmp_path):
         assert guess.weights == model.weight_bytes(), options
         args = model.args  # keys and values: layers x slots x kv_heads x context x head_dim, float32
         assert guess.kv_cache == 2 * args.n_layers * 3 * args.n_kv_heads * 100 * args.head_dim * 4
+        fp8 = estimate(path, name="tiny", device="cpu", max_batch_size=3, max_context=100, kv_cache_dtype="fp8")
+        assert fp8.kv_cache * 4 == guess.kv_cache  # a byte a value
         if options.get("load_4bit") and "group_size" not in options:
             continue  # groups of 128 do not split tiny's 704-wide down_proj in two (load_model refuses)
         bits = 8 if options.get("load_8bit") else 4 if options.get("load_4bit") else None

@@ -23,6 +23,16 @@ import torch
 from vicunaflow import VicunaflowError
 
 BLOCK_SIZE = 16  # positions per block: fine-grained enough to waste < 16 tokens per request
+# --kv-cache-dtype: "auto" keeps keys and values in the model's dtype; "fp8" stores them as float8 e4m3 (values
+# beyond +-448 saturate, 3 mantissa bits, no scales: vLLM's fp8 cache without calibration), half float16's bytes
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype --kv-cache-dtype `name` stores keys and values in, for a model computing in model_dtype."""
+    if name not in KV_CACHE_DTYPES:
+        raise VicunaflowError(f"--kv-cache-dtype {name!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name] or model_dtype
 
 
 class KVCache:
@@ -115,12 +125,13 @@ class KVCache:
         blocks = tables.gather(1, positions // self.block_size)  # [B, T]
         offsets = positions % self.block_size
         # advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim], like k
-        self.keys[layer][blocks, :, offsets] = k
-        self.values[layer][blocks, :, offsets] = v
+        dtype = self.keys[layer].dtype  # a float8 cache rounds here (saturating), as the decode kernels' stores do
+        self.keys[layer][blocks, :, offsets] = k.to(dtype)
+        self.values[layer][blocks, :, offsets] = v.to(dtype)
 
     def read(self, layer: int, tables: torch.Tensor, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, kv_heads, kv_length, head_dim] of the rows whose tables are [B, width],
-        gathered from their blocks (a copy: prefill, and decode without the Triton kernel)."""
+        gathered from their blocks (a copy: prefill, and decode without the Triton kernel), in the cache's dtype."""
         used = tables[:, : self.blocks_for(kv_length)]  # [B, n]
         B, n = used.shape
         gathered = []

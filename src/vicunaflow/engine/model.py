@@ -203,6 +203,7 @@ class Block(torch.nn.Module):
             v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
             cache.write(self.index, tables, positions, qk[:, :, H:], v)
             keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
+            keys, values = keys.to(qk.dtype), values.to(qk.dtype)  # a float8 cache's, widened (else no-ops)
             extra = {"enable_gqa": True} if Hkv != H else {}
             with sdpa_kernel(PROMPT_ATTENTION):
                 attention = F.scaled_dot_product_attention(
@@ -241,12 +242,14 @@ class Transformer(torch.nn.Module):
         self.matvec = False  # decode-step products through kernels.matvec / matmul_rows (set by the runner on CUDA)
         self.attention_kernel = False  # decode attention through attention_kernels (set by the runner on CUDA)
 
-    def setup_cache(self, slots: int, context: int, **paging) -> KVCache:
-        """A paged KV cache of `slots` rows up to `context` positions (paging: cache.KVCache's blocks, block_size)."""
+    def setup_cache(self, slots: int, context: int, dtype: torch.dtype | None = None, **paging) -> KVCache:
+        """A paged KV cache of `slots` rows up to `context` positions, in `dtype` (default: the model's; see
+        cache.KV_CACHE_DTYPES), paging: cache.KVCache's blocks, block_size."""
         self.cache = None  # free the old one first
         self.cache = KVCache(
-            self.args.n_layers, slots, self.kv_heads, context, self.args.head_dim, self.dtype, self.device, **paging
-        )
+            self.args.n_layers, slots, self.kv_heads, context, self.args.head_dim, dtype or self.dtype, self.device,
+            **paging,
+        )  # fmt: skip
         return self.cache
 
     def forward(

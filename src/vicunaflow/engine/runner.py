@@ -49,7 +49,7 @@ import torch
 
 from vicunaflow import kernels as triton_kernels
 from vicunaflow.attention_kernels import decode_attention
-from vicunaflow.engine.cache import BLOCK_SIZE
+from vicunaflow.engine.cache import BLOCK_SIZE, KV_CACHE_DTYPES, kv_cache_dtype
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 class Op(enum.IntEnum):
-    SETUP = 1  # slots, context, cuda_graphs, padded, kernels, KV blocks, block size
+    SETUP = 1  # slots, context, cuda_graphs, padded, kernels, KV blocks, block size, KV dtype (its index)
     PREFILL = 2  # chunks, padded length; then the chunks and their block tables as one host tensor
     STEP = 3  # bucket rows, attended length
     STOP = 5
@@ -96,16 +96,20 @@ class Runner:
         kernels: bool,
         blocks: int | None = None,
         block_size: int = BLOCK_SIZE,
+        kv_dtype: str = "auto",
     ):
         """slots rows of up to `context` tokens; blocks: KV cache blocks of block_size positions (default:
-        enough for every row at full context). kernels: Triton matvec for one-row products."""
+        enough for every row at full context), in kv_dtype (cache.KV_CACHE_DTYPES). kernels: Triton matvec for
+        one-row products."""
         self.model, self.comm = model, model.comm
         self.leader = self.comm.rank == 0
+        dtype = kv_cache_dtype(kv_dtype, model.dtype)  # an unknown name is refused before any rank is told
         if self.leader:
             self.comm.command(
-                Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels), blocks or 0, block_size
-            )
-        self.cache = model.setup_cache(slots, context, blocks=blocks or None, block_size=block_size)
+                Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels), blocks or 0, block_size,
+                list(KV_CACHE_DTYPES).index(kv_dtype),  # the other ranks receive integers
+            )  # fmt: skip
+        self.cache = model.setup_cache(slots, context, dtype, blocks=blocks or None, block_size=block_size)
         model.matvec = kernels
         self.kernels = kernels
         self.device = model.device

@@ -176,7 +176,8 @@ class Engine:
     this many chunks' worth in one forward while the prompts waiting outnumber the rows decoding; mixed_prefill:
     prompt tokens a decode step carries while rows decode, 0 for none (module docstring). kv_cache_tokens:
     tokens the paged KV cache holds over all rows (default: every row at full context); requests wait, or
-    are preempted and resumed, when its blocks run out. warm_up
+    are preempted and resumed, when its blocks run out; kv_cache_dtype: "auto" (the model's dtype) or "fp8"
+    (engine/cache.py's KV_CACHE_DTYPES: twice the tokens in the same memory). warm_up
     (default: on CUDA): run every decode bucket and prefill length class before serving, so no request
     waits for a graph capture or a Triton autotune; the log says how long it took (docs/engine.md).
     """
@@ -192,6 +193,7 @@ class Engine:
         prefill_burst: int = PREFILL_BURST,
         mixed_prefill: int = MIXED_PREFILL,
         kv_cache_tokens: int | None = None,
+        kv_cache_dtype: str = "auto",
         seed: int | None = None,
         cuda_graphs: bool = True,
         padded_decode: bool | None = None,
@@ -234,6 +236,7 @@ class Engine:
             padded=padded_decode,
             kernels=decode_kernels,
             blocks=blocks,
+            kv_dtype=kv_cache_dtype,
         )
         self.cache = self.runner.cache
         self.overlap = cuda if overlap is None else overlap  # CPU kernels run synchronously

@@ -37,13 +37,14 @@ import torch.distributed as dist
 
 from vicunaflow import VicunaflowError
 from vicunaflow.engine.build import LoadSpec, build_model
+from vicunaflow.engine.cache import KV_CACHE_DTYPES
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.runner import Op, Runner
 
 log = logging.getLogger(__name__)
 
 SYMM_MAX_ROWS = 64  # one-shot all-reduce reads every peer's whole buffer: for decode rows, not prompts
-MESSAGE = 8  # int64s per command: op and up to 7 arguments
+MESSAGE = 9  # int64s per command: op and up to 8 arguments (SETUP's)
 FOREVER = datetime.timedelta(days=365)  # an idle server waits for requests; workers exit when rank 0 dies
 START_TIMEOUT = 600.0  # seconds for every rank to start and load its shard
 _symmetric_memory_used = False  # see TensorParallel.__init__
@@ -143,7 +144,7 @@ class TensorParallel:
     # -- rank 0's orders -------------------------------------------------------------------------------
 
     def command(self, op: int, *args: int) -> None:
-        """Rank 0: tell the other ranks which runner method to run next, with up to 7 integers."""
+        """Rank 0: tell the other ranks which runner method to run next, with up to MESSAGE - 1 integers."""
         message = torch.zeros(MESSAGE, dtype=torch.long)
         message[0] = op
         message[1 : 1 + len(args)] = torch.tensor(args, dtype=torch.long)
@@ -224,7 +225,7 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
         op, args = comm.receive()
         if op == Op.SETUP:
             runner = None  # free the previous engine's cache and graphs first
-            slots, context, cuda_graphs, padded, kernels, blocks, block_size = args[:7]
+            slots, context, cuda_graphs, padded, kernels, blocks, block_size, dtype_code = args[:8]
             runner = Runner(
                 model,
                 slots,
@@ -234,6 +235,7 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
                 kernels=bool(kernels),
                 blocks=blocks or None,
                 block_size=block_size,
+                kv_dtype=list(KV_CACHE_DTYPES)[dtype_code],
             )
         elif op == Op.PREFILL:
             runner.remote_prefill(*args[:2])

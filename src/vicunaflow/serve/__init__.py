@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from vicunaflow import VicunaflowError
 from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
@@ -41,6 +42,7 @@ def serve(
     prefill_burst: int | None = None,
     mixed_prefill: int = 0,
     kv_cache_tokens: int | None = None,
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto",
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
@@ -76,6 +78,10 @@ def serve(
             x the context, room for every request at full length; less lets --max-batch-size go higher
             than that memory allows (e.g. 256 requests of ~800 tokens in 200000 tokens for a 7B on one H200).
             At least one full-context request (the context rounded up to blocks), checked before loading.
+        kv_cache_dtype: auto: keys and values in the model's dtype; fp8: as float8 e4m3, half float16's bytes,
+            so twice the tokens fit in the same memory and a decode step's attention reads half as much. Each
+            value is rounded to 3 mantissa bits (beyond +-448 it saturates; no scales, as vLLM's fp8 cache without
+            calibration); attention still computes in the model's dtype. Its cost in quality: docs/engine.md.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
@@ -91,9 +97,9 @@ def serve(
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
         "serve: model_path=%s host=%s port=%d keys=%d %s max_batch_size=%d max_context=%s kv_cache_tokens=%s "
-        "prefill_chunk=%s prefill_burst=%s mixed_prefill=%d",
+        "kv_cache_dtype=%s prefill_chunk=%s prefill_burst=%s mixed_prefill=%d",
         model_path, host, port, len(keys), model_options, max_batch_size, max_context, kv_cache_tokens,
-        prefill_chunk, prefill_burst, mixed_prefill,
+        kv_cache_dtype, prefill_chunk, prefill_burst, mixed_prefill,
     )  # fmt: skip
     if max_batch_size < 1:
         raise VicunaflowError(f"--max-batch-size {max_batch_size}: must be at least 1")
@@ -123,6 +129,7 @@ def serve(
     resolved = resolve_device(model_options.device, num_gpus)
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
     sizes |= dict(max_batch_size=max_batch_size, max_context=max_context, kv_cache_tokens=kv_cache_tokens)
+    sizes |= dict(kv_cache_dtype=kv_cache_dtype)
     check_fit(  # estimate also refuses a --kv-cache-tokens below one full-context request, before any load
         [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
     )
@@ -148,6 +155,7 @@ def serve(
                 seed=seed,
                 cuda_graphs=cuda_graphs,
                 kv_cache_tokens=kv_cache_tokens,
+                kv_cache_dtype=kv_cache_dtype,
                 **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
                 **({} if prefill_burst is None else {"prefill_burst": prefill_burst}),
                 mixed_prefill=mixed_prefill,

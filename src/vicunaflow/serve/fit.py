@@ -5,7 +5,7 @@ failure this prevents: before any weight is read, each model's bytes per rank ar
 engine/build.py lays them out (projections split over the ranks, embeddings and lm_head whole on every
 rank and always float; int8 or int4 projections, quantized at load or stored so by `vicunaflow quantize`,
 counted with their scales and zeros as vicunaflow.quant stores them) plus the KV cache the Engine allocates
-(--kv-cache-tokens, default max_batch_size x context, per layer, keys and values), and the sum is compared with the free memory of the GPU(s), or
+(--kv-cache-tokens, default max_batch_size x context, per layer, keys and values, in --kv-cache-dtype), and the sum is compared with the free memory of the GPU(s), or
 with the RAM the kernel says is available on the CPU (CPU ranks all live in it).
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
 from vicunaflow.engine.build import weight_bytes
+from vicunaflow.engine.cache import KV_CACHE_DTYPES
 from vicunaflow.engine.scheduler import kv_cache_blocks
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
@@ -48,6 +49,7 @@ def estimate(
     max_batch_size: int = 16,
     max_context: int | None = None,
     kv_cache_tokens: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Estimate:
     """Bytes per rank of one model as `serve` would load it (device: "cpu" or "cuda", already resolved);
     refuses a --kv-cache-tokens too small for one full-context request, as the Engine would."""
@@ -74,7 +76,8 @@ def estimate(
     tokens = max_batch_size * context  # the paged cache's default: every row at full context
     if kv_cache_tokens is not None:
         tokens = min(tokens, kv_cache_tokens)
-    kv_cache = 2 * args.n_layers * (kv // num_gpus) * tokens * itemsize
+    kv_itemsize = KV_CACHE_DTYPES[kv_cache_dtype].itemsize if KV_CACHE_DTYPES[kv_cache_dtype] else itemsize
+    kv_cache = 2 * args.n_layers * (kv // num_gpus) * tokens * kv_itemsize
     return Estimate(name, weights, kv_cache)
 
 
