@@ -665,6 +665,10 @@ def test_workflow_prepares_a_local_dataset_and_reruns_only_what_a_change_touches
     config["datasets"]["mine"]["held_out_fraction"] = 0.5  # a split option: split and tokenize again
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert planned() == {"data_split": "1", "tokenize_data": "1", "total": "2"}
+    result = _snakemake(tmp_path, *args)  # the files' provenance sidecars are no outputs: Snakemake ignores them
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "data/split/mine/.vicuna-tiny-all-v1.1-len256.jsonl.vicunaflow.json").is_file()
+    assert planned() == {}, "nothing to do"
     with open(tmp_path / "mine.jsonl", "a") as f:  # a changed source: the whole chain
         f.write(json.dumps({"id": "new", "conversations": turns("one more", "answer")}) + "\n")
     assert planned() == {"data_clean": "1", "data_split": "1", "tokenize_data": "1", "total": "3"}

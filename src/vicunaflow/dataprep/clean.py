@@ -70,6 +70,7 @@ def clean(
     languages: list[str] | None = None,
     language_text: int = 2000,
     jobs: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Clean ShareGPT-style conversations into JSONL, counting every drop by reason in a TSV.
 
@@ -89,6 +90,7 @@ def clean(
             by py3langid (`pip install 'vicunaflow[data]'`) from the user's turns; default: all.
         language_text: characters of the user's turns (code blocks left out) the language is told from.
         jobs: worker processes; default: the CPUs this process may use (at most 8).
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     data, output = Path(data), Path(output)
     report = Path(report) if report else output.with_name(output.name.removesuffix(".jsonl") + ".counts.tsv")
@@ -97,7 +99,7 @@ def clean(
         "data clean: data=%s output=%s report=%s html=%s languages=%s jobs=%d",
         data, output, report, html, languages or "all", jobs,
     )  # fmt: skip
-    check_output_files({"--output": output, "--report": report}, inputs=[data])
+    check_output_files({"--output": output, "--report": report}, inputs=[data], overwrite=overwrite)
     options = CleanOptions(html=html, languages=tuple(languages or ()), language_text=language_text)
     if options.languages:
         _language_identifier()  # fail before any work when the extra is missing

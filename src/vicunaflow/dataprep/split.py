@@ -69,6 +69,7 @@ def split(
     seed: str = "vicunaflow",
     report: Path | None = None,
     jobs: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Cut conversations longer than model_max_length tokens into pieces that fit, at turn boundaries.
 
@@ -89,6 +90,7 @@ def split(
             output's name with `.counts.tsv`.
         jobs: worker processes, each with its own tokenizer; default: the CPUs this process may use
             (at most 8). 1 tokenises in this process, on the tokenizer's own threads.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     data, output = Path(data), Path(output)
     stem = output.name.removesuffix(".jsonl")
@@ -103,7 +105,9 @@ def split(
         "data split: data=%s model_path=%s output=%s model_max_length=%d held_out=%s held_out_fraction=%s seed=%r",
         data, model_path, output, model_max_length, held_out, held_out_fraction, seed,
     )  # fmt: skip
-    check_output_files({"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path])
+    check_output_files(
+        {"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path], overwrite=overwrite
+    )
     jobs = check_jobs(jobs)
     options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
     if jobs <= 1:
