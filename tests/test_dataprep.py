@@ -297,6 +297,33 @@ def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> N
     assert counts[("drop", "language:de")] == 1 and counts[("drop", "language:zh")] == 1
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--languages", "[en, english]"], "--languages english: not a language code py3langid tells; languages are "
+                                           "ISO 639-1 codes such as en"),
+        (["--languages", "[en]", "--language-text", "0"], "--language-text 0: give a positive number of characters"),
+        (["--languages", "[de]"], "--languages de kept no conversation (py3langid found: en 1); give the languages "
+                                  "wanted, as ISO 639-1 codes such as en, or leave --languages out"),
+        ([], "no conversation kept (read 1, kept 0; dropped: no_exchange 1); each needs a user turn with a reply"),
+    ],
+)  # fmt: skip
+def test_clean_that_keeps_nothing_fails_naming_the_filter(options, message, tmp_path: Path, capsys) -> None:
+    """An empty dataset is an error (exit 1, nothing written), not a warning after an exit 0; codes py3langid never
+    returns and a zero --language-text are refused before any work."""
+    from vicunaflow import cli
+
+    pytest.importorskip("py3langid")
+    english = turns("How do I sort a list in Python, please?", "Use sorted().")
+    records = [{"id": "en", "conversations": english if options else english[:1]}]
+    data = write_jsonl(tmp_path / "l.jsonl", records)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["data", "clean", "--data", str(data), "--output", str(tmp_path / "o.jsonl"), "--jobs", "1", *options])
+    assert exit.value.code == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl"], "no output, no report"
+
+
 def test_language_filter_without_the_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "py3langid", None)
     monkeypatch.setitem(sys.modules, "py3langid.langid", None)
