@@ -324,6 +324,30 @@ def test_clean_that_keeps_nothing_fails_naming_the_filter(options, message, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl"], "no output, no report"
 
 
+@pytest.mark.parametrize("verb", ["data tokenize", "data split", "data clean"])
+def test_a_folder_or_a_file_in_the_wrong_place_is_named_as_such(verb, tiny_hf, tmp_path: Path, capsys) -> None:
+    """A folder given as the data is not "no such data file"; a model's config.json given as the model is not "no
+    such model directory", and is refused before any work."""
+    from vicunaflow import cli
+
+    folder, data = tmp_path / "folder", write_jsonl(tmp_path / "c.jsonl", DIRTY[:1])
+    folder.mkdir()
+    argv, expected = {
+        "data tokenize": (["--data", folder, "--model-path", tiny_hf, "--output-dir", tmp_path / "tok"],
+                          f"{folder} is a folder, not a data file; give a JSON list or JSONL file of ShareGPT"),
+        "data split": (["--data", data, "--model-path", tiny_hf / "config.json", "--output", tmp_path / "s.jsonl"],
+                       f"{tiny_hf / 'config.json'} is a file, not a model directory; give the folder that holds it "
+                       f"({tiny_hf})"),
+        "data clean": (["--data", folder, "--output", tmp_path / "o.jsonl"],
+                       f"{folder} is a folder, not a data file; give a JSON array or JSONL file of ShareGPT"),
+    }[verb]  # fmt: skip
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*verb.split(), *map(str, argv)])
+    assert exit.value.code == 1
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "folder"], "nothing written"
+
+
 def test_language_filter_without_the_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "py3langid", None)
     monkeypatch.setitem(sys.modules, "py3langid.langid", None)

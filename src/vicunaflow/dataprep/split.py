@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, require_dir, template
 from vicunaflow.dataprep.clean import GPT, HUMAN, Drop, exchanges, normalized_turns
 from vicunaflow.dataprep.records import (
     Broken,
@@ -98,6 +98,7 @@ def split(
         raise VicunaflowError(f"--held_out_fraction {held_out_fraction}: give a fraction from 0 (none) to below 1")
     if model_max_length < 1:
         raise VicunaflowError(f"--model_max_length {model_max_length}: give a positive number of tokens")
+    require_dir(model_path, "model directory")  # before the tokenizer's libraries load
     if held_out is None and held_out_fraction > 0:
         held_out = output.with_name(stem + ".heldout.jsonl")
     report = Path(report) if report else output.with_name(stem + ".counts.tsv")
