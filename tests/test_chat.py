@@ -151,7 +151,8 @@ def test_prompts_file_to_json(tiny_vicuna, tmp_path):
         ids = encode_prompt(tokenizer, template.render([(template.USER, "Who are you?"), (template.ASSISTANT, None)]))
         expected = "".join(e.text for e in engine.generate(ids, SamplingParams(0.0, 1.0, 8)))
     assert result["transcripts"][questions.index("Who are you?")]["reply"] == expected
-    assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporary file left behind
+    # no temporary file left behind; the output's provenance beside it
+    assert sorted(p.name for p in output.parent.iterdir()) == [f".{output.name}.vicunaflow.json", output.name]
 
 
 def test_prompts_needs_output(tiny_vicuna, tmp_path):

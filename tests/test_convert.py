@@ -321,6 +321,22 @@ def test_missing_tokenizer(tmp_path, tiny_raw):
     assert_fails(raw, tmp_path / "out", "tokenizer not found", "--tokenizer")
 
 
+def test_a_tokenizer_folder_is_named_as_a_folder(tmp_path, tiny_raw, capsys):
+    """Not "tokenizer not found ... pass --tokenizer" (it was passed): the folder is named, and the file in it."""
+    from vicunaflow import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(
+            ["convert", "--input-dir", str(tiny_raw), "--tokenizer", str(tiny_raw), "--output-dir", str(tmp_path / "o")]
+        )
+    assert exit.value.code == 1
+    assert (
+        f"{tiny_raw} is a folder, not a tokenizer file; give --tokenizer the SentencePiece tokenizer.model file "
+        f"itself ({tiny_raw / 'tokenizer.model'})"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_tokenizer_in_parent_or_given(tmp_path, tiny_raw):
     raw = broken_copy(tmp_path, tiny_raw)
     shutil.move(raw / "tokenizer.model", tmp_path / "tokenizer.model")  # pyllama's layout

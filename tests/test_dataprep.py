@@ -297,6 +297,57 @@ def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> N
     assert counts[("drop", "language:de")] == 1 and counts[("drop", "language:zh")] == 1
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--languages", "[en, english]"], "--languages english: not a language code py3langid tells; languages are "
+                                           "ISO 639-1 codes such as en"),
+        (["--languages", "[en]", "--language-text", "0"], "--language-text 0: give a positive number of characters"),
+        (["--languages", "[de]"], "--languages de kept no conversation (py3langid found: en 1); give the languages "
+                                  "wanted, as ISO 639-1 codes such as en, or leave --languages out"),
+        ([], "no conversation kept (read 1, kept 0; dropped: no_exchange 1); each needs a user turn with a reply"),
+    ],
+)  # fmt: skip
+def test_clean_that_keeps_nothing_fails_naming_the_filter(options, message, tmp_path: Path, capsys) -> None:
+    """An empty dataset is an error (exit 1, nothing written), not a warning after an exit 0; codes py3langid never
+    returns and a zero --language-text are refused before any work."""
+    from vicunaflow import cli
+
+    pytest.importorskip("py3langid")
+    english = turns("How do I sort a list in Python, please?", "Use sorted().")
+    records = [{"id": "en", "conversations": english if options else english[:1]}]
+    data = write_jsonl(tmp_path / "l.jsonl", records)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["data", "clean", "--data", str(data), "--output", str(tmp_path / "o.jsonl"), "--jobs", "1", *options])
+    assert exit.value.code == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.jsonl"], "no output, no report"
+
+
+@pytest.mark.parametrize("verb", ["data tokenize", "data split", "data clean"])
+def test_a_folder_or_a_file_in_the_wrong_place_is_named_as_such(verb, tiny_hf, tmp_path: Path, capsys) -> None:
+    """A folder given as the data is not "no such data file"; a model's config.json given as the model is not "no
+    such model directory", and is refused before any work."""
+    from vicunaflow import cli
+
+    folder, data = tmp_path / "folder", write_jsonl(tmp_path / "c.jsonl", DIRTY[:1])
+    folder.mkdir()
+    argv, expected = {
+        "data tokenize": (["--data", folder, "--model-path", tiny_hf, "--output-dir", tmp_path / "tok"],
+                          f"{folder} is a folder, not a data file; give a JSON list or JSONL file of ShareGPT"),
+        "data split": (["--data", data, "--model-path", tiny_hf / "config.json", "--output", tmp_path / "s.jsonl"],
+                       f"{tiny_hf / 'config.json'} is a file, not a model directory; give the folder that holds it "
+                       f"({tiny_hf})"),
+        "data clean": (["--data", folder, "--output", tmp_path / "o.jsonl"],
+                       f"{folder} is a folder, not a data file; give a JSON array or JSONL file of ShareGPT"),
+    }[verb]  # fmt: skip
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*verb.split(), *map(str, argv)])
+    assert exit.value.code == 1
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "folder"], "nothing written"
+
+
 def test_language_filter_without_the_extra_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "py3langid", None)
     monkeypatch.setitem(sys.modules, "py3langid.langid", None)
@@ -665,6 +716,10 @@ def test_workflow_prepares_a_local_dataset_and_reruns_only_what_a_change_touches
     config["datasets"]["mine"]["held_out_fraction"] = 0.5  # a split option: split and tokenize again
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert planned() == {"data_split": "1", "tokenize_data": "1", "total": "2"}
+    result = _snakemake(tmp_path, *args)  # the files' provenance sidecars are no outputs: Snakemake ignores them
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "data/split/mine/.vicuna-tiny-all-v1.1-len256.jsonl.vicunaflow.json").is_file()
+    assert planned() == {}, "nothing to do"
     with open(tmp_path / "mine.jsonl", "a") as f:  # a changed source: the whole chain
         f.write(json.dumps({"id": "new", "conversations": turns("one more", "answer")}) + "\n")
     assert planned() == {"data_clean": "1", "data_split": "1", "tokenize_data": "1", "total": "3"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -459,6 +460,24 @@ def test_lora_target_modules_a_llama_does_not_have_are_refused_before_loading(tm
     )
     with pytest.raises(VicunaflowError, match=r"--lora-target-modules \['foo_proj'\]: a LLaMA's linear layers"):
         config.validate()
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_checkpoint_folder(tiny_vicuna, tmp_path: Path) -> None:
+    """A folder holding only the run's marker is no run to resume: a failed run removes it (and `.checkpoints/`
+    if that is then empty); one holding a checkpoint is kept, since a rerun resumes from it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    for shard in model.glob("*.safetensors"):
+        os.truncate(shard, 1000)  # the weights fail to load, after the checkpoint folder is made
+    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    assert result.returncode != 0 and "invalid header length" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / ".checkpoints").exists()
+    resumable = tmp_path / ".checkpoints" / "out"
+    (resumable / "checkpoint-2").mkdir(parents=True)
+    (resumable / ".vicunaflow-checkpoints").write_text("")
+    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    assert result.returncode != 0 and "invalid header length" in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in resumable.iterdir()) == [".vicunaflow-checkpoints", "checkpoint-2"]
 
 
 def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna, tmp_path: Path) -> None:

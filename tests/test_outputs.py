@@ -51,6 +51,10 @@ def tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+# One conversation `data clean` keeps.
+CONVERSATION = '{"id": "a", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]}\n'
+
+
 # ---- an existing folder is replaced only when it is an earlier vicunaflow output -------------------
 
 
@@ -525,3 +529,91 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tiny_raw, tmp_pa
     monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", refused)
     assert run("convert", "--input-dir", tiny_raw, "--output-dir", tmp_path / "locked" / "out") == 1
     assert f"cannot write in {tmp_path / 'locked'} (Permission denied)" in capsys.readouterr().err
+
+
+# ---- an existing output file is replaced only when it is this verb's unchanged earlier output --------------
+
+
+def test_data_clean_replaces_its_own_unchanged_output_only(tmp_path, capsys):
+    """The default report (a side file the user never typed) is as safe as --output: a file vicunaflow did not
+    write, one it wrote but that was edited since, or another verb's, is refused before any work."""
+    data = tmp_path / "in.jsonl"
+    data.write_text(CONVERSATION)
+    out, report = tmp_path / "out.jsonl", tmp_path / "out.counts.tsv"
+    argv = ["data", "clean", "--data", data, "--output", out, "--jobs", "1"]
+    report.write_text("my notes\n")
+    assert run(*argv) == 1
+    assert (
+        f"--report {report} exists and was not written by vicunaflow (no .out.counts.tsv.vicunaflow.json beside it); "
+        "refusing to replace it: move it away, give --report another path, or pass --overwrite to replace it"
+    ) in capsys.readouterr().err
+    assert report.read_text() == "my notes\n" and not out.exists(), "refused before any work"
+    assert run(*argv, "--overwrite") == 0
+    assert report.read_text().startswith("step\t") and out.is_file()
+    assert run(*argv) == 0, "its own unchanged earlier output is replaced without --overwrite"
+    with out.open("a") as f:
+        f.write('{"id": "mine", "conversations": []}\n')
+    assert run(*argv) == 1
+    assert f"--output {out} exists and was changed since vicunaflow wrote it" in capsys.readouterr().err
+    assert out.read_text().endswith('"mine", "conversations": []}\n')
+    assert run("data", "mix", "--data", data, "--weights", "[1]", "--output", report) == 1
+    assert (
+        f"--output {report} exists and holds the output of `vicunaflow data clean`, not of `vicunaflow data mix`"
+        in (capsys.readouterr().err)
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["split default held-out", "split default report", "mix report", "eval loss output", "eval arena json",
+     "eval summary output", "eval answers output", "chat output", "report finetune options table"],
+)  # fmt: skip
+def test_every_verb_writing_files_refuses_a_user_file_before_any_work(case, tiny_vicuna, tmp_path, capsys):
+    data, mine = tmp_path / "in.jsonl", tmp_path / "mine.txt"
+    data.write_text(CONVERSATION)
+    questions, votes, prompts = tmp_path / "questions.jsonl", tmp_path / "votes.jsonl", tmp_path / "prompts.txt"
+    questions.write_text('{"question_id": 1, "category": "writing", "turns": ["Hi"]}\n')
+    votes.write_text("")
+    prompts.write_text("Hello\n")
+    losses = tmp_path / "loss.json"
+    losses.write_text("{}\n")
+    split = ["data", "split", "--data", data, "--model-path", tiny_vicuna, "--output", tmp_path / "mine.jsonl"]
+    argv, kept = {
+        "split default held-out": ([*split, "--held-out-fraction", "0.5"], tmp_path / "mine.heldout.jsonl"),
+        "split default report": (split, tmp_path / "mine.counts.tsv"),
+        "mix report": (["data", "mix", "--data", data, "--weights", "[1]", "--output", tmp_path / "o.jsonl",
+                        "--report", mine], mine),
+        "eval loss output": (["eval", "loss", "--model-path", tiny_vicuna, "--data", data, "--output", mine], mine),
+        "eval arena json": (["eval", "arena", "--votes", votes, "--output", tmp_path / "r.tsv", "--output-json",
+                             mine], mine),
+        "eval summary output": (["eval", "summary", "--questions", questions, "--losses", losses, "--output", mine],
+                                mine),
+        "eval answers output": (["eval", "answers", "--model-path", tiny_vicuna, "--questions", questions,
+                                 "--output", mine], mine),
+        "chat output": (["chat", "--model-path", tiny_vicuna, "--prompts", prompts, "--output", mine], mine),
+        "report finetune options table": (["report", "finetune", "--run-dir", tiny_vicuna, "--loss-plot",
+                                           tmp_path / "loss.svg", "--options-table", mine], mine),
+    }[case]  # fmt: skip
+    kept.write_text("mine\n")
+    assert run(*argv) == 1
+    assert f"{kept} exists and was not written by vicunaflow" in capsys.readouterr().err
+    assert kept.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"in.jsonl", "questions.jsonl", "votes.jsonl", "prompts.txt", "loss.json", kept.name}
+    ), "nothing written"
+
+
+def test_a_provenance_sidecar_is_written_after_its_file(tmp_path):
+    """Written once the file is in place, so it records the file's final size and time; an unreadable or foreign
+    sidecar counts as none (the file is kept)."""
+    target = tmp_path / "result.json"
+    outputs.atomic_write_bytes(target, b"{}\n")
+    sidecar = outputs.provenance_sidecar(target)
+    assert sidecar == tmp_path / ".result.json.vicunaflow.json"
+    record = json.loads(sidecar.read_text())
+    assert (record["size"], record["mtime_ns"]) == (3, target.stat().st_mtime_ns)
+    assert outputs._why_file_kept(target) is None
+    sidecar.write_text("{")
+    assert "was not written by vicunaflow" in outputs._why_file_kept(target)
+    sidecar.write_text('{"size": 3}')
+    assert "is not vicunaflow's" in outputs._why_file_kept(target)

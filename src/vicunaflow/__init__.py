@@ -11,3 +11,25 @@ BUILTIN_CONVERSATIONS = Path(__file__).parent / "assets" / "vicuna_conversations
 
 class VicunaflowError(Exception):
     """An error the user can fix: the CLI prints it as one clear message, without a traceback."""
+
+
+def require_file(path: str | Path, what: str, expected: str) -> Path:
+    """`path` if it is a file; else an error saying whether it is missing or a folder (a folder reported as "no
+    such file" sends the user looking for a typo) and what to give instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise VicunaflowError(f"{path} is a folder, not a {what}; give {expected}")
+    if not path.is_file():
+        raise VicunaflowError(f"{path}: no such {what}; give {expected}")
+    return path
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """`path` if it is a folder; else an error saying whether it is missing or a file (`model/config.json` given for
+    `model`: then the folder holding it is named)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VicunaflowError(f"{path} is a file, not a {what}; give the folder that holds it ({path.parent})")
+    if not path.is_dir():
+        raise VicunaflowError(f"{path}: no such {what}")
+    return path

@@ -43,6 +43,7 @@ def chat(
     cuda_graphs: bool = True,
     prompts: Path | None = None,
     output: Path | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Chat with a model in the terminal (streamed, multi-turn), or answer --prompts into --output JSON.
 
@@ -62,6 +63,7 @@ def chat(
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         prompts: a file of prompts, one per line: each is answered greedily in a fresh conversation.
         output: with --prompts: the JSON file to write the transcripts to (results/chat/<model>.json).
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     log.info(
         "chat: model_path=%s %s temperature=%s top_p=%s max_new_tokens=%d prompts=%s output=%s",
@@ -72,7 +74,7 @@ def chat(
     if prompts is not None and not Path(prompts).is_file():
         raise VicunaflowError(f"{prompts}: no such prompt file")
     if output is not None:  # before the model loads: the transcripts must not replace an input
-        check_output_files({"--output": output}, inputs=[prompts, model_path])
+        check_output_files({"--output": output}, inputs=[prompts, model_path], overwrite=overwrite)
     if max_new_tokens < 1:
         raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     check_max_context(max_context)

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, require_file
 from vicunaflow.checkpoint import PickleFile, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.formats import (
     DTYPES,
@@ -174,9 +174,13 @@ def read_params(input_dir: Path) -> dict:
 
 def find_tokenizer(input_dir: Path, tokenizer: Path | None) -> Path:
     """tokenizer.model: the one given, else in input_dir, else in its parent (pyllama_data/tokenizer.model)."""
-    candidates = (
-        [Path(tokenizer)] if tokenizer else [input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"]
-    )
+    if tokenizer:
+        inside = Path(tokenizer, "tokenizer.model")
+        hint = f" ({inside})" if inside.is_file() else ""
+        return require_file(
+            tokenizer, "tokenizer file", f"--tokenizer the SentencePiece tokenizer.model file itself{hint}"
+        )
+    candidates = [input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"]
     for path in candidates:
         if path.is_file():
             return path

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, require_dir, require_file, template
 from vicunaflow.tokenizer import TOKENIZER_FILES, open_tokenizer
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ class Sample:
 
 def load_conversations(path: Path) -> list[ConversationRecord]:
     """Read a JSON list or JSONL file of ShareGPT records and validate every record."""
-    path = Path(path)
-    if not path.is_file():
-        raise VicunaflowError(f"{path}: no such data file; give a JSON list or JSONL of ShareGPT conversations")
+    path = require_file(path, "data file", "a JSON list or JSONL file of ShareGPT conversations")
     records = _read_records(path)
     conversations, errors = [], []
     for index, record in enumerate(records):
@@ -307,9 +305,7 @@ def _read_records(path: Path) -> list:
 
 
 def load_tokenizer(model_path: Path):
-    model_path = Path(model_path)
-    if not model_path.is_dir():
-        raise VicunaflowError(f"{model_path}: no such model directory")
+    model_path = require_dir(model_path, "model directory")
     if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise VicunaflowError(f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model); give a model directory")
     tokenizer = open_tokenizer(model_path)

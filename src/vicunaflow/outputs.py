@@ -20,7 +20,10 @@ containers that share a hostname). A process killed
 with `kill -9` cannot clean up; the next write of the same output removes the temporaries whose
 owner is gone from this host. Those of a live process, or of another host, are left alone.
 Single files (`atomic_output_file`: data files, eval results) get temporaries named, registered and
-removed the same way.
+removed the same way. A file cannot carry a manifest, so each one finished is recorded in a hidden
+sidecar beside it, `.<name>.vicunaflow.json` (the verb, the file's size and modification time), and
+`check_output_files` replaces an existing file without --overwrite only while its sidecar says it is
+this verb's earlier output, unchanged since.
 """
 
 from __future__ import annotations
@@ -108,12 +111,16 @@ def check_output_dir(
 
 
 def check_output_files(
-    outputs: dict[str, str | os.PathLike | None], *, inputs: Iterable[str | os.PathLike | None] = ()
+    outputs: dict[str, str | os.PathLike | None],
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
 ) -> None:
     """Refuse, before any work, output files ({flag: path}; None: not written) that would destroy what the
     user did not ask to replace, or be lost: one that is an input file or lies inside an input folder (a
     model's config.json), one that is a folder, two outputs at one path (the second would replace the first),
-    or one whose folder cannot be written (found now, not after hours of generation)."""
+    an existing file that is not this verb's unchanged earlier output (unless `overwrite`; see
+    `provenance_sidecar`), or one whose folder cannot be written (found now, not after hours of generation)."""
     inputs = [given for given in inputs if given is not None]
     taken: dict[Path, str] = {}
     for flag, output in outputs.items():
@@ -135,6 +142,13 @@ def check_output_files(
                 f"{taken[place]} and {flag} are both {output}: the second would replace the first; give each its own path"
             )
         taken[place] = flag
+        if not overwrite and (output.exists() or output.is_symlink()):
+            reason = _why_file_kept(output)
+            if reason:
+                raise vicunaflow.VicunaflowError(
+                    f"{flag} {output} exists and {reason}; refusing to replace it: move it away, give {flag} "
+                    "another path, or pass --overwrite to replace it"
+                )
         check_writable(output.parent)
 
 
@@ -188,11 +202,13 @@ def atomic_output_dir(
 
 
 @contextlib.contextmanager
-def atomic_output_file(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_output_file(target: str | os.PathLike, *, provenance: bool = True) -> Iterator[Path]:
     """Yield a temporary file path beside `target` that replaces `target` when the block succeeds.
 
     Named as a folder's temporary is (its owner), and removed on an error, Ctrl-C or SIGTERM; the
-    temporaries of earlier writes of `target` whose owner is gone are removed first.
+    temporaries of earlier writes of `target` whose owner is gone are removed first. The file in place,
+    its provenance sidecar is written (unless `provenance` is false: a file inside a folder that is
+    checked another way), so a later run of the same verb may replace it while it is unchanged.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +221,8 @@ def atomic_output_file(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o644)  # mkstemp makes it private; outputs are meant to be shared
         os.replace(tmp, target)
+        if provenance:
+            _record_file(target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -350,6 +368,40 @@ def _why_kept(target: Path) -> str | None:
     return None
 
 
+def provenance_sidecar(target: str | os.PathLike) -> Path:
+    """Where the record of a finished output file is kept: a hidden file beside it (not a declared output, so
+    Snakemake ignores it), since JSONL, TSV or SVG cannot carry a manifest."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{MANIFEST}")
+
+
+def _record_file(target: Path) -> None:
+    """Write `target`'s sidecar after `target` is in place: a crash between the two leaves a file without one,
+    which is refused (kept) later, never one replaced wrongly. Size and modification time, not a hash: cheap
+    for gigabytes of JSONL, and any edit changes them."""
+    stat = target.lstat()
+    record = {"verb": VERB, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "vicunaflow": vicunaflow.__version__}
+    provenance_sidecar(target).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def _why_file_kept(target: Path) -> str | None:
+    """Why the existing file `target` may not be replaced without --overwrite, or None: its sidecar says this verb
+    (when both are known) wrote it, and its size and modification time are still those recorded."""
+    sidecar = provenance_sidecar(target)
+    try:
+        record = json.loads(sidecar.read_text())
+        stat = target.lstat()
+    except (OSError, ValueError):
+        return f"was not written by vicunaflow (no {sidecar.name} beside it)"
+    if not isinstance(record, dict) or "vicunaflow" not in record:
+        return f"was not written by vicunaflow ({sidecar.name} is not vicunaflow's)"
+    if VERB and record.get("verb") and record["verb"] != VERB:
+        return f"holds the output of `vicunaflow {record['verb']}`, not of `vicunaflow {VERB}`"
+    if (record.get("size"), record.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+        return f"was changed since vicunaflow wrote it (its size or time differ from {sidecar.name})"
+    return None
+
+
 def _files(folder: Path) -> list[str]:
     """The files below `folder`, as paths relative to it."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
@@ -408,8 +460,8 @@ def _temp_prefix(name: str) -> str:
     return f".{name}.tmp-{os.getpid()}.{_start_time(os.getpid())}@{_host()}-"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_output_file(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, provenance: bool = True) -> None:
+    with atomic_output_file(path, provenance=provenance) as tmp:
         tmp.write_bytes(data)
 
 

@@ -18,17 +18,20 @@ from vicunaflow.outputs import atomic_write_bytes, check_output_files
 log = logging.getLogger(__name__)
 
 
-def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path) -> None:
+def finetune_report(*, run_dir: Path, loss_plot: Path, options_table: Path, overwrite: bool = False) -> None:
     """Draw the loss curve and tabulate the options of a finished fine-tuning run.
 
     Arguments:
         run_dir: a `vicunaflow finetune` output directory (holds trainer_log.jsonl and training_args.json).
         loss_plot: where to write the loss curve (SVG).
         options_table: where to write the run's options (TSV: option, value).
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     run_dir = Path(run_dir)
     log.info("report finetune: run_dir=%s loss_plot=%s options_table=%s", run_dir, loss_plot, options_table)
-    check_output_files({"--loss_plot": loss_plot, "--options_table": options_table}, inputs=[run_dir])
+    check_output_files(
+        {"--loss_plot": loss_plot, "--options_table": options_table}, inputs=[run_dir], overwrite=overwrite
+    )
     log_path = run_dir / TRAINER_LOG
     if not log_path.exists():
         raise VicunaflowError(f"{log_path}: missing; is {run_dir} the output of `vicunaflow finetune`?")

@@ -70,6 +70,7 @@ def clean(
     languages: list[str] | None = None,
     language_text: int = 2000,
     jobs: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Clean ShareGPT-style conversations into JSONL, counting every drop by reason in a TSV.
 
@@ -89,6 +90,7 @@ def clean(
             by py3langid (`pip install 'vicunaflow[data]'`) from the user's turns; default: all.
         language_text: characters of the user's turns (code blocks left out) the language is told from.
         jobs: worker processes; default: the CPUs this process may use (at most 8).
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     data, output = Path(data), Path(output)
     report = Path(report) if report else output.with_name(output.name.removesuffix(".jsonl") + ".counts.tsv")
@@ -97,10 +99,14 @@ def clean(
         "data clean: data=%s output=%s report=%s html=%s languages=%s jobs=%d",
         data, output, report, html, languages or "all", jobs,
     )  # fmt: skip
-    check_output_files({"--output": output, "--report": report}, inputs=[data])
+    check_output_files({"--output": output, "--report": report}, inputs=[data], overwrite=overwrite)
     options = CleanOptions(html=html, languages=tuple(languages or ()), language_text=language_text)
+    if language_text < 1:
+        raise VicunaflowError(
+            f"--language-text {language_text}: give a positive number of characters to tell the language from"
+        )
     if options.languages:
-        _language_identifier()  # fail before any work when the extra is missing
+        check_languages(options.languages)  # before any work: a bad code would drop every conversation
     counts = Counts("clean")
     seen_content: dict[bytes, str] = {}  # content digest -> id kept; 16 bytes a conversation
     seen_ids: set[str] = set()
@@ -124,11 +130,31 @@ def clean(
                 seen_ids.add(result.id)
                 out.write(result.line)
                 counts.add("kept", "conversations")
+        if not counts.get("kept", "conversations"):  # inside the writer: no empty dataset is left as if done
+            raise VicunaflowError(nothing_kept(data, counts, options))
     counts.write_tsv(report)
     log.info("data clean: %s; wrote %s and %s", counts.summary(), output, report)
-    if not counts.get("kept", "conversations"):
-        log.warning("data clean: %s: no conversation kept", data)
     return output
+
+
+def nothing_kept(data: Path, counts: Counts, options: CleanOptions) -> str:
+    """The error for a clean that kept nothing, naming the filter that dropped everything and its likely fix."""
+    if not counts.get("read", "conversations"):
+        return f"{data}: no conversation in it; give a JSON array or JSONL of ShareGPT conversations"
+    dropped = {reason: n for kind, reason, n, _ in counts.rows() if kind == "drop"}
+    languages = sorted(
+        (n, reason.removeprefix("language:")) for reason, n in dropped.items() if reason.startswith("language:")
+    )
+    if languages and sum(n for n, _ in languages) == counts.get("read", "conversations"):
+        found = ", ".join(f"{code} {n}" for n, code in reversed(languages[-5:]))
+        return (
+            f"{data}: --languages {', '.join(options.languages)} kept no conversation (py3langid found: {found}); "
+            "give the languages wanted, as ISO 639-1 codes such as en, or leave --languages out"
+        )
+    return (
+        f"{data}: no conversation kept ({counts.summary()}); each needs a user turn with a reply, "
+        "as {id, conversations: [{from: human, value}, {from: gpt, value}]}"
+    )
 
 
 # ---- one conversation ------------------------------------------------------------------------------
@@ -361,6 +387,17 @@ def detect_language(turns: list[tuple[str, str]], limit: int = 2000) -> str:
         if sum(c.isalpha() for c in joined) >= 8:
             return identifier.classify(joined)[0]
     return "und"  # undetermined: too few letters to tell
+
+
+def check_languages(languages: tuple[str, ...]) -> None:
+    """Refuse codes py3langid never returns (`english`, `EN`): they would drop every conversation."""
+    known = set(_language_identifier().nb_classes) | {"und"}  # und: detect_language's "too few letters"
+    unknown = [code for code in languages if code not in known]
+    if unknown:
+        raise VicunaflowError(
+            f"--languages {', '.join(unknown)}: not a language code py3langid tells; languages are ISO 639-1 codes "
+            f"such as en, de, zh (all: {' '.join(sorted(known))})"
+        )
 
 
 @functools.cache

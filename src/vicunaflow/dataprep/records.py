@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, require_file
 from vicunaflow.outputs import atomic_output_file
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
     `where` names the record for messages: `index 12` for a JSON array, `line 13` for JSONL. A JSONL
     line that cannot be decoded is yielded as a `Broken`; an array that cannot be parsed raises.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VicunaflowError(f"{path}: no such data file; give a JSON array or JSONL of ShareGPT conversations")
+    path = require_file(path, "data file", "a JSON array or JSONL file of ShareGPT conversations")
     with open(path, "rb") as f:
         first = _first_byte(f)
         if first == b"[":

@@ -137,6 +137,7 @@ def mix(
     names: list[str] | None = None,
     seed: str = "vicunaflow",
     report: Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Mix cleaned conversation sets into one, each with a weight; ids become `<name>/<id>`.
 
@@ -153,6 +154,7 @@ def mix(
         names: one name per file, used in ids; default: each file's name without .jsonl.
         seed: mixed into the sampling hash.
         report: TSV of conversations read, taken, dropped per set; default: the output's name with `.counts.tsv`.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     data, output = [Path(d) for d in data], Path(output)
     names = names or [d.name.removesuffix(".jsonl") for d in data]
@@ -174,7 +176,7 @@ def mix(
         output,
         seed,
     )
-    check_output_files({"--output": output, "--report": report}, inputs=data)
+    check_output_files({"--output": output, "--report": report}, inputs=data, overwrite=overwrite)
     counts = Counts("mix")
     seen: set[bytes] = set()
     with atomic_writer(output) as out:

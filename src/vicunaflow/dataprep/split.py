@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, require_dir, template
 from vicunaflow.dataprep.clean import GPT, HUMAN, Drop, exchanges, normalized_turns
 from vicunaflow.dataprep.records import (
     Broken,
@@ -69,6 +69,7 @@ def split(
     seed: str = "vicunaflow",
     report: Path | None = None,
     jobs: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Cut conversations longer than model_max_length tokens into pieces that fit, at turn boundaries.
 
@@ -89,6 +90,7 @@ def split(
             output's name with `.counts.tsv`.
         jobs: worker processes, each with its own tokenizer; default: the CPUs this process may use
             (at most 8). 1 tokenises in this process, on the tokenizer's own threads.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     data, output = Path(data), Path(output)
     stem = output.name.removesuffix(".jsonl")
@@ -96,6 +98,7 @@ def split(
         raise VicunaflowError(f"--held_out_fraction {held_out_fraction}: give a fraction from 0 (none) to below 1")
     if model_max_length < 1:
         raise VicunaflowError(f"--model_max_length {model_max_length}: give a positive number of tokens")
+    require_dir(model_path, "model directory")  # before the tokenizer's libraries load
     if held_out is None and held_out_fraction > 0:
         held_out = output.with_name(stem + ".heldout.jsonl")
     report = Path(report) if report else output.with_name(stem + ".counts.tsv")
@@ -103,7 +106,9 @@ def split(
         "data split: data=%s model_path=%s output=%s model_max_length=%d held_out=%s held_out_fraction=%s seed=%r",
         data, model_path, output, model_max_length, held_out, held_out_fraction, seed,
     )  # fmt: skip
-    check_output_files({"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path])
+    check_output_files(
+        {"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path], overwrite=overwrite
+    )
     jobs = check_jobs(jobs)
     options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
     if jobs <= 1:

@@ -181,7 +181,8 @@ class TokenizerPlan:
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             place_file(fetcher.staged[file.key], tmp, "hardlink-or-copy")
             tmp.replace(target)
-        atomic_write_bytes(self.folder / TOKENIZER_CHECKLIST, self.checklist)
+        # the tokenizer is verified against its checklist, not replaced by a file-output check: no sidecar
+        atomic_write_bytes(self.folder / TOKENIZER_CHECKLIST, self.checklist, provenance=False)
         log.info("%s: tokenizer written and verified", self.folder)
 
 
@@ -394,7 +395,7 @@ def llama_from_local(
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve() != tokenizer_dir.resolve():
             for n in [*tok_entries, TOKENIZER_CHECKLIST]:
-                atomic_write_bytes(_inside(folder, n), (tokenizer_dir / n).read_bytes())
+                atomic_write_bytes(_inside(folder, n), (tokenizer_dir / n).read_bytes(), provenance=False)
         log.info("%s: tokenizer verified and placed", folder)
     return folder / dirs[0] if dirs else folder
 

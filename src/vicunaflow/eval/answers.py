@@ -42,6 +42,7 @@ def answers(
     max_batch_size: int = 16,
     max_context: int | None = None,
     cuda_graphs: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Answer every question turn by turn into a FastChat answer file (llm_judge's model_answer/*.jsonl).
 
@@ -56,6 +57,7 @@ def answers(
         max_batch_size: conversations decoded together.
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     from vicunaflow.engine import Engine
     from vicunaflow.outputs import atomic_write_bytes, check_output_files
@@ -66,7 +68,7 @@ def answers(
     )  # fmt: skip
     if max_new_tokens < 1:
         raise VicunaflowError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    check_output_files({"--output": output}, inputs=[questions, model_path])
+    check_output_files({"--output": output}, inputs=[questions, model_path], overwrite=overwrite)
     loaded = load_questions(questions)
     model_id = model_id or Path(model_path).name
     model, tokenizer = model_options.load(model_path)

@@ -38,7 +38,15 @@ SCALE, BASE, INIT, K = 400.0, 10.0, 1000.0, 4.0  # Chatbot Arena's Elo constants
 L2 = 1e-6  # Bradley–Terry's penalty (FastChat: LogisticRegression(C=1e6)); per battle, on log-strengths
 
 
-def arena(*, votes: Path, output: Path, output_json: Path | None = None, rounds: int = 1000, seed: int = 0) -> Path:
+def arena(
+    *,
+    votes: Path,
+    output: Path,
+    output_json: Path | None = None,
+    rounds: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Rate the models of arena votes (`serve`'s arena page) with Elo and Bradley–Terry, with 95% bootstrap intervals.
 
     Arguments:
@@ -48,11 +56,12 @@ def arena(*, votes: Path, output: Path, output_json: Path | None = None, rounds:
         output_json: also write the JSON here.
         rounds: bootstrap resamples for the intervals (0: none).
         seed: seed of the resampling.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     from vicunaflow.outputs import atomic_write_bytes, check_output_files
 
     log.info("eval arena: votes=%s output=%s rounds=%d seed=%d", votes, output, rounds, seed)
-    check_output_files({"--output": output, "--output_json": output_json}, inputs=[votes])
+    check_output_files({"--output": output, "--output_json": output_json}, inputs=[votes], overwrite=overwrite)
     battles = read_votes(votes)
     if not battles:
         raise VicunaflowError(f"{votes}: no votes yet (vote on the arena page of `vicunaflow serve`)")

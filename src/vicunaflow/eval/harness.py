@@ -46,6 +46,7 @@ def harness(
     num_concurrent: int = 16,
     add_bos_token: bool = False,
     timeout: float = 600.0,
+    overwrite: bool = False,
 ) -> Path:
     """Run lm-evaluation-harness tasks against `vicunaflow serve` of a model, started for the run on a local port.
 
@@ -66,6 +67,7 @@ def harness(
         add_bos_token: let lm-eval prepend BOS to each request (as its `hf` model does for LLaMA); default:
             token ids go as lm-eval's local-completions makes them, without.
         timeout: seconds to wait for the server to start, and for one request.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     from vicunaflow.eval.served import served
     from vicunaflow.outputs import atomic_write_bytes, check_output_files, tool_versions
@@ -81,7 +83,7 @@ def harness(
     )  # fmt: skip
     if not tasks:
         raise VicunaflowError("--tasks: give at least one lm-eval task")
-    check_output_files({"--output": output}, inputs=[model_path, include_path])
+    check_output_files({"--output": output}, inputs=[model_path, include_path], overwrite=overwrite)
     if num_concurrent < 1 or max_batch_size < 1:
         raise VicunaflowError("--num-concurrent and --max-batch-size must be at least 1")
     if include_path is not None and not Path(include_path).is_dir():

@@ -77,6 +77,7 @@ def judge(
     retries: int = 6,
     retry_wait: float = 2.0,
     timeout: float = 600.0,
+    overwrite: bool = False,
 ) -> Path:
     """Grade a model's answers with an LLM judge (MT-bench single mode) into a FastChat judgment file.
 
@@ -104,6 +105,7 @@ def judge(
         retries: attempts per request after 408/429/5xx or a dropped connection, with exponential backoff.
         retry_wait: seconds before the first retry; doubled each time, at most 60.
         timeout: seconds to wait for one judgment.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     log.info(
         "eval judge: questions=%s answers=%s reference=%s output=%s judge_model=%s judge_base_url=%s "
@@ -117,11 +119,15 @@ def judge(
     loaded = load_questions(questions)
     from vicunaflow.outputs import check_output_files
 
-    # the judgments journal (--partial, else --output) is both read and written: it is no input here
+    # the judgments journal (--partial, else --output) is both read and written: it is no input here, and
+    # it is appended to, never replaced; --output is replaced only when the journal is --partial
     check_output_files(
         {"--output": output, "--partial": partial},
         inputs=[questions, answers, reference, judge_prompts, judge_serve_model_path],
+        overwrite=True,
     )
+    if partial is not None:
+        check_output_files({"--output": output}, overwrite=overwrite)
     model_answers = load_answers(answers, loaded)
     references = load_answers(reference, loaded, what="reference answer") if reference is not None else None
     prompts = load_judge_prompts(judge_prompts)

@@ -38,6 +38,7 @@ def loss(
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto",
     load_8bit: bool = False,
     load_4bit: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Mean loss and perplexity on conversations, with the training masks (assistant replies only).
 
@@ -55,6 +56,7 @@ def loss(
         dtype: weights' dtype; auto: the checkpoint's on CUDA, float32 on CPU. Losses are computed in float32.
         load_8bit: quantize the layers' weights to int8 as they load, as chat and serve do (docs/quantize.md).
         load_4bit: quantize them to int4 (a scale and zero per 128 input columns).
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     from vicunaflow.data import (
         Sample,
@@ -78,7 +80,7 @@ def loss(
         raise VicunaflowError("--load-8bit and --load-4bit: choose one")
     bits = 8 if load_8bit else 4 if load_4bit else None
     refuse_quantized(model_path, "--model-path")
-    check_output_files({"--output": output}, inputs=[data, model_path])
+    check_output_files({"--output": output}, inputs=[data, model_path], overwrite=overwrite)
     from vicunaflow.engine.build import check_folder
 
     check_folder(Path(model_path))  # transformers would start a layer missing from the weights at random

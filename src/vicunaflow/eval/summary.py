@@ -35,6 +35,7 @@ def summary(
     output_json: Path | None = None,
     arena: Path | None = None,
     harness: list[Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Summarise judgment files (`eval judge`) and loss files (`eval loss`) into one TSV row per model and judge.
 
@@ -48,6 +49,7 @@ def summary(
         arena: the JSON of `vicunaflow eval arena`: adds arena_bt (Bradley–Terry, with its 95% interval),
             arena_elo and arena_battles; models rated there only get a row too.
         harness: results files of `vicunaflow eval harness`: adds lm_eval_<suite>, each suite's main metric.
+        overwrite: replace output files that exist but are not this verb's unchanged earlier outputs (default: refuse).
     """
     from vicunaflow.eval.arena import read_ratings
     from vicunaflow.eval.harness import read_harness
@@ -62,6 +64,7 @@ def summary(
     check_output_files(
         {"--output": output, "--output_json": output_json},
         inputs=[questions, arena, *(judgments or []), *(losses or []), *(harness or [])],
+        overwrite=overwrite,
     )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)

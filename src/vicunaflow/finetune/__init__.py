@@ -13,7 +13,8 @@ scheduler, step, RNG; the data position follows from the step) goes to a sibling
 `<output_dir parent>/.checkpoints/<output_dir name>/checkpoint-N`, not into the output directory:
 Snakemake deletes the output of a failed job, and the checkpoints must outlive the failure. Running
 the same command again resumes from the newest one. Only rank 0 writes the final output, a Hugging
-Face model directory, atomically (it appears complete or not at all); then the checkpoints go.
+Face model directory, atomically (it appears complete or not at all); then the checkpoints go. A run that
+fails before its first checkpoint removes the checkpoint folder it made: nothing there to resume.
 
 The package, each module importing only those above it:
 

@@ -15,6 +15,7 @@ from typing import Literal
 from vicunaflow import VicunaflowError
 
 TRAINER_LOG = "trainer_log.jsonl"  # one JSON line per logged step (report.py draws the loss from it)
+TENSORBOARD_DIR = "runs"  # tensorboard events, beside the trainer log
 HYPERPARAMETERS = "training_args.json"  # the resolved arguments, in each checkpoint and in the output
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

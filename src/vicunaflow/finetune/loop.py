@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vicunaflow import VicunaflowError
-from vicunaflow.finetune.config import Runtime, TrainConfig
+from vicunaflow.finetune.config import TENSORBOARD_DIR, TRAINER_LOG, Runtime, TrainConfig
 from vicunaflow.finetune.data import Plan, TrainingData
 from vicunaflow.finetune.model import build_model, build_optimizer, decoder_layers
 from vicunaflow.finetune.output import RunLogger, remove_if_empty, write_output
@@ -96,12 +96,21 @@ def _resolve_precision(config: TrainConfig, device) -> object:
 
 
 def fit(config: TrainConfig, runtime: Runtime) -> Path:
-    import torch
-    import torch.distributed as dist
-
     run_dir = Path(config.checkpoint_dir)
     if runtime.is_main:
         claim_checkpoint_dir(run_dir)
+    try:
+        return train(config, runtime, run_dir)
+    except BaseException:  # Ctrl-C and SIGTERM too
+        if runtime.is_main:
+            remove_if_nothing_to_resume(run_dir)
+        raise
+
+
+def train(config: TrainConfig, runtime: Runtime, run_dir: Path) -> Path:
+    import torch
+    import torch.distributed as dist
+
     random.seed(config.seed + runtime.rank)
     torch.manual_seed(config.seed + runtime.rank)  # dropout (LoRA) differs per rank, repeatably
     dataset = TrainingData(config, runtime)
@@ -170,6 +179,20 @@ def claim_checkpoint_dir(run_dir: Path) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CHECKPOINT_MARKER).write_text("checkpoints of a vicunaflow finetune run; removed when it ends\n")
+
+
+def remove_if_nothing_to_resume(run_dir: Path) -> None:
+    """After a failed run, remove the checkpoint folder when it is this run's (its marker) and holds no checkpoint:
+    only the marker and the log of steps no checkpoint keeps (a resume starts over), so a failure leaves no
+    folder that looks like a run to resume. One holding a checkpoint is kept: a rerun resumes from it."""
+    if not (run_dir / CHECKPOINT_MARKER).is_file():
+        return  # not ours, or it held other files before this run
+    ours = {CHECKPOINT_MARKER, TRAINER_LOG, TENSORBOARD_DIR}
+    if any(entry.name not in ours and not entry.name.startswith(".tmp-checkpoint-") for entry in run_dir.iterdir()):
+        return
+    log.info("removing %s: it holds no checkpoint to resume from", run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    remove_if_empty(run_dir.parent)
 
 
 def train_step(

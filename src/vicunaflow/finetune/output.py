@@ -7,7 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from vicunaflow.finetune.config import HYPERPARAMETERS, TRAINER_LOG, Runtime, TrainConfig
+from vicunaflow.finetune.config import HYPERPARAMETERS, TENSORBOARD_DIR, TRAINER_LOG, Runtime, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events a killed run logged after the checkpoint we resumed from.
-            self.writer = SummaryWriter(log_dir=str(run_dir / "runs"), purge_step=start_step or None)
+            self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step or None)
             if not start_step:
                 self.writer.add_text("hyperparameters", "```\n" + json.dumps(config.as_dict(), indent=1) + "\n```")
 
@@ -81,7 +81,7 @@ def write_output(config: TrainConfig, model, runtime: Runtime, run_dir: Path) ->
             state = _merged_state(config, adapter_dir)
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
         _save_model(state, base_config, dtype, config.model_path, out)
-        for name in (TRAINER_LOG, "runs"):
+        for name in (TRAINER_LOG, TENSORBOARD_DIR):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, out / name)
             elif (run_dir / name).is_dir():
