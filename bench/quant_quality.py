@@ -27,6 +27,7 @@ float16's logits on the same path: max abs error, mean relative error per positi
     python bench/quant_quality.py --train                                   # -> results/quant_quality.json
     python bench/quant_quality.py --shape 7b                                # -> results/quant_quality_7b.json
     python bench/quant_quality.py --shape tiny --device cpu --prompts 2 --length 24 --output /tmp/q.json
+    python bench/quant_quality.py --kv-cache       # after --train: perplexity, KV cache float32 and float8
 """
 
 from __future__ import annotations
@@ -496,7 +497,6 @@ def teacher_forced_logits(model, prompts, device: str, kv_dtype: str = "auto") -
     import torch
 
     from vicunaflow import kernels
-    from vicunaflow.engine.model import project
     from vicunaflow.engine.runner import Runner
 
     cuda = device == "cuda"
@@ -514,16 +514,77 @@ def teacher_forced_logits(model, prompts, device: str, kv_dtype: str = "auto") -
                 logits, _ = runner.step([prompt[t]], [t])  # [1, vocab]: the graph's buffer, copied out
                 steps.append(logits[0].cpu())
             decode.append(torch.stack(steps))  # [T, vocab]
-            captured = []
-            hook = model.layers[-1].register_forward_hook(lambda module, args, out, into=captured: into.append(out))
-            try:
-                runner.prefill([prompt], first_row=0)
-            finally:
-                hook.remove()
-            hidden = captured[0].view(length, -1)  # [T, dim]
-            prefill.append(project(hidden, model.output, norm=(model.norm, model.args.norm_eps)).cpu())  # [T, vocab]
+            prefill.append(prefill_logits(runner, model, prompt))
     del runner
     return {"decode": torch.stack(decode), "prefill": torch.stack(prefill)}
+
+
+def prefill_logits(runner, model, prompt: list[int]):
+    """Every position's logits [T, vocab] (host) of one prefill forward of the prompt in cache row 0: the last
+    layer's output (as the runner takes it for prompt log-probabilities) through the final norm and lm_head. The
+    forward writes the prompt's keys and values to the cache and attends over what the cache then holds."""
+    from vicunaflow.engine.model import project
+
+    captured = []
+    hook = model.layers[-1].register_forward_hook(lambda module, args, out, into=captured: into.append(out))
+    try:
+        runner.prefill([prompt], first_row=0)
+    finally:
+        hook.remove()
+    hidden = captured[0].view(len(prompt), -1)  # [T, dim]
+    return project(hidden, model.output, norm=(model.norm, model.args.norm_eps)).cpu()
+
+
+def kv_cache_perplexity(args) -> dict:
+    """Held-out perplexity of --train's model through the engine with its KV cache in float32 and in float8
+    (serve's --kv-cache-dtype fp8), on the CPU: each conversation prefilled in one forward (prefill_logits), the
+    loss on the reply tokens as `vicunaflow eval loss` counts it (its float32 number, from transformers, beside)."""
+    import torch
+
+    from vicunaflow.data import IGNORE_INDEX, encode_all, load_conversations, load_tokenizer
+    from vicunaflow.engine import load_model
+    from vicunaflow.engine.runner import Runner
+
+    trained, held_out = args.workdir / "trained", args.workdir / "held_out.json"
+    if not trained.is_dir():
+        raise SystemExit(f"{trained}: no trained model; run --train first")
+    reference = json.loads((args.workdir / "loss-float32.json").read_text())  # eval loss's run: its truncation too
+    model, _ = load_model(trained, device="cpu", dtype="float32")
+    tokenizer, length = load_tokenizer(trained), reference["model_max_length"]
+    samples = encode_all(load_conversations(held_out), tokenizer, length, drop_untrained=False)
+    samples = [s for s in samples if any(label != IGNORE_INDEX for label in s.labels)]
+    context = max(len(s.input_ids) for s in samples)
+    rows = {}
+    for kv_dtype in ("auto", "fp8"):
+        started = time.perf_counter()
+        runner = Runner(model, 1, context, cuda_graphs=False, padded=False, kernels=False, kv_dtype=kv_dtype)
+        total, tokens = 0.0, 0
+        with torch.inference_mode():
+            for sample in samples:
+                logits = prefill_logits(runner, model, sample.input_ids)  # [T, vocab]
+                targets = torch.tensor(sample.labels[1:])  # token t + 1 from positions <= t, as in training
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:-1], targets, ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                total += float(nll)
+                tokens += int((targets != IGNORE_INDEX).sum())
+        del runner
+        rows[kv_dtype] = {
+            "loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens,
+            "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+        print(f"KV cache {kv_dtype}: perplexity {rows[kv_dtype]['perplexity']:.4f} over {tokens} tokens", flush=True)
+    return {
+        "part": "held-out perplexity of the trained model through the engine, KV cache float32 against float8",
+        "machine": machine("cpu"),
+        "model": str(trained),
+        "held_out_sha256": sha256(held_out),
+        "conversations": len(samples),
+        "model_max_length": length,
+        "eval_loss_float32": {key: reference[key] for key in ("perplexity", "tokens", "conversations")},
+        "kv_cache": rows,
+        "fp8_over_float32": rows["fp8"]["perplexity"] / rows["auto"]["perplexity"] - 1,
+    }
 
 
 def compare(logits, reference) -> dict:
@@ -579,6 +640,8 @@ def measure_logits(args) -> dict:
         variants.append(("int8-float32", dtype, 8, None, "float32", "auto"))
         variants.append(("bfloat16", "bfloat16", None, None, "half2", "auto"))  # for scale: a change of format alone
         variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm", "half2", "auto"))
+    if args.variants:  # the reference (the first) always runs
+        variants = variants[:1] + [variant for variant in variants[1:] if variant[0] in args.variants]
     reference, rows = None, {}
     for name, variant_dtype, bits, int4_kernel, int8_math, kv_dtype in variants:
         started = time.perf_counter()
@@ -649,11 +712,17 @@ def main() -> None:
     part = parser.add_mutually_exclusive_group(required=True)
     part.add_argument("--train", action="store_true", help="train the bench's model, then measure perplexity")
     part.add_argument("--shape", help="measure engine logits on a random model of this size (7b, 13b, tiny)")
+    part.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="--train's model: held-out perplexity with a float32 and a float8 KV cache",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu for --train, auto for --shape)")
     parser.add_argument(
         "--dtype", default="auto", help="--shape: the reference (auto: float16 on CUDA, float32 on CPU)"
     )
     parser.add_argument("--prompts", type=int, default=8, help="--shape: prompts")
+    parser.add_argument("--variants", nargs="+", help="--shape: only these beside the reference (int8, kv-fp8, ...)")
     parser.add_argument("--length", type=int, default=256, help="--shape: tokens a prompt")
     parser.add_argument(
         "--workdir", type=Path, default=REPO / ".work" / "quant_quality", help="--train: data and models"
@@ -668,6 +737,9 @@ def main() -> None:
         args.device = args.device or "cpu"
         result = train_and_measure(args)
         output = args.output or RESULTS / "quant_quality.json"
+    elif args.kv_cache:
+        result = kv_cache_perplexity(args)
+        output = args.output or RESULTS / "quant_quality_kv_cache.json"
     else:
         args.device = args.device or "auto"
         result = measure_logits(args)

@@ -30,7 +30,9 @@ def test_logits_smoke_on_a_tiny_random_model(tmp_path: Path) -> None:
     written = json.loads(output.read_text())
     assert written["reference"] == "float32 engine" and written["shape"]["dim"] == 256
     rows = written["variants"]
-    assert list(rows) == ["float32", "int8", "int4"]
+    assert list(rows) == ["float32", "int8", "int4", "kv-fp8"]
+    assert rows["kv-fp8"]["kv_cache_dtype"] == "fp8" and rows["kv-fp8"]["weight_gib"] == rows["float32"]["weight_gib"]
+    assert 0 < rows["kv-fp8"]["decode"]["mean_relative_error"] < 1  # the float8 cache's rounding shows, and is small
     assert rows["float32"]["decode_vs_prefill"]["max_relative_error"] < 1e-4  # the two paths agree in float32
     for path in ("decode", "prefill"):
         int8, int4 = rows["int8"][path], rows["int4"][path]

@@ -17,6 +17,7 @@ import yaml
 
 from vicunaflow import VicunaflowError
 from vicunaflow.eval.harness import harness
+from vicunaflow.outputs import provenance_sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 256
@@ -71,7 +72,8 @@ def test_harness_runs_a_local_task_through_the_served_model_and_stops_it(tiny_vi
     assert "base_url" not in json.dumps(record["config"])  # a fresh port each run: not recorded
     assert not {"date", "pretty_env_info", "total_evaluation_time_seconds"} & set(record)
     assert record["versions_of_tools"]["lm_eval"] == "0.4.13"
-    assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporary left
+    # no temporary left: the output and its provenance record (outputs.provenance_sidecar)
+    assert sorted(p.name for p in output.parent.iterdir()) == sorted([output.name, provenance_sidecar(output).name])
 
     from vicunaflow.eval.summary import summary
 
