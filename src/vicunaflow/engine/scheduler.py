@@ -23,10 +23,13 @@ Prompts asking for prompt log-probabilities, and prompts when no row decodes, go
 price: a burst of new prompts is written mixed_prefill tokens a step, not a chunk's worth a forward.
 
 A burst of new prompts (many users arriving at once) gets longer prefill forwards: up to `prefill_burst`
-chunks' worth when the prompts waiting outnumber the rows decoding (one chunk for every decoding row's worth
-of them). Every decoding row waits for each prefill forward, so a lone prompt joining running streams still
-goes a chunk at a time, while 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see
-one long gap instead of seven shorter ones, and the 28 start decoding together. On an H200 (7B, 32 streams
+chunks' worth, one chunk for every prompt waiting per `prefill_burst` rows decoding (`_prefill_budget`). Every
+decoding row waits for each prefill forward, so a lone prompt joining running streams still goes a chunk at a
+time, while 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see one long gap instead
+of seven shorter ones, and the 28 start decoding together. The tail of a burst of 256 still goes several
+chunks a forward beside 160 decoding rows: the sooner every row decodes, the fuller the many-row steps that
+follow (7B, 256 streams through the API: 10,437 tokens/s against 9,826 with one chunk per decoding row's worth
+of waiting prompts, docs/benchmarks.md, "fourteenth session"). On an H200 (7B, 32 streams
 through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for
 each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
 
@@ -173,7 +176,7 @@ class Engine:
     (`prompt_logprobs`) make that request's prefill compute every position's logits.
 
     prefill_chunk: prompt tokens per prefill forward, one forward between two decode steps; prefill_burst: up to
-    this many chunks' worth in one forward while the prompts waiting outnumber the rows decoding; mixed_prefill:
+    this many chunks' worth in one forward while prompts wait in a burst (module docstring); mixed_prefill:
     prompt tokens a decode step carries while rows decode, 0 for none (module docstring). kv_cache_tokens:
     tokens the paged KV cache holds over all rows (default: every row at full context); requests wait, or
     are preempted and resumed, when its blocks run out; kv_cache_dtype: "auto" (the model's dtype) or "fp8"
@@ -489,11 +492,12 @@ class Engine:
             raise
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens (rows x padded length) the next prefill forward may take: a chunk, or in a burst of
-        prompts one chunk for every decoding row's worth of prompts waiting, up to prefill_burst chunks
-        (module docstring)."""
+        """Prompt tokens (rows x padded length) the next prefill forward may take: a chunk for every prompt
+        waiting per prefill_burst rows decoding, at least one chunk and at most prefill_burst (module docstring).
+        One prompt joining 31 decoding rows gets a chunk; 28 behind 4 rows, or 96 behind 160, several."""
         waiting, decoding = len(self.prefilling), len(self.rows)
-        return self.prefill_chunk * min(self.prefill_burst, max(1, waiting // max(1, decoding)))
+        rows_per_chunk = max(1, decoding // self.prefill_burst)
+        return self.prefill_chunk * min(self.prefill_burst, max(1, waiting // rows_per_chunk))
 
     def _prefill_chunk(self) -> None:
         """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most

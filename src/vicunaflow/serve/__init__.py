@@ -68,7 +68,7 @@ def serve(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
-        prefill_burst: when many prompts arrive at once (more than the requests decoding), prefill up to this
+        prefill_burst: when many prompts arrive at once (one or more per N requests decoding), prefill up to this
             many chunks' worth of them in one step, so they start together (docs/engine.md); 1: a chunk
             always. Default: the engine's, 8.
         mixed_prefill: prompt tokens a decode step carries while other requests decode, instead of chunks
@@ -79,9 +79,9 @@ def serve(
             than that memory allows (e.g. 256 requests of ~800 tokens in 200000 tokens for a 7B on one H200).
             At least one full-context request (the context rounded up to blocks), checked before loading.
         kv_cache_dtype: auto: keys and values in the model's dtype; fp8: as float8 e4m3, half float16's bytes,
-            so twice the tokens fit in the same memory and a decode step's attention reads half as much. Each
-            value is rounded to 3 mantissa bits (beyond +-448 it saturates; no scales, as vLLM's fp8 cache without
-            calibration); attention still computes in the model's dtype. Its cost in quality: docs/engine.md.
+            so twice the tokens fit in the same memory (no faster). Each value is rounded to 3 mantissa bits
+            (beyond +-448 it saturates; no scales, as vLLM's fp8 cache without calibration); attention still
+            computes in the model's dtype. Its cost in quality: docs/engine.md.
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
