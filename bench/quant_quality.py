@@ -486,7 +486,7 @@ def model_args(shape: str):
     )  # fmt: skip
 
 
-def teacher_forced_logits(model, prompts, device: str, kv_dtype: str = "auto") -> dict:
+def teacher_forced_logits(model, prompts, device: str, kv_cache_dtype: str = "auto") -> dict:
     """Per path, every position's logits [prompts, T, vocab] (host, model dtype) of each prompt fed whole.
 
     decode: the engine's Runner steps one token at a time (what chat does after the first token: CUDA
@@ -503,7 +503,7 @@ def teacher_forced_logits(model, prompts, device: str, kv_dtype: str = "auto") -
     length = prompts.shape[1]
     runner = Runner(
         model, slots=1, context=length, cuda_graphs=cuda, padded=cuda, kernels=cuda and kernels.available(),
-        kv_dtype=kv_dtype,
+        kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     decode, prefill = [], []
     with torch.inference_mode():
@@ -557,7 +557,7 @@ def kv_cache_perplexity(args) -> dict:
     rows = {}
     for kv_dtype in ("auto", "fp8"):
         started = time.perf_counter()
-        runner = Runner(model, 1, context, cuda_graphs=False, padded=False, kernels=False, kv_dtype=kv_dtype)
+        runner = Runner(model, 1, context, cuda_graphs=False, padded=False, kernels=False, kv_cache_dtype=kv_dtype)
         total, tokens = 0.0, 0
         with torch.inference_mode():
             for sample in samples:
@@ -641,6 +641,9 @@ def measure_logits(args) -> dict:
         variants.append(("bfloat16", "bfloat16", None, None, "half2", "auto"))  # for scale: a change of format alone
         variants.append(("int4-tinygemm", "bfloat16", 4, "tinygemm", "half2", "auto"))
     if args.variants:  # the reference (the first) always runs
+        unknown = set(args.variants) - {variant[0] for variant in variants[1:]}
+        if unknown:
+            raise SystemExit(f"--variants {' '.join(sorted(unknown))}: not among {[v[0] for v in variants[1:]]}")
         variants = variants[:1] + [variant for variant in variants[1:] if variant[0] in args.variants]
     reference, rows = None, {}
     for name, variant_dtype, bits, int4_kernel, int8_math, kv_dtype in variants:

@@ -249,13 +249,13 @@ def test_decode_attention_rotates_stores_and_attends(
         assert not counters.any(), "counters not left at zero"
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         stored_keys, stored_values = keys.cpu().double(), values.cpu().double()
-        # float8 e4m3 keeps 3 mantissa bits: within 2^-4 relative (the interpreter rounds ties up, CUDA to even)
-        stored_tolerance = tolerance if cache_dtype is None else 2**-3
+        # float8 e4m3 keeps 3 mantissa bits: within 2^-4 relative, 2^-10 absolute below its normals
+        stored_rtol, stored_atol = (tolerance, tolerance) if cache_dtype is None else (2**-3, 2**-9)
         for row in range(B):
             position = int(positions[row])
             block = int(tables[row, position // block_size])
             key = stored_keys[block, :, position % block_size]
-            assert torch.allclose(key, rotated[row, heads:], rtol=stored_tolerance, atol=stored_tolerance)
+            assert torch.allclose(key, rotated[row, heads:], rtol=stored_rtol, atol=stored_atol)
             value = qkv[row, (heads + kv_heads) * head_dim :].cpu().view(kv_heads, head_dim).double()
             stored_value = stored_values[block, :, position % block_size]
             if cache_dtype is None:

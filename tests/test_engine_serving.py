@@ -75,6 +75,23 @@ def test_row_buckets_are_few_and_dense_enough():
     assert len(row_buckets(1000)) < 60 and row_buckets(1000)[-1] == 1000
 
 
+def test_steps_through_the_attention_kernel_take_one_of_its_grid_widths(loaded):
+    """With the attention kernel (as on CUDA), a step's attended length is 512 or the context, padded or not
+    (each width compiles the kernel once), and reaches its rows' newest position; without it, steps of 256."""
+    model, _ = loaded
+    runner = Runner(model, 4, 2048, cuda_graphs=False, padded=False, kernels=False)
+    assert runner.kv_buckets == list(range(256, 2049, 256))  # no kernel on the CPU: gathered for SDPA
+    runner.attention_kernel = True
+    assert runner.attended_lengths(2048) == [512, 2048] and runner.attended_lengths(300) == [300]
+    runner.kv_buckets = runner.attended_lengths(2048)
+    for end, width in [(1, 512), (512, 512), (513, 2048), (2048, 2048)]:
+        assert runner.bucket_key(3, end) == (3, width), end
+        runner.padded = True
+        assert runner.bucket_key(3, end) == (4, width), end
+        runner.padded = False
+        assert -(-width // runner.cache.block_size) > (end - 1) // runner.cache.block_size  # the newest block
+
+
 def test_warm_up_runs_every_bucket_then_serves_the_same_replies(loaded, caplog):
     """Warm-up (padded layout, eager on the CPU) visits every (rows, kv length) bucket, leaves a zeroed
     cache, and the replies after it are the replies of an engine that never warmed up."""

@@ -464,7 +464,8 @@ def test_lora_target_modules_a_llama_does_not_have_are_refused_before_loading(tm
 
 def test_a_run_failing_before_its_first_checkpoint_leaves_no_checkpoint_folder(tiny_vicuna, tmp_path: Path) -> None:
     """A folder holding only the run's marker is no run to resume: a failed run removes it (and `.checkpoints/`
-    if that is then empty); one holding a checkpoint is kept, since a rerun resumes from it."""
+    if that is then empty); one holding a checkpoint is kept, since a rerun resumes from it, and so is one whose
+    trainer log records steps (how the run went before it failed)."""
     model = tmp_path / "model"
     shutil.copytree(tiny_vicuna, model)
     for shard in model.glob("*.safetensors"):
@@ -478,6 +479,11 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_checkpoint_folder(t
     result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
     assert result.returncode != 0 and "invalid header length" in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in resumable.iterdir()) == [".vicunaflow-checkpoints", "checkpoint-2"]
+    (resumable / "checkpoint-2").rmdir()
+    (resumable / "trainer_log.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    assert result.returncode != 0 and "records the steps before the failure" in result.stderr, result.stderr[-3000:]
+    assert (resumable / "trainer_log.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
 
 
 def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna, tmp_path: Path) -> None:

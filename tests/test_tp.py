@@ -57,12 +57,13 @@ def _assert_equal_but_ties(model, tokenizer, got: list[list[int]], expected: lis
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
 def test_two_cpu_ranks_match_one_process(fixture, request):
     """Greedy and seeded sampled replies of 2 gloo ranks equal one process's, token for token, batched,
-    with the padded (CUDA-graph) layout and without."""
+    with the padded (CUDA-graph) layout and without, and with a float8 KV cache (its dtype reaches every rank)."""
     path = request.getfixturevalue(fixture)
     model, tokenizer = load_model(path, device="cpu")
     greedy = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, ignore_eos=True)
     expected = _replies(model, tokenizer, greedy), _replies(model, tokenizer, sampled)
+    in_float8 = _replies(model, tokenizer, greedy, kv_cache_dtype="fp8")
     split, _ = load_model(path, device="cpu", num_gpus=2)
     try:
         assert split.comm.world == 2 and split.comm.mode == "gloo"
@@ -71,6 +72,7 @@ def test_two_cpu_ranks_match_one_process(fixture, request):
         assert _replies(split, tokenizer, greedy) == expected[0]
         assert _replies(split, tokenizer, greedy, padded_decode=True) == expected[0]
         assert _replies(split, tokenizer, sampled) == expected[1]
+        assert _replies(split, tokenizer, greedy, kv_cache_dtype="fp8") == in_float8
     finally:
         split.close()
     assert all(not p.is_alive() for p in split.comm.workers)

@@ -11,7 +11,7 @@ group of query heads (grouped-query attention reads each key once for the whole 
 split's positions a tile at a time with an online softmax in float32, and writes a partial output with
 its running max and sum; the last of a (row, KV head)'s programs to finish (a counter each, left at
 zero for the next launch) combines the splits, in split order. A row within one split needs no combination:
-its program writes the output itself. Splits past a row's length exit at once,
+its program writes the output itself (ATTENTION "fused", the default). Splits past a row's length exit at once,
 so a short row in a long-context graph costs little. Tests run it through Triton's interpreter.
 
 `decode_attention` is a decode step's attention: `rope_store` (rotary of q and k, the new key and value

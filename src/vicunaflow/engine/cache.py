@@ -28,7 +28,7 @@ BLOCK_SIZE = 16  # positions per block: fine-grained enough to waste < 16 tokens
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype --kv-cache-dtype `name` stores keys and values in, for a model computing in model_dtype."""
     if name not in KV_CACHE_DTYPES:
         raise VicunaflowError(f"--kv-cache-dtype {name!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
@@ -125,7 +125,7 @@ class KVCache:
         blocks = tables.gather(1, positions // self.block_size)  # [B, T]
         offsets = positions % self.block_size
         # advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim], like k
-        dtype = self.keys[layer].dtype  # a float8 cache rounds here (saturating), as the decode kernels' stores do
+        dtype = self.keys[layer].dtype  # a float8 cache rounds here (saturating); the decode kernels' stores too
         self.keys[layer][blocks, :, offsets] = k.to(dtype)
         self.values[layer][blocks, :, offsets] = v.to(dtype)
 

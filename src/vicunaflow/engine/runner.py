@@ -49,7 +49,7 @@ import torch
 
 from vicunaflow import kernels as triton_kernels
 from vicunaflow.attention_kernels import decode_attention
-from vicunaflow.engine.cache import BLOCK_SIZE, KV_CACHE_DTYPES, kv_cache_dtype
+from vicunaflow.engine.cache import BLOCK_SIZE, KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from vicunaflow.engine.model import Transformer, project
 from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
 
@@ -96,18 +96,18 @@ class Runner:
         kernels: bool,
         blocks: int | None = None,
         block_size: int = BLOCK_SIZE,
-        kv_dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
     ):
         """slots rows of up to `context` tokens; blocks: KV cache blocks of block_size positions (default:
-        enough for every row at full context), in kv_dtype (cache.KV_CACHE_DTYPES). kernels: Triton matvec for
+        enough for every row at full context), in kv_cache_dtype (cache.KV_CACHE_DTYPES). kernels: Triton matvec for
         one-row products."""
         self.model, self.comm = model, model.comm
         self.leader = self.comm.rank == 0
-        dtype = kv_cache_dtype(kv_dtype, model.dtype)  # an unknown name is refused before any rank is told
+        dtype = resolve_kv_cache_dtype(kv_cache_dtype, model.dtype)  # an unknown name: refused before any rank is told
         if self.leader:
             self.comm.command(
                 Op.SETUP, slots, context, int(cuda_graphs), int(padded), int(kernels), blocks or 0, block_size,
-                list(KV_CACHE_DTYPES).index(kv_dtype),  # the other ranks receive integers
+                list(KV_CACHE_DTYPES).index(kv_cache_dtype),  # the other ranks receive integers
             )  # fmt: skip
         self.cache = model.setup_cache(slots, context, dtype, blocks=blocks or None, block_size=block_size)
         model.matvec = kernels
@@ -117,12 +117,7 @@ class Runner:
         model.attention_kernel = self.attention_kernel
         self.padded, self.cuda_graphs = padded or cuda_graphs, cuda_graphs
         self.row_buckets = row_buckets(slots)
-        if self.attention_kernel:  # the kernel reads each row up to its own length: its grid's width alone
-            self.kv_buckets = sorted({min(length, context) for length in (*self.KERNEL_KV_BUCKETS, context)})
-        else:
-            self.kv_buckets = sorted(
-                {min(s, context) for s in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)}
-            )
+        self.kv_buckets = self.attended_lengths(context)
         self.buckets: dict[tuple[int, int], dict] = {}
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         # prefill buckets (warm_up sets them on one GPU with graphs): padded lengths, the attended lengths of
@@ -338,12 +333,20 @@ class Runner:
     def remote_step(self, rows: int, kv_length: int) -> None:
         self._run(self._bucket(rows, kv_length))
 
+    def attended_lengths(self, context: int) -> list[int]:
+        """The attended lengths decode steps are bucketed to: with the attention kernel, which reads each row up
+        to its own length, its grid's widths alone (KERNEL_KV_BUCKETS and the context); else steps of KV_STEP."""
+        if self.attention_kernel:
+            return sorted({min(length, context) for length in (*self.KERNEL_KV_BUCKETS, context)})
+        return sorted({min(s, context) for s in range(self.KV_STEP, context + self.KV_STEP, self.KV_STEP)})
+
     def bucket_key(self, rows: int, kv_length: int) -> tuple[int, int]:
         """The (rows, attended length) a step of `rows` rows attending up to kv_length positions runs as."""
+        if self.padded or self.attention_kernel:  # the kernel's grid width: a few values, each compiled once
+            kv_length = min(next(b for b in self.kv_buckets if b >= kv_length), self.cache.context)
         if not self.padded:
             return rows, kv_length
-        padded_length = min(next(b for b in self.kv_buckets if b >= kv_length), self.cache.context)
-        return next(b for b in self.row_buckets if b >= rows), padded_length
+        return next(b for b in self.row_buckets if b >= rows), kv_length
 
     # -- warm-up ----------------------------------------------------------------------------------------
 

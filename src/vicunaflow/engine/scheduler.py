@@ -28,8 +28,9 @@ decoding row waits for each prefill forward, so a lone prompt joining running st
 time, while 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see one long gap instead
 of seven shorter ones, and the 28 start decoding together. The tail of a burst of 256 still goes several
 chunks a forward beside 160 decoding rows: the sooner every row decodes, the fuller the many-row steps that
-follow (7B, 256 streams through the API: 10,437 tokens/s against 9,826 with one chunk per decoding row's worth
-of waiting prompts, docs/benchmarks.md, "fourteenth session"). On an H200 (7B, 32 streams
+follow (7B, 256 streams through the API: 10,541 tokens/s against 9,827 with one chunk per decoding row's worth
+of waiting prompts, docs/benchmarks.md, "fourteenth session"). prefill_burst is both the cap and the rows per
+chunk: a larger one makes bursts longer and more frequent. On an H200 (7B, 32 streams
 through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for
 each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
 
@@ -239,7 +240,7 @@ class Engine:
             padded=padded_decode,
             kernels=decode_kernels,
             blocks=blocks,
-            kv_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.cache = self.runner.cache
         self.overlap = cuda if overlap is None else overlap  # CPU kernels run synchronously

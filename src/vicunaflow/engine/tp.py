@@ -145,6 +145,8 @@ class TensorParallel:
 
     def command(self, op: int, *args: int) -> None:
         """Rank 0: tell the other ranks which runner method to run next, with up to MESSAGE - 1 integers."""
+        if len(args) >= MESSAGE:
+            raise ValueError(f"TensorParallel.command: {len(args)} arguments, at most {MESSAGE - 1} (raise MESSAGE)")
         message = torch.zeros(MESSAGE, dtype=torch.long)
         message[0] = op
         message[1 : 1 + len(args)] = torch.tensor(args, dtype=torch.long)
@@ -235,7 +237,7 @@ def serve_rank(model: Transformer, comm: TensorParallel) -> None:
                 kernels=bool(kernels),
                 blocks=blocks or None,
                 block_size=block_size,
-                kv_dtype=list(KV_CACHE_DTYPES)[dtype_code],
+                kv_cache_dtype=list(KV_CACHE_DTYPES)[dtype_code],
             )
         elif op == Op.PREFILL:
             runner.remote_prefill(*args[:2])

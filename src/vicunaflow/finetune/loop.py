@@ -182,11 +182,20 @@ def claim_checkpoint_dir(run_dir: Path) -> None:
 
 
 def remove_if_nothing_to_resume(run_dir: Path) -> None:
-    """After a failed run, remove the checkpoint folder when it is this run's (its marker) and holds no checkpoint:
-    only the marker and the log of steps no checkpoint keeps (a resume starts over), so a failure leaves no
-    folder that looks like a run to resume. One holding a checkpoint is kept: a rerun resumes from it."""
+    """After a failed run, remove the checkpoint folder when it is this run's (its marker) and holds neither a
+    checkpoint nor a logged step: a failure before training leaves no folder that looks like a run to resume.
+    One holding a checkpoint is kept (a rerun resumes from it), and so is one whose trainer log records steps:
+    the record of how a run went before it failed."""
     if not (run_dir / CHECKPOINT_MARKER).is_file():
         return  # not ours, or it held other files before this run
+    log_file = run_dir / TRAINER_LOG
+    if log_file.is_file() and log_file.stat().st_size:
+        log.info(
+            "keeping %s: no checkpoint to resume from, but %s records the steps before the failure",
+            run_dir,
+            TRAINER_LOG,
+        )
+        return
     ours = {CHECKPOINT_MARKER, TRAINER_LOG, TENSORBOARD_DIR}
     if any(entry.name not in ours and not entry.name.startswith(".tmp-checkpoint-") for entry in run_dir.iterdir()):
         return

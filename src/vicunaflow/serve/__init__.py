@@ -68,9 +68,9 @@ def serve(
         max_context: attend over at most this many tokens; default: the model's max_position_embeddings.
         prefill_chunk: prompt tokens prefilled per step, between decode steps of the running requests (a
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
-        prefill_burst: when many prompts arrive at once (one or more per N requests decoding), prefill up to this
-            many chunks' worth of them in one step, so they start together (docs/engine.md); 1: a chunk
-            always. Default: the engine's, 8.
+        prefill_burst: when many prompts arrive at once, prefill a chunk's worth of them for every prompt waiting
+            per N requests decoding, up to N chunks in one step, so they start together (docs/engine.md); 1: a
+            chunk always. Default: the engine's, 8.
         mixed_prefill: prompt tokens a decode step carries while other requests decode, instead of chunks
             between steps (steadier streams, fewer tokens/s in bursts of new prompts: docs/engine.md); 0: none.
         kv_cache_tokens: tokens the paged KV cache holds over all requests (blocks of 16, each request

@@ -19,7 +19,7 @@ from pathlib import Path
 from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
 from vicunaflow.engine.build import weight_bytes
-from vicunaflow.engine.cache import KV_CACHE_DTYPES
+from vicunaflow.engine.cache import resolve_kv_cache_dtype
 from vicunaflow.engine.scheduler import kv_cache_blocks
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
@@ -76,7 +76,9 @@ def estimate(
     tokens = max_batch_size * context  # the paged cache's default: every row at full context
     if kv_cache_tokens is not None:
         tokens = min(tokens, kv_cache_tokens)
-    kv_itemsize = KV_CACHE_DTYPES[kv_cache_dtype].itemsize if KV_CACHE_DTYPES[kv_cache_dtype] else itemsize
+    import torch
+
+    kv_itemsize = resolve_kv_cache_dtype(kv_cache_dtype, torch.float16 if itemsize == 2 else torch.float32).itemsize
     kv_cache = 2 * args.n_layers * (kv // num_gpus) * tokens * kv_itemsize
     return Estimate(name, weights, kv_cache)
 
