@@ -32,11 +32,14 @@ def _replies(out: str) -> list[str]:
 
 
 def test_piped_stdin_with_commands(tiny_vicuna, tmp_path, monkeypatch, capsys):
-    saved = tmp_path / "conversation.json"
+    saved, notes = tmp_path / "conversation.json", tmp_path / "notes.txt"
+    notes.write_text("my notes")
     lines = [
         "Hello",
-        "!!regen",
         f"!!save {saved}",
+        "!!regen",
+        f"!!save {saved}",  # its own earlier save: replaced
+        f"!!save {notes}",  # a file of the user's: kept
         "!!reset",
         f"!!load {saved}",
         "Second question",
@@ -52,6 +55,8 @@ def test_piped_stdin_with_commands(tiny_vicuna, tmp_path, monkeypatch, capsys):
     assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
     assert record["messages"][0]["content"] == "Hello"
     assert "[new conversation]" in out and "[removed: Second question]" in out and "[loaded 1 exchanges" in out
+    assert f"[{notes} exists and is not a conversation !!save wrote: kept" in out and notes.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conversation.json", "notes.txt"]  # no temporary left
 
 
 def test_multi_turn_prompt_carries_history(tiny_vicuna, monkeypatch, capsys):

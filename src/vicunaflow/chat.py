@@ -190,6 +190,8 @@ class Conversation:
                 self.terminal.note("[nothing to regenerate]")
         elif name in ("!!save", "!!load") and not argument:
             self.terminal.note(f"[usage: {name} FILE]")
+        elif name == "!!save" and Path(argument).exists() and not _saved_conversation(Path(argument)):
+            self.terminal.note(f"[{argument} exists and is not a conversation !!save wrote: kept; give another name]")
         elif name == "!!save":
             messages = [
                 {"role": role, "content": text}
@@ -197,8 +199,10 @@ class Conversation:
                 for role, text in (("user", q), ("assistant", a))
             ]
             record = {"template": "vicuna_v1.1", "system": template.SYSTEM_PROMPT, "messages": messages}
-            try:
-                Path(argument).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            try:  # whole or not at all: a failed write leaves an earlier save as it was
+                atomic_write_bytes(
+                    argument, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode(), provenance=False
+                )
                 self.terminal.note(f"[saved {len(self.exchanges)} exchanges to {argument}]")
             except OSError as err:
                 self.terminal.note(f"[cannot save to {argument}: {err.strerror}]")
@@ -246,6 +250,16 @@ class Conversation:
         else:
             self.terminal.end_reply()
         self.exchanges.append((question, reply.strip()))
+
+
+def _saved_conversation(path: Path) -> bool:
+    """Whether `path` holds a conversation !!save wrote (which a later !!save may replace): a user's other file
+    typed by mistake is kept."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("template") == "vicuna_v1.1" and "messages" in record
 
 
 def load_conversation(path: Path) -> list[tuple[str, str]]:
