@@ -34,7 +34,14 @@ def combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length,
             part = tl.load(partial_ptr + base[:, None] * D + dims[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             total += part * weight[:, None]
             norm += tl.load(stats_ptr + base * 2 + 1, mask=head_ok, other=0.0, cache_modifier=".cg") * weight
-    out = total / tl.where(head_ok, norm, 1.0)[:, None]
+    write_output(out_ptr, total, norm, row, heads, head_ok, dims, mask, H, D)
+
+
+@triton.jit
+def write_output(out_ptr, acc, norm, row, heads, head_ok, dims, mask, H: tl.constexpr, D: tl.constexpr):
+    """Store `heads`' attention output of a row: acc [heads, D_PAD] over its softmax sums norm [heads], in out's
+    dtype. Both a combination of splits and a row's only split end here: one division, the same bits."""
+    out = acc / tl.where(head_ok, norm, 1.0)[:, None]
     tl.store(out_ptr + (row * H + heads)[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -155,9 +162,7 @@ def split_kernel(
             acc = tl.sum(tile_acc, axis=0)[None, :]  # [1, D_PAD]
         out_mask = head_ok[:, None] & dim_ok[None, :]
         if COMBINE and length <= SPLIT_TOKENS:  # the row's one split: the output is its own, no partials to combine
-            out = acc / tl.where(head_ok, running_sum, 1.0)[:, None]  # what combine computes for one split (x 1.0)
-            out_ptrs = out_ptr + (row * H + heads)[:, None] * D + dims[None, :]
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            write_output(out_ptr, acc, running_sum, row, heads, head_ok, dims, out_mask, H, D)
         else:
             base = (row * H + heads) * SPLITS + split  # [GROUP_PAD]
             tl.store(partial_ptr + base[:, None] * D + dims[None, :], acc, mask=out_mask)

@@ -194,7 +194,7 @@ class Block(torch.nn.Module):
         cache = model.cache
         if mask is None:  # one token per row (CUDA): rotate and store, then read the blocks in place
             keys, values = cache.keys[self.index], cache.values[self.index]
-            width = -(-kv_length // cache.block_size)  # table entries the step's bucket reaches: the kernel's grid
+            width = cache.blocks_for(kv_length)  # table entries the step's bucket reaches: the kernel's grid
             attention = attention_kernels.decode_attention(
                 qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters
             )  # [B, H * D]
