@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, require_file, template
 from vicunaflow.engine import Engine, SamplingParams, check_max_context, encode_prompt, fit_conversation, timed
 from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
 from vicunaflow.outputs import atomic_write_bytes, check_output_files, tool_versions
@@ -71,8 +71,8 @@ def chat(
     )  # fmt: skip
     if (prompts is None) != (output is None):
         raise VicunaflowError("--prompts and --output go together: answer a prompt file into a JSON file")
-    if prompts is not None and not Path(prompts).is_file():
-        raise VicunaflowError(f"{prompts}: no such prompt file")
+    if prompts is not None:
+        require_file(prompts, "prompt file", "a text file of prompts, one per line")
     if output is not None:  # before the model loads: the transcripts must not replace an input
         check_output_files({"--output": output}, inputs=[prompts, model_path], overwrite=overwrite)
     if max_new_tokens < 1:

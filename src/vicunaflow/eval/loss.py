@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, require_dir
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,7 @@ def _load_model(model_path: Path, device: str, dtype: str):
 
     from vicunaflow.formats import DTYPES
 
-    if not Path(model_path).is_dir():
-        raise VicunaflowError(f"{model_path}: no such model directory")
+    require_dir(model_path, "model directory")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     torch_dtype = DTYPES[dtype] if dtype != "auto" else ("auto" if cuda else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype)

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, require_file
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class Question:
 
 def read_jsonl(path: Path, what: str) -> list[tuple[int, object]]:
     """(line number, parsed value) of every non-empty line; a line that is not JSON names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise VicunaflowError(f"{path}: no such {what} file")
+    path = require_file(path, f"{what} file", f"a JSONL file of {what}s, one a line")
     records = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
