@@ -96,13 +96,16 @@ def best_per_class(results: list[dict]) -> list[str]:
             "FEW_ROWS (FEW_ROWS_GROUPED for grouped-query shapes)",
             [key for key in columns if key.startswith(("us_1x", "us_8x"))],
         ),
-        ("MANY_ROWS_TILES", [key for key in columns if not key.startswith(("us_1x", "us_8x"))]),
+        (
+            "MANY_ROWS_TILES (MANY_ROWS_NARROW_TILES on a narrow grid)",
+            [key for key in columns if not key.startswith(("us_1x", "us_8x"))],
+        ),
     ):
         if not chosen:
             continue
         best = min(rows, key=lambda row: sum(row[key] / base[key] for key in chosen))
         ratio = sum(best[key] / base[key] for key in chosen) / len(chosen)
-        split = best["split_many" if name == "MANY_ROWS_TILES" else "split_few"]
+        split = best["split_many" if name.startswith("MANY_ROWS") else "split_few"]
         cores = "tensor-cores" if best["dot"] else "cuda-cores"
         lines.append(
             f"{name}: {cores}, {best['warps']} warps, {best['stages']} stages, tiles of {best['tile']}, "
@@ -143,7 +146,7 @@ def configure(attention_kernels, variant: dict) -> None:
     warps, stages = variant["warps"] or 4, variant["stages"] or 3  # None: Triton's defaults
     multi_head = "tensor-cores" if variant["dot"] else "cuda-cores"
     for name in attention_kernels.TILE_CLASSES:
-        split = variant["split_many" if name == "MANY_ROWS_TILES" else "split_few"]
+        split = variant["split_many" if name.startswith("MANY_ROWS") else "split_few"]
         setattr(attention_kernels, name, attention_kernels.Tiles(split, variant["tile"], warps, stages, multi_head))
 
 

@@ -48,13 +48,15 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
         (8, 2, 32, 16, torch.float32, torch.float8_e4m3fn),
     ],
 )
-@pytest.mark.parametrize("many_rows", [False, True], ids=["few-rows-splits", "many-rows-splits"])
+@pytest.mark.parametrize("many_rows", ["few", "many", "narrow"], ids=["few-rows", "many-rows", "many-rows-narrow"])
 @pytest.mark.parametrize("multi_head", ["tensor-cores", "cuda-cores"])
 def test_paged_decode_attention_matches_sdpa(
     heads, kv_heads, head_dim, block_size, dtype, cache_dtype, many_rows, multi_head, monkeypatch
 ):
-    if many_rows:  # the longer splits a step of many rows takes (MANY_ROWS_TILES)
+    if many_rows != "few":  # the splits a step of many rows takes: MANY_ROWS_TILES, or on a narrow grid ...
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
+    # ... MANY_ROWS_NARROW_TILES (this test's grid spans 608 positions)
+    monkeypatch.setattr(attention_kernels, "NARROW_WIDTH", 10**6 if many_rows == "narrow" else 0)
     for name in attention_kernels.TILE_CLASSES:  # grouped-query layers take tl.dot either way
         tiles = getattr(attention_kernels, name)
         monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))

@@ -170,6 +170,65 @@ def test_matmul_rows_writes_float32_into_out(dtype):
     assert torch.allclose(out.double(), expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "splits", "epilogue"),
+    [
+        (4, 64, 256, 2, "residual"),  # o: whole tiles of K in each part
+        (5, 37, 200, 2, "swiglu+residual"),  # down: N and K not multiples of a block, the last part shorter
+        (3, 40, 130, 3, "plain"),  # three parts of K's three tiles of 64 (the interpreter's)
+        (2, 24, 96, 4, "residual"),  # more parts than K has tiles: the last runs no tile and adds zeros
+    ],
+)
+def test_matmul_rows_split_over_k_sums_exactly_the_same_run_to_run(m, n, k, splits, epilogue):
+    """Programs each over a part of K: the last of a tile's to finish sums the parts in split order, so the
+    output matches float64 and is the same bits every launch; the counters are left at zero for the next."""
+    generator = torch.Generator().manual_seed(m * n + k)
+    dtype = torch.float16
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    swiglu = "swiglu" in epilogue
+    x = (3 * torch.randn(m, 2 * k if swiglu else k, generator=generator)).to(DEVICE, dtype)
+    res = torch.randn(m, n, generator=generator).to(DEVICE, dtype) if "residual" in epilogue else None
+    out = kernels.matmul_rows(x, weight, res, swiglu=swiglu, k_splits=splits)
+    expected = rows_reference(x, weight, res, swiglu)
+    assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    again = kernels.matmul_rows(x, weight, res, swiglu=swiglu, k_splits=splits)
+    assert torch.equal(again, out)
+    assert not kernels._split_counters(out.device).any()
+
+
+def test_matmul_rows_normalises_many_rows_first_and_few_in_its_tiles():
+    """From NORM_FIRST_ROWS rows the input is normalised by rows_input first (the same bits as doing that by
+    hand), fewer rows fold RMSNorm into the product's tiles; both match float64."""
+    generator = torch.Generator().manual_seed(7)
+    n, k = 40, 128
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, torch.float16)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, torch.float16)
+    for m in (kernels.NORM_FIRST_ROWS - 1, kernels.NORM_FIRST_ROWS):
+        x = (3 * torch.randn(m, k, generator=generator)).to(DEVICE, torch.float16)
+        out = kernels.matmul_rows(x, weight, norm=norm, eps=1e-5)
+        first = kernels.matmul_rows(kernels.rows_input(x, norm=norm, eps=1e-5, dtype=torch.float16), weight)
+        assert torch.equal(out, first) == (m >= kernels.NORM_FIRST_ROWS)
+        expected = rows_reference(x, weight, norm=norm)
+        assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+
+
+def test_matmul_rows_splits_only_products_without_rmsnorm_that_underfill_the_gpu():
+    """RMSNorm's sum of squares spans all of K: no split with it folded in; off CUDA, one program a tile."""
+    weight = torch.zeros(8, 96, dtype=torch.float16)
+    with pytest.raises(ValueError, match="splits over K"):
+        kernels.matmul_rows(torch.zeros(4, 96, dtype=torch.float16), weight, norm=torch.ones(96), k_splits=2)
+    with pytest.raises(ValueError, match="splits over K"):
+        kernels.matmul_rows(torch.zeros(4, 96, dtype=torch.float16), weight, k_splits=0)
+    assert kernels.k_splits_for(4096, 32, torch.device("cpu"), norm=False) == 1
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda = torch.device("cuda", 0)
+        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, norm=False) == 2
+        assert kernels.k_splits_for(64 * (sms - 1), 16, cuda, norm=False) == 1
+        assert kernels.k_splits_for(64 * sms, 32, cuda, norm=False) == 1
+        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, norm=True) == 1
+
+
 def test_matmul_rows_refuses_what_it_cannot_take():
     weight = torch.zeros(8, 96, dtype=torch.float16)
     assert kernels.MATMUL_MAX_ROWS == __import__("vicunaflow.quant_kernels").quant_kernels.MATMUL_MAX_ROWS

@@ -69,8 +69,18 @@ FEW_ROWS = Tiles(split_tokens=64, tile=64, warps=2, stages=1, multi_head="cuda-c
 # A 13B's multi-head layer kept the choices above: one row 8.4 against 10.0 µs, 256 rows 439 against 451.
 FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
 MANY_ROWS_TILES = Tiles(split_tokens=256, tile=64, warps=4, stages=2)
-MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
-TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")  # the names benches and tests change
+# Many rows on a narrow grid (the table spans at most NARROW_WIDTH positions: the engine's graphs for steps
+# whose rows all end within 512, runner.KERNEL_KV_BUCKETS): splits of 128 in tiles of 32, 2 warps a
+# program (more programs resident on an SM, each with a shorter chain of dependent loads). A 7B layer at
+# lengths 129-384 on a 512-wide grid took 48.4 / 81.0 / 306.2 µs at 32 / 64 / 256 rows against 51.1 / 81.9 /
+# 320.5 with MANY_ROWS_TILES; a 32-row step replayed in 5.63 against 5.90 ms (fifteenth session, H200). On
+# a 2,048-wide grid they lose (90.4 against 82.9 µs at 64 rows; 206 against 191 at 1-2K positions): twice
+# the splits to launch and exit. bench/results/attention_narrow_grid_h200.json.
+MANY_ROWS_NARROW_TILES = Tiles(split_tokens=128, tile=32, warps=2, stages=2)
+NARROW_WIDTH = 512
+MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES (or MANY_ROWS_NARROW_TILES)
+# the names benches and tests change
+TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES", "MANY_ROWS_NARROW_TILES")
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
@@ -153,7 +163,10 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("paged decode attention: keys and values must be contiguous, tables' rows too")
     group = H // Hkv
-    tiles = MANY_ROWS_TILES if B >= MANY_ROWS else FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
+    if B >= MANY_ROWS:
+        tiles = MANY_ROWS_NARROW_TILES if tables.shape[1] * block_size <= NARROW_WIDTH else MANY_ROWS_TILES
+    else:
+        tiles = FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
     split_tokens = tiles.split_tokens
     if split_tokens % tiles.tile:  # a split of part of a tile would read its neighbour's positions too
         raise ValueError(

@@ -25,6 +25,11 @@ MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: ab
 # (bench/sweep_matmul_rows.py, 7B shapes, CUDA graphs) its products took 0.84-0.96x cuBLAS's time at 2-32
 # rows; at 64 (bench_matmul_rows.py) 0.86-1.17x, even over a layer's four.
 FLOAT_ROWS_MAX = 32
+# From this many rows matmul_rows normalises its input first (rows_input, one launch) instead of in every
+# program's input tile: the 7B q|k|v product with RMSNorm folded in took 40.2 µs at 32 rows on an H200, the
+# plain kernel 27 (bench_matmul_rows.py, sweep_matmul_rows.py); the folded tile's float32 work costs the
+# programs their overlap. Fewer rows keep it folded (a launch costs more than the fold saves there).
+NORM_FIRST_ROWS = 16
 # Batched decode steps on float weights: "triton" (matmul_rows, RMSNorm and the residual folded in) or
 # "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels), read by engine.model.project;
 # bench_chat --float-rows times both.
@@ -112,6 +117,7 @@ def matmul_rows(
     out: torch.Tensor | None = None,
     norm: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_splits: int | None = None,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
 
@@ -126,7 +132,8 @@ def matmul_rows(
     new [M, N] tensor of weight's dtype, or `out`. SiLU·up is computed first, by rows_input (one launch):
     in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on an
     H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
-    chat_rows_h200.json).
+    chat_rows_h200.json). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
+    how their sums stay exact run to run); None: `k_splits_for`'s choice.
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -147,17 +154,69 @@ def matmul_rows(
 
     if swiglu:
         x = rows_input(x, swiglu=True, dtype=x.dtype)  # [M, K], x's dtype (as the cuBLAS path)
+    elif norm is not None and m >= NORM_FIRST_ROWS:  # [M, K] normalised, rounded as the products take it
+        x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     if out is None:
         out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    grid = lambda meta: (-(-n // meta["BLOCK_N"]),)  # noqa: E731
+    block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
+    splits = k_splits_for(n, m, x.device, norm is not None) if k_splits is None else k_splits
+    if splits < 1 or (splits > 1 and (norm is not None or n > SPLIT_COUNTERS * 16)):
+        raise ValueError(f"matmul_rows: {splits} splits over K (only without norm, N <= {SPLIT_COUNTERS * 16})")
+    partial = counters = out  # unread without splits
+    if splits > 1:
+        partial = torch.empty(splits, n, block_m, dtype=torch.float32, device=x.device)
+        counters = _split_counters(x.device)
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]), splits)  # noqa: E731
     matmul_kernels.float_matmul_kernel[grid](
-        x, weight, residual if residual is not None else out, out, norm if norm is not None else x, eps, m, n, k,
-        HAS_RESIDUAL=residual is not None, NORM=norm is not None, FP32=weight.dtype == torch.float32 or interpreted_bf16,
-        BLOCK_M=max(16, 1 << (m - 1).bit_length()),  # tl.dot's smallest tile is 16
+        x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
+        counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
+        FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
     )  # fmt: skip
     return out
+
+
+SPLIT_TILE_ROWS = 64  # BLOCK_N of matmul_rows' tiles on a GPU (matmul_kernels' configs): weight rows a program takes
+SPLIT_COUNTERS = 4096  # one a weight tile of a split launch: enough for tiles of 16 rows (the smallest) of N <= 65,536
+
+
+def k_splits_for(n: int, rows: int, device: torch.device, norm: bool) -> int:
+    """Programs per weight tile of a matmul_rows launch: 2 for more than 16 rows where the product has fewer
+    tiles than the GPU has SMs (a 7B's o and down on an H200: 64 tiles on 132), else 1; always 1 with
+    RMSNorm folded in (its sum of squares spans all of K) and off CUDA.
+
+    Why: with one program a tile, half the SMs stream nothing. On an H200 (7B, graphs of 24 launches) the
+    down product took 25.8 against 28.0 µs at 32 rows split in two and 27.5 against 30.6 at 64, o 12.3
+    against 12.6 and 14.0 against 14.7; a 32-row step replayed in 5.63 against 5.73 ms. At 8 and 16 rows
+    the split cost 0.3-0.6 µs a product (fifteenth session; bench/results/matmul_rows_norm_split_h200.txt).
+    """
+    if norm or rows <= 16 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 1
+    tiles = -(-n // SPLIT_TILE_ROWS)
+    return 2 if tiles < _multiprocessors(device.index) else 1
+
+
+@functools.cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()
+    ).multi_processor_count
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The split launches' counters on `device`: zeros, and left at zero by every launch (the last program of a
+    tile resets its own). One set a device serves every launch, as a stream runs its kernels one after another.
+    Made on first use, which must not be inside a CUDA graph's capture: the engine runs each step twice first."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("matmul_rows: the first split launch on a device is being captured; run it once first")
+        counters = _counters[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return counters
 
 
 def plain_input(

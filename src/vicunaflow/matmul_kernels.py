@@ -6,8 +6,13 @@ the left operand of Hopper's warp-group MMA (64 rows), while a 64-row weight til
 then streams 64 weight rows through a deep pipeline. bench/sweep_matmul_rows.py timed this design against
 x as the left operand (the previous kernel) and against CUDA-core FMAs on the 7B shapes (H200, CUDA
 graphs, weights not in L2): at 8 rows it took 0.85-0.95x cuBLAS's time and 1.04-1.29x the one-row
-matvec's, the x-left kernel 0.88-0.98x cuBLAS. No split over K, though it saved another 1.5 µs on the
-o and down products: a split needs atomic adds, whose order changes the float32 sums from run to run.
+matvec's, the x-left kernel 0.88-0.98x cuBLAS.
+
+A product with fewer 64-row weight tiles than the GPU has SMs (a 7B's o and down: 64 tiles on an H200's
+132) may split K over SPLIT programs a tile (kernels.matmul_rows decides). Each writes its float32
+partial; the last of a tile's programs to finish (a counter each, left at zero for the next launch)
+sums the partials in split order and stores the output. Why not atomic adds into the output: their order
+changes the float32 sums from run to run; here the same inputs give the same bits.
 
 RMSNorm comes in through quant_matmul_kernels' input tile and RMSNorm factor (the same helpers as its int8 /
 int4 kernels, which Triton resolves among this module's globals); SiLU·up is computed before the kernel
@@ -48,7 +53,7 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
 
 @triton.autotune(
     configs=float_configs,
-    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL"],
+    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT"],
     prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
@@ -58,6 +63,8 @@ def float_matmul_kernel(
     residual_ptr,  # [M, N] (HAS_RESIDUAL)
     out_ptr,  # [M, N], any float dtype
     norm_ptr,  # [K] RMSNorm weight (NORM)
+    partial_ptr,  # SPLIT > 1: float32 [SPLIT, N, BLOCK_M], each split's products (transposed)
+    counter_ptr,  # SPLIT > 1: int32 [N / BLOCK_N] zeros: a weight tile's programs done
     eps,
     M,
     N: tl.constexpr,
@@ -65,23 +72,27 @@ def float_matmul_kernel(
     HAS_RESIDUAL: tl.constexpr,
     NORM: tl.constexpr,
     FP32: tl.constexpr,  # products in float32: float32 weights, or bfloat16 under the interpreter
+    SPLIT: tl.constexpr,  # programs a weight tile, each over its part of K (no NORM: its sum spans all of K)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
     row_ok, col_ok = rows < M, cols < N
+    # this program's part of K: whole tiles of BLOCK_K (the last part masked where they do not divide evenly)
+    PART: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT * BLOCK_K
+    part = tl.program_id(1)
+    EVEN: tl.constexpr = N % BLOCK_N == 0 and K % (BLOCK_K * SPLIT) == 0  # no masks (decided at compile time)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output's transpose
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: sum of x^2 per row
-    for start in range(0, K, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
+    for start in range(0, PART, BLOCK_K):  # bounds known at compile time: the last part's excess is masked
+        ks = part * PART + start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
-        if N % BLOCK_N == 0 and K % BLOCK_K == 0:  # decided at compile time: unmasked, vectorised loads
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        # [BLOCK_N, BLOCK_K]; EVEN: unmasked, vectorised loads
+        w = tl.load(w_ptrs) if EVEN else tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         x, x_squared = input_tile(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, K, False, NORM)  # [BLOCK_M, BLOCK_K]
         if NORM:
             squares += x_squared
@@ -89,6 +100,31 @@ def float_matmul_kernel(
             acc += tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
         else:  # the input rounded to the weight's dtype, as cuBLAS takes it
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
+    if SPLIT == 1:
+        store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
+    else:
+        # [BLOCK_N, BLOCK_M] offsets of this tile's products in a split's partial; loads bypass L1 (.cg): other
+        # programs wrote them, and an earlier launch's may be cached
+        offsets = cols[:, None] * BLOCK_M + rows[None, :]
+        tl.store(partial_ptr + part * N * BLOCK_M + offsets, acc, mask=col_ok[:, None])
+        tl.debug_barrier()  # every thread's stores above happen before this program is counted
+        done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")  # the tile's programs done before
+        if done == SPLIT - 1:  # the last: the others' partials are in
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for other in tl.static_range(SPLIT):  # in split order, whichever program came last: the same bits
+                total += tl.load(
+                    partial_ptr + other * N * BLOCK_M + offsets, mask=col_ok[:, None], cache_modifier=".cg"
+                )
+            store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
+
+
+@triton.jit
+def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N: tl.constexpr, K: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    """Store the products acc [BLOCK_N, BLOCK_M] (transposed) as out's rows: times RMSNorm's factor, plus the
+    residual, in out's dtype."""
     y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     ok = row_ok[:, None] & col_ok[None, :]
     if NORM:  # RMSNorm's per-row factor, applied to the products (quant_matmul_kernels.input_tile)

@@ -1,0 +1,63 @@
+"""Where a batched decode step's RMSNorm goes, and whether o and down split over K (CUDA).
+
+Times kernels.matmul_rows on a 7B's shapes in CUDA graphs of back-to-back launches over rotating weights
+(sweep_matmul_rows.graph_time_us): q|k|v and gate|up with RMSNorm folded into every program's input tile,
+normalised first by kernels.rows_input, plain, and plain split over K in two; o and down (with the
+residual) split over K in 1-4 parts, against cuBLAS's addmm. Each line is µs a product.
+
+    python bench/sweep_matmul_rows_inputs.py --rows 8 16 32 64 > results/matmul_rows_norm_split.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from sweep_matmul_rows import graph_time_us
+
+from vicunaflow import kernels
+
+SHAPES = [("qkv", 12288, 4096), ("gate_up", 22016, 4096), ("o", 4096, 4096), ("down", 4096, 11008)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--launches", type=int, default=24)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for name, n, k in SHAPES:
+        copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
+        for m in args.rows:
+            print(f"{name:8} M={m:3} {measure(name, m, weights, args.launches)}", flush=True)
+        del weights
+
+
+def measure(name: str, m: int, weights: list[torch.Tensor], launches: int) -> str:
+    """One line of µs a product for `m` rows on this shape's weights."""
+    n, k = weights[0].shape
+    dtype = weights[0].dtype
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    outs = [torch.empty(m, n, device="cuda", dtype=dtype) for _ in range(2)]
+    if name in ("qkv", "gate_up"):
+        norm = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+        products = {
+            "norm folded": lambda w, o: kernels.matmul_rows(x, w, out=o, norm=norm, k_splits=1),
+            "norm first": lambda w, o: kernels.matmul_rows(kernels.rows_input(x, norm=norm, dtype=dtype), w, out=o),
+            "plain": lambda w, o: kernels.matmul_rows(x, w, out=o, k_splits=1),
+            "plain split2": lambda w, o: kernels.matmul_rows(x, w, out=o, k_splits=2),
+        }
+    else:
+        residual = torch.randn(m, n, device="cuda", dtype=dtype)
+        products = {
+            f"splits {splits}:": lambda w, o, s=splits: kernels.matmul_rows(x, w, residual, out=o, k_splits=s)
+            for splits in (1, 2, 3, 4)
+        }
+        products["cuBLAS addmm"] = lambda w, o: torch.addmm(residual, x, w.t(), out=o)
+    times = {label: graph_time_us(product, weights, outs, launches) for label, product in products.items()}
+    return "  ".join(f"{label} {us:6.1f}" for label, us in times.items()) + " us"
+
+
+if __name__ == "__main__":
+    main()
