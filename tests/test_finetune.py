@@ -375,6 +375,35 @@ def test_an_empty_tokenised_dataset_is_refused(tiny_vicuna, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_whose_weights_lack_layers_its_config_lists_is_refused_before_training(tiny_vicuna, tmp_path: Path):
+    """transformers would start the layers the weights lack at random and train them as if they were the model's."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    config = json.loads((model / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": layers + 2}))
+    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    assert result.returncode == 1, result.stderr[-3000:]
+    first = f"model.layers.{layers}.input_layernorm.weight, model.layers.{layers}.mlp.down_proj.weight"
+    assert f"{model}: no tensor {first}" in result.stderr, result.stderr[-3000:]
+    assert "and 15 more (18 of the " in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".checkpoints").exists(), "refused before the run"
+
+
+def test_a_truncated_weights_file_is_named_before_training(tiny_vicuna, tmp_path: Path) -> None:
+    """A shard cut short (a copy or download stopped halfway) is named, with what to do, not a safetensors traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    (shard,) = model.glob("*.safetensors")
+    os.truncate(shard, shard.stat().st_size // 2)
+    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"{shard}: not a complete safetensors file, truncated or corrupt" in result.stderr, result.stderr[-3000:]
+    assert "re-run the step that wrote it" in result.stderr
+    assert "Traceback" not in result.stderr and "SafetensorError" not in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".checkpoints").exists(), "refused before the run"
+
+
 def test_plan_is_a_seeded_partition_of_each_epoch() -> None:
     config = SimpleNamespace(
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2.0, seed=3
@@ -466,22 +495,20 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_checkpoint_folder(t
     """A folder holding only the run's marker is no run to resume: a failed run removes it (and `.checkpoints/`
     if that is then empty); one holding a checkpoint is kept, since a rerun resumes from it, and so is one whose
     trainer log records steps (how the run went before it failed)."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_vicuna, model)
-    for shard in model.glob("*.safetensors"):
-        os.truncate(shard, 1000)  # the weights fail to load, after the checkpoint folder is made
-    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
-    assert result.returncode != 0 and "invalid header length" in result.stderr, result.stderr[-3000:]
+    cut_short = tmp_path / "cut.json"
+    cut_short.write_text('[{"id": "a", "conversations": ')  # the data fail to load, after the checkpoint folder is made
+    result = finetune_cli(tiny_vicuna, cut_short, tmp_path / "out")
+    assert result.returncode != 0 and f"{cut_short}: not valid JSON" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / ".checkpoints").exists()
     resumable = tmp_path / ".checkpoints" / "out"
     (resumable / "checkpoint-2").mkdir(parents=True)
     (resumable / ".vicunaflow-checkpoints").write_text("")
-    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
-    assert result.returncode != 0 and "invalid header length" in result.stderr, result.stderr[-3000:]
+    result = finetune_cli(tiny_vicuna, cut_short, tmp_path / "out")
+    assert result.returncode != 0 and f"{cut_short}: not valid JSON" in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in resumable.iterdir()) == [".vicunaflow-checkpoints", "checkpoint-2"]
     (resumable / "checkpoint-2").rmdir()
     (resumable / "trainer_log.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
-    result = finetune_cli(model, BUILTIN_CONVERSATIONS, tmp_path / "out")
+    result = finetune_cli(tiny_vicuna, cut_short, tmp_path / "out")
     assert result.returncode != 0 and "records the steps before the failure" in result.stderr, result.stderr[-3000:]
     assert (resumable / "trainer_log.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
 

@@ -563,6 +563,50 @@ def test_data_clean_replaces_its_own_unchanged_output_only(tmp_path, capsys):
     )
 
 
+def test_a_file_put_at_the_output_during_the_run_is_kept(tmp_path, monkeypatch):
+    """The up-front check saw the path before the work; right before the rename the same rule is applied again, with
+    the flag and --overwrite that check was given: a file the user put there meanwhile is kept and the result
+    discarded, unless --overwrite was given; the verb's own unchanged earlier output is still replaced."""
+    monkeypatch.setattr(outputs, "VERB", "data clean")
+    monkeypatch.setattr(outputs, "CHECKED_FILES", {}, raising=False)
+    target = tmp_path / "out.jsonl"
+    outputs.check_output_files({"--output": target})
+    with pytest.raises(VicunaflowError) as refused, outputs.atomic_output_file(target) as tmp:
+        tmp.write_text("result\n")
+        target.write_text("mine\n")  # the user, while the verb works
+    assert str(refused.value) == (
+        f"--output {target} exists and was not written by vicunaflow (no .out.jsonl.vicunaflow.json beside it) "
+        "(it appeared or changed there while this run worked; its result is discarded); refusing to replace it: "
+        "move it away, give --output another path, or pass --overwrite to replace it"
+    )
+    assert target.read_text() == "mine\n" and temporaries(tmp_path, "out.jsonl") == []
+    assert not outputs.provenance_sidecar(target).exists()
+
+    outputs.check_output_files({"--output": target}, overwrite=True)
+    with outputs.atomic_output_file(target) as tmp:
+        tmp.write_text("result\n")
+    assert target.read_text() == "result\n", "--overwrite replaces it"
+    outputs.check_output_files({"--output": target})
+    with outputs.atomic_output_file(target) as tmp:
+        tmp.write_text("again\n")
+    assert target.read_text() == "again\n", "its own unchanged earlier output is replaced"
+
+    outputs.check_output_files({"--output": target})
+    edited = pytest.raises(VicunaflowError, match="was changed since vicunaflow wrote it")
+    with edited, outputs.atomic_output_file(target) as tmp:
+        tmp.write_text("third\n")
+        with target.open("a") as f:
+            f.write("my note\n")  # the user edits the earlier output meanwhile
+    assert target.read_text() == "again\nmy note\n" and temporaries(tmp_path, "out.jsonl") == []
+
+    unchecked = tmp_path / "library.json"  # written without an up-front check: nothing said --overwrite
+    not_ours = pytest.raises(VicunaflowError, match=f"the output {unchecked} exists and was not written by vicunaflow")
+    with not_ours, outputs.atomic_output_file(unchecked) as tmp:
+        tmp.write_text("{}")
+        unchecked.write_text("mine")
+    assert unchecked.read_text() == "mine" and temporaries(tmp_path, "library.json") == []
+
+
 @pytest.mark.parametrize(
     "case",
     ["split default held-out", "split default report", "mix report", "eval loss output", "eval arena json",

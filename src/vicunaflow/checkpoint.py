@@ -184,7 +184,10 @@ class SafetensorsFile(TensorFile):
                     sl = self._handle.get_slice(name)
                     self._infos[name] = TensorInfo(tuple(sl.get_shape()), ST_DTYPES[sl.get_dtype()])
         except SafetensorError as err:
-            raise VicunaflowError(f"{self.path}: not a complete safetensors file ({err}); download it again") from err
+            raise VicunaflowError(
+                f"{self.path}: not a complete safetensors file, truncated or corrupt ({err}); re-run the step that "
+                "wrote it (download it again, or convert, apply-delta or quantize again)"
+            ) from err
 
     def _is_open(self) -> bool:
         return self._handle is not None

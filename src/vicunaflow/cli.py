@@ -251,3 +251,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     finally:
         outputs.VERB = None
+        outputs.CHECKED_FILES.clear()

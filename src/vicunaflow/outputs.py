@@ -23,7 +23,8 @@ Single files (`atomic_output_file`: data files, eval results) get temporaries na
 removed the same way. A file cannot carry a manifest, so each one finished is recorded in a hidden
 sidecar beside it, `.<name>.vicunaflow.json` (the verb, the file's size and modification time), and
 `check_output_files` replaces an existing file without --overwrite only while its sidecar says it is
-this verb's earlier output, unchanged since.
+this verb's earlier output, unchanged since. The same rule is applied again right before the rename, with the
+flag and --overwrite that check was given: a file the user puts there during a long run is kept, not replaced.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ MANIFEST = "vicunaflow.json"
 VERB: str | None = None
 
 log = logging.getLogger(__name__)
+
+# What `check_output_files` decided for each output file (its landing place): the flag that names it and whether
+# --overwrite was given, so `atomic_output_file` applies the same rule again right before its rename. Cleared with
+# VERB by the CLI.
+CHECKED_FILES: dict[Path, tuple[str, bool]] = {}
 
 # What this process must clean up if stopped now (temporaries it writes, child servers it runs):
 # a SIGTERM unwinds only when there is any.
@@ -120,7 +126,8 @@ def check_output_files(
     user did not ask to replace, or be lost: one that is an input file or lies inside an input folder (a
     model's config.json), one that is a folder, two outputs at one path (the second would replace the first),
     an existing file that is not this verb's unchanged earlier output (unless `overwrite`; see
-    `provenance_sidecar`), or one whose folder cannot be written (found now, not after hours of generation)."""
+    `provenance_sidecar`), or one whose folder cannot be written (found now, not after hours of generation).
+    Each file's flag and `overwrite` are kept (CHECKED_FILES) for the same check right before its rename."""
     inputs = [given for given in inputs if given is not None]
     taken: dict[Path, str] = {}
     for flag, output in outputs.items():
@@ -142,14 +149,29 @@ def check_output_files(
                 f"{taken[place]} and {flag} are both {output}: the second would replace the first; give each its own path"
             )
         taken[place] = flag
-        if not overwrite and (output.exists() or output.is_symlink()):
-            reason = _why_file_kept(output)
-            if reason:
-                raise vicunaflow.VicunaflowError(
-                    f"{flag} {output} exists and {reason}; refusing to replace it: move it away, give {flag} "
-                    "another path, or pass --overwrite to replace it"
-                )
+        CHECKED_FILES[_landing_place(output)] = (flag, overwrite)
+        _refuse_replacing_a_kept_file(flag, output, overwrite)
         check_writable(output.parent)
+
+
+def _refuse_replacing_a_kept_file(flag: str, output: Path, overwrite: bool, *, while_running: bool = False) -> None:
+    """Raise VicunaflowError when `output` exists and may not be replaced (see `_why_file_kept`) without --overwrite.
+    while_running: the file appeared or changed during the run (the re-check before the rename)."""
+    if overwrite or not (output.exists() or output.is_symlink()):
+        return
+    reason = _why_file_kept(output)
+    if reason:
+        when = " (it appeared or changed there while this run worked; its result is discarded)" if while_running else ""
+        raise vicunaflow.VicunaflowError(
+            f"{flag} {output} exists and {reason}{when}; refusing to replace it: move it away, give {flag} "
+            "another path, or pass --overwrite to replace it"
+        )
+
+
+def _landing_place(target: str | os.PathLike) -> Path:
+    """Where a rename to `target` lands: its folder resolved, its name kept (a symlink there is replaced)."""
+    absolute = Path(os.path.abspath(target))
+    return absolute.parent.resolve() / absolute.name
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -209,6 +231,10 @@ def atomic_output_file(target: str | os.PathLike, *, provenance: bool = True) ->
     temporaries of earlier writes of `target` whose owner is gone are removed first. The file in place,
     its provenance sidecar is written (unless `provenance` is false: a file inside a folder that is
     checked another way), so a later run of the same verb may replace it while it is unchanged.
+
+    With `provenance`, right before the rename `target` is checked again by `check_output_files`'s rule, with
+    the flag and --overwrite it was checked with (none: not replaced unless it is this verb's unchanged output):
+    a file that appeared there during the block is refused, kept as it is, and the temporary removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +246,9 @@ def atomic_output_file(target: str | os.PathLike, *, provenance: bool = True) ->
     try:
         yield tmp
         tmp.chmod(0o644)  # mkstemp makes it private; outputs are meant to be shared
+        if provenance:  # the block ran for a while, and the user may have put a file at the target meanwhile
+            flag, overwrite = CHECKED_FILES.get(_landing_place(target), ("the output", False))
+            _refuse_replacing_a_kept_file(flag, target, overwrite, while_running=True)
         os.replace(tmp, target)
         if provenance:
             _record_file(target)

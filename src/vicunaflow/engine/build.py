@@ -75,8 +75,8 @@ def read_args(model_path: Path) -> ModelArgs:
 def check_folder(model_path: Path, checkpoint: Checkpoint | None = None) -> ModelArgs:
     """A model folder's config.json read and its weights checked against it (every tensor a LLaMA of that
     config has, at its shape, and no layer beyond its num_hidden_layers), before any weight is read: for tools
-    that load it otherwise (quantize, and eval loss through transformers, which would fill a missing layer
-    with random weights)."""
+    that load it otherwise (quantize, and eval loss and finetune through transformers, which would fill a missing
+    layer with random weights)."""
     args = read_args(Path(model_path))
     _CheckpointReader(Path(model_path), checkpoint).check(hf_shapes(args))  # checkpoint: one already open
     return args
@@ -257,7 +257,11 @@ class _CheckpointReader:
         missing = sorted(set(shapes) - names - quantized, key=_natural)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise VicunaflowError(f"{self.checkpoint.directory}: no tensor {', '.join(missing[:3])}{more}")
+            raise VicunaflowError(
+                f"{self.checkpoint.directory}: no tensor {', '.join(missing[:3])}{more} ({len(missing)} of the "
+                f"{len(shapes)} tensors config.json implies): the weights are incomplete or config.json is not theirs; "
+                "write the folder again (re-run the step that made it) or restore its config.json"
+            )
         for name, shape in shapes.items():
             if name in quantized:  # the codes' shape: int8 [N, K], int4 [N, K / 2] (two a byte)
                 info = self.checkpoint.info(quant.quantized_names(name, 8)[0])

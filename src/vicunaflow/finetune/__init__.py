@@ -55,6 +55,11 @@ def setup(*, config: TrainConfig, nproc_per_node: int | None = None) -> Path | N
         raise VicunaflowError(f"--nproc-per-node must be at least 1, not {nproc_per_node}")
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, inputs=config.inputs(), overwrite=config.overwrite)  # before any process starts
+    from vicunaflow.engine.build import check_folder
+
+    # Its headers only, before any process starts: transformers would start a layer the weights lack at random
+    # (and train it as if it were the model's), and a shard cut short would fail in it as a raw traceback.
+    check_folder(Path(config.model_path))
     if not launch.is_launched():
         procs = nproc_per_node or launch.default_nproc_per_node()
         # The processes get the resolved options as one --config (a JSON text, which jsonargparse reads like a file).
