@@ -23,8 +23,10 @@ import torch.nn.functional as F
 MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: above it (prefill) cuBLAS wins
 # engine.model.project takes matmul_rows up to this many rows (a batched decode step). On an H200
 # (bench/sweep_matmul_rows.py, 7B shapes, CUDA graphs) its products took 0.84-0.96x cuBLAS's time at 2-32
-# rows; at 64 (bench_matmul_rows.py) 0.86-1.17x, even over a layer's four.
-FLOAT_ROWS_MAX = 32
+# rows. At 64 rows it lost with RMSNorm folded in (gate|up 83 against 56 µs, bench_matmul_rows.py); with the
+# input normalised first and o / down split over K (NORM_FIRST_ROWS, k_splits_for), 64 streams through the API
+# ran at 7,338 against 6,998 tokens/s with cuBLAS there (fifteenth session, serve_7b_h200_session15_rows64.json).
+FLOAT_ROWS_MAX = 64
 # From this many rows matmul_rows normalises its input first (rows_input, one launch) instead of in every
 # program's input tile: the 7B q|k|v product with RMSNorm folded in took 40.2 µs at 32 rows on an H200, the
 # plain kernel 27 (bench_matmul_rows.py, sweep_matmul_rows.py); the folded tile's float32 work costs the
