@@ -37,6 +37,22 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def test_many_rows_take_the_narrow_tiles_only_on_a_grid_of_at_most_512_positions():
+    """Which tiles a step takes: few rows by their grouping; many rows by the grid's width (the engine's 512-wide
+    graphs take MANY_ROWS_NARROW_TILES, a context-wide one MANY_ROWS_TILES)."""
+    many = attention_kernels.MANY_ROWS
+    assert attention_kernels.NARROW_WIDTH == 512
+    assert attention_kernels.tiles_for(many, 1, 32 * 16) is attention_kernels.MANY_ROWS_NARROW_TILES
+    assert attention_kernels.tiles_for(many, 4, 512) is attention_kernels.MANY_ROWS_NARROW_TILES
+    assert attention_kernels.tiles_for(many, 1, 33 * 16) is attention_kernels.MANY_ROWS_TILES
+    assert attention_kernels.tiles_for(256, 1, 2048) is attention_kernels.MANY_ROWS_TILES
+    assert attention_kernels.tiles_for(many - 1, 1, 512) is attention_kernels.FEW_ROWS
+    assert attention_kernels.tiles_for(many - 1, 4, 4096) is attention_kernels.FEW_ROWS_GROUPED
+    for name in attention_kernels.TILE_CLASSES:  # a split is whole tiles: none reads its neighbour's positions
+        tiles = getattr(attention_kernels, name)
+        assert tiles.split_tokens % tiles.tile == 0, name
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size", "dtype", "cache_dtype"),
     [

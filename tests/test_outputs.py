@@ -6,6 +6,7 @@ on the tiny chain of conftest.py, whose folders are read-only to these tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -568,15 +569,16 @@ def test_a_file_put_at_the_output_during_the_run_is_kept(tmp_path, monkeypatch):
     the flag and --overwrite that check was given: a file the user put there meanwhile is kept and the result
     discarded, unless --overwrite was given; the verb's own unchanged earlier output is still replaced."""
     monkeypatch.setattr(outputs, "VERB", "data clean")
-    monkeypatch.setattr(outputs, "CHECKED_FILES", {}, raising=False)
+    monkeypatch.setattr(outputs, "CHECKED_FILES", {})
+    monkeypatch.setattr(outputs, "WRITTEN_FILES", set())
     target = tmp_path / "out.jsonl"
     outputs.check_output_files({"--output": target})
     with pytest.raises(VicunaflowError) as refused, outputs.atomic_output_file(target) as tmp:
         tmp.write_text("result\n")
         target.write_text("mine\n")  # the user, while the verb works
     assert str(refused.value) == (
-        f"--output {target} exists and was not written by vicunaflow (no .out.jsonl.vicunaflow.json beside it) "
-        "(it appeared or changed there while this run worked; its result is discarded); refusing to replace it: "
+        f"--output {target} exists and was not written by vicunaflow (no .out.jsonl.vicunaflow.json beside it); "
+        "it appeared or changed there while this run worked, so its result is discarded; refusing to replace it: "
         "move it away, give --output another path, or pass --overwrite to replace it"
     )
     assert target.read_text() == "mine\n" and temporaries(tmp_path, "out.jsonl") == []
@@ -599,12 +601,39 @@ def test_a_file_put_at_the_output_during_the_run_is_kept(tmp_path, monkeypatch):
             f.write("my note\n")  # the user edits the earlier output meanwhile
     assert target.read_text() == "again\nmy note\n" and temporaries(tmp_path, "out.jsonl") == []
 
+    outputs.CHECKED_FILES.clear()  # a new command (the CLI clears these as one ends)
     unchecked = tmp_path / "library.json"  # written without an up-front check: nothing said --overwrite
     not_ours = pytest.raises(VicunaflowError, match=f"the output {unchecked} exists and was not written by vicunaflow")
     with not_ours, outputs.atomic_output_file(unchecked) as tmp:
         tmp.write_text("{}")
         unchecked.write_text("mine")
     assert unchecked.read_text() == "mine" and temporaries(tmp_path, "library.json") == []
+
+
+def test_a_file_put_at_a_later_output_during_the_run_refuses_the_first_rename_too(tiny_hf, tmp_path, capsys):
+    """data split writes its held-out file, then its output: a file the user puts at the output while it works
+    is found before the held-out file lands, so neither is replaced and neither new file appears."""
+    from vicunaflow.dataprep import split as split_module
+
+    data, out = tmp_path / "in.jsonl", tmp_path / "train.jsonl"
+    held_out = tmp_path / "train.heldout.jsonl"
+    data.write_text("".join(CONVERSATION.replace('"a"', f'"c{i}"') for i in range(40)))
+    real_writer = split_module.atomic_writer
+
+    @contextlib.contextmanager
+    def writer_and_a_user(path, *args, **kwargs):
+        with real_writer(path, *args, **kwargs) as handle:
+            yield handle
+            if Path(path) == held_out:  # the held-out file is renamed first, the output after it
+                out.write_text("mine\n")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(split_module, "atomic_writer", writer_and_a_user)
+        argv = ["data", "split", "--data", data, "--model-path", tiny_hf, "--output", out, "--held-out-fraction", "0.5"]
+        assert run(*argv) == 1
+    assert f"--output {out} exists and was not written by vicunaflow" in capsys.readouterr().err
+    assert out.read_text() == "mine\n" and not held_out.exists()
+    assert not outputs.CHECKED_FILES and not outputs.WRITTEN_FILES, "cleared when the command ends"
 
 
 @pytest.mark.parametrize(

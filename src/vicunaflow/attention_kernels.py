@@ -163,10 +163,7 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("paged decode attention: keys and values must be contiguous, tables' rows too")
     group = H // Hkv
-    if B >= MANY_ROWS:
-        tiles = MANY_ROWS_NARROW_TILES if tables.shape[1] * block_size <= NARROW_WIDTH else MANY_ROWS_TILES
-    else:
-        tiles = FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
+    tiles = tiles_for(B, group, tables.shape[1] * block_size)
     split_tokens = tiles.split_tokens
     if split_tokens % tiles.tile:  # a split of part of a tile would read its neighbour's positions too
         raise ValueError(
@@ -202,6 +199,15 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
     if not fused:
         combine_kernel[(B, Hkv)](partial, stats, lengths, out, **shape, **pdl)
     return out
+
+
+def tiles_for(rows: int, group: int, width: int) -> Tiles:
+    """The tiles a step of `rows` rows takes, with `group` query heads a KV head, on a grid spanning `width`
+    positions (the block table's width): MANY_ROWS_NARROW_TILES or MANY_ROWS_TILES from MANY_ROWS rows, else
+    FEW_ROWS (multi-head) or FEW_ROWS_GROUPED."""
+    if rows >= MANY_ROWS:
+        return MANY_ROWS_NARROW_TILES if width <= NARROW_WIDTH else MANY_ROWS_TILES
+    return FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
 
 
 def rope_store(

@@ -252,3 +252,4 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         outputs.VERB = None
         outputs.CHECKED_FILES.clear()
+        outputs.WRITTEN_FILES.clear()

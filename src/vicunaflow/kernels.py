@@ -28,10 +28,15 @@ MATMUL_MAX_ROWS = 64  # matmul_rows' limit, as quant_kernels.MATMUL_MAX_ROWS: ab
 # ran at 7,338 against 6,998 tokens/s with cuBLAS there (fifteenth session, serve_7b_h200_session15_rows64.json).
 FLOAT_ROWS_MAX = 64
 # From this many rows matmul_rows normalises its input first (rows_input, one launch) instead of in every
-# program's input tile: the 7B q|k|v product with RMSNorm folded in took 40.2 µs at 32 rows on an H200, the
-# plain kernel 27 (bench_matmul_rows.py, sweep_matmul_rows.py); the folded tile's float32 work costs the
-# programs their overlap. Fewer rows keep it folded (a launch costs more than the fold saves there).
+# program's input tile. On an H200 the 7B q|k|v product with RMSNorm folded in took 40.2 µs at 32 rows and
+# gate|up 83.1 at 64 (bench_matmul_rows.py), normalised first 30.0 and 53.5 (sweep_matmul_rows_inputs.py),
+# and a 32-row step replayed in 5.63 against 6.03 ms (bench/results/chat_step_rows_7b_h200_session15.json).
+# Below 16 rows a step was not timed both ways: the fold stays there (alone, at 8 rows, 31.5 against 30.0 µs).
 NORM_FIRST_ROWS = 16
+# Splits over K (k_splits_for): weight rows a program takes on a GPU (BLOCK_N of matmul_kernels' configs), and
+# the counters a split launch may use, one a weight tile (N <= 65,536 with tiles of 16 rows or more).
+SPLIT_TILE_ROWS = 64
+SPLIT_COUNTERS = 4096
 # Batched decode steps on float weights: "triton" (matmul_rows, RMSNorm and the residual folded in) or
 # "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels), read by engine.model.project;
 # bench_chat --float-rows times both.
@@ -125,8 +130,9 @@ def matmul_rows(
 
     Why: cuBLAS reads a weight once for a batched decode step too, but the step also needs RMSNorm,
     SiLU·up and the residual add as kernels of their own (on an H200 a 7B 8-row step spent 0.57 of its
-    5.07 ms in them); one program per BLOCK_N weight rows here serves all M rows (padded to a 16-row
-    tile) and folds those in, as matvec does for one row (matmul_kernels.py says why its tiles).
+    5.07 ms in them); one program per BLOCK_N weight rows here serves all M rows (padded to a tile of 16,
+    32 or 64) and folds those in, as matvec does for one row (matmul_kernels.py says why its tiles). From
+    NORM_FIRST_ROWS rows RMSNorm is one rows_input launch first instead.
     x: [M, K], or [M, 2K] with swiglu (input silu(gate) * up); weight: [N, K] float16/bfloat16 (float32
     works, slowly: exact products); norm: [K], the input is rms_norm(x, norm, eps) (float32 inside);
     residual, out: [M, N] contiguous, out any float dtype (tensor parallelism's float32 buffer).
@@ -154,9 +160,14 @@ def matmul_rows(
         raise ValueError("matmul_rows: weight and input must be contiguous")
     from vicunaflow import matmul_kernels  # Triton: imported only when the kernel runs
 
+    if k_splits is not None and (k_splits < 1 or (k_splits > 1 and n > SPLIT_COUNTERS * 16)):
+        raise ValueError(
+            f"matmul_rows: {k_splits} splits over K (at least 1; more only for N <= {SPLIT_COUNTERS * 16})"
+        )
     if swiglu:
         x = rows_input(x, swiglu=True, dtype=x.dtype)  # [M, K], x's dtype (as the cuBLAS path)
-    elif norm is not None and m >= NORM_FIRST_ROWS:  # [M, K] normalised, rounded as the products take it
+    elif norm is not None and (m >= NORM_FIRST_ROWS or (k_splits or 1) > 1):
+        # [M, K] normalised, rounded as the products take it (the fold's sum of squares would span every split)
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     if out is None:
         out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
@@ -164,8 +175,6 @@ def matmul_rows(
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
     splits = k_splits_for(n, m, x.device, norm is not None) if k_splits is None else k_splits
-    if splits < 1 or (splits > 1 and (norm is not None or n > SPLIT_COUNTERS * 16)):
-        raise ValueError(f"matmul_rows: {splits} splits over K (only without norm, N <= {SPLIT_COUNTERS * 16})")
     partial = counters = out  # unread without splits
     if splits > 1:
         partial = torch.empty(splits, n, block_m, dtype=torch.float32, device=x.device)
@@ -179,14 +188,11 @@ def matmul_rows(
     return out
 
 
-SPLIT_TILE_ROWS = 64  # BLOCK_N of matmul_rows' tiles on a GPU (matmul_kernels' configs): weight rows a program takes
-SPLIT_COUNTERS = 4096  # one a weight tile of a split launch: enough for tiles of 16 rows (the smallest) of N <= 65,536
-
-
 def k_splits_for(n: int, rows: int, device: torch.device, norm: bool) -> int:
     """Programs per weight tile of a matmul_rows launch: 2 for more than 16 rows where the product has fewer
-    tiles than the GPU has SMs (a 7B's o and down on an H200: 64 tiles on 132), else 1; always 1 with
-    RMSNorm folded in (its sum of squares spans all of K) and off CUDA.
+    tiles than the GPU has SMs (a 7B's o and down on an H200: 64 tiles on 132; on tensor-parallel ranks any
+    product that small), else 1; always 1 with RMSNorm folded in (its sum of squares spans all of K) and off
+    CUDA.
 
     Why: with one program a tile, half the SMs stream nothing. On an H200 (7B, graphs of 24 launches) the
     down product took 25.8 against 28.0 µs at 32 rows split in two and 27.5 against 30.6 at 64, o 12.3
@@ -211,8 +217,11 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 def _split_counters(device: torch.device) -> torch.Tensor:
     """The split launches' counters on `device`: zeros, and left at zero by every launch (the last program of a
-    tile resets its own). One set a device serves every launch, as a stream runs its kernels one after another.
-    Made on first use, which must not be inside a CUDA graph's capture: the engine runs each step twice first."""
+    tile resets its own). One set a device serves every launch, which holds while split launches on a device
+    run one after another: on one stream, as the engine's graphs, its warm-up (fenced both ways) and several
+    engines on one GPU (no graphs, the default stream) do. Two at once on different streams would mix their
+    counts. Made on first use, which must not be inside a CUDA graph's capture: the engine runs each step twice
+    first."""
     counters = _counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -1,7 +1,7 @@
 """Triton kernel of kernels.matmul_rows: a few rows (batched decode steps) times a float16/bfloat16 weight.
 
 The weight tile is tl.dot's left operand and the rows its right: acc[BLOCK_N, BLOCK_M] += w[BLOCK_N, K]
-@ x[BLOCK_M, K].T. Why that way round: a batch of 2-32 rows padded to a 16-row tile is too short to be
+@ x[BLOCK_M, K].T. Why that way round: a batch of 2-64 rows padded to a tile of 16-64 is too short to be
 the left operand of Hopper's warp-group MMA (64 rows), while a 64-row weight tile is; and each program
 then streams 64 weight rows through a deep pipeline. bench/sweep_matmul_rows.py timed this design against
 x as the left operand (the previous kernel) and against CUDA-core FMAs on the 7B shapes (H200, CUDA
@@ -64,7 +64,7 @@ def float_matmul_kernel(
     out_ptr,  # [M, N], any float dtype
     norm_ptr,  # [K] RMSNorm weight (NORM)
     partial_ptr,  # SPLIT > 1: float32 [SPLIT, N, BLOCK_M], each split's products (transposed)
-    counter_ptr,  # SPLIT > 1: int32 [N / BLOCK_N] zeros: a weight tile's programs done
+    counter_ptr,  # SPLIT > 1: int32 zeros, one a weight tile (of kernels._split_counters): its programs done
     eps,
     M,
     N: tl.constexpr,

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # --overwrite was given, so `atomic_output_file` applies the same rule again right before its rename. Cleared with
 # VERB by the CLI.
 CHECKED_FILES: dict[Path, tuple[str, bool]] = {}
+# The landing places of the checked files this command has put in place: the re-check before a rename covers every
+# checked file not among them, so when one of a verb's several outputs is refused, none of them has landed yet.
+WRITTEN_FILES: set[Path] = set()
 
 # What this process must clean up if stopped now (temporaries it writes, child servers it runs):
 # a SIGTERM unwinds only when there is any.
@@ -82,8 +85,7 @@ def check_output_dir(
     target = Path(target)
     # Where the rename lands: the parent resolved, the name kept (a symlink there is replaced, not followed);
     # and where a symlink at the target points, which is refused too when it is an input.
-    absolute = Path(os.path.abspath(target))
-    places = {absolute.parent.resolve() / absolute.name, target.resolve()}
+    places = {_landing_place(target), target.resolve()}
     for place in sorted(places):
         if place.parent == place:
             raise vicunaflow.VicunaflowError(
@@ -112,7 +114,7 @@ def check_output_dir(
                 f"{target} exists and {reason}; refusing to replace it: move it away, choose another output "
                 "path, or pass --overwrite"
             )
-    check_writable(absolute.parent)
+    check_writable(_landing_place(target).parent)
     return target
 
 
@@ -150,6 +152,7 @@ def check_output_files(
             )
         taken[place] = flag
         CHECKED_FILES[_landing_place(output)] = (flag, overwrite)
+        WRITTEN_FILES.discard(_landing_place(output))
         _refuse_replacing_a_kept_file(flag, output, overwrite)
         check_writable(output.parent)
 
@@ -161,7 +164,9 @@ def _refuse_replacing_a_kept_file(flag: str, output: Path, overwrite: bool, *, w
         return
     reason = _why_file_kept(output)
     if reason:
-        when = " (it appeared or changed there while this run worked; its result is discarded)" if while_running else ""
+        when = (
+            "; it appeared or changed there while this run worked, so its result is discarded" if while_running else ""
+        )
         raise vicunaflow.VicunaflowError(
             f"{flag} {output} exists and {reason}{when}; refusing to replace it: move it away, give {flag} "
             "another path, or pass --overwrite to replace it"
@@ -172,6 +177,17 @@ def _landing_place(target: str | os.PathLike) -> Path:
     """Where a rename to `target` lands: its folder resolved, its name kept (a symlink there is replaced)."""
     absolute = Path(os.path.abspath(target))
     return absolute.parent.resolve() / absolute.name
+
+
+def _recheck_before_rename(target: Path) -> None:
+    """`check_output_files`'s rule again, right before `target`'s rename: for `target` (with the flag and
+    --overwrite it was checked with; none: not replaced unless it is this verb's unchanged output) and for every
+    other checked file this command has not yet put in place, so that a refusal comes before the first lands."""
+    place = _landing_place(target)
+    pending = {path: checked for path, checked in CHECKED_FILES.items() if path not in WRITTEN_FILES}
+    pending[place] = CHECKED_FILES.get(place, ("the output", False))
+    for path, (flag, overwrite) in pending.items():
+        _refuse_replacing_a_kept_file(flag, target if path == place else path, overwrite, while_running=True)
 
 
 def check_writable(folder: str | os.PathLike) -> None:
@@ -233,8 +249,9 @@ def atomic_output_file(target: str | os.PathLike, *, provenance: bool = True) ->
     checked another way), so a later run of the same verb may replace it while it is unchanged.
 
     With `provenance`, right before the rename `target` is checked again by `check_output_files`'s rule, with
-    the flag and --overwrite it was checked with (none: not replaced unless it is this verb's unchanged output):
-    a file that appeared there during the block is refused, kept as it is, and the temporary removed.
+    the flag and --overwrite it was checked with (none: not replaced unless it is this verb's unchanged output),
+    and so is every other checked output of the command not yet in place: a file that appeared at one during
+    the block is refused, kept as it is, and the temporary removed (`_recheck_before_rename`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,12 +263,12 @@ def atomic_output_file(target: str | os.PathLike, *, provenance: bool = True) ->
     try:
         yield tmp
         tmp.chmod(0o644)  # mkstemp makes it private; outputs are meant to be shared
-        if provenance:  # the block ran for a while, and the user may have put a file at the target meanwhile
-            flag, overwrite = CHECKED_FILES.get(_landing_place(target), ("the output", False))
-            _refuse_replacing_a_kept_file(flag, target, overwrite, while_running=True)
+        if provenance:  # the block ran for a while, and the user may have put a file at an output meanwhile
+            _recheck_before_rename(target)
         os.replace(tmp, target)
         if provenance:
             _record_file(target)
+            WRITTEN_FILES.add(_landing_place(target))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
