@@ -411,6 +411,36 @@ def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
     assert stats["decode_tokens"] - before["decode_tokens"] < 200  # stopped well before its 240 tokens
 
 
+def test_a_disconnect_leaves_no_unretrieved_exception():
+    """A non-streamed request whose client left ends quietly: the gather of its replies (which fails with its
+    children's CancelledError) is retrieved, not logged by asyncio as "exception was never retrieved"."""
+    import gc
+
+    from vicunaflow.serve.app import _complete_all
+    from vicunaflow.serve.errors import APIError
+
+    class GoneClient:
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    async def reply_forever():
+        await asyncio.Event().wait()
+
+    async def run() -> tuple[int, list[str]]:
+        logged = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context["message"]))
+        try:
+            await _complete_all(GoneClient(), [reply_forever(), reply_forever()])
+        except APIError as err:
+            status = err.status
+        for _ in range(3):  # the cancelled replies finish
+            await asyncio.sleep(0)
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+        return status, logged
+
+    assert asyncio.run(run()) == (499, [])
+
+
 def test_port_in_use_fails_before_loading_the_model(tmp_path):
     """The port is checked first: the model path does not even exist, and the error names the port."""
     with socket.socket() as taken:

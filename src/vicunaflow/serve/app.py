@@ -531,7 +531,9 @@ async def _complete_all(http_request: Request, jobs: list) -> list[tuple[str, Ev
     finally:
         for task in (*tasks, disconnected):  # a cancelled _complete cancels its engine request
             task.cancel()
-        replies.cancel()  # cancelled, not failed with its children's CancelledError: nothing left unretrieved
+        # the gather then fails with its first child's CancelledError (gather does not end cancelled): read
+        # it when it comes, or asyncio logs "exception was never retrieved" for every client that left
+        replies.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
 
 
 async def _disconnect(http_request: Request) -> None:
