@@ -292,6 +292,26 @@ def test_fit_conversation_drops_oldest_exchanges(loaded):
         fit_conversation(tokenizer, turns, budget=5)
 
 
+def test_a_prompt_past_the_tokenizers_length_is_encoded_without_a_warning(tiny_vicuna):
+    """The engine's context decides what fits (serve refuses, chat leaves out old turns): transformers' warning
+    that a prompt past tokenizer_config's model_max_length "will result in indexing errors" would only alarm."""
+    import logging
+
+    from vicunaflow.tokenizer import open_tokenizer
+
+    tokenizer = open_tokenizer(tiny_vicuna)  # a fresh one: transformers warns once a tokenizer
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = warnings.append
+    transformers_log = logging.getLogger("transformers")  # which does not propagate to the root's handlers
+    transformers_log.addHandler(handler)
+    try:
+        ids = encode_prompt(tokenizer, "hello " * (tokenizer.model_max_length + 10))
+    finally:
+        transformers_log.removeHandler(handler)
+    assert len(ids) > tokenizer.model_max_length and [w.getMessage() for w in warnings] == []
+
+
 @pytest.fixture(scope="module")
 def quantized_folders(tiny_vicuna, tmp_path_factory) -> dict[int, object]:
     """`vicunaflow quantize` of the tiny Vicuna: int8, and int4 with groups of 128."""

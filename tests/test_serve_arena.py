@@ -31,7 +31,7 @@ class CharTokenizer:
 
     bos_token_id, eos_token_id, all_special_ids = 0, 1, [0, 1]
 
-    def __call__(self, text: str, add_special_tokens: bool = False):
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True):
         return type("Encoded", (), {"input_ids": [ord(c) for c in text]})
 
     def decode(self, ids, **kwargs) -> str:

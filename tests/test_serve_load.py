@@ -98,7 +98,7 @@ class WordTokenizer:
 
     bos_token_id, eos_token_id, all_special_ids = 1, 2, [1, 2]
 
-    def __call__(self, text: str, add_special_tokens: bool = False):
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = True):
         return type("Encoded", (), {"input_ids": [len(word) for word in text.split()]})
 
     def decode(self, ids, **kwargs) -> str:

@@ -13,7 +13,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
     Earlier replies end in the literal `</s>`, which the tokenizer maps to the EOS special token.
     """
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    # verbose=False: no warning that a prompt past tokenizer_config's model_max_length "will result in indexing
+    # errors": the engine's context decides (the server refuses such a prompt, chat leaves out old turns)
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids
     bos = tokenizer.bos_token_id
     return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
 
