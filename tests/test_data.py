@@ -247,6 +247,22 @@ def test_a_damaged_tokenizer_file_is_named_not_a_traceback(tmp_path: Path, tiny_
         load_model(model)
 
 
+def test_a_folder_without_tokenizer_files_is_one_line(tmp_path: Path, tiny_vicuna) -> None:
+    """No tokenizer.json nor tokenizer.model (a folder of config.json and weights only) as the engine's loader (chat,
+    serve) opens it: one line saying so, not transformers' several lines asking for sentencepiece."""
+    from vicunaflow.tokenizer import open_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, model)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (model / name).unlink()
+    with pytest.raises(VicunaflowError) as err:
+        open_tokenizer(model)
+    message = str(err.value)
+    assert "\n" not in message and "neither tokenizer.json nor tokenizer.model is there" in message, message
+    assert "sentencepiece" not in message
+
+
 @pytest.mark.parametrize("length", ["0", "-5"])
 def test_tokenize_and_preview_refuse_a_length_below_one(tmp_path: Path, tiny_vicuna, length: str) -> None:
     source = write(tmp_path / "c.json", CONVERSATIONS)

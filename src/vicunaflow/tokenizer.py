@@ -36,9 +36,13 @@ def open_tokenizer(model_path: str | Path):
         return AutoTokenizer.from_pretrained(str(model_path))
     except Exception as err:  # tokenizers raises a bare Exception for a bad tokenizer.json
         present = [name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
+        # transformers' own text runs over several lines, and without either file it asks for sentencepiece
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        if not {"tokenizer.json", "tokenizer.model"} & set(present):
+            reason = "neither tokenizer.json nor tokenizer.model is there"
         raise VicunaflowError(
             f"{model_path}: its tokenizer ({', '.join(present) or 'no tokenizer files'}) could not be read: "
-            f"{type(err).__name__}: {err}; restore these files from the model's source (or re-run the step that wrote them)"
+            f"{reason}; restore these files from the model's source (or re-run the step that wrote them)"
         ) from err
 
 
