@@ -205,6 +205,30 @@ def test_malformed_bodies_are_4xx_and_server_keeps_serving(server, client):
     ).choices
 
 
+def test_an_invalid_field_is_named_in_param():
+    """pydantic's refusals name the request field in the error's `param`, as OpenAI's and this server's own
+    checks do; a body that is not a JSON object has none to name."""
+    from vicunaflow.serve.app import _validate
+    from vicunaflow.serve.errors import APIError
+    from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    def param(model, body: bytes):
+        with pytest.raises(APIError) as err:
+            _validate(model, body)
+        assert err.value.status == 400 and err.value.message.startswith("Invalid request body: ")
+        return err.value.param
+
+    chat = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], %s}'
+    assert param(ChatCompletionRequest, (chat % '"max_tokens": "ten"').encode()) == "max_tokens"
+    assert param(ChatCompletionRequest, (chat % '"stop": 5').encode()) == "stop"
+    assert param(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}') == (
+        "messages"
+    )
+    assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "logprobs": 21}') == "logprobs"
+    assert param(ChatCompletionRequest, b"{not json") is None
+    assert param(ChatCompletionRequest, b"[1, 2]") is None
+
+
 def test_prompt_too_long_and_max_tokens_capped(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens") as err:
         client.completions.create(model=model_id(client), prompt="word " * 300, max_tokens=5)

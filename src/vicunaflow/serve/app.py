@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt
-from vicunaflow.serve.errors import APIError, describe, read_body, sse_event
+from vicunaflow.serve.errors import APIError, describe, invalid_body, read_body, sse_event
 from vicunaflow.serve.heap import GCPauses
 from vicunaflow.serve.logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_entries
 from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -355,7 +355,7 @@ def _validate(model: type[BaseModel], raw: bytes):
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as err:
-        raise APIError(400, "Invalid request body: " + describe(err.errors())) from None
+        raise invalid_body(err.errors()) from None
 
 
 def _model_card(name: str, created: int, context: int) -> dict:

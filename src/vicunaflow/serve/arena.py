@@ -193,7 +193,7 @@ def _chat_request(raw: bytes, model: str):
     up to --max-body-bytes: run it off the event loop)."""
     from pydantic import ValidationError
 
-    from vicunaflow.serve.errors import APIError, describe
+    from vicunaflow.serve.errors import APIError, invalid_body
     from vicunaflow.serve.protocol import ChatCompletionRequest
 
     try:
@@ -208,7 +208,7 @@ def _chat_request(raw: bytes, model: str):
     try:
         body = ChatCompletionRequest.model_validate(data)
     except ValidationError as err:  # described without input values: the input holds the side's model name
-        raise APIError(400, "Invalid request body: " + describe(err.errors())) from None
+        raise invalid_body(err.errors()) from None
     user = [m.text() for m in body.messages if m.role == "user"]
     try:
         messages = json.dumps([m.model_dump(mode="json") for m in body.messages], sort_keys=True)

@@ -64,6 +64,14 @@ def describe(errors: list) -> str:
     return "; ".join(problems)
 
 
+def invalid_body(errors: list) -> APIError:
+    """400 for a body that failed validation, described as `describe` does, its `param` the request field
+    of the first problem (as this server's own checks name theirs: "messages", not "messages.0.role");
+    None when the body is not JSON or not an object."""
+    fields = [e["loc"][0] for e in errors[:1] if e.get("loc") and isinstance(e["loc"][0], str)]
+    return APIError(400, "Invalid request body: " + describe(errors), param=fields[0] if fields else None)
+
+
 def sse_event(data: dict | str) -> str:
     """One server-sent event carrying `data` (a JSON object, or a ready string such as [DONE])."""
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
