@@ -229,6 +229,26 @@ def test_an_invalid_field_is_named_in_param():
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 
 
+@pytest.mark.parametrize("role", ["user", "system"])
+def test_an_image_part_is_refused_not_dropped(role):
+    """A text-only model cannot see an image: answering as if it had would mislead, so a part that is not
+    text is a 400 naming where it is (an assistant's earlier parts are only text or its refusal)."""
+    from vicunaflow.serve.app import _turns
+    from vicunaflow.serve.errors import APIError
+    from vicunaflow.serve.protocol import ChatCompletionRequest
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    parts = [{"type": "text", "text": "What is in this image?"}, image]
+    messages = [{"role": role, "content": parts}] + ([{"role": "user", "content": "hi"}] if role == "system" else [])
+    with pytest.raises(APIError) as err:
+        _turns(ChatCompletionRequest(model="m", messages=messages))
+    assert err.value.status == 400 and err.value.param == "messages"
+    assert "messages[0].content[1]" in err.value.message and "'image_url'" in err.value.message
+    text_parts = [{"role": "user", "content": parts[:1]}, {"role": "assistant", "content": [{"type": "refusal"}]}]
+    _, turns = _turns(ChatCompletionRequest(model="m", messages=[*text_parts, {"role": "user", "content": "and?"}]))
+    assert turns[0][1] == "What is in this image?"
+
+
 def test_prompt_too_long_and_max_tokens_capped(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens") as err:
         client.completions.create(model=model_id(client), prompt="word " * 300, max_tokens=5)

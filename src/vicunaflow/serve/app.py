@@ -398,6 +398,17 @@ def _turns(body: ChatCompletionRequest) -> tuple[str, list[tuple[str, str | None
     """OpenAI messages -> (system prompt, Vicuna turns ending with the assistant's empty turn)."""
     system_parts, turns = [], []
     for i, message in enumerate(body.messages):
+        # an image (or audio, a file) left out unsaid would be answered about as if it had been seen; an
+        # assistant's parts are text or its refusal, nothing a reply depends on
+        parts = message.content if isinstance(message.content, list) and message.role != "assistant" else []
+        for j, part in enumerate(parts):
+            if part.type != "text":
+                raise APIError(
+                    400,
+                    f"messages[{i}].content[{j}]: this model reads text only, not a part of type {part.type!r}; "
+                    'send the content as a string or as text parts ({"type": "text", "text": "..."})',
+                    param="messages",
+                )
         text = message.text()
         if message.role in ("system", "developer"):
             if turns:
