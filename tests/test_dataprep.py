@@ -283,6 +283,28 @@ def test_invalid_utf8_in_a_json_array_names_the_record_and_leaves_no_output(tmp_
         clean(data=array, output=array, jobs=1)
 
 
+@pytest.mark.parametrize(
+    ("name", "pack", "message"),
+    [
+        ("sg.json", "gzip", r"sg\.json: gzip-compressed, not JSON text; decompress it first: gzip -dc \S*sg\.json > \S*sg\.plain\.json"),
+        ("sg.json.gz", "gzip", r"sg\.json\.gz: gzip-compressed, .*: gzip -dc \S*sg\.json\.gz > \S*sg\.json$"),
+        ("sg.json", "utf-16", r"sg\.json: not UTF-8 but UTF-16 or UTF-32 \(byte 0: 0xff\); convert it: iconv -f utf-16"),
+    ],
+)  # fmt: skip
+def test_a_compressed_or_utf16_file_is_named_with_the_command_that_makes_it_readable(name, pack, message, tmp_path):
+    """clean and split said `starts with b'\\x1f'`, tokenize called a gzip file UTF-16 (a NUL at its byte 3)."""
+    import gzip
+
+    text = json.dumps([{"id": "a", "conversations": turns("q", "a")}])
+    source = tmp_path / name
+    source.write_bytes(gzip.compress(text.encode()) if pack == "gzip" else text.encode("utf-16"))
+    with pytest.raises(VicunaflowError, match=message):
+        clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    with pytest.raises(VicunaflowError, match=message):
+        data.load_conversations(source)  # data tokenize, preview and eval loss
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], "nothing written"
+
+
 def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> None:
     pytest.importorskip("py3langid")
     records = [
