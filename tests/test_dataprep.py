@@ -516,6 +516,24 @@ def test_split_over_worker_processes_gives_the_bytes_of_one_process_in_input_ord
     assert parents == sorted(parents) and len(set(parents)) > 70, "in input order (ids start with it)"
 
 
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([], r"e\.jsonl: no conversation in it; give a JSON array or JSONL of ShareGPT conversations$"),
+        ([{"conversations": turns("q", "a")}, {"id": "x", "conversations": "hi"}],
+         r"no conversation is left to train on \(read 2, kept 0; dropped: no_id 1, not_a_conversation 1\); give "
+         r"conversations with an id and a user turn with a reply \(`vicunaflow data clean` makes them\)$"),
+    ],
+)  # fmt: skip
+def test_split_that_keeps_nothing_names_the_fix_for_what_dropped_it(records, message, tiny_hf, tmp_path) -> None:
+    """The error always said "raise --model-max-length or lower --held-out-fraction", even for an empty file or
+    records without ids, where neither helps."""
+    source = write_jsonl(tmp_path / "e.jsonl", records)
+    with pytest.raises(VicunaflowError, match=message):
+        split(data=source, model_path=tiny_hf, output=tmp_path / "s.jsonl", jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"], "nothing written"
+
+
 def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(tiny_hf, tmp_path: Path) -> None:
     records = [{"id": f"r{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(400)]
     records += long_conversations()[:12]
