@@ -585,6 +585,22 @@ def test_mix_weights_sample_deterministically_and_drop_cross_set_duplicates(tmp_
         mix(data=[a, b], weights=[1], output=tmp_path / "x.jsonl")
 
 
+def test_mix_that_holds_nothing_is_refused_and_a_conversations_that_is_no_list_is_dropped(tmp_path: Path) -> None:
+    """An empty set, or a weight that samples none of a small set, wrote an empty mix and exited 0; a record whose
+    `conversations` was a string or an object went into the mix as it was."""
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(VicunaflowError, match=r"empty\.jsonl: no conversation in them; give `vicunaflow data clean`"):
+        mix(data=[empty], weights=[1], output=tmp_path / "m.jsonl")
+    small = write_jsonl(tmp_path / "small.jsonl", [{"id": i, "conversations": turns(f"q{i}", "a")} for i in range(2)])
+    with pytest.raises(VicunaflowError, match=r"holds no conversation \(read 2; dropped: not_sampled:small 2\); raise"):
+        mix(data=[small], weights=[0.01], output=tmp_path / "m.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "small.jsonl"], "nothing written"
+    odd = [{"id": "s", "conversations": "hi"}, {"id": "o", "conversations": {"from": "human"}}]
+    mixed = mix(data=[write_jsonl(tmp_path / "odd.jsonl", odd), small], weights=[1, 1], output=tmp_path / "m.jsonl")
+    assert [r["id"] for r in read_jsonl(mixed)] == ["small/0", "small/1"]
+    assert read_counts(tmp_path / "m.counts.tsv")[("drop", "not_a_conversation")] == 2
+
+
 # ---- fetch from a Hugging Face Hub stand-in (tests/fake_hub.py) --------------------------------------
 
 
