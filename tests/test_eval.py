@@ -288,6 +288,32 @@ def test_summary_refuses_judgments_of_other_questions(fake_judge, tmp_path: Path
     assert not (tmp_path / "s.tsv").exists()
 
 
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (None, r"missing\.jsonl: no such judgment file; give a judgment file of `vicunaflow eval judge`"),
+        ([], r"j\.jsonl: no judgments in it; judge the answers with `vicunaflow eval judge`"),
+        ([{"score": "8"}], r"j\.jsonl:1: not a judgment \(score '8' is not a number\)"),
+        ([{"score": True}], r"j\.jsonl:1: not a judgment \(score True is not a number\)"),
+        ([{"judge": "ab"}], r"j\.jsonl:1: not a judgment \(judge 'ab' is not \[judge model, prompt name\]\)"),
+        ([{"question_id": "1"}], r"j\.jsonl: judgments of question_id '1', not in .*: give --questions"),
+    ],
+    ids=["missing", "empty", "score-text", "score-bool", "judge-text", "question-id-text"],
+)
+def test_summary_refuses_judgment_files_that_are_missing_empty_or_malformed(lines, message, tmp_path: Path) -> None:
+    """A missing or empty judgment file gave an empty table and exit 0; a score written as text ended in a
+    traceback; a judge written as "ab" was judge "a"; question_id "1" was question 1's judgment in category
+    `unknown`."""
+    judgment = {"question_id": 1, "model": "m", "judge": ["gpt-4", "single-v1"], "user_prompt": "p"}
+    judgment |= {"judgment": "[[8]]", "score": 8, "turn": 1, "tstamp": 0.0}
+    path = tmp_path / ("missing.jsonl" if lines is None else "j.jsonl")
+    if lines is not None:
+        path.write_text("".join(json.dumps(judgment | line) + "\n" for line in lines))
+    with pytest.raises(VicunaflowError, match=message):
+        summary(questions=BUILTIN_QUESTIONS, judgments=[path], output=tmp_path / "s.tsv")
+    assert not (tmp_path / "s.tsv").exists()
+
+
 def test_judge_with_a_partial_file_writes_the_output_whole(fake_judge, tmp_path: Path) -> None:
     """The workflow's mode: Snakemake removes a failed job's output, not the partial file beside it."""
     partial, output = tmp_path / "staging" / "judgment.jsonl", tmp_path / "out" / "judgment.jsonl"
