@@ -384,6 +384,29 @@ def test_bad_lines_are_named_by_file_and_line(fake_judge, tmp_path: Path) -> Non
     assert fake_judge.requests == []
 
 
+def test_judge_refuses_answers_without_a_model_short_references_and_prompts_naming_the_file(fake_judge, tmp_path):
+    """Answers without model_id were judged as model "None"; a reference answer of one turn to a two-turn
+    question ended in an IndexError traceback; missing judge prompts were reported without the file's name."""
+    answers = fake_answers(tmp_path / "answers.jsonl")
+    answers.write_text(answers.read_text().replace('"model_id": "tiny-model", ', ""))
+    with pytest.raises(VicunaflowError, match=rf"{answers}: answers without a model_id; name the judged model with"):
+        run_judge(tmp_path, fake_judge)
+    fake_answers(answers)
+    reference = tmp_path / "reference.jsonl"
+    records = [json.loads(line) for line in BUILTIN_REFERENCE.read_text().splitlines()]
+    records[0]["choices"][0]["turns"] = records[0]["choices"][0]["turns"][:1]
+    reference.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(
+        VicunaflowError, match=rf"{reference}: the reference answer to question {records[0]['question_id']} has 1 turn"
+    ):
+        run_judge(tmp_path, fake_judge, reference=reference)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(BUILTIN_JUDGE_PROMPTS.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(VicunaflowError, match=rf"{prompts}: the judge prompts lack single-math-v1, "):
+        run_judge(tmp_path, fake_judge, judge_prompts=prompts)
+    assert fake_judge.requests == [] and not (tmp_path / "judgment.jsonl").exists()
+
+
 # --- answers: FastChat's conversation, transformers' greedy tokens ------------------------------
 
 
