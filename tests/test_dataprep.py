@@ -668,6 +668,14 @@ def test_fetch_errors_name_the_file_and_leave_nothing(hub, tmp_path: Path) -> No
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no temporary left"
 
 
+@pytest.mark.parametrize("repo", ["not a repo id", "a/b/c", "-a/b"])
+def test_fetch_of_a_repository_id_the_hub_cannot_have_is_one_line(repo, tmp_path: Path) -> None:
+    """huggingface_hub's HFValidationError ended the command in a traceback."""
+    with pytest.raises(VicunaflowError, match=rf"{re.escape(repo)}: not a Hugging Face repository id \("):
+        fetch(repo=repo, file="sg.json", output_dir=tmp_path / "raw", endpoint="http://127.0.0.1:9")
+    assert not (tmp_path / "raw").exists()
+
+
 # ---- CLI and workflow ----------------------------------------------------------------------------------
 
 
