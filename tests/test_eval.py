@@ -673,6 +673,42 @@ def test_demo_plans_the_offline_evaluation(tmp_path: Path) -> None:
     assert "mt_bench_download" not in jobs  # the built-in questions: offline
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"eval": {"models": ["vicuna-tiny-all-v1.1"], "summary_judges": ["gpt4"]}},
+         "config: eval.summary_judges.gpt4: no judge of that name in eval.judges (gpt-4)"),
+        ({"eval": {"models": []}}, "config: eval.models is empty"),
+        ({"eval": {"models": ["vicuna-7B-all-v1.1"]}},
+         "config: eval.models: vicuna-7B-all-v1.1: model names are lower case: vicuna-7b-all-v1.1"),
+        ({"targets": ["vicuna-70b-all-v1.1"]},
+         "config: targets: vicuna-70b-all-v1.1: no model size 70b (sizes: 7b, 13b, 33b, 65b, tiny)"),
+        ({"targets": ["fine_tuning_output/r"],
+          "finetune": {"runs": {"r": {"model": "vicuna-tiny-all-v1.1", "model_max_length": "2k"}}}},
+         "'2k' is not of type 'integer'"),
+    ],
+    ids=["summary-judge", "no-models", "model-size-case", "target-size", "max-length-text"],
+)  # fmt: skip
+def test_config_mistakes_fail_the_dry_run_naming_the_key(config, message, tmp_path: Path) -> None:
+    """Each had passed validation and failed later as a MissingInputException naming a file no rule makes (a
+    judgment of judge gpt4, a folder vicuna-7B-all-v1.1, data/tokenized/...-len2k), or planned a summary of nothing
+    that failed when run."""
+    import os
+    import subprocess
+
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"targets": ["results/eval/summary.tsv"], **config}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+    result = subprocess.run(
+        [*command, "--configfile", str(tmp_path / "mine.yaml")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0 and message in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "MissingInputException" not in result.stdout + result.stderr
+
+
 def test_workflow_defaults_match_the_commands() -> None:
     import inspect
 
