@@ -752,6 +752,47 @@ def test_dry_run_plans_hub_dataset_clean_mix_split_tokenize(tmp_path: Path) -> N
     )
 
 
+def test_paths_with_spaces_reach_the_commands_quoted_and_run_names_are_refused(tmp_path: Path) -> None:
+    """A data, questions, held-out or local model path with a space (or a checkout under "My Projects", whose
+    built-in files every demo reads) went into the shell unquoted: the dry run passed and the job failed with
+    "unrecognized arguments". A run name with a space names folders and log files: refused like a dataset's."""
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "my data").mkdir()
+    write_jsonl(tmp_path / "my data" / "conv s.json", DIRTY[:1])
+    (tmp_path / "my data" / "q s.jsonl").write_text(
+        json.dumps({"question_id": 1, "category": "writing", "turns": ["hi"]}) + "\n"
+    )
+    (tmp_path / "my models" / "llama 7b").mkdir(parents=True)
+    config = {
+        "targets": ["fine_tuning_output/r", "results/eval/summary.tsv", "llama-7b-hf"],
+        "llama": {"source": "local_hf", "local": {"7b": "my models/llama 7b"}},
+        "finetune": {"runs": {"r": {"model": "vicuna-tiny-all-v1.1", "data": "my data/conv s.json"}}},
+        "eval": {
+            "models": ["vicuna-tiny-all-v1.1"],
+            "questions": "my data/q s.jsonl",
+            "judges": {"self": {"model": "m", "serve": "vicuna-tiny-all-v1.1"}},
+            "summary_judges": ["self"],
+            "loss_data": {"held": "my data/conv s.json"},
+        },
+    }
+    (tmp_path / "spaces.yaml").write_text(yaml.safe_dump(config))
+    result = _snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "spaces.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for quoted in ("--data 'my data/conv s.json'", "--output-dir 'data/tokenized/conv s/vicuna-tiny-all-v1.1-len2048'",
+                   "--data 'data/tokenized/conv s/vicuna-tiny-all-v1.1-len2048'", "--questions 'my data/q s.jsonl'",
+                   "--path 'my models/llama 7b'"):  # fmt: skip
+        assert quoted in out, quoted
+    commands = "\n".join(line for line in out.splitlines() if line.startswith("Shell command:"))
+    assert not re.search(r" (my data|my models|data/tokenized/conv s|logs/\w+/conv s)", commands), "all quoted"
+    config["finetune"]["runs"] = {"my run": {"model": "vicuna-tiny-all-v1.1", "data": "builtin"}}
+    (tmp_path / "spaces.yaml").write_text(yaml.safe_dump(config))
+    result = _snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "spaces.yaml"))
+    assert result.returncode != 0 and "'my run' does not match" in result.stdout + result.stderr
+
+
 @pytest.mark.e2e
 def test_workflow_prepares_a_local_dataset_and_reruns_only_what_a_change_touches(tiny_vicuna, tmp_path: Path) -> None:
     import shutil

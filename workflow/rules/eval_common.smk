@@ -121,7 +121,7 @@ def get_judge_args(wildcards, input):
 
 def get_reference_arg(wildcards):
     reference = EVAL_FILES["reference"]
-    return f"--reference {reference}" if reference else ""
+    return f"--reference {shlex.quote(reference)}" if reference else ""
 
 
 def get_loss_data(wildcards):
@@ -142,7 +142,7 @@ def get_harness_args(wildcards, input):
     suite = get_harness(wildcards.suite)
     args = f"--tasks {' '.join(map(shlex.quote, suite['tasks']))} --num-concurrent {suite['num_concurrent']}"
     if suite["include_path"]:
-        args += f" --include-path {input.tasks_dir}"
+        args += f" --include-path {shlex.quote(str(input.tasks_dir))}"
     for key in ("limit", "num_fewshot"):
         if suite[key] is not None:
             args += f" --{key.replace('_', '-')} {suite[key]}"
