@@ -193,7 +193,10 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
     if errors:
         shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
         more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise VicunaflowError(f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them")
+        raise VicunaflowError(
+            f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them, or run `vicunaflow data "
+            "clean` on the file first (it normalises roles such as bing, chatgpt and system, and drops broken records)"
+        )
     if not conversations:
         raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
