@@ -235,6 +235,25 @@ def test_clean_normalises_roles_converts_html_and_counts_every_drop(tmp_path: Pa
     assert "\tinvalid_utf8\t1\trecord at line 17" in tsv and "\tunknown_role\t1\trecord 'tool' (line 9)" in tsv
 
 
+def test_drops_name_json_types_as_json_calls_them(tmp_path: Path, caplog) -> None:
+    """A null value was "a NoneType value", a number "a int value", a missing value also "a NoneType value"."""
+    records = [
+        {"id": "null", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
+        {"id": "number", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]},
+        {"id": "none", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
+        {"id": "list", "conversations": [["human", "q"], {"from": "gpt", "value": "a"}]},
+        7,
+        {"id": "ok", "conversations": turns("q", "a")},
+    ]
+    clean(data=write_jsonl(tmp_path / "in.jsonl", records), output=tmp_path / "out.jsonl", jobs=1)
+    for expected in ("'null' (line 1): dropped (broken_turn): turn 0 (human) value is null, not a string",
+                     "'number' (line 2): dropped (broken_turn): turn 0 (human) value is a number, not a string",
+                     "'none' (line 3): dropped (broken_turn): turn 0 (human) has no value",
+                     "'list' (line 4): dropped (broken_turn): turn 0 is an array, not an object",
+                     "record at line 5: dropped (not_a_conversation): a number, not an object"):  # fmt: skip
+        assert expected in caplog.text, expected
+
+
 def test_clean_is_deterministic_across_worker_counts_and_reads_json_arrays(tmp_path: Path) -> None:
     records = [r for r in DIRTY if isinstance(r, dict)] * 3
     array = tmp_path / "dirty.json"
