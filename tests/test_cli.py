@@ -81,6 +81,24 @@ def test_a_flag_prefix_is_refused_not_taken_for_the_option(args: tuple[str, ...]
     assert "Traceback" not in result.stderr
 
 
+def test_a_path_given_to_a_list_of_paths_is_a_path_not_a_file_of_options(tmp_path, capsys) -> None:
+    """jsonargparse read each lone value of a list[Path] flag whole as a YAML file of options (a 1 GB data set
+    parsed before the verb ran), and a file that is no UTF-8 text failed in the parser, naming no file."""
+    import gzip
+
+    argv = ["data", "mix", "--data", "a.jsonl", "b.jsonl", "--weights", "1", "1", "--data", "c.jsonl"]
+    assert cli._repeated_list_flags(argv) == [
+        "data", "mix", "--data+", '["a.jsonl"]', "--data+", '["b.jsonl"]', "--weights+", "1", "--weights+", "1",
+        "--data+", '["c.jsonl"]',
+    ]  # fmt: skip
+    packed = tmp_path / "sg.json"
+    packed.write_bytes(gzip.compress(b"[]"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["data", "mix", "--data", str(packed), "--weights", "1", "--output", str(tmp_path / "m.jsonl")])
+    assert exit.value.code == 1
+    assert f"{packed}: gzip-compressed, not JSON text" in capsys.readouterr().err
+
+
 def test_workflow_defaults_match_cli_defaults() -> None:
     """convert.* defaults in the schema are the defaults of `vicunaflow convert`."""
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())

@@ -83,6 +83,15 @@ def test_validation_names_every_bad_record_with_its_reason(tmp_path: Path) -> No
     assert "'ok'" not in message
 
 
+def test_invalid_records_point_to_data_clean(tmp_path: Path) -> None:
+    """ShareGPT dumps hold roles such as bing and chatgpt and a leading system turn, which `data clean` normalises
+    (tokenize only takes human/user and gpt/assistant): the error said only "fix or remove them"."""
+    records = [{"id": "b", "conversations": [{"from": "human", "value": "a"}, {"from": "bing", "value": "b"}]}]
+    with pytest.raises(VicunaflowError, match=r"unknown role 'bing'.*; fix or remove them, or run `vicunaflow data "
+                       r"clean` on the file first \(it normalises roles such as bing, chatgpt and system"):  # fmt: skip
+        data.load_conversations(write(tmp_path / "c.json", records))
+
+
 @pytest.mark.parametrize("role", [["human"], {"name": "human"}])
 def test_a_role_that_is_not_a_string_names_the_record(tmp_path: Path, role) -> None:
     records = [{"id": "odd-role", "conversations": [{"from": role, "value": "a"}, {"from": "gpt", "value": "b"}]}]

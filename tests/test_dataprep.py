@@ -235,6 +235,25 @@ def test_clean_normalises_roles_converts_html_and_counts_every_drop(tmp_path: Pa
     assert "\tinvalid_utf8\t1\trecord at line 17" in tsv and "\tunknown_role\t1\trecord 'tool' (line 9)" in tsv
 
 
+def test_drops_name_json_types_as_json_calls_them(tmp_path: Path, caplog) -> None:
+    """A null value was "a NoneType value", a number "a int value", a missing value also "a NoneType value"."""
+    records = [
+        {"id": "null", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
+        {"id": "number", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]},
+        {"id": "none", "conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
+        {"id": "list", "conversations": [["human", "q"], {"from": "gpt", "value": "a"}]},
+        7,
+        {"id": "ok", "conversations": turns("q", "a")},
+    ]
+    clean(data=write_jsonl(tmp_path / "in.jsonl", records), output=tmp_path / "out.jsonl", jobs=1)
+    for expected in ("'null' (line 1): dropped (broken_turn): turn 0 (human) value is null, not a string",
+                     "'number' (line 2): dropped (broken_turn): turn 0 (human) value is a number, not a string",
+                     "'none' (line 3): dropped (broken_turn): turn 0 (human) has no value",
+                     "'list' (line 4): dropped (broken_turn): turn 0 is an array, not an object",
+                     "record at line 5: dropped (not_a_conversation): a number, not an object"):  # fmt: skip
+        assert expected in caplog.text, expected
+
+
 def test_clean_is_deterministic_across_worker_counts_and_reads_json_arrays(tmp_path: Path) -> None:
     records = [r for r in DIRTY if isinstance(r, dict)] * 3
     array = tmp_path / "dirty.json"
@@ -281,6 +300,28 @@ def test_invalid_utf8_in_a_json_array_names_the_record_and_leaves_no_output(tmp_
     assert not output.exists()
     with pytest.raises(VicunaflowError, match="it is the input"):
         clean(data=array, output=array, jobs=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "pack", "message"),
+    [
+        ("sg.json", "gzip", r"sg\.json: gzip-compressed, not JSON text; decompress it first: gzip -dc \S*sg\.json > \S*sg\.plain\.json"),
+        ("sg.json.gz", "gzip", r"sg\.json\.gz: gzip-compressed, .*: gzip -dc \S*sg\.json\.gz > \S*sg\.json$"),
+        ("sg.json", "utf-16", r"sg\.json: not UTF-8 but UTF-16 or UTF-32 \(byte 0: 0xff\); convert it: iconv -f utf-16"),
+    ],
+)  # fmt: skip
+def test_a_compressed_or_utf16_file_is_named_with_the_command_that_makes_it_readable(name, pack, message, tmp_path):
+    """clean and split said `starts with b'\\x1f'`, tokenize called a gzip file UTF-16 (a NUL at its byte 3)."""
+    import gzip
+
+    text = json.dumps([{"id": "a", "conversations": turns("q", "a")}])
+    source = tmp_path / name
+    source.write_bytes(gzip.compress(text.encode()) if pack == "gzip" else text.encode("utf-16"))
+    with pytest.raises(VicunaflowError, match=message):
+        clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    with pytest.raises(VicunaflowError, match=message):
+        data.load_conversations(source)  # data tokenize, preview and eval loss
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], "nothing written"
 
 
 def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> None:
@@ -494,6 +535,24 @@ def test_split_over_worker_processes_gives_the_bytes_of_one_process_in_input_ord
     assert parents == sorted(parents) and len(set(parents)) > 70, "in input order (ids start with it)"
 
 
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([], r"e\.jsonl: no conversation in it; give a JSON array or JSONL of ShareGPT conversations$"),
+        ([{"conversations": turns("q", "a")}, {"id": "x", "conversations": "hi"}],
+         r"no conversation is left to train on \(read 2, kept 0; dropped: no_id 1, not_a_conversation 1\); give "
+         r"conversations with an id and a user turn with a reply \(`vicunaflow data clean` makes them\)$"),
+    ],
+)  # fmt: skip
+def test_split_that_keeps_nothing_names_the_fix_for_what_dropped_it(records, message, tiny_hf, tmp_path) -> None:
+    """The error always said "raise --model-max-length or lower --held-out-fraction", even for an empty file or
+    records without ids, where neither helps."""
+    source = write_jsonl(tmp_path / "e.jsonl", records)
+    with pytest.raises(VicunaflowError, match=message):
+        split(data=source, model_path=tiny_hf, output=tmp_path / "s.jsonl", jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"], "nothing written"
+
+
 def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(tiny_hf, tmp_path: Path) -> None:
     records = [{"id": f"r{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(400)]
     records += long_conversations()[:12]
@@ -543,6 +602,22 @@ def test_mix_weights_sample_deterministically_and_drop_cross_set_duplicates(tmp_
     assert len({r["id"] for r in mixed}) == len(mixed)
     with pytest.raises(VicunaflowError, match="one weight and name per file"):
         mix(data=[a, b], weights=[1], output=tmp_path / "x.jsonl")
+
+
+def test_mix_that_holds_nothing_is_refused_and_a_conversations_that_is_no_list_is_dropped(tmp_path: Path) -> None:
+    """An empty set, or a weight that samples none of a small set, wrote an empty mix and exited 0; a record whose
+    `conversations` was a string or an object went into the mix as it was."""
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(VicunaflowError, match=r"empty\.jsonl: no conversation in them; give `vicunaflow data clean`"):
+        mix(data=[empty], weights=[1], output=tmp_path / "m.jsonl")
+    small = write_jsonl(tmp_path / "small.jsonl", [{"id": i, "conversations": turns(f"q{i}", "a")} for i in range(2)])
+    with pytest.raises(VicunaflowError, match=r"holds no conversation \(read 2; dropped: not_sampled:small 2\); raise"):
+        mix(data=[small], weights=[0.01], output=tmp_path / "m.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "small.jsonl"], "nothing written"
+    odd = [{"id": "s", "conversations": "hi"}, {"id": "o", "conversations": {"from": "human"}}]
+    mixed = mix(data=[write_jsonl(tmp_path / "odd.jsonl", odd), small], weights=[1, 1], output=tmp_path / "m.jsonl")
+    assert [r["id"] for r in read_jsonl(mixed)] == ["small/0", "small/1"]
+    assert read_counts(tmp_path / "m.counts.tsv")[("drop", "not_a_conversation")] == 2
 
 
 # ---- fetch from a Hugging Face Hub stand-in (tests/fake_hub.py) --------------------------------------
@@ -610,6 +685,14 @@ def test_fetch_errors_name_the_file_and_leave_nothing(hub, tmp_path: Path) -> No
         _fetch(hub, tmp_path, file="../x.json")
     assert not (tmp_path / "raw").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no temporary left"
+
+
+@pytest.mark.parametrize("repo", ["not a repo id", "a/b/c", "-a/b"])
+def test_fetch_of_a_repository_id_the_hub_cannot_have_is_one_line(repo, tmp_path: Path) -> None:
+    """huggingface_hub's HFValidationError ended the command in a traceback."""
+    with pytest.raises(VicunaflowError, match=rf"{re.escape(repo)}: not a Hugging Face repository id \("):
+        fetch(repo=repo, file="sg.json", output_dir=tmp_path / "raw", endpoint="http://127.0.0.1:9")
+    assert not (tmp_path / "raw").exists()
 
 
 # ---- CLI and workflow ----------------------------------------------------------------------------------
@@ -686,6 +769,47 @@ def test_dry_run_plans_hub_dataset_clean_mix_split_tokenize(tmp_path: Path) -> N
     assert (
         result.returncode != 0 and "datasets.x: give exactly one of hub, path or mix" in result.stdout + result.stderr
     )
+
+
+def test_paths_with_spaces_reach_the_commands_quoted_and_run_names_are_refused(tmp_path: Path) -> None:
+    """A data, questions, held-out or local model path with a space (or a checkout under "My Projects", whose
+    built-in files every demo reads) went into the shell unquoted: the dry run passed and the job failed with
+    "unrecognized arguments". A run name with a space names folders and log files: refused like a dataset's."""
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "my data").mkdir()
+    write_jsonl(tmp_path / "my data" / "conv s.json", DIRTY[:1])
+    (tmp_path / "my data" / "q s.jsonl").write_text(
+        json.dumps({"question_id": 1, "category": "writing", "turns": ["hi"]}) + "\n"
+    )
+    (tmp_path / "my models" / "llama 7b").mkdir(parents=True)
+    config = {
+        "targets": ["fine_tuning_output/r", "results/eval/summary.tsv", "llama-7b-hf"],
+        "llama": {"source": "local_hf", "local": {"7b": "my models/llama 7b"}},
+        "finetune": {"runs": {"r": {"model": "vicuna-tiny-all-v1.1", "data": "my data/conv s.json"}}},
+        "eval": {
+            "models": ["vicuna-tiny-all-v1.1"],
+            "questions": "my data/q s.jsonl",
+            "judges": {"self": {"model": "m", "serve": "vicuna-tiny-all-v1.1"}},
+            "summary_judges": ["self"],
+            "loss_data": {"held": "my data/conv s.json"},
+        },
+    }
+    (tmp_path / "spaces.yaml").write_text(yaml.safe_dump(config))
+    result = _snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "spaces.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for quoted in ("--data 'my data/conv s.json'", "--output-dir 'data/tokenized/conv s/vicuna-tiny-all-v1.1-len2048'",
+                   "--data 'data/tokenized/conv s/vicuna-tiny-all-v1.1-len2048'", "--questions 'my data/q s.jsonl'",
+                   "--path 'my models/llama 7b'"):  # fmt: skip
+        assert quoted in out, quoted
+    commands = "\n".join(line for line in out.splitlines() if line.startswith("Shell command:"))
+    assert not re.search(r" (my data|my models|data/tokenized/conv s|logs/\w+/conv s)", commands), "all quoted"
+    config["finetune"]["runs"] = {"my run": {"model": "vicuna-tiny-all-v1.1", "data": "builtin"}}
+    (tmp_path / "spaces.yaml").write_text(yaml.safe_dump(config))
+    result = _snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "spaces.yaml"))
+    assert result.returncode != 0 and "'my run' does not match" in result.stdout + result.stderr
 
 
 @pytest.mark.e2e

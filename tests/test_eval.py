@@ -288,6 +288,32 @@ def test_summary_refuses_judgments_of_other_questions(fake_judge, tmp_path: Path
     assert not (tmp_path / "s.tsv").exists()
 
 
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (None, r"missing\.jsonl: no such judgment file; give a judgment file of `vicunaflow eval judge`"),
+        ([], r"j\.jsonl: no judgments in it; judge the answers with `vicunaflow eval judge`"),
+        ([{"score": "8"}], r"j\.jsonl:1: not a judgment \(score '8' is not a number\)"),
+        ([{"score": True}], r"j\.jsonl:1: not a judgment \(score True is not a number\)"),
+        ([{"judge": "ab"}], r"j\.jsonl:1: not a judgment \(judge 'ab' is not \[judge model, prompt name\]\)"),
+        ([{"question_id": "1"}], r"j\.jsonl: judgments of question_id '1', not in .*: give --questions"),
+    ],
+    ids=["missing", "empty", "score-text", "score-bool", "judge-text", "question-id-text"],
+)
+def test_summary_refuses_judgment_files_that_are_missing_empty_or_malformed(lines, message, tmp_path: Path) -> None:
+    """A missing or empty judgment file gave an empty table and exit 0; a score written as text ended in a
+    traceback; a judge written as "ab" was judge "a"; question_id "1" was question 1's judgment in category
+    `unknown`."""
+    judgment = {"question_id": 1, "model": "m", "judge": ["gpt-4", "single-v1"], "user_prompt": "p"}
+    judgment |= {"judgment": "[[8]]", "score": 8, "turn": 1, "tstamp": 0.0}
+    path = tmp_path / ("missing.jsonl" if lines is None else "j.jsonl")
+    if lines is not None:
+        path.write_text("".join(json.dumps(judgment | line) + "\n" for line in lines))
+    with pytest.raises(VicunaflowError, match=message):
+        summary(questions=BUILTIN_QUESTIONS, judgments=[path], output=tmp_path / "s.tsv")
+    assert not (tmp_path / "s.tsv").exists()
+
+
 def test_judge_with_a_partial_file_writes_the_output_whole(fake_judge, tmp_path: Path) -> None:
     """The workflow's mode: Snakemake removes a failed job's output, not the partial file beside it."""
     partial, output = tmp_path / "staging" / "judgment.jsonl", tmp_path / "out" / "judgment.jsonl"
@@ -356,6 +382,29 @@ def test_bad_lines_are_named_by_file_and_line(fake_judge, tmp_path: Path) -> Non
     with pytest.raises(VicunaflowError, match="give --reference"):
         run_judge(tmp_path, fake_judge, reference=None)
     assert fake_judge.requests == []
+
+
+def test_judge_refuses_answers_without_a_model_short_references_and_prompts_naming_the_file(fake_judge, tmp_path):
+    """Answers without model_id were judged as model "None"; a reference answer of one turn to a two-turn
+    question ended in an IndexError traceback; missing judge prompts were reported without the file's name."""
+    answers = fake_answers(tmp_path / "answers.jsonl")
+    answers.write_text(answers.read_text().replace('"model_id": "tiny-model", ', ""))
+    with pytest.raises(VicunaflowError, match=rf"{answers}: answers without a model_id; name the judged model with"):
+        run_judge(tmp_path, fake_judge)
+    fake_answers(answers)
+    reference = tmp_path / "reference.jsonl"
+    records = [json.loads(line) for line in BUILTIN_REFERENCE.read_text().splitlines()]
+    records[0]["choices"][0]["turns"] = records[0]["choices"][0]["turns"][:1]
+    reference.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(
+        VicunaflowError, match=rf"{reference}: the reference answer to question {records[0]['question_id']} has 1 turn"
+    ):
+        run_judge(tmp_path, fake_judge, reference=reference)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(BUILTIN_JUDGE_PROMPTS.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(VicunaflowError, match=rf"{prompts}: the judge prompts lack single-math-v1, "):
+        run_judge(tmp_path, fake_judge, judge_prompts=prompts)
+    assert fake_judge.requests == [] and not (tmp_path / "judgment.jsonl").exists()
 
 
 # --- answers: FastChat's conversation, transformers' greedy tokens ------------------------------
@@ -622,6 +671,42 @@ def test_demo_plans_the_offline_evaluation(tmp_path: Path) -> None:
         "eval_summary": 1,
     }
     assert "mt_bench_download" not in jobs  # the built-in questions: offline
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"eval": {"models": ["vicuna-tiny-all-v1.1"], "summary_judges": ["gpt4"]}},
+         "config: eval.summary_judges.gpt4: no judge of that name in eval.judges (gpt-4)"),
+        ({"eval": {"models": []}}, "config: eval.models is empty"),
+        ({"eval": {"models": ["vicuna-7B-all-v1.1"]}},
+         "config: eval.models: vicuna-7B-all-v1.1: model names are lower case: vicuna-7b-all-v1.1"),
+        ({"targets": ["vicuna-70b-all-v1.1"]},
+         "config: targets: vicuna-70b-all-v1.1: no model size 70b (sizes: 7b, 13b, 33b, 65b, tiny)"),
+        ({"targets": ["fine_tuning_output/r"],
+          "finetune": {"runs": {"r": {"model": "vicuna-tiny-all-v1.1", "model_max_length": "2k"}}}},
+         "'2k' is not of type 'integer'"),
+    ],
+    ids=["summary-judge", "no-models", "model-size-case", "target-size", "max-length-text"],
+)  # fmt: skip
+def test_config_mistakes_fail_the_dry_run_naming_the_key(config, message, tmp_path: Path) -> None:
+    """Each had passed validation and failed later as a MissingInputException naming a file no rule makes (a
+    judgment of judge gpt4, a folder vicuna-7B-all-v1.1, data/tokenized/...-len2k), or planned a summary of nothing
+    that failed when run."""
+    import os
+    import subprocess
+
+    import yaml
+
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"targets": ["results/eval/summary.tsv"], **config}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
+    result = subprocess.run(
+        [*command, "--configfile", str(tmp_path / "mine.yaml")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0 and message in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "MissingInputException" not in result.stdout + result.stderr
 
 
 def test_workflow_defaults_match_the_commands() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import logging
 import sys
 import typing
@@ -198,6 +199,32 @@ def _repeated_list_flags(argv: list[str]) -> list[str]:
             if flag in seen or (list_only(hints[flag]) and not value.lstrip().startswith("[")):
                 arg = flag + "+" + eq + value if eq else flag + "+"
             seen.add(flag)
+        result.append(arg)
+    return _paths_as_json(result, {flag for flag, hint in hints.items() if list_only(hint) and _of_paths(hint)})
+
+
+def _of_paths(hint) -> bool:
+    """Whether `hint` is a list of paths (`list[Path]`, `list[Path] | None`)."""
+    from pathlib import Path
+
+    return any(typing.get_origin(h) is list and typing.get_args(h) == (Path,) for h in (hint, *typing.get_args(hint)))
+
+
+def _paths_as_json(argv: list[str], flags: set[str]) -> list[str]:
+    """`--data+ a.jsonl` as `--data+ '["a.jsonl"]'`: jsonargparse reads a lone value of a list of paths that names a
+    file as a YAML file of options first (a whole 1 GB data set, before the verb runs; a gzip file fails there,
+    naming no file); a JSON list is taken as it is. `-` (a list read from stdin) is left alone."""
+
+    def as_json(value: str) -> str:
+        return value if value == "-" or value.lstrip().startswith("[") else json.dumps([value])
+
+    result = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag.removesuffix("+") in flags:
+            arg = flag + eq + as_json(value)
+        elif i and argv[i - 1].removesuffix("+") in flags and not arg.startswith("--"):
+            arg = as_json(arg)
         result.append(arg)
     return result
 

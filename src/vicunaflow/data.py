@@ -193,7 +193,10 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
     if errors:
         shown = "; ".join(errors[:MAX_REPORTED_ERRORS])
         more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise VicunaflowError(f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them")
+        raise VicunaflowError(
+            f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them, or run `vicunaflow data "
+            "clean` on the file first (it normalises roles such as bing, chatgpt and system, and drops broken records)"
+        )
     if not conversations:
         raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
@@ -255,16 +258,13 @@ def check_max_length(model_max_length: int) -> None:
 
 
 def read_text(path: Path) -> str:
-    """The file as UTF-8 text (a byte-order mark is accepted); other encodings fail naming the byte and the fix."""
+    """The file as UTF-8 text (a byte-order mark is accepted); other encodings and compressed files fail naming the
+    byte and the fix."""
+    from vicunaflow.dataprep.records import refuse_unreadable
+
     raw = path.read_bytes()
+    refuse_unreadable(path, raw)  # compressed, UTF-16 or UTF-32
     converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
-    nul = raw.find(b"\x00")  # never in UTF-8 JSON text; every other byte in UTF-16 ASCII, which decodes "fine"
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or nul >= 0:
-        offset = 0 if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else nul  # the byte-order mark, or the first NUL
-        raise VicunaflowError(
-            f"{path}: not UTF-8 but UTF-16 or UTF-32 (byte {offset}: 0x{raw[offset]:02x}); convert it: "
-            f"iconv -f utf-16 -t utf-8 {path} > {converted}"
-        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -45,7 +45,32 @@ wildcard_constraints:
 
 
 def get_final_output():
+    for target in config["targets"]:
+        check_model_name("targets", target)
     return config["targets"]
+
+
+# A model folder's name as users write it, in any case and with any size: vicuna-7B-all-v1.1, llama-70b-hf.
+MODEL_LIKE = re.compile(
+    r"(?:vicuna-([^/]+?)-all-v1\.1|llama-([^/]+?)-hf)(?:-int[48])?", re.IGNORECASE
+)
+
+
+def check_model_name(place, name):
+    """Fail before any job on a model name with a size no rule builds (7B, 70b): Snakemake would only
+    report a missing folder of that name. Names that are no model's (a run, a path) pass.
+    """
+    match = MODEL_LIKE.fullmatch(name)
+    if match is None or re.fullmatch(f"(?:{MODEL_NAME})(?:-int[48])?", name):
+        return
+    if re.fullmatch(f"(?:{MODEL_NAME})(?:-int[48])?", name.lower()):
+        raise ValueError(
+            f"config: {place}: {name}: model names are lower case: {name.lower()}"
+        )
+    size = match.group(1) or match.group(2)
+    raise ValueError(
+        f"config: {place}: {name}: no model size {size} (sizes: {', '.join(SIZES)})"
+    )
 
 
 def llama_source(size):

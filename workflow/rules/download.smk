@@ -58,7 +58,7 @@ rule llama_raw_local:
     params:
         path=lambda wildcards: get_local_path("llama", size_of_raw(wildcards.raw)),
     shell:
-        "vicunaflow download llama --source local --path {params.path} --model-size {wildcards.raw}"
+        "vicunaflow download llama --source local --path {params.path:q} --model-size {wildcards.raw}"
         " --folder pyllama_data > {log} 2>&1"
 
 
@@ -114,7 +114,7 @@ rule llama_hf_local:
     params:
         path=lambda wildcards: get_local_path("llama", wildcards.size),
     shell:
-        "vicunaflow download hf --source local --path {params.path} --local-dir {output} > {log} 2>&1"
+        "vicunaflow download hf --source local --path {params.path:q} --local-dir {output} > {log} 2>&1"
 
 
 rule vicuna_delta_download:
@@ -153,7 +153,7 @@ rule vicuna_delta_local:
     params:
         path=lambda wildcards: get_local_path("vicuna", wildcards.size),
     shell:
-        "vicunaflow download hf --source local --path {params.path} --local-dir {output} > {log} 2>&1"
+        "vicunaflow download hf --source local --path {params.path:q} --local-dir {output} > {log} 2>&1"
 
 
 rule vicuna_delta_synthetic:

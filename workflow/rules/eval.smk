@@ -43,7 +43,7 @@ rule eval_answers:
         seed=EVAL["seed"],
         num_gpus=get_processes_per_node,
     shell:
-        "vicunaflow eval answers --model-path {input.model} --questions {params.questions} --output {output}"
+        "vicunaflow eval answers --model-path {input.model} --questions {params.questions:q} --output {output}"
         " --model-id {wildcards.model} --max-new-tokens {params.max_new_tokens} --seed {params.seed}"
         " --num-gpus {params.num_gpus} > {log} 2>&1"
 
@@ -74,8 +74,8 @@ rule eval_judge:
         partial=".staging/eval/{model}/judgment-{judge}.jsonl",
         judge=get_judge_args,
     shell:
-        "vicunaflow eval judge --questions {params.questions} --answers {input.answers} {params.reference}"
-        " --judge-prompts {params.prompts} --output {output} --partial {params.partial} {params.judge}"
+        "vicunaflow eval judge --questions {params.questions:q} --answers {input.answers} {params.reference}"
+        " --judge-prompts {params.prompts:q} --output {output} --partial {params.partial} {params.judge}"
         " > {log} 2>&1"
 
 
@@ -99,7 +99,7 @@ rule eval_loss:
     params:
         model_max_length=EVAL["loss_max_length"],
     shell:
-        "vicunaflow eval loss --model-path {input.model} --data {input.data} --output {output}"
+        "vicunaflow eval loss --model-path {input.model} --data {input.data:q} --output {output}"
         " --model-id {wildcards.model} --dataset {wildcards.dataset}"
         " --model-max-length {params.model_max_length} > {log} 2>&1"
 
@@ -154,7 +154,7 @@ rule eval_summary:
         harness=json_list_arg("harness"),
         arena=get_arena_arg,
     shell:
-        "vicunaflow eval summary --questions {params.questions} --judgments {params.judgments}"
+        "vicunaflow eval summary --questions {params.questions:q} --judgments {params.judgments}"
         " --losses {params.losses} --harness {params.harness} {params.arena} --output {output.tsv}"
         " --output-json {output.json}"
         " > {log} 2>&1"

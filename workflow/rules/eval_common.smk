@@ -48,6 +48,28 @@ def eval_files():
 EVAL_FILES = eval_files()
 
 
+def check_eval(eval):
+    """Fail before any job on eval names no rule can build: a model of another size or case, a summary
+    judge that is not a judge (Snakemake would only report a missing file of that name).
+    """
+    runs = config["finetune"]["runs"]
+    for name in eval["models"] or []:
+        if name not in runs:
+            check_model_name("eval.models", name)
+    for name, judge in eval["judges"].items():
+        if judge.get("serve") and judge["serve"] not in runs:
+            check_model_name(f"eval.judges.{name}.serve", judge["serve"])
+    for name in eval["summary_judges"]:
+        if name not in eval["judges"]:
+            raise ValueError(
+                f"config: eval.summary_judges.{name}: no judge of that name in eval.judges "
+                f"({', '.join(eval['judges']) or 'none'})"
+            )
+
+
+check_eval(EVAL)
+
+
 def get_eval_data(wildcards):
     """Named inputs: the download folder for mt_bench, else the question and reference files."""
     if EVAL["questions"] == "mt_bench":
@@ -99,7 +121,7 @@ def get_judge_args(wildcards, input):
 
 def get_reference_arg(wildcards):
     reference = EVAL_FILES["reference"]
-    return f"--reference {reference}" if reference else ""
+    return f"--reference {shlex.quote(reference)}" if reference else ""
 
 
 def get_loss_data(wildcards):
@@ -120,7 +142,7 @@ def get_harness_args(wildcards, input):
     suite = get_harness(wildcards.suite)
     args = f"--tasks {' '.join(map(shlex.quote, suite['tasks']))} --num-concurrent {suite['num_concurrent']}"
     if suite["include_path"]:
-        args += f" --include-path {input.tasks_dir}"
+        args += f" --include-path {shlex.quote(str(input.tasks_dir))}"
     for key in ("limit", "num_fewshot"):
         if suite[key] is not None:
             args += f" --{key.replace('_', '-')} {suite[key]}"
@@ -129,7 +151,7 @@ def get_harness_args(wildcards, input):
 
 def get_summary_inputs(wildcards):
     models = eval_models()
-    return {
+    inputs = {
         "judgments": [
             f"results/eval/{model}/mt_bench/judgment-{judge}.jsonl"
             for model in models
@@ -148,6 +170,17 @@ def get_summary_inputs(wildcards):
         # the arena's ratings only where people have voted: no votes file is no arena, not an error
         **({"arena": "results/eval/arena.json"} if os.path.exists(ARENA_VOTES) else {}),
     }
+    if not any(inputs.values()):  # `vicunaflow eval summary` would refuse it when run
+        if not models:
+            raise ValueError(
+                "config: eval.models is empty (or null without finetune.runs): nothing to summarise; "
+                "name the models to evaluate, e.g. [vicuna-7b-all-v1.1]"
+            )
+        raise ValueError(
+            "config: eval.summary_judges, eval.loss_data and eval.harness are all empty: nothing to "
+            "summarise; name a judge, a held-out dataset or an lm-eval suite"
+        )
+    return inputs
 
 
 def get_arena_arg(wildcards, input):

@@ -17,8 +17,8 @@ rule tokenize_data:
     resources:
         **get_resources("tokenize_data", wildcard="model"),
     shell:
-        "vicunaflow data tokenize --data {input.data} --model-path {input.model} --output-dir {output}"
-        " --model-max-length {wildcards.length} > {log} 2>&1"
+        "vicunaflow data tokenize --data {input.data:q} --model-path {input.model} --output-dir {output:q}"
+        " --model-max-length {wildcards.length} > {log:q} 2>&1"
 
 
 # A run's resolved options (finetune.defaults, which the schema fills, then the run's own keys) as the one
@@ -57,5 +57,5 @@ rule finetune:
         launcher=get_launcher,
         nproc_per_node=get_processes_per_node,
     shell:
-        "{params.launcher} vicunaflow finetune --config {input.options} --model-path {input.model} --data {input.data}"
+        "{params.launcher} vicunaflow finetune --config {input.options} --model-path {input.model} --data {input.data:q}"
         " --output-dir {output} --nproc-per-node {params.nproc_per_node} > {log} 2>&1"

@@ -21,5 +21,5 @@ rule chat_smoke:
         max_new_tokens=config["chat"]["max_new_tokens"],
         num_gpus=get_processes_per_node,
     shell:
-        "vicunaflow chat --model-path {input.model} --prompts {input.prompts} --output {output}"
+        "vicunaflow chat --model-path {input.model} --prompts {input.prompts:q} --output {output}"
         " --num-gpus {params.num_gpus} --temperature 0 --max-new-tokens {params.max_new_tokens} > {log} 2>&1"

@@ -222,21 +222,23 @@ def clean_record(where: str, record: object, options: CleanOptions = CleanOption
 
 def normalized_turns(record: object) -> tuple[str | None, list[tuple[str, str]]]:
     if not isinstance(record, dict):
-        raise Drop("not_a_conversation", f"a JSON {type(record).__name__}, not an object")
+        raise Drop("not_a_conversation", f"{json_type(record)}, not an object")
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list):
         raise Drop("not_a_conversation", "no 'conversations' list")
     system, normalized = record.get("system") if isinstance(record.get("system"), str) else None, []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise Drop("broken_turn", f"turn {i} is a JSON {type(turn).__name__}, not an object")
+            raise Drop("broken_turn", f"turn {i} is {json_type(turn)}, not an object")
         raw_role = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
         role = ROLES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
             raise Drop("unknown_role", f"turn {i} has role {raw_role!r} (known: {', '.join(sorted(ROLES))})")
+        if not ({"value", "content"} & turn.keys()):
+            raise Drop("broken_turn", f"turn {i} ({raw_role}) has no value")
         if not isinstance(value, str):
-            raise Drop("broken_turn", f"turn {i} ({raw_role}) has a {type(value).__name__} value, not a string")
+            raise Drop("broken_turn", f"turn {i} ({raw_role}) value is {json_type(value)}, not a string")
         if role == SYSTEM:
             if normalized or system is not None:
                 raise Drop("misplaced_system", f"turn {i} is a system turn after the conversation started")
@@ -244,6 +246,12 @@ def normalized_turns(record: object) -> tuple[str | None, list[tuple[str, str]]]
             continue
         normalized.append((role, value))
     return system, normalized
+
+
+def json_type(value: object) -> str:
+    """A parsed value's type as the JSON file has it (null, a number, an array; not NoneType, int, list)."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    return names.get(type(value), "an array" if isinstance(value, list) else "an object")
 
 
 def _converted(turns: list[tuple[str, str]], html: str, edits: list[str]) -> list[tuple[str, str]]:

@@ -48,7 +48,9 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
     """
     path = require_file(path, "data file", "a JSON array or JSONL file of ShareGPT conversations")
     with open(path, "rb") as f:
-        first = _first_byte(f)
+        head = f.read(4096)
+        refuse_unreadable(path, head)
+        first = _first_byte(f, head)
         if first == b"[":
             yield from _read_array(path, f)
         elif first in (b"{", b""):
@@ -59,8 +61,37 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
             )
 
 
-def _first_byte(f: IO[bytes]) -> bytes:
-    head = f.read(4096)
+# First bytes of files often given where JSON text is expected: what each is, its suffix, and how to unpack it.
+PACKED = {
+    b"\x1f\x8b": ("gzip-compressed", ".gz", "gzip -dc"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", ".zst", "zstd -dc"),
+    b"BZh": ("bzip2-compressed", ".bz2", "bzip2 -dc"),
+    b"\xfd7zXZ\x00": ("xz-compressed", ".xz", "xz -dc"),
+    b"PK\x03\x04": ("a zip archive", ".zip", "unzip -p"),
+}
+
+
+def refuse_unreadable(path: Path, head: bytes) -> None:
+    """Raise an error naming what `path` is when its first bytes (`head`) show it is no UTF-8 text: compressed, a
+    zip archive, UTF-16 or UTF-32, with the command that makes it readable; return otherwise (the JSON reader
+    judges the rest). Without this a gzip file was "UTF-16" (a NUL at its byte 3) or "starts with b'\\x1f'"."""
+    path = Path(path)
+    for magic, (what, suffix, command) in PACKED.items():
+        if head.startswith(magic):
+            plain = path.with_suffix("") if path.suffix == suffix else path.with_name(f"{path.stem}.plain{path.suffix}")
+            raise VicunaflowError(f"{path}: {what}, not JSON text; decompress it first: {command} {path} > {plain}")
+    byte_order_mark = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+    nul = head.find(b"\x00")  # never in UTF-8 JSON text; every other byte in UTF-16 ASCII, which decodes "fine"
+    if byte_order_mark or nul >= 0:
+        offset = 0 if byte_order_mark else nul
+        converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        raise VicunaflowError(
+            f"{path}: not UTF-8 but UTF-16 or UTF-32 (byte {offset}: 0x{head[offset]:02x}); convert it: "
+            f"iconv -f utf-16 -t utf-8 {path} > {converted}"
+        )
+
+
+def _first_byte(f: IO[bytes], head: bytes) -> bytes:
     start = 3 if head.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
     stripped = head[start:].lstrip()
     f.seek(start)

@@ -188,7 +188,7 @@ def mix(
                 if (
                     isinstance(record, Broken)
                     or not isinstance(record, dict)
-                    or "conversations" not in record
+                    or not isinstance(record.get("conversations"), list)
                     or "id" not in record
                 ):
                     counts.add("drop", "not_a_conversation", label)
@@ -207,6 +207,22 @@ def mix(
                     mixed |= {key: value for key, value in record.items() if key not in ("id", "origin")}
                     out.write(dumps(mixed))
                     counts.add("kept", name)
+        if not any(kind == "kept" for kind, _ in counts.counts):  # inside the writer: no empty mix left as if done
+            raise VicunaflowError(empty_mix(data, counts))
     counts.write_tsv(report)
     log.info("data mix: wrote %s and %s", output, report)
     return output
+
+
+def empty_mix(data: list[Path], counts: Counts) -> str:
+    """The error for a mix that took no conversation, with the fix for what left every one out."""
+    read = sum(n for (kind, _), n in counts.counts.items() if kind == "read")
+    if not read:
+        return f"data mix: {', '.join(map(str, data))}: no conversation in them; give `vicunaflow data clean` outputs"
+    drops = [(reason, n) for kind, reason, n, _ in counts.rows() if kind == "drop"]
+    if all(reason.startswith("not_sampled:") for reason, _ in drops):
+        fix = "raise the weights (a weight below 1 takes that share of a set, the same conversations every run)"
+    else:
+        fix = "give `vicunaflow data clean` outputs"
+    dropped = ", ".join(f"{reason} {n}" for reason, n in drops)
+    return f"data mix: the mix holds no conversation (read {read}; dropped: {dropped}); {fix}"

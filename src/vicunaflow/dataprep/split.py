@@ -138,11 +138,22 @@ def _split_all(
                 aside.write(result.held_out)
             tokens += result.tokens
         if not kept:  # inside the writers: nothing is left behind as if it were a dataset
-            raise VicunaflowError(
-                f"{data}: no conversation is left to train on ({counts.summary()}); raise --model-max-length "
-                "or lower --held-out-fraction"
-            )
+            raise VicunaflowError(nothing_to_train_on(data, counts))
     return tokens
+
+
+def nothing_to_train_on(data: Path, counts: Counts) -> str:
+    """The error for a split that left no training piece, with the fix for what took every conversation."""
+    if not counts.get("read", "conversations"):
+        return f"{data}: no conversation in it; give a JSON array or JSONL of ShareGPT conversations"
+    fixes = []
+    if counts.get("drop", "too_long"):
+        fixes.append("raise --model-max-length")
+    if counts.get("kept", "held_out_conversations"):
+        fixes.append("lower --held-out-fraction")
+    if any(kind == "drop" and reason != "too_long" for kind, reason, _, _ in counts.rows()):
+        fixes.append("give conversations with an id and a user turn with a reply (`vicunaflow data clean` makes them)")
+    return f"{data}: no conversation is left to train on ({counts.summary()}); {' or '.join(fixes)}"
 
 
 # ---- one batch, in a worker process --------------------------------------------------------------------

@@ -249,6 +249,10 @@ def _hub_errors(source: HubRepo, *, endpoint: str, token_env: str) -> Iterator[N
     shown = redact_url(endpoint)
     try:
         yield
+    except errors.HFValidationError as err:  # checked before any request: the id cannot name a repository
+        raise VicunaflowError(
+            f"{repo}: not a Hugging Face repository id ({str(err).rstrip('.')}); give owner/name, as in the repository's URL"
+        ) from None
     except errors.RevisionNotFoundError:
         raise VicunaflowError(f"{repo}: revision {revision!r} not found on {shown}; check --revision") from None
     except errors.GatedRepoError:

@@ -132,7 +132,7 @@ def judge(
     references = load_answers(reference, loaded, what="reference answer") if reference is not None else None
     prompts = load_judge_prompts(judge_prompts)
     model = model or _model_id(model_answers, answers)
-    matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers)
+    matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers, reference, judge_prompts)
     journal = Path(partial) if partial is not None else Path(output)
     truncate_incomplete_line(journal)  # the judge appends to it: a killed run's cut-off line goes first
     written = {}
@@ -193,8 +193,11 @@ def plan(
     judge_model: str,
     model: str,
     answers_path: Path,
+    reference_path: Path | None = None,
+    prompts_path: Path | None = None,
 ) -> list[Match]:
-    """Every (question, turn) to judge with its filled-in prompt; refuses missing answers or references."""
+    """Every (question, turn) to judge with its filled-in prompt; refuses missing answers, references or prompts,
+    and answers or references with fewer turns than their question, naming the file."""
     missing = [q.id for q in questions if q.id not in answers]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -210,7 +213,9 @@ def plan(
         raise VicunaflowError(f"no reference answer to question(s) {', '.join(map(str, unreferenced[:10]))}")
     absent = sorted(set(PROMPT_NAMES.values()) - set(prompts))
     if absent:
-        raise VicunaflowError(f"the judge prompts lack {', '.join(absent)} (FastChat's judge_prompts.jsonl has them)")
+        raise VicunaflowError(
+            f"{prompts_path}: the judge prompts lack {', '.join(absent)} (FastChat's judge_prompts.jsonl has them)"
+        )
     matches = []
     for multi_turn in (False, True):  # FastChat's order: every first turn, then the conversations
         for question in questions:
@@ -225,6 +230,11 @@ def plan(
             with_reference = question.category in NEED_REFERENCE
             prompt = prompts[PROMPT_NAMES[with_reference, multi_turn]]
             reference = answer_turns(references[question.id]) if with_reference else None
+            if reference is not None and len(reference) < (2 if multi_turn else 1):
+                raise VicunaflowError(
+                    f"{reference_path}: the reference answer to question {question.id} has {len(reference)} turn(s), "
+                    f"the question {len(question.turns)}"
+                )
             user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
             matches.append(Match(question.id, model, judge_model, prompt, user_prompt, 2 if multi_turn else 1))
     return matches
@@ -261,7 +271,9 @@ def parse_rating(judgment: str) -> int | float:
 
 
 def _model_id(answers: dict, path: Path) -> str:
-    ids = sorted({str(a.get("model_id")) for a in answers.values()})
+    if any(not isinstance(a.get("model_id"), str) or not a["model_id"] for a in answers.values()):
+        raise VicunaflowError(f"{path}: answers without a model_id; name the judged model with --model")
+    ids = sorted({a["model_id"] for a in answers.values()})
     if len(ids) != 1:
         raise VicunaflowError(f"{path}: answers of several models ({', '.join(ids)}); name the one judged with --model")
     return ids[0]

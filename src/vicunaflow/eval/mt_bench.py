@@ -273,5 +273,19 @@ def read_judgments(path: Path) -> list[dict]:
             raise VicunaflowError(
                 f"{path}:{number}: not a judgment ({type(err).__name__}: {err}); remove the line or the file"
             ) from None
+        problem = _judgment_problem(judgment)
+        if problem:
+            raise VicunaflowError(f"{path}:{number}: not a judgment ({problem}); remove the line or the file")
         judgments.append(judgment)
     return judgments
+
+
+def _judgment_problem(judgment: dict) -> str | None:
+    """What makes a parsed line no judgment that can be averaged: a score that is no number (the text "8" would be
+    added to numbers), a judge that is no [judge model, prompt name] pair ("ab" unpacks as judge "a")."""
+    score, judge = judgment["score"], judgment["judge"]
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        return f"score {score!r} is not a number"
+    if not (isinstance(judge, list) and len(judge) == 2 and all(isinstance(part, str) for part in judge)):
+        return f"judge {judge!r} is not [judge model, prompt name]"
+    return None

@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, require_file
 from vicunaflow.eval.mt_bench import Question, load_questions, read_judgments
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,18 @@ def summary(
     )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    known = {str(question.id) for question in loaded}
+    known = {question.id for question in loaded}
     for path in judgments or []:
-        read = read_judgments(path)
-        unknown = sorted({str(judgment["question_id"]) for judgment in read} - known)
+        read = read_judgments(require_file(path, "judgment file", "a judgment file of `vicunaflow eval judge`"))
+        if not read:  # a judge run that failed before its first judgment: no scores, not a model without any
+            raise VicunaflowError(f"{path}: no judgments in it; judge the answers with `vicunaflow eval judge`")
+        # "1" is not question 1: its category would read "unknown"
+        unknown = sorted({judgment["question_id"] for judgment in read} - known, key=str)
         if unknown:  # another question set: its categories would all read "unknown", its scores pass unchecked
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise VicunaflowError(
-                f"{path}: judgments of question_id {', '.join(unknown[:5])}{more}, not in {questions}: give "
-                "--questions the file the answers were generated from"
+                f"{path}: judgments of question_id {', '.join(map(repr, unknown[:5]))}{more}, not in {questions}: "
+                "give --questions the file the answers were generated from"
             )
         for judgment in read:
             groups[judgment["model"], judgment["judge"][0]].append(judgment)
