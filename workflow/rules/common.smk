@@ -57,7 +57,7 @@ MODEL_LIKE = re.compile(
 
 
 def check_model_name(place, name):
-    """Fail before any job on a model name with a size no rule builds (7B, 70b): Snakemake would only
+    """Fail before any job on a model name with a size nothing here builds (7B, 70b), as Snakemake would only
     report a missing folder of that name. Names that are no model's (a run, a path) pass.
     """
     match = MODEL_LIKE.fullmatch(name)

@@ -49,8 +49,8 @@ EVAL_FILES = eval_files()
 
 
 def check_eval(eval):
-    """Fail before any job on eval names no rule can build: a model of another size or case, a summary
-    judge that is not a judge (Snakemake would only report a missing file of that name).
+    """Fail before any job on eval names nothing here builds (a model of another size or case, a summary
+    judge that is not a judge): Snakemake would only report a missing file of that name.
     """
     runs = config["finetune"]["runs"]
     for name in eval["models"] or []:
