@@ -151,8 +151,9 @@ def check_output_files(
                 f"{taken[place]} and {flag} are both {output}: the second would replace the first; give each its own path"
             )
         taken[place] = flag
-        CHECKED_FILES[_landing_place(output)] = (flag, overwrite)
-        WRITTEN_FILES.discard(_landing_place(output))
+        landing = _landing_place(output)
+        CHECKED_FILES[landing] = (flag, overwrite)
+        WRITTEN_FILES.discard(landing)
         _refuse_replacing_a_kept_file(flag, output, overwrite)
         check_writable(output.parent)
 
