@@ -61,9 +61,10 @@ def check_model_name(place, name):
     report a missing folder of that name. Names that are no model's (a run, a path) pass.
     """
     match = MODEL_LIKE.fullmatch(name)
-    if match is None or re.fullmatch(f"(?:{MODEL_NAME})(?:-int[48])?", name):
+    built = f"(?:{MODEL_NAME})(?:-int[48])?"  # the names the rules build
+    if match is None or re.fullmatch(built, name):
         return
-    if re.fullmatch(f"(?:{MODEL_NAME})(?:-int[48])?", name.lower()):
+    if re.fullmatch(built, name.lower()):
         raise ValueError(
             f"config: {place}: {name}: model names are lower case: {name.lower()}"
         )
