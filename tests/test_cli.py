@@ -143,6 +143,36 @@ def test_model_loading_help_is_model_options_in_chat_serve_and_eval_answers() ->
         assert "device_map" not in shown and "bitsandbytes" not in shown, verb
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["eval", "summary", "--questions", "q.jsonl", "--output", "s.tsv", "--judgments", "-"], "--judgments"),
+        (
+            ["eval", "summary", "--questions", "q.jsonl", "--output", "s.tsv", "--judgments", "j.jsonl", "-"],
+            "--judgments",
+        ),
+        (["eval", "summary", "--questions", "q.jsonl", "--output", "s.tsv", "--arena=-"], "--arena"),
+        (["eval", "summary", "--questions", "-", "--output", "s.tsv", "--losses", "l.json"], "--questions"),
+        (["eval", "summary", "--questions", "q.jsonl", "--output-json", "-", "--losses", "l.json"], "--output-json"),
+        (["eval", "judge", "--questions", "q.jsonl", "--answers", "-", "--output", "j.jsonl"], "--answers"),
+        (["eval", "arena", "--votes", "-", "--output", "r.tsv"], "--votes"),
+        (["data", "split", "--data", "-", "--model-path", "m", "--output", "s.jsonl"], "--data"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_a_dash_for_a_path_is_refused_naming_the_flag(args, flag, tmp_path, monkeypatch, capsys) -> None:
+    """`--judgments -` went on as a file named "-" ("-: no such judgment file"; `--output-json -` wrote ./-): no
+    verb reads stdin or writes stdout through a path, so `-` is refused in one line naming the flag and the fix."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert exit.value.code == 1 and len(errors) == 1, errors
+    assert f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path" in errors[0]
+    assert f"then {flag} FILE" in errors[0]
+    assert not (tmp_path / "-").exists()
+
+
 def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):
     """An OSError (here: a folder given where a file is read) ends the command with status 1 and one line naming
     the path, not a traceback."""

@@ -213,7 +213,7 @@ def _of_paths(hint) -> bool:
 def _paths_as_json(argv: list[str], flags: set[str]) -> list[str]:
     """`--data+ a.jsonl` as `--data+ '["a.jsonl"]'`: jsonargparse reads a lone value of a list of paths that names a
     file as a YAML file of options first (a whole 1 GB data set, before the verb runs; a gzip file fails there,
-    naming no file); a JSON list is taken as it is. `-` (a list read from stdin) is left alone."""
+    naming no file); a JSON list is taken as it is. `-` is left alone, for _refuse_dash_paths to name."""
 
     def as_json(value: str) -> str:
         return value if value == "-" or value.lstrip().startswith("[") else json.dumps([value])
@@ -227,6 +227,36 @@ def _paths_as_json(argv: list[str], flags: set[str]) -> list[str]:
             arg = as_json(arg)
         result.append(arg)
     return result
+
+
+def _takes_paths(hint) -> bool:
+    """Whether `hint` is a path or a list of paths (`Path`, `Path | None`, `list[Path]`, `list[Path] | None`)."""
+    from pathlib import Path
+
+    return any(h is Path or _of_paths(h) for h in (hint, *typing.get_args(hint)))
+
+
+def _refuse_dash_paths(argv: list[str]) -> None:
+    """Refuse `-` given to a path flag (`eval summary --judgments -`), naming the flag and what to give instead.
+
+    No verb reads stdin or writes stdout through a path: inputs are checked and recorded as files (manifests, the
+    `--overwrite` checks), and `-` went on as a file named "-" ("-: no such judgment file", or an output written to
+    ./-). Only `chat` reads stdin, piped, without a flag. Runs on argv as _repeated_list_flags leaves it.
+    """
+    from vicunaflow import VicunaflowError
+
+    flags = {f"--{name}" for name, hint in _hints(argv).items() if _takes_paths(hint)}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        flag = flag.removesuffix("+")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flag in flags and value == "-":
+            shown = flag.replace("_", "-")
+            raise VicunaflowError(
+                f"{shown} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path "
+                f"(for piped input, save it first: `... > FILE`, then {shown} FILE)"
+            )
 
 
 def _exact_flags_parser() -> type:
@@ -263,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     known = bool(argv) and argv[0] in COMMANDS and not verb[-1].startswith("-")
     outputs.VERB = " ".join(verb) if known else None  # what manifests record
     try:
+        _refuse_dash_paths(argv)
         with terminate_on_sigterm():  # Snakemake and SLURM stop jobs with SIGTERM: clean up as for Ctrl-C
             CLI(_table(commands), args=argv, as_positional=False, parser_class=_exact_flags_parser())
     except KeyboardInterrupt:
