@@ -92,6 +92,31 @@ def test_invalid_records_point_to_data_clean(tmp_path: Path) -> None:
         data.load_conversations(write(tmp_path / "c.json", records))
 
 
+def test_tokenize_refuses_an_id_given_twice_naming_both_records_and_data_clean(tmp_path: Path, tiny_vicuna) -> None:
+    """Two conversations under one id were tokenised silently: two samples of one name in meta.json's ids (eval
+    loss and a held-out split go by id), or one conversation trained on twice. 7 and "7" are one id (ids are text)."""
+    from vicunaflow.dataprep.clean import clean
+
+    exchange = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    records = [{"id": 7, "conversations": exchange}, {"id": "a", "conversations": [*exchange, *exchange]}]
+    other = [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hey there."}]
+    records += [{"id": "7", "conversations": other}, {"id": "a", "conversations": exchange}]
+    source = tmp_path / "c.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_data_cli("tokenize", "--data", str(source), "--model-path", str(tiny_vicuna),
+                          "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"{source}: 2 invalid record(s): record '7' (index 2): the same id as index 0; "
+        "record 'a' (index 3): the same id as index 1; fix or remove them, or run `vicunaflow data clean` on the file "
+        "first (it normalises roles such as bing, chatgpt and system, drops broken records and keeps the first "
+        "conversation of each id)"
+    ) in result.stderr
+    assert not (tmp_path / "out").exists()
+    cleaned = clean(data=source, output=tmp_path / "clean.jsonl", jobs=1)  # the fix the error names
+    assert [c.id for c in data.load_conversations(cleaned)] == ["7", "a"]
+
+
 @pytest.mark.parametrize("role", [["human"], {"name": "human"}])
 def test_a_role_that_is_not_a_string_names_the_record(tmp_path: Path, role) -> None:
     records = [{"id": "odd-role", "conversations": [{"from": role, "value": "a"}, {"from": "gpt", "value": "b"}]}]

@@ -553,6 +553,38 @@ def test_split_that_keeps_nothing_names_the_fix_for_what_dropped_it(records, mes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"], "nothing written"
 
 
+@pytest.mark.parametrize(
+    ("suffix", "first", "second"), [(".jsonl", "line 2", "line 4"), (".json", "index 1", "index 3")]
+)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_split_refuses_an_id_given_twice_naming_both_and_the_clean_that_fixes_it(
+    suffix, first, second, jobs, tiny_hf, tmp_path, monkeypatch
+) -> None:
+    """Two conversations under one id went through split silently: both trained on, their pieces sharing ids
+    (`<id>_0` twice) that tokenize's samples and eval loss name. 7 and "7" are one id (ids are text downstream)."""
+    from vicunaflow.dataprep import split as split_module
+
+    monkeypatch.setattr(split_module, "BATCH", 2)  # the repeat is read after a batch went to the workers
+    records = [{"id": f"c{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(6)]
+    records[1]["id"], records[3]["id"] = 7, "7"
+    records[2] = dict(records[2], conversations=records[1]["conversations"])  # an exact repeat too, other id
+    source = tmp_path / f"raw{suffix}"
+    write_jsonl(source, records) if suffix == ".jsonl" else source.write_text(json.dumps(records))
+    with pytest.raises(VicunaflowError) as refused:
+        split(data=source, model_path=tiny_hf, output=tmp_path / "s.jsonl", held_out_fraction=0.5, jobs=jobs)
+    cleaned = tmp_path / "raw.clean.jsonl"
+    assert str(refused.value) == (
+        f"{source}: id '7' at {first} and again at {second}; each conversation needs an id of its own: run "
+        f"`vicunaflow data clean --data {source} --output {cleaned}` first (it keeps the first conversation of "
+        "each id), or give the repeated one another id"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name], "nothing written"
+    clean(data=source, output=cleaned, jobs=1)  # the fix the error names
+    split(data=cleaned, model_path=tiny_hf, output=tmp_path / "s.jsonl", held_out_fraction=0.5, jobs=jobs)
+    pieces = read_jsonl(tmp_path / "s.jsonl") + read_jsonl(tmp_path / "s.heldout.jsonl")
+    assert sorted(p["id"] for p in pieces) == ["7", "c0", "c4", "c5"]
+
+
 def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(tiny_hf, tmp_path: Path) -> None:
     records = [{"id": f"r{i}", "conversations": turns(f"question {i}", f"answer {i}")} for i in range(400)]
     records += long_conversations()[:12]

@@ -9,7 +9,8 @@ assistant reply (including the reply's `</s>`). No counting, so nothing can drif
 
 Input: the ShareGPT/FastChat JSON list `[{"id": ..., "conversations": [{"from": "human"|"gpt",
 "value": ...}, ...]}]`, or the same records one per line (JSONL). Every record is checked before
-anything is tokenised; all problems are reported at once, each naming the record's id and index.
+anything is tokenised, ids unique among them; all problems are reported at once, each naming the record's id and
+index.
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
     path = require_file(path, "data file", "a JSON list or JSONL file of ShareGPT conversations")
     records = _read_records(path)
     conversations, errors = [], []
+    first_index: dict[str, int] = {}  # id -> index of the record that has it first
     for index, record in enumerate(records):
         try:
+            check_id_unused(record, index, first_index)
             conversation = validate_record(record, index)
         except ValueError as err:
             errors.append(str(err))
@@ -195,12 +198,26 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
         more = f" (and {len(errors) - MAX_REPORTED_ERRORS} more)" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise VicunaflowError(
             f"{path}: {len(errors)} invalid record(s): {shown}{more}; fix or remove them, or run `vicunaflow data "
-            "clean` on the file first (it normalises roles such as bing, chatgpt and system, and drops broken records)"
+            "clean` on the file first (it normalises roles such as bing, chatgpt and system, drops broken records and "
+            "keeps the first conversation of each id)"
         )
     if not conversations:
         raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
     return conversations
+
+
+def check_id_unused(record: object, index: int, first_index: dict[str, int]) -> None:
+    """Note the id of record `index` in `first_index`; raise ValueError naming both records if an earlier one has it.
+
+    Samples are named by id (meta.json's `ids`, eval loss, split's `<id>_<k>` pieces): a repeated id trains on two
+    conversations under one name, or on one twice. Ids compare as text, as they are written: 7 and "7" are one.
+    """
+    if not isinstance(record, dict) or "id" not in record:
+        return
+    earlier = first_index.setdefault(str(record["id"]), index)
+    if earlier != index:
+        raise ValueError(f"record {record['id']!r} (index {index}): the same id as index {earlier}")
 
 
 def validate_record(record: object, index: int) -> ConversationRecord | None:

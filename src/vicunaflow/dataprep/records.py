@@ -155,6 +155,28 @@ def refuse_json_object(path: Path) -> None:
     )
 
 
+def refuse_repeated_ids(path: Path, records: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """`records` passed on as read; an error at the first id seen twice (as text: 7 and "7" are one), naming both places.
+
+    An id names one conversation downstream: split's pieces are `<id>_<k>` and its held-out side is drawn by id,
+    tokenize's samples are named by it. Two conversations under one id are trained on twice, or their pieces cannot
+    be told apart. Holds each id and where it was first seen, never the records (90,000 ids: a few MB).
+    """
+    first_seen: dict[str, str] = {}
+    for where, record in records:
+        if isinstance(record, dict) and "id" in record:
+            conversation_id = str(record["id"])
+            earlier = first_seen.setdefault(conversation_id, where)
+            if earlier != where:
+                cleaned = Path(path).with_name(f"{Path(path).stem}.clean.jsonl")
+                raise VicunaflowError(
+                    f"{path}: id {conversation_id!r} at {earlier} and again at {where}; each conversation needs an id "
+                    f"of its own: run `vicunaflow data clean --data {path} --output {cleaned}` first (it keeps the "
+                    "first conversation of each id), or give the repeated one another id"
+                )
+        yield where, record
+
+
 def record_name(where: str, record: object) -> str:
     if isinstance(record, dict) and "id" in record:
         return f"record {record['id']!r} ({where})"

@@ -49,6 +49,7 @@ from vicunaflow.dataprep.records import (
     ordered_map,
     read_records,
     record_name,
+    refuse_repeated_ids,
     unit_hash,
 )
 from vicunaflow.outputs import check_output_files
@@ -77,7 +78,7 @@ def split(
     held-out fraction can be set aside.
 
     Arguments:
-        data: conversations, JSONL (as `data clean` writes) or a JSON array; read as a stream.
+        data: conversations, each id once, JSONL (as `data clean` writes) or a JSON array; read as a stream.
         model_path: Hugging Face model directory whose tokenizer counts the tokens.
         output: the JSONL of pieces for training, written to a temporary and renamed into place.
         model_max_length: tokens a piece may have, bos and every `</s>` included.
@@ -129,7 +130,7 @@ def _split_all(
     tokens, kept = 0, False
     work = functools.partial(split_batch, options=options)
     with atomic_writer(output) as train, atomic_writer(held_out) if held_out else _nowhere() as aside:
-        for result in ordered_map(work, batched(read_records(data), BATCH), jobs):
+        for result in ordered_map(work, batched(refuse_repeated_ids(data, read_records(data)), BATCH), jobs):
             for event in result.events:
                 counts.add(*event)
             train.write(result.train)
