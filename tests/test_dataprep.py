@@ -727,6 +727,37 @@ def test_fetch_of_a_repository_id_the_hub_cannot_have_is_one_line(repo, tmp_path
     assert not (tmp_path / "raw").exists()
 
 
+@pytest.mark.parametrize("unavailable", ["offline", "unreachable"])
+def test_fetch_without_the_hub_hints_a_command_line_that_parses(unavailable, tmp_path: Path, monkeypatch) -> None:
+    """The hint was download hf's "use --source local --path DIR": flags `data fetch` does not have. Now it is a
+    command line of the step after fetch, run here through the CLI's own parser (the verb itself replaced)."""
+    import functools
+
+    from huggingface_hub import constants
+
+    from vicunaflow import cli
+
+    endpoint = "http://127.0.0.1:9"  # nothing listens there
+    if unavailable == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(VicunaflowError) as refused:
+        fetch(repo=DATASET, file="data/sg.json", revision=OLD, output_dir=tmp_path / "raw", endpoint=endpoint,
+              staging_dir=tmp_path / "st")  # fmt: skip
+    message = str(refused.value)
+    assert "--source" not in message and "--path" not in message, message
+    assert message.startswith(f"{DATASET}: ") and ("go online" in message or "check the network" in message)
+    hinted = re.findall(r"`(vicunaflow [^`]*)`", message)
+    assert hinted == ["vicunaflow data clean --data sg.json --output sg.clean.jsonl"], message
+    assert "the dataset's `path: sg.json` instead of its `hub`" in message
+
+    parsed = {}
+    monkeypatch.setattr(clean_module, "clean", functools.wraps(clean)(lambda **options: parsed.update(options)))
+    cli.main(hinted[0].split()[1:])
+    assert parsed["data"] == Path("sg.json") and parsed["output"] == Path("sg.clean.jsonl")
+    assert not (tmp_path / "raw").exists()
+
+
 # ---- CLI and workflow ----------------------------------------------------------------------------------
 
 

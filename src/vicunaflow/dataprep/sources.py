@@ -64,6 +64,7 @@ def fetch(
         overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from vicunaflow.download import download_hf
+    from vicunaflow.download.hub import HubUnavailable
     from vicunaflow.outputs import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 
     output_dir = Path(output_dir)
@@ -97,6 +98,8 @@ def fetch(
                 staging_dir=staging_dir,
                 jobs=1,
             )
+        except HubUnavailable as err:  # its way around, --source local --path, is download hf's: data fetch has none
+            raise VicunaflowError(f"{err.problem}, or, {without_the_hub(file)}") from None
         except VicunaflowError as err:
             if "no file matches" in str(err):
                 files = str(err).partition("; files: ")[2]
@@ -121,6 +124,17 @@ def fetch(
         write_manifest(out, file=file, sha256=actual, **{k: provenance[k] for k in keep if k in provenance})
     log.info("%s: %s at commit %s, sha256 %s", output_dir, file, provenance.get("revision"), actual)
     return output_dir / file
+
+
+def without_the_hub(file: str) -> str:
+    """What to do when the Hub cannot give `file`: clean a copy at hand, the step after fetch (the workflow: the
+    dataset's `path` instead of `hub`)."""
+    name = PurePosixPath(file).name
+    cleaned = name.removesuffix(".jsonl").removesuffix(".json") + ".clean.jsonl"
+    return (
+        f"with a copy of {name} at hand, skip the fetch: `vicunaflow data clean --data {name} --output {cleaned}` "
+        f"(in the workflow's config: the dataset's `path: {name}` instead of its `hub`)"
+    )
 
 
 def _remove_empty_dirs(root: Path) -> None:

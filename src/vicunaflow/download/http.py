@@ -93,7 +93,13 @@ def redacting(secrets: Iterable[str]) -> Iterator[Redactor]:
     try:
         yield redactor
     except VicunaflowError as err:
-        raise VicunaflowError(redactor.redact(str(err))) from None
+        # The same error, its text redacted: its type, and what it carries (HubUnavailable.problem), let callers
+        # tell it apart, as a new VicunaflowError would not.
+        err.args = tuple(redactor.redact(arg) if isinstance(arg, str) else arg for arg in err.args)
+        for name, value in vars(err).items():
+            if isinstance(value, str):
+                setattr(err, name, redactor.redact(value))
+        raise err from None
     finally:
         for handler in handlers:
             handler.removeFilter(redactor)

@@ -25,6 +25,18 @@ from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
 log = logging.getLogger("vicunaflow.download")
 
 
+class HubUnavailable(VicunaflowError):
+    """The Hub could not give the files: offline without them cached, unreachable, or an HTTP error.
+
+    The message ends with download hf's way around it, `--source local --path DIR`; a verb without those flags
+    (`data fetch`) says its own after `problem`, rather than naming flags it does not have.
+    """
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}, or use --source local --path DIR")
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class HubRepo:
     """What to take from the Hub: a repository at a revision (default: main), the files matching include/exclude."""
@@ -264,25 +276,20 @@ def _hub_errors(source: HubRepo, *, endpoint: str, token_env: str) -> Iterator[N
             f"{repo}: repository not found on {shown} (or private: set ${token_env} or run `hf auth login`)"
         ) from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.IncompleteSnapshotError) as err:
-        raise VicunaflowError(
+        raise HubUnavailable(
             f"{repo}: not available offline ({type(err).__name__}): HF_HUB_OFFLINE is set or {shown} cannot be "
-            "reached, and the Hugging Face cache does not hold this revision; go online, or use --source local --path DIR"
+            "reached, and the Hugging Face cache does not hold this revision; go online"
         ) from None
     except errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
-        raise VicunaflowError(
-            f"{repo}: {shown} answered HTTP {status}; try again later, or use --source local --path DIR"
-        ) from None
+        raise HubUnavailable(f"{repo}: {shown} answered HTTP {status}; try again later") from None
     except OSError as err:
-        raise VicunaflowError(
-            f"{repo}: {shown} cannot be reached ({err}); check the network or HF_ENDPOINT, or use --source local --path DIR"
-        ) from None
+        raise HubUnavailable(f"{repo}: {shown} cannot be reached ({err}); check the network or HF_ENDPOINT") from None
     except Exception as err:
         # httpx2's transport errors (connection refused, DNS, timeouts) are not OSErrors.
         if type(err).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
-            raise VicunaflowError(
-                f"{repo}: {shown} cannot be reached ({type(err).__name__}: {err}); check the network or HF_ENDPOINT, "
-                "or use --source local --path DIR"
+            raise HubUnavailable(
+                f"{repo}: {shown} cannot be reached ({type(err).__name__}: {err}); check the network or HF_ENDPOINT"
             ) from None
         raise
 
