@@ -23,6 +23,11 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
                   (and the client, whose CPU is reported); plus the server's event-loop CPU per event.
                   Paced (a step every 20 ms, as a batch-256 7B step: one event per stream per step) and
                   flooding (a step every ms: the ceiling)
+    admit         (e) what a request costs the HTTP side before the engine sees it: bursts of 256 streamed
+                  completions (128-token prompts, one token each) at the same app and stub engine; the
+                  event loop's CPU per request and the time to first token, with a request's validation
+                  and prompt checks run in the threadpool (as before) and, in the same run, as `serve` runs
+                  them (on the event loop for small requests: serve/app.py's INLINE_WORK)
 
 The server runs with --max-batch-size 256 and a paged KV cache of --kv-cache-tokens 131072 (7b),
 98304 (13b) or 65536 (tiny): 256 streams of 128 + 256 tokens at once. Results are written after
@@ -76,7 +81,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("first", "aggregate", "join", "events")
+SCENARIOS = ("first", "aggregate", "join", "events", "admit")
+STUB_SCENARIOS = {"events", "admit"}  # no model: the real app over StubEngine
 # issue 16's "today": our previous server, one H200, 7B float16, streamed through the OpenAI API
 REFERENCE_7B = {
     "aggregate_tokens_per_s": {"8": 866, "32": 3622, "64": 5326, "256": None},
@@ -649,7 +655,40 @@ def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
         server.stop()
 
 
-# -- the stub engine (scenario events) ---------------------------------------------------------------------
+ADMIT_STREAMS, ADMIT_BURSTS = 256, 3
+# serve/app.py's INLINE_WORK in the stub server: -1 sends every request's work to the threadpool (the app before)
+ADMIT_MODES = {"threadpool": -1, "serve": None}
+
+
+def scenario_admit(clients: Clients, args, scratch: Path) -> list[dict]:
+    """(e) Bursts of one-token completions at the stub server: the HTTP side's CPU per request, each way."""
+    rows = []
+    for mode, inline_work in ADMIT_MODES.items():
+        port = free_port()
+        command = [sys.executable, str(Path(__file__).resolve()), "--stub-server", str(port), "--stub-step-ms", "20"]
+        command += [] if inline_work is None else ["--stub-inline-work", str(inline_work)]
+        server = Server(command, port, scratch / "stub-server.log", timeout=120)
+        try:
+            for burst in range(ADMIT_BURSTS):
+                rng = random.Random(burst)
+                jobs = [(random_prompt(rng, args.prompt_tokens, 32000), 1) for _ in range(ADMIT_STREAMS)]
+                with CpuWindow(server) as cpu:
+                    records, client = clients.run(server.url, "stub", jobs)
+                summary = summarize(records, 1)
+                rows.append({
+                    "mode": mode, "burst": burst, "streams": summary["streams"], "finished": summary["finished"],
+                    "errors": summary["errors"], "ttft_p50_ms": summary["ttft_p50_ms"],
+                    "ttft_p99_ms": summary["ttft_p99_ms"],
+                    "loop_us_per_request": round(cpu.loop_s / len(records) * 1e6, 1),
+                    "process_us_per_request": round(cpu.process_s / len(records) * 1e6, 1), **client,
+                })  # fmt: skip
+                print("admit:", json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+# -- the stub engine (scenarios events and admit) ----------------------------------------------------------
 
 
 class StubRequest:
@@ -724,8 +763,9 @@ class StubEngine:
                 self.active = [r for r in self.active if not r.done]
 
 
-def serve_stub(port: int, step_ms: float) -> None:
-    """The real create_app, run by uvicorn as `vicunaflow serve` runs it, over a StubEngine."""
+def serve_stub(port: int, step_ms: float, inline_work: int | None = None) -> None:
+    """The real create_app, run by uvicorn as `vicunaflow serve` runs it, over a StubEngine. inline_work:
+    serve/app.py's INLINE_WORK instead of its own (scenario admit)."""
     import logging
 
     import uvicorn
@@ -733,7 +773,13 @@ def serve_stub(port: int, step_ms: float) -> None:
     sys.path.insert(0, str(HERE))
     from bench_chat import make_tokenizer
 
+    from vicunaflow.serve import SWITCH_INTERVAL_S
+    from vicunaflow.serve import app as serve_app
     from vicunaflow.serve.app import create_app
+
+    if inline_work is not None:
+        serve_app.INLINE_WORK = inline_work
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # as serve sets it
 
     logging.basicConfig(level=logging.WARNING)
     app = create_app({"stub": StubEngine(make_tokenizer(32000), context=2048, step_s=step_ms / 1000)})
@@ -769,9 +815,10 @@ def main() -> None:
     )
     parser.add_argument("--stub-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--stub-step-ms", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument("--stub-inline-work", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stub_server:
-        serve_stub(args.stub_server, args.stub_step_ms)
+        serve_stub(args.stub_server, args.stub_step_ms, args.stub_inline_work)
         return
 
     args.context = args.max_context
@@ -816,12 +863,15 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     clients = Clients(args.client_procs)
     try:
-        if set(args.only) - {"events"}:
+        if set(args.only) - STUB_SCENARIOS:
             run_model_scenarios(result, clients, args, scratch, batch, kv_tokens, save)
         if "events" in args.only:
             result["events"] = scenario_events(clients, args, scratch)
             for row in result["events"]:
                 print("events:", json.dumps(row), flush=True)
+            save()
+        if "admit" in args.only:
+            result["admit"] = scenario_admit(clients, args, scratch)
             save()
     finally:
         clients.close()
@@ -900,6 +950,13 @@ def print_summary(result: dict) -> None:
             f"| HTTP side, stub steps of {row['stub_step_ms']} ms: events/s; loop us/event | "
             f"{row['events_per_s']}; {row['loop_us_per_event']} | — | never the bottleneck |"
         )
+    for mode in ADMIT_MODES:
+        if rows := [row for row in result.get("admit", []) if row["mode"] == mode]:
+            best = min(rows, key=lambda row: row["loop_us_per_request"])
+            lines.append(
+                f"| HTTP side, {ADMIT_STREAMS} requests at once, work {mode}: loop us/request (best of {len(rows)}); "
+                f"TTFT p50/p99 ms | {best['loop_us_per_request']}; {best['ttft_p50_ms']}/{best['ttft_p99_ms']} | — | — |"
+            )
     print("\n".join(lines))
 
 

@@ -444,6 +444,20 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server):
     assert max(waits) < 1.0, waits  # ...and /health answered throughout
 
 
+def test_a_small_requests_work_runs_on_the_loop_and_a_large_ones_in_a_thread():
+    """Validating or encoding a short prompt costs less than a trip through the threadpool (bench_serve.py --only
+    admit); above INLINE_WORK it leaves the event loop to the other streams (the test above)."""
+    from vicunaflow.serve import app
+
+    async def threads() -> tuple[int, int, int]:
+        small = await app._work(app.INLINE_WORK, threading.get_ident)
+        large = await app._work(app.INLINE_WORK + 1, threading.get_ident)
+        return threading.get_ident(), small, large
+
+    loop_thread, small, large = asyncio.run(threads())
+    assert small == loop_thread and large != loop_thread
+
+
 def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
     """A non-streamed request whose client gave up is cancelled, not decoded to its max_tokens."""
     before = engine_stats(server)

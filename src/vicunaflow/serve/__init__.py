@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ from vicunaflow.serve import heap
 log = logging.getLogger(__name__)
 
 API_KEYS_ENV = "VICUNAFLOW_API_KEYS"  # comma-separated keys, used when --api-key is not given
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The engine thread
+# launches each step and the event loop writes every stream's events: with the default, a step could wait for
+# the loop's burst of writes. On an H200 (7B, through the API, one run each) 0.5 ms gave 7,765 / 11,709 tokens/s
+# at 64 / 256 streams and a repeated first-token p99 of 21.4 ms, against 7,701 / 11,528 and 27.9 ms
+# (docs/benchmarks.md, "sixteenth session")
+SWITCH_INTERVAL_S = 0.0005
 
 
 def serve(
@@ -70,7 +77,7 @@ def serve(
             long prompt then delays them by one chunk at a time); default: the engine's, 512.
         prefill_burst: when many prompts arrive at once, prefill a chunk's worth of them for every prompt waiting
             per N requests decoding, up to N chunks in one step, so they start together (docs/engine.md); 1: a
-            chunk always. Default: the engine's, 8.
+            chunk always. Default: the engine's, 32.
         mixed_prefill: prompt tokens a decode step carries while other requests decode, instead of chunks
             between steps (steadier streams, fewer tokens/s in bursts of new prompts: docs/engine.md); 0: none.
         kv_cache_tokens: tokens the paged KV cache holds over all requests (blocks of 16, each request
@@ -141,6 +148,7 @@ def serve(
             "%d models share the GPU(s): CUDA graphs off (two engines capturing at once is unsafe)", len(models)
         )
         cuda_graphs = False
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process serves: its threads are the engines' and the loop's
     with contextlib.ExitStack() as stack:
         gc_pauses = stack.enter_context(heap.GCPauses())
         engines = {}

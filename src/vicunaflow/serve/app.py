@@ -55,6 +55,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # replies one request may ask for (prompts x n): OpenAI takes at most 2,048 prompts a completions request. Each is
 # an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
 MAX_CHOICES = 2048
+# CPU work on a request below this size (body bytes, prompt characters or token ids) runs on the event loop:
+# a trip through the threadpool and back cost more loop CPU than validating or encoding a short prompt does
+# (bench_serve.py --only admit), while a large body or a long text still leaves the loop to the other streams
+INLINE_WORK = 16 * 1024
 # /health's counters when several models are served (summed over the engines)
 HEALTH_TOTALS = ("requests", "active", "waiting", "cancelled", "prefills", "steps", "decode_tokens")
 
@@ -241,7 +245,8 @@ def create_app(
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
-        prompt_ids = await run_in_threadpool(_chat_prompt_ids, engine.tokenizer, body)
+        size = sum(len(message.text()) for message in body.messages)
+        prompt_ids = await _work(size, _chat_prompt_ids, engine.tokenizer, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = sampling(engine, body, len(prompt_ids), max_tokens, logprobs=k, blind=blind)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -291,7 +296,7 @@ def create_app(
             raise APIError(
                 400, f"{len(prompts)} prompts x n={body.n} replies: at most {MAX_CHOICES} a request", param="prompt"
             )
-        encoded = await run_in_threadpool(_encode_prompts, engine, prompts)
+        encoded = await _work(sum(len(prompt) for prompt in prompts), _encode_prompts, engine, prompts)
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
         prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
@@ -348,7 +353,14 @@ def create_app(
 async def _parse(request: Request, model: type[BaseModel], max_bytes: int):
     """Validate a JSON body whatever its Content-Type (curl -d sends form-encoded headers)."""
     raw = await read_body(request, max_bytes)
-    return await run_in_threadpool(_validate, model, raw)
+    return await _work(len(raw), _validate, model, raw)
+
+
+async def _work(size: int, function, *args):
+    """function(*args) on the event loop when `size` is at most INLINE_WORK, else in the threadpool."""
+    if size <= INLINE_WORK:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
 
 
 def _validate(model: type[BaseModel], raw: bytes):
