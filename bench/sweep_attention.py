@@ -97,7 +97,7 @@ def best_per_class(results: list[dict]) -> list[str]:
             [key for key in columns if key.startswith(("us_1x", "us_8x"))],
         ),
         (
-            "MANY_ROWS_TILES (MANY_ROWS_NARROW_TILES on a narrow grid)",
+            "MANY_ROWS_TILES",
             [key for key in columns if not key.startswith(("us_1x", "us_8x"))],
         ),
     ):

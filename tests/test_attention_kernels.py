@@ -37,17 +37,13 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_many_rows_take_the_narrow_tiles_only_on_a_grid_of_at_most_512_positions():
-    """Which tiles a step takes: few rows by their grouping; many rows by the grid's width (the engine's 512-wide
-    graphs take MANY_ROWS_NARROW_TILES, a context-wide one MANY_ROWS_TILES)."""
+def test_a_step_takes_its_tiles_by_its_rows_and_grouping():
+    """Which tiles a step takes: many rows MANY_ROWS_TILES, few rows by their grouping."""
     many = attention_kernels.MANY_ROWS
-    assert attention_kernels.NARROW_WIDTH == 512
-    assert attention_kernels.tiles_for(many, 1, 32 * 16) is attention_kernels.MANY_ROWS_NARROW_TILES
-    assert attention_kernels.tiles_for(many, 4, 512) is attention_kernels.MANY_ROWS_NARROW_TILES
-    assert attention_kernels.tiles_for(many, 1, 33 * 16) is attention_kernels.MANY_ROWS_TILES
-    assert attention_kernels.tiles_for(256, 1, 2048) is attention_kernels.MANY_ROWS_TILES
-    assert attention_kernels.tiles_for(many - 1, 1, 512) is attention_kernels.FEW_ROWS
-    assert attention_kernels.tiles_for(many - 1, 4, 4096) is attention_kernels.FEW_ROWS_GROUPED
+    assert attention_kernels.tiles_for(many, 1) is attention_kernels.MANY_ROWS_TILES
+    assert attention_kernels.tiles_for(256, 4) is attention_kernels.MANY_ROWS_TILES
+    assert attention_kernels.tiles_for(many - 1, 1) is attention_kernels.FEW_ROWS
+    assert attention_kernels.tiles_for(many - 1, 4) is attention_kernels.FEW_ROWS_GROUPED
     for name in attention_kernels.TILE_CLASSES:  # a split is whole tiles: none reads its neighbour's positions
         tiles = getattr(attention_kernels, name)
         assert tiles.split_tokens % tiles.tile == 0, name
@@ -64,15 +60,13 @@ def test_many_rows_take_the_narrow_tiles_only_on_a_grid_of_at_most_512_positions
         (8, 2, 32, 16, torch.float32, torch.float8_e4m3fn),
     ],
 )
-@pytest.mark.parametrize("many_rows", ["few", "many", "narrow"], ids=["few-rows", "many-rows", "many-rows-narrow"])
+@pytest.mark.parametrize("many_rows", ["few", "many"], ids=["few-rows", "many-rows"])
 @pytest.mark.parametrize("multi_head", ["tensor-cores", "cuda-cores"])
 def test_paged_decode_attention_matches_sdpa(
     heads, kv_heads, head_dim, block_size, dtype, cache_dtype, many_rows, multi_head, monkeypatch
 ):
-    if many_rows != "few":  # the splits a step of many rows takes: MANY_ROWS_TILES, or on a narrow grid ...
+    if many_rows != "few":  # the splits a step of many rows takes: MANY_ROWS_TILES
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
-    # ... MANY_ROWS_NARROW_TILES (this test's grid spans 608 positions)
-    monkeypatch.setattr(attention_kernels, "NARROW_WIDTH", 10**6 if many_rows == "narrow" else 0)
     for name in attention_kernels.TILE_CLASSES:  # grouped-query layers take tl.dot either way
         tiles = getattr(attention_kernels, name)
         monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))
@@ -95,6 +89,29 @@ def test_paged_decode_attention_matches_sdpa(
     assert torch.allclose(ours.cpu().double(), expected, atol=tolerance, rtol=tolerance), (
         (ours.cpu().double() - expected).abs().max()
     )
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="the loop to a row's length is compiled only: Triton's interpreter walks whole splits"
+)
+@pytest.mark.parametrize("rows", [attention_kernels.MANY_ROWS, 32])
+def test_walking_only_a_rows_tiles_gives_the_bits_of_walking_whole_splits(rows, monkeypatch):
+    """A program stops at its row's last tile (LOOP_TO_LENGTH); the masked tiles it skips added nothing: same bits."""
+    generator = torch.Generator().manual_seed(rows)
+    heads, head_dim, block_size, width = 8, 128, 16, 128  # a 2,048-position grid: splits past most rows' ends
+    blocks = rows * width + 1
+    keys = torch.randn(blocks, heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
+    values = torch.randn(blocks, heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
+    query = torch.randn(rows, heads, head_dim, generator=generator).to(DEVICE, torch.float16)
+    tables = (torch.randperm(blocks - 1, generator=generator)[: rows * width] + 1).view(rows, width).to(DEVICE)
+    lengths = torch.randint(1, width * block_size + 1, (rows,), generator=generator).to(DEVICE)
+    outputs = []
+    for loop_to_length in (True, False):
+        monkeypatch.setattr(attention_kernels, "LOOP_TO_LENGTH", loop_to_length)
+        outputs.append(attention_kernels.paged_decode_attention(query, keys, values, tables, lengths))
+    assert torch.equal(outputs[0], outputs[1])
+    expected = _reference(query.cpu().float(), keys.cpu().float(), values.cpu().float(), tables.cpu(), lengths.cpu())
+    assert torch.allclose(outputs[0].cpu().double(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_paged_decode_attention_refuses_a_split_of_part_of_a_tile(monkeypatch):

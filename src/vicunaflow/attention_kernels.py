@@ -68,22 +68,23 @@ FEW_ROWS = Tiles(split_tokens=64, tile=64, warps=2, stages=1, multi_head="cuda-c
 # stage took 9.7 / 12.5 against 9.4 / 12.1 µs at 1 / 8 rows (64 query heads on 8 KV heads, a 70B's layer).
 # A 13B's multi-head layer kept the choices above: one row 8.4 against 10.0 µs, 256 rows 439 against 451.
 FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
-MANY_ROWS_TILES = Tiles(split_tokens=256, tile=64, warps=4, stages=2)
-# Many rows on a narrow grid (the table spans at most NARROW_WIDTH positions: the engine's graphs for steps
-# whose rows all end within 512, runner.KERNEL_KV_BUCKETS): splits of 128 in tiles of 32, 2 warps a
-# program (more programs resident on an SM, each with a shorter chain of dependent loads). A 7B layer at
-# lengths 129-384 on a 512-wide grid took 48.4 / 81.0 / 306.2 µs at 32 / 64 / 256 rows against 51.1 / 81.9 /
-# 320.5 with MANY_ROWS_TILES; a 32-row step replayed in 5.63 against 5.90 ms (fifteenth session, H200). On
-# a 2,048-wide grid they lose (90.4 against 82.9 µs at 64 rows; 206 against 191 at 1-2K positions): twice
-# the splits to launch and exit. bench/results/attention_narrow_grid_h200.json.
-MANY_ROWS_NARROW_TILES = Tiles(split_tokens=128, tile=32, warps=2, stages=2)
-NARROW_WIDTH = 512
-MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES (or MANY_ROWS_NARROW_TILES)
+# Many rows: splits of 512 positions in tiles of 64, 4 warps, 2 stages, each program walking only the tiles below
+# its row's length (a row within one split writes its output, no partials to combine). A 7B layer at lengths
+# 129-384 took 41.2 / 66.7 / 263.2 µs at 32 / 64 / 256 rows on a 512-wide grid, against 48.7 / 81.5 / 308.7 for
+# the splits of 128 (tiles of 32, 2 warps) walked whole before; on a 2,048-wide grid 41.2 / 66.6 / 266.4 and
+# 180.9 at 1-2K positions, against 51.9 / 83.3 / 349.5 / 193.4 for splits of 256 (sixteenth session, H200;
+# bench/results/attention_loop_to_length_h200.json). Walked whole, long splits lost: a short row's last split
+# ran its masked tiles too.
+MANY_ROWS_TILES = Tiles(split_tokens=512, tile=64, warps=4, stages=2)
+MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
 # the names benches and tests change
-TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES", "MANY_ROWS_NARROW_TILES")
+TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
+# A split's programs walk only the tiles below the row's length (else every tile of the split, those past the
+# row masked: the same bits); VICUNAFLOW_ATTENTION_LOOP=split times the latter (bench/sweep_attention.py)
+LOOP_TO_LENGTH = os.environ.get("VICUNAFLOW_ATTENTION_LOOP", "length") == "length"
 # Where decode_attention rotates q and k and stores the new key and value: "separate", rope_store's kernel before
 # the attention (any rows, also rows sharing a block table); "attention", inside the split kernel (a launch a
 # layer fewer, for steps whose rows each have their own table: the engine refuses it with mixed prefill).
@@ -163,7 +164,7 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("paged decode attention: keys and values must be contiguous, tables' rows too")
     group = H // Hkv
-    tiles = tiles_for(B, group, tables.shape[1] * block_size)
+    tiles = tiles_for(B, group)
     split_tokens = tiles.split_tokens
     if split_tokens % tiles.tile:  # a split of part of a tile would read its neighbour's positions too
         raise ValueError(
@@ -194,19 +195,19 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, TILE=tiles.tile,
         FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused, DOT=dot,
-        ROPE=rope is not None, **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
+        ROPE=rope is not None, WHOLE_SPLITS=os.environ.get("TRITON_INTERPRET") == "1" or not LOOP_TO_LENGTH,
+        **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     if not fused:
         combine_kernel[(B, Hkv)](partial, stats, lengths, out, **shape, **pdl)
     return out
 
 
-def tiles_for(rows: int, group: int, width: int) -> Tiles:
-    """The tiles a step of `rows` rows takes, with `group` query heads a KV head, on a grid spanning `width`
-    positions (the block table's width): MANY_ROWS_NARROW_TILES or MANY_ROWS_TILES from MANY_ROWS rows, else
-    FEW_ROWS (multi-head) or FEW_ROWS_GROUPED."""
+def tiles_for(rows: int, group: int) -> Tiles:
+    """The tiles a step of `rows` rows takes, with `group` query heads a KV head: MANY_ROWS_TILES from MANY_ROWS
+    rows, else FEW_ROWS (multi-head) or FEW_ROWS_GROUPED."""
     if rows >= MANY_ROWS:
-        return MANY_ROWS_NARROW_TILES if width <= NARROW_WIDTH else MANY_ROWS_TILES
+        return MANY_ROWS_TILES
     return FEW_ROWS if group == 1 else FEW_ROWS_GROUPED
 
 

@@ -86,6 +86,8 @@ def split_kernel(
     COMBINE: tl.constexpr,  # the last program of a (row, KV head) combines the splits into out
     DOT: tl.constexpr,  # scores and outputs on tensor cores (tl.dot); else float32 products on CUDA cores
     ROPE: tl.constexpr,  # rotate q here, and store the row's new key (rotated) and value first (decode_attention)
+    WHOLE_SPLITS: tl.constexpr,  # walk every tile of the split, those past the row masked (the same bits): Triton's
+    # interpreter cannot loop to a bound it loaded
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -126,7 +128,8 @@ def split_kernel(
         running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)
         tile_acc = tl.zeros((TILE, D_PAD), dtype=tl.float32)  # not DOT: p * v summed over the tiles
-        for tile in range(0, SPLIT_TOKENS, TILE):
+        # the tiles holding the row's positions (a row's last split is often short), or every tile of the split
+        for tile in range(0, SPLIT_TOKENS if WHOLE_SPLITS else tl.minimum(length - first, SPLIT_TOKENS), TILE):
             positions = first + tile + tl.arange(0, TILE)
             valid = positions < length
             block = tl.load(table_ptr + row * table_row_stride + positions // BLOCK_SIZE, mask=valid, other=0)
