@@ -22,17 +22,20 @@ forward of their own between two steps: on an H200 a 7B step of 32 rows took ~6 
 Prompts asking for prompt log-probabilities, and prompts when no row decodes, go through chunks. The
 price: a burst of new prompts is written mixed_prefill tokens a step, not a chunk's worth a forward.
 
-A burst of new prompts (many users arriving at once) gets longer prefill forwards: up to `prefill_burst`
-chunks' worth, one chunk for every prompt waiting per `prefill_burst` rows decoding (`_prefill_budget`). Every
-decoding row waits for each prefill forward, so a lone prompt joining running streams still goes a chunk at a
-time, while 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see one long gap instead
-of seven shorter ones, and the 28 start decoding together. The tail of a burst of 256 still goes several
-chunks a forward beside 160 decoding rows: the sooner every row decodes, the fuller the many-row steps that
-follow (7B, 256 streams through the API: 10,541 tokens/s against 9,827 with one chunk per decoding row's worth
-of waiting prompts, docs/benchmarks.md, "fourteenth session"). prefill_burst is both the cap and the rows per
-chunk: a larger one makes bursts longer and more frequent. On an H200 (7B, 32 streams
-through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for
-each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
+A burst of new prompts (many users arriving at once) gets longer prefill forwards: up to `prefill_burst` chunks'
+worth, one chunk for every prompt waiting per `prefill_burst` rows decoding (`_prefill_budget`). Every decoding
+row waits for each prefill forward, so a lone prompt joining running streams still goes a chunk at a time, while
+28 prompts arriving behind 4 rows are written in one forward: those 4 rows see one long gap instead of seven
+shorter ones, and the 28 start decoding together. prefill_burst is both the cap and the rows per chunk: with 32, a
+burst of 256 prompts goes up to 128 a forward (16,384 tokens) while few rows decode, so the many-row steps that
+follow are full sooner and the decoding rows are interrupted fewer times (7B, through the API on an H200: 256
+streams 11,254 tokens/s and a gap p99 of 39 ms, against 10,633 and 74 ms with 8; 16 gave 11,032;
+docs/benchmarks.md, "sixteenth session"). The price: a handful of long prompts arriving together stall the running
+rows for longer forwards (8 prompts of 512 tokens behind 31 rows: one forward of all 8, where a prefill_burst of 8
+wrote them 2 a forward), and a forward of 16,384 tokens runs eagerly with its activations (~1.5 GB for a 7B) on
+top of the weights and the cache: a smaller --prefill-burst bounds both. On an H200 (7B, 32 streams through the
+API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for each of the burst's
+chunks (docs/benchmarks.md, "thirteenth session").
 
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
 its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the
@@ -73,7 +76,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward (Engine's and `serve --prefill-chunk`'s default)
 # the most chunks' worth one prefill forward writes in a burst of prompts (module docstring); 1: a chunk always
-PREFILL_BURST = 8
+PREFILL_BURST = 32
 # prompt tokens a decode step carries while rows decode (module docstring); 0: prompts go through chunks. Off by
 # default: on an H200 (7B, through the API) 128 took the 32-stream inter-token gap p99 from 23.7 to 13.2 ms but
 # the tokens/s from 4,555 to 4,072 (docs/engine.md, "Prompts in decode steps")
