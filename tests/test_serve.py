@@ -444,6 +444,27 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server):
     assert max(waits) < 1.0, waits  # ...and /health answered throughout
 
 
+def test_completion_prompts_are_split_and_their_token_ids_checked():
+    """A completion's prompt is one text, texts, one list of ids or lists of ids; an id outside the vocabulary
+    is a 400 naming the prompt and the id."""
+    from types import SimpleNamespace
+
+    from vicunaflow.serve.app import _encode_prompts, _prompt_list
+    from vicunaflow.serve.errors import APIError
+
+    assert _prompt_list("hi") == ["hi"] and _prompt_list(["a", "b"]) == ["a", "b"]
+    assert _prompt_list([1, 2]) == [[1, 2]] and _prompt_list([[1], [2, 3]]) == [[1], [2, 3]]
+    for empty in ([], [[1], []]):
+        with pytest.raises(APIError, match="must not be empty"):
+            _prompt_list(empty)
+    engine = SimpleNamespace(model=SimpleNamespace(args=SimpleNamespace(vocab_size=100)), tokenizer=None)
+    assert _encode_prompts(engine, [[0, 99], [5]]) == [[0, 99], [5]]
+    for prompts, bad in (([[0, 99], [5, 100, 7]], "prompt 1: token id 100 "), ([[3, -1]], "prompt 0: token id -1 ")):
+        with pytest.raises(APIError, match=bad) as err:
+            _encode_prompts(engine, prompts)
+        assert err.value.status == 400 and err.value.param == "prompt"
+
+
 def test_a_small_requests_work_runs_on_the_loop_and_a_large_ones_in_a_thread():
     """Validating or encoding a short prompt costs less than a trip through the threadpool (bench_serve.py --only
     admit); above INLINE_WORK it leaves the event loop to the other streams (the test above)."""

@@ -376,7 +376,8 @@ def _model_card(name: str, created: int, context: int) -> dict:
 
 def _prompt_list(prompt: str | list) -> list[str | list[int]]:
     """A completion's prompt(s): one text, texts, one list of token ids, or lists of token ids."""
-    single = isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt))
+    # pydantic took the whole list as one of CompletionRequest.prompt's types: its first item tells which
+    single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
     prompts = [prompt] if single else list(prompt)
     if not prompts or any(isinstance(p, list) and not p for p in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
@@ -384,16 +385,16 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
 
 
 def _encode_prompts(engine: Engine, prompts: list[str | list[int]]) -> list[list[int]]:
-    """Text prompts tokenised (with BOS), token-id prompts checked against the vocabulary (CPU work: run it
-    off the event loop)."""
+    """Text prompts tokenised (with BOS), token-id prompts checked against the vocabulary (CPU work: `_work` runs
+    a long one off the event loop)."""
     vocab_size = engine.model.args.vocab_size
     encoded = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             encoded.append(encode_prompt(engine.tokenizer, prompt))
             continue
-        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-        if bad is not None:
+        if min(prompt) < 0 or max(prompt) >= vocab_size:  # in C: the loop below only to name the bad id
+            bad = next(t for t in prompt if not 0 <= t < vocab_size)
             message = f"prompt {i}: token id {bad} is outside this model's vocabulary (0..{vocab_size - 1})"
             raise APIError(400, message, param="prompt")
         encoded.append(prompt)
@@ -401,7 +402,7 @@ def _encode_prompts(engine: Engine, prompts: list[str | list[int]]) -> list[list
 
 
 def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
-    """The token ids of a chat request's prompt (CPU work: run it off the event loop)."""
+    """The token ids of a chat request's prompt (CPU work: `_work` runs a long one off the event loop)."""
     system, turns = _turns(body)
     return encode_prompt(tokenizer, template.render(turns, system))
 
