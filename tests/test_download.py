@@ -245,6 +245,11 @@ def test_404_names_the_url_and_suggests_local(mirror, tmp_path):
         download_llama(model_size="13B", folder=tmp_path, base_url=mirror.base_url, staging_dir=tmp_path / "st", **FAST)
     message = str(err.value)
     assert f"{mirror.base_url}/13B/checklist.chk" in message and "404" in message and "--source local" in message
+    # download llama's own hint, as before eval download got its own (FetchFailed)
+    assert message.endswith(
+        "not found (HTTP 404); check the URL and the model size, or use --source local --path DIR with files you "
+        "already have"
+    ), message
     mirror.faults = {"tiny/consolidated.00.pth": ["404"]}
     with pytest.raises(VicunaflowError, match=r"tiny/consolidated\.00\.pth: not found.*--source local"):
         download_llama(
@@ -264,6 +269,9 @@ def test_unreachable_network_gives_a_clear_error(tmp_path):
         )  # fmt: skip
     message = str(err.value)
     assert f"http://127.0.0.1:{port}/m/tokenizer_checklist.chk" in message and "--source local" in message
+    assert message.endswith(
+        "; check the network and the URL, or fetch the files another way and use --source local --path DIR"
+    ), message
 
 
 def test_meta_signed_url_works_and_its_query_string_is_never_printed(mirror, release, tmp_path):
@@ -292,6 +300,10 @@ def test_meta_signed_url_works_and_its_query_string_is_never_printed(mirror, rel
         "--url", signed, "--staging-dir", str(tmp_path / "st"),
     )  # fmt: skip
     assert result.returncode != 0 and "403" in result.stderr
+    assert (
+        "access denied (HTTP 403); Meta's signed URLs expire after a day and allow few downloads: request a new "
+        "one, or use --source local --path DIR" in result.stderr
+    ), result.stderr
     assert SECRET_POLICY not in result.stderr and SECRET_SIGNATURE not in result.stderr
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import inspect
 import json
 import math
 import re
@@ -626,6 +627,88 @@ def test_download_verifies_the_pinned_files(tmp_path: Path, monkeypatch) -> None
                 output_dir=tmp_path / "other", revision=revision, base_url=base_url, staging_dir=tmp_path / "staging"
             )
     assert not (tmp_path / "other").exists()
+
+
+@contextlib.contextmanager
+def refusing_server(status: int):
+    """Answers every GET with `status`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("unavailable", ["unreachable", "404", "401", "403", "retries"])
+def test_download_without_fastchat_hints_only_its_own_options(unavailable, tmp_path: Path, monkeypatch) -> None:
+    """The hints were download llama's: "use --source local --path DIR", "the model size", Meta's signed URLs.
+    Now every option a hint names is one of eval download's, its command line parses through the CLI's own
+    parser (the verb itself replaced), and the files by hand go where eval download writes them."""
+    import functools
+    import shlex
+    import socket
+
+    from vicunaflow import cli
+    from vicunaflow.eval.mt_bench import download_mt_bench
+
+    output_dir = tmp_path / "mt bench"  # a space: the command line quotes it
+    revision = "v0.0.0" if unavailable == "404" else mt_bench.FASTCHAT_REVISION
+    with contextlib.ExitStack() as stack:
+        if unavailable == "unreachable":
+            with socket.socket() as probe:  # a port nobody listens on
+                probe.bind(("127.0.0.1", 0))
+                base_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        else:
+            base_url = stack.enter_context(refusing_server(503 if unavailable == "retries" else int(unavailable)))
+        with pytest.raises(VicunaflowError) as refused:
+            download_mt_bench(output_dir=output_dir, revision=revision, base_url=base_url,
+                              staging_dir=tmp_path / "st", retries=1, retry_wait=0.01, timeout=5)  # fmt: skip
+    message = str(refused.value)
+    for foreign in ("--source", "--path", "model size", "Meta", "signed"):
+        assert foreign not in message, message
+    first = f"{base_url}/{revision}/{mt_bench.DATA_DIR}/mt_bench/question.jsonl: "
+    expected = {
+        "unreachable": "failed after 1 retries (",
+        "404": "not found (HTTP 404); check --revision (v0.0.0: a FastChat commit or tag) and --base-url",
+        "401": "access denied (HTTP 401); FastChat's files are public and eval download sends no credentials",
+        "403": "access denied (HTTP 403); FastChat's files are public and eval download sends no credentials",
+        "retries": "failed after 1 retries (HTTP 503); try again later, or with more --retries",
+    }[unavailable]
+    assert message.startswith(first + expected), message
+    if unavailable == "unreachable":
+        assert "check the network" in message, message
+
+    names = {name.replace("_", "-") for name in inspect.signature(download_mt_bench).parameters}
+    named = set(re.findall(r"--([a-z][a-z-]*)", message))
+    assert named and named <= names, named - names
+    # By hand: FastChat's files, named as eval download writes them and the workflow's eval rules read them.
+    by_hand = re.search(r"copy (\S+)/\{([^}]*)\} to (.+)/\{([^}]*)\}, where eval download would", message)
+    assert by_hand and by_hand[1] == mt_bench.DATA_DIR and by_hand[3] == str(output_dir), message
+    pairs = dict(zip(by_hand[2].split(", "), by_hand[4].split(", "), strict=True))
+    assert pairs == {path: name for path, (name, _) in mt_bench.MT_BENCH_FILES.items()}
+    rules = (REPO / "workflow/rules/eval_common.smk").read_text()
+    assert all(f'f"{{MT_BENCH_DIR}}/{name}"' in rules for name in pairs.values())
+
+    hinted = re.findall(r"`(vicunaflow [^`]*)`", message)
+    assert len(hinted) == 1, message
+    parsed = {}
+    stub = functools.wraps(download_mt_bench)(lambda **options: parsed.update(options))
+    monkeypatch.setattr(mt_bench, "download_mt_bench", stub)
+    cli.main(shlex.split(hinted[0])[1:])
+    assert parsed["output_dir"] == output_dir and parsed["base_url"] == "MIRROR" and parsed["revision"] == revision
+    assert not output_dir.exists()
 
 
 # --- the workflow ----------------------------------------------------------------------------------

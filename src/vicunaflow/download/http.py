@@ -124,6 +124,20 @@ class RemoteFile:
         return self.md5 or "unverified-" + self.path.replace("/", "--")
 
 
+class FetchFailed(VicunaflowError):
+    """The server would not give a file: not found (HTTP 404), access denied (401, 403), or retries ran out
+    (`status` None; `unreachable`: the last attempt could not connect at all).
+
+    The message ends with download llama's way around it (the model size, Meta's signed URLs, `--source local
+    --path DIR`); a verb without those (`eval download`) says its own after `problem`, rather than naming options
+    it does not have.
+    """
+
+    def __init__(self, problem: str, hint: str, *, status: int | None = None, unreachable: bool = False) -> None:
+        super().__init__(f"{problem}; {hint}")
+        self.problem, self.status, self.unreachable = problem, status, unreachable
+
+
 class Stopped(Exception):
     """Another file failed: stop early, keep the partial file for the next run."""
 
@@ -276,9 +290,10 @@ class Fetcher:
                 attempt += 1
                 reason = str(err) or type(err).__name__
                 if attempt > self.retries:
-                    raise VicunaflowError(
-                        f"{shown}: failed after {self.retries} retries ({reason}); check the network and the URL, "
-                        "or fetch the files another way and use --source local --path DIR"
+                    raise FetchFailed(
+                        f"{shown}: failed after {self.retries} retries ({reason})",
+                        "check the network and the URL, or fetch the files another way and use --source local --path DIR",
+                        unreachable=isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)),
                     ) from None
                 wait = min(self.retry_wait * 2 ** (attempt - 1), 60.0)
                 log.warning("%s: %s; retry %d/%d in %.1fs", path, reason, attempt, self.retries, wait)
@@ -298,15 +313,19 @@ class Fetcher:
 def _raise_for_status(status: int, shown: str) -> None:
     if status in (200, 206):
         return
+    # The hints are download llama's; eval download replaces them (FetchFailed.problem).
     if status == 404:
-        raise VicunaflowError(
-            f"{shown}: not found (HTTP 404); check the URL and the model size, "
-            "or use --source local --path DIR with files you already have"
+        raise FetchFailed(
+            f"{shown}: not found (HTTP 404)",
+            "check the URL and the model size, or use --source local --path DIR with files you already have",
+            status=status,
         )
     if status in (401, 403):
-        raise VicunaflowError(
-            f"{shown}: access denied (HTTP {status}); Meta's signed URLs expire after a day and allow few "
-            "downloads: request a new one, or use --source local --path DIR"
+        raise FetchFailed(
+            f"{shown}: access denied (HTTP {status})",
+            "Meta's signed URLs expire after a day and allow few downloads: request a new one, "
+            "or use --source local --path DIR",
+            status=status,
         )
     if status in (408, 429) or status >= 500:
         raise Retryable(f"HTTP {status}")

@@ -17,8 +17,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vicunaflow import VicunaflowError, require_file
+
+if TYPE_CHECKING:
+    from vicunaflow.download.http import FetchFailed
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ def download_mt_bench(
         timeout: seconds without data before a connection counts as dropped.
         overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
-    from vicunaflow.download.http import Fetcher, Remote, RemoteFile, place_file
+    from vicunaflow.download.http import Fetcher, FetchFailed, Remote, RemoteFile, place_file
     from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 
     check_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite)  # before any download
@@ -98,7 +102,12 @@ def download_mt_bench(
     with Fetcher(
         remote, Path(staging_dir) / "mt_bench", jobs=1, retries=retries, retry_wait=retry_wait, timeout=timeout
     ) as fetcher:
-        staged = {path: fetcher.fetch(file) for path, file in files.items()}
+        try:
+            staged = {path: fetcher.fetch(file) for path, file in files.items()}
+        except FetchFailed as err:  # its way around names download llama's options: say eval download's own
+            raise VicunaflowError(
+                f"{err.problem}; {without_fastchat(err, output_dir=output_dir, revision=revision, base_url=base_url)}"
+            ) from None
         with atomic_output_dir(output_dir, inputs=[staging_dir], overwrite=overwrite) as out:
             for path, (name, _) in MT_BENCH_FILES.items():
                 place_file(staged[path], out / name, "copy")
@@ -113,6 +122,42 @@ def download_mt_bench(
             (fetcher.staging / f"{file.key}.lock").unlink(missing_ok=True)
     log.info("wrote %d questions, references and judge prompts to %s", len(questions), output_dir)
     return Path(output_dir)
+
+
+def without_fastchat(err: FetchFailed, *, output_dir: Path, revision: str, base_url: str) -> str:
+    """What to do when FastChat's server would not give a file: what to check, a mirror through --base-url (the
+    workflow: eval.mt_bench.base_url), or FastChat's files put by hand where eval download writes them, the
+    workflow's eval rules reading them there. Only eval download's own options: it has no --source local."""
+    import shlex
+
+    from vicunaflow.download.http import redact_url
+
+    pinned = [] if revision == FASTCHAT_REVISION else ["--revision", revision]
+    command = shlex.join(["vicunaflow", "eval", "download", "--output-dir", str(output_dir), *pinned])
+    mirror = (
+        f"`{command} --base-url MIRROR` (MIRROR: a raw-file root in GitHub's layout, "
+        f"MIRROR/<revision>/{DATA_DIR}/<file>; in the workflow's config: eval.mt_bench.base_url)"
+    )
+    theirs, ours = ", ".join(MT_BENCH_FILES), ", ".join(name for name, _ in MT_BENCH_FILES.values())
+    by_hand = (
+        f"or, with FastChat's files at hand, copy {DATA_DIR}/{{{theirs}}} to {output_dir}/{{{ours}}}, "
+        "where eval download would have written them"
+    )
+    if err.status == 404:
+        return (
+            f"check --revision ({revision}: a FastChat commit or tag) and --base-url ({redact_url(base_url)}): "
+            f"each file is read at <base-url>/<revision>/{DATA_DIR}/<file>; or fetch from a mirror, {mirror}, {by_hand}"
+        )
+    if err.status in (401, 403):
+        return (
+            "FastChat's files are public and eval download sends no credentials: give a --base-url that serves "
+            f"them without a login, {mirror}, {by_hand}"
+        )
+    if err.unreachable:
+        return f"check the network (and any proxy settings), or fetch from a mirror you can reach, {mirror}, {by_hand}"
+    return (
+        f"try again later, or with more --retries and a longer --timeout, or fetch from a mirror, {mirror}, {by_hand}"
+    )
 
 
 # --- readers ---------------------------------------------------------------------------------------
