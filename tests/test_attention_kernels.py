@@ -72,7 +72,8 @@ def test_paged_decode_attention_matches_sdpa(
         monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))
     generator = torch.Generator().manual_seed(heads * head_dim + block_size)
     width, blocks = 600 // block_size + 1, 64  # a 600-position context: several splits, the last one partial
-    lengths = torch.tensor([1, 17, 256, 257, width * block_size - 3][: 5 if block_size == 16 else 4])
+    # splits' edges for few rows (64) and many (512); the last row in the grid's last block
+    lengths = torch.tensor([1, 17, 256, 257, 512, 513, width * block_size - 3][: 7 if block_size == 16 else 6])
     B = len(lengths)
     keys = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, cache_dtype or dtype)
     values = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, cache_dtype or dtype)
@@ -94,23 +95,28 @@ def test_paged_decode_attention_matches_sdpa(
 @pytest.mark.skipif(
     DEVICE != "cuda", reason="the loop to a row's length is compiled only: Triton's interpreter walks whole splits"
 )
-@pytest.mark.parametrize("rows", [attention_kernels.MANY_ROWS, 32])
-def test_walking_only_a_rows_tiles_gives_the_bits_of_walking_whole_splits(rows, monkeypatch):
-    """A program stops at its row's last tile (LOOP_TO_LENGTH); the masked tiles it skips added nothing: same bits."""
-    generator = torch.Generator().manual_seed(rows)
-    heads, head_dim, block_size, width = 8, 128, 16, 128  # a 2,048-position grid: splits past most rows' ends
-    blocks = rows * width + 1
-    keys = torch.randn(blocks, heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
-    values = torch.randn(blocks, heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 8), (16, 4)])
+def test_walking_only_a_rows_tiles_gives_the_bits_of_walking_whole_splits(heads, kv_heads, monkeypatch):
+    """A program stops at its row's last tile (ATTENTION_LOOP "length"); the masked tiles it skips added nothing:
+    the same bits, multi-head and grouped-query, at the splits' edges; any other ATTENTION_LOOP is refused."""
+    monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
+    generator = torch.Generator().manual_seed(heads)
+    head_dim, block_size, width = 128, 16, 128  # a 2,048-position grid: splits past most rows' ends
+    lengths = torch.tensor([1, 63, 64, 65, 511, 512, 513, 1024, 2047, 2048])
+    rows, blocks = len(lengths), len(lengths) * width + 1
+    keys = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
+    values = torch.randn(blocks, kv_heads, block_size, head_dim, generator=generator).to(DEVICE, torch.float16)
     query = torch.randn(rows, heads, head_dim, generator=generator).to(DEVICE, torch.float16)
     tables = (torch.randperm(blocks - 1, generator=generator)[: rows * width] + 1).view(rows, width).to(DEVICE)
-    lengths = torch.randint(1, width * block_size + 1, (rows,), generator=generator).to(DEVICE)
     outputs = []
-    for loop_to_length in (True, False):
-        monkeypatch.setattr(attention_kernels, "LOOP_TO_LENGTH", loop_to_length)
-        outputs.append(attention_kernels.paged_decode_attention(query, keys, values, tables, lengths))
+    for loop in ("length", "split"):
+        monkeypatch.setattr(attention_kernels, "ATTENTION_LOOP", loop)
+        outputs.append(attention_kernels.paged_decode_attention(query, keys, values, tables, lengths.to(DEVICE)))
     assert torch.equal(outputs[0], outputs[1])
-    expected = _reference(query.cpu().float(), keys.cpu().float(), values.cpu().float(), tables.cpu(), lengths.cpu())
+    monkeypatch.setattr(attention_kernels, "ATTENTION_LOOP", "lenght")
+    with pytest.raises(ValueError, match="VICUNAFLOW_ATTENTION_LOOP='lenght'"):
+        attention_kernels.paged_decode_attention(query, keys, values, tables, lengths.to(DEVICE))
+    expected = _reference(query.cpu().float(), keys.cpu().float(), values.cpu().float(), tables.cpu(), lengths)
     assert torch.allclose(outputs[0].cpu().double(), expected, atol=2e-2, rtol=2e-2)
 
 
@@ -256,8 +262,9 @@ def test_decode_attention_rotates_stores_and_attends(
     if many_rows:
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
     generator = torch.Generator().manual_seed(heads * head_dim + many_rows)
-    block_size, width = 16, 20  # a 320-position context
-    positions = torch.tensor([0, 16, 63, 64, 200, 319])  # splits' edges: the newest position opens one, ends one
+    block_size, width = 16, 40  # a 640-position context: a many-row step's splits of 512 too
+    # splits' edges (few rows: 64, many: 512): the newest position opens one, ends one
+    positions = torch.tensor([0, 16, 63, 64, 200, 319, 511, 512, 639])
     B = len(positions)
     blocks = B * width + 5
     qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)

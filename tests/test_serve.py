@@ -467,16 +467,20 @@ def test_completion_prompts_are_split_and_their_token_ids_checked():
 
 def test_a_small_requests_work_runs_on_the_loop_and_a_large_ones_in_a_thread():
     """Validating or encoding a short prompt costs less than a trip through the threadpool (bench_serve.py --only
-    admit); above INLINE_WORK it leaves the event loop to the other streams (the test above)."""
+    admit); longer work leaves the event loop to the other streams (test_health_answers_while_a_huge_prompt_is_
+    tokenised). Many short texts add up: each is a tokenizer call."""
     from vicunaflow.serve import app
 
     async def threads() -> tuple[int, int, int]:
-        small = await app._work(app.INLINE_WORK, threading.get_ident)
-        large = await app._work(app.INLINE_WORK + 1, threading.get_ident)
+        small = await app._work(True, threading.get_ident)
+        large = await app._work(False, threading.get_ident)
         return threading.get_ident(), small, large
 
     loop_thread, small, large = asyncio.run(threads())
     assert small == loop_thread and large != loop_thread
+    assert app._small_text(["Tell me about llamas. " * 20])  # 440 characters
+    assert not app._small_text(["Tell me about llamas. " * 60])
+    assert not app._small_text(["a"] * 2048)  # OpenAI's most prompts a request, one character each
 
 
 def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):

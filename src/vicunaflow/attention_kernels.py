@@ -82,9 +82,9 @@ TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
-# A split's programs walk only the tiles below the row's length (else every tile of the split, those past the
-# row masked: the same bits); VICUNAFLOW_ATTENTION_LOOP=split times the latter (bench/sweep_attention.py)
-LOOP_TO_LENGTH = os.environ.get("VICUNAFLOW_ATTENTION_LOOP", "length") == "length"
+# "length": a split's programs walk only the tiles below the row's length; "split": every tile of the split, those
+# past the row masked (the same bits; what Triton's interpreter always does), to time the difference
+ATTENTION_LOOP = os.environ.get("VICUNAFLOW_ATTENTION_LOOP", "length")
 # Where decode_attention rotates q and k and stores the new key and value: "separate", rope_store's kernel before
 # the attention (any rows, also rows sharing a block table); "attention", inside the split kernel (a launch a
 # layer fewer, for steps whose rows each have their own table: the engine refuses it with mixed prefill).
@@ -153,6 +153,10 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
     """Launch the split kernel (and, with ATTENTION "split", the combine kernel): [B, H * D]. counters:
     see decode_attention; None: new ones (outside CUDA graphs). rope: (cos, sin) [B, D / 2] float32: query is
     q|k|v's q, rotated in the kernel, which also stores each row's new key and value (decode_attention)."""
+    if ATTENTION_LOOP not in ("length", "split"):
+        raise ValueError(
+            f"paged decode attention: VICUNAFLOW_ATTENTION_LOOP={ATTENTION_LOOP!r}: choose length or split"
+        )
     B = query.shape[0]
     H = heads
     _, Hkv, block_size, D = keys.shape
@@ -195,7 +199,7 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
         scale if scale is not None else 1.0 / math.sqrt(D), query.stride(0), tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, TILE=tiles.tile,
         FP32=query.dtype == torch.float32 or _interpreted_bfloat16(query), COMBINE=fused, DOT=dot,
-        ROPE=rope is not None, WHOLE_SPLITS=os.environ.get("TRITON_INTERPRET") == "1" or not LOOP_TO_LENGTH,
+        ROPE=rope is not None, WHOLE_SPLITS=os.environ.get("TRITON_INTERPRET") == "1" or ATTENTION_LOOP == "split",
         **shape, **pdl, num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     if not fused:

@@ -156,7 +156,8 @@ def refuse_json_object(path: Path) -> None:
 
 
 def refuse_repeated_ids(path: Path, records: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
-    """`records` passed on as read; an error at the first id seen twice (as text: 7 and "7" are one), naming both places.
+    """`records` passed on as read; an error at the first id seen twice (as text: 7 and "7" are one), naming both
+    places.
 
     An id names one conversation downstream: split's pieces are `<id>_<k>` and its held-out side is drawn by id,
     tokenize's samples are named by it. Two conversations under one id are trained on twice, or their pieces cannot

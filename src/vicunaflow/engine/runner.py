@@ -79,8 +79,10 @@ class Runner:
     KV_STEP = 256
     # With the attention kernel, the decode graphs' attended lengths: its grid has a program for every split of
     # the table's width, and those past a row's length exit at once but still launch. With 128-token prompts and
-    # 256-token replies at 256 rows, a 2,048-wide grid's idle programs cost 8% of a 7B layer's attention (353
-    # against 327 µs, docs/benchmarks.md, eighth session); steps whose rows all end within 512 replay a narrower one.
+    # 256-token replies at 256 rows, a 2,048-wide grid's idle programs cost 8% of a 7B layer's attention with
+    # splits of 256 (353 against 327 µs, docs/benchmarks.md, eighth session), 1.2% with the splits of 512 many
+    # rows take now (266.4 against 263.2, sixteenth); steps whose rows all end within 512 replay a narrower one,
+    # which still counts for steps of up to 8 rows (splits of 64; not measured again).
     KERNEL_KV_BUCKETS = (512,)
     PROMPT_CHUNK = 512  # prompt positions whose logits are computed at once (prompt log-probabilities)
     PREFILL_ROWS = (1, 2, 4, 8)  # prompts a prefill graph takes at once (rows x length <= the chunk size)

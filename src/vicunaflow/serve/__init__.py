@@ -148,8 +148,9 @@ def serve(
             "%d models share the GPU(s): CUDA graphs off (two engines capturing at once is unsafe)", len(models)
         )
         cuda_graphs = False
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process serves: its threads are the engines' and the loop's
     with contextlib.ExitStack() as stack:
+        stack.callback(sys.setswitchinterval, sys.getswitchinterval())  # serve() may run inside another program
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         gc_pauses = stack.enter_context(heap.GCPauses())
         engines = {}
         for name, path in models.items():

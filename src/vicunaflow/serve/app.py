@@ -9,10 +9,11 @@ route only renders the prompt with vicunaflow.template, submits it, and relays t
 per event). When a client goes away, streamed
 or not, the request is cancelled and its batch slot is freed at the engine's next step.
 
-The event loop only moves bytes: a body is refused with 413 past `max_body_bytes` (by its
+The event loop mostly moves bytes: a body is refused with 413 past `max_body_bytes` (by its
 Content-Length before reading any of it, else while it streams in), and validation, template
 rendering and tokenisation (seconds for a few MB of text) run in worker threads, so /health and
-the other requests keep being answered meanwhile.
+the other requests keep being answered meanwhile; a small request's run on the loop (`INLINE`), where
+the trip to a thread would cost more than they do.
 """
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # replies one request may ask for (prompts x n): OpenAI takes at most 2,048 prompts a completions request. Each is
 # an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
 MAX_CHOICES = 2048
-# CPU work on a request below this size (body bytes, prompt characters or token ids) runs on the event loop:
-# a trip through the threadpool and back cost more loop CPU than validating or encoding a short prompt does
-# (bench_serve.py --only admit), while a large body or a long text still leaves the loop to the other streams
-INLINE_WORK = 16 * 1024
+# A request's CPU work runs on the event loop while it is small: a trip through the threadpool and back costs the
+# loop more than validating a short body, tokenising a short text or range-checking a prompt's token ids
+# (bench_serve.py --only admit), while longer work in a worker thread leaves the loop to write the other streams'
+# events between the worker's turns at the GIL. Each limit is about half a millisecond of work on the 2-core
+# machine: validating ~130 µs a KB of body, tokenising ~480 µs a 1,000 characters and ~35 µs a call, checking
+# ~60 µs a 1,000 token ids. INLINE False: every request's work in the threadpool (the bench's reference).
+INLINE = True
+INLINE_BODY_BYTES = 4 * 1024
+INLINE_TEXT_CHARS = 1024  # characters to render and tokenise, each text counting PROMPT_CHARS more for its call
+PROMPT_CHARS = 64
+INLINE_TOKEN_IDS = 8 * 1024
 # /health's counters when several models are served (summed over the engines)
 HEALTH_TOTALS = ("requests", "active", "waiting", "cancelled", "prefills", "steps", "decode_tokens")
 
@@ -245,8 +253,8 @@ def create_app(
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         k = (body.top_logprobs or 0) if body.logprobs else None
-        size = sum(len(message.text()) for message in body.messages)
-        prompt_ids = await _work(size, _chat_prompt_ids, engine.tokenizer, body)
+        small = _small_text(message.text() for message in body.messages)
+        prompt_ids = await _work(small, _chat_prompt_ids, engine.tokenizer, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = sampling(engine, body, len(prompt_ids), max_tokens, logprobs=k, blind=blind)
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -296,7 +304,9 @@ def create_app(
             raise APIError(
                 400, f"{len(prompts)} prompts x n={body.n} replies: at most {MAX_CHOICES} a request", param="prompt"
             )
-        encoded = await _work(sum(len(prompt) for prompt in prompts), _encode_prompts, engine, prompts)
+        ids = sum(len(prompt) for prompt in prompts if not isinstance(prompt, str))
+        small = _small_text(prompt for prompt in prompts if isinstance(prompt, str)) and ids <= INLINE_TOKEN_IDS
+        encoded = await _work(small, _encode_prompts, engine, prompts)
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
         prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
@@ -353,14 +363,19 @@ def create_app(
 async def _parse(request: Request, model: type[BaseModel], max_bytes: int):
     """Validate a JSON body whatever its Content-Type (curl -d sends form-encoded headers)."""
     raw = await read_body(request, max_bytes)
-    return await _work(len(raw), _validate, model, raw)
+    return await _work(len(raw) <= INLINE_BODY_BYTES, _validate, model, raw)
 
 
-async def _work(size: int, function, *args):
-    """function(*args) on the event loop when `size` is at most INLINE_WORK, else in the threadpool."""
-    if size <= INLINE_WORK:
+async def _work(small: bool, function, *args):
+    """function(*args) on the event loop when `small` (and INLINE), else in the threadpool."""
+    if small and INLINE:
         return function(*args)
     return await run_in_threadpool(function, *args)
+
+
+def _small_text(texts) -> bool:
+    """Whether tokenising these texts is work for the event loop: up to INLINE_TEXT_CHARS, a call counted too."""
+    return sum(len(text) + PROMPT_CHARS for text in texts) <= INLINE_TEXT_CHARS
 
 
 def _validate(model: type[BaseModel], raw: bytes):
