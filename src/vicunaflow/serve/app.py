@@ -57,11 +57,12 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
 MAX_CHOICES = 2048
 # A request's CPU work runs on the event loop while it is small: a trip through the threadpool and back costs the
-# loop more than validating a short body, tokenising a short text or range-checking a prompt's token ids
-# (bench_serve.py --only admit), while longer work in a worker thread leaves the loop to write the other streams'
-# events between the worker's turns at the GIL. Each limit is about half a millisecond of work on the 2-core
-# machine: validating ~130 µs a KB of body, tokenising ~480 µs a 1,000 characters and ~35 µs a call, checking
-# ~60 µs a 1,000 token ids. INLINE False: every request's work in the threadpool (the bench's reference).
+# loop more than validating a short body, tokenising a short text or range-checking a prompt's token ids (a trip:
+# ~70 µs of loop CPU and ~120 µs of wait on the 2-core machine; docs/benchmarks.md, "sixteenth session"), while
+# longer work in a worker thread leaves the loop to write the other streams' events between the worker's turns at
+# the GIL. Each limit is about half a millisecond of work on the 2-core machine: validating ~130 µs a KB of body,
+# tokenising ~480 µs a 1,000 characters and ~35 µs a call, checking ~60 µs a 1,000 token ids. INLINE False: every
+# request's work in the threadpool (the bench's reference).
 INLINE = True
 INLINE_BODY_BYTES = 4 * 1024
 INLINE_TEXT_CHARS = 1024  # characters to render and tokenise, each text counting PROMPT_CHARS more for its call
