@@ -588,8 +588,8 @@ def test_loss_refuses_both_widths_before_loading(tiny_vicuna: Path, tmp_path: Pa
 
 
 @contextlib.contextmanager
-def static_server(root: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+def serving(handler):
+    """An HTTP server on 127.0.0.1 with `handler`, in a thread; yields its base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -597,6 +597,10 @@ def static_server(root: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def static_server(root: Path):
+    return serving(lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k))
 
 
 def test_download_verifies_the_pinned_files(tmp_path: Path, monkeypatch) -> None:
@@ -629,7 +633,6 @@ def test_download_verifies_the_pinned_files(tmp_path: Path, monkeypatch) -> None
     assert not (tmp_path / "other").exists()
 
 
-@contextlib.contextmanager
 def refusing_server(status: int):
     """Answers every GET with `status`."""
 
@@ -642,13 +645,7 @@ def refusing_server(status: int):
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving(Handler)
 
 
 @pytest.mark.parametrize("unavailable", ["unreachable", "404", "401", "403", "retries"])
