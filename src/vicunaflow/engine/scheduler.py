@@ -27,15 +27,15 @@ worth, one chunk for every prompt waiting per `prefill_burst` rows decoding (`_p
 row waits for each prefill forward, so a lone prompt joining running streams still goes a chunk at a time, while
 28 prompts arriving behind 4 rows are written in one forward: those 4 rows see one long gap instead of seven
 shorter ones, and the 28 start decoding together. prefill_burst is both the cap and the rows per chunk: with 32, a
-burst of 256 prompts goes up to 128 a forward (16,384 tokens) while few rows decode, so the many-row steps that
-follow are full sooner and the decoding rows are interrupted fewer times (7B, through the API on an H200: 256
-streams 11,254 tokens/s and a gap p99 of 39 ms, against 10,633 and 74 ms with 8; 16 gave 11,032;
-docs/benchmarks.md, "sixteenth session"). The price: a handful of long prompts arriving together stall the running
-rows for longer forwards (8 prompts of 512 tokens behind 31 rows: one forward of all 8, where a prefill_burst of 8
-wrote them 2 a forward), and a forward of 16,384 tokens runs eagerly with its activations (~1.5 GB for a 7B) on
-top of the weights and the cache: a smaller --prefill-burst bounds both. On an H200 (7B, 32 streams through the
-API) chunks alone gave an inter-token gap p99 of 3.7x its p50, every early row waiting for each of the burst's
-chunks (docs/benchmarks.md, "thirteenth session").
+burst of 256 prompts of 128 tokens goes up to 128 a forward (16,384 tokens) while few rows decode, so the many-row
+steps that follow are full sooner and the decoding rows are interrupted fewer times (7B, through the API on an
+H200: 256 streams 11,254 tokens/s and a gap p99 of 39 ms, against 10,633 and 74 ms with 8 in the same call; in
+another, 16 gave 11,032 where 32 gave 11,387; docs/benchmarks.md, "sixteenth session"). The price: a handful of
+long prompts arriving together stall the running rows for longer forwards (8 prompts of 512 tokens behind 31 rows:
+one forward of all 8, where a prefill_burst of 8 wrote them 2 a forward), and a forward of 16,384 tokens runs
+eagerly with its activations (~1.5 GB for a 7B) on top of the weights and the cache: a smaller --prefill-burst
+bounds both. On an H200 (7B, 32 streams through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50,
+every early row waiting for each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
 
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
 its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the

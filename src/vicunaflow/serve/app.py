@@ -12,8 +12,8 @@ or not, the request is cancelled and its batch slot is freed at the engine's nex
 The event loop mostly moves bytes: a body is refused with 413 past `max_body_bytes` (by its
 Content-Length before reading any of it, else while it streams in), and validation, template
 rendering and tokenisation (seconds for a few MB of text) run in worker threads, so /health and
-the other requests keep being answered meanwhile; a small request's run on the loop (`INLINE`), where
-the trip to a thread would cost more than they do.
+the other requests keep being answered meanwhile; a small request's work runs on the loop (`INLINE`),
+where the trip to a thread would cost more than the work.
 """
 
 from __future__ import annotations
