@@ -16,7 +16,8 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     runs a batch of one), so its aggregate equals its single-stream rate
     step profile    ours: the decode step alone (graph replay, then sync) against the engine's time per
                     token; the difference is the engine's host-side work per step (sampling sync,
-                    detokenising, streaming); weight bytes / step time = the bandwidth reached
+                    detokenising, streaming); weight bytes / step time = the bandwidth reached;
+                    `--profile-rows 32 --profile-positions serving` times the steps bench_serve.py serves
     --ablations     ours again, one request at a time, with each speed-up of the decode step switched off
                     (Triton matvec kernels, overlapped steps, both), and the bandwidth of the matvec
                     kernel vs cuBLAS on each 7B/13B weight shape
@@ -160,6 +161,11 @@ def main() -> None:
     parser.add_argument(
         "--profile-rows", type=int, nargs="+", default=[1],
         help="ours: step profiles (graph replay, kernel time) of decode steps with these many rows",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile-positions", choices=["300", "serving"], default="300",
+        help="ours: where the profiled steps' rows are: all at position 300, or spread over 128-383 as in "
+        "bench_serve.py's 128-token prompts and 256-token replies (the served steps' gaps, beside it)",
     )  # fmt: skip
     parser.add_argument(
         "--attention-split-tokens", type=int,
@@ -573,7 +579,7 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
             )
             print(results[-1], flush=True)
     for rows in args.profile_rows:
-        profile = step_profile(engine, model, single, rows=rows)
+        profile = step_profile(engine, model, single, rows=rows, spread=args.profile_positions == "serving")
         results.append({"engine": "vicunaflow", "mode": "step-profile", "concurrency": rows, **profile})
         print(results[-1], flush=True)
     del engine
@@ -699,21 +705,26 @@ def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
 
 
 @torch.inference_mode()
-def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1) -> dict:
+def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, spread: bool = False) -> dict:
     """Time the bare decode step of `rows` rows (as the engine runs it) against the engine's time per
     token (one row) or per step at that concurrency (`rows` tokens a step: rows / step time is the rate
-    the GPU alone would allow).
+    the GPU alone would allow). Rows at position 300, or with `spread` evenly over 128-383 (the serving
+    bench's 128-token prompts with 1-256 reply tokens so far).
 
     With several ranks only the step as the engine runs it is timed: replaying rank 0's graph alone
     would wait forever for the other ranks' half of its collectives.
     """
     runner, device = engine.runner, engine.device
     position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
-    runner.step([5] * rows, [position] * rows)  # make sure its graph exists
+    positions = [position] * rows
+    if spread:
+        positions = [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]
+        position = max(positions)
+    runner.step([5] * rows, positions)  # make sure its graph exists
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        runner.step([5] * rows, [position] * rows)[1].tolist()  # inputs in, greedy tokens out, one sync
+        runner.step([5] * rows, positions)[1].tolist()  # inputs in, greedy tokens out, one sync
     step_s = (time.perf_counter() - start) / steps
     profile = {"step_ms": 1000 * step_s, "step_bound_tok_s": rows / step_s}
     if rows == 1:
