@@ -295,6 +295,44 @@ def test_a_burst_of_prompts_behind_a_running_stream_is_written_in_one_forward(lo
     assert [r.decoder.ids for r in requests] == alone
 
 
+def test_a_burst_out_of_device_memory_is_written_again_in_smaller_forwards(loaded, monkeypatch):
+    """A prefill forward of several chunks that runs out of device memory (eager activations beside the weights
+    and the cache) halves prefill_burst and writes the prompts again: no request fails, replies are a lone
+    request's. A forward of one chunk out of memory still fails its requests."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS[:3] * 2]
+    chunk = max(len(p) for p in prompts)  # a prompt a chunk
+    alone = [_replies(model, tokenizer, [p], max_new_tokens=4)[0] for p in prompts[:3]] * 2
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    fits, sizes, real = [2], [], Runner.prefill_chunks
+
+    def prefill_chunks(self, chunks):
+        sizes.append(len(chunks))
+        if len(chunks) > fits[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        return real(self, chunks)
+
+    monkeypatch.setattr(Runner, "prefill_chunks", prefill_chunks)
+    finished, done = [], threading.Semaphore(0)
+
+    def sink(event) -> None:
+        if event.finish_reason:
+            finished.append(event.finish_reason)
+            done.release()
+
+    with Engine(model, tokenizer, max_batch_size=8, prefill_chunk=chunk, prefill_burst=8) as engine:
+        with engine.lock:  # all six admitted at the same step
+            requests = [engine.submit(p, params, sink) for p in prompts]
+        for _ in prompts:
+            done.acquire()
+        assert sizes[:3] == [6, 4, 2] and engine.prefill_burst == 2
+        assert [r.decoder.ids for r in requests] == alone and finished == ["length"] * 6
+        fits[0] = 0  # now not even one chunk fits
+        events = list(engine.generate(prompts[0], params))
+        assert events[-1].finish_reason == "error" and "out of memory" in events[-1].error
+        assert engine.prefill_burst == 2
+
+
 def test_prefill_budget_grows_with_the_prompts_waiting_per_burst_of_decoding_rows(loaded):
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_batch_size=64, prefill_chunk=100, prefill_burst=8)

@@ -34,8 +34,10 @@ another, 16 gave 11,032 where 32 gave 11,387; docs/benchmarks.md, "sixteenth ses
 long prompts arriving together stall the running rows for longer forwards (8 prompts of 512 tokens behind 31 rows:
 one forward of all 8, where a prefill_burst of 8 wrote them 2 a forward), and a forward of 16,384 tokens runs
 eagerly with its activations (~1.5 GB for a 7B) on top of the weights and the cache: a smaller --prefill-burst
-bounds both. On an H200 (7B, 32 streams through the API) chunks alone gave an inter-token gap p99 of 3.7x its p50,
-every early row waiting for each of the burst's chunks (docs/benchmarks.md, "thirteenth session").
+bounds both, and a forward of several chunks that runs out of device memory halves prefill_burst for the engine's
+life and writes its prompts again (`_smaller_bursts`). On an H200 (7B, 32 streams through the API) chunks alone
+gave an inter-token gap p99 of 3.7x its p50, every early row waiting for each of the burst's chunks
+(docs/benchmarks.md, "thirteenth session").
 
 The KV cache is paged (engine/cache.py): a request is admitted when a row is free and the blocks for
 its whole prompt are (plus a block of headroom per admitted row), so concurrency is bounded by the
@@ -412,7 +414,11 @@ class Engine:
                     self._drop_finished()
                     if self.prefilling and not self._mixes():
                         self._drain()  # rows finishing their prompt join a batch with no step in flight
-                        self._prefill_chunk()
+                        try:
+                            self._prefill_chunk()
+                        except torch.OutOfMemoryError:
+                            if not self._smaller_bursts():
+                                raise
                     self._drop_finished()
                     if self.rows:
                         self._decode_step()
@@ -502,6 +508,23 @@ class Engine:
         waiting, decoding = len(self.prefilling), len(self.rows)
         rows_per_chunk = max(1, decoding // self.prefill_burst)
         return self.prefill_chunk * min(self.prefill_burst, max(1, waiting // rows_per_chunk))
+
+    def _smaller_bursts(self) -> bool:
+        """A prefill forward of several chunks ran out of device memory (its activations, eager, beside the
+        weights and the KV cache): halve prefill_burst for the engine's life and return True, so the prompts are
+        written again, from where they were, in smaller forwards (a forward's partial writes are overwritten:
+        nothing of it was taken). False when the forward was one chunk (a failed step then fails its requests),
+        and with tensor-parallel ranks, whose collectives the failed forward left behind."""
+        if self._prefill_budget() <= self.prefill_chunk or self.model.comm.world > 1:
+            return False
+        log.warning(
+            "a prefill forward of up to %d chunks ran out of device memory: up to %d from now on (--prefill-burst)",
+            self.prefill_burst, max(1, self.prefill_burst // 2),
+        )  # fmt: skip
+        self.prefill_burst = max(1, self.prefill_burst // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed forward's blocks, back for the smaller ones
+        return True
 
     def _prefill_chunk(self) -> None:
         """Prefill the next pieces of the waiting prompts, oldest first, in one forward of at most
