@@ -185,3 +185,20 @@ def test_fastchat_style_bare_flags():
         _normalize_flags(["chat", "--load-8bit", "--multiline", "--style", "rich", "--load-4bit", "false"])
     )
     assert argv == ["chat", "--load_8bit=true", "--multiline=true", "--style", "rich", "--load_4bit", "false"]
+
+
+def test_model_paths_that_are_no_model_say_what_to_run(tiny_raw, tiny_delta, tiny_vicuna, tmp_path, monkeypatch):
+    """A delta loaded and chatted (differences as weights); the others said "no config.json" for a folder that
+    does not exist, for config.json itself, for a raw checkpoint, for a FastChat-style Hub id."""
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (tiny_delta, f"{tiny_delta}: a Vicuna delta", "vicunaflow apply-delta"),
+        (tiny_raw, f"{tiny_raw}: a raw Meta checkpoint", "vicunaflow convert"),
+        (tiny_vicuna / "config.json", "is a file, not a model folder", f"({tiny_vicuna})"),
+        (Path("lmsys/vicuna-7b-v1.5"), "no such folder (--model-path)", "download hf --repo lmsys/vicuna-7b-v1.5"),
+        (Path("nope"), "nope: no such folder (--model-path)", ""),
+    ]
+    for path, *fragments in cases:
+        with pytest.raises(VicunaflowError) as err:
+            chat(model_path=path, max_new_tokens=4)
+        assert all(fragment in str(err.value) for fragment in fragments), str(err.value)
