@@ -264,3 +264,16 @@ def test_a_raw_checkpoint_or_a_hub_id_gets_the_step_before(tmp_path, tiny_raw, t
     with pytest.raises(VicunaflowError, match=r"d: no config.json; give --delta a Hugging Face model folder"):
         apply_delta(base=tiny_hf, delta=Path("d"), target=tmp_path / "out")  # was: "(--model-path)", not its flag
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lost_shard_of_a_folder_without_index_is_named(tmp_path, tiny_hf, tiny_delta):
+    """Was: "does not match ...: only in <base>: model.layers.2..." (the tensors of the lost file, not the file)."""
+    delta = tmp_path / "delta"
+    shutil.copytree(tiny_delta, delta)
+    (delta / "pytorch_model.bin.index.json").unlink()
+    (delta / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(VicunaflowError) as err:
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    assert f"{delta}: pytorch_model-00002-of-00002.bin missing" in str(err.value)
+    assert "pytorch_model-00001-of-00002.bin says there are 2 shards" in str(err.value)
+    assert not (tmp_path / "out").exists()
