@@ -315,6 +315,16 @@ def test_missing_params_json(tmp_path, tiny_raw):
     assert_fails(raw, tmp_path / "out", str(raw / "params.json"), "missing")
 
 
+def test_the_pyllama_folder_itself_names_its_size_folders(tmp_path, tiny_raw):
+    """transformers' script took --input_dir pyllama_data (with --model_size 7B); here the size folder is given."""
+    shutil.copytree(tiny_raw, tmp_path / "pyllama_data" / "tiny")
+    assert_fails(
+        tmp_path / "pyllama_data",
+        tmp_path / "out",
+        f"holds the size folders tiny: give --input-dir {tmp_path / 'pyllama_data' / 'tiny'}",
+    )
+
+
 def test_missing_tokenizer(tmp_path, tiny_raw):
     raw = broken_copy(tmp_path, tiny_raw)
     (raw / "tokenizer.model").unlink()

@@ -160,6 +160,12 @@ def read_params(input_dir: Path) -> dict:
         what = "a file, not a directory" if input_dir.exists() else "no such directory"
         raise VicunaflowError(f"{input_dir}: {what}; expected a raw LLaMA folder such as pyllama_data/7B")
     if not path.exists():
+        sizes = sorted(d.name for d in input_dir.iterdir() if (d / "params.json").is_file())
+        if sizes:  # pyllama_data itself, as transformers' script took it (with --model_size)
+            raise VicunaflowError(
+                f"{path}: missing; {input_dir} holds the size folders {', '.join(sizes)}: give --input-dir "
+                f"{input_dir / sizes[0]} (the folder of one size)"
+            )
         raise VicunaflowError(f"{path}: missing; a raw LLaMA folder holds params.json next to consolidated.NN.pth")
     try:
         params = json.loads(path.read_text())
