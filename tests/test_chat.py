@@ -59,6 +59,17 @@ def test_piped_stdin_with_commands(tiny_vicuna, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conversation.json", "notes.txt"]  # no temporary left
 
 
+def test_a_message_that_is_not_utf8_is_not_sent(tiny_vicuna, monkeypatch, capsys):
+    """Piped bytes that are not UTF-8: a UnicodeDecodeError from stdin, or (C.UTF-8 locale) lone surrogates on which
+    the tokenizer raised a TypeError; the line is now refused with a note and the next one answered."""
+    piped = io.TextIOWrapper(io.BytesIO(b"\xff\xfe hello\nHello\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", piped)  # strict, as in an en_US.UTF-8 locale: readline raised
+    chat(model_path=tiny_vicuna, temperature=0.0, max_new_tokens=8)
+    out = capsys.readouterr().out
+    assert "[the message is not UTF-8 text (byte 0xff); not sent" in out
+    assert len(_replies(out)) == 1  # the next message is answered
+
+
 def test_multi_turn_prompt_carries_history(tiny_vicuna, monkeypatch, capsys):
     """The second answer continues the conversation: it equals generating from the two-turn prompt."""
     out = _chat_piped(monkeypatch, capsys, ["Hi", "And then?"], model_path=tiny_vicuna)

@@ -219,6 +219,11 @@ class Conversation:
             self.terminal.note(f"[unknown command {name}; {COMMANDS_HELP}]")
 
     def answer(self, question: str) -> None:
+        bad = next((ch for ch in question if "\udc80" <= ch <= "\udcff"), None)  # a byte Python could not decode
+        if bad is not None:
+            byte = ord(bad) - 0xDC00
+            self.terminal.note(f"[the message is not UTF-8 text (byte 0x{byte:02x}); not sent: type or pipe UTF-8]")
+            return
         turns = [t for q, a in self.exchanges for t in ((template.USER, q), (template.ASSISTANT, a))]
         turns += [(template.USER, question), (template.ASSISTANT, None)]
         context = self.engine.context
@@ -282,11 +287,18 @@ def load_conversation(path: Path) -> list[tuple[str, str]]:
     return exchanges
 
 
+def _printable(text: str) -> str:
+    """`text` with each undecodable byte (a lone surrogate) shown as U+FFFD, which any UTF-8 stdout can print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class SimpleIO:
     """Plain text: replies are written to stdout as they stream. Piped stdin is read line by line."""
 
     def __init__(self):
         self.interactive = sys.stdin.isatty()
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach answer(), which says so, not a traceback
+            sys.stdin.reconfigure(errors="surrogateescape")
         if self.interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
@@ -306,7 +318,7 @@ class SimpleIO:
                 return "\n".join(lines) if lines else None
             if not multiline:
                 if not self.interactive:
-                    print(f"{prompt}{line}", flush=True)
+                    print(f"{prompt}{_printable(line)}", flush=True)
                 return line
             if not line.strip():
                 if lines:
@@ -315,7 +327,7 @@ class SimpleIO:
             lines.append(line)
         message = "\n".join(lines)
         if not self.interactive:
-            print(f"{prompt}{message}", flush=True)
+            print(f"{prompt}{_printable(message)}", flush=True)
         return message
 
     def start_reply(self, prefix: str) -> None:
