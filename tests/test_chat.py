@@ -70,6 +70,19 @@ def test_a_message_that_is_not_utf8_is_not_sent(tiny_vicuna, monkeypatch, capsys
     assert len(_replies(out)) == 1  # the next message is answered
 
 
+def test_a_context_too_short_for_any_message_is_refused_up_front(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    """Was: every piped line noted "not sent", exit status 0; and --prompts failed naming neither file nor flag."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    with pytest.raises(VicunaflowError, match=r"--max-context 40: the system prompt and a one-word message take \d+"):
+        chat(model_path=tiny_vicuna, max_context=40, max_new_tokens=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\n" + "word " * 3000 + "\n")
+    with pytest.raises(VicunaflowError) as err:
+        chat(model_path=tiny_vicuna, prompts=prompts, output=tmp_path / "out.json")
+    assert f"{prompts}: the prompt 'word word" in str(err.value) and "the context 2048: shorten it" in str(err.value)
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_multi_turn_prompt_carries_history(tiny_vicuna, monkeypatch, capsys):
     """The second answer continues the conversation: it equals generating from the two-turn prompt."""
     out = _chat_piped(monkeypatch, capsys, ["Hi", "And then?"], model_path=tiny_vicuna)
