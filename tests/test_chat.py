@@ -59,6 +59,30 @@ def test_piped_stdin_with_commands(tiny_vicuna, tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conversation.json", "notes.txt"]  # no temporary left
 
 
+def test_a_message_that_is_not_utf8_is_not_sent(tiny_vicuna, monkeypatch, capsys):
+    """Piped bytes that are not UTF-8: a UnicodeDecodeError from stdin, or (C.UTF-8 locale) lone surrogates on which
+    the tokenizer raised a TypeError; the line is now refused with a note and the next one answered."""
+    piped = io.TextIOWrapper(io.BytesIO(b"\xff\xfe hello\nHello\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", piped)  # strict, as in an en_US.UTF-8 locale: readline raised
+    chat(model_path=tiny_vicuna, temperature=0.0, max_new_tokens=8)
+    out = capsys.readouterr().out
+    assert "[the message is not UTF-8 text (byte 0xff); not sent" in out
+    assert len(_replies(out)) == 1  # the next message is answered
+
+
+def test_a_context_too_short_for_any_message_is_refused_up_front(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    """Was: every piped line noted "not sent", exit status 0; and --prompts failed naming neither file nor flag."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    with pytest.raises(VicunaflowError, match=r"--max-context 40: the system prompt and a one-word message take \d+"):
+        chat(model_path=tiny_vicuna, max_context=40, max_new_tokens=4)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\n" + "word " * 3000 + "\n")
+    with pytest.raises(VicunaflowError) as err:
+        chat(model_path=tiny_vicuna, prompts=prompts, output=tmp_path / "out.json")
+    assert f"{prompts}: the prompt 'word word" in str(err.value) and "the context 2048: shorten it" in str(err.value)
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_multi_turn_prompt_carries_history(tiny_vicuna, monkeypatch, capsys):
     """The second answer continues the conversation: it equals generating from the two-turn prompt."""
     out = _chat_piped(monkeypatch, capsys, ["Hi", "And then?"], model_path=tiny_vicuna)
@@ -185,3 +209,20 @@ def test_fastchat_style_bare_flags():
         _normalize_flags(["chat", "--load-8bit", "--multiline", "--style", "rich", "--load-4bit", "false"])
     )
     assert argv == ["chat", "--load_8bit=true", "--multiline=true", "--style", "rich", "--load_4bit", "false"]
+
+
+def test_model_paths_that_are_no_model_say_what_to_run(tiny_raw, tiny_delta, tiny_vicuna, tmp_path, monkeypatch):
+    """A delta loaded and chatted (differences as weights); the others said "no config.json" for a folder that
+    does not exist, for config.json itself, for a raw checkpoint, for a FastChat-style Hub id."""
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (tiny_delta, f"{tiny_delta}: a Vicuna delta", "vicunaflow apply-delta"),
+        (tiny_raw, f"{tiny_raw}: a raw Meta checkpoint", "vicunaflow convert"),
+        (tiny_vicuna / "config.json", "is a file, not a model folder", f"({tiny_vicuna})"),
+        (Path("lmsys/vicuna-7b-v1.5"), "no such folder (--model-path)", "download hf --repo lmsys/vicuna-7b-v1.5"),
+        (Path("nope"), "nope: no such folder (--model-path)", ""),
+    ]
+    for path, *fragments in cases:
+        with pytest.raises(VicunaflowError) as err:
+            chat(model_path=path, max_new_tokens=4)
+        assert all(fragment in str(err.value) for fragment in fragments), str(err.value)

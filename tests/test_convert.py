@@ -315,6 +315,16 @@ def test_missing_params_json(tmp_path, tiny_raw):
     assert_fails(raw, tmp_path / "out", str(raw / "params.json"), "missing")
 
 
+def test_the_pyllama_folder_itself_names_its_size_folders(tmp_path, tiny_raw):
+    """transformers' script took --input_dir pyllama_data (with --model_size 7B); here the size folder is given."""
+    shutil.copytree(tiny_raw, tmp_path / "pyllama_data" / "tiny")
+    assert_fails(
+        tmp_path / "pyllama_data",
+        tmp_path / "out",
+        f"holds the size folders tiny: give --input-dir {tmp_path / 'pyllama_data' / 'tiny'}",
+    )
+
+
 def test_missing_tokenizer(tmp_path, tiny_raw):
     raw = broken_copy(tmp_path, tiny_raw)
     (raw / "tokenizer.model").unlink()
@@ -405,3 +415,35 @@ def test_rope_freqs_buffer_is_ignored(tmp_path, tiny_raw, tiny_hf):
     out = convert(input_dir=raw, output_dir=tmp_path / "out")
     shard = "model-00001-of-00001.safetensors"
     assert (out / shard).read_bytes() == (tiny_hf / shard).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"n_heads": 0}, "n_heads is 0, expected a whole number above 0"),  # was ZeroDivisionError
+        ({"multiple_of": 0}, "multiple_of is 0"),  # was ZeroDivisionError
+        ({"dim": "256"}, 'dim is "256"'),  # was TypeError
+        ({"n_layers": 4.0}, "n_layers is 4.0"),  # was TypeError
+        ({"norm_eps": None}, "norm_eps is null"),  # was converted, config.json holding rms_norm_eps null
+        ({"n_heads": 256}, "not an even head size"),  # was RuntimeError in the permutation
+        ({"n_kv_heads": 3}, "n_heads 8 is not a multiple of n_kv_heads 3"),
+        ({"vocab_size": 999}, "params.json: vocab_size 999, but the embeddings have 1024 rows"),
+        ({"dim": 512}, "dim 512, but norm.weight in consolidated.00.pth has shape [256]"),  # not "shards missing"
+    ],
+)
+def test_params_json_values_that_cannot_be_right_are_named(tmp_path, tiny_raw, change, fragment):
+    raw = broken_copy(tmp_path, tiny_raw)
+    params = json.loads((raw / "params.json").read_text())
+    (raw / "params.json").write_text(json.dumps(params | change))
+    assert_fails(raw, tmp_path / "out", str(raw / "params.json"), fragment)
+
+
+def test_n_heads_disagreeing_with_rope_freqs_is_refused(tmp_path, tiny_raw):
+    """n_heads shows in no weight's shape; LLaMA-1's rope.freqs (head_dim / 2 values) gives it away."""
+    raw = broken_copy(tmp_path, tiny_raw)
+    state = torch.load(raw / "consolidated.00.pth", weights_only=True)
+    state["rope.freqs"] = torch.ones(16)  # 256 / 8 heads = 32
+    torch.save(state, raw / "consolidated.00.pth")
+    params = json.loads((raw / "params.json").read_text())
+    (raw / "params.json").write_text(json.dumps(params | {"n_heads": 4}))  # was converted, rotary permuted wrongly
+    assert_fails(raw, tmp_path / "out", "n_heads 4 gives heads of 64", "rope.freqs", "heads of 32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -225,3 +226,54 @@ def test_add_delta_is_the_float32_formula(dtype, delta_dtype):
     expected = (base.float() + delta.float()).to(dtype)
     assert torch.equal(bits(add_delta(base, delta, dtype)), bits(expected))
     assert torch.equal(bits(add_delta(base, delta, dtype, chunk=4099)), bits(expected))
+
+
+def test_a_model_given_as_the_delta_or_a_delta_as_the_base_is_refused(tmp_path, tiny_hf, tiny_delta, tiny_vicuna):
+    """These were merged without a word: base + base (or + a merged Vicuna) is a target of doubled weights that
+    loads and chats; a swapped --base/--delta, or a delta as make-delta's --target, gives another wrong folder."""
+    cases = [
+        (dict(base=tiny_hf, delta=tiny_hf), f"--base and --delta are both {tiny_hf}"),
+        (dict(base=tiny_hf, delta=tiny_vicuna), f"{tiny_vicuna}: a full model"),
+        (
+            dict(base=tiny_delta, delta=tiny_hf),
+            f"{tiny_delta}: a Vicuna delta (its vicunaflow.json says so), given as --base",
+        ),
+    ]
+    for folders, fragment in cases:
+        with pytest.raises(VicunaflowError, match=re.escape(fragment)):
+            apply_delta(**folders, target=tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(
+        VicunaflowError,
+        match=re.escape(f"{tiny_delta}: a Vicuna delta (its vicunaflow.json says so), given as --target"),
+    ):
+        make_delta(base=tiny_hf, target=tiny_delta, delta=tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_raw_checkpoint_or_a_hub_id_gets_the_step_before(tmp_path, tiny_raw, tiny_hf, tiny_delta, monkeypatch):
+    """Not "no model.safetensors / pytorch_model.bin weights found" nor "not a directory": the step to run first."""
+    with pytest.raises(VicunaflowError, match=re.escape(f"{tiny_raw}: a raw Meta checkpoint")) as err:
+        apply_delta(base=tiny_raw, delta=tiny_delta, target=tmp_path / "out")
+    assert f"vicunaflow convert --input-dir {tiny_raw}" in str(err.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VicunaflowError) as err:  # FastChat's apply_delta took Hub ids
+        apply_delta(base=tiny_hf, delta=Path("lmsys/vicuna-7b-delta-v1.1"), target=tmp_path / "out")
+    assert "vicunaflow download hf --repo lmsys/vicuna-7b-delta-v1.1" in str(err.value)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(VicunaflowError, match=r"d: no config.json; give --delta a Hugging Face model folder"):
+        apply_delta(base=tiny_hf, delta=Path("d"), target=tmp_path / "out")  # was: "(--model-path)", not its flag
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lost_shard_of_a_folder_without_index_is_named(tmp_path, tiny_hf, tiny_delta):
+    """Was: "does not match ...: only in <base>: model.layers.2..." (the tensors of the lost file, not the file)."""
+    delta = tmp_path / "delta"
+    shutil.copytree(tiny_delta, delta)
+    (delta / "pytorch_model.bin.index.json").unlink()
+    (delta / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(VicunaflowError) as err:
+        apply_delta(base=tiny_hf, delta=delta, target=tmp_path / "out")
+    assert f"{delta}: pytorch_model-00002-of-00002.bin missing" in str(err.value)
+    assert "pytorch_model-00001-of-00002.bin says there are 2 shards" in str(err.value)
+    assert not (tmp_path / "out").exists()

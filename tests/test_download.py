@@ -359,6 +359,16 @@ def test_local_source_verifies_and_links(release, tmp_path):
     assert not (tmp_path / "other" / "tiny").exists()
 
 
+@pytest.mark.parametrize("size", ["7B", "llama-2-13b"])
+def test_local_copy_of_another_size_is_refused(release, tmp_path, size):
+    """The tiny folder given as 7B was placed as pyllama_data/7B with a warning, to be converted as llama-7b-hf."""
+    with pytest.raises(VicunaflowError) as err:
+        download_llama(source="local", path=release / "tiny", model_size=size, folder=tmp_path / "pyllama_data")
+    assert f"{release / 'tiny' / 'params.json'}: dim 256, 4 layers: not the {size} release" in str(err.value)
+    assert ("give --model-size tiny" if size == "7B" else f"--path the {size} folder") in str(err.value)
+    assert not (tmp_path / "pyllama_data" / size).exists()
+
+
 def test_a_user_folder_in_the_way_is_refused_before_anything_is_downloaded(mirror, release, tmp_path):
     folder = tmp_path / "pyllama_data"
     (folder / "tiny").mkdir(parents=True)

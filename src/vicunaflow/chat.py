@@ -89,6 +89,7 @@ def chat(
             model, tokenizer, max_batch_size=1, max_context=max_context, seed=seed, cuda_graphs=cuda_graphs
         ) as engine,
     ):
+        _check_room(engine, max_new_tokens, interactive=prompts is None, given=max_context is not None)
         if prompts is not None:
             if temperature != 0:
                 log.info("--prompts answers greedily: temperature %s -> 0", temperature)
@@ -98,6 +99,28 @@ def chat(
             params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
             terminal = RichIO() if style == "rich" else SimpleIO()
             Conversation(engine, terminal, params, multiline=multiline).run()
+
+
+def _check_room(engine: Engine, max_new_tokens: int, interactive: bool, given: bool) -> None:
+    """A context too short for the system prompt and a one-token message (--max-context 40) is refused up front,
+    not noted message after message with an exit status of 0. Interactive messages get the budget answer() gives
+    them: the context less the reply's share (up to half of it)."""
+    prompt = template.render([(template.USER, "?"), (template.ASSISTANT, None)])
+    least, context = len(encode_prompt(engine.tokenizer, prompt)), engine.context
+    room = context - min(max_new_tokens, context // 2) if interactive else context - 1
+    if least > room:
+        need = min(2 * least, least + max_new_tokens) if interactive else least + 1
+        what = (
+            f"--max-context {context}"
+            if given
+            else f"the model's context of {context} tokens (max_position_embeddings)"
+        )
+        fix = f"give --max-context {need} or more, or leave it out for the model's max_position_embeddings"
+        raise VicunaflowError(
+            f"{what}: the system prompt and a one-word message take {least} tokens, leaving no room"
+            f"{' (half the context is kept for the reply)' if interactive else ''}; "
+            + (fix if given else "use a model with a longer context")
+        )
 
 
 def answer_prompts(engine: Engine, model_path: Path, prompts: Path, output: Path, params: SamplingParams) -> dict:
@@ -113,6 +136,12 @@ def answer_prompts(engine: Engine, model_path: Path, prompts: Path, output: Path
     for question in questions:
         turns = [(template.USER, question), (template.ASSISTANT, None)]
         ids = encode_prompt(engine.tokenizer, template.render(turns))
+        if len(ids) >= engine.context:
+            shown = question if len(question) <= 60 else question[:60] + "..."
+            raise VicunaflowError(
+                f"{prompts}: the prompt {shown!r} is {len(ids)} tokens with the system prompt, and the context "
+                f"{engine.context}: shorten it (or raise --max-context, up to the model's max_position_embeddings)"
+            )
         reply, last, seconds = timed(engine.generate(ids, _capped(engine, params, len(ids))))
         if last.finish_reason == "error":
             raise VicunaflowError(f"{prompts}: generation failed for {question!r}: {last.error}")
@@ -219,6 +248,11 @@ class Conversation:
             self.terminal.note(f"[unknown command {name}; {COMMANDS_HELP}]")
 
     def answer(self, question: str) -> None:
+        bad = next((ch for ch in question if "\udc80" <= ch <= "\udcff"), None)  # a byte Python could not decode
+        if bad is not None:
+            byte = ord(bad) - 0xDC00
+            self.terminal.note(f"[the message is not UTF-8 text (byte 0x{byte:02x}); not sent: type or pipe UTF-8]")
+            return
         turns = [t for q, a in self.exchanges for t in ((template.USER, q), (template.ASSISTANT, a))]
         turns += [(template.USER, question), (template.ASSISTANT, None)]
         context = self.engine.context
@@ -282,11 +316,18 @@ def load_conversation(path: Path) -> list[tuple[str, str]]:
     return exchanges
 
 
+def _printable(text: str) -> str:
+    """`text` with each undecodable byte (a lone surrogate) shown as U+FFFD, which any UTF-8 stdout can print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class SimpleIO:
     """Plain text: replies are written to stdout as they stream. Piped stdin is read line by line."""
 
     def __init__(self):
         self.interactive = sys.stdin.isatty()
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach answer(), which says so, not a traceback
+            sys.stdin.reconfigure(errors="surrogateescape")
         if self.interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
@@ -306,7 +347,7 @@ class SimpleIO:
                 return "\n".join(lines) if lines else None
             if not multiline:
                 if not self.interactive:
-                    print(f"{prompt}{line}", flush=True)
+                    print(f"{prompt}{_printable(line)}", flush=True)
                 return line
             if not line.strip():
                 if lines:
@@ -315,7 +356,7 @@ class SimpleIO:
             lines.append(line)
         message = "\n".join(lines)
         if not self.interactive:
-            print(f"{prompt}{message}", flush=True)
+            print(f"{prompt}{_printable(message)}", flush=True)
         return message
 
     def start_reply(self, prefix: str) -> None:

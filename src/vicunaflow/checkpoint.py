@@ -338,8 +338,26 @@ def _weight_files(directory: Path) -> list[Path]:
     for pattern in WEIGHT_PATTERNS:
         files = sorted(directory.glob(pattern))
         if files:
+            _check_numbered_shards(directory, files)
             return files
     raise VicunaflowError(f"{directory}: no model.safetensors / pytorch_model.bin weights found")
+
+
+def _check_numbered_shards(directory: Path, files: list[Path]) -> None:
+    """Without an index, `model-0000N-of-0000M` names still say how many shards there are: name the missing ones
+    (else a lost shard shows as tensors "only in" the other model, or a model short of layers)."""
+    numbered = [m for f in files if (m := re.fullmatch(r"(.+)-(\d+)-of-(\d+)(\.\w+)", f.name))]
+    groups = {(m[1], m[3], m[4]) for m in numbered}
+    present = {f.name for f in files}
+    for stem, total, suffix in sorted(groups):
+        expected = [f"{stem}-{i:0{len(total)}d}-of-{total}{suffix}" for i in range(1, int(total) + 1)]
+        missing = [name for name in expected if name not in present]
+        if missing:
+            seen = next(name for name in expected if name in present)
+            raise VicunaflowError(
+                f"{directory}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing ({seen} says "
+                f"there are {int(total)} shards); download it again, or re-run the step that wrote the folder"
+            )
 
 
 # --------------------------------------------------------------------------------------------

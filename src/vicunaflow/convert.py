@@ -79,7 +79,7 @@ def convert(
     tokenizer_path = find_tokenizer(input_dir, tokenizer)
     shards = open_shards(input_dir, params, checklist)
     merged = merged_infos(shards, params)
-    vocab_size = _check_vocab(merged, tokenizer_path, params)
+    vocab_size = _check_vocab(merged, tokenizer_path, params, input_dir / "params.json")
     source_dtype = merged["tok_embeddings.weight"].dtype
     out_dtype = None if dtype == "keep" else DTYPES[dtype]
     plan = [(hf, TensorInfo(merged[meta].shape, out_dtype or merged[meta].dtype)) for meta, hf in output_order(params)]
@@ -160,16 +160,53 @@ def read_params(input_dir: Path) -> dict:
         what = "a file, not a directory" if input_dir.exists() else "no such directory"
         raise VicunaflowError(f"{input_dir}: {what}; expected a raw LLaMA folder such as pyllama_data/7B")
     if not path.exists():
+        sizes = sorted(d.name for d in input_dir.iterdir() if (d / "params.json").is_file())
+        if sizes:  # pyllama_data itself, as transformers' script took it (with --model_size)
+            raise VicunaflowError(
+                f"{path}: missing; {input_dir} holds the size folders {', '.join(sizes)}: give --input-dir "
+                f"{input_dir / sizes[0]} (the folder of one size)"
+            )
         raise VicunaflowError(f"{path}: missing; a raw LLaMA folder holds params.json next to consolidated.NN.pth")
     try:
         params = json.loads(path.read_text())
     except ValueError as err:
         raise VicunaflowError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(params, dict):
+        raise VicunaflowError(f"{path}: not a JSON object; is this Meta's params.json?")
     missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps") if k not in params]
     if missing:
         raise VicunaflowError(f"{path}: missing {', '.join(missing)}; is this Meta's params.json?")
     params.setdefault("multiple_of", 256)
+    _check_params(path, params)
     return params
+
+
+def _check_params(path: Path, params: dict) -> None:
+    """Each value params.json gives is of a usable type and range, and the head sizes add up."""
+    restore = "restore the params.json that came with the shards"
+
+    def positive(key: str, kind: type | tuple[type, ...]) -> None:
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+            expected = "a whole number" if kind is int else "a number"
+            raise VicunaflowError(f"{path}: {key} is {json.dumps(value)}, expected {expected} above 0; {restore}")
+
+    for key in ("dim", "n_layers", "n_heads", "multiple_of"):
+        positive(key, int)
+    if params.get("n_kv_heads") is not None:
+        positive("n_kv_heads", int)
+    positive("norm_eps", (int, float))
+    for key in ("ffn_dim_multiplier", "rope_theta"):
+        if params.get(key) is not None:
+            positive(key, (int, float))
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    if dim % n_heads or (dim // n_heads) % 2:
+        raise VicunaflowError(
+            f"{path}: dim {dim} over n_heads {n_heads} is not an even head size (rotary pairs need one); {restore}"
+        )
+    if n_heads % n_kv_heads:
+        raise VicunaflowError(f"{path}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}; {restore}")
 
 
 def find_tokenizer(input_dir: Path, tokenizer: Path | None) -> Path:
@@ -210,6 +247,7 @@ def open_shards(input_dir: Path, params: dict, checklist: dict[str, str] | None 
             f"{input_dir}: shards must be consolidated.00.pth .. {expected[-1].name}, found {[p.name for p in paths]}"
         )
     shards = [PickleFile(p) for p in paths]
+    _check_params_match_weights(shards[0], params)
     _check_shard_count(shards, params)
     n_heads = params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
@@ -219,6 +257,27 @@ def open_shards(input_dir: Path, params: dict, checklist: dict[str, str] | None 
             f"{len(paths)} shards; is a consolidated.NN.pth missing or extra?"
         )
     return shards
+
+
+def _check_params_match_weights(first: PickleFile, params: dict) -> None:
+    """params.json against what any one shard shows: norm.weight (replicated) has dim values, and LLaMA-1's
+    rope.freqs buffers hold head_dim / 2 (n_heads is otherwise seen in no shape: a wrong one converts silently)."""
+    params_path = first.path.parent / "params.json"
+    fix = "params.json of another model? restore the one that came with these shards"
+    names = first.names()
+    if "norm.weight" in names and first.info("norm.weight").shape != (params["dim"],):
+        raise VicunaflowError(
+            f"{params_path}: dim {params['dim']}, but norm.weight in {first.path.name} has shape "
+            f"{list(first.info('norm.weight').shape)}; {fix}"
+        )
+    head_dim = params["dim"] // params["n_heads"]
+    for name in (n for n in names if IGNORED_META_KEYS.match(n)):
+        shape = first.info(name).shape
+        if len(shape) == 1 and shape[0] != head_dim // 2:
+            raise VicunaflowError(
+                f"{params_path}: dim {params['dim']} over n_heads {params['n_heads']} gives heads of {head_dim}, but "
+                f"{name} in {first.path.name} is for heads of {2 * shape[0]}; {fix}"
+            )
 
 
 def _check_shard_count(shards: list[PickleFile], params: dict) -> None:
@@ -293,13 +352,16 @@ def _check_shapes(merged: dict[str, TensorInfo], shards: list[PickleFile], param
             )
 
 
-def _check_vocab(merged: dict[str, TensorInfo], tokenizer_path: Path, params: dict) -> int:
+def _check_vocab(merged: dict[str, TensorInfo], tokenizer_path: Path, params: dict, params_path: Path) -> int:
     import sentencepiece as spm
 
     vocab = merged["tok_embeddings.weight"].shape[0]
     declared = params.get("vocab_size", -1)
     if declared not in (-1, None) and declared != vocab:
-        raise VicunaflowError(f"params.json says vocab_size {declared} but the embeddings have {vocab} rows")
+        raise VicunaflowError(
+            f"{params_path}: vocab_size {declared}, but the embeddings have {vocab} rows; restore the params.json "
+            "that came with the shards"
+        )
     try:
         pieces = spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size()
     except Exception as err:

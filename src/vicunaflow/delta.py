@@ -30,6 +30,7 @@ from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.engine.build import check_folder
 from vicunaflow.formats import DTYPES, GENERATION_CONFIG
+from vicunaflow.loading import recorded_role, require_model_dir
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
 
@@ -64,6 +65,7 @@ def apply_delta(
     )
     parse_size(max_shard_size)  # a size without its unit fails here, before any work
     check_output_dir(target, inputs=[base, delta], overwrite=overwrite)  # before any work
+    _check_roles(base, "--base", delta, "--delta")
     base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
     check_same_tensors(base_ck, delta_ck, base, delta)
     check_folder(delta, delta_ck)  # the target gets the delta's config.json: it must describe these tensors
@@ -115,6 +117,7 @@ def make_delta(
     log.info("make-delta: base=%s target=%s delta=%s max_shard_size=%s", base, target, delta, max_shard_size)
     parse_size(max_shard_size)  # a size without its unit fails here, before any work
     check_output_dir(delta, inputs=[base, target], overwrite=overwrite)  # before any work
+    _check_roles(base, "--base", target, "--target")
     base_ck, target_ck = Checkpoint(base), Checkpoint(target)
     check_same_tensors(base_ck, target_ck, base, target)
     check_folder(target, target_ck)  # the delta gets the target's config.json: it must describe these tensors
@@ -253,6 +256,33 @@ def check_same_tensors(a: Checkpoint, b: Checkpoint, a_dir: Path, b_dir: Path) -
         )
     if problems:
         raise VicunaflowError(f"{b_dir} does not match {a_dir}: " + " | ".join(problems))
+
+
+def _check_roles(base: Path, base_flag: str, other: Path, other_flag: str) -> None:
+    """Both folders are Hugging Face models, the base is no delta, and (apply-delta) the delta is no full model nor
+    the base itself: a full model added to the base doubles its weights, silently, into a target that loads fine."""
+    require_model_dir(base, base_flag)
+    require_model_dir(other, other_flag)
+    base_fix = "--base is the LLaMA folder (e.g. llama-13b-hf)"
+    delta_fix = "--delta is the delta folder (e.g. vicuna-13b-delta-v1.1)"
+    if base.resolve() == other.resolve():
+        if other_flag == "--delta":
+            raise VicunaflowError(
+                f"--base and --delta are both {base}: adding a model to itself doubles it; {delta_fix}"
+            )
+        return  # make-delta of a model against itself: a zero delta, harmless
+    if recorded_role(base) == "delta":
+        raise VicunaflowError(f"{base}: a Vicuna delta (its vicunaflow.json says so), given as --base; {base_fix}")
+    if other_flag == "--target" and recorded_role(other) == "delta":
+        raise VicunaflowError(
+            f"{other}: a Vicuna delta (its vicunaflow.json says so), given as --target; --target is the fine-tuned "
+            "model to encode (e.g. vicuna-13b-all-v1.1)"
+        )
+    if other_flag == "--delta" and recorded_role(other) == "model":
+        raise VicunaflowError(
+            f"{other}: a full model (its vicunaflow.json says so), given as --delta: adding it to the base would "
+            f"double the weights; {delta_fix}"
+        )
 
 
 def _declared_dtype(directory: Path, checkpoint: Checkpoint) -> torch.dtype:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from vicunaflow import VicunaflowError
 from vicunaflow.download.http import Fetcher, Remote, RemoteFile, place_file, redact_url, redacted_command, redacting
 from vicunaflow.outputs import atomic_output_dir, atomic_write_bytes, check_output_dir, md5_file, write_manifest
-from vicunaflow.sizes import RAW_DIR_TO_SIZE, get_size
+from vicunaflow.sizes import RAW_DIR_TO_SIZE, SIZES, get_size
 
 # One logger for the package, so log lines name `vicunaflow.download` as before the split.
 log = logging.getLogger("vicunaflow.download")
@@ -343,6 +344,7 @@ def llama_from_local(
                 f"{path}: no {name}/{CHECKLIST} (nor {CHECKLIST}); is it a copy of the raw {name} release?"
             )
         entries = parse_checklist((src / CHECKLIST).read_text(), str(src / CHECKLIST))
+        _check_local_size(name, src)
         _check_shards(name, entries, str(src / CHECKLIST))
         names = list(entries) + ([] if "params.json" in entries else ["params.json"])
         if "params.json" not in entries:
@@ -398,6 +400,36 @@ def llama_from_local(
                 atomic_write_bytes(_inside(folder, n), (tokenizer_dir / n).read_bytes(), provenance=False)
         log.info("%s: tokenizer verified and placed", folder)
     return folder / dirs[0] if dirs else folder
+
+
+# Llama 2's folders have the (dim, layers) of LLaMA-1's 7B, 13B and 65B.
+LLAMA2_SHAPES = {"llama-2-7b": "7b", "llama-2-13b": "13b", "llama-2-70b": "65b"}
+
+
+def _check_local_size(name: str, src: Path) -> None:
+    """A local copy's params.json against the size asked for: a 13B folder taken as 7B would be placed (and later
+    converted, merged and named) as 7B. Sizes of unknown shape and unreadable files are left to the checksums."""
+    chat = name.endswith("-chat")
+    if name in RAW_DIR_TO_SIZE:
+        shapes = {s.raw_dir: s for s in SIZES.values()}
+    elif name.removesuffix("-chat") in LLAMA2_SHAPES:
+        shapes = {k + "-chat" * chat: get_size(v) for k, v in LLAMA2_SHAPES.items()}
+    else:
+        return
+    try:
+        params = json.loads((src / "params.json").read_text())
+        found = (params["dim"], params["n_layers"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    size = shapes[name]
+    if found == (size.dim, size.n_layers):
+        return
+    other = next((k for k, s in shapes.items() if (s.dim, s.n_layers) == found), None)
+    fix = f"--model-size {other}" if other else f"--path the {name} folder"
+    raise VicunaflowError(
+        f"{src / 'params.json'}: dim {found[0]}, {found[1]} layers: not the {name} release (dim {size.dim}, "
+        f"{size.n_layers} layers); give {fix}"
+    )
 
 
 def _find_tokenizer(src: Path, root: Path) -> Path | None:
