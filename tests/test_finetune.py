@@ -526,3 +526,21 @@ def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna,
     result = finetune_cli(tiny_vicuna, BUILTIN_CONVERSATIONS, tmp_path / "out2", "--checkpoint-dir", str(made))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not made.exists()  # this run made it: removed once the output is written
+
+
+@pytest.mark.parametrize("source", ["lazy", "tokenised"])
+def test_a_max_length_with_no_room_for_a_reply_is_refused(tiny_vicuna, tmp_path: Path, source: str) -> None:
+    """64 tokens hold the system prompt and a question but no reply: every step trained on nothing (loss 0) and the
+    input model was written back as the output. Eager tokenisation refused it already; lazy and tokenised data did not."""
+    from vicunaflow.finetune.data import TrainingData
+
+    path = BUILTIN_CONVERSATIONS
+    if source == "tokenised":
+        path = data.tokenize(model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "tok")
+    config = train_config.TrainConfig(
+        model_path=tiny_vicuna, data=path, output_dir=tmp_path / "out", model_max_length=64
+    )
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device="cpu", dtype=None)
+    with pytest.raises(VicunaflowError, match=r"--model-max-length 64: no conversation has a reply token within it"):
+        TrainingData(config, runtime)
+    assert len(TrainingData(dataclasses.replace(config, model_max_length=160), runtime)) == 156
