@@ -432,7 +432,7 @@ def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
     monkeypatch.setattr(launch.shutil, "which", lambda name: None)  # no scontrol: parse the node list
     assert launch.launch_command(["finetune"], 1, env={}) is None
     single = launch.launch_command(["finetune", "--x=1"], 4, env={})
-    assert single[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert single[1:5] == ["-m", "vicunaflow.launch", "--standalone", "--nproc_per_node=4"]
     assert single[-4:] == ["-m", "vicunaflow", "finetune", "--x=1"]
     slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_JOB_ID": "1234", "SLURM_NODEID": "1"}
     batch_step = launch.launch_command(["finetune"], 8, env=slurm)
@@ -544,3 +544,12 @@ def test_a_max_length_with_no_room_for_a_reply_is_refused(tiny_vicuna, tmp_path:
     with pytest.raises(VicunaflowError, match=r"--model-max-length 64: no conversation has a reply token within it"):
         TrainingData(config, runtime)
     assert len(TrainingData(dataclasses.replace(config, model_max_length=160), runtime)) == 156
+
+
+def test_a_failed_worker_ends_the_launch_with_its_status_not_a_torchrun_traceback(tmp_path: Path) -> None:
+    """A worker that logged its one-line error and exited 1 was followed by torchrun's ChildFailedError traceback
+    and a box of PIDs (every finetune error with --nproc-per-node 2: bad data, a mismatched checkpoint)."""
+    command = [sys.executable, "-m", "vicunaflow.launch", "--standalone", "--nproc_per_node=1", "--no-python", "false"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
