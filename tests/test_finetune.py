@@ -553,3 +553,23 @@ def test_a_failed_worker_ends_the_launch_with_its_status_not_a_torchrun_tracebac
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path: Path) -> None:
+    """The step of a checkpoint says where it was in its data; another --data went on from there silently."""
+    import torch
+    import torch.distributed as dist
+
+    saved = train_config.TrainConfig(model_path="m", data="a.json", output_dir=tmp_path / "out")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / train_config.HYPERPARAMETERS).write_text(json.dumps(saved.as_dict()))
+    (checkpoint / train_state.TRAINER_STATE).write_text(json.dumps({"step": 2, "world_size": 1}))
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(VicunaflowError, match=r"checkpoint-2: saved by a run with other settings \(data\)"):
+            config = dataclasses.replace(saved, data="b.json")
+            train_state.resume_if_possible(tmp_path / "run", config, None, None, None, runtime)
+    finally:
+        dist.destroy_process_group()

@@ -122,7 +122,7 @@ class TrainConfig:
 
     # A checkpoint may only be resumed by a run that would have produced it.
     RESUME_KEYS = (
-        "model_path", "method", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "model_path", "data", "method", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler_type",
         "model_max_length", "packing", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     )  # fmt: skip
