@@ -573,3 +573,16 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path: Path) -> None:
             train_state.resume_if_possible(tmp_path / "run", config, None, None, None, runtime)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_lora_rank_above_the_layers_dimensions_is_refused(tiny_vicuna, tmp_path: Path) -> None:
+    """--lora-r 100000 on the tiny model (hidden size 256) made adapters of 2 billion parameters: killed for memory."""
+    config = train_config.TrainConfig(
+        model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "out", method="lora", lora_r=257
+    )
+    with pytest.raises(
+        VicunaflowError, match=r"--lora-r 257: above 256, the smaller dimension of q_proj in .* at most"
+    ):
+        config.validate()
+    dataclasses.replace(config, lora_r=256).validate()
+    dataclasses.replace(config, method="full").validate()  # not used by a full fine-tune

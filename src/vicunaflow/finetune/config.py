@@ -168,6 +168,7 @@ class TrainConfig:
         from vicunaflow.quant import refuse_quantized
 
         refuse_quantized(self.model_path, "--model-path")
+        self.check_lora_rank()
         if not Path(self.data).exists():
             raise VicunaflowError(f"{self.data}: no such data file or tokenised dataset directory")
         if Path(self.data).is_dir():
@@ -175,6 +176,32 @@ class TrainConfig:
 
             read_tokenized_meta(Path(self.data))  # an empty dataset fails now, not in the first step
         self.check_checkpoint_dir()
+
+    def check_lora_rank(self) -> None:
+        """Refuse a LoRA rank above the smaller dimension of a target layer (config.json): such adapters hold more
+        parameters than the layers they adapt (--lora-r 100000 asked for billions on a tiny model, and the run was
+        killed for memory) and can learn no more than a rank of that dimension."""
+        import json
+
+        if self.method == "full":
+            return
+        try:
+            shape = json.loads(Path(self.model_path, "config.json").read_text())
+            hidden, heads, ffn = shape["hidden_size"], shape["num_attention_heads"], shape["intermediate_size"]
+            head_dim = shape.get("head_dim") or hidden // heads
+            kv = (shape.get("num_key_value_heads") or heads) * head_dim
+            vocab = shape["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            return  # the model's own check names what is wrong with its config.json
+        sizes = {"q_proj": heads * head_dim, "k_proj": kv, "v_proj": kv, "o_proj": heads * head_dim}
+        sizes |= {"gate_proj": ffn, "up_proj": ffn, "down_proj": ffn, "lm_head": vocab}
+        name = min(self.lora_target_modules, key=lambda target: min(hidden, sizes[target]))
+        largest = min(hidden, sizes[name])
+        if self.lora_r > largest:
+            raise VicunaflowError(
+                f"--lora-r {self.lora_r}: above {largest}, the smaller dimension of {name} in {self.model_path}; "
+                f"give a rank of at most {largest} (8 to 64 usually), or --method full to train every weight"
+            )
 
     def check_checkpoint_dir(self) -> None:
         """Refuse a checkpoint_dir whose removal after training (unless keep_checkpoints) or whose
