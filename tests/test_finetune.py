@@ -586,3 +586,29 @@ def test_a_lora_rank_above_the_layers_dimensions_is_refused(tiny_vicuna, tmp_pat
         config.validate()
     dataclasses.replace(config, lora_r=256).validate()
     dataclasses.replace(config, method="full").validate()  # not used by a full fine-tune
+
+
+@pytest.mark.parametrize("file", ["ckpt", ".checkpoints"])
+def test_a_checkpoint_dir_that_is_or_lies_in_a_file_is_refused_before_anything_runs(tmp_path: Path, file: str) -> None:
+    """The run's mkdir said only "[Errno 17] File exists: 'ckpt'" (or "Not a directory"), after torch had started."""
+    (tmp_path / file).write_text("the user's\n")
+    given = tmp_path / "ckpt" if file == "ckpt" else None
+    config = train_config.TrainConfig(model_path="m", data="d", output_dir=tmp_path / "out", checkpoint_dir=given)
+    with pytest.raises(VicunaflowError, match=rf"--checkpoint-dir .*: .*{file} is a file, not a folder; move it away"):
+        config.check_checkpoint_dir()
+    assert (tmp_path / file).read_text() == "the user's\n"
+
+
+def test_a_failed_run_with_checkpoints_says_it_resumes_from_the_newest(tmp_path: Path, caplog) -> None:
+    """It said "no checkpoint to resume from" when its trainer log had steps, whatever checkpoints it held."""
+    from vicunaflow.finetune import loop
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-10").mkdir(parents=True)
+    (run_dir / "checkpoint-10" / train_state.TRAINER_STATE).write_text('{"step": 10, "world_size": 1}')
+    (run_dir / loop.CHECKPOINT_MARKER).write_text("")
+    (run_dir / train_config.TRAINER_LOG).write_text('{"step": 1}\n')
+    with caplog.at_level("INFO"):
+        loop.remove_if_nothing_to_resume(run_dir)
+    assert "running the same command again resumes from checkpoint-10" in caplog.text
+    assert "no checkpoint" not in caplog.text and (run_dir / "checkpoint-10").is_dir()

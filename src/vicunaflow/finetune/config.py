@@ -205,7 +205,8 @@ class TrainConfig:
 
     def check_checkpoint_dir(self) -> None:
         """Refuse a checkpoint_dir whose removal after training (unless keep_checkpoints) or whose
-        checkpoints could destroy the model, the data, the output, the working or the home directory."""
+        checkpoints could destroy the model, the data, the output, the working or the home directory, and one that
+        is, or lies under, a file."""
         from vicunaflow.outputs import path_relation
 
         given = self.checkpoint_dir
@@ -227,6 +228,12 @@ class TrainConfig:
                     f"--checkpoint-dir {given}: it {relation} the {name} {protected}; "
                     "choose a checkpoint folder of its own (default: <output_dir parent>/.checkpoints/<name>)"
                 )
+        existing = next(p for p in (Path(given), *Path(given).absolute().parents) if p.exists() or p.is_symlink())
+        if not existing.is_dir():  # mkdir failed in the run ("[Errno 17] File exists")
+            raise VicunaflowError(
+                f"--checkpoint-dir {given}: {existing} is a file, not a folder; move it away or choose another "
+                "checkpoint folder (default: <output_dir parent>/.checkpoints/<name>)"
+            )
 
     def inputs(self) -> list[str]:
         """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""

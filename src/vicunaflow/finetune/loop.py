@@ -22,7 +22,7 @@ from vicunaflow.finetune.config import TENSORBOARD_DIR, TRAINER_LOG, Runtime, Tr
 from vicunaflow.finetune.data import Plan, TrainingData
 from vicunaflow.finetune.model import build_model, build_optimizer, decoder_layers
 from vicunaflow.finetune.output import RunLogger, remove_if_empty, write_output
-from vicunaflow.finetune.state import resume_if_possible, save_checkpoint
+from vicunaflow.finetune.state import list_checkpoints, resume_if_possible, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,10 @@ def remove_if_nothing_to_resume(run_dir: Path) -> None:
     the record of how a run went before it failed."""
     if not (run_dir / CHECKPOINT_MARKER).is_file():
         return  # not ours, or it held other files before this run
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        log.info("keeping %s: running the same command again resumes from %s", run_dir, checkpoints[-1].name)
+        return
     log_file = run_dir / TRAINER_LOG
     if log_file.is_file() and log_file.stat().st_size:
         log.info(
