@@ -201,6 +201,11 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
             "clean` on the file first (it normalises roles such as bing, chatgpt and system, drops broken records and "
             "keeps the first conversation of each id)"
         )
+    if not conversations and records:
+        raise VicunaflowError(
+            f"{path}: none of its {len(records)} record(s) has a user turn followed by an assistant reply, nothing to "
+            "train on (a first turn from the assistant is dropped, as FastChat does, and so is a last one from the user)"
+        )
     if not conversations:
         raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
