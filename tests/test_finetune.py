@@ -597,6 +597,8 @@ def test_a_checkpoint_dir_that_is_or_lies_in_a_file_is_refused_before_anything_r
     with pytest.raises(VicunaflowError, match=rf"--checkpoint-dir .*: .*{file} is a file, not a folder; move it away"):
         config.check_checkpoint_dir()
     assert (tmp_path / file).read_text() == "the user's\n"
+    # A file above the output too: left to the output's check, which names the --output-dir's folder.
+    dataclasses.replace(config, output_dir=tmp_path / file / "out", checkpoint_dir=None).check_checkpoint_dir()
 
 
 def test_a_failed_run_with_checkpoints_says_it_resumes_from_the_newest(tmp_path: Path, caplog) -> None:

@@ -229,7 +229,8 @@ class TrainConfig:
                     "choose a checkpoint folder of its own (default: <output_dir parent>/.checkpoints/<name>)"
                 )
         existing = next(p for p in (Path(given), *Path(given).absolute().parents) if p.exists() or p.is_symlink())
-        if not existing.is_dir():  # mkdir failed in the run ("[Errno 17] File exists")
+        # mkdir failed in the run ("[Errno 17] File exists"); a file above the output too is the output's to name
+        if not existing.is_dir() and path_relation(self.output_dir, existing) not in ("is", "lies inside"):
             raise VicunaflowError(
                 f"--checkpoint-dir {given}: {existing} is a file, not a folder; move it away or choose another "
                 "checkpoint folder (default: <output_dir parent>/.checkpoints/<name>)"
