@@ -65,6 +65,24 @@ def test_dashed_and_fastchat_flags_are_accepted() -> None:
     ]
 
 
+def test_fastchat_train_flags_are_accepted_by_finetune() -> None:
+    """FastChat's README command for train_mem.py stopped at "unrecognized arguments: --model_name_or_path ..."."""
+    argv = [
+        "finetune",
+        "--model_name_or_path",
+        "m",
+        "--data_path=d",
+        "--output_dir",
+        "o",
+        "--evaluation_strategy",
+        "no",
+    ]
+    argv += ["--per_device_eval_batch_size", "2", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    assert cli._normalize_flags(argv) == ["finetune", "--model_path", "m", "--data=d", "--output_dir", "o"]
+    asked = ["finetune", "--evaluation_strategy", "steps", "--fsdp_transformer_layer_cls_to_wrap=MistralDecoderLayer"]
+    assert cli._normalize_flags(asked) == asked  # what finetune does not do stays an error
+
+
 @pytest.mark.parametrize(
     "args",
     [
