@@ -549,9 +549,12 @@ def test_a_max_length_with_no_room_for_a_reply_is_refused(tiny_vicuna, tmp_path:
 def test_a_failed_worker_ends_the_launch_with_its_status_not_a_torchrun_traceback(tmp_path: Path) -> None:
     """A worker that logged its one-line error and exited 1 was followed by torchrun's ChildFailedError traceback
     and a box of PIDs (every finetune error with --nproc-per-node 2: bad data, a mismatched checkpoint)."""
-    command = [sys.executable, "-m", "vicunaflow.launch", "--standalone", "--nproc_per_node=1", "--no-python", "false"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    from vicunaflow import launch
+
+    verb = ["finetune", "--model-path", str(tmp_path / "none"), "--data", "d", "--output-dir", str(tmp_path / "o")]
+    result = subprocess.run(launch.launch_command(verb, 2, env={}), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
+    assert "none: not a Hugging Face model directory" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
 
 
