@@ -617,3 +617,15 @@ def test_a_failed_run_with_checkpoints_says_it_resumes_from_the_newest(tmp_path:
         loop.remove_if_nothing_to_resume(run_dir)
     assert "running the same command again resumes from checkpoint-10" in caplog.text
     assert "no checkpoint" not in caplog.text and (run_dir / "checkpoint-10").is_dir()
+
+
+def test_options_the_run_will_not_use_are_said(tiny_vicuna, tmp_path: Path) -> None:
+    """--lora-r 16 without --method lora ran a full fine-tune without a word (LLaMA-Factory's default is LoRA), and a
+    --model-max-length past the model's positions trained there silently."""
+    config = train_config.TrainConfig(model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "o")
+    assert config.warnings() == []
+    assert dataclasses.replace(config, method="lora", lora_r=16).warnings() == []
+    (note,) = dataclasses.replace(config, lora_r=16, lora_target_modules=["q_proj"]).warnings()
+    assert note.startswith("--lora-r, --lora-target-modules ignored: --method full trains every weight; give --method")
+    (note,) = dataclasses.replace(config, model_max_length=4096).warnings()
+    assert note.startswith(f"--model-max-length 4096 is beyond the 2048 positions of {tiny_vicuna}")

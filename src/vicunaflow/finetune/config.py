@@ -203,6 +203,28 @@ class TrainConfig:
                 f"give a rank of at most {largest} (8 to 64 usually), or --method full to train every weight"
             )
 
+    def warnings(self) -> list[str]:
+        """What the options ask for that the run will not do: said once, when it starts (rank 0)."""
+        import json
+
+        notes = []
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        lora = [name for name in ("lora_r", "lora_alpha", "lora_dropout") if getattr(self, name) != defaults[name]]
+        lora += ["lora_target_modules"] if self.lora_target_modules != list(LORA_TARGETS) else []
+        if self.method == "full" and lora:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in lora)
+            notes.append(f"{flags} ignored: --method full trains every weight; give --method lora for LoRA adapters")
+        try:
+            positions = json.loads(Path(self.model_path, "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            positions = None
+        if isinstance(positions, int) and self.model_max_length > positions:
+            notes.append(
+                f"--model-max-length {self.model_max_length} is beyond the {positions} positions of {self.model_path} "
+                "(max_position_embeddings): tokens past them are at positions the model never saw"
+            )
+        return notes
+
     def check_checkpoint_dir(self) -> None:
         """Refuse a checkpoint_dir whose removal after training (unless keep_checkpoints) or whose
         checkpoints could destroy the model, the data, the output, the working or the home directory, and one that

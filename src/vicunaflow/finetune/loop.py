@@ -36,6 +36,9 @@ def main(config: TrainConfig) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("vicunaflow").setLevel(logging.WARNING)  # one voice: rank 0 reports progress
     log.info("finetune: %s", json.dumps(config.as_dict()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in config.warnings():
+            log.warning("%s", note)
     runtime = init_distributed(config)
     try:
         return fit(config, runtime)
