@@ -629,3 +629,17 @@ def test_options_the_run_will_not_use_are_said(tiny_vicuna, tmp_path: Path) -> N
     assert note.startswith("--lora-r, --lora-target-modules ignored: --method full trains every weight; give --method")
     (note,) = dataclasses.replace(config, model_max_length=4096).warnings()
     assert note.startswith(f"--model-max-length 4096 is beyond the 2048 positions of {tiny_vicuna}")
+
+
+def test_fsdp_offload_without_cuda_fails_clearly(tmp_path: Path) -> None:
+    """FSDP's CPU offload pins memory for a GPU: on a CPU-only machine the run ended in a RuntimeError traceback
+    ("Cannot access accelerator device when none is available")."""
+    import torch
+
+    from vicunaflow.finetune import loop
+
+    config = train_config.TrainConfig(
+        model_path="m", data="d", output_dir=tmp_path / "o", fsdp="full_shard auto_wrap offload"
+    )
+    with pytest.raises(VicunaflowError, match=r"--fsdp 'full_shard auto_wrap offload': offload keeps a GPU's shards"):
+        loop._resolve_precision(config, torch.device("cpu"))

@@ -81,6 +81,11 @@ def _resolve_precision(config: TrainConfig, device) -> object:
     capability = torch.cuda.get_device_capability(device) if cuda else (0, 0)
     if config.method == "qlora" and not cuda:
         raise VicunaflowError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit); use --method lora on this machine")
+    if "offload" in config.fsdp.split() and not cuda:  # FSDP pins the CPU shards for a GPU: a traceback on CPU
+        raise VicunaflowError(
+            f"--fsdp {config.fsdp!r}: offload keeps a GPU's shards in CPU memory; on {device} the weights are there "
+            "already: leave offload out"
+        )
     dtype = torch.float32
     if config.bf16 and cuda and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
