@@ -142,6 +142,8 @@ class TrainConfig:
             if not math.isfinite(value) or value < low or (value == low and not inclusive):
                 relation = "at least" if inclusive else "more than"
                 raise VicunaflowError(f"--{name.replace('_', '-')} must be {relation} {low}, not {value}")
+        if not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits: a traceback in every process
+            raise VicunaflowError(f"--seed must be a 64-bit integer (e.g. 42), not {self.seed}")
         if self.max_steps == 0:
             raise VicunaflowError("--max-steps must be a number of steps, or -1 to train --num-train-epochs")
         if self.num_train_epochs == 0 and self.max_steps < 1:
