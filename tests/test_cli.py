@@ -191,6 +191,27 @@ def test_a_dash_for_a_path_is_refused_naming_the_flag(args, flag, tmp_path, monk
     assert not (tmp_path / "-").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["quantize", "--model-path", "", "--output-dir", "q"], "--model-path"),
+        (["quantize", "--model-path", "m", "--output-dir="], "--output-dir"),
+        (["finetune", "--model-path", "m", "--data", "", "--output-dir", "o"], "--data"),
+        (["finetune", "--model-path", "m", "--data", "d", "--output-dir", " "], "--output-dir"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_an_empty_path_is_refused_naming_the_flag(args, flag, tmp_path, monkeypatch, capsys) -> None:
+    """`--model-path "$UNSET"` went on as "." (quantize: "the output q lies inside the input ."; finetune:
+    ".: not a tokenised dataset", "it lies inside the --output-dir ;")."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert exit.value.code == 1 and len(errors) == 1, errors
+    assert f"{flag} is empty; give a path" in errors[0]
+
+
 def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):
     """An OSError (here: a folder given where a file is read) ends the command with status 1 and one line naming
     the path, not a traceback."""

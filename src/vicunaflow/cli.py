@@ -255,7 +255,8 @@ def _takes_paths(hint) -> bool:
 
 
 def _refuse_dash_paths(argv: list[str]) -> None:
-    """Refuse `-` given to a path flag (`eval summary --judgments -`), naming the flag and what to give instead.
+    """Refuse `-` given to a path flag (`eval summary --judgments -`), naming the flag and what to give instead; and
+    an empty one (`--model-path "$UNSET"`), which went on as "." (quantize: "the output lies inside the input .").
 
     No verb reads stdin or writes stdout through a path: inputs are checked and recorded as files (manifests, the
     `--overwrite` checks), and `-` went on as a file named "-" ("-: no such judgment file", or an output written to
@@ -269,8 +270,10 @@ def _refuse_dash_paths(argv: list[str]) -> None:
         flag = flag.removesuffix("+")
         if not eq:
             value = argv[i + 1] if i + 1 < len(argv) else ""
+        shown = flag.replace("_", "-")
+        if flag in flags and value == "" and (eq or i + 1 < len(argv)):  # Path("") is ".", the working directory
+            raise VicunaflowError(f"{shown} is empty; give a path (was a shell variable unset?)")
         if flag in flags and value == "-":
-            shown = flag.replace("_", "-")
             raise VicunaflowError(
                 f"{shown} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path "
                 f"(for piped input, save it first: `... > FILE`, then {shown} FILE)"

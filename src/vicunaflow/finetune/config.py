@@ -137,6 +137,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse bad options at once: cheap checks before torch, the model or the data load."""
+        for name in PATH_FIELDS:  # text, not Path, so the CLI's check of path flags does not see them
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is not None and not value.strip():
+                raise VicunaflowError(f"{flag} is empty; give a path (was a shell variable unset?)")
+            if value == "-":
+                raise VicunaflowError(f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout")
         for name, (low, inclusive) in BOUNDS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or value < low or (value == low and not inclusive):
