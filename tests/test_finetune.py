@@ -644,3 +644,14 @@ def test_fsdp_offload_without_cuda_fails_clearly(tmp_path: Path) -> None:
     )
     with pytest.raises(VicunaflowError, match=r"--fsdp 'full_shard auto_wrap offload': offload keeps a GPU's shards"):
         loop._resolve_precision(config, torch.device("cpu"))
+
+
+def test_a_runs_options_reused_with_another_output_checkpoint_beside_that_output(tmp_path: Path) -> None:
+    """training_args.json named its run's checkpoint folder: `--config old/training_args.json --output-dir new`
+    resumed from the old run's checkpoints (and, when done, removed them)."""
+    old = train_config.TrainConfig(model_path="m", data="d", output_dir=tmp_path / "old")
+    saved = json.loads(json.dumps(old.as_dict()))  # as training_args.json holds it
+    new = train_config.TrainConfig(**(saved | {"output_dir": str(tmp_path / "new")}))
+    assert new.checkpoint_dir == str(tmp_path / ".checkpoints" / "new")
+    given = dataclasses.replace(old, checkpoint_dir=str(tmp_path / "mine"))  # one given is kept
+    assert given.as_dict()["checkpoint_dir"] == str(tmp_path / "mine")

@@ -271,7 +271,13 @@ class TrainConfig:
         return [self.model_path, self.data, self.checkpoint_dir]
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options as the keys of a `--config`; checkpoint_dir null where it is output_dir's default, so a
+        run's training_args.json given with another --output-dir checkpoints beside that output: it resumed from
+        (and, when done, removed) the checkpoints of the run that wrote it."""
+        options = dataclasses.asdict(self)
+        if self.checkpoint_dir == str(default_checkpoint_dir(Path(self.output_dir))):
+            options["checkpoint_dir"] = None
+        return options
 
 
 @dataclass
