@@ -65,6 +65,24 @@ def test_dashed_and_fastchat_flags_are_accepted() -> None:
     ]
 
 
+def test_fastchat_train_flags_are_accepted_by_finetune() -> None:
+    """FastChat's README command for train_mem.py stopped at "unrecognized arguments: --model_name_or_path ..."."""
+    argv = [
+        "finetune",
+        "--model_name_or_path",
+        "m",
+        "--data_path=d",
+        "--output_dir",
+        "o",
+        "--evaluation_strategy",
+        "no",
+    ]
+    argv += ["--per_device_eval_batch_size", "2", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    assert cli._normalize_flags(argv) == ["finetune", "--model_path", "m", "--data=d", "--output_dir", "o"]
+    asked = ["finetune", "--evaluation_strategy", "steps", "--fsdp_transformer_layer_cls_to_wrap=MistralDecoderLayer"]
+    assert cli._normalize_flags(asked) == asked  # what finetune does not do stays an error
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -171,6 +189,27 @@ def test_a_dash_for_a_path_is_refused_naming_the_flag(args, flag, tmp_path, monk
     assert f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path" in errors[0]
     assert f"then {flag} FILE" in errors[0]
     assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["quantize", "--model-path", "", "--output-dir", "q"], "--model-path"),
+        (["quantize", "--model-path", "m", "--output-dir="], "--output-dir"),
+        (["finetune", "--model-path", "m", "--data", "", "--output-dir", "o"], "--data"),
+        (["finetune", "--model-path", "m", "--data", "d", "--output-dir", " "], "--output-dir"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_an_empty_path_is_refused_naming_the_flag(args, flag, tmp_path, monkeypatch, capsys) -> None:
+    """`--model-path "$UNSET"` went on as "." (quantize: "the output q lies inside the input ."; finetune:
+    ".: not a tokenised dataset", "it lies inside the --output-dir ;")."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert exit.value.code == 1 and len(errors) == 1, errors
+    assert f"{flag} is empty; give a path" in errors[0]
 
 
 def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):

@@ -133,6 +133,16 @@ def test_first_turn_from_gpt_is_dropped(tmp_path: Path) -> None:
     assert conversations[2].id == "7"
 
 
+def test_records_without_an_exchange_are_named_as_such_not_as_an_empty_file(tmp_path: Path) -> None:
+    """A file of records that open with the reply or end unanswered was reported as "no conversations in it"."""
+    records = [
+        {"id": "reply-first", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
+        {"id": "unanswered", "conversations": [{"from": "human", "value": "a"}]},
+    ]
+    with pytest.raises(VicunaflowError, match=r"c.json: none of its 2 record\(s\) has a user turn followed by an"):
+        data.load_conversations(write(tmp_path / "c.json", records))
+
+
 def test_input_ids_are_fastchats_and_labels_cover_exactly_the_replies(tmp_path: Path, tokenizer) -> None:
     conversations = data.load_conversations(write(tmp_path / "c.json", CONVERSATIONS))
     for conversation in conversations:

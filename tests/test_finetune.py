@@ -284,7 +284,8 @@ def test_bad_options_fail_before_the_model_or_data_load(tiny_vicuna, tmp_path: P
 @pytest.mark.parametrize(
     ("name", "value"),
     [(name, low - 1 if inclusive else low) for name, (low, inclusive) in train_config.BOUNDS.items()]
-    + [("warmup_ratio", 1.0), ("lora_dropout", 1.0), ("max_steps", 0), ("learning_rate", float("nan"))],
+    + [("warmup_ratio", 1.0), ("lora_dropout", 1.0), ("max_steps", 0), ("learning_rate", float("nan"))]
+    + [("seed", 2**64)],  # "ValueError: Overflow when unpacking long long" in every process
 )
 def test_every_numeric_option_is_checked_before_anything_runs(tmp_path: Path, name: str, value) -> None:
     """No model or data needed: the options are checked first (these paths do not even exist)."""
@@ -432,7 +433,7 @@ def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
     monkeypatch.setattr(launch.shutil, "which", lambda name: None)  # no scontrol: parse the node list
     assert launch.launch_command(["finetune"], 1, env={}) is None
     single = launch.launch_command(["finetune", "--x=1"], 4, env={})
-    assert single[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert single[1:5] == ["-m", "vicunaflow.launch", "--standalone", "--nproc_per_node=4"]
     assert single[-4:] == ["-m", "vicunaflow", "finetune", "--x=1"]
     slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_JOB_ID": "1234", "SLURM_NODEID": "1"}
     batch_step = launch.launch_command(["finetune"], 8, env=slurm)
@@ -526,3 +527,131 @@ def test_a_checkpoint_dir_with_foreign_files_is_kept_after_training(tiny_vicuna,
     result = finetune_cli(tiny_vicuna, BUILTIN_CONVERSATIONS, tmp_path / "out2", "--checkpoint-dir", str(made))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not made.exists()  # this run made it: removed once the output is written
+
+
+@pytest.mark.parametrize("source", ["lazy", "tokenised"])
+def test_a_max_length_with_no_room_for_a_reply_is_refused(tiny_vicuna, tmp_path: Path, source: str) -> None:
+    """64 tokens hold the system prompt and a question but no reply: every step trained on nothing (loss 0) and the
+    input model was written back as the output. Eager tokenisation refused it already; lazy and tokenised data did not."""
+    from vicunaflow.finetune.data import TrainingData
+
+    path = BUILTIN_CONVERSATIONS
+    if source == "tokenised":
+        path = data.tokenize(model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "tok")
+    config = train_config.TrainConfig(
+        model_path=tiny_vicuna, data=path, output_dir=tmp_path / "out", model_max_length=64
+    )
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device="cpu", dtype=None)
+    with pytest.raises(VicunaflowError, match=r"--model-max-length 64: no conversation has a reply token within it"):
+        TrainingData(config, runtime)
+    assert len(TrainingData(dataclasses.replace(config, model_max_length=160), runtime)) == 156
+
+
+def test_a_failed_worker_ends_the_launch_with_its_status_not_a_torchrun_traceback(tmp_path: Path) -> None:
+    """A worker that logged its one-line error and exited 1 was followed by torchrun's ChildFailedError traceback
+    and a box of PIDs (every finetune error with --nproc-per-node 2: bad data, a mismatched checkpoint)."""
+    from vicunaflow import launch
+
+    verb = ["finetune", "--model-path", str(tmp_path / "none"), "--data", "d", "--output-dir", str(tmp_path / "o")]
+    result = subprocess.run(launch.launch_command(verb, 2, env={}), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "none: not a Hugging Face model directory" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path: Path) -> None:
+    """The step of a checkpoint says where it was in its data; another --data went on from there silently."""
+    import torch
+    import torch.distributed as dist
+
+    saved = train_config.TrainConfig(model_path="m", data="a.json", output_dir=tmp_path / "out")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / train_config.HYPERPARAMETERS).write_text(json.dumps(saved.as_dict()))
+    (checkpoint / train_state.TRAINER_STATE).write_text(json.dumps({"step": 2, "world_size": 1}))
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(VicunaflowError, match=r"checkpoint-2: saved by a run with other settings \(data\)"):
+            config = dataclasses.replace(saved, data="b.json")
+            train_state.resume_if_possible(tmp_path / "run", config, None, None, None, runtime)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_lora_rank_above_the_layers_dimensions_is_refused(tiny_vicuna, tmp_path: Path) -> None:
+    """--lora-r 100000 on the tiny model (hidden size 256) made adapters of 2 billion parameters: killed for memory."""
+    config = train_config.TrainConfig(
+        model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "out", method="lora", lora_r=257
+    )
+    with pytest.raises(
+        VicunaflowError, match=r"--lora-r 257: above 256, the smaller dimension of q_proj in .* at most"
+    ):
+        config.validate()
+    dataclasses.replace(config, lora_r=256).validate()
+    dataclasses.replace(config, method="full").validate()  # not used by a full fine-tune
+
+
+@pytest.mark.parametrize("file", ["ckpt", ".checkpoints"])
+def test_a_checkpoint_dir_that_is_or_lies_in_a_file_is_refused_before_anything_runs(tmp_path: Path, file: str) -> None:
+    """The run's mkdir said only "[Errno 17] File exists: 'ckpt'" (or "Not a directory"), after torch had started."""
+    (tmp_path / file).write_text("the user's\n")
+    given = tmp_path / "ckpt" if file == "ckpt" else None
+    config = train_config.TrainConfig(model_path="m", data="d", output_dir=tmp_path / "out", checkpoint_dir=given)
+    with pytest.raises(VicunaflowError, match=rf"--checkpoint-dir .*: .*{file} is a file, not a folder; move it away"):
+        config.check_checkpoint_dir()
+    assert (tmp_path / file).read_text() == "the user's\n"
+    # A file above the output too: left to the output's check, which names the --output-dir's folder.
+    dataclasses.replace(config, output_dir=tmp_path / file / "out", checkpoint_dir=None).check_checkpoint_dir()
+
+
+def test_a_failed_run_with_checkpoints_says_it_resumes_from_the_newest(tmp_path: Path, caplog) -> None:
+    """It said "no checkpoint to resume from" when its trainer log had steps, whatever checkpoints it held."""
+    from vicunaflow.finetune import loop
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-10").mkdir(parents=True)
+    (run_dir / "checkpoint-10" / train_state.TRAINER_STATE).write_text('{"step": 10, "world_size": 1}')
+    (run_dir / loop.CHECKPOINT_MARKER).write_text("")
+    (run_dir / train_config.TRAINER_LOG).write_text('{"step": 1}\n')
+    with caplog.at_level("INFO"):
+        loop.remove_if_nothing_to_resume(run_dir)
+    assert "running the same command again resumes from checkpoint-10" in caplog.text
+    assert "no checkpoint" not in caplog.text and (run_dir / "checkpoint-10").is_dir()
+
+
+def test_options_the_run_will_not_use_are_said(tiny_vicuna, tmp_path: Path) -> None:
+    """--lora-r 16 without --method lora ran a full fine-tune without a word (LLaMA-Factory's default is LoRA), and a
+    --model-max-length past the model's positions trained there silently."""
+    config = train_config.TrainConfig(model_path=tiny_vicuna, data=BUILTIN_CONVERSATIONS, output_dir=tmp_path / "o")
+    assert config.warnings() == []
+    assert dataclasses.replace(config, method="lora", lora_r=16).warnings() == []
+    (note,) = dataclasses.replace(config, lora_r=16, lora_target_modules=["q_proj"]).warnings()
+    assert note.startswith("--lora-r, --lora-target-modules ignored: --method full trains every weight; give --method")
+    (note,) = dataclasses.replace(config, model_max_length=4096).warnings()
+    assert note.startswith(f"--model-max-length 4096 is beyond the 2048 positions of {tiny_vicuna}")
+
+
+def test_fsdp_offload_without_cuda_fails_clearly(tmp_path: Path) -> None:
+    """FSDP's CPU offload pins memory for a GPU: on a CPU-only machine the run ended in a RuntimeError traceback
+    ("Cannot access accelerator device when none is available")."""
+    import torch
+
+    from vicunaflow.finetune import loop
+
+    config = train_config.TrainConfig(
+        model_path="m", data="d", output_dir=tmp_path / "o", fsdp="full_shard auto_wrap offload"
+    )
+    with pytest.raises(VicunaflowError, match=r"--fsdp 'full_shard auto_wrap offload': offload keeps a GPU's shards"):
+        loop._resolve_precision(config, torch.device("cpu"))
+
+
+def test_a_runs_options_reused_with_another_output_checkpoint_beside_that_output(tmp_path: Path) -> None:
+    """training_args.json named its run's checkpoint folder: `--config old/training_args.json --output-dir new`
+    resumed from the old run's checkpoints (and, when done, removed them)."""
+    old = train_config.TrainConfig(model_path="m", data="d", output_dir=tmp_path / "old")
+    saved = json.loads(json.dumps(old.as_dict()))  # as training_args.json holds it
+    new = train_config.TrainConfig(**(saved | {"output_dir": str(tmp_path / "new")}))
+    assert new.checkpoint_dir == str(tmp_path / ".checkpoints" / "new")
+    given = dataclasses.replace(old, checkpoint_dir=str(tmp_path / "mine"))  # one given is kept
+    assert given.as_dict()["checkpoint_dir"] == str(tmp_path / "mine")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -658,6 +659,18 @@ def test_quantize_refuses_a_quantized_folder(quantized, tmp_path):
     out, _ = quantized
     with pytest.raises(VicunaflowError, match="already quantized"):
         quantize_model(model_path=out, output_dir=tmp_path / "again")
+
+
+def test_quantize_refuses_a_folder_without_a_tokenizer(tiny_vicuna, tmp_path):
+    """The int8 copy of a folder without tokenizer files was written, complete by its manifest, and then refused by
+    chat and serve ("its tokenizer could not be read")."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, folder)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (folder / name).unlink()
+    with pytest.raises(VicunaflowError, match=r"model: no tokenizer \(tokenizer.json or tokenizer.model\), so its"):
+        quantize_model(model_path=folder, output_dir=tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
 
 
 def test_dequantized_logits_stay_close_to_float(quantized, tiny_vicuna):

@@ -54,9 +54,19 @@ COMMANDS: dict[str, str | dict[str, str]] = {
 ALIASES: dict[str, dict[str, str]] = {
     "apply-delta": {"--base-model-path": "--base", "--delta-path": "--delta", "--target-model-path": "--target"},
     "make-delta": {"--base-model-path": "--base", "--target-model-path": "--target", "--delta-path": "--delta"},
+    "finetune": {"--model_name_or_path": "--model_path", "--data_path": "--data"},  # FastChat's train.py
 }
 # FastChat flags that ask for what we always do (apply-delta streams tensor by tensor): accepted, ignored.
 ALWAYS_ON = {"apply-delta": {"--low-cpu-mem"}}
+# FastChat train.py flags whose value asks for what finetune always does (each decoder layer its own FSDP unit, no
+# evaluation during training): accepted with that value (None: any) and ignored; another value stays an error.
+ALWAYS_ON_VALUES: dict[str, dict[str, str | None]] = {
+    "finetune": {
+        "--fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "--evaluation_strategy": "no",
+        "--per_device_eval_batch_size": None,
+    }
+}
 
 
 def resolve(spec: str) -> Callable:
@@ -145,10 +155,18 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     """Accept FastChat's flag names and `--dashed-names` for the signature's `--underscored_names`."""
     aliases = ALIASES.get(argv[0], {}) if argv else {}
     always_on = ALWAYS_ON.get(argv[0], set()) if argv else set()
-    normalized = []
-    for arg in argv:
-        if arg in always_on:
+    with_values = ALWAYS_ON_VALUES.get(argv[0], {}) if argv else {}
+    normalized, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip or arg in always_on:
+            skip = False
             continue
+        flag, eq, value = arg.partition("=")
+        if flag in with_values:
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if with_values[flag] in (None, value):
+                skip = not eq  # and its value
+                continue
         if arg.startswith("--"):
             flag, eq, value = arg.partition("=")
             flag = aliases.get(flag, flag)
@@ -237,7 +255,8 @@ def _takes_paths(hint) -> bool:
 
 
 def _refuse_dash_paths(argv: list[str]) -> None:
-    """Refuse `-` given to a path flag (`eval summary --judgments -`), naming the flag and what to give instead.
+    """Refuse `-` given to a path flag (`eval summary --judgments -`), naming the flag and what to give instead; and
+    an empty one (`--model-path "$UNSET"`), which went on as "." (quantize: "the output lies inside the input .").
 
     No verb reads stdin or writes stdout through a path: inputs are checked and recorded as files (manifests, the
     `--overwrite` checks), and `-` went on as a file named "-" ("-: no such judgment file", or an output written to
@@ -251,8 +270,10 @@ def _refuse_dash_paths(argv: list[str]) -> None:
         flag = flag.removesuffix("+")
         if not eq:
             value = argv[i + 1] if i + 1 < len(argv) else ""
+        shown = flag.replace("_", "-")
+        if flag in flags and value == "" and (eq or i + 1 < len(argv)):  # Path("") is ".", the working directory
+            raise VicunaflowError(f"{shown} is empty; give a path (was a shell variable unset?)")
         if flag in flags and value == "-":
-            shown = flag.replace("_", "-")
             raise VicunaflowError(
                 f"{shown} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path "
                 f"(for piped input, save it first: `... > FILE`, then {shown} FILE)"

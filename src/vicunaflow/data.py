@@ -201,6 +201,11 @@ def load_conversations(path: Path) -> list[ConversationRecord]:
             "clean` on the file first (it normalises roles such as bing, chatgpt and system, drops broken records and "
             "keeps the first conversation of each id)"
         )
+    if not conversations and records:
+        raise VicunaflowError(
+            f"{path}: none of its {len(records)} record(s) has a user turn followed by an assistant reply, nothing to "
+            "train on (a first turn from the assistant is dropped, as FastChat does, and so is a last one from the user)"
+        )
     if not conversations:
         raise VicunaflowError(f"{path}: no conversations in it")
     log.info("%s: %d conversations", path, len(conversations))
@@ -367,6 +372,24 @@ def _encode_whole(conversation: ConversationRecord, tokenizer) -> Sample:
 
 def _truncated(sample: Sample, model_max_length: int) -> Sample:
     return Sample(sample.id, sample.input_ids[:model_max_length], sample.labels[:model_max_length])
+
+
+def check_room_for_replies(tokenizer, model_max_length: int) -> None:
+    """Refuse a model_max_length that leaves no room for a reply token in any conversation.
+
+    Probed with the shortest possible exchange (a one-letter question): the system prompt and the first
+    question come before the first reply, so when this one has no trained token within model_max_length,
+    none has, and training would run on nothing (loss 0 at every step) and write the input model back.
+    One tokenisation: cheap where the data is tokenised lazily or was tokenised by `data tokenize`.
+    """
+    probe = ConversationRecord("probe", [(template.USER, "a"), (template.ASSISTANT, "a")])
+    sample = _truncated(_encode_whole(probe, tokenizer), model_max_length)
+    if all(label == IGNORE_INDEX for label in sample.labels):
+        first = next(i for i, label in enumerate(_encode_whole(probe, tokenizer).labels) if label != IGNORE_INDEX)
+        raise VicunaflowError(
+            f"--model-max-length {model_max_length}: no conversation has a reply token within it (the system prompt "
+            f"and a first question take {first} tokens at least); raise --model-max-length (FastChat's: 2048)"
+        )
 
 
 def render_with_offsets(conversation: ConversationRecord, tokenizer) -> tuple[str, list[tuple[int, int]]]:

@@ -1,7 +1,8 @@
 """Start `vicunaflow finetune` on every GPU and node of a job, so one command scales from 1 GPU to many nodes.
 
 Under `torchrun` (RANK in the environment) nothing happens here: the processes already exist.
-Otherwise `vicunaflow finetune --nproc-per-node N` re-executes itself through `torch.distributed.run`:
+Otherwise `vicunaflow finetune --nproc-per-node N` re-executes itself through `torch.distributed.run`
+(`python -m vicunaflow.launch`, which ends with a failed worker's status instead of torchrun's traceback):
 
 - one node (no SLURM, or a one-node allocation): `torchrun --standalone --nproc_per_node N`;
 - a SLURM allocation of several nodes (the batch step: SLURM_NNODES > 1): `srun` starts one task per
@@ -47,6 +48,7 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
     env = dict(os.environ if env is None else env)
     nnodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")) or 1)
     module = [sys.executable, "-m", "vicunaflow", *verb_argv]
+    launcher = [sys.executable, "-m", "vicunaflow.launch"]  # torch.distributed.run without its traceback: torchrun()
     if nnodes > 1 and NODE_TASK_ENV not in env:
         # The batch step of a multi-node job: one task per node, each starts its local processes.
         cpus = env.get("SLURM_CPUS_PER_TASK")  # srun reads it anyway; said explicitly, as the workflow does
@@ -55,16 +57,14 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
         host = first_host(env["SLURM_JOB_NODELIST"] if "SLURM_JOB_NODELIST" in env else env["SLURM_NODELIST"])
         port = int(env.get("MASTER_PORT", DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
         return [
-            sys.executable, "-m", "torch.distributed.run",
+            *launcher,
             f"--nnodes={nnodes}", f"--node_rank={env.get('SLURM_NODEID', '0')}", f"--nproc_per_node={nproc_per_node}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={host}:{port}", f"--rdzv_id={env.get('SLURM_JOB_ID', 'vicunaflow')}",
             "--max_restarts=0", *module[1:],
         ]  # fmt: skip
     if nproc_per_node > 1:
         return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
+            *launcher,
             "--standalone",
             f"--nproc_per_node={nproc_per_node}",
             *module[1:],
@@ -115,3 +115,27 @@ def first_host(nodelist: str) -> str:
         return first
     prefix, ranges, suffix = match.groups()
     return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def torchrun(argv: list[str]) -> None:
+    """`python -m torch.distributed.run ARGV`, ending as the failed worker ended rather than in a traceback.
+
+    torchrun reports a worker that exited 1 (after logging its one-line error, say a data file that is not
+    JSON) with a ChildFailedError traceback and a box of PIDs below it, burying that line; it reports a
+    Ctrl-C or SIGTERM with a SignalException traceback. Here both end with the status alone: 1, or 128 + signal.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        sys.exit(128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1)
+    except SignalException as err:
+        sys.exit(128 + int(err.sigval))
+
+
+if __name__ == "__main__":
+    torchrun(sys.argv[1:])

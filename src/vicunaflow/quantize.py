@@ -65,6 +65,11 @@ def quantize_model(
     from vicunaflow.engine.build import check_folder
 
     check_folder(model_path)  # the config the output will carry must describe these weights
+    if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise VicunaflowError(  # the output would be written, then refused by chat and serve
+            f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model), so its quantized copy would not load in "
+            "chat or serve; restore the model's tokenizer files (or re-run the step that wrote the folder)"
+        )
     checkpoint = Checkpoint(model_path)
     plan = quantized_plan(checkpoint, bits, group_size)
     names = checkpoint.names()

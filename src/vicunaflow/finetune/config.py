@@ -122,7 +122,7 @@ class TrainConfig:
 
     # A checkpoint may only be resumed by a run that would have produced it.
     RESUME_KEYS = (
-        "model_path", "method", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "model_path", "data", "method", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler_type",
         "model_max_length", "packing", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     )  # fmt: skip
@@ -137,11 +137,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse bad options at once: cheap checks before torch, the model or the data load."""
+        for name in PATH_FIELDS:  # text, not Path, so the CLI's check of path flags does not see them
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is not None and not value.strip():
+                raise VicunaflowError(f"{flag} is empty; give a path (was a shell variable unset?)")
+            if value == "-":
+                raise VicunaflowError(f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout")
         for name, (low, inclusive) in BOUNDS.items():
             value = getattr(self, name)
             if not math.isfinite(value) or value < low or (value == low and not inclusive):
                 relation = "at least" if inclusive else "more than"
                 raise VicunaflowError(f"--{name.replace('_', '-')} must be {relation} {low}, not {value}")
+        if not -(2**63) <= self.seed < 2**63:  # torch's generators take 64 bits: a traceback in every process
+            raise VicunaflowError(f"--seed must be a 64-bit integer (e.g. 42), not {self.seed}")
         if self.max_steps == 0:
             raise VicunaflowError("--max-steps must be a number of steps, or -1 to train --num-train-epochs")
         if self.num_train_epochs == 0 and self.max_steps < 1:
@@ -168,6 +176,7 @@ class TrainConfig:
         from vicunaflow.quant import refuse_quantized
 
         refuse_quantized(self.model_path, "--model-path")
+        self.check_lora_rank()
         if not Path(self.data).exists():
             raise VicunaflowError(f"{self.data}: no such data file or tokenised dataset directory")
         if Path(self.data).is_dir():
@@ -176,9 +185,58 @@ class TrainConfig:
             read_tokenized_meta(Path(self.data))  # an empty dataset fails now, not in the first step
         self.check_checkpoint_dir()
 
+    def check_lora_rank(self) -> None:
+        """Refuse a LoRA rank above the smaller dimension of a target layer (config.json): such adapters hold more
+        parameters than the layers they adapt (--lora-r 100000 asked for billions on a tiny model, and the run was
+        killed for memory) and can learn no more than a rank of that dimension."""
+        import json
+
+        if self.method == "full":
+            return
+        try:
+            shape = json.loads(Path(self.model_path, "config.json").read_text())
+            hidden, heads, ffn = shape["hidden_size"], shape["num_attention_heads"], shape["intermediate_size"]
+            head_dim = shape.get("head_dim") or hidden // heads
+            kv = (shape.get("num_key_value_heads") or heads) * head_dim
+            vocab = shape["vocab_size"]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            return  # the model's own check names what is wrong with its config.json
+        sizes = {"q_proj": heads * head_dim, "k_proj": kv, "v_proj": kv, "o_proj": heads * head_dim}
+        sizes |= {"gate_proj": ffn, "up_proj": ffn, "down_proj": ffn, "lm_head": vocab}
+        name = min(self.lora_target_modules, key=lambda target: min(hidden, sizes[target]))
+        largest = min(hidden, sizes[name])
+        if self.lora_r > largest:
+            raise VicunaflowError(
+                f"--lora-r {self.lora_r}: above {largest}, the smaller dimension of {name} in {self.model_path}; "
+                f"give a rank of at most {largest} (8 to 64 usually), or --method full to train every weight"
+            )
+
+    def warnings(self) -> list[str]:
+        """What the options ask for that the run will not do: said once, when it starts (rank 0)."""
+        import json
+
+        notes = []
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        lora = [name for name in ("lora_r", "lora_alpha", "lora_dropout") if getattr(self, name) != defaults[name]]
+        lora += ["lora_target_modules"] if self.lora_target_modules != list(LORA_TARGETS) else []
+        if self.method == "full" and lora:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in lora)
+            notes.append(f"{flags} ignored: --method full trains every weight; give --method lora for LoRA adapters")
+        try:
+            positions = json.loads(Path(self.model_path, "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            positions = None
+        if isinstance(positions, int) and self.model_max_length > positions:
+            notes.append(
+                f"--model-max-length {self.model_max_length} is beyond the {positions} positions of {self.model_path} "
+                "(max_position_embeddings): tokens past them are at positions the model never saw"
+            )
+        return notes
+
     def check_checkpoint_dir(self) -> None:
         """Refuse a checkpoint_dir whose removal after training (unless keep_checkpoints) or whose
-        checkpoints could destroy the model, the data, the output, the working or the home directory."""
+        checkpoints could destroy the model, the data, the output, the working or the home directory, and one that
+        is, or lies under, a file."""
         from vicunaflow.outputs import path_relation
 
         given = self.checkpoint_dir
@@ -200,13 +258,26 @@ class TrainConfig:
                     f"--checkpoint-dir {given}: it {relation} the {name} {protected}; "
                     "choose a checkpoint folder of its own (default: <output_dir parent>/.checkpoints/<name>)"
                 )
+        existing = next(p for p in (Path(given), *Path(given).absolute().parents) if p.exists() or p.is_symlink())
+        # mkdir failed in the run ("[Errno 17] File exists"); a file above the output too is the output's to name
+        if not existing.is_dir() and path_relation(self.output_dir, existing) not in ("is", "lies inside"):
+            raise VicunaflowError(
+                f"--checkpoint-dir {given}: {existing} is a file, not a folder; move it away or choose another "
+                "checkpoint folder (default: <output_dir parent>/.checkpoints/<name>)"
+            )
 
     def inputs(self) -> list[str]:
         """What the run reads, or deletes when done (checkpoint_dir): the output may not be, hold or lie in them."""
         return [self.model_path, self.data, self.checkpoint_dir]
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options as the keys of a `--config`; checkpoint_dir null where it is output_dir's default, so a
+        run's training_args.json given with another --output-dir checkpoints beside that output: it resumed from
+        (and, when done, removed) the checkpoints of the run that wrote it."""
+        options = dataclasses.asdict(self)
+        if self.checkpoint_dir == str(default_checkpoint_dir(Path(self.output_dir))):
+            options["checkpoint_dir"] = None
+        return options
 
 
 @dataclass

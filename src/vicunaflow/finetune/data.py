@@ -27,6 +27,7 @@ class TrainingData:
         self.max_length = config.model_max_length
         self.tokenizer = conversations.load_tokenizer(Path(config.model_path))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        conversations.check_room_for_replies(self.tokenizer, self.max_length)  # else every step trains on nothing
         path = Path(config.data)
         self.conversations = None
         if path.is_dir():

@@ -22,7 +22,7 @@ from vicunaflow.finetune.config import TENSORBOARD_DIR, TRAINER_LOG, Runtime, Tr
 from vicunaflow.finetune.data import Plan, TrainingData
 from vicunaflow.finetune.model import build_model, build_optimizer, decoder_layers
 from vicunaflow.finetune.output import RunLogger, remove_if_empty, write_output
-from vicunaflow.finetune.state import resume_if_possible, save_checkpoint
+from vicunaflow.finetune.state import list_checkpoints, resume_if_possible, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ def main(config: TrainConfig) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("vicunaflow").setLevel(logging.WARNING)  # one voice: rank 0 reports progress
     log.info("finetune: %s", json.dumps(config.as_dict()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in config.warnings():
+            log.warning("%s", note)
     runtime = init_distributed(config)
     try:
         return fit(config, runtime)
@@ -78,6 +81,11 @@ def _resolve_precision(config: TrainConfig, device) -> object:
     capability = torch.cuda.get_device_capability(device) if cuda else (0, 0)
     if config.method == "qlora" and not cuda:
         raise VicunaflowError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit); use --method lora on this machine")
+    if "offload" in config.fsdp.split() and not cuda:  # FSDP pins the CPU shards for a GPU: a traceback on CPU
+        raise VicunaflowError(
+            f"--fsdp {config.fsdp!r}: offload keeps a GPU's shards in CPU memory; on {device} the weights are there "
+            "already: leave offload out"
+        )
     dtype = torch.float32
     if config.bf16 and cuda and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
@@ -188,6 +196,10 @@ def remove_if_nothing_to_resume(run_dir: Path) -> None:
     the record of how a run went before it failed."""
     if not (run_dir / CHECKPOINT_MARKER).is_file():
         return  # not ours, or it held other files before this run
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        log.info("keeping %s: running the same command again resumes from %s", run_dir, checkpoints[-1].name)
+        return
     log_file = run_dir / TRAINER_LOG
     if log_file.is_file() and log_file.stat().st_size:
         log.info(
