@@ -182,13 +182,19 @@ def test_a_dash_for_a_path_is_refused_naming_the_flag(args, flag, tmp_path, monk
     """`--judgments -` went on as a file named "-" ("-: no such judgment file"; `--output-json -` wrote ./-): no
     verb reads stdin or writes stdout through a path, so `-` is refused in one line naming the flag and the fix."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit:
+    error = one_error_line(args, capsys)
+    assert f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path" in error
+    assert f"then {flag} FILE" in error
+    assert not (tmp_path / "-").exists()
+
+
+def one_error_line(args: list[str], capsys) -> str:
+    """cli.main(args) ends with status 1 and one ERROR line on stderr: that line."""
+    with pytest.raises(SystemExit) as stopped:
         cli.main(args)
     errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
-    assert exit.value.code == 1 and len(errors) == 1, errors
-    assert f"{flag} -: vicunaflow reads and writes files by path, not stdin or stdout; give a path" in errors[0]
-    assert f"then {flag} FILE" in errors[0]
-    assert not (tmp_path / "-").exists()
+    assert stopped.value.code == 1 and len(errors) == 1, errors
+    return errors[0]
 
 
 @pytest.mark.parametrize(
@@ -205,11 +211,7 @@ def test_an_empty_path_is_refused_naming_the_flag(args, flag, tmp_path, monkeypa
     """`--model-path "$UNSET"` went on as "." (quantize: "the output q lies inside the input ."; finetune:
     ".: not a tokenised dataset", "it lies inside the --output-dir ;")."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit:
-        cli.main(args)
-    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
-    assert exit.value.code == 1 and len(errors) == 1, errors
-    assert f"{flag} is empty; give a path" in errors[0]
+    assert f"{flag} is empty; give a path" in one_error_line(args, capsys)
 
 
 def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):
