@@ -619,7 +619,8 @@ def scenario_events(clients: Clients, args, scratch: Path) -> list[dict]:
     return [events_run(clients, args, scratch, step_ms) for step_ms in args.events_step_ms]
 
 
-def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
+def start_stub_server(scratch: Path, step_ms: float, threadpool: bool = False) -> Server:
+    """This script as the real app over a StubEngine (serve_stub), in a process of its own, answering /health."""
     port = free_port()
     command = [
         sys.executable,
@@ -629,7 +630,12 @@ def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
         "--stub-step-ms",
         str(step_ms),
     ]
-    server = Server(command, port, scratch / "stub-server.log", timeout=120)
+    command += ["--stub-threadpool"] if threadpool else []
+    return Server(command, port, scratch / "stub-server.log", timeout=120)
+
+
+def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
+    server = start_stub_server(scratch, step_ms)
     try:
         rng = random.Random(4)
         jobs = [(random_prompt(rng, 8, 32000), args.events_reply_tokens) for _ in range(args.events_streams)]
@@ -664,10 +670,7 @@ def scenario_admit(clients: Clients, args, scratch: Path) -> list[dict]:
     """(e) Bursts of one-token completions at the stub server: the HTTP side's CPU per request, each way."""
     rows = []
     for mode, inline in ADMIT_MODES.items():
-        port = free_port()
-        command = [sys.executable, str(Path(__file__).resolve()), "--stub-server", str(port), "--stub-step-ms", "20"]
-        command += [] if inline else ["--stub-threadpool"]
-        server = Server(command, port, scratch / "stub-server.log", timeout=120)
+        server = start_stub_server(scratch, 20.0, threadpool=not inline)
         try:
             for burst in range(ADMIT_BURSTS):
                 rng = random.Random(burst)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError, require_dir, require_file, template
-from vicunaflow.tokenizer import TOKENIZER_FILES, open_tokenizer
+from vicunaflow.tokenizer import TOKENIZER_FILES, has_tokenizer, open_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _read_records(path: Path) -> list:
 
 def load_tokenizer(model_path: Path):
     model_path = require_dir(model_path, "model directory")
-    if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(model_path):
         raise VicunaflowError(f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model); give a model directory")
     tokenizer = open_tokenizer(model_path)
     if not getattr(tokenizer, "is_fast", False):

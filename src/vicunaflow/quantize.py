@@ -23,7 +23,7 @@ from vicunaflow import VicunaflowError
 from vicunaflow.checkpoint import Checkpoint, ShardedSafetensorsWriter, TensorInfo, parse_size
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
 from vicunaflow.quant import QUANTIZED_WEIGHT, config_block, quantization_config, quantize, quantized_names
-from vicunaflow.tokenizer import TOKENIZER_FILES
+from vicunaflow.tokenizer import TOKENIZER_FILES, has_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def quantize_model(
     from vicunaflow.engine.build import check_folder
 
     check_folder(model_path)  # the config the output will carry must describe these weights
-    if not any((model_path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    if not has_tokenizer(model_path):
         raise VicunaflowError(  # the output would be written, then refused by chat and serve
             f"{model_path}: no tokenizer (tokenizer.json or tokenizer.model), so its quantized copy would not load in "
             "chat or serve; restore the model's tokenizer files (or re-run the step that wrote the folder)"

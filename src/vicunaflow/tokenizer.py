@@ -27,6 +27,11 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
+def has_tokenizer(model_path: str | Path) -> bool:
+    """Whether the folder holds a tokenizer transformers can open: tokenizer.json or tokenizer.model."""
+    return any(Path(model_path, name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
 def open_tokenizer(model_path: str | Path):
     """transformers' AutoTokenizer for a model folder. A damaged tokenizer file (empty, cut short, not JSON) is an
     error naming the folder's tokenizer files and the fix, not the tokenizers library's parse traceback."""
@@ -38,7 +43,7 @@ def open_tokenizer(model_path: str | Path):
         present = [name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
         # transformers' own text runs over several lines, and without either file it asks for sentencepiece
         reason = " ".join(f"{type(err).__name__}: {err}".split())
-        if not {"tokenizer.json", "tokenizer.model"} & set(present):
+        if not has_tokenizer(model_path):
             reason = "neither tokenizer.json nor tokenizer.model is there"
         raise VicunaflowError(
             f"{model_path}: its tokenizer ({', '.join(present) or 'no tokenizer files'}) could not be read: "
