@@ -72,9 +72,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +168,11 @@ def main() -> None:
         "--profile-positions", choices=["300", "serving"], default="300",
         help="ours: where the profiled steps' rows are: all at position 300, or spread over 128-383 as in "
         "bench_serve.py's 128-token prompts and 256-token replies (the served steps' gaps, beside it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile-attention-tiles", nargs="+", metavar="SPLIT,TILE,WARPS,STAGES", default=[],
+        help="ours: profile each many-row step again with these attention_kernels.MANY_ROWS_TILES (tensor cores), "
+        "and time the attention alone over the engine's own cache: tiles timed where a step runs them",
     )  # fmt: skip
     parser.add_argument(
         "--attention-split-tokens", type=int,
@@ -582,6 +589,9 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
         profile = step_profile(engine, model, single, rows=rows, spread=args.profile_positions == "serving")
         results.append({"engine": "vicunaflow", "mode": "step-profile", "concurrency": rows, **profile})
         print(results[-1], flush=True)
+        if args.profile_attention_tiles and rows >= attention_kernels_module().MANY_ROWS:
+            tiles = attention_tiles_in_steps(engine, model, rows, args.profile_attention_tiles)
+            results.append({"engine": "vicunaflow", "mode": "attention-tiles", "concurrency": rows, "tiles": tiles})
     del engine
     return results
 
@@ -753,6 +763,103 @@ def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, sp
     return profile
 
 
+def attention_kernels_module():
+    from vicunaflow import attention_kernels
+
+    return attention_kernels
+
+
+@torch.inference_mode()
+def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> list[dict]:
+    """Each MANY_ROWS_TILES variant timed where a decode step runs it: the step's graph captured again with it
+    (replay, and the split kernel's µs a layer between the products), and its launches alone over the engine's
+    own pools, tables and lengths (one a layer, in a graph). Why: the attention took 46.5 / 88.5 / 317.7 µs a 7B
+    layer inside 32 / 64 / 256-row steps against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone."""
+    attention_kernels = attention_kernels_module()
+    runner, chosen = engine.runner, attention_kernels.MANY_ROWS_TILES
+    positions = [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]
+    bucket = runner.buckets[runner.bucket_key(rows, max(positions) + 1)]
+    results = []
+    try:
+        for text in variants:
+            split, tile, warps, stages = map(int, text.split(","))
+            attention_kernels.MANY_ROWS_TILES = attention_kernels.Tiles(split, tile, warps, stages)
+            bucket["graph"] = None  # captured again with these tiles by the next step
+            runner.step([5] * rows, positions)[1].tolist()
+            replay_ms = graph_ms(bucket["graph"].replay)
+            split_us = next(
+                (
+                    r["us"]
+                    for r in kernel_breakdown(bucket["graph"].replay, 20, quiet=True) or []
+                    if r["kernel"] == "split_kernel"
+                ),
+                None,
+            )
+            results.append(
+                {"tiles": text, "replay_ms": round(replay_ms, 3), "split_kernel_us_a_layer": round(split_us / model.args.n_layers, 2) if split_us else None}
+                | {f"alone_us_a_layer_{name}": round(attention_alone_us(model, tables, lengths), 2) for name, (tables, lengths) in attention_inputs(model, bucket, rows).items()}
+            )  # fmt: skip
+            print(f"  attention tiles {text} at {rows} rows: {results[-1]}", flush=True)
+    finally:
+        attention_kernels.MANY_ROWS_TILES = chosen
+        bucket["graph"] = None
+    return results
+
+
+def graph_ms(replay, replays: int = 50) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        replay()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / replays
+
+
+def attention_inputs(model, bucket, rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The step's block tables and lengths as the step reads them ("engine": int64 rows of the step's inputs),
+    and changed one way at a time: int32 and contiguous; every block id sent through one random permutation
+    (the same lengths, the blocks elsewhere in the pool); the rows in another order."""
+    cache, inputs = model.cache, bucket["step_inputs"]
+    tables = inputs[:rows, 2 : 2 + cache.blocks_for(bucket["kv_length"])]
+    lengths = inputs[:rows, 1] + 1
+    generator = torch.Generator(device=tables.device).manual_seed(0)
+    permutation = torch.cat(
+        [torch.zeros(1, dtype=torch.long, device=tables.device),
+         torch.randperm(cache.blocks, generator=generator, device=tables.device) + 1]
+    )  # fmt: skip
+    order = torch.randperm(rows, generator=generator, device=tables.device)
+    return {
+        "engine": (tables, lengths),
+        "int32": (tables.to(torch.int32).contiguous(), lengths),
+        "random_ids": (permutation[tables], lengths),
+        "rows_shuffled": (tables[order], lengths[order]),
+    }
+
+
+def attention_alone_us(model, tables: torch.Tensor, lengths: torch.Tensor) -> float:
+    """µs a launch of the attention alone over the engine's own pools, with these tables and lengths."""
+    attention_kernels = attention_kernels_module()
+    cache, rows = model.cache, tables.shape[0]
+    query = torch.randn(rows, model.heads, model.args.head_dim, dtype=model.dtype, device=tables.device)
+
+    def launches():
+        for layer in range(model.args.n_layers):
+            attention_kernels._attention(
+                query, cache.counters, cache.keys[layer], cache.values[layer], tables, lengths, model.heads, None
+            )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launches()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launches()
+    graph.replay()
+    return 1000 * graph_ms(graph.replay, 20) / model.args.n_layers
+
+
 def count_kernels(step) -> int | None:
     """GPU kernels one eager call of `step` launches (what a CUDA graph of it replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -767,7 +874,7 @@ def count_kernels(step) -> int | None:
         return None
 
 
-def kernel_breakdown(replay, steps: int, top: int = 12) -> list[dict] | None:
+def kernel_breakdown(replay, steps: int, top: int = 12, quiet: bool = False) -> list[dict] | None:
     """Where a step's time goes: the kernels of `steps` graph replays, grouped by name, slowest first
     (µs and launches per step; names cut to 60 characters)."""
     from torch.profiler import ProfilerActivity, profile
@@ -796,9 +903,45 @@ def kernel_breakdown(replay, steps: int, top: int = 12) -> list[dict] | None:
             "launches": sum(n for _, (_, n) in rest) / steps,
         }
     )
+    if quiet:
+        return rows
     for row in rows:
         print(f"  {row['us']:9.1f} us {row['launches']:6.1f}x  {row['kernel']}", flush=True)
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    rows.append({"kernel": "(timeline)", **timeline(kernels, steps)})
     return rows
+
+
+def timeline(kernels: list, steps: int) -> dict:
+    """The replays' kernels in launch order: how much of a step the GPU sat between kernels, and the first 20
+    launches (the first layers) and last 6 one by one (µs each, the median over steps), to tell one product
+    from another."""
+    per_step = len(kernels) // steps
+    if not per_step:
+        return {}
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels) / steps
+    spans = [
+        kernels[(i + 1) * per_step - 1].time_range.end - kernels[i * per_step].time_range.start for i in range(steps)
+    ]
+    span = statistics.median(spans)
+    sequence = []
+    for index in sorted(set(range(min(per_step, 20))) | set(range(max(0, per_step - 6), per_step))):
+        durations = [kernels[i * per_step + index].time_range.end - kernels[i * per_step + index].time_range.start
+                     for i in range(steps)]  # fmt: skip
+        sequence.append((kernels[index].name[:40], round(statistics.median(durations), 2)))
+    gaps = [b.time_range.start - a.time_range.end for a, b in itertools.pairwise(kernels[:per_step])]
+    result = {
+        "busy_us": round(busy, 1),
+        "span_us": round(span, 1),
+        "idle_us": round(span - busy, 1),
+        "launches": per_step,
+        "first_step_gap_p50_us": round(statistics.median(gaps), 2) if gaps else None,
+        "sequence": sequence,
+    }
+    print(f"  timeline: busy {result['busy_us']} us of a {result['span_us']} us span, {per_step} launches", flush=True)
+    for name, us in sequence:
+        print(f"    {us:8.2f} us  {name}", flush=True)
+    return result
 
 
 @torch.inference_mode()

@@ -36,6 +36,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="the graph bucket's context: the table's width")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--pool-blocks", type=int, default=0,
+        help="blocks a layer's pool holds (default: just the rows' own); the rows' blocks are spread over all of them",
+    )  # fmt: skip
+    parser.add_argument(
         "--kv-dtype", default="float16", choices=["float16", "float8_e4m3fn"],
         help="the KV pools' dtype (the query stays float16): float8 halves the bytes a launch reads",
     )  # fmt: skip
@@ -156,7 +160,7 @@ def scenario(args, rows: int, low: int, high: int):
     H, Hkv, D, size = args.heads, args.kv_heads, args.head_dim, args.block_size
     width = args.context // size
     used = -(-high // size)  # blocks a row can reach
-    blocks = rows * used + 1
+    blocks = max(rows * used + 1, args.pool_blocks)
     generator = torch.Generator(device="cuda").manual_seed(rows)
     kv_dtype = getattr(torch, args.kv_dtype)
     pools = [

@@ -292,3 +292,20 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
     assert fused.shape == plain.shape == (3, model.args.vocab_size)
     tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
     assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the many-row decode path runs on CUDA only")
+def test_products_above_matmul_rows_take_silu_up_from_rows_input():
+    """More rows than matmul_rows takes (a 256-row step, a prompt): cuBLAS multiplies, and SiLU·up comes from
+    one rows_input launch, in float32 rounded once, as matmul_rows' input does; FLOAT_ROWS "cublas" keeps torch's."""
+    from vicunaflow.engine.model import project
+
+    generator = torch.Generator().manual_seed(7)
+    m, n, k = kernels.FLOAT_ROWS_MAX + 36, 64, 96
+    gate_up = torch.randn(m, 2 * k, generator=generator).to(DEVICE, torch.float16)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(DEVICE, torch.float16)
+    residual = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16)
+    got = project(gate_up, weight, residual, swiglu=True, matvec=True)
+    gate, up = gate_up.float().chunk(2, dim=1)
+    expected = torch.addmm(residual, (torch.nn.functional.silu(gate) * up).half(), weight.t())
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # sigmoid in Triton and torch: an ulp apart

@@ -1,0 +1,74 @@
+"""matmul_rows' own kernel over tiles beyond its two autotuned ones, at the rows of batched decode steps (CUDA).
+
+Why: matmul_kernels.MANY_ROWS_TILES were chosen at 32 rows and below; at 64 rows every program also reads the
+[64, K] input from L2 once per weight tile (for gate|up as many bytes as the weight itself), which wider weight
+tiles halve. Each line: µs a 7B product (plain input; o and down with the residual, as the engine runs them),
+float_matmul_kernel launched with one fixed (BLOCK_N, BLOCK_K, warps, stages), timed as sweep_matmul_rows
+times (CUDA-graph replays over rotating weights, none in L2), checked against cuBLAS first.
+
+    python bench/sweep_matmul_rows_tiles.py --rows 32 64 > bench/results/matmul_rows_tiles_h200.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from sweep_matmul_rows import graph_time_us
+
+from vicunaflow import matmul_kernels
+
+SHAPES = [("qkv", 12288, 4096), ("gate_up", 22016, 4096), ("o", 4096, 4096), ("down", 4096, 11008)]
+TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILES
+    (64, 128, 4, 5), (64, 128, 4, 3), (64, 64, 4, 6), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4),
+    (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 4), (64, 256, 4, 3), (32, 128, 4, 5), (32, 256, 4, 4),
+    (128, 64, 4, 6), (64, 64, 4, 8),
+]  # fmt: skip
+
+
+def launch(x, weight, residual, out, tile):
+    block_n, block_k, warps, stages = tile
+    m, (n, k) = x.shape[0], weight.shape
+    block_m = max(16, 1 << (m - 1).bit_length())
+    matmul_kernels.float_matmul_kernel.fn[(-(-n // block_n), 1)](
+        x, weight, residual if residual is not None else out, out, x, out, out, 1e-6, m, n, k,
+        HAS_RESIDUAL=residual is not None, NORM=False, FP32=False, SPLIT=1, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--launches", type=int, default=24)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for name, n, k in SHAPES:
+        copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            residual = torch.randn(m, n, device="cuda", dtype=torch.float16) if n == 4096 else None
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
+            expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
+            cells = []
+            for tile in TILES:
+                try:
+                    got = launch(x, weights[0], residual, outs[0], tile)
+                    error = (got.float() - expected.float()).abs().max().item()
+                    if error > 0.05:
+                        raise AssertionError(f"max error {error}")
+                    us = graph_time_us(
+                        lambda w, o, t=tile, x=x, r=residual: launch(x, w, r, o, t), weights, outs, args.launches
+                    )
+                    cells.append(f"{'x'.join(map(str, tile))} {us:6.1f}")
+                except Exception as err:  # out of shared memory, or wrong
+                    cells.append(f"{'x'.join(map(str, tile))} failed ({type(err).__name__})")
+            print(f"{name:8} M={m:3}  " + "  ".join(cells), flush=True)
+        del weights
+
+
+if __name__ == "__main__":
+    main()
