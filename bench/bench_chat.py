@@ -773,8 +773,10 @@ def attention_kernels_module():
 def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> list[dict]:
     """Each MANY_ROWS_TILES variant timed where a decode step runs it: the step's graph captured again with it
     (replay, and the split kernel's µs a layer between the products), and its launches alone over the engine's
-    own pools, tables and lengths (one a layer, in a graph). Why: the attention took 46.5 / 88.5 / 317.7 µs a 7B
-    layer inside 32 / 64 / 256-row steps against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone."""
+    own pools, tables and lengths (one a layer, in a graph), as the step gives them and changed one way at a time
+    (attention_inputs). Why: the attention took 46.5 / 88.5 / 317.7 µs a 7B layer inside 32 / 64 / 256-row steps
+    against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone; the step's int64 inputs were the difference
+    (engine/runner.py's STEP_INPUTS)."""
     attention_kernels = attention_kernels_module()
     runner, chosen = engine.runner, attention_kernels.MANY_ROWS_TILES
     positions = [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]

@@ -2,7 +2,10 @@
 
 Why: matmul_kernels.MANY_ROWS_TILES were chosen at 32 rows and below; at 64 rows every program also reads the
 [64, K] input from L2 once per weight tile (for gate|up as many bytes as the weight itself), which wider weight
-tiles halve. Each line: µs a 7B product (plain input; o and down with the residual, as the engine runs them),
+tiles halve. (Seventeenth session: 128 x 64 tiles took the 7B gate|up from 50.5 to 46.9 µs here at 64 rows, but
+offered to the autotuner beside the two, gate|up took 49.9 µs inside a 64-row step, as without them, and q|k|v
+31.4 against 28.3 the call before (31.1 here with those tiles, 32.5 with 5 stages): not kept;
+bench/results/matmul_rows_tiles_h200.txt.) Each line: µs a 7B product (plain input; o and down with the residual, as the engine runs them),
 float_matmul_kernel launched with one fixed (BLOCK_N, BLOCK_K, warps, stages), timed as sweep_matmul_rows
 times (CUDA-graph replays over rotating weights, none in L2), checked against cuBLAS first.
 

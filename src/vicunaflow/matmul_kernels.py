@@ -36,13 +36,9 @@ from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 # BLOCK_M 16: down and o take the first, q|k|v and gate|up the second; BLOCK_M 32 and more:
 FEW_ROWS_TILES = [(64, 256, 4, 5), (64, 128, 4, 3)]
 MANY_ROWS_TILES = [(64, 128, 4, 5), (64, 128, 4, 3)]
-# BLOCK_M 64 also tries 128 weight rows a program, which read the [64, K] input from L2 half as often: the 7B gate|up
-# product took 46.9 against 50.5 µs at 64 rows (q|k|v, o and down kept the tiles above; 32 rows gained nothing;
-# bench/sweep_matmul_rows_tiles.py, bench/results/matmul_rows_tiles_h200.txt)
-WIDE_ROWS_TILES = [(128, 64, 4, 4)]
 float_configs = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w, s in dict.fromkeys(FEW_ROWS_TILES + MANY_ROWS_TILES + WIDE_ROWS_TILES)
+    for n, k, w, s in dict.fromkeys(FEW_ROWS_TILES + MANY_ROWS_TILES)
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":
     float_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=1)]
@@ -50,8 +46,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's configs for this launch's BLOCK_M (all of them under the interpreter)."""
-    block_m = kwargs["BLOCK_M"]
-    tiles = FEW_ROWS_TILES if block_m <= 16 else MANY_ROWS_TILES + (WIDE_ROWS_TILES if block_m >= 64 else [])
+    tiles = FEW_ROWS_TILES if kwargs["BLOCK_M"] <= 16 else MANY_ROWS_TILES
     chosen = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
     return chosen or configs
 

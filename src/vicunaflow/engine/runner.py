@@ -56,9 +56,11 @@ from vicunaflow.engine.sampling import TokenLogprob, logprobs_of, to_entries
 log = logging.getLogger(__name__)
 
 # The dtype of a decode step's inputs (tokens, positions, block tables: all below 2**31). The paged attention kernel
-# loads each row's length and block ids; in int64 its position arithmetic ran in 64 bits: on an H200, inside 7B
-# steps of 32 / 64 / 256 rows, the kernel took 46.4 / 81.5 / 313 µs a layer, and over the same cache with int32
-# block tables alone 45.3 / 78.3 / 290 (bench_chat.py --profile-attention-tiles, seventeenth session).
+# loads each row's length and block ids: from int64 ones its position arithmetic ran in 64 bits. On an H200, inside 7B
+# steps of 32 / 64 / 256 rows (tiles of 64 in 4 warps), it took 46.4 / 81.5 / 313.2 µs a layer with int64 inputs and
+# 39.8 / 70.7 / 278.6 with int32 ones (two calls: attention_in_steps_7b_h200.json, _int32_7b_h200.json); within one
+# call, int32 block tables alone (lengths still int64) gave 45.3 / 78.3 / 289.7 against 47.1 / 81.4 / 298.6
+# (attention_in_steps_inputs_7b_h200.json). bench_chat.py --profile-attention-tiles, seventeenth session.
 STEP_INPUTS = torch.int32
 
 
