@@ -589,7 +589,8 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
         profile = step_profile(engine, model, single, rows=rows, spread=args.profile_positions == "serving")
         results.append({"engine": "vicunaflow", "mode": "step-profile", "concurrency": rows, **profile})
         print(results[-1], flush=True)
-        if args.profile_attention_tiles and rows >= attention_kernels_module().MANY_ROWS:
+        graphs = model.comm.world == 1 and engine.runner.cuda_graphs  # replays one rank's graph alone
+        if args.profile_attention_tiles and rows >= attention_kernels_module().MANY_ROWS and graphs:
             tiles = attention_tiles_in_steps(engine, model, rows, args.profile_attention_tiles)
             results.append({"engine": "vicunaflow", "mode": "attention-tiles", "concurrency": rows, "tiles": tiles})
     del engine
@@ -774,7 +775,7 @@ def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> l
     """Each MANY_ROWS_TILES variant timed where a decode step runs it: the step's graph captured again with it
     (replay, and the split kernel's µs a layer between the products), and its launches alone over the engine's
     own pools, tables and lengths (one a layer, in a graph), as the step gives them and changed one way at a time
-    (attention_inputs). Why: the attention took 46.5 / 88.5 / 317.7 µs a 7B layer inside 32 / 64 / 256-row steps
+    (attention_inputs). Why: the attention took 46.5 / 89.5 / 319.4 µs a 7B layer inside 32 / 64 / 256-row steps
     against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone; the step's int64 inputs were the difference
     (engine/runner.py's STEP_INPUTS)."""
     attention_kernels = attention_kernels_module()
@@ -818,9 +819,10 @@ def graph_ms(replay, replays: int = 50) -> float:
 
 
 def attention_inputs(model, bucket, rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The step's block tables and lengths as the step reads them ("engine": int64 rows of the step's inputs),
-    and changed one way at a time: int32 and contiguous; every block id sent through one random permutation
-    (the same lengths, the blocks elsewhere in the pool); the rows in another order."""
+    """The step's block tables and lengths as the step reads them ("engine": rows of the step's inputs, int32 since
+    runner.STEP_INPUTS, int64 before), and changed one way at a time: an int32 contiguous copy; every block id sent
+    through one random permutation (the same lengths and dtype, the blocks elsewhere in the pool); the rows in
+    another order."""
     cache, inputs = model.cache, bucket["step_inputs"]
     tables = inputs[:rows, 2 : 2 + cache.blocks_for(bucket["kv_length"])]
     lengths = inputs[:rows, 1] + 1
@@ -833,7 +835,7 @@ def attention_inputs(model, bucket, rows: int) -> dict[str, tuple[torch.Tensor, 
     return {
         "engine": (tables, lengths),
         "int32": (tables.to(torch.int32).contiguous(), lengths),
-        "random_ids": (permutation[tables], lengths),
+        "random_ids": (permutation[tables].to(tables.dtype), lengths),
         "rows_shuffled": (tables[order], lengths[order]),
     }
 

@@ -295,17 +295,22 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the many-row decode path runs on CUDA only")
-def test_products_above_matmul_rows_take_silu_up_from_rows_input():
-    """More rows than matmul_rows takes (a 256-row step, a prompt): cuBLAS multiplies, and SiLU·up comes from
-    one rows_input launch, in float32 rounded once, as matmul_rows' input does; FLOAT_ROWS "cublas" keeps torch's."""
+@pytest.mark.parametrize("float_rows", ["triton", "cublas"])
+def test_products_above_matmul_rows_take_silu_up_from_rows_input(monkeypatch, float_rows):
+    """More rows than matmul_rows takes (a 256-row step, a prompt): cuBLAS multiplies, and SiLU·up comes from one
+    rows_input launch (float32, rounded once, as matmul_rows' input); FLOAT_ROWS "cublas" keeps torch's two."""
     from vicunaflow.engine.model import project
 
+    calls, real = [], kernels.rows_input
+    monkeypatch.setattr(kernels, "rows_input", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "FLOAT_ROWS", float_rows)
     generator = torch.Generator().manual_seed(7)
     m, n, k = kernels.FLOAT_ROWS_MAX + 36, 64, 96
     gate_up = torch.randn(m, 2 * k, generator=generator).to(DEVICE, torch.float16)
     weight = (torch.randn(n, k, generator=generator) / k**0.5).to(DEVICE, torch.float16)
     residual = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16)
     got = project(gate_up, weight, residual, swiglu=True, matvec=True)
+    assert len(calls) == (float_rows == "triton")
     gate, up = gate_up.float().chunk(2, dim=1)
     expected = torch.addmm(residual, (torch.nn.functional.silu(gate) * up).half(), weight.t())
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # sigmoid in Triton and torch: an ulp apart

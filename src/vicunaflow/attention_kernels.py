@@ -69,19 +69,21 @@ FEW_ROWS = Tiles(split_tokens=64, tile=64, warps=2, stages=1, multi_head="cuda-c
 # A 13B's multi-head layer kept the choices above: one row 8.4 against 10.0 µs, 256 rows 439 against 451.
 FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
 # Many rows: splits of 512 positions in tiles of 32, 2 warps, 2 stages, each program walking only the tiles below
-# its row's length (a row within one split writes its output, no partials to combine). Splits of 512 against the
-# splits of 128 walked whole before: a 7B layer at lengths 129-384 took 41.2 / 66.7 / 263.2 µs at 32 / 64 / 256 rows
-# on a 512-wide grid (tiles of 64, 4 warps) against 48.7 / 81.5 / 308.7, and 180.9 against 193.4 at 1-2K positions
-# on a 2,048-wide grid (sixteenth session, H200, bench/sweep_attention.py's graphs of the kernel alone;
-# attention_loop_to_length_h200.json). Walked whole, long splits lost: a short row's last split ran its masked
-# tiles too. Tiles of 32 in 2 warps against tiles of 64 in 4 warps, timed where 7B decode steps run them
-# (bench_chat.py --profile-attention-tiles, seventeenth session, H200): with int32 step inputs (runner.STEP_INPUTS)
-# 38.7 / 73.3 / 276.3 µs a layer inside 32 / 64 / 256-row steps against 39.8 / 70.7 / 278.6, steps replaying in
-# 5.21 / 6.66 / 15.42 ms against 5.24 / 6.59 / 15.71 (attention_in_steps_int32_7b_h200.json); with int64 ones
-# 47.1 / 77.2 / 284.2 against 46.4 / 81.5 / 313.2, and through the API 5,291 / 7,944 / 12,316 tokens/s at 32 / 64 /
-# 256 streams against 5,279 / 7,689 / 12,053 (serve_7b_h200_session17_swiglu_shuffled*.json). Alone,
-# sweep_attention had them 39.5 / 69.2 / 259.9 against 41.2 / 66.7 / 263.2, and 186.9 against 180.9 for 32 rows at
-# 1-2K positions (not timed inside steps).
+# its row's length (a row within one split writes its output, no partials to combine). Splits of 512 (tiles of 64,
+# 4 warps) took a 7B layer at lengths 129-384 in 41.2 / 66.7 / 263.2 µs at 32 / 64 / 256 rows on a 512-wide grid,
+# against 48.7 / 81.5 / 308.7 for the splits of 128 (tiles of 32, 2 warps) walked whole before; on a 2,048-wide grid
+# 180.9 at 1-2K positions against 193.4 for splits of 256 walked whole (sixteenth session, H200,
+# bench/sweep_attention.py's graphs of the kernel alone; attention_loop_to_length_h200.json). Walked whole, long
+# splits lost: a short row's last split ran its masked tiles too. Tiles of 32 in 2 warps against tiles of 64 in 4
+# warps, timed where 7B decode steps run them (bench_chat.py --profile-attention-tiles, seventeenth session, H200):
+# with int32 step inputs (runner.STEP_INPUTS) 38.7 / 73.3 / 276.3 µs a layer inside 32 / 64 / 256-row steps against
+# 39.8 / 70.7 / 278.6, steps replaying in 5.21 / 6.66 / 15.42 ms against 5.24 / 6.59 / 15.71
+# (attention_in_steps_int32_7b_h200.json); with int64 ones 47.1 / 77.2 / 284.2 against 46.4 / 81.5 / 313.2
+# (attention_in_steps_inputs_7b_h200.json), and through the API 5,291 / 7,944 / 12,316 tokens/s at 32 / 64 / 256
+# streams against 5,279 / 7,689 / 12,053 (serve_7b_h200_session17_swiglu_shuffled*.json). Alone, sweep_attention had
+# them 39.5 / 69.2 / 259.9 against 41.2 / 66.7 / 263.2, and 186.9 against 180.9 for 32 rows at 1-2K positions (not
+# timed inside steps). Chosen on a 7B's multi-head layers: grouped-query layers, a 13B's and float8 caches take
+# them untimed (the 13B line above was measured with the tiles before).
 MANY_ROWS_TILES = Tiles(split_tokens=512, tile=32, warps=2, stages=2)
 MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
 # the names benches and tests change

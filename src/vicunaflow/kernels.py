@@ -233,7 +233,8 @@ def _split_counters(device: torch.device) -> torch.Tensor:
 def plain_input(
     x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-6, swiglu: bool = False
 ) -> torch.Tensor:
-    """rows_input's torch twin in x's dtype, for the paths without the fused kernels (prefill, the CPU):
+    """rows_input's torch twin in x's dtype, for the paths without the fused kernels (the CPU; on CUDA, RMSNorm
+    before cuBLAS products of more than FLOAT_ROWS_MAX rows, and everything with FLOAT_ROWS "cublas"):
     rms_norm(x, norm, eps), or silu(gate) * up with swiglu (x [..., 2K]), or x itself."""
     if norm is not None:
         x = F.rms_norm(x, (x.shape[-1],), norm, eps)

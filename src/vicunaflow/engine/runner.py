@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 # The dtype of a decode step's inputs (tokens, positions, block tables: all below 2**31). The paged attention kernel
 # loads each row's length and block ids: from int64 ones its position arithmetic ran in 64 bits. On an H200, inside 7B
 # steps of 32 / 64 / 256 rows (tiles of 64 in 4 warps), it took 46.4 / 81.5 / 313.2 µs a layer with int64 inputs and
-# 39.8 / 70.7 / 278.6 with int32 ones (two calls: attention_in_steps_7b_h200.json, _int32_7b_h200.json); within one
-# call, int32 block tables alone (lengths still int64) gave 45.3 / 78.3 / 289.7 against 47.1 / 81.4 / 298.6
-# (attention_in_steps_inputs_7b_h200.json). bench_chat.py --profile-attention-tiles, seventeenth session.
+# 39.8 / 70.7 / 278.6 with int32 ones (two calls: attention_in_steps_inputs_7b_h200.json, _int32_7b_h200.json); in
+# the first, launched alone over the same cache, int32 block tables (lengths still int64) gave 45.3 / 78.3 / 289.7
+# against 47.1 / 81.4 / 298.6. bench_chat.py --profile-attention-tiles, seventeenth session.
 STEP_INPUTS = torch.int32
 
 
@@ -144,8 +144,8 @@ class Runner:
         head_dim = cache.keys[0].shape[-1]
         qkv = torch.zeros(1, (heads + 2 * kv_heads) * head_dim, dtype=self.model.dtype, device=self.device)
         angles = torch.zeros(1, head_dim // 2, device=self.device)
-        tables = torch.zeros(1, cache.width, dtype=torch.long, device=self.device)
-        first = torch.zeros(1, dtype=torch.long, device=self.device)
+        tables = torch.zeros(1, cache.width, dtype=STEP_INPUTS, device=self.device)  # the kernels the steps run
+        first = torch.zeros(1, dtype=STEP_INPUTS, device=self.device)
         try:
             decode_attention(
                 qkv, angles, angles, first, first + 1, tables, cache.keys[0], cache.values[0], heads, cache.counters
