@@ -82,8 +82,8 @@ FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
 # (attention_in_steps_inputs_7b_h200.json), and through the API 5,291 / 7,944 / 12,316 tokens/s at 32 / 64 / 256
 # streams against 5,279 / 7,689 / 12,053 (serve_7b_h200_session17_swiglu_shuffled*.json). Alone, sweep_attention had
 # them 39.5 / 69.2 / 259.9 against 41.2 / 66.7 / 263.2, and 186.9 against 180.9 for 32 rows at 1-2K positions (not
-# timed inside steps). Chosen on a 7B's multi-head layers: grouped-query layers, a 13B's and float8 caches take
-# them untimed (the 13B line above was measured with the tiles before).
+# timed inside steps). Chosen on a 7B's multi-head layers: grouped-query layers, a 13B's layers and float8 caches
+# take them untimed (the 13B line above was measured with the tiles before).
 MANY_ROWS_TILES = Tiles(split_tokens=512, tile=32, warps=2, stages=2)
 MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
 # the names benches and tests change

@@ -141,7 +141,7 @@ def project(
     norm_weight, eps = norm if norm is not None else (None, 1e-6)
     if swiglu and matvec and x.is_cuda and kernels.FLOAT_ROWS == "triton":
         # SiLU·up in one launch, as matmul_rows takes it: torch's two kernels and the [M, K] tensor between them
-        # took 22 µs a 7B layer in a 256-row step on an H200 (bench_chat's step profile, seventeenth session)
+        # took 22 µs a 7B layer in a 256-row step on an H200, this 8 (bench_chat's step profile, seventeenth session)
         x = kernels.rows_input(x.contiguous(), norm=norm_weight, eps=eps, swiglu=True, dtype=x.dtype)
     else:
         x = kernels.plain_input(x, norm=norm_weight, eps=eps, swiglu=swiglu)
