@@ -229,6 +229,25 @@ def test_an_invalid_field_is_named_in_param():
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 
 
+def test_stream_options_are_typed(server):
+    """include_usage "false" (a string, as form builders and shell scripts send it) means false, not true as
+    bool() of the string read it; a value that is no boolean is a 400 naming stream_options."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "vicuna-tiny-all-v1.1", "prompt": [1, 15], "max_tokens": 2, "stream": True}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        if path.endswith("chat/completions"):
+            body = {k: v for k, v in body.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "hi"}]}
+        for value, usage in (("false", False), ("true", True), (None, False)):
+            response = httpx.post(
+                f"{server}{path}", headers=headers, json=body | {"stream_options": {"include_usage": value}}
+            )
+            assert response.status_code == 200 and ('"usage"' in response.text) == usage, (path, value)
+        response = httpx.post(
+            f"{server}{path}", headers=headers, json=body | {"stream_options": {"include_usage": "maybe"}}
+        )
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
 @pytest.mark.parametrize("role", ["user", "system"])
 def test_an_image_part_is_refused_not_dropped(role):
     """A text-only model cannot see an image: answering as if it had would mislead, so a part that is not

@@ -262,7 +262,7 @@ def create_app(
         if body.stream:
             if body.n != 1:
                 raise APIError(400, "stream=true supports n=1 only", param="n")
-            include_usage = bool((body.stream_options or {}).get("include_usage")) and not blind
+            include_usage = bool(body.stream_options and body.stream_options.include_usage) and not blind
             chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, done, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _complete_all(
@@ -316,7 +316,7 @@ def create_app(
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
                 raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_completion(
                 engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k, include_usage
             )

@@ -32,6 +32,14 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options, typed: a string "false" must not read as true (other keys, e.g. vLLM's
+    continuous_usage_stats, are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None  # true: a last chunk with no choices and the usage, as OpenAI's
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
@@ -41,7 +49,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage, as OpenAI's
+    stream_options: StreamOptions | None = None
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
     # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
