@@ -229,6 +229,16 @@ def test_an_invalid_field_is_named_in_param():
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 
 
+def test_a_body_with_a_utf8_byte_order_mark_is_read():
+    """PowerShell and Notepad's JSON files start with a UTF-8 BOM; json.loads (vLLM, FastChat) skips it, and so
+    does this server: pydantic's parser alone refused it as "Invalid JSON: expected value at line 1 column 1"."""
+    from vicunaflow.serve.app import _validate
+    from vicunaflow.serve.protocol import ChatCompletionRequest
+
+    body = b'\xef\xbb\xbf{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    assert _validate(ChatCompletionRequest, body).messages[0].text() == "hi"
+
+
 def test_stream_options_are_typed(server):
     """include_usage "false" (a string, as form builders and shell scripts send it) means false, not true as
     bool() of the string read it; a value that is no boolean is a 400 naming stream_options."""

@@ -19,6 +19,7 @@ where the trip to a thread would cost more than the work.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import hmac
 import json
@@ -380,6 +381,9 @@ def _small_text(texts) -> bool:
 
 
 def _validate(model: type[BaseModel], raw: bytes):
+    """A UTF-8 byte order mark (PowerShell, a JSON file saved by Notepad and sent with curl -d @file) is skipped,
+    as json.loads skips it (vLLM, FastChat, the arena's routes): pydantic's parser read it as "expected value"."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as err:
