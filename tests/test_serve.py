@@ -225,6 +225,7 @@ def test_an_invalid_field_is_named_in_param():
         "messages"
     )
     assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "logprobs": 21}') == "logprobs"
+    assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "seed": 18446744073709551616}') == "seed"
     assert param(ChatCompletionRequest, b"{not json") is None
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 

@@ -53,8 +53,9 @@ class SamplingFields(BaseModel):
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
     # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
-    # is seeded with seed + i, so the choices differ)
-    seed: int | None = None
+    # is seeded with seed + i, so the choices differ). 64 bits, as OpenAI's and vLLM's: the sampler keeps a seed's
+    # low 64 bits, so a larger one would silently give another seed's reply (2**64 that of 0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
 class ChatCompletionRequest(SamplingFields):
