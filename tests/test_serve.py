@@ -226,6 +226,9 @@ def test_an_invalid_field_is_named_in_param():
     )
     assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "logprobs": 21}') == "logprobs"
     assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "seed": 18446744073709551616}') == "seed"
+    for field in ("temperature", "top_p"):  # NaN (Python's json.dumps writes it) is no number in the range
+        with pytest.raises(APIError, match=f"{field}: Input should be a finite number"):
+            _validate(CompletionRequest, b'{"model": "m", "prompt": "hi", "%s": NaN}' % field.encode())
     assert param(ChatCompletionRequest, b"{not json") is None
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 

@@ -43,8 +43,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 0.7, Vicuna's usual
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    # finite: NaN (json.dumps writes it) was refused as "should be less than or equal to 2", which misled
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)  # None: 0.7, Vicuna's usual
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
