@@ -262,6 +262,20 @@ def test_stream_options_are_typed(server):
         assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
 
 
+def test_top_k_and_min_tokens_are_refused_unless_off(client):
+    """FastChat's and vLLM's top_k and min_tokens are not implemented: ignoring them changed the reply unsaid (top_k
+    1, their greedy, came back sampled), so a value that is not their "off" is a 400 naming the field."""
+    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for field, value in (("top_k", 1), ("top_k", 40), ("min_tokens", 5)):
+        with pytest.raises(openai.BadRequestError, match=f"{field} is not supported") as err:
+            client.chat.completions.create(**ask, extra_body={field: value})
+        assert err.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError, match="send temperature 0"):
+        client.completions.create(model=model_id(client), prompt="hi", max_tokens=2, extra_body={"top_k": 1})
+    for off in ({"top_k": -1}, {"top_k": 0}, {"top_k": None}, {"min_tokens": 0}):  # FastChat sends top_k -1
+        assert client.chat.completions.create(**ask, extra_body=off).choices
+
+
 @pytest.mark.parametrize("role", ["user", "system"])
 def test_an_image_part_is_refused_not_dropped(role):
     """A text-only model cannot see an image: answering as if it had would mislead, so a part that is not

@@ -137,6 +137,17 @@ def create_app(
                 code="context_length_exceeded",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
+        if body.top_k not in (None, -1, 0):
+            greedy = " (top_k 1 is greedy: send temperature 0)" if body.top_k == 1 else ""
+            raise APIError(
+                400, f"top_k is not supported: this server samples with temperature and top_p only{greedy}; "
+                "leave top_k out or send -1", param="top_k",
+            )  # fmt: skip
+        if body.min_tokens:
+            raise APIError(
+                400, "min_tokens is not supported: a reply may end sooner; leave it out, or send ignore_eos: true "
+                "with max_tokens for replies of one length", param="min_tokens",
+            )  # fmt: skip
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         # max_tokens 0 (completions only): no reply; echo with logprobs then scores the prompt alone
         max_new = 0 if max_tokens == 0 else engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens)
