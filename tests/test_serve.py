@@ -164,6 +164,18 @@ def test_too_many_replies_in_one_request_are_refused(client):
         client.completions.create(model=model_id(client), prompt=[[1, 15]] * (MAX_CHOICES // 2 + 1), n=2, max_tokens=1)
 
 
+def test_too_many_stop_strings_are_refused(client):
+    """The engine thread checks every stop string against each new token: 250,000 of them slowed every other
+    stream 37 times, so more than MAX_STOPS (OpenAI takes 4) is a 400 naming stop."""
+    from vicunaflow.serve.app import MAX_STOPS
+
+    with pytest.raises(openai.BadRequestError, match=f"at most {MAX_STOPS} a request") as err:
+        client.completions.create(model=model_id(client), prompt="hi", max_tokens=1, stop=["q"] * (MAX_STOPS + 1))
+    assert err.value.body["param"] == "stop"
+    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert client.chat.completions.create(**ask, stop=[f"q{i}" for i in range(MAX_STOPS)]).choices
+
+
 def test_wrong_or_missing_key_is_401(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:

@@ -57,6 +57,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # replies one request may ask for (prompts x n): OpenAI takes at most 2,048 prompts a completions request. Each is
 # an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
 MAX_CHOICES = 2048
+# stop strings a request may give (OpenAI takes 4, vLLM any number; lm-evaluation-harness sends a few): the engine
+# thread checks each against every new token of the reply, and 250,000 of them (a 2.6 MB body) made every other
+# stream's steps 37 times slower on the 2-core machine while that reply ran
+MAX_STOPS = 64
 # A request's CPU work runs on the event loop while it is small: a trip through the threadpool and back costs the
 # loop more than validating a short body, tokenising a short text or range-checking a prompt's token ids (a trip:
 # ~70 µs of loop CPU and ~120 µs of wait on the 2-core machine; docs/benchmarks.md, "sixteenth session"), while
@@ -149,6 +153,8 @@ def create_app(
                 "with max_tokens for replies of one length", param="min_tokens",
             )  # fmt: skip
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > MAX_STOPS:
+            raise APIError(400, f"{len(stop)} stop strings: at most {MAX_STOPS} a request", param="stop")
         # max_tokens 0 (completions only): no reply; echo with logprobs then scores the prompt alone
         max_new = 0 if max_tokens == 0 else engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens)
         params = SamplingParams(
