@@ -241,6 +241,9 @@ def test_an_invalid_field_is_named_in_param():
     for field in ("temperature", "top_p"):  # NaN (Python's json.dumps writes it) is no number in the range
         with pytest.raises(APIError, match=f"{field}: Input should be a finite number"):
             _validate(CompletionRequest, b'{"model": "m", "prompt": "hi", "%s": NaN}' % field.encode())
+    part = b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "content": "hi"}]}]}'
+    with pytest.raises(APIError, match="a text part needs its text"):
+        _validate(ChatCompletionRequest, part)  # it was answered as an empty message
     assert param(ChatCompletionRequest, b"{not json") is None
     assert param(ChatCompletionRequest, b"[1, 2]") is None
 

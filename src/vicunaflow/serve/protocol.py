@@ -13,6 +13,14 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    @model_validator(mode="after")
+    def text_of_a_text_part(self) -> ContentPart:
+        """A text part without its text (e.g. {"type": "text", "content": "..."}) was read as "" and answered as
+        an empty message; OpenAI refuses it too."""
+        if self.type == "text" and self.text is None:
+            raise ValueError('a text part needs its text: {"type": "text", "text": "..."}')
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
