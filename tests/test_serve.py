@@ -277,6 +277,15 @@ def test_stream_options_are_typed(server):
         assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
 
 
+def test_a_streamed_batch_names_the_field_to_change(client):
+    """A stream carries one prompt and one choice: the error's param is the field at fault (it said n for a batch
+    of prompts sent with n=1)."""
+    for fields, param in (({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": "hi", "n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError, match="supports one prompt and n=1 only") as err:
+            client.completions.create(model=model_id(client), max_tokens=1, stream=True, **fields)
+        assert err.value.body["param"] == param
+
+
 def test_top_k_and_min_tokens_are_refused_unless_off(client):
     """FastChat's and vLLM's top_k and min_tokens are not implemented: ignoring them changed the reply unsaid (top_k
     1, their greedy, came back sampled), so a value that is not their "off" is a 400 naming the field."""

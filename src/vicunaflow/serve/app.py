@@ -333,7 +333,9 @@ def create_app(
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
-                raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
+                # param: the field to change (it named n for a batch of prompts sent with n=1)
+                param = "n" if body.n != 1 else "prompt"
+                raise APIError(400, "stream=true supports one prompt and n=1 only", param=param)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_completion(
                 engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k, include_usage
