@@ -324,6 +324,8 @@ def test_prompt_too_long_and_max_tokens_capped(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens") as err:
         client.completions.create(model=model_id(client), prompt="word " * 300, max_tokens=5)
     assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens; prompt 1 is 302 tokens"):
+        client.completions.create(model=model_id(client), prompt=["hi", "word " * 300], max_tokens=5)  # which one
     prompt = "word " * 200
     result = client.completions.create(model=model_id(client), prompt=prompt, max_tokens=10**6, temperature=0)
     assert result.usage.prompt_tokens + result.usage.completion_tokens <= CONTEXT

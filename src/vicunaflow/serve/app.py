@@ -130,9 +130,11 @@ def create_app(
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         blind: bool = False,
+        which: str = "the prompt",
     ) -> SamplingParams:
+        """which: the prompt the context error names (in a batch, which one: "prompt 3")."""
         if prompt_length >= engine.context:
-            sizes = f"maximum context length is {engine.context} tokens; the prompt is {prompt_length} tokens"
+            sizes = f"maximum context length is {engine.context} tokens; {which} is {prompt_length} tokens"
             raise APIError(
                 400,
                 # blind (arena): the sizes would tell the models (their contexts and tokenizers) apart
@@ -329,7 +331,11 @@ def create_app(
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
         prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
-        all_params = [sampling(engine, body, len(ids), max_tokens, k, prompt_k) for ids in encoded]
+        named = len(encoded) > 1  # in a batch, a prompt too long for the context is named by its index
+        all_params = [
+            sampling(engine, body, len(ids), max_tokens, k, prompt_k, which=f"prompt {i}" if named else "the prompt")
+            for i, ids in enumerate(encoded)
+        ]
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
