@@ -286,16 +286,21 @@ def test_a_streamed_batch_names_the_field_to_change(client):
         assert err.value.body["param"] == param
 
 
-def test_top_k_and_min_tokens_are_refused_unless_off(client):
-    """FastChat's and vLLM's top_k and min_tokens are not implemented: ignoring them changed the reply unsaid (top_k
-    1, their greedy, came back sampled), so a value that is not their "off" is a 400 naming the field."""
-    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for field, value in (("top_k", 1), ("top_k", 40), ("min_tokens", 5)):
-        with pytest.raises(openai.BadRequestError, match=f"{field} is not supported") as err:
-            client.chat.completions.create(**ask, extra_body={field: value})
-        assert err.value.body["param"] == field
-    with pytest.raises(openai.BadRequestError, match="send temperature 0"):
-        client.completions.create(model=model_id(client), prompt="hi", max_tokens=2, extra_body={"top_k": 1})
+def test_top_k_samples_among_the_k_most_likely_and_min_tokens_is_refused(client):
+    """FastChat's and vLLM's top_k reaches the sampler (top_k 1, their greedy, gives the greedy reply at any
+    temperature; -1, their default, and 0 mean all tokens); vLLM's min_tokens is not implemented, and ignoring it
+    would end a reply sooner than asked, so a value other than 0 is a 400 naming it."""
+    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    for seed in range(3):
+        top1 = client.chat.completions.create(**ask, temperature=1.5, seed=seed, extra_body={"top_k": 1})
+        assert top1.choices[0].message.content == greedy
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**ask, extra_body={"top_k": -2})
+    assert err.value.body["param"] == "top_k"
+    with pytest.raises(openai.BadRequestError, match="min_tokens is not supported") as err:
+        client.chat.completions.create(**ask, extra_body={"min_tokens": 5})
+    assert err.value.body["param"] == "min_tokens"
     for off in ({"top_k": -1}, {"top_k": 0}, {"top_k": None}, {"min_tokens": 0}):  # FastChat sends top_k -1
         assert client.chat.completions.create(**ask, extra_body=off).choices
 

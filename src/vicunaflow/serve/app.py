@@ -143,12 +143,6 @@ def create_app(
                 code="context_length_exceeded",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
-        if body.top_k not in (None, -1, 0):
-            greedy = " (top_k 1 is greedy: send temperature 0)" if body.top_k == 1 else ""
-            raise APIError(
-                400, f"top_k is not supported: this server samples with temperature and top_p only{greedy}; "
-                "leave top_k out or send -1", param="top_k",
-            )  # fmt: skip
         if body.min_tokens:
             raise APIError(
                 400, "min_tokens is not supported: a reply may end sooner; leave it out, or send ignore_eos: true "
@@ -162,6 +156,7 @@ def create_app(
         params = SamplingParams(
             temperature=0.7 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),  # -1 (FastChat's default) and 0: all tokens
             max_new_tokens=max_new,
             stop=stop,
             ignore_eos=body.ignore_eos,
@@ -173,9 +168,10 @@ def create_app(
         if isinstance(body, ChatCompletionRequest):
             system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
         log.info(
-            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s "
-            "logprobs=%s prompt_logprobs=%s seed=%s",
-            body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
+            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g top_k=%d max_new_tokens=%d stop=%d system=%s "
+            "stream=%s logprobs=%s prompt_logprobs=%s seed=%s",
+            body.model, prompt_length, params.temperature, params.top_p, params.top_k, params.max_new_tokens, len(stop),
+            system,
             body.stream, logprobs, prompt_logprobs, params.seed,
         )  # fmt: skip
         return params

@@ -61,10 +61,11 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
-    # FastChat's and vLLM's, not implemented: refused unless off (app.py's `sampling`), since ignoring them would
-    # change the reply unsaid (top_k 1, their greedy, sampled at temperature 0.7; a reply shorter than min_tokens)
-    top_k: int | None = None  # off: -1 (FastChat's default) or 0
-    min_tokens: int | None = None  # off: 0
+    # FastChat's and vLLM's: the k most likely tokens only; -1 (FastChat's default), 0 or None: all
+    top_k: int | None = Field(None, ge=-1)
+    # vLLM's, not implemented: refused unless 0 (app.py's `sampling`), since ignoring it would end a reply sooner
+    # than asked, unsaid
+    min_tokens: int | None = None
     # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
     # is seeded with seed + i, so the choices differ). 64 bits, as OpenAI's and vLLM's: the sampler keeps a seed's
     # low 64 bits, so a larger one would silently give another seed's reply (2**64 that of 0)
