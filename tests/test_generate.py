@@ -222,6 +222,27 @@ def test_sampling_temperature_and_top_p(loaded):
     assert len({reply(sampled, seed=s) for s in range(4)}) > 1  # and actually random
 
 
+def test_top_k_draws_among_the_k_most_likely_and_top_p_within_them():
+    """top_k keeps the k most likely tokens; top_p then takes its nucleus of their renormalised mass (vLLM's order):
+    over [0.25, 0.15, 0.10, 7 x 0.0714], top_k 3 leaves [0.5, 0.3, 0.2], whose 0.6-nucleus is the first two (over
+    the whole vocabulary it would have reached the fifth)."""
+    from vicunaflow.engine.sampling import sample
+
+    probs = torch.tensor([0.25, 0.15, 0.10] + [0.5 / 7] * 7)
+    logits = probs.log()[None].repeat(400, 1)  # 400 rows, one draw each
+    generator = torch.Generator().manual_seed(0)
+
+    def drawn(**fields) -> set[int]:
+        params = [SamplingParams(temperature=1.0, **fields)] * logits.shape[0]
+        return set(sample(logits, logits.argmax(-1), params, generator).tolist())
+
+    assert drawn() == set(range(10))
+    assert drawn(top_k=1) == {0}  # FastChat's and vLLM's greedy at any temperature
+    assert drawn(top_k=2) == {0, 1}
+    assert drawn(top_k=3, top_p=0.6) == {0, 1}
+    assert drawn(top_k=0, top_p=0.6) == {0, 1, 2, 3, 4}  # 0: every token
+
+
 def test_stop_string_cuts_the_reply(loaded):
     model, tokenizer = loaded
     ids = _prompt(tokenizer, "Hello")

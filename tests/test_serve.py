@@ -164,6 +164,18 @@ def test_too_many_replies_in_one_request_are_refused(client):
         client.completions.create(model=model_id(client), prompt=[[1, 15]] * (MAX_CHOICES // 2 + 1), n=2, max_tokens=1)
 
 
+def test_too_many_stop_strings_are_refused(client):
+    """The engine thread checks every stop string against each new token: 250,000 of them slowed every other
+    stream 37 times, so more than MAX_STOPS (OpenAI takes 4) is a 400 naming stop."""
+    from vicunaflow.serve.app import MAX_STOPS
+
+    with pytest.raises(openai.BadRequestError, match=f"at most {MAX_STOPS} a request") as err:
+        client.completions.create(model=model_id(client), prompt="hi", max_tokens=1, stop=["q"] * (MAX_STOPS + 1))
+    assert err.value.body["param"] == "stop"
+    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert client.chat.completions.create(**ask, stop=[f"q{i}" for i in range(MAX_STOPS)]).choices
+
+
 def test_wrong_or_missing_key_is_401(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
@@ -225,8 +237,72 @@ def test_an_invalid_field_is_named_in_param():
         "messages"
     )
     assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "logprobs": 21}') == "logprobs"
+    assert param(CompletionRequest, b'{"model": "m", "prompt": "hi", "seed": 18446744073709551616}') == "seed"
+    for field in ("temperature", "top_p"):  # NaN (Python's json.dumps writes it) is no number in the range
+        with pytest.raises(APIError, match=f"{field}: Input should be a finite number"):
+            _validate(CompletionRequest, b'{"model": "m", "prompt": "hi", "%s": NaN}' % field.encode())
+    part = b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "content": "hi"}]}]}'
+    with pytest.raises(APIError, match="a text part needs its text"):
+        _validate(ChatCompletionRequest, part)  # it was answered as an empty message
     assert param(ChatCompletionRequest, b"{not json") is None
     assert param(ChatCompletionRequest, b"[1, 2]") is None
+
+
+def test_a_body_with_a_utf8_byte_order_mark_is_read():
+    """PowerShell and Notepad's JSON files start with a UTF-8 BOM; json.loads (vLLM, FastChat) skips it, and so
+    does this server: pydantic's parser alone refused it as "Invalid JSON: expected value at line 1 column 1"."""
+    from vicunaflow.serve.app import _validate
+    from vicunaflow.serve.protocol import ChatCompletionRequest
+
+    body = b'\xef\xbb\xbf{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    assert _validate(ChatCompletionRequest, body).messages[0].text() == "hi"
+
+
+def test_stream_options_are_typed(server):
+    """include_usage "false" (a string, as form builders and shell scripts send it) means false, not true as
+    bool() of the string read it; a value that is no boolean is a 400 naming stream_options."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "vicuna-tiny-all-v1.1", "prompt": [1, 15], "max_tokens": 2, "stream": True}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        if path.endswith("chat/completions"):
+            body = {k: v for k, v in body.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "hi"}]}
+        for value, usage in (("false", False), ("true", True), (None, False)):
+            response = httpx.post(
+                f"{server}{path}", headers=headers, json=body | {"stream_options": {"include_usage": value}}
+            )
+            assert response.status_code == 200 and ('"usage"' in response.text) == usage, (path, value)
+        response = httpx.post(
+            f"{server}{path}", headers=headers, json=body | {"stream_options": {"include_usage": "maybe"}}
+        )
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+def test_a_streamed_batch_names_the_field_to_change(client):
+    """A stream carries one prompt and one choice: the error's param is the field at fault (it said n for a batch
+    of prompts sent with n=1)."""
+    for fields, param in (({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": "hi", "n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError, match="supports one prompt and n=1 only") as err:
+            client.completions.create(model=model_id(client), max_tokens=1, stream=True, **fields)
+        assert err.value.body["param"] == param
+
+
+def test_top_k_samples_among_the_k_most_likely_and_min_tokens_is_refused(client):
+    """FastChat's and vLLM's top_k reaches the sampler (top_k 1, their greedy, gives the greedy reply at any
+    temperature; -1, their default, and 0 mean all tokens); vLLM's min_tokens is not implemented, and ignoring it
+    would end a reply sooner than asked, so a value other than 0 is a 400 naming it."""
+    ask = {"model": model_id(client), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    for seed in range(3):
+        top1 = client.chat.completions.create(**ask, temperature=1.5, seed=seed, extra_body={"top_k": 1})
+        assert top1.choices[0].message.content == greedy
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**ask, extra_body={"top_k": -2})
+    assert err.value.body["param"] == "top_k"
+    with pytest.raises(openai.BadRequestError, match="min_tokens is not supported") as err:
+        client.chat.completions.create(**ask, extra_body={"min_tokens": 5})
+    assert err.value.body["param"] == "min_tokens"
+    for off in ({"top_k": -1}, {"top_k": 0}, {"top_k": None}, {"min_tokens": 0}):  # FastChat sends top_k -1
+        assert client.chat.completions.create(**ask, extra_body=off).choices
 
 
 @pytest.mark.parametrize("role", ["user", "system"])
@@ -253,6 +329,8 @@ def test_prompt_too_long_and_max_tokens_capped(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens") as err:
         client.completions.create(model=model_id(client), prompt="word " * 300, max_tokens=5)
     assert err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens; prompt 1 is 302 tokens"):
+        client.completions.create(model=model_id(client), prompt=["hi", "word " * 300], max_tokens=5)  # which one
     prompt = "word " * 200
     result = client.completions.create(model=model_id(client), prompt=prompt, max_tokens=10**6, temperature=0)
     assert result.usage.prompt_tokens + result.usage.completion_tokens <= CONTEXT

@@ -1,4 +1,4 @@
-"""Per-request sampling settings, the sampler (temperature and nucleus top-p per row) and log-probabilities.
+"""Per-request sampling settings, the sampler (temperature, top-k and nucleus top-p per row) and log-probabilities.
 
 Seeded requests (`SamplingParams.seed`) are reproducible whatever the scheduling: the random numbers
 behind a request's t-th reply token come from a generator seeded with (seed, t) alone, so they do not
@@ -19,6 +19,7 @@ import torch
 class SamplingParams:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # the k most likely tokens only (FastChat's and vLLM's top_k); 0: all
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()  # stop strings (OpenAI `stop`); EOS always stops
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
@@ -76,8 +77,9 @@ def sample(
     the host from `params`, so nothing waits for the device.
 
     A sampled row takes argmax(p / q) with q ~ Exp(1) per vocabulary entry (what torch.multinomial does
-    for one sample), over p in vocabulary order with top-p's tail zeroed: a row's token then depends only
-    on its own p and its own noise. Unseeded rows' noise is one batched draw from `generator`; a seeded
+    for one sample), over p in vocabulary order with what top-k and top-p leave out zeroed (top-p taken over
+    the top-k tokens' renormalised mass, as vLLM does): a row's token then depends only on its own p and its own
+    noise. Unseeded rows' noise is one batched draw from `generator`; a seeded
     row's is drawn from a fresh generator seeded with token_seed(seed, index), on the logits' device,
     a few more kernel launches per seeded row and no host sync.
     """
@@ -86,11 +88,18 @@ def sample(
     logits = logits.float()
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    if any(p.top_p < 1.0 for p in params):
+    top_k = any(0 < p.top_k < probs.shape[-1] for p in params)
+    if top_k or any(p.top_p < 1.0 for p in params):
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: the lower token id first
+        outside = torch.zeros_like(sorted_probs, dtype=torch.bool)
+        if top_k:
+            k = torch.tensor([p.top_k if p.top_k > 0 else probs.shape[-1] for p in params], device=logits.device)
+            outside = torch.arange(probs.shape[-1], device=logits.device)[None, :] >= k[:, None]
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+        outside |= sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
         probs = probs.masked_fill(torch.zeros_like(outside).scatter_(-1, order, outside), 0.0)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 1e-5]
     seeded = [i for i in sampled_rows if params[i].seed is not None]

@@ -19,6 +19,7 @@ where the trip to a thread would cost more than the work.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import dataclasses
 import hmac
 import json
@@ -56,6 +57,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # replies one request may ask for (prompts x n): OpenAI takes at most 2,048 prompts a completions request. Each is
 # an engine request submitted from the event loop, and 160,000 (20,000 prompts, n = 8) held it for 26 s
 MAX_CHOICES = 2048
+# stop strings a request may give (OpenAI takes 4, vLLM any number; lm-evaluation-harness sends a few): the engine
+# thread checks each against every new token of the reply, and 250,000 of them (a 2.6 MB body) made every other
+# stream's steps 37 times slower on the 2-core machine while that reply ran
+MAX_STOPS = 64
 # A request's CPU work runs on the event loop while it is small: a trip through the threadpool and back costs the
 # loop more than validating a short body, tokenising a short text or range-checking a prompt's token ids (a trip:
 # ~70 µs of loop CPU and ~120 µs of wait on the 2-core machine; docs/benchmarks.md, "sixteenth session"), while
@@ -125,9 +130,11 @@ def create_app(
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         blind: bool = False,
+        which: str = "the prompt",
     ) -> SamplingParams:
+        """which: the prompt the context error names (in a batch, which one: "prompt 3")."""
         if prompt_length >= engine.context:
-            sizes = f"maximum context length is {engine.context} tokens; the prompt is {prompt_length} tokens"
+            sizes = f"maximum context length is {engine.context} tokens; {which} is {prompt_length} tokens"
             raise APIError(
                 400,
                 # blind (arena): the sizes would tell the models (their contexts and tokenizers) apart
@@ -136,12 +143,20 @@ def create_app(
                 code="context_length_exceeded",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             )
+        if body.min_tokens:
+            raise APIError(
+                400, "min_tokens is not supported: a reply may end sooner; leave it out, or send ignore_eos: true "
+                "with max_tokens for replies of one length", param="min_tokens",
+            )  # fmt: skip
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > MAX_STOPS:
+            raise APIError(400, f"{len(stop)} stop strings: at most {MAX_STOPS} a request", param="stop")
         # max_tokens 0 (completions only): no reply; echo with logprobs then scores the prompt alone
         max_new = 0 if max_tokens == 0 else engine.max_new_tokens(prompt_length, max_tokens or default_max_tokens)
         params = SamplingParams(
             temperature=0.7 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),  # -1 (FastChat's default) and 0: all tokens
             max_new_tokens=max_new,
             stop=stop,
             ignore_eos=body.ignore_eos,
@@ -153,9 +168,10 @@ def create_app(
         if isinstance(body, ChatCompletionRequest):
             system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
         log.info(
-            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s "
-            "logprobs=%s prompt_logprobs=%s seed=%s",
-            body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
+            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g top_k=%d max_new_tokens=%d stop=%d system=%s "
+            "stream=%s logprobs=%s prompt_logprobs=%s seed=%s",
+            body.model, prompt_length, params.temperature, params.top_p, params.top_k, params.max_new_tokens, len(stop),
+            system,
             body.stream, logprobs, prompt_logprobs, params.seed,
         )  # fmt: skip
         return params
@@ -262,7 +278,7 @@ def create_app(
         if body.stream:
             if body.n != 1:
                 raise APIError(400, "stream=true supports n=1 only", param="n")
-            include_usage = bool((body.stream_options or {}).get("include_usage")) and not blind
+            include_usage = bool(body.stream_options and body.stream_options.include_usage) and not blind
             chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, done, k)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _complete_all(
@@ -311,12 +327,18 @@ def create_app(
         k = body.logprobs
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default: 16
         prompt_k = k if body.echo else None  # echo with logprobs: the prompt tokens' logprobs too
-        all_params = [sampling(engine, body, len(ids), max_tokens, k, prompt_k) for ids in encoded]
+        named = len(encoded) > 1  # in a batch, a prompt too long for the context is named by its index
+        all_params = [
+            sampling(engine, body, len(ids), max_tokens, k, prompt_k, which=f"prompt {i}" if named else "the prompt")
+            for i, ids in enumerate(encoded)
+        ]
         reply_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
-                raise APIError(400, "stream=true supports one prompt and n=1 only", param="n")
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+                # param: the field to change (it named n for a batch of prompts sent with n=1)
+                param = "n" if body.n != 1 else "prompt"
+                raise APIError(400, "stream=true supports one prompt and n=1 only", param=param)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _stream_completion(
                 engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k, include_usage
             )
@@ -380,6 +402,9 @@ def _small_text(texts) -> bool:
 
 
 def _validate(model: type[BaseModel], raw: bytes):
+    """A UTF-8 byte order mark (PowerShell, a JSON file saved by Notepad and sent with curl -d @file) is skipped,
+    as json.loads skips it (vLLM, FastChat, the arena's routes): pydantic's parser read it as "expected value"."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as err:

@@ -13,6 +13,14 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    @model_validator(mode="after")
+    def text_of_a_text_part(self) -> ContentPart:
+        """A text part without its text (e.g. {"type": "text", "content": "..."}) was read as "" and answered as
+        an empty message; OpenAI refuses it too."""
+        if self.type == "text" and self.text is None:
+            raise ValueError('a text part needs its text: {"type": "text", "text": "..."}')
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -32,21 +40,36 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options, typed: a string "false" must not read as true (other keys, e.g. vLLM's
+    continuous_usage_stats, are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None  # true: a last chunk with no choices and the usage, as OpenAI's
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 0.7, Vicuna's usual
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    # finite: NaN (json.dumps writes it) was refused as "should be less than or equal to 2", which misled
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)  # None: 0.7, Vicuna's usual
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage, as OpenAI's
+    stream_options: StreamOptions | None = None
     # vLLM's extra parameter: keep generating past EOS until max_tokens (load benchmarks: every reply the same length)
     ignore_eos: bool = False
+    # FastChat's and vLLM's: the k most likely tokens only; -1 (FastChat's default), 0 or None: all
+    top_k: int | None = Field(None, ge=-1)
+    # vLLM's, not implemented: refused unless 0 (app.py's `sampling`), since ignoring it would end a reply sooner
+    # than asked, unsaid
+    min_tokens: int | None = None
     # the same prompt, parameters and seed give the same reply, whatever else the server runs (n > 1: choice i
-    # is seeded with seed + i, so the choices differ)
-    seed: int | None = None
+    # is seeded with seed + i, so the choices differ). 64 bits, as OpenAI's and vLLM's: the sampler keeps a seed's
+    # low 64 bits, so a larger one would silently give another seed's reply (2**64 that of 0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
 class ChatCompletionRequest(SamplingFields):
