@@ -19,7 +19,6 @@ import torch
 class SamplingParams:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # the k most likely tokens only (FastChat's and vLLM's top_k); 0: all
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()  # stop strings (OpenAI `stop`); EOS always stops
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
@@ -32,6 +31,8 @@ class SamplingParams:
     # t-th reply token is drawn from a generator seeded with (seed, t), so the same prompt, parameters and
     # seed give the same reply however the request was batched, chunked or preempted (module docstring)
     seed: int | None = None
+    # the k most likely tokens only (FastChat's and vLLM's top_k); 0: all. Last: fields above are given by position
+    top_k: int = 0
 
 
 @dataclasses.dataclass

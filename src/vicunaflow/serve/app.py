@@ -168,11 +168,10 @@ def create_app(
         if isinstance(body, ChatCompletionRequest):
             system = "custom" if any(m.role in ("system", "developer") for m in body.messages) else "default"
         log.info(
-            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g top_k=%d max_new_tokens=%d stop=%d system=%s "
-            "stream=%s logprobs=%s prompt_logprobs=%s seed=%s",
-            body.model, prompt_length, params.temperature, params.top_p, params.top_k, params.max_new_tokens, len(stop),
-            system,
-            body.stream, logprobs, prompt_logprobs, params.seed,
+            "request: model=%s prompt_tokens=%d temperature=%g top_p=%g max_new_tokens=%d stop=%d system=%s stream=%s "
+            "logprobs=%s prompt_logprobs=%s seed=%s top_k=%d",
+            body.model, prompt_length, params.temperature, params.top_p, params.max_new_tokens, len(stop), system,
+            body.stream, logprobs, prompt_logprobs, params.seed, params.top_k,
         )  # fmt: skip
         return params
 
