@@ -745,12 +745,7 @@ def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, sp
     bucket = runner.buckets.get(runner.bucket_key(rows, position + 1))
     single_rank = model.comm.world == 1
     if single_rank and bucket is not None and bucket.get("graph") is not None:
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            bucket["graph"].replay()
-        sync(device)
-        replay_s = (time.perf_counter() - start) / steps
+        replay_s = graph_ms(bucket["graph"].replay, steps) / 1000
         profile["graph_replay_ms"] = 1000 * replay_s
         profile["replay_bound_tok_s"] = rows / replay_s
         profile["weights_gb_per_s"] = model.weight_bytes() / replay_s / 1e9
@@ -810,6 +805,7 @@ def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> l
 
 
 def graph_ms(replay, replays: int = 50) -> float:
+    """Mean wall-clock ms of `replays` calls of a CUDA graph's `replay`, synchronised before and after."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(replays):

@@ -92,12 +92,13 @@ def sample(
     top_k = any(0 < p.top_k < probs.shape[-1] for p in params)
     if top_k or any(p.top_p < 1.0 for p in params):
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: the lower token id first
-        outside = torch.zeros_like(sorted_probs, dtype=torch.bool)
         if top_k:
             k = torch.tensor([p.top_k if p.top_k > 0 else probs.shape[-1] for p in params], device=logits.device)
             outside = torch.arange(probs.shape[-1], device=logits.device)[None, :] >= k[:, None]
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        else:
+            outside = torch.zeros_like(sorted_probs, dtype=torch.bool)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         outside |= sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
