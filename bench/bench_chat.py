@@ -715,6 +715,11 @@ def single_stream(engine, prompt: list[int], params, repeats: int) -> dict:
     return best
 
 
+def served_positions(engine, rows: int) -> list[int]:
+    """Rows spread evenly over positions 128-383: bench_serve's 128-token prompts with 1-256 reply tokens so far."""
+    return [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]
+
+
 @torch.inference_mode()
 def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, spread: bool = False) -> dict:
     """Time the bare decode step of `rows` rows (as the engine runs it) against the engine's time per
@@ -729,7 +734,7 @@ def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, sp
     position = min(300, engine.context - 2)  # 7B: inside the 512-token bucket, like most single-stream steps
     positions = [position] * rows
     if spread:
-        positions = [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]
+        positions = served_positions(engine, rows)
         position = max(positions)
     runner.step([5] * rows, positions)  # make sure its graph exists
     sync(device)
@@ -775,7 +780,7 @@ def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> l
     (engine/runner.py's STEP_INPUTS)."""
     attention_kernels = attention_kernels_module()
     runner, chosen = engine.runner, attention_kernels.MANY_ROWS_TILES
-    positions = [min(128 + 255 * i // max(1, rows - 1), engine.context - 2) for i in range(rows)]
+    positions = served_positions(engine, rows)
     bucket = runner.buckets[runner.bucket_key(rows, max(positions) + 1)]
     results = []
     try:
