@@ -220,6 +220,70 @@ def test_matmul_rows_split_over_k_gives_the_same_bits_whichever_program_finishes
         assert torch.allclose(first.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k", "epilogue", "dtype"),
+    [
+        (17, 64, 96, "residual", torch.float16),  # 12 steps over 5 programs: every program cuts a tile or two
+        (24, 16, 160, "plain", torch.float16),  # one tile, cut between all five programs
+        (33, 37, 200, "swiglu+residual", torch.float16),  # down: N and K not multiples of a tile, BLOCK_M 64
+        (64, 40, 96, "norm+residual", torch.bfloat16),  # RMSNorm: the input normalised first
+        (20, 40, 64, "residual+out32", torch.float16),  # tensor parallelism's float32 buffer as out
+        (18, 24, 96, "residual", torch.float32),  # float32 weights: exact products
+        (20, 16, 32, "plain", torch.float16),  # fewer steps than programs: a grid of one
+    ],
+)
+def test_matmul_rows_stream_k_matches_float64(monkeypatch, m, n, k, epilogue, dtype):
+    """From STREAM_MIN_ROWS rows the work is split evenly over the SMs (stream-K): tiles cut between programs are
+    summed by the last of them; the output matches float64 and the counters are left at zero for the next launch."""
+    launches = []
+    stream = kernels._stream_matmul
+    monkeypatch.setattr(kernels, "_stream_matmul", lambda *args: launches.append(args) or stream(*args))
+    generator = torch.Generator().manual_seed(m * n + k)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    swiglu = "swiglu" in epilogue
+    x = (3 * torch.randn(m, 2 * k if swiglu else k, generator=generator)).to(DEVICE, dtype)
+    res = torch.randn(m, n, generator=generator).to(DEVICE, dtype) if "residual" in epilogue else None
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype) if "norm" in epilogue else None
+    out = torch.full((m, n), float("nan"), device=DEVICE) if "out32" in epilogue else None
+    result = kernels.matmul_rows(x, weight, res, swiglu=swiglu, norm=norm, eps=1e-5, out=out)
+    assert len(launches) == 1 and result.dtype == (torch.float32 if out is not None else dtype)
+    expected = rows_reference(x, weight, res, swiglu, norm)
+    tolerance = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(result.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    assert not kernels._split_counters(result.device).any()
+
+
+def test_matmul_rows_takes_stream_k_from_its_rows_unless_turned_off(monkeypatch):
+    """Fewer rows, splits asked for, and VICUNAFLOW_MATMUL_STREAM=0 keep a program a weight tile."""
+    launches = []
+    stream = kernels._stream_matmul
+    monkeypatch.setattr(kernels, "_stream_matmul", lambda *args: launches.append(args[0].shape[0]) or stream(*args))
+    weight = torch.randn(40, 64).to(DEVICE, torch.float16)
+    for m in (kernels.STREAM_MIN_ROWS - 1, kernels.STREAM_MIN_ROWS):
+        kernels.matmul_rows(torch.randn(m, 64).to(DEVICE, torch.float16), weight)
+    kernels.matmul_rows(torch.randn(32, 64).to(DEVICE, torch.float16), weight, k_splits=2)
+    monkeypatch.setattr(kernels, "MATMUL_STREAM", False)
+    kernels.matmul_rows(torch.randn(32, 64).to(DEVICE, torch.float16), weight)
+    assert launches == [kernels.STREAM_MIN_ROWS]
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or os.environ.get("TRITON_INTERPRET") == "1", reason="programs racing: a GPU")
+def test_matmul_rows_stream_k_gives_the_same_bits_whichever_program_finishes_last():
+    """On a GPU a cut tile's programs finish in any order: the sum in program order gives the same bits every
+    launch, every launch leaves the counters at zero, and the result agrees with a program a tile."""
+    generator = torch.Generator().manual_seed(4)
+    m, n, k = 64, 12288, 4096  # a 7B's q|k|v: 192 tiles of 64 on ~132 SMs
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(DEVICE, torch.float16)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, torch.float16)
+    residual = torch.randn(m, n, generator=generator).to(DEVICE, torch.float16)
+    first = kernels.matmul_rows(x, weight, residual)
+    for _ in range(50):
+        assert torch.equal(kernels.matmul_rows(x, weight, residual), first)
+    assert not kernels._split_counters(first.device).any()
+    tiles = kernels.matmul_rows(x, weight, residual, k_splits=1)
+    assert torch.allclose(first.float(), tiles.float(), rtol=2**-9, atol=2**-9 * float(tiles.abs().max()))
+
+
 def test_matmul_rows_normalises_many_rows_first_and_few_in_its_tiles():
     """From NORM_FIRST_ROWS rows the input is normalised by rows_input first (the same bits as doing that by
     hand), fewer rows fold RMSNorm into the product's tiles; both match float64."""

@@ -132,3 +132,114 @@ def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Stream-K (kernels.matmul_rows from STREAM_MIN_ROWS rows): (BLOCK_N, BLOCK_K, warps, stages, programs an SM) the
+# autotuner tries. A program's shared memory is stages x (BLOCK_N + BLOCK_M) x BLOCK_K x 2 bytes: two programs an
+# SM fit in 96 KB each, one in up to ~220 KB.
+STREAM_TILES = [(64, 128, 4, 3, 2), (128, 64, 8, 4, 2), (64, 128, 4, 5, 1), (128, 128, 8, 3, 1)]
+stream_configs = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k, "PER_SM": per_sm}, num_warps=w, num_stages=s)
+    for n, k, w, s, per_sm in STREAM_TILES
+]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    stream_configs = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PER_SM": 1}, num_warps=1)]
+STREAM_MAX_BLOCK_N = 128  # the widest weight tile of stream_configs: kernels' scratch is sized for it
+STREAM_MAX_PER_SM = 2
+
+
+@triton.autotune(configs=stream_configs, key=["N", "K", "BLOCK_M", "FP32", "HAS_RESIDUAL", "SMS", "INTERPRETED"])
+@triton.jit
+def stream_matmul_kernel(
+    x_ptr,  # [M, K], any float dtype
+    w_ptr,  # float16 / bfloat16 (or float32) [N, K]
+    residual_ptr,  # [M, N] (HAS_RESIDUAL)
+    out_ptr,  # [M, N], any float dtype
+    partial_ptr,  # float32 [2 x programs, BLOCK_N, BLOCK_M]: each program's partial tiles (transposed)
+    counter_ptr,  # int32 zeros, one a weight tile (kernels._split_counters): the tile's programs done
+    M,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FP32: tl.constexpr,
+    SMS: tl.constexpr,  # the GPU's SMs: the grid is min(SMS x PER_SM, every K step of every tile)
+    INTERPRETED: tl.constexpr,  # under TRITON_INTERPRET=1
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_SM: tl.constexpr,
+):
+    """out = x @ w.T (+ residual), the work split evenly over a grid the size of the GPU (stream-K).
+
+    Why: a weight of T tiles of BLOCK_N rows, each STEPS steps of BLOCK_K, is T x STEPS steps of work. With a
+    program a tile, a 7B's q|k|v at 64 rows (192 tiles of 64) runs 1.45 waves on 132 SMs, so a third of the time
+    half the SMs stream nothing. Here program p takes steps [p x total / programs, (p + 1) x total / programs):
+    whole tiles are stored as they end; a tile cut between programs is stored by whichever of its programs
+    finishes last, which adds the others' float32 partials in program order, so the same inputs give the same
+    bits whatever order the programs finish in (the scheme of float_matmul_kernel's splits).
+    """
+    TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    TOTAL: tl.constexpr = TILES * STEPS
+    EVEN: tl.constexpr = N % BLOCK_N == 0 and K % BLOCK_K == 0
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)  # <= TOTAL: every program has at least one step
+    begin = program * TOTAL // programs
+    end = (program + 1) * TOTAL // programs
+    first_tile = begin // STEPS
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offsets = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + rows[None, :]  # a partial tile [BLOCK_N, BLOCK_M]
+    at = begin
+    while at < end:
+        tile = at // STEPS
+        step_begin = at - tile * STEPS
+        step_end = tl.minimum(STEPS, step_begin + end - at)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output's transpose
+        if INTERPRETED:  # the interpreter cannot take a range of program-dependent bounds
+            step = step_begin
+            while step < step_end:
+                acc = step_product(acc, x_ptr, w_ptr, rows, row_ok, cols, col_ok, step, K, EVEN, FP32, BLOCK_K)
+                step += 1
+        else:
+            for step in range(step_begin, step_end):
+                acc = step_product(acc, x_ptr, w_ptr, rows, row_ok, cols, col_ok, step, K, EVEN, FP32, BLOCK_K)
+        if (step_begin == 0) & (step_end == STEPS):  # the whole tile
+            store_rows(acc, acc, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, False)
+        else:
+            slot = 2 * program + (tile != first_tile).to(tl.int32)  # a program cuts at most its first and its last tile
+            tl.store(partial_ptr + slot * BLOCK_N * BLOCK_M + offsets, acc)
+            tl.debug_barrier()  # every thread's stores above happen before this program is counted
+            # the tile's programs: the last whose range starts at or before its first and last step
+            low = ((tile * STEPS + 1) * programs - 1) // TOTAL
+            high = ((tile + 1) * STEPS * programs - 1) // TOTAL
+            done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == high - low:  # the last: the others' partials are in
+                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                other = low
+                while other <= high:  # in program order, whichever came last: the same bits
+                    other_slot = 2 * other + (tile != (other * TOTAL // programs) // STEPS).to(tl.int32)
+                    total += tl.load(partial_ptr + other_slot * BLOCK_N * BLOCK_M + offsets, cache_modifier=".cg")
+                    other += 1
+                store_rows(
+                    total, total, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, False
+                )
+        at += step_end - step_begin
+
+
+@triton.jit
+def step_product(acc, x_ptr, w_ptr, rows, row_ok, cols, col_ok, step, K: tl.constexpr, EVEN: tl.constexpr,
+                 FP32: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_N, BLOCK_M] plus the products of K step `step`: a weight tile by the rows' input tile."""
+    ks = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    w_ptrs = w_ptr + cols[:, None] * K + ks[None, :]
+    w = tl.load(w_ptrs) if EVEN else tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    x, _ = input_tile(x_ptr, x_ptr, rows, row_ok, ks, k_ok, K, False, False)  # [BLOCK_M, BLOCK_K]
+    if FP32:
+        return acc + tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
+    return acc + tl.dot(w, tl.trans(x.to(w.dtype)))  # the input rounded to the weight's dtype, as cuBLAS takes it
