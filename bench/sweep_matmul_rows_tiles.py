@@ -10,10 +10,6 @@ float_matmul_kernel launched with one fixed (BLOCK_N, BLOCK_K, warps, stages), t
 times (CUDA-graph replays over rotating weights, none in L2), checked against cuBLAS first.
 
     python bench/sweep_matmul_rows_tiles.py --rows 32 64 > bench/results/matmul_rows_tiles_h200.txt
-
---stream times matmul_kernels.stream_matmul_kernel (stream-K) the same way over STREAM_SWEEP's (BLOCK_N, BLOCK_K,
-warps, stages, programs an SM), after three references: cuBLAS, and kernels.matmul_rows as the engine runs it
-(autotuned, o and down split over K where it splits them) with a program a tile and with stream-K.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import argparse
 import torch
 from sweep_matmul_rows import graph_time_us
 
-from vicunaflow import kernels, matmul_kernels
+from vicunaflow import matmul_kernels
 
 SHAPES = [("qkv", 12288, 4096), ("gate_up", 22016, 4096), ("o", 4096, 4096), ("down", 4096, 11008)]
 TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILES
@@ -31,40 +27,6 @@ TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILE
     (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 4), (64, 256, 4, 3), (32, 128, 4, 5), (32, 256, 4, 4),
     (128, 64, 4, 6), (64, 64, 4, 8),
 ]  # fmt: skip
-
-
-STREAM_SWEEP = [  # (BLOCK_N, BLOCK_K, warps, stages, programs an SM); the first four are matmul_kernels.STREAM_TILES
-    (64, 128, 4, 3, 2), (128, 64, 8, 4, 2), (64, 128, 4, 5, 1), (128, 128, 8, 3, 1), (64, 64, 4, 6, 2),
-    (128, 64, 4, 4, 2), (128, 64, 8, 6, 1),
-]  # fmt: skip
-
-
-def launch_stream(x, weight, residual, out, tile):
-    """stream_matmul_kernel with one fixed tile and grid (kernels._stream_matmul's launch, past the autotuner)."""
-    block_n, block_k, warps, stages, per_sm = tile
-    m, (n, k) = x.shape[0], weight.shape
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    programs = min(per_sm * sms, -(-n // block_n) * -(-k // block_k))
-    matmul_kernels.stream_matmul_kernel.fn[(programs,)](
-        x, weight, residual if residual is not None else out, out, kernels._stream_partials(x.device, sms),
-        kernels._split_counters(x.device), m, n, k, HAS_RESIDUAL=residual is not None, FP32=False, SMS=sms,
-        INTERPRETED=False, BLOCK_M=max(16, 1 << (m - 1).bit_length()), BLOCK_N=block_n, BLOCK_K=block_k,
-        PER_SM=per_sm, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return out
-
-
-def engine_product(x, weight, residual, out, stream: bool):
-    """kernels.matmul_rows as the engine calls it, with or without stream-K."""
-    kernels.MATMUL_STREAM = stream
-    try:
-        return kernels.matmul_rows(x, weight, residual, out=out)
-    finally:
-        kernels.MATMUL_STREAM = True
-
-
-def cublas(x, weight, residual, out):
-    return torch.mm(x, weight.t(), out=out) if residual is None else torch.addmm(residual, x, weight.t(), out=out)
 
 
 def launch(x, weight, residual, out, tile):
@@ -84,14 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--launches", type=int, default=24)
-    parser.add_argument("--stream", action="store_true", help="stream-K tiles (STREAM_SWEEP) after three references")
     args = parser.parse_args()
-    if args.stream:
-        candidates = [("cublas", cublas), ("tiles", lambda *a: engine_product(*a, stream=False))]
-        candidates += [("stream", lambda *a: engine_product(*a, stream=True))]
-        candidates += [("x".join(map(str, t)), lambda *a, t=t: launch_stream(*a, t)) for t in STREAM_SWEEP]
-    else:
-        candidates = [("x".join(map(str, t)), lambda *a, t=t: launch(*a, t)) for t in TILES]
     torch.manual_seed(0)
     for name, n, k in SHAPES:
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
@@ -102,18 +57,18 @@ def main() -> None:
             outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
             expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
             cells = []
-            for label, product in candidates:
+            for tile in TILES:
                 try:
-                    got = product(x, weights[0], residual, outs[0])
+                    got = launch(x, weights[0], residual, outs[0], tile)
                     error = (got.float() - expected.float()).abs().max().item()
                     if error > 0.05:
                         raise AssertionError(f"max error {error}")
                     us = graph_time_us(
-                        lambda w, o, p=product, x=x, r=residual: p(x, w, r, o), weights, outs, args.launches
+                        lambda w, o, t=tile, x=x, r=residual: launch(x, w, r, o, t), weights, outs, args.launches
                     )
-                    cells.append(f"{label} {us:6.1f}")
+                    cells.append(f"{'x'.join(map(str, tile))} {us:6.1f}")
                 except Exception as err:  # out of shared memory, or wrong
-                    cells.append(f"{label} failed ({type(err).__name__})")
+                    cells.append(f"{'x'.join(map(str, tile))} failed ({type(err).__name__})")
             print(f"{name:8} M={m:3}  " + "  ".join(cells), flush=True)
         del weights
 

@@ -37,12 +37,6 @@ NORM_FIRST_ROWS = 16
 # the counters a split launch may use, one a weight tile (N <= 65,536 with tiles of 16 rows or more).
 SPLIT_TILE_ROWS = 64
 SPLIT_COUNTERS = 4096
-# From this many rows matmul_rows splits each product's work evenly over the GPU's SMs (stream-K,
-# matmul_kernels.stream_matmul_kernel) instead of a program a weight tile (and splits over K for o and down).
-# "0" in VICUNAFLOW_MATMUL_STREAM keeps the tiles (bench_chat and bench_serve time both through it).
-STREAM_MIN_ROWS = 17
-MATMUL_STREAM = os.environ.get("VICUNAFLOW_MATMUL_STREAM", "1") == "1"
-INTERPRETED_SMS = 5  # Triton's interpreter has no SMs: a grid of this many cuts the tests' tiles between programs
 # Batched decode steps on float weights: "triton" (matmul_rows, RMSNorm and the residual folded in) or
 # "cublas" (F.linear plus separate RMSNorm / SiLU·up / add kernels), read by engine.model.project;
 # bench_chat --float-rows times both.
@@ -180,9 +174,6 @@ def matmul_rows(
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
-    if k_splits is None and norm is None and MATMUL_STREAM and m >= STREAM_MIN_ROWS and n <= SPLIT_COUNTERS * 16:
-        fp32 = weight.dtype == torch.float32 or interpreted_bf16
-        return _stream_matmul(x, weight, residual, out, block_m, fp32)
     splits = k_splits_for(n, m, x.device, norm is not None) if k_splits is None else k_splits
     partial = counters = out  # unread without splits
     if splits > 1:
@@ -195,47 +186,6 @@ def matmul_rows(
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
     )  # fmt: skip
     return out
-
-
-def _stream_matmul(x, weight, residual, out, block_m: int, fp32: bool) -> torch.Tensor:
-    """matmul_rows through the stream-K kernel: a grid of PER_SM programs an SM (at most one a K step)."""
-    from vicunaflow import matmul_kernels
-
-    m, (n, k) = x.shape[0], weight.shape
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    sms = INTERPRETED_SMS if interpreted else _multiprocessors(x.device.index)
-
-    def grid(meta):
-        steps = -(-n // meta["BLOCK_N"]) * -(-k // meta["BLOCK_K"])
-        return (min(meta["PER_SM"] * sms, steps),)
-
-    matmul_kernels.stream_matmul_kernel[grid](
-        x, weight, residual if residual is not None else out, out, _stream_partials(x.device, sms),
-        _split_counters(x.device), m, n, k, HAS_RESIDUAL=residual is not None, FP32=fp32, SMS=sms,
-        INTERPRETED=interpreted, BLOCK_M=block_m,
-    )  # fmt: skip
-    return out
-
-
-_partials: dict[torch.device, torch.Tensor] = {}
-
-
-def _stream_partials(device: torch.device, sms: int) -> torch.Tensor:
-    """The stream-K launches' scratch on `device`: two partial tiles a program, for the largest grid and tiles
-    (matmul_kernels.STREAM_*). One a device, as `_split_counters` (its docstring says why that holds); made once at
-    its full size, so no captured graph ever points at a buffer that was replaced."""
-    from vicunaflow import matmul_kernels
-
-    partials = _partials.get(device)
-    if partials is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "matmul_rows: the first stream-K launch on a device is being captured; run it once first"
-            )
-        programs = matmul_kernels.STREAM_MAX_PER_SM * sms
-        size = 2 * programs * matmul_kernels.STREAM_MAX_BLOCK_N * MATMUL_MAX_ROWS
-        partials = _partials[device] = torch.empty(size, dtype=torch.float32, device=device)
-    return partials
 
 
 def k_splits_for(n: int, rows: int, device: torch.device, norm: bool) -> int:
