@@ -51,6 +51,9 @@ FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
 # against 4.34 ms, 32 rows 6.16 against 6.11 (bench/results/chat_rows_pdl_h200.json).
 # "0" turns it off (bench_chat --pdl on off times both).
 PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
+# Batched steps with PDL too (an experiment, eighteenth session): "1" where matmul_rows lets the next kernel launch
+# only once its programs have read all of K, "2" also prefetches its first weight tiles to L2 before waiting.
+PDL_ROWS = int(os.environ.get("VICUNAFLOW_PDL_ROWS", "0"))
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
 # against a wider set on the 7B shapes.
@@ -71,7 +74,7 @@ def pdl_options(device: torch.device, rows: int = 1) -> dict:
     """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) for a one-row
     step where the GPU and Triton have it; off for batched steps, on older GPUs, in Triton's interpreter
     and with VICUNAFLOW_PDL=0."""
-    on = PDL and rows == 1 and device.type == "cuda"
+    on = PDL and (rows == 1 or PDL_ROWS > 0) and device.type == "cuda"
     on = on and _pdl_supported(device.index if device.index is not None else -1)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
@@ -184,6 +187,7 @@ def matmul_rows(
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
         counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
+        PREFETCH=PDL_ROWS == 2, **pdl_options(x.device, rows=m),
     )  # fmt: skip
     return out
 

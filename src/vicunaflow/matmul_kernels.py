@@ -53,7 +53,7 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
 
 @triton.autotune(
     configs=float_configs,
-    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT"],
+    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH"],
     prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
@@ -76,6 +76,8 @@ def float_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels.PDL_ROWS)
+    PREFETCH: tl.constexpr = False,  # PDL: ask for the first weight tiles into L2 before waiting for the inputs
 ):
     tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -84,6 +86,11 @@ def float_matmul_kernel(
     # this program's part of K: whole tiles of BLOCK_K (the last part masked where they do not divide evenly)
     PART: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT * BLOCK_K
     part = tl.program_id(1)
+    if PDL:
+        if PREFETCH:  # no kernel of a step writes weights: these lines can be on their way while the last one ends
+            lines = part * PART + tl.arange(0, 2 * BLOCK_K // 64) * 64  # 128-byte lines of float16
+            prefetch_l2(w_ptr + cols[:, None] * K + lines[None, :], col_ok[:, None] & (lines < K)[None, :])
+        tl.extra.cuda.gdc_wait()  # every earlier kernel's results are in
     EVEN: tl.constexpr = N % BLOCK_N == 0 and K % (BLOCK_K * SPLIT) == 0  # no masks (decided at compile time)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output's transpose
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: sum of x^2 per row
@@ -100,6 +107,8 @@ def float_matmul_kernel(
             acc += tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
         else:  # the input rounded to the weight's dtype, as cuBLAS takes it
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
+    if PDL:  # the next kernel may launch once every program has read all of its K
+        tl.extra.cuda.gdc_launch_dependents()
     if SPLIT == 1:
         store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
     else:
@@ -132,3 +141,12 @@ def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask for the lines at `ptrs` (where `mask`) to be brought into L2, without waiting for them."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
