@@ -170,6 +170,11 @@ def main() -> None:
         "bench_serve.py's 128-token prompts and 256-token replies (the served steps' gaps, beside it)",
     )  # fmt: skip
     parser.add_argument(
+        "--profile-prefill", type=int, nargs="+", metavar="PROMPTS", default=[],
+        help="ours: time and profile one prefill forward of this many --prompt-tokens prompts, as a burst of users "
+        "gets (Runner.prefill_chunks), each count in turn",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile-attention-tiles", nargs="+", metavar="SPLIT,TILE,WARPS,STAGES", default=[],
         help="ours: profile each many-row step again with these attention_kernels.MANY_ROWS_TILES (tensor cores), "
         "and time the attention alone over the engine's own cache: tiles timed where a step runs them",
@@ -593,6 +598,10 @@ def bench_ours(model, tokenizer, prompts, args) -> list[dict]:
         if args.profile_attention_tiles and rows >= attention_kernels_module().MANY_ROWS and graphs:
             tiles = attention_tiles_in_steps(engine, model, rows, args.profile_attention_tiles)
             results.append({"engine": "vicunaflow", "mode": "attention-tiles", "concurrency": rows, "tiles": tiles})
+    for prompts in args.profile_prefill:
+        profile = prefill_profile(engine, model, prompts, args.prompt_tokens)
+        results.append({"engine": "vicunaflow", "mode": "prefill-profile", "prompts": prompts, **profile})
+        print({k: v for k, v in results[-1].items() if k != "kernel_time"}, flush=True)
     del engine
     return results
 
@@ -762,6 +771,35 @@ def step_profile(engine, model, single: dict, steps: int = 50, rows: int = 1, sp
     if single_rank and bucket is not None and torch.device(device).type == "cuda":
         profile["kernels_per_step"] = count_kernels(lambda: runner._forward(bucket))
     return profile
+
+
+@torch.inference_mode()
+def prefill_profile(engine, model, prompts: int, length: int, repeats: int = 5) -> dict:
+    """One prefill forward of `prompts` prompts of `length` tokens in rows 0.., as the engine writes a burst of
+    users' prompts: its wall time (best of `repeats`, synced), the rate in tokens/s and in model FLOP/s (two a
+    weight a token), and its kernels by name (one forward profiled)."""
+    from vicunaflow.engine.runner import PrefillChunk
+
+    runner, device = engine.runner, engine.device
+    chunks = [PrefillChunk([5 + (row + i) % 1000 for i in range(length)], 0, row) for row in range(prompts)]
+    try:
+        runner.prefill_chunks(chunks)  # first use: allocations
+        sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.prefill_chunks(chunks)
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        tokens = prompts * length
+        profile = {"tokens": tokens, "prefill_ms": 1000 * best, "prefill_tok_s": tokens / best}
+        profile["model_tflops"] = 2 * model.weight_bytes() / model.dtype.itemsize * tokens / best / 1e12
+        if torch.device(device).type == "cuda":
+            profile["kernel_time"] = kernel_breakdown(lambda: runner.prefill_chunks(chunks), 1, top=16)
+        return profile
+    finally:
+        for row in range(prompts):
+            engine.cache.release(row)
 
 
 def attention_kernels_module():

@@ -295,42 +295,6 @@ def test_a_burst_of_prompts_behind_a_running_stream_is_written_in_one_forward(lo
     assert [r.decoder.ids for r in requests] == alone
 
 
-def test_an_idle_engine_takes_requests_arriving_together_into_one_forward(loaded, monkeypatch):
-    """Requests arriving a few ms apart at an idle engine are prefilled together, not the first alone and the rest
-    behind it; once arrivals stop for ARRIVAL_GAP_S the forward starts, and a lone request waits about that."""
-    from vicunaflow.engine import scheduler
-
-    model, tokenizer = loaded
-    monkeypatch.setattr(scheduler, "ARRIVAL_GAP_S", 0.15)  # generous: the CPU may be slow to submit
-    monkeypatch.setattr(scheduler, "ARRIVAL_WAIT_S", 5.0)
-    sizes, real = [], Runner.prefill_chunks
-    monkeypatch.setattr(Runner, "prefill_chunks", lambda self, chunks: sizes.append(len(chunks)) or real(self, chunks))
-    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
-    prompts = [_prompt(tokenizer, q) for q in QUESTIONS[:3]]
-    with Engine(model, tokenizer, max_batch_size=4) as engine:
-        done = threading.Semaphore(0)
-        for prompt in prompts:
-            engine.submit(prompt, params, lambda e: e.finish_reason and done.release())
-            time.sleep(0.05)
-        for _ in prompts:
-            done.acquire()
-        assert sizes == [3]
-        started = time.perf_counter()
-        events = list(engine.generate(prompts[0], SamplingParams(temperature=0, max_new_tokens=1)))
-        assert events[-1].finish_reason == "length" and time.perf_counter() - started >= 0.15
-        assert sizes == [3, 1]
-    monkeypatch.setattr(scheduler, "ARRIVAL_GAP_S", 0.0)  # off: the first request goes alone
-    del sizes[:]
-    with Engine(model, tokenizer, max_batch_size=4) as engine:
-        done = threading.Semaphore(0)
-        for prompt in prompts:
-            engine.submit(prompt, params, lambda e: e.finish_reason and done.release())
-            time.sleep(0.05)
-        for _ in prompts:
-            done.acquire()
-    assert sizes[0] == 1
-
-
 def test_a_burst_out_of_device_memory_is_written_again_in_smaller_forwards(loaded, monkeypatch):
     """A prefill forward of several chunks that runs out of device memory (eager activations beside the weights
     and the cache) halves prefill_burst and writes the prompts again: no request fails, replies are a lone

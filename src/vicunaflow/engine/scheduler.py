@@ -83,11 +83,6 @@ PREFILL_BURST = 32
 # default: on an H200 (7B, through the API) 128 took the 32-stream inter-token gap p99 from 23.7 to 13.2 ms but
 # the tokens/s from 4,555 to 4,072 (docs/engine.md, "Prompts in decode steps")
 MIXED_PREFILL = 0
-# An idle engine woken by a request waits while more keep arriving, each within this long of the one before, up
-# to ARRIVAL_WAIT_S after the first, so that a burst of users is prefilled together rather than its first
-# request alone and the rest behind that forward (`_gather_arrivals`). 0 turns it off.
-ARRIVAL_GAP_S = float(os.environ.get("VICUNAFLOW_ARRIVAL_GAP_MS", "1")) / 1000
-ARRIVAL_WAIT_S = 0.02
 
 
 @dataclasses.dataclass
@@ -414,8 +409,6 @@ class Engine:
                         self.lock.wait()
                     if not self.running:
                         break
-                    if not self.rows and not self.prefilling:
-                        self._gather_arrivals()
                     self._take_waiting()
                 try:
                     self._drop_finished()
@@ -448,20 +441,6 @@ class Engine:
             return
         for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
             self._finish(request, "cancelled")
-
-    def _gather_arrivals(self) -> None:
-        """Idle, with requests waiting (the lock held): wait while more arrive, each within ARRIVAL_GAP_S of the
-        one before, for at most ARRIVAL_WAIT_S after the first or until a batch is waiting. A lone request waits
-        ARRIVAL_GAP_S from its submission."""
-        if ARRIVAL_GAP_S <= 0:
-            return
-        first = self.waiting[0].submitted
-        while self.running and 0 < len(self.waiting) < self.max_batch_size:
-            wake = min(self.waiting[-1].submitted + ARRIVAL_GAP_S, first + ARRIVAL_WAIT_S)
-            now = time.perf_counter()
-            if now >= wake:
-                return
-            self.lock.wait(wake - now)
 
     def _admissible(self) -> bool:
         """Whether `_take_waiting` would take the first waiting request now."""
