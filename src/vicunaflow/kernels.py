@@ -74,7 +74,7 @@ def pdl_options(device: torch.device, rows: int = 1) -> dict:
     """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) for a one-row
     step where the GPU and Triton have it; off for batched steps, on older GPUs, in Triton's interpreter
     and with VICUNAFLOW_PDL=0."""
-    on = PDL and (rows == 1 or PDL_ROWS > 0) and device.type == "cuda"
+    on = PDL and (rows == 1 or (PDL_ROWS > 0 and rows <= FLOAT_ROWS_MAX)) and device.type == "cuda"
     on = on and _pdl_supported(device.index if device.index is not None else -1)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
