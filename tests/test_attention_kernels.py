@@ -198,23 +198,31 @@ def test_engine_decodes_through_the_kernel(fixture, rope, request, monkeypatch):
         (3, 3, 40, torch.float32),  # head_dim not a power of two (as the attention kernel allows): masked
     ],
 )
-def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("prompt", [False, True], ids=["decode-rows", "one-prompt"])
+def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, head_dim, dtype, prompt):
     """q rotated inside q|k|v, k rotated and v copied into each row's block at its position, as the
-    model's own rotary (apply_rope) and cache write would; k and v in q|k|v untouched."""
+    model's own rotary (apply_rope) and cache write would; k and v in q|k|v untouched, or (a prompt's
+    tokens sharing one block table, as a prefill stores them) k rotated in place too."""
     from vicunaflow.engine.model import apply_rope
 
     generator = torch.Generator().manual_seed(heads + head_dim)
-    rows, blocks, block_size = 3, 10, 4
+    rows, blocks, block_size = 3, 16, 4
     qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
     positions = torch.tensor([0, 5, 13], device=DEVICE)
-    tables = torch.randint(1, blocks, (rows, 4), generator=generator).to(DEVICE)
+    # distinct blocks (none the scratch block 0): no two positions share a slot
+    tables = (1 + torch.randperm(blocks - 1, generator=generator)[: rows * 4]).view(rows, 4).to(DEVICE)
     keys = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype, device=DEVICE)
     values = torch.zeros_like(keys)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
     angles = positions.float()[:, None] * inv_freq  # [rows, head_dim / 2]
     out = qkv.clone()
     strided = torch.stack([positions, positions * 0], dim=1)[:, 0]  # the runner's positions: a column of its inputs
-    attention_kernels.rope_store(out, angles.cos(), angles.sin(), strided, tables, keys, values, heads)
+    if prompt:  # the three rows are one prompt's tokens: its table serves them all
+        tables = tables[:1]
+    attention_kernels.rope_store(
+        out, angles.cos(), angles.sin(), strided, tables, keys, values, heads,
+        tokens_per_table=rows if prompt else 1, keys_in_place=prompt,
+    )  # fmt: skip
 
     emb = torch.cat([angles, angles], dim=-1)[:, None, None]  # [rows, 1, 1, head_dim]
     q_and_k = qkv[:, : (heads + kv_heads) * head_dim].double().view(rows, 1, heads + kv_heads, head_dim)
@@ -222,10 +230,16 @@ def test_rope_store_rotates_in_place_and_stores_into_blocks(heads, kv_heads, hea
     tolerance = 2**-9 if dtype == torch.float16 else 1e-5
     got_q = out[:, : heads * head_dim].double().view(rows, heads, head_dim)
     assert torch.allclose(got_q, rotated[:, :heads], rtol=tolerance, atol=tolerance)
-    assert torch.equal(out[:, heads * head_dim :], qkv[:, heads * head_dim :])
+    assert torch.equal(out[:, (heads + kv_heads) * head_dim :], qkv[:, (heads + kv_heads) * head_dim :])
+    got_k = out[:, heads * head_dim : (heads + kv_heads) * head_dim]
+    if prompt:
+        got_k = got_k.double().view(rows, kv_heads, head_dim)
+        assert torch.allclose(got_k, rotated[:, heads:], rtol=tolerance, atol=tolerance)
+    else:
+        assert torch.equal(got_k, qkv[:, heads * head_dim : (heads + kv_heads) * head_dim])
     for row in range(rows):
         position = int(positions[row])
-        block = int(tables[row, position // block_size])
+        block = int(tables[0 if prompt else row, position // block_size])
         stored_k = keys[block, :, position % block_size].double()
         assert torch.allclose(stored_k, rotated[row, heads:], rtol=tolerance, atol=tolerance)
         assert torch.equal(

@@ -233,29 +233,41 @@ def rope_store(
     keys: torch.Tensor,
     values: torch.Tensor,
     heads: int,
+    *,
+    tokens_per_table: int = 1,
+    keys_in_place: bool = False,
 ) -> None:
     """One token per row: rotate q and k inside qkv in place (LLaMA's half-split rotary) and store the
     rotated k and the v in the row's block at its position.
 
     Why: one launch a layer where the rotation matrices' batched matmul, the block lookups and the two
-    indexed stores took six (a decode step is launch-bound: ~2-4 µs each, 32-80 layers).
+    indexed stores took six (a decode step is launch-bound: ~2-4 µs each, 32-80 layers); in a prefill, where
+    torch's rotary (a concatenation and four elementwise kernels over strided heads) and the indexed stores
+    took over a quarter of a 7B's prefill forward (bench_chat --profile-prefill, docs/benchmarks.md).
     qkv: [B, (H + 2 Hkv) * D] contiguous (q heads, k heads, v heads); cos, sin: [B, D / 2] float32
-    (each row's angles, computed once a step); positions [B] and tables [B, W] (rows may be strided);
-    keys, values: [blocks, Hkv, block_size, D] contiguous. Rotation in float32, rounded once.
+    (each row's angles, computed once a step); positions [B] (rows may be strided); tables [W] rows, one per
+    `tokens_per_table` consecutive rows of qkv (a prefill's B = prompts x length rows, a prompt's table each);
+    keys, values: [blocks, Hkv, block_size, D] contiguous. Rotation in float32, rounded once. keys_in_place:
+    the rotated k also replaces k in qkv (else k and v there are left as they were).
     """
     B = qkv.shape[0]
     _, kv_heads, block_size, D = keys.shape
-    if qkv.shape[1] != (heads + 2 * kv_heads) * D or not qkv.is_contiguous() or cos.shape != (B, D // 2):
+    shapes_fit = qkv.shape[1] == (heads + 2 * kv_heads) * D and cos.shape == (B, D // 2)
+    if not shapes_fit or not qkv.is_contiguous() or tables.shape[0] * tokens_per_table != B:
         raise ValueError(
             f"rope_store: q|k|v {tuple(qkv.shape)}, cos {tuple(cos.shape)} do not fit {heads} + 2 x {kv_heads} "
-            f"heads of {D}"
+            f"heads of {D}, {tables.shape[0]} tables of {tokens_per_table} rows each"
         )
     if tables.stride(1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("rope_store: keys and values must be contiguous, tables' rows too")
-    _kernels()[2][(B, heads + kv_heads)](
+    # a head a program in decode steps (as timed there); a prompt's many tokens, up to 8 heads a program: one a
+    # program left a 7B's 8,192-token prefill at 406 µs a layer (an H200; 8,192 x 64 programs), 8 took it to 124
+    per_program = 1 if tokens_per_table == 1 else math.gcd(heads, kv_heads, 8)
+    _kernels()[2][(B, (heads + kv_heads) // per_program)](
         qkv, cos.contiguous(), sin.contiguous(), positions, tables, keys, values, positions.stride(0), tables.stride(0),
-        H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
-        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D), **kernels.pdl_options(qkv.device, rows=B),
+        tokens_per_table, H=heads, HKV=kv_heads, D=D, HALF=D // 2, BLOCK_SIZE=block_size,
+        HALF_PAD=triton_next_power_of_2(D // 2), D_PAD=triton_next_power_of_2(D), KEYS_IN_PLACE=keys_in_place,
+        HEADS=per_program, **kernels.pdl_options(qkv.device, rows=B),
     )  # fmt: skip
 
 

@@ -51,9 +51,13 @@ FLOAT_ROWS = os.environ.get("VICUNAFLOW_FLOAT_ROWS", "triton")
 # against 4.34 ms, 32 rows 6.16 against 6.11 (bench/results/chat_rows_pdl_h200.json).
 # "0" turns it off (bench_chat --pdl on off times both).
 PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
-# Batched steps with PDL too (an experiment, eighteenth session): "1" where matmul_rows lets the next kernel launch
-# only once its programs have read all of K, "2" also prefetches its first weight tiles to L2 before waiting.
-PDL_ROWS = int(os.environ.get("VICUNAFLOW_PDL_ROWS", "0"))
+# Batched steps of up to FLOAT_ROWS_MAX rows with PDL too, now that matmul_rows lets the next kernel launch only
+# once its programs have read all of K: "2" (the default) also prefetches its first weight lines to L2 before it
+# waits, "1" does not, "0" keeps PDL to one-row steps. On an H200 (7B, eighteenth session) steps of 64 rows
+# replayed in 6.59 / 6.62 / 6.71 ms with 2 / 1 / 0, of 32 rows in 5.17 / 5.18 / 5.19; through the API 8,203
+# against 8,173 tokens/s at 64 streams and 5,674 against 5,612 at 32 with 2 against 0, in one run
+# (bench/results/chat_7b_h200_session18_pdl_rows*.json, serve_7b_h200_session18_pdl_rows*.json).
+PDL_ROWS = int(os.environ.get("VICUNAFLOW_PDL_ROWS", "2"))
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
 # against a wider set on the 7B shapes.
@@ -72,8 +76,8 @@ def available() -> bool:
 
 def pdl_options(device: torch.device, rows: int = 1) -> dict:
     """Launch arguments of a kernel with a `PDL` constexpr: PDL on (and Triton's launch_pdl) for a one-row
-    step where the GPU and Triton have it; off for batched steps, on older GPUs, in Triton's interpreter
-    and with VICUNAFLOW_PDL=0."""
+    step, and (PDL_ROWS) a batched one of up to FLOAT_ROWS_MAX rows, where the GPU and Triton have it; off
+    for more rows (prefill), on older GPUs, in Triton's interpreter and with VICUNAFLOW_PDL=0."""
     on = PDL and (rows == 1 or (PDL_ROWS > 0 and rows <= FLOAT_ROWS_MAX)) and device.type == "cuda"
     on = on and _pdl_supported(device.index if device.index is not None else -1)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}

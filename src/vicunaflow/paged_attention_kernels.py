@@ -220,6 +220,7 @@ def rope_store_kernel(
     v_ptr,
     position_stride,
     table_row_stride,
+    tokens_per_table,  # consecutive rows (a prompt's tokens) sharing a block table: 1 in a decode step
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -227,33 +228,37 @@ def rope_store_kernel(
     BLOCK_SIZE: tl.constexpr,
     HALF_PAD: tl.constexpr,  # powers of two >= HALF, D (tl.arange's): head_dim need not be one
     D_PAD: tl.constexpr,
+    KEYS_IN_PLACE: tl.constexpr,  # also write the rotated k back into q|k|v (a prefill attending to it there)
+    HEADS: tl.constexpr,  # heads a program rotates: a power of two dividing H and HKV (all query or all key heads)
     PDL: tl.constexpr,
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    row, head = tl.program_id(0), tl.program_id(1)  # head < H: a query head; else key head head - H
+    row, first_head = tl.program_id(0), tl.program_id(1) * HEADS  # < H: query heads; else key heads (- H)
+    heads = first_head + tl.arange(0, HEADS)  # [HEADS]
     WIDTH: tl.constexpr = (H + 2 * HKV) * D
     j = tl.arange(0, HALF_PAD)
-    j_ok = j < HALF
-    cos = tl.load(cos_ptr + row * HALF + j, mask=j_ok, other=0.0)
-    sin = tl.load(sin_ptr + row * HALF + j, mask=j_ok, other=0.0)
-    base = qkv_ptr + row * WIDTH + head * D
-    first = tl.load(base + j, mask=j_ok, other=0.0).to(tl.float32)
-    second = tl.load(base + HALF + j, mask=j_ok, other=0.0).to(tl.float32)
+    j_ok = (j < HALF)[None, :]  # [1, HALF_PAD]
+    cos = tl.load(cos_ptr + row * HALF + j[None, :], mask=j_ok, other=0.0)  # [1, HALF_PAD]
+    sin = tl.load(sin_ptr + row * HALF + j[None, :], mask=j_ok, other=0.0)
+    halves = qkv_ptr + row * WIDTH + heads[:, None] * D + j[None, :]  # [HEADS, HALF_PAD]: each head's first half
+    first = tl.load(halves, mask=j_ok, other=0.0).to(tl.float32)
+    second = tl.load(halves + HALF, mask=j_ok, other=0.0).to(tl.float32)
     out_first = (first * cos - second * sin).to(qkv_ptr.dtype.element_ty)
     out_second = (second * cos + first * sin).to(qkv_ptr.dtype.element_ty)
-    if head < H:
-        tl.store(base + j, out_first, mask=j_ok)
-        tl.store(base + HALF + j, out_second, mask=j_ok)
-    else:
-        kv_head = head - H
+    if first_head < H or KEYS_IN_PLACE:
+        tl.store(halves, out_first, mask=j_ok)
+        tl.store(halves + HALF, out_second, mask=j_ok)
+    if first_head >= H:
+        kv_heads = heads - H
         position = tl.load(position_ptr + row * position_stride)
-        block = tl.load(table_ptr + row * table_row_stride + position // BLOCK_SIZE).to(tl.int64)
-        slot = ((block * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D
-        tl.store(k_ptr + slot + j, out_first, mask=j_ok)
-        tl.store(k_ptr + slot + HALF + j, out_second, mask=j_ok)
-        dims = tl.arange(0, D_PAD)
+        table_row = table_ptr + (row // tokens_per_table) * table_row_stride
+        block = tl.load(table_row + position // BLOCK_SIZE).to(tl.int64)
+        slots = (((block * HKV + kv_heads) * BLOCK_SIZE + position % BLOCK_SIZE) * D)[:, None]  # [HEADS, 1]
+        tl.store(k_ptr + slots + j[None, :], out_first, mask=j_ok)
+        tl.store(k_ptr + slots + HALF + j[None, :], out_second, mask=j_ok)
+        dims = tl.arange(0, D_PAD)[None, :]
         dim_ok = dims < D
-        v = tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_head) * D + dims, mask=dim_ok)
-        tl.store(v_ptr + slot + dims, v, mask=dim_ok)
+        v = tl.load(qkv_ptr + row * WIDTH + (H + HKV + kv_heads)[:, None] * D + dims, mask=dim_ok)  # [HEADS, D_PAD]
+        tl.store(v_ptr + slots + dims, v, mask=dim_ok)

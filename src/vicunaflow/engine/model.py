@@ -183,10 +183,13 @@ class Block(torch.nn.Module):
         self.w13: Weight | None = None  # [2 * ffn, dim]: gate rows, then up rows
         self.w2: Weight | None = None  # [dim, ffn]
 
-    def forward(self, hidden, rope, mask, tables, positions, kv_length: int, lengths=None) -> torch.Tensor:
+    def forward(
+        self, hidden, rope, mask, tables, positions, kv_length: int, lengths=None, fresh: bool = False
+    ) -> torch.Tensor:
         """hidden [B*T, dim] -> [B*T, dim]; block tables [B, width]; positions [B, T]; mask [B, 1, T, kv_length],
         or None for a decode step through the paged attention kernel (attention_kernels.py), which then
-        takes lengths [B] (each row's positions + 1, computed once a step).
+        takes lengths [B] (each row's positions + 1, computed once a step). rope: as Transformer.rope gives it
+        (angles [B*T, head_dim / 2] where the kernels rotate a prompt). fresh: see Transformer.forward.
 
         hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
         symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
@@ -204,11 +207,23 @@ class Block(torch.nn.Module):
                 qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters
             )  # [B, H * D]
         else:
-            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
+            keys, values = cache.keys[self.index], cache.values[self.index]
+            if model.attention_kernel:  # CUDA: q and k rotated in place, k and v stored, in one launch
+                # every head of the B*T tokens at once, a prompt's T tokens sharing its block table
+                attention_kernels.rope_store(
+                    qkv, *rope, positions.reshape(-1), tables, keys, values, H, tokens_per_table=T, keys_in_place=fresh
+                )
+                qk = qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D)
+            else:
+                qk = apply_rope(qkv[:, : (H + Hkv) * D].view(B, T, H + Hkv, D), rope)  # [B, T, H + Hkv, D]
             v = qkv[:, (H + Hkv) * D :].view(B, T, Hkv, D)
-            cache.write(self.index, tables, positions, qk[:, :, H:], v)
-            keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
-            keys, values = keys.to(qk.dtype), values.to(qk.dtype)  # a float8 cache's, widened (else no-ops)
+            if not model.attention_kernel:
+                cache.write(self.index, tables, positions, qk[:, :, H:], v)
+            if fresh:  # what the blocks now hold (before a float8 cache's rounding), without gathering it back
+                keys, values = qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+            else:
+                keys, values = cache.read(self.index, tables, kv_length)  # [B, Hkv, L, D], gathered from the blocks
+                keys, values = keys.to(qk.dtype), values.to(qk.dtype)  # a float8 cache's, widened (else no-ops)
             extra = {"enable_gqa": True} if Hkv != H else {}
             with sdpa_kernel(PROMPT_ATTENTION):
                 attention = F.scaled_dot_product_attention(
@@ -266,6 +281,7 @@ class Transformer(torch.nn.Module):
         tables: torch.Tensor | None = None,
         first_row: int = 0,
         last: torch.Tensor | None = None,
+        fresh: bool = False,
     ) -> torch.Tensor:
         """Logits of one token per row: input_ids, positions [B, T] go to the cache rows whose block tables
         are tables [B, width] (a device tensor: what the runner sends), or without tables to cache rows
@@ -273,12 +289,18 @@ class Transformer(torch.nn.Module):
 
         Each token attends to its row's cached tokens at positions <= its own, among the first
         kv_length. last [B]: which of the T tokens gives the row's logits (default: the last).
+        fresh: every row's tokens are its first, at positions 0..T-1, and kv_length is T (a prompt's first
+        piece): attention takes their keys and values from this forward's own q|k|v instead of gathering
+        back what it just stored (the same values; a float8 cache's before its rounding, as vLLM's prompt
+        attention takes them: the rounding only reaches later pieces and decode steps).
         Returns [B, vocab] in the model's dtype.
         """
         B, T = input_ids.shape
+        if fresh and kv_length != T:
+            raise ValueError(f"a fresh prefill attends to its own {T} positions, not {kv_length}")
         hidden = F.embedding(input_ids.reshape(-1), self.embed)  # [B*T, dim]
         fused = T == 1 and self.attention_kernel  # decode through attention_kernels.decode_attention
-        rope = self.rope(positions, angles=fused)
+        rope = self.rope(positions, angles=self.attention_kernel)
         if tables is None:
             for row in range(first_row, first_row + B):
                 self.cache.ensure(row, int(positions.max()) + 1)
@@ -293,7 +315,7 @@ class Transformer(torch.nn.Module):
             )
         lengths = positions[:, 0] + 1 if fused else None  # [B]
         for layer in self.layers:
-            hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths)
+            hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths, fresh)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
@@ -302,10 +324,11 @@ class Transformer(torch.nn.Module):
     def rope(self, positions: torch.Tensor, angles: bool = False) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Rotary tables for positions [B, T]: (cos, sin) [B, T, 1, head_dim], or for T == 1 the
         rotation matrices [B, head_dim, head_dim] (one batched matmul per layer instead of six kernels),
-        or with angles (T == 1, attention_kernels.decode_attention) float32 (cos, sin) [B, head_dim / 2]."""
+        or with angles (attention_kernels' rope_store) float32 (cos, sin) [B*T, head_dim / 2]."""
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, head_dim / 2]
         if angles:
-            return freqs[:, 0].cos(), freqs[:, 0].sin()
+            freqs = freqs.reshape(-1, freqs.shape[-1])  # [B*T, head_dim / 2]
+            return freqs.cos(), freqs.sin()
         emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, head_dim]
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         if positions.shape[1] == 1:

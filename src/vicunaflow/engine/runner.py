@@ -246,11 +246,13 @@ class Runner:
     def _prefill(self, packed: torch.Tensor) -> torch.Tensor:
         length = packed.shape[1] - 2 - self.cache.width
         kv_length = int((packed[:, length] + packed[:, length + 1]).max())  # host values: the attended length is exact
-        return self._prefill_forward(packed.to(self.device), length, kv_length)
+        fresh = kv_length == length and bool((packed[:, length] == 0).all())
+        return self._prefill_forward(packed.to(self.device), length, kv_length, fresh)
 
-    def _prefill_forward(self, packed: torch.Tensor, length: int, kv_length: int) -> torch.Tensor:
+    def _prefill_forward(self, packed: torch.Tensor, length: int, kv_length: int, fresh: bool) -> torch.Tensor:
         """The forward of packed [n, length + 2 + width] on the device (per row: ids, start, count, block
-        table) attending to the first kv_length positions; the logits of each row's last token [n, vocab]."""
+        table) attending to the first kv_length positions; the logits of each row's last token [n, vocab].
+        fresh: every row starts at position 0 and kv_length is length (Transformer.forward's)."""
         ids, start, count, tables = (
             packed[:, :length],
             packed[:, length],
@@ -260,11 +262,12 @@ class Runner:
         # positions start..start+count-1, then padding: written past the row's tokens (its own block, where a
         # later chunk or decode step overwrites them before any query attends there, or the scratch block)
         positions = (start[:, None] + torch.arange(length, device=self.device)).clamp_(max=self.cache.context - 1)
-        return self.model(ids, positions, kv_length=kv_length, tables=tables, last=count - 1)
+        return self.model(ids, positions, kv_length=kv_length, tables=tables, last=count - 1, fresh=fresh)
 
     def _prefill_bucket(self, chunks: list[PrefillChunk]) -> tuple[int, int, int] | None:
         """The (rows, length, attended length) bucket a chunk pads to, or None: it runs as it is. First pieces
-        attend within their bucket's length; a later piece, alone, up to the next of `prefill_kv_lengths`."""
+        attend within their bucket's length; a later piece, alone, up to the next of `prefill_kv_lengths`
+        beyond its bucket's length (a bucket attending to its own length is a fresh one: first pieces')."""
         if not self.prefill_lengths or any(c.logprobs is not None for c in chunks):
             return None
         rows = next((r for r in self.PREFILL_ROWS if r >= len(chunks)), None)
@@ -275,7 +278,7 @@ class Runner:
         if all(c.start == 0 for c in chunks):
             return rows, length, length
         end = chunks[0].start + len(chunks[0].tokens)
-        kv_length = next((n for n in self.prefill_kv_lengths if n >= end), None)
+        kv_length = next((n for n in self.prefill_kv_lengths if n >= end and n > length), None)
         return None if len(chunks) > 1 or kv_length is None else (1, length, kv_length)
 
     def _padded_prefill(self, chunks: list[PrefillChunk], rows: int, length: int, kv_length: int) -> torch.Tensor:
@@ -285,7 +288,7 @@ class Runner:
         host = self._pack(chunks, rows, length)
         bucket = self.prefill_graphs.get((rows, length, kv_length))
         if bucket is None:
-            return self._prefill_forward(host.to(self.device), length, kv_length)[: len(chunks)]
+            return self._prefill_forward(host.to(self.device), length, kv_length, kv_length == length)[: len(chunks)]
         bucket["packed"].copy_(host)  # pageable memory: the host buffer is free again when this returns
         bucket["graph"].replay()
         return bucket["logits"][: len(chunks)]
@@ -302,7 +305,9 @@ class Runner:
                 packed = torch.zeros(rows, length + 2 + self.cache.width, dtype=torch.long, device=self.device)
                 packed[:, length + 1] = length  # whole rows of the scratch block
                 graph, logits = self._graph(
-                    lambda packed=packed, length=length, kv=kv_length: self._prefill_forward(packed, length, kv)
+                    lambda packed=packed, length=length, kv=kv_length: self._prefill_forward(
+                        packed, length, kv, kv == length
+                    )
                 )
                 self.prefill_graphs[rows, length, kv_length] = {"packed": packed, "graph": graph, "logits": logits}
         except Exception as err:
