@@ -209,7 +209,9 @@ def combine_kernel(
     combine(partial_ptr, stats_ptr, out_ptr, row, heads, head_ok, length, H, D, SPLITS, SPLIT_TOKENS, D_PAD)
 
 
-@triton.jit
+# A prompt's table row stride and token count vary with its length: specialised (== 1, divisible by 16) each new
+# kind would compile the kernel again on a request's path; a decode step's are fixed per bucket anyway
+@triton.jit(do_not_specialize=["table_row_stride", "tokens_per_table"])
 def rope_store_kernel(
     qkv_ptr,  # [B, (H + 2 HKV) * D]
     cos_ptr,  # [B, HALF] float32

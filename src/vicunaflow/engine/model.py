@@ -305,6 +305,10 @@ class Transformer(torch.nn.Module):
             for row in range(first_row, first_row + B):
                 self.cache.ensure(row, int(positions.max()) + 1)
             tables = self.cache.tables[first_row : first_row + B].to(positions.device, torch.long)
+        if self.attention_kernel and not fused:
+            # a fresh copy for rope_store's kernel: the runner's tables are a slice of its packed rows, starting at
+            # an offset that depends on the prompts' length, and Triton compiles a kernel per pointer alignment
+            tables = tables.clone()
         mask = None
         if not fused:
             kv_index = torch.arange(kv_length, device=positions.device)
