@@ -672,3 +672,49 @@ def test_an_engine_loop_error_fails_every_request_and_stops_the_engine(loaded, m
         assert engine.snapshot_stats()["failure"] == "RuntimeError: bookkeeping bug"
         with pytest.raises(VicunaflowError, match="the engine stopped after an error: RuntimeError: bookkeeping bug"):
             engine.submit([1, 5], params, lambda event: None)
+
+
+def test_a_failing_event_handler_ends_its_own_request_only(loaded, caplog):
+    """A consumer whose handler raises (a closed socket, a full queue) loses its request; the batch it
+    decodes in goes on, with every other reply whole."""
+    model, tokenizer = loaded
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    seen = []
+
+    def broken(event):
+        seen.append(event)
+        if len(seen) == 3:
+            raise ConnectionResetError("the client went away")
+
+    with Engine(model, tokenizer, max_batch_size=4) as engine:
+        with engine.lock:  # all in one batch
+            others = [_events(engine, [1, 5, 6, 7 + i], params) for i in range(3)]
+            bad = engine.submit([1, 5, 6, 9], params, broken)
+        for request, events in others:
+            assert _last(events).finish_reason == "length" and request.completion_tokens == 12
+        deadline = time.monotonic() + 10
+        while not (bad.done and engine.snapshot_stats()["active"] == 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bad.cancelled and seen[-1].finish_reason == "cancelled" and bad.completion_tokens < 12
+        assert engine.snapshot_stats()["failure"] is None
+    assert "its event handler failed; the request is cancelled" in caplog.text
+
+
+def test_stopping_ends_queued_requests_and_a_restart_does_not_run_them(loaded):
+    """stop() ends every request it leaves behind with "cancelled" and forgets it: an engine started
+    again (eval starts and stops one per batch) neither runs it nor sends it events after its last."""
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=1, max_context=512).start()
+    with engine.lock:  # one row: the second waits behind a long reply
+        _, running_events = _events(engine, [1, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=400))
+        queued, queued_events = _events(engine, [1, 5], SamplingParams(temperature=0, max_new_tokens=8))
+    running_events.get(timeout=60)  # decoding
+    engine.stop()
+    assert _last(queued_events).finish_reason == "cancelled" and _last(running_events).finish_reason == "cancelled"
+    stats = engine.snapshot_stats()
+    assert stats["active"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks"] and not engine.waiting
+    with engine:
+        fresh, fresh_events = _events(engine, [1, 5, 6], SamplingParams(temperature=0, max_new_tokens=4))
+        assert _last(fresh_events).finish_reason in ("length", "stop")
+    assert queued_events.empty() and running_events.empty()
+    assert queued.completion_tokens == 0 and fresh.done

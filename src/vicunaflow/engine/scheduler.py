@@ -439,8 +439,14 @@ class Engine:
             for request in self.rows + [job.request for job in self.prefilling] + waiting:
                 self._finish(request, "error", error=f"the engine stopped after an error: {self.failure}")
             return
-        for request in self.rows + [job.request for job in self.prefilling] + list(self.waiting):
+        with self.lock:  # stopped: what is left ends here and leaves the queues, so a restart cannot revive it
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in self.rows + [job.request for job in self.prefilling] + waiting:
+            request.cancelled = True
             self._finish(request, "cancelled")
+        self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
+        for row in range(self.max_batch_size):
+            self.cache.release(row)
 
     def _admissible(self) -> bool:
         """Whether `_take_waiting` would take the first waiting request now."""
@@ -826,7 +832,11 @@ class Engine:
         ready, request.held = held[:ready_length], held[ready_length:]
         if ready:
             request.text += ready
-            request.sink(request.event(ready))
+            try:
+                request.sink(request.event(ready))
+            except Exception:  # the consumer's fault (a closed socket, a full queue): end its request, not the batch
+                log.exception("request %d: its event handler failed; the request is cancelled", request.id)
+                request.cancel()
 
     def _finish(self, request: Request, reason: str, text: str = "", error: str | None = None) -> None:
         if request.done:
