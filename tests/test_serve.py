@@ -561,6 +561,34 @@ def test_a_small_requests_work_runs_on_the_loop_and_a_large_ones_in_a_thread():
     assert not app._small_text(["a"] * 2048)  # OpenAI's most prompts a request, one character each
 
 
+def test_a_streamed_echo_decodes_its_prompt_off_the_event_loop(loaded, monkeypatch):
+    """Echoing a prompt with its logprobs decodes every prompt token and its alternatives: for a long prompt,
+    work that would hold up every other stream's events were it done on the loop, as it is not when not
+    streamed."""
+    from vicunaflow.engine import Engine, SamplingParams
+    from vicunaflow.serve import app
+
+    model, tokenizer = loaded
+    decoded_on = []
+    completion_logprobs = app.completion_logprobs
+
+    def recording(rows, k):
+        decoded_on.append(threading.get_ident())
+        return completion_logprobs(rows, k)
+
+    monkeypatch.setattr(app, "completion_logprobs", recording)
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+
+    async def stream() -> tuple[int, str]:
+        chunks = app._stream_completion(engine, [1, 450, 748, 310], params, "cmpl-1", "tiny", echo=True, k=2)
+        return threading.get_ident(), "".join([chunk async for chunk in chunks])
+
+    with Engine(model, tokenizer, max_batch_size=1) as engine:
+        loop_thread, text = asyncio.run(stream())
+    assert text.endswith("data: [DONE]\n\n") and len(decoded_on) >= 2  # the prompt, then the reply's chunks
+    assert decoded_on[0] != loop_thread and set(decoded_on[1:]) == {loop_thread}  # a few tokens each: on the loop
+
+
 def test_disconnect_while_waiting_for_a_whole_reply_cancels_it(server):
     """A non-streamed request whose client gave up is cancelled, not decoded to its max_tokens."""
     before = engine_stats(server)

@@ -240,9 +240,21 @@ def test_nothing_in_a_reply_or_health_tells_the_sides_apart(tmp_path):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
         refused = ask(url, battle, "left", n=2)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
-        for fields, param in (({"temperature": 0}, "temperature"), ({"seed": 7}, "seed")):  # /v1 would replay them
+        replayable = [  # /v1 would replay them, or nearly: one likely token at nearly every step
+            ({"temperature": 0}, "temperature"),
+            ({"temperature": 1e-6}, "temperature"),
+            ({"temperature": 0.3}, "temperature"),
+            ({"top_p": 1e-9}, "top_p"),
+            ({"top_p": 0.2}, "top_p"),
+            ({"top_k": 1}, "top_k"),
+            ({"seed": 7}, "seed"),
+        ]
+        for fields, param in replayable:
             refused = ask(url, battle, "left", **fields)
             assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+            assert "under 0.5" in refused.json()["error"]["message"]
+        sampled = ask(url, new_battle(url), "left", temperature=0.5, top_p=0.9, top_k=40)
+        assert sampled.status_code == 200, sampled.text
         reply = ask(url, new_battle(url), "left")
         assert reply.status_code == 200 and "usage" not in reply.json()
         body = {
@@ -424,6 +436,10 @@ def test_a_stopped_engine_is_503_on_health_and_on_requests(tmp_path):
         body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
         reply = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, json=body)
         assert reply.status_code == 503 and "bookkeeping bug" in reply.json()["error"]["message"], reply.text
+        # a stream too: refused before its 200 goes out, not cut off after it
+        for path, fields in (("chat/completions", body), ("completions", {"model": "alpha", "prompt": "hi"})):
+            reply = httpx.post(f"{url}/v1/{path}", headers=AUTH, json={**fields, "stream": True})
+            assert reply.status_code == 503 and "bookkeeping bug" in reply.json()["error"]["message"], reply.text
     with serving({"alpha": FakeEngine("alpha")}, tmp_path) as (url, _):
         health = httpx.get(f"{url}/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"

@@ -75,6 +75,8 @@ PROMPT_CHARS = 64
 INLINE_TOKEN_IDS = 8 * 1024
 # /health's counters when several models are served (summed over the engines)
 HEALTH_TOTALS = ("requests", "active", "waiting", "cancelled", "prefills", "steps", "decode_tokens")
+# The arena's lowest temperature and top_p: below, a reply is close to the greedy one, which /v1 replays.
+ARENA_MIN_SAMPLING = 0.5
 
 
 def create_app(
@@ -258,12 +260,19 @@ def create_app(
                 raise APIError(
                     400, f"the arena does not answer with {field}: it would tell the models apart", param=field
                 )
-            # a reply that can be had again (greedy, or seeded) through /v1 from each model names its side
-            replayable = {"temperature": body.temperature == 0, "seed": body.seed is not None}
+            # a reply that can be had again (greedy, nearly greedy, or seeded) through /v1 from each model names
+            # its side: a low temperature or top_p, or top_k 1, leaves one likely token at nearly every step
+            replayable = {
+                "temperature": body.temperature is not None and body.temperature < ARENA_MIN_SAMPLING,
+                "top_p": body.top_p is not None and body.top_p < ARENA_MIN_SAMPLING,
+                "top_k": body.top_k == 1,
+                "seed": body.seed is not None,
+            }
             field = next((name for name, on in replayable.items() if on), None)
             if field:
                 raise APIError(
-                    400, f"the arena samples afresh (no {field}): its reply, replayed through /v1 for each model, "
+                    400, f"the arena samples afresh (no seed, top_k 1, or temperature or top_p under "
+                    f"{ARENA_MIN_SAMPLING}; {field} here): its reply, replayed through /v1 for each model, "
                     "would name the model", param=field,
                 )  # fmt: skip
         if body.top_logprobs and not body.logprobs:
@@ -279,7 +288,7 @@ def create_app(
                 raise APIError(400, "stream=true supports n=1 only", param="n")
             include_usage = bool(body.stream_options and body.stream_options.include_usage) and not blind
             chunks = _stream_chat(engine, prompt_ids, params, reply_id, shown_name, include_usage, done, k)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(engine, chunks)
         results = await _complete_all(
             request, [_complete(engine, prompt_ids, _choice(params, i)) for i in range(body.n)]
         )
@@ -341,7 +350,7 @@ def create_app(
             chunks = _stream_completion(
                 engine, encoded[0], all_params[0], reply_id, model_name, body.echo, k, include_usage
             )
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _sse_response(engine, chunks)
         jobs = [
             _complete(engine, ids, _choice(params, i))
             for ids, params in zip(encoded, all_params, strict=True)
@@ -552,6 +561,15 @@ class _Relay:
 _relays: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Relay] = weakref.WeakKeyDictionary()
 
 
+def _sse_response(engine: Engine, chunks: AsyncIterator[str]) -> StreamingResponse:
+    """A stream submits to the engine only once its 200 has gone out: a stopped engine is refused here,
+    while a 503 can still be sent, not as a stream cut off after its headers."""
+    failure = getattr(engine, "failure", None)
+    if failure is not None:
+        raise APIError(503, f"the engine stopped after an error: {failure}", type="server_error")
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _choice(params: SamplingParams, i: int) -> SamplingParams:
     """Choice i of n: seeded with seed + i, so a seeded request's n choices differ (and each is reproducible)."""
     return params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
@@ -718,6 +736,12 @@ async def _stream_completion(
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return sse_event({**fields, "choices": [choice]})
 
+    def echo_chunk(prompt_logprobs) -> tuple[str, str]:
+        prompt = TokenTexts(engine.tokenizer, prompt=True)
+        rows = prompt.add(prompt_logprobs or prompt_entries(prompt_ids))
+        echoed = prompt.finish()
+        return echoed, render(echoed, completion_logprobs(rows, k) if k is not None else None, None)
+
     async for events in _event_batches(engine, prompt_ids, params):
         out = []
         for event in events:
@@ -727,12 +751,10 @@ async def _stream_completion(
             finish = FINISH_REASON[event.finish_reason] if event.finish_reason else None
             if first:
                 first, echoed = False, ""
-                if echo or k is not None:  # decoding the prompt costs: only when the reply needs it
-                    prompt = TokenTexts(engine.tokenizer, prompt=True)
-                    rows = prompt.add(event.prompt_logprobs or prompt_entries(prompt_ids)) if echo else []
-                    echoed = prompt.finish()
-                    if echo:
-                        out.append(render(echoed, completion_logprobs(rows, k) if k is not None else None, None))
+                if echo:  # the prompt's tokens (and their alternatives) decoded: off the loop, as the whole reply's
+                    echoed, chunk = await run_in_threadpool(echo_chunk, event.prompt_logprobs)
+                    out.append(chunk)
+                if k is not None:
                     texts = TokenTexts(engine.tokenizer, prompt=False, offset=len(echoed))
             if event.text or finish:
                 rows = texts.add(event.logprobs or [], last=finish is not None) if k is not None else None

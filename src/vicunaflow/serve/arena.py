@@ -9,8 +9,8 @@
 The names stay on the server until the vote (FastChat's arena sends them to the browser hidden in
 state; here they are not in the page at all), and the replies carry nothing that tells the models apart
 either: no usage (token counts show the tokenizer), logprobs and n > 1 refused, a too-long prompt
-refused without the model's context size, and no greedy (temperature 0) or seeded reply, which /v1 would
-reproduce from each model in turn (app.py's `blind` chat).
+refused without the model's context size, and no greedy, nearly greedy (temperature or top_p under 0.5, top_k 1)
+or seeded reply, which /v1 would reproduce from each model in turn (app.py's `blind` chat).
 
 Each side is asked once. Its prompt and answer are kept only once its reply has finished (a refused or
 failed request keeps nothing, and may be asked again), cut to MAX_TEXT_CHARS; a vote is taken only when
