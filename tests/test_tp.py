@@ -236,6 +236,7 @@ def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
     """`serve --device cpu --num-gpus 2`: the API answers as one process does, and the spawned rank ends
     with the server; a rank that dies takes the server down with it (no server that never answers)."""
     import os
+    import signal
     import socket
     import subprocess
     import time
@@ -271,6 +272,10 @@ def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
         assert reply["choices"][0]["text"] == expected
         ranks = psutil.Process(server.pid).children(recursive=True)
         assert ranks
+        for rank in ranks:  # Ctrl-C reaches every process of the terminal's group: rank 0 alone acts on it
+            rank.send_signal(signal.SIGINT)
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert again["choices"][0]["text"] == expected and all(rank.is_running() for rank in ranks)
         if ending == "rank-dies":
             for rank in ranks:
                 rank.kill()
@@ -281,3 +286,70 @@ def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
         server.wait(timeout=60)
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive
+
+
+def test_a_forward_failing_on_rank_0_stops_the_engine_instead_of_hanging(tiny_vicuna, monkeypatch):
+    """Rank 0 failing inside a forward (out of memory: it holds more than the others) leaves the other ranks
+    waiting in that forward's collectives: the ranks are out of step for good. The engine stops and says why
+    (serve's /health turns 503) rather than serve out of step and hang, and closing ends the ranks."""
+    from vicunaflow.engine import tp
+
+    model, tokenizer = load_model(tiny_vicuna, device="cpu", num_gpus=2)
+    reduce_project, calls = tp.TensorParallel.reduce_project, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # inside the first forward, after two all-reduces
+            raise torch.OutOfMemoryError("rank 0 alone ran out of memory")
+        return reduce_project(self, *args, **kwargs)
+
+    monkeypatch.setattr(tp.TensorParallel, "reduce_project", failing)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=2) as engine:
+        last = list(engine.generate(_prompt(tokenizer, "Hello"), params))[-1]
+        assert last.finish_reason == "error" and "rank 0 alone ran out of memory" in last.error
+        engine.thread.join(timeout=60)
+        assert engine.snapshot_stats()["failure"] == "OutOfMemoryError: rank 0 alone ran out of memory"
+        with pytest.raises(VicunaflowError, match="the engine stopped after an error: OutOfMemoryError"):
+            engine.submit(_prompt(tokenizer, "hi"), params, lambda event: None)
+    closing = threading.Thread(target=model.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)  # no STOP sent into the abandoned collectives: the ranks are ended
+    assert not closing.is_alive() and not any(process.is_alive() for process in model.comm.workers)
+
+
+def test_a_rank_that_fails_to_load_is_reported_and_the_group_left(tiny_vicuna, tmp_path, monkeypatch):
+    """Rank 1 runs out of memory loading its shard while rank 0 still loads its own: load_model raises with
+    rank 1's reason (the process is not ended by the watch for ranks dying in service), and leaves the group
+    and gives the CPU threads back, so loading again in the same process works."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from vicunaflow.engine import load
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('FAIL_RANK_LOAD') == '1' and '--multiprocessing-fork' in sys.argv:  # a spawned rank\n"
+        "    import vicunaflow.engine.tp as tp\n"
+        "    def fail(spec, comm):\n"
+        "        raise MemoryError(f'rank {comm.rank} ran out of memory loading its shard')\n"
+        "    tp.build_model = fail\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    monkeypatch.setenv("FAIL_RANK_LOAD", "1")
+    build_model = load.build_model
+
+    def slow_build(spec, comm):  # rank 0's own shard: done after rank 1 has failed
+        time.sleep(3)
+        return build_model(spec, comm)
+
+    monkeypatch.setattr(load, "build_model", slow_build)
+    threads = torch.get_num_threads()
+    with pytest.raises(VicunaflowError, match="rank 1 failed to load its shard: MemoryError: rank 1 ran out of memory"):
+        load_model(tiny_vicuna, device="cpu", num_gpus=2)
+    assert not dist.is_initialized() and torch.get_num_threads() == threads
+    monkeypatch.setenv("FAIL_RANK_LOAD", "0")
+    model, _ = load_model(tiny_vicuna, device="cpu", num_gpus=2)
+    model.close()

@@ -401,7 +401,8 @@ class Engine:
     def _loop(self) -> None:
         """Step until stopped. A failed step fails its requests, a failed admission its request; any other
         error (a bug in the bookkeeping) fails every request and stops the engine, reported in `failure`
-        and refused by `submit`: a dead thread with clients still waiting on it would hang them forever."""
+        and refused by `submit`: a dead thread with clients still waiting on it would hang them forever.
+        With tensor-parallel ranks a failed step stops the engine too: the others may wait in its collectives."""
         try:
             while True:
                 with self.lock:
@@ -423,6 +424,8 @@ class Engine:
                     if self.rows:
                         self._decode_step()
                 except Exception as err:  # a failed step fails its requests, not the server
+                    if self.model.comm.world > 1:  # the other ranks may wait in collectives it left: out of step
+                        raise
                     log.exception("generation step failed")
                     for request in self.rows + [job.request for job in self.prefilling]:
                         if not request.done:
@@ -432,6 +435,8 @@ class Engine:
                         self.cache.release(row)
         except Exception as err:
             log.exception("engine loop failed: the engine stops")
+            if self.model.comm.world > 1:
+                self.model.comm.out_of_step = True  # closing must not order the other ranks about: it ends them
             with self.lock:
                 self.failure = f"{type(err).__name__}: {err}"
                 self.running = False

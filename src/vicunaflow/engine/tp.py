@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -71,6 +72,7 @@ class TensorParallel:
         self.workers: list = []  # rank 0: the spawned processes
         self.threads = torch.get_num_threads()  # rank 0 gives the CPU threads back on close
         self.closed = False
+        self.out_of_step = False  # rank 0 failed inside a forward: the other ranks wait in its collectives
         if self.mode == "symm-mem":
             self._probe_symmetric_memory()
 
@@ -169,10 +171,10 @@ class TensorParallel:
         self.closed = True
         if self.rank == 0:
             with contextlib.suppress(Exception):
-                if all(p.is_alive() for p in self.workers):
+                if all(p.is_alive() for p in self.workers) and not self.out_of_step:
                     self.command(Op.STOP)
             for process in self.workers:
-                process.join(timeout=30)
+                process.join(timeout=0 if self.out_of_step else 30)  # out of step: STOP was not sent
                 if process.is_alive():
                     process.kill()
                     process.join()
@@ -204,20 +206,22 @@ def start(world: int, spec: LoadSpec) -> TensorParallel:
         raise
     comm.workers = workers
     atexit.register(comm.close)
-    threading.Thread(target=_exit_if_a_rank_dies, args=(comm,), daemon=True, name="watch-ranks").start()
     log.info("tensor parallelism: %d ranks (%s), all-reduce %s", world, spec.device_type, comm.mode)
     return comm
 
 
 def wait_ready(comm: TensorParallel) -> None:
-    """Rank 0, after loading its own shard: wait until every other rank has loaded its own."""
+    """Rank 0, after loading its own shard: wait until every other rank has loaded its own, then watch them.
+
+    Only then: a rank that failed to load while rank 0 still loaded is reported here, with its reason, and
+    the caller's close() leaves the group (a watch thread would have ended the process)."""
     try:
         _wait_for(comm.store, comm.workers, "ready")
     except BaseException:
-        comm.closed = True  # first: the watch thread must not take a failed load for a rank dying in service
         for process in comm.workers:
             process.kill()
         raise
+    threading.Thread(target=_exit_if_a_rank_dies, args=(comm,), daemon=True, name="watch-ranks").start()
 
 
 def serve_rank(model: Transformer, comm: TensorParallel) -> None:
@@ -268,6 +272,9 @@ def _join(rank: int, world: int, store, spec: LoadSpec) -> TensorParallel:
 
 
 def _worker_main(rank: int, world: int, port: int, spec: LoadSpec) -> None:
+    # Ctrl-C reaches every process of the terminal's group: rank 0 decides (chat stops a reply, serve
+    # shuts down and sends STOP); a rank that died of it would take rank 0 down with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=FOREVER)
     store.set(f"joined/{rank}", "ok")
