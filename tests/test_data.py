@@ -208,6 +208,58 @@ def test_jsonl_reads_like_json(tmp_path: Path) -> None:
         data.load_conversations(indented)
 
 
+def test_jsonl_lines_end_at_newlines_only_not_at_unicode_line_separators(tmp_path: Path) -> None:
+    """str.splitlines() also broke lines at U+2028, U+2029 and U+0085, which JSON allows raw inside strings (data
+    clean and split wrote them so): clean -> split -> tokenize failed with "not valid JSON Lines"."""
+    texts = ["Line one\u2028line two?", "para\u2029graph", "next\u0085line", "crlf\r\nin text"]
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": t}]}
+               for i, t in enumerate(texts)]  # fmt: skip
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n" for r in records))
+    loaded = data.load_conversations(jsonl)
+    assert [c.id for c in loaded] == ["r0", "r1", "r2", "r3"]
+    assert [c.turns[0][1] for c in loaded] == texts
+
+
+def test_a_records_own_system_prompt_is_the_one_trained_with(tmp_path: Path, tokenizer) -> None:
+    """data clean keeps a conversation's first system turn as the record's `system`; tokenize wrote Vicuna's default
+    prompt instead, silently. Now the prompt is FastChat's with that system message; the masks still cover exactly
+    the replies."""
+    from fastchat.conversation import get_conv_template
+
+    system = "You are a pirate. Always answer like a pirate."
+    record = {"id": "p", "system": system, **{k: v for k, v in CONVERSATIONS[0].items() if k != "id"}}
+    default = {**CONVERSATIONS[0], "id": "d", "system": None}  # null: the default prompt, as without the key
+    own, plain = data.load_conversations(write(tmp_path / "c.json", [record, default]))
+    assert (own.system, plain.system) == (system, template.SYSTEM_PROMPT)
+    conv = get_conv_template("vicuna_v1.1")
+    conv.set_system_message(system)
+    for role, text in own.turns:
+        conv.append_message(conv.roles[0] if role == template.USER else conv.roles[1], text)
+    sample, reference = data.encode(own, tokenizer, 4096), data.encode(plain, tokenizer, 4096)
+    assert sample.input_ids == tokenizer(conv.get_prompt()).input_ids
+    assert tokenizer.decode(sample.input_ids).startswith(f"<s> {system} USER: Who are you?")
+    trained = lambda s: [t for t, label in zip(s.input_ids, s.labels, strict=True) if label != data.IGNORE_INDEX]  # noqa: E731
+    assert trained(sample) == trained(reference), "the same replies trained on, nothing of the system prompt"
+    prompt, _ = data.render_with_offsets(own, tokenizer)  # data preview shows the same prompt
+    assert prompt.startswith(system + " USER:")
+    with pytest.raises(VicunaflowError, match=r"record 'bad' \(index 0\): its 'system' prompt is not a string"):
+        data.load_conversations(write(tmp_path / "bad.json", [{**record, "id": "bad", "system": ["a"]}]))
+
+
+def test_a_null_or_empty_id_is_named_as_missing_not_as_a_repeated_id(tmp_path: Path) -> None:
+    """Taken as text, null ids were all "None": the second record was "the same id as index 0"."""
+    answered = [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]
+    records = [{"id": None, "conversations": answered}, {"id": None, "conversations": answered},
+               {"id": " ", "conversations": answered}]  # fmt: skip
+    with pytest.raises(VicunaflowError) as err:
+        data.load_conversations(write(tmp_path / "c.json", records))
+    message = str(err.value)
+    assert "3 invalid record(s)" in message and "the same id" not in message
+    assert "record None (index 1): its 'id' is null (data clean gives such a record an id from its position)" in message
+    assert "record ' ' (index 2): its 'id' is \" \"" in message
+
+
 def test_tokenize_writes_a_dataset_that_reads_back(tmp_path: Path, tiny_vicuna, tokenizer) -> None:
     source = write(tmp_path / "c.json", CONVERSATIONS)
     out = data.tokenize(data=source, model_path=tiny_vicuna, output_dir=tmp_path / "tok", model_max_length=128)

@@ -235,6 +235,25 @@ def test_clean_normalises_roles_converts_html_and_counts_every_drop(tmp_path: Pa
     assert "\tinvalid_utf8\t1\trecord at line 17" in tsv and "\tunknown_role\t1\trecord 'tool' (line 9)" in tsv
 
 
+def test_null_and_empty_ids_are_missing_ids_not_one_shared_id(tiny_hf, tmp_path: Path) -> None:
+    """Taken as text, every null id was "None" (every empty one ""): clean kept the first such conversation and dropped
+    the rest as duplicate_id, exiting 0. They are treated as records without an id: given one from their position."""
+    records = [{"id": None, "conversations": turns(f"question {i}", f"answer {i}")} for i in range(4)]
+    records += [{"id": "", "conversations": turns("q", "a")}, {"id": "  ", "conversations": turns("q2", "a2")}]
+    records += [{"conversations": turns("q3", "a3")}, {"id": 0, "conversations": turns("q4", "a4")}]
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps(records))
+    out = clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    assert [r["id"] for r in read_jsonl(out)] == [f"index-{i}" for i in range(7)] + ["0"]
+    counts = read_counts(tmp_path / "c.counts.tsv")
+    assert counts[("kept", "conversations")] == 8 and counts[("edit", "id_from_position")] == 7
+    assert not [kind for kind, _ in counts if kind == "drop"]
+    # split, which takes only records with an id, drops them as it drops records without one
+    split(data=source, model_path=tiny_hf, output=tmp_path / "s.jsonl", jobs=1)
+    assert [r["id"] for r in read_jsonl(tmp_path / "s.jsonl")] == ["0"]
+    assert read_counts(tmp_path / "s.counts.tsv")[("drop", "no_id")] == 7
+
+
 def test_drops_name_json_types_as_json_calls_them(tmp_path: Path, caplog) -> None:
     """A null value was "a NoneType value", a number "a int value", a missing value also "a NoneType value"."""
     records = [
@@ -322,6 +341,46 @@ def test_a_compressed_or_utf16_file_is_named_with_the_command_that_makes_it_read
     with pytest.raises(VicunaflowError, match=message):
         data.load_conversations(source)  # data tokenize, preview and eval loss
     assert sorted(p.name for p in tmp_path.iterdir()) == [name], "nothing written"
+
+
+def test_a_parquet_file_is_named_as_parquet_with_a_conversion_that_works(tmp_path: Path) -> None:
+    """A Hub dataset's Parquet file was "not UTF-8 but UTF-16 or UTF-32", with an iconv command that cannot help."""
+    source = tmp_path / "train-00000-of-00001.parquet"
+    source.write_bytes(b"PAR1\x15\x04\x15\x00" + b"\x00" * 20 + b"PAR1")
+    message = r"train-00000-of-00001\.parquet: an Apache Parquet file, not JSON text; convert it to JSON Lines first"
+    with pytest.raises(VicunaflowError, match=message) as refused:
+        clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    assert "UTF-16" not in str(refused.value) and "iconv" not in str(refused.value)
+    with pytest.raises(VicunaflowError, match=message):
+        data.load_conversations(source)  # data tokenize, preview and eval loss
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name], "nothing written"
+    # the pandas command the error gives turns a real Parquet file into JSON Lines that clean reads
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("pandas")
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "conversations": turns("hi\u2028there", "hello")}]), source)
+    with pytest.raises(VicunaflowError) as refused:
+        clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    command = re.search(r'python -c "(.*?)"', str(refused.value))[1]
+    subprocess.run([sys.executable, "-c", command], check=True, cwd=tmp_path)
+    cleaned = clean(data=tmp_path / "train-00000-of-00001.jsonl", output=tmp_path / "c.jsonl", jobs=1)
+    assert read_jsonl(cleaned) == [{"id": "a", "conversations": turns("hi\u2028there", "hello")}]
+
+
+def test_unicode_line_separators_pass_clean_split_and_tokenize(tiny_hf, tmp_path: Path) -> None:
+    """clean and split wrote U+2028, U+2029 and U+0085 raw (valid in JSON strings); tokenize split lines there and
+    failed on the workflow's own files. They are written escaped now, and read back as the same text."""
+    texts = ["Line one\u2028line two?", "fine\u0085thanks", "para\u2029graph"]
+    source = tmp_path / "sg.json"
+    source.write_text(json.dumps([{"id": f"r{i}", "conversations": turns(t, t)} for i, t in enumerate(texts)]))
+    cleaned = clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    pieces = split(data=cleaned, model_path=tiny_hf, output=tmp_path / "s.jsonl", model_max_length=512, jobs=1)
+    for written in (cleaned, pieces):
+        raw = written.read_bytes()
+        assert not {"\u2028", "\u2029", "\u0085"} & set(raw.decode()), "escaped, one record per line for any reader"
+        assert raw.count(b"\n") == 3 and b"\\u2028" in raw
+        assert [r["conversations"][0]["value"] for r in read_jsonl(written)] == texts
+    tokenized = data.tokenize(data=pieces, model_path=tiny_hf, output_dir=tmp_path / "tok")
+    assert json.loads((tokenized / "meta.json").read_text())["ids"] == ["r0", "r1", "r2"]
 
 
 def test_language_filter_keeps_only_the_languages_asked_for(tmp_path: Path) -> None:
@@ -615,6 +674,76 @@ def test_held_out_is_deterministic_whole_conversations_and_roughly_the_fraction(
 # ---- mix -----------------------------------------------------------------------------------------------
 
 
+def fastchat_pieces(chats: int, prefix: str = "chat") -> list[dict]:
+    """FastChat's split_long_conversation.py output: chat c as `<id>_0` (turns 0-7) and `<id>_8` (turns 8-15)."""
+    return [
+        {
+            "id": f"{prefix}{c}_{start}",
+            "model": "",
+            "conversations": turns(*(f"chat {c} turn {start + k}" for k in range(8))),
+        }
+        for c in range(chats)
+        for start in (0, 8)
+    ]
+
+
+def test_held_out_keeps_fastchats_pieces_of_one_chat_on_one_side(tiny_hf, tmp_path: Path) -> None:
+    """ShareGPT_V3_unfiltered_cleaned_split.json (the docs' example) holds each long chat as FastChat's pieces
+    `<id>_<first turn>`; drawn record by record, a chat's first turns were trained on and its later ones held out."""
+    from vicunaflow.dataprep.records import unit_hash
+
+    def sides(output: Path) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for side, path in (("train", output), ("held", output.with_name(output.stem + ".heldout.jsonl"))):
+            for record in read_jsonl(path):
+                found.setdefault(record["id"].rsplit("_", 1)[0], set()).add(side)
+        return found
+
+    source = tmp_path / "sg.json"
+    source.write_text(json.dumps(fastchat_pieces(40)))
+    cleaned = clean(data=source, output=tmp_path / "c.jsonl", jobs=1)
+    out = split(data=cleaned, model_path=tiny_hf, output=tmp_path / "s.jsonl", held_out_fraction=0.3, jobs=1)
+    by_chat = sides(out)
+    assert len(by_chat) == 40 and all(len(side) == 1 for side in by_chat.values()), "each chat on one side"
+    assert 4 < sum(side == {"held"} for side in by_chat.values()) < 20
+    # a mix holds them out together too: its `origin` is `<set>/<id>`, the set's ids are FastChat's pieces
+    mine = write_jsonl(
+        tmp_path / "mine.jsonl", [{"id": f"conv_{i}", "conversations": turns(f"q{i}", "a")} for i in range(40)]
+    )
+    mixed = mix(data=[cleaned, mine], weights=[1, 1], names=["sharegpt", "mine"], output=tmp_path / "m.jsonl")
+    out = split(data=mixed, model_path=tiny_hf, output=tmp_path / "ms.jsonl", held_out_fraction=0.3, jobs=2)
+    sharegpt = {chat: side for chat, side in sides(out).items() if chat.startswith("sharegpt/")}
+    assert len(sharegpt) == 40 and all(len(side) == 1 for side in sharegpt.values())
+    # ...while a user's own numbering `conv_0`, `conv_1`, ... is drawn id by id, as before (not one group "conv")
+    expected = {f"mine/conv_{i}" for i in range(40) if unit_hash("vicunaflow", f"mine/conv_{i}") < 0.3}
+    held_mine = {r["id"] for r in read_jsonl(tmp_path / "ms.heldout.jsonl") if r["id"].startswith("mine/")}
+    assert held_mine == expected and 0 < len(held_mine) < 40
+    # and so is a file whose ids are all `<x>_<n>` but not all even: not FastChat's pieces
+    own = write_jsonl(
+        tmp_path / "own.jsonl", [{"id": f"conv_{i}", "conversations": turns(f"q{i}", "a")} for i in range(40)]
+    )
+    split(data=own, model_path=tiny_hf, output=tmp_path / "o.jsonl", held_out_fraction=0.3, jobs=1)
+    held = {r["id"] for r in read_jsonl(tmp_path / "o.heldout.jsonl")}
+    assert held == {f"conv_{i}" for i in range(40) if unit_hash("vicunaflow", f"conv_{i}") < 0.3}
+
+
+def test_split_counts_a_records_own_system_prompt_as_tokenize_writes_it(tiny_hf, tokenizer, tmp_path: Path) -> None:
+    """Split counted the longer of a record's own system prompt and the default one, since tokenize wrote the default
+    one; tokenize now writes the record's own, and a piece's `tokens` is exactly what it counts."""
+    records = long_conversations()[:20]
+    for i, record in enumerate(records):
+        record["system"] = ["Be brief.", "You are a pirate. " * 12, ""][i % 3]
+    source = write_jsonl(tmp_path / "c.jsonl", records)
+    out = split(data=source, model_path=tiny_hf, output=tmp_path / "s.jsonl", model_max_length=150, jobs=1)
+    pieces = read_jsonl(out)
+    for piece in pieces:
+        pairs = [(template.ROLE_OF[t["from"]], t["value"]) for t in piece["conversations"]]
+        sample = data.encode(data.ConversationRecord(piece["id"], pairs, piece["system"]), tokenizer, 10**9)
+        assert piece["tokens"] == len(sample.input_ids) <= 150, piece["id"]
+    tokenized = data.tokenize(data=out, model_path=tiny_hf, output_dir=tmp_path / "tok", model_max_length=150)
+    assert json.loads((tokenized / "meta.json").read_text())["n_tokens"] == sum(p["tokens"] for p in pieces)
+
+
 def test_mix_weights_sample_deterministically_and_drop_cross_set_duplicates(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "conversations": turns(f"a{i}", "r")} for i in range(200)])
     shared = {"id": "s", "conversations": turns("a0", "r")}  # the same conversation as a's 0
@@ -719,6 +848,23 @@ def test_fetch_errors_name_the_file_and_leave_nothing(hub, tmp_path: Path) -> No
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")], "no temporary left"
 
 
+@pytest.mark.parametrize("file", ["data/", "data"])
+def test_fetch_of_a_folder_is_refused_naming_its_files_before_any_download(file, hub, tmp_path: Path) -> None:
+    """`--file data/` fetched every file under the folder, then failed with "[Errno 21] Is a directory" on a
+    temporary path."""
+    with pytest.raises(VicunaflowError) as refused:
+        _fetch(hub, tmp_path, file=file, revision=NEW)
+    assert str(refused.value) == (
+        f"{DATASET}@{NEW}: --file {file!r} is a folder; data fetch takes one file: give one of the 2 files under it "
+        "as --file (one data fetch, or one dataset, each): data/other.jsonl, data/sg.json"
+    )
+    assert not [r for r in hub.requests if "/resolve/" in r], "nothing downloaded"
+    assert not (tmp_path / "raw").exists()
+    with pytest.raises(VicunaflowError, match=r"--file 'nothing/' names a folder, and the repository has none"):
+        _fetch(hub, tmp_path, file="nothing/", revision=NEW)
+    assert _fetch(hub, tmp_path, file="data/sg.json").read_bytes() == V1, "a file is fetched as before"
+
+
 @pytest.mark.parametrize("repo", ["not a repo id", "a/b/c", "-a/b"])
 def test_fetch_of_a_repository_id_the_hub_cannot_have_is_one_line(repo, tmp_path: Path) -> None:
     """huggingface_hub's HFValidationError ended the command in a traceback."""
@@ -771,9 +917,10 @@ def test_cli_runs_clean_and_split_verbs(tiny_hf, tmp_path: Path) -> None:
                  "--model-max-length", "2048", "--output", str(tmp_path / "s.jsonl"), "--held-out-fraction", "0.3", "--jobs", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s.heldout.jsonl").exists() and (tmp_path / "s.jsonl").read_text().strip()
-    # every conversation longer than 64 tokens: refused, nothing written that looks like a dataset
+    # every exchange longer than 16 tokens (with its system prompt; "roles" has a short one of its own): refused,
+    # nothing written that looks like a dataset
     result = run("split", "--data", str(tmp_path / "c.jsonl"), "--model-path", str(tiny_hf),
-                 "--model-max-length", "64", "--output", str(tmp_path / "e.jsonl"), "--jobs", "1")  # fmt: skip
+                 "--model-max-length", "16", "--output", str(tmp_path / "e.jsonl"), "--jobs", "1")  # fmt: skip
     assert result.returncode == 1 and "no conversation is left to train on" in result.stderr, result.stderr
     assert not (tmp_path / "e.jsonl").exists()
     result = run("clean", "--data", str(tmp_path / "nothing.json"), "--output", str(tmp_path / "x.jsonl"))

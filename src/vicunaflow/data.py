@@ -10,7 +10,8 @@ assistant reply (including the reply's `</s>`). No counting, so nothing can drif
 Input: the ShareGPT/FastChat JSON list `[{"id": ..., "conversations": [{"from": "human"|"gpt",
 "value": ...}, ...]}]`, or the same records one per line (JSONL). Every record is checked before
 anything is tokenised, ids unique among them; all problems are reported at once, each naming the record's id and
-index.
+index. A record's own `"system"` prompt (data clean keeps a conversation's first system turn there) replaces Vicuna's
+default one in its prompt, as a system message does when the model is served; it is never trained on.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def tokenize(
     `meta.json` (sample ids, lengths, sha256 of the data and tokenizer) and `vicunaflow.json`.
 
     Arguments:
-        data: conversations, a JSON list or JSONL of ShareGPT records (`id`, `conversations`).
+        data: conversations, a JSON list or JSONL of ShareGPT records (`id`, `conversations`, optionally
+            `system`: the record's own system prompt, used instead of Vicuna's default one).
         model_path: Hugging Face model directory whose tokenizer is used.
         output_dir: the tokenised dataset directory to write.
         model_max_length: samples longer than this many tokens are truncated (their masks stay exact).
@@ -165,10 +167,12 @@ def preview(
 
 @dataclass(frozen=True)
 class ConversationRecord:
-    """One validated ShareGPT record: its id and its turns (chat.Conversation is the interactive chat loop)."""
+    """One validated ShareGPT record: its id, its turns and its system prompt (chat.Conversation is the interactive
+    chat loop)."""
 
     id: str
     turns: list[tuple[str, str]]  # (template.USER | template.ASSISTANT, text), alternating, USER first
+    system: str = template.SYSTEM_PROMPT  # the record's own `system` (data clean keeps a first system turn there)
 
 
 @dataclass(frozen=True)
@@ -218,9 +222,12 @@ def check_id_unused(record: object, index: int, first_index: dict[str, int]) -> 
     Samples are named by id (meta.json's `ids`, eval loss, split's `<id>_<k>` pieces): a repeated id trains on two
     conversations under one name, or on one twice. Ids compare as text, as they are written: 7 and "7" are one.
     """
-    if not isinstance(record, dict) or "id" not in record:
-        return
-    earlier = first_index.setdefault(str(record["id"]), index)
+    from vicunaflow.dataprep.records import conversation_id
+
+    record_id = conversation_id(record)
+    if record_id is None:
+        return  # validate_record refuses it
+    earlier = first_index.setdefault(record_id, index)
     if earlier != index:
         raise ValueError(f"record {record['id']!r} (index {index}): the same id as index {earlier}")
 
@@ -231,16 +238,23 @@ def validate_record(record: object, index: int) -> ConversationRecord | None:
     A first turn from the assistant is dropped (FastChat does the same) and so is a trailing
     user turn, which has no reply to learn from. Returns None for a record left with no exchange.
     """
+    from vicunaflow.dataprep.records import conversation_id
+
     if not isinstance(record, dict):
         raise ValueError(f"record at index {index}: not a JSON object")
     name = f"record {record.get('id', '<no id>')!r} (index {index})"
-    if "id" not in record:
-        raise ValueError(f"{name}: missing 'id'")
+    record_id = conversation_id(record)
+    if record_id is None:  # a null or empty id names nothing: samples, split's pieces and eval loss go by id
+        missing = "missing 'id'" if "id" not in record else f"its 'id' is {json.dumps(record['id'])}"
+        raise ValueError(f"{name}: {missing} (data clean gives such a record an id from its position)")
     conversation = record.get("conversations")
     if not isinstance(conversation, list):
         raise ValueError(f"{name}: missing 'conversations' list")
     if not conversation:
         raise ValueError(f"{name}: empty conversation")
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{name}: its 'system' prompt is not a string (give text, or null for Vicuna's default one)")
     turns = []
     for i, turn in enumerate(conversation):
         if not isinstance(turn, dict):
@@ -269,7 +283,7 @@ def validate_record(record: object, index: int) -> ConversationRecord | None:
     if not turns:
         log.warning("%s: no user/assistant exchange left; skipped", name)
         return None
-    return ConversationRecord(id=str(record["id"]), turns=turns)
+    return ConversationRecord(id=record_id, turns=turns, system=template.SYSTEM_PROMPT if system is None else system)
 
 
 def check_max_length(model_max_length: int) -> None:
@@ -307,7 +321,9 @@ def _read_records(path: Path) -> list:
             raise VicunaflowError(f"{path}: not valid JSON ({err})") from err
         return records
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085 and others, which JSON allows raw inside strings
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -352,7 +368,7 @@ def encode(conversation: ConversationRecord, tokenizer, model_max_length: int) -
 
 def _encode_whole(conversation: ConversationRecord, tokenizer) -> Sample:
     spans, prompt = [], ""
-    for piece, is_reply in template.segments(conversation.turns):
+    for piece, is_reply in template.segments(conversation.turns, conversation.system):
         if is_reply:
             spans.append((len(prompt), len(prompt) + len(piece)))  # [start, end) in characters
         prompt += piece
@@ -377,9 +393,11 @@ def _truncated(sample: Sample, model_max_length: int) -> Sample:
 def check_room_for_replies(tokenizer, model_max_length: int) -> None:
     """Refuse a model_max_length that leaves no room for a reply token in any conversation.
 
-    Probed with the shortest possible exchange (a one-letter question): the system prompt and the first
-    question come before the first reply, so when this one has no trained token within model_max_length,
-    none has, and training would run on nothing (loss 0 at every step) and write the input model back.
+    Probed with the shortest possible exchange (a one-letter question) after the default system prompt: the system
+    prompt and the first question come before the first reply, so when this one has no trained token within
+    model_max_length, no conversation with that prompt has, and training would run on nothing (loss 0 at every step)
+    and write the input model back. (A record's own, shorter system prompt could leave a reply room in a few tokens
+    less; no model's context is that short.)
     One tokenisation: cheap where the data is tokenised lazily or was tokenised by `data tokenize`.
     """
     probe = ConversationRecord("probe", [(template.USER, "a"), (template.ASSISTANT, "a")])
@@ -394,7 +412,7 @@ def check_room_for_replies(tokenizer, model_max_length: int) -> None:
 
 def render_with_offsets(conversation: ConversationRecord, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """The prompt string and each token's (start, end) characters in it (for the readable preview)."""
-    prompt = template.render(conversation.turns)
+    prompt = template.render(conversation.turns, conversation.system)
     return prompt, list(tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"])
 
 

@@ -38,6 +38,7 @@ from vicunaflow.dataprep.records import (
     batched,
     check_jobs,
     content_digest,
+    conversation_id,
     dumps,
     ordered_map,
     read_records,
@@ -206,18 +207,15 @@ def clean_record(where: str, record: object, options: CleanOptions = CleanOption
                 raise Drop(f"language:{language}", f"{language}, not one of {', '.join(options.languages)}")
     except Drop as drop:
         return Result(name=name, reason=drop.reason, detail=drop.detail, edits=tuple(edits))
-    if "id" in record:
-        conversation_id = str(record["id"])
-    else:
-        conversation_id = where.replace(" ", "-")  # "line-13": stable for a given file
+    record_id = conversation_id(record)
+    if record_id is None:  # no id, or a null or empty one
+        record_id = where.replace(" ", "-")  # "line-13": stable for a given file
         edits.append("id_from_position")
-    cleaned: dict = {"id": conversation_id}
+    cleaned: dict = {"id": record_id}
     if system is not None:
         cleaned["system"] = system
     cleaned["conversations"] = [{"from": role, "value": text} for role, text in turns]
-    return Result(
-        name=name, id=conversation_id, line=dumps(cleaned), digest=content_digest(cleaned), edits=tuple(edits)
-    )
+    return Result(name=name, id=record_id, line=dumps(cleaned), digest=content_digest(cleaned), edits=tuple(edits))
 
 
 def normalized_turns(record: object) -> tuple[str | None, list[tuple[str, str]]]:

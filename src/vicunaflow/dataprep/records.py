@@ -71,11 +71,32 @@ PACKED = {
 }
 
 
+PARQUET = b"PAR1"  # Apache Parquet, the Hugging Face Hub's format for datasets (data/train-00000-of-00001.parquet)
+
+
+def parquet_error(path: Path) -> str:
+    """What to say for a Parquet file: what it is and a one-line conversion to JSON Lines (pyarrow is no dependency
+    of vicunaflow; pandas or duckdb read it where they are installed). It was called UTF-16 (a NUL in its header)."""
+    converted = path.with_suffix(".jsonl")
+    pandas = (
+        f"python -c \"import pandas; pandas.read_parquet('{path}').to_json('{converted}', orient='records', "
+        'lines=True, force_ascii=False)"'
+    )
+    duckdb = f"duckdb -c \"COPY (FROM '{path}') TO '{converted}' (FORMAT json)\""
+    return (
+        f"{path}: an Apache Parquet file, not JSON text; convert it to JSON Lines first, e.g. with pandas (and "
+        f"pyarrow): {pandas}, or with duckdb: {duckdb}"
+    )
+
+
 def refuse_unreadable(path: Path, head: bytes) -> None:
     """Raise an error naming what `path` is when its first bytes (`head`) show it is no UTF-8 text: compressed, a
     zip archive, UTF-16 or UTF-32, with the command that makes it readable; return otherwise (the JSON reader
-    judges the rest). Without this a gzip file was "UTF-16" (a NUL at its byte 3) or "starts with b'\\x1f'"."""
+    judges the rest). Without this a gzip file was "UTF-16" (a NUL at its byte 3) or "starts with b'\\x1f'", and a
+    Parquet file "UTF-16"."""
     path = Path(path)
+    if head.startswith(PARQUET):
+        raise VicunaflowError(parquet_error(path))
     for magic, (what, suffix, command) in PACKED.items():
         if head.startswith(magic):
             plain = path.with_suffix("") if path.suffix == suffix else path.with_name(f"{path.stem}.plain{path.suffix}")
@@ -165,28 +186,47 @@ def refuse_repeated_ids(path: Path, records: Iterable[tuple[str, object]]) -> It
     """
     first_seen: dict[str, str] = {}
     for where, record in records:
-        if isinstance(record, dict) and "id" in record:
-            conversation_id = str(record["id"])
-            earlier = first_seen.setdefault(conversation_id, where)
+        name = conversation_id(record)  # records without one are the reader's to refuse
+        if name is not None:
+            earlier = first_seen.setdefault(name, where)
             if earlier != where:
                 cleaned = Path(path).with_name(f"{Path(path).stem}.clean.jsonl")
                 raise VicunaflowError(
-                    f"{path}: id {conversation_id!r} at {earlier} and again at {where}; each conversation needs an id "
+                    f"{path}: id {name!r} at {earlier} and again at {where}; each conversation needs an id "
                     f"of its own: run `vicunaflow data clean --data {path} --output {cleaned}` first (it keeps the "
                     "first conversation of each id), or give the repeated one another id"
                 )
         yield where, record
 
 
+def conversation_id(record: object) -> str | None:
+    """The record's id as text (7 and "7" are one), or None where it has none: no `id`, or one that is null or empty.
+
+    A null or empty id names no conversation: taken as text they were all "None" or "", one id shared by every such
+    record, and all but the first were dropped as duplicate_id.
+    """
+    if not isinstance(record, dict) or record.get("id") is None:
+        return None
+    text = str(record["id"])
+    return text if text.strip() else None
+
+
 def record_name(where: str, record: object) -> str:
-    if isinstance(record, dict) and "id" in record:
+    if conversation_id(record) is not None:
         return f"record {record['id']!r} ({where})"
     return f"record at {where}"
 
 
+# Line breaks to str.splitlines() (and to JavaScript before ES2019), valid raw inside JSON strings: escaped, so every
+# reader of a JSONL line sees one line. Outside strings json.dumps writes ASCII only, so replacing them is safe.
+_LINE_BREAKS_ESCAPED = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
+
+
 def dumps(record: dict) -> bytes:
-    """One JSONL line: compact, UTF-8 kept as is, keys in the order built (deterministic)."""
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    """One JSONL line: compact, UTF-8 kept as is but for U+2028, U+2029 and U+0085 (escaped: other readers split
+    lines there), keys in the order built (deterministic)."""
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS_ESCAPED)
+    return (line + "\n").encode("utf-8")
 
 
 def content_digest(record: dict) -> bytes:

@@ -23,6 +23,7 @@ from vicunaflow.dataprep.records import (
     Counts,
     atomic_writer,
     content_digest,
+    conversation_id,
     dumps,
     read_records,
     record_name,
@@ -74,6 +75,7 @@ def fetch(
     pure = PurePosixPath(file)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts:
         raise VicunaflowError(f"{repo}: file {file!r}: give a path inside the repository")
+    names_a_folder = file.endswith("/")
     if revision is None or not COMMIT.fullmatch(revision):
         log.warning(
             "%s: revision %s can move; pin a 40-hex commit (or a sha256) so reruns fetch the same bytes",
@@ -91,7 +93,10 @@ def fetch(
                 repo=repo,
                 repo_type="dataset",
                 revision=revision,
-                include=[glob.escape(file)],
+                # Exactly this file: huggingface_hub reads a pattern ending in "/" as the whole folder. A --file
+                # ending in "/" is excluded too, so nothing is fetched and the error below lists what the folder holds.
+                include=[glob.escape(pure.as_posix())],
+                exclude=[glob.escape(pure.as_posix())] if names_a_folder else None,
                 local_dir=fetched,
                 endpoint=endpoint,
                 token_env=token_env,
@@ -103,6 +108,9 @@ def fetch(
         except VicunaflowError as err:
             if "no file matches" in str(err):
                 files = str(err).partition("; files: ")[2]
+                under = [name for name in files.split(", ") if name.startswith(f"{pure.as_posix()}/")]
+                if under or names_a_folder:
+                    raise VicunaflowError(folder_error(repo, revision, file, under, files)) from None
                 raise VicunaflowError(
                     f"{repo}@{revision or 'main'}: no file {file!r} in this dataset repository"
                     + (f"; it has: {files}" if files else "")
@@ -124,6 +132,20 @@ def fetch(
         write_manifest(out, file=file, sha256=actual, **{k: provenance[k] for k in keep if k in provenance})
     log.info("%s: %s at commit %s, sha256 %s", output_dir, file, provenance.get("revision"), actual)
     return output_dir / file
+
+
+def folder_error(repo: str, revision: str | None, file: str, under: list[str], files: str) -> str:
+    """The error for a --file that names a folder (`data/`, or `data` where the repository has `data/...`): data fetch
+    takes one file, so it names the files under it, each a --file of its own. huggingface_hub fetched every file of
+    the folder, and the fetch then failed on the folder with "[Errno 21] Is a directory" and a temporary path."""
+    where = f"{repo}@{revision or 'main'}"
+    if not under:
+        return f"{where}: --file {file!r} names a folder, and the repository has none of that name; it has: {files}"
+    listed = ", ".join(under[:20]) + (f" (and {len(under) - 20} more)" if len(under) > 20 else "")
+    return (
+        f"{where}: --file {file!r} is a folder; data fetch takes one file: give one of the {len(under)} files "
+        f"under it as --file (one data fetch, or one dataset, each): {listed}"
+    )
 
 
 def without_the_hub(file: str) -> str:
@@ -203,7 +225,7 @@ def mix(
                     isinstance(record, Broken)
                     or not isinstance(record, dict)
                     or not isinstance(record.get("conversations"), list)
-                    or "id" not in record
+                    or conversation_id(record) is None
                 ):
                     counts.add("drop", "not_a_conversation", label)
                     continue

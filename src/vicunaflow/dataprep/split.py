@@ -22,7 +22,9 @@ tokenizer is loaded once, through transformers, in the parent; workers rebuild i
 the parent's serialised copy (no transformers, no torch there: ~2 s of CPU and ~300 MB less per
 worker; the parent holds them once).
 A held-out fraction (by a hash of the conversation's id and a seed: the same ids are held out in every
-run, and all pieces of a conversation fall on the same side) goes to a second file.
+run, and all pieces of a conversation fall on the same side) goes to a second file. An input that is FastChat's own
+split output (ShareGPT_V3_unfiltered_cleaned_split.json: a chat as records `<id>_<first turn>`) is drawn by chat,
+so a chat's pieces are not trained on and held out at once (`fastchat_piece_sets` says when that is certain).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from vicunaflow.dataprep.records import (
     atomic_writer,
     batched,
     check_jobs,
+    conversation_id,
     dumps,
     ordered_map,
     read_records,
@@ -85,7 +88,8 @@ def split(
         held_out: JSONL of the held-out conversations (all their pieces); default, when
             held_out_fraction > 0: the output's name with `.heldout.jsonl`. Given with a fraction of 0,
             an empty file is written (a workflow output always exists).
-        held_out_fraction: share of conversations (by id) held out of training, from 0 to below 1.
+        held_out_fraction: share of conversations (by id; FastChat's pieces `<id>_<first turn>` by chat) held out
+            of training, from 0 to below 1.
         seed: mixed into the held-out hash; another seed holds out other conversations.
         report: TSV of conversations read, split, dropped and held out, with examples; default: the
             output's name with `.counts.tsv`.
@@ -111,7 +115,10 @@ def split(
         {"--output": output, "--held_out": held_out, "--report": report}, inputs=[data, model_path], overwrite=overwrite
     )
     jobs = check_jobs(jobs)
-    options = SplitOptions(str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1)
+    piece_sets = fastchat_piece_sets(data) if held_out_fraction > 0 else frozenset()
+    options = SplitOptions(
+        str(model_path), model_max_length, held_out_fraction, seed, parallel_tokenizer=jobs <= 1, piece_sets=piece_sets
+    )
     if jobs <= 1:
         _counter(options)  # a bad model path fails here, before any output is opened
     counts = Counts("split")
@@ -169,6 +176,7 @@ class SplitOptions:
     parallel_tokenizer: bool = True  # off in worker processes: the processes are the parallelism
     backend: str = ""  # a file of the tokenizer's backend as the parent loaded it (workers); empty: load model_path
     separable: bool = True  # with backend: whether `</s>` is a special token of that tokenizer
+    piece_sets: frozenset[str] = frozenset()  # sets of FastChat's pieces `<id>_<first turn>`: held out by `<id>`
 
 
 @dataclass(frozen=True)
@@ -225,7 +233,7 @@ def split_batch(batch: list[tuple[str, object]], options: SplitOptions) -> Batch
             continue
         if len(pieces) > 1:
             events.add("edit", "split", name)
-        key = str(record.get("origin", record["id"]))
+        key = held_out_key(record, options.piece_sets)
         held = options.held_out_fraction > 0 and unit_hash(options.seed, key) < options.held_out_fraction
         events.add("kept", "held_out_conversations" if held else "conversations")
         for line, n in _piece_lines(record, system, turns, pieces, whole=dropped_pairs == 0):
@@ -233,6 +241,69 @@ def split_batch(batch: list[tuple[str, object]], options: SplitOptions) -> Batch
             events.add("kept", "held_out_pieces" if held else "pieces")
             tokens += 0 if held else n
     return BatchResult(list(events), b"".join(train), b"".join(held_out), tokens)
+
+
+# ---- which records are held out together ----------------------------------------------------------------
+
+# FastChat's split_long_conversation.py writes the pieces of one chat as `<id>_<first turn>`, an even turn:
+# `QWJhYvA_0`, `QWJhYvA_8` (ShareGPT_V3_unfiltered_cleaned_split.json, the docs' example, is such a file).
+_FASTCHAT_PIECE = re.compile(r"(.*[^/])_(0|[1-9][0-9]*)")
+
+
+def _conversation_key(record: dict) -> str:
+    """What names a conversation for the held-out draw: `origin` (data mix's `<set>/<id>`, shared by copies), or id."""
+    return str(record.get("origin", record["id"]))
+
+
+def _set_of(key: str) -> str:
+    """The set a key belongs to: data mix's `<set>/` before it ("" for a file's own ids)."""
+    return key.rpartition("/")[0]
+
+
+def _chat_of_piece(key: str) -> str | None:
+    """`<id>` of a key that could be FastChat's piece `<id>_<even turn>`, else None."""
+    match = _FASTCHAT_PIECE.fullmatch(key)
+    return match[1] if match and int(match[2]) % 2 == 0 else None
+
+
+def fastchat_piece_sets(path: Path) -> frozenset[str]:
+    """The sets of `path` (the file, or each set of a mix) that are certainly FastChat's split output, whose pieces
+    of one chat must be held out together: every id of the set is `<id>_<even number>` and some `<id>` has more than
+    one piece. One look at every id before splitting (the choice holds for the whole set, so it is made first).
+
+    A set with any other id ("conv_1", "a", an id data clean gave from a position) is left as it is: a user's own
+    numbering `conv_0`, `conv_1`, ... is not collapsed into one conversation.
+    """
+    chats: dict[str, set[str]] = {}  # set -> <id>s seen
+    split_chats, other_ids = set(), set()  # sets with a chat in pieces; sets with an id that is no piece
+    for _, record in read_records(path):
+        if conversation_id(record) is None:
+            continue  # dropped by the split itself
+        key = _conversation_key(record)
+        set_name, chat = _set_of(key), _chat_of_piece(key)
+        if chat is None:
+            other_ids.add(set_name)
+            chats.pop(set_name, None)
+        elif set_name not in other_ids:
+            seen = chats.setdefault(set_name, set())
+            if chat in seen:
+                split_chats.add(set_name)
+            seen.add(chat)
+    pieces = frozenset(split_chats - other_ids)
+    for set_name in sorted(pieces):
+        log.info(
+            "data split: %s%s: ids are FastChat's pieces `<id>_<first turn>`: the pieces of one chat (%d chats) are "
+            "held out together", path, f" set {set_name!r}" if set_name else "", len(chats[set_name])
+        )  # fmt: skip
+    return pieces
+
+
+def held_out_key(record: dict, piece_sets: frozenset[str]) -> str:
+    """The name the held-out side is drawn by: the conversation's, or its chat's for FastChat's pieces."""
+    key = _conversation_key(record)
+    if _set_of(key) in piece_sets:
+        return _chat_of_piece(key) or key  # every key of such a set is a piece
+    return key
 
 
 class _nowhere:
@@ -252,8 +323,8 @@ def _conversation(where: str, record: object, counts):
             raise Drop(record.reason, record.detail)
         system, turns = normalized_turns(record)
         turns = exchanges(turns, edits)
-        if "id" not in record:
-            raise Drop("no_id", "records need an id (data clean gives one)")
+        if conversation_id(record) is None:
+            raise Drop("no_id", "records need an id, not null or empty (data clean gives one)")
     except Drop as drop:
         counts.add("drop", drop.reason, name, drop.detail)
         return None
@@ -335,15 +406,13 @@ class PieceCounter:
         return result
 
     def _heads_batch(self, wanted: list[tuple[str | None, list, int]]) -> list[dict[int, int]]:
-        """Per (system, turns, pair): {pair: tokens of bos + system prompt + that exchange}. With a system
-        prompt of its own, the longer of it and the default one (data tokenize writes the default today)."""
-        texts, spans = [], []
-        for system, turns, pair in wanted:
-            systems = [template.SYSTEM_PROMPT] + ([system] if system not in (None, template.SYSTEM_PROMPT) else [])
-            spans.append((len(texts), len(texts) + len(systems)))
-            texts += [f"{s}{template.SEP}{_exchange(turns, 2 * pair)}" for s in systems]
+        """Per (system, turns, pair): {pair: tokens of bos + system prompt + that exchange}: the record's own system
+        prompt, or the default one without it, as data tokenize writes the prompt."""
+        texts = [
+            f"{_system_prompt(system)}{template.SEP}{_exchange(turns, 2 * pair)}" for system, turns, pair in wanted
+        ]
         lengths = self.lengths(texts, special=True)
-        return [{pair: max(lengths[a:b])} for (_, _, pair), (a, b) in zip(wanted, spans, strict=True)]
+        return [{pair: n} for (_, _, pair), n in zip(wanted, lengths, strict=True)]
 
     def _pack(self, system, turns, body: list[int], head: dict[int, int], limit: int) -> list[tuple[int, int, int]]:
         pieces, pair, pairs = [], 0, len(body)
@@ -380,10 +449,14 @@ class PieceCounter:
         return pieces
 
     def whole_length(self, system: str | None, turns: list) -> int:
-        """What `data tokenize` counts for these turns (the longer of the record's and the default system prompt)."""
+        """What `data tokenize` counts for these turns, after the record's own system prompt or the default one."""
         roles = [(template.USER if role == HUMAN else template.ASSISTANT, text) for role, text in turns]
-        systems = {template.SYSTEM_PROMPT, system or template.SYSTEM_PROMPT}
-        return max(self.lengths([template.render(roles, s) for s in sorted(systems)], special=True))
+        return self.lengths([template.render(roles, _system_prompt(system))], special=True)[0]
+
+
+def _system_prompt(system: str | None) -> str:
+    """The system prompt data tokenize writes before a record's turns: its own `system`, else the default one."""
+    return template.SYSTEM_PROMPT if system is None else system
 
 
 def _exchange(turns: list, i: int) -> str:
