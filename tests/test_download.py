@@ -524,6 +524,183 @@ def test_hf_offline_uses_the_cache_with_the_pinned_revision(hub, tmp_path, monke
         _hf(hub, tmp_path, "other", revision="main")
 
 
+def test_hf_two_runs_fetching_other_files_of_one_commit_do_not_undo_each_other(tmp_path):
+    """Two `data fetch`es of one dataset repository (snakemake -j2): the first to finish must not remove the
+    files the other is still downloading."""
+    import threading
+
+    from fake_hub import Hub, HubHandler
+
+    from vicunaflow.dataprep.sources import fetch
+
+    commit = "e" * 40
+    big_started, small_done = threading.Event(), threading.Event()
+
+    class BigFileWaits(HubHandler):
+        def _route(self, body):
+            if body and self.command == "GET" and "/resolve/" in self.path and "big.json" in self.path:
+                big_started.set()
+                small_done.wait(30)  # big.json is still downloading while the other run finishes
+            return super()._route(body)
+
+    files = {"big.json": b'{"big": true}' * 1000, "small.json": b'{"small": true}'}
+    state = Hub(repos={"o/ds": {"refs": {"main": commit}, "commits": {commit: files}}}, repo_type="dataset")
+    server = serve(BigFileWaits, state)
+    server.hub = state
+    common = {"repo": "o/ds", "revision": commit, "endpoint": state.url, "staging_dir": tmp_path / "st"}
+    failures = []
+
+    def fetch_big():
+        try:
+            fetch(file="big.json", output_dir=tmp_path / "raw-big", **common)
+        except Exception as err:
+            failures.append(err)
+
+    big = threading.Thread(target=fetch_big)
+    try:
+        big.start()
+        assert big_started.wait(30)
+        fetch(file="small.json", output_dir=tmp_path / "raw-small", **common)
+        small_done.set()
+        big.join(60)
+    finally:
+        small_done.set()
+        server.shutdown()
+        server.server_close()
+    assert not failures, failures
+    assert (tmp_path / "raw-big" / "big.json").read_bytes() == files["big.json"]
+    assert (tmp_path / "raw-small" / "small.json").read_bytes() == files["small.json"]
+    assert not list((tmp_path / "st").rglob("*.json")), "each stage is removed by the run that used it"
+
+
+def test_hf_two_runs_of_the_same_fetch_take_turns_with_its_stage(tmp_path):
+    import threading
+
+    from vicunaflow.download.hub import _stage_in_use
+
+    stage, order = tmp_path / "st" / "commit--files", []
+
+    def second_run():
+        with _stage_in_use(stage):
+            order.append("second")
+
+    with _stage_in_use(stage):
+        waiting = threading.Thread(target=second_run)
+        waiting.start()
+        waiting.join(0.5)
+        order.append("first done")
+    waiting.join(10)
+    assert order == ["first done", "second"]
+    assert not stage.with_name(stage.name + ".lock").exists(), "the lock file goes with its last holder"
+
+
+def test_hf_a_rerun_after_a_failure_continues_from_its_stage(hub, tmp_path):
+    """The stage is named by what is fetched, not by the run: the files a failed run got are not fetched again."""
+    hub.tampered = {"pytorch_model-00001-of-00001.bin"}
+    with pytest.raises(VicunaflowError, match="sha256 mismatch"):
+        _hf(hub, tmp_path)
+    hub.tampered = set()
+    seen = len(hub.requests)
+    _hf(hub, tmp_path)
+    assert "GET /lmsys/vicuna-tiny-delta-v1.1/resolve/" + NEW + "/config.json" not in hub.requests[seen:]
+    assert (
+        "GET /lmsys/vicuna-tiny-delta-v1.1/resolve/" + NEW + "/pytorch_model-00001-of-00001.bin"
+        in (hub.requests[seen:])
+    )
+
+
+def test_hf_a_local_file_error_is_not_blamed_on_the_network(hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "st" / "x.incomplete"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", disk_full)
+    with pytest.raises(VicunaflowError, match=r"No space left on device.*not a network problem") as err:
+        _hf(hub, tmp_path)
+    assert "cannot be reached" not in str(err.value) and "--source local" not in str(err.value)
+    assert not (tmp_path / "delta").exists()
+
+
+@pytest.fixture
+def go_offline(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of the test's own; calling the fixture's value switches HF_HUB_OFFLINE on."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return lambda: monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hf_offline_refuses_a_cache_that_holds_part_of_the_repository(hub, tmp_path, go_offline):
+    """from_pretrained / hf_hub_download cache single files and no file listing: only what the cache can show
+    whole is taken; nothing half-complete is written as a finished output."""
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(DELTA, "config.json", revision=NEW, endpoint=hub.url)
+    go_offline()
+    with pytest.raises(VicunaflowError, match=r"not available offline.*config\.json.*--include.*online") as err:
+        _hf(hub, tmp_path, revision=NEW)
+    assert "--source local" in str(err.value)
+    with pytest.raises(VicunaflowError, match=r"not available offline.*nothing cached matches \*\.bin"):
+        _hf(hub, tmp_path, revision=NEW, include=["*.json", "*.bin"])
+    assert not (tmp_path / "delta").exists()
+    only_config = _hf(hub, tmp_path, revision=NEW, include=["config.json"])
+    assert sorted(p.name for p in only_config.iterdir()) == ["config.json", "vicunaflow.json"]
+
+
+def test_hf_offline_with_a_cached_listing_names_the_missing_files(hub, tmp_path, go_offline):
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(DELTA, revision=NEW, allow_patterns=["*.json"], endpoint=hub.url)  # caches the listing
+    go_offline()
+    with pytest.raises(VicunaflowError, match=r"not available offline.*3 of the 4 requested.*pytorch_model") as err:
+        _hf(hub, tmp_path, revision=NEW)
+    assert "sub/readme.txt" in str(err.value) and "tokenizer.model" in str(err.value)
+    assert not (tmp_path / "delta").exists()
+
+
+def test_hf_offline_refuses_a_sharded_checkpoint_missing_a_shard(fake_hub, tmp_path, go_offline):
+    from huggingface_hub import hf_hub_download
+
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    files = {
+        "config.json": b"{}",
+        "model.safetensors.index.json": json.dumps(index).encode(),
+        "model-00001-of-00002.safetensors": b"one",
+        "model-00002-of-00002.safetensors": b"two",
+    }
+    sharded = fake_hub(repos={"o/sharded": {"refs": {"main": NEW}, "commits": {NEW: files}}})
+    for name in ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"):
+        hf_hub_download("o/sharded", name, revision=NEW, endpoint=sharded.url)
+    go_offline()
+    with pytest.raises(VicunaflowError, match=r"not available offline.*shards.*model-00002-of-00002\.safetensors"):
+        download_hf(
+            repo="o/sharded",
+            revision=NEW,
+            include=["*.json", "*.safetensors"],
+            local_dir=tmp_path / "model",
+            staging_dir=tmp_path / "st",
+        )
+    assert not (tmp_path / "model").exists()
+
+
+def test_data_fetch_offline_of_a_file_not_cached_says_so(fake_hub, tmp_path, go_offline):
+    from huggingface_hub import hf_hub_download
+
+    from vicunaflow.dataprep.sources import fetch
+
+    files = {"data/train.jsonl": b'{"id": "t"}', "README.md": b"x"}
+    datasets = fake_hub(repos={"o/ds": {"refs": {"main": NEW}, "commits": {NEW: files}}}, repo_type="dataset")
+    hf_hub_download("o/ds", "README.md", repo_type="dataset", revision=NEW, endpoint=datasets.url)
+    go_offline()
+    with pytest.raises(VicunaflowError, match=r"not available offline.*data/train\.jsonl.*data clean") as err:
+        fetch(
+            repo="o/ds", file="data/train.jsonl", revision=NEW, output_dir=tmp_path / "raw", staging_dir=tmp_path / "st"
+        )
+    assert "No such file" not in str(err.value)
+    assert not (tmp_path / "raw").exists()
+
+
 def test_hf_local_source_checks_recorded_hashes(hub, tmp_path):
     fetched = _hf(hub, tmp_path)
     linked = download_hf(source="local", path=fetched, local_dir=tmp_path / "linked")

@@ -136,7 +136,10 @@ def download_hf(
     Used for the Vicuna deltas (lmsys/vicuna-7b-delta-v1.1), pre-converted bases (huggyllama/llama-7b)
     and merged releases (lmsys/vicuna-7b-v1.5). `<local_dir>/vicunaflow.json` records the repository,
     the commit actually fetched and each file's hash. With HF_HUB_OFFLINE=1 the files come from the
-    Hugging Face cache (~/.cache/huggingface/hub), without any network access.
+    Hugging Face cache (~/.cache/huggingface/hub), without any network access, and only when the cache
+    shows every requested file: the commit's cached file listing (kept by `hf download` or
+    snapshot_download, not by from_pretrained), or else a cached match for every --include pattern;
+    and every shard a weight index names. A partial cache is refused, naming what is missing.
 
     Arguments:
         repo: repository id, e.g. lmsys/vicuna-7b-delta-v1.1 (source hf).
@@ -152,7 +155,8 @@ def download_hf(
         token_env: environment variable holding a Hub token for gated or private repos; without it,
             huggingface_hub's own login (`hf auth login`, HF_TOKEN) is used. Never printed.
         endpoint: Hub URL; default: $HF_ENDPOINT or https://huggingface.co.
-        staging_dir: partial downloads, outside any workflow output; a rerun continues from here.
+        staging_dir: partial downloads, outside any workflow output; a rerun continues from here. Each
+            set of files of a commit has its own stage, so fetches of other files can run at once.
         jobs: files downloaded in parallel.
         overwrite: replace a local_dir that exists but is not a complete vicunaflow output (default: refuse).
     """

@@ -7,11 +7,13 @@ huggingface_hub is imported only inside the functions that use it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -80,55 +82,65 @@ def hf_from_hub(
         source.exclude or "none",
         token_from,
     )
-    with _hub_errors(source, endpoint=endpoint, token_env=token_env):
-        if offline:
-            root, commit, expected = _hf_cached_snapshot(source)
-        else:
-            root, commit, expected = _hf_fetch(
-                source, token=token, endpoint=endpoint, staging_dir=staging_dir, jobs=jobs
-            )
-    bad = _verify_hf_files(root, expected)
-    if bad:
-        aside = []
-        for name, _ in bad:
-            if not offline and (root / name).exists():
-                target = (
-                    staging_dir
-                    / "hf"
-                    / "corrupt"
-                    / (repo.replace("/", "--") + "--" + name.replace("/", "--") + ".corrupt")
+    with contextlib.ExitStack() as stage_in_use:
+        with _hub_errors(source, endpoint=endpoint, token_env=token_env):
+            if offline:
+                root, commit, expected = _hf_cached_snapshot(source)
+            else:
+                root, commit, expected = stage_in_use.enter_context(
+                    _hf_fetch(source, token=token, endpoint=endpoint, staging_dir=staging_dir, jobs=jobs)
                 )
-                target.parent.mkdir(parents=True, exist_ok=True)
-                (root / name).replace(target)
-                aside.append(str(target))
-        raise VicunaflowError(
-            f"{repo}@{commit}: "
-            + "; ".join(m for _, m in bad)
-            + (f"; kept aside as {', '.join(aside)}" if aside else "")
-        )
-    with atomic_output_dir(local_dir, inputs=[staging_dir], overwrite=overwrite) as out:
-        for name in expected:
-            place_file((root / name).resolve() if offline else root / name, _inside_tree(out, name), "hardlink-or-copy")
-        write_manifest(
-            out,
-            command=redacted_command([token] if token else []),
-            repo=repo,
-            repo_type=repo_type,
-            revision=commit,
-            requested_revision=revision or "main",
-            endpoint=redact_url(endpoint),
-            files={name: {"algorithm": algo, "hash": digest} for name, (algo, digest) in expected.items()},
-        )
-    if not offline:
-        shutil.rmtree(root, ignore_errors=True)
+        if not expected:  # never a finished output that holds nothing of the repository
+            raise VicunaflowError(f"{repo}@{commit}: no file to write; nothing was written")
+        bad = _verify_hf_files(root, expected)
+        if bad:
+            aside = []
+            for name, _ in bad:
+                if not offline and (root / name).exists():
+                    target = (
+                        staging_dir
+                        / "hf"
+                        / "corrupt"
+                        / (repo.replace("/", "--") + "--" + name.replace("/", "--") + ".corrupt")
+                    )
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    (root / name).replace(target)
+                    aside.append(str(target))
+            raise VicunaflowError(
+                f"{repo}@{commit}: "
+                + "; ".join(m for _, m in bad)
+                + (f"; kept aside as {', '.join(aside)}" if aside else "")
+            )
+        with atomic_output_dir(local_dir, inputs=[staging_dir], overwrite=overwrite) as out:
+            for name in expected:
+                place_file(
+                    (root / name).resolve() if offline else root / name, _inside_tree(out, name), "hardlink-or-copy"
+                )
+            write_manifest(
+                out,
+                command=redacted_command([token] if token else []),
+                repo=repo,
+                repo_type=repo_type,
+                revision=commit,
+                requested_revision=revision or "main",
+                endpoint=redact_url(endpoint),
+                files={name: {"algorithm": algo, "hash": digest} for name, (algo, digest) in expected.items()},
+            )
     log.info("%s: %d files of %s at commit %s, verified", local_dir, len(expected), repo, commit)
     return local_dir
 
 
+@contextlib.contextmanager
 def _hf_fetch(
     source: HubRepo, *, token: str | None, endpoint: str, staging_dir: Path, jobs: int
-) -> tuple[Path, str, dict[str, tuple[str, str | None]]]:
-    """Resolve the revision to a commit first, then fetch exactly that commit into staging (resumable)."""
+) -> Iterator[tuple[Path, str, dict[str, tuple[str, str | None]]]]:
+    """Resolve the revision to a commit first, then fetch exactly that commit's files into a stage of their own.
+
+    The stage is named by the commit and the files fetched, so a run that crashed is continued by the next run
+    of the same fetch, while a run fetching other files of the repository (another `data fetch` of the same
+    dataset, under `snakemake -j2`) works in another stage. It is held, locked, until the caller's block ends,
+    and removed only when that block succeeds.
+    """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import filter_repo_objects
@@ -150,53 +162,100 @@ def _hf_fetch(
         )
     for name in names:
         _safe_tree_name(name, repo)
-    stage = staging_dir / "hf" / f"{repo_type}s--{repo.replace('/', '--')}" / commit
-    log.info(
-        "%s: revision %s is commit %s; %d files to fetch into %s", repo, revision or "main", commit, len(names), stage
-    )
-    snapshot_download(
-        repo,
-        repo_type=repo_type,
-        revision=commit,
-        local_dir=stage,
-        allow_patterns=include,
-        ignore_patterns=exclude,
-        max_workers=max(1, jobs),
-        token=token,
-        endpoint=endpoint,
-    )
-    expected = {}
-    for name in names:
-        entry = tree[name]
-        expected[name] = ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
-    return stage, commit, expected
+    files_key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    stage = staging_dir / "hf" / f"{repo_type}s--{repo.replace('/', '--')}" / f"{commit}--{files_key}"
+    with _stage_in_use(stage):
+        log.info(
+            "%s: revision %s is commit %s; %d files to fetch into %s",
+            repo,
+            revision or "main",
+            commit,
+            len(names),
+            stage,
+        )
+        snapshot_download(
+            repo,
+            repo_type=repo_type,
+            revision=commit,
+            local_dir=stage,
+            allow_patterns=include,
+            ignore_patterns=exclude,
+            max_workers=max(1, jobs),
+            token=token,
+            endpoint=endpoint,
+        )
+        expected = {}
+        for name in names:
+            entry = tree[name]
+            expected[name] = ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
+        yield stage, commit, expected
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stage_in_use(stage: Path) -> Iterator[None]:
+    """Hold `stage` alone: a second run of the same fetch waits rather than deleting files still being written.
+
+    The lock is a file beside the stage, removed by its holder; a waiter that wakes to find the file gone or
+    replaced locks again, so no two runs can ever hold the stage at once. A crashed run's lock goes with it.
+    """
+    lock_path = stage.with_name(stage.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another run is fetching the same files into it; waiting for it to finish", stage)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(lock), os.stat(lock_path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(lock)
 
 
 def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str, str | None]]]:
-    """HF_HUB_OFFLINE: take the files from the Hugging Face cache; verify them when the cache kept the tree."""
-    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    """HF_HUB_OFFLINE: take the files from the Hugging Face cache; verify them when the cache kept the tree.
+
+    The cache often holds only part of a repository (transformers' from_pretrained, `hf_hub_download` of one
+    file), so the snapshot is taken only when the cache shows every requested file is there: with the cached
+    file listing, every listed file the patterns select; without it, a match for every include pattern (and no
+    patterns at all cannot be shown complete). Either way every shard a weight index names must be there.
+    """
+    from huggingface_hub import constants, get_cached_repo_tree, snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
     from huggingface_hub.utils import filter_repo_objects
 
     repo, revision, include, exclude, repo_type = (
         source.repo, source.revision, source.include, source.exclude, source.repo_type
     )  # fmt: skip
 
-    snapshot = Path(
-        snapshot_download(
-            repo,
-            repo_type=repo_type,
-            revision=revision,
-            allow_patterns=include,
-            ignore_patterns=exclude,
-            local_files_only=True,
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo,
+                repo_type=repo_type,
+                revision=revision,
+                allow_patterns=include,
+                ignore_patterns=exclude,
+                local_files_only=True,
+            )
         )
-    )
+    except IncompleteSnapshotError as err:  # the checks below name what is missing
+        snapshot = Path(err.snapshot_path)
     commit = snapshot.name
-    cached = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    files = sorted(filter_repo_objects(cached, allow_patterns=include, ignore_patterns=exclude))
+    cached = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
     try:
         tree = {f.path: f for f in get_cached_repo_tree(repo, repo_type=repo_type, revision=commit)}
-    except Exception as err:  # the cache has no tree listing for this commit (older huggingface_hub)
+    except Exception as err:  # the cache has no tree listing for this commit (hf_hub_download, older huggingface_hub)
         log.warning(
             "%s@%s: no cached file listing to verify against (%s); hashes recorded only",
             repo,
@@ -204,6 +263,47 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
             type(err).__name__,
         )
         tree = {}
+
+    def unavailable(why: str) -> HubUnavailable:
+        return HubUnavailable(
+            f"{repo}@{commit}: not available offline: HF_HUB_OFFLINE is set and the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) holds only part of it ({why}); nothing was written. Fetch it once "
+            "online (unset HF_HUB_OFFLINE)"
+        )
+
+    if tree:
+        files = sorted(filter_repo_objects(list(tree), allow_patterns=include, ignore_patterns=exclude))
+        if not files:
+            raise VicunaflowError(
+                f"{repo}@{commit}: no file matches include={include} exclude={exclude}; files: {', '.join(sorted(tree))}"
+            )
+        missing = [name for name in files if name not in cached]
+        if missing:
+            raise unavailable(f"{len(missing)} of the {len(files)} requested files are not cached: {_few(missing)}")
+    elif include is None:
+        raise unavailable(
+            f"no file listing of this commit is cached, so nothing shows that its {len(cached)} cached files "
+            f"[{_few(cached)}] are the whole repository: name the files you need with --include"
+        )
+    else:
+        files = sorted(filter_repo_objects(cached, allow_patterns=include, ignore_patterns=exclude))
+        unmatched = [
+            pattern
+            for pattern in include
+            if not any(filter_repo_objects(cached, allow_patterns=[pattern], ignore_patterns=exclude))
+        ]
+        if unmatched:
+            raise unavailable(f"nothing cached matches {_few(unmatched)}; cached: {_few(cached) or 'none'}")
+    shards = {
+        shard
+        for name in files
+        if name.endswith(".index.json")
+        for shard in _index_shards(snapshot / name)
+        if any(filter_repo_objects([shard], allow_patterns=include, ignore_patterns=exclude))
+    }
+    missing_shards = sorted(shards - set(cached))
+    if missing_shards:
+        raise unavailable(f"the weight index names shards that are not cached: {_few(missing_shards)}")
     expected = {}
     for name in files:
         _safe_tree_name(name, repo)
@@ -214,6 +314,19 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
             expected[name] = ("sha256", entry.lfs.sha256) if entry.lfs else ("git-sha1", entry.blob_id)
     log.info("%s: offline, from the cached snapshot %s (commit %s)", repo, snapshot, commit)
     return snapshot, commit, expected
+
+
+def _index_shards(index: Path) -> set[str]:
+    """The shard files a sharded checkpoint's `*.index.json` names."""
+    try:
+        return set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise VicunaflowError(f"{index}: not a weight index ({err})") from None
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    """A list for a message: the first few names, and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _verify_hf_files(root: Path, expected: dict[str, tuple[str, str | None]]) -> list[tuple[str, str]]:
@@ -283,8 +396,13 @@ def _hub_errors(source: HubRepo, *, endpoint: str, token_env: str) -> Iterator[N
     except errors.HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         raise HubUnavailable(f"{repo}: {shown} answered HTTP {status}; try again later") from None
-    except OSError as err:
+    except (ConnectionError, TimeoutError, socket.gaierror) as err:
         raise HubUnavailable(f"{repo}: {shown} cannot be reached ({err}); check the network or HF_ENDPOINT") from None
+    except OSError as err:  # a file here, not the network: going offline or --source local would not help
+        raise VicunaflowError(
+            f"{repo}: a local file operation failed while fetching ({err}); not a network problem: check free "
+            "space and permissions of --staging-dir and the Hugging Face cache"
+        ) from None
     except Exception as err:
         # httpx2's transport errors (connection refused, DNS, timeouts) are not OSErrors.
         if type(err).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
@@ -307,11 +425,7 @@ def hf_from_local(*, path: Path | None, local_dir: Path, link: bool, overwrite: 
     if not names:
         raise VicunaflowError(f"{path}: empty directory")
     for index in path.glob("*.index.json"):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError) as err:
-            raise VicunaflowError(f"{index}: not a weight index ({err})") from None
-        missing = sorted(s for s in shards if not (path / s).is_file())
+        missing = sorted(s for s in _index_shards(index) if not (path / s).is_file())
         if missing:
             raise VicunaflowError(f"{index}: names shards that are missing: {', '.join(missing)}")
     previous = path / "vicunaflow.json"
