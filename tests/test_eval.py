@@ -56,13 +56,19 @@ def fake_answers(path: Path, model_id: str = "tiny-model") -> Path:
 # --- a fake OpenAI-compatible judge --------------------------------------------------------------
 
 
+# vicunaflow serve's refusal (vLLM's reads alike); the bracketed number is no rating
+CONTEXT_MESSAGE = "This model's maximum context length is 2048 tokens; the prompt is [3012] tokens."
+
+
 class FakeJudge:
     """POST /v1/chat/completions. `faults`: statuses answered to the next requests, in order;
-    `always`: a status answered to every request; `reply`: the judgment text."""
+    `always`: a status answered to every request; `too_long`: text whose requests are refused as a local
+    judge refuses a prompt beyond its context (400 context_length_exceeded); `reply`: the judgment text."""
 
     def __init__(self):
         self.faults: list[int] = []
         self.always: int | None = None
+        self.too_long: str | None = None
         self.reply = "The answer is fine. Rating: [[7]]"
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -74,8 +80,11 @@ class FakeJudge:
             status = self.always or (self.faults.pop(0) if self.faults else 200)
         if handler.path != "/v1/chat/completions":
             status = 404
+        too_long = self.too_long is not None and self.too_long in body["messages"][-1]["content"]
         messages = {401: "Incorrect API key provided: sk-wrong.", 404: "The model `gpt-5` does not exist"}
-        if status == 200:
+        if too_long:
+            status, payload = 400, {"error": {"message": CONTEXT_MESSAGE, "code": "context_length_exceeded"}}
+        elif status == 200:
             payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": self.reply}}]}
         else:
             payload = {"error": {"message": messages.get(status, f"fault {status}"), "type": "fake"}}
@@ -355,6 +364,90 @@ def test_parse_rating_follows_fastchat() -> None:
     assert parse_rating("Rating: 9/10") == -1
 
 
+def test_a_prompt_the_judge_refuses_fails_only_its_match(fake_judge, tmp_path: Path, caplog) -> None:
+    """A local judge refusing one prompt beyond its context (HTTP 400) stopped every run at that match, and
+    --output (with --partial, as the workflow runs it) was never written. The match is recorded as FastChat's
+    gen_judgment records it, $ERROR$ and score -1, and left out of the averages."""
+    answers = fake_answers(tmp_path / "answers.jsonl")
+    answers.write_text(answers.read_text().replace("answer 1 to question 3", "a long answer LOOPING LOOPING"))
+    fake_judge.too_long = "LOOPING"
+    partial, output = tmp_path / "staging.jsonl", tmp_path / "judgment.jsonl"
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    judgments = read_judgments(output)
+    assert len(judgments) == N_JUDGMENTS and not partial.exists()
+    refused = [j for j in judgments if j["question_id"] == 3]  # its first turn, and the conversation
+    assert [(j["turn"], j["score"]) for j in refused] == [(1, -1), (2, -1)]
+    assert all(j["judgment"] == f"$ERROR$ HTTP 400: {CONTEXT_MESSAGE}" for j in refused)
+    assert all(j["score"] == 7 for j in judgments if j["question_id"] != 3)
+    assert "2 of 16 matches could not be judged (first: question 3, turn 1: $ERROR$ HTTP 400" in caplog.text
+    summary(questions=BUILTIN_QUESTIONS, judgments=[output], output=tmp_path / "s.tsv", output_json=tmp_path / "s.json")
+    (row,) = json.loads((tmp_path / "s.json").read_text())
+    overall = row["mt_bench"]["overall"]
+    assert (overall["score"], overall["judged"], overall["unrated"]) == (7, N_JUDGMENTS, 2)
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    assert fake_judge.requests == []  # recorded, as FastChat's: a rerun does not ask again
+
+
+def test_a_judge_refusing_every_request_stops_and_records_nothing(fake_judge, tmp_path: Path) -> None:
+    """A 400 to every request is the request's fault (--max-tokens beyond the judge's context), not the prompts':
+    recording them all as $ERROR$ would keep a rerun with the fixed request from asking again."""
+    fake_judge.always = 400
+    with pytest.raises(VicunaflowError, match=r"the first 5 requests were all refused \(HTTP 400: fault 400\)"):
+        run_judge(tmp_path, fake_judge, parallel=1)
+    assert len(fake_judge.requests) == 5 and read_judgments(tmp_path / "judgment.jsonl") == []
+    fake_judge.always, fake_judge.requests = None, []
+    run_judge(tmp_path, fake_judge)
+    assert len(fake_judge.requests) == N_JUDGMENTS
+
+
+def test_judge_checks_the_file_before_cutting_its_last_line(fake_judge, tmp_path: Path) -> None:
+    """A last line without its newline was cut off before the file was checked: an --output mistyped onto
+    another file lost its last line, and a complete last judgment was dropped and asked of the judge again."""
+    notes = tmp_path / "notes.json"
+    notes.write_text('{\n "model": "vicuna",\n "score": 6.4\n}')  # json.dump's: no final newline
+    with pytest.raises(VicunaflowError, match=rf"{notes}:1: not a judgment") as refused:
+        run_judge(tmp_path, fake_judge, output=notes)
+    assert notes.read_text() == '{\n "model": "vicuna",\n "score": 6.4\n}' and fake_judge.requests == []
+    assert "not a judgment file of `vicunaflow eval judge`? give another path" in str(refused.value)
+
+    output = run_judge(tmp_path, fake_judge)
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines).rstrip("\n"))  # edited, or written by another tool
+    assert len(read_judgments(output)) == N_JUDGMENTS
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge)
+    assert fake_judge.requests == [] and output.read_text() == "".join(lines).rstrip("\n")  # nothing to do: as it was
+    output.write_text("".join(lines[:-3]).rstrip("\n"))
+    run_judge(tmp_path, fake_judge)
+    assert len(fake_judge.requests) == 3 and len(read_judgments(output)) == N_JUDGMENTS
+    assert output.read_text().endswith("\n") and all(json.loads(line) for line in output.read_text().splitlines())
+
+    output.write_text(lines[0][:30])  # a run killed while writing its first judgment
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge)
+    assert len(fake_judge.requests) == N_JUDGMENTS and len(read_judgments(output)) == N_JUDGMENTS
+
+
+def test_rerunning_a_finished_partial_run_asks_nothing(fake_judge, tmp_path: Path) -> None:
+    """With --partial, a finished run leaves --output whole and the partial file gone: the same command again
+    judged everything anew. It asks only what --output lacks (an answer generated again) and leaves it alone
+    when that is nothing."""
+    partial, output = tmp_path / "staging.jsonl", tmp_path / "judgment.jsonl"
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    before, mtime = output.read_bytes(), output.stat().st_mtime_ns
+    fake_judge.requests.clear()
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    assert fake_judge.requests == [] and not partial.exists()
+    assert output.read_bytes() == before and output.stat().st_mtime_ns == mtime
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(answers.read_text().replace("answer 1 to question 3", "a new answer"))
+    run_judge(tmp_path, fake_judge, output=output, partial=partial)
+    assert len(fake_judge.requests) == 2  # question 3's first turn and its conversation
+    judgments = read_judgments(output)
+    assert len(judgments) == N_JUDGMENTS and sum("a new answer" in j["user_prompt"] for j in judgments) == 2
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 
@@ -406,6 +499,46 @@ def test_judge_refuses_answers_without_a_model_short_references_and_prompts_nami
     with pytest.raises(VicunaflowError, match=rf"{prompts}: the judge prompts lack single-math-v1, "):
         run_judge(tmp_path, fake_judge, judge_prompts=prompts)
     assert fake_judge.requests == [] and not (tmp_path / "judgment.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (" Also consider {context}.", r"unknown field \{context\}"),
+        (' Reply as {"rating": 5}.', r"unknown field \{\"rating\"\}"),
+        (" A stray } here.", r"Single '\}' encountered"),
+        (" Positional {} here.", r"a field without a name"),
+    ],
+    ids=["unknown-field", "json-example", "stray-brace", "positional"],
+)
+def test_a_judge_prompt_that_cannot_be_filled_in_names_file_and_prompt(extra, problem, fake_judge, tmp_path) -> None:
+    """A custom prompt_template with a stray brace or a field FastChat does not fill ended in str.format's
+    KeyError or ValueError traceback."""
+    records = [json.loads(line) for line in BUILTIN_JUDGE_PROMPTS.read_text().splitlines()]
+    records[0]["prompt_template"] += extra
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    name = records[0]["name"]
+    with pytest.raises(VicunaflowError, match=rf"{prompts}: judge prompt {name}: .*cannot be filled in \({problem}"):
+        run_judge(tmp_path, fake_judge, judge_prompts=prompts)
+    assert fake_judge.requests == [] and not (tmp_path / "judgment.jsonl").exists()
+
+
+def test_read_judgments_names_file_and_line_of_bad_bytes_and_ids(tmp_path: Path) -> None:
+    """A judgment file not in UTF-8 ended in UnicodeDecodeError, a question_id that is a list in TypeError."""
+    judgment = {"question_id": 81, "model": "m", "judge": ["gpt-4", "single-v1"], "user_prompt": "p"}
+    judgment |= {"judgment": "[[5]]", "score": 5, "turn": 1, "tstamp": 0.0}
+    path = tmp_path / "judgment.jsonl"
+    good = json.dumps(judgment) + "\n"
+    path.write_bytes(good.encode() + good.replace('"m"', '"m\u00e9"').encode("latin-1"))
+    with pytest.raises(VicunaflowError, match=rf"{path}:2: not a judgment \(not UTF-8, byte 31 of the line\)"):
+        read_judgments(path)
+    path.write_text(good + json.dumps(judgment | {"question_id": [81]}) + "\n")
+    with pytest.raises(VicunaflowError, match=rf"{path}:2: not a judgment \(question_id \[81\] is not an integer"):
+        read_judgments(path)
+    path.write_text(good + json.dumps(judgment | {"turn": "1"}) + "\n")
+    with pytest.raises(VicunaflowError, match=rf"{path}:2: not a judgment \(turn '1' is not an integer"):
+        read_judgments(path)
 
 
 # --- answers: FastChat's conversation, transformers' greedy tokens ------------------------------

@@ -15,9 +15,12 @@ The two ratings are those of Chatbot Arena (FastChat's elo_analysis.py, read as 
   (FastChat anchors one model of its own at 1114 instead).
 
 Intervals are the 2.5 and 97.5 percentiles over `rounds` bootstrap resamples of the battles, from
-`seed`: the same votes and seed give the same numbers. Bradley–Terry's interval narrows as votes
-accumulate; online Elo's does not below a floor set by K (its last few hundred battles always move
-it), which is why Chatbot Arena ranks by Bradley–Terry and so does this table. Only numpy.
+`seed`: the same votes and seed give the same numbers. A resample that drew none of a model's battles
+says nothing about it: the model is left out of that round (NaN, as FastChat's DataFrame of rounds has
+it) rather than kept at the starting rating, and its percentiles are taken over the rounds it is in;
+in fewer than MIN_ROUNDS of them it gets no interval, with a warning. Bradley–Terry's interval narrows
+as votes accumulate; online Elo's does not below a floor set by K (its last few hundred battles always
+move it), which is why Chatbot Arena ranks by Bradley–Terry and so does this table. Only numpy.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 VOTES = ("left", "right", "tie", "bothbad")
 SCALE, BASE, INIT, K = 400.0, 10.0, 1000.0, 4.0  # Chatbot Arena's Elo constants
 L2 = 1e-6  # Bradley–Terry's penalty (FastChat: LogisticRegression(C=1e6)); per battle, on log-strengths
+MIN_ROUNDS = 20  # bootstrap rounds a model must be in for a 95% interval: fewer are a few points, not percentiles
 
 
 def arena(
@@ -81,14 +85,21 @@ def read_votes(path: Path) -> list[dict]:
     """The battles of a votes file, in time order. A last line without its newline (the server is
     writing it) is left out; any other unreadable line is an error naming its number."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as err:
         raise VicunaflowError(f"{path}: cannot read the votes ({err.strerror or err})") from None
-    lines = text.split("\n")
+    lines = data.split(b"\n")  # decoded line by line: a line cut mid-character by the writer is only skipped
     if lines[-1].strip():
         log.warning("%s: the last line is incomplete (still being written?): left out", path)
     battles = []
-    for number, line in enumerate(lines[:-1], start=1):
+    for number, raw in enumerate(lines[:-1], start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise VicunaflowError(
+                f"{path}:{number}: not UTF-8 (byte {err.start} of the line), so not a vote of `vicunaflow serve`; "
+                "remove the line or save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:
@@ -97,6 +108,12 @@ def read_votes(path: Path) -> list[dict]:
             battle["tstamp"] = float(record.get("tstamp", 0))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise VicunaflowError(f"{path}:{number}: not an arena vote ({err})") from None
+        for side in ("model_left", "model_right"):  # a model's name keys the ratings: only a name will do
+            if not isinstance(battle[side], str) or not battle[side]:
+                raise VicunaflowError(
+                    f"{path}:{number}: {side} {battle[side]!r} is not a model name; remove the line "
+                    "(`vicunaflow serve` writes the names of the models it serves)"
+                )
         if battle["vote"] not in VOTES:
             raise VicunaflowError(f"{path}:{number}: vote {battle['vote']!r} is not one of {', '.join(VOTES)}")
         if battle["model_left"] == battle["model_right"]:
@@ -106,7 +123,8 @@ def read_votes(path: Path) -> list[dict]:
 
 
 def ratings(battles: list[dict], *, rounds: int = 1000, seed: int = 0) -> dict:
-    """{"battles", "rounds", "seed", "models": [{model, elo, elo_lower, ..., bt, ..., wins, ties, losses}]}."""
+    """{"battles", "rounds", "seed", "models": [{model, elo, elo_lower, ..., bt, ..., wins, ties, losses,
+    bootstrap_rounds}]}: bootstrap_rounds, the resamples that drew one of the model's battles."""
     models = sorted({b["model_left"] for b in battles} | {b["model_right"] for b in battles})
     index = {m: i for i, m in enumerate(models)}
     left = np.array([index[b["model_left"]] for b in battles])
@@ -116,14 +134,25 @@ def ratings(battles: list[dict], *, rounds: int = 1000, seed: int = 0) -> dict:
     elo = online_elo(left, right, score, n)[0]
     bt = bradley_terry(left, right, score, np.ones(len(battles)), n)
     rng = np.random.default_rng(seed)
-    bounds = {}
+    bounds = {name: np.full((2, n), math.nan) for name in ("elo", "bt")}
+    in_rounds = np.zeros(n, dtype=int)
     if rounds > 0:
         samples = rng.integers(0, len(battles), size=(rounds, len(battles)))  # [rounds, battles]
-        elo_samples = online_elo(left[samples], right[samples], score[samples], n)  # [rounds, models]
+        elo_samples = online_elo(left[samples], right[samples], score[samples], n)  # [rounds, models], NaN: absent
         weights = np.stack([np.bincount(s, minlength=len(battles)) for s in samples])  # [rounds, battles]
         bt_samples = np.stack([bradley_terry(left, right, score, w, n) for w in weights])
+        in_rounds = np.sum(~np.isnan(elo_samples), axis=0)
+        enough = in_rounds >= MIN_ROUNDS
         for name, values in (("elo", elo_samples), ("bt", bt_samples)):
-            bounds[name] = np.percentile(values, [2.5, 97.5], axis=0)  # [2, models]
+            bounds[name][:, enough] = np.nanpercentile(values[:, enough], [2.5, 97.5], axis=0)  # [2, models]
+        if not enough.all():
+            log.warning(
+                "no 95%% interval for %s: in fewer than %d of the %d bootstrap rounds (a round without any of "
+                "a model's battles leaves it out); more votes for them, or a larger --rounds, give one",
+                ", ".join(f"{models[i]} ({in_rounds[i]} rounds)" for i in np.flatnonzero(~enough)),
+                MIN_ROUNDS,
+                rounds,
+            )
     rows = []
     for i, model in enumerate(models):
         as_left, as_right = left == i, right == i
@@ -131,8 +160,8 @@ def ratings(battles: list[dict], *, rounds: int = 1000, seed: int = 0) -> dict:
         losses = int(np.sum(as_left & (score == 0)) + np.sum(as_right & (score == 1)))
         row = {"model": model, "elo": float(elo[i]), "bt": float(bt[i])}
         for name in ("elo", "bt"):
-            lower, upper = bounds[name][:, i] if name in bounds else (math.nan, math.nan)
-            row[f"{name}_lower"], row[f"{name}_upper"] = float(lower), float(upper)
+            row[f"{name}_lower"], row[f"{name}_upper"] = (float(bound) for bound in bounds[name][:, i])
+        row["bootstrap_rounds"] = int(in_rounds[i])  # the rounds its interval is taken over
         battles_i = int(np.sum(as_left | as_right))
         row |= {"battles": battles_i, "wins": wins, "ties": battles_i - wins - losses, "losses": losses}
         rows.append(row)
@@ -142,7 +171,8 @@ def ratings(battles: list[dict], *, rounds: int = 1000, seed: int = 0) -> dict:
 
 def online_elo(left: np.ndarray, right: np.ndarray, score: np.ndarray, n: int) -> np.ndarray:
     """Elo after replaying battles in order; [battles] arrays give [1, n], [rounds, battles] give [rounds, n]
-    (every round replayed at once: one vector step per battle instead of a Python loop per round)."""
+    (every round replayed at once: one vector step per battle instead of a Python loop per round).
+    A model without a battle in a round is NaN there: its starting rating would be no measurement."""
     left, right, score = np.atleast_2d(left), np.atleast_2d(right), np.atleast_2d(score)
     rounds = left.shape[0]
     rating = np.full((rounds, n), INIT)
@@ -153,6 +183,9 @@ def online_elo(left: np.ndarray, right: np.ndarray, score: np.ndarray, n: int) -
         delta = K * (score[:, t] - expected)
         rating[rows, a] += delta
         rating[rows, b] -= delta
+    battled = np.zeros((rounds, n), dtype=bool)
+    battled[rows[:, None], left] = battled[rows[:, None], right] = True
+    rating[~battled] = math.nan
     return rating
 
 
@@ -160,7 +193,9 @@ def bradley_terry(left: np.ndarray, right: np.ndarray, score: np.ndarray, weight
     """Maximum-likelihood Bradley–Terry ratings on Elo's scale (mean 1000) by Newton's method.
 
     The log-likelihood sum_k w_k [s_k log p_k + (1 - s_k) log(1 - p_k)], p_k = sigmoid(theta_left - theta_right),
-    is concave; with the L2 term its optimum is unique and Newton converges in a few steps.
+    is concave; with the L2 term its optimum is unique and Newton converges in a few steps. A model without
+    weight (not in a bootstrap resample) is NaN and left out of the centring, as FastChat fits only the
+    models of the resample.
     """
     theta = np.zeros(n)
     penalty = L2 * max(weight.sum(), 1.0)
@@ -179,7 +214,8 @@ def bradley_terry(left: np.ndarray, right: np.ndarray, score: np.ndarray, weight
         theta -= step
         if np.max(np.abs(step)) < 1e-9:
             break
-    theta -= theta.mean()
+    battled = (np.bincount(left, weight, n) + np.bincount(right, weight, n)) > 0
+    theta = np.where(battled, theta - theta[battled].mean(), math.nan)
     return INIT + SCALE / math.log(BASE) * theta
 
 

@@ -9,10 +9,14 @@ counted, and left out of averages, as FastChat's show_result.py does.
 
 The output is FastChat's judgment file (model_judgment/<judge>_single.jsonl lines), append-only:
 every judgment is written and flushed as soon as it arrives, and a rerun judges only what is not in
-the file yet, so an interrupted run (a quota, Ctrl-C, a dead server) continues where it stopped.
+the file yet, so an interrupted run (a quota, Ctrl-C, a dead server) continues where it stopped; with
+--partial, a finished run's --output counts too, so the same command again asks nothing.
 Requests run `parallel` at a time; 408/429/5xx and dropped connections are retried with exponential
-backoff (Retry-After honoured), while 401/403/404 and other refusals stop the run with the server's
-message, since every other request would fail the same way.
+backoff (Retry-After honoured). A 400 or 413 refuses that one request (a prompt beyond a local judge's
+context): its match is recorded as FastChat records it, judgment `$ERROR$ ...` and score -1, and the
+run goes on; unless nothing but refusals comes back, which is the request's fault, not a prompt's.
+401/403/404 and other refusals stop the run with the server's message, since every other request
+would fail the same way.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from vicunaflow.eval.mt_bench import (
     load_answers,
     load_judge_prompts,
     load_questions,
+    open_for_appending,
+    prepare_journal,
     read_judgments,
-    truncate_incomplete_line,
 )
 from vicunaflow.eval.served import served
 
@@ -55,7 +60,15 @@ PROMPT_NAMES = {
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
 UNRATED = -1
+# FastChat's API_ERROR_OUTPUT: the judgment of a match the judge would not grade (scored UNRATED)
+ERROR_JUDGMENT = "$ERROR$"
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+# Refusals of one request (a prompt beyond the judge's context, a body too large, a content filter): that
+# match is recorded as an error and the others go on. 401/403/404 and the rest would refuse every request.
+REQUEST_REFUSED_STATUS = {400, 413}
+# This many refusals before any judgment arrived point to the requests themselves (--max-tokens beyond the
+# judge's context, a parameter it rejects), not to prompts too long: the run stops and records none of them.
+REFUSALS_BEFORE_A_JUDGMENT = 5
 MAX_WAIT = 60.0
 
 
@@ -134,15 +147,16 @@ def judge(
     model = model or _model_id(model_answers, answers)
     matches = plan(loaded, model_answers, references, prompts, judge_model, model, answers, reference, judge_prompts)
     journal = Path(partial) if partial is not None else Path(output)
-    truncate_incomplete_line(journal)  # the judge appends to it: a killed run's cut-off line goes first
     written = {}
-    for judgment in read_judgments(journal):
+    for judgment in prepare_journal(journal):  # checked before a killed run's cut-off line is removed
         written.setdefault(judgment_key(judgment), []).append(judgment)
     _refuse_stale(written, matches, journal)
-    todo = [m for m in matches if m.key not in written]
+    finished = _finished_output(output, matches, overwrite) if partial is not None else {}
+    todo = [m for m in matches if m.key not in written and m.key not in finished]
     log.info(
         "%d judgments for %s by %s: %d in %s already, %d to do",
-        len(matches), model, judge_model, len(matches) - len(todo), journal, len(todo),
+        len(matches), model, judge_model, len(matches) - len(todo),
+        journal if not finished else f"{output} and {journal}", len(todo),
     )  # fmt: skip
     if todo:
         api_key = os.environ.get(judge_api_key_env)
@@ -153,14 +167,17 @@ def judge(
                 JudgeClient(judge_base_url, judge_model, api_key, max_tokens, retries, retry_wait, timeout, parallel)
             )
             run_matches(client, todo, journal, parallel)
-    latest = {judgment_key(j): j for j in read_judgments(journal)}
+    latest = finished | {judgment_key(j): j for j in read_judgments(journal)}
     judgments = [latest[m.key] for m in matches]
     if partial is not None:
         from vicunaflow.outputs import atomic_write_bytes
 
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(output, "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments).encode())
-        journal.unlink()
+        whole = "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments).encode()
+        if not (Path(output).is_file() and Path(output).read_bytes() == whole):  # a finished run's: left as it is
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(output, whole)
+        journal.unlink(missing_ok=True)
+    _report_errors(judgments, Path(output), partial is not None)
     from vicunaflow.eval.summary import format_table, summarize_judgments
 
     log.info("MT-bench, %s judged by %s:\n%s", model, judge_model, format_table(summarize_judgments(judgments, loaded)))
@@ -235,7 +252,14 @@ def plan(
                     f"{reference_path}: the reference answer to question {question.id} has {len(reference)} turn(s), "
                     f"the question {len(question.turns)}"
                 )
-            user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
+            try:
+                user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
+            except (KeyError, IndexError, ValueError) as err:  # str.format's: before any request is sent
+                raise VicunaflowError(
+                    f"{prompts_path}: judge prompt {prompt['name']}: its prompt_template cannot be filled in "
+                    f"({_template_problem(err)}); it may use {', '.join(_template_fields(with_reference, multi_turn))}, "
+                    "and a literal brace is written doubled, {{ or }}"
+                ) from None
             matches.append(Match(question.id, model, judge_model, prompt, user_prompt, 2 if multi_turn else 1))
     return matches
 
@@ -261,6 +285,22 @@ def fill_prompt(
     return prompt["prompt_template"].format(**fields)
 
 
+def _template_fields(with_reference: bool, multi_turn: bool) -> list[str]:
+    """The {fields} fill_prompt fills in, as FastChat's run_judge_single does."""
+    fields = ["{question_1}", "{question_2}", "{answer_1}", "{answer_2}"] if multi_turn else ["{question}", "{answer}"]
+    if with_reference:
+        fields += ["{ref_answer_1}", "{ref_answer_2}"] if multi_turn else ["{ref_answer_1}"]
+    return fields
+
+
+def _template_problem(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"unknown field {{{err.args[0]}}}"
+    if isinstance(err, IndexError):
+        return "a field without a name, {}"
+    return str(err)  # "Single '}' encountered in format string"
+
+
 def parse_rating(judgment: str) -> int | float:
     """The `[[rating]]` of a judgment (FastChat's patterns, `[rating]` as a fallback); -1 without one."""
     match = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
@@ -277,6 +317,42 @@ def _model_id(answers: dict, path: Path) -> str:
     if len(ids) != 1:
         raise VicunaflowError(f"{path}: answers of several models ({', '.join(ids)}); name the one judged with --model")
     return ids[0]
+
+
+def _finished_output(output: Path, matches: list[Match], overwrite: bool) -> dict[tuple, dict]:
+    """With --partial: the judgments of these matches in an --output that a finished run wrote, so that the
+    same command again asks nothing more. Its other judgments (of earlier answers) go when it is rewritten."""
+    output = Path(output)
+    if not output.is_file():
+        return {}
+    try:
+        judgments = read_judgments(output)
+    except VicunaflowError as err:
+        if not overwrite:  # check_output_files let it through as this verb's: it is no judgment file now
+            raise
+        log.info("%s is replaced (--overwrite) and not read: %s", output, err)
+        return {}
+    current = {m.key for m in matches}
+    return {judgment_key(j): j for j in judgments if judgment_key(j) in current}
+
+
+def _report_errors(judgments: list[dict], output: Path, partial: bool) -> None:
+    """Say at the end how many matches the judge refused: their -1 is no rating, and no rerun asks again."""
+    errored = [j for j in judgments if _is_error(j)]
+    if not errored:
+        return
+    first = errored[0]
+    log.warning(
+        "%d of %d matches could not be judged (first: question %s, turn %d: %s): recorded as FastChat does, "
+        "judgment %s and score %d, left out of averages; to ask again (e.g. once the judge has a longer "
+        "context), remove their lines from %s and rerun%s",
+        len(errored), len(judgments), first["question_id"], first["turn"], first["judgment"][:300],
+        ERROR_JUDGMENT, UNRATED, output, " with --overwrite (the file is then changed)" if partial else "",
+    )  # fmt: skip
+
+
+def _is_error(judgment: dict) -> bool:
+    return isinstance(judgment.get("judgment"), str) and judgment["judgment"].startswith(ERROR_JUDGMENT)
 
 
 def _refuse_stale(written: dict, matches: list[Match], path: Path) -> None:
@@ -299,23 +375,43 @@ def _refuse_stale(written: dict, matches: list[Match], path: Path) -> None:
 def run_matches(client: JudgeClient, matches: list[Match], output: Path, parallel: int) -> None:
     """Judge `matches` `parallel` at a time, appending each judgment to `output` as it arrives.
 
-    The first error stops the run: requests not started are dropped, those waiting to retry give up,
+    A request the judge refuses on its own (RequestRefused: a prompt beyond its context) fails that match
+    only: it is written as FastChat writes it, judgment $ERROR$ and score -1, and the run goes on. Until a
+    first judgment arrives such refusals are held back: REFUSALS_BEFORE_A_JUDGMENT of them mean that every
+    request is refused, and stop the run without recording any, so that a rerun asks them again.
+    Any other error stops the run: requests not started are dropped, those waiting to retry give up,
     those in flight finish and are kept. That error is raised once every worker has stopped.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     lock, started = threading.Lock(), time.perf_counter()
-    judged, unrated, errors = 0, 0, []
-    with open(output, "a", encoding="utf-8") as out:
+    judged, unrated, refused, errors = 0, 0, 0, []
+    held_back: list[dict] = []  # refusals before the first judgment
+    with open_for_appending(output) as out:
+
+        def write(result: dict) -> None:  # under the lock
+            nonlocal judged, unrated, refused
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()
+            if _is_error(result):
+                refused += 1
+            else:
+                judged, unrated = judged + 1, unrated + (result["score"] == UNRATED)
+            if (judged + refused) % 10 == 0 or judged + refused == len(matches):
+                log.info(
+                    "%d/%d judged (%d without a rating), %d refused, %.0fs",
+                    judged, len(matches), unrated, refused, time.perf_counter() - started,
+                )  # fmt: skip
 
         def one(match: Match) -> None:
-            nonlocal judged, unrated
             if client.stop.is_set():
                 return
             try:
-                judgment = client.complete(match.prompt["system_prompt"], match.user_prompt)
+                judgment, score = client.complete(match.prompt["system_prompt"], match.user_prompt), None
             except Stopped:
                 return
+            except RequestRefused as err:
+                judgment, score = f"{ERROR_JUDGMENT} {err}", UNRATED  # a number in the message is no rating
             except BaseException as err:
                 client.stop.set()
                 with lock:
@@ -327,17 +423,32 @@ def run_matches(client: JudgeClient, matches: list[Match], output: Path, paralle
                 "judge": [match.judge_model, match.prompt["name"]],
                 "user_prompt": match.user_prompt,
                 "judgment": judgment,
-                "score": parse_rating(judgment),
+                "score": parse_rating(judgment) if score is None else score,
                 "turn": match.turn,
                 "tstamp": time.time(),
             }
             with lock:
-                out.write(json.dumps(result, ensure_ascii=False) + "\n")
-                out.flush()
-                judged, unrated = judged + 1, unrated + (result["score"] == UNRATED)
-                if judged % 10 == 0 or judged == len(matches):
-                    elapsed = time.perf_counter() - started
-                    log.info("%d/%d judged (%d without a rating), %.0fs", judged, len(matches), unrated, elapsed)
+                if score is None:  # a judgment: the requests are fine, the refusals held back were their prompts'
+                    for held in held_back:
+                        write(held)
+                    held_back.clear()
+                    write(result)
+                    return
+                log.warning("judge: question %s, turn %d not judged: %s", match.question_id, match.turn, judgment)
+                if judged:
+                    write(result)
+                    return
+                held_back.append(result)
+                if len(held_back) == REFUSALS_BEFORE_A_JUDGMENT and not errors:
+                    client.stop.set()
+                    errors.append(
+                        VicunaflowError(
+                            f"{client.url}: the first {len(held_back)} requests were all refused "
+                            f"({judgment.removeprefix(ERROR_JUDGMENT).strip()}): the request itself, it seems, not "
+                            "a prompt too long (--max-tokens beyond the judge's context? a parameter it does not "
+                            "take?); none was recorded, so a rerun asks them again"
+                        )
+                    )
 
         with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="judge") as pool:
             try:
@@ -346,12 +457,15 @@ def run_matches(client: JudgeClient, matches: list[Match], output: Path, paralle
             except BaseException:  # Ctrl-C: stop the workers, keep what they wrote
                 client.stop.set()
                 raise
+        if not errors:  # no judgment came, and fewer refusals than REFUSALS_BEFORE_A_JUDGMENT: those prompts'
+            for held in held_back:
+                write(held)
     if errors:
         raise errors[0]
     if unrated:
         log.warning(
             "%d of %d judgments have no [[rating]]: scored %d, kept in %s and left out of averages",
-            unrated, len(matches), UNRATED, output,
+            unrated, judged, UNRATED, output,
         )  # fmt: skip
 
 
@@ -360,6 +474,10 @@ def run_matches(client: JudgeClient, matches: list[Match], output: Path, paralle
 
 class Retryable(Exception):
     pass
+
+
+class RequestRefused(Exception):
+    """The judge refused this one request (REQUEST_REFUSED_STATUS): its match fails, the others go on."""
 
 
 class Stopped(Exception):
@@ -457,6 +575,8 @@ def _raise_for_status(response, url: str, model: str) -> None:
     status = response.status_code
     if status in RETRY_STATUS or status >= 500:
         raise Retryable(f"HTTP {status}: {_server_message(response)}")
+    if status in REQUEST_REFUSED_STATUS:
+        raise RequestRefused(f"HTTP {status}: {_server_message(response)}")
     hint = {
         401: "check the key in --judge-api-key-env",
         403: "the key may not use this model",

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from vicunaflow import VicunaflowError, require_file
 
@@ -283,54 +284,106 @@ def judgment_key(judgment: dict) -> tuple:
     )  # fmt: skip
 
 
-def truncate_incomplete_line(path: Path) -> None:
-    """Cut a last line left incomplete by a killed writer, so that appending starts on a line of its own
-    (the judge's journal; readers only skip it)."""
+def prepare_journal(path: Path) -> list[dict]:
+    """The judgments of a file the judge is about to append to, made ready for appending.
+
+    The file is checked first and refused, untouched, when it is not a judgment file (a mistyped --output).
+    Then a last line cut off mid-write by a killed run is removed; a complete last judgment lacking only its
+    newline (an edited file) is kept, and open_for_appending gives it one."""
     path = Path(path)
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    judgments, cut_at = _scan_judgments(path)
+    if cut_at is not None:
         log.warning("%s: its last line is incomplete (an interrupted run); removing it before appending", path)
         with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+            f.truncate(cut_at)
+    return judgments
+
+
+def open_for_appending(path: Path) -> TextIO:
+    """`path` opened to append judgments, the first on a line of its own after a last line without its newline."""
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
+    if out.tell():
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                out.write("\n")
+    return out
 
 
 def read_judgments(path: Path) -> list[dict]:
     """The judgments written so far. A last line cut off mid-write (a killed run) is skipped, with a
-    warning, and left in the file: only the judge, which appends, removes it (truncate_incomplete_line)."""
+    warning, and left in the file: only the judge, which appends, removes it (prepare_journal)."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    judgments, cut_at = _scan_judgments(path)
+    if cut_at is not None:
         log.warning("%s: its last line is incomplete (an interrupted judge run); skipping it", path)
-        data = data[: data.rfind(b"\n") + 1]
-    judgments = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            judgment = json.loads(line)
-            judgment_key(judgment)
-            float(judgment["score"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise VicunaflowError(
-                f"{path}:{number}: not a judgment ({type(err).__name__}: {err}); remove the line or the file"
-            ) from None
-        problem = _judgment_problem(judgment)
-        if problem:
-            raise VicunaflowError(f"{path}:{number}: not a judgment ({problem}); remove the line or the file")
-        judgments.append(judgment)
     return judgments
+
+
+# How every line the judge writes starts (json.dumps of a record whose first key is question_id).
+JUDGMENT_LINE_START = b'{"question_id": '
+
+
+def _scan_judgments(path: Path) -> tuple[list[dict], int | None]:
+    """(judgments, where a cut-off last line starts, or None). A last line without its newline counts as
+    cut off only when it does not parse and follows judgments or starts as the judge writes them: a file
+    whose one line is no judgment is refused as a whole, not taken for a killed run's remains."""
+    if not path.exists():
+        return [], None
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    judgments = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            judgments.append(_parse_judgment(line, path, number, first=not judgments))
+    if not tail.strip():
+        return judgments, None
+    try:
+        json.loads(tail.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):  # a cut may also split a character
+        if judgments or tail.startswith(JUDGMENT_LINE_START):
+            return judgments, len(data) - len(tail)
+    judgments.append(_parse_judgment(tail, path, len(lines) + 1, first=not judgments))
+    return judgments, None
+
+
+def _parse_judgment(line: bytes, path: Path, number: int, first: bool) -> dict:
+    """One judgment line, checked; anything else names file:line. first: no judgment precedes it, so the file
+    is likely no judgment file at all (a mistyped path), which is to be left alone, not edited."""
+    fix = (
+        "not a judgment file of `vicunaflow eval judge`? give another path" if first else "remove the line or the file"
+    )
+    try:
+        judgment = json.loads(line.decode("utf-8"))
+        if not isinstance(judgment, dict):
+            raise TypeError("not a JSON object")
+        judgment_key(judgment)
+        float(judgment["score"])
+    except UnicodeDecodeError as err:
+        problem = f"not UTF-8, byte {err.start} of the line"
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    else:
+        problem = _judgment_problem(judgment)
+    if problem:
+        raise VicunaflowError(f"{path}:{number}: not a judgment ({problem}); {fix}")
+    return judgment
 
 
 def _judgment_problem(judgment: dict) -> str | None:
     """What makes a parsed line no judgment that can be averaged: a score that is no number (the text "8" would be
     added to numbers), a judge that is no [judge model, prompt name] pair ("ab" unpacks as judge "a")."""
-    score, judge = judgment["score"], judgment["judge"]
+    score, judge, question_id = judgment["score"], judgment["judge"], judgment["question_id"]
     if isinstance(score, bool) or not isinstance(score, int | float):
         return f"score {score!r} is not a number"
     if not (isinstance(judge, list) and len(judge) == 2 and all(isinstance(part, str) for part in judge)):
         return f"judge {judge!r} is not [judge model, prompt name]"
+    # a list would be no dictionary key (a TypeError traceback) and no question
+    if isinstance(question_id, bool) or not isinstance(question_id, int | str) or question_id == "":
+        return f"question_id {question_id!r} is not an integer or a string"
+    if not isinstance(judgment["model"], str) or not isinstance(judgment["user_prompt"], str):
+        return "model and user_prompt must be strings"
+    if isinstance(judgment["turn"], bool) or not isinstance(judgment["turn"], int):
+        return f"turn {judgment['turn']!r} is not an integer"
     return None

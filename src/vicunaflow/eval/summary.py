@@ -1,8 +1,11 @@
 """`vicunaflow eval summary`: MT-bench scores and held-out losses of several models in one table.
 
 Scores are averaged as FastChat's show_result.py does: judgments scored -1 (no `[[rating]]`) are
-left out, and counted in `unrated`. Per turn, per category (both turns, as FastChat's radar plot)
-and overall, for each (model, judge) pair; each model's loss files add loss and perplexity columns,
+left out, and counted in `unrated`. Like show_result.py it averages whatever a judgment file holds, but
+an incomplete one (a judge run stopped by its quota: every first turn is judged before any second) is
+not silent: the (question, turn) pairs the judge would have graded and did not are counted in `missing`,
+with a warning. Per turn, per category (both turns, as FastChat's radar plot) and overall, for each
+(model, judge) pair; each model's loss files add loss and perplexity columns,
 the ratings of `eval arena` (human votes on `serve`'s arena page), when given, arena columns, and
 each `eval harness` file an lm_eval_<suite> column (the suite's main metric).
 """
@@ -41,8 +44,9 @@ def summary(
 
     Arguments:
         questions: the questions the judgments are about (their categories group the scores).
-        output: TSV: model, judge, mt_bench, turn_1, turn_2, judged, unrated, one column per
-            category, then loss_<dataset> and perplexity_<dataset> per loss file.
+        output: TSV: model, judge, mt_bench, turn_1, turn_2, judged, unrated, missing (judgments the judge
+            has yet to make: 0 when complete), one column per category, then loss_<dataset> and
+            perplexity_<dataset> per loss file.
         judgments: judgment files in FastChat's format; several models and judges may share one.
         losses: loss files written by `vicunaflow eval loss`.
         output_json: the same, in full (counts per turn and category), as JSON.
@@ -68,6 +72,7 @@ def summary(
     )
     loaded = load_questions(questions)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    files_of: dict[tuple[str, str], list[Path]] = defaultdict(list)
     known = {question.id for question in loaded}
     for path in judgments or []:
         read = read_judgments(require_file(path, "judgment file", "a judgment file of `vicunaflow eval judge`"))
@@ -82,7 +87,10 @@ def summary(
                 "give --questions the file the answers were generated from"
             )
         for judgment in read:
-            groups[judgment["model"], judgment["judge"][0]].append(judgment)
+            model_and_judge = judgment["model"], judgment["judge"][0]
+            groups[model_and_judge].append(judgment)
+            if path not in files_of[model_and_judge]:  # named by the warning about missing judgments
+                files_of[model_and_judge].append(path)
     loss_of: dict[str, dict[str, dict]] = defaultdict(dict)
     for path in losses or []:
         record = _read_loss(path)
@@ -98,6 +106,8 @@ def summary(
         judges = [judge for m, judge in groups if m == model] or [None]
         for judge in judges:
             scores = summarize_judgments(groups[model, judge], loaded) if judge is not None else None
+            if scores and scores["missing"]:
+                _warn_incomplete(model, judge, scores, files_of[model, judge])
             row = {"model": model, "judge": judge, "mt_bench": scores, "loss": loss_of.get(model, {})}
             row["lm_eval"] = suites_of.get(model, {})
             if arena:
@@ -112,7 +122,8 @@ def summary(
 
 
 def summarize_judgments(judgments: list[dict], questions: list[Question]) -> dict:
-    """{"overall", "turns": {1: .., 2: ..}, "categories": {..}}, each {"score", "judged", "unrated"}."""
+    """{"overall", "turns": {1: .., 2: ..}, "categories": {..}}, each {"score", "judged", "unrated"}; "expected"
+    and "missing" ([question_id, turn] pairs without a judgment), since a partial file averages fine but misleads."""
     category_of = {q.id: q.category for q in questions}
     overall, turns, categories = _Mean(), defaultdict(_Mean), defaultdict(_Mean)
     for judgment in judgments:
@@ -121,11 +132,23 @@ def summarize_judgments(judgments: list[dict], questions: list[Question]) -> dic
         for mean in (overall, turns[judgment["turn"]], categories[category]):
             mean.add(score)
     order = [c for c in CATEGORIES if c in categories] + sorted(set(categories) - set(CATEGORIES))
+    expected = expected_judgments(questions)
+    judged = {(judgment["question_id"], judgment["turn"]) for judgment in judgments}
     return {
         "overall": overall.result(),
         "turns": {turn: turns[turn].result() for turn in sorted(turns)},
         "categories": {category: categories[category].result() for category in order},
+        "expected": len(expected),
+        "missing": [[question_id, turn] for question_id, turn in expected if (question_id, turn) not in judged],
     }
+
+
+def expected_judgments(questions: list[Question]) -> list[tuple[int | str, int]]:
+    """The (question_id, turn) pairs `eval judge` grades, in its order: every first turn (single-v1, or
+    single-math-v1 with a reference: the same turn), then turn 2 of the questions of exactly two turns, as
+    FastChat's gen_judgment.py (judge.plan)."""
+    first = [(question.id, 1) for question in questions]
+    return first + [(question.id, 2) for question in questions if len(question.turns) == 2]
 
 
 def format_table(scores: dict) -> str:
@@ -139,7 +162,7 @@ def format_table(scores: dict) -> str:
 def to_tsv(rows: list[dict]) -> str:
     categories = list(dict.fromkeys(c for row in rows if row["mt_bench"] for c in row["mt_bench"]["categories"]))
     datasets = list(dict.fromkeys(d for row in rows for d in row["loss"]))
-    header = ["model", "judge", "mt_bench", "turn_1", "turn_2", "judged", "unrated", *categories]
+    header = ["model", "judge", "mt_bench", "turn_1", "turn_2", "judged", "unrated", "missing", *categories]
     header += [f"{name}_{d}" for d in datasets for name in ("loss", "perplexity")]
     suites = list(dict.fromkeys(suite for row in rows for suite in row.get("lm_eval", {})))
     header += [f"lm_eval_{suite}" for suite in suites]
@@ -153,6 +176,8 @@ def to_tsv(rows: list[dict]) -> str:
         cells += [_cell(scores["overall"].get("score"))]
         cells += [_cell(scores["turns"].get(turn, {}).get("score")) for turn in (1, 2)]
         cells += [_cell(scores["overall"].get("judged")), _cell(scores["overall"].get("unrated"))]
+        missing = scores.get("missing")
+        cells += [_cell(None if missing is None else len(missing))]
         cells += [_cell(scores["categories"].get(c, {}).get("score")) for c in categories]
         for d in datasets:
             loss = row["loss"].get(d, {})
@@ -160,7 +185,9 @@ def to_tsv(rows: list[dict]) -> str:
         cells += [_cell(row.get("lm_eval", {}).get(suite, {}).get("value")) for suite in suites]
         if with_arena:
             rating = row.get("arena") or {}
-            cells += [_cell(rating.get(key.removeprefix("arena_"))) for key in ARENA_COLUMNS]
+            values = [rating.get(key.removeprefix("arena_")) for key in ARENA_COLUMNS]
+            no_interval = [isinstance(value, float) and math.isnan(value) for value in values]  # empty, as arena.tsv
+            cells += [_cell(None if empty else value) for value, empty in zip(values, no_interval, strict=True)]
         lines.append("\t".join(cells))
     return "\n".join(lines) + "\n"
 
@@ -179,6 +206,24 @@ class _Mean:
     def result(self) -> dict:
         score = self.total / self.rated if self.rated else None
         return {"score": score, "judged": self.rated + self.unrated, "unrated": self.unrated}
+
+
+def _warn_incomplete(model: str, judge: str, scores: dict, paths: list[Path]) -> None:
+    missing = scores["missing"]
+    first = ", ".join(f"question {question_id} turn {turn}" for question_id, turn in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    log.warning(
+        "%s: %s judged by %s lacks %d of its %d judgments (%s%s): its scores average only the judged ones "
+        "(an interrupted judge run?); run `vicunaflow eval judge` again with the same --output: it judges "
+        "only what is missing",
+        ", ".join(map(str, paths)),
+        model,
+        judge,
+        len(missing),
+        scores["expected"],
+        first,
+        more,
+    )
 
 
 def _line(name: str, result: dict) -> str:
