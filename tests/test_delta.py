@@ -277,3 +277,28 @@ def test_a_lost_shard_of_a_folder_without_index_is_named(tmp_path, tiny_hf, tiny
     assert f"{delta}: pytorch_model-00002-of-00002.bin missing" in str(err.value)
     assert "pytorch_model-00001-of-00002.bin says there are 2 shards" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_delta_or_target_without_tokenizer_is_refused_before_any_tensor_is_summed(
+    tmp_path, tiny_hf, tiny_delta, tiny_vicuna, monkeypatch
+):
+    """A delta folder missing its tokenizer was found out only after every tensor was summed and written (a
+    13B apply-delta: the whole run lost); make-delta's --target likewise after every delta was computed."""
+    from vicunaflow import delta as delta_module
+
+    def summed(*args, **kwargs):
+        raise AssertionError("tensors were read before the tokenizer was checked")
+
+    monkeypatch.setattr(delta_module, "add_delta", summed)
+    monkeypatch.setattr(delta_module, "exact_delta", summed)
+    for folder, call in (
+        (tiny_delta, lambda copy: apply_delta(base=tiny_hf, delta=copy, target=tmp_path / "target")),
+        (tiny_vicuna, lambda copy: make_delta(base=tiny_hf, target=copy, delta=tmp_path / "delta")),
+    ):
+        copy = tmp_path / f"{folder.name}-no-tokenizer"
+        shutil.copytree(folder, copy)
+        for name in ("tokenizer.model", "tokenizer.json"):
+            (copy / name).unlink(missing_ok=True)
+        with pytest.raises(VicunaflowError, match=rf"{re.escape(str(copy))}: no tokenizer.model or tokenizer.json"):
+            call(copy)
+    assert not (tmp_path / "target").exists() and not (tmp_path / "delta").exists()

@@ -655,3 +655,39 @@ def test_a_runs_options_reused_with_another_output_checkpoint_beside_that_output
     assert new.checkpoint_dir == str(tmp_path / ".checkpoints" / "new")
     given = dataclasses.replace(old, checkpoint_dir=str(tmp_path / "mine"))  # one given is kept
     assert given.as_dict()["checkpoint_dir"] == str(tmp_path / "mine")
+
+
+def test_a_trainer_log_line_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path: Path) -> None:
+    """A run killed (or out of disk) while appending to trainer_log.jsonl left a torn last line, and every resume
+    then stopped with a JSONDecodeError traceback before its first step."""
+    from vicunaflow.finetune.output import RunLogger
+
+    log_file = tmp_path / train_config.TRAINER_LOG
+    log_file.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')
+    config = train_config.TrainConfig(model_path="m", data="d", output_dir=tmp_path / "out", report_to="none")
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device="cpu", dtype=None)
+    RunLogger(tmp_path, config, runtime, start_step=2).close()
+    assert log_file.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n'
+
+
+@pytest.mark.parametrize("state", [{"step": "x", "world_size": 1}, {"step": 2, "world_size": "1"}])
+def test_a_checkpoint_whose_trainer_state_is_damaged_is_named(tmp_path: Path, state: dict) -> None:
+    """A step that is no number stopped the resume with int()'s traceback once the model had loaded, and a world
+    size written as text was refused as "world_size (1 -> 1)": settings that changed, from 1 to 1."""
+    import torch
+    import torch.distributed as dist
+
+    config = train_config.TrainConfig(model_path="m", data="a.json", output_dir=tmp_path / "out")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / train_config.HYPERPARAMETERS).write_text(json.dumps(config.as_dict()))
+    (checkpoint / train_state.TRAINER_STATE).write_text(json.dumps(state))
+    runtime = train_config.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(
+            VicunaflowError, match=r"trainer_state.json: cannot be read .*checkpoint is damaged: delete"
+        ):
+            train_state.resume_if_possible(tmp_path / "run", config, None, None, None, runtime)
+    finally:
+        dist.destroy_process_group()

@@ -69,6 +69,7 @@ def apply_delta(
     base_ck, delta_ck = Checkpoint(base), Checkpoint(delta)
     check_same_tensors(base_ck, delta_ck, base, delta)
     check_folder(delta, delta_ck)  # the target gets the delta's config.json: it must describe these tensors
+    _require_tokenizer(delta, "--delta")  # copied into the target at the end: found missing now, not after the sum
     out_dtype = DTYPES[dtype] if dtype != "auto" else _declared_dtype(delta, delta_ck)
     names = delta_ck.names()
     plan = [(name, TensorInfo(delta_ck.info(name).shape, out_dtype)) for name in names]
@@ -121,6 +122,7 @@ def make_delta(
     base_ck, target_ck = Checkpoint(base), Checkpoint(target)
     check_same_tensors(base_ck, target_ck, base, target)
     check_folder(target, target_ck)  # the delta gets the target's config.json: it must describe these tensors
+    _require_tokenizer(target, "--target")  # copied into the delta at the end: found missing now, not after the work
     names = target_ck.names()
     dtypes = {target_ck.info(n).dtype for n in names}
     if len(dtypes) != 1:
@@ -308,6 +310,15 @@ def _write_config(source: Path, out: Path, dtype: torch.dtype) -> None:
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
     else:  # lmsys's deltas may lack it; chat needs eos = </s>
         (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+
+
+def _require_tokenizer(source: Path, flag: str) -> None:
+    """The tokenizer `_copy_tokenizer` needs is there, checked before any tensor is read (hours for 13B)."""
+    if not any((source / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise VicunaflowError(
+            f"{source}: no tokenizer.model or tokenizer.json; the tokenizer must come with {flag}: copy the one it "
+            "was published with into it (download it again)"
+        )
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -27,9 +28,7 @@ class RunLogger:
         self.path = run_dir / TRAINER_LOG
         kept = []
         if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step
-            ]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line, self.path) <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if config.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -57,6 +56,20 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str, path: Path) -> float:
+    """The step a trainer log line records; infinity (dropped) for a line that is not one, such as the last line a
+    run killed (or a disk filling up) cut short, which would otherwise stop every resume with a JSON traceback."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        step = None
+    if isinstance(step, bool) or not isinstance(step, int):
+        if line.strip():
+            log.warning("%s: dropping a line that is not a logged step (cut short?): %.80s", path, line)
+        return math.inf
+    return step
 
 
 def write_output(config: TrainConfig, model, runtime: Runtime, run_dir: Path) -> None:

@@ -88,7 +88,7 @@ def resume_if_possible(run_dir: Path, config: TrainConfig, model, optimizer, sch
         return 0
     checkpoint = Path(found[0])
     saved = _read(checkpoint / HYPERPARAMETERS, run_dir, _json_object)
-    state = _read(checkpoint / TRAINER_STATE, run_dir, lambda path: _json_object(path, "step", "world_size"))
+    state = _read(checkpoint / TRAINER_STATE, run_dir, _trainer_state)
     changed = [k for k in config.RESUME_KEYS if saved.get(k) != getattr(config, k)]
     if state["world_size"] != runtime.world_size:
         changed.append(f"world_size ({state['world_size']} -> {runtime.world_size})")
@@ -138,6 +138,17 @@ def _json_object(path: Path, *keys: str) -> dict:
     if not isinstance(record, dict) or any(key not in record for key in keys):
         raise ValueError(f"expected a JSON object with {', '.join(keys) or 'settings'}")
     return record
+
+
+def _trainer_state(path: Path) -> dict:
+    """trainer_state.json, its step and world size whole numbers (an edited or damaged one stopped the resume with
+    a traceback from int() after the model had loaded, or as a world size that "changed" from 1 to 1)."""
+    state = _json_object(path, "step", "world_size")
+    for key, least in (("step", 0), ("world_size", 1)):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} is {json.dumps(value)}, expected a whole number of at least {least}")
+    return state
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
