@@ -2,7 +2,8 @@
 
 Chat: a streamed multi-turn chat and New chat, settings that reach the server (its log line of the
 request), Stop cancelling the engine request, Regenerate, model output shown as text (never HTML),
-the conversation kept across a reload, a refused key, a phone-sized screen. Arena: two anonymous
+the conversation kept across a reload, a refused key, a phone-sized screen, New chat while a reply
+streams, a long reply read from its start while it streams. Arena: two anonymous
 streams, a vote, the names revealed and the vote line written.
 """
 
@@ -373,4 +374,55 @@ def test_arena_two_anonymous_streams_then_a_vote(server, browser):
 
     page.click("#new-round")
     assert page.inner_text("#name-left") == "Model A" and page.is_enabled("#input")
+    page.context.close()
+
+
+def test_new_chat_while_answering_starts_empty(server, browser):
+    """Was: New chat aborted the stream, then the stopped partial answer was pushed into the new, empty
+    conversation (an assistant message with no question, stored and sent with the next question)."""
+    page = new_page(browser)
+    open_chat(page, server)
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
+    page.fill("#max-tokens", "1900")
+    page.press("#max-tokens", "Tab")
+    page.fill("#input", "Tell me everything")
+    page.press("#input", "Enter")
+    page.wait_for_function("Number(document.querySelector('.message.assistant .text').dataset.chars || 0) > 0")
+    page.click("#new-chat")
+    page.wait_for_selector("#stop", state="hidden")
+    page.wait_for_timeout(300)  # the aborted fetch settles
+    assert page.locator(".message").count() == 0, page.inner_text("#messages")
+    assert page.evaluate("JSON.parse(localStorage.getItem('vicunaflow-conversation'))") == []
+    assert page.inner_text("#status") == "new conversation"
+    ask(page, "Fresh start")
+    assert [m["role"] for m in page.sent[-1]["messages"]] == ["user"]
+    page.context.close()
+
+
+def test_a_long_reply_lets_the_reader_scroll_up(server, browser):
+    """Was: every streamed piece set the conversation's scroll to the bottom, so the start of a long reply
+    could not be read while the rest arrived. Scrolled up, it stays put; at the bottom, it follows."""
+    page = new_page(browser, viewport={"width": 800, "height": 500})
+    open_chat(page, server)
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
+    page.fill("#max-tokens", "1900")
+    page.press("#max-tokens", "Tab")
+    page.click("#settings-toggle")
+    page.fill("#input", "Tell me everything")
+    page.press("#input", "Enter")
+    taller = "(() => { const m = document.getElementById('messages'); return m.scrollHeight > m.clientHeight + %d; })()"
+    page.wait_for_function(taller % 100, timeout=60_000)
+    bottom = "(() => { const m = document.getElementById('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; })()"  # fmt: skip
+    assert page.evaluate(bottom) < 40  # it followed the reply so far
+    page.evaluate("document.getElementById('messages').scrollTop = 0")
+    chars = page.evaluate("Number(document.querySelector('.message.assistant .text').dataset.chars)")
+    page.wait_for_function(
+        f"Number(document.querySelector('.message.assistant .text').dataset.chars) > {chars} + 200", timeout=60_000
+    )
+    assert page.evaluate("document.getElementById('messages').scrollTop") == 0  # the reader stays where they are
+    page.click("#stop")
+    page.wait_for_selector(DONE)
+    assert page.evaluate("document.getElementById('messages').scrollTop") == 0  # drawn again, not moved
     page.context.close()

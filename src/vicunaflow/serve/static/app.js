@@ -118,6 +118,14 @@ function render() {
   messagesEl.scrollTop = messagesEl.scrollHeight;
 }
 
+// Whether the conversation is scrolled to (about) its end: only then does a streaming reply pull it along,
+// so a reader who scrolled up to the start of a long reply stays there.
+function atBottom() {
+  return messagesEl.scrollHeight - messagesEl.scrollTop - messagesEl.clientHeight < 40;
+}
+let following = true; // the reader's choice, as of their last scroll (a reply growing below does not change it)
+messagesEl.addEventListener("scroll", () => { following = atBottom(); });
+
 function updateButtons() {
   const busy = controller !== null;
   $("send").disabled = busy;
@@ -150,6 +158,7 @@ async function generate() {
     top_p: settings.top_p,
     max_tokens: settings.max_tokens,
   };
+  const conversation = messages; // New chat replaces it: a reply still arriving then belongs to no one
   const node = messageEl({ role: "assistant", content: "" });
   const textEl = node.querySelector(".text");
   node.dataset.streaming = "true";
@@ -158,15 +167,24 @@ async function generate() {
   updateButtons();
   statusEl.textContent = "answering… (Esc or Stop to stop)";
   let reply = "";
+  let scrollQueued = false;
   try {
     reply = await vf.streamChat("/v1/chat/completions", body, headers(), controller.signal, (text) => {
       reply = text;
-      vf.renderInto(textEl, text);
-      messagesEl.scrollTop = messagesEl.scrollHeight;
+      vf.renderInto(textEl, text); // draws at the next frame
+      if (!scrollQueued) {
+        scrollQueued = true;
+        requestAnimationFrame(() => { // after renderInto's, registered first: the new text is drawn
+          scrollQueued = false;
+          if (following) messagesEl.scrollTop = messagesEl.scrollHeight;
+        });
+      }
     });
+    if (messages !== conversation) return;
     messages.push({ role: "assistant", content: reply.trim() });
     statusEl.textContent = "";
   } catch (err) {
+    if (messages !== conversation) return; // New chat aborted it: nothing to keep or report
     if (err.name === "AbortError") {
       if (reply) messages.push({ role: "assistant", content: reply.trim(), stopped: true });
       statusEl.textContent = "stopped";
@@ -181,10 +199,14 @@ async function generate() {
     }
   } finally {
     controller = null;
+    if (messages !== conversation) updateButtons();
   }
   save();
+  const top = messagesEl.scrollTop;
+  const keep = !following;
   render();
-  inputEl.focus();
+  if (keep) messagesEl.scrollTop = top; // a reader scrolled up in the reply stays there
+  inputEl.focus({ preventScroll: true });
 }
 
 function send(question) {
