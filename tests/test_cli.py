@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,37 @@ def test_an_error_of_the_system_is_one_line_naming_the_path(tmp_path, capsys):
         cli.main(["eval", "arena", "--votes", str(tmp_path), "--output", str(tmp_path / "ratings.tsv")])
     err = capsys.readouterr().err
     assert exit.value.code == 1 and str(tmp_path) in err and "Traceback" not in err
+
+
+def dry_run(tmp_path: Path, config: dict, *targets: str) -> subprocess.CompletedProcess:
+    """`snakemake -n -p TARGETS` in a fresh working directory with `config` on top of config/config.yaml."""
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1"]
+    return subprocess.run(
+        [*command, "-n", "-p", *targets, "--configfile", str(tmp_path / "my.yaml")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_max_shard_size_with_a_space_reaches_each_verb_as_one_argument(tmp_path: Path) -> None:
+    """The schema takes `5 GB` (and parse_size does): the rules must not split it into `5` and a stray `GB`."""
+    result = dry_run(tmp_path, {"convert": {"max_shard_size": "5 GB"}}, "vicuna-13b-all-v1.1-int4")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "--max-shard-size" in line]
+    assert len(commands) == 3  # convert, apply-delta, quantize
+    assert all("--max-shard-size '5 GB'" in line for line in commands), commands
+
+
+@pytest.mark.parametrize(
+    ("defaults", "key"),
+    [({"resources": {"gpu": 2}}, "resources"), ({"data": "mine.json"}, "data"), ({"model": "llama-7b-hf"}, "model")],
+)
+def test_a_runs_own_key_in_finetune_defaults_fails_the_plan_naming_it(tmp_path: Path, defaults: dict, key: str) -> None:
+    """finetune.defaults holds options of `vicunaflow finetune`: a run's model, data or resources there were
+    silently ignored (or written into every run's --config file), not refused."""
+    config = {"finetune": {"defaults": defaults, "runs": {"r": {"model": "vicuna-tiny-all-v1.1"}}}}
+    result = dry_run(tmp_path, config, "fine_tuning_output/r")
+    assert result.returncode != 0
+    assert f"finetune.defaults.{key}" in result.stdout + result.stderr

@@ -218,6 +218,14 @@ def check_finetune_options(finetune):
     places |= {
         f"finetune.runs.{run}": options for run, options in finetune["runs"].items()
     }
+    for key in sorted(set(finetune["defaults"]) & {"model", "data", "resources"}):
+        # Only a run's own model, data and resources count: in defaults they were ignored (resources,
+        # data) or went into every run's --config file, which `vicunaflow finetune` refuses.
+        raise ValueError(
+            f"config: finetune.defaults.{key}: not an option every run shares; "
+            f"set {key} in each of finetune.runs"
+            + (" (or per size in resources.finetune)" if key == "resources" else "")
+        )
     for place, options in places.items():
         for key in set(options) - FINETUNE_OPTIONS - {"model", "data", "resources"}:
             raise ValueError(

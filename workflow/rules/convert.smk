@@ -25,4 +25,4 @@ rule convert_llama_to_hf:
         max_shard_size=lookup(dpath="convert/max_shard_size", within=config),
     shell:
         "vicunaflow convert --input-dir {input.raw} --output-dir {output} {params.tokenizer}"
-        " --dtype {params.dtype} --max-shard-size {params.max_shard_size} > {log} 2>&1"
+        " --dtype {params.dtype} --max-shard-size {params.max_shard_size:q} > {log} 2>&1"

@@ -19,4 +19,4 @@ rule apply_delta:
         max_shard_size=lookup(dpath="convert/max_shard_size", within=config),
     shell:
         "vicunaflow apply-delta --base {input.base} --delta {input.delta} --target {output}"
-        " --max-shard-size {params.max_shard_size} > {log} 2>&1"
+        " --max-shard-size {params.max_shard_size:q} > {log} 2>&1"

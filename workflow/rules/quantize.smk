@@ -21,4 +21,4 @@ rule quantize_model:
         max_shard_size=lookup(dpath="convert/max_shard_size", within=config),
     shell:
         "vicunaflow quantize --model-path {input} --output-dir {output} --bits {wildcards.bits}"
-        " --group-size {params.group_size} --max-shard-size {params.max_shard_size} > {log} 2>&1"
+        " --group-size {params.group_size} --max-shard-size {params.max_shard_size:q} > {log} 2>&1"
