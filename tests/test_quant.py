@@ -913,3 +913,19 @@ def test_one_row_kernels_with_dependent_launch_branches(n, k, monkeypatch):
             out = quant_kernels.qmatvec(inputs, qw, residual, swiglu, **kwargs)
             tolerance = 2**-8 if input_mode == "fused" else 2**-7  # separate: the input rounds to float16 first
             assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+def test_quantized_folder_keeps_the_tokenizers_chat_template_file(tiny_vicuna, tmp_path):
+    """A folder whose tokenizer was saved by transformers 5 keeps its chat template in chat_template.jinja (finetune
+    copies it so); its quantized copy lost that file, so the copy's tokenizer had no chat template at all."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, folder)
+    AutoTokenizer.from_pretrained(str(tiny_vicuna)).save_pretrained(str(folder))  # as transformers writes it
+    assert (folder / "chat_template.jinja").is_file()
+    source = AutoTokenizer.from_pretrained(str(folder))
+    assert source.chat_template
+    out = quantize_model(model_path=folder, output_dir=tmp_path / "int8")
+    assert (out / "chat_template.jinja").read_bytes() == (folder / "chat_template.jinja").read_bytes()
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == source.chat_template

@@ -27,7 +27,8 @@ from vicunaflow.tokenizer import TOKENIZER_FILES, has_tokenizer
 
 log = logging.getLogger(__name__)
 
-COPIED_FILES = ("generation_config.json", *TOKENIZER_FILES)
+# chat_template.jinja: where transformers 5 saves a tokenizer's chat template (finetune outputs copy it)
+COPIED_FILES = ("generation_config.json", *TOKENIZER_FILES, "chat_template.jinja")
 
 
 def quantize_model(
