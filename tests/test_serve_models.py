@@ -222,3 +222,52 @@ def test_two_models_need_two_names(tiny_vicuna, tmp_path):
     assert result.returncode == 1 and "give each a --model-name" in result.stderr, result.stderr
     result = serve_refused(*paths, "--model-name", "only-one", "--port", str(free_port()))
     assert result.returncode == 1 and "1 --model-name for 2 --model-path" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("repetition_penalty", 1.2), ("logit_bias", {"50": 100}),
+     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+     ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("stop_token_ids", [13]), ("min_p", 0.1),
+     ("use_beam_search", True), ("best_of", 3), ("suffix", " the end")],
+)  # fmt: skip
+def test_fields_that_would_change_the_answer_are_refused_naming_them(field, value):
+    """OpenAI's and vLLM's fields this server does not implement were accepted and ignored: a client asking for
+    JSON, tools, a penalty or a bias got a reply made without them, unsaid. A value that changes the answer is a
+    400 naming the field; the neutral values clients send by default (0, 1, {}, [], text, null) are accepted."""
+    from vicunaflow.serve.app import _validate
+    from vicunaflow.serve.errors import APIError
+    from vicunaflow.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    completion = {"model": "m", "prompt": "hi"}
+    for model, body in ((ChatCompletionRequest, chat), (CompletionRequest, completion)):
+        with pytest.raises(APIError) as err:
+            _validate(model, json.dumps(body | {field: value}).encode())
+        assert err.value.status == 400 and err.value.param == field, (model.__name__, err.value.message)
+        assert "not supported" in err.value.message
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+               "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "functions": None,
+               "stop_token_ids": [], "min_p": 0, "use_beam_search": False, "best_of": 1, "suffix": "",
+               "user": "u-1", "parallel_tool_calls": True}  # fmt: skip
+    for model, body in ((ChatCompletionRequest, chat), (CompletionRequest, completion)):
+        _validate(model, json.dumps(body | neutral).encode())
+
+
+def test_a_model_path_that_is_no_model_is_refused_before_any_loads(tiny_vicuna, tiny_delta, tmp_path, monkeypatch):
+    """A raw Meta (pyllama) folder got "cannot read config.json ([Errno 2] ...)" from the fit check instead of
+    what it is and how to convert it; a delta given as the second --model-path was refused only after the first
+    model had loaded (minutes for a 13B). Every --model-path is checked before any weight is read."""
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve import serve
+
+    monkeypatch.setattr(ModelOptions, "load", lambda self, path, **kw: pytest.fail(f"{path} loaded"))
+    options = ModelOptions(device="cpu")
+    pyllama = tmp_path / "llama-7b"
+    pyllama.mkdir()
+    (pyllama / "params.json").write_text("{}")
+    (pyllama / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(VicunaflowError, match=r"a raw Meta checkpoint .*\(vicunaflow convert"):
+        serve(model_path=[tiny_vicuna, pyllama], port=free_port(), model_options=options)
+    with pytest.raises(VicunaflowError, match=r"a Vicuna delta .*apply-delta"):
+        serve(model_path=[tiny_vicuna, tiny_delta], port=free_port(), model_options=options)

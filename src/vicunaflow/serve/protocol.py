@@ -1,11 +1,12 @@
 """Request bodies of the OpenAI v1 routes we serve (pydantic): the fields we honour are typed and
-range-checked; other OpenAI fields (user, penalties...) are accepted and ignored."""
+range-checked; OpenAI's, FastChat's and vLLM's fields we do not implement are refused (400 naming the field) when
+their value would change the answer (UNSUPPORTED), accepted at their neutral value; others (user...) are ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ContentPart(BaseModel):
@@ -48,6 +49,30 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None  # true: a last chunk with no choices and the usage, as OpenAI's
 
 
+# field -> (is its value neutral, what the answer would lack): the fields clients commonly send that this server
+# does not implement. Ignoring them answered a request for JSON, tools, a penalty or a bias without it, unsaid; their
+# neutral values (what clients such as LangChain send by default) are accepted.
+UNSUPPORTED = {
+    "presence_penalty": (lambda v: not v, "penalties are not implemented"),
+    "frequency_penalty": (lambda v: not v, "penalties are not implemented"),
+    "repetition_penalty": (lambda v: v in (None, 1), "penalties are not implemented"),
+    "logit_bias": (lambda v: not v, "token biases are not implemented"),
+    "response_format": (
+        lambda v: not v or (isinstance(v, dict) and v.get("type") in (None, "text")),
+        "only text replies are made, no JSON mode or schema",
+    ),
+    "tools": (lambda v: not v, "this model calls no tools"),
+    "functions": (lambda v: not v, "this model calls no functions"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "this model calls no tools"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "this model calls no functions"),
+    "stop_token_ids": (lambda v: not v, "give stop strings in `stop` instead"),
+    "min_p": (lambda v: not v, "min-p sampling is not implemented; top_p and top_k are"),
+    "use_beam_search": (lambda v: not v, "beam search is not implemented"),
+    "best_of": (lambda v: v in (None, 1), "every choice is returned: use n"),
+    "suffix": (lambda v: not v, "insertion, a suffix after the completion, is not implemented"),
+}
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
@@ -70,6 +95,29 @@ class SamplingFields(BaseModel):
     # is seeded with seed + i, so the choices differ). 64 bits, as OpenAI's and vLLM's: the sampler keeps a seed's
     # low 64 bits, so a larger one would silently give another seed's reply (2**64 that of 0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    # UNSUPPORTED's fields: refused unless neutral (any type, so that the message says what is not supported)
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    stop_token_ids: Any = None
+    min_p: Any = None
+    use_beam_search: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def neutral_or_refused(cls, value, info):
+        neutral, why = UNSUPPORTED[info.field_name]
+        if not neutral(value):
+            raise ValueError(f"{info.field_name} is not supported ({why}); leave it out")  # no value: user text
+        return value
 
 
 class ChatCompletionRequest(SamplingFields):
