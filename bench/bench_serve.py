@@ -12,9 +12,11 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
                   the engine's share of it from /health (queue: waiting for a row; prefill: admission to
                   the first token's event); the aggregate rows report that share too
     aggregate     (a) C streams at once (C = 1 8 32 64 256), 128-token prompts, 256-token replies:
-                  C x 256 / wall seconds, time to first token and inter-token gap p50/p99 over all streams;
-                  beside the client's gaps the engine's own (/metrics' histogram, read before and after):
-                  a p99 the engine does not have comes from the HTTP side
+                  tokens (the finished streams' usage) / wall seconds (first send to last token), time to
+                  first token and inter-token gap p50/p99 over all streams; beside the client's gaps the
+                  engine's own (/metrics' histogram, read before and after): a p99 the engine does not have
+                  comes from the HTTP side, or from tokens whose text was held back (tokens_per_event > 1:
+                  such a token has no event of its own, so the gap to the next spans two steps)
     join          (c) 31 streams running, then a ~1500-token prompt joins: the worst inter-token gap among
                   the 31 while it prefills (between its send and its first token), against their gap before
     events        (d) how many SSE events a second the HTTP side alone can push: the real app
@@ -302,14 +304,15 @@ async def stream_completion(
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
+        "stream_options": {"include_usage": True},  # the reply's token count: an event may carry several tokens
     }
-    record = {"sent": time.perf_counter(), "times": [], "finish": None, "error": None, "chars": 0}
+    record = {"sent": time.perf_counter(), "times": [], "finish": None, "error": None, "chars": 0, "tokens": None}
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 record["error"] = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return record
-            pending = b""
+            pending, done = b"", False
             async for chunk in response.aiter_raw():
                 now = time.perf_counter()
                 pending += chunk
@@ -317,10 +320,15 @@ async def stream_completion(
                 for event in events:
                     data = event.removeprefix(b"data: ")
                     if data == b"[DONE]":
+                        done = True
                         continue
                     message = json.loads(data)
                     if "error" in message:
                         record["error"] = message["error"]["message"]
+                        continue
+                    if message.get("usage"):
+                        record["tokens"] = message["usage"]["completion_tokens"]
+                    if not message["choices"]:  # the usage chunk
                         continue
                     choice = message["choices"][0]
                     if choice["text"]:
@@ -329,6 +337,8 @@ async def stream_completion(
                         if on_token is not None:
                             on_token()
                     record["finish"] = choice["finish_reason"] or record["finish"]
+            if not done and not record["error"]:  # cut short without a word: not a finished stream
+                record["error"] = "the stream ended before [DONE]"
     except httpx.HTTPError as err:
         record["error"] = f"{type(err).__name__}: {err}"
     return record
@@ -346,18 +356,19 @@ async def warm_client(client: httpx.AsyncClient, url: str) -> None:
     (await client.get(f"{url}/v1/models")).raise_for_status()
 
 
-async def _run_jobs(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> list[dict]:
+async def _run_jobs(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> dict:
     async with new_client(len(jobs)) as client:
         await warm_client(client, url)  # before the clock starts
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        return await asyncio.gather(*(stream_completion(client, url, model, p, n) for p, n in jobs))
+        cpu, wall = time.process_time(), time.perf_counter()  # the streams' own CPU: not the set-up's
+        records = await asyncio.gather(*(stream_completion(client, url, model, p, n) for p, n in jobs))
+        return {"records": records, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
 
 
 def run_jobs_in_process(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> dict:
-    """A client process's share of a scenario (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    records = asyncio.run(_run_jobs(url, model, jobs, start_at))
-    return {"records": records, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    """A client process's share of a scenario (perf_counter is CLOCK_MONOTONIC: comparable across processes):
+    its records, and its CPU and wall seconds from the common start to its last stream's end."""
+    return asyncio.run(_run_jobs(url, model, jobs, start_at))
 
 
 START_MARGIN_S = 0.5  # from handing a scenario's streams to the client processes to their common start
@@ -380,7 +391,7 @@ class Clients:
         futures = [self.pool.submit(run_jobs_in_process, url, model, share, start_at) for share in shares]
         results = [f.result() for f in futures]
         records = [r for result in results for r in result["records"]]
-        busy = [result["cpu_s"] / max(result["wall_s"] - START_MARGIN_S, 1e-9) for result in results]
+        busy = [result["cpu_s"] / max(result["wall_s"], 1e-9) for result in results]
         client = {"client_processes": count, "client_cpu_s": round(sum(r["cpu_s"] for r in results), 2)}
         client["client_busiest"] = round(max(busy), 3)
         client["client_may_limit"] = max(busy) > CLIENT_BUSY
@@ -409,24 +420,40 @@ def ms(value: float | None) -> float | None:
 
 
 def summarize(records: list[dict], reply_tokens: int) -> dict:
-    """Tokens, events, time to first token and inter-token gaps over all streams of a scenario."""
+    """Tokens, events, time to first token and inter-token gaps over all streams of a scenario.
+
+    tokens: the finished streams' replies as the server's usage counts them (reply_tokens each where a
+    stream had no usage), not their events: a token whose text is held back (an incomplete UTF-8 byte
+    piece) sends no event, and its text comes with the next token's, so `tokens_per_event` > 1 says that
+    some gaps (between events, as a user sees text arrive) span more than one engine step. Streams that
+    failed or were cut short add no tokens, and count in `failed`; the TTFT and gap percentiles are over
+    `ttft_n` streams (those that got a first token) and `gap_n` gaps: a p99 of fewer than 100 is about the
+    largest."""
     finished = [r for r in records if r["finish"] == "length" and not r["error"]]
     ttft = [r["times"][0] - r["sent"] for r in records if r["times"]]
     gaps = [b - a for r in records for a, b in zip(r["times"], r["times"][1:], strict=False)]
     first_sent = min(r["sent"] for r in records)
     last = max((r["times"][-1] for r in records if r["times"]), default=first_sent)
     wall = last - first_sent
-    tokens = reply_tokens * len(finished)
+    counts = [reply_tokens if r.get("tokens") is None else r["tokens"] for r in finished]
+    tokens = sum(counts)
+    finished_events = sum(len(r["times"]) for r in finished)
     return {
         "streams": len(records),
         "finished": len(finished),
+        "failed": len(records) - len(finished),
         "errors": sorted({str(r["error"]) for r in records if r["error"]})[:3],
         "tokens": tokens,
+        "tokens_from_usage": sum(r.get("tokens") is not None for r in finished),
+        "short_replies": sum(c != reply_tokens for c in counts),
         "events": sum(len(r["times"]) for r in records),
+        "tokens_per_event": round(tokens / finished_events, 3) if finished_events else None,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "ttft_n": len(ttft),
         "ttft_p50_ms": ms(percentile(ttft, 50)),
         "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "gap_n": len(gaps),
         "gap_p50_ms": ms(percentile(gaps, 50)),
         "gap_p99_ms": ms(percentile(gaps, 99)),
         "gap_max_ms": ms(max(gaps, default=None)),
@@ -498,9 +525,13 @@ def scenario_first(server: Server, model: str, args, vocab: int) -> dict:
         "new_length_ttft_ms": [ms(t) for _, t in new],
         "new_length_ttft_p50_ms": ms(percentile(new_times, 50)),
         "new_length_ttft_p99_ms": ms(percentile(new_times, 99)),
+        "new_length_failed": len(new) - len(new_times),  # no first token: not in the percentiles
         "repeated_128_ttft_p50_ms": ms(percentile(repeated_times, 50)),
         "repeated_128_ttft_p99_ms": ms(percentile(repeated_times, 99)),
-        "all_after_startup_ttft_p99_ms": ms(percentile([ttft(first) or 0.0, *new_times, *repeated_times], 99)),
+        "repeated_128_failed": len(repeated) - len(repeated_times),
+        "all_after_startup_ttft_p99_ms": ms(
+            percentile([t for t in (ttft(first), *new_times, *repeated_times) if t is not None], 99)
+        ),
         "first_request_engine": first_engine,
         "new_length_engine": engine_first_token(before, middle),
         "repeated_128_engine": engine_first_token(middle, after),
@@ -590,7 +621,9 @@ def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
             return list(await asyncio.gather(*streams)), joining
 
     health_before = server.health()
-    records, joining = asyncio.run(run())
+    cpu, wall = time.process_time(), time.perf_counter()
+    records, joining = asyncio.run(run())  # the client is this process: its CPU, as Clients.run reports
+    client_busy = (time.process_time() - cpu) / (time.perf_counter() - wall)
     gc = gc_during(health_before, server.health())
     sent = joining["sent"]
     first = joining["times"][0] if joining["times"] else math.inf
@@ -610,7 +643,9 @@ def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
         "gaps_during_join": len(during),
         "gap_before_p50_ms": ms(percentile(before, 50)),
         "gap_before_p99_ms": ms(percentile(before, 99)),
-        "running_finished": sum(r["finish"] == "length" for r in records),
+        "running_finished": sum(r["finish"] == "length" and not r["error"] for r in records),
+        "client_busy": round(client_busy, 3),
+        "client_may_limit": client_busy > CLIENT_BUSY,
         **gc,
     }
 
@@ -649,6 +684,7 @@ def events_run(clients: Clients, args, scratch: Path, step_ms: float) -> dict:
             "offered_events_per_s": round(args.events_streams * 1000 / step_ms) if step_ms else None,
             "streams": row["streams"],
             "finished": row["finished"],
+            "failed": row["failed"],
             "errors": row["errors"],
             "events": row["events"],
             "wall_s": row["wall_s"],
@@ -932,6 +968,26 @@ def run_model_scenarios(result: dict, clients: Clients, args, scratch: Path, bat
         server.stop()
 
 
+def median_row(rows: list[dict], key: str) -> dict:
+    """The run whose `key` is the median, every number shown from that one run (not a median per measure,
+    which would mix runs); of an even count the lower middle one, so two runs do not show the better."""
+    ordered = sorted(rows, key=lambda row: row[key] or 0.0)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def caveats(row: dict) -> str:
+    """What makes a row's numbers less than they seem: failed streams, a busy client, a p99 of few samples."""
+    notes = []
+    if row.get("failed"):
+        notes.append(f"{row['failed']} of {row['streams']} streams failed")
+    if row.get("client_may_limit"):
+        notes.append("client may limit")
+    small = [f"{name} n={row[f'{name}_n']}" for name in ("ttft", "gap") if row.get(f"{name}_n", 100) < 100]
+    if small:
+        notes.append(f"p99 of {', '.join(small)}: about the largest")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def print_summary(result: dict) -> None:
     """The docs table's rows, with issue 16's previous-server numbers (7B, one H200) beside them."""
     ref, goal = REFERENCE_7B, GOALS_7B
@@ -948,33 +1004,31 @@ def print_summary(result: dict) -> None:
             f"{first['repeated_128_ttft_p99_ms']} | ~45 | p99 <= {goal['ttft_128_p99_ms']} |",
         ]
     for concurrency in dict.fromkeys(row["concurrency"] for row in result.get("aggregate", [])):
-        rows = sorted(
-            (row for row in result["aggregate"] if row["concurrency"] == concurrency),
-            key=lambda row: row["tokens_per_s"] or 0.0,
-        )
-        row, c = rows[len(rows) // 2], str(concurrency)
-        spread = (
-            f" (median of {len(rows)}: {rows[0]['tokens_per_s']}-{rows[-1]['tokens_per_s']})" if len(rows) > 1 else ""
-        )
+        rows = [row for row in result["aggregate"] if row["concurrency"] == concurrency]
+        row, c = median_row(rows, "tokens_per_s"), str(concurrency)
+        speeds = sorted(r["tokens_per_s"] or 0.0 for r in rows)
+        spread = f" (median of {len(rows)}: {speeds[0]}-{speeds[-1]})" if len(rows) > 1 else ""
         lines.append(
             f"| {c} streams: tokens/s; TTFT p50/p99 ms; gap p50/p99 ms | {row['tokens_per_s']}{spread}; "
             f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']}; {row['gap_p50_ms']}/{row['gap_p99_ms']}"
-            f"{' (client may limit)' if row['client_may_limit'] else ''} | "
+            f"{caveats(row)} | "
             f"{ref['aggregate_tokens_per_s'].get(c) or '—'} | {goal['aggregate_tokens_per_s'].get(c) or '—'} |"
         )
     if join := result.get("join"):
         lines.append(
             f"| 1500-token prompt joins 31: worst gap ms (p50 before) | {join['worst_gap_during_join_ms']} "
-            f"({join['gap_before_p50_ms']}) | {ref['join_worst_gap_ms']} | <= {goal['join_worst_gap_ms']} |"
+            f"({join['gap_before_p50_ms']}){' (client may limit)' if join.get('client_may_limit') else ''}"
+            f"{' (join failed)' if join['join_error'] else ''} | {ref['join_worst_gap_ms']} | "
+            f"<= {goal['join_worst_gap_ms']} |"
         )
     for row in result.get("events", []):
         lines.append(
             f"| HTTP side, stub steps of {row['stub_step_ms']} ms: events/s; loop us/event | "
-            f"{row['events_per_s']}; {row['loop_us_per_event']} | — | never the bottleneck |"
+            f"{row['events_per_s']}; {row['loop_us_per_event']}{caveats(row)} | — | never the bottleneck |"
         )
     for mode in ADMIT_MODES:
         if rows := [row for row in result.get("admit", []) if row["mode"] == mode]:
-            median = sorted(rows, key=lambda row: row["loop_us_per_request"])[len(rows) // 2]
+            median = median_row(rows, "loop_us_per_request")
             lines.append(
                 f"| HTTP side, {ADMIT_STREAMS} at once, work {mode}: loop us/request (median of {len(rows)} bursts); "
                 f"its TTFT p50/p99 ms | {median['loop_us_per_request']}; "

@@ -1,0 +1,78 @@
+"""bench/bench_serve.py's statistics, fed synthetic stream records (no server): what each number counts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_serve.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(sent: float, times: list[float], tokens: int | None, finish="length", error=None) -> dict:
+    return {"sent": sent, "times": times, "finish": finish, "error": error, "chars": len(times), "tokens": tokens}
+
+
+def test_percentile_interpolates_between_ranks_as_numpy(bench) -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert bench.percentile(values, 50) == 3.0
+    assert bench.percentile(values, 0) == 1.0 and bench.percentile(values, 100) == 5.0
+    assert bench.percentile(values, 99) == pytest.approx(4.96)  # numpy.percentile([1..5], 99)
+    assert bench.percentile([], 99) is None
+
+
+def test_tokens_come_from_usage_not_events(bench) -> None:
+    """Two streams of 4 tokens; one sent a held-back byte piece's text with the next token: 3 events."""
+    records = [record(0.0, [1.0, 2.0, 3.0, 4.0], 4), record(0.0, [1.0, 3.0, 4.0], 4)]
+    row = bench.summarize(records, reply_tokens=4)
+    assert row["tokens"] == 8 and row["events"] == 7 and row["tokens_per_event"] == 1.143
+    assert row["wall_s"] == 4.0 and row["tokens_per_s"] == 2.0
+    assert row["short_replies"] == 0 and row["tokens_from_usage"] == 2
+    # gaps between events, within each stream only (the TTFT is not a gap): 1 1 1 and 2 1
+    assert row["gap_n"] == 5 and row["gap_max_ms"] == 2000.0 and row["gap_p50_ms"] == 1000.0
+    assert row["ttft_n"] == 2 and row["ttft_p50_ms"] == 1000.0
+
+
+def test_a_reply_shorter_than_asked_counts_its_own_tokens(bench) -> None:
+    row = bench.summarize([record(0.0, [1.0, 2.0], 2), record(0.0, [1.0, 2.0, 3.0, 4.0], 4)], reply_tokens=4)
+    assert row["tokens"] == 6 and row["short_replies"] == 1
+
+
+def test_failed_streams_are_counted_not_dropped(bench) -> None:
+    records = [
+        record(0.0, [1.0, 2.0], 2),
+        record(0.0, [1.0], None, finish=None, error="the stream ended before [DONE]"),
+        record(0.0, [], None, finish=None, error="HTTP 503: b''"),
+    ]
+    row = bench.summarize(records, reply_tokens=2)
+    assert row["streams"] == 3 and row["finished"] == 1 and row["failed"] == 2 and row["tokens"] == 2
+    assert row["ttft_n"] == 2  # the stream with no first token is not in the TTFT percentiles
+    assert "2 of 3 streams failed" in bench.caveats(row)
+    assert "p99 of ttft n=2, gap n=1" in bench.caveats(row)
+
+
+def test_median_of_repeats_is_one_run_and_never_the_better_of_two(bench) -> None:
+    runs = [
+        {"tokens_per_s": 110.0, "ttft_p99_ms": 9.0},
+        {"tokens_per_s": 100.0, "ttft_p99_ms": 50.0},
+        {"tokens_per_s": 105.0, "ttft_p99_ms": 20.0},
+    ]
+    assert bench.median_row(runs, "tokens_per_s") is runs[2]  # its TTFT too, not another run's
+    assert bench.median_row(runs[:2], "tokens_per_s") is runs[1]
+
+
+def test_engine_gaps_from_histogram_difference(bench) -> None:
+    before = {0.01: 10.0, 0.02: 10.0, float("inf"): 10.0}
+    after = {0.01: 110.0, 0.02: 200.0, float("inf"): 210.0}  # 100 under 10 ms, 90 in 10-20 ms, 10 above
+    gaps = bench.engine_gaps(before, after)
+    assert gaps["engine_gap_p50_ms"] == 10.0  # rank 100 of 200: the first bucket's top
+    assert gaps["engine_gap_p99_ms"] == 20.0  # above the largest bound: that bound
