@@ -16,7 +16,7 @@ import pytest
 
 from vicunaflow import VicunaflowError, template
 from vicunaflow.chat import chat
-from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
+from vicunaflow.engine import Engine, Event, SamplingParams, encode_prompt, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,3 +226,76 @@ def test_model_paths_that_are_no_model_say_what_to_run(tiny_raw, tiny_delta, tin
         with pytest.raises(VicunaflowError) as err:
             chat(model_path=path, max_new_tokens=4)
         assert all(fragment in str(err.value) for fragment in fragments), str(err.value)
+
+
+def test_load_of_a_file_that_is_no_conversation_keeps_the_current_one(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    """Was: a JSON file without a "messages" list loaded as 0 exchanges, emptying the conversation (a number
+    there raised a TypeError); each is now refused, naming the file, and the conversation is kept."""
+    bad = {
+        "no-messages.json": json.dumps({"template": "vicuna_v1.1"}),
+        "not-a-list.json": json.dumps({"messages": 5}),
+        "a-string.json": json.dumps({"messages": "hello"}),
+        "bad-entries.json": json.dumps({"messages": [1, 2]}),
+        "a-list.json": json.dumps([{"role": "user", "content": "hi"}]),
+        "broken.json": '{"messages": [',
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    saved = tmp_path / "saved.json"
+    lines = ["Hello", *(f"!!load {tmp_path / name}" for name in bad), f"!!save {saved}"]
+    out = _chat_piped(monkeypatch, capsys, lines, model_path=tiny_vicuna)
+    for name in bad:
+        assert f"[cannot load {tmp_path / name}: " in out, name
+    assert out.count("the current conversation is kept]") == len(bad) and "[loaded" not in out
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]] == ["Hello", _replies(out)[0]]
+    assert "[saved 1 exchanges" in out
+
+
+def test_a_stopped_empty_or_failed_reply_is_not_kept(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    """Was: Ctrl-C before any text, or a failed generation, kept the question with an empty (or partial) answer,
+    which the next prompt then sent to the model. Now both are dropped; a reply stopped after some text keeps it."""
+    original, prompts = Engine.generate, []
+
+    def generate(self, prompt_ids, params):
+        prompt = self.tokenizer.decode(prompt_ids)
+        prompts.append(prompt)
+        if prompt.rstrip().endswith("stop at once ASSISTANT:"):
+            raise KeyboardInterrupt
+        if prompt.rstrip().endswith("fail ASSISTANT:"):
+            yield from [Event("Half"), Event("", "error", error="boom")]
+            return
+        if prompt.rstrip().endswith("stop midway ASSISTANT:"):
+            yield Event("Partial")
+            raise KeyboardInterrupt
+        yield from original(self, prompt_ids, params)
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    saved = tmp_path / "saved.json"
+    lines = ["Hello", "stop at once", "fail", "stop midway", "Last", f"!!save {saved}"]
+    out = _chat_piped(monkeypatch, capsys, lines, model_path=tiny_vicuna)
+    assert "[generation failed: boom" in out
+    messages = [m["content"] for m in json.loads(saved.read_text())["messages"]]
+    assert messages[::2] == ["Hello", "stop midway", "Last"] and messages[3] == "Partial"
+    assert all(messages[1::2]), messages
+    assert "stop at once" not in prompts[-1] and "fail" not in prompts[-1] and "Partial" in prompts[-1]
+
+
+def test_windows_line_endings_do_not_reach_the_model(tiny_vicuna, tmp_path, monkeypatch, capsys):
+    """Was: piped CRLF text kept a "\\r" at the end of each --multiline line, inside the message sent."""
+    original, prompts = Engine.generate, []
+
+    def generate(self, prompt_ids, params):
+        prompts.append(self.tokenizer.decode(prompt_ids))
+        yield from original(self, prompt_ids, params)
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    saved = tmp_path / "saved.json"
+    piped = io.TextIOWrapper(
+        io.BytesIO(b"first line\r\nsecond line\r\n\r\n!!save " + bytes(saved) + b"\r\n\r\n"), newline="\n"
+    )
+    monkeypatch.setattr(sys, "stdin", piped)  # as sys.stdin: "\r\n" is not translated
+    chat(model_path=tiny_vicuna, temperature=0.0, max_new_tokens=8, multiline=True)
+    out = capsys.readouterr().out
+    assert "USER: first line\nsecond line\n" in out and "\r" not in out
+    assert "\r" not in prompts[0] and "first line\nsecond line" in prompts[0]
+    assert json.loads(saved.read_text())["messages"][0]["content"] == "first line\nsecond line"

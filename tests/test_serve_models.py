@@ -271,3 +271,69 @@ def test_a_model_path_that_is_no_model_is_refused_before_any_loads(tiny_vicuna, 
         serve(model_path=[tiny_vicuna, pyllama], port=free_port(), model_options=options)
     with pytest.raises(VicunaflowError, match=r"a Vicuna delta .*apply-delta"):
         serve(model_path=[tiny_vicuna, tiny_delta], port=free_port(), model_options=options)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "7", '"llama"', "null"])
+def test_a_config_json_that_is_not_an_object_is_refused_naming_it(tiny_vicuna, tmp_path, monkeypatch, text):
+    """Valid JSON but not an object (a list, a number) was an AttributeError traceback from the fit check."""
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve import serve
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    with pytest.raises(VicunaflowError) as err:
+        estimate(folder, name="broken", device="cpu")
+    assert f"{folder / 'config.json'}: not a JSON object" in str(err.value)
+    assert "restore the model's config.json" in str(err.value)
+    monkeypatch.setattr(ModelOptions, "load", lambda self, path, **kw: pytest.fail(f"{path} loaded"))
+    with pytest.raises(VicunaflowError, match="not a JSON object"):
+        serve(model_path=[tiny_vicuna, folder], port=free_port(), model_options=ModelOptions(device="cpu"))
+
+
+def test_a_config_json_without_a_key_the_estimate_needs_is_refused_naming_it(tiny_vicuna, tmp_path):
+    config = json.loads((tiny_vicuna / "config.json").read_text())
+    del config["num_hidden_layers"]
+    folder = tmp_path / "no-layers"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VicunaflowError) as err:
+        estimate(folder, name="no-layers", device="cpu")
+    message = str(err.value)
+    assert str(folder / "config.json") in message and "num_hidden_layers is None" in message, message
+
+
+def test_max_gpu_memory_caps_the_weights_of_all_models_together():
+    """docs/serve.md: --max-gpu-memory caps a GPU's share of the weights (FastChat's meaning: weights only, the KV
+    cache is --kv-cache-tokens'). Two models share the GPU, so their weights count together; each was checked alone."""
+    from vicunaflow.serve.fit import check_memory_cap
+
+    gib = 2**30
+    models = [Estimate("a", 12 * gib, 10 * gib), Estimate("b", 12 * gib, 10 * gib)]
+    with pytest.raises(VicunaflowError) as err:
+        check_memory_cap(models, "20GiB")
+    message = str(err.value)
+    assert message.startswith("--max-gpu-memory 20GiB: the 2 models' weights need 24.0 GiB per GPU together"), message
+    assert "a 12.0 GiB, b 12.0 GiB" in message and "one server per model" in message, message
+    check_memory_cap(models, "24GiB")  # 44 GiB with the KV cache: not the cap's (the fit check counts it)
+    check_memory_cap(models[:1], "12GiB")
+    with pytest.raises(VicunaflowError, match=r"the weights need 12\.0 GiB per GPU"):  # as chat says it
+        check_memory_cap(models[:1], "11GiB")
+    with pytest.raises(VicunaflowError, match="give a size such as 20GiB"):
+        check_memory_cap(models, "lots")
+
+
+def test_max_gpu_memory_with_two_models_is_checked_before_either_loads(tiny_vicuna, tiny_hf, monkeypatch):
+    from vicunaflow.engine.load import check_weights_cap
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve import serve
+
+    weights = [estimate(p, name="m", device="cpu").weights for p in (tiny_vicuna, tiny_hf)]
+    cap = f"{max(weights) * 3 // 2}B"  # each model's weights fit alone, not both
+    for w in weights:
+        check_weights_cap(w, cap)  # what load_model checks, one model at a time
+    monkeypatch.setattr(ModelOptions, "load", lambda self, path, **kw: pytest.fail(f"{path} loaded"))
+    options = ModelOptions(device="cpu", max_gpu_memory=cap)
+    with pytest.raises(VicunaflowError, match=r"the 2 models' weights need .* together") as err:
+        serve(model_path=[tiny_vicuna, tiny_hf], port=free_port(), model_options=options)
+    assert "vicuna-tiny-all-v1.1" in str(err.value) and "llama-tiny-hf" in str(err.value)

@@ -238,8 +238,8 @@ class Conversation:
         elif name == "!!load":
             try:
                 self.exchanges = load_conversation(Path(argument))
-            except (OSError, ValueError, VicunaflowError) as err:
-                self.terminal.note(f"[cannot load {argument}: {err}]")
+            except (OSError, ValueError, VicunaflowError) as err:  # JSONDecodeError is a ValueError
+                self.terminal.note(f"[cannot load {argument}: {err}; the current conversation is kept]")
                 return
             for question, reply in self.exchanges:
                 self.terminal.note(f"{template.USER}: {question}\n{template.ASSISTANT}: {reply}")
@@ -268,7 +268,7 @@ class Conversation:
                 f"[the oldest {dropped} exchange(s) no longer fit the {context}-token context: left out]"
             )
         params = _capped(self.engine, self.params, len(ids))
-        reply = ""
+        reply, failed = "", False
         events = self.engine.generate(ids, params)
         self.terminal.start_reply(f"{template.ASSISTANT}: ")
         try:
@@ -276,14 +276,23 @@ class Conversation:
                 reply += event.text
                 self.terminal.stream(event.text)
                 if event.finish_reason == "error":
-                    self.terminal.note(f"[generation failed: {event.error}]")
+                    failed = True
+                    self.terminal.end_reply()
+                    self.terminal.note(f"[generation failed: {event.error}; the question is not kept]")
         except KeyboardInterrupt:
             events.close()  # cancels the request
             self.terminal.end_reply()
-            self.terminal.note("[interrupted]")
+            if reply.strip():
+                self.terminal.note("[interrupted: the partial answer is kept; !!regen answers again]")
+            else:
+                self.terminal.note("[interrupted before any text: the question is not kept]")
         else:
-            self.terminal.end_reply()
-        self.exchanges.append((question, reply.strip()))
+            if not failed:
+                self.terminal.end_reply()
+        # Neither a failed reply nor an empty stopped one stays in the history: the next prompt would send the
+        # model a question with no (or a broken) answer. A stopped reply with text keeps it, for !!regen or !!remove.
+        if not failed and reply.strip():
+            self.exchanges.append((question, reply.strip()))
 
 
 def _saved_conversation(path: Path) -> bool:
@@ -297,21 +306,38 @@ def _saved_conversation(path: Path) -> bool:
 
 
 def load_conversation(path: Path) -> list[tuple[str, str]]:
-    """Read a conversation saved by !!save (or a FastChat conversation dict with [role, text] pairs)."""
-    record = json.loads(path.read_text())
-    messages = record.get("messages", []) if isinstance(record, dict) else []
+    """Read a conversation saved by !!save (or a FastChat conversation dict with [role, text] pairs).
+
+    A file that is not one (no "messages" list, entries that are neither {"role", "content"} nor [role, text])
+    raises VicunaflowError, so that the conversation it was to replace is kept."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise VicunaflowError(f"not UTF-8 text (byte {err.start})") from None
+    except ValueError as err:
+        raise VicunaflowError(f"not JSON ({err})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list):
+        raise VicunaflowError(
+            'not a conversation: no "messages" list (a JSON object as !!save writes, '
+            '{"messages": [{"role", "content"}, ...]}, or a FastChat one with [role, text] pairs)'
+        )
     pairs = []
-    for message in messages:
+    for number, message in enumerate(messages, 1):
         if isinstance(message, dict):
             role, text = message.get("role"), message.get("content")
-        else:
+        elif isinstance(message, list) and len(message) == 2:
             role, text = message
-        pairs.append((template.ROLE_OF.get(str(role).lower(), str(role).upper()), text or ""))
+        else:
+            raise VicunaflowError(f'message {number} is neither {{"role", "content"}} nor a [role, text] pair')
+        if not isinstance(role, str) or not isinstance(text, (str, type(None))):
+            raise VicunaflowError(f"message {number}: the role and the text must be strings")
+        pairs.append((template.ROLE_OF.get(role.lower(), role.upper()), text or ""))
     exchanges = []
     for i in range(0, len(pairs) - 1, 2):
         (role_q, question), (role_a, reply) = pairs[i], pairs[i + 1]
         if role_q != template.USER or role_a != template.ASSISTANT:
-            raise VicunaflowError(f"{path}: messages must alternate user, assistant")
+            raise VicunaflowError("messages must alternate user, assistant")
         exchanges.append((question, reply))
     return exchanges
 
@@ -345,6 +371,7 @@ class SimpleIO:
                     line = line.rstrip("\n")
             except EOFError:
                 return "\n".join(lines) if lines else None
+            line = line.removesuffix("\r")  # Windows line endings (piped CRLF text): no "\r" reaches the model
             if not multiline:
                 if not self.interactive:
                     print(f"{prompt}{_printable(line)}", flush=True)

@@ -93,7 +93,7 @@ def load_model(
     torch_dtype = DTYPES.get(dtype, default_dtype)
     if max_gpu_memory:  # before any weight is read: build_model lays the weights out as weight_bytes counts them
         needed = weight_bytes(args, itemsize=torch_dtype.itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
-        _check_memory_cap(needed, max_gpu_memory)
+        check_weights_cap(needed, max_gpu_memory)
     int4_columns = bits == 4 and int4_kernel == "columns"
     spec = LoadSpec(
         source, torch_dtype, device, None if stored else bits, group_size, all_reduce, int4_packed, int4_columns
@@ -151,7 +151,7 @@ def model_close(comm) -> None:
         close()
 
 
-def _check_memory_cap(needed: int, max_gpu_memory: str) -> None:
+def check_weights_cap(needed: int, max_gpu_memory: str) -> None:
     """--max-gpu-memory: refuse weights that would exceed the cap per GPU (there is no offloading to spill into)."""
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", max_gpu_memory, re.IGNORECASE)
     if not match:

@@ -99,7 +99,7 @@ def serve(
 
     from vicunaflow.engine import Engine, check_max_context, resolve_device
     from vicunaflow.serve.app import create_app
-    from vicunaflow.serve.fit import check_fit, estimate
+    from vicunaflow.serve.fit import check_fit, check_memory_cap, estimate
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
     log.info(
@@ -139,9 +139,11 @@ def serve(
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
     sizes |= dict(max_batch_size=max_batch_size, max_context=max_context, kv_cache_tokens=kv_cache_tokens)
     sizes |= dict(kv_cache_dtype=kv_cache_dtype)
-    check_fit(  # estimate also refuses a --kv-cache-tokens below one full-context request, before any load
-        [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()], device=resolved, num_gpus=num_gpus
-    )
+    estimates = [estimate(p, name=n, device=resolved, **sizes) for n, p in models.items()]
+    if model_options.max_gpu_memory:  # the models' weights together: they share the GPU(s)
+        check_memory_cap(estimates, model_options.max_gpu_memory)
+    # estimate also refused a --kv-cache-tokens below one full-context request, before any load
+    check_fit(estimates, device=resolved, num_gpus=num_gpus)
     if len(models) > 1 and resolved == "cuda" and cuda_graphs:
         # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
         # torch.cuda.graph empties the allocator's cache) while another engine allocates or syncs can fail

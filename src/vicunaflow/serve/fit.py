@@ -12,7 +12,6 @@ with the RAM the kernel says is available on the CPU (CPU ranks all live in it).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from vicunaflow import VicunaflowError, quant
 from vicunaflow.engine import ModelArgs
 from vicunaflow.engine.build import weight_bytes
 from vicunaflow.engine.cache import resolve_kv_cache_dtype
+from vicunaflow.engine.load import check_weights_cap
 from vicunaflow.engine.scheduler import kv_cache_blocks
+from vicunaflow.formats import read_config
 
 # What the estimate leaves unclaimed: activations of a prefill, logits, CUDA graphs, allocator slack.
 HEADROOM = 0.9
@@ -55,11 +56,15 @@ def estimate(
     refuses a --kv-cache-tokens too small for one full-context request, as the Engine would."""
     config_file = Path(model_path) / "config.json"
     try:
-        args = ModelArgs.from_hf(json.loads(config_file.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError) as err:
+        config = read_config(config_file)  # refuses invalid JSON, and JSON that is not an object, naming the file
+    except OSError as err:
         raise VicunaflowError(
             f"{model_path}: cannot read config.json ({err}); give a Hugging Face model directory"
         ) from None
+    try:
+        args = ModelArgs.from_hf(config)
+    except VicunaflowError as err:  # "config.json: num_hidden_layers is None; ...": say which model's
+        raise VicunaflowError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from None
     stored = quant.quantization_config(model_path)  # a quantized folder loads as it is stored
     if stored is not None:
         bits, group_size = stored["bits"], stored.get("group_size") or group_size
@@ -102,6 +107,26 @@ def check_fit(estimates: list[Estimate], *, device: str, num_gpus: int = 1, avai
         f"{_gib(available)} are free; serve fewer models, lower --kv-cache-tokens, --max-batch-size or "
         "--max-context, add --load-8bit, --load-4bit or --num-gpus"
     )
+
+
+def check_memory_cap(estimates: list[Estimate], max_gpu_memory: str) -> None:
+    """--max-gpu-memory, FastChat's meaning: a cap per GPU on the weights (the KV cache is --kv-cache-tokens', and
+    check_fit's). The models `serve` loads share the GPU, so their weights count together: load_model checks each
+    model alone, where two that each fit the cap passed although both together did not."""
+    check_weights_cap(0, max_gpu_memory)  # a size it cannot read: its own message
+    weights = sum(e.weights for e in estimates)
+    if len(estimates) == 1:
+        check_weights_cap(weights, max_gpu_memory)  # the message chat gives
+        return
+    try:
+        check_weights_cap(weights, max_gpu_memory)
+    except VicunaflowError:
+        parts = ", ".join(f"{e.name} {_gib(e.weights)}" for e in estimates)
+        raise VicunaflowError(
+            f"--max-gpu-memory {max_gpu_memory}: the {len(estimates)} models' weights need {_gib(weights)} per GPU "
+            f"together ({parts}); serve fewer models (one server per model), raise the cap, or add --load-8bit "
+            "or --load-4bit"
+        ) from None
 
 
 def free_memory(device: str, num_gpus: int) -> int:
