@@ -256,3 +256,22 @@ def test_a_runs_own_key_in_finetune_defaults_fails_the_plan_naming_it(tmp_path: 
     result = dry_run(tmp_path, config, "fine_tuning_output/r")
     assert result.returncode != 0
     assert f"finetune.defaults.{key}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("source", ["pyllama", "meta"])
+def test_download_urls_with_shell_characters_reach_each_verb_as_one_argument(tmp_path: Path, source: str) -> None:
+    """A mirror URL with a query string (`&` would background the command) or a space stays one argument."""
+    url = "https://mirror.example/llama files?a=1&b=2"
+    config = {
+        "llama": {"source": source, "pyllama": {"base_url": url}, "meta": {"url_env": "MY URL&ENV"}},
+        "eval": {"mt_bench": {"base_url": url}},
+    }
+    result = dry_run(tmp_path, config, "resources/mt_bench", "pyllama_data/7B", "pyllama_data/tokenizer.model")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("Shell command: vicunaflow ")]
+    quoted = "'https://mirror.example/llama files?a=1&b=2'"
+    assert [line for line in lines if "eval download" in line and f"--base-url {quoted} " in line], lines
+    llama = [line for line in lines if "download llama" in line]
+    assert len(llama) == 2, lines  # the tokenizer and 7B
+    expected = f"--base-url {quoted} " if source == "pyllama" else "--url-env 'MY URL&ENV' "
+    assert all(expected in line for line in llama), llama

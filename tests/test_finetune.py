@@ -449,6 +449,31 @@ def test_launch_commands_for_one_node_and_slurm_nodes(monkeypatch) -> None:
     assert "--rdzv_endpoint=gpu07:29634" in node_task and "--rdzv_id=1234" in node_task
 
 
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MASTER_PORT": "29x00"}, "MASTER_PORT"),
+        ({"MASTER_PORT": ""}, "MASTER_PORT"),
+        ({"SLURM_JOB_ID": "job7"}, "SLURM_JOB_ID"),
+        ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST"),
+    ],
+    ids=["port", "empty-port", "job-id", "no-nodelist"],
+)
+def test_launch_command_names_a_bad_slurm_variable(monkeypatch, env, variable) -> None:
+    from vicunaflow import launch
+
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    node_task = {
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "1234",
+        launch.NODE_TASK_ENV: "1",
+    }
+    node_task = {k: v for k, v in (node_task | env).items() if v is not None}
+    with pytest.raises(VicunaflowError, match=variable):
+        launch.launch_command(["finetune"], 8, env=node_task)
+
+
 # --- the checkpoint folder: never one whose removal destroys something ------------------------------
 
 

@@ -408,6 +408,12 @@ def test_quantized_weights_shrink_and_logits_stay_close(tiny_vicuna, loaded):
     assert float_bytes - sizes[4] == pytest.approx(3.5 * (layer_values + head_values), rel=0.05)  # (+ 4/128)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "half", "torch.float16", "Float16"])
+def test_an_unknown_dtype_is_refused_with_the_choices(tiny_vicuna, dtype):
+    with pytest.raises(VicunaflowError, match=rf"dtype '{dtype}'.*choose auto, float16, bfloat16 or float32"):
+        load_model(tiny_vicuna, device="cpu", dtype=dtype)
+
+
 def test_load_errors_are_clear(tiny_vicuna, tmp_path):
     with pytest.raises(VicunaflowError, match="choose one"):
         load_model(tiny_vicuna, load_8bit=True, load_4bit=True)

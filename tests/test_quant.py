@@ -929,3 +929,10 @@ def test_quantized_folder_keeps_the_tokenizers_chat_template_file(tiny_vicuna, t
     out = quantize_model(model_path=folder, output_dir=tmp_path / "int8")
     assert (out / "chat_template.jinja").read_bytes() == (folder / "chat_template.jinja").read_bytes()
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == source.chat_template
+
+
+@pytest.mark.parametrize("block", ["int4", ["vicunaflow"], 4])
+def test_a_quantization_config_that_is_not_an_object_is_refused(tmp_path, block):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": block}))
+    with pytest.raises(VicunaflowError, match=r"config\.json: quantization_config is .*not a JSON object"):
+        quant.quantization_config(tmp_path)

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import sys
 
+from vicunaflow import VicunaflowError
+
 log = logging.getLogger(__name__)
 
 # Set on the per-node tasks that the batch step starts with srun, so they run torchrun, not srun again.
@@ -54,8 +56,17 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
         cpus = env.get("SLURM_CPUS_PER_TASK")  # srun reads it anyway; said explicitly, as the workflow does
         return [*srun_per_node(nnodes, cpus_per_task=int(cpus) if cpus else None), *module]
     if nnodes > 1:
-        host = first_host(env["SLURM_JOB_NODELIST"] if "SLURM_JOB_NODELIST" in env else env["SLURM_NODELIST"])
-        port = int(env.get("MASTER_PORT", DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise VicunaflowError(
+                f"a {nnodes}-node task needs SLURM_JOB_NODELIST (or SLURM_NODELIST) to find the rendezvous host; "
+                "run it inside the SLURM allocation (sbatch/salloc), or set SLURM_JOB_NODELIST"
+            )
+        host = first_host(nodelist)
+        if "MASTER_PORT" in env:
+            port = _integer(env, "MASTER_PORT", "a TCP port for the rendezvous, e.g. 29400")
+        else:
+            port = DEFAULT_PORT + _integer(env, "SLURM_JOB_ID", "SLURM's numeric job id", default="0") % 1000
         return [
             *launcher,
             f"--nnodes={nnodes}", f"--node_rank={env.get('SLURM_NODEID', '0')}", f"--nproc_per_node={nproc_per_node}",
@@ -70,6 +81,15 @@ def launch_command(verb_argv: list[str], nproc_per_node: int, env: dict[str, str
             *module[1:],
         ]
     return None
+
+
+def _integer(env: dict[str, str], name: str, expected: str, default: str | None = None) -> int:
+    """The environment variable `name` as an int, or a VicunaflowError naming it."""
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise VicunaflowError(f"{name}={value!r} is not an integer; give {expected}, or unset it") from None
 
 
 def srun_per_node(nodes: int, *, cpus_per_task: int | None = None) -> list[str]:

@@ -499,6 +499,11 @@ def quantization_config(model_path: str | Path) -> dict | None:
     block = read_config(config_path).get("quantization_config")
     if not block:
         return None
+    if not isinstance(block, dict):
+        raise VicunaflowError(
+            f"{config_path}: quantization_config is {block!r}, not a JSON object; remove it for a float model, "
+            "or quantize the float folder again with `vicunaflow quantize`"
+        )
     if block.get("quant_method") != QUANT_METHOD:
         raise VicunaflowError(f"{config_path}: quantization {block.get('quant_method')!r} is not vicunaflow's")
     if block.get("format_version") != FORMAT_VERSION:

@@ -133,15 +133,18 @@ def get_repo(section, key, size):
 
 def get_revision_arg(section, size):
     revision = config[section]["revision"].get(size)
-    return f"--revision {revision}" if revision else ""
+    return f"--revision {shlex.quote(str(revision))}" if revision else ""
 
 
 def get_download_args(source):
     """Command-line arguments of `vicunaflow download llama` for the pyllama and meta sources."""
     if source == "meta":
-        return f"--source meta --url-env {config['llama']['meta']['url_env']}"
+        url_env = config["llama"]["meta"]["url_env"]
+        return f"--source meta --url-env {shlex.quote(url_env)}"
     base_url = config["llama"]["pyllama"]["base_url"]
-    return "--source pyllama" + (f" --base-url {base_url}" if base_url else "")
+    if not base_url:
+        return "--source pyllama"
+    return f"--source pyllama --base-url {shlex.quote(base_url)}"
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ rule mt_bench_download:
         revision=EVAL["mt_bench"]["revision"],
         base_url=EVAL["mt_bench"]["base_url"],
     shell:
-        "vicunaflow eval download --output-dir {output} --revision {params.revision}"
-        " --base-url {params.base_url} > {log} 2>&1"
+        "vicunaflow eval download --output-dir {output} --revision {params.revision:q}"
+        " --base-url {params.base_url:q} > {log} 2>&1"
 
 
 rule eval_answers:

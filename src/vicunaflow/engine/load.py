@@ -59,6 +59,9 @@ def load_model(
     CPU's dequantizing path there. one_stream: the model decodes one conversation at a time (chat).
     Call `model.close()` (or let the process exit) to stop the other ranks.
     """
+    if dtype != "auto" and dtype not in DTYPES:
+        choices = ["auto", *DTYPES]
+        raise VicunaflowError(f"dtype {dtype!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     device = resolve_device(device, num_gpus)
     if all_reduce == "auto":
         all_reduce = os.environ.get(ALL_REDUCE_ENV, "auto")
@@ -90,7 +93,7 @@ def load_model(
     # tinygemm multiplies bfloat16 only (as gpt-fast runs int4); an explicit other dtype keeps our kernels
     int4_packed = bits == 4 and int4_kernel == "tinygemm" and dtype in ("auto", "bfloat16")
     default_dtype = torch.bfloat16 if int4_packed else torch.float16 if device == "cuda" else torch.float32
-    torch_dtype = DTYPES.get(dtype, default_dtype)
+    torch_dtype = default_dtype if dtype == "auto" else DTYPES[dtype]
     if max_gpu_memory:  # before any weight is read: build_model lays the weights out as weight_bytes counts them
         needed = weight_bytes(args, itemsize=torch_dtype.itemsize, num_gpus=num_gpus, bits=bits, group_size=group_size)
         check_weights_cap(needed, max_gpu_memory)
