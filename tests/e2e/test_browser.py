@@ -426,3 +426,90 @@ def test_a_long_reply_lets_the_reader_scroll_up(server, browser):
     page.wait_for_selector(DONE)
     assert page.evaluate("document.getElementById('messages').scrollTop") == 0  # drawn again, not moved
     page.context.close()
+
+
+def arena_routes(page, chat_body: str, hold: dict | None = None) -> None:
+    """Answers the arena's API in the page itself: battle "b1", both sides `chat_body`; a route named in
+    `hold` ("chat", "vote") is kept unanswered in hold[name] until the test fulfils it."""
+    page.route(
+        "**/arena/battles",
+        lambda route: route.fulfill(status=200, headers={"Content-Type": "application/json"}, body='{"id": "b1"}'),
+    )
+    event_stream = {"Content-Type": "text/event-stream"}
+    page.route(
+        "**/arena/battles/b1/chat/*",
+        lambda route: (
+            hold.setdefault("chat", []).append(route)
+            if hold is not None and "chat" in hold
+            else route.fulfill(status=200, headers=event_stream, body=chat_body)
+        ),
+    )
+    page.route(
+        "**/arena/battles/b1/vote",
+        lambda route: (
+            hold.setdefault("vote", []).append(route)
+            if hold is not None and "vote" in hold
+            else route.fulfill(status=200, headers={"Content-Type": "application/json"}, body="{}")
+        ),
+    )
+
+
+def test_arena_new_round_while_answering_starts_clean(server, browser):
+    """Was: New round aborted the streams, then the old battle's ending wrote its "stopped: ..." status
+    over the new round."""
+    page = new_page(browser)
+    hold = {"chat": []}
+    arena_routes(page, sse("hi"), hold)
+    page.goto(f"{server.url}/arena")
+    page.fill("#input", "Name a color")
+    page.press("#input", "Enter")
+    page.wait_for_selector('.side .message[data-streaming="true"]')
+    page.click("#new-round")
+    page.wait_for_selector("#stop", state="hidden")
+    page.wait_for_timeout(300)  # the aborted fetches settle
+    assert page.inner_text("#status") == ""
+    assert page.is_hidden("#votes") and page.is_enabled("#input") and page.is_enabled("#send")
+    page.context.close()
+
+
+def test_arena_vote_answered_after_new_round_reveals_nothing(server, browser):
+    """Was: a vote still in flight when New round was clicked, once answered, showed the old battle's
+    model names over the new round's anonymous sides."""
+    page = new_page(browser)
+    hold = {"vote": []}
+    arena_routes(page, sse("an ", "answer"), hold)
+    page.goto(f"{server.url}/arena")
+    page.fill("#input", "Name a color")
+    page.press("#input", "Enter")
+    page.wait_for_selector("#votes:not([hidden])")
+    page.click("#votes button[data-vote=left]")
+    page.wait_for_timeout(200)
+    assert len(hold["vote"]) == 1
+    page.click("#new-round")
+    hold["vote"][0].fulfill(
+        status=200,
+        headers={"Content-Type": "application/json"},
+        body=json.dumps({"models": {"left": "old-left", "right": "old-right"}}),
+    )
+    page.wait_for_timeout(300)
+    assert page.inner_text("#name-left") == "Model A" and page.inner_text("#name-right") == "Model B"
+    assert page.locator(".revealed").count() == 0 and page.inner_text("#status") == ""
+    page.context.close()
+
+
+def test_arena_an_answer_failing_mid_stream_says_why(server, browser):
+    """Was: when a side's stream failed in the same frame as its last piece of text, the pending redraw
+    of that text wiped the error message from the side."""
+    page = new_page(browser)
+    failing = sse("partial answer").replace("data: [DONE]\n\n", 'data: {"error": {"message": "engine fell over"}}\n\n')
+    arena_routes(page, failing)
+    page.goto(f"{server.url}/arena")
+    page.fill("#input", "Name a color")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('failed')")
+    page.wait_for_timeout(300)  # a few frames: any pending redraw has run
+    for side in ("left", "right"):
+        text = page.inner_text(f"#side-{side} .text")
+        assert "partial answer" in text and "engine fell over" in text, text
+    assert page.is_hidden("#votes")
+    page.context.close()

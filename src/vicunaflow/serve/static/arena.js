@@ -12,6 +12,7 @@ const LABELS = { left: "Model A", right: "Model B" };
 let battle = null;        // the battle id of this round
 let controller = null;    // aborts both streams
 let answered = false;     // both sides have finished (or been stopped): votes open
+let round = 0;            // counts New rounds: a battle's or vote's late ending must not reach a later round
 
 function sideText(side) {
   return document.querySelector(`#side-${side} .text`);
@@ -24,9 +25,12 @@ function setBusy(busy) {
 }
 
 function reset() {
+  round++;
   if (controller) controller.abort();
+  controller = null;
   battle = null;
   answered = false;
+  setBusy(false);
   for (const side of SIDES) {
     $(`name-${side}`).textContent = LABELS[side];
     $(`name-${side}`).classList.remove("revealed");
@@ -42,14 +46,19 @@ function reset() {
 }
 
 async function fight(prompt) {
+  const mine = ++round;
+  const current = () => mine === round;
   controller = new AbortController();
   setBusy(true);
   statusEl.textContent = "both models are answering… (Esc or Stop to stop)";
   try {
     const response = await fetch("/arena/battles", { method: "POST", headers: headers(), body: "{}", signal: controller.signal });
     if (!response.ok) throw await vf.apiError(response);
-    battle = (await response.json()).id;
+    const id = (await response.json()).id;
+    if (!current()) return;
+    battle = id;
   } catch (err) {
+    if (!current()) return;
     controller = null;
     setBusy(false);
     statusEl.textContent = err.name === "AbortError" ? "stopped" : err.message;
@@ -60,13 +69,21 @@ async function fight(prompt) {
   const results = await Promise.allSettled(SIDES.map(async (side) => {
     const textEl = sideText(side);
     textEl.parentElement.dataset.streaming = "true";
+    let partial = "";
     try {
-      const text = await vf.streamChat(`/arena/battles/${battle}/chat/${side}`, body, headers(), controller.signal, (t) => vf.renderInto(textEl, t));
-      vf.renderNow(textEl, text);
+      const text = await vf.streamChat(`/arena/battles/${battle}/chat/${side}`, body, headers(), controller.signal, (t) => {
+        partial = t;
+        if (current()) vf.renderInto(textEl, t);
+      });
+      if (current()) vf.renderNow(textEl, text);
+    } catch (err) {
+      if (current()) vf.renderNow(textEl, partial); // now, so a pending redraw cannot wipe the error added below
+      throw err;
     } finally {
-      textEl.parentElement.dataset.streaming = "false";
+      if (current()) textEl.parentElement.dataset.streaming = "false";
     }
   }));
+  if (!current()) return; // New round came first: it has reset the page
   const stopped = controller.signal.aborted;
   controller = null;
   const failed = results.map((r, i) => [r, SIDES[i]]).filter(([r]) => r.status === "rejected" && r.reason.name !== "AbortError");
@@ -84,11 +101,13 @@ async function fight(prompt) {
 }
 
 async function vote(choice) {
+  const mine = round;
   for (const button of $("votes").querySelectorAll("button")) button.disabled = true;
   try {
     const response = await fetch(`/arena/battles/${battle}/vote`, { method: "POST", headers: headers(), body: JSON.stringify({ vote: choice }) });
     if (!response.ok) throw await vf.apiError(response);
     const result = await response.json();
+    if (mine !== round) return; // New round came first: these names are the old battle's
     for (const side of SIDES) {
       $(`name-${side}`).textContent = `${LABELS[side]}: ${result.models[side]}`;
       $(`name-${side}`).classList.add("revealed");
@@ -96,6 +115,7 @@ async function vote(choice) {
     statusEl.textContent = "Thanks for voting. New round starts another battle.";
     $("new-round").focus();
   } catch (err) {
+    if (mine !== round) return;
     statusEl.textContent = err.message;
     for (const button of $("votes").querySelectorAll("button")) button.disabled = false;
   }
