@@ -190,17 +190,24 @@ def test_settings_reach_the_server(server, browser):
     page.context.close()
 
 
-def test_stop_cancels_the_engine_request(server, browser):
-    page = new_page(browser)
-    open_chat(page, server)
+def start_a_long_reply(page, close_settings: bool = False) -> None:
+    """Ask for a reply that runs to 1,900 tokens and wait until its first text is shown."""
     page.click("#settings-toggle")
     page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
     page.fill("#max-tokens", "1900")
     page.press("#max-tokens", "Tab")
-    before = server.health()["engines"][CHAT_MODEL]
+    if close_settings:
+        page.click("#settings-toggle")
     page.fill("#input", "Tell me everything")
     page.press("#input", "Enter")
     page.wait_for_function("Number(document.querySelector('.message.assistant .text').dataset.chars || 0) > 0")
+
+
+def test_stop_cancels_the_engine_request(server, browser):
+    page = new_page(browser)
+    open_chat(page, server)
+    before = server.health()["engines"][CHAT_MODEL]
+    start_a_long_reply(page)
     assert page.is_visible("#stop")
     page.click("#stop")
     page.wait_for_selector(DONE)
@@ -382,13 +389,7 @@ def test_new_chat_while_answering_starts_empty(server, browser):
     conversation (an assistant message with no question, stored and sent with the next question)."""
     page = new_page(browser)
     open_chat(page, server)
-    page.click("#settings-toggle")
-    page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
-    page.fill("#max-tokens", "1900")
-    page.press("#max-tokens", "Tab")
-    page.fill("#input", "Tell me everything")
-    page.press("#input", "Enter")
-    page.wait_for_function("Number(document.querySelector('.message.assistant .text').dataset.chars || 0) > 0")
+    start_a_long_reply(page)
     page.click("#new-chat")
     page.wait_for_selector("#stop", state="hidden")
     page.wait_for_timeout(300)  # the aborted fetch settles
@@ -405,13 +406,7 @@ def test_a_long_reply_lets_the_reader_scroll_up(server, browser):
     could not be read while the rest arrived. Scrolled up, it stays put; at the bottom, it follows."""
     page = new_page(browser, viewport={"width": 800, "height": 500})
     open_chat(page, server)
-    page.click("#settings-toggle")
-    page.fill("#temperature", "0")  # greedy: the tiny model runs to max_tokens without an end token
-    page.fill("#max-tokens", "1900")
-    page.press("#max-tokens", "Tab")
-    page.click("#settings-toggle")
-    page.fill("#input", "Tell me everything")
-    page.press("#input", "Enter")
+    start_a_long_reply(page, close_settings=True)
     taller = "(() => { const m = document.getElementById('messages'); return m.scrollHeight > m.clientHeight + %d; })()"
     page.wait_for_function(taller % 100, timeout=60_000)
     bottom = "(() => { const m = document.getElementById('messages'); return m.scrollHeight - m.scrollTop - m.clientHeight; })()"  # fmt: skip
