@@ -38,6 +38,7 @@ from vicunaflow.eval.mt_bench import (
     NEED_REFERENCE,
     Question,
     answer_turns,
+    judged_turns,
     judgment_key,
     load_answers,
     load_judge_prompts,
@@ -234,33 +235,31 @@ def plan(
             f"{prompts_path}: the judge prompts lack {', '.join(absent)} (FastChat's judge_prompts.jsonl has them)"
         )
     matches = []
-    for multi_turn in (False, True):  # FastChat's order: every first turn, then the conversations
-        for question in questions:
-            if multi_turn and len(question.turns) != 2:
-                continue  # gen_judgment.py grades whole conversations of exactly two turns
-            turns = answer_turns(answers[question.id])
-            if len(turns) < (2 if multi_turn else 1):
-                raise VicunaflowError(
-                    f"{answers_path}: the answer to question {question.id} has {len(turns)} turn(s), "
-                    f"the question {len(question.turns)}"
-                )
-            with_reference = question.category in NEED_REFERENCE
-            prompt = prompts[PROMPT_NAMES[with_reference, multi_turn]]
-            reference = answer_turns(references[question.id]) if with_reference else None
-            if reference is not None and len(reference) < (2 if multi_turn else 1):
-                raise VicunaflowError(
-                    f"{reference_path}: the reference answer to question {question.id} has {len(reference)} turn(s), "
-                    f"the question {len(question.turns)}"
-                )
-            try:
-                user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
-            except (KeyError, IndexError, ValueError) as err:  # str.format's: before any request is sent
-                raise VicunaflowError(
-                    f"{prompts_path}: judge prompt {prompt['name']}: its prompt_template cannot be filled in "
-                    f"({_template_problem(err)}); it may use {', '.join(_template_fields(with_reference, multi_turn))}, "
-                    "and a literal brace is written doubled, {{ or }}"
-                ) from None
-            matches.append(Match(question.id, model, judge_model, prompt, user_prompt, 2 if multi_turn else 1))
+    for question, turn in judged_turns(questions):
+        multi_turn = turn == 2  # the whole conversation, judged with its second answer
+        turns = answer_turns(answers[question.id])
+        if len(turns) < turn:
+            raise VicunaflowError(
+                f"{answers_path}: the answer to question {question.id} has {len(turns)} turn(s), "
+                f"the question {len(question.turns)}"
+            )
+        with_reference = question.category in NEED_REFERENCE
+        prompt = prompts[PROMPT_NAMES[with_reference, multi_turn]]
+        reference = answer_turns(references[question.id]) if with_reference else None
+        if reference is not None and len(reference) < turn:
+            raise VicunaflowError(
+                f"{reference_path}: the reference answer to question {question.id} has {len(reference)} turn(s), "
+                f"the question {len(question.turns)}"
+            )
+        try:
+            user_prompt = fill_prompt(prompt, question, turns, reference, multi_turn)
+        except (KeyError, IndexError, ValueError) as err:  # str.format's: before any request is sent
+            raise VicunaflowError(
+                f"{prompts_path}: judge prompt {prompt['name']}: its prompt_template cannot be filled in "
+                f"({_template_problem(err)}); it may use {', '.join(_template_fields(with_reference, multi_turn))}, "
+                "and a literal brace is written doubled, {{ or }}"
+            ) from None
+        matches.append(Match(question.id, model, judge_model, prompt, user_prompt, turn))
     return matches
 
 

@@ -276,6 +276,14 @@ def _question_id(record: object, where: str) -> int | str:
     return question_id
 
 
+def judged_turns(questions: list[Question]) -> list[tuple[Question, int]]:
+    """The (question, turn) pairs `eval judge` grades, in its order (FastChat's gen_judgment.py): every first turn,
+    then turn 2 of the questions of exactly two turns, each judged as the whole conversation."""
+    return [(question, 1) for question in questions] + [
+        (question, 2) for question in questions if len(question.turns) == 2
+    ]
+
+
 def judgment_key(judgment: dict) -> tuple:
     """What identifies a judgment: question, model, judge, prompt, turn and the exact prompt judged."""
     judge_model, prompt_name = judgment["judge"]

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vicunaflow import VicunaflowError, require_file
-from vicunaflow.eval.mt_bench import Question, load_questions, read_judgments
+from vicunaflow.eval.mt_bench import Question, judged_turns, load_questions, read_judgments
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,8 @@ def summarize_judgments(judgments: list[dict], questions: list[Question]) -> dic
 
 
 def expected_judgments(questions: list[Question]) -> list[tuple[int | str, int]]:
-    """The (question_id, turn) pairs `eval judge` grades, in its order: every first turn (single-v1, or
-    single-math-v1 with a reference: the same turn), then turn 2 of the questions of exactly two turns, as
-    FastChat's gen_judgment.py (judge.plan)."""
-    first = [(question.id, 1) for question in questions]
-    return first + [(question.id, 2) for question in questions if len(question.turns) == 2]
+    """The (question_id, turn) pairs `eval judge` grades (mt_bench.judged_turns), in its order."""
+    return [(question.id, turn) for question, turn in judged_turns(questions)]
 
 
 def format_table(scores: dict) -> str:
