@@ -430,9 +430,7 @@ class Engine:
                     for request in self.rows + [job.request for job in self.prefilling]:
                         if not request.done:
                             self._finish(request, "error", error=f"{type(err).__name__}: {err}")
-                    self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
-                    for row in range(self.max_batch_size):
-                        self.cache.release(row)
+                    self._forget_rows()
         except Exception as err:
             log.exception("engine loop failed: the engine stops")
             if self.model.comm.world > 1:
@@ -449,6 +447,10 @@ class Engine:
         for request in self.rows + [job.request for job in self.prefilling] + waiting:
             request.cancelled = True
             self._finish(request, "cancelled")
+        self._forget_rows()
+
+    def _forget_rows(self) -> None:
+        """Drop every row, prefilling prompt and step in flight, and give all blocks back (their requests ended)."""
         self.rows, self.lengths, self.last_tokens, self.in_flight, self.prefilling = [], [], [], None, []
         for row in range(self.max_batch_size):
             self.cache.release(row)
