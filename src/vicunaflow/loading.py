@@ -41,14 +41,20 @@ class ModelOptions:
         one_stream: one conversation at a time (chat), which picks the int4 kernel (engine.load_model)."""
         from vicunaflow.engine import load_model
 
-        require_model_dir(model_path, "--model-path")
-        if recorded_role(Path(model_path)) == "delta":
-            raise VicunaflowError(
-                f"{model_path}: a Vicuna delta (its vicunaflow.json says so), not a model: its weights are differences "
-                "to add to LLaMA; merge it first (vicunaflow apply-delta --base llama-13b-hf --delta "
-                f"{model_path} --target vicuna-13b-all-v1.1) and give --model-path the merged folder"
-            )
+        require_servable_model(model_path)
         return load_model(model_path, **dataclasses.asdict(self), one_stream=one_stream)
+
+
+def require_servable_model(model_path: str | Path) -> None:
+    """Refuse a --model-path that is no model to run: not a Hugging Face folder (a file, a raw Meta checkpoint), or
+    a Vicuna delta. `serve` asks it of every path before the first model loads."""
+    require_model_dir(model_path, "--model-path")
+    if recorded_role(Path(model_path)) == "delta":
+        raise VicunaflowError(
+            f"{model_path}: a Vicuna delta (its vicunaflow.json says so), not a model: its weights are differences "
+            "to add to LLaMA; merge it first (vicunaflow apply-delta --base llama-13b-hf --delta "
+            f"{model_path} --target vicuna-13b-all-v1.1) and give --model-path the merged folder"
+        )
 
 
 DEFAULT_MODEL_OPTIONS = ModelOptions()  # the commands' default (frozen: safe to share)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from vicunaflow import VicunaflowError
-from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions
+from vicunaflow.loading import DEFAULT_MODEL_OPTIONS, ModelOptions, require_servable_model
 from vicunaflow.serve import heap
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def serve(
     _check_port(host, port)  # before the model loads: minutes wasted otherwise
     models = _named_models(model_path, model_name)
     for path in models.values():  # what load refuses (a raw Meta folder, a delta), before the first model loads
-        _check_model_dir(path)
+        require_servable_model(path)
     num_gpus = model_options.num_gpus
     resolved = resolve_device(model_options.device, num_gpus)
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
@@ -245,21 +245,6 @@ def _named_models(model_path: list[Path] | Path, model_name: list[str] | str | N
     if duplicates:
         raise VicunaflowError(f"two models are named {duplicates[0]!r}: give each a --model-name")
     return dict(zip(names, paths, strict=True))
-
-
-def _check_model_dir(path: Path) -> None:
-    """ModelOptions.load's refusals (not a Hugging Face folder: a file, a raw Meta checkpoint; a Vicuna delta),
-    made for every --model-path before the fit check reads config.json and before any model loads: a delta given
-    second was refused only once the first model had loaded, a raw Meta folder as an unreadable config.json."""
-    from vicunaflow.loading import recorded_role, require_model_dir
-
-    require_model_dir(path, "--model-path")
-    if recorded_role(path) == "delta":
-        raise VicunaflowError(
-            f"{path}: a Vicuna delta (its vicunaflow.json says so), not a model: its weights are differences to add "
-            f"to LLaMA; merge it first (vicunaflow apply-delta --base llama-13b-hf --delta {path} --target "
-            "vicuna-13b-all-v1.1) and give --model-path the merged folder"
-        )
 
 
 def _split_keys(value: list[str] | str | None) -> list[str]:
