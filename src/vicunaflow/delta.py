@@ -32,7 +32,7 @@ from vicunaflow.engine.build import check_folder
 from vicunaflow.formats import DTYPES, GENERATION_CONFIG
 from vicunaflow.loading import recorded_role, require_model_dir
 from vicunaflow.outputs import atomic_output_dir, check_output_dir, write_manifest
-from vicunaflow.tokenizer import write_tokenizer, write_tokenizer_config
+from vicunaflow.tokenizer import has_tokenizer, write_tokenizer, write_tokenizer_config
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _write_config(source: Path, out: Path, dtype: torch.dtype) -> None:
 
 def _require_tokenizer(source: Path, flag: str) -> None:
     """The tokenizer `_copy_tokenizer` needs is there, checked before any tensor is read (hours for 13B)."""
-    if not any((source / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+    if not has_tokenizer(source):
         raise VicunaflowError(
             f"{source}: no tokenizer.model or tokenizer.json; the tokenizer must come with {flag}: copy the one it "
             "was published with into it (download it again)"
