@@ -162,11 +162,7 @@ def get_run_options(wildcards):
     """The run's options: `finetune.defaults` overridden by the run's own keys."""
     options = dict(config["finetune"]["defaults"])
     options.update(
-        {
-            k: v
-            for k, v in get_run(wildcards).items()
-            if k not in ("model", "data", "resources")
-        }
+        {k: v for k, v in get_run(wildcards).items() if k not in RUN_ONLY_KEYS}
     )
     return options
 
@@ -207,6 +203,9 @@ def collect_datasets(runs):
     return datasets
 
 
+# A run's own keys, not options of `vicunaflow finetune`: what it trains, on what, with which resources.
+RUN_ONLY_KEYS = {"model", "data", "resources"}
+
 # What a run may set: TrainConfig's fields but the three the rule gives (model, data, output folder).
 FINETUNE_OPTIONS = {field.name for field in dataclasses.fields(TrainConfig)} - {
     "model_path",
@@ -221,7 +220,7 @@ def check_finetune_options(finetune):
     places |= {
         f"finetune.runs.{run}": options for run, options in finetune["runs"].items()
     }
-    for key in sorted(set(finetune["defaults"]) & {"model", "data", "resources"}):
+    for key in sorted(set(finetune["defaults"]) & RUN_ONLY_KEYS):
         # Only a run's own model, data and resources count: in defaults they were ignored (resources,
         # data) or went into every run's --config file, which `vicunaflow finetune` refuses.
         raise ValueError(
@@ -230,7 +229,7 @@ def check_finetune_options(finetune):
             + (" (or per size in resources.finetune)" if key == "resources" else "")
         )
     for place, options in places.items():
-        for key in set(options) - FINETUNE_OPTIONS - {"model", "data", "resources"}:
+        for key in set(options) - FINETUNE_OPTIONS - RUN_ONLY_KEYS:
             raise ValueError(
                 f"config: {place}.{key}: not an option of `vicunaflow finetune` "
                 "(see `vicunaflow finetune --help`)"
