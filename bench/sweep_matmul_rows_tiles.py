@@ -10,6 +10,11 @@ float_matmul_kernel launched with one fixed (BLOCK_N, BLOCK_K, warps, stages), t
 times (CUDA-graph replays over rotating weights, none in L2), checked against cuBLAS first.
 
     python bench/sweep_matmul_rows_tiles.py --rows 32 64 > bench/results/matmul_rows_tiles_h200.txt
+    python bench/sweep_matmul_rows_tiles.py --rows 64 --pdl --shapes o down --splits 1 2 3 4 8 --tiles 64,128,4,5 ...
+    python bench/sweep_matmul_rows_tiles.py --rows 64 --pdl --cublas --shapes qkv gate_up head --tiles 64,128,4,5 ...
+
+--splits times each tile split over K (kernels.k_splits_for), --pdl launches as the engine's steps do (programmatic
+dependent launch, the first weight lines prefetched), --cublas adds kernels.cublas_product beside them.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import argparse
 import torch
 from sweep_matmul_rows import graph_time_us
 
-from vicunaflow import matmul_kernels
+from vicunaflow import kernels, matmul_kernels
 
-SHAPES = [("qkv", 12288, 4096), ("gate_up", 22016, 4096), ("o", 4096, 4096), ("down", 4096, 11008)]
+SHAPES = [
+    ("qkv", 12288, 4096),
+    ("gate_up", 22016, 4096),
+    ("o", 4096, 4096),
+    ("down", 4096, 11008),
+    ("head", 32000, 4096),
+]
 TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILES
     (64, 128, 4, 5), (64, 128, 4, 3), (64, 64, 4, 6), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 4),
     (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 8, 4), (64, 256, 4, 3), (32, 128, 4, 5), (32, 256, 4, 4),
@@ -29,14 +40,20 @@ TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILE
 ]  # fmt: skip
 
 
-def launch(x, weight, residual, out, tile):
+def launch(x, weight, residual, out, tile, splits=1, pdl=False):
+    """One float_matmul_kernel launch with a fixed tile, split `splits` ways over K, PDL as the engine's steps."""
     block_n, block_k, warps, stages = tile
     m, (n, k) = x.shape[0], weight.shape
     block_m = max(16, 1 << (m - 1).bit_length())
-    matmul_kernels.float_matmul_kernel.fn[(-(-n // block_n), 1)](
-        x, weight, residual if residual is not None else out, out, x, out, out, 1e-6, m, n, k,
-        HAS_RESIDUAL=residual is not None, NORM=False, FP32=False, SPLIT=1, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    partial = counters = out
+    if splits > 1:
+        partial = torch.empty(splits, n, block_m, dtype=torch.float32, device=x.device)
+        counters = kernels._split_counters(x.device)
+    options = {"PDL": True, "PREFETCH": True, "launch_pdl": True} if pdl else {}
+    matmul_kernels.float_matmul_kernel.fn[(-(-n // block_n), splits)](
+        x, weight, residual if residual is not None else out, out, x, partial, counters, 1e-6, m, n, k,
+        HAS_RESIDUAL=residual is not None, NORM=False, FP32=False, SPLIT=splits, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **options,
     )  # fmt: skip
     return out
 
@@ -46,9 +63,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--launches", type=int, default=24)
+    parser.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in SHAPES], help="default: all of them")
+    parser.add_argument("--tiles", nargs="+", help="BLOCK_N,BLOCK_K,warps,stages each (default: TILES)")
+    parser.add_argument("--splits", type=int, nargs="+", default=[1], help="programs a weight tile over K")
+    parser.add_argument("--pdl", action="store_true", help="launched with PDL and the L2 prefetch, as in steps")
+    parser.add_argument("--cublas", action="store_true", help="cuBLAS too, as kernels.cublas_product")
     args = parser.parse_args()
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
     torch.manual_seed(0)
     for name, n, k in SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
         copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
         weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
         for m in args.rows:
@@ -57,18 +82,25 @@ def main() -> None:
             outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
             expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
             cells = []
-            for tile in TILES:
-                try:
-                    got = launch(x, weights[0], residual, outs[0], tile)
-                    error = (got.float() - expected.float()).abs().max().item()
-                    if error > 0.05:
-                        raise AssertionError(f"max error {error}")
-                    us = graph_time_us(
-                        lambda w, o, t=tile, x=x, r=residual: launch(x, w, r, o, t), weights, outs, args.launches
-                    )
-                    cells.append(f"{'x'.join(map(str, tile))} {us:6.1f}")
-                except Exception as err:  # out of shared memory, or wrong
-                    cells.append(f"{'x'.join(map(str, tile))} failed ({type(err).__name__})")
+            if args.cublas:
+                product = lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o)  # noqa: E731
+                us = graph_time_us(product, weights, outs, args.launches)
+                cells.append(f"cublas {us:6.1f}")
+            for tile in tiles:
+                for splits in args.splits:
+                    label = "x".join(map(str, tile)) + (f"/{splits}" if splits > 1 else "")
+                    try:
+                        got = launch(x, weights[0], residual, outs[0], tile, splits, args.pdl)
+                        error = (got.float() - expected.float()).abs().max().item()
+                        if error > 0.05:
+                            raise AssertionError(f"max error {error}")
+                        us = graph_time_us(
+                            lambda w, o, t=tile, x=x, r=residual, s=splits: launch(x, w, r, o, t, s, args.pdl),
+                            weights, outs, args.launches,
+                        )  # fmt: skip
+                        cells.append(f"{label} {us:6.1f}")
+                    except Exception as err:  # out of shared memory, or wrong
+                        cells.append(f"{label} failed ({type(err).__name__})")
             print(f"{name:8} M={m:3}  " + "  ".join(cells), flush=True)
         del weights
 

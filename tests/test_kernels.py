@@ -253,6 +253,49 @@ def test_matmul_rows_splits_only_products_without_rmsnorm_that_underfill_the_gpu
         assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, norm=True) == 1
 
 
+def test_matmul_rows_hands_many_rows_without_a_residual_to_cublas(monkeypatch):
+    """From CUBLAS_ROWS rows on a GPU the products with no residual (q|k|v, gate|up, the head) go to cuBLAS after
+    rows_input, the ones with a residual (o, down) stay in our kernel; either way the float64 reference's result."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.takes_cublas(kernels.CUBLAS_ROWS, None, cuda)
+    assert not kernels.takes_cublas(kernels.CUBLAS_ROWS - 1, None, cuda)
+    assert not kernels.takes_cublas(64, torch.zeros(1), cuda)
+    assert not kernels.takes_cublas(64, None, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.takes_cublas(64, None, cuda)
+
+    launched, real = [], kernels.cublas_product
+    monkeypatch.setattr(kernels, "takes_cublas", lambda rows, residual, device: rows >= 33 and residual is None)
+    monkeypatch.setattr(kernels, "cublas_product", lambda *args: launched.append(1) or real(*args))
+    generator = torch.Generator().manual_seed(11)
+    n, k = 40, 64
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, torch.float16)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, torch.float16)
+    x = (3 * torch.randn(40, k, generator=generator)).to(DEVICE, torch.float16)
+    residual = torch.randn(40, n, generator=generator).to(DEVICE, torch.float16)
+    for res, through_cublas in ((None, True), (residual, False)):
+        launched.clear()
+        out = kernels.matmul_rows(x, weight, res, norm=norm, eps=1e-5)
+        assert bool(launched) == through_cublas
+        expected = rows_reference(x, weight, res, norm=norm)
+        assert torch.allclose(out.double(), expected, rtol=2**-9, atol=2**-9 * float(expected.abs().max()))
+    into = torch.empty(40, n, dtype=torch.float32, device=DEVICE)  # tensor parallelism's float32 buffer
+    assert kernels.matmul_rows(x, weight, out=into, norm=norm, eps=1e-5) is into
+    assert torch.allclose(into.double(), rows_reference(x, weight, norm=norm), rtol=2**-9, atol=2**-6)
+
+
+def test_rows_tiles_names_a_launch_per_shape_or_refuses_the_spelling():
+    """VICUNAFLOW_ROWS_TILES (timing choices inside real steps): a fixed tile and splits, or cuBLAS, per shape."""
+    assert kernels._rows_tiles("64:4096x4096=64,128,4,5,2; 64:12288x4096=cublas;") == {
+        (64, 4096, 4096): (64, 128, 4, 5, 2),
+        (64, 12288, 4096): "cublas",
+    }
+    assert kernels._rows_tiles("") == {}
+    with pytest.raises(ValueError, match="'64:4096x4096=64,128' is not BLOCK_M:NxK"):
+        kernels._rows_tiles("64:4096x4096=64,128")
+
+
 def test_matmul_rows_refuses_what_it_cannot_take():
     weight = torch.zeros(8, 96, dtype=torch.float16)
     assert kernels.MATMUL_MAX_ROWS == __import__("vicunaflow.quant_kernels").quant_kernels.MATMUL_MAX_ROWS

@@ -33,6 +33,8 @@ FLOAT_ROWS_MAX = 64
 # and a 32-row step replayed in 5.63 against 6.03 ms (bench/results/chat_step_rows_7b_h200_session15.json).
 # Below 16 rows a step was not timed both ways: the fold stays there (alone, at 8 rows, 31.5 against 30.0 µs).
 NORM_FIRST_ROWS = 16
+# From this many rows matmul_rows hands products with no residual to add to cuBLAS (takes_cublas says why).
+CUBLAS_ROWS = 33
 # Splits over K (k_splits_for): weight rows a program takes on a GPU (BLOCK_N of matmul_kernels' configs), and
 # the counters a split launch may use, one a weight tile (N <= 65,536 with tiles of 16 rows or more).
 SPLIT_TILE_ROWS = 64
@@ -58,6 +60,32 @@ PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
 # against 8,173 tokens/s at 64 streams and 5,674 against 5,612 at 32 with 2 against 0, in one run
 # (bench/results/chat_7b_h200_session18_pdl_rows*.json, serve_7b_h200_session18_pdl_rows*.json).
 PDL_ROWS = int(os.environ.get("VICUNAFLOW_PDL_ROWS", "2"))
+
+
+def _rows_tiles(spec: str) -> dict[tuple[int, int, int], tuple[int, ...] | str]:
+    """VICUNAFLOW_ROWS_TILES: "BLOCK_M:NxK=BLOCK_N,BLOCK_K,warps,stages,splits" or "BLOCK_M:NxK=cublas", separated
+    by ";"; matmul_rows launches those shapes that way instead of the autotuner's and k_splits_for's choice."""
+    tiles: dict[tuple[int, int, int], tuple[int, ...] | str] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(";"))):
+        try:
+            rows_and_shape, how = entry.split("=")
+            block_m, shape = rows_and_shape.split(":")
+            n, k = shape.split("x")
+            key = (int(block_m), int(n), int(k))
+            tiles[key] = "cublas" if how == "cublas" else tuple(int(v) for v in how.split(","))
+            if tiles[key] != "cublas" and len(tiles[key]) != 5:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"VICUNAFLOW_ROWS_TILES: {entry!r} is not BLOCK_M:NxK=BLOCK_N,BLOCK_K,warps,stages,splits or BLOCK_M:NxK=cublas"
+            ) from None
+    return tiles
+
+
+# Products of a batched decode step launched one fixed way, by (BLOCK_M, N, K): a tile and its splits over K, or
+# cuBLAS. For timing choices inside real steps (bench_chat, bench_serve through the environment); empty: the
+# autotuner's tiles and k_splits_for.
+ROWS_TILES = _rows_tiles(os.environ.get("VICUNAFLOW_ROWS_TILES", ""))
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries per weight shape; bench/sweep_matvec.py times these
 # against a wider set on the 7B shapes.
@@ -176,24 +204,64 @@ def matmul_rows(
     elif norm is not None and (m >= NORM_FIRST_ROWS or (k_splits or 1) > 1):
         # [M, K] normalised, rounded as the products take it (the fold's sum of squares would span every split)
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
+    block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
+    fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None else None
+    if fixed == "cublas" or (fixed is None and k_splits is None and takes_cublas(m, residual, x.device)):
+        if norm is not None:  # fewer than NORM_FIRST_ROWS rows, through ROWS_TILES
+            x = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype)
+        return cublas_product(x.to(weight.dtype), weight, residual, out)
+    if fixed is not None and norm is not None and fixed[4] > 1:
+        x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     if out is None:
         out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
     splits = k_splits_for(n, m, x.device, norm is not None) if k_splits is None else k_splits
+    if fixed is not None:
+        splits = fixed[4]
     partial = counters = out  # unread without splits
     if splits > 1:
         partial = torch.empty(splits, n, block_m, dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device)
     grid = lambda meta: (-(-n // meta["BLOCK_N"]), splits)  # noqa: E731
-    matmul_kernels.float_matmul_kernel[grid](
+    kernel, tile = matmul_kernels.float_matmul_kernel, {}
+    if fixed is not None:
+        kernel = kernel.fn  # past the autotuner
+        tile = dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), fixed[:4], strict=True))
+    kernel[grid](
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
         counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
-        PREFETCH=PDL_ROWS == 2, **pdl_options(x.device, rows=m),
+        PREFETCH=PDL_ROWS == 2, **pdl_options(x.device, rows=m), **tile,
     )  # fmt: skip
     return out
+
+
+def takes_cublas(rows: int, residual: torch.Tensor | None, device: torch.device) -> bool:
+    """Whether matmul_rows hands a product to cuBLAS (its input normalised or SiLU·up'd first, by rows_input): from
+    CUBLAS_ROWS rows on a GPU, a product with no residual to add (q|k|v, gate|up, the head).
+
+    Why: at 64 rows cuBLAS streamed those weights faster than our tiles, while the products with a residual (o,
+    down, split over K) stay ours. On an H200 (7B, graphs of 24 launches with PDL) q|k|v took 28.6 µs either way
+    and gate|up 47.5 against 50.0; through the API 64 streams ran at 8,392 against 8,276 and 8,293 tokens/s in one
+    call (twenty-first session, docs/benchmarks.md). At 32 rows and fewer our tiles won every product.
+    """
+    return (
+        residual is None and rows >= CUBLAS_ROWS and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    )
+
+
+def cublas_product(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ weight.T (+ residual) through cuBLAS, into `out` when given (the residual added in its epilogue)."""
+    if out is None:
+        return F.linear(x, weight) if residual is None else torch.addmm(residual, x, weight.t())
+    if residual is None and out.dtype == weight.dtype:
+        return torch.mm(x, weight.t(), out=out)
+    if residual is not None and out.dtype == residual.dtype == weight.dtype:
+        return torch.addmm(residual, x, weight.t(), out=out)
+    return out.copy_(x @ weight.t() if residual is None else residual + x @ weight.t())
 
 
 def k_splits_for(n: int, rows: int, device: torch.device, norm: bool) -> int:
