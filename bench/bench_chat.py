@@ -176,7 +176,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--profile-attention-tiles", nargs="+", metavar="SPLIT,TILE,WARPS,STAGES", default=[],
-        help="ours: profile each many-row step again with these attention_kernels.MANY_ROWS_TILES (tensor cores), "
+        help="ours: profile each many-row step again with these tiles in place of the attention_kernels class it takes (tensor cores), "
         "and time the attention alone over the engine's own cache: tiles timed where a step runs them",
     )  # fmt: skip
     parser.add_argument(
@@ -810,21 +810,24 @@ def attention_kernels_module():
 
 @torch.inference_mode()
 def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> list[dict]:
-    """Each MANY_ROWS_TILES variant timed where a decode step runs it: the step's graph captured again with it
+    """Each variant of the many-row tiles these rows take (MANY_ROWS_TILES, or MIDDLE_ROWS_TILES) timed where a decode step runs it: the step's graph captured again with it
     (replay, and the split kernel's µs a layer between the products), and its launches alone over the engine's
     own pools, tables and lengths (one a layer, in a graph), as the step gives them and changed one way at a time
     (attention_inputs). Why: the attention took 46.5 / 89.5 / 319.4 µs a 7B layer inside 32 / 64 / 256-row steps
     against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone; the step's int64 inputs were the difference
     (engine/runner.py's STEP_INPUTS)."""
     attention_kernels = attention_kernels_module()
-    runner, chosen = engine.runner, attention_kernels.MANY_ROWS_TILES
+    group = model.args.n_heads // model.args.n_kv_heads
+    taken = attention_kernels.tiles_for(rows, group)  # the class these rows take: MIDDLE_ROWS_TILES at 33-64 rows
+    name = next(name for name in attention_kernels.TILE_CLASSES if getattr(attention_kernels, name) is taken)
+    runner = engine.runner
     positions = served_positions(engine, rows)
     bucket = runner.buckets[runner.bucket_key(rows, max(positions) + 1)]
     results = []
     try:
         for text in variants:
             split, tile, warps, stages = map(int, text.split(","))
-            attention_kernels.MANY_ROWS_TILES = attention_kernels.Tiles(split, tile, warps, stages)
+            setattr(attention_kernels, name, attention_kernels.Tiles(split, tile, warps, stages))
             bucket["graph"] = None  # captured again with these tiles by the next step
             runner.step([5] * rows, positions)[1].tolist()
             replay_ms = graph_ms(bucket["graph"].replay)
@@ -842,7 +845,7 @@ def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> l
             )  # fmt: skip
             print(f"  attention tiles {text} at {rows} rows: {results[-1]}", flush=True)
     finally:
-        attention_kernels.MANY_ROWS_TILES = chosen
+        setattr(attention_kernels, name, taken)
         bucket["graph"] = None
     return results
 

@@ -38,9 +38,15 @@ def _reference(query, keys, values, tables, lengths) -> torch.Tensor:
 
 
 def test_a_step_takes_its_tiles_by_its_rows_and_grouping():
-    """Which tiles a step takes: many rows MANY_ROWS_TILES, few rows by their grouping."""
+    """Which tiles a step takes: 33-64 rows MIDDLE_ROWS_TILES, more or fewer MANY_ROWS_TILES, few rows by their
+    grouping."""
     many = attention_kernels.MANY_ROWS
     assert attention_kernels.tiles_for(many, 1) is attention_kernels.MANY_ROWS_TILES
+    assert attention_kernels.tiles_for(32, 1) is attention_kernels.MANY_ROWS_TILES
+    assert (
+        attention_kernels.tiles_for(33, 1) is attention_kernels.tiles_for(64, 4) is attention_kernels.MIDDLE_ROWS_TILES
+    )
+    assert attention_kernels.tiles_for(65, 1) is attention_kernels.MANY_ROWS_TILES
     assert attention_kernels.tiles_for(256, 4) is attention_kernels.MANY_ROWS_TILES
     assert attention_kernels.tiles_for(many - 1, 1) is attention_kernels.FEW_ROWS
     assert attention_kernels.tiles_for(many - 1, 4) is attention_kernels.FEW_ROWS_GROUPED
@@ -60,13 +66,16 @@ def test_a_step_takes_its_tiles_by_its_rows_and_grouping():
         (8, 2, 32, 16, torch.float32, torch.float8_e4m3fn),
     ],
 )
-@pytest.mark.parametrize("many_rows", ["few", "many"], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("many_rows", ["few", "middle", "many"], ids=["few-rows", "middle-rows", "many-rows"])
 @pytest.mark.parametrize("multi_head", ["tensor-cores", "cuda-cores"])
 def test_paged_decode_attention_matches_sdpa(
     heads, kv_heads, head_dim, block_size, dtype, cache_dtype, many_rows, multi_head, monkeypatch
 ):
-    if many_rows != "few":  # the splits a step of many rows takes: MANY_ROWS_TILES
+    if many_rows == "middle" and multi_head == "cuda-cores":
+        pytest.skip("MIDDLE_ROWS_TILES differ from MANY_ROWS_TILES in tile and warps only: tensor cores suffice")
+    if many_rows != "few":  # the splits a step of many rows takes: MANY_ROWS_TILES, or MIDDLE_ROWS_TILES
         monkeypatch.setattr(attention_kernels, "MANY_ROWS", 1)
+        monkeypatch.setattr(attention_kernels, "MIDDLE_ROWS", range(1, 65) if many_rows == "middle" else range(0))
     for name in attention_kernels.TILE_CLASSES:  # grouped-query layers take tl.dot either way
         tiles = getattr(attention_kernels, name)
         monkeypatch.setattr(attention_kernels, name, dataclasses.replace(tiles, multi_head=multi_head))

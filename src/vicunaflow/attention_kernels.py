@@ -85,9 +85,15 @@ FEW_ROWS_GROUPED = Tiles(split_tokens=64, tile=64, warps=4, stages=3)
 # timed inside steps). Chosen on a 7B's multi-head layers: grouped-query layers, a 13B's layers and float8 caches
 # take them untimed (the 13B line above was measured with the tiles before).
 MANY_ROWS_TILES = Tiles(split_tokens=512, tile=32, warps=2, stages=2)
-MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES
+MANY_ROWS = 9  # from this many rows a step takes MANY_ROWS_TILES (MIDDLE_ROWS_TILES in MIDDLE_ROWS)
+# Steps of 33-64 rows keep tiles of 64 in 4 warps: inside 7B 64-row steps on an H200 they took 70.8 against 73.5 µs
+# a layer, the step replaying in 6.59 / 6.59 against 6.67 / 6.68 ms (alternated, twice; bench_chat.py
+# --profile-attention-tiles, twenty-first session, chat_7b_h200_session21_rows64.json), as in the seventeenth
+# session with int32 inputs (70.7 against 73.3).
+MIDDLE_ROWS_TILES = Tiles(split_tokens=512, tile=64, warps=4, stages=2)
+MIDDLE_ROWS = range(33, 65)
 # the names benches and tests change
-TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MANY_ROWS_TILES")
+TILE_CLASSES = ("FEW_ROWS", "FEW_ROWS_GROUPED", "MIDDLE_ROWS_TILES", "MANY_ROWS_TILES")
 # "fused": the attention kernel's last program of a (row, KV head) combines its splits (decode_attention: two
 # kernels with rope_store); "split": a combine kernel of its own, three (bench_chat --attention times both).
 ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
@@ -217,8 +223,10 @@ def _attention(query, counters, keys, values, tables, lengths, heads, scale, rop
 
 
 def tiles_for(rows: int, group: int) -> Tiles:
-    """The tiles a step of `rows` rows takes, with `group` query heads a KV head: MANY_ROWS_TILES from MANY_ROWS
-    rows, else FEW_ROWS (multi-head) or FEW_ROWS_GROUPED."""
+    """The tiles a step of `rows` rows takes, with `group` query heads a KV head: MIDDLE_ROWS_TILES in MIDDLE_ROWS,
+    MANY_ROWS_TILES from MANY_ROWS rows, else FEW_ROWS (multi-head) or FEW_ROWS_GROUPED."""
+    if rows in MIDDLE_ROWS:
+        return MIDDLE_ROWS_TILES
     if rows >= MANY_ROWS:
         return MANY_ROWS_TILES
     return FEW_ROWS if group == 1 else FEW_ROWS_GROUPED

@@ -176,7 +176,8 @@ def matmul_rows(
     in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on an
     H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
     chat_rows_h200.json). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
-    how their sums stay exact run to run); None: `k_splits_for`'s choice.
+    how their sums stay exact run to run); None: `k_splits_for`'s choice. From CUBLAS_ROWS rows on a GPU a
+    product with no residual goes to cuBLAS instead (`takes_cublas`), its input through rows_input first.
     """
     m = x.shape[0]
     n, k = weight.shape
