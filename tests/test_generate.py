@@ -467,6 +467,19 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_by_every_loader(edit,
     assert not (tmp_path / "q").exists() and not (tmp_path / "loss.json").exists()
 
 
+def test_a_config_the_engine_cannot_run_is_refused_naming_its_file(tiny_vicuna, tmp_path):
+    """Which config.json: the model folder's own path, not the bare file name (serve may load several models)."""
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vicuna, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(VicunaflowError) as refused:
+        load_model(folder)
+    assert str(refused.value).startswith(f"{folder / 'config.json'}: rope_scaling="), refused.value
+
+
 def test_quantized_folder_refusals(quantized_folders, tmp_path):
     with pytest.raises(VicunaflowError, match=r"already quantized to int8.*leave out --load-4bit"):
         load_model(quantized_folders[8], load_4bit=True)

@@ -69,7 +69,7 @@ def read_args(model_path: Path) -> ModelArgs:
         log.warning("%s: model_type %r is not llama; trying anyway", model_path, config.get("model_type"))
     if config.get("quantization_config"):
         quant.quantization_config(model_path)  # ours (vicunaflow quantize), or refused naming its method
-    return ModelArgs.from_hf(config)
+    return ModelArgs.from_hf(config, source=config_file)
 
 
 def check_folder(model_path: Path, checkpoint: Checkpoint | None = None) -> ModelArgs:

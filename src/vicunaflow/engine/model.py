@@ -57,7 +57,8 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_hf(cls, config: dict) -> ModelArgs:
+    def from_hf(cls, config: dict, source: object = "config.json") -> ModelArgs:
+        """The shape of a Hugging Face LLaMA config; a config we cannot run is refused naming `source` (its file)."""
         unsupported = {
             "hidden_act": (config.get("hidden_act", "silu"), "silu"),
             "attention_bias": (bool(config.get("attention_bias", False)), False),
@@ -66,14 +67,14 @@ class ModelArgs:
         }
         for key, (value, wanted) in unsupported.items():
             if value != wanted:
-                raise VicunaflowError(f"config.json: {key}={value!r} is not supported (LLaMA has {wanted!r})")
+                raise VicunaflowError(f"{source}: {key}={value!r} is not supported (LLaMA has {wanted!r})")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             value = config.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise VicunaflowError(f"config.json: {key} is {value!r}; a LLaMA's config needs a positive integer")
+                raise VicunaflowError(f"{source}: {key} is {value!r}; a LLaMA's config needs a positive integer")
         heads = config["num_attention_heads"]
         if config.get("head_dim") not in (None, config["hidden_size"] // heads):
-            raise VicunaflowError(f"config.json: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
+            raise VicunaflowError(f"{source}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
         return cls(
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],

@@ -61,10 +61,7 @@ def estimate(
         raise VicunaflowError(
             f"{model_path}: cannot read config.json ({err}); give a Hugging Face model directory"
         ) from None
-    try:
-        args = ModelArgs.from_hf(config)
-    except VicunaflowError as err:  # "config.json: num_hidden_layers is None; ...": say which model's
-        raise VicunaflowError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from None
+    args = ModelArgs.from_hf(config, source=config_file)  # refused naming this model's config.json
     stored = quant.quantization_config(model_path)  # a quantized folder loads as it is stored
     if stored is not None:
         bits, group_size = stored["bits"], stored.get("group_size") or group_size
