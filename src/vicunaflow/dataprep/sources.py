@@ -65,7 +65,7 @@ def fetch(
         overwrite: replace an output_dir that exists but is not a complete vicunaflow output (default: refuse).
     """
     from vicunaflow.download import download_hf
-    from vicunaflow.download.hub import HubUnavailable
+    from vicunaflow.download.hub import HubUnavailable, NoFileMatches
     from vicunaflow.outputs import atomic_output_dir, check_output_dir, sha256_file, write_manifest
 
     output_dir = Path(output_dir)
@@ -105,17 +105,15 @@ def fetch(
             )
         except HubUnavailable as err:  # its way around, --source local --path, is download hf's: data fetch has none
             raise VicunaflowError(f"{err.problem}, or, {without_the_hub(file)}") from None
-        except VicunaflowError as err:
-            if "no file matches" in str(err):
-                files = str(err).partition("; files: ")[2]
-                under = [name for name in files.split(", ") if name.startswith(f"{pure.as_posix()}/")]
-                if under or names_a_folder:
-                    raise VicunaflowError(folder_error(repo, revision, file, under, files)) from None
-                raise VicunaflowError(
-                    f"{repo}@{revision or 'main'}: no file {file!r} in this dataset repository"
-                    + (f"; it has: {files}" if files else "")
-                ) from None
-            raise
+        except NoFileMatches as err:
+            files = ", ".join(err.files)
+            under = [name for name in err.files if name.startswith(f"{pure.as_posix()}/")]
+            if under or names_a_folder:
+                raise VicunaflowError(folder_error(repo, revision, file, under, files)) from None
+            raise VicunaflowError(
+                f"{repo}@{revision or 'main'}: no file {file!r} in this dataset repository"
+                + (f"; it has: {files}" if files else "")
+            ) from None
         path = fetched / file
         actual = sha256_file(path)
         if sha256 is not None and actual != sha256:

@@ -39,6 +39,17 @@ class HubUnavailable(VicunaflowError):
         self.problem = problem
 
 
+class NoFileMatches(VicunaflowError):
+    """No file of the repository at this commit matches --include / --exclude. `files` is what it holds, for a caller
+    that words its own error (data fetch names the files under a folder given as a file)."""
+
+    def __init__(self, repo: str, commit: str, include, exclude, files: list[str]) -> None:
+        super().__init__(
+            f"{repo}@{commit}: no file matches include={include} exclude={exclude}; files: {', '.join(files)}"
+        )
+        self.files = files
+
+
 @dataclass(frozen=True)
 class HubRepo:
     """What to take from the Hub: a repository at a revision (default: main), the files matching include/exclude."""
@@ -157,9 +168,7 @@ def _hf_fetch(
     }
     names = sorted(filter_repo_objects(list(tree), allow_patterns=include, ignore_patterns=exclude))
     if not names:
-        raise VicunaflowError(
-            f"{repo}@{commit}: no file matches include={include} exclude={exclude}; files: {', '.join(sorted(tree))}"
-        )
+        raise NoFileMatches(repo, commit, include, exclude, sorted(tree))
     for name in names:
         _safe_tree_name(name, repo)
     files_key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
@@ -274,9 +283,7 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
     if tree:
         files = sorted(filter_repo_objects(list(tree), allow_patterns=include, ignore_patterns=exclude))
         if not files:
-            raise VicunaflowError(
-                f"{repo}@{commit}: no file matches include={include} exclude={exclude}; files: {', '.join(sorted(tree))}"
-            )
+            raise NoFileMatches(repo, commit, include, exclude, sorted(tree))
         missing = [name for name in files if name not in cached]
         if missing:
             raise unavailable(f"{len(missing)} of the {len(files)} requested files are not cached: {_few(missing)}")
