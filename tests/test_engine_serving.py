@@ -101,8 +101,12 @@ def test_warm_up_runs_every_bucket_then_serves_the_same_replies(loaded, caplog):
     with caplog.at_level(logging.INFO, logger="vicunaflow.engine.scheduler"):
         engine = Engine(model, tokenizer, max_batch_size=3, padded_decode=True, max_context=512, warm_up=True)
     runner = engine.runner
-    assert set(runner.buckets) == {(r, kv) for r in (1, 2, 3) for kv in (256, 512)}
-    assert "warmed 6 decode shapes in" in caplog.text
+    # attended lengths in steps of KV_STEP; on a GPU the attention kernel reads each row to its own length, and
+    # steps are bucketed by its grid's widths alone
+    if not runner.attention_kernel:
+        assert runner.kv_buckets == [256, 512]
+    assert set(runner.buckets) == {(r, kv) for r in (1, 2, 3) for kv in runner.kv_buckets}
+    assert f"warmed {len(runner.buckets)} decode shapes in" in caplog.text
     assert all(not t.any() for t in runner.cache.keys + runner.cache.values)  # nothing left to read
     del engine
     assert _replies(model, tokenizer, prompts, padded_decode=True, max_context=512, warm_up=True) == expected
