@@ -13,6 +13,12 @@ class VicunaflowError(Exception):
     """An error the user can fix: the CLI prints it as one clear message, without a traceback."""
 
 
+def first_few(items, shown: int = 5) -> str:
+    """Items for a message: the first `shown`, joined by commas, then how many more ("a, b, c and 4 more")."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def require_file(path: str | Path, what: str, expected: str) -> Path:
     """`path` if it is a file; else an error saying whether it is missing or a folder (a folder reported as "no
     such file" sends the user looking for a typo) and what to give instead."""

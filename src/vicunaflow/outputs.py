@@ -410,8 +410,7 @@ def _why_kept(target: Path) -> str | None:
     if isinstance(written.get("written_files"), list):
         others = sorted(set(_files(target)) - set(written["written_files"]) - {MANIFEST})
         if others:
-            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            return f"holds files vicunaflow did not write there ({listed})"
+            return f"holds files vicunaflow did not write there ({vicunaflow.first_few(others, 3)})"
     return None
 
 

@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, first_few
 from vicunaflow.dataprep.records import (
     Broken,
     Counts,
@@ -139,10 +139,9 @@ def folder_error(repo: str, revision: str | None, file: str, under: list[str], f
     where = f"{repo}@{revision or 'main'}"
     if not under:
         return f"{where}: --file {file!r} names a folder, and the repository has none of that name; it has: {files}"
-    listed = ", ".join(under[:20]) + (f" (and {len(under) - 20} more)" if len(under) > 20 else "")
     return (
         f"{where}: --file {file!r} is a folder; data fetch takes one file: give one of the {len(under)} files "
-        f"under it as --file (one data fetch, or one dataset, each): {listed}"
+        f"under it as --file (one data fetch, or one dataset, each): {first_few(under, 20)}"
     )
 
 

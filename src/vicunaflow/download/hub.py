@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from vicunaflow import VicunaflowError
+from vicunaflow import VicunaflowError, first_few
 from vicunaflow.download.http import place_file, redact_url, redacted_command
 from vicunaflow.outputs import atomic_output_dir, sha256_file, write_manifest
 
@@ -286,11 +286,13 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
             raise NoFileMatches(repo, commit, include, exclude, sorted(tree))
         missing = [name for name in files if name not in cached]
         if missing:
-            raise unavailable(f"{len(missing)} of the {len(files)} requested files are not cached: {_few(missing)}")
+            raise unavailable(
+                f"{len(missing)} of the {len(files)} requested files are not cached: {first_few(missing)}"
+            )
     elif include is None:
         raise unavailable(
             f"no file listing of this commit is cached, so nothing shows that its {len(cached)} cached files "
-            f"[{_few(cached)}] are the whole repository: name the files you need with --include"
+            f"[{first_few(cached)}] are the whole repository: name the files you need with --include"
         )
     else:
         files = sorted(filter_repo_objects(cached, allow_patterns=include, ignore_patterns=exclude))
@@ -300,7 +302,7 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
             if not any(filter_repo_objects(cached, allow_patterns=[pattern], ignore_patterns=exclude))
         ]
         if unmatched:
-            raise unavailable(f"nothing cached matches {_few(unmatched)}; cached: {_few(cached) or 'none'}")
+            raise unavailable(f"nothing cached matches {first_few(unmatched)}; cached: {first_few(cached) or 'none'}")
     shards = {
         shard
         for name in files
@@ -310,7 +312,7 @@ def _hf_cached_snapshot(source: HubRepo) -> tuple[Path, str, dict[str, tuple[str
     }
     missing_shards = sorted(shards - set(cached))
     if missing_shards:
-        raise unavailable(f"the weight index names shards that are not cached: {_few(missing_shards)}")
+        raise unavailable(f"the weight index names shards that are not cached: {first_few(missing_shards)}")
     expected = {}
     for name in files:
         _safe_tree_name(name, repo)
@@ -329,11 +331,6 @@ def _index_shards(index: Path) -> set[str]:
         return set(json.loads(index.read_text())["weight_map"].values())
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise VicunaflowError(f"{index}: not a weight index ({err})") from None
-
-
-def _few(names: list[str], shown: int = 5) -> str:
-    """A list for a message: the first few names, and how many more."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _verify_hf_files(root: Path, expected: dict[str, tuple[str, str | None]]) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vicunaflow import VicunaflowError, quant
+from vicunaflow import VicunaflowError, first_few, quant
 from vicunaflow.checkpoint import Checkpoint
 from vicunaflow.engine.model import ModelArgs, Transformer, Weight
 from vicunaflow.formats import read_config
@@ -256,9 +256,8 @@ class _CheckpointReader:
         quantized = {n for n in shapes if n not in names and self.is_quantized(n)}
         missing = sorted(set(shapes) - names - quantized, key=_natural)
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise VicunaflowError(
-                f"{self.checkpoint.directory}: no tensor {', '.join(missing[:3])}{more} ({len(missing)} of the "
+                f"{self.checkpoint.directory}: no tensor {first_few(missing, 3)} ({len(missing)} of the "
                 f"{len(shapes)} tensors config.json implies): the weights are incomplete or config.json is not theirs; "
                 "write the folder again (re-run the step that made it) or restore its config.json"
             )

@@ -18,7 +18,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from vicunaflow import VicunaflowError, require_file
+from vicunaflow import VicunaflowError, first_few, require_file
 from vicunaflow.eval.mt_bench import Question, judged_turns, load_questions, read_judgments
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,8 @@ def summary(
         # "1" is not question 1: its category would read "unknown"
         unknown = sorted({judgment["question_id"] for judgment in read} - known, key=str)
         if unknown:  # another question set: its categories would all read "unknown", its scores pass unchecked
-            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise VicunaflowError(
-                f"{path}: judgments of question_id {', '.join(map(repr, unknown[:5]))}{more}, not in {questions}: "
+                f"{path}: judgments of question_id {first_few(map(repr, unknown))}, not in {questions}: "
                 "give --questions the file the answers were generated from"
             )
         for judgment in read:
@@ -207,10 +206,8 @@ class _Mean:
 
 def _warn_incomplete(model: str, judge: str, scores: dict, paths: list[Path]) -> None:
     missing = scores["missing"]
-    first = ", ".join(f"question {question_id} turn {turn}" for question_id, turn in missing[:5])
-    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     log.warning(
-        "%s: %s judged by %s lacks %d of its %d judgments (%s%s): its scores average only the judged ones "
+        "%s: %s judged by %s lacks %d of its %d judgments (%s): its scores average only the judged ones "
         "(an interrupted judge run?); run `vicunaflow eval judge` again with the same --output: it judges "
         "only what is missing",
         ", ".join(map(str, paths)),
@@ -218,8 +215,7 @@ def _warn_incomplete(model: str, judge: str, scores: dict, paths: list[Path]) ->
         judge,
         len(missing),
         scores["expected"],
-        first,
-        more,
+        first_few(f"question {question_id} turn {turn}" for question_id, turn in missing),
     )
 
 
