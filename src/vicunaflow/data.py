@@ -283,7 +283,7 @@ def validate_record(record: object, index: int) -> ConversationRecord | None:
     if not turns:
         log.warning("%s: no user/assistant exchange left; skipped", name)
         return None
-    return ConversationRecord(id=record_id, turns=turns, system=template.SYSTEM_PROMPT if system is None else system)
+    return ConversationRecord(id=record_id, turns=turns, system=template.system_or_default(system))
 
 
 def check_max_length(model_max_length: int) -> None:

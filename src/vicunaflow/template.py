@@ -21,6 +21,11 @@ EOS = "</s>"  # after each assistant reply
 ROLE_OF = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
 
+def system_or_default(system: str | None) -> str:
+    """A conversation's own system prompt (a data record's `system`), or Vicuna's default where it has none."""
+    return SYSTEM_PROMPT if system is None else system
+
+
 def segments(turns: Sequence[tuple[str, str | None]], system: str = SYSTEM_PROMPT) -> Iterable[tuple[str, bool]]:
     """Yield (text, is_assistant_reply) pieces whose concatenation is the prompt.
 

@@ -409,7 +409,8 @@ class PieceCounter:
         """Per (system, turns, pair): {pair: tokens of bos + system prompt + that exchange}: the record's own system
         prompt, or the default one without it, as data tokenize writes the prompt."""
         texts = [
-            f"{_system_prompt(system)}{template.SEP}{_exchange(turns, 2 * pair)}" for system, turns, pair in wanted
+            f"{template.system_or_default(system)}{template.SEP}{_exchange(turns, 2 * pair)}"
+            for system, turns, pair in wanted
         ]
         lengths = self.lengths(texts, special=True)
         return [{pair: n} for (_, _, pair), n in zip(wanted, lengths, strict=True)]
@@ -451,12 +452,7 @@ class PieceCounter:
     def whole_length(self, system: str | None, turns: list) -> int:
         """What `data tokenize` counts for these turns, after the record's own system prompt or the default one."""
         roles = [(template.USER if role == HUMAN else template.ASSISTANT, text) for role, text in turns]
-        return self.lengths([template.render(roles, _system_prompt(system))], special=True)[0]
-
-
-def _system_prompt(system: str | None) -> str:
-    """The system prompt data tokenize writes before a record's turns: its own `system`, else the default one."""
-    return template.SYSTEM_PROMPT if system is None else system
+        return self.lengths([template.render(roles, template.system_or_default(system))], special=True)[0]
 
 
 def _exchange(turns: list, i: int) -> str:
