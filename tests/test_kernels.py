@@ -243,14 +243,14 @@ def test_matmul_rows_splits_only_products_without_rmsnorm_that_underfill_the_gpu
         kernels.matmul_rows(torch.zeros(4, 96, dtype=torch.float16), weight, k_splits=0)
     with pytest.raises(ValueError, match="more only for N <="):
         kernels.matmul_rows(torch.zeros(4, 96, dtype=torch.float16), torch.zeros(65537, 96), k_splits=2)
-    assert kernels.k_splits_for(4096, 32, torch.device("cpu"), norm=False) == 1
+    assert kernels.k_splits_for(4096, 32, torch.device("cpu"), whole_k=False) == 1
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         cuda = torch.device("cuda", 0)
-        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, norm=False) == 2
-        assert kernels.k_splits_for(64 * (sms - 1), 16, cuda, norm=False) == 1
-        assert kernels.k_splits_for(64 * sms, 32, cuda, norm=False) == 1
-        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, norm=True) == 1
+        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, whole_k=False) == 2
+        assert kernels.k_splits_for(64 * (sms - 1), 16, cuda, whole_k=False) == 1
+        assert kernels.k_splits_for(64 * sms, 32, cuda, whole_k=False) == 1
+        assert kernels.k_splits_for(64 * (sms - 1), 32, cuda, whole_k=True) == 1
 
 
 def test_matmul_rows_hands_many_rows_without_a_residual_to_cublas(monkeypatch):
@@ -283,6 +283,51 @@ def test_matmul_rows_hands_many_rows_without_a_residual_to_cublas(monkeypatch):
     into = torch.empty(40, n, dtype=torch.float32, device=DEVICE)  # tensor parallelism's float32 buffer
     assert kernels.matmul_rows(x, weight, out=into, norm=norm, eps=1e-5) is into
     assert torch.allclose(into.double(), rows_reference(x, weight, norm=norm), rtol=2**-9, atol=2**-6)
+
+
+@pytest.mark.parametrize(
+    ("m", "f", "k", "dtype", "norm_on"),
+    [
+        (3, 48, 64, torch.float16, False),
+        (5, 40, 96, torch.float16, True),  # RMSNorm folded in; F not a multiple of a tile's half: masked
+        (20, 32, 64, torch.bfloat16, True),  # NORM_FIRST_ROWS: normalised first
+        (2, 24, 128, torch.float32, False),
+    ],
+)
+def test_gated_matmul_rows_gives_silu_up_as_the_product_then_rows_input(m, f, k, dtype, norm_on):
+    """gated: SiLU·up in gate|up's epilogue, [M, F] out: the same bits as the product stored and rows_input after
+    it (each product rounded to the weight's dtype first), and the float64 reference's values."""
+    generator = torch.Generator().manual_seed(m * f + k)
+    weight = (torch.randn(2 * f, k, generator=generator) / k**0.5).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype) if norm_on else None
+    out = kernels.matmul_rows(x, weight, norm=norm, eps=1e-5, gated=True)
+    unfused = kernels.rows_input(kernels.matmul_rows(x, weight, norm=norm, eps=1e-5), swiglu=True, dtype=dtype)
+    assert out.shape == (m, f) and out.dtype == dtype
+    assert torch.equal(out, unfused)
+    gate_up = rows_reference(x, weight, norm=norm).to(dtype).double()
+    expected = torch.nn.functional.silu(gate_up[:, :f]) * gate_up[:, f:]
+    tolerance = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-6}[dtype]
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+def test_gated_matmul_rows_above_its_rows_takes_the_product_then_rows_input(monkeypatch):
+    """Above GATED_ROWS_MAX rows the product goes its usual way and SiLU·up is one rows_input launch after it."""
+    calls, real = [], kernels.rows_input
+    monkeypatch.setattr(kernels, "rows_input", lambda *a, **kw: calls.append(kw.get("swiglu")) or real(*a, **kw))
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 32, generator=generator).to(DEVICE, torch.float16)
+    x = torch.randn(6, 32, generator=generator).to(DEVICE, torch.float16)
+    fused = kernels.matmul_rows(x, weight, gated=True)
+    assert calls == []
+    with pytest.raises(ValueError, match="gated needs"):
+        kernels.matmul_rows(x, weight, residual=torch.zeros(6, 32, dtype=torch.float16, device=DEVICE), gated=True)
+    with pytest.raises(ValueError, match="not split over K"):
+        kernels.matmul_rows(x, weight, gated=True, k_splits=2)
+    monkeypatch.setattr(kernels, "GATED_ROWS_MAX", 4)
+    into = torch.empty(6, 32, dtype=torch.float16, device=DEVICE)
+    assert kernels.matmul_rows(x, weight, gated=True, out=into) is into
+    assert calls == [True] and torch.equal(into, fused)
 
 
 def test_rows_tiles_names_a_launch_per_shape_or_refuses_the_spelling():
@@ -323,15 +368,17 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
     model.setup_cache(slots=3, context=8)
     input_ids, positions = torch.tensor([[5], [9], [2]], device=DEVICE), torch.tensor([[0], [0], [0]], device=DEVICE)
     model.matvec = True
-    calls, real = [], kernels.matmul_rows
-    monkeypatch.setattr(kernels, "matmul_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls, kwargs, real = [], [], kernels.matmul_rows
+    monkeypatch.setattr(kernels, "matmul_rows", lambda *a, **kw: calls.append(1) or kwargs.append(kw) or real(*a, **kw))
     with torch.inference_mode():
         monkeypatch.setattr(kernels, "FLOAT_ROWS", "cublas")
         plain = model(input_ids, positions, kv_length=1)
         assert not calls
         monkeypatch.setattr(kernels, "FLOAT_ROWS", "triton")
         fused = model(input_ids, positions, kv_length=1)
-    assert len(calls) == 5  # q|k|v, o, gate|up, down, output
+    assert len(calls) == 5  # q|k|v, o, gate|up (SiLU·up in its epilogue), down, output
+    gated = [kw.get("gated", False) for kw in kwargs]
+    assert gated == [False, False, True, False, False]
     assert fused.shape == plain.shape == (3, model.args.vocab_size)
     tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
     assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)

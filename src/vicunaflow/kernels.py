@@ -35,6 +35,9 @@ FLOAT_ROWS_MAX = 64
 NORM_FIRST_ROWS = 16
 # From this many rows matmul_rows hands products with no residual to add to cuBLAS (takes_cublas says why).
 CUBLAS_ROWS = 33
+# Up to this many rows matmul_rows(gated=True) computes SiLU·up in the gate|up product's epilogue; above it the
+# product goes its usual way (cuBLAS from CUBLAS_ROWS) and SiLU·up is one rows_input launch after it.
+GATED_ROWS_MAX = 64
 # Splits over K (k_splits_for): weight rows a program takes on a GPU (BLOCK_N of matmul_kernels' configs), and
 # the counters a split launch may use, one a weight tile (N <= 65,536 with tiles of 16 rows or more).
 SPLIT_TILE_ROWS = 64
@@ -160,6 +163,7 @@ def matmul_rows(
     norm: torch.Tensor | None = None,
     eps: float = 1e-6,
     k_splits: int | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
 
@@ -178,6 +182,12 @@ def matmul_rows(
     chat_rows_h200.json). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
     how their sums stay exact run to run); None: `k_splits_for`'s choice. From CUBLAS_ROWS rows on a GPU a
     product with no residual goes to cuBLAS instead (`takes_cublas`), its input through rows_input first.
+
+    gated: weight is gate|up [2F, K] (the MLP's, gate rows first) and out is silu(x @ gate.T) * (x @ up.T)
+    [M, F], the down product's input, computed in the epilogue up to GATED_ROWS_MAX rows (no residual, no split):
+    one launch and a [M, F] write instead of the product, its [M, 2F] output and a rows_input launch (on an H200
+    the rows_input launch alone was 0.16 of a 6.47 ms 64-row 7B step, twenty-second session). Each product is
+    rounded to the weight's dtype before SiLU·up, as the unfused path stores gate|up.
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -187,11 +197,18 @@ def matmul_rows(
         )
     if norm is not None and (swiglu or norm.shape != (k,)):
         raise ValueError(f"matmul_rows: norm {tuple(norm.shape)} needs a plain input of {k} columns")
+    if gated and (swiglu or residual is not None or n % 2):
+        raise ValueError(f"matmul_rows: gated needs a plain input, no residual and gate|up rows (got {n})")
+    if gated and m > GATED_ROWS_MAX:  # the product as usual, then SiLU·up in one launch
+        gate_up = matmul_rows(x, weight, norm=norm, eps=eps, k_splits=k_splits)  # [M, 2F]
+        activated = rows_input(gate_up, swiglu=True, dtype=weight.dtype)  # [M, F]
+        return activated if out is None else out.copy_(activated)
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"matmul_rows: weight dtype {weight.dtype} is not a float16/bfloat16/float32")
+    outputs = n // 2 if gated else n
     for name, t in (("residual", residual), ("out", out)):
-        if t is not None and (t.shape != (m, n) or not t.is_contiguous()):
-            raise ValueError(f"matmul_rows: {name} {tuple(t.shape)} is not a contiguous [{m}, {n}]")
+        if t is not None and (t.shape != (m, outputs) or not t.is_contiguous()):
+            raise ValueError(f"matmul_rows: {name} {tuple(t.shape)} is not a contiguous [{m}, {outputs}]")
     if not (weight.is_contiguous() and x.is_contiguous()):
         raise ValueError("matmul_rows: weight and input must be contiguous")
     from vicunaflow import matmul_kernels  # Triton: imported only when the kernel runs
@@ -206,20 +223,22 @@ def matmul_rows(
         # [M, K] normalised, rounded as the products take it (the fold's sum of squares would span every split)
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
-    fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None else None
-    if fixed == "cublas" or (fixed is None and k_splits is None and takes_cublas(m, residual, x.device)):
+    fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None and not gated else None
+    if fixed == "cublas" or (fixed is None and k_splits is None and not gated and takes_cublas(m, residual, x.device)):
         if norm is not None:  # fewer than NORM_FIRST_ROWS rows, through ROWS_TILES
             x = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype)
         return cublas_product(x.to(weight.dtype), weight, residual, out)
     if fixed is not None and norm is not None and fixed[4] > 1:
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     if out is None:
-        out = torch.empty(m, n, dtype=weight.dtype, device=x.device)
+        out = torch.empty(m, outputs, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    splits = k_splits_for(n, m, x.device, norm is not None) if k_splits is None else k_splits
+    splits = k_splits_for(n, m, x.device, norm is not None or gated) if k_splits is None else k_splits
     if fixed is not None:
         splits = fixed[4]
+    if gated and splits != 1:
+        raise ValueError(f"matmul_rows: gated products are not split over K ({splits} splits asked)")
     partial = counters = out  # unread without splits
     if splits > 1:
         partial = torch.empty(splits, n, block_m, dtype=torch.float32, device=x.device)
@@ -233,7 +252,7 @@ def matmul_rows(
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
         counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
-        PREFETCH=PDL_ROWS == 2, **pdl_options(x.device, rows=m), **tile,
+        PREFETCH=PDL_ROWS == 2, GATED=gated, **pdl_options(x.device, rows=m), **tile,
     )  # fmt: skip
     return out
 
@@ -265,18 +284,18 @@ def cublas_product(
     return out.copy_(x @ weight.t() if residual is None else residual + x @ weight.t())
 
 
-def k_splits_for(n: int, rows: int, device: torch.device, norm: bool) -> int:
+def k_splits_for(n: int, rows: int, device: torch.device, whole_k: bool) -> int:
     """Programs per weight tile of a matmul_rows launch: 2 for more than 16 rows where the product has fewer
     tiles than the GPU has SMs (a 7B's o and down on an H200: 64 tiles on 132; on tensor-parallel ranks any
-    product that small), else 1; always 1 with RMSNorm folded in (its sum of squares spans all of K) and off
-    CUDA.
+    product that small), else 1; always 1 for a product that needs all of K in one program (`whole_k`: RMSNorm
+    folded in, whose sum of squares spans it, or SiLU·up in the epilogue) and off CUDA.
 
     Why: with one program a tile, half the SMs stream nothing. On an H200 (7B, graphs of 24 launches) the
     down product took 25.8 against 28.0 µs at 32 rows split in two and 27.5 against 30.6 at 64, o 12.3
     against 12.6 and 14.0 against 14.7; a 32-row step replayed in 5.63 against 5.73 ms. At 8 and 16 rows
     the split cost 0.3-0.6 µs a product (fifteenth session; bench/results/matmul_rows_norm_split_h200.txt).
     """
-    if norm or rows <= 16 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if whole_k or rows <= 16 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 1
     tiles = -(-n // SPLIT_TILE_ROWS)
     return 2 if tiles < _multiprocessors(device.index) else 1

@@ -53,7 +53,7 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
 
 @triton.autotune(
     configs=float_configs,
-    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH"],
+    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED"],
     prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
@@ -78,11 +78,20 @@ def float_matmul_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels.PDL_ROWS)
     PREFETCH: tl.constexpr = False,  # PDL: ask for the first weight tiles into L2 before waiting for the inputs
+    GATED: tl.constexpr = False,  # w is gate|up [N, K]: out [M, N / 2] = silu(x @ gate.T) * (x @ up.T) (no SPLIT)
 ):
     tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
-    row_ok, col_ok = rows < M, cols < N
+    if GATED:  # BLOCK_N / 2 gate rows and the up rows of the same outputs, N / 2 weight rows further on
+        HALF: tl.constexpr = BLOCK_N // 2
+        lanes = tl.arange(0, BLOCK_N)
+        outputs = tile * HALF + lanes % HALF
+        cols = tl.where(lanes < HALF, outputs, N // 2 + outputs)  # [BLOCK_N] weight rows
+        col_ok = outputs < N // 2
+    else:
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
+        col_ok = cols < N
+    row_ok = rows < M
     # this program's part of K: whole tiles of BLOCK_K (the last part masked where they do not divide evenly)
     PART: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT * BLOCK_K
     part = tl.program_id(1)
@@ -109,7 +118,9 @@ def float_matmul_kernel(
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
     if PDL:  # the next kernel may launch once every program has read all of its K
         tl.extra.cuda.gdc_launch_dependents()
-    if SPLIT == 1:
+    if GATED:
+        store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, N // 2, K, NORM, BLOCK_M, BLOCK_N)
+    elif SPLIT == 1:
         store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
     else:
         # [BLOCK_N, BLOCK_M] offsets of this tile's products in a split's partial; loads bypass L1 (.cg): other
@@ -141,6 +152,24 @@ def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, F: tl.constexpr, K: tl.constexpr,
+                NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Store silu(gate) * up for this program's BLOCK_N / 2 outputs from acc [BLOCK_N, BLOCK_M] (gate rows, then
+    up rows), as the unfused path computes it: each product rounded to the weight's dtype first, as gate|up would
+    be stored, then SiLU·up in float32 (kernels.rows_input's formula), rounded to out's dtype."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    if NORM:
+        y = y * rms_factor(squares, eps, K)
+    y = y.to(w_ptr.dtype.element_ty).to(tl.float32)
+    gate, up = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # [BLOCK_M, HALF] each
+    outputs = tile * HALF + tl.arange(0, HALF)
+    ok = row_ok[:, None] & (outputs < F)[None, :]
+    value = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + rows[:, None] * F + outputs[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

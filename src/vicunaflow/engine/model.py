@@ -108,6 +108,7 @@ def project(
     out: torch.Tensor | None = None,
     matvec: bool = False,
     norm: tuple[torch.Tensor, float] | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
@@ -120,7 +121,13 @@ def project(
     else decoded to x's dtype and multiplied, a quant.Int4Packed (torch's tinygemm for every row count,
     in bfloat16) or a quant.Int4Columns (qmatvec_columns for one row). Prefill (more rows, or matvec off)
     stays on cuBLAS.
+    gated: weight is gate|up [2F, K] and the result silu(gate) * up [M, F], from the product's epilogue; only
+    where `gates_in_product` says so (kernels.matmul_rows), else refused.
     """
+    if gated and not gates_in_product(x.shape[0], weight, matvec):
+        raise ValueError(
+            f"project: SiLU·up in the product's epilogue is for batched decode steps, not {x.shape[0]} rows"
+        )
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         if isinstance(weight, QUANTIZED):
@@ -138,7 +145,9 @@ def project(
     if matvec and x.shape[0] <= kernels.FLOAT_ROWS_MAX and kernels.FLOAT_ROWS == "triton":
         # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
-        return kernels.matmul_rows(x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps)
+        return kernels.matmul_rows(
+            x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps, gated=gated
+        )
     norm_weight, eps = norm if norm is not None else (None, 1e-6)
     if swiglu and matvec and x.is_cuda and kernels.FLOAT_ROWS == "triton":
         # SiLU·up in one launch, as matmul_rows takes it: torch's two kernels and the [M, K] tensor between them
@@ -150,6 +159,18 @@ def project(
     if out is not None:
         return out.copy_(y)
     return y
+
+
+def gates_in_product(rows: int, weight: Weight, matvec: bool) -> bool:
+    """Whether project(gated=True) takes the MLP's SiLU·up into the gate|up product: a batched decode step on float
+    weights (kernels.matmul_rows, 2..FLOAT_ROWS_MAX rows). One row keeps it in the down matvec's input (free
+    there); prefill, cuBLAS steps and quantized weights in a launch of their own."""
+    return (
+        matvec
+        and 1 < rows <= kernels.FLOAT_ROWS_MAX
+        and kernels.FLOAT_ROWS == "triton"
+        and not isinstance(weight, QUANTIZED)
+    )
 
 
 class Local:
@@ -232,6 +253,9 @@ class Block(torch.nn.Module):
                 )  # [B, H, T, D]
             attention = attention.transpose(1, 2).reshape(B * T, H * D)
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
+        if gates_in_product(B * T, self.w13, matvec):
+            activated = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps), gated=True)  # [B*T, ffn]
+            return comm.reduce_project(activated, self.w2, hidden, matvec=matvec)
         gate_up = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps))  # [B*T, 2 ffn]
         return comm.reduce_project(gate_up, self.w2, hidden, swiglu=True, matvec=matvec)
 
