@@ -176,18 +176,19 @@ def matmul_rows(
     works, slowly: exact products); norm: [K], the input is rms_norm(x, norm, eps) (float32 inside);
     residual, out: [M, N] contiguous, out any float dtype (tensor parallelism's float32 buffer).
     Products are in the weight's dtype (the input rounded to it), accumulated in float32. Returns a
-    new [M, N] tensor of weight's dtype, or `out`. SiLU·up is computed first, by rows_input (one launch):
-    in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on an
-    H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
-    chat_rows_h200.json). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
+    new [M, N] tensor of weight's dtype, or `out`. With swiglu, SiLU·up is computed first, by rows_input (one
+    launch): in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on
+    an H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
+    chat_rows_h200.json); the engine's steps take it from gate|up's epilogue instead (`gated`). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
     how their sums stay exact run to run); None: `k_splits_for`'s choice. From CUBLAS_ROWS rows on a GPU a
     product with no residual goes to cuBLAS instead (`takes_cublas`), its input through rows_input first.
 
     gated: weight is gate|up [2F, K] (the MLP's, gate rows first) and out is silu(x @ gate.T) * (x @ up.T)
     [M, F], the down product's input, computed in the epilogue up to GATED_ROWS_MAX rows (no residual, no split):
-    one launch and a [M, F] write instead of the product, its [M, 2F] output and a rows_input launch (on an H200
-    the rows_input launch alone was 0.16 of a 6.47 ms 64-row 7B step, twenty-second session). Each product is
-    rounded to the weight's dtype before SiLU·up, as the unfused path stores gate|up.
+    one launch and a [M, F] write instead of the product, its [M, 2F] output and a rows_input launch. On an H200
+    (7B, twenty-second session) steps of 8 / 32 / 64 rows replayed in 4.29 / 5.02 / 6.44 ms against 4.33 / 5.11 /
+    6.52 (at 64 rows against cuBLAS's gate|up and rows_input). Each product is rounded to the weight's dtype
+    before SiLU·up, as the unfused path stores gate|up: the same bits as that path where the sums are the same.
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -259,7 +260,7 @@ def matmul_rows(
 
 def takes_cublas(rows: int, residual: torch.Tensor | None, device: torch.device) -> bool:
     """Whether matmul_rows hands a product to cuBLAS (its input normalised or SiLU·up'd first, by rows_input): from
-    CUBLAS_ROWS rows on a GPU, a product with no residual to add (q|k|v, gate|up, the head).
+    CUBLAS_ROWS rows on a GPU, a product with no residual to add (q|k|v, the head; gate|up when not `gated`).
 
     Why: at 64 rows cuBLAS streamed those weights faster than our tiles, while the products with a residual (o,
     down, split over K) stay ours. On an H200 (7B, graphs of 24 launches with PDL) q|k|v took 28.6 µs either way

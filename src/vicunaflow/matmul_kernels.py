@@ -15,9 +15,10 @@ sums the partials in split order and stores the output. Why not atomic adds into
 changes the float32 sums from run to run; here the same inputs give the same bits.
 
 RMSNorm comes in through quant_matmul_kernels' input tile and RMSNorm factor (the same helpers as its int8 /
-int4 kernels, which Triton resolves among this module's globals); SiLU·up is computed before the kernel
-(kernels.matmul_rows says why). Importing this module needs Triton, so kernels.py imports it only when
-matmul_rows runs.
+int4 kernels, which Triton resolves among this module's globals). SiLU·up comes either from before the kernel
+(a swiglu input: kernels.matmul_rows says why not in the input tiles) or, GATED, from the gate|up product's own
+epilogue: a program then takes BLOCK_N / 2 gate rows and the up rows of the same outputs. Importing this module
+needs Triton, so kernels.py imports it only when matmul_rows runs.
 """
 
 from __future__ import annotations
