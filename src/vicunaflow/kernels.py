@@ -179,9 +179,11 @@ def matmul_rows(
     new [M, N] tensor of weight's dtype, or `out`. With swiglu, SiLU·up is computed first, by rows_input (one
     launch): in every program's input tile instead, the 7B down product took 1.7-4.4x as long at 2-64 rows on
     an H200, and an 8-row 7B step replayed in 5.60 against 4.34 ms (bench/results/matmul_rows_h200.json,
-    chat_rows_h200.json); the engine's steps take it from gate|up's epilogue instead (`gated`). k_splits: programs per weight tile, each over a part of K (matmul_kernels says
-    how their sums stay exact run to run); None: `k_splits_for`'s choice. From CUBLAS_ROWS rows on a GPU a
-    product with no residual goes to cuBLAS instead (`takes_cublas`), its input through rows_input first.
+    chat_rows_h200.json); the engine's steps take it from gate|up's epilogue instead (`gated`). k_splits:
+    programs per weight tile, each over a part of K (matmul_kernels says how their sums stay exact run to run);
+    None: `k_splits_for`'s choice. From CUBLAS_ROWS rows on a GPU a product with no residual goes to cuBLAS
+    instead (`takes_cublas`), its input through rows_input first; VICUNAFLOW_ROWS_TILES fixes a shape's launch
+    (not a gated one's).
 
     gated: weight is gate|up [2F, K] (the MLP's, gate rows first) and out is silu(x @ gate.T) * (x @ up.T)
     [M, F], the down product's input, computed in the epilogue up to GATED_ROWS_MAX rows (no residual, no split):
