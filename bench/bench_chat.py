@@ -814,9 +814,9 @@ def attention_tiles_in_steps(engine, model, rows: int, variants: list[str]) -> l
     """Each variant of the tiles these rows take (MANY_ROWS_TILES, or MIDDLE_ROWS_TILES at 33-64 rows) timed where a
     decode step runs it: the step's graph captured again with it (replay, and the split kernel's µs a layer between
     the products), and its launches alone over the engine's own pools, tables and lengths (one a layer, in a
-    graph), as the step gives them and changed one way at a time (attention_inputs). Why: the attention took 46.5 / 89.5 / 319.4 µs a 7B layer inside 32 / 64 / 256-row steps
-    against 41.2 / 66.7 / 263.2 in sweep_attention's graphs of it alone; the step's int64 inputs were the difference
-    (engine/runner.py's STEP_INPUTS)."""
+    graph), as the step gives them and changed one way at a time (attention_inputs). Why: the attention took 46.5 /
+    89.5 / 319.4 µs a 7B layer inside 32 / 64 / 256-row steps against 41.2 / 66.7 / 263.2 in sweep_attention's
+    graphs of it alone; the step's int64 inputs were the difference (engine/runner.py's STEP_INPUTS)."""
     attention_kernels = attention_kernels_module()
     group = model.args.n_heads // model.args.n_kv_heads
     taken = attention_kernels.tiles_for(rows, group)  # the class these rows take: MIDDLE_ROWS_TILES at 33-64 rows

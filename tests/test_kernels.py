@@ -385,20 +385,20 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
 
 
 def test_silu_up_goes_into_gate_up_only_in_batched_decode_steps_on_float_weights(monkeypatch):
-    """gates_in_product: 2..FLOAT_ROWS_MAX rows through matmul_rows on float weights; one row (the matvec folds
+    """takes_matmul_rows: 2..FLOAT_ROWS_MAX rows through matmul_rows on float weights; one row (the matvec folds
     SiLU·up into down's input), prefill, FLOAT_ROWS "cublas" and quantized weights keep it apart; project refuses
     gated=True anywhere else."""
     from vicunaflow import quant
-    from vicunaflow.engine.model import gates_in_product, project
+    from vicunaflow.engine.model import project, takes_matmul_rows
 
     weight = torch.zeros(8, 16, dtype=torch.float16)
-    assert gates_in_product(2, weight, matvec=True) and gates_in_product(kernels.FLOAT_ROWS_MAX, weight, True)
-    assert not gates_in_product(1, weight, matvec=True)
-    assert not gates_in_product(kernels.FLOAT_ROWS_MAX + 1, weight, matvec=True)
-    assert not gates_in_product(8, weight, matvec=False)
-    assert not gates_in_product(8, quant.quantize(weight.float(), bits=8), matvec=True)
+    assert takes_matmul_rows(2, weight, matvec=True) and takes_matmul_rows(kernels.FLOAT_ROWS_MAX, weight, True)
+    assert not takes_matmul_rows(1, weight, matvec=True)
+    assert not takes_matmul_rows(kernels.FLOAT_ROWS_MAX + 1, weight, matvec=True)
+    assert not takes_matmul_rows(8, weight, matvec=False)
+    assert not takes_matmul_rows(8, quant.quantize(weight.float(), bits=8), matvec=True)
     monkeypatch.setattr(kernels, "FLOAT_ROWS", "cublas")
-    assert not gates_in_product(8, weight, matvec=True)
+    assert not takes_matmul_rows(8, weight, matvec=True)
     with pytest.raises(ValueError, match="batched decode steps, not 8 rows"):
         project(torch.zeros(8, 16, dtype=torch.float16), weight, matvec=True, gated=True)
 

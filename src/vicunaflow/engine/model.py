@@ -122,9 +122,9 @@ def project(
     in bfloat16) or a quant.Int4Columns (qmatvec_columns for one row). Prefill (more rows, or matvec off)
     stays on cuBLAS.
     gated: weight is gate|up [2F, K] and the result silu(gate) * up [M, F], from the product's epilogue; only
-    where `gates_in_product` says so (kernels.matmul_rows), else refused.
+    where the product goes through kernels.matmul_rows (`takes_matmul_rows`), else refused.
     """
-    if gated and not gates_in_product(x.shape[0], weight, matvec):
+    if gated and not takes_matmul_rows(x.shape[0], weight, matvec):
         raise ValueError(
             f"project: SiLU·up in the product's epilogue is for batched decode steps, not {x.shape[0]} rows"
         )
@@ -142,7 +142,7 @@ def project(
         return qlinear(
             x, weight, residual, swiglu, out=out, matvec=None if matvec else False, norm=norm_weight, eps=eps
         )
-    if matvec and x.shape[0] <= kernels.FLOAT_ROWS_MAX and kernels.FLOAT_ROWS == "triton":
+    if takes_matmul_rows(x.shape[0], weight, matvec):
         # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return kernels.matmul_rows(
@@ -161,10 +161,11 @@ def project(
     return y
 
 
-def gates_in_product(rows: int, weight: Weight, matvec: bool) -> bool:
-    """Whether project(gated=True) takes the MLP's SiLU·up into the gate|up product: a batched decode step on float
-    weights (kernels.matmul_rows, 2..FLOAT_ROWS_MAX rows). One row keeps it in the down matvec's input (free
-    there); prefill, cuBLAS steps and quantized weights in a launch of their own."""
+def takes_matmul_rows(rows: int, weight: Weight, matvec: bool) -> bool:
+    """Whether project multiplies through kernels.matmul_rows: a batched decode step (2..FLOAT_ROWS_MAX rows) on
+    float weights, with the decode kernels on. There the MLP's SiLU·up comes from gate|up's epilogue (gated); one
+    row keeps it in the down matvec's input (free there), and prefill, cuBLAS steps and quantized weights compute
+    it in a launch of its own."""
     return (
         matvec
         and 1 < rows <= kernels.FLOAT_ROWS_MAX
@@ -253,7 +254,7 @@ class Block(torch.nn.Module):
                 )  # [B, H, T, D]
             attention = attention.transpose(1, 2).reshape(B * T, H * D)
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
-        if gates_in_product(B * T, self.w13, matvec):
+        if takes_matmul_rows(B * T, self.w13, matvec):
             activated = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps), gated=True)  # [B*T, ffn]
             return comm.reduce_project(activated, self.w2, hidden, matvec=matvec)
         gate_up = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps))  # [B*T, 2 ffn]
