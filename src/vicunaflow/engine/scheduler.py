@@ -281,6 +281,9 @@ class Engine:
         self.latency = engine_histograms()
         self.last_collect_at = 0.0
         self.fresh_rows: list[Request] = []
+        # called by the engine thread after each pass of its loop (admissions, a prefill forward, a decode step):
+        # where serve's engine process sends the pass's events in one message (serve/engine_process.py)
+        self.after_iteration: Callable[[], None] | None = None
         log.info(
             "engine: %d slots x %d tokens, KV cache %d tokens (%d blocks of %d) %.1f MiB per rank, %d rank(s), "
             "CUDA graphs %s%s, overlap %s",
@@ -365,9 +368,7 @@ class Engine:
             request.cancel()
 
     def max_new_tokens(self, prompt_length: int, requested: int | None) -> int:
-        """Cap a reply so prompt + reply fit the context."""
-        room = self.context - prompt_length
-        return max(0, min(requested, room) if requested else room)
+        return reply_room(self.context, prompt_length, requested)
 
     def snapshot_latency(self) -> dict[str, dict]:
         """Each latency histogram's snapshot (latency.Histogram.snapshot), by name."""
@@ -399,6 +400,13 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:  # the events of the requests ended on the way out
+            if self.after_iteration is not None:
+                self.after_iteration()
+
+    def _steps(self) -> None:
         """Step until stopped. A failed step fails its requests, a failed admission its request; any other
         error (a bug in the bookkeeping) fails every request and stops the engine, reported in `failure`
         and refused by `submit`: a dead thread with clients still waiting on it would hang them forever.
@@ -431,6 +439,8 @@ class Engine:
                         if not request.done:
                             self._finish(request, "error", error=f"{type(err).__name__}: {err}")
                     self._forget_rows()
+                if self.after_iteration is not None:
+                    self.after_iteration()
         except Exception as err:
             log.exception("engine loop failed: the engine stops")
             if self.model.comm.world > 1:
@@ -921,6 +931,12 @@ def timed(events: Iterator[Event]) -> tuple[str, Event, float]:
     for last in events:
         text += last.text
     return text, last, time.perf_counter() - start
+
+
+def reply_room(context: int, prompt_length: int, requested: int | None) -> int:
+    """Cap a reply so prompt + reply fit the context."""
+    room = context - prompt_length
+    return max(0, min(requested, room) if requested else room)
 
 
 def check_max_context(max_context: int | None) -> None:

@@ -53,6 +53,7 @@ def serve(
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
+    engine_process: bool = False,
     max_body_bytes: int = 4 * 1024 * 1024,
     results_dir: Path = Path("results/serve"),
 ) -> None:
@@ -92,6 +93,9 @@ def serve(
         default_max_tokens: reply length when a request gives no max_tokens (always capped by the context).
         seed: sampling seed.
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
+        engine_process: run each model's engine in a process of its own (as vLLM's V1 does), so the HTTP side and
+            the engine's kernel launches stop taking turns at one GIL (serve/engine_process.py); with several
+            models their CUDA graphs then stay on.
         max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
         results_dir: where the arena appends its votes (arena_votes.jsonl).
     """
@@ -99,6 +103,7 @@ def serve(
 
     from vicunaflow.engine import Engine, check_max_context, resolve_device
     from vicunaflow.serve.app import create_app
+    from vicunaflow.serve.engine_process import RemoteEngine
     from vicunaflow.serve.fit import check_fit, check_memory_cap, estimate
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
@@ -144,7 +149,7 @@ def serve(
         check_memory_cap(estimates, model_options.max_gpu_memory)
     # estimate also refused a --kv-cache-tokens below one full-context request, before any load
     check_fit(estimates, device=resolved, num_gpus=num_gpus)
-    if len(models) > 1 and resolved == "cuda" and cuda_graphs:
+    if len(models) > 1 and resolved == "cuda" and cuda_graphs and not engine_process:
         # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
         # torch.cuda.graph empties the allocator's cache) while another engine allocates or syncs can fail
         # both. Not yet verified on a GPU either way: safe first, at the cost of per-step launch overhead.
@@ -156,24 +161,25 @@ def serve(
         stack.callback(sys.setswitchinterval, sys.getswitchinterval())  # serve() may run inside another program
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         gc_pauses = stack.enter_context(heap.GCPauses())
+        engine_options = dict(
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+            seed=seed,
+            cuda_graphs=cuda_graphs,
+            kv_cache_tokens=kv_cache_tokens,
+            kv_cache_dtype=kv_cache_dtype,
+            mixed_prefill=mixed_prefill,
+        )
+        engine_options |= {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+        engine_options |= {} if prefill_burst is None else {"prefill_burst": prefill_burst}
         engines = {}
         for name, path in models.items():
+            if engine_process:
+                engines[name] = stack.enter_context(RemoteEngine(path, model_options, engine_options, name=name))
+                continue
             model, tokenizer = model_options.load(path)
             stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
-            engine = Engine(
-                model,
-                tokenizer,
-                max_batch_size=max_batch_size,
-                max_context=max_context,
-                seed=seed,
-                cuda_graphs=cuda_graphs,
-                kv_cache_tokens=kv_cache_tokens,
-                kv_cache_dtype=kv_cache_dtype,
-                **({} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}),
-                **({} if prefill_burst is None else {"prefill_burst": prefill_burst}),
-                mixed_prefill=mixed_prefill,
-            )
-            engines[name] = stack.enter_context(engine)
+            engines[name] = stack.enter_context(Engine(model, tokenizer, **engine_options))
         ready = threading.Event()
         app = create_app(
             engines,

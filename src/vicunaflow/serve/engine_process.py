@@ -1,0 +1,345 @@
+"""`serve --engine-process`: each model's engine in a process of its own, the HTTP side in the server's.
+
+Why: in one process the event loop (reading requests, rendering prompts, writing every stream's events) and
+the engine thread (launching each forward's kernels) take turns at one GIL. On an H200 (7B, 64 streams of
+128-token prompts through the API) the burst of requests reached the engine over 40-65 ms while the prefill
+forward running meanwhile took 20-30 ms longer than alone, and the API ran at 95% of the engine alone's rate
+(docs/benchmarks.md, "twenty-third session"). vLLM's V1 runs its engine core in a process of its own for the
+same reason.
+
+The server process keeps the tokenizer (prompts are rendered and tokenized there, as before) and a
+`RemoteEngine` with the methods the app calls on an `Engine`. The child loads the model, runs an `Engine`, and
+answers over a pipe: requests in, and each pass of the engine's loop's events out in one message (the engine's
+`after_iteration`), which a reader thread here hands to the requests' sinks. The child follows the server: it
+stops when told, and when the pipe closes (the server died); if the child dies, every open request ends with an
+error and /health reports the failure, as when an engine's loop stops on an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vicunaflow import VicunaflowError
+from vicunaflow.engine.sampling import SamplingParams
+from vicunaflow.engine.scheduler import Event, reply_room
+from vicunaflow.loading import ModelOptions
+
+log = logging.getLogger(__name__)
+
+CALLS = ("snapshot_stats", "snapshot_latency")  # what the app reads of an engine besides its events
+CALL_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+
+
+class RemoteRequest:
+    """The server's side of a request running in the engine process: what the app reads of a `Request`."""
+
+    def __init__(self, engine: RemoteEngine, request_id: int, sink: Callable[[Event], None]):
+        self.engine, self.id, self.sink = engine, request_id, sink
+        self.done = False
+        self.cancelled = False
+        self.completion_tokens = 0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (e.g. the client disconnected)."""
+        if self.done or self.cancelled:
+            return
+        self.cancelled = True
+        with contextlib.suppress(OSError, ValueError):  # the engine process is gone: nothing to cancel there
+            self.engine._send(("cancel", self.id))
+
+
+class RemoteEngine:
+    """An `Engine` in a child process, for the app: tokenizer, context, submit, max_new_tokens, the snapshots.
+
+    Starting blocks until the child has loaded the model and warmed up (or failed: its error is raised here).
+    Use it as a context manager, or call `stop()`.
+    """
+
+    def __init__(self, model_path: Path, model_options: ModelOptions, engine_options: dict, name: str = "engine"):
+        from vicunaflow.tokenizer import open_tokenizer
+
+        self.name = name
+        self.tokenizer = open_tokenizer(model_path)  # here too: prompts are tokenized on the HTTP side
+        self.failure: str | None = None
+        self._requests: dict[int, RemoteRequest] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._replies: dict[int, list] = {}  # call id -> [threading.Event, value]
+        self._last: dict[str, dict] = {}  # the snapshots last read: what /health shows once the child is gone
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the child imports afresh
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_engine_main,
+            args=(child_end, Path(model_path), model_options, engine_options, sys.getswitchinterval()),
+            name=f"vicunaflow-{name}",
+        )
+        self._process.start()
+        child_end.close()  # this end lives in the child: its exit then closes the pipe for recv() here
+        try:
+            kind, *message = self._conn.recv()
+        except (EOFError, OSError):
+            kind, message = "failed", [f"the engine process exited with code {self._wait_exit()} while loading"]
+        if kind != "ready":
+            self._wait_exit()
+            raise VicunaflowError(f"{model_path}: {message[0]}")
+        info = message[0]
+        self.context, self.model = info["context"], _ModelInfo(info["args"])
+        self._reader = threading.Thread(target=self._read, name=f"vicunaflow-{name}-events", daemon=True)
+        self._reader.start()
+        for call in CALLS:  # a first reading of each, for /health should the child ever die
+            self._call(call)
+
+    # -- what the app calls -------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> RemoteRequest:
+        """Engine.submit's checks here (its errors at once), the request itself in the child."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.context:
+            raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
+        if self.failure is not None:
+            raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
+        request = RemoteRequest(self, next(self._ids), sink)
+        self._requests[request.id] = request
+        try:
+            self._send(("submit", request.id, list(prompt_ids), params))
+        except (OSError, ValueError) as err:
+            self._requests.pop(request.id, None)
+            raise VicunaflowError(f"the engine process is gone: {err}") from None
+        return request
+
+    def max_new_tokens(self, prompt_length: int, requested: int | None) -> int:
+        return reply_room(self.context, prompt_length, requested)
+
+    def snapshot_stats(self) -> dict:
+        return self._call("snapshot_stats") | ({"failure": self.failure} if self.failure else {})
+
+    def snapshot_latency(self) -> dict[str, dict]:
+        return self._call("snapshot_latency")
+
+    # -- lifetime -----------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the child's engine (its open requests end "cancelled") and wait for the child to exit."""
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("%s: the engine process did not stop within %.0f s: terminated", self.name, STOP_TIMEOUT_S)
+            self._process.terminate()
+            self._process.join(10)
+        self._reader.join(10)
+        self._conn.close()
+
+    def __enter__(self) -> RemoteEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- the pipe -------------------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _call(self, name: str) -> dict:
+        """A snapshot from the child; the last one read once the child is gone (with `failure` set)."""
+        if self.failure is None:
+            call_id = next(self._ids)
+            slot = self._replies[call_id] = [threading.Event(), None]
+            try:
+                self._send(("call", call_id, name))
+                if slot[0].wait(CALL_TIMEOUT_S) and slot[1] is not None:
+                    self._last[name] = slot[1]
+            except (OSError, ValueError):
+                pass  # the reader thread records why
+            finally:
+                self._replies.pop(call_id, None)
+        if name not in self._last:
+            raise VicunaflowError(f"{self.name}: no answer from the engine process ({self.failure or 'timed out'})")
+        return self._last[name]
+
+    def _read(self) -> None:
+        """The reader thread: each message's events to their requests' sinks, answers to their callers."""
+        try:
+            while True:
+                kind, *message = self._conn.recv()
+                if kind == "events":
+                    batch, failure = message
+                    if failure and self.failure is None:
+                        self.failure = failure
+                    for request_id, event in batch:
+                        self._deliver(request_id, event)
+                elif kind == "reply":
+                    call_id, value = message
+                    slot = self._replies.get(call_id)
+                    if slot is not None:
+                        slot[1] = value
+                        slot[0].set()
+                elif kind == "stopped":
+                    return
+        except (EOFError, OSError):
+            code = self._wait_exit(timeout=5)
+            self.failure = self.failure or f"the engine process exited unexpectedly (exit code {code})"
+            log.error("%s: %s", self.name, self.failure)
+        finally:
+            for slot in list(self._replies.values()):
+                slot[0].set()
+            for request_id in list(self._requests):
+                self._deliver(request_id, Event("", finish_reason="error", error=self.failure or "the engine stopped"))
+
+    def _deliver(self, request_id: int, event: Event) -> None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        request.completion_tokens = event.completion_tokens or request.completion_tokens
+        if event.finish_reason is not None:
+            request.done = True
+            del self._requests[request_id]
+        try:
+            request.sink(event)
+        except Exception:  # the consumer's fault, as in the engine: end its request, not the others
+            log.exception("request %d: its event handler failed; the request is cancelled", request_id)
+            request.cancel()
+
+    def _wait_exit(self, timeout: float = 30) -> int | None:
+        self._process.join(timeout)
+        return self._process.exitcode
+
+
+class _ModelInfo:
+    """engine.model as the app reads it: its ModelArgs (the vocabulary size a token-id prompt is checked against)."""
+
+    def __init__(self, args):
+        self.args = args
+
+
+# -- the child --------------------------------------------------------------------------------------------------
+
+
+class _Outbox:
+    """Events from the engine thread, sent as one message per pass of its loop by a sender thread (so that
+    pickling and writing the pipe never hold up the engine's next launch)."""
+
+    def __init__(self, send: Callable[[tuple], None], engine):
+        self.send, self.engine = send, engine
+        self.ready = threading.Condition()
+        self.pending: list[tuple[int, Event]] = []
+        self.batch: list[tuple[int, Event]] = []
+        self.closed = False
+
+    def post(self, request_id: int, event: Event) -> None:
+        """Engine thread: a request's event, kept until the pass ends."""
+        self.pending.append((request_id, event))
+
+    def flush(self) -> None:
+        """Engine thread, after each pass: hand the pass's events to the sender."""
+        if self.pending:
+            with self.ready:
+                self.batch += self.pending
+                self.ready.notify()
+            self.pending = []
+
+    def run(self) -> None:
+        while True:
+            with self.ready:
+                while not self.batch and not self.closed:
+                    self.ready.wait()
+                if not self.batch:
+                    return
+                batch, self.batch = self.batch, []
+            self.send(("events", batch, self.engine.failure))
+
+    def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+
+
+def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_options: dict, switch: float) -> None:
+    """The engine process: load, warm up, say ready, then serve the pipe until told to stop or it closes."""
+    from vicunaflow.engine import Engine
+    from vicunaflow.log import setup_logging
+    from vicunaflow.serve import heap
+
+    setup_logging()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
+    sys.setswitchinterval(switch)
+    send_lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with send_lock:
+            conn.send(message)
+
+    try:
+        model, tokenizer = model_options.load(model_path)
+        engine = Engine(model, tokenizer, **engine_options)
+    except BaseException as err:  # the server raises it, naming the model
+        if not isinstance(err, VicunaflowError):  # a bug, not the user's input: its traceback goes to the log
+            log.exception("the engine process failed to start")
+        send(("failed", str(err) if isinstance(err, VicunaflowError) else f"{type(err).__name__}: {err}"))
+        return
+    with contextlib.closing(model):
+        outbox = _Outbox(send, engine)
+        sender = threading.Thread(target=outbox.run, name="vicunaflow-engine-sender", daemon=True)
+        sender.start()
+        engine.after_iteration = outbox.flush
+        requests = {}
+        engine.start()
+        heap.freeze()  # the model and the engine live as long as this process (serve/heap.py)
+        send(("ready", {"context": engine.context, "args": model.args}))
+        try:
+            _serve_pipe(conn, engine, outbox, requests, send)
+        finally:
+            engine.stop()  # the requests still open end "cancelled" (sent by the engine's last pass)
+            outbox.close()
+            sender.join(STOP_TIMEOUT_S)
+            with contextlib.suppress(OSError, ValueError):
+                send(("stopped",))
+
+
+def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[tuple], None]) -> None:
+    """The child's main thread: submits, cancels and snapshot calls until "stop" or the pipe closes."""
+
+    def sink_for(request_id: int) -> Callable[[Event], None]:
+        def sink(event: Event) -> None:
+            if event.finish_reason is not None:
+                requests.pop(request_id, None)
+            outbox.post(request_id, event)
+
+        return sink
+
+    while True:
+        try:
+            kind, *message = conn.recv()
+        except (EOFError, OSError):
+            log.warning("the server closed the engine's pipe: stopping")
+            return
+        if kind == "submit":
+            request_id, prompt_ids, params = message
+            try:
+                request = requests[request_id] = engine.submit(prompt_ids, params, sink_for(request_id))
+            except Exception as err:  # the engine stopped after an error (the server checked the rest)
+                send(("events", [(request_id, Event("", finish_reason="error", error=str(err)))], engine.failure))
+                continue
+            if request.done:  # it ended before it was entered: its sink found nothing to forget
+                requests.pop(request_id, None)
+        elif kind == "cancel":
+            request = requests.get(message[0])
+            if request is not None:
+                request.cancel()
+        elif kind == "call":
+            call_id, name = message
+            send(("reply", call_id, getattr(engine, name)() if name in CALLS else None))
+        elif kind == "stop":
+            return

@@ -1,0 +1,120 @@
+"""`serve --engine-process`: the engine in a child process, the HTTP side in the server's (serve/engine_process.py).
+
+The same replies as the engine run in this process, concurrent streams complete and in order, a disconnect
+cancels the request in the child, /health and /metrics read the child, and the child's failures reach the
+clients: a model it cannot load stops the server naming the folder; a child that dies ends the open
+requests with an error, and /health then says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from test_serve import SERVE, free_port, start_server  # tests/ is on sys.path
+from test_serve_load import REPLY_TOKENS, run  # run: streamed greedy completions of REPLY_TOKENS, EOS ignored
+
+MODEL = "vicuna-tiny-all-v1.1"
+STREAMS = 48
+
+
+def launch(tiny_vicuna, *args: str):
+    return start_server(tiny_vicuna, "--engine-process", "--max-context", "256", "--seed", "0", *args)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_vicuna):
+    process, url = launch(tiny_vicuna, "--max-batch-size", str(STREAMS))
+    yield process, url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def engine_children(server_pid: int) -> list[int]:
+    """The server's children started by multiprocessing's spawn (not its resource tracker): the engines'."""
+    listing = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in listing.stdout.splitlines() if "spawn_main" in line]
+
+
+def stream_body(prompt: list[int], max_tokens: int = REPLY_TOKENS) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_streams_match_the_engine_in_this_process(server, tiny_vicuna):
+    from vicunaflow.engine import Engine, SamplingParams, load_model
+
+    _, url = server
+    prompts = [[1] + [300 + (7 * i + j) % 700 for j in range(4 + i % 20)] for i in range(STREAMS)]
+    together = asyncio.run(run(url, prompts, at_once=True))
+    model, tokenizer = load_model(tiny_vicuna, device="cpu")
+    params = SamplingParams(temperature=0, max_new_tokens=REPLY_TOKENS, ignore_eos=True)
+    with Engine(model, tokenizer, max_batch_size=4, max_context=256) as engine:
+        for i, (prompt, reply) in enumerate(zip(prompts[:6], together, strict=False)):
+            text = "".join(event.text for event in engine.generate(prompt, params))
+            assert reply["text"] == text, f"stream {i}: the engine process's reply differs from this process's engine"
+    for i, reply in enumerate(together):
+        assert reply["status"] == 200 and reply["done"] and reply["finish"] == "length", (i, reply)
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["engine"]["max_batch"] >= STREAMS // 2, health["engine"]
+    assert health["engine"]["active"] == 0 and health["engine"]["context"] == 256
+    assert 'vicunaflow_requests_total{model="' + MODEL in httpx.get(f"{url}/metrics").text
+
+
+def test_a_disconnect_cancels_the_request_in_the_engine_process(server):
+    _, url = server
+    before = httpx.get(f"{url}/health").json()["engine"]
+    with httpx.stream("POST", f"{url}/v1/completions", json=stream_body([1, 400, 500], 200), timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{url}/health").json()["engine"]
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
+    assert stats["decode_tokens"] - before["decode_tokens"] < 150  # stopped well before its 200 tokens
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_engine_process_fails_its_streams_and_health_says_so(tiny_vicuna):
+    process, url = launch(tiny_vicuna, "--max-batch-size", "2")
+    try:
+        children = engine_children(process.pid)
+        assert len(children) == 1, children
+        with httpx.stream("POST", f"{url}/v1/completions", json=stream_body([1, 400], 220), timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(children[0], signal.SIGKILL)
+            rest = "\n".join(lines)  # the stream ends (it must not hang) with the failure
+        assert "the engine process exited unexpectedly" in rest and rest.rstrip().endswith("data: [DONE]"), rest[-500:]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error", health.text
+        refused = httpx.post(f"{url}/v1/completions", json=stream_body([1, 400]), timeout=30)
+        assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"], refused.text
+        assert process.poll() is None  # the server stays up to say why
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_a_model_the_engine_process_cannot_load_stops_serve_naming_it(tiny_vicuna, tmp_path):
+    broken = tmp_path / "vicuna-broken"
+    shutil.copytree(tiny_vicuna, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short: its tensors cannot be read
+    result = subprocess.run(
+        [*SERVE, "--engine-process", "--model-path", str(broken), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert str(broken) in result.stderr and "Traceback" not in result.stderr.splitlines()[-1], result.stderr[-2000:]
