@@ -38,7 +38,9 @@ def server(tiny_vicuna):
 
 def engine_children(server_pid: int) -> list[int]:
     """The server's children started by multiprocessing's spawn (not its resource tracker): the engines'."""
-    listing = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True)
+    listing = subprocess.run(
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True
+    )
     return [int(line.split()[0]) for line in listing.stdout.splitlines() if "spawn_main" in line]
 
 
