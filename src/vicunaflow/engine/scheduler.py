@@ -281,9 +281,9 @@ class Engine:
         self.latency = engine_histograms()
         self.last_collect_at = 0.0
         self.fresh_rows: list[Request] = []
-        # called by the engine thread after each pass of its loop (admissions, a prefill forward, a decode step):
-        # where serve's engine process sends the pass's events in one message (serve/engine_process.py)
-        self.after_iteration: Callable[[], None] | None = None
+        # called by the engine thread once a piece of work has emitted its events (a prefill forward's first tokens,
+        # a pass of the loop): where serve's engine process sends them, one message each (serve/engine_process.py)
+        self.flush_events: Callable[[], None] | None = None
         log.info(
             "engine: %d slots x %d tokens, KV cache %d tokens (%d blocks of %d) %.1f MiB per rank, %d rank(s), "
             "CUDA graphs %s%s, overlap %s",
@@ -403,8 +403,7 @@ class Engine:
         try:
             self._steps()
         finally:  # the events of the requests ended on the way out
-            if self.after_iteration is not None:
-                self.after_iteration()
+            self._flush_events()
 
     def _steps(self) -> None:
         """Step until stopped. A failed step fails its requests, a failed admission its request; any other
@@ -428,6 +427,7 @@ class Engine:
                         except torch.OutOfMemoryError:
                             if not self._smaller_bursts():
                                 raise
+                        self._flush_events()  # the first tokens go out now, not after the decode step below
                     self._drop_finished()
                     if self.rows:
                         self._decode_step()
@@ -439,8 +439,7 @@ class Engine:
                         if not request.done:
                             self._finish(request, "error", error=f"{type(err).__name__}: {err}")
                     self._forget_rows()
-                if self.after_iteration is not None:
-                    self.after_iteration()
+                self._flush_events()
         except Exception as err:
             log.exception("engine loop failed: the engine stops")
             if self.model.comm.world > 1:
@@ -458,6 +457,10 @@ class Engine:
             request.cancelled = True
             self._finish(request, "cancelled")
         self._forget_rows()
+
+    def _flush_events(self) -> None:
+        if self.flush_events is not None:
+            self.flush_events()
 
     def _forget_rows(self) -> None:
         """Drop every row, prefilling prompt and step in flight, and give all blocks back (their requests ended)."""

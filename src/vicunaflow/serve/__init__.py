@@ -53,7 +53,7 @@ def serve(
     default_max_tokens: int = 512,
     seed: int | None = None,
     cuda_graphs: bool = True,
-    engine_process: bool = False,
+    engine_process: bool = True,
     max_body_bytes: int = 4 * 1024 * 1024,
     results_dir: Path = Path("results/serve"),
 ) -> None:
@@ -95,7 +95,8 @@ def serve(
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         engine_process: run each model's engine in a process of its own (as vLLM's V1 does), so the HTTP side and
             the engine's kernel launches stop taking turns at one GIL (serve/engine_process.py); with several
-            models their CUDA graphs then stay on.
+            models their CUDA graphs then stay on. With --num-gpus above 1 the engine stays in the server's
+            process, where its tensor-parallel ranks start from.
         max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
         results_dir: where the arena appends its votes (arena_votes.jsonl).
     """
@@ -140,6 +141,7 @@ def serve(
     for path in models.values():  # what load refuses (a raw Meta folder, a delta), before the first model loads
         require_servable_model(path)
     num_gpus = model_options.num_gpus
+    engine_process = engine_process and num_gpus == 1  # tensor-parallel ranks start from the server's process
     resolved = resolve_device(model_options.device, num_gpus)
     sizes = dict(num_gpus=num_gpus, load_8bit=model_options.load_8bit, load_4bit=model_options.load_4bit)
     sizes |= dict(max_batch_size=max_batch_size, max_context=max_context, kv_cache_tokens=kv_cache_tokens)
@@ -148,7 +150,8 @@ def serve(
     if model_options.max_gpu_memory:  # the models' weights together: they share the GPU(s)
         check_memory_cap(estimates, model_options.max_gpu_memory)
     # estimate also refused a --kv-cache-tokens below one full-context request, before any load
-    check_fit(estimates, device=resolved, num_gpus=num_gpus)
+    if not engine_process:  # else each engine process checks, before it loads: CUDA stays out of this process
+        check_fit(estimates, device=resolved, num_gpus=num_gpus)
     if len(models) > 1 and resolved == "cuda" and cuda_graphs and not engine_process:
         # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
         # torch.cuda.graph empties the allocator's cache) while another engine allocates or syncs can fail
@@ -173,9 +176,10 @@ def serve(
         engine_options |= {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
         engine_options |= {} if prefill_burst is None else {"prefill_burst": prefill_burst}
         engines = {}
-        for name, path in models.items():
-            if engine_process:
-                engines[name] = stack.enter_context(RemoteEngine(path, model_options, engine_options, name=name))
+        for i, (name, path) in enumerate(models.items()):
+            if engine_process:  # checks that it and the models after it fit in what the ones before left free
+                fit = (estimates[i:], resolved, num_gpus)
+                engines[name] = stack.enter_context(RemoteEngine(path, model_options, engine_options, fit, name=name))
                 continue
             model, tokenizer = model_options.load(path)
             stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks

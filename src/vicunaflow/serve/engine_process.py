@@ -9,8 +9,9 @@ same reason.
 
 The server process keeps the tokenizer (prompts are rendered and tokenized there, as before) and a
 `RemoteEngine` with the methods the app calls on an `Engine`. The child loads the model, runs an `Engine`, and
-answers over a pipe: requests in, and each pass of the engine's loop's events out in one message (the engine's
-`after_iteration`), which a reader thread here hands to the requests' sinks. The child follows the server: it
+answers over a pipe: requests in; events out, one message for each piece of the engine's work that emits them
+(a prefill forward's first tokens, a decode step's tokens: `Engine.flush_events`), which a reader thread here
+hands to the requests' sinks. The child follows the server: it
 stops when told, and when the pipe closes (the server died); if the child dies, every open request ends with an
 error and /health reports the failure, as when an engine's loop stops on an error.
 """
@@ -61,10 +62,13 @@ class RemoteEngine:
     """An `Engine` in a child process, for the app: tokenizer, context, submit, max_new_tokens, the snapshots.
 
     Starting blocks until the child has loaded the model and warmed up (or failed: its error is raised here).
-    Use it as a context manager, or call `stop()`.
+    fit: serve.fit.check_fit's (estimates, device, num_gpus), checked in the child before it loads (so that this
+    process never opens a CUDA context of its own, ~0.5 GiB of the GPU). Use it as a context manager, or call `stop()`.
     """
 
-    def __init__(self, model_path: Path, model_options: ModelOptions, engine_options: dict, name: str = "engine"):
+    def __init__(
+        self, model_path: Path, model_options: ModelOptions, engine_options: dict, fit=None, name: str = "engine"
+    ):
         from vicunaflow.tokenizer import open_tokenizer
 
         self.name = name
@@ -79,7 +83,7 @@ class RemoteEngine:
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_engine_main,
-            args=(child_end, Path(model_path), model_options, engine_options, sys.getswitchinterval()),
+            args=(child_end, Path(model_path), model_options, engine_options, fit, sys.getswitchinterval()),
             name=f"vicunaflow-{name}",
         )
         self._process.start()
@@ -228,7 +232,7 @@ class _ModelInfo:
 
 
 class _Outbox:
-    """Events from the engine thread, sent as one message per pass of its loop by a sender thread (so that
+    """Events from the engine thread, sent as one message per flush by a sender thread (so that
     pickling and writing the pipe never hold up the engine's next launch)."""
 
     def __init__(self, send: Callable[[tuple], None], engine):
@@ -239,11 +243,11 @@ class _Outbox:
         self.closed = False
 
     def post(self, request_id: int, event: Event) -> None:
-        """Engine thread: a request's event, kept until the pass ends."""
+        """Engine thread: a request's event, kept until the engine flushes."""
         self.pending.append((request_id, event))
 
     def flush(self) -> None:
-        """Engine thread, after each pass: hand the pass's events to the sender."""
+        """Engine thread (Engine.flush_events): hand the events so far to the sender."""
         if self.pending:
             with self.ready:
                 self.batch += self.pending
@@ -266,11 +270,13 @@ class _Outbox:
             self.ready.notify()
 
 
-def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_options: dict, switch: float) -> None:
-    """The engine process: load, warm up, say ready, then serve the pipe until told to stop or it closes."""
+def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_options: dict, fit, switch: float) -> None:
+    """The engine process: check the fit, load, warm up, say ready, then serve the pipe until told to stop or it
+    closes."""
     from vicunaflow.engine import Engine
     from vicunaflow.log import setup_logging
     from vicunaflow.serve import heap
+    from vicunaflow.serve.fit import check_fit
 
     setup_logging()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
@@ -282,6 +288,8 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
             conn.send(message)
 
     try:
+        if fit is not None:
+            check_fit(fit[0], device=fit[1], num_gpus=fit[2])
         model, tokenizer = model_options.load(model_path)
         engine = Engine(model, tokenizer, **engine_options)
     except BaseException as err:  # the server raises it, naming the model
@@ -293,7 +301,7 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
         outbox = _Outbox(send, engine)
         sender = threading.Thread(target=outbox.run, name="vicunaflow-engine-sender", daemon=True)
         sender.start()
-        engine.after_iteration = outbox.flush
+        engine.flush_events = outbox.flush
         requests = {}
         engine.start()
         heap.freeze()  # the model and the engine live as long as this process (serve/heap.py)
@@ -301,7 +309,7 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
         try:
             _serve_pipe(conn, engine, outbox, requests, send)
         finally:
-            engine.stop()  # the requests still open end "cancelled" (sent by the engine's last pass)
+            engine.stop()  # the requests still open end "cancelled" (sent by the engine's last flush)
             outbox.close()
             sender.join(STOP_TIMEOUT_S)
             with contextlib.suppress(OSError, ValueError):
