@@ -1,8 +1,9 @@
 """`vicunaflow serve`: an OpenAI-compatible HTTP API and a web chat page over the batching engine.
 
 FastChat's controller + model_worker + openai_api_server trio (three processes, pydantic 1) is
-replaced by one process: FastAPI routes in `app.py` feed `vicunaflow.engine.Engine`, which batches
-concurrent requests on the model. Keys come from --api-key or VICUNAFLOW_API_KEYS.
+replaced by one server: FastAPI routes in `app.py` feed `vicunaflow.engine.Engine`, which batches
+concurrent requests on the model, in a child process of the server (`engine_process.py`; a thread of the
+server with --engine-process false). Keys come from --api-key or VICUNAFLOW_API_KEYS.
 """
 
 from __future__ import annotations
