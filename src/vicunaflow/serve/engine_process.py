@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -72,7 +73,6 @@ class RemoteEngine:
         from vicunaflow.tokenizer import open_tokenizer
 
         self.name = name
-        self.tokenizer = open_tokenizer(model_path)  # here too: prompts are tokenized on the HTTP side
         self.failure: str | None = None
         self._requests: dict[int, RemoteRequest] = {}
         self._ids = itertools.count()
@@ -86,12 +86,19 @@ class RemoteEngine:
             args=(child_end, Path(model_path), model_options, engine_options, fit, sys.getswitchinterval()),
             name=f"vicunaflow-{name}",
         )
+        log.info("%s: starting its engine process", name)
         self._process.start()
         child_end.close()  # this end lives in the child: its exit then closes the pipe for recv() here
         try:
-            kind, *message = self._conn.recv()
-        except (EOFError, OSError):
-            kind, message = "failed", [f"the engine process exited with code {self._wait_exit()} while loading"]
+            self.tokenizer = open_tokenizer(model_path)  # here too (prompts are tokenized on the HTTP side), meanwhile
+            try:
+                kind, *message = self._conn.recv()
+            except (EOFError, OSError):
+                kind, message = "failed", [f"the engine process exited with code {self._wait_exit()} while loading"]
+        except BaseException:  # a damaged tokenizer, Ctrl-C while loading: the child must not outlive this
+            self._process.terminate()
+            self._wait_exit()
+            raise
         if kind != "ready":
             self._wait_exit()
             raise VicunaflowError(f"{model_path}: {message[0]}")
@@ -279,6 +286,7 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
     from vicunaflow.serve.fit import check_fit
 
     setup_logging()
+    log.info("engine process %d: Python and its imports are up (the time since the server's 'starting')", os.getpid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
     sys.setswitchinterval(switch)
     send_lock = threading.Lock()
