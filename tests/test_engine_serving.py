@@ -722,3 +722,41 @@ def test_stopping_ends_queued_requests_and_a_restart_does_not_run_them(loaded):
         assert _last(fresh_events).finish_reason in ("length", "stop")
     assert queued_events.empty() and running_events.empty()
     assert queued.completion_tokens == 0 and fresh.done
+
+
+def test_rows_whose_replies_end_ride_in_the_steps_queued_ahead(loaded):
+    """With overlap, replies ending at different steps leave holes in the batch instead of a step without one
+    queued ahead at each end (`Engine._holes_ride`): the replies are those of each request alone, every step but
+    the first is queued ahead, and once the holes would be more than half the rows they go."""
+    model, tokenizer = loaded
+    prompts = [_prompt(tokenizer, q) for q in QUESTIONS[:3]] * 2
+    lengths = [3, 5, 7, 16, 16, 16]  # three replies end early: holes among six rows, never more than half
+
+    def run(max_batch_size: int, overlap: bool) -> tuple[list[list[int]], dict]:
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, overlap=overlap)
+        done = threading.Semaphore(0)
+        requests = [  # all waiting before the loop starts: one prefill, then every row decodes together
+            engine.submit(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), lambda e: e.finish_reason and done.release())
+            for p, n in zip(prompts, lengths, strict=True)
+        ]  # fmt: skip
+        with engine:
+            for _ in requests:
+                done.acquire()
+            deadline = time.monotonic() + 10  # the last holes go at the loop's next pass, after the last events
+            while (stats := engine.snapshot_stats())["kv_blocks_free"] < stats["kv_blocks"]:
+                assert time.monotonic() < deadline, f"the holes' blocks never came back: {stats}"
+                time.sleep(0.01)
+        return [r.decoder.ids for r in requests], stats
+
+    batched, stats = run(len(prompts), overlap=True)
+    for i, prompt in enumerate(prompts):
+        single = _replies(model, tokenizer, [prompt], max_new_tokens=lengths[i], max_batch_size=1)[0]
+        assert batched[i] == single, f"request {i}: its reply changed with holes in its batch"
+    assert stats["max_batch"] == len(prompts) and stats["active"] == 0
+    assert stats["queued_ahead"] == stats["steps"] - 1, stats  # all but the first, which had none in flight
+
+    # four of six ending early: the fourth hole is more than half the rows, so the batch drains once and shrinks
+    lengths = [3, 4, 5, 6, 16, 16]
+    batched, stats = run(len(prompts), overlap=True)
+    assert stats["queued_ahead"] == stats["steps"] - 2, stats  # and the first after the drain
+    assert stats["batch_sizes"].get(2, 0) > 0, stats["batch_sizes"]  # the two long replies went on alone
