@@ -173,9 +173,8 @@ class Engine:
 
     With `overlap` the engine keeps one decode step queued ahead: step t+1 is launched from step t's
     sampled tokens (still on the device) before the host detokenises and streams step t, so the GPU
-    never waits for that host work. A row whose request ends stays in the steps queued ahead as a hole,
-    decoding tokens nobody reads, until the batch changes anyway or holes are half its rows (`_holes_ride`);
-    the batch only changes (admissions, finished rows leaving) once no step is in flight.
+    never waits for that host work. A row whose request ends at step t wastes its slot of step t+1;
+    the batch only changes (admissions, finished rows) once no step is in flight.
 
     Log-probabilities (`SamplingParams.logprobs`) are computed on the device right after the step that
     produced the logits (a log_softmax and top-k over [rows, vocab], only in steps where a row asks), and read
@@ -708,9 +707,8 @@ class Engine:
         self.in_flight = queued
 
     def _batch_stays(self) -> bool:
-        """True when the next step may be queued ahead with the rows as they are: no waiting request could join now
-        (one that waits for blocks leaves the overlap on), no client left, and the rows whose replies end (or end
-        with the token in flight) may ride as holes (`_holes_ride`)."""
+        """True when every row will still be running after the step in flight, as far as the host can tell,
+        and no waiting request could join now (one that waits for blocks leaves the overlap on)."""
         if self.prefilling or self._admissible():
             return False
         if len(self.cache.growing(self.lengths)) > len(self.cache.free):
@@ -718,26 +716,13 @@ class Engine:
         context = self.context
         if self.lengths and max(self.lengths) + 1 >= context:
             return False
-        holes = 0
         for request in self.rows:
-            if request.cancelled and not request.done:
-                return False  # its client left: the row goes (and its request ends) at once
+            if request.done or request.cancelled:
+                return False
             generated = request.completion_tokens + 1  # with the token in flight
-            if (
-                request.done
-                or generated >= request.params.max_new_tokens
-                or len(request.prompt_ids) + generated >= context
-            ):
-                holes += 1
-        return self._holes_ride(holes)
-
-    def _holes_ride(self, holes: int) -> bool:
-        """Whether `holes` rows whose replies have ended may stay in the batch, decoding tokens nobody reads, so
-        that the steps stay queued ahead. Dropping them needs the batch without a step in flight, and the GPU would
-        wait while the host reads the last step, sends its events and launches the next. They go at the next change
-        of the batch (a request joining, a client leaving, blocks running short), or once they are more than half the
-        rows: each still costs its attention and holds its blocks."""
-        return 2 * holes <= len(self.rows) and holes < len(self.rows)
+            if generated >= request.params.max_new_tokens or len(request.prompt_ids) + generated >= context:
+                return False
+        return True
 
     def _launch(
         self, tokens: list[int] | torch.Tensor, pieces: Sequence[tuple[PrefillJob, PrefillChunk]] = ()
@@ -893,9 +878,6 @@ class Engine:
             self._finish(job.request, "cancelled")
         if not any(r.done or r.cancelled for r in self.rows):
             return  # nothing to free (the loop below would change nothing)
-        left = any(r.cancelled and not r.done for r in self.rows)  # a client left: its row goes now
-        if self.in_flight is not None and not left and self._holes_ride(sum(r.done for r in self.rows)):
-            return  # the ended rows ride in the steps queued ahead until the batch changes (_holes_ride)
         self._drain()
         i = 0
         while i < len(self.rows):
