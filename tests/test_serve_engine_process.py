@@ -120,3 +120,21 @@ def test_a_model_the_engine_process_cannot_load_stops_serve_naming_it(tiny_vicun
     )
     assert result.returncode != 0
     assert str(broken) in result.stderr and "Traceback" not in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("signal_sent", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
+def test_the_engine_process_ends_with_the_server(tiny_vicuna, signal_sent):
+    """Stopped (SIGTERM: uvicorn shuts down, then re-raises the signal) the server stops its engine process before
+    it exits; killed outright, the engine process sees it and exits on its own (its GPU memory comes back)."""
+    import psutil
+
+    process, _ = launch(tiny_vicuna, "--max-batch-size", "2")
+    children = engine_children(process.pid)
+    assert len(children) == 1, children
+    child = psutil.Process(children[0])
+    process.send_signal(signal_sent)
+    process.wait(timeout=60)
+    if signal_sent == signal.SIGTERM:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the server exited before its engine"
+    else:
+        child.wait(timeout=30)

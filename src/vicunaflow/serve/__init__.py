@@ -194,6 +194,7 @@ def serve(
             results_dir=results_dir,
             ready=ready,
             gc_pauses=gc_pauses,
+            on_shutdown=lambda: [engine.stop() for engine in engines.values() if isinstance(engine, RemoteEngine)],
         )
         log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", ", ".join(models), host, port)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))

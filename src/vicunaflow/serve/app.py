@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -28,7 +29,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from json.encoder import encode_basestring as json_string  # C: a str as a JSON string, no encoder object
 from pathlib import Path
 
@@ -89,17 +90,27 @@ def create_app(
     results_dir: Path | None = None,
     ready: threading.Event | None = None,
     gc_pauses: GCPauses | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
     """engines: model name -> its engine, or one engine served as `model_name`. results_dir: where the
     arena writes its votes (None: the arena's vote route refuses). ready: until it is set, /health answers
     503 "starting" (`serve` sets it once its own first requests went through; None: ready at once).
-    gc_pauses: the process's garbage collections, reported by /health as "gc" (serve/heap.py)."""
+    gc_pauses: the process's garbage collections, reported by /health as "gc" (serve/heap.py). on_shutdown: run
+    (in a worker thread) when the server shuts down gracefully, after its last response: `serve` stops its engine
+    processes there, before uvicorn re-raises a SIGTERM that would end this process without unwinding."""
     from vicunaflow.serve import arena, metrics
 
     if isinstance(engines, Engine):
         engines = {model_name or "model": engines}
     model_name = next(iter(engines))  # the default model of the chat page and /health
-    app = FastAPI(title="vicunaflow", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if on_shutdown is not None:
+            await run_in_threadpool(on_shutdown)
+
+    app = FastAPI(title="vicunaflow", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     keys = [k.encode() for k in api_keys or []]
     created = int(time.time())
 

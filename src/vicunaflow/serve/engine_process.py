@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from vicunaflow.loading import ModelOptions
 log = logging.getLogger(__name__)
 
 CALLS = ("snapshot_stats", "snapshot_latency")  # what the app reads of an engine besides its events
-CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 5.0  # /health and /metrics wait this long for the child (they run on the event loop)
 STOP_TIMEOUT_S = 60.0
+PARENT_POLL_S = 0.5  # how often the child checks that the server still lives
 
 
 class RemoteRequest:
@@ -79,6 +81,7 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         self._replies: dict[int, list] = {}  # call id -> [threading.Event, value]
         self._last: dict[str, dict] = {}  # the snapshots last read: what /health shows once the child is gone
+        self._stopping = False  # stop() asked the child to stop: its "stopped" is no failure
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the child imports afresh
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
@@ -106,8 +109,12 @@ class RemoteEngine:
         self.context, self.model = info["context"], _ModelInfo(info["args"])
         self._reader = threading.Thread(target=self._read, name=f"vicunaflow-{name}-events", daemon=True)
         self._reader.start()
-        for call in CALLS:  # a first reading of each, for /health should the child ever die
-            self._call(call)
+        try:
+            for call in CALLS:  # a first reading of each, for /health should the child ever die
+                self._call(call)
+        except BaseException:
+            self.stop()
+            raise
 
     # -- what the app calls -------------------------------------------------------------------------------
 
@@ -140,7 +147,11 @@ class RemoteEngine:
     # -- lifetime -----------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the child's engine (its open requests end "cancelled") and wait for the child to exit."""
+        """Stop the child's engine (its open requests end "cancelled") and wait for the child to exit. Once: the
+        server calls it as it shuts down, and again as serve() unwinds."""
+        if self._stopping:
+            return
+        self._stopping = True
         with contextlib.suppress(OSError, ValueError):
             self._send(("stop",))
         self._process.join(STOP_TIMEOUT_S)
@@ -198,11 +209,17 @@ class RemoteEngine:
                         slot[1] = value
                         slot[0].set()
                 elif kind == "stopped":
+                    if not self._stopping:  # it stopped on its own: its log says why
+                        self.failure = self.failure or "the engine process stopped on its own"
                     return
         except (EOFError, OSError):
-            code = self._wait_exit(timeout=5)
-            self.failure = self.failure or f"the engine process exited unexpectedly (exit code {code})"
+            if self.failure is None:
+                self.failure = "the engine process exited unexpectedly"  # at once: no submit may wait on it now
+                self.failure += f" (exit code {self._wait_exit(timeout=5)})"
             log.error("%s: %s", self.name, self.failure)
+        except Exception as err:  # a bug here: no event would ever reach a request again, so say so
+            self.failure = self.failure or f"reading the engine process failed: {type(err).__name__}: {err}"
+            log.exception("%s: reading the engine process failed", self.name)
         finally:
             for slot in list(self._replies.values()):
                 slot[0].set()
@@ -269,7 +286,10 @@ class _Outbox:
                 if not self.batch:
                     return
                 batch, self.batch = self.batch, []
-            self.send(("events", batch, self.engine.failure))
+            try:
+                self.send(("events", batch, self.engine.failure))
+            except (OSError, ValueError):
+                return  # the server is gone: the main thread sees the pipe closed and stops the engine
 
     def close(self) -> None:
         with self.ready:
@@ -288,6 +308,7 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
     setup_logging()
     log.info("engine process %d: Python and its imports are up (the time since the server's 'starting')", os.getpid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
+    threading.Thread(target=_follow_parent, args=(os.getppid(),), name="vicunaflow-parent-watch", daemon=True).start()
     sys.setswitchinterval(switch)
     send_lock = threading.Lock()
 
@@ -324,6 +345,16 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
                 send(("stopped",))
 
 
+def _follow_parent(parent: int) -> None:
+    """Exit as soon as the server is gone, whatever this process is doing (loading a model, warming up): a
+    server killed outright (SIGKILL, or SIGTERM before it serves) cannot stop it, and the GPU memory it holds
+    must come back for the next server."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[tuple], None]) -> None:
     """The child's main thread: submits, cancels and snapshot calls until "stop" or the pipe closes."""
 
@@ -341,21 +372,35 @@ def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[t
         except (EOFError, OSError):
             log.warning("the server closed the engine's pipe: stopping")
             return
-        if kind == "submit":
-            request_id, prompt_ids, params = message
-            try:
-                request = requests[request_id] = engine.submit(prompt_ids, params, sink_for(request_id))
-            except Exception as err:  # the engine stopped after an error (the server checked the rest)
-                send(("events", [(request_id, Event("", finish_reason="error", error=str(err)))], engine.failure))
-                continue
-            if request.done:  # it ended before it was entered: its sink found nothing to forget
-                requests.pop(request_id, None)
-        elif kind == "cancel":
-            request = requests.get(message[0])
-            if request is not None:
-                request.cancel()
-        elif kind == "call":
-            call_id, name = message
-            send(("reply", call_id, getattr(engine, name)() if name in CALLS else None))
-        elif kind == "stop":
+        if kind == "stop":
             return
+        try:
+            _handle(kind, message, engine, requests, sink_for, send)
+        except (OSError, ValueError):
+            log.warning("the server closed the engine's pipe: stopping")
+            return
+        except Exception:  # one message's failure (a bug) must not take the engine down with it
+            log.exception("the engine process failed to handle a %r message", kind)
+
+
+def _handle(kind: str, message: list, engine, requests: dict, sink_for, send: Callable[[tuple], None]) -> None:
+    if kind == "submit":
+        request_id, prompt_ids, params = message
+        try:
+            request = requests[request_id] = engine.submit(prompt_ids, params, sink_for(request_id))
+        except Exception as err:  # the engine stopped after an error (the server checked the rest)
+            send(("events", [(request_id, Event("", finish_reason="error", error=str(err)))], engine.failure))
+            return
+        if request.done:  # it ended before it was entered: its sink found nothing to forget
+            requests.pop(request_id, None)
+    elif kind == "cancel":
+        request = requests.get(message[0])
+        if request is not None:
+            request.cancel()
+    elif kind == "call":
+        call_id, name = message
+        value = None
+        try:
+            value = getattr(engine, name)() if name in CALLS else None
+        finally:  # None on a failure: the caller keeps its last reading rather than waiting out its timeout
+            send(("reply", call_id, value))
