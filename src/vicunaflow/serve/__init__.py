@@ -186,6 +186,12 @@ def serve(
             stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
             engines[name] = stack.enter_context(Engine(model, tokenizer, **engine_options))
         ready = threading.Event()
+
+        def stop_engine_processes() -> None:  # at the graceful shutdown, before uvicorn re-raises a SIGTERM
+            for engine in engines.values():
+                if isinstance(engine, RemoteEngine):
+                    engine.stop()
+
         app = create_app(
             engines,
             api_keys=keys,
@@ -194,7 +200,7 @@ def serve(
             results_dir=results_dir,
             ready=ready,
             gc_pauses=gc_pauses,
-            on_shutdown=lambda: [engine.stop() for engine in engines.values() if isinstance(engine, RemoteEngine)],
+            on_shutdown=stop_engine_processes,
         )
         log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", ", ".join(models), host, port)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
