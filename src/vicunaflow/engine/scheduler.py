@@ -339,10 +339,7 @@ class Engine:
         self.stop()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Request:
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.context:
-            raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
+        check_prompt(prompt_ids, self.context)
         request = Request(prompt_ids, params, sink, self.tokenizer)
         with self.lock:
             if self.failure is not None:  # no thread would ever take it: refuse rather than leave it waiting
@@ -934,6 +931,14 @@ def timed(events: Iterator[Event]) -> tuple[str, Event, float]:
     for last in events:
         text += last.text
     return text, last, time.perf_counter() - start
+
+
+def check_prompt(prompt_ids: Sequence[int], context: int) -> None:
+    """What submit refuses at once: an empty prompt, or one that leaves no room in the context for a reply."""
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    if len(prompt_ids) >= context:
+        raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {context} tokens")
 
 
 def reply_room(context: int, prompt_length: int, requested: int | None) -> int:

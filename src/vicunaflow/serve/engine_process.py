@@ -11,9 +11,9 @@ The server process keeps the tokenizer (prompts are rendered and tokenized there
 `RemoteEngine` with the methods the app calls on an `Engine`. The child loads the model, runs an `Engine`, and
 answers over a pipe: requests in; events out, one message for each piece of the engine's work that emits them
 (a prefill forward's first tokens, a decode step's tokens: `Engine.flush_events`), which a reader thread here
-hands to the requests' sinks. The child follows the server: it
-stops when told, and when the pipe closes (the server died); if the child dies, every open request ends with an
-error and /health reports the failure, as when an engine's loop stops on an error.
+hands to the requests' sinks. The child follows the server: it stops when told (the server's graceful shutdown),
+when the pipe closes, or when the server's process is gone (checked even while it loads); if the child dies,
+every open request ends with an error and /health reports the failure, as when an engine's loop stops on an error.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 from vicunaflow import VicunaflowError
 from vicunaflow.engine.sampling import SamplingParams
-from vicunaflow.engine.scheduler import Event, reply_room
+from vicunaflow.engine.scheduler import Event, check_prompt, reply_room
 from vicunaflow.loading import ModelOptions
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class RemoteEngine:
             self._wait_exit()
             raise VicunaflowError(f"{model_path}: {message[0]}")
         info = message[0]
-        self.context, self.model = info["context"], _ModelInfo(info["args"])
+        # engine.model as the app reads it: its ModelArgs (the vocabulary a token-id prompt is checked against)
+        self.context, self.model = info["context"], SimpleNamespace(args=info["args"])
         self._reader = threading.Thread(target=self._read, name=f"vicunaflow-{name}-events", daemon=True)
         self._reader.start()
         try:
@@ -120,10 +122,7 @@ class RemoteEngine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> RemoteRequest:
         """Engine.submit's checks here (its errors at once), the request itself in the child."""
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        if len(prompt_ids) >= self.context:
-            raise VicunaflowError(f"the prompt is {len(prompt_ids)} tokens; the context is {self.context} tokens")
+        check_prompt(prompt_ids, self.context)
         if self.failure is not None:
             raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
         request = RemoteRequest(self, next(self._ids), sink)
@@ -243,13 +242,6 @@ class RemoteEngine:
     def _wait_exit(self, timeout: float = 30) -> int | None:
         self._process.join(timeout)
         return self._process.exitcode
-
-
-class _ModelInfo:
-    """engine.model as the app reads it: its ModelArgs (the vocabulary size a token-id prompt is checked against)."""
-
-    def __init__(self, args):
-        self.args = args
 
 
 # -- the child --------------------------------------------------------------------------------------------------
