@@ -368,7 +368,7 @@ def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[t
             return
         try:
             _handle(kind, message, engine, requests, sink_for, send)
-        except (OSError, ValueError):
+        except OSError:  # the reply could not be written (a ValueError from the engine is a failed message below)
             log.warning("the server closed the engine's pipe: stopping")
             return
         except Exception:  # one message's failure (a bug) must not take the engine down with it
