@@ -42,7 +42,8 @@ engine thread). Client streams are spread over `--client-procs` processes (each 
 connection pool: httpx.AsyncClient with a connection per stream); each process's CPU use is reported,
 and a run where a client process was over 70% busy is flagged (the client may then be the bottleneck).
 The aggregate and join rows also give the server's Python garbage collections between the scenario's two
-/health readings: full ones (`server_gc_full`) and every pause added up (`server_gc_pause_ms`).
+/health readings: full ones (`server_gc_full`) and every pause added up (`server_gc_pause_ms`), and its engine
+process's (`engine_gc_full`, `engine_gc_pause_ms`).
 
 Models: `--size 7b|13b` writes a random LLaMA of that shape (float16, seed 0, the synthetic 32000-piece
 tokenizer of bench_chat.py) once to `--scratch` as a Hugging Face folder and serves it; `--tiny` builds
@@ -552,15 +553,17 @@ def engine_first_token(before: dict, after: dict) -> dict:
 
 
 def gc_during(before: dict, after: dict) -> dict:
-    """The server's garbage collections between two /health readings (serve/heap.py): how many were full
-    (generation 2), and every collection's pause added up."""
-    first, last = before.get("gc"), after.get("gc")
-    if not (first and last):
-        return {}
-    return {
-        "server_gc_full": last["collections"][2] - first["collections"][2],
-        "server_gc_pause_ms": round(1000 * (last["pause_s"] - first["pause_s"]), 1),
-    }
+    """The garbage collections between two /health readings (serve/heap.py), the server's and (`serve
+    --engine-process`) its engine process's: how many were full (generation 2), and every pause added up."""
+    row = {}
+    for who, first, last in (
+        ("server", before.get("gc"), after.get("gc")),
+        ("engine", before.get("engine", {}).get("gc"), after.get("engine", {}).get("gc")),
+    ):
+        if first and last:
+            row[f"{who}_gc_full"] = last["collections"][2] - first["collections"][2]
+            row[f"{who}_gc_pause_ms"] = round(1000 * (last["pause_s"] - first["pause_s"]), 1)
+    return row
 
 
 def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab: int) -> Iterator[dict]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -66,6 +67,7 @@ def test_concurrent_streams_match_the_engine_in_this_process(server, tiny_vicuna
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["engine"]["max_batch"] >= STREAMS // 2, health["engine"]
     assert health["engine"]["active"] == 0 and health["engine"]["context"] == 256
+    assert len(health["engine"]["gc"]["collections"]) == 3  # the engine process's own collections (serve/heap.py)
     assert 'vicunaflow_requests_total{model="' + MODEL in httpx.get(f"{url}/metrics").text
 
 
@@ -83,6 +85,76 @@ def test_a_disconnect_cancels_the_request_in_the_engine_process(server):
         time.sleep(0.05)
     assert stats["cancelled"] == before["cancelled"] + 1 and stats["active"] == 0, stats
     assert stats["decode_tokens"] - before["decode_tokens"] < 150  # stopped well before its 200 tokens
+
+
+def test_health_waits_for_a_stalled_engine_process_off_the_event_loop(server):
+    """/health asks the engine process over its pipe; while that waits (here the child is stopped, SIGSTOP) the
+    server's other routes answer, and /health gives its last reading once CALL_TIMEOUT_S has passed."""
+    from vicunaflow.serve.engine_process import CALL_TIMEOUT_S
+
+    process, url = server
+    [child] = engine_children(process.pid)
+    answers = {}
+
+    def health() -> None:
+        started = time.monotonic()
+        answers["health"] = httpx.get(f"{url}/health", timeout=60)
+        answers["health_s"] = time.monotonic() - started
+
+    os.kill(child, signal.SIGSTOP)
+    try:
+        waiting = threading.Thread(target=health)
+        waiting.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        models = httpx.get(f"{url}/v1/models", timeout=60)
+        models_s = time.monotonic() - started
+        waiting.join(60)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert models.status_code == 200 and models_s < 1.0, f"/v1/models waited {models_s:.2f} s behind /health"
+    assert answers["health"].status_code == 200 and answers["health"].json()["status"] == "ok"
+    assert answers["health_s"] >= CALL_TIMEOUT_S - 0.1, answers["health_s"]
+    assert httpx.get(f"{url}/health").json()["engine"]["active"] == 0  # answered again once the child runs
+
+
+@pytest.mark.timeout(180)
+def test_remote_engine_starts_through_a_ctrl_c_and_refuses_requests_once_stopped(tiny_vicuna, capfd):
+    """A Ctrl-C that reaches the engine process while it imports does nothing there (the server stops it; no
+    traceback), and a request submitted after the engine stopped is refused at once, not left without an end."""
+    import multiprocessing
+
+    from vicunaflow import VicunaflowError
+    from vicunaflow.engine import SamplingParams
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve.engine_process import RemoteEngine
+
+    interrupted = []
+
+    def interrupt_the_child() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not interrupted:
+            for child in multiprocessing.active_children():
+                if child.name == "vicunaflow-tiny" and child.pid:
+                    os.kill(child.pid, signal.SIGINT)
+                    interrupted.append(child.pid)
+            time.sleep(0.005)
+
+    interrupter = threading.Thread(target=interrupt_the_child)
+    interrupter.start()
+    engine = RemoteEngine(
+        tiny_vicuna, ModelOptions(device="cpu"), {"max_batch_size": 2, "max_context": 64}, name="tiny"
+    )
+    interrupter.join()
+    assert interrupted, "the engine process was never seen"
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    with engine:
+        ended = threading.Event()
+        engine.submit([1, 400, 500], params, lambda event: event.finish_reason and ended.set())
+        assert ended.wait(60)
+    with pytest.raises(VicunaflowError, match="the engine stopped"):
+        engine.submit([1, 400], params, lambda event: None)
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 @pytest.mark.timeout(180)

@@ -211,7 +211,8 @@ def create_app(
             contexts = {name: {"context": engine.context} for name, engine in engines.items()}
             starting = {"status": "starting", "model": model_name, "models": list(engines), "auth": bool(keys)}
             return JSONResponse(starting | {"engines": contexts}, status_code=503)
-        stats = {name: engine.snapshot_stats() for name, engine in engines.items()}
+        # off the event loop: an engine in a process of its own answers over a pipe (up to CALL_TIMEOUT_S if wedged)
+        stats = await run_in_threadpool(lambda: {name: engine.snapshot_stats() for name, engine in engines.items()})
         # an engine stopped by an error fails every request sent to it: 503, so a balancer or monitor
         # sees it (the reason is in that engine's "failure", and the log)
         stopped = any(s.get("failure") for s in stats.values())
@@ -232,7 +233,7 @@ def create_app(
     async def prometheus_metrics(request: Request):
         # per model as /health gives it: one model, or a key when keys are set; else sums (serve/metrics.py)
         per_model = len(engines) == 1 or bool(keys and key_given(request))
-        return Response(metrics.render(engines, per_model), media_type=metrics.CONTENT_TYPE)
+        return Response(await run_in_threadpool(metrics.render, engines, per_model), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def index():

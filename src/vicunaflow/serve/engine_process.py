@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from multiprocessing import resource_tracker
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,7 +40,7 @@ from vicunaflow.loading import ModelOptions
 log = logging.getLogger(__name__)
 
 CALLS = ("snapshot_stats", "snapshot_latency")  # what the app reads of an engine besides its events
-CALL_TIMEOUT_S = 5.0  # /health and /metrics wait this long for the child (they run on the event loop)
+CALL_TIMEOUT_S = 5.0  # /health and /metrics wait this long for the child (in a worker thread, not the event loop)
 STOP_TIMEOUT_S = 60.0
 PARENT_POLL_S = 0.5  # how often the child checks that the server still lives
 
@@ -81,6 +82,8 @@ class RemoteEngine:
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._replies: dict[int, list] = {}  # call id -> [threading.Event, value]
+        self._lock = threading.Lock()  # _requests against the reader's last sweep
+        self._closed = False  # the reader has ended every request it knew: no submit may enter after it
         self._last: dict[str, dict] = {}  # the snapshots last read: what /health shows once the child is gone
         self._stopping = False  # stop() asked the child to stop: its "stopped" is no failure
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the child imports afresh
@@ -91,7 +94,15 @@ class RemoteEngine:
             name=f"vicunaflow-{name}",
         )
         log.info("%s: starting its engine process", name)
-        self._process.start()
+        # SIGINT blocked while the child starts (it inherits the mask): a Ctrl-C before it ignores SIGINT, while it
+        # imports, would otherwise print its traceback; the server stops it either way. The resource tracker first:
+        # starting it unblocks SIGINT in this thread.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_end.close()  # this end lives in the child: its exit then closes the pipe for recv() here
         try:
             self.tokenizer = open_tokenizer(model_path)  # here too (prompts are tokenized on the HTTP side), meanwhile
@@ -126,7 +137,10 @@ class RemoteEngine:
         if self.failure is not None:
             raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
         request = RemoteRequest(self, next(self._ids), sink)
-        self._requests[request.id] = request
+        with self._lock:
+            if self._closed:  # the reader's last sweep is done: this request's end would never come
+                raise VicunaflowError(f"the engine stopped: {self.failure or 'the server is shutting down'}")
+            self._requests[request.id] = request
         try:
             self._send(("submit", request.id, list(prompt_ids), params))
         except (OSError, ValueError) as err:
@@ -220,9 +234,12 @@ class RemoteEngine:
             self.failure = self.failure or f"reading the engine process failed: {type(err).__name__}: {err}"
             log.exception("%s: reading the engine process failed", self.name)
         finally:
-            for slot in list(self._replies.values()):
+            with self._lock:
+                self._closed = True
+                slots, open_requests = list(self._replies.values()), list(self._requests)
+            for slot in slots:
                 slot[0].set()
-            for request_id in list(self._requests):
+            for request_id in open_requests:
                 self._deliver(request_id, Event("", finish_reason="error", error=self.failure or "the engine stopped"))
 
     def _deliver(self, request_id: int, event: Event) -> None:
@@ -297,9 +314,10 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
     from vicunaflow.serve import heap
     from vicunaflow.serve.fit import check_fit
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the server started it (ignored now)
     setup_logging()
     log.info("engine process %d: Python and its imports are up (the time since the server's 'starting')", os.getpid())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops this one
     threading.Thread(target=_follow_parent, args=(os.getppid(),), name="vicunaflow-parent-watch", daemon=True).start()
     sys.setswitchinterval(switch)
     send_lock = threading.Lock()
@@ -318,7 +336,7 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
             log.exception("the engine process failed to start")
         send(("failed", str(err) if isinstance(err, VicunaflowError) else f"{type(err).__name__}: {err}"))
         return
-    with contextlib.closing(model):
+    with contextlib.closing(model), contextlib.ExitStack() as stack:
         outbox = _Outbox(send, engine)
         sender = threading.Thread(target=outbox.run, name="vicunaflow-engine-sender", daemon=True)
         sender.start()
@@ -326,9 +344,14 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
         requests = {}
         engine.start()
         heap.freeze()  # the model and the engine live as long as this process (serve/heap.py)
+        pauses = stack.enter_context(heap.GCPauses())  # a collection here holds up the engine's loop: /health shows it
+        calls = {
+            "snapshot_stats": lambda: engine.snapshot_stats() | {"gc": pauses.snapshot()},
+            "snapshot_latency": engine.snapshot_latency,
+        }
         send(("ready", {"context": engine.context, "args": model.args}))
         try:
-            _serve_pipe(conn, engine, outbox, requests, send)
+            _serve_pipe(conn, engine, outbox, calls, requests, send)
         finally:
             engine.stop()  # the requests still open end "cancelled" (sent by the engine's last flush)
             outbox.close()
@@ -347,8 +370,9 @@ def _follow_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[tuple], None]) -> None:
-    """The child's main thread: submits, cancels and snapshot calls until "stop" or the pipe closes."""
+def _serve_pipe(conn, engine, outbox: _Outbox, calls: dict, requests: dict, send: Callable[[tuple], None]) -> None:
+    """The child's main thread: submits, cancels and snapshot calls (`calls`: CALLS by name) until "stop" or the
+    pipe closes."""
 
     def sink_for(request_id: int) -> Callable[[Event], None]:
         def sink(event: Event) -> None:
@@ -367,7 +391,7 @@ def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[t
         if kind == "stop":
             return
         try:
-            _handle(kind, message, engine, requests, sink_for, send)
+            _handle(kind, message, engine, calls, requests, sink_for, send)
         except OSError:  # the reply could not be written (a ValueError from the engine is a failed message below)
             log.warning("the server closed the engine's pipe: stopping")
             return
@@ -375,7 +399,9 @@ def _serve_pipe(conn, engine, outbox: _Outbox, requests: dict, send: Callable[[t
             log.exception("the engine process failed to handle a %r message", kind)
 
 
-def _handle(kind: str, message: list, engine, requests: dict, sink_for, send: Callable[[tuple], None]) -> None:
+def _handle(
+    kind: str, message: list, engine, calls: dict, requests: dict, sink_for, send: Callable[[tuple], None]
+) -> None:
     if kind == "submit":
         request_id, prompt_ids, params = message
         try:
@@ -393,6 +419,6 @@ def _handle(kind: str, message: list, engine, requests: dict, sink_for, send: Ca
         call_id, name = message
         value = None
         try:
-            value = getattr(engine, name)() if name in CALLS else None
+            value = calls[name]() if name in calls else None
         finally:  # None on a failure: the caller keeps its last reading rather than waiting out its timeout
             send(("reply", call_id, value))
