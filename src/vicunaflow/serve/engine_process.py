@@ -336,7 +336,8 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
             log.exception("the engine process failed to start")
         send(("failed", str(err) if isinstance(err, VicunaflowError) else f"{type(err).__name__}: {err}"))
         return
-    with contextlib.closing(model), contextlib.ExitStack() as stack:
+    # the collections here (each holds up the engine's loop) for /health, as the server counts its own
+    with contextlib.closing(model), heap.GCPauses() as pauses:
         outbox = _Outbox(send, engine)
         sender = threading.Thread(target=outbox.run, name="vicunaflow-engine-sender", daemon=True)
         sender.start()
@@ -344,7 +345,6 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
         requests = {}
         engine.start()
         heap.freeze()  # the model and the engine live as long as this process (serve/heap.py)
-        pauses = stack.enter_context(heap.GCPauses())  # a collection here holds up the engine's loop: /health shows it
         calls = {
             "snapshot_stats": lambda: engine.snapshot_stats() | {"gc": pauses.snapshot()},
             "snapshot_latency": engine.snapshot_latency,
