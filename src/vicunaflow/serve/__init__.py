@@ -156,7 +156,8 @@ def serve(
     if len(models) > 1 and resolved == "cuda" and cuda_graphs and not engine_process:
         # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
         # torch.cuda.graph empties the allocator's cache) while another engine allocates or syncs can fail
-        # both. Not yet verified on a GPU either way: safe first, at the cost of per-step launch overhead.
+        # both. Not run on a GPU this way (with engine processes, each capturing in its own, it was): safe first,
+        # at the cost of per-step launch overhead.
         log.warning(
             "%d models share the GPU(s): CUDA graphs off (two engines capturing at once is unsafe)", len(models)
         )
