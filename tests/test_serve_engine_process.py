@@ -119,14 +119,17 @@ def test_health_waits_for_a_stalled_engine_process_off_the_event_loop(server):
 
 
 @pytest.mark.timeout(180)
-def test_remote_engine_starts_through_a_ctrl_c_and_refuses_requests_once_stopped(tiny_vicuna, capfd):
+def test_remote_engine_starts_through_a_ctrl_c_and_refuses_requests_once_stopped(tiny_vicuna, capfd, tmp_path):
     """A Ctrl-C that reaches the engine process while it imports does nothing there (the server stops it; no
     traceback), and a request submitted after the engine stopped is refused at once, not left without an end."""
     import multiprocessing
 
+    from starlette.testclient import TestClient
+
     from vicunaflow import VicunaflowError
     from vicunaflow.engine import SamplingParams
     from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve.app import create_app
     from vicunaflow.serve.engine_process import RemoteEngine
 
     interrupted = []
@@ -154,6 +157,10 @@ def test_remote_engine_starts_through_a_ctrl_c_and_refuses_requests_once_stopped
         assert ended.wait(60)
     with pytest.raises(VicunaflowError, match="the engine stopped"):
         engine.submit([1, 400], params, lambda event: None)
+    refused = TestClient(create_app({"tiny": engine}, results_dir=tmp_path)).post(
+        "/v1/completions", json={"model": "tiny", "prompt": [1, 400], "max_tokens": 2}
+    )
+    assert refused.status_code == 503 and "the engine stopped" in refused.json()["error"]["message"], refused.text
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 

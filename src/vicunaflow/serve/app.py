@@ -602,9 +602,10 @@ def _submit(engine: Engine, prompt_ids: list[int], params: SamplingParams):
     try:
         request = engine.submit(prompt_ids, params, sink)
     except VicunaflowError as err:
-        if getattr(engine, "failure", None) is None:
+        if getattr(engine, "failure", None) is None and not getattr(engine, "stopped", False):
             raise
-        raise APIError(503, str(err), type="server_error") from None  # the engine stopped: see /health
+        # the engine stopped (after an error: see /health), or its process is gone as the server shuts down
+        raise APIError(503, str(err), type="server_error") from None
     return request, inbox
 
 

@@ -83,7 +83,7 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         self._replies: dict[int, list] = {}  # call id -> [threading.Event, value]
         self._lock = threading.Lock()  # _requests against the reader's last sweep
-        self._closed = False  # the reader has ended every request it knew: no submit may enter after it
+        self.stopped = False  # the reader has ended every request it knew: no submit may enter after it
         self._last: dict[str, dict] = {}  # the snapshots last read: what /health shows once the child is gone
         self._stopping = False  # stop() asked the child to stop: its "stopped" is no failure
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the child imports afresh
@@ -138,7 +138,7 @@ class RemoteEngine:
             raise VicunaflowError(f"the engine stopped after an error: {self.failure}")
         request = RemoteRequest(self, next(self._ids), sink)
         with self._lock:
-            if self._closed:  # the reader's last sweep is done: this request's end would never come
+            if self.stopped:  # the reader's last sweep is done: this request's end would never come
                 raise VicunaflowError(f"the engine stopped: {self.failure or 'the server is shutting down'}")
             self._requests[request.id] = request
         try:
@@ -235,7 +235,7 @@ class RemoteEngine:
             log.exception("%s: reading the engine process failed", self.name)
         finally:
             with self._lock:
-                self._closed = True
+                self.stopped = True
                 slots, open_requests = list(self._replies.values()), list(self._requests)
             for slot in slots:
                 slot[0].set()
