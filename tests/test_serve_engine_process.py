@@ -1,9 +1,10 @@
 """`serve --engine-process`: the engine in a child process, the HTTP side in the server's (serve/engine_process.py).
 
 The same replies as the engine run in this process, concurrent streams complete and in order, a disconnect
-cancels the request in the child, /health and /metrics read the child, and the child's failures reach the
-clients: a model it cannot load stops the server naming the folder; a child that dies ends the open
-requests with an error, and /health then says so.
+cancels the request in the child, /health and /metrics read the child (off the event loop: a stalled child holds
+up only them), and the child's failures reach the clients: a model it cannot load stops the server naming the
+folder; a child that dies ends the open requests with an error, and /health then says so; a request after the
+child is gone is refused with 503. A Ctrl-C while the child starts prints nothing from it.
 """
 
 from __future__ import annotations
