@@ -218,3 +218,76 @@ def test_the_engine_process_ends_with_the_server(tiny_vicuna, signal_sent):
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the server exited before its engine"
     else:
         child.wait(timeout=30)
+
+
+def _start_two(first, second, options: dict, record: list) -> None:
+    """start_engines on two models in a thread, recording what it returns or raises (and the stack, to close)."""
+    import contextlib
+
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve.engine_process import start_engines
+
+    stack = contextlib.ExitStack()
+    try:
+        record.append(start_engines({"a": first, "b": second}, ModelOptions(device="cpu"), options, None, stack))
+    except BaseException as err:
+        record.append(err)
+    record.append(stack)
+
+
+@pytest.mark.timeout(240)
+def test_several_engine_processes_load_at_once_and_each_serves(tiny_vicuna, tiny_hf):
+    """The second model's engine process is up before the first is ready (one after another, it started only
+    then); both then serve their own model."""
+    import multiprocessing
+
+    from vicunaflow.engine import SamplingParams
+
+    record: list = []
+    starting = threading.Thread(target=_start_two, args=(tiny_vicuna, tiny_hf, {"max_context": 64}, record))
+    starting.start()
+    second_seen = first_ready = None
+    while starting.is_alive() and (second_seen is None or first_ready is None):
+        names = {child.name for child in multiprocessing.active_children()}
+        if second_seen is None and "vicunaflow-b" in names:
+            second_seen = time.monotonic()
+        if first_ready is None and any(t.name == "vicunaflow-a-events" for t in threading.enumerate()):
+            first_ready = time.monotonic()
+        time.sleep(0.002)
+    starting.join(200)
+    engines, stack = record
+    with stack:
+        assert isinstance(engines, dict), engines
+        assert second_seen is not None and (first_ready is None or second_seen < first_ready)
+        params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+        replies = {}
+        for name, engine in engines.items():
+            done, tokens = threading.Event(), []
+
+            def sink(event, tokens=tokens, done=done):
+                tokens.append(event.text)
+                if event.finish_reason:
+                    done.set()
+
+            engine.submit([1, 400, 500], params, sink)
+            assert done.wait(60)
+            replies[name] = "".join(tokens)
+        assert replies["a"] != replies["b"]  # each its own model (the delta changed the weights)
+
+
+@pytest.mark.timeout(240)
+def test_a_model_that_cannot_load_ends_the_other_engine_processes(tiny_vicuna, tmp_path):
+    import multiprocessing
+
+    from vicunaflow import VicunaflowError
+
+    broken = tmp_path / "vicuna-broken"
+    shutil.copytree(tiny_vicuna, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    record: list = []
+    _start_two(tiny_vicuna, broken, {"max_context": 64}, record)
+    error, stack = record
+    stack.close()
+    assert isinstance(error, VicunaflowError) and str(broken) in str(error), error
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("vicunaflow-")]

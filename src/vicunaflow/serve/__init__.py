@@ -96,7 +96,7 @@ def serve(
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         engine_process: run each model's engine in a process of its own (as vLLM's V1 does), so the HTTP side and
             the engine's kernel launches stop taking turns at one GIL (serve/engine_process.py); with several
-            models their CUDA graphs then stay on. With --num-gpus above 1 the engine stays in the server's
+            models their CUDA graphs then stay on, and they load and warm up at once. With --num-gpus above 1 the engine stays in the server's
             process, where its tensor-parallel ranks start from.
         max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
         results_dir: where the arena appends its votes (arena_votes.jsonl).
@@ -105,7 +105,7 @@ def serve(
 
     from vicunaflow.engine import Engine, check_max_context, resolve_device
     from vicunaflow.serve.app import create_app
-    from vicunaflow.serve.engine_process import RemoteEngine
+    from vicunaflow.serve.engine_process import RemoteEngine, start_engines
     from vicunaflow.serve.fit import check_fit, check_memory_cap, estimate
 
     keys = _split_keys(api_key) or _split_keys(os.environ.get(API_KEYS_ENV))
@@ -151,7 +151,7 @@ def serve(
     if model_options.max_gpu_memory:  # the models' weights together: they share the GPU(s)
         check_memory_cap(estimates, model_options.max_gpu_memory)
     # estimate also refused a --kv-cache-tokens below one full-context request, before any load
-    if not engine_process:  # else each engine process checks, before it loads: CUDA stays out of this process
+    if not engine_process:  # else the first engine process checks, before any loads: CUDA stays out of this process
         check_fit(estimates, device=resolved, num_gpus=num_gpus)
     if len(models) > 1 and resolved == "cuda" and cuda_graphs and not engine_process:
         # Each engine captures its graphs lazily in its own thread; a capture (global mode, after
@@ -177,15 +177,14 @@ def serve(
         )
         engine_options |= {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
         engine_options |= {} if prefill_burst is None else {"prefill_burst": prefill_burst}
-        engines = {}
-        for i, (name, path) in enumerate(models.items()):
-            if engine_process:  # checks that it and the models after it fit in what the ones before left free
-                fit = (estimates[i:], resolved, num_gpus)
-                engines[name] = stack.enter_context(RemoteEngine(path, model_options, engine_options, fit, name=name))
-                continue
-            model, tokenizer = model_options.load(path)
-            stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
-            engines[name] = stack.enter_context(Engine(model, tokenizer, **engine_options))
+        if engine_process:  # all at once; the first checks, before any allocates, that all of them fit
+            engines = start_engines(models, model_options, engine_options, (estimates, resolved, num_gpus), stack)
+        else:
+            engines = {}
+            for name, path in models.items():
+                model, tokenizer = model_options.load(path)
+                stack.enter_context(contextlib.closing(model))  # closing: stops the other tensor-parallel ranks
+                engines[name] = stack.enter_context(Engine(model, tokenizer, **engine_options))
         ready = threading.Event()
 
         def stop_engine_processes() -> None:  # at the graceful shutdown, before uvicorn re-raises a SIGTERM

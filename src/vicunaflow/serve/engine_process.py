@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -66,17 +67,26 @@ class RemoteRequest:
 class RemoteEngine:
     """An `Engine` in a child process, for the app: tokenizer, context, submit, max_new_tokens, the snapshots.
 
-    Starting blocks until the child has loaded the model and warmed up (or failed: its error is raised here).
+    Starting blocks until the child has loaded the model and warmed up (or failed: its error is raised here); with
+    wait=False it returns once the child is started, and `wait_ready()` waits (start_engines).
     fit: serve.fit.check_fit's (estimates, device, num_gpus), checked in the child before it loads (so that this
-    process never opens a CUDA context of its own, ~0.5 GiB of the GPU). Use it as a context manager, or call `stop()`.
+    process never opens a CUDA context of its own, ~0.5 GiB of the GPU). hold: the child imports, then waits for
+    `release()` before it loads. Use it as a context manager, or call `stop()`.
     """
 
     def __init__(
-        self, model_path: Path, model_options: ModelOptions, engine_options: dict, fit=None, name: str = "engine"
+        self,
+        model_path: Path,
+        model_options: ModelOptions,
+        engine_options: dict,
+        fit=None,
+        name: str = "engine",
+        wait: bool = True,
+        hold: bool = False,
     ):
         from vicunaflow.tokenizer import open_tokenizer
 
-        self.name = name
+        self.name, self.model_path = name, Path(model_path)
         self.failure: str | None = None
         self._requests: dict[int, RemoteRequest] = {}
         self._ids = itertools.count()
@@ -86,11 +96,12 @@ class RemoteEngine:
         self.stopped = False  # the reader has ended every request it knew: no submit may enter after it
         self._last: dict[str, dict] = {}  # the snapshots last read: what /health shows once the child is gone
         self._stopping = False  # stop() asked the child to stop: its "stopped" is no failure
+        self._reader: threading.Thread | None = None  # started once the child is ready
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the child imports afresh
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_engine_main,
-            args=(child_end, Path(model_path), model_options, engine_options, fit, sys.getswitchinterval()),
+            args=(child_end, self.model_path, model_options, engine_options, fit, hold, sys.getswitchinterval()),
             name=f"vicunaflow-{name}",
         )
         log.info("%s: starting its engine process", name)
@@ -104,23 +115,41 @@ class RemoteEngine:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_end.close()  # this end lives in the child: its exit then closes the pipe for recv() here
+        self._fitting = fit is not None  # its "fitted" still to come, before "ready"
         try:
             self.tokenizer = open_tokenizer(model_path)  # here too (prompts are tokenized on the HTTP side), meanwhile
-            try:
-                kind, *message = self._conn.recv()
-            except (EOFError, OSError):
-                kind, message = "failed", [f"the engine process exited with code {self._wait_exit()} while loading"]
         except BaseException:  # a damaged tokenizer, Ctrl-C while loading: the child must not outlive this
-            self._process.terminate()
-            self._wait_exit()
+            self._terminate()
             raise
-        if kind != "ready":
-            self._wait_exit()
-            raise VicunaflowError(f"{model_path}: {message[0]}")
-        info = message[0]
+        if wait:
+            self.wait_ready()
+
+    def wait_fitted(self) -> None:
+        """Block until the child has checked the fit (the memory of every model in `fit`); its error if not."""
+        if self._fitting:
+            try:
+                self._expect("fitted")
+            except BaseException:
+                self._terminate()
+                raise
+            self._fitting = False
+
+    def release(self) -> None:
+        """Let a child started with hold=True check nothing and load (another has checked that all fit)."""
+        with contextlib.suppress(OSError, ValueError):  # it died meanwhile: wait_ready says so
+            self._send(("go",))
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded the model and warmed up; its error (naming the model) if it failed."""
+        self.wait_fitted()
+        try:
+            info = self._expect("ready")
+        except BaseException:
+            self._terminate()
+            raise
         # engine.model as the app reads it: its ModelArgs (the vocabulary a token-id prompt is checked against)
         self.context, self.model = info["context"], SimpleNamespace(args=info["args"])
-        self._reader = threading.Thread(target=self._read, name=f"vicunaflow-{name}-events", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"vicunaflow-{self.name}-events", daemon=True)
         self._reader.start()
         try:
             for call in CALLS:  # a first reading of each, for /health should the child ever die
@@ -128,6 +157,23 @@ class RemoteEngine:
         except BaseException:
             self.stop()
             raise
+
+    def _expect(self, expected: str):
+        """The child's next message, which must be `expected` (its value); else the child's failure, raised."""
+        try:
+            kind, *message = self._conn.recv()
+        except (EOFError, OSError):
+            kind, message = "failed", [f"the engine process exited with code {self._wait_exit()} while loading"]
+        if kind != expected:
+            self._wait_exit()
+            raise VicunaflowError(f"{self.model_path}: {message[0]}")
+        return message[0] if message else None
+
+    def _terminate(self) -> None:
+        """End a child that is not serving yet (still loading): there is no pipe loop to tell."""
+        self._process.terminate()
+        self._wait_exit()
+        self._conn.close()
 
     # -- what the app calls -------------------------------------------------------------------------------
 
@@ -165,6 +211,9 @@ class RemoteEngine:
         if self._stopping:
             return
         self._stopping = True
+        if self._reader is None:  # still loading (another model's engine failed, or Ctrl-C): nothing to wind down
+            self._terminate()
+            return
         with contextlib.suppress(OSError, ValueError):
             self._send(("stop",))
         self._process.join(STOP_TIMEOUT_S)
@@ -261,6 +310,35 @@ class RemoteEngine:
         return self._process.exitcode
 
 
+def start_engines(
+    models: dict[str, Path], model_options: ModelOptions, engine_options: dict, fit, stack: contextlib.ExitStack
+) -> dict[str, RemoteEngine]:
+    """Each model's engine process, all loading and warming up at once; they enter `stack` (which stops them).
+
+    All start at once; the first checks that every model fits (fit: check_fit's estimates of all of them, device,
+    num_gpus) while the others import, and they load once it has, so none allocates before the check. Then each is
+    waited for as it gets ready, so the first to fail is raised at once (naming its model) and the stack ends the
+    others. One after another, each child paid its imports, load, kernel compilation and graph capture in turn
+    (two 7B models on an H200: 90.8 s).
+    """
+    engines = {}
+    for i, (name, path) in enumerate(models.items()):
+        first = i == 0
+        remote = RemoteEngine(
+            path, model_options, engine_options, fit if first else None, name=name, wait=False, hold=not first
+        )
+        engines[name] = stack.enter_context(remote)
+    first, *others = engines.values()
+    first.wait_fitted()
+    for engine in others:
+        engine.release()
+    loading = {engine._conn: engine for engine in engines.values()}
+    while loading:
+        for conn in multiprocessing.connection.wait(list(loading)):
+            loading.pop(conn).wait_ready()
+    return engines
+
+
 # -- the child --------------------------------------------------------------------------------------------------
 
 
@@ -306,9 +384,11 @@ class _Outbox:
             self.ready.notify()
 
 
-def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_options: dict, fit, switch: float) -> None:
-    """The engine process: check the fit, load, warm up, say ready, then serve the pipe until told to stop or it
-    closes."""
+def _engine_main(
+    conn, model_path: Path, model_options: ModelOptions, engine_options: dict, fit, hold: bool, switch: float
+) -> None:
+    """The engine process: check the fit (or, held, wait until another has), load, warm up, say ready, then serve the
+    pipe until told to stop or it closes."""
     from vicunaflow.engine import Engine
     from vicunaflow.log import setup_logging
     from vicunaflow.serve import heap
@@ -326,9 +406,15 @@ def _engine_main(conn, model_path: Path, model_options: ModelOptions, engine_opt
         with send_lock:
             conn.send(message)
 
+    if hold:
+        try:
+            conn.recv()  # ("go",): another model's engine process found that all of them fit
+        except (EOFError, OSError):  # the server stopped it before
+            return
     try:
         if fit is not None:
             check_fit(fit[0], device=fit[1], num_gpus=fit[2])
+            send(("fitted", None))  # the other models' engine processes may allocate now (start_engines)
         model, tokenizer = model_options.load(model_path)
         engine = Engine(model, tokenizer, **engine_options)
     except BaseException as err:  # the server raises it, naming the model
