@@ -4,7 +4,8 @@ The same replies as the engine run in this process, concurrent streams complete 
 cancels the request in the child, /health and /metrics read the child (off the event loop: a stalled child holds
 up only them), and the child's failures reach the clients: a model it cannot load stops the server naming the
 folder; a child that dies ends the open requests with an error, and /health then says so; a request after the
-child is gone is refused with 503. A Ctrl-C while the child starts prints nothing from it.
+child is gone is refused with 503. A Ctrl-C while the child starts prints nothing from it. Several models' engine
+processes load at once and warm up in turn, and one that cannot load ends the others.
 """
 
 from __future__ import annotations
@@ -291,3 +292,29 @@ def test_a_model_that_cannot_load_ends_the_other_engine_processes(tiny_vicuna, t
     stack.close()
     assert isinstance(error, VicunaflowError) and str(broken) in str(error), error
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("vicunaflow-")]
+
+
+@pytest.mark.timeout(240)
+def test_an_engine_process_warms_up_only_holding_the_warm_lock(tiny_vicuna, capfd):
+    """Engines sharing a GPU warm up in turn (start_engines passes them one lock): the autotuner times kernels,
+    and beside another engine's warm-up it would pick by skewed times."""
+    import multiprocessing
+
+    from vicunaflow.loading import ModelOptions
+    from vicunaflow.serve.engine_process import RemoteEngine
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    options = {"max_context": 64, "warm_up": True}  # as on a GPU (on the CPU an engine does not warm up)
+    log = ""
+    lock.acquire()
+    engine = RemoteEngine(tiny_vicuna, ModelOptions(device="cpu"), options, name="held", wait=False, warm_lock=lock)
+    with engine:  # stopped (terminated if still loading) however the test ends
+        deadline = time.monotonic() + 120
+        while "loaded " not in log and time.monotonic() < deadline:  # the model is loaded: next, the engine
+            time.sleep(0.1)
+            log += capfd.readouterr().err
+        assert "loaded " in log, log[-2000:]
+        assert not engine._conn.poll(2.0) and " engine: " not in log + capfd.readouterr().err
+        lock.release()
+        engine.wait_ready()
+        assert "warmed " in capfd.readouterr().err

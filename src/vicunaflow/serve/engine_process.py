@@ -71,7 +71,8 @@ class RemoteEngine:
     wait=False it returns once the child is started, and `wait_ready()` waits (start_engines).
     fit: serve.fit.check_fit's (estimates, device, num_gpus), checked in the child before it loads (so that this
     process never opens a CUDA context of its own, ~0.5 GiB of the GPU). hold: the child imports, then waits for
-    `release()` before it loads. Use it as a context manager, or call `stop()`.
+    `release()` before it loads. warm_lock: a spawn-context Lock the child holds while its engine warms up, shared
+    by engines on one GPU. Use it as a context manager, or call `stop()`.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class RemoteEngine:
         name: str = "engine",
         wait: bool = True,
         hold: bool = False,
+        warm_lock=None,
     ):
         from vicunaflow.tokenizer import open_tokenizer
 
@@ -101,7 +103,16 @@ class RemoteEngine:
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_engine_main,
-            args=(child_end, self.model_path, model_options, engine_options, fit, hold, sys.getswitchinterval()),
+            args=(
+                child_end,
+                self.model_path,
+                model_options,
+                engine_options,
+                fit,
+                hold,
+                warm_lock,
+                sys.getswitchinterval(),
+            ),
             name=f"vicunaflow-{name}",
         )
         log.info("%s: starting its engine process", name)
@@ -316,16 +327,26 @@ def start_engines(
     """Each model's engine process, all loading and warming up at once; they enter `stack` (which stops them).
 
     All start at once; the first checks that every model fits (fit: check_fit's estimates of all of them, device,
-    num_gpus) while the others import, and they load once it has, so none allocates before the check. Then each is
-    waited for as it gets ready, so the first to fail is raised at once (naming its model) and the stack ends the
-    others. One after another, each child paid its imports, load, kernel compilation and graph capture in turn
-    (two 7B models on an H200: 90.8 s).
+    num_gpus) while the others import, and they load once it has, so none allocates before the check. The
+    warm-ups take turns (the autotuner times kernels: beside another engine's warm-up on the same GPU it would
+    pick by skewed times, for good), the later ones finding the first's compiled kernels in Triton's cache. Each
+    is waited for as it gets ready, so the first to fail is raised at once (naming its model) and the stack ends
+    the others. One after another, each child paid its imports and load in turn too (two 7B models on an H200:
+    90.8 s).
     """
     engines = {}
+    warm_lock = multiprocessing.get_context("spawn").Lock()
     for i, (name, path) in enumerate(models.items()):
         first = i == 0
         remote = RemoteEngine(
-            path, model_options, engine_options, fit if first else None, name=name, wait=False, hold=not first
+            path,
+            model_options,
+            engine_options,
+            fit if first else None,
+            name=name,
+            wait=False,
+            hold=not first,
+            warm_lock=warm_lock,
         )
         engines[name] = stack.enter_context(remote)
     first, *others = engines.values()
@@ -385,7 +406,7 @@ class _Outbox:
 
 
 def _engine_main(
-    conn, model_path: Path, model_options: ModelOptions, engine_options: dict, fit, hold: bool, switch: float
+    conn, model_path: Path, model_options: ModelOptions, engine_options: dict, fit, hold: bool, warm_lock, switch: float
 ) -> None:
     """The engine process: check the fit (or, held, wait until another has), load, warm up, say ready, then serve the
     pipe until told to stop or it closes."""
@@ -416,7 +437,8 @@ def _engine_main(
             check_fit(fit[0], device=fit[1], num_gpus=fit[2])
             send(("fitted", None))  # the other models' engine processes may allocate now (start_engines)
         model, tokenizer = model_options.load(model_path)
-        engine = Engine(model, tokenizer, **engine_options)
+        with warm_lock or contextlib.nullcontext():  # one engine warms up at a time (start_engines says why)
+            engine = Engine(model, tokenizer, **engine_options)
     except BaseException as err:  # the server raises it, naming the model
         if not isinstance(err, VicunaflowError):  # a bug, not the user's input: its traceback goes to the log
             log.exception("the engine process failed to start")
