@@ -40,8 +40,9 @@ TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); the first two are MANY_ROWS_TILE
 ]  # fmt: skip
 
 
-def launch(x, weight, residual, out, tile, splits=1, pdl=False):
-    """One float_matmul_kernel launch with a fixed tile, split `splits` ways over K, PDL as the engine's steps."""
+def launch(x, weight, residual, out, tile, splits=1, pdl=False, gated=False):
+    """One float_matmul_kernel launch with a fixed tile, split `splits` ways over K, PDL as the engine's steps;
+    gated: gate|up's SiLU·up in the epilogue (out [M, N / 2])."""
     block_n, block_k, warps, stages = tile
     m, (n, k) = x.shape[0], weight.shape
     block_m = max(16, 1 << (m - 1).bit_length())
@@ -53,7 +54,7 @@ def launch(x, weight, residual, out, tile, splits=1, pdl=False):
     matmul_kernels.float_matmul_kernel.fn[(-(-n // block_n), splits)](
         x, weight, residual if residual is not None else out, out, x, partial, counters, 1e-6, m, n, k,
         HAS_RESIDUAL=residual is not None, NORM=False, FP32=False, SPLIT=splits, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **options,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, GATED=gated, **options,
     )  # fmt: skip
     return out
 
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="+", default=[1], help="programs a weight tile over K")
     parser.add_argument("--pdl", action="store_true", help="launched with PDL and the L2 prefetch, as in steps")
     parser.add_argument("--cublas", action="store_true", help="cuBLAS too, as kernels.cublas_product")
+    parser.add_argument(
+        "--gated", action="store_true", help="gate|up with SiLU·up in its epilogue (--cublas: then SiLU·up)"
+    )
     args = parser.parse_args()
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
     torch.manual_seed(0)
@@ -79,23 +83,34 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             residual = torch.randn(m, n, device="cuda", dtype=torch.float16) if n == 4096 else None
-            outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2)]
+            gated = args.gated and name == "gate_up"
+            outs = [torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.float16) for _ in range(2)]
             expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
+            if gated:
+                gate, up = expected.float().chunk(2, dim=1)
+                expected = torch.nn.functional.silu(gate) * up
             cells = []
             if args.cublas:
                 product = lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o)  # noqa: E731
+                if gated:  # the product, then SiLU·up in one launch (matmul_rows above GATED_ROWS_MAX)
+                    wide = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                    product = lambda w, o, x=x, wide=wide: kernels.rows_input(  # noqa: E731 (o unused: a new one)
+                        kernels.cublas_product(x, w, None, wide), swiglu=True, dtype=w.dtype
+                    )
                 us = graph_time_us(product, weights, outs, args.launches)
                 cells.append(f"cublas {us:6.1f}")
             for tile in tiles:
                 for splits in args.splits:
                     label = "x".join(map(str, tile)) + (f"/{splits}" if splits > 1 else "")
                     try:
-                        got = launch(x, weights[0], residual, outs[0], tile, splits, args.pdl)
+                        got = launch(x, weights[0], residual, outs[0], tile, splits, args.pdl, gated)
                         error = (got.float() - expected.float()).abs().max().item()
                         if error > 0.05:
                             raise AssertionError(f"max error {error}")
                         us = graph_time_us(
-                            lambda w, o, t=tile, x=x, r=residual, s=splits: launch(x, w, r, o, t, s, args.pdl),
+                            lambda w, o, t=tile, x=x, r=residual, s=splits, g=gated: launch(
+                                x, w, r, o, t, s, args.pdl, g
+                            ),
                             weights, outs, args.launches,
                         )  # fmt: skip
                         cells.append(f"{label} {us:6.1f}")

@@ -68,7 +68,8 @@ class RemoteEngine:
     """An `Engine` in a child process, for the app: tokenizer, context, submit, max_new_tokens, the snapshots.
 
     Starting blocks until the child has loaded the model and warmed up (or failed: its error is raised here); with
-    wait=False it returns once the child is started, and `wait_ready()` waits (start_engines).
+    wait=False it returns once the child is started, and `open_tokenizer()` and `wait_ready()` follow
+    (start_engines).
     fit: serve.fit.check_fit's (estimates, device, num_gpus), checked in the child before it loads (so that this
     process never opens a CUDA context of its own, ~0.5 GiB of the GPU). hold: the child imports, then waits for
     `release()` before it loads. warm_lock: a spawn-context Lock the child holds while its engine warms up, shared
@@ -86,8 +87,6 @@ class RemoteEngine:
         hold: bool = False,
         warm_lock=None,
     ):
-        from vicunaflow.tokenizer import open_tokenizer
-
         self.name, self.model_path = name, Path(model_path)
         self.failure: str | None = None
         self._requests: dict[int, RemoteRequest] = {}
@@ -127,13 +126,19 @@ class RemoteEngine:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child_end.close()  # this end lives in the child: its exit then closes the pipe for recv() here
         self._fitting = fit is not None  # its "fitted" still to come, before "ready"
+        if wait:
+            self.open_tokenizer()
+            self.wait_ready()
+
+    def open_tokenizer(self) -> None:
+        """The tokenizer here too (prompts are tokenized on the HTTP side), opened while the child loads."""
+        from vicunaflow.tokenizer import open_tokenizer
+
         try:
-            self.tokenizer = open_tokenizer(model_path)  # here too (prompts are tokenized on the HTTP side), meanwhile
+            self.tokenizer = open_tokenizer(self.model_path)
         except BaseException:  # a damaged tokenizer, Ctrl-C while loading: the child must not outlive this
             self._terminate()
             raise
-        if wait:
-            self.wait_ready()
 
     def wait_fitted(self) -> None:
         """Block until the child has checked the fit (the memory of every model in `fit`); its error if not."""
@@ -349,6 +354,8 @@ def start_engines(
             warm_lock=warm_lock,
         )
         engines[name] = stack.enter_context(remote)
+    for engine in engines.values():  # the server's first import of the tokenizer's libraries takes seconds
+        engine.open_tokenizer()
     first, *others = engines.values()
     first.wait_fitted()
     for engine in others:
