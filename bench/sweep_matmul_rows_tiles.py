@@ -12,9 +12,11 @@ times (CUDA-graph replays over rotating weights, none in L2), checked against cu
     python bench/sweep_matmul_rows_tiles.py --rows 32 64 > bench/results/matmul_rows_tiles_h200.txt
     python bench/sweep_matmul_rows_tiles.py --rows 64 --pdl --shapes o down --splits 1 2 3 4 8 --tiles 64,128,4,5 ...
     python bench/sweep_matmul_rows_tiles.py --rows 64 --pdl --cublas --shapes qkv gate_up head --tiles 64,128,4,5 ...
+    python bench/sweep_matmul_rows_tiles.py --rows 64 32 --pdl --cublas --gated --shapes gate_up --tiles 64,128,4,5 ...
 
 --splits times each tile split over K (kernels.k_splits_for), --pdl launches as the engine's steps do (programmatic
-dependent launch, the first weight lines prefetched), --cublas adds kernels.cublas_product beside them.
+dependent launch, the first weight lines prefetched), --cublas adds kernels.cublas_product beside them, --gated
+times gate|up with SiLU·up in its epilogue, as 2-64-row steps run it (with --cublas: cuBLAS, then the SiLU·up launch).
 """
 
 from __future__ import annotations
