@@ -96,8 +96,8 @@ def serve(
         cuda_graphs: on one GPU, replay each decode step from a captured CUDA graph (false: plain eager forward).
         engine_process: run each model's engine in a process of its own (as vLLM's V1 does), so the HTTP side and
             the engine's kernel launches stop taking turns at one GIL (serve/engine_process.py); with several
-            models their CUDA graphs then stay on, and they load and warm up at once. With --num-gpus above 1 the engine stays in the server's
-            process, where its tensor-parallel ranks start from.
+            models their CUDA graphs then stay on, and they load at once (their warm-ups in turn). With
+            --num-gpus above 1 the engine stays in the server's process, where its tensor-parallel ranks start from.
         max_body_bytes: refuse request bodies larger than this with 413 (a 2048-token prompt is ~10 KB).
         results_dir: where the arena appends its votes (arena_votes.jsonl).
     """
