@@ -30,6 +30,10 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
                   event loop's CPU per request and the time to first token, with a request's validation
                   and prompt checks run in the threadpool (as before) and, in the same run, as `serve` runs
                   them (on the event loop for small requests: serve/app.py's INLINE)
+    models        (f) several models in one server: a second server with the model under two names (each its
+                  own engine process with its CUDA graphs, half the KV cache each), its startup (the engine
+                  processes load at once, their warm-ups in turn), then each --concurrency's streams split
+                  over both names at once: tokens/s over both, and that every stream of each model finished
 
 The server runs with --max-batch-size 256 and a paged KV cache of --kv-cache-tokens 131072 (7b),
 98304 (13b) or 65536 (tiny): 256 streams of 128 + 256 tokens at once. Results are written after
@@ -85,8 +89,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("first", "aggregate", "join", "events", "admit")
+SCENARIOS = ("first", "aggregate", "join", "events", "admit", "models")
+ONE_MODEL_SCENARIOS = {"first", "aggregate", "join"}  # one server over the model
 STUB_SCENARIOS = {"events", "admit"}  # no model: the real app over StubEngine
+MODEL_NAMES = ("a", "b")  # the models scenario's server: the model under two names
 # issue 16's "today": our previous server, one H200, 7B float16, streamed through the OpenAI API
 REFERENCE_7B = {
     "aggregate_tokens_per_s": {"8": 866, "32": 3622, "64": 5326, "256": None},
@@ -308,6 +314,7 @@ async def stream_completion(
         "stream_options": {"include_usage": True},  # the reply's token count: an event may carry several tokens
     }
     record = {"sent": time.perf_counter(), "times": [], "finish": None, "error": None, "chars": 0, "tokens": None}
+    record["model"] = model
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -357,18 +364,21 @@ async def warm_client(client: httpx.AsyncClient, url: str) -> None:
     (await client.get(f"{url}/v1/models")).raise_for_status()
 
 
-async def _run_jobs(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> dict:
+async def _run_jobs(url: str, model: str, jobs: list[tuple], start_at: float) -> dict:
     async with new_client(len(jobs)) as client:
         await warm_client(client, url)  # before the clock starts
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         cpu, wall = time.process_time(), time.perf_counter()  # the streams' own CPU: not the set-up's
-        records = await asyncio.gather(*(stream_completion(client, url, model, p, n) for p, n in jobs))
+        records = await asyncio.gather(
+            *(stream_completion(client, url, job[2] if len(job) > 2 else model, job[0], job[1]) for job in jobs)
+        )
         return {"records": records, "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
 
 
-def run_jobs_in_process(url: str, model: str, jobs: list[tuple[list[int], int]], start_at: float) -> dict:
+def run_jobs_in_process(url: str, model: str, jobs: list[tuple], start_at: float) -> dict:
     """A client process's share of a scenario (perf_counter is CLOCK_MONOTONIC: comparable across processes):
-    its records, and its CPU and wall seconds from the common start to its last stream's end."""
+    its records, and its CPU and wall seconds from the common start to its last stream's end. A job is (prompt,
+    reply tokens), or (prompt, reply tokens, model) for another model than `model`."""
     return asyncio.run(_run_jobs(url, model, jobs, start_at))
 
 
@@ -385,7 +395,7 @@ class Clients:
         self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
         list(self.pool.map(time.sleep, [0.01] * processes))  # start them now, not inside a measurement
 
-    def run(self, url: str, model: str, jobs: list[tuple[list[int], int]]) -> tuple[list[dict], dict]:
+    def run(self, url: str, model: str, jobs: list[tuple]) -> tuple[list[dict], dict]:
         count = max(1, min(self.processes, math.ceil(len(jobs) / 8)))
         shares = [jobs[i::count] for i in range(count)]
         start_at = time.perf_counter() + START_MARGIN_S
@@ -917,8 +927,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     clients = Clients(args.client_procs)
     try:
-        if set(args.only) - STUB_SCENARIOS:
+        if set(args.only) & ONE_MODEL_SCENARIOS:
             run_model_scenarios(result, clients, args, scratch, batch, kv_tokens, save)
+        if "models" in args.only:
+            result["models"] = scenario_models(clients, args, scratch, batch, kv_tokens, result)
+            save()
         if "events" in args.only:
             result["events"] = scenario_events(clients, args, scratch)
             for row in result["events"]:
@@ -934,14 +947,18 @@ def main() -> None:
     print(f"wrote {output}")
 
 
+def model_folder(result: dict, args, scratch: Path) -> tuple[Path, int]:
+    """The served model's folder (written once) and its vocabulary size."""
+    if args.tiny:
+        return make_tiny_vicuna(scratch), 1024
+    model_path = scratch / f"llama-{args.size}-random"
+    result["write_model_s"] = round(write_random_model(model_path, args.size, args.context), 1)
+    return model_path, 32000
+
+
 def run_model_scenarios(result: dict, clients: Clients, args, scratch: Path, batch: int, kv_tokens: int, save) -> None:
     """Start `vicunaflow serve` on the model and run the scenarios that need it, first request first."""
-    if args.tiny:
-        model_path, vocab = make_tiny_vicuna(scratch), 1024
-    else:
-        model_path = scratch / f"llama-{args.size}-random"
-        result["write_model_s"] = round(write_random_model(model_path, args.size, args.context), 1)
-        vocab = 32000
+    model_path, vocab = model_folder(result, args, scratch)
     flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
     flags += [str(kv_tokens), "--seed", "0", *args.serve_arg]
     result["serve_flags"] = flags
@@ -969,6 +986,49 @@ def run_model_scenarios(result: dict, clients: Clients, args, scratch: Path, bat
         save()
     finally:
         server.stop()
+
+
+def scenario_models(clients: Clients, args, scratch: Path, batch: int, kv_tokens: int, result: dict) -> dict:
+    """(f) The model under two names in one server, each name's engine in its own process, then each concurrency's
+    streams split over both at once. Half the KV cache each, so that two 7B or 13B models fit one H200."""
+    model_path, vocab = model_folder(result, args, scratch)
+    flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
+    flags += [str(kv_tokens // len(MODEL_NAMES)), "--seed", "0", *args.serve_arg]
+    port = free_port()
+    command = [sys.executable, "-m", "vicunaflow", "serve", "--port", str(port)]
+    for _ in MODEL_NAMES:  # the model twice, then its names in the same order
+        command += ["--model-path", str(model_path)]
+    for name in MODEL_NAMES:
+        command += ["--model-name", name]
+    row: dict = {"names": list(MODEL_NAMES), "serve_flags": flags, "runs": []}
+    try:
+        server = Server([*command, *flags], port, scratch / "server-models.log", timeout=900)
+    except RuntimeError as err:  # e.g. the two do not fit: said, and the other scenarios keep theirs
+        row["error"] = str(err)[-2000:]
+        print("models:", json.dumps(row), flush=True)
+        return row
+    try:
+        row["startup_s"] = round(server.startup_s, 2)
+        print(f"two-model server up in {server.startup_s:.1f} s", flush=True)
+        for concurrency, repeat in itertools.product(args.concurrency, range(args.repeats)):
+            rng = random.Random(concurrency)
+            jobs = [
+                (random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens, MODEL_NAMES[i % len(MODEL_NAMES)])
+                for i in range(concurrency)
+            ]
+            records, client = clients.run(server.url, MODEL_NAMES[0], jobs)
+            run = {"concurrency": concurrency, "repeat": repeat, **summarize(records, args.reply_tokens), **client}
+            run["finished_per_model"] = {  # the client processes' records come share by share, not in job order
+                name: sum(r["model"] == name and r["finish"] == "length" and not r["error"] for r in records)
+                for name in MODEL_NAMES
+            }
+            print("models:", json.dumps(run), flush=True)
+            row["runs"].append(run)
+        health = server.health()  # with several models and no key, /health gives the totals only (the arena's rule)
+        row["health"] = {"status": health.get("status"), "totals": health.get("totals")}
+    finally:
+        server.stop()
+    return row
 
 
 def median_row(rows: list[dict], key: str) -> dict:
@@ -1036,6 +1096,17 @@ def print_summary(result: dict) -> None:
                 f"| HTTP side, {ADMIT_STREAMS} at once, work {mode}: loop us/request (median of {len(rows)} bursts); "
                 f"its TTFT p50/p99 ms | {median['loop_us_per_request']}; "
                 f"{median['ttft_p50_ms']}/{median['ttft_p99_ms']} | — | — |"
+            )
+    if models := result.get("models"):
+        if "error" in models:
+            lines.append(f"| two models in one server | failed to start: {models['error'][-200:]!r} | — | — |")
+        else:
+            lines.append(f"| two models in one server: startup, s | {models['startup_s']} | — | — |")
+        for run in models.get("runs", []):
+            finished = ", ".join(f"{name} {n}" for name, n in run["finished_per_model"].items())
+            lines.append(
+                f"| two models: {run['concurrency']} streams over both: tokens/s; finished | "
+                f"{run['tokens_per_s']}; {finished} of {run['streams']}{caveats(run)} | — | — |"
             )
     print("\n".join(lines))
 

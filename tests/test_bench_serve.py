@@ -76,3 +76,17 @@ def test_engine_gaps_from_histogram_difference(bench) -> None:
     gaps = bench.engine_gaps(before, after)
     assert gaps["engine_gap_p50_ms"] == 10.0  # rank 100 of 200: the first bucket's top
     assert gaps["engine_gap_p99_ms"] == 20.0  # above the largest bound: that bound
+
+
+def test_the_models_summary_shows_each_models_finished_streams_and_a_failed_start(bench, capsys) -> None:
+    run = bench.summarize(
+        [record(0.0, [0.1, 0.2], 2) | {"model": "a"}, record(0.0, [0.1], 1, finish=None, error="cut") | {"model": "b"}],
+        2,
+    )
+    run |= {"concurrency": 2, "finished_per_model": {"a": 1, "b": 0}}
+    bench.print_summary({"model": "m", "models": {"startup_s": 64.9, "runs": [run]}})
+    out = capsys.readouterr().out
+    assert "| two models in one server: startup, s | 64.9 |" in out
+    assert "2 streams over both" in out and "a 1, b 0 of 2" in out and "1 of 2 streams failed" in out
+    bench.print_summary({"model": "m", "models": {"error": "the model(s) do not fit", "runs": []}})
+    assert "failed to start" in capsys.readouterr().out
