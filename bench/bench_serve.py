@@ -13,8 +13,9 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
                   the first token's event); the aggregate rows report that share too
     aggregate     (a) C streams at once (C = 1 8 32 64 256), 128-token prompts, 256-token replies:
                   tokens (the finished streams' usage) / wall seconds (first send to last token), time to
-                  first token and inter-token gap p50/p99 over all streams; beside the client's gaps the
-                  engine's own (/metrics' histogram, read before and after): a p99 the engine does not have
+                  first token and inter-token gap mean/p50/p99 over all streams; beside the client's gaps the
+                  engine's own (/metrics' histogram, read before and after: its mean exact, its quantiles
+                  interpolated inside a bucket, 1 ms wide at 4-10 ms): a p99 the engine does not have
                   comes from the HTTP side, or from tokens whose text was held back (tokens_per_event > 1:
                   such a token has no event of its own, so the gap to the next spans two steps)
     join          (c) 31 streams running, then a ~1500-token prompt joins: the worst inter-token gap among
@@ -234,13 +235,14 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
 
-    def gap_buckets(self) -> dict[float, float]:
-        """The engine's inter-token gap histogram from /metrics: {upper bound s: cumulative count}."""
+    def gap_histogram(self) -> tuple[dict[float, float], float]:
+        """The engine's inter-token gap histogram from /metrics: ({upper bound s: cumulative count}, sum of s)."""
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
         for family in text_string_to_metric_families(text):
             if family.name == "vicunaflow_inter_token_latency_seconds":
-                return {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
-        return {}
+                buckets = {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
+                return buckets, sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        return {}, 0.0
 
     def cpu_ticks(self) -> tuple[int, int]:
         """(main thread, whole process) CPU ticks: uvicorn's event loop runs on the main thread."""
@@ -465,17 +467,20 @@ def summarize(records: list[dict], reply_tokens: int) -> dict:
         "ttft_p50_ms": ms(percentile(ttft, 50)),
         "ttft_p99_ms": ms(percentile(ttft, 99)),
         "gap_n": len(gaps),
+        "gap_mean_ms": ms(sum(gaps) / len(gaps)) if gaps else None,
         "gap_p50_ms": ms(percentile(gaps, 50)),
         "gap_p99_ms": ms(percentile(gaps, 99)),
         "gap_max_ms": ms(max(gaps, default=None)),
     }
 
 
-def engine_gaps(before: dict[float, float], after: dict[float, float]) -> dict:
-    """p50 / p99 of the engine's own inter-token gaps between two /metrics readings (Engine.latency): what the
-    steps gave each row, before the HTTP side. Interpolated inside a bucket as Prometheus' histogram_quantile."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]  # cumulative
+def engine_gaps(before: tuple[dict[float, float], float], after: tuple[dict[float, float], float]) -> dict:
+    """The engine's own inter-token gaps between two /metrics readings (Engine.latency): what the steps gave each
+    row, before the HTTP side. The mean is exact (the histogram's sum over its count); p50 / p99 are interpolated
+    inside a bucket as Prometheus' histogram_quantile, so they are only as sharp as the buckets."""
+    (buckets_before, sum_before), (buckets_after, sum_after) = before, after
+    bounds = sorted(buckets_after)
+    counts = [buckets_after[b] - buckets_before.get(b, 0.0) for b in bounds]  # cumulative
 
     def quantile(q: float) -> float | None:
         if not counts or counts[-1] <= 0:
@@ -488,7 +493,12 @@ def engine_gaps(before: dict[float, float], after: dict[float, float]) -> dict:
         inside = counts[i] - below
         return low + (bounds[i] - low) * ((rank - below) / inside if inside else 1.0)
 
-    return {"engine_gap_p50_ms": ms(quantile(0.5)), "engine_gap_p99_ms": ms(quantile(0.99))}
+    mean = (sum_after - sum_before) / counts[-1] if counts and counts[-1] > 0 else None
+    return {
+        "engine_gap_mean_ms": ms(mean),
+        "engine_gap_p50_ms": ms(quantile(0.5)),
+        "engine_gap_p99_ms": ms(quantile(0.99)),
+    }
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
@@ -582,13 +592,13 @@ def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab
     for concurrency, repeat in itertools.product(args.concurrency, range(args.repeats)):
         rng = random.Random(concurrency)
         jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
-        health_before, gaps_before = server.health(), server.gap_buckets()
+        health_before, gaps_before = server.health(), server.gap_histogram()
         with CpuWindow(server) as cpu:
             records, client = clients.run(server.url, model, jobs)
         health_after = server.health()
         before, after = health_before.get("engine", {}), health_after.get("engine", {})
         row = {"concurrency": concurrency, "repeat": repeat, **summarize(records, args.reply_tokens), **client}
-        row |= engine_gaps(gaps_before, server.gap_buckets())
+        row |= engine_gaps(gaps_before, server.gap_histogram())
         row |= cpu.report(row["events"]) | gc_during(health_before, health_after)
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)
@@ -957,12 +967,16 @@ def model_folder(result: dict, args, scratch: Path) -> tuple[Path, int]:
     return model_path, 32000
 
 
+def serve_flags(args, batch: int, kv_tokens: int) -> list[str]:
+    """`vicunaflow serve`'s flags for every model of a scenario's server (kv_tokens: each model's cache)."""
+    flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
+    return [*flags, str(kv_tokens), "--seed", "0", *args.serve_arg]
+
+
 def run_model_scenarios(result: dict, clients: Clients, args, scratch: Path, batch: int, kv_tokens: int, save) -> None:
     """Start `vicunaflow serve` on the model and run the scenarios that need it, first request first."""
     model_path, vocab = model_folder(result, args, scratch)
-    flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
-    flags += [str(kv_tokens), "--seed", "0", *args.serve_arg]
-    result["serve_flags"] = flags
+    flags = result["serve_flags"] = serve_flags(args, batch, kv_tokens)
     port = free_port()
     command = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(model_path), "--port", str(port)]
     server = Server([*command, *flags], port, scratch / "server.log", timeout=900)
@@ -993,8 +1007,7 @@ def scenario_models(clients: Clients, args, scratch: Path, batch: int, kv_tokens
     """(f) The model under two names in one server, each name's engine in its own process, then each concurrency's
     streams split over both at once. Half the KV cache each, so that two 7B or 13B models fit one H200."""
     model_path, vocab = model_folder(result, args, scratch)
-    flags = ["--max-batch-size", str(batch), "--max-context", str(args.context), "--kv-cache-tokens"]
-    flags += [str(kv_tokens // len(MODEL_NAMES)), "--seed", "0", *args.serve_arg]
+    flags = serve_flags(args, batch, kv_tokens // len(MODEL_NAMES))
     port = free_port()
     command = [sys.executable, "-m", "vicunaflow", "serve", "--port", str(port)]
     for _ in MODEL_NAMES:  # the model twice, then its names in the same order

@@ -39,6 +39,7 @@ def test_tokens_come_from_usage_not_events(bench) -> None:
     assert row["short_replies"] == 0 and row["tokens_from_usage"] == 2
     # gaps between events, within each stream only (the TTFT is not a gap): 1 1 1 and 2 1
     assert row["gap_n"] == 5 and row["gap_max_ms"] == 2000.0 and row["gap_p50_ms"] == 1000.0
+    assert row["gap_mean_ms"] == 1200.0  # 6 s over the 5 gaps
     assert row["ttft_n"] == 2 and row["ttft_p50_ms"] == 1000.0
 
 
@@ -71,11 +72,13 @@ def test_median_of_repeats_is_one_run_and_never_the_better_of_two(bench) -> None
 
 
 def test_engine_gaps_from_histogram_difference(bench) -> None:
-    before = {0.01: 10.0, 0.02: 10.0, float("inf"): 10.0}
-    after = {0.01: 110.0, 0.02: 200.0, float("inf"): 210.0}  # 100 under 10 ms, 90 in 10-20 ms, 10 above
+    before = ({0.01: 10.0, 0.02: 10.0, float("inf"): 10.0}, 0.5)
+    after = ({0.01: 110.0, 0.02: 200.0, float("inf"): 210.0}, 3.5)  # 100 under 10 ms, 90 in 10-20 ms, 10 above
     gaps = bench.engine_gaps(before, after)
     assert gaps["engine_gap_p50_ms"] == 10.0  # rank 100 of 200: the first bucket's top
     assert gaps["engine_gap_p99_ms"] == 20.0  # above the largest bound: that bound
+    assert gaps["engine_gap_mean_ms"] == 15.0  # 3 s over the 200 gaps between the readings
+    assert bench.engine_gaps(after, after)["engine_gap_mean_ms"] is None  # no gaps between them
 
 
 def test_the_models_summary_shows_each_models_finished_streams_and_a_failed_start(bench, capsys) -> None:
