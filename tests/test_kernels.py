@@ -423,3 +423,53 @@ def test_products_above_matmul_rows_take_silu_up_from_rows_input(monkeypatch, fl
     gate, up = gate_up.float().chunk(2, dim=1)
     expected = torch.addmm(residual, (torch.nn.functional.silu(gate) * up).half(), weight.t())
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # sigmoid in Triton and torch: an ulp apart
+
+
+# ---- the autotuner's choices, kept ------------------------------------------------------------------
+
+
+def test_autotuned_kernels_keep_their_choices_on_disk(monkeypatch):
+    """kernels.autotune, which every autotuned kernel of ours goes through, has Triton keep each shape's choice."""
+    import triton
+
+    @triton.jit
+    def copy_kernel(x_ptr, N, BLOCK: triton.language.constexpr):
+        pass
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter never keeps them: it does not time
+    configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+    assert kernels.autotune(configs=configs, key=["N"])(copy_kernel).cache_results
+
+
+KEPT_CHOICE = """
+import sys, torch
+from triton.runtime import autotuner
+from vicunaflow import kernels, matmul_kernels
+if sys.argv[1] == "second":
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a shape the first process tuned was timed again")
+    autotuner.Autotuner._bench = timed_again
+g = torch.Generator(device="cuda").manual_seed(0)
+w = torch.randn(12288, 4096, device="cuda", dtype=torch.float16, generator=g) * 0.02
+one = kernels.matvec(torch.randn(1, 4096, device="cuda", dtype=torch.float16, generator=g), w)
+rows = kernels.matmul_rows(torch.randn(16, 4096, device="cuda", dtype=torch.float16, generator=g), w)
+torch.cuda.synchronize()
+print(kernels._kernels().best_config, matmul_kernels.float_matmul_kernel.best_config)
+print(one.float().sum().item(), rows.float().sum().item())
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or os.environ.get("TRITON_INTERPRET") == "1", reason="the autotuner times: a GPU")
+def test_a_second_process_takes_the_first_ones_tiles_without_timing(tmp_path):
+    """Two processes sharing Triton's cache (a server's engine processes, a restarted server): the second takes the
+    first's tile for each shape, so both give the same bits, and times nothing."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    runs = [
+        subprocess.run([sys.executable, "-c", KEPT_CHOICE, which], env=env, capture_output=True, text=True, timeout=600)
+        for which in ("first", "second")
+    ]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout

@@ -28,6 +28,7 @@ import os
 import triton
 import triton.language as tl
 
+from vicunaflow.kernels import autotune
 from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 
 # (BLOCK_N, BLOCK_K, warps, stages) the autotuner tries, by the rows' tile (BLOCK_M). In
@@ -52,7 +53,7 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
     return chosen or configs
 
 
-@triton.autotune(
+@autotune(
     configs=float_configs,
     key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED"],
     prune_configs_by={"early_config_prune": tiles_for_rows},

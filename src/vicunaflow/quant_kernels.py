@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options, rows_input
+from vicunaflow.kernels import autotune, autotune_configs, one_row_output, pdl_options, rows_input
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries. A program's loads in flight set the bandwidth it
 # gets: float16's tiles (kernels.TILES, 4-16 KB a step) streamed ~3.3 TB/s on a 7B, while int8 on the
@@ -132,12 +132,11 @@ def model_dtype(x: torch.Tensor, norm: torch.Tensor | None) -> torch.dtype:
 def _int8_pairs_kernel():
     """quant_matmul_kernels.int8_pairs_matvec_kernel autotuned over INT8_PAIR_TILES (lazily: importing this module
     must not need Triton, and the kernels' module does not import this one)."""
-    import triton
 
     from vicunaflow import quant_matmul_kernels
 
     configs = autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64))
-    return triton.autotune(configs=configs, key=["N", "K", "HAS_RESIDUAL", "PDL"])(
+    return autotune(configs=configs, key=["N", "K", "HAS_RESIDUAL", "PDL"])(
         quant_matmul_kernels.int8_pairs_matvec_kernel
     )
 
@@ -148,9 +147,7 @@ def _int8_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(
-        configs=autotune_configs(INT8_TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM", "PDL"]
-    )
+    @autotune(configs=autotune_configs(INT8_TILES, interpreted=(16, 64)), key=["N", "K", "SWIGLU", "NORM", "PDL"])
     @triton.jit
     def int8_matvec_kernel(
         x_ptr,
@@ -228,9 +225,7 @@ def _int4_kernel():
     import triton
     import triton.language as tl
 
-    @triton.autotune(
-        configs=autotune_configs(INT4_TILES, interpreted=(16, 128)), key=["N", "K", "G", "SWIGLU", "NORM", "PDL"]
-    )
+    @autotune(configs=autotune_configs(INT4_TILES, interpreted=(16, 128)), key=["N", "K", "G", "SWIGLU", "NORM", "PDL"])
     @triton.jit
     def int4_matvec_kernel(
         x_ptr,

@@ -15,6 +15,8 @@ import os
 import triton
 import triton.language as tl
 
+from vicunaflow.kernels import autotune
+
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
 # programs per SM to keep enough loads in flight.
@@ -61,7 +63,7 @@ def rms_factor(squares, eps, K: tl.constexpr):
     return (1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps))[:, None]
 
 
-@triton.autotune(configs=int8_configs, key=["N", "K", "BLOCK_M", "SWIGLU", "NORM"])
+@autotune(configs=int8_configs, key=["N", "K", "BLOCK_M", "SWIGLU", "NORM"])
 @triton.jit
 def int8_matmul_kernel(
     x_ptr,  # [M, K] or [M, 2K] (SWIGLU)
@@ -108,7 +110,7 @@ def int8_matmul_kernel(
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=int4_configs, key=["N", "K", "G", "BLOCK_M", "SWIGLU", "NORM", "COLUMNS"])
+@autotune(configs=int4_configs, key=["N", "K", "G", "BLOCK_M", "SWIGLU", "NORM", "COLUMNS"])
 @triton.jit
 def int4_matmul_kernel(
     x_ptr,  # [M, K] or [M, 2K] (SWIGLU)
