@@ -1038,11 +1038,38 @@ def scenario_models(clients: Clients, args, scratch: Path, batch: int, kv_tokens
             }
             print("models:", json.dumps(run), flush=True)
             row["runs"].append(run)
+        row |= replies_alone(server.url, vocab, args)
+        print("models, alone:", json.dumps({k: v for k, v in row.items() if k.startswith("alone")}), flush=True)
         health = server.health()  # with several models and no key, /health gives the totals only (the arena's rule)
         row["health"] = {"status": health.get("status"), "totals": health.get("totals")}
     finally:
         server.stop()
     return row
+
+
+ALONE_PROMPTS, ALONE_REPLY_TOKENS = 8, 128  # the models scenario's prompts sent alone to each name, greedy
+
+
+def replies_alone(url: str, vocab: int, args) -> dict:
+    """Each of ALONE_PROMPTS prompts sent alone to every name of the models scenario, one after another: do the
+    names' engine processes (one folder) give the same greedy tokens to a request that has every step to itself?
+    They did not while each process timed its own kernel tiles (docs/benchmarks.md, twenty-sixth session)."""
+    rng = random.Random(7)
+    prompts = [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(ALONE_PROMPTS)]
+
+    def tokens(name: str, prompt: list[int]) -> list[str] | None:
+        body = {"model": name, "prompt": prompt, "max_tokens": ALONE_REPLY_TOKENS, "temperature": 0}
+        body |= {"ignore_eos": True, "logprobs": 0}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        return response.json()["choices"][0]["logprobs"]["tokens"] if response.status_code == 200 else None
+
+    replies = [[tokens(name, prompt) for name in MODEL_NAMES] for prompt in prompts]
+    answered = [r for r in replies if None not in r]
+    return {
+        "alone_prompts": len(prompts),
+        "alone_answered": len(answered),
+        "alone_same_replies": sum(all(r == reply[0] for r in reply) for reply in answered),
+    }
 
 
 def median_row(rows: list[dict], key: str) -> dict:
@@ -1116,6 +1143,11 @@ def print_summary(result: dict) -> None:
             lines.append(f"| two models in one server | failed to start: {models['error'][-200:]!r} | — | — |")
         else:
             lines.append(f"| two models in one server: startup, s | {models['startup_s']} | — | — |")
+        if "alone_prompts" in models:
+            lines.append(
+                f"| two models: prompts sent alone, the same greedy reply from both | {models['alone_same_replies']} "
+                f"of {models['alone_prompts']} ({models['alone_answered']} answered by both) | — | — |"
+            )
         for run in models.get("runs", []):
             finished = ", ".join(f"{name} {n}" for name, n in run["finished_per_model"].items())
             lines.append(

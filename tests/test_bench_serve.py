@@ -87,9 +87,11 @@ def test_the_models_summary_shows_each_models_finished_streams_and_a_failed_star
         2,
     )
     run |= {"concurrency": 2, "finished_per_model": {"a": 1, "b": 0}}
-    bench.print_summary({"model": "m", "models": {"startup_s": 64.9, "runs": [run]}})
+    alone = {"alone_prompts": 8, "alone_answered": 7, "alone_same_replies": 6}
+    bench.print_summary({"model": "m", "models": {"startup_s": 64.9, "runs": [run], **alone}})
     out = capsys.readouterr().out
     assert "| two models in one server: startup, s | 64.9 |" in out
+    assert "prompts sent alone, the same greedy reply from both | 6 of 8 (7 answered by both)" in out
     assert "2 streams over both" in out and "a 1, b 0 of 2" in out and "1 of 2 streams failed" in out
     bench.print_summary({"model": "m", "models": {"error": "the model(s) do not fit", "runs": []}})
     assert "failed to start" in capsys.readouterr().out
