@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
-from vicunaflow import kernels
+from vicunaflow import autotuning, kernels
 from vicunaflow.engine import Engine, SamplingParams, load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -429,7 +429,7 @@ def test_products_above_matmul_rows_take_silu_up_from_rows_input(monkeypatch, fl
 
 
 def test_autotuned_kernels_keep_their_choices_on_disk(monkeypatch):
-    """kernels.autotune, which every autotuned kernel of ours goes through, has Triton keep each shape's choice."""
+    """autotuning.autotune, which every autotuned kernel of ours goes through, has Triton keep each shape's choice."""
     import triton
 
     @triton.jit
@@ -438,7 +438,7 @@ def test_autotuned_kernels_keep_their_choices_on_disk(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter never keeps them: it does not time
     configs = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
-    assert kernels.autotune(configs=configs, key=["N"])(copy_kernel).cache_results
+    assert autotuning.autotune(configs=configs, key=["N"])(copy_kernel).cache_results
 
 
 KEPT_CHOICE = """

@@ -434,21 +434,6 @@ def one_row_output(
     return out
 
 
-def autotune(configs: list, key: list[str], **options):
-    """triton.autotune that keeps its choice for each shape on disk, in Triton's cache beside the compiled kernels.
-
-    Why: tiles that split K differently sum a row's products in another order, so the tile the timing picks
-    decides a float16 result's last bits, and on near-tied logits a greedy reply. Timed afresh in each process,
-    a server's two engine processes of one 7B folder picked other tiles for its one-row q|k|v product on an H200
-    and answered 0 of 8 requests sent alone with the same greedy reply; with the choices kept, 8 of 8
-    (docs/benchmarks.md, twenty-sixth session). Kept, the first process to tune a shape decides for every later
-    one sharing the cache (TRITON_CACHE_DIR, default ~/.triton/cache; a server's engines warm up in turn), and
-    a restarted server answers as before. A cleared cache tunes again."""
-    import triton
-
-    return triton.autotune(configs=configs, key=key, cache_results=True, **options)
-
-
 def autotune_configs(tiles: list[tuple[int, int, int]], interpreted: tuple[int, int]) -> list:
     """Triton configs for (BLOCK_N, BLOCK_K, warps) tiles; under TRITON_INTERPRET=1 the one small
     `interpreted` (BLOCK_N, BLOCK_K) tile, as the interpreter runs on the CPU, slowly."""
@@ -465,6 +450,8 @@ def _kernels():
     """Compile lazily: importing this module must not need Triton."""
     import triton
     import triton.language as tl
+
+    from vicunaflow.autotuning import autotune
 
     @autotune(configs=autotune_configs(TILES, interpreted=(32, 64)), key=["N", "K", "SWIGLU", "NORM", "PDL"])
     @triton.jit

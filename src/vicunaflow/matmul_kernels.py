@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow.kernels import autotune
+from vicunaflow.autotuning import autotune
 from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 
 # (BLOCK_N, BLOCK_K, warps, stages) the autotuner tries, by the rows' tile (BLOCK_M). In

@@ -26,7 +26,8 @@ import os
 
 import torch
 
-from vicunaflow.kernels import autotune, autotune_configs, one_row_output, pdl_options, rows_input
+from vicunaflow.autotuning import autotune
+from vicunaflow.kernels import autotune_configs, one_row_output, pdl_options, rows_input
 
 # (BLOCK_N, BLOCK_K, warps) the autotuner tries. A program's loads in flight set the bandwidth it
 # gets: float16's tiles (kernels.TILES, 4-16 KB a step) streamed ~3.3 TB/s on a 7B, while int8 on the

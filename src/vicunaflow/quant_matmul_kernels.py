@@ -15,7 +15,7 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow.kernels import autotune
+from vicunaflow.autotuning import autotune
 
 # (BLOCK_N, BLOCK_K, warps) for int8; int4 takes BLOCK_K = its group size (one group a K step). Narrow
 # BLOCK_N keeps a 4096-row weight over a few hundred programs: a matvec-sized product needs several
