@@ -34,7 +34,8 @@ Times are taken on the client, when the bytes of an event arrive: what a user se
     models        (f) several models in one server: a second server with the model under two names (each its
                   own engine process with its CUDA graphs, half the KV cache each), its startup (the engine
                   processes load at once, their warm-ups in turn), then each --concurrency's streams split
-                  over both names at once: tokens/s over both, and that every stream of each model finished
+                  over both names at once: tokens/s over both, and that every stream of each model finished;
+                  then 8 prompts sent alone to each name: how many got the same greedy reply from both
 
 The server runs with --max-batch-size 256 and a paged KV cache of --kv-cache-tokens 131072 (7b),
 98304 (13b) or 65536 (tiny): 256 streams of 128 + 256 tokens at once. Results are written after
