@@ -133,7 +133,6 @@ def model_dtype(x: torch.Tensor, norm: torch.Tensor | None) -> torch.dtype:
 def _int8_pairs_kernel():
     """quant_matmul_kernels.int8_pairs_matvec_kernel autotuned over INT8_PAIR_TILES (lazily: importing this module
     must not need Triton, and the kernels' module does not import this one)."""
-
     from vicunaflow import quant_matmul_kernels
 
     configs = autotune_configs(INT8_PAIR_TILES, interpreted=(16, 64))
