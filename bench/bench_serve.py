@@ -433,6 +433,11 @@ def ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+def finished(record: dict) -> bool:
+    """A stream that ran to its max_tokens (the bench asks for ignore_eos) without an error."""
+    return record["finish"] == "length" and not record["error"]
+
+
 def summarize(records: list[dict], reply_tokens: int) -> dict:
     """Tokens, events, time to first token and inter-token gaps over all streams of a scenario.
 
@@ -443,22 +448,22 @@ def summarize(records: list[dict], reply_tokens: int) -> dict:
     failed or were cut short add no tokens, and count in `failed`; the TTFT and gap percentiles are over
     `ttft_n` streams (those that got a first token) and `gap_n` gaps: a p99 of fewer than 100 is about the
     largest."""
-    finished = [r for r in records if r["finish"] == "length" and not r["error"]]
+    done = [r for r in records if finished(r)]
     ttft = [r["times"][0] - r["sent"] for r in records if r["times"]]
     gaps = [b - a for r in records for a, b in zip(r["times"], r["times"][1:], strict=False)]
     first_sent = min(r["sent"] for r in records)
     last = max((r["times"][-1] for r in records if r["times"]), default=first_sent)
     wall = last - first_sent
-    counts = [reply_tokens if r.get("tokens") is None else r["tokens"] for r in finished]
+    counts = [reply_tokens if r.get("tokens") is None else r["tokens"] for r in done]
     tokens = sum(counts)
-    finished_events = sum(len(r["times"]) for r in finished)
+    finished_events = sum(len(r["times"]) for r in done)
     return {
         "streams": len(records),
-        "finished": len(finished),
-        "failed": len(records) - len(finished),
+        "finished": len(done),
+        "failed": len(records) - len(done),
         "errors": sorted({str(r["error"]) for r in records if r["error"]})[:3],
         "tokens": tokens,
-        "tokens_from_usage": sum(r.get("tokens") is not None for r in finished),
+        "tokens_from_usage": sum(r.get("tokens") is not None for r in done),
         "short_replies": sum(c != reply_tokens for c in counts),
         "events": sum(len(r["times"]) for r in records),
         "tokens_per_event": round(tokens / finished_events, 3) if finished_events else None,
@@ -667,7 +672,7 @@ def scenario_join(server: Server, model: str, args, vocab: int) -> dict:
         "gaps_during_join": len(during),
         "gap_before_p50_ms": ms(percentile(before, 50)),
         "gap_before_p99_ms": ms(percentile(before, 99)),
-        "running_finished": sum(r["finish"] == "length" and not r["error"] for r in records),
+        "running_finished": sum(map(finished, records)),
         "client_busy": round(client_busy, 3),
         "client_may_limit": client_busy > CLIENT_BUSY,
         **gc,
@@ -1034,8 +1039,7 @@ def scenario_models(clients: Clients, args, scratch: Path, batch: int, kv_tokens
             records, client = clients.run(server.url, MODEL_NAMES[0], jobs)
             run = {"concurrency": concurrency, "repeat": repeat, **summarize(records, args.reply_tokens), **client}
             run["finished_per_model"] = {  # the client processes' records come share by share, not in job order
-                name: sum(r["model"] == name and r["finish"] == "length" and not r["error"] for r in records)
-                for name in MODEL_NAMES
+                name: sum(r["model"] == name and finished(r) for r in records) for name in MODEL_NAMES
             }
             print("models:", json.dumps(run), flush=True)
             row["runs"].append(run)
