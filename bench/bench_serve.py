@@ -90,11 +90,17 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from vicunaflow.serve.metrics import HISTOGRAMS, PREFIX
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ("first", "aggregate", "join", "events", "admit", "models")
 ONE_MODEL_SCENARIOS = {"first", "aggregate", "join"}  # one server over the model
 STUB_SCENARIOS = {"events", "admit"}  # no model: the real app over StubEngine
 MODEL_NAMES = ("a", "b")  # the models scenario's server: the model under two names
+# the engine's histograms the bench reads from /metrics: Engine.latency's name -> the metric family
+ENGINE_HISTOGRAMS = {
+    key: PREFIX + name for name, key, _ in HISTOGRAMS if key in ("inter_token", "step_gpu", "gpu_idle")
+}
 # issue 16's "today": our previous server, one H200, 7B float16, streamed through the OpenAI API
 REFERENCE_7B = {
     "aggregate_tokens_per_s": {"8": 866, "32": 3622, "64": 5326, "256": None},
@@ -236,14 +242,16 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
 
-    def gap_histogram(self) -> tuple[dict[float, float], float]:
-        """The engine's inter-token gap histogram from /metrics: ({upper bound s: cumulative count}, sum of s)."""
+    def histograms(self) -> dict[str, tuple[dict[float, float], float]]:
+        """The engine's histograms from /metrics, by family (ENGINE_HISTOGRAMS): ({upper bound s: cumulative count},
+        sum of s) each, ({}, 0.0) for one the server does not have."""
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        found = {name: ({}, 0.0) for name in ENGINE_HISTOGRAMS.values()}
         for family in text_string_to_metric_families(text):
-            if family.name == "vicunaflow_inter_token_latency_seconds":
+            if family.name in found:
                 buckets = {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
-                return buckets, sum(s.value for s in family.samples if s.name.endswith("_sum"))
-        return {}, 0.0
+                found[family.name] = buckets, sum(s.value for s in family.samples if s.name.endswith("_sum"))
+        return found
 
     def cpu_ticks(self) -> tuple[int, int]:
         """(main thread, whole process) CPU ticks: uvicorn's event loop runs on the main thread."""
@@ -507,6 +515,18 @@ def engine_gaps(before: tuple[dict[float, float], float], after: tuple[dict[floa
     }
 
 
+def engine_gpu(before: dict, after: dict) -> dict:
+    """The decode steps' mean GPU time and the GPU's mean idle time before a step, in ms to the µs, between two
+    readings of Server.histograms (CUDA engines; None elsewhere): whether the GPU or the host sets the step rate."""
+    row = {}
+    for key, field in (("step_gpu", "engine_step_gpu_mean_ms"), ("gpu_idle", "engine_gpu_idle_mean_ms")):
+        family = ENGINE_HISTOGRAMS[key]
+        (buckets_before, sum_before), (buckets_after, sum_after) = before[family], after[family]
+        count = buckets_after.get(math.inf, 0.0) - buckets_before.get(math.inf, 0.0)
+        row[field] = round(1000 * (sum_after - sum_before) / count, 3) if count > 0 else None
+    return row
+
+
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     """BOS and random ordinary pieces (ids past the byte pieces), exactly `length` tokens."""
     return [1] + [rng.randrange(300, vocab) for _ in range(length - 1)]
@@ -598,13 +618,15 @@ def scenario_aggregate(server: Server, clients: Clients, model: str, args, vocab
     for concurrency, repeat in itertools.product(args.concurrency, range(args.repeats)):
         rng = random.Random(concurrency)
         jobs = [(random_prompt(rng, args.prompt_tokens, vocab), args.reply_tokens) for _ in range(concurrency)]
-        health_before, gaps_before = server.health(), server.gap_histogram()
+        health_before, histograms_before = server.health(), server.histograms()
         with CpuWindow(server) as cpu:
             records, client = clients.run(server.url, model, jobs)
         health_after = server.health()
         before, after = health_before.get("engine", {}), health_after.get("engine", {})
         row = {"concurrency": concurrency, "repeat": repeat, **summarize(records, args.reply_tokens), **client}
-        row |= engine_gaps(gaps_before, server.gap_histogram())
+        histograms = server.histograms()
+        gaps = ENGINE_HISTOGRAMS["inter_token"]
+        row |= engine_gaps(histograms_before[gaps], histograms[gaps]) | engine_gpu(histograms_before, histograms)
         row |= cpu.report(row["events"]) | gc_during(health_before, health_after)
         steps = after.get("steps", 0) - before.get("steps", 0)
         decoded = after.get("decode_tokens", 0) - before.get("decode_tokens", 0)

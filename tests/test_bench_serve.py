@@ -81,6 +81,20 @@ def test_engine_gaps_from_histogram_difference(bench) -> None:
     assert bench.engine_gaps(after, after)["engine_gap_mean_ms"] is None  # no gaps between them
 
 
+def test_engine_gpu_means_from_histogram_differences(bench) -> None:
+    """The decode steps' GPU time and the idle time before them, each the mean of what its /metrics histogram counted
+    between two readings; None where it counted nothing (the CPU)."""
+    families = bench.ENGINE_HISTOGRAMS
+    empty = {name: ({}, 0.0) for name in families.values()}
+    before = empty | {families["step_gpu"]: ({0.01: 4.0, float("inf"): 4.0}, 0.024)}
+    after = before | {
+        families["step_gpu"]: ({0.01: 104.0, float("inf"): 104.0}, 0.724),  # 100 steps of 7 ms
+        families["gpu_idle"]: ({0.0001: 99.0, float("inf"): 99.0}, 0.00099),  # 99 gaps of 10 µs
+    }
+    assert bench.engine_gpu(before, after) == {"engine_step_gpu_mean_ms": 7.0, "engine_gpu_idle_mean_ms": 0.01}
+    assert bench.engine_gpu(empty, empty) == {"engine_step_gpu_mean_ms": None, "engine_gpu_idle_mean_ms": None}
+
+
 def test_the_models_summary_shows_each_models_finished_streams_and_a_failed_start(bench, capsys) -> None:
     run = bench.summarize(
         [record(0.0, [0.1, 0.2], 2) | {"model": "a"}, record(0.0, [0.1], 1, finish=None, error="cut") | {"model": "b"}],

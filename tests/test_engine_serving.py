@@ -21,6 +21,13 @@ from vicunaflow.engine.runner import Runner, row_buckets
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_vicuna):
+    """The tiny Vicuna on the CPU, on any machine: these tests check the CPU's paths (the GPU's are marked gpu and
+    load their own); loaded on a GPU, other grid widths, kernels and sums would be checked against CPU numbers."""
+    return load_model(tiny_vicuna, device="cpu")
+
+
 def _prompt(tokenizer, question: str) -> list[int]:
     return encode_prompt(tokenizer, template.render([(template.USER, question), (template.ASSISTANT, None)]))
 
@@ -160,7 +167,7 @@ def _long_prompt(tokenizer, repeat: int = 12) -> list[int]:
 def test_chunked_prefill_gives_the_whole_prompt_replies(fixture, request):
     """Prompts cut into chunks of 7 or 64 tokens (several short prompts share a chunk) reply what a prefill
     of each whole prompt replies, token for token, with the exact and the padded decode layout."""
-    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    model, tokenizer = load_model(request.getfixturevalue(fixture), device="cpu")
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer)]
     assert max(len(p) for p in prompts) > 2 * 64
     expected = _replies(model, tokenizer, prompts, prefill_chunk=4096)
@@ -175,7 +182,7 @@ def test_prompts_riding_in_decode_steps_give_the_same_replies(fixture, padded, r
     """Prompts that arrive while a row decodes are written by the decode steps, each prompt token a row of
     its own (mixed_prefill tokens a step: one prompt over several steps, several prompts in one step), and
     every greedy reply is the one chunks give; a mixed_prefill of 0 writes none that way."""
-    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    model, tokenizer = load_model(request.getfixturevalue(fixture), device="cpu")
     first = _long_prompt(tokenizer, 3)
     later = [_prompt(tokenizer, q) for q in QUESTIONS[:3]] + [_long_prompt(tokenizer, 2)]
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
@@ -206,7 +213,7 @@ def test_padded_prefill_buckets_give_the_same_replies(fixture, chunk, request, m
     """Prompts' first pieces padded to (rows, length) buckets, and a long prompt's later pieces alone in their
     chunk padded and attending to a multiple of the chunk size, as one GPU replays them from graphs (here
     eagerly: graphs need CUDA), reply what unpadded chunks reply."""
-    model, tokenizer = load_model(request.getfixturevalue(fixture))
+    model, tokenizer = load_model(request.getfixturevalue(fixture), device="cpu")
     prompts = [_prompt(tokenizer, q) for q in QUESTIONS] + [_long_prompt(tokenizer)]
     assert len(prompts[-1]) > 2 * 64
     expected = _replies(model, tokenizer, prompts, prefill_chunk=chunk)
@@ -484,6 +491,7 @@ def assert_latency_adds_up(engine: Engine, requests) -> None:
     tokens = sum(r.completion_tokens for r in requests)
     assert count["time_to_first_token"] == count["request"] == len(requests) == stats["finished"]["length"]
     assert count["inter_token"] == tokens - len(requests) and stats["generated_tokens"] == tokens
+    assert count["step_gpu"] == (stats["steps"] if engine.device.type == "cuda" else 0)  # CUDA events time them
     # sum(end - submit) - sum(first token - submit) = sum(end - first token); an end is read a moment after its
     # step's time (the rest of that step's row loop)
     spread = latency["request"]["sum"] - latency["time_to_first_token"]["sum"] - latency["inter_token"]["sum"]
@@ -586,11 +594,14 @@ def test_cuda_many_streams_through_paged_attention(fixture, request):
         requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
         for _ in prompts:
             done.acquire()
-        stats = engine.snapshot_stats()
+        stats, latency = engine.snapshot_stats(), engine.snapshot_latency()
         assert engine.runner.cuda_graphs  # no capture fell back to eager
     assert all(r.completion_tokens == 48 for r in requests)
     assert stats["preempted"] > 0 and stats["max_batch"] > 8
     assert [r.decoder.ids for r in requests[:4]] == alone
+    # every decode step's GPU time was taken; an idle time for each step after other GPU work of the engine
+    steps, idle = sum(latency["step_gpu"]["counts"]), sum(latency["gpu_idle"]["counts"])
+    assert steps == stats["steps"] and 0 < latency["step_gpu"]["sum"] < 60 and 0 < idle <= steps
 
 
 @pytest.mark.gpu

@@ -66,6 +66,10 @@ def test_counts_are_what_the_requests_did(engines):
     assert samples[("vicunaflow_inter_token_latency_seconds_count", alpha)] == 15
     steps = samples[("vicunaflow_decode_steps_total", alpha)]
     assert samples[("vicunaflow_decode_batch_rows_count", alpha)] == steps > 0
+    # a decode step's GPU time and the idle before it: timed by CUDA events, the histograms empty on the CPU
+    timed = steps if engines["alpha"].device.type == "cuda" else 0
+    assert samples[("vicunaflow_decode_step_gpu_seconds_count", alpha)] == timed
+    assert samples[("vicunaflow_gpu_idle_before_step_seconds_count", alpha)] <= timed
     for name in ("time_to_first_token", "request_latency", "inter_token_latency"):
         buckets = sorted(
             (float(dict(labels)["le"]), value)

@@ -1,5 +1,6 @@
 """Latency histograms the engine keeps while it runs: time to first token, the gaps between a reply's tokens,
-whole requests. `serve` exposes them at /metrics (serve/metrics.py).
+whole requests, and on CUDA each decode step's GPU time and the GPU's idle time before it. `serve` exposes them at
+/metrics (serve/metrics.py).
 
 Why counts in fixed buckets rather than a list of times: recording is one bisect and two additions on the
 engine thread, memory stays constant however long the server runs, and a scraper (Prometheus) computes
@@ -18,6 +19,10 @@ from collections.abc import Sequence
 TIME_TO_FIRST_TOKEN = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN = (0.0025, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.0125, 0.015, 0.02, 0.03, 0.04, 0.05)
 INTER_TOKEN += (0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A decode step's GPU time (CUDA events around it), and the GPU's idle time before it: zero while the host keeps a
+# step queued ahead of the one running (overlap), a host that falls behind shows here first.
+STEP_GPU = INTER_TOKEN
+GPU_IDLE = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 REQUEST = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -50,4 +55,6 @@ def engine_histograms() -> dict[str, Histogram]:
         "time_to_first_token": Histogram(TIME_TO_FIRST_TOKEN),
         "inter_token": Histogram(INTER_TOKEN),
         "request": Histogram(REQUEST),
+        "step_gpu": Histogram(STEP_GPU),
+        "gpu_idle": Histogram(GPU_IDLE),
     }

@@ -163,6 +163,10 @@ class DecodeStep:
     starting: list[PrefillJob] = dataclasses.field(default_factory=list)  # prompts it ended: first tokens
     first: torch.Tensor | None = None  # their first tokens [len(starting)] (device)
     first_logprobs: tuple[torch.Tensor, ...] | None = None
+    # CUDA: reached when the GPU starts the step, and where the engine's GPU work before it ended (None after a wait
+    # for work): the step's GPU time and the GPU's idle time before it (Engine.latency's step_gpu / gpu_idle)
+    started: torch.cuda.Event | None = None
+    previous: torch.cuda.Event | None = None
 
 
 class Engine:
@@ -280,6 +284,9 @@ class Engine:
         # over the fresh rows a step, not an attribute read and a bisect per row-token)
         self.latency = engine_histograms()
         self.last_collect_at = 0.0
+        # where the engine's latest GPU work ends (CUDA; a decode step's or a prefill forward's event), None after the
+        # loop waited for work: a decode step's idle time before it runs from there
+        self.gpu_mark: torch.cuda.Event | None = None
         self.fresh_rows: list[Request] = []
         # called by the engine thread once a piece of work has emitted its events (a prefill forward's first tokens,
         # a pass of the loop): where serve's engine process sends them, one message each (serve/engine_process.py)
@@ -411,6 +418,7 @@ class Engine:
             while True:
                 with self.lock:
                     while self.running and not self.rows and not self.prefilling and not self.waiting:
+                        self.gpu_mark = None  # the GPU waits for requests: not idle time of the steps
                         self.lock.wait()
                     if not self.running:
                         break
@@ -572,6 +580,7 @@ class Engine:
             longest = max(longest, take)
         started = time.perf_counter()
         logits, entries = self.runner.prefill_chunks(chunks)  # [n, vocab]
+        self.gpu_mark = self._gpu_event()
         self.stats["prefills"] += 1
         if log.isEnabledFor(logging.DEBUG):  # when a burst's prompts arrived and were written (VICUNAFLOW_LOG_LEVEL)
             if self.device.type == "cuda":
@@ -731,6 +740,7 @@ class Engine:
         # except the one in flight when this step is queued ahead of it (overlap)
         ahead = int(self.in_flight is not None)
         indices = [r.completion_tokens + ahead for r in self.rows]
+        started, previous = self._gpu_event(), self.gpu_mark
         all_logits, all_greedy = self.runner.step(tokens, self.lengths, [chunk for _, chunk in pieces])
         logits, greedy = all_logits[:n], all_greedy[:n]
         sampled = self._sample(logits, greedy, self.rows, indices)  # [n] on the device
@@ -739,13 +749,20 @@ class Engine:
         host = self.host_tokens[self.launches % 2][:n]  # last used two launches ago, and read since
         self.launches += 1
         host.copy_(sampled, non_blocking=host.is_pinned())
-        done = None
-        if sampled.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(sampled.device))
+        done = self.gpu_mark = self._gpu_event()
         self.lengths = [length + 1 for length in self.lengths]  # the step writes each row's token into the cache
         written = [(job, len(chunk.tokens)) for job, chunk in pieces]
-        return DecodeStep(list(self.rows), sampled, host, done, logprobs, written, starting, first, first_logprobs)
+        return DecodeStep(
+            list(self.rows), sampled, host, done, logprobs, written, starting, first, first_logprobs, started, previous
+        )
+
+    def _gpu_event(self) -> torch.cuda.Event | None:
+        """A timed event recorded now on the engine's stream (CUDA), else None."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def _first_tokens(self, logits: torch.Tensor, n: int, pieces: Sequence[tuple[PrefillJob, PrefillChunk]]):
         """The prompts a step's pieces end (a preempted request's resume samples nothing), and their first
@@ -771,6 +788,9 @@ class Engine:
         """Wait for a launched step's tokens and emit them (the batch has not changed since its launch)."""
         if step.done is not None:
             step.done.synchronize()
+            self.latency["step_gpu"].observe(step.started.elapsed_time(step.done) / 1000)
+            if step.previous is not None:  # done before `started`: its time is known
+                self.latency["gpu_idle"].observe(max(0.0, step.previous.elapsed_time(step.started)) / 1000)
         tokens = step.host.tolist()
         entries = self._entries(tokens, step.logprobs, step.rows)
         n = len(tokens)

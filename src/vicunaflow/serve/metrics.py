@@ -32,6 +32,8 @@ HISTOGRAMS = (
     ("time_to_first_token_seconds", "time_to_first_token", "From a request's submission to its first token."),
     ("inter_token_latency_seconds", "inter_token", "Between two consecutive tokens of a reply."),
     ("request_latency_seconds", "request", "From a request's submission to its end, whatever the reason."),
+    ("decode_step_gpu_seconds", "step_gpu", "A decode step's GPU time, its inputs' copy to its tokens' (CUDA)."),
+    ("gpu_idle_before_step_seconds", "gpu_idle", "GPU idle before a decode step since the engine's last work (CUDA)."),
 )
 
 
