@@ -61,6 +61,26 @@ def launch(x, weight, residual, out, tile, splits=1, pdl=False, gated=False):
     return out
 
 
+def rotating_weights(n: int, k: int) -> list[torch.Tensor]:
+    """Copies of a random float16 [n, k] weight, enough that the one a launch reads is no longer in L2."""
+    copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
+
+
+def product_inputs(weight: torch.Tensor, m: int, gated: bool):
+    """A product's random input [m, K], its residual (o and down: N = 4096) or None, two outputs to take in turn, and
+    the expected result (cuBLAS; SiLU·up of its halves in float32 when gated)."""
+    n, k = weight.shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    residual = torch.randn(m, n, device="cuda", dtype=torch.float16) if n == 4096 else None
+    outs = [torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.float16) for _ in range(2)]
+    expected = torch.mm(x, weight.t()) + (residual if residual is not None else 0)
+    if gated:
+        gate, up = expected.float().chunk(2, dim=1)
+        expected = torch.nn.functional.silu(gate) * up
+    return x, residual, outs, expected
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,17 +100,10 @@ def main() -> None:
     for name, n, k in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
-        copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
+        weights = rotating_weights(n, k)
         for m in args.rows:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            residual = torch.randn(m, n, device="cuda", dtype=torch.float16) if n == 4096 else None
             gated = args.gated and name == "gate_up"
-            outs = [torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.float16) for _ in range(2)]
-            expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
-            if gated:
-                gate, up = expected.float().chunk(2, dim=1)
-                expected = torch.nn.functional.silu(gate) * up
+            x, residual, outs, expected = product_inputs(weights[0], m, gated)
             cells = []
             if args.cublas:
                 product = lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o)  # noqa: E731

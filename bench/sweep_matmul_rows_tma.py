@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from sweep_matmul_rows import graph_time_us
-from sweep_matmul_rows_tiles import SHAPES, launch
+from sweep_matmul_rows_tiles import SHAPES, launch, product_inputs, rotating_weights
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from vicunaflow import kernels
@@ -141,22 +141,14 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["qkv", "gate_up", "o", "down"])
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     torch.manual_seed(0)
     for name, n, k in SHAPES:
         if name not in args.shapes:
             continue
-        copies = max(2, -(-256 * 2**20 // (n * k * 2)))  # none still in L2
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(copies)]
+        weights = rotating_weights(n, k)
         for m in args.rows:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            residual = torch.randn(m, n, device="cuda", dtype=torch.float16) if n == 4096 else None
             gated = name == "gate_up"
-            outs = [torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.float16) for _ in range(2)]
-            expected = torch.mm(x, weights[0].t()) + (residual if residual is not None else 0)
-            if gated:
-                gate, up = expected.float().chunk(2, dim=1)
-                expected = torch.nn.functional.silu(gate) * up
+            x, residual, outs, expected = product_inputs(weights[0], m, gated)
             splits = args.splits if n == 4096 else [1]
             cells = [f"bytes {n * k * 2 / 1e6:.1f} MB"]
             if not gated:
