@@ -1139,9 +1139,13 @@ def print_summary(result: dict) -> None:
         row, c = median_row(rows, "tokens_per_s"), str(concurrency)
         speeds = sorted(r["tokens_per_s"] or 0.0 for r in rows)
         spread = f" (median of {len(rows)}: {speeds[0]}-{speeds[-1]})" if len(rows) > 1 else ""
+        gpu_label = gpu = ""  # on CUDA: whether the GPU or the host set the step rate
+        if row.get("engine_step_gpu_mean_ms") is not None:
+            gpu_label = "; GPU a step / idle before it, mean ms"
+            gpu = f"; {row['engine_step_gpu_mean_ms']} / {row['engine_gpu_idle_mean_ms']}"
         lines.append(
-            f"| {c} streams: tokens/s; TTFT p50/p99 ms; gap p50/p99 ms | {row['tokens_per_s']}{spread}; "
-            f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']}; {row['gap_p50_ms']}/{row['gap_p99_ms']}"
+            f"| {c} streams: tokens/s; TTFT p50/p99 ms; gap p50/p99 ms{gpu_label} | {row['tokens_per_s']}{spread}; "
+            f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']}; {row['gap_p50_ms']}/{row['gap_p99_ms']}{gpu}"
             f"{caveats(row)} | "
             f"{ref['aggregate_tokens_per_s'].get(c) or '—'} | {goal['aggregate_tokens_per_s'].get(c) or '—'} |"
         )

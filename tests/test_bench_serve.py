@@ -95,6 +95,17 @@ def test_engine_gpu_means_from_histogram_differences(bench) -> None:
     assert bench.engine_gpu(empty, empty) == {"engine_step_gpu_mean_ms": None, "engine_gpu_idle_mean_ms": None}
 
 
+def test_the_aggregate_summary_shows_the_gpus_step_and_idle_times_where_measured(bench, capsys) -> None:
+    run = bench.summarize([record(0.0, [0.1, 0.2], 2), record(0.0, [0.1, 0.3], 2)], 2) | {"concurrency": 2}
+    bench.print_summary({"model": "m", "aggregate": [run | {"engine_step_gpu_mean_ms": None}]})
+    assert "GPU a step" not in capsys.readouterr().out  # the CPU: nothing timed
+    timed = run | {"engine_step_gpu_mean_ms": 6.56, "engine_gpu_idle_mean_ms": 0.03}
+    bench.print_summary({"model": "m", "aggregate": [timed]})
+    out = capsys.readouterr().out
+    assert "| 2 streams: tokens/s; TTFT p50/p99 ms; gap p50/p99 ms; GPU a step / idle before it, mean ms |" in out
+    assert "; 6.56 / 0.03" in out
+
+
 def test_the_models_summary_shows_each_models_finished_streams_and_a_failed_start(bench, capsys) -> None:
     run = bench.summarize(
         [record(0.0, [0.1, 0.2], 2) | {"model": "a"}, record(0.0, [0.1], 1, finish=None, error="cut") | {"model": "b"}],
