@@ -21,13 +21,6 @@ from vicunaflow.engine.runner import Runner, row_buckets
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_vicuna):
-    """The tiny Vicuna on the CPU, on any machine: these tests check the CPU's paths (the GPU's are marked gpu and
-    load their own); loaded on a GPU, other grid widths, kernels and sums would be checked against CPU numbers."""
-    return load_model(tiny_vicuna, device="cpu")
-
-
 def _prompt(tokenizer, question: str) -> list[int]:
     return encode_prompt(tokenizer, template.render([(template.USER, question), (template.ASSISTANT, None)]))
 
