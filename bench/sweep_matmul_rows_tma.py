@@ -26,7 +26,7 @@ from sweep_matmul_rows import graph_time_us
 from sweep_matmul_rows_tiles import SHAPES, launch, product_inputs, rotating_weights
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from vicunaflow import kernels
+from vicunaflow import kernels, matmul_kernels
 
 TMA_TILES = [  # (BLOCK_N, BLOCK_K, warps, stages)
     (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4),
@@ -104,6 +104,7 @@ def store(acc, residual_ptr, out_ptr, rows, cols, row_ok, N: tl.constexpr, HAS_R
 
 
 def tma_launch(x, weight, residual, out, tile, splits=1, gated=False):
+    """One tma_matmul_kernel launch with a fixed tile (as sweep_matmul_rows_tiles.launch, without PDL)."""
     block_n, block_k, warps, stages = tile
     m, (n, k) = x.shape[0], weight.shape
     block_m = max(16, 1 << (m - 1).bit_length())
@@ -123,6 +124,7 @@ def tma_launch(x, weight, residual, out, tile, splits=1, gated=False):
 
 
 def timed(label, make, expected, weights, outs, launches) -> str:
+    """'label µs' of a launch checked against `expected` first, or why it could not be timed."""
     try:
         got = make(weights[0], outs[0])
         error = (got.float() - expected.float()).abs().max().item()
@@ -154,7 +156,7 @@ def main() -> None:
             if not gated:
                 cells.append(timed("cublas", lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o),
                                    expected, weights, outs, args.launches))  # fmt: skip
-            for tile in [(64, 128, 4, 5), (64, 128, 4, 3)]:
+            for tile in matmul_kernels.MANY_ROWS_TILES:
                 for s in splits:
                     cells.append(timed(
                         "ours " + "x".join(map(str, tile)) + f"/{s}",
