@@ -609,6 +609,7 @@ class Engine:
         requests = [job.request for job in done]
         logits = logits[finished]
         sampled, logprobs = self._first_token(logits, requests)
+        self.gpu_mark = self._gpu_event()  # the first tokens' sampling is the forward's GPU work too
         tokens = sampled.tolist()
         self._start_replies(done, tokens, self._entries(tokens, logprobs, requests))
 
