@@ -492,7 +492,7 @@ def engine_gaps(before: tuple[dict[float, float], float], after: tuple[dict[floa
     """The engine's own inter-token gaps between two /metrics readings (Engine.latency): what the steps gave each
     row, before the HTTP side. The mean is exact (the histogram's sum over its count); p50 / p99 are interpolated
     inside a bucket as Prometheus' histogram_quantile, so they are only as sharp as the buckets."""
-    (buckets_before, sum_before), (buckets_after, sum_after) = before, after
+    (buckets_before, _), (buckets_after, _) = before, after
     bounds = sorted(buckets_after)
     counts = [buckets_after[b] - buckets_before.get(b, 0.0) for b in bounds]  # cumulative
 
@@ -507,9 +507,8 @@ def engine_gaps(before: tuple[dict[float, float], float], after: tuple[dict[floa
         inside = counts[i] - below
         return low + (bounds[i] - low) * ((rank - below) / inside if inside else 1.0)
 
-    mean = (sum_after - sum_before) / counts[-1] if counts and counts[-1] > 0 else None
     return {
-        "engine_gap_mean_ms": ms(mean),
+        "engine_gap_mean_ms": ms(histogram_mean(before, after)),
         "engine_gap_p50_ms": ms(quantile(0.5)),
         "engine_gap_p99_ms": ms(quantile(0.99)),
     }
@@ -520,11 +519,17 @@ def engine_gpu(before: dict, after: dict) -> dict:
     readings of Server.histograms (CUDA engines; None elsewhere): whether the GPU or the host sets the step rate."""
     row = {}
     for key, field in (("step_gpu", "engine_step_gpu_mean_ms"), ("gpu_idle", "engine_gpu_idle_mean_ms")):
-        family = ENGINE_HISTOGRAMS[key]
-        (buckets_before, sum_before), (buckets_after, sum_after) = before[family], after[family]
-        count = buckets_after.get(math.inf, 0.0) - buckets_before.get(math.inf, 0.0)
-        row[field] = round(1000 * (sum_after - sum_before) / count, 3) if count > 0 else None
+        mean = histogram_mean(before[ENGINE_HISTOGRAMS[key]], after[ENGINE_HISTOGRAMS[key]])
+        row[field] = None if mean is None else round(1000 * mean, 3)
     return row
+
+
+def histogram_mean(before: tuple[dict[float, float], float], after: tuple[dict[float, float], float]) -> float | None:
+    """The exact mean, in s, of what a histogram counted between two readings (its sum over its +Inf count), or None
+    where it counted nothing."""
+    (buckets_before, sum_before), (buckets_after, sum_after) = before, after
+    count = buckets_after.get(math.inf, 0.0) - buckets_before.get(math.inf, 0.0)
+    return (sum_after - sum_before) / count if count > 0 else None
 
 
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
