@@ -27,6 +27,7 @@ from sweep_matmul_rows_tiles import SHAPES, launch, product_inputs, rotating_wei
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from vicunaflow import kernels, matmul_kernels
+from vicunaflow.matmul_kernels import store_rows
 
 TMA_TILES = [  # (BLOCK_N, BLOCK_K, warps, stages)
     (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4),
@@ -89,18 +90,11 @@ def tma_matmul_kernel(
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for other in tl.static_range(SPLIT):
                     acc += tl.load(partial_ptr + other * N * BLOCK_M + offsets, cache_modifier=".cg")
-                store(acc, residual_ptr, out_ptr, rows, cols, row_ok, N, HAS_RESIDUAL)
-        else:
-            store(acc, residual_ptr, out_ptr, rows, cols, row_ok, N, HAS_RESIDUAL)
-
-
-@triton.jit
-def store(acc, residual_ptr, out_ptr, rows, cols, row_ok, N: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    y = acc.T  # [BLOCK_M, BLOCK_N]
-    ok = row_ok[:, None] & (cols < N)[None, :]
-    if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(tl.float16), mask=ok)
+                store_rows(
+                    acc, acc, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, cols < N, N, K, HAS_RESIDUAL, False
+                )
+        else:  # matmul_kernels' epilogue (no RMSNorm: its squares unread)
+            store_rows(acc, acc, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, cols < N, N, K, HAS_RESIDUAL, False)
 
 
 def tma_launch(x, weight, residual, out, tile, splits=1, gated=False):
