@@ -27,7 +27,7 @@ from sweep_matmul_rows_tiles import SHAPES, launch, product_inputs, rotating_wei
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from vicunaflow import kernels, matmul_kernels
-from vicunaflow.matmul_kernels import store_rows
+from vicunaflow.matmul_kernels import store_rows, store_split
 
 TMA_TILES = [  # (BLOCK_N, BLOCK_K, warps, stages)
     (64, 128, 4, 4), (64, 128, 4, 6), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4),
@@ -79,20 +79,9 @@ def tma_matmul_kernel(
             x = x_desc.load([0, k])
             acc = tl.dot(w_desc.load([tile * BLOCK_N, k]), x.T, acc)  # [BLOCK_N, BLOCK_M]
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        if SPLIT > 1:
-            offsets = cols[:, None] * BLOCK_M + rows[None, :]
-            tl.store(partial_ptr + part * N * BLOCK_M + offsets, acc)
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if done == SPLIT - 1:
-                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
-                tl.debug_barrier()
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for other in tl.static_range(SPLIT):
-                    acc += tl.load(partial_ptr + other * N * BLOCK_M + offsets, cache_modifier=".cg")
-                store_rows(
-                    acc, acc, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, cols < N, N, K, HAS_RESIDUAL, False
-                )
+        if SPLIT > 1:  # matmul_kernels' split epilogue (no RMSNorm: its squares unread)
+            store_split(acc, acc, partial_ptr, counter_ptr, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, cols < N,
+                        tile, part, N, K, HAS_RESIDUAL, False, SPLIT, BLOCK_M)  # fmt: skip
         else:  # matmul_kernels' epilogue (no RMSNorm: its squares unread)
             store_rows(acc, acc, residual_ptr, out_ptr, 0.0, rows, cols, row_ok, cols < N, N, K, HAS_RESIDUAL, False)
 

@@ -125,21 +125,30 @@ def float_matmul_kernel(
     elif SPLIT == 1:
         store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
     else:
-        # [BLOCK_N, BLOCK_M] offsets of this tile's products in a split's partial; loads bypass L1 (.cg): other
-        # programs wrote them, and an earlier launch's may be cached
-        offsets = cols[:, None] * BLOCK_M + rows[None, :]
-        tl.store(partial_ptr + part * N * BLOCK_M + offsets, acc, mask=col_ok[:, None])
-        tl.debug_barrier()  # every thread's stores above happen before this program is counted
-        done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")  # the tile's programs done before
-        if done == SPLIT - 1:  # the last: the others' partials are in
-            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            tl.debug_barrier()
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for other in tl.static_range(SPLIT):  # in split order, whichever program came last: the same bits
-                total += tl.load(
-                    partial_ptr + other * N * BLOCK_M + offsets, mask=col_ok[:, None], cache_modifier=".cg"
-                )
-            store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
+        store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok,
+                    tile, part, N, K, HAS_RESIDUAL, NORM, SPLIT, BLOCK_M)  # fmt: skip
+
+
+@triton.jit
+def store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, tile,
+                part, N: tl.constexpr, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """One split's products acc [BLOCK_N, BLOCK_M] (transposed) into its float32 partial; the tile's last program
+    to finish sums every split's partial in split order (the same bits whichever came last) and stores the rows
+    (store_rows), leaving the tile's counter at zero for the next launch."""
+    # [BLOCK_N, BLOCK_M] offsets of this tile's products in a split's partial; loads bypass L1 (.cg): other
+    # programs wrote them, and an earlier launch's may be cached
+    offsets = cols[:, None] * BLOCK_M + rows[None, :]
+    tl.store(partial_ptr + part * N * BLOCK_M + offsets, acc, mask=col_ok[:, None])
+    tl.debug_barrier()  # every thread's stores above happen before this program is counted
+    done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")  # the tile's programs done before
+    if done == SPLIT - 1:  # the last: the others' partials are in
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        tl.debug_barrier()
+        total = tl.zeros_like(acc)  # float32, as acc
+        for other in tl.static_range(SPLIT):  # in split order, whichever program came last: the same bits
+            total += tl.load(partial_ptr + other * N * BLOCK_M + offsets, mask=col_ok[:, None], cache_modifier=".cg")
+        store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
 
 
 @triton.jit
