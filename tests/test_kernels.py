@@ -257,13 +257,16 @@ def test_matmul_rows_hands_many_rows_without_a_residual_to_cublas(monkeypatch):
     """From CUBLAS_ROWS rows on a GPU the products with no residual (q|k|v, gate|up, the head) go to cuBLAS after
     rows_input, the ones with a residual (o, down) stay in our kernel; either way the float64 reference's result."""
     cuda = torch.device("cuda", 0)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kernels.takes_cublas(kernels.CUBLAS_ROWS, None, cuda)
-    assert not kernels.takes_cublas(kernels.CUBLAS_ROWS - 1, None, cuda)
-    assert not kernels.takes_cublas(64, torch.zeros(1), cuda)
-    assert not kernels.takes_cublas(64, None, torch.device("cpu"))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not kernels.takes_cublas(64, None, cuda)
+    # the interpreter's switch back as it was before the launches below: a kernel first built while it is on
+    # stays interpreted in this process (on a GPU box every later test launching it failed)
+    with monkeypatch.context() as env:
+        env.delenv("TRITON_INTERPRET", raising=False)
+        assert kernels.takes_cublas(kernels.CUBLAS_ROWS, None, cuda)
+        assert not kernels.takes_cublas(kernels.CUBLAS_ROWS - 1, None, cuda)
+        assert not kernels.takes_cublas(64, torch.zeros(1), cuda)
+        assert not kernels.takes_cublas(64, None, torch.device("cpu"))
+        env.setenv("TRITON_INTERPRET", "1")
+        assert not kernels.takes_cublas(64, None, cuda)
 
     launched, real = [], kernels.cublas_product
     monkeypatch.setattr(kernels, "takes_cublas", lambda rows, residual, device: rows >= 33 and residual is None)

@@ -30,9 +30,15 @@ def free_port() -> int:
 
 
 def start_server(model_path, *args: str, env: dict | None = None, timeout: float = 180):
-    """`vicunaflow serve` in a subprocess; returns (process, base_url) once /health answers."""
+    """`vicunaflow serve` in a subprocess; returns (process, base_url) once /health answers.
+
+    On the CPU unless args name a --device, on any machine: the tests' float32 references and their timings
+    (a reply still running after 0.3 s) are the CPU's, as in CI. On a GPU box the default device would serve
+    float16 on CUDA, whose logprobs differ from the float32 reference by ~1e-3 and whose replies finish sooner.
+    """
     port = free_port()
-    cmd = [*SERVE, "--model-path", str(model_path), "--port", str(port), *args]
+    device = () if "--device" in args else ("--device", "cpu")
+    cmd = [*SERVE, "--model-path", str(model_path), "--port", str(port), *args, *device]
     process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
