@@ -23,13 +23,14 @@ import pytest
 
 def pytest_configure(config):
     """Under pytest-xdist, each worker's torch (and the servers and tools it starts) takes its share of the cores,
-    at least 2, unless OMP_NUM_THREADS is set: by default each takes every core. On the 2-core CI machine nothing
-    changes (2 workers of 2 threads, as before); on a 16-core GPU machine 16 workers of 16 threads ran
+    at least 2, unless OMP_NUM_THREADS is set: by default each takes every core. Where the share is every core (the
+    2-core CI machine: 2 workers of 2 threads) nothing is set; on a 16-core GPU machine 16 workers of 16 threads ran
     test_generate's CPU references past their 200 s timeouts, where 8 workers of 2 threads passed them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        os.environ["OMP_NUM_THREADS"] = str(max(2, cores // workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    threads = max(2, cores // workers)
+    if workers > 1 and threads < cores and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="session")
