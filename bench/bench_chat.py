@@ -39,9 +39,9 @@ with its layers spread over the GPUs as `device_map` does (accelerate's dispatch
                     ours, --quant: quant_kernels' one-row RMSNorm / SiLU·up computed in every program (fused) and/or
                     once by kernels.rows_input before the product (separate), in turn (VICUNAFLOW_QUANT_INPUT)
     --pdl on off    ours: the Triton decode kernels with programmatic dependent launch on / off, in turn
-    --rope separate attention
-                    ours: a decode step's rotary and new key's store in rope_store's kernel, or inside the
-                    attention kernel (a launch a layer fewer), in turn (attention_kernels.ROPE)
+    --rope product separate attention
+                    ours: a decode step's rotary and new key's store in the q|k|v product's epilogue (batched
+                    steps), in rope_store's kernel, or inside the attention kernel, in turn (attention_kernels.ROPE)
     --attention fused split
                     ours: a decode step's attention with the splits combined inside the attention kernel
                     (two kernels a layer with the rotary + K/V store) and/or by a combine kernel of its own
@@ -144,9 +144,9 @@ def main() -> None:
         help="ours: Triton decode kernels with programmatic dependent launch on / off, each in turn (VICUNAFLOW_PDL)",
     )  # fmt: skip
     parser.add_argument(
-        "--rope", nargs="+", choices=["separate", "attention"], default=["separate"],
-        help="ours: decode steps' rotary and new-key store in a kernel of their own or in the attention kernel "
-        "(VICUNAFLOW_ROPE), in turn",
+        "--rope", nargs="+", choices=["product", "separate", "attention"], default=["product"],
+        help="ours: decode steps' rotary and new-key store in q|k|v's epilogue (batched steps), a kernel of their own "
+        "or the attention kernel (VICUNAFLOW_ROPE), in turn",
     )  # fmt: skip
     parser.add_argument(
         "--attention", nargs="+", choices=["fused", "split"], default=["fused"],

@@ -164,12 +164,13 @@ def test_paged_decode_attention_refuses_mismatched_shapes():
         attention_kernels.paged_decode_attention(query, keys, keys, torch.zeros(2, 4, dtype=torch.int32), torch.ones(2))
 
 
-@pytest.mark.parametrize("rope", ["separate", "attention"])
+@pytest.mark.parametrize("rope", ["product", "separate", "attention"])
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
 def test_engine_decodes_through_the_kernel(fixture, rope, request, monkeypatch):
     """The engine's decode steps through the kernel (forced on here; on by default on CUDA) reply what
     gathered keys and values through SDPA reply, batched, rows of different lengths; with the rotary and the
-    new key's store in rope_store's kernel or in the attention kernel (ROPE)."""
+    new key's store in q|k|v's epilogue (ROPE "product", with the decode products through kernels.matvec and
+    matmul_rows as on CUDA), in rope_store's kernel or in the attention kernel."""
     import threading
 
     from vicunaflow.engine import Engine, SamplingParams, load_model
@@ -182,13 +183,14 @@ def test_engine_decodes_through_the_kernel(fixture, rope, request, monkeypatch):
     params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
     calls = []
     kernel = attention_kernels.decode_attention
-    monkeypatch.setattr(attention_kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(attention_kernels, "decode_attention", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
 
     def replies(use_kernel: bool) -> list[list[int]]:
         done = threading.Semaphore(0)
         # a 128-position context: the interpreter runs every program of the grid (rows x KV heads x splits)
         with Engine(model, tokenizer, max_batch_size=3, max_context=128, cuda_graphs=False, warm_up=False) as engine:
             model.attention_kernel = use_kernel
+            model.matvec = use_kernel and rope == "product"
             requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in prompts]
             for _ in prompts:
                 done.acquire()
@@ -197,6 +199,10 @@ def test_engine_decodes_through_the_kernel(fixture, rope, request, monkeypatch):
     expected = replies(False)
     assert not calls
     assert replies(True) == expected and calls
+    # the three-row steps' keys were stored by q|k|v's epilogue with ROPE "product" (one-row steps: rope_store),
+    # where a tile fits in a head (not the tiny models' 32 dims on a GPU, whose tiles are 64 or 128 wide)
+    in_product = rope == "product" and kernels.rope_fits(model.args.head_dim)
+    assert any(kw.get("stored") for kw in calls) == in_product
 
 
 @pytest.mark.parametrize(

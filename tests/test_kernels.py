@@ -314,6 +314,57 @@ def test_gated_matmul_rows_gives_silu_up_as_the_product_then_rows_input(m, f, k,
     assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize(
+    ("m", "heads", "kv_heads", "dtype", "norm_on", "shared_table"),
+    [
+        (3, 2, 2, torch.float16, False, False),
+        (5, 4, 2, torch.float16, True, True),  # RMSNorm folded in; grouped-query; two rows of one prompt's table
+        (20, 2, 1, torch.bfloat16, True, False),  # NORM_FIRST_ROWS: normalised first
+        (2, 2, 2, torch.float32, False, False),
+    ],
+)
+def test_matmul_rows_with_rope_does_rope_stores_work_in_its_epilogue(m, heads, kv_heads, dtype, norm_on, shared_table):
+    """rope: q rotated into out, each row's rotated key and its value stored in its block at its position, the same
+    bits as the product then attention_kernels.rope_store (on a GPU within rounding: cuBLAS may take the product
+    without rope); heads of 64 dims, two tiles a head where the interpreter's are 32 wide."""
+    from vicunaflow import attention_kernels
+
+    head_dim, block_size, k = 64, 4, 96
+    generator = torch.Generator().manual_seed(m * heads + kv_heads)
+    weight = (torch.randn((heads + 2 * kv_heads) * head_dim, k, generator=generator) / k**0.5).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
+    norm = torch.rand(k, generator=generator).add(0.5).to(DEVICE, dtype) if norm_on else None
+    positions = torch.randint(0, 4 * block_size, (m,), generator=generator)
+    tables = (1 + torch.randperm(4 * m, generator=generator)).view(m, 4)  # distinct blocks: no slot twice
+    if shared_table:  # rows 0 and 1: a prompt's tokens riding in the step, its table in both rows
+        tables[1], positions[1] = tables[0], positions[0] + 1
+    inputs = torch.stack([positions, positions], dim=1).to(DEVICE, torch.int32)  # strided, as the runner's
+    positions, tables = inputs[:, 0], tables.to(DEVICE, torch.int32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions.cpu().float()[:, None] * inv_freq
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    cache = [torch.zeros(4 * m + 1, kv_heads, block_size, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+
+    qkv = kernels.matmul_rows(x, weight, norm=norm, eps=1e-5)
+    attention_kernels.rope_store(qkv, cos, sin, positions, tables, cache[0], cache[1], heads)
+    store = kernels.RopeStore(cos, sin, positions, tables, cache[2], cache[3], heads)
+    out = kernels.matmul_rows(x, weight, norm=norm, eps=1e-5, rope=store)
+    assert out.shape == qkv.shape and out.dtype == dtype
+    q = heads * head_dim
+    if DEVICE == "cpu":
+        assert torch.equal(out[:, :q], qkv[:, :q])
+        assert torch.equal(cache[2], cache[0]) and torch.equal(cache[3], cache[1])
+    else:
+        tolerance = {torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float32: 1e-5}[dtype]
+        for got, expected in ((out[:, :q], qkv[:, :q]), (cache[2], cache[0]), (cache[3], cache[1])):
+            assert torch.allclose(got.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    assert cache[2].any() and cache[3].any()
+    with pytest.raises(ValueError, match="plain product"):
+        kernels.matmul_rows(x, weight, residual=torch.zeros_like(qkv), rope=store)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.matmul_rows(x[:, :k], weight[: q + kv_heads * head_dim], rope=store)
+
+
 def test_gated_matmul_rows_above_its_rows_takes_the_product_then_rows_input(monkeypatch):
     """Above GATED_ROWS_MAX rows the product goes its usual way and SiLU·up is one rows_input launch after it."""
     calls, real = [], kernels.rows_input
@@ -385,6 +436,36 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
     assert fused.shape == plain.shape == (3, model.args.vocab_size)
     tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
     assert torch.allclose(fused.float(), plain.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_batched_decode_step_rotates_and_stores_in_the_qkv_epilogue(tiny_vicuna, monkeypatch):
+    """attention_kernels.ROPE "product": a three-row decode step through the decode kernels rotates q and k and
+    stores the new keys and values in q|k|v's epilogue, no rope_store launch, and gives the logits and the cache
+    of ROPE "separate" (the product, then rope_store) to the bit."""
+    from vicunaflow import attention_kernels
+
+    model, _ = load_model(tiny_vicuna, device=DEVICE)
+    if not kernels.rope_fits(model.args.head_dim):
+        pytest.skip(f"heads of {model.args.head_dim} dims are narrower than this device's tiles")
+    model.layers = model.layers[:1]  # one layer is enough, and Triton's interpreter is slow
+    model.matvec = model.attention_kernel = True
+    input_ids, positions = torch.tensor([[5], [9], [2]], device=DEVICE), torch.tensor([[0], [3], [6]], device=DEVICE)
+    ropes, real = [], kernels.matmul_rows
+    monkeypatch.setattr(kernels, "matmul_rows", lambda *a, **kw: ropes.append(kw.get("rope")) or real(*a, **kw))
+    stores, real_store = [], attention_kernels.rope_store
+    monkeypatch.setattr(attention_kernels, "rope_store", lambda *a, **kw: stores.append(1) or real_store(*a, **kw))
+    results = {}
+    for mode in ("separate", "product"):
+        monkeypatch.setattr(attention_kernels, "ROPE", mode)
+        ropes.clear(), stores.clear()
+        model.setup_cache(slots=3, context=8)
+        with torch.inference_mode():
+            logits = model(input_ids, positions, kv_length=8)
+        results[mode] = (logits, model.cache.keys[0].clone(), model.cache.values[0].clone())
+        assert (ropes[0] is not None, len(stores)) == ((True, 0) if mode == "product" else (False, 1))
+    for separate, product in zip(results["separate"], results["product"], strict=True):
+        assert torch.equal(separate, product)
+    assert results["product"][1].any()
 
 
 def test_silu_up_goes_into_gate_up_only_in_batched_decode_steps_on_float_weights(monkeypatch):

@@ -100,10 +100,12 @@ ATTENTION = os.environ.get("VICUNAFLOW_ATTENTION", "fused")
 # "length": a split's programs walk only the tiles below the row's length; "split": every tile of the split, those
 # past the row masked (the same bits; what Triton's interpreter always does), to time the difference
 ATTENTION_LOOP = os.environ.get("VICUNAFLOW_ATTENTION_LOOP", "length")
-# Where decode_attention rotates q and k and stores the new key and value: "separate", rope_store's kernel before
-# the attention (any rows, also rows sharing a block table); "attention", inside the split kernel (a launch a
-# layer fewer, for steps whose rows each have their own table: the engine refuses it with mixed prefill).
-ROPE = os.environ.get("VICUNAFLOW_ROPE", "separate")
+# Where a decode step rotates q and k and stores the new key and value: "product", in the q|k|v product's epilogue
+# where that goes through kernels.matmul_rows (batched steps on float weights: engine.model.rope_in_product), else
+# as "separate"; "separate", rope_store's kernel before the attention (any rows, also rows sharing a block table);
+# "attention", inside the split kernel (a launch a layer fewer, for steps whose rows each have their own table:
+# the engine refuses it with mixed prefill; it grew the split kernel by what rope_store took, twenty-third session).
+ROPE = os.environ.get("VICUNAFLOW_ROPE", "product")
 
 
 def paged_decode_attention(
@@ -141,6 +143,7 @@ def decode_attention(
     heads: int,
     counters: torch.Tensor,
     scale: float | None = None,
+    stored: bool = False,
 ) -> torch.Tensor:
     """A decode step's attention, one token per row: rotate q and k in place (LLaMA's half-split rotary),
     store the rotated k and the v in the row's block at its position, attend q over the row's positions.
@@ -151,13 +154,17 @@ def decode_attention(
     left at zero again. With ROPE "separate" every row's key is stored before any row attends, so rows may
     share a table, and q is rotated in place; with "attention" the split kernel rotates q in registers and the
     program of a row's newest position stores its key and value before reading: no row may read another's
-    newest position. Returns [B, H * D] in qkv's dtype.
+    newest position. stored: the q|k|v product's epilogue did rope_store's work already (ROPE "product",
+    kernels.matmul_rows(rope=)): q is rotated and every row's key and value are in the cache. Returns [B, H * D]
+    in qkv's dtype.
     """
     B = qkv.shape[0]
     D = keys.shape[-1]
-    if ROPE not in ("separate", "attention"):
-        raise ValueError(f"decode_attention: VICUNAFLOW_ROPE={ROPE!r}: choose separate or attention")
+    if ROPE not in ("product", "separate", "attention"):
+        raise ValueError(f"decode_attention: VICUNAFLOW_ROPE={ROPE!r}: choose product, separate or attention")
     query = qkv[:, : heads * D].view(B, heads, D)
+    if stored:
+        return _attention(query, counters, keys, values, tables, lengths, heads, scale)
     if ROPE == "attention":  # the kernel takes each row's position as lengths - 1
         return _attention(query, counters, keys, values, tables, lengths, heads, scale, rope=(cos, sin))
     rope_store(qkv, cos, sin, positions, tables, keys, values, heads)

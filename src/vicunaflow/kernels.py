@@ -14,6 +14,7 @@ through Triton's interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -154,6 +155,27 @@ def matvec(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeStore:
+    """What a q|k|v product's epilogue needs to do attention_kernels.rope_store's work (matmul_rows(rope=)): the
+    rows' angles cos, sin [M, D / 2] float32, positions [M] and block tables [M, width] (rows may be strided),
+    the layer's keys and values [blocks, Hkv, block_size, D] (contiguous), and the query heads H."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    tables: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    heads: int
+
+
+def rope_fits(head_dim: int) -> bool:
+    """Whether matmul_rows(rope=) takes a head of head_dim dims: a program's tile must lie within one head (tiles of
+    64 and 128 weight rows on a GPU, matmul_kernels.INTERPRETED_BLOCK_N in Triton's interpreter)."""
+    return head_dim % (32 if os.environ.get("TRITON_INTERPRET") == "1" else 64) == 0
+
+
 def matmul_rows(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -164,6 +186,7 @@ def matmul_rows(
     eps: float = 1e-6,
     k_splits: int | None = None,
     gated: bool = False,
+    rope: RopeStore | None = None,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
 
@@ -191,6 +214,14 @@ def matmul_rows(
     (7B, twenty-second session) steps of 8 / 32 / 64 rows replayed in 4.29 / 5.02 / 6.44 ms against 4.33 / 5.11 /
     6.52 (at 64 rows against cuBLAS's gate|up and rows_input). Each product is rounded to the weight's dtype
     before SiLU·up, as the unfused path stores gate|up: the same bits as that path where the sums are the same.
+
+    rope: weight is q|k|v [(H + 2 Hkv) * D, K] and the epilogue does attention_kernels.rope_store's work for one
+    token a row (a decode step): out's q rotated (its k and v columns left unwritten), each row's rotated key and
+    its value stored into its block at its position, with the same bits as the product then rope_store where the
+    sums are the same. Always our kernel (never cuBLAS, never split over K), a tile within a head (`rope_fits`).
+    Why: a launch a layer fewer, and rope_store's launch between the product and the attention cost more than
+    its own time: timed without it, a 7B's 64-row step replayed in 6.27 against 6.63 ms on an H200 (rope_store's
+    kernels 181 µs a step; twenty-ninth session, docs/benchmarks.md).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -202,6 +233,8 @@ def matmul_rows(
         raise ValueError(f"matmul_rows: norm {tuple(norm.shape)} needs a plain input of {k} columns")
     if gated and (swiglu or residual is not None or n % 2):
         raise ValueError(f"matmul_rows: gated needs a plain input, no residual and gate|up rows (got {n})")
+    if rope is not None:
+        check_rope_store(rope, m, n, residual, swiglu, gated, k_splits)
     if gated and m > GATED_ROWS_MAX:  # the product as usual, then SiLU·up in one launch
         gate_up = matmul_rows(x, weight, norm=norm, eps=eps, k_splits=k_splits)  # [M, 2F]
         activated = rows_input(gate_up, swiglu=True, dtype=weight.dtype)  # [M, F]
@@ -226,8 +259,9 @@ def matmul_rows(
         # [M, K] normalised, rounded as the products take it (the fold's sum of squares would span every split)
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
-    fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None and not gated else None
-    if fixed == "cublas" or (fixed is None and k_splits is None and not gated and takes_cublas(m, residual, x.device)):
+    ours = gated or rope is not None  # epilogues only our kernel has
+    fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None and not ours else None
+    if fixed == "cublas" or (fixed is None and k_splits is None and not ours and takes_cublas(m, residual, x.device)):
         if norm is not None:  # fewer than NORM_FIRST_ROWS rows, through ROWS_TILES
             x = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype)
         return cublas_product(x.to(weight.dtype), weight, residual, out)
@@ -237,7 +271,7 @@ def matmul_rows(
         out = torch.empty(m, outputs, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    splits = k_splits_for(n, m, x.device, norm is not None or gated) if k_splits is None else k_splits
+    splits = k_splits_for(n, m, x.device, norm is not None or ours) if k_splits is None else k_splits
     if fixed is not None:
         splits = fixed[4]
     if gated and splits != 1:
@@ -255,9 +289,39 @@ def matmul_rows(
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
         counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
-        PREFETCH=PDL_ROWS == 2, GATED=gated, **pdl_options(x.device, rows=m), **tile,
+        PREFETCH=PDL_ROWS == 2, GATED=gated, **_rope_arguments(rope), **pdl_options(x.device, rows=m), **tile,
     )  # fmt: skip
     return out
+
+
+def check_rope_store(rope: RopeStore, m: int, n: int, residual, swiglu: bool, gated: bool, k_splits) -> None:
+    """Refuse a matmul_rows(rope=) launch its epilogue cannot do, naming what does not fit."""
+    _, kv_heads, _, head_dim = rope.keys.shape
+    if residual is not None or swiglu or gated or (k_splits or 1) != 1:
+        raise ValueError("matmul_rows: rope needs a plain product (no residual, swiglu, gated or split over K)")
+    fits = n == (rope.heads + 2 * kv_heads) * head_dim and rope.cos.shape == (m, head_dim // 2)
+    fits = fits and rope.sin.shape == rope.cos.shape and rope.positions.shape == (m,) and rope.tables.shape[0] == m
+    if not fits or rope.keys.shape != rope.values.shape or not rope_fits(head_dim):
+        raise ValueError(
+            f"matmul_rows: rope's {rope.heads} + 2 x {kv_heads} heads of {head_dim} (angles {tuple(rope.cos.shape)}, "
+            f"{rope.positions.shape[0]} positions, {rope.tables.shape[0]} tables) do not fit {m} rows of q|k|v {n} "
+            f"wide, or its heads are not whole tiles"
+        )
+    contiguous = rope.cos.is_contiguous() and rope.sin.is_contiguous() and rope.tables.stride(1) == 1
+    if not (contiguous and rope.keys.is_contiguous() and rope.values.is_contiguous()):
+        raise ValueError("matmul_rows: rope's angles, keys and values must be contiguous, its tables' rows too")
+
+
+def _rope_arguments(rope: RopeStore | None) -> dict:
+    """float_matmul_kernel's ROPE arguments (none without rope: the kernel's defaults)."""
+    if rope is None:
+        return {}
+    _, kv_heads, block_size, head_dim = rope.keys.shape
+    return dict(
+        cos_ptr=rope.cos, sin_ptr=rope.sin, position_ptr=rope.positions, table_ptr=rope.tables, k_ptr=rope.keys,
+        v_ptr=rope.values, position_stride=rope.positions.stride(0), table_row_stride=rope.tables.stride(0),
+        ROPE=True, H=rope.heads, HKV=kv_heads, D=head_dim, BLOCK_SIZE=block_size,
+    )  # fmt: skip
 
 
 def takes_cublas(rows: int, residual: torch.Tensor | None, device: torch.device) -> bool:

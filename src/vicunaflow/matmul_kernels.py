@@ -38,24 +38,36 @@ from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 # BLOCK_M 16: down and o take the first, q|k|v and gate|up the second; BLOCK_M 32 and more:
 FEW_ROWS_TILES = [(64, 256, 4, 5), (64, 128, 4, 3)]
 MANY_ROWS_TILES = [(64, 128, 4, 5), (64, 128, 4, 3)]
+# q|k|v with the rotary and the cache stores in its epilogue (ROPE), from BLOCK_M 32: a 7B's 64-row q|k|v took
+# 28.4 µs in tiles of 128 x 128 (4 warps, 4 stages) against cuBLAS's 28.0 and 28.8 in the second tile above,
+# alone (bench/sweep_matmul_rows_layout.py), and a 64-row step replayed in 6.58 against 6.63 ms with it in place
+# of cuBLAS (twenty-ninth session, docs/benchmarks.md)
+ROPE_MANY_ROWS_TILES = [(128, 128, 4, 4), (64, 128, 4, 3)]
 float_configs = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w, s in dict.fromkeys(FEW_ROWS_TILES + MANY_ROWS_TILES)
+    for n, k, w, s in dict.fromkeys(FEW_ROWS_TILES + MANY_ROWS_TILES + ROPE_MANY_ROWS_TILES)
 ]
+INTERPRETED_BLOCK_N = 32
 if os.environ.get("TRITON_INTERPRET") == "1":
-    float_configs = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=1)]
+    float_configs = [triton.Config({"BLOCK_N": INTERPRETED_BLOCK_N, "BLOCK_K": 64}, num_warps=1)]
 
 
 def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's configs for this launch's BLOCK_M (all of them under the interpreter)."""
-    tiles = FEW_ROWS_TILES if kwargs["BLOCK_M"] <= 16 else MANY_ROWS_TILES
+    """The autotuner's configs for this launch's BLOCK_M (all of them under the interpreter); with ROPE only
+    tiles within a head (the rotary pairs dims d and d + D / 2 inside a program)."""
+    if kwargs["BLOCK_M"] <= 16:
+        tiles = FEW_ROWS_TILES
+    else:
+        tiles = ROPE_MANY_ROWS_TILES if kwargs.get("ROPE") else MANY_ROWS_TILES
     chosen = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in tiles]
+    if kwargs.get("ROPE"):
+        chosen = [c for c in chosen or configs if kwargs["D"] % c.kwargs["BLOCK_N"] == 0]
     return chosen or configs
 
 
 @autotune(
     configs=float_configs,
-    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED"],
+    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED", "ROPE"],
     prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
@@ -81,10 +93,32 @@ def float_matmul_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels.PDL_ROWS)
     PREFETCH: tl.constexpr = False,  # PDL: ask for the first weight tiles into L2 before waiting for the inputs
     GATED: tl.constexpr = False,  # w is gate|up [N, K]: out [M, N / 2] = silu(x @ gate.T) * (x @ up.T) (no SPLIT)
+    # ROPE: w is q|k|v [(H + 2 HKV) * D, K]; the epilogue rotates q into out and stores the rotated k and the v
+    # into the rows' cache blocks (store_rope; no SPLIT, no residual)
+    cos_ptr=None,  # [M, D / 2] float32, the rows' angles
+    sin_ptr=None,
+    position_ptr=None,  # [M], position_stride apart
+    table_ptr=None,  # [M, width] block ids, rows table_row_stride apart
+    k_ptr=None,  # [blocks, HKV, BLOCK_SIZE, D]
+    v_ptr=None,
+    position_stride=0,
+    table_row_stride=0,
+    ROPE: tl.constexpr = False,
+    H: tl.constexpr = 0,
+    HKV: tl.constexpr = 0,
+    D: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr = 0,
 ):
     tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    if GATED:  # BLOCK_N / 2 gate rows and the up rows of the same outputs, N / 2 weight rows further on
+    if ROPE:  # BLOCK_N / 2 dims of one head's first half and their partners D / 2 further on
+        ROPE_HALF: tl.constexpr = BLOCK_N // 2
+        head = tile // (D // BLOCK_N)
+        first_dim = tile % (D // BLOCK_N) * ROPE_HALF
+        lanes = tl.arange(0, BLOCK_N)
+        cols = head * D + first_dim + lanes % ROPE_HALF + (lanes >= ROPE_HALF).to(tl.int32) * (D // 2)
+        col_ok = cols < N
+    elif GATED:  # BLOCK_N / 2 gate rows and the up rows of the same outputs, N / 2 weight rows further on
         HALF: tl.constexpr = BLOCK_N // 2
         lanes = tl.arange(0, BLOCK_N)
         outputs = tile * HALF + lanes % HALF
@@ -120,7 +154,11 @@ def float_matmul_kernel(
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
     if PDL:  # the next kernel may launch once every program has read all of its K
         tl.extra.cuda.gdc_launch_dependents()
-    if GATED:
+    if ROPE:
+        store_rope(acc, squares, out_ptr, eps, rows, row_ok, head, first_dim, cos_ptr, sin_ptr, position_ptr,
+                   table_ptr, k_ptr, v_ptr, position_stride, table_row_stride, N, K, NORM, BLOCK_M, BLOCK_N, H, HKV, D,
+                   BLOCK_SIZE)  # fmt: skip
+    elif GATED:
         store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, N // 2, K, NORM, BLOCK_M, BLOCK_N)
     elif SPLIT == 1:
         store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
@@ -181,6 +219,48 @@ def store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, F: tl.con
     ok = row_ok[:, None] & (outputs < F)[None, :]
     value = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + rows[:, None] * F + outputs[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def store_rope(acc, squares, out_ptr, eps, rows, row_ok, head, first_dim, cos_ptr, sin_ptr, position_ptr, table_ptr,
+               k_ptr, v_ptr, position_stride, table_row_stride, N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """The q|k|v products acc [BLOCK_N, BLOCK_M] (transposed) of `head`'s dims first_dim.. (BLOCK_N / 2 of them)
+    and their partners D / 2 further on, as attention_kernels.rope_store would leave them: each product rounded
+    to out's dtype (as q|k|v is stored), a query or key head rotated in float32 (LLaMA's half-split rotary) and
+    rounded again; a query head's into out, a key head's into the k cache and a value head's as it is into the v
+    cache, at each row's position in its block (rows' tables may be the same: a prompt riding in the step)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    if NORM:
+        y = y * rms_factor(squares, eps, K)
+    y = y.to(out_ptr.dtype.element_ty)
+    first, second = tl.split(tl.permute(tl.reshape(y, (BLOCK_M, 2, HALF)), (0, 2, 1)))  # [BLOCK_M, HALF] each
+    dims = first_dim + tl.arange(0, HALF)  # [HALF]: the first half's dims; their partners are dims + D / 2
+    if head < H + HKV:  # a query or key head: rotated
+        angles = rows[:, None] * (D // 2) + dims[None, :]  # [BLOCK_M, HALF]
+        cos = tl.load(cos_ptr + angles, mask=row_ok[:, None], other=0.0)
+        sin = tl.load(sin_ptr + angles, mask=row_ok[:, None], other=0.0)
+        x1, x2 = first.to(tl.float32), second.to(tl.float32)
+        first = (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty)
+        second = (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty)
+    if head < H:
+        q_ptrs = out_ptr + rows[:, None] * N + head * D + dims[None, :]
+        tl.store(q_ptrs, first, mask=row_ok[:, None])
+        tl.store(q_ptrs + D // 2, second, mask=row_ok[:, None])
+    else:
+        position = tl.load(position_ptr + rows * position_stride, mask=row_ok, other=0)  # [BLOCK_M]
+        block = tl.load(table_ptr + rows * table_row_stride + position // BLOCK_SIZE, mask=row_ok, other=0)
+        kv_head = (head - H) % HKV
+        slots = ((block.to(tl.int64) * HKV + kv_head) * BLOCK_SIZE + position % BLOCK_SIZE) * D  # [BLOCK_M]
+        offsets = slots[:, None] + dims[None, :]  # [BLOCK_M, HALF]
+        if head < H + HKV:
+            tl.store(k_ptr + offsets, first, mask=row_ok[:, None])
+            tl.store(k_ptr + offsets + D // 2, second, mask=row_ok[:, None])
+        else:
+            tl.store(v_ptr + offsets, first, mask=row_ok[:, None])
+            tl.store(v_ptr + offsets + D // 2, second, mask=row_ok[:, None])
 
 
 @triton.jit

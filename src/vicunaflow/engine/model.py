@@ -109,6 +109,7 @@ def project(
     matvec: bool = False,
     norm: tuple[torch.Tensor, float] | None = None,
     gated: bool = False,
+    rope: kernels.RopeStore | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
@@ -123,10 +124,13 @@ def project(
     stays on cuBLAS.
     gated: weight is gate|up [2F, K] and the result silu(gate) * up [M, F], from the product's epilogue; only
     where the product goes through kernels.matmul_rows (`takes_matmul_rows`), else refused.
+    rope: weight is q|k|v and the epilogue rotates q and k and stores the new keys and values (kernels.matmul_rows
+    says how); refused where `gated` would be.
     """
-    if gated and not takes_matmul_rows(x.shape[0], weight, matvec):
+    if (gated or rope is not None) and not takes_matmul_rows(x.shape[0], weight, matvec):
         raise ValueError(
-            f"project: SiLU·up in the product's epilogue is for batched decode steps, not {x.shape[0]} rows"
+            f"project: {'the rotary' if rope is not None else 'SiLU·up'} in the product's epilogue is for batched "
+            f"decode steps, not {x.shape[0]} rows"
         )
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
@@ -146,7 +150,7 @@ def project(
         # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return kernels.matmul_rows(
-            x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps, gated=gated
+            x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps, gated=gated, rope=rope
         )
     norm_weight, eps = norm if norm is not None else (None, 1e-6)
     if swiglu and matvec and x.is_cuda and kernels.FLOAT_ROWS == "triton":
@@ -171,6 +175,15 @@ def takes_matmul_rows(rows: int, weight: Weight, matvec: bool) -> bool:
         and 1 < rows <= kernels.FLOAT_ROWS_MAX
         and kernels.FLOAT_ROWS == "triton"
         and not isinstance(weight, QUANTIZED)
+    )
+
+
+def rope_in_product(rows: int, weight: Weight, matvec: bool, head_dim: int) -> bool:
+    """Whether a decode step's q|k|v product rotates q and k and stores the new keys and values in its epilogue
+    (attention_kernels.ROPE "product"): where it goes through kernels.matmul_rows and a tile fits in a head; else
+    decode_attention does it (rope_store's launch, or inside the attention kernel)."""
+    return (
+        attention_kernels.ROPE == "product" and takes_matmul_rows(rows, weight, matvec) and kernels.rope_fits(head_dim)
     )
 
 
@@ -221,16 +234,19 @@ class Block(torch.nn.Module):
         B, T = positions.shape
         H, Hkv, D = model.heads, model.kv_heads, model.args.head_dim
         eps, matvec, comm = model.args.norm_eps, model.matvec, model.comm
-        qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps))  # [B*T, (H + 2 Hkv) D]
         cache = model.cache
+        keys, values = cache.keys[self.index], cache.values[self.index]
+        width = cache.blocks_for(kv_length)  # table entries a decode step's bucket reaches: the kernel's grid
+        store = None  # the rotary and the new keys and values in q|k|v's epilogue (attention_kernels.ROPE "product")
+        if mask is None and rope_in_product(B * T, self.wqkv, matvec, D):
+            store = kernels.RopeStore(*rope, positions[:, 0], tables[:, :width], keys, values, H)
+        qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps), rope=store)  # [B*T, (H+2Hkv)D]
         if mask is None:  # one token per row (CUDA): rotate and store, then read the blocks in place
-            keys, values = cache.keys[self.index], cache.values[self.index]
-            width = cache.blocks_for(kv_length)  # table entries the step's bucket reaches: the kernel's grid
-            attention = attention_kernels.decode_attention(
-                qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters
-            )  # [B, H * D]
+            attention = attention_kernels.decode_attention(  # [B, H * D]
+                qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters,
+                stored=store is not None,
+            )  # fmt: skip
         else:
-            keys, values = cache.keys[self.index], cache.values[self.index]
             if model.attention_kernel:  # CUDA: q and k rotated in place, k and v stored, in one launch
                 # every head of the B*T tokens at once, a prompt's T tokens sharing its block table
                 attention_kernels.rope_store(

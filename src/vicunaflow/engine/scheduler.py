@@ -229,7 +229,7 @@ class Engine:
             raise VicunaflowError(
                 "--mixed-prefill rides prompt tokens in decode steps as rows sharing their prompt's block table, "
                 "and VICUNAFLOW_ROPE=attention stores a row's new key inside the attention kernel, where another "
-                "row may already be reading it: unset VICUNAFLOW_ROPE (or set it to separate), or drop --mixed-prefill"
+                "row may already be reading it: unset VICUNAFLOW_ROPE (or set it to product or separate), or drop --mixed-prefill"
             )
         self.mixed_prefill = mixed_prefill
         self.eos_id = tokenizer.eos_token_id
