@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first built
 
-from vicunaflow import autotuning, kernels
+from vicunaflow import VicunaflowError, autotuning, kernels
 from vicunaflow.engine import Engine, SamplingParams, load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -365,6 +365,59 @@ def test_matmul_rows_with_rope_does_rope_stores_work_in_its_epilogue(m, heads, k
         kernels.matmul_rows(x[:, :k], weight[: q + kv_heads * head_dim], rope=store)
 
 
+@pytest.mark.parametrize(
+    ("m", "k_splits", "dtype"),
+    [(3, 1, torch.float16), (20, 2, torch.float16), (5, 2, torch.bfloat16), (2, 1, torch.float32)],
+)
+def test_matmul_rows_leaves_the_next_norms_input_and_the_next_product_takes_it(m, k_splits, dtype):
+    """norm_out: the product with its residual stored as before, and beside it those rows times the next RMSNorm's
+    weight (rounded as they are stored) and their squares by groups of NORM_GROUP columns, split over K or not;
+    normed: the next products (plain, gated, with the rotary) scale each row by its RMSNorm factor from those
+    squares, as the RMSNorm-then-product reference gives."""
+    generator = torch.Generator().manual_seed(m * 7 + k_splits)
+    k, dim, ffn, heads, head_dim = 64, 128, 96, 1, 32 if DEVICE == "cpu" else 64
+    wo = (torch.randn(dim, k, generator=generator) / k**0.5).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
+    residual = torch.randn(m, dim, generator=generator).to(DEVICE, dtype)
+    norm = torch.rand(dim, generator=generator).add(0.5).to(DEVICE, dtype)
+    normed = kernels.Normed.empty(m, dim, dtype, torch.device(DEVICE), eps=1e-5)
+    out = kernels.matmul_rows(x, wo, residual, norm_out=(norm, normed), k_splits=k_splits)
+    assert torch.equal(out, kernels.matmul_rows(x, wo, residual, k_splits=k_splits))
+    scaled = (out.float() * norm.float()).to(dtype)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":  # the interpreter narrows to bfloat16 its own way: a unit apart
+        assert torch.allclose(normed.scaled.float(), scaled.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(normed.scaled, scaled)
+    groups = out.float().square().view(m, dim // kernels.NORM_GROUP, kernels.NORM_GROUP).sum(-1).T
+    assert torch.allclose(normed.squares, groups, rtol=1e-5)
+
+    tolerance = {torch.float16: 2**-8, torch.bfloat16: 2**-5, torch.float32: 1e-5}[dtype]
+    w13 = (torch.randn(2 * ffn, dim, generator=generator) / dim**0.5).to(DEVICE, dtype)
+    reference = rows_reference(out, w13, norm=norm, eps=1e-5)  # float64, the normalised input rounded first
+    plain = kernels.matmul_rows(normed.scaled, w13, normed=normed)
+    assert torch.allclose(plain.double(), reference, rtol=tolerance, atol=tolerance * float(reference.abs().max()))
+    gated = kernels.matmul_rows(normed.scaled, w13, normed=normed, gated=True)
+    gate_up = reference.to(dtype).double()
+    expected = torch.nn.functional.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+    assert torch.allclose(gated.double(), expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    # q|k|v with the rotary: the same products as the plain one, then rope_store's work
+    wqkv = w13[: 3 * heads * head_dim]
+    keys = torch.zeros(m + 1, heads, 4, head_dim, dtype=dtype, device=DEVICE)
+    zeros = torch.zeros(m, head_dim // 2, device=DEVICE)
+    positions, tables = torch.zeros(m, dtype=torch.int32, device=DEVICE), torch.arange(1, m + 1, device=DEVICE)[:, None]
+    store = kernels.RopeStore(zeros + 1, zeros, positions, tables.to(torch.int32), keys, torch.zeros_like(keys), heads)
+    qkv = kernels.matmul_rows(normed.scaled, wqkv, normed=normed, rope=store)  # cos 1, sin 0: no turn
+    plain_qkv = kernels.matmul_rows(normed.scaled, wqkv, normed=normed)
+    assert torch.equal(qkv[:, : heads * head_dim], plain_qkv[:, : heads * head_dim])
+    assert torch.equal(store.values[1:, 0, 0], plain_qkv[:, 2 * heads * head_dim :])
+    with pytest.raises(ValueError, match="not both"):
+        kernels.matmul_rows(normed.scaled, w13[:dim], residual, norm_out=(norm, normed), normed=normed)
+    with pytest.raises(ValueError, match="residual stream"):
+        kernels.matmul_rows(x, wo, norm_out=(norm, normed))
+    with pytest.raises(ValueError, match="scaled rows are the input"):
+        kernels.matmul_rows(out, w13, normed=normed)
+
+
 def test_gated_matmul_rows_above_its_rows_takes_the_product_then_rows_input(monkeypatch):
     """Above GATED_ROWS_MAX rows the product goes its usual way and SiLU·up is one rows_input launch after it."""
     calls, real = [], kernels.rows_input
@@ -441,9 +494,11 @@ def test_batched_decode_step_with_matmul_rows_matches_cublas_path(tiny_vicuna, m
 def test_batched_decode_step_rotates_and_stores_in_the_qkv_epilogue(tiny_vicuna, monkeypatch):
     """attention_kernels.ROPE "product": a three-row decode step through the decode kernels rotates q and k and
     stores the new keys and values in q|k|v's epilogue, no rope_store launch, and gives the logits and the cache
-    of ROPE "separate" (the product, then rope_store) to the bit."""
+    of ROPE "separate" (the product, then rope_store) to the bit (the RMSNorms apart in both: NORMS "separate")."""
     from vicunaflow import attention_kernels
+    from vicunaflow.engine import model as model_module
 
+    monkeypatch.setattr(model_module, "NORMS", "separate")
     model, _ = load_model(tiny_vicuna, device=DEVICE)
     if not kernels.rope_fits(model.args.head_dim):
         pytest.skip(f"heads of {model.args.head_dim} dims are narrower than this device's tiles")
@@ -466,6 +521,42 @@ def test_batched_decode_step_rotates_and_stores_in_the_qkv_epilogue(tiny_vicuna,
     for separate, product in zip(results["separate"], results["product"], strict=True):
         assert torch.equal(separate, product)
     assert results["product"][1].any()
+
+
+def test_batched_decode_step_takes_its_norms_from_the_products_epilogues(tiny_vicuna, monkeypatch):
+    """engine.model.NORMS "epilogue": in a three-row decode step through the decode kernels each o and down product
+    leaves the next RMSNorm's input and q|k|v and gate|up take it (the last layer's down leaves none: the output's
+    norm is its own launch), and the logits are those of the norms computed apart ("separate")."""
+    from vicunaflow.engine import model as model_module
+
+    model, _ = load_model(tiny_vicuna, device=DEVICE)
+    if not kernels.rope_fits(model.args.head_dim):
+        pytest.skip(f"heads of {model.args.head_dim} dims are narrower than this device's tiles")
+    model.layers = model.layers[:2]  # a layer's down product hands the next layer its norm's input
+    model.matvec = model.attention_kernel = True
+    input_ids, positions = torch.tensor([[5], [9], [2]], device=DEVICE), torch.tensor([[0], [3], [6]], device=DEVICE)
+    launches, real = [], kernels.matmul_rows
+    monkeypatch.setattr(
+        kernels, "matmul_rows",
+        lambda *a, **kw: launches.append((kw.get("norm_out") is not None, kw.get("normed") is not None))
+        or real(*a, **kw),
+    )  # fmt: skip
+    logits = {}
+    for mode in ("separate", "epilogue"):
+        monkeypatch.setattr(model_module, "NORMS", mode)
+        launches.clear()
+        model.setup_cache(slots=3, context=8)
+        with torch.inference_mode():
+            logits[mode] = model(input_ids, positions, kv_length=8)
+    # q|k|v, o, gate|up, down a layer, then the head: which leave (norm_out) and which take (normed) a norm's input
+    leave, take = (True, False), (False, True)
+    plain = (False, False)
+    assert launches == [plain, leave, take, leave, take, leave, take, plain, plain]
+    tolerance = 1e-4 if logits["separate"].dtype == torch.float32 else 2e-2
+    assert torch.allclose(logits["epilogue"].float(), logits["separate"].float(), rtol=tolerance, atol=tolerance)
+    monkeypatch.setattr(model_module, "NORMS", "between")
+    with pytest.raises(VicunaflowError, match="VICUNAFLOW_NORMS='between'"):
+        model(input_ids, positions, kv_length=8)
 
 
 def test_silu_up_goes_into_gate_up_only_in_batched_decode_steps_on_float_weights(monkeypatch):

@@ -170,6 +170,31 @@ class RopeStore:
     heads: int
 
 
+# Columns of the residual stream whose squares a product's epilogue sums together for the next RMSNorm (Normed): the
+# narrowest tile of matmul_kernels (the interpreter's, 32) holds whole groups, and 4,096 or 5,120 columns too
+NORM_GROUP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Normed:
+    """The next RMSNorm's input as a product's epilogue leaves it (matmul_rows(norm_out=)): the rows it stored times
+    the norm's weight, rounded to their dtype ([M, N]), and their squares summed over each NORM_GROUP columns
+    (float32 [N / NORM_GROUP, M]), from which the product taking them (matmul_rows(normed=)) scales each row's
+    products by 1 / sqrt(mean(x^2) + eps), the norm's eps: RMSNorm as the fold computes it, without a launch of
+    its own."""
+
+    scaled: torch.Tensor
+    squares: torch.Tensor
+    eps: float
+
+    @classmethod
+    def empty(cls, rows: int, columns: int, dtype: torch.dtype, device: torch.device, eps: float) -> Normed:
+        if columns % NORM_GROUP:
+            raise ValueError(f"Normed: {columns} columns are not groups of {NORM_GROUP}")
+        squares = torch.empty(columns // NORM_GROUP, rows, dtype=torch.float32, device=device)
+        return cls(torch.empty(rows, columns, dtype=dtype, device=device), squares, eps)
+
+
 def rope_fits(head_dim: int) -> bool:
     """Whether matmul_rows(rope=) takes a head of head_dim dims: a program's tile must lie within one head (tiles of
     64 and 128 weight rows on a GPU, matmul_kernels.INTERPRETED_BLOCK_N in Triton's interpreter)."""
@@ -187,6 +212,8 @@ def matmul_rows(
     k_splits: int | None = None,
     gated: bool = False,
     rope: RopeStore | None = None,
+    norm_out: tuple[torch.Tensor, Normed] | None = None,
+    normed: Normed | None = None,
 ) -> torch.Tensor:
     """out = x @ weight.T (+ residual) for M <= MATMUL_MAX_ROWS rows on tensor cores: matvec for a batch.
 
@@ -222,6 +249,14 @@ def matmul_rows(
     Why: a launch a layer fewer, and rope_store's launch between the product and the attention cost more than
     its own time: timed without it, a 7B's 64-row step replayed in 6.27 against 6.63 ms on an H200 (rope_store's
     kernels 181 µs a step; twenty-ninth session, docs/benchmarks.md).
+
+    norm_out: (the next RMSNorm's weight [N], a Normed for [M, N]): the epilogue also leaves that norm's input
+    there (store_normed) as it stores out (a product adding into the residual stream: o, down). normed: x is a
+    Normed's scaled rows (its `scaled`) and each row's products are scaled by its RMSNorm factor from the squares
+    (with the Normed's eps, not `eps`)
+    (q|k|v, gate|up after them). Both our kernel only. Why: the rows_input launch between the two products goes, and
+    with it a launch boundary a product; timed without those launches, a 7B's 64-row step replayed 2.2% faster
+    (twenty-ninth session).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -235,6 +270,8 @@ def matmul_rows(
         raise ValueError(f"matmul_rows: gated needs a plain input, no residual and gate|up rows (got {n})")
     if rope is not None:
         check_rope_store(rope, m, n, residual, swiglu, gated, k_splits)
+    if norm_out is not None or normed is not None:
+        check_norms(norm_out, normed, x, m, n, k, residual, swiglu, norm)
     if gated and m > GATED_ROWS_MAX:  # the product as usual, then SiLU·up in one launch
         gate_up = matmul_rows(x, weight, norm=norm, eps=eps, k_splits=k_splits)  # [M, 2F]
         activated = rows_input(gate_up, swiglu=True, dtype=weight.dtype)  # [M, F]
@@ -258,8 +295,10 @@ def matmul_rows(
     elif norm is not None and (m >= NORM_FIRST_ROWS or (k_splits or 1) > 1):
         # [M, K] normalised, rounded as the products take it (the fold's sum of squares would span every split)
         x, norm = rows_input(x, norm=norm, eps=eps, dtype=weight.dtype), None
+    if normed is not None:
+        eps = normed.eps
     block_m = max(16, 1 << (m - 1).bit_length())  # tl.dot's smallest tile is 16
-    ours = gated or rope is not None  # epilogues only our kernel has
+    ours = gated or rope is not None or norm_out is not None or normed is not None  # epilogues only our kernel has
     fixed = ROWS_TILES.get((block_m, n, k)) if x.is_cuda and k_splits is None and not ours else None
     if fixed == "cublas" or (fixed is None and k_splits is None and not ours and takes_cublas(m, residual, x.device)):
         if norm is not None:  # fewer than NORM_FIRST_ROWS rows, through ROWS_TILES
@@ -271,7 +310,8 @@ def matmul_rows(
         out = torch.empty(m, outputs, dtype=weight.dtype, device=x.device)
     # Triton's interpreter multiplies bfloat16 tiles as raw integers (numpy has no bfloat16): float32 there
     interpreted_bf16 = weight.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    splits = k_splits_for(n, m, x.device, norm is not None or ours) if k_splits is None else k_splits
+    whole_k = norm is not None or gated or rope is not None  # a split's epilogue would see part of the sums
+    splits = k_splits_for(n, m, x.device, whole_k) if k_splits is None else k_splits
     if fixed is not None:
         splits = fixed[4]
     if gated and splits != 1:
@@ -289,9 +329,41 @@ def matmul_rows(
         x, weight, residual if residual is not None else out, out, norm if norm is not None else x, partial,
         counters, eps, m, n, k, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
         FP32=weight.dtype == torch.float32 or interpreted_bf16, SPLIT=splits, BLOCK_M=block_m,
-        PREFETCH=PDL_ROWS == 2, GATED=gated, **_rope_arguments(rope), **pdl_options(x.device, rows=m), **tile,
+        PREFETCH=PDL_ROWS == 2, GATED=gated, **_rope_arguments(rope), **_norm_arguments(norm_out, normed),
+        **pdl_options(x.device, rows=m), **tile,
     )  # fmt: skip
     return out
+
+
+def check_norms(norm_out, normed, x, m: int, n: int, k: int, residual, swiglu: bool, norm) -> None:
+    """Refuse a matmul_rows(norm_out=, normed=) launch that does not fit, naming what."""
+    if norm_out is not None and normed is not None:
+        raise ValueError("matmul_rows: a product either leaves a Normed (norm_out) or takes one (normed), not both")
+    if norm_out is not None:
+        weight, into = norm_out
+        if weight.shape != (n,) or into.scaled.shape != (m, n) or into.squares.shape != (n // NORM_GROUP, m):
+            raise ValueError(
+                f"matmul_rows: norm_out's weight {tuple(weight.shape)}, rows {tuple(into.scaled.shape)} and squares "
+                f"{tuple(into.squares.shape)} do not fit [{m}, {n}] in groups of {NORM_GROUP}"
+            )
+        if residual is None:
+            raise ValueError("matmul_rows: norm_out is for a product adding into the residual stream")
+    fits = normed is None or (x is normed.scaled and normed.squares.shape == (k // NORM_GROUP, m))
+    if not fits or (normed is not None and (swiglu or norm is not None)):
+        raise ValueError(
+            "matmul_rows: normed's scaled rows are the input (no swiglu, no norm), its squares "
+            f"{tuple(normed.squares.shape)} [{k // NORM_GROUP}, {m}]"
+        )
+
+
+def _norm_arguments(norm_out: tuple[torch.Tensor, Normed] | None, normed: Normed | None) -> dict:
+    """float_matmul_kernel's NORM_OUT / SQUARES arguments (none without them: the kernel's defaults)."""
+    if norm_out is not None:
+        weight, into = norm_out
+        return dict(norm_out_ptr=weight, scaled_ptr=into.scaled, squares_ptr=into.squares, NORM_OUT=True)
+    if normed is not None:
+        return dict(squares_ptr=normed.squares, SQUARES=True)
+    return {}
 
 
 def check_rope_store(rope: RopeStore, m: int, n: int, residual, swiglu: bool, gated: bool, k_splits) -> None:

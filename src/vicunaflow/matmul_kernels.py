@@ -28,6 +28,7 @@ import os
 import triton
 import triton.language as tl
 
+from vicunaflow import kernels
 from vicunaflow.autotuning import autotune
 from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 
@@ -67,7 +68,21 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
 
 @autotune(
     configs=float_configs,
-    key=["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED", "ROPE"],
+    key=[
+        "N",
+        "K",
+        "BLOCK_M",
+        "NORM",
+        "FP32",
+        "HAS_RESIDUAL",
+        "SPLIT",
+        "PDL",
+        "PREFETCH",
+        "GATED",
+        "ROPE",
+        "NORM_OUT",
+        "SQUARES",
+    ],
     prune_configs_by={"early_config_prune": tiles_for_rows},
 )
 @triton.jit
@@ -108,6 +123,15 @@ def float_matmul_kernel(
     HKV: tl.constexpr = 0,
     D: tl.constexpr = 0,
     BLOCK_SIZE: tl.constexpr = 0,
+    # NORM_OUT: the stored rows (the residual stream) also times the next RMSNorm's weight into scaled_ptr, and
+    # their squares summed over each NORM_GROUP columns into squares_ptr (store_normed); SQUARES: x is such rows
+    # times the weight, and squares_ptr their squares [K / NORM_GROUP, M]: each row's RMSNorm factor from them
+    # scales its products (the fold's result without its squares accumulator)
+    norm_out_ptr=None,  # [N] (NORM_OUT)
+    scaled_ptr=None,  # [M, N] (NORM_OUT)
+    squares_ptr=None,  # float32 [N / NORM_GROUP, M] (NORM_OUT), [K / NORM_GROUP, M] (SQUARES)
+    NORM_OUT: tl.constexpr = False,
+    SQUARES: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -154,23 +178,29 @@ def float_matmul_kernel(
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
     if PDL:  # the next kernel may launch once every program has read all of its K
         tl.extra.cuda.gdc_launch_dependents()
+    if SQUARES:  # [BLOCK_M, 1]: each row's squares over all of K, as rms_factor sums them
+        squares = row_squares(squares_ptr, rows, row_ok, M, K)
+    FACTOR: tl.constexpr = NORM or SQUARES  # each row's products times its RMSNorm factor
     if ROPE:
         store_rope(acc, squares, out_ptr, eps, rows, row_ok, head, first_dim, cos_ptr, sin_ptr, position_ptr,
-                   table_ptr, k_ptr, v_ptr, position_stride, table_row_stride, N, K, NORM, BLOCK_M, BLOCK_N, H, HKV, D,
-                   BLOCK_SIZE)  # fmt: skip
+                   table_ptr, k_ptr, v_ptr, position_stride, table_row_stride, N, K, FACTOR, BLOCK_M, BLOCK_N, H, HKV,
+                   D, BLOCK_SIZE)  # fmt: skip
     elif GATED:
-        store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, N // 2, K, NORM, BLOCK_M, BLOCK_N)
+        store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, N // 2, K, FACTOR, BLOCK_M, BLOCK_N)
     elif SPLIT == 1:
-        store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
+        store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, FACTOR,
+                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT)  # fmt: skip
     else:
         store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok,
-                    tile, part, N, K, HAS_RESIDUAL, NORM, SPLIT, BLOCK_M)  # fmt: skip
+                    tile, part, N, K, HAS_RESIDUAL, FACTOR, SPLIT, BLOCK_M, norm_out_ptr, scaled_ptr, squares_ptr, M,
+                    NORM_OUT)  # fmt: skip
 
 
 @triton.jit
 def store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, tile,
                 part, N: tl.constexpr, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, norm_out_ptr=None, scaled_ptr=None, squares_ptr=None, M=0,
+                NORM_OUT: tl.constexpr = False):  # fmt: skip
     """One split's products acc [BLOCK_N, BLOCK_M] (transposed) into its float32 partial; the tile's last program
     to finish sums every split's partial in split order (the same bits whichever came last) and stores the rows
     (store_rows), leaving the tile's counter at zero for the next launch."""
@@ -186,21 +216,59 @@ def store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, e
         total = tl.zeros_like(acc)  # float32, as acc
         for other in tl.static_range(SPLIT):  # in split order, whichever program came last: the same bits
             total += tl.load(partial_ptr + other * N * BLOCK_M + offsets, mask=col_ok[:, None], cache_modifier=".cg")
-        store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM)
+        store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM,
+                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT)  # fmt: skip
 
 
 @triton.jit
 def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N: tl.constexpr, K: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+               HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, norm_out_ptr=None, scaled_ptr=None, squares_ptr=None,
+               M=0, NORM_OUT: tl.constexpr = False):  # fmt: skip
     """Store the products acc [BLOCK_N, BLOCK_M] (transposed) as out's rows: times RMSNorm's factor, plus the
-    residual, in out's dtype."""
+    residual, in out's dtype; NORM_OUT: what the next RMSNorm's product needs of them too (store_normed)."""
     y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     ok = row_ok[:, None] & col_ok[None, :]
     if NORM:  # RMSNorm's per-row factor, applied to the products (quant_matmul_kernels.input_tile)
         y = y * rms_factor(squares, eps, K)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    stored = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], stored, mask=ok)
+    if NORM_OUT:
+        store_normed(stored.to(tl.float32), norm_out_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N)
+
+
+NORM_GROUP = tl.constexpr(kernels.NORM_GROUP)  # columns whose squares store_normed sums together
+
+
+@triton.jit
+def store_normed(h, norm_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N: tl.constexpr):
+    """A tile of the rows just stored, h [BLOCK_M, BLOCK_N] in float32, as the next RMSNorm's product takes them
+    (quant_matmul_kernels.input_tile's fold): times the norm's weight, rounded to scaled's dtype, into scaled
+    [M, N]; and their squares summed over each NORM_GROUP columns into squares [N / NORM_GROUP, M] (rms_factor's
+    sum over all N comes from these; row_squares)."""
+    BLOCK_M: tl.constexpr = h.shape[0]
+    GROUPS: tl.constexpr = h.shape[1] // NORM_GROUP
+    ok = row_ok[:, None] & col_ok[None, :]
+    weight = tl.load(norm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scaled = (h * weight[None, :]).to(scaled_ptr.dtype.element_ty)
+    tl.store(scaled_ptr + rows[:, None] * N + cols[None, :], scaled, mask=ok)
+    sums = tl.sum(tl.reshape(h * h, (BLOCK_M, GROUPS, NORM_GROUP)), axis=2)  # [BLOCK_M, GROUPS]
+    groups = tl.min(tl.reshape(cols, (GROUPS, NORM_GROUP)), axis=1) // NORM_GROUP  # [GROUPS]
+    mask = row_ok[:, None] & (groups < N // NORM_GROUP)[None, :]
+    tl.store(squares_ptr + groups[None, :] * M + rows[:, None], sums, mask=mask)
+
+
+@triton.jit
+def row_squares(squares_ptr, rows, row_ok, M, K: tl.constexpr):
+    """Each row's sum of squares over K [BLOCK_M, 1] from store_normed's per-group sums [K / NORM_GROUP, M]."""
+    GROUPS: tl.constexpr = K // NORM_GROUP
+    total = tl.zeros(rows.shape, dtype=tl.float32)
+    for start in range(0, GROUPS, NORM_GROUP):
+        groups = start + tl.arange(0, NORM_GROUP)
+        mask = row_ok[:, None] & (groups < GROUPS)[None, :]
+        total += tl.sum(tl.load(squares_ptr + groups[None, :] * M + rows[:, None], mask=mask, other=0.0), axis=1)
+    return total[:, None]
 
 
 @triton.jit

@@ -27,6 +27,7 @@ rows' blocks and use SDPA.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,8 @@ def project(
     norm: tuple[torch.Tensor, float] | None = None,
     gated: bool = False,
     rope: kernels.RopeStore | None = None,
+    norm_out: tuple[torch.Tensor, kernels.Normed] | None = None,
+    normed: kernels.Normed | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual); with swiglu, x is gate|up [M, 2K] and the input is silu(gate) * up.
 
@@ -124,13 +127,16 @@ def project(
     stays on cuBLAS.
     gated: weight is gate|up [2F, K] and the result silu(gate) * up [M, F], from the product's epilogue; only
     where the product goes through kernels.matmul_rows (`takes_matmul_rows`), else refused.
-    rope: weight is q|k|v and the epilogue rotates q and k and stores the new keys and values (kernels.matmul_rows
-    says how); refused where `gated` would be.
+    rope: weight is q|k|v and the epilogue rotates q and k and stores the new keys and values; norm_out, normed: the
+    next RMSNorm's input left by this product's epilogue, or taken as x (kernels.matmul_rows says how); each refused
+    where `gated` would be.
     """
-    if (gated or rope is not None) and not takes_matmul_rows(x.shape[0], weight, matvec):
+    epilogue = {"SiLU·up": gated, "the rotary": rope is not None, "norm_out": norm_out is not None}
+    epilogue |= {"normed": normed is not None}
+    if any(epilogue.values()) and not takes_matmul_rows(x.shape[0], weight, matvec):
         raise ValueError(
-            f"project: {'the rotary' if rope is not None else 'SiLU·up'} in the product's epilogue is for batched "
-            f"decode steps, not {x.shape[0]} rows"
+            f"project: {', '.join(name for name, on in epilogue.items() if on)} in the product's epilogue is for "
+            f"batched decode steps, not {x.shape[0]} rows"
         )
     if matvec and x.shape[0] == 1:
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
@@ -150,8 +156,9 @@ def project(
         # a batched decode step: one kernel reads the weight once for every row, RMSNorm and the residual folded in
         norm_weight, eps = norm if norm is not None else (None, 1e-6)
         return kernels.matmul_rows(
-            x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps, gated=gated, rope=rope
-        )
+            x if normed is not None else x.contiguous(), weight, residual, swiglu, out=out, norm=norm_weight, eps=eps,
+            gated=gated, rope=rope, norm_out=norm_out, normed=normed,
+        )  # fmt: skip
     norm_weight, eps = norm if norm is not None else (None, 1e-6)
     if swiglu and matvec and x.is_cuda and kernels.FLOAT_ROWS == "triton":
         # SiLU·up in one launch, as matmul_rows takes it: torch's two kernels and the [M, K] tensor between them
@@ -175,6 +182,43 @@ def takes_matmul_rows(rows: int, weight: Weight, matvec: bool) -> bool:
         and 1 < rows <= kernels.FLOAT_ROWS_MAX
         and kernels.FLOAT_ROWS == "triton"
         and not isinstance(weight, QUANTIZED)
+    )
+
+
+# "epilogue": in batched decode steps of up to NORMS_EPILOGUE_ROWS rows on one rank, each RMSNorm's input comes from
+# the epilogue of the product adding into the residual stream before it (kernels.Normed), and the product after it
+# scales its rows by their RMSNorm factors (norms_in_epilogues); "separate": a rows_input launch normalises each
+# product's input first (or, under kernels.NORM_FIRST_ROWS rows, the product folds it in). On an H200 (7B, through
+# the API, twenty-ninth session) 64-row steps took 6.75 ms of GPU time with the epilogues against 6.58 apart: there
+# each consumer's programs read 64 rows' squares and the split products' last programs do the producing
+NORMS = os.environ.get("VICUNAFLOW_NORMS", "epilogue")
+NORMS_EPILOGUE_ROWS = 32
+
+
+@dataclasses.dataclass
+class EpilogueNorms:
+    """What a decode step's layers hand on when their RMSNorms come from the products' epilogues: the next norm's
+    weight (None for the last layer, whose output norm is a launch of its own before the head) and this layer's
+    attention-norm input, left by the last layer's down product (None in the first layer: RMSNorm as usual)."""
+
+    next_norm: torch.Tensor | None = None
+    attention: kernels.Normed | None = None
+
+
+def norms_in_epilogues(model: Transformer, rows: int) -> bool:
+    """Whether a decode step of `rows` rows takes its RMSNorms from the products' epilogues (NORMS): up to
+    NORMS_EPILOGUE_ROWS rows, one rank (no all-reduce after o and down), every product through kernels.matmul_rows,
+    and q|k|v with the rotary in its epilogue (`rope_in_product`: our kernel, not cuBLAS, takes the normed rows)."""
+    if NORMS not in ("epilogue", "separate"):
+        raise VicunaflowError(f"VICUNAFLOW_NORMS={NORMS!r}: choose epilogue or separate")
+    layer = model.layers[0]
+    return (
+        NORMS == "epilogue"
+        and rows <= NORMS_EPILOGUE_ROWS
+        and model.comm.world == 1
+        and model.args.dim % kernels.NORM_GROUP == 0
+        and all(takes_matmul_rows(rows, w, model.matvec) for w in (layer.wqkv, layer.wo, layer.w13, layer.w2))
+        and rope_in_product(rows, layer.wqkv, model.matvec, model.args.head_dim)
     )
 
 
@@ -220,12 +264,14 @@ class Block(torch.nn.Module):
         self.w2: Weight | None = None  # [dim, ffn]
 
     def forward(
-        self, hidden, rope, mask, tables, positions, kv_length: int, lengths=None, fresh: bool = False
+        self, hidden, rope, mask, tables, positions, kv_length: int, lengths=None, fresh: bool = False, norms=None
     ) -> torch.Tensor:
         """hidden [B*T, dim] -> [B*T, dim]; block tables [B, width]; positions [B, T]; mask [B, 1, T, kv_length],
         or None for a decode step through the paged attention kernel (attention_kernels.py), which then
         takes lengths [B] (each row's positions + 1, computed once a step). rope: as Transformer.rope gives it
         (angles [B*T, head_dim / 2] where the kernels rotate a prompt). fresh: see Transformer.forward.
+        norms: a step's EpilogueNorms (`norms_in_epilogues`): this layer's RMSNorm inputs come from the products
+        before them, and its down product leaves the next layer's.
 
         hidden is the model's dtype, or float32 after the first all-reduce of a one-row step with
         symmetric memory (engine/tp.py): every consumer of it is then a matvec, which reads any float.
@@ -240,7 +286,11 @@ class Block(torch.nn.Module):
         store = None  # the rotary and the new keys and values in q|k|v's epilogue (attention_kernels.ROPE "product")
         if mask is None and rope_in_product(B * T, self.wqkv, matvec, D):
             store = kernels.RopeStore(*rope, positions[:, 0], tables[:, :width], keys, values, H)
-        qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps), rope=store)  # [B*T, (H+2Hkv)D]
+        if norms is not None and norms.attention is not None:  # RMSNorm's input from the last layer's down product
+            qkv = project(norms.attention.scaled, self.wqkv, matvec=matvec, normed=norms.attention, rope=store)
+        else:
+            qkv = project(hidden, self.wqkv, matvec=matvec, norm=(self.attention_norm, eps), rope=store)
+        # qkv: [B*T, (H + 2 Hkv) D]
         if mask is None:  # one token per row (CUDA): rotate and store, then read the blocks in place
             attention = attention_kernels.decode_attention(  # [B, H * D]
                 qkv, *rope, positions[:, 0], lengths, tables[:, :width], keys, values, H, cache.counters,
@@ -269,6 +319,15 @@ class Block(torch.nn.Module):
                     qk[:, :, :H].transpose(1, 2), keys, values, attn_mask=mask, **extra
                 )  # [B, H, T, D]
             attention = attention.transpose(1, 2).reshape(B * T, H * D)
+        if norms is not None:  # one rank: no all-reduce between a product and its epilogue
+            ffn_input = kernels.Normed.empty(B * T, hidden.shape[1], hidden.dtype, hidden.device, eps)
+            hidden = project(attention, self.wo, hidden, matvec=matvec, norm_out=(self.ffn_norm, ffn_input))
+            activated = project(ffn_input.scaled, self.w13, matvec=matvec, normed=ffn_input, gated=True)  # [B*T, ffn]
+            norms.attention = None
+            if norms.next_norm is None:  # the last layer: the output's RMSNorm is a launch of its own
+                return project(activated, self.w2, hidden, matvec=matvec)
+            norms.attention = kernels.Normed.empty(B * T, hidden.shape[1], hidden.dtype, hidden.device, eps)
+            return project(activated, self.w2, hidden, matvec=matvec, norm_out=(norms.next_norm, norms.attention))
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
         if takes_matmul_rows(B * T, self.w13, matvec):
             activated = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps), gated=True)  # [B*T, ffn]
@@ -360,8 +419,11 @@ class Transformer(torch.nn.Module):
                 hidden_mask, float("-inf")
             )
         lengths = positions[:, 0] + 1 if fused else None  # [B]
-        for layer in self.layers:
-            hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths, fresh)
+        norms = EpilogueNorms() if fused and norms_in_epilogues(self, B) else None
+        for index, layer in enumerate(self.layers):
+            if norms is not None:
+                norms.next_norm = self.layers[index + 1].attention_norm if index + 1 < len(self.layers) else None
+            hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths, fresh, norms)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
             hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), index]  # [B, dim]
