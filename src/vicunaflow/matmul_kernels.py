@@ -66,25 +66,12 @@ def tiles_for_rows(configs: list, named_args: dict, **kwargs) -> list:
     return chosen or configs
 
 
-@autotune(
-    configs=float_configs,
-    key=[
-        "N",
-        "K",
-        "BLOCK_M",
-        "NORM",
-        "FP32",
-        "HAS_RESIDUAL",
-        "SPLIT",
-        "PDL",
-        "PREFETCH",
-        "GATED",
-        "ROPE",
-        "NORM_OUT",
-        "SQUARES",
-    ],
-    prune_configs_by={"early_config_prune": tiles_for_rows},
-)
+# what the autotuner times a launch of float_matmul_kernel by
+FLOAT_KEY = ["N", "K", "BLOCK_M", "NORM", "FP32", "HAS_RESIDUAL", "SPLIT", "PDL", "PREFETCH", "GATED", "ROPE",
+             "NORM_OUT", "SQUARES"]  # fmt: skip
+
+
+@autotune(configs=float_configs, key=FLOAT_KEY, prune_configs_by={"early_config_prune": tiles_for_rows})
 @triton.jit
 def float_matmul_kernel(
     x_ptr,  # [M, K], any float dtype

@@ -14,7 +14,9 @@ tokens/s. Here a one-row decode layer on CUDA is 6 kernels: q|k|v product (RMSNo
 and k with the K/V store into the row's block, the paged attention combining its own splits (the two of
 attention_kernels.decode_attention), o product adding into the residual, gate|up product (RMSNorm folded
 in), down product that applies SiLU·up to its input and adds the residual (the products are Triton
-kernels for one-row steps, `kernels.matvec`).
+kernels for one-row steps, `kernels.matvec`). A batched step (2-64 rows, `kernels.matmul_rows`) rotates q and k
+and stores the new keys and values in q|k|v's epilogue (`rope_in_product`), and up to 32 rows on one rank takes
+each RMSNorm's input from the epilogue of the product before it (`norms_in_epilogues`).
 Without the attention kernel, rotary is one batched matmul by each row's rotation matrix, then the
 stores and SDPA.
 
