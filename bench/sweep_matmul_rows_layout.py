@@ -18,15 +18,12 @@ prefill's cuBLAS products need the weights as rows, so tiles would be a second c
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import triton
 import triton.language as tl
-from sweep_matmul_rows import graph_time_us
-from sweep_matmul_rows_tiles import SHAPES, launch, product_inputs, rotating_weights
+from sweep_matmul_rows_tma import Case, sweep, timed
 
-from vicunaflow import kernels, matmul_kernels
+from vicunaflow import kernels
 from vicunaflow.matmul_kernels import store_rows, store_split
 
 LAYOUT_TILES = [  # (BLOCK_N, BLOCK_K, warps, stages)
@@ -104,62 +101,21 @@ def layout_launch(x, weight, residual, out, tile, splits, is_tiled):
     return out
 
 
-def timed(label, make, expected, weights, outs, launches) -> str:
-    """'label µs (TB/s)' of a launch checked against `expected` first, or why it could not be timed."""
-    try:
-        got = make(weights[0], outs[0])
-        error = (got.float() - expected.float()).abs().max().item()
-        if error > 0.05:
-            raise AssertionError(f"max error {error}")
-        us = graph_time_us(make, weights, outs, launches)
-        return f"{label} {us:6.1f} ({weights[0].numel() * 2 / us / 1e6:.2f} TB/s)"
-    except Exception as err:  # out of shared memory, tiles that do not divide the shape, or wrong
-        return f"{label} failed ({type(err).__name__}: {str(err)[:60]})"
-
-
-@torch.inference_mode()
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[64])
-    parser.add_argument("--launches", type=int, default=24)
-    parser.add_argument("--shapes", nargs="+", default=["qkv", "gate_up", "o", "down"])
-    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    for name, n, k in SHAPES:
-        if name not in args.shapes:
-            continue
-        weights = rotating_weights(n, k)
-        for m in args.rows:
-            x, residual, outs, expected = product_inputs(weights[0], m, gated=False)
-            splits = args.splits if n == 4096 else [1]
-            cells = [
-                timed("cublas", lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o),
-                      expected, weights, outs, args.launches),
-            ]  # fmt: skip
-            for tile in matmul_kernels.MANY_ROWS_TILES:
-                for s in splits:
-                    cells.append(timed(
-                        "ours " + "x".join(map(str, tile)) + f"/{s}",
-                        lambda w, o, t=tile, x=x, r=residual, s=s: launch(x, w, r, o, t, s),
-                        expected, weights, outs, args.launches,
-                    ))  # fmt: skip
-            for tile in LAYOUT_TILES:
-                block_n, block_k = tile[:2]
-                tiles = [tiled(w, block_n, block_k) for w in weights]
-                for s in splits:
-                    label = "x".join(map(str, tile)) + f"/{s}"
-                    for is_tiled, ws in ((False, weights), (True, tiles)):
-                        kind = "tiled" if is_tiled else "rows "
-                        cells.append(timed(
-                            f"{kind} {label}",
-                            lambda w, o, t=tile, x=x, r=residual, s=s, v=is_tiled: layout_launch(x, w, r, o, t, s, v),
-                            expected, ws, outs, args.launches,
-                        ))  # fmt: skip
-                del tiles
-            print(f"{name:8} M={m:3}\n  " + "\n  ".join(cells), flush=True)
-        del weights
+def layout_cells(case: Case) -> list[str]:
+    """This script's kernel over each of LAYOUT_TILES and split, over the weights as rows and as tiles."""
+    cells = []
+    for tile in LAYOUT_TILES:
+        tiles = [tiled(w, *tile[:2]) for w in case.weights]
+        for s in case.splits:
+            for is_tiled, weights in ((False, case.weights), (True, tiles)):
+                cells.append(timed(
+                    ("tiled " if is_tiled else "rows  ") + "x".join(map(str, tile)) + f"/{s}",
+                    lambda w, o, t=tile, s=s, v=is_tiled: layout_launch(case.x, w, case.residual, o, t, s, v),
+                    case.expected, weights, case.outs, case.launches,
+                ))  # fmt: skip
+        del tiles
+    return cells
 
 
 if __name__ == "__main__":
-    main()
+    sweep(__doc__, layout_cells, gated_shapes=False)

@@ -18,6 +18,7 @@ half-height products a K step). The same kernel in matmul_rows (not kept) replay
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import triton
@@ -118,9 +119,25 @@ def timed(label, make, expected, weights, outs, launches) -> str:
         return f"{label} failed ({type(err).__name__}: {str(err)[:60]})"
 
 
+@dataclasses.dataclass
+class Case:
+    """One product shape at one row count, as sweep hands it to a script's own variants."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    weights: list[torch.Tensor]
+    outs: list[torch.Tensor]
+    expected: torch.Tensor
+    splits: list[int]
+    gated: bool
+    launches: int
+
+
 @torch.inference_mode()
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sweep(description: str, variant_cells, gated_shapes: bool = True) -> None:
+    """The matmul_rows sweeps' driver: for each 7B product and row count, cuBLAS and matmul_kernels' two tiles, then
+    variant_cells(case)'s lines. gated_shapes: gate|up with SiLU·up in its epilogue (else the plain product)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[64])
     parser.add_argument("--launches", type=int, default=24)
     parser.add_argument("--shapes", nargs="+", default=["qkv", "gate_up", "o", "down"])
@@ -132,30 +149,37 @@ def main() -> None:
             continue
         weights = rotating_weights(n, k)
         for m in args.rows:
-            gated = name == "gate_up"
+            gated = gated_shapes and name == "gate_up"
             x, residual, outs, expected = product_inputs(weights[0], m, gated)
-            splits = args.splits if n == 4096 else [1]
+            case = Case(x, residual, weights, outs, expected, args.splits if n == 4096 else [1], gated, args.launches)
             cells = [f"bytes {n * k * 2 / 1e6:.1f} MB"]
             if not gated:
                 cells.append(timed("cublas", lambda w, o, x=x, r=residual: kernels.cublas_product(x, w, r, o),
                                    expected, weights, outs, args.launches))  # fmt: skip
             for tile in matmul_kernels.MANY_ROWS_TILES:
-                for s in splits:
+                for s in case.splits:
                     cells.append(timed(
                         "ours " + "x".join(map(str, tile)) + f"/{s}",
                         lambda w, o, t=tile, x=x, r=residual, s=s, g=gated: launch(x, w, r, o, t, s, False, g),
                         expected, weights, outs, args.launches,
                     ))  # fmt: skip
-            for tile in TMA_TILES:
-                for s in splits:
-                    cells.append(timed(
-                        "tma " + "x".join(map(str, tile)) + f"/{s}",
-                        lambda w, o, t=tile, x=x, r=residual, s=s, g=gated: tma_launch(x, w, r, o, t, s, g),
-                        expected, weights, outs, args.launches,
-                    ))  # fmt: skip
+            cells += variant_cells(case)
             print(f"{name:8} M={m:3}\n  " + "\n  ".join(cells), flush=True)
         del weights
 
 
+def tma_cells(case: Case) -> list[str]:
+    """This script's kernel over each of TMA_TILES and split."""
+    return [
+        timed(
+            "tma " + "x".join(map(str, tile)) + f"/{s}",
+            lambda w, o, t=tile, s=s: tma_launch(case.x, w, case.residual, o, t, s, case.gated),
+            case.expected, case.weights, case.outs, case.launches,
+        )
+        for tile in TMA_TILES
+        for s in case.splits
+    ]  # fmt: skip
+
+
 if __name__ == "__main__":
-    main()
+    sweep(__doc__, tma_cells)
