@@ -360,9 +360,11 @@ def _norm_arguments(norm_out: tuple[torch.Tensor, Normed] | None, normed: Normed
     """float_matmul_kernel's NORM_OUT / SQUARES arguments (none without them: the kernel's defaults)."""
     if norm_out is not None:
         weight, into = norm_out
-        return dict(norm_out_ptr=weight, scaled_ptr=into.scaled, squares_ptr=into.squares, NORM_OUT=True)
+        return dict(
+            norm_out_ptr=weight, scaled_ptr=into.scaled, squares_ptr=into.squares, NORM_OUT=True, NORM_GROUP=NORM_GROUP
+        )
     if normed is not None:
-        return dict(squares_ptr=normed.squares, SQUARES=True)
+        return dict(squares_ptr=normed.squares, SQUARES=True, NORM_GROUP=NORM_GROUP)
     return {}
 
 

@@ -28,7 +28,6 @@ import os
 import triton
 import triton.language as tl
 
-from vicunaflow import kernels
 from vicunaflow.autotuning import autotune
 from vicunaflow.quant_matmul_kernels import input_tile, rms_factor
 
@@ -119,6 +118,7 @@ def float_matmul_kernel(
     squares_ptr=None,  # float32 [N / NORM_GROUP, M] (NORM_OUT), [K / NORM_GROUP, M] (SQUARES)
     NORM_OUT: tl.constexpr = False,
     SQUARES: tl.constexpr = False,
+    NORM_GROUP: tl.constexpr = 0,  # NORM_OUT, SQUARES: columns a sum of squares spans (kernels.NORM_GROUP)
 ):
     tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -166,7 +166,7 @@ def float_matmul_kernel(
     if PDL:  # the next kernel may launch once every program has read all of its K
         tl.extra.cuda.gdc_launch_dependents()
     if SQUARES:  # [BLOCK_M, 1]: each row's squares over all of K, as rms_factor sums them
-        squares = row_squares(squares_ptr, rows, row_ok, M, K)
+        squares = row_squares(squares_ptr, rows, row_ok, M, K, NORM_GROUP)
     FACTOR: tl.constexpr = NORM or SQUARES  # each row's products times its RMSNorm factor
     if ROPE:
         store_rope(acc, squares, out_ptr, eps, rows, row_ok, head, first_dim, cos_ptr, sin_ptr, position_ptr,
@@ -176,18 +176,18 @@ def float_matmul_kernel(
         store_gated(acc, squares, out_ptr, w_ptr, eps, rows, row_ok, tile, N // 2, K, FACTOR, BLOCK_M, BLOCK_N)
     elif SPLIT == 1:
         store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, FACTOR,
-                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT)  # fmt: skip
+                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT, NORM_GROUP)  # fmt: skip
     else:
         store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok,
                     tile, part, N, K, HAS_RESIDUAL, FACTOR, SPLIT, BLOCK_M, norm_out_ptr, scaled_ptr, squares_ptr, M,
-                    NORM_OUT)  # fmt: skip
+                    NORM_OUT, NORM_GROUP)  # fmt: skip
 
 
 @triton.jit
 def store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, tile,
                 part, N: tl.constexpr, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, norm_out_ptr=None, scaled_ptr=None, squares_ptr=None, M=0,
-                NORM_OUT: tl.constexpr = False):  # fmt: skip
+                NORM_OUT: tl.constexpr = False, NORM_GROUP: tl.constexpr = 0):  # fmt: skip
     """One split's products acc [BLOCK_N, BLOCK_M] (transposed) into its float32 partial; the tile's last program
     to finish sums every split's partial in split order (the same bits whichever came last) and stores the rows
     (store_rows), leaving the tile's counter at zero for the next launch."""
@@ -204,13 +204,13 @@ def store_split(acc, squares, partial_ptr, counter_ptr, residual_ptr, out_ptr, e
         for other in tl.static_range(SPLIT):  # in split order, whichever program came last: the same bits
             total += tl.load(partial_ptr + other * N * BLOCK_M + offsets, mask=col_ok[:, None], cache_modifier=".cg")
         store_rows(total, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N, K, HAS_RESIDUAL, NORM,
-                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT)  # fmt: skip
+                   norm_out_ptr, scaled_ptr, squares_ptr, M, NORM_OUT, NORM_GROUP)  # fmt: skip
 
 
 @triton.jit
 def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col_ok, N: tl.constexpr, K: tl.constexpr,
                HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, norm_out_ptr=None, scaled_ptr=None, squares_ptr=None,
-               M=0, NORM_OUT: tl.constexpr = False):  # fmt: skip
+               M=0, NORM_OUT: tl.constexpr = False, NORM_GROUP: tl.constexpr = 0):  # fmt: skip
     """Store the products acc [BLOCK_N, BLOCK_M] (transposed) as out's rows: times RMSNorm's factor, plus the
     residual, in out's dtype; NORM_OUT: what the next RMSNorm's product needs of them too (store_normed)."""
     y = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -222,14 +222,13 @@ def store_rows(acc, squares, residual_ptr, out_ptr, eps, rows, cols, row_ok, col
     stored = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], stored, mask=ok)
     if NORM_OUT:
-        store_normed(stored.to(tl.float32), norm_out_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N)
-
-
-NORM_GROUP = tl.constexpr(kernels.NORM_GROUP)  # columns whose squares store_normed sums together
+        store_normed(stored.to(tl.float32), norm_out_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N,
+                     NORM_GROUP)  # fmt: skip
 
 
 @triton.jit
-def store_normed(h, norm_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N: tl.constexpr):
+def store_normed(h, norm_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_ok, M, N: tl.constexpr,
+                 NORM_GROUP: tl.constexpr):  # fmt: skip
     """A tile of the rows just stored, h [BLOCK_M, BLOCK_N] in float32, as the next RMSNorm's product takes them
     (quant_matmul_kernels.input_tile's fold): times the norm's weight, rounded to scaled's dtype, into scaled
     [M, N]; and their squares summed over each NORM_GROUP columns into squares [N / NORM_GROUP, M] (rms_factor's
@@ -247,7 +246,7 @@ def store_normed(h, norm_ptr, scaled_ptr, squares_ptr, rows, cols, row_ok, col_o
 
 
 @triton.jit
-def row_squares(squares_ptr, rows, row_ok, M, K: tl.constexpr):
+def row_squares(squares_ptr, rows, row_ok, M, K: tl.constexpr, NORM_GROUP: tl.constexpr):
     """Each row's sum of squares over K [BLOCK_M, 1] from store_normed's per-group sums [K / NORM_GROUP, M]."""
     GROUPS: tl.constexpr = K // NORM_GROUP
     total = tl.zeros(rows.shape, dtype=tl.float32)
