@@ -512,7 +512,8 @@ def test_batched_decode_step_rotates_and_stores_in_the_qkv_epilogue(tiny_vicuna,
     results = {}
     for mode in ("separate", "product"):
         monkeypatch.setattr(attention_kernels, "ROPE", mode)
-        ropes.clear(), stores.clear()
+        ropes.clear()
+        stores.clear()
         model.setup_cache(slots=3, context=8)
         with torch.inference_mode():
             logits = model(input_ids, positions, kv_length=8)

@@ -19,8 +19,10 @@ into the row's block), then that kernel. Why the combination inside: a one-row s
 kernels, each costing a few µs of launch, ramp-up and drain however little it does. The store stays a
 kernel of its own, before any program reads: rows of one step may share a block table (a prompt's tokens
 riding in a decode step as rows of their own, engine/scheduler.py), so one row's newest key can be
-among another's positions. Where no row shares a table, `ROPE = "attention"` (VICUNAFLOW_ROPE) moves the
-rotary and the store into the split kernel, a launch a layer fewer (not yet timed on a GPU).
+among another's positions. In batched steps the q|k|v product's epilogue does rope_store's work instead (`ROPE`
+"product", the default: kernels.matmul_rows(rope=)), and decode_attention(stored=True) only attends. Where no row
+shares a table, `ROPE = "attention"` (VICUNAFLOW_ROPE) moves the rotary and the store into the split kernel, a
+launch a layer fewer, which grew the split kernel by what rope_store took (twenty-third session).
 """
 
 from __future__ import annotations
