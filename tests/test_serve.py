@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -29,8 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path, *args: str, env: dict | None = None, timeout: float = 180):
-    """`vicunaflow serve` in a subprocess; returns (process, base_url) once /health answers.
+def start_server(model_path, *args: str, env: dict | None = None, timeout: float = 180, log: Path | None = None):
+    """`vicunaflow serve` in a subprocess; returns (process, base_url) once /health answers. Its output goes to
+    `log` when given (a test reading the server's log lines), else to process.stdout.
 
     On the CPU unless args name a --device, on any machine: the tests' float32 references and their timings
     (a reply still running after 0.3 s) are the CPU's, as in CI. On a GPU box the default device would serve
@@ -39,12 +41,18 @@ def start_server(model_path, *args: str, env: dict | None = None, timeout: float
     port = free_port()
     device = () if "--device" in args else ("--device", "cpu")
     cmd = [*SERVE, "--model-path", str(model_path), "--port", str(port), *args, *device]
-    process = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, **(env or {})}
+    if log is None:
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    else:
+        with log.open("wb") as out:
+            process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read().decode(errors='replace')}")
+            output = process.stdout.read() if log is None else log.read_bytes()
+            raise RuntimeError(f"server exited: {output.decode(errors='replace')}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url

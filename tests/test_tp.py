@@ -235,36 +235,19 @@ def test_two_gpus_float16_with_kernels(tiny_vicuna, all_reduce):
 def test_serve_on_two_cpu_ranks(tiny_vicuna, ending):
     """`serve --device cpu --num-gpus 2`: the API answers as one process does, and the spawned rank ends
     with the server; a rank that dies takes the server down with it (no server that never answers)."""
-    import os
     import signal
-    import socket
-    import subprocess
-    import time
 
     import httpx
     import psutil
+    from test_serve import start_server  # tests/ is on sys.path
 
     model, tokenizer = load_model(tiny_vicuna, device="cpu")
     ids = encode_prompt(tokenizer, "Once upon a time")
     with Engine(model, tokenizer, max_batch_size=2) as engine:
         expected = "".join(e.text for e in engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=8)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "vicunaflow", "serve", "--model-path", str(tiny_vicuna), "--port", str(port)]
-    command += ["--device", "cpu", "--num-gpus", "2", "--max-context", "256", "--max-batch-size", "2"]
-    server = subprocess.Popen(command, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(tiny_vicuna, "--device", "cpu", "--num-gpus", "2", "--max-context", "256",
+                               "--max-batch-size", "2")  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stdout.read().decode(errors="replace")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)  # not listening yet, or 503 while serve sends its warm-up requests
         health = httpx.get(f"{url}/health").json()["engine"]
         assert health["tensor_parallel"] == 2 and health["all_reduce"] == "gloo"
         body = {"model": tiny_vicuna.name, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}

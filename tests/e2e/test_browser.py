@@ -10,15 +10,12 @@ streams, a vote, the names revealed and the vote line written.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from test_serve import start_server  # tests/ is on sys.path (its conftest's folder)
 
 pytestmark = pytest.mark.browser
 
@@ -68,28 +65,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_vicuna, tiny_hf, tmp_path_factory):
+    """Two models on the CPU (start_server's default on any machine: the Stop test's timing is the CPU's)."""
     folder = tmp_path_factory.mktemp("browser-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vicunaflow", "serve", "--port", str(port), "--api-key", KEY]
-    cmd += ["--model-path", str(tiny_vicuna), "--model-path", str(tiny_hf), "--results-dir", str(folder / "results")]
+    args = ["--api-key", KEY, "--model-path", str(tiny_hf), "--results-dir", str(folder / "results")]
     # short replies keep the test quick; long enough to arrive in many pieces. A long context lets Stop
     # catch a reply of ~1900 tokens before it ends.
-    cmd += ["--default-max-tokens", "48", "--max-context", "2048", "--max-batch-size", "4"]
+    args += ["--default-max-tokens", "48", "--max-context", "2048", "--max-batch-size", "4"]
     log = folder / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(cmd, env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.3)
-    else:
-        raise RuntimeError(f"server did not start: {log.read_text()}")
+    process, url = start_server(tiny_vicuna, *args, log=log)
     yield Server(url, log, folder / "results")
     process.terminate()
     process.wait(timeout=30)
