@@ -247,16 +247,16 @@ def matmul_rows(
     its value stored into its block at its position, with the same bits as the product then rope_store where the
     sums are the same. Always our kernel (never cuBLAS, never split over K), a tile within a head (`rope_fits`).
     Why: a launch a layer fewer, and rope_store's launch between the product and the attention cost more than
-    its own time: timed without it, a 7B's 64-row step replayed in 6.27 against 6.63 ms on an H200 (rope_store's
-    kernels 181 µs a step; twenty-ninth session, docs/benchmarks.md).
+    its own time: a 7B's 64-row step replayed in 6.57 against 6.82 ms on an H200 (rope_store's kernels were 181 µs
+    of the step; twenty-ninth session, docs/benchmarks.md).
 
     norm_out: (the next RMSNorm's weight [N], a Normed for [M, N]): the epilogue also leaves that norm's input
     there (store_normed) as it stores out (a product adding into the residual stream: o, down). normed: x is a
-    Normed's scaled rows (its `scaled`) and each row's products are scaled by its RMSNorm factor from the squares
-    (with the Normed's eps, not `eps`)
-    (q|k|v, gate|up after them). Both our kernel only. Why: the rows_input launch between the two products goes, and
-    with it a launch boundary a product; timed without those launches, a 7B's 64-row step replayed 2.2% faster
-    (twenty-ninth session).
+    Normed's scaled rows (q|k|v, gate|up after them), and each row's products are scaled by its RMSNorm factor
+    from the squares, with the Normed's eps (not `eps`). Both our kernel only. Why: the rows_input launch between
+    the two products goes, and under NORM_FIRST_ROWS rows the fold's squares accumulator in every program: a 7B's
+    8-row step took 4.07 against 4.28 ms of GPU time on an H200, a 32-row step the same, a 64-row step 6.75
+    against 6.58 (twenty-ninth session), so engine.model uses it up to 32 rows.
     """
     m = x.shape[0]
     n, k = weight.shape

@@ -199,11 +199,9 @@ NORMS_EPILOGUE_ROWS = 32
 
 @dataclasses.dataclass
 class EpilogueNorms:
-    """What a decode step's layers hand on when their RMSNorms come from the products' epilogues: the next norm's
-    weight (None for the last layer, whose output norm is a launch of its own before the head) and this layer's
+    """What a decode step's layers hand on when their RMSNorms come from the products' epilogues: this layer's
     attention-norm input, left by the last layer's down product (None in the first layer: RMSNorm as usual)."""
 
-    next_norm: torch.Tensor | None = None
     attention: kernels.Normed | None = None
 
 
@@ -326,10 +324,11 @@ class Block(torch.nn.Module):
             hidden = project(attention, self.wo, hidden, matvec=matvec, norm_out=(self.ffn_norm, ffn_input))
             activated = project(ffn_input.scaled, self.w13, matvec=matvec, normed=ffn_input, gated=True)  # [B*T, ffn]
             norms.attention = None
-            if norms.next_norm is None:  # the last layer: the output's RMSNorm is a launch of its own
+            if self.index + 1 == len(model.layers):  # the last layer: the output's RMSNorm is a launch of its own
                 return project(activated, self.w2, hidden, matvec=matvec)
             norms.attention = kernels.Normed.empty(B * T, hidden.shape[1], hidden.dtype, hidden.device, eps)
-            return project(activated, self.w2, hidden, matvec=matvec, norm_out=(norms.next_norm, norms.attention))
+            next_norm = model.layers[self.index + 1].attention_norm
+            return project(activated, self.w2, hidden, matvec=matvec, norm_out=(next_norm, norms.attention))
         hidden = comm.reduce_project(attention, self.wo, hidden, matvec=matvec)
         if takes_matmul_rows(B * T, self.w13, matvec):
             activated = project(hidden, self.w13, matvec=matvec, norm=(self.ffn_norm, eps), gated=True)  # [B*T, ffn]
@@ -422,9 +421,7 @@ class Transformer(torch.nn.Module):
             )
         lengths = positions[:, 0] + 1 if fused else None  # [B]
         norms = EpilogueNorms() if fused and norms_in_epilogues(self, B) else None
-        for index, layer in enumerate(self.layers):
-            if norms is not None:
-                norms.next_norm = self.layers[index + 1].attention_norm if index + 1 < len(self.layers) else None
+        for layer in self.layers:
             hidden = layer(hidden, rope, mask, tables, positions, kv_length, lengths, fresh, norms)
         if T > 1:
             index = last if last is not None else torch.full((B,), T - 1, device=hidden.device)
