@@ -83,6 +83,20 @@ def skip_or_fail():
 @pytest.fixture(scope="session")
 def tiny_gqa(tiny_root, tiny_vicuna) -> Path:
     """A grouped-query tiny LLaMA (8 query heads, 2 key/value heads), random weights, tiny_vicuna's tokenizer."""
+    return _random_llama(tiny_root / "llama-tiny-gqa", tiny_vicuna, heads=8, kv_heads=2, layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_wide_heads(tiny_root, tiny_vicuna) -> Path:
+    """A grouped-query tiny LLaMA with heads of 64 dims (4 query heads, 2 key/value heads): a GPU tile fits in a
+    head (kernels.rope_fits), so batched decode steps rotate and store keys in q|k|v's epilogue, as a 7B's do; RMSNorm
+    weights away from one, so the products' epilogues that scale by them are seen to."""
+    return _random_llama(tiny_root / "llama-tiny-gqa-wide-heads", tiny_vicuna, heads=4, kv_heads=2, layers=2, norms=0.2)
+
+
+def _random_llama(folder: Path, tokenizer_from: Path, *, heads: int, kv_heads: int, layers: int, norms: float = 0.0):
+    """A random LLaMA (dim 256, vocab 1024) with tokenizer_from's tokenizer; norms: the RMSNorm weights' spread
+    around one (0: ones, as transformers initialises them)."""
     import shutil
 
     import torch
@@ -90,14 +104,13 @@ def tiny_gqa(tiny_root, tiny_vicuna) -> Path:
 
     from vicunaflow.tokenizer import TOKENIZER_FILES
 
-    folder = tiny_root / "llama-tiny-gqa"
     config = LlamaConfig(
         vocab_size=1024,
         hidden_size=256,
         intermediate_size=704,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         bos_token_id=1,
@@ -110,10 +123,12 @@ def tiny_gqa(tiny_root, tiny_vicuna) -> Path:
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0, 0.08)
+            elif norms:
+                parameter.normal_(1, norms)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
-        if (tiny_vicuna / name).exists():
-            shutil.copy(tiny_vicuna / name, folder / name)
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
     return folder
 
 

@@ -14,8 +14,9 @@ import time
 import pytest
 import torch
 
-from vicunaflow import VicunaflowError, template
+from vicunaflow import VicunaflowError, attention_kernels, template
 from vicunaflow.engine import Engine, SamplingParams, encode_prompt, load_model
+from vicunaflow.engine import model as engine_model
 from vicunaflow.engine.runner import Runner, row_buckets
 
 QUESTIONS = ["Hello", "What is the capital of France? Tell me about it.", "hi", "Write a poem about llamas. " * 16]
@@ -176,28 +177,50 @@ def test_prompts_riding_in_decode_steps_give_the_same_replies(fixture, padded, r
     its own (mixed_prefill tokens a step: one prompt over several steps, several prompts in one step), and
     every greedy reply is the one chunks give; a mixed_prefill of 0 writes none that way."""
     model, tokenizer = load_model(request.getfixturevalue(fixture), device="cpu")
+    expected, stats = _riding_replies(model, tokenizer, 0, padded_decode=padded)
+    assert stats["mixed_prefill_tokens"] == 0
+    got, stats = _riding_replies(model, tokenizer, 24, padded_decode=padded)
+    assert stats["mixed_prefill_tokens"] > 24 and got == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prompts_riding_in_decode_steps_rotate_in_the_qkv_epilogue(tiny_gqa_wide_heads, monkeypatch):
+    """float16 on a GPU, CUDA graphs, heads of 64 dims: batched steps rotate q and k and store the new keys and
+    values in q|k|v's epilogue, prompt tokens riding in them included (rows sharing their prompt's block table, each
+    storing at its own position before any row attends); the greedy replies are rope_store's, a launch of its own
+    (the same bits where the products are the same: RMSNorm apart in both)."""
+    model, tokenizer = load_model(tiny_gqa_wide_heads, device="cuda", dtype="float16")
+    monkeypatch.setattr(engine_model, "NORMS", "separate")
+    replies = {}
+    for rope in ("separate", "product"):
+        monkeypatch.setattr(attention_kernels, "ROPE", rope)
+        replies[rope], stats = _riding_replies(model, tokenizer, 24)
+        assert stats["mixed_prefill_tokens"] > 24
+    assert engine_model.rope_in_product(8, model.layers[0].wqkv, model.matvec, model.args.head_dim)
+    assert replies["product"] == replies["separate"]
+    assert len({tuple(r) for r in replies["product"]}) > 1
+
+
+def _riding_replies(model, tokenizer, mixed: int, **options) -> tuple[list[list[int]], dict]:
+    """A long prompt decoding, then four prompts arriving while it does (written by its decode steps with a
+    `mixed` of 24 or more): every reply's greedy token ids, and the engine's stats."""
     first = _long_prompt(tokenizer, 3)
     later = [_prompt(tokenizer, q) for q in QUESTIONS[:3]] + [_long_prompt(tokenizer, 2)]
+    assert max(len(p) for p in later) > 24
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
-
-    def replies(mixed: int) -> tuple[list[list[int]], dict]:
-        # 40 rows: room beside the decoding rows for a whole mixed_prefill (a step has at most max_batch_size rows)
-        options = dict(max_batch_size=40, mixed_prefill=mixed, padded_decode=padded)
-        with Engine(model, tokenizer, **options) as engine:
-            started, done = threading.Event(), threading.Semaphore(0)
-            decoding = engine.submit(first, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
-                                     lambda e: started.set() if not e.finish_reason else done.release())  # fmt: skip
-            assert started.wait(60)  # a row decodes: the prompts below arrive while it does
-            requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in later]
-            for _ in range(len(later) + 1):
-                done.acquire()
-            return [r.decoder.ids for r in [decoding, *requests]], engine.snapshot_stats()
-
-    expected, stats = replies(0)
-    assert stats["mixed_prefill_tokens"] == 0
-    got, stats = replies(24)
-    assert stats["mixed_prefill_tokens"] == sum(len(p) for p in later) and max(len(p) for p in later) > 24
-    assert got == expected
+    # 40 rows: room beside the decoding rows for a whole mixed_prefill (a step has at most max_batch_size rows)
+    with Engine(model, tokenizer, max_batch_size=40, mixed_prefill=mixed, **options) as engine:
+        started, done = threading.Event(), threading.Semaphore(0)
+        decoding = engine.submit(first, SamplingParams(temperature=0, max_new_tokens=60, ignore_eos=True),
+                                 lambda e: started.set() if not e.finish_reason else done.release())  # fmt: skip
+        assert started.wait(60)  # a row decodes: the prompts below arrive while it does
+        requests = [engine.submit(p, params, lambda e: e.finish_reason and done.release()) for p in later]
+        for _ in range(len(later) + 1):
+            done.acquire()
+        stats = engine.snapshot_stats()
+    assert stats["mixed_prefill_tokens"] in (0, sum(len(p) for p in later))
+    return [r.decoder.ids for r in [decoding, *requests]], stats
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vicuna", "tiny_gqa"], ids=["multi-head", "grouped-query"])
