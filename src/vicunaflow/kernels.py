@@ -62,7 +62,8 @@ PDL = os.environ.get("VICUNAFLOW_PDL", "1") == "1"
 # waits, "1" does not, "0" keeps PDL to one-row steps. On an H200 (7B, eighteenth session) steps of 64 rows
 # replayed in 6.59 / 6.62 / 6.71 ms with 2 / 1 / 0, of 32 rows in 5.17 / 5.18 / 5.19; through the API 8,203
 # against 8,173 tokens/s at 64 streams and 5,674 against 5,612 at 32 with 2 against 0, in one run
-# (bench/results/chat_7b_h200_session18_pdl_rows*.json, serve_7b_h200_session18_pdl_rows*.json).
+# (bench/results/chat_7b_h200_session18_pdl_rows*.json, serve_7b_h200_session18_pdl_rows*.json). Deeper, the first 4
+# or 8 tiles' lines, 64-row steps replayed in 6.63 and 6.74-6.75 ms against 6.57-6.60 (thirtieth session).
 PDL_ROWS = int(os.environ.get("VICUNAFLOW_PDL_ROWS", "2"))
 
 
