@@ -188,8 +188,8 @@ def test_prompts_riding_in_decode_steps_give_the_same_replies(fixture, padded, r
 def test_cuda_prompts_riding_in_decode_steps_rotate_in_the_qkv_epilogue(tiny_gqa_wide_heads, monkeypatch):
     """float16 on a GPU, CUDA graphs, heads of 64 dims: batched steps rotate q and k and store the new keys and
     values in q|k|v's epilogue, prompt tokens riding in them included (rows sharing their prompt's block table, each
-    storing at its own position before any row attends); the greedy replies are rope_store's, a launch of its own
-    (the same bits where the products are the same: RMSNorm apart in both)."""
+    storing at its own position before any row attends); the greedy replies are those of rope_store's launch doing
+    that work (the same bits: both runs normalise through rows_input, NORMS "separate")."""
     model, tokenizer = load_model(tiny_gqa_wide_heads, device="cuda", dtype="float16")
     monkeypatch.setattr(engine_model, "NORMS", "separate")
     replies = {}
