@@ -432,6 +432,15 @@ def arena_routes(page, chat_body: str, hold: dict | None = None) -> None:
     )
 
 
+def wait_for_held(page, held: list, timeout_s: float = 30) -> None:
+    """Let the page's events run until a request has reached its held route (arena_routes): a fixed 200 ms pause
+    lost that race on a loaded 2-core CI machine."""
+    deadline = time.monotonic() + timeout_s
+    while not held:
+        assert time.monotonic() < deadline, f"no request reached the held route in {timeout_s} s"
+        page.wait_for_timeout(20)
+
+
 def test_arena_new_round_while_answering_starts_clean(server, browser):
     """Was: New round aborted the streams, then the old battle's ending wrote its "stopped: ..." status
     over the new round."""
@@ -461,7 +470,7 @@ def test_arena_vote_answered_after_new_round_reveals_nothing(server, browser):
     page.press("#input", "Enter")
     page.wait_for_selector("#votes:not([hidden])")
     page.click("#votes button[data-vote=left]")
-    page.wait_for_timeout(200)
+    wait_for_held(page, hold["vote"])
     assert len(hold["vote"]) == 1
     page.click("#new-round")
     hold["vote"][0].fulfill(
