@@ -191,8 +191,9 @@ def takes_matmul_rows(rows: int, weight: Weight, matvec: bool) -> bool:
 # the epilogue of the product adding into the residual stream before it (kernels.Normed), and the product after it
 # scales its rows by their RMSNorm factors (norms_in_epilogues); "separate": a rows_input launch normalises each
 # product's input first (or, under kernels.NORM_FIRST_ROWS rows, the product folds it in). On an H200 (7B, through
-# the API, twenty-ninth session) 64-row steps took 6.75 ms of GPU time with the epilogues against 6.58 apart: there
-# each consumer's programs read 64 rows' squares and the split products' last programs do the producing
+# the API, twenty-ninth session) 64-row steps took 6.75 ms of GPU time with the epilogues against 6.58 apart, their
+# consumers then reading the rows' squares after the K loop; read before it (thirty-first session), 64-row steps
+# replayed 1.5% and 0.6% faster with the epilogues on two H200s and 1.0% slower on a third: not enough to move
 NORMS = os.environ.get("VICUNAFLOW_NORMS", "epilogue")
 NORMS_EPILOGUE_ROWS = 32
 
