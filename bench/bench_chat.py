@@ -192,6 +192,8 @@ def main() -> None:
     if args.tiny:
         args.size, args.device, args.concurrency = "tiny", "cpu", [1, 4]
         args.prompt_tokens, args.new_tokens, args.context, args.repeats = 32, 32, 256, 1
+    if max(args.profile_rows) > max(args.concurrency):  # the engine holds max(--concurrency) rows
+        parser.error(f"--profile-rows {max(args.profile_rows)} needs --concurrency of at least that many rows")
     # these machines forbid NVLink multicast; spawned ranks inherit the environment
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
