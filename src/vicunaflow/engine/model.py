@@ -193,7 +193,8 @@ def takes_matmul_rows(rows: int, weight: Weight, matvec: bool) -> bool:
 # product's input first (or, under kernels.NORM_FIRST_ROWS rows, the product folds it in). On an H200 (7B, through
 # the API, twenty-ninth session) 64-row steps took 6.75 ms of GPU time with the epilogues against 6.58 apart, their
 # consumers then reading the rows' squares after the K loop; read before it (thirty-first session), 64-row steps
-# replayed 1.5% and 0.6% faster with the epilogues on two H200s and 1.0% slower on a third: not enough to move
+# replayed 1.5% and 0.6% faster with the epilogues on two H200s and 1.0% slower on a third, so 33-64 rows keep
+# rows_input's launches
 NORMS = os.environ.get("VICUNAFLOW_NORMS", "epilogue")
 NORMS_EPILOGUE_ROWS = 32
 
