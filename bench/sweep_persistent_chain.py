@@ -30,6 +30,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sweep_matmul_rows import graph_time_us
 from sweep_matmul_rows_tiles import launch
 
 from vicunaflow import matmul_kernels
@@ -135,26 +136,9 @@ def reference(xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def graph_us(run, layers: int, replays: int = 10) -> float:
-    """µs a product: the best replay of a CUDA graph of `run` (the whole chain) over the layers."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # compile and warm
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / layers)
-    return best
+def graph_us(run, layers: int) -> float:
+    """µs a product: sweep_matmul_rows' best replay of a CUDA graph of `run` (the whole chain), over the layers."""
+    return graph_time_us(lambda weight, out: run(), [None], [None], 1) / layers
 
 
 def checked(label: str, run, xs: torch.Tensor, expected: torch.Tensor, layers: int) -> str:
