@@ -141,6 +141,25 @@ def chain_kernel(
 
 
 @triton.jit
+def split_item(item, w_ptr, x_rows, wait_ptr, wait_target, partial_ptr, tile_count_ptr, done_ptr, out_ptr, residual_ptr,
+               rows, row_ok, lanes, N: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+               PREFETCH: tl.constexpr):  # fmt: skip
+    """One item (a tile's split) of a product over K split in SPLIT, w [N, K], x rows [BLOCK_M, K] from x_rows, once
+    wait_ptr's count reaches wait_target; the tile's last split stores out = residual + x @ w.T [M, N]."""
+    TILES: tl.constexpr = N // lanes.shape[0]
+    PART: tl.constexpr = K // SPLIT
+    tile, part = item % TILES, item // TILES
+    cols = tile * lanes.shape[0] + lanes
+    w_rows = w_ptr + cols[:, None] * K
+    ask_l2(w_rows, part * PART, K, PREFETCH, BLOCK_K)
+    wait_for(wait_ptr, wait_target)
+    acc = tl.zeros((lanes.shape[0], rows.shape[0]), dtype=tl.float32)
+    acc = products(acc, w_rows, x_rows, row_ok, part * PART + tl.arange(0, BLOCK_K), 0, PART, BLOCK_K)
+    finish_split(acc, partial_ptr, tile_count_ptr + tile, done_ptr, out_ptr, residual_ptr, rows, row_ok, cols, part,
+                 N, SPLIT, True)  # fmt: skip
+
+
+@triton.jit
 def mlp_chain_kernel(
     h_ptr,  # [L + 1, M, D] float16: h[0] given, h[l + 1] stored by layer l's down
     mid_ptr,  # [L, M, D] float16: h[l] + h[l] @ Wo[l].T
@@ -165,8 +184,6 @@ def mlp_chain_kernel(
     TILES: tl.constexpr = D // BLOCK_N  # o's and down's output tiles
     HALF: tl.constexpr = BLOCK_N // 2
     GATED: tl.constexpr = F // HALF  # gate|up's tiles: HALF gate rows and the HALF up rows of the same outputs
-    O_PART: tl.constexpr = D // SPLIT
-    DOWN_PART: tl.constexpr = F // SPLIT
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     lanes = tl.arange(0, BLOCK_N)
@@ -175,18 +192,12 @@ def mlp_chain_kernel(
         mid = mid_ptr + layer * M * D
         for turn in range(0, (TILES * SPLIT + PROGRAMS - 1) // PROGRAMS):  # o: h -> mid
             item = tl.program_id(0) + turn * PROGRAMS
-            if item < TILES * SPLIT:
-                tile, part = item % TILES, item // TILES
-                cols = tile * BLOCK_N + lanes
-                w_rows = wo_ptr + layer * D * D + cols[:, None] * D
-                ask_l2(w_rows, part * O_PART, D, PREFETCH, BLOCK_K)
-                if layer > 0:
-                    wait_for(done_ptr + (layer - 1) * 3 + 2, TILES)
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                acc = products(acc, w_rows, h_rows, row_ok, part * O_PART + tl.arange(0, BLOCK_K), 0, O_PART, BLOCK_K)
-                finish_split(acc, partial_ptr + layer * 2 * SPLIT * D * BLOCK_M, tile_count_ptr + layer * 2 * TILES + tile,
-                             done_ptr + layer * 3, mid, h_ptr + layer * M * D, rows, row_ok, cols, part, D, SPLIT,
-                             True)  # fmt: skip
+            if item < TILES * SPLIT:  # the layer before's down stored h[layer] (nothing to wait for in the first)
+                after = done_ptr + tl.maximum(layer - 1, 0) * 3 + 2
+                split_item(item, wo_ptr + layer * D * D, h_rows, after, tl.where(layer > 0, TILES, 0),
+                           partial_ptr + layer * 2 * SPLIT * D * BLOCK_M, tile_count_ptr + layer * 2 * TILES,
+                           done_ptr + layer * 3, mid, h_ptr + layer * M * D, rows, row_ok, lanes, D, D, SPLIT, BLOCK_K,
+                           PREFETCH)  # fmt: skip
         for turn in range(0, (GATED + PROGRAMS - 1) // PROGRAMS):  # gate|up: mid -> act
             item = tl.program_id(0) + turn * PROGRAMS
             if item < GATED:
@@ -204,18 +215,10 @@ def mlp_chain_kernel(
         for turn in range(0, (TILES * SPLIT + PROGRAMS - 1) // PROGRAMS):  # down: mid + act @ W2.T -> h[layer + 1]
             item = tl.program_id(0) + turn * PROGRAMS
             if item < TILES * SPLIT:
-                tile, part = item % TILES, item // TILES
-                cols = tile * BLOCK_N + lanes
-                w_rows = w2_ptr + layer * D * F + cols[:, None] * F
-                ask_l2(w_rows, part * DOWN_PART, F, PREFETCH, BLOCK_K)
-                wait_for(done_ptr + layer * 3 + 1, GATED)
-                act_rows = act_ptr + layer * M * F + rows[:, None] * F
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                first = part * DOWN_PART + tl.arange(0, BLOCK_K)
-                acc = products(acc, w_rows, act_rows, row_ok, first, 0, DOWN_PART, BLOCK_K)
-                finish_split(acc, partial_ptr + (layer * 2 + 1) * SPLIT * D * BLOCK_M,
-                             tile_count_ptr + (layer * 2 + 1) * TILES + tile, done_ptr + layer * 3 + 2,
-                             h_ptr + (layer + 1) * M * D, mid, rows, row_ok, cols, part, D, SPLIT, True)  # fmt: skip
+                split_item(item, w2_ptr + layer * D * F, act_ptr + layer * M * F + rows[:, None] * F,
+                           done_ptr + layer * 3 + 1, GATED, partial_ptr + (layer * 2 + 1) * SPLIT * D * BLOCK_M,
+                           tile_count_ptr + (layer * 2 + 1) * TILES, done_ptr + layer * 3 + 2, h_ptr + (layer + 1) * M * D,
+                           mid, rows, row_ok, lanes, D, F, SPLIT, BLOCK_K, PREFETCH)  # fmt: skip
 
 
 def persistent_chain(xs, weights, partial, counters, programs, tile, split, prefetch=0, preload=False) -> None:
