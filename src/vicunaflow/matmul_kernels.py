@@ -150,10 +150,11 @@ def float_matmul_kernel(
     if SQUARES:  # [BLOCK_M, 1]: each row's squares over all of K, as rms_factor sums them. Read before the K loop,
         # whose first weight tiles' loads hide it; read after the loop, group by group, it held up every program's end
         # (a 7B's 8 / 32-row steps replayed 5% / 0.9% slower on an H200: thirty-first session)
-        row_sum_squares = row_squares(squares_ptr, rows, row_ok, M, K, NORM_GROUP)
+        squares = row_squares(squares_ptr, rows, row_ok, M, K, NORM_GROUP)
+    else:  # NORM: x^2 per row, summed over K below (kernels.check_norms refuses NORM with SQUARES)
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     EVEN: tl.constexpr = N % BLOCK_N == 0 and K % (BLOCK_K * SPLIT) == 0  # no masks (decided at compile time)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output's transpose
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: sum of x^2 per row
     for start in range(0, PART, BLOCK_K):  # bounds known at compile time: the last part's excess is masked
         ks = part * PART + start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -169,8 +170,6 @@ def float_matmul_kernel(
             acc += tl.dot(w, tl.trans(x.to(w.dtype)))  # [BLOCK_N, BLOCK_M]
     if PDL:  # the next kernel may launch once every program has read all of its K
         tl.extra.cuda.gdc_launch_dependents()
-    if SQUARES:
-        squares = row_sum_squares
     FACTOR: tl.constexpr = NORM or SQUARES  # each row's products times its RMSNorm factor
     if ROPE:
         store_rope(acc, squares, out_ptr, eps, rows, row_ok, head, first_dim, cos_ptr, sin_ptr, position_ptr,
