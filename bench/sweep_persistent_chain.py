@@ -188,14 +188,14 @@ def mlp_chain_kernel(
     row_ok = rows < M
     lanes = tl.arange(0, BLOCK_N)
     for layer in range(0, L):
-        weights = tl.cast(layer, tl.int64)  # a layer's offset into w13 passes 2**31 elements from the 24th layer on
+        wide_layer = tl.cast(layer, tl.int64)  # a layer's offset into w13 passes 2**31 elements from the 24th layer on
         h_rows = h_ptr + layer * M * D + rows[:, None] * D
         mid = mid_ptr + layer * M * D
         for turn in range(0, (TILES * SPLIT + PROGRAMS - 1) // PROGRAMS):  # o: h -> mid
             item = tl.program_id(0) + turn * PROGRAMS
             if item < TILES * SPLIT:  # the layer before's down stored h[layer] (nothing to wait for in the first)
                 after = done_ptr + tl.maximum(layer - 1, 0) * 3 + 2
-                split_item(item, wo_ptr + weights * D * D, h_rows, after, tl.where(layer > 0, TILES, 0),
+                split_item(item, wo_ptr + wide_layer * D * D, h_rows, after, tl.where(layer > 0, TILES, 0),
                            partial_ptr + layer * 2 * SPLIT * D * BLOCK_M, tile_count_ptr + layer * 2 * TILES,
                            done_ptr + layer * 3, mid, h_ptr + layer * M * D, rows, row_ok, lanes, D, D, SPLIT, BLOCK_K,
                            PREFETCH)  # fmt: skip
@@ -204,7 +204,7 @@ def mlp_chain_kernel(
             if item < GATED:
                 outputs = item * HALF + lanes % HALF
                 cols = tl.where(lanes < HALF, outputs, F + outputs)  # [BLOCK_N] weight rows
-                w_rows = w13_ptr + weights * 2 * F * D + cols[:, None] * D
+                w_rows = w13_ptr + wide_layer * 2 * F * D + cols[:, None] * D
                 ask_l2(w_rows, 0, D, PREFETCH, BLOCK_K)
                 wait_for(done_ptr + layer * 3, TILES)
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -216,7 +216,7 @@ def mlp_chain_kernel(
         for turn in range(0, (TILES * SPLIT + PROGRAMS - 1) // PROGRAMS):  # down: mid + act @ W2.T -> h[layer + 1]
             item = tl.program_id(0) + turn * PROGRAMS
             if item < TILES * SPLIT:
-                split_item(item, w2_ptr + weights * D * F, act_ptr + layer * M * F + rows[:, None] * F,
+                split_item(item, w2_ptr + wide_layer * D * F, act_ptr + layer * M * F + rows[:, None] * F,
                            done_ptr + layer * 3 + 1, GATED, partial_ptr + (layer * 2 + 1) * SPLIT * D * BLOCK_M,
                            tile_count_ptr + (layer * 2 + 1) * TILES, done_ptr + layer * 3 + 2, h_ptr + (layer + 1) * M * D,
                            mid, rows, row_ok, lanes, D, F, SPLIT, BLOCK_K, PREFETCH)  # fmt: skip
